@@ -1,0 +1,11 @@
+//! `tollgate-core`: Tollgate's decision and metering engine.
+//!
+//! Pure logic shared by the sidecar proxy, the forward proxy and the Envoy proxy-wasm filter, so
+//! that a decision is identical wherever it is made. It performs no I/O, reads no clock (time is a
+//! parameter, [`time::UnixMillis`]), spawns nothing, logs nothing and builds for `wasm32-wasip1`.
+
+pub mod budget;
+pub mod doc;
+pub mod money;
+pub mod time;
+pub mod usage;
