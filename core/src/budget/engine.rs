@@ -195,7 +195,8 @@ impl<S: Store> Budgets<S> {
     /// Reserves `amount` (the request's worst-case cost; negative counts as zero) against every
     /// spec that applies to the request, all or nothing, held until `now + ttl_ms`.
     ///
-    /// Which specs apply: a [`Scope::Global`] spec always applies. Any other spec applies when
+    /// Which specs apply: a [`Scope::Global`] spec always applies, counted under its `key` or
+    /// [`GLOBAL_VALUE`] (`values(Scope::Global)` is ignored). Any other spec applies when
     /// `values(spec.scope)` gives a non-empty value for the request and, if the spec has a fixed
     /// `key`, that value equals it; with `key: None` each distinct value has its own budget. A
     /// request without a value for a scope (no project, say) is not counted by that scope's
