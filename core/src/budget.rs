@@ -1,7 +1,25 @@
 //! Budgets: spend limits per scope and calendar period, enforced by reserve → settle → release.
 //!
-//! This file holds the budget *specification* types shared with the policy module. The
-//! accounting (store trait, in-memory store, reservations) is built on top of them.
+//! This file holds the budget *specification* types shared with the policy module, which
+//! produces them. The accounting is built on top of them: [`Store`] is the small set of atomic
+//! counter operations a backend (in-process map, Envoy shared data, Redis) must provide,
+//! [`MemoryStore`] the in-process one, and [`Budgets`] the engine that reserves a request's
+//! worst-case cost against every applicable budget, settles the actual cost, releases the rest
+//! and reports the 80 / 95 / 100 % warnings. Periods are UTC calendar windows
+//! ([`Period::window`]). Nothing here prices a request or reads a clock.
+
+mod engine;
+mod memory;
+mod store;
+#[cfg(test)]
+mod tests;
+
+pub use engine::{
+    BudgetError, BudgetStatus, Budgets, Reservation, ReservedBudget, SettleOutcome, Settlement,
+    Warning, GLOBAL_VALUE, RETENTION_MS, WARNING_THRESHOLDS_BP,
+};
+pub use memory::MemoryStore;
+pub use store::{AddOutcome, Hold, HoldEntry, Store, StoreError};
 
 use crate::money::Money;
 use crate::time::Period;
