@@ -446,7 +446,7 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
             };
             // Compile each alone first so an error names the pattern that is wrong.
             if let Err(e) = Patterns::compile(&[s]) {
-                item.error(cx, format!("invalid pattern: {}", first_line(&e.to_string())));
+                item.error(cx, format!("invalid pattern: {}", one_line(&e.to_string())));
                 ok = false;
             }
             sources.push(s);
@@ -457,7 +457,7 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
                 Err(e) => {
                     f.error(
                         cx,
-                        format!("patterns do not compile together: {}", first_line(&e.to_string())),
+                        format!("patterns do not compile together: {}", one_line(&e.to_string())),
                     );
                     ok = false;
                 }
@@ -495,7 +495,7 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
     })
 }
 
-fn first_line(text: &str) -> String {
+fn one_line(text: &str) -> String {
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 

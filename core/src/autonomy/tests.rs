@@ -198,3 +198,38 @@ fn twenty_threads_racing_a_budget_of_five_consume_exactly_five() {
     assert_eq!(consumed, 5);
     assert_eq!(counters.used("agent", "run_command", now), (5, 5));
 }
+
+#[test]
+fn budget_keys_are_pure_and_name_the_utc_day() {
+    let now = day(22).saturating_add_ms(23 * 3_600_000);
+    assert_eq!(
+        budget_keys("security-agent", "deploy", now),
+        BudgetKeys {
+            total: "autonomy:security-agent:2026-11-22".into(),
+            action: "autonomy:security-agent:2026-11-22:deploy".into(),
+            expires_at: day(23),
+        }
+    );
+}
+
+#[test]
+fn gate_ignores_a_budget_outcome_for_other_modes() {
+    let consumed =
+        BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None };
+    let g =
+        gate(Resolution { mode: Mode::ApprovalRequired, level: Level::Builtin }, Some(consumed));
+    assert_eq!((g.effect, g.budget), (Effect::RequireApproval, None));
+}
+
+#[test]
+fn non_auto_modes_consume_no_budget() {
+    let p = Policy::from_yaml(ALL_LEVELS).unwrap();
+    let counters = Counters::default();
+    for (tenant, account, action) in [("T", "A", "x"), ("T", "A", "z"), ("U", "B", "z")] {
+        let g = p.decide(&counters, tenant, account, action, day(22));
+        assert_eq!(g.budget, None);
+        assert_eq!(counters.used(account, action, day(22)), (0, 0));
+    }
+    let g = p.decide(&counters, "T", "B", "x", day(22));
+    assert_eq!((g.effect, counters.used("B", "x", day(22))), (Effect::Allow, (1, 1)));
+}

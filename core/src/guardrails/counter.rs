@@ -184,4 +184,34 @@ mod tests {
         assert!(matches!(c.take(1, "a", "x", None, None), Take::Taken { .. }));
         assert!(matches!(c.take(2, "c", "x", None, None), Take::Taken { .. }));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn counts_never_pass_their_limits(
+            ops in proptest::collection::vec((0u8..3, 0u8..3), 1..200),
+            total in 0u32..20,
+            per_action in 0u32..8,
+        ) {
+            let c = WindowCounters::default();
+            let mut taken = std::collections::HashMap::<(u8, u8), u32>::new();
+            for (s, a) in ops {
+                let (subject, action) = (s.to_string(), a.to_string());
+                let before = c.get(1, &subject, &action);
+                match c.take(1, &subject, &action, Some(total), Some(per_action)) {
+                    Take::Taken { total: t, action: n } => {
+                        proptest::prop_assert_eq!((t, n), (before.0 + 1, before.1 + 1));
+                        *taken.entry((s, a)).or_default() += 1;
+                    }
+                    _ => proptest::prop_assert!(before.0 >= total || before.1 >= per_action),
+                }
+            }
+            for s in 0u8..3 {
+                let sum: u32 = (0u8..3).map(|a| taken.get(&(s, a)).copied().unwrap_or(0)).sum();
+                proptest::prop_assert!(sum <= total);
+                for a in 0u8..3 {
+                    proptest::prop_assert!(taken.get(&(s, a)).copied().unwrap_or(0) <= per_action);
+                }
+            }
+        }
+    }
 }
