@@ -71,8 +71,12 @@ impl Patterns {
         }
         Some(match hit.kind {
             HitKind::Pattern { index, value } => {
-                let excerpt =
-                    self.each[index].find(value).map(|m| excerpt(m.as_str())).unwrap_or_default();
+                let excerpt = self
+                    .each
+                    .get(index)
+                    .and_then(|r| r.find(value))
+                    .map(|m| excerpt(m.as_str()))
+                    .unwrap_or_default();
                 Finding::Pattern {
                     path,
                     pattern: self.sources().get(index).cloned().unwrap_or_default(),
