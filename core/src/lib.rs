@@ -4,8 +4,11 @@
 //! that a decision is identical wherever it is made. It performs no I/O, reads no clock (time is a
 //! parameter, [`time::UnixMillis`]), spawns nothing, logs nothing and builds for `wasm32-wasip1`.
 
+pub mod autonomy;
 pub mod budget;
 pub mod doc;
+pub mod guardrails;
 pub mod money;
+pub mod risk;
 pub mod time;
 pub mod usage;

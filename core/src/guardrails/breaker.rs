@@ -1,0 +1,298 @@
+//! The circuit breaker (seed 001 §1.4): stop sending calls to an upstream that keeps failing,
+//! and try it again carefully.
+//!
+//! Closed: calls pass; `failure_threshold` consecutive failures open the breaker (a success
+//! resets the count). Open: calls fail fast until `open_for_ms` has passed since opening. Then
+//! half-open: exactly **one** probe is let through and every other call still fails fast; the
+//! probe's success closes the breaker (counts reset), its failure opens it again for another
+//! `open_for_ms`. A probe whose outcome is never reported (the client went away) is given up
+//! after `open_for_ms`, and the next call becomes the new probe, so a lost probe cannot wedge
+//! the breaker half-open forever.
+//!
+//! A pure state machine: time is passed in, nothing is shared. The caller keeps one breaker per
+//! upstream (behind its own lock) and reports each admitted call's outcome.
+
+use crate::doc::{Cx, Field};
+use crate::time::UnixMillis;
+
+/// Breaker settings. Defaults are the seed's: 5 failures, 60 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub open_for_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig { failure_threshold: 5, open_for_ms: 60_000 }
+    }
+}
+
+impl BreakerConfig {
+    /// Decodes `{failure_threshold: 5, open_for: 60s}`, each optional.
+    pub fn decode(cx: &mut Cx, field: &Field<'_>) -> BreakerConfig {
+        let mut c = BreakerConfig::default();
+        let Some(mut obj) = cx.object(field) else { return c };
+        if let Some(f) = obj.get("failure_threshold") {
+            match f.u64(cx).map(u32::try_from) {
+                Some(Ok(n)) if n > 0 => c.failure_threshold = n,
+                Some(_) => f.error(cx, "must be a positive integer"),
+                None => {}
+            }
+        }
+        if let Some(ms) = obj.get("open_for").and_then(|f| f.duration_ms(cx)) {
+            c.open_for_ms = ms;
+        }
+        obj.finish(cx, &["failure_threshold", "open_for"]);
+        c
+    }
+}
+
+/// The breaker's state, for metrics and explanations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// Whether a call may go to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a permitted call's outcome must be reported with on_success or on_failure"]
+pub enum Admission {
+    Permit,
+    /// Fail fast (`circuit_open`); try again in `retry_after_ms`.
+    Rejected {
+        retry_after_ms: u64,
+    },
+}
+
+impl Admission {
+    pub const REASON: &'static str = "circuit_open";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inner {
+    Closed { failures: u32 },
+    Open { until: u64 },
+    HalfOpen { probe_started: u64 },
+}
+
+/// One upstream's circuit breaker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    config: BreakerConfig,
+    inner: Inner,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig) -> Self {
+        Breaker { config, inner: Inner::Closed { failures: 0 } }
+    }
+
+    pub fn state(&self) -> State {
+        match self.inner {
+            Inner::Closed { .. } => State::Closed,
+            Inner::Open { .. } => State::Open,
+            Inner::HalfOpen { .. } => State::HalfOpen,
+        }
+    }
+
+    /// Consecutive failures counted while closed.
+    pub fn failures(&self) -> u32 {
+        match self.inner {
+            Inner::Closed { failures } => failures,
+            _ => 0,
+        }
+    }
+
+    /// Admits a call at `now`, moving from open to half-open when the time has come.
+    pub fn allow(&mut self, now: UnixMillis) -> Admission {
+        let now = now.as_millis();
+        match self.inner {
+            Inner::Closed { .. } => Admission::Permit,
+            Inner::Open { until } if now < until => {
+                Admission::Rejected { retry_after_ms: until - now }
+            }
+            Inner::Open { .. } => {
+                self.inner = Inner::HalfOpen { probe_started: now };
+                Admission::Permit
+            }
+            Inner::HalfOpen { probe_started } => {
+                let given_up_at = probe_started.saturating_add(self.config.open_for_ms);
+                if now < given_up_at {
+                    Admission::Rejected { retry_after_ms: given_up_at - now }
+                } else {
+                    self.inner = Inner::HalfOpen { probe_started: now };
+                    Admission::Permit
+                }
+            }
+        }
+    }
+
+    /// Reports an admitted call's success: closed stays closed with the count reset, a probe's
+    /// success closes the breaker. A late success while open changes nothing.
+    pub fn on_success(&mut self, _now: UnixMillis) {
+        match self.inner {
+            Inner::Closed { .. } | Inner::HalfOpen { .. } => {
+                self.inner = Inner::Closed { failures: 0 };
+            }
+            Inner::Open { .. } => {}
+        }
+    }
+
+    /// Reports an admitted call's failure: counts towards opening while closed, reopens from
+    /// half-open. A late failure while open does not extend the open period.
+    pub fn on_failure(&mut self, now: UnixMillis) {
+        let until = now.as_millis().saturating_add(self.config.open_for_ms);
+        match self.inner {
+            Inner::Closed { failures } => {
+                let failures = failures.saturating_add(1);
+                self.inner = if failures >= self.config.failure_threshold.max(1) {
+                    Inner::Open { until }
+                } else {
+                    Inner::Closed { failures }
+                };
+            }
+            Inner::HalfOpen { .. } => self.inner = Inner::Open { until },
+            Inner::Open { .. } => {}
+        }
+    }
+
+    /// Closes the breaker by hand (an operator's reset).
+    pub fn reset(&mut self) {
+        self.inner = Inner::Closed { failures: 0 };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn t(ms: u64) -> UnixMillis {
+        UnixMillis(ms)
+    }
+
+    #[test]
+    fn full_cycle_closed_open_half_open_closed() {
+        let mut b = Breaker::new(BreakerConfig { failure_threshold: 3, open_for_ms: 1000 });
+        for i in 0..2 {
+            assert_eq!(b.allow(t(i)), Admission::Permit);
+            b.on_failure(t(i));
+        }
+        // A success in between resets the consecutive count.
+        assert_eq!(b.allow(t(2)), Admission::Permit);
+        b.on_success(t(2));
+        assert_eq!(b.failures(), 0);
+        for i in 3..6 {
+            assert_eq!(b.allow(t(i)), Admission::Permit);
+            b.on_failure(t(i));
+        }
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.allow(t(5)), Admission::Rejected { retry_after_ms: 1000 });
+        assert_eq!(b.allow(t(1004)), Admission::Rejected { retry_after_ms: 1 });
+        // Time is up: one probe, the rest still fail fast.
+        assert_eq!(b.allow(t(1005)), Admission::Permit);
+        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(b.allow(t(1006)), Admission::Rejected { retry_after_ms: 999 });
+        // The probe fails: open again for a full period.
+        b.on_failure(t(1100));
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.allow(t(2099)), Admission::Rejected { retry_after_ms: 1 });
+        assert_eq!(b.allow(t(2100)), Admission::Permit);
+        // The probe succeeds: closed, counts reset.
+        b.on_success(t(2150));
+        assert_eq!((b.state(), b.failures()), (State::Closed, 0));
+        assert_eq!(b.allow(t(2151)), Admission::Permit);
+        b.on_failure(t(2151));
+        assert_eq!((b.state(), b.failures()), (State::Closed, 1));
+    }
+
+    #[test]
+    fn a_lost_probe_is_replaced_after_the_open_period() {
+        let mut b = Breaker::new(BreakerConfig { failure_threshold: 1, open_for_ms: 100 });
+        let _ = b.allow(t(0));
+        b.on_failure(t(0));
+        assert_eq!(b.allow(t(100)), Admission::Permit);
+        assert_eq!(b.allow(t(199)), Admission::Rejected { retry_after_ms: 1 });
+        assert_eq!(b.allow(t(200)), Admission::Permit);
+        assert_eq!(b.state(), State::HalfOpen);
+    }
+
+    #[test]
+    fn late_reports_while_open_change_nothing() {
+        let mut b = Breaker::new(BreakerConfig { failure_threshold: 1, open_for_ms: 100 });
+        let _ = b.allow(t(0));
+        b.on_failure(t(0));
+        b.on_failure(t(50));
+        b.on_success(t(60));
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.allow(t(99)), Admission::Rejected { retry_after_ms: 1 });
+        b.reset();
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn config_defaults_follow_the_seed_and_decode() {
+        assert_eq!(
+            BreakerConfig::default(),
+            BreakerConfig { failure_threshold: 5, open_for_ms: 60_000 }
+        );
+        let node = crate::doc::parse("{failure_threshold: 3, open_for: 30s}").unwrap();
+        let mut cx = Cx::new();
+        let c = BreakerConfig::decode(&mut cx, &Field::root(&node));
+        cx.finish(()).unwrap();
+        assert_eq!(c, BreakerConfig { failure_threshold: 3, open_for_ms: 30_000 });
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Allow(u64),
+        Success,
+        Failure,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![(0u64..80).prop_map(Op::Allow), Just(Op::Success), Just(Op::Failure)]
+    }
+
+    proptest! {
+        #[test]
+        fn half_open_never_lets_two_probes_through(ops in proptest::collection::vec(op(), 1..200)) {
+            let open_for = 100;
+            let mut b = Breaker::new(BreakerConfig { failure_threshold: 2, open_for_ms: open_for });
+            let mut now = 0;
+            // The time of the probe in flight, if any.
+            let mut probe: Option<u64> = None;
+            for op in ops {
+                match op {
+                    Op::Allow(dt) => {
+                        now += dt;
+                        let before = b.state();
+                        let admitted = b.allow(t(now)) == Admission::Permit;
+                        if admitted && before != State::Closed {
+                            if let Some(p) = probe {
+                                prop_assert!(now - p >= open_for, "second probe at {now}, first at {p}");
+                            }
+                            probe = Some(now);
+                        }
+                        if before == State::Open && b.state() == State::Open {
+                            prop_assert!(!admitted);
+                        }
+                    }
+                    Op::Success => {
+                        b.on_success(t(now));
+                        probe = None;
+                    }
+                    Op::Failure => {
+                        b.on_failure(t(now));
+                        probe = None;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Error escalation (seed 001 §2.3, `error_based`): an agent whose calls keep failing is
+//! handed to a human, and past a point switched off.
+//!
+//! Consecutive errors per agent: from `review_at` (3) every action of the agent needs approval
+//! (human review); at `disable_at` (5) the agent is disabled, and stays disabled until an
+//! operator calls [`Escalation::reenable`]. A success resets the error count but not the
+//! disabled state. Only agents with errors or disabled are stored, so memory follows the number
+//! of misbehaving agents, not of all agents.
+//!
+//! This module tracks and decides; it never notifies anyone.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use crate::autonomy::Effect;
+use crate::doc::{Cx, Field};
+
+/// Escalation thresholds. Defaults are the seed's: review at 3, disable at 5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EscalationConfig {
+    pub review_at: u32,
+    pub disable_at: u32,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        EscalationConfig { review_at: 3, disable_at: 5 }
+    }
+}
+
+impl EscalationConfig {
+    /// Decodes `{review_at: 3, disable_at: 5}`, each optional.
+    pub fn decode(cx: &mut Cx, field: &Field<'_>) -> EscalationConfig {
+        let mut c = EscalationConfig::default();
+        let Some(mut obj) = cx.object(field) else { return c };
+        for (key, into) in [("review_at", &mut c.review_at), ("disable_at", &mut c.disable_at)] {
+            if let Some(f) = obj.get(key) {
+                match f.u64(cx).map(u32::try_from) {
+                    Some(Ok(n)) if n > 0 => *into = n,
+                    Some(_) => f.error(cx, "must be a positive integer"),
+                    None => {}
+                }
+            }
+        }
+        if c.review_at > c.disable_at {
+            cx.error(obj.path(), obj.node(), "review_at must not be above disable_at");
+        }
+        obj.finish(cx, &["review_at", "disable_at"]);
+        c
+    }
+}
+
+/// An agent's standing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "standing")]
+pub enum Standing {
+    Normal {
+        consecutive_errors: u32,
+    },
+    /// Too many consecutive errors: a human reviews each action.
+    Review {
+        consecutive_errors: u32,
+    },
+    /// Disabled until re-enabled by an operator.
+    Disabled {
+        consecutive_errors: u32,
+    },
+}
+
+impl Standing {
+    /// `allow` (normal), `require_approval` (review), `deny` (disabled).
+    pub fn effect(self) -> Effect {
+        match self {
+            Standing::Normal { .. } => Effect::Allow,
+            Standing::Review { .. } => Effect::RequireApproval,
+            Standing::Disabled { .. } => Effect::Deny,
+        }
+    }
+
+    /// The stable reason code, `None` when normal.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Standing::Normal { .. } => None,
+            Standing::Review { .. } => Some("error_escalation"),
+            Standing::Disabled { .. } => Some("agent_disabled"),
+        }
+    }
+
+    /// A human explanation, `None` when normal.
+    pub fn explanation(self) -> Option<String> {
+        match self {
+            Standing::Normal { .. } => None,
+            Standing::Review { consecutive_errors } => Some(format!(
+                "the agent failed {consecutive_errors} times in a row: a human must review its actions"
+            )),
+            Standing::Disabled { consecutive_errors } => Some(format!(
+                "the agent is disabled after {consecutive_errors} consecutive errors until an operator re-enables it"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Record {
+    errors: u32,
+    disabled: bool,
+}
+
+/// Consecutive-error tracking for every agent, shared by every thread (`&self`).
+#[derive(Debug, Default)]
+pub struct Escalation {
+    config: EscalationConfig,
+    agents: Mutex<HashMap<Box<str>, Record>>,
+}
+
+impl Escalation {
+    pub fn new(config: EscalationConfig) -> Self {
+        Escalation { config, agents: Mutex::new(HashMap::new()) }
+    }
+
+    fn standing_of(&self, r: Record) -> Standing {
+        let consecutive_errors = r.errors;
+        if r.disabled {
+            Standing::Disabled { consecutive_errors }
+        } else if r.errors >= self.config.review_at {
+            Standing::Review { consecutive_errors }
+        } else {
+            Standing::Normal { consecutive_errors }
+        }
+    }
+
+    /// The agent's standing now. Never allocates.
+    pub fn standing(&self, agent: &str) -> Standing {
+        let agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        self.standing_of(agents.get(agent).copied().unwrap_or_default())
+    }
+
+    /// Records an error of `agent` and returns its new standing.
+    pub fn on_error(&self, agent: &str) -> Standing {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = match agents.get_mut(agent) {
+            Some(r) => r,
+            None => agents.entry(agent.into()).or_default(),
+        };
+        r.errors = r.errors.saturating_add(1);
+        if r.errors >= self.config.disable_at {
+            r.disabled = true;
+        }
+        let r = *r;
+        self.standing_of(r)
+    }
+
+    /// Records a success: the error count resets, a disabled agent stays disabled.
+    pub fn on_success(&self, agent: &str) -> Standing {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(r) = agents.get_mut(agent) else {
+            return Standing::Normal { consecutive_errors: 0 };
+        };
+        r.errors = 0;
+        let r = *r;
+        if !r.disabled {
+            agents.remove(agent);
+        }
+        self.standing_of(r)
+    }
+
+    /// Re-enables `agent` (an operator's action) and clears its count; true if it was disabled.
+    pub fn reenable(&self, agent: &str) -> bool {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        agents.remove(agent).is_some_and(|r| r.disabled)
+    }
+
+    /// The number of agents with errors or disabled.
+    pub fn tracked(&self) -> usize {
+        self.agents.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_escalate_to_review_then_disable() {
+        let e = Escalation::default();
+        let steps: Vec<(Effect, Option<&str>)> = (0..6)
+            .map(|_| {
+                let s = e.on_error("a");
+                (s.effect(), s.reason())
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (Effect::Allow, None),
+                (Effect::Allow, None),
+                (Effect::RequireApproval, Some("error_escalation")),
+                (Effect::RequireApproval, Some("error_escalation")),
+                (Effect::Deny, Some("agent_disabled")),
+                (Effect::Deny, Some("agent_disabled")),
+            ]
+        );
+        assert_eq!(e.standing("other"), Standing::Normal { consecutive_errors: 0 });
+    }
+
+    #[test]
+    fn success_resets_the_count_but_not_the_disabled_state() {
+        let e = Escalation::default();
+        for _ in 0..3 {
+            e.on_error("a");
+        }
+        assert_eq!(e.on_success("a"), Standing::Normal { consecutive_errors: 0 });
+        assert_eq!(e.tracked(), 0);
+        for _ in 0..5 {
+            e.on_error("a");
+        }
+        assert_eq!(e.on_success("a"), Standing::Disabled { consecutive_errors: 0 });
+        assert_eq!(e.standing("a").effect(), Effect::Deny);
+        assert!(e.reenable("a"));
+        assert_eq!(e.standing("a"), Standing::Normal { consecutive_errors: 0 });
+        assert!(!e.reenable("a"));
+        assert_eq!(e.on_error("a"), Standing::Normal { consecutive_errors: 1 });
+    }
+
+    #[test]
+    fn config_decodes_and_checks_order() {
+        let node = crate::doc::parse("{review_at: 6, disable_at: 4}").unwrap();
+        let mut cx = Cx::new();
+        let c = EscalationConfig::decode(&mut cx, &Field::root(&node));
+        assert_eq!(c, EscalationConfig { review_at: 6, disable_at: 4 });
+        assert!(cx.finish(()).is_err());
+        let e = Escalation::new(EscalationConfig { review_at: 1, disable_at: 2 });
+        assert_eq!(e.on_error("a").effect(), Effect::RequireApproval);
+        assert_eq!(
+            e.on_error("a").explanation().as_deref(),
+            Some(
+                "the agent is disabled after 2 consecutive errors until an operator re-enables it"
+            )
+        );
+    }
+}

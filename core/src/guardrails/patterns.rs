@@ -1,0 +1,225 @@
+//! Forbidden argument patterns: compiled once per action, matched against every string value of
+//! a tool call's arguments.
+//!
+//! The arguments are walked recursively (objects and arrays, any depth up to
+//! [`MAX_DEPTH`]); object keys, numbers and booleans are not matched, as in seed 001 which checks
+//! parameter values. A clean walk allocates nothing; a hit reports the JSON path of the offending
+//! value (`$.options.paths[2]`) and a short sanitised excerpt of the match, never the whole value
+//! (arguments may hold secrets or megabytes).
+
+use regex::{Regex, RegexSet, RegexSetBuilder};
+use serde_json::Value;
+
+/// Deeper arguments are refused: serde_json's own parser stops at 128 levels too.
+pub const MAX_DEPTH: usize = 128;
+
+/// The longest excerpt of a match shown in a violation, in characters.
+pub const MAX_EXCERPT_CHARS: usize = 40;
+
+const MAX_KEY_CHARS: usize = 64;
+
+/// The compiled forbidden patterns of one action (case-insensitive).
+#[derive(Clone, Debug)]
+pub struct Patterns {
+    set: RegexSet,
+    // Individual regexes, used only after the set matched, to locate the match for the excerpt.
+    each: Vec<Regex>,
+}
+
+impl PartialEq for Patterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.set.patterns() == other.set.patterns()
+    }
+}
+
+impl Patterns {
+    /// Compiles `sources` case-insensitively.
+    pub fn compile<S: AsRef<str>>(sources: &[S]) -> Result<Patterns, regex::Error> {
+        let set = RegexSetBuilder::new(sources).case_insensitive(true).build()?;
+        let each = sources
+            .iter()
+            .map(|s| regex::RegexBuilder::new(s.as_ref()).case_insensitive(true).build())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Patterns { set, each })
+    }
+
+    /// The pattern sources, in configuration order.
+    pub fn sources(&self) -> &[String] {
+        self.set.patterns()
+    }
+
+    pub fn len(&self) -> usize {
+        self.each.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.each.is_empty()
+    }
+
+    /// The first string in `args` that matches a pattern, or arguments nested too deeply.
+    pub fn scan(&self, args: &Value) -> Option<Finding> {
+        if self.is_empty() {
+            return None;
+        }
+        let hit = self.walk(args, 0)?;
+        let mut path = String::from("$");
+        for seg in hit.path_rev.iter().rev() {
+            match seg {
+                Seg::Index(i) => path.push_str(&format!("[{i}]")),
+                Seg::Key(k) => push_key(&mut path, k),
+            }
+        }
+        Some(match hit.kind {
+            HitKind::Pattern { index, value } => {
+                let excerpt = self
+                    .each
+                    .get(index)
+                    .and_then(|r| r.find(value))
+                    .map(|m| excerpt(m.as_str()))
+                    .unwrap_or_default();
+                Finding::Pattern {
+                    path,
+                    pattern: self.sources().get(index).cloned().unwrap_or_default(),
+                    excerpt,
+                }
+            }
+            HitKind::TooDeep => Finding::TooDeep { path },
+        })
+    }
+
+    fn walk<'v>(&self, v: &'v Value, depth: usize) -> Option<Hit<'v>> {
+        if depth > MAX_DEPTH {
+            return Some(Hit { kind: HitKind::TooDeep, path_rev: Vec::new() });
+        }
+        match v {
+            Value::String(s) => {
+                if !self.set.is_match(s) {
+                    return None;
+                }
+                let index = self.set.matches(s).iter().next().unwrap_or(0);
+                Some(Hit { kind: HitKind::Pattern { index, value: s }, path_rev: Vec::new() })
+            }
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let mut hit = self.walk(item, depth + 1)?;
+                hit.path_rev.push(Seg::Index(i));
+                Some(hit)
+            }),
+            Value::Object(map) => map.iter().find_map(|(k, item)| {
+                let mut hit = self.walk(item, depth + 1)?;
+                hit.path_rev.push(Seg::Key(k));
+                Some(hit)
+            }),
+            Value::Null | Value::Bool(_) | Value::Number(_) => None,
+        }
+    }
+}
+
+/// What [`Patterns::scan`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// `pattern` matched the string at `path`; `excerpt` is the sanitised, capped match.
+    Pattern { path: String, pattern: String, excerpt: String },
+    /// The arguments nest deeper than [`MAX_DEPTH`] at `path`.
+    TooDeep { path: String },
+}
+
+struct Hit<'v> {
+    kind: HitKind<'v>,
+    path_rev: Vec<Seg<'v>>,
+}
+
+enum HitKind<'v> {
+    Pattern { index: usize, value: &'v str },
+    TooDeep,
+}
+
+enum Seg<'v> {
+    Index(usize),
+    Key(&'v str),
+}
+
+fn push_key(path: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key.len() <= MAX_KEY_CHARS
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        path.push('.');
+        path.push_str(key);
+    } else {
+        path.push_str("[\"");
+        path.push_str(&sanitise(key, MAX_KEY_CHARS).replace('"', "\\\""));
+        path.push_str("\"]");
+    }
+}
+
+/// `text` capped at [`MAX_EXCERPT_CHARS`] characters, control characters replaced by `?`.
+pub fn excerpt(text: &str) -> String {
+    sanitise(text, MAX_EXCERPT_CHARS)
+}
+
+fn sanitise(text: &str, max_chars: usize) -> String {
+    let mut out: String =
+        text.chars().take(max_chars).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if text.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p(sources: &[&str]) -> Patterns {
+        Patterns::compile(sources).unwrap()
+    }
+
+    #[test]
+    fn finds_strings_at_any_depth_with_their_path() {
+        let pats = p(&[r"DROP\s+TABLE", r"mkfs"]);
+        let cases = [
+            (json!({"sql": "select 1"}), None),
+            (json!({"sql": "drop  table users"}), Some(("$.sql", r"DROP\s+TABLE", "drop  table"))),
+            (json!({"a": {"b": [1, "ok", "sudo MKFS.ext4"]}}), Some(("$.a.b[2]", "mkfs", "MKFS"))),
+            (json!(["x", {"odd key": "mkfs"}]), Some(("$[1][\"odd key\"]", "mkfs", "mkfs"))),
+            (json!("mkfs"), Some(("$", "mkfs", "mkfs"))),
+            (json!({"mkfs": 1, "n": null, "b": true}), None),
+        ];
+        for (args, want) in cases {
+            let got = pats.scan(&args);
+            let want = want.map(|(path, pattern, excerpt)| Finding::Pattern {
+                path: path.into(),
+                pattern: pattern.into(),
+                excerpt: excerpt.into(),
+            });
+            assert_eq!(got, want, "{args}");
+        }
+    }
+
+    #[test]
+    fn excerpts_are_capped_and_sanitised() {
+        let pats = p(&[r"secret.*"]);
+        let long = format!("secret\t{}", "x".repeat(10_000));
+        let Some(Finding::Pattern { excerpt, .. }) = pats.scan(&json!({ "k": long })) else {
+            panic!("no finding");
+        };
+        assert_eq!(excerpt.chars().count(), MAX_EXCERPT_CHARS + 1);
+        assert!(excerpt.starts_with("secret?xxx") && excerpt.ends_with('…'), "{excerpt}");
+    }
+
+    #[test]
+    fn too_deep_arguments_are_reported() {
+        let mut v = json!("leaf");
+        for _ in 0..(MAX_DEPTH + 5) {
+            v = json!([v]);
+        }
+        assert!(matches!(p(&["nothing"]).scan(&v), Some(Finding::TooDeep { .. })));
+        assert_eq!(p(&[]).scan(&v), None);
+    }
+
+    #[test]
+    fn bad_patterns_do_not_compile() {
+        assert!(Patterns::compile(&["(unclosed"]).is_err());
+    }
+}
