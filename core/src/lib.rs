@@ -7,5 +7,6 @@
 pub mod budget;
 pub mod doc;
 pub mod money;
+pub mod pricing;
 pub mod time;
 pub mod usage;
