@@ -56,12 +56,15 @@ pub enum RateError {
 }
 
 impl Rate {
+    /// Free.
     pub const ZERO: Rate = Rate(0);
 
+    /// A rate from nano-USD per million tokens (= USD per token × 10¹⁵).
     pub const fn from_nanos_per_million(nanos: u64) -> Self {
         Rate(nanos)
     }
 
+    /// The rate in nano-USD per million tokens.
     pub const fn nanos_per_million(self) -> u64 {
         self.0
     }
@@ -186,6 +189,7 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// Nothing in any bucket.
     pub const ZERO: Cost = Cost {
         input: Money::ZERO,
         cached_input: Money::ZERO,
@@ -351,10 +355,12 @@ impl RateCard {
         }
     }
 
+    /// Sets what pricing an unlisted model results in.
     pub fn set_unknown_model(&mut self, policy: UnknownModelPolicy) {
         self.unknown_model = policy;
     }
 
+    /// What pricing an unlisted model results in.
     pub fn unknown_model(&self) -> UnknownModelPolicy {
         self.unknown_model
     }
@@ -378,6 +384,7 @@ impl RateCard {
         &self.models
     }
 
+    /// The model `id` refers to ([`RateCard::resolve`] gives ids).
     pub fn model(&self, id: ModelId) -> Option<&Model> {
         self.models.get(id.0 as usize)
     }

@@ -13,11 +13,15 @@
 //! `input_cost_per_token`, or no `output_cost_per_token` outside `mode: embedding`); those
 //! models stay unknown to the card rather than being priced at $0. A malformed price is an
 //! error with its path and line. Like Python's `json`, a repeated key keeps its last value.
+//!
+//! The real file holds float artifacts with more than 15 decimals (`1.0000000000000001e-07`,
+//! `1.1428571428571428e-06`). Rejecting them would reject the whole file, so they are rounded
+//! up to the next 10⁻¹⁵ USD per token: at most one nano-USD per million tokens more, never less.
 //! The resulting card denies unknown models; layer it with [`RateCard::merged_over`].
 
 use crate::doc::{self, Cx, DocErrors, Field, Node, Value};
 
-use super::{Rate, RateCard, Rates, UnknownModelPolicy};
+use super::{Rate, RateCard, RateError, Rates, UnknownModelPolicy};
 
 impl RateCard {
     /// Loads a card from LiteLLM's price file format (see the module docs).
@@ -73,13 +77,50 @@ fn rate(cx: &mut Cx, field: &Field<'_>) -> Option<Rate> {
         field.error(cx, "expected a price in USD per token, such as 2.5e-06");
         return None;
     };
-    match Rate::per_token(text) {
+    match per_token_rounded_up(text) {
         Ok(rate) => Some(rate),
         Err(e) => {
             field.error(cx, e.to_string());
             None
         }
     }
+}
+
+/// [`Rate::per_token`], but digits beyond 15 decimals round the rate up instead of failing.
+fn per_token_rounded_up(text: &str) -> Result<Rate, RateError> {
+    match Rate::per_token(text) {
+        Err(RateError::TooPrecise { .. }) => {}
+        other => return other,
+    }
+    // `per_token` validated the syntax before it checked precision, so this is a well-formed
+    // decimal; only the sign is left to check.
+    let t = text.trim().trim_start_matches('+');
+    if t.starts_with('-') {
+        return Err(RateError::Negative(text.to_string()));
+    }
+    let (mantissa, exponent) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().map_err(|_| RateError::NotDecimal(text.into()))?),
+        None => (t, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int_part}{frac_part}");
+    // Digits past the 15th decimal place: how many to drop from the right.
+    let drop = frac_part.len() as i64 - exponent - 15;
+    let keep = usize::try_from(digits.len() as i64 - drop).unwrap_or(0).min(digits.len());
+    let (kept, dropped) = digits.split_at(keep);
+    let mut value: u128 = if kept.is_empty() {
+        0
+    } else {
+        kept.parse().map_err(|_| RateError::TooLarge(text.to_string()))?
+    };
+    if dropped.bytes().any(|b| b != b'0') {
+        value += 1;
+    }
+    u64::try_from(value)
+        .ok()
+        .filter(|&v| i64::try_from(v).is_ok())
+        .map(Rate::from_nanos_per_million)
+        .ok_or_else(|| RateError::TooLarge(text.to_string()))
 }
 
 #[cfg(test)]
@@ -188,7 +229,7 @@ mod tests {
   "bad-input": {"input_cost_per_token": "1e-06x", "output_cost_per_token": 2e-06},
   "bad-output": {"input_cost_per_token": 1e-06,
                  "output_cost_per_token": -2e-06},
-  "too-precise": {"input_cost_per_token": 1e-16, "output_cost_per_token": 0},
+  "negative-precise": {"input_cost_per_token": -1.0000000000000001e-07, "output_cost_per_token": 0},
   "nested": {"input_cost_per_token": {"value": 1}, "output_cost_per_token": 0},
   "not-an-object": 3,
   "future": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06,
@@ -201,14 +242,38 @@ mod tests {
             vec![
                 ("bad-input.input_cost_per_token", 4),
                 ("bad-output.output_cost_per_token", 6),
-                ("too-precise.input_cost_per_token", 7),
+                ("negative-precise.input_cost_per_token", 7),
                 ("nested.input_cost_per_token", 8),
                 ("not-an-object", 9),
             ],
             "{errors:#?}"
         );
         assert!(errors[1].message.contains("negative"), "{}", errors[1].message);
-        assert!(errors[2].message.contains("15 decimal places"), "{}", errors[2].message);
+        assert!(errors[2].message.contains("negative"), "{}", errors[2].message);
+    }
+
+    #[test]
+    fn float_artifacts_round_up_to_the_next_femto_usd() {
+        let cases = [
+            ("1.0000000000000001e-07", 100_000_001),
+            ("9.499999999999999e-07", 950_000_000),
+            ("1.1428571428571428e-06", 1_142_857_143),
+            ("2.857142857142857e-07", 285_714_286),
+            ("1e-16", 1),
+            ("0.0000000000000000", 0),
+            ("1.5e-400", 1),
+            ("2.5e-06", 2_500_000_000),
+        ];
+        for (text, nanos) in cases {
+            assert_eq!(
+                per_token_rounded_up(text),
+                Ok(Rate::from_nanos_per_million(nanos)),
+                "{text}"
+            );
+        }
+        assert!(matches!(per_token_rounded_up("-1e-16"), Err(RateError::Negative(_))));
+        assert!(matches!(per_token_rounded_up("1e-16x"), Err(RateError::NotDecimal(_))));
+        assert!(matches!(per_token_rounded_up("1e30"), Err(RateError::TooLarge(_))));
     }
 
     #[test]
