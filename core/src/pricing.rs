@@ -159,14 +159,19 @@ impl Rates {
         )
     }
 
-    /// The most one request can cost: every input token at the full input rate and every
-    /// possible output token at the higher of the output and reasoning rates (reported in the
-    /// `input` and `output` buckets).
+    /// The most one request can cost, to reserve before sending it: every input token at the
+    /// full input rate, or at the cache-write rate where that is dearer (Anthropic charges
+    /// 1.25× input for cache writes, and the proxy cannot know beforehand which tokens the
+    /// provider will cache), and every possible output token at the higher of the output and
+    /// reasoning rates; reported in the `input` and `output` buckets. Because the actual cost
+    /// rounds up up to five buckets and this two, the actual cost can exceed it by at most
+    /// 3 nano-USD.
     #[inline]
     pub fn worst_case(&self, input_tokens: u64, max_output_tokens: u64) -> Cost {
+        let input_rate = self.input.max(self.cached_input).max(self.cache_write);
         let output_rate = self.output.max(self.reasoning);
         Cost::from_buckets(
-            self.input.cost(input_tokens),
+            input_rate.cost(input_tokens),
             Money::ZERO,
             Money::ZERO,
             output_rate.cost(max_output_tokens),
