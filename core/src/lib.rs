@@ -9,6 +9,7 @@ pub mod budget;
 pub mod doc;
 pub mod guardrails;
 pub mod money;
+pub mod pricing;
 pub mod risk;
 pub mod time;
 pub mod usage;
