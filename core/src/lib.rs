@@ -6,6 +6,8 @@
 
 pub mod budget;
 pub mod doc;
+pub mod inspect;
+pub mod metering;
 pub mod money;
 pub mod time;
 pub mod usage;
