@@ -59,6 +59,9 @@ impl SseParser {
 
     /// Consumes `chunk`, calling `on_event` for every event it completes.
     pub(crate) fn feed(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
+        if chunk.is_empty() {
+            return;
+        }
         if self.after_cr {
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -208,7 +211,7 @@ mod tests {
 
     #[test]
     fn crlf_split_between_chunks_is_one_line_end() {
-        let got = events(&[b"data: 1\r", b"\n\r", b"\ndata: 2\r\n\r\n"], 1024);
+        let got = events(&[b"data: 1\r", b"", b"\n\r", b"", b"\ndata: 2\r\n\r\n"], 1024);
         assert_eq!(got, vec![ev("", "1"), ev("", "2")]);
     }
 

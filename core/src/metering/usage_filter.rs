@@ -76,6 +76,9 @@ impl UsageChunkFilter {
 
     /// Appends to `out` the bytes of `chunk` (and of earlier chunks) that are ready to go on.
     pub fn filter(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if chunk.is_empty() {
+            return;
+        }
         let mut start = 0;
         let mut i = 0;
         if let Some(sink) = self.after_cr.take() {
@@ -211,4 +214,162 @@ fn is_usage_only(scratch: &mut Vec<u8>, event: &[u8]) -> bool {
     lines > 0
         && serde_json::from_slice::<Probe>(&scratch)
             .is_ok_and(|p| p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+
+    fn run<'a>(chunks: impl IntoIterator<Item = &'a [u8]>, max: usize) -> (Vec<u8>, u64) {
+        let mut f = UsageChunkFilter::with_max_event(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.filter(c, &mut out);
+        }
+        f.finish(&mut out);
+        (out, f.removed())
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/fixtures/metering/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(path).expect("fixture")
+    }
+
+    #[test]
+    fn usage_chunk_of_a_real_stream_is_removed_and_nothing_else() {
+        let stream = fixture("openai_chat_stream_usage.sse");
+        let text = String::from_utf8(stream.clone()).expect("utf-8");
+        let start = text.rfind("data: {\"id\"").expect("usage chunk");
+        assert!(text[start..].contains("\"choices\":[],\"usage\":{"));
+        let end = start + text[start..].find("\n\n").expect("end") + 2;
+        let want = [&stream[..start], &stream[end..]].concat();
+        for size in [1, 2, 3, 64, stream.len()] {
+            assert_eq!(run(stream.chunks(size), 1 << 20), (want.clone(), 1), "chunks of {size}");
+        }
+    }
+
+    #[test]
+    fn stream_without_usage_chunk_passes_unchanged() {
+        let stream = fixture("openai_chat_stream_no_usage.sse");
+        assert_eq!(run(stream.chunks(5), 1 << 20), (stream, 0));
+    }
+
+    #[test]
+    fn chunks_that_are_not_usage_only_are_kept() {
+        let cases = [
+            "data: {\"choices\":[],\"usage\":null}\n\n",
+            "data: {\"choices\": [], \"usage\": null}\n\n",
+            "data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt\n\n",
+            ": comment mentioning \"usage\"\n\n",
+        ];
+        for case in cases {
+            assert_eq!(run([case.as_bytes()], 1024), (case.as_bytes().to_vec(), 0), "{case}");
+        }
+    }
+
+    #[test]
+    fn event_larger_than_the_limit_streams_through() {
+        let pad = "p".repeat(200);
+        let ev = format!(
+            "data: {{\"pad\":\"{pad}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1}}}}\n\n"
+        );
+        for size in [1, 7, ev.len()] {
+            assert_eq!(run(ev.as_bytes().chunks(size), 64), (ev.clone().into_bytes(), 0));
+        }
+    }
+
+    #[test]
+    fn crlf_split_by_an_empty_chunk_stays_with_the_removed_event() {
+        let usage = &b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r"[..];
+        let chunks = [usage, b"", b"\ndata: [DONE]\r\n\r\n"];
+        assert_eq!(run(chunks, 1024), (b"data: [DONE]\r\n\r\n".to_vec(), 1));
+    }
+
+    #[test]
+    fn unterminated_last_event_is_flushed_at_finish() {
+        assert_eq!(run([&b"data: [DONE]\n"[..]], 64), (b"data: [DONE]\n".to_vec(), 0));
+        let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}";
+        assert_eq!(run([&usage[..]], 1024), (Vec::new(), 1));
+    }
+
+    const EOLS: [&str; 3] = ["\n", "\r\n", "\r"];
+
+    /// One generated event (its bytes) in a line-ending style; `usage` selects the usage chunk.
+    fn event(kind: u8, eol: &str, extra_blank: bool, usage: bool) -> String {
+        let lines: Vec<String> = if usage {
+            match kind % 2 {
+                0 => vec![r#"data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#.into()],
+                _ => vec!["id: 7".into(), r#"data: {"choices":[],"#.into(), r#"data:"usage":{"prompt_tokens":9}}"#.into()],
+            }
+        } else {
+            match kind % 5 {
+                0 => {
+                    vec![r#"data: {"choices":[{"delta":{"content":"héllo"}}],"usage":null}"#.into()]
+                }
+                1 => vec![
+                    "event: x".into(),
+                    r#"data: {"choices":"#.into(),
+                    r#"data: [],"usage":null}"#.into(),
+                ],
+                2 => vec![": keep-alive".into()],
+                3 => vec!["data: [DONE]".into()],
+                _ => vec![r#"data: {"choices":[{"delta":{}}],"usage":{"total_tokens":1}}"#.into()],
+            }
+        };
+        let mut s = String::new();
+        for l in lines {
+            s.push_str(&l);
+            s.push_str(eol);
+        }
+        s.push_str(eol);
+        if extra_blank {
+            s.push_str(eol);
+        }
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_chunking_removes_exactly_the_usage_chunk(
+            events in prop::collection::vec((any::<u8>(), 0usize..3, any::<bool>()), 0..12),
+            usage_at in any::<Index>(),
+            usage_kind in any::<u8>(),
+            usage_eol in 0usize..3,
+            cuts in prop::collection::vec(any::<Index>(), 0..30),
+        ) {
+            let at = usage_at.index(events.len() + 1);
+            let mut stream = String::new();
+            let mut want = String::new();
+            for (i, (kind, eol, blank)) in events.iter().enumerate() {
+                if i == at {
+                    stream.push_str(&event(usage_kind, EOLS[usage_eol], false, true));
+                }
+                let e = event(*kind, EOLS[*eol], *blank, false);
+                stream.push_str(&e);
+                want.push_str(&e);
+            }
+            if at == events.len() {
+                stream.push_str(&event(usage_kind, EOLS[usage_eol], false, true));
+            }
+            let bytes = stream.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut prev = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                chunks.push(&bytes[prev..p]);
+                prev = p;
+            }
+            let (out, removed) = run(chunks, 1 << 20);
+            prop_assert_eq!(String::from_utf8(out).expect("utf-8"), want);
+            prop_assert_eq!(removed, 1);
+        }
+    }
 }
