@@ -82,6 +82,8 @@ pub struct ToolCall {
 /// Why a request body could not be inspected; the proxy answers 400.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InspectError {
+    /// Not JSON, or a field inspection reads appears twice at the top level (parsers disagree
+    /// on which copy wins, so a guardrail could check one and the upstream act on the other).
     #[error("request body is not valid JSON (line {line}, column {column})")]
     Malformed { line: usize, column: usize },
     #[error("JSON-RPC tools/call has no string params.name (batch index {index})")]

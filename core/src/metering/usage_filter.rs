@@ -212,7 +212,7 @@ fn is_usage_only(scratch: &mut Vec<u8>, event: &[u8]) -> bool {
         usage: Option<IgnoredAny>,
     }
     lines > 0
-        && serde_json::from_slice::<Probe>(&scratch)
+        && serde_json::from_slice::<Probe>(scratch)
             .is_ok_and(|p| p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()))
 }
 
