@@ -6,7 +6,10 @@
 //! client untouched and also hands it to [`Meter::feed`], in any split, then calls
 //! [`Meter::finish`] at end of stream or when the stream dies. The meter never modifies,
 //! delays or holds the bytes, never prices anything (that is the rate card's job) and never
-//! fails: a body it cannot read is estimated.
+//! fails: a body it cannot read is estimated. The one component here that does change bytes is
+//! [`UsageChunkFilter`], which removes the usage chunk the proxy requested on the client's
+//! behalf (see [`crate::inspect::with_include_usage`]); the meter must be fed the unfiltered
+//! upstream bytes.
 //!
 //! Memory is bounded per request: one SSE event up to [`Limits::max_event_bytes`] (a larger one
 //! is skipped) and a JSON body up to [`Limits::max_body_bytes`] (beyond that, a fixed head and
