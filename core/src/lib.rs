@@ -8,6 +8,8 @@ pub mod autonomy;
 pub mod budget;
 pub mod doc;
 pub mod guardrails;
+pub mod inspect;
+pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod risk;
