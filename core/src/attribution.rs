@@ -293,7 +293,8 @@ impl Attribution {
         let mut found = [Found::Absent; 6];
         for (name, value) in pairs {
             let name = name.as_ref();
-            let hit = self.headers.iter().position(|h| h.name.as_bytes().eq_ignore_ascii_case(name));
+            let hit =
+                self.headers.iter().position(|h| h.name.as_bytes().eq_ignore_ascii_case(name));
             if let Some(i) = hit {
                 found[i] = match found[i] {
                     Found::Absent => Found::Once(value.as_ref()),

@@ -157,7 +157,10 @@ fn budget<'a>(cx: &mut Cx, field: &Field<'a>, seen: &mut Seen<'a>) -> Option<Bud
 fn identifier<'a>(cx: &mut Cx, f: &Field<'a>, what: &str, seen: &mut Seen<'a>) -> Option<&'a str> {
     let id = f.non_empty_str(cx)?;
     if !id.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)) {
-        f.error(cx, format!("{what} id `{id}` may only contain letters, digits, `_`, `.`, `:`, `-`"));
+        f.error(
+            cx,
+            format!("{what} id `{id}` may only contain letters, digits, `_`, `.`, `:`, `-`"),
+        );
         return None;
     }
     if let Some(line) = seen.get(id) {

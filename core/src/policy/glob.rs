@@ -81,9 +81,7 @@ impl Glob {
         let eq = |a: &[u8], b: &[u8]| if fold_case { a.eq_ignore_ascii_case(b) } else { a == b };
         match &self.shape {
             Shape::Literal(lit) => eq(s.as_bytes(), lit.as_bytes()),
-            Shape::Prefix(p) => {
-                s.len() >= p.len() && eq(&s.as_bytes()[..p.len()], p.as_bytes())
-            }
+            Shape::Prefix(p) => s.len() >= p.len() && eq(&s.as_bytes()[..p.len()], p.as_bytes()),
             Shape::Suffix(p) => {
                 s.len() >= p.len() && eq(&s.as_bytes()[s.len() - p.len()..], p.as_bytes())
             }

@@ -60,10 +60,8 @@ pub struct IndexStats {
 
 impl Index {
     pub fn build(rules: &[Rule]) -> Index {
-        let mut by_dim: Vec<Bucket> = INDEXED
-            .iter()
-            .map(|&d| Bucket { dim: Some(d), rules: HashMap::default() })
-            .collect();
+        let mut by_dim: Vec<Bucket> =
+            INDEXED.iter().map(|&d| Bucket { dim: Some(d), rules: HashMap::default() }).collect();
         let mut residual: [Vec<u32>; 3] = Default::default();
         for (n, rule) in rules.iter().enumerate() {
             let n = n as u32;
