@@ -4,6 +4,7 @@
 //! that a decision is identical wherever it is made. It performs no I/O, reads no clock (time is a
 //! parameter, [`time::UnixMillis`]), spawns nothing, logs nothing and builds for `wasm32-wasip1`.
 
+pub mod attribution;
 pub mod autonomy;
 pub mod budget;
 pub mod doc;
@@ -11,6 +12,7 @@ pub mod guardrails;
 pub mod inspect;
 pub mod metering;
 pub mod money;
+pub mod policy;
 pub mod pricing;
 pub mod risk;
 pub mod time;
