@@ -89,7 +89,9 @@ fn main() {
     let names = ["allow", "deny", "require_approval", "attribution rejected"];
     for (name, (count, allocs)) in names.iter().zip(by_outcome) {
         let per = if count == 0 { 0.0 } else { allocs as f64 / count as f64 };
-        println!("  {name:<22} {count:>7} decisions  {allocs:>7} allocations  {per:.2} per decision");
+        println!(
+            "  {name:<22} {count:>7} decisions  {allocs:>7} allocations  {per:.2} per decision"
+        );
     }
     if by_outcome[0].1 != 0 {
         eprintln!("FAIL: the allow path allocated");

@@ -8,6 +8,7 @@ pub mod attribution;
 pub mod autonomy;
 pub mod budget;
 pub mod doc;
+pub mod engine;
 pub mod guardrails;
 pub mod inspect;
 pub mod metering;

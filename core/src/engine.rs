@@ -1,0 +1,189 @@
+//! The compiled configuration every adapter decides with: attribution, policy snapshot, rate
+//! card, autonomy and guardrails, decoded from one document's sections in one pass so that every
+//! error in any section is reported together, with its path and line.
+//!
+//! The request lifecycle is the same in the sidecar, the forward proxy and the Envoy filter:
+//! *on request*: attribute ([`Engine::attribution`]), classify (`crate::inspect`), decide
+//! ([`crate::policy::Snapshot::evaluate`]), price the worst case ([`Engine::rates`]), check
+//! limits, reserve budgets (`crate::budget`); *on response end*: meter (`crate::metering`),
+//! price, settle. The adapters own the I/O and the state stores; this module owns no state.
+
+use crate::attribution::Attribution;
+use crate::autonomy;
+use crate::doc::{self, Cx, DocErrors, Field};
+use crate::guardrails::Guardrails;
+use crate::policy::Snapshot;
+use crate::pricing::RateCard;
+
+/// The sections of a configuration document the engine reads; each may be absent.
+#[derive(Default)]
+pub struct EngineConfig<'a> {
+    /// `attribution:` absent → the default headers of product.md.
+    pub attribution: Option<Field<'a>>,
+    /// `policy:` required.
+    pub policy: Option<Field<'a>>,
+    /// `pricing:` a rate card merged over the built-in one; absent → the built-in card.
+    pub pricing: Option<Field<'a>>,
+    /// `autonomy:` absent → every action resolves to `APPROVAL_REQUIRED`.
+    pub autonomy: Option<Field<'a>>,
+    /// `guardrails:` absent → the seed's default action policies.
+    pub guardrails: Option<Field<'a>>,
+}
+
+/// Everything needed to decide and price a request. Cheap to clone (compiled tables are
+/// shared-nothing but small; the policy index is the largest part).
+#[derive(Clone, Debug)]
+pub struct Engine {
+    attribution: Attribution,
+    policy: Snapshot,
+    rates: RateCard,
+    autonomy: autonomy::Policy,
+    guardrails: Guardrails,
+}
+
+impl EngineConfig<'_> {
+    /// Decodes and compiles every section, recording all errors in `cx`. `None` if a required
+    /// part could not be built (the errors say why).
+    pub fn compile(self, cx: &mut Cx) -> Option<Engine> {
+        let attribution = match &self.attribution {
+            Some(f) => Attribution::from_field(cx, f),
+            None => Some(Attribution::default()),
+        };
+        let policy = match &self.policy {
+            Some(f) => Snapshot::from_field(cx, f),
+            None => {
+                cx.error(
+                    "policy",
+                    &doc::Node { value: doc::Value::Null, line: 1, col: 1 },
+                    "missing required section `policy`",
+                );
+                None
+            }
+        };
+        let builtin = match RateCard::builtin() {
+            Ok(card) => card,
+            Err(errors) => {
+                for e in errors.0 {
+                    cx.error(&format!("(built-in rate card) {}", e.path), &at(&e), e.message);
+                }
+                return None;
+            }
+        };
+        let rates = match &self.pricing {
+            Some(f) => RateCard::decode(cx, f).merged_over(&builtin),
+            None => builtin,
+        };
+        let autonomy = match &self.autonomy {
+            Some(f) => autonomy::Policy::decode(cx, f),
+            None => autonomy::Policy::default(),
+        };
+        let guardrails = match &self.guardrails {
+            Some(f) => Guardrails::decode(cx, f),
+            None => Guardrails::defaults(),
+        };
+        Some(Engine { attribution: attribution?, policy: policy?, rates, autonomy, guardrails })
+    }
+}
+
+fn at(e: &doc::DocError) -> doc::Node {
+    doc::Node { value: doc::Value::Null, line: e.line, col: e.col }
+}
+
+impl Engine {
+    /// Compiles a document whose top level holds the sections (`attribution:`, `policy:`,
+    /// `pricing:`, `autonomy:`, `guardrails:`), e.g. the Envoy filter's plugin configuration.
+    /// Other top-level keys are rejected, naming the allowed ones.
+    pub fn from_document(text: &str) -> Result<Engine, DocErrors> {
+        let node = doc::parse(text)?;
+        let mut cx = Cx::new();
+        let root = Field::root(&node);
+        let Some(mut obj) = cx.object(&root) else { return Err(finish_err(cx)) };
+        let engine = EngineConfig {
+            attribution: obj.get("attribution"),
+            policy: obj.get("policy"),
+            pricing: obj.get("pricing"),
+            autonomy: obj.get("autonomy"),
+            guardrails: obj.get("guardrails"),
+        }
+        .compile(&mut cx);
+        obj.finish(&mut cx, &["attribution", "policy", "pricing", "autonomy", "guardrails"]);
+        match engine {
+            Some(engine) if !cx.has_errors() => Ok(engine),
+            _ => Err(finish_err(cx)),
+        }
+    }
+
+    pub fn attribution(&self) -> &Attribution {
+        &self.attribution
+    }
+
+    /// The policy snapshot the configuration was loaded with (adapters may later swap in newer
+    /// ones of their own).
+    pub fn policy(&self) -> &Snapshot {
+        &self.policy
+    }
+
+    pub fn rates(&self) -> &RateCard {
+        &self.rates
+    }
+
+    pub fn autonomy(&self) -> &autonomy::Policy {
+        &self.autonomy
+    }
+
+    pub fn guardrails(&self) -> &Guardrails {
+        &self.guardrails
+    }
+
+    /// Pins the sidecar's own identity (from its environment) so that a request claiming to be
+    /// another agent is denied.
+    pub fn attribution_mut(&mut self) -> &mut Attribution {
+        &mut self.attribution
+    }
+}
+
+fn finish_err(cx: Cx) -> DocErrors {
+    cx.finish(()).err().unwrap_or(DocErrors(Vec::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_with_only_a_policy_uses_every_default() {
+        let engine = Engine::from_document("policy:\n  version: v1\n  defaults: {llm: allow}\n")
+            .expect("valid document");
+        assert_eq!(engine.policy().version(), "v1");
+        assert!(engine.rates().resolve("gpt-4o").is_some(), "built-in rate card");
+        assert!(engine.attribution().header_names().any(|h| h == "x-agent-id"));
+    }
+
+    #[test]
+    fn errors_from_every_section_are_reported_together() {
+        let text = "\
+attribution:
+  headers: 3
+policy:
+  version: v1
+  rules:
+    - {id: a, match: {route: nowhere}, effect: allow}
+pricing:
+  models:
+    gpt-x: {input: abc, output: \"1.00\"}
+extra: 1
+";
+        let errors = Engine::from_document(text).expect_err("invalid").0;
+        let lines: Vec<u32> = errors.iter().map(|e| e.line).collect();
+        for line in [2, 6, 9, 10] {
+            assert!(lines.contains(&line), "no error on line {line}: {errors:?}");
+        }
+        assert!(errors.iter().any(|e| e.path == "extra"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_missing_policy_is_named() {
+        let errors = Engine::from_document("pricing: {}\n").expect_err("no policy").0;
+        assert!(errors.iter().any(|e| e.message.contains("`policy`")), "{errors:?}");
+    }
+}

@@ -1,0 +1,268 @@
+//! The admin listener (default 127.0.0.1:9090).
+//!
+//! Open: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz` (serving: not
+//! draining, ledger writable). Behind `Authorization: Bearer <token>` (the token comes from the
+//! environment variable named by `admin.token_env`; without it the API answers 401):
+//! - `GET  /admin/policy`           the active policy version and rule count
+//! - `POST /admin/policy/reload`    re-read the policy source now
+//! - `GET  /admin/budgets`          every budget's state for the current period
+//! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
+//!
+//! A failing handler answers 500 with a fixed body and logs the cause; internals never leak.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use tollgate_core::budget::{BudgetStatus, Scope};
+use tollgate_core::money::Money;
+
+use crate::app::Shared;
+use crate::deny::full;
+use crate::pipeline::now;
+use crate::server::Handler;
+use crate::upstream::Body;
+
+#[derive(Clone)]
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Admin { shared }
+    }
+}
+
+/// An admin failure: the status and a fixed message for the caller, the cause for the log.
+struct Failure {
+    status: StatusCode,
+    message: &'static str,
+}
+
+impl Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        match route(&self.shared, req).await {
+            Ok(response) => response,
+            Err(Failure { status, message }) => {
+                if status.is_server_error() {
+                    tracing::error!(path = %path, "admin handler failed");
+                }
+                json_response(status, &json!({ "error": message }))
+            }
+        }
+    }
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Failure> {
+    let method = req.method().clone();
+    match (method, req.uri().path()) {
+        (Method::GET, "/metrics") => {
+            let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        (Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+        (Method::GET, "/readyz") => {
+            if shared.draining.load(Ordering::Relaxed) {
+                Ok(text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"))
+            } else if !shared.ledger.is_healthy() {
+                Ok(text(StatusCode::SERVICE_UNAVAILABLE, "ledger not writable\n"))
+            } else {
+                Ok(text(StatusCode::OK, "ready\n"))
+            }
+        }
+        (method, path) if path.starts_with("/admin/") => {
+            authorize(shared, &req)?;
+            let query = req.uri().query().unwrap_or("").to_string();
+            match (method, path) {
+                (Method::GET, "/admin/policy") => {
+                    let policy = shared.policy.load();
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({
+                            "version": policy.version(),
+                            "rules": policy.rules().len(),
+                            "source": shared.config.policy_source.as_ref().map(|s| format!("{s:?}")),
+                        }),
+                    ))
+                }
+                (Method::POST, "/admin/policy/reload") => {
+                    match crate::reload::reload_now(shared).await {
+                        Ok(version) => Ok(json_response(
+                            StatusCode::OK,
+                            &json!({ "version": version, "reloaded": true }),
+                        )),
+                        Err(e) => Ok(json_response(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            &json!({
+                                "reloaded": false,
+                                "error": e.to_string(),
+                                "version": shared.policy.load().version(),
+                            }),
+                        )),
+                    }
+                }
+                (Method::GET, "/admin/budgets") => budgets(shared),
+                (Method::GET, "/admin/usage") => usage(shared, &query).await,
+                _ => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
+            }
+        }
+        _ => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
+    }
+}
+
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Failure> {
+    let unauthorized = Failure { status: StatusCode::UNAUTHORIZED, message: "unauthorized" };
+    let Some(token) = &shared.admin_token else { return Err(unauthorized) };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(unauthorized)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The state of every budget the active policy declares, for each scope value seen in the
+/// ledger's current period (global and fixed-key budgets have one state each).
+fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
+    let policy = shared.policy.load();
+    let now = now();
+    let values = shared.seen_values();
+    let mut out: Vec<BudgetStatus> = Vec::new();
+    for spec in policy.all_budgets() {
+        let keys: Vec<String> = match (&spec.key, spec.scope) {
+            (Some(key), _) => vec![key.clone()],
+            (None, Scope::Global) => vec![String::new()],
+            (None, scope) => values.get(&scope).cloned().unwrap_or_default().into_iter().collect(),
+        };
+        for key in keys {
+            match shared.budgets.status(spec, &key, now) {
+                Ok(status) => {
+                    shared
+                        .metrics
+                        .budget_utilization_bp
+                        .with_label_values(&[&spec.id, &status.key])
+                        .set(status.utilization_bp as i64);
+                    out.push(status);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, budget = %spec.id, "reading budget state");
+                    return Err(Failure {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        message: "internal error",
+                    });
+                }
+            }
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "policy_version": policy.version(), "budgets": out }),
+    ))
+}
+
+/// Usage totals from the ledger for a period (`2026-11` or `2026-11-22`, default this month),
+/// grouped by agent, project or cost center.
+async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
+    let mut period = now().to_string()[..7].to_string();
+    let mut group_by = "cost_center".to_string();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "period" => period = v.to_string(),
+            "group_by" => group_by = v.to_string(),
+            _ => {}
+        }
+    }
+    let valid_period = matches!(period.len(), 7 | 10)
+        && period.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if !valid_period || !matches!(group_by.as_str(), "agent" | "project" | "cost_center") {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "period must be YYYY-MM or YYYY-MM-DD; group_by one of agent, project, cost_center"}),
+        ));
+    }
+    shared.ledger.flush().await;
+    let text = match tokio::fs::read_to_string(shared.ledger.path()).await {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the ledger for usage totals");
+            return Err(Failure {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: "internal error",
+            });
+        }
+    };
+    #[derive(Default, serde::Serialize)]
+    struct Totals {
+        requests: u64,
+        input_tokens: u64,
+        cached_input_tokens: u64,
+        cache_write_tokens: u64,
+        output_tokens: u64,
+        reasoning_tokens: u64,
+        cost_usd: Money,
+    }
+    let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if !v["ts"].as_str().is_some_and(|ts| ts.starts_with(&period)) {
+            continue;
+        }
+        let key = v[group_by.as_str()].as_str().unwrap_or("").to_string();
+        let t = groups.entry(key).or_default();
+        t.requests += 1;
+        let tokens = &v["tokens"];
+        t.input_tokens += tokens["input"].as_u64().unwrap_or(0);
+        t.cached_input_tokens += tokens["cached_input"].as_u64().unwrap_or(0);
+        t.cache_write_tokens += tokens["cache_write"].as_u64().unwrap_or(0);
+        t.output_tokens += tokens["output"].as_u64().unwrap_or(0);
+        t.reasoning_tokens += tokens["reasoning"].as_u64().unwrap_or(0);
+        t.cost_usd += Money::from_nanos(v["cost_nano_usd"].as_i64().unwrap_or(0));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "period": period, "group_by": group_by, "groups": groups }),
+    ))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(serde_json::to_vec(value).unwrap_or_default())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

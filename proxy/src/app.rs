@@ -1,0 +1,225 @@
+//! The running proxy: shared state, startup, background tasks and shutdown.
+//!
+//! `run` binds the proxy and admin listeners and serves until SIGTERM/SIGINT. `App::start` is the
+//! same thing with injected listeners and shutdown future, used by the end-to-end tests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use tollgate_core::budget::{Budgets, MemoryStore, Scope};
+use tollgate_core::engine::Engine;
+use tollgate_core::policy::Snapshot;
+
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::limits::RateLimits;
+use crate::metrics::Metrics;
+use crate::server::{self, ConnLimits};
+use crate::upstream::{self, ClientSettings, UpstreamClient};
+
+/// Command-line overrides of the config file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Shared {
+    pub config: Config,
+    pub engine: Engine,
+    /// The policy in force; swapped whole on reload, loaded once per request.
+    pub policy: ArcSwap<Snapshot>,
+    pub client: UpstreamClient,
+    pub metrics: Metrics,
+    pub ledger: Ledger,
+    pub budgets: Budgets<MemoryStore>,
+    pub rate_limits: RateLimits,
+    pub admin_token: Option<String>,
+    pub started: std::time::Instant,
+    pub policy_source_state: tokio::sync::Mutex<crate::reload::SourceState>,
+    /// Scope values seen in budgeted requests (bounded), for listing budget states.
+    pub seen: dashmap::DashMap<(Scope, String), ()>,
+    /// True while draining: `/readyz` fails so load balancers stop sending traffic.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+/// Most distinct scope values remembered for the admin budget listing.
+const MAX_SEEN: usize = 100_000;
+
+impl Shared {
+    /// Remembers that `value` of `scope` has a budget state (bounded).
+    pub fn saw(&self, scope: Scope, value: &str) {
+        if self.seen.len() < MAX_SEEN && !self.seen.contains_key(&(scope, value.to_string())) {
+            self.seen.insert((scope, value.to_string()), ());
+        }
+    }
+
+    /// The remembered scope values, by scope.
+    pub fn seen_values(
+        &self,
+    ) -> std::collections::BTreeMap<Scope, std::collections::BTreeSet<String>> {
+        let mut out: std::collections::BTreeMap<Scope, std::collections::BTreeSet<String>> =
+            Default::default();
+        for entry in self.seen.iter() {
+            let (scope, value) = entry.key();
+            out.entry(*scope).or_default().insert(value.clone());
+        }
+        out
+    }
+}
+
+/// Handles to a started proxy (tests use the addresses; `run` waits on `done`).
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until both servers have drained and the ledger is flushed.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()> {
+    if let Some(addr) = overrides.listen {
+        config.listen = addr;
+    }
+    if let Some(addr) = overrides.admin_listen {
+        config.admin_listen = addr;
+    }
+    if let Some(dir) = overrides.data_dir {
+        config.data_dir = dir;
+    }
+    let proxy = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the proxy listener {}", config.listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+    let running = start(config, proxy, admin, shutdown_signal()).await?;
+    tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "tollgate listening");
+    running.wait().await;
+    tracing::info!("tollgate stopped");
+    Ok(())
+}
+
+/// Starts the proxy and admin servers on the given listeners; they stop when `shutdown`
+/// resolves.
+pub async fn start(
+    config: Config,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    let client = upstream::client(&ClientSettings {
+        connect_timeout: config.upstream.connect_timeout,
+        extra_ca_file: config.upstream.extra_ca_file.clone(),
+        ..ClientSettings::default()
+    })?;
+    let metrics = Metrics::new(config.max_label_values);
+    let ledger_errors = metrics.ledger_errors.clone();
+    let ledger = Ledger::open(&config.data_dir.join("ledger.jsonl"), move || ledger_errors.inc())
+        .await
+        .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
+    let admin_token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
+    if admin_token.is_none() {
+        tracing::warn!(
+            env = %config.admin_token_env,
+            "no admin token set: the admin API answers 401 (metrics and health stay open)"
+        );
+    }
+    let policy = config.engine.policy().clone();
+    metrics.set_policy_version(policy.version());
+    let engine = config.engine.clone();
+    let shared = Arc::new(Shared {
+        engine,
+        policy: ArcSwap::from_pointee(policy),
+        client,
+        metrics,
+        ledger,
+        budgets: Budgets::new(MemoryStore::new()),
+        rate_limits: RateLimits::default(),
+        admin_token,
+        started: std::time::Instant::now(),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        policy_source_state: Default::default(),
+        seen: Default::default(),
+        config,
+    });
+
+    let proxy_addr = proxy.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let conn_limits = ConnLimits {
+        max_head_bytes: shared.config.limits.max_head_bytes,
+        max_headers: shared.config.limits.max_headers,
+        header_read_timeout: shared.config.limits.header_read_timeout,
+        drain: shared.config.shutdown_drain,
+    };
+    let proxy_task = tokio::spawn(server::serve(
+        proxy,
+        crate::pipeline::Proxy::new(shared.clone()),
+        conn_limits.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        crate::admin::Admin::new(shared.clone()),
+        ConnLimits { drain: Duration::from_secs(1), ..conn_limits },
+        stopped(stop_rx.clone()),
+    ));
+    let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
+
+    let done = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = stop_tx.send(true);
+            let _ = proxy_task.await;
+            let _ = admin_task.await;
+            let _ = background.await;
+            shared.ledger.flush().await;
+        })
+    };
+    Ok(Running { proxy_addr, admin_addr, shared, done })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,411 @@
+//! The proxy's configuration file: listeners, routes, upstream timeouts, limits, storage, and
+//! the core's sections (attribution, policy, pricing, autonomy, guardrails).
+//!
+//! Parsing keeps I/O apart: [`Config::from_str`] takes text (YAML or JSON) and reports **every**
+//! error with its field path and line; `load` reads a file. The embedded default (`default.yaml`)
+//! is what `tollgate run` uses without `--config`, and a test proves it loads.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tollgate_core::doc::{self, Cx, DocErrors, Field};
+use tollgate_core::engine::{Engine, EngineConfig};
+
+/// The configuration `tollgate run` uses without `--config`.
+pub const DEFAULT_YAML: &str = include_str!("default.yaml");
+
+/// Which upstream API a route speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    OpenAi,
+    Anthropic,
+    OpenAiCompatible,
+    Mcp,
+    Tool,
+}
+
+impl UpstreamKind {
+    const NAMES: [&'static str; 5] = ["openai", "anthropic", "openai_compatible", "mcp", "tool"];
+
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "openai" => UpstreamKind::OpenAi,
+            "anthropic" => UpstreamKind::Anthropic,
+            "openai_compatible" => UpstreamKind::OpenAiCompatible,
+            "mcp" => UpstreamKind::Mcp,
+            "tool" => UpstreamKind::Tool,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// LLM routes are metered in tokens; tool routes per call.
+    pub fn is_llm(self) -> bool {
+        matches!(
+            self,
+            UpstreamKind::OpenAi | UpstreamKind::Anthropic | UpstreamKind::OpenAiCompatible
+        )
+    }
+
+    /// The provider name used in policy matching and the ledger.
+    pub fn provider(self) -> &'static str {
+        match self {
+            UpstreamKind::OpenAi | UpstreamKind::OpenAiCompatible => "openai",
+            UpstreamKind::Anthropic => "anthropic",
+            UpstreamKind::Mcp => "mcp",
+            UpstreamKind::Tool => "tool",
+        }
+    }
+}
+
+/// One route: requests matching `host` (if set) and `path_prefix` go to `upstream`.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub kind: UpstreamKind,
+    /// Scheme and authority of the upstream, plus an optional base path.
+    pub upstream: http::Uri,
+    /// For `tool` routes: the action name the policy sees (default: the route name).
+    pub tool: Option<String>,
+    /// For tool routes: the guardrail action category.
+    pub category: Option<String>,
+    /// Forward the attribution headers to this upstream (default: only to `tool`/`mcp` routes
+    /// of your own; never to third-party LLM APIs).
+    pub forward_attribution: bool,
+}
+
+/// Timeouts towards upstreams.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// From sending the request to the response head: long, because LLMs think.
+    pub response_timeout: Duration,
+    /// Longest silence between two body frames of a response.
+    pub stream_idle_timeout: Duration,
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+/// Request limits against abuse.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// The whole configuration, validated.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Name of the environment variable holding the admin API bearer token.
+    pub admin_token_env: String,
+    pub data_dir: PathBuf,
+    pub routes: Vec<Route>,
+    pub upstream: UpstreamSettings,
+    pub limits: RequestLimits,
+    pub shutdown_drain: Duration,
+    pub max_label_values: usize,
+    /// Policy source to watch, if the policy is not inline.
+    pub policy_source: Option<PolicySource>,
+    pub engine: Engine,
+}
+
+/// Where policy updates come from.
+#[derive(Clone, Debug)]
+pub enum PolicySource {
+    File { path: PathBuf, poll: Duration },
+    Url { url: http::Uri, poll: Duration },
+}
+
+const TOP: &[&str] = &[
+    "version",
+    "listen",
+    "admin",
+    "data_dir",
+    "routes",
+    "upstream",
+    "limits",
+    "shutdown_drain",
+    "metrics",
+    "policy_source",
+    "attribution",
+    "policy",
+    "pricing",
+    "autonomy",
+    "guardrails",
+];
+
+impl Config {
+    /// Parses and validates a configuration document.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str) -> Result<Config, DocErrors> {
+        let node = doc::parse(text)?;
+        let mut cx = Cx::new();
+        let root = Field::root(&node);
+        let config = decode(&mut cx, &root);
+        match config {
+            Some(config) if !cx.has_errors() => cx.finish(config),
+            _ => Err(cx.finish(()).err().unwrap_or(DocErrors(Vec::new()))),
+        }
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        Config::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The route for a request, by host (if the route names one) and longest path prefix.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(|h| h.split(':').next().unwrap_or(h));
+        self.routes
+            .iter()
+            .filter(|r| r.host.as_deref().is_none_or(|rh| Some(rh) == host))
+            .filter(|r| path.starts_with(&r.path_prefix))
+            .max_by_key(|r| (r.host.is_some(), r.path_prefix.len()))
+    }
+}
+
+fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
+    let mut obj = cx.object(root)?;
+    if let Some(v) = obj.require(cx, "version") {
+        if v.u64(cx).is_some_and(|n| n != 1) {
+            v.error(cx, "unsupported config version, expected 1");
+        }
+    }
+    let listen = socket_addr(cx, obj.get("listen"), "127.0.0.1:8080");
+    let (admin_listen, admin_token_env) = match obj.get("admin") {
+        Some(f) => {
+            let mut a = cx.object(&f)?;
+            let listen = socket_addr(cx, a.get("listen"), "127.0.0.1:9090");
+            let token_env = a
+                .get("token_env")
+                .and_then(|f| f.non_empty_str(cx).map(str::to_string))
+                .unwrap_or_else(|| "TOLLGATE_ADMIN_TOKEN".into());
+            a.finish(cx, &["listen", "token_env"]);
+            (listen, token_env)
+        }
+        None => (socket_addr(cx, None, "127.0.0.1:9090"), "TOLLGATE_ADMIN_TOKEN".into()),
+    };
+    let data_dir = obj
+        .get("data_dir")
+        .and_then(|f| f.non_empty_str(cx).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("tollgate-data"));
+    let routes = obj.require(cx, "routes").map(|f| routes(cx, &f)).unwrap_or_default();
+    let upstream = upstream_settings(cx, obj.get("upstream"));
+    let limits = request_limits(cx, obj.get("limits"));
+    let shutdown_drain = obj
+        .get("shutdown_drain")
+        .and_then(|f| f.duration_ms(cx))
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(30));
+    let max_label_values = match obj.get("metrics") {
+        Some(f) => {
+            let mut m = cx.object(&f)?;
+            let n = m.get("max_label_values").and_then(|f| f.u64(cx)).unwrap_or(1000);
+            m.finish(cx, &["max_label_values"]);
+            n as usize
+        }
+        None => 1000,
+    };
+    let policy_source = obj.get("policy_source").and_then(|f| policy_source(cx, &f));
+    let engine = EngineConfig {
+        attribution: obj.get("attribution"),
+        policy: obj.get("policy"),
+        pricing: obj.get("pricing"),
+        autonomy: obj.get("autonomy"),
+        guardrails: obj.get("guardrails"),
+    }
+    .compile(cx);
+    obj.finish(cx, TOP);
+    Some(Config {
+        listen,
+        admin_listen,
+        admin_token_env,
+        data_dir,
+        routes,
+        upstream,
+        limits,
+        shutdown_drain,
+        max_label_values,
+        policy_source,
+        engine: engine?,
+    })
+}
+
+fn socket_addr(cx: &mut Cx, field: Option<Field<'_>>, default: &str) -> SocketAddr {
+    let fallback = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let Some(field) = field else { return fallback };
+    match field.str(cx).map(str::parse::<SocketAddr>) {
+        Some(Ok(addr)) => addr,
+        Some(Err(_)) => {
+            field.error(cx, "expected a socket address such as \"127.0.0.1:8080\"");
+            fallback
+        }
+        None => fallback,
+    }
+}
+
+fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
+    let mut out: Vec<Route> = Vec::new();
+    for item in field.items(cx) {
+        let Some(mut r) = cx.object(&item) else { continue };
+        let kind = r.require(cx, "kind").and_then(|f| f.one_of(cx, &UpstreamKind::NAMES));
+        let upstream = r.require(cx, "upstream").and_then(|f| {
+            let text = f.str(cx)?;
+            match text.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    f.error(cx, format!("expected an http:// or https:// URL, found `{text}`"));
+                    None
+                }
+            }
+        });
+        let path_prefix = match r.get("path_prefix") {
+            Some(f) => f.str(cx).map(str::to_string).filter(|p| {
+                let ok = p.starts_with('/');
+                if !ok {
+                    f.error(cx, "path_prefix must start with `/`");
+                }
+                ok
+            }),
+            None => Some("/".to_string()),
+        };
+        let host = r.get("host").and_then(|f| f.non_empty_str(cx).map(str::to_ascii_lowercase));
+        let name = r.get("name").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        let tool = r.get("tool").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        let category = r.get("category").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        let forward_attribution = r.get("forward_attribution").and_then(|f| f.bool(cx));
+        r.finish(
+            cx,
+            &[
+                "name",
+                "host",
+                "path_prefix",
+                "kind",
+                "upstream",
+                "tool",
+                "category",
+                "forward_attribution",
+            ],
+        );
+        let (Some(kind), Some(upstream), Some(path_prefix)) = (kind, upstream, path_prefix) else {
+            continue;
+        };
+        let kind = UpstreamKind::parse(kind).unwrap_or(UpstreamKind::Tool);
+        let name = name.unwrap_or_else(|| format!("{}{}", kind.as_str(), path_prefix));
+        if out.iter().any(|o| o.host == host && o.path_prefix == path_prefix) {
+            item.error(
+                cx,
+                format!("duplicate route for host {host:?} and path_prefix `{path_prefix}`"),
+            );
+        }
+        out.push(Route {
+            name,
+            host,
+            path_prefix,
+            kind,
+            upstream,
+            tool,
+            category,
+            forward_attribution: forward_attribution.unwrap_or(false),
+        });
+    }
+    out
+}
+
+fn upstream_settings(cx: &mut Cx, field: Option<Field<'_>>) -> UpstreamSettings {
+    let mut settings = UpstreamSettings {
+        connect_timeout: Duration::from_secs(5),
+        response_timeout: Duration::from_secs(120),
+        stream_idle_timeout: Duration::from_secs(300),
+        extra_ca_file: None,
+    };
+    let Some(field) = field else { return settings };
+    let Some(mut o) = cx.object(&field) else { return settings };
+    let ms = |cx: &mut Cx, f: Option<Field<'_>>| {
+        f.and_then(|f| f.duration_ms(cx)).map(Duration::from_millis)
+    };
+    if let Some(d) = ms(cx, o.get("connect_timeout")) {
+        settings.connect_timeout = d;
+    }
+    if let Some(d) = ms(cx, o.get("response_timeout")) {
+        settings.response_timeout = d;
+    }
+    if let Some(d) = ms(cx, o.get("stream_idle_timeout")) {
+        settings.stream_idle_timeout = d;
+    }
+    settings.extra_ca_file =
+        o.get("extra_ca_file").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    o.finish(cx, &["connect_timeout", "response_timeout", "stream_idle_timeout", "extra_ca_file"]);
+    settings
+}
+
+fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
+    let mut limits = RequestLimits {
+        max_head_bytes: 64 * 1024,
+        max_headers: 100,
+        max_body_bytes: 16 * 1024 * 1024,
+        header_read_timeout: Duration::from_secs(10),
+    };
+    let Some(field) = field else { return limits };
+    let Some(mut o) = cx.object(&field) else { return limits };
+    if let Some(n) = o.get("max_head_bytes").and_then(|f| f.u64(cx)) {
+        limits.max_head_bytes = n as usize;
+    }
+    if let Some(n) = o.get("max_headers").and_then(|f| f.u64(cx)) {
+        limits.max_headers = n as usize;
+    }
+    if let Some(n) = o.get("max_body_bytes").and_then(|f| f.u64(cx)) {
+        limits.max_body_bytes = n as usize;
+    }
+    if let Some(d) = o.get("header_read_timeout").and_then(|f| f.duration_ms(cx)) {
+        limits.header_read_timeout = Duration::from_millis(d);
+    }
+    o.finish(cx, &["max_head_bytes", "max_headers", "max_body_bytes", "header_read_timeout"]);
+    limits
+}
+
+fn policy_source(cx: &mut Cx, field: &Field<'_>) -> Option<PolicySource> {
+    let mut o = cx.object(field)?;
+    let poll = o
+        .get("poll")
+        .and_then(|f| f.duration_ms(cx))
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(5));
+    let file = o.get("file").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    let url = o.get("url").and_then(|f| {
+        let text = f.str(cx)?;
+        match text.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Some(uri),
+            _ => {
+                f.error(cx, format!("expected an http:// URL, found `{text}`"));
+                None
+            }
+        }
+    });
+    let node = o.node();
+    let path = o.path().to_string();
+    o.finish(cx, &["file", "url", "poll"]);
+    match (file, url) {
+        (Some(path), None) => Some(PolicySource::File { path, poll }),
+        (None, Some(url)) => Some(PolicySource::Url { url, poll }),
+        _ => {
+            cx.error(&path, node, "policy_source needs exactly one of `file` or `url`");
+            None
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The `tollgate` proxy: hyper + tokio + rustls around `tollgate-core`.
+//!
+//! The binary (`main.rs`) is a thin command line over this library, so that the end-to-end tests
+//! start the same server on `127.0.0.1:0` with [`app::start`].
+
+// A `Denial` is returned once per refused request and rendered at once; boxing it would only
+// add an allocation on the deny path.
+#![allow(clippy::result_large_err)]
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod deny;
+pub mod explain;
+pub mod ledger;
+pub mod limits;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod reload;
+pub mod server;
+pub mod upstream;

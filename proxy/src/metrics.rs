@@ -1,0 +1,192 @@
+//! Prometheus metrics, served as text on the admin port's `/metrics`.
+//!
+//! Label values that come from requests (agent, project, cost center, model) are capped: the
+//! first `max_label_values` distinct values of each label are kept and the rest are reported as
+//! `__other__`, so a flood of made-up agent ids cannot explode the series count. Money is
+//! exported in integer nano-USD (`*_nano_usd_total`), like the ledger.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The label value used once a label has reached its cap.
+pub const OTHER: &str = "__other__";
+
+/// Bounds the distinct values of one label.
+#[derive(Debug)]
+pub struct LabelCap {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LabelCap {
+    pub fn new(max: usize) -> Self {
+        LabelCap { max, seen: Mutex::new(HashSet::new()) }
+    }
+
+    /// `value` if it is already known or there is room for it, else [`OTHER`].
+    pub fn admit<'a>(&self, value: &'a str) -> &'a str {
+        let Ok(mut seen) = self.seen.lock() else { return OTHER };
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value;
+        }
+        OTHER
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub decision_seconds: HistogramVec,
+    pub upstream_seconds: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub cost_nano_usd: IntCounterVec,
+    pub budget_utilization_bp: IntGaugeVec,
+    pub budget_warnings: IntCounterVec,
+    pub policy_version: IntGaugeVec,
+    pub policy_reload_failures: IntCounter,
+    pub ledger_errors: IntCounter,
+    pub in_flight: IntGauge,
+    pub agents: LabelCap,
+    pub projects: LabelCap,
+    pub cost_centers: LabelCap,
+    pub models: LabelCap,
+}
+
+impl Metrics {
+    pub fn new(max_label_values: usize) -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("tollgate_requests_total", "Requests by decision effect and reason"),
+            &["decision", "reason", "route"],
+        )
+        .expect("static metric definition");
+        let decision_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_decision_duration_seconds",
+                "Time from request head to decision (attribution, policy, limits, budgets)",
+            )
+            .buckets(vec![1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2]),
+            &["decision"],
+        )
+        .expect("static metric definition");
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_upstream_duration_seconds",
+                "Time from forwarding to the upstream's response head",
+            )
+            .buckets(vec![0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let tokens = IntCounterVec::new(
+            Opts::new("tollgate_tokens_total", "Metered tokens by model, kind and attribution"),
+            &["model", "kind", "agent", "project", "cost_center"],
+        )
+        .expect("static metric definition");
+        let cost_nano_usd = IntCounterVec::new(
+            Opts::new("tollgate_cost_nano_usd_total", "Metered cost in nano-USD (1e-9 USD)"),
+            &["model", "agent", "project", "cost_center"],
+        )
+        .expect("static metric definition");
+        let budget_utilization_bp = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_budget_utilization_basis_points",
+                "Spent and reserved share of a budget in basis points (10000 = 100%)",
+            ),
+            &["budget", "key"],
+        )
+        .expect("static metric definition");
+        let budget_warnings = IntCounterVec::new(
+            Opts::new("tollgate_budget_warnings_total", "Budget thresholds crossed (80, 95, 100)"),
+            &["budget", "threshold"],
+        )
+        .expect("static metric definition");
+        let policy_version = IntGaugeVec::new(
+            Opts::new("tollgate_policy_info", "The active policy version (value 1)"),
+            &["version"],
+        )
+        .expect("static metric definition");
+        let policy_reload_failures = IntCounter::new(
+            "tollgate_policy_reload_failures_total",
+            "Policy updates rejected (the last good snapshot kept serving)",
+        )
+        .expect("static metric definition");
+        let ledger_errors =
+            IntCounter::new("tollgate_ledger_errors_total", "Usage ledger write failures")
+                .expect("static metric definition");
+        let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
+            .expect("static metric definition");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decision_seconds.clone()),
+            Box::new(upstream_seconds.clone()),
+            Box::new(tokens.clone()),
+            Box::new(cost_nano_usd.clone()),
+            Box::new(budget_utilization_bp.clone()),
+            Box::new(budget_warnings.clone()),
+            Box::new(policy_version.clone()),
+            Box::new(policy_reload_failures.clone()),
+            Box::new(ledger_errors.clone()),
+            Box::new(in_flight.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            decision_seconds,
+            upstream_seconds,
+            tokens,
+            cost_nano_usd,
+            budget_utilization_bp,
+            budget_warnings,
+            policy_version,
+            policy_reload_failures,
+            ledger_errors,
+            in_flight,
+            agents: LabelCap::new(max_label_values),
+            projects: LabelCap::new(max_label_values),
+            cost_centers: LabelCap::new(max_label_values),
+            models: LabelCap::new(max_label_values),
+        }
+    }
+
+    /// Marks `version` as the active policy (and only it).
+    pub fn set_policy_version(&self, version: &str) {
+        self.policy_version.reset();
+        self.policy_version.with_label_values(&[version]).set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cap_folds_new_values_into_other() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.admit("a"), "a");
+        assert_eq!(cap.admit("b"), "b");
+        assert_eq!(cap.admit("c"), OTHER);
+        assert_eq!(cap.admit("a"), "a");
+    }
+}

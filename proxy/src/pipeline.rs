@@ -1,0 +1,676 @@
+//! The request path, in the order a request lives it:
+//!
+//! request id → framing checks → route → attribution → body (bounded) → classify → decision →
+//! cost cap → rate limits → budget reservation → forward → meter the response → settle →
+//! ledger, metrics.
+//!
+//! Each step either passes the request on or answers with a [`Denial`] in the provider's error
+//! shape. Everything after "forward" happens in [`Settler`], the observer of the response body,
+//! so that a stream is metered as it passes and settled however it ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use tollgate_core::budget::{BudgetError, Reservation, Scope};
+use tollgate_core::inspect::{self, RequestInfo};
+use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::money::Money;
+use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::usage::{Usage, UsageSource};
+
+use crate::app::Shared;
+use crate::body::{MeteredBody, Observer, StreamEnd};
+use crate::config::{Route, UpstreamKind};
+use crate::deny::{self, Class, Denial, Shape};
+use crate::ledger::Record;
+use crate::limits::Limited as RateLimited;
+use crate::server::Handler;
+use crate::upstream::{Body, BoxError};
+
+/// Output tokens assumed for the worst case when a request sets no `max_tokens`.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+/// How long a reservation is held before the budget gets it back by itself.
+const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
+
+/// The proxy's request handler.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Proxy { shared }
+    }
+}
+
+impl Handler for Proxy {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let shared = &self.shared;
+        shared.metrics.in_flight.inc();
+        let request_id = request_id(req.headers());
+        let started = Instant::now();
+        let route = shared.config.route(host_of(&req), req.uri().path()).cloned();
+        let shape = match route.as_ref().map(|r| r.kind) {
+            Some(UpstreamKind::Anthropic) => Shape::Anthropic,
+            _ => Shape::OpenAi,
+        };
+        let response = match handle(shared, req, route, &request_id, started).await {
+            Ok(response) => response,
+            Err(denial) => {
+                shared
+                    .metrics
+                    .requests
+                    .with_label_values(&[denial.class.decision(), &denial.code, "-"])
+                    .inc();
+                tracing::info!(
+                    request_id = %request_id,
+                    status = denial.class.status().as_u16(),
+                    reason = %denial.code,
+                    "refused"
+                );
+                denial.into_response(shape, &request_id)
+            }
+        };
+        shared.metrics.in_flight.dec();
+        response
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    route: Option<Route>,
+    request_id: &str,
+    started: Instant,
+) -> Result<Response<Body>, Denial> {
+    check_framing(req.headers())?;
+    let Some(route) = route else {
+        return Err(Denial::new(
+            Class::NoRoute,
+            "no_route",
+            format!("no route for {} {}", host_of(&req).unwrap_or("-"), req.uri().path()),
+        ));
+    };
+    let (parts, body) = req.into_parts();
+
+    // Attribution: every bad header is named at once.
+    let engine = &shared.engine;
+    let identity = engine
+        .attribution()
+        .check(|name| parts.headers.get(name).map(HeaderValue::as_bytes))
+        .map_err(|e| Denial::new(Class::Attribution, "attribution_rejected", e.to_string()))?;
+
+    // The body, bounded: answers 413 beyond the limit without reading further.
+    let max_body = shared.config.limits.max_body_bytes;
+    if content_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
+        return Err(too_large(max_body));
+    }
+    let body = Limited::new(body, max_body)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                too_large(max_body)
+            } else {
+                Denial::new(
+                    Class::BadRequest,
+                    "body_read_failed",
+                    "the request body could not be read",
+                )
+            }
+        })?
+        .to_bytes();
+
+    // Classify.
+    let api = route.kind.is_llm().then(|| Api::from_path(parts.uri.path())).flatten();
+    let json = is_json(&parts.headers) || api.is_some() || route.kind == UpstreamKind::Mcp;
+    let info = if json && !body.is_empty() {
+        inspect::inspect(api, &body)
+            .map_err(|e| Denial::new(Class::BadRequest, "malformed_body", e.to_string()))?
+    } else {
+        RequestInfo::default()
+    };
+    let tool = match route.kind {
+        UpstreamKind::Mcp => info.tool_calls().next().map(|t| t.name.as_str()),
+        UpstreamKind::Tool => Some(route.tool.as_deref().unwrap_or(route.name.as_str())),
+        _ => None,
+    };
+    let kind = if route.kind.is_llm() {
+        RouteKind::Llm
+    } else if tool.is_some() {
+        RouteKind::Tool
+    } else {
+        RouteKind::Other
+    };
+
+    // Decide, under the policy loaded once for this request.
+    let decision_started = Instant::now();
+    let policy = shared.policy.load_full();
+    let host = host_of_parts(&parts);
+    let facts = Facts {
+        provider: Some(route.kind.provider()),
+        model: info.model.as_deref(),
+        tool,
+        category: route.category.as_deref(),
+        host,
+        method: Some(parts.method.as_str()),
+        path: Some(parts.uri.path()),
+        ..Facts::from_identity(&identity, kind)
+    };
+    let decision = policy.evaluate(&facts);
+    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
+    match decision.effect {
+        Effect::Allow => {}
+        Effect::Deny => {
+            return Err(with_decision(Denial::new(
+                Class::Policy,
+                decision.reason,
+                explanation(decision.explanation, "denied by policy"),
+            )))
+        }
+        Effect::RequireApproval => {
+            let mut denial = with_decision(Denial::new(
+                Class::ApprovalRequired,
+                decision.reason,
+                explanation(decision.explanation, "this action requires a human approval"),
+            ));
+            denial.approval_id = Some(format!("apr_{request_id}"));
+            return Err(denial);
+        }
+    }
+
+    // Worst-case cost: every input token at the input rate, max output at the output rate.
+    let input_estimate = info.input_estimate_tokens;
+    let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+    let (worst_case, model) = if route.kind.is_llm() {
+        let model = info.model.clone();
+        let priced = engine
+            .rates()
+            .worst_case(model.as_deref().unwrap_or(""), input_estimate, max_output)
+            .map_err(|e| {
+                with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
+            })?;
+        (priced.cost.total, model)
+    } else {
+        let cost = tool
+            .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
+            .map(|c| c.total)
+            .unwrap_or(Money::ZERO);
+        (cost, None)
+    };
+    if let Some(cap) = decision.limits.max_cost_per_request {
+        if worst_case > cap {
+            return Err(with_decision(Denial::new(
+                Class::Policy,
+                "cost_limit_exceeded",
+                format!(
+                    "the request may cost up to ${worst_case}, over the ${cap} per-request limit \
+                     (lower max_tokens or ask for a higher limit)"
+                ),
+            )));
+        }
+    }
+
+    // Rate limits, per agent under the clause that decided.
+    let limit_key = format!("{}\u{0}{}", decision.clause, identity.agent.unwrap_or("-"));
+    let tokens = input_estimate + if route.kind.is_llm() { max_output } else { 0 };
+    if let Err(limited) =
+        shared.rate_limits.check(&limit_key, decision.limits.rpm, decision.limits.tpm, tokens)
+    {
+        let (what, limit, retry) = match limited {
+            RateLimited::Requests { limit, retry_after } => ("requests", limit, retry_after),
+            RateLimited::Tokens { limit, retry_after } => ("tokens", limit, retry_after),
+        };
+        let mut denial = with_decision(Denial::new(
+            Class::RateLimited,
+            if what == "requests" { "rate_limited_requests" } else { "rate_limited_tokens" },
+            format!("more than {limit} {what} per minute; retry in {} s", retry.as_secs().max(1)),
+        ));
+        denial.retry_after_secs = Some(retry.as_secs().max(1));
+        return Err(denial);
+    }
+
+    // Budgets: reserve the worst case against every budget that applies, all or nothing.
+    let now = now();
+    let values = |scope: Scope| match scope {
+        Scope::Agent => identity.agent,
+        Scope::Project => identity.project,
+        Scope::CostCenter => identity.cost_center,
+        Scope::BusinessUnit => identity.business_unit,
+        Scope::Global => None,
+    };
+    let specs: Vec<_> = decision.budgets.iter().cloned().collect();
+    let reservation = if specs.is_empty() {
+        None
+    } else {
+        match shared.budgets.reserve(&specs, values, worst_case, request_id, now, RESERVATION_TTL_MS) {
+            Ok(r) => {
+                for b in r.budgets() {
+                    shared.saw(b.scope, &b.key);
+                }
+                Some(r)
+            }
+            Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
+                return Err(with_decision(Denial::new(
+                    Class::BudgetExhausted,
+                    "budget_exceeded",
+                    format!(
+                        "budget `{budget_id}` ({period}) would be exceeded: ${spent_and_reserved} of \
+                         ${limit} spent or reserved, this request may cost up to ${worst_case}"
+                    ),
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "budget store");
+                return Err(Denial::new(
+                    Class::Unavailable,
+                    "budget_store_unavailable",
+                    "budgets cannot be checked right now",
+                ));
+            }
+        }
+    };
+    let decided = decision_started.elapsed();
+    shared.metrics.decision_seconds.with_label_values(&["allow"]).observe(decided.as_secs_f64());
+
+    // Forward. OpenAI streams are asked for usage when the client did not ask itself; the
+    // extra chunk is removed on the way back.
+    let streaming = info.stream;
+    let mut upstream_body = body;
+    let mut strip_usage = false;
+    if streaming
+        && !info.include_usage
+        && matches!(api, Some(Api::ChatCompletions | Api::Completions))
+    {
+        if let Some(rewritten) = inspect::with_include_usage(&upstream_body) {
+            upstream_body = Bytes::from(rewritten);
+            strip_usage = true;
+        }
+    }
+    let record = RecordBase {
+        request_id: request_id.to_string(),
+        agent: identity.agent.unwrap_or_default().to_string(),
+        cost_center: identity.cost_center.unwrap_or_default().to_string(),
+        project: identity.project.unwrap_or_default().to_string(),
+        business_unit: identity.business_unit.map(str::to_string),
+        route: route.name.clone(),
+        provider: route.kind.provider(),
+        model,
+        tool: tool.map(str::to_string),
+        reason: decision.reason.to_string(),
+        clause: decision.clause.to_string(),
+        policy_version: decision.policy_version.to_string(),
+    };
+    drop(policy);
+    let upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
+    let sent = Instant::now();
+    let result = tokio::time::timeout(
+        shared.config.upstream.response_timeout,
+        shared.client.request(upstream_req),
+    )
+    .await;
+    let mut settler = Settler {
+        shared: shared.clone(),
+        base: record,
+        reservation,
+        meter: api.map(|api| Meter::new(api, streaming)),
+        filter: strip_usage.then(UsageChunkFilter::new),
+        out: Vec::new(),
+        input_estimate,
+        status: 0,
+        started,
+        route_is_llm: route.kind.is_llm(),
+        tool_cost: (!route.kind.is_llm()).then_some(worst_case),
+    };
+    let response = match result {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            tracing::warn!(request_id, upstream = %route.upstream, error = %e, "upstream request failed");
+            settler.status = 502;
+            settler.on_end(StreamEnd::UpstreamError);
+            return Err(Denial::new(
+                Class::UpstreamUnavailable,
+                "upstream_unavailable",
+                "the upstream could not be reached",
+            )
+            .with_decision(&settler.base.clause, &settler.base.policy_version));
+        }
+        Err(_) => {
+            settler.status = 504;
+            settler.on_end(StreamEnd::UpstreamError);
+            return Err(Denial::new(
+                Class::UpstreamTimeout,
+                "upstream_timeout",
+                format!(
+                    "the upstream sent no response within {:?}",
+                    shared.config.upstream.response_timeout
+                ),
+            )
+            .with_decision(&settler.base.clause, &settler.base.policy_version));
+        }
+    };
+    shared
+        .metrics
+        .upstream_seconds
+        .with_label_values(&[&route.name])
+        .observe(sent.elapsed().as_secs_f64());
+
+    let (mut parts, body) = response.into_parts();
+    settler.status = parts.status.as_u16();
+    strip_hop_by_hop(&mut parts.headers);
+    let h = &mut parts.headers;
+    deny::put(h, "x-request-id", request_id);
+    deny::put(h, "x-tollgate-decision", "allow");
+    deny::put(h, "x-tollgate-reason", &settler.base.reason);
+    deny::put(h, "x-tollgate-clause", &settler.base.clause);
+    deny::put(h, "x-tollgate-policy-version", &settler.base.policy_version);
+    if strip_usage {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    let idle = shared.config.upstream.stream_idle_timeout;
+    let body = MeteredBody::new(body, settler, idle).map_err(BoxError::from).boxed();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The part of a ledger record known before the response.
+struct RecordBase {
+    request_id: String,
+    agent: String,
+    cost_center: String,
+    project: String,
+    business_unit: Option<String>,
+    route: String,
+    provider: &'static str,
+    model: Option<String>,
+    tool: Option<String>,
+    reason: String,
+    clause: String,
+    policy_version: String,
+}
+
+/// Meters the response as it passes and settles the request when it ends.
+struct Settler {
+    shared: Arc<Shared>,
+    base: RecordBase,
+    reservation: Option<Reservation>,
+    meter: Option<Meter>,
+    filter: Option<UsageChunkFilter>,
+    out: Vec<u8>,
+    input_estimate: u64,
+    status: u16,
+    started: Instant,
+    route_is_llm: bool,
+    tool_cost: Option<Money>,
+}
+
+impl Observer for Settler {
+    fn on_data(&mut self, chunk: &Bytes) -> Option<Bytes> {
+        if let Some(meter) = &mut self.meter {
+            meter.feed(chunk);
+        }
+        let filter = self.filter.as_mut()?;
+        self.out.clear();
+        filter.filter(chunk, &mut self.out);
+        Some(Bytes::copy_from_slice(&self.out))
+    }
+
+    fn rewrites(&self) -> bool {
+        self.filter.is_some()
+    }
+
+    fn on_end(&mut self, end: StreamEnd) {
+        let shared = &self.shared;
+        let ok = (200..300).contains(&self.status);
+        let (usage, source, reported_model) = match self.meter.take() {
+            Some(meter) if ok || end != StreamEnd::Complete => {
+                let metered = meter.finish(self.input_estimate);
+                (metered.usage, metered.source, metered.model)
+            }
+            // The upstream refused the request: providers do not charge for that.
+            _ => (Usage::default(), UsageSource::None, None),
+        };
+        let model = reported_model.or_else(|| self.base.model.clone());
+        let cost = if self.route_is_llm {
+            match &model {
+                Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
+                    Ok(priced) => priced.cost.total,
+                    Err(e) => {
+                        tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
+                        Money::ZERO
+                    }
+                },
+                _ => Money::ZERO,
+            }
+        } else if ok {
+            self.tool_cost.unwrap_or(Money::ZERO)
+        } else {
+            Money::ZERO
+        };
+        let now = now();
+        if let Some(reservation) = self.reservation.take() {
+            match shared.budgets.settle(reservation, cost, now) {
+                Ok(settlement) => {
+                    for w in &settlement.warnings {
+                        let threshold = (w.threshold_bp / 100).to_string();
+                        shared
+                            .metrics
+                            .budget_warnings
+                            .with_label_values(&[&w.budget_id, &threshold])
+                            .inc();
+                        tracing::warn!(
+                            budget = %w.budget_id,
+                            key = %w.key,
+                            threshold_percent = w.threshold_bp / 100,
+                            spent = %w.spent,
+                            limit = %w.limit,
+                            "budget threshold crossed"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "settling a budget reservation"),
+            }
+        }
+        let m = &shared.metrics;
+        let model_label = m.models.admit(model.as_deref().unwrap_or("-"));
+        let agent = m.agents.admit(&self.base.agent);
+        let project = m.projects.admit(&self.base.project);
+        let cc = m.cost_centers.admit(&self.base.cost_center);
+        for (kind, n) in [
+            ("input", usage.input),
+            ("cached_input", usage.cached_input),
+            ("cache_write", usage.cache_write),
+            ("output", usage.output),
+            ("reasoning", usage.reasoning),
+        ] {
+            if n > 0 {
+                m.tokens.with_label_values(&[model_label, kind, agent, project, cc]).inc_by(n);
+            }
+        }
+        if cost.nanos() > 0 {
+            m.cost_nano_usd
+                .with_label_values(&[model_label, agent, project, cc])
+                .inc_by(cost.nanos() as u64);
+        }
+        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route]).inc();
+        let record = Record {
+            ts: UnixMillis(now.0).to_string(),
+            request_id: self.base.request_id.clone(),
+            agent: self.base.agent.clone(),
+            cost_center: self.base.cost_center.clone(),
+            project: self.base.project.clone(),
+            business_unit: self.base.business_unit.clone(),
+            route: self.base.route.clone(),
+            provider: self.base.provider.to_string(),
+            model,
+            tool: self.base.tool.clone(),
+            tokens: usage,
+            cost_usd: cost,
+            cost_nano_usd: cost.nanos(),
+            decision: "allow",
+            reason: self.base.reason.clone(),
+            status: self.status,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            usage_source: source.as_str(),
+            end: end.as_str(),
+        };
+        shared.ledger.append(&record);
+    }
+}
+
+/// The request to the upstream: its URL, the headers minus hop-by-hop ones, attribution
+/// headers only when configured, and `Host` set to the upstream.
+fn upstream_request(
+    route: &Route,
+    parts: http::request::Parts,
+    body: Bytes,
+    engine: &tollgate_core::engine::Engine,
+    body_rewritten: bool,
+) -> Result<Request<Body>, Denial> {
+    let base = &route.upstream;
+    let base_path = base.path().trim_end_matches('/');
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri = Uri::builder()
+        .scheme(base.scheme_str().unwrap_or("https"))
+        .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
+        .path_and_query(format!("{base_path}{path_and_query}"))
+        .build()
+        .map_err(|_| Denial::new(Class::BadRequest, "bad_path", "the request path is not valid"))?;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove("x-tollgate-approval");
+    if !route.forward_attribution {
+        for name in engine.attribution().header_names() {
+            headers.remove(name);
+        }
+    }
+    if body_rewritten {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    if let Some(authority) = base.authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let mut req = Request::new(deny::full(body));
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Refuses ambiguous message framing (request smuggling): both `Content-Length` and
+/// `Transfer-Encoding`, or several `Content-Length` headers.
+fn check_framing(headers: &HeaderMap) -> Result<(), Denial> {
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let has_te = headers.contains_key(header::TRANSFER_ENCODING);
+    if lengths > 1 || (lengths == 1 && has_te) {
+        return Err(Denial::new(
+            Class::BadRequest,
+            "ambiguous_framing",
+            "the request has both Content-Length and Transfer-Encoding, or several Content-Length headers",
+        ));
+    }
+    Ok(())
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones that
+/// `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn too_large(max: usize) -> Denial {
+    Denial::new(
+        Class::TooLarge,
+        "body_too_large",
+        format!("the request body is larger than {max} bytes"),
+    )
+}
+
+fn explanation(text: &str, fallback: &str) -> String {
+    if text.is_empty() {
+        fallback.to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().host().or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+fn host_of_parts(parts: &http::request::Parts) -> Option<&str> {
+    let host = parts.uri.host().or_else(|| parts.headers.get(header::HOST)?.to_str().ok())?;
+    Some(host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    }))
+}
+
+/// The caller's `x-request-id` if it is short and printable, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.to_string();
+        }
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let boot = *BOOT.get_or_init(|| now().0);
+    format!("tg-{boot:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Wall-clock time for the core, which never reads a clock itself.
+pub fn now() -> UnixMillis {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    UnixMillis(since.as_millis() as u64)
+}

@@ -1,0 +1,110 @@
+//! Accepting connections: one hyper-util auto (HTTP/1.1 + HTTP/2) connection per socket, with
+//! limits against abuse and graceful shutdown.
+//!
+//! `serve` takes an already bound listener and a shutdown future (mini-redis style) so that tests
+//! bind `127.0.0.1:0` and stop the server when they want. On shutdown it stops accepting, lets
+//! in-flight requests finish for up to `drain`, then drops the rest.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::upstream::Body;
+
+/// Connection-level limits.
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// Largest request head (request line + headers) in bytes; larger → 431 from hyper.
+    pub max_head_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Time allowed to receive a complete request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run after shutdown begins.
+    pub drain: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_head_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Something that answers requests; implemented by the proxy and the admin API.
+pub trait Handler: Clone + Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_head_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.drain) => {
+            tracing::warn!(drain = ?limits.drain, "in-flight requests did not finish in time");
+        }
+    }
+}

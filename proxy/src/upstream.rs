@@ -1,0 +1,88 @@
+//! The upstream client: pooled HTTP/1.1 and HTTP/2 connections over rustls.
+//!
+//! One client is shared by every route. TLS trusts the webpki roots plus an optional extra CA
+//! file (a corporate CA, or the test suite's own). Timeouts: connect (here), response head and
+//! stream idle (in the pipeline and the metered body), because hyper's pool has no per-request
+//! deadlines of its own.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// Boxed error of any body the proxy sends or receives.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Settings for the shared upstream client.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// PEM file with extra CA certificates to trust besides the webpki roots.
+    pub extra_ca_file: Option<std::path::PathBuf>,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+            extra_ca_file: None,
+        }
+    }
+}
+
+/// Builds the client. Fails (at startup) if the extra CA file cannot be read or holds no
+/// certificate.
+pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.extra_ca_file {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading upstream.extra_ca_file {}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.with_context(|| format!("parsing PEM in {}", path.display()))?;
+            roots.add(cert).with_context(|| format!("adding a CA from {}", path.display()))?;
+            added += 1;
+        }
+        anyhow::ensure!(added > 0, "upstream.extra_ca_file {} has no certificate", path.display());
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https))
+}
