@@ -135,7 +135,9 @@ pub fn policy_yaml() -> String {
                 "match: {{agent: {a}, model: \"claude-*\", route: llm}}, effect: allow, \
                  limits: {{max_cost_per_request: \"0.25\"}}"
             ),
-            2 => format!("match: {{agent: {a}, route: other, host: api.partner{i}.com}}, effect: allow"),
+            2 => format!(
+                "match: {{agent: {a}, route: other, host: api.partner{i}.com}}, effect: allow"
+            ),
             _ => format!("match: {{agent: {a}, tool: {tool}, category: delete}}, effect: deny"),
         });
         i += 1;
@@ -225,9 +227,8 @@ pub fn decide<'s>(
     snapshot: &'s Snapshot,
     r: &'s Request,
 ) -> Option<Decision<'s>> {
-    let identity = attribution
-        .check_pairs(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .ok()?;
+    let identity =
+        attribution.check_pairs(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))).ok()?;
     let facts = Facts {
         provider: r.provider,
         model: r.model,
