@@ -113,7 +113,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn matches(&self, facts: &Facts<'_>) -> bool {
+    pub(crate) fn matches(&self, facts: &Facts<'_>) -> bool {
         let Some(value) = self.dim.of(facts) else { return false };
         let fold = self.dim.folds_case();
         self.any_of.iter().any(|p| p.matches(value, fold))
