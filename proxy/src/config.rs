@@ -163,6 +163,34 @@ impl Config {
         Config::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
+    /// Pins attribution headers to this sidecar's identity from `TOLLGATE_PIN_<HEADER>`
+    /// variables (`TOLLGATE_PIN_X_AGENT_ID=security-agent`, e.g. from the Downward API).
+    /// Returns the pinned header names.
+    pub fn pin_from_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Vec<String>> {
+        let names: Vec<String> =
+            self.engine.attribution().header_names().map(str::to_string).collect();
+        let mut pinned = Vec::new();
+        for (key, value) in vars {
+            let Some(suffix) = key.strip_prefix("TOLLGATE_PIN_") else { continue };
+            let header = suffix.to_ascii_lowercase().replace('_', "-");
+            if !names.contains(&header) {
+                anyhow::bail!(
+                    "{key}: `{header}` is not an attribution header ({})",
+                    names.join(", ")
+                );
+            }
+            self.engine
+                .attribution_mut()
+                .pin(&header, &value)
+                .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+            pinned.push(header);
+        }
+        Ok(pinned)
+    }
+
     /// The route for a request, by host (if the route names one) and longest path prefix.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(|h| h.split(':').next().unwrap_or(h));
@@ -407,5 +435,73 @@ fn policy_source(cx: &mut Cx, field: &Field<'_>) -> Option<PolicySource> {
             cx.error(&path, node, "policy_source needs exactly one of `file` or `url`");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_loads() {
+        let config = Config::from_str(DEFAULT_YAML).expect("default config");
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        let openai = config.route(None, "/v1/chat/completions").expect("openai route");
+        assert_eq!(openai.kind, UpstreamKind::OpenAi);
+        assert_eq!(openai.upstream.to_string(), "https://api.openai.com/");
+        let anthropic = config.route(None, "/v1/messages").expect("anthropic route");
+        assert_eq!(anthropic.kind, UpstreamKind::Anthropic);
+        assert!(config.route(None, "/other").is_none());
+        assert!(config.engine.rates().resolve("claude-sonnet-4-5").is_some());
+    }
+
+    #[test]
+    fn routes_prefer_host_then_longest_prefix() {
+        let text = "version: 1\nroutes:\n\
+            - {name: a, path_prefix: /v1/, kind: openai, upstream: \"http://a\"}\n\
+            - {name: b, path_prefix: /v1/messages, kind: anthropic, upstream: \"http://b\"}\n\
+            - {name: c, host: llm.internal, path_prefix: /v1/, kind: openai_compatible, upstream: \"http://c\"}\n\
+            policy: {version: v1}\n";
+        let config = Config::from_str(text).expect("valid");
+        let name = |host, path| config.route(host, path).map(|r| r.name.as_str());
+        assert_eq!(name(None, "/v1/chat/completions"), Some("a"));
+        assert_eq!(name(None, "/v1/messages"), Some("b"));
+        assert_eq!(name(Some("llm.internal:8080"), "/v1/messages"), Some("c"));
+    }
+
+    #[test]
+    fn every_error_names_its_field_and_line() {
+        let text = "version: 1\nlisten: nope\nroutes:\n  - {kind: openia, upstream: \"ftp://x\"}\n\
+                    upstream: {connect_timeout: 5}\npolicy_source: {}\npolicy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("listen", 2),
+                ("routes[0].kind", 4),
+                ("routes[0].upstream", 4),
+                ("upstream.connect_timeout", 5),
+                ("policy_source", 6),
+            ]
+        );
+    }
+
+    #[test]
+    fn identity_is_pinned_from_the_environment() {
+        let mut config = Config::from_str(DEFAULT_YAML).expect("default config");
+        let pinned = config
+            .pin_from_env([("TOLLGATE_PIN_X_AGENT_ID".to_string(), "security-agent".to_string())])
+            .expect("pin");
+        assert_eq!(pinned, ["x-agent-id"]);
+        let err = config
+            .pin_from_env([("TOLLGATE_PIN_X_NOPE".to_string(), "a".to_string())])
+            .expect_err("unknown header");
+        assert!(err.to_string().contains("x-nope"), "{err}");
+        let err = config
+            .pin_from_env([("TOLLGATE_PIN_X_COST_CENTER".to_string(), "cc-1".to_string())])
+            .expect_err("invalid value");
+        assert!(err.to_string().contains("TOLLGATE_PIN_X_COST_CENTER"), "{err}");
     }
 }

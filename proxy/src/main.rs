@@ -49,13 +49,23 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, listen, admin_listen, data_dir, log_json } => {
             tollgate::logging::init(log_json);
-            let config = match load(config.as_deref()) {
+            let mut config = match load(config.as_deref()) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
+            match config.pin_from_env(std::env::vars()) {
+                Ok(pinned) if !pinned.is_empty() => {
+                    tracing::info!(headers = ?pinned, "attribution pinned from the environment");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    return ExitCode::from(2);
+                }
+            }
             let overrides = tollgate::app::Overrides { listen, admin_listen, data_dir };
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
