@@ -205,9 +205,9 @@ impl<S: Store> Budgets<S> {
     /// If a budget refuses, the budgets already reserved are given back and
     /// [`BudgetError::Exceeded`] names the refusing one. When nothing applies, the reservation
     /// is empty and nothing is stored.
-    pub fn reserve<'v>(
+    pub fn reserve<'s, 'v>(
         &self,
-        specs: &[BudgetSpec],
+        specs: impl IntoIterator<Item = &'s BudgetSpec>,
         values: impl Fn(Scope) -> Option<&'v str>,
         amount: Money,
         request_id: &str,
@@ -340,9 +340,9 @@ impl<S: Store> Budgets<S> {
     /// or replaying a ledger), idempotent by request id like [`Budgets::settle`]. Never refuses:
     /// the money was already spent. Budgets apply as in [`Budgets::reserve`], in the window of
     /// `now`.
-    pub fn charge<'v>(
+    pub fn charge<'s, 'v>(
         &self,
-        specs: &[BudgetSpec],
+        specs: impl IntoIterator<Item = &'s BudgetSpec>,
         values: impl Fn(Scope) -> Option<&'v str>,
         actual: Money,
         request_id: &str,
