@@ -1,0 +1,448 @@
+//! Monthly invoices from the usage ledger: line items per group (cost center, project or agent)
+//! by model and token kind, tool calls, allocated shared costs, subtotals, budget and remaining.
+//!
+//! Every amount is exact integer nano-USD. A line item is the sum of the per-record, per-bucket
+//! costs the proxy charged (never a re-pricing of summed tokens), so the line items add up to the
+//! totals to the last unit, and the totals to the ledger. Shared costs (e.g. the proxy fleet) are
+//! split by request count with the largest-remainder method, so the shares add up to the shared
+//! cost exactly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use tollgate_core::money::Money;
+
+/// What to group invoices by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    CostCenter,
+    Project,
+    Agent,
+}
+
+impl GroupBy {
+    pub fn parse(text: &str) -> Option<GroupBy> {
+        Some(match text {
+            "cost_center" => GroupBy::CostCenter,
+            "project" => GroupBy::Project,
+            "agent" => GroupBy::Agent,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::CostCenter => "cost_center",
+            GroupBy::Project => "project",
+            GroupBy::Agent => "agent",
+        }
+    }
+}
+
+/// A shared cost to allocate over the period's requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedCost {
+    pub name: String,
+    pub amount: Money,
+}
+
+/// The per-bucket costs of one ledger record.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CostBuckets {
+    pub input: Money,
+    pub cached_input: Money,
+    pub cache_write: Money,
+    pub output: Money,
+    pub reasoning: Money,
+    pub per_call: Money,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Tokens {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+    pub reasoning: u64,
+}
+
+/// The fields of a ledger record an invoice needs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    pub ts: String,
+    pub agent: String,
+    pub cost_center: String,
+    pub project: String,
+    pub model: Option<String>,
+    pub tool: Option<String>,
+    pub tokens: Tokens,
+    pub cost: Option<CostBuckets>,
+    pub cost_nano_usd: i64,
+}
+
+/// One line of an invoice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Line {
+    /// `llm`, `tool` or `shared`.
+    pub category: &'static str,
+    /// Model, tool or shared-cost name.
+    pub item: String,
+    /// Token kind for `llm` lines (`input`, `cached_input`, `cache_write`, `output`,
+    /// `reasoning`, `per_call`); empty otherwise.
+    pub kind: &'static str,
+    pub quantity: u64,
+    /// `tokens`, `calls` or `requests`.
+    pub unit: &'static str,
+    pub amount: Money,
+}
+
+/// The invoice of one group.
+#[derive(Clone, Debug, Serialize)]
+pub struct Invoice {
+    pub group: String,
+    pub requests: u64,
+    pub lines: Vec<Line>,
+    pub subtotal_llm: Money,
+    pub subtotal_tools: Money,
+    pub subtotal_shared: Money,
+    pub total: Money,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Money>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<Money>,
+}
+
+/// Every group's invoice for a period.
+#[derive(Clone, Debug, Serialize)]
+pub struct Invoices {
+    pub period: String,
+    pub group_by: &'static str,
+    pub currency: &'static str,
+    pub invoices: Vec<Invoice>,
+    pub total: Money,
+}
+
+#[derive(Default)]
+struct Acc {
+    requests: u64,
+    // (category, item, kind) → (quantity, amount)
+    lines: BTreeMap<(u8, String, &'static str), (u64, Money)>,
+}
+
+/// Builds the invoices of `period` (`YYYY-MM`, or `YYYY-MM-DD` for a day) from ledger records.
+/// `budget_of` gives a group's budget for the period, if it has one.
+pub fn build<'a>(
+    records: impl IntoIterator<Item = Usage>,
+    period: &str,
+    group_by: GroupBy,
+    shared: &[SharedCost],
+    budget_of: impl Fn(&str) -> Option<Money> + 'a,
+) -> Invoices {
+    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    for r in records {
+        if !r.ts.starts_with(period) {
+            continue;
+        }
+        let group = match group_by {
+            GroupBy::CostCenter => r.cost_center.clone(),
+            GroupBy::Project => r.project.clone(),
+            GroupBy::Agent => r.agent.clone(),
+        };
+        let acc = groups.entry(group).or_default();
+        acc.requests += 1;
+        let mut add = |category: u8, item: &str, kind: &'static str, qty: u64, amount: Money| {
+            if qty == 0 && amount.is_zero() {
+                return;
+            }
+            let e = acc.lines.entry((category, item.to_string(), kind)).or_insert((0, Money::ZERO));
+            e.0 += qty;
+            e.1 += amount;
+        };
+        match (&r.tool, &r.model, r.cost) {
+            (Some(tool), _, _) => add(1, tool, "", 1, Money::from_nanos(r.cost_nano_usd)),
+            (None, model, Some(c)) => {
+                let model = model.as_deref().unwrap_or("unknown");
+                let t = r.tokens;
+                add(0, model, "input", t.input, c.input);
+                add(0, model, "cached_input", t.cached_input, c.cached_input);
+                add(0, model, "cache_write", t.cache_write, c.cache_write);
+                add(0, model, "output", t.output, c.output);
+                add(0, model, "reasoning", t.reasoning, c.reasoning);
+                add(0, model, "per_call", u64::from(!c.per_call.is_zero()), c.per_call);
+            }
+            // A record without its buckets (older ledgers): one line for the whole request.
+            (None, model, None) => add(
+                0,
+                model.as_deref().unwrap_or("unknown"),
+                "total",
+                1,
+                Money::from_nanos(r.cost_nano_usd),
+            ),
+        }
+    }
+
+    // Shared costs, apportioned by request count with the largest remainder.
+    let counts: Vec<(String, u64)> = groups.iter().map(|(g, a)| (g.clone(), a.requests)).collect();
+    for cost in shared {
+        for (group, share) in apportion(cost.amount, &counts) {
+            if let Some(acc) = groups.get_mut(&group) {
+                let requests = acc.requests;
+                acc.lines.insert((2, cost.name.clone(), ""), (requests, share));
+            }
+        }
+    }
+
+    let mut invoices = Vec::with_capacity(groups.len());
+    let mut grand = Money::ZERO;
+    for (group, acc) in groups {
+        let mut inv = Invoice {
+            budget: budget_of(&group),
+            group,
+            requests: acc.requests,
+            lines: Vec::with_capacity(acc.lines.len()),
+            subtotal_llm: Money::ZERO,
+            subtotal_tools: Money::ZERO,
+            subtotal_shared: Money::ZERO,
+            total: Money::ZERO,
+            remaining: None,
+        };
+        for ((category, item, kind), (quantity, amount)) in acc.lines {
+            let (category, unit) = match category {
+                0 => {
+                    inv.subtotal_llm += amount;
+                    (
+                        "llm",
+                        if kind == "per_call" || kind == "total" { "requests" } else { "tokens" },
+                    )
+                }
+                1 => {
+                    inv.subtotal_tools += amount;
+                    ("tool", "calls")
+                }
+                _ => {
+                    inv.subtotal_shared += amount;
+                    ("shared", "requests")
+                }
+            };
+            inv.lines.push(Line { category, item, kind, quantity, unit, amount });
+        }
+        inv.total = inv.subtotal_llm + inv.subtotal_tools + inv.subtotal_shared;
+        inv.remaining = inv.budget.map(|b| b - inv.total);
+        grand += inv.total;
+        invoices.push(inv);
+    }
+    Invoices {
+        period: period.to_string(),
+        group_by: group_by.as_str(),
+        currency: "USD",
+        invoices,
+        total: grand,
+    }
+}
+
+/// Splits `amount` over groups in proportion to their counts, exactly: floor shares first, then
+/// one nano-USD each to the largest remainders (ties by group order).
+pub fn apportion(amount: Money, counts: &[(String, u64)]) -> Vec<(String, Money)> {
+    let total: u128 = counts.iter().map(|(_, c)| u128::from(*c)).sum();
+    if total == 0 || amount.nanos() <= 0 {
+        return counts.iter().map(|(g, _)| (g.clone(), Money::ZERO)).collect();
+    }
+    let a = amount.nanos() as u128;
+    let mut shares: Vec<(usize, u128, u128)> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, (_, c))| {
+            let exact = a * u128::from(*c);
+            (i, exact / total, exact % total)
+        })
+        .collect();
+    let given: u128 = shares.iter().map(|s| s.1).sum();
+    let mut left = a - given;
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|&x, &y| shares[y].2.cmp(&shares[x].2).then(x.cmp(&y)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        shares[i].1 += 1;
+        left -= 1;
+    }
+    shares
+        .into_iter()
+        .map(|(i, share, _)| (counts[i].0.clone(), Money::from_nanos(share as i64)))
+        .collect()
+}
+
+/// The invoices as CSV: one row per line item, then a `total` row per group.
+pub fn to_csv(invoices: &Invoices) -> String {
+    let mut out =
+        String::from("period,group_by,group,category,item,kind,quantity,unit,amount_usd\n");
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    for inv in &invoices.invoices {
+        for l in &inv.lines {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{}\n",
+                invoices.period,
+                invoices.group_by,
+                field(&inv.group),
+                l.category,
+                field(&l.item),
+                l.kind,
+                l.quantity,
+                l.unit,
+                l.amount
+            ));
+        }
+        out.push_str(&format!(
+            "{},{},{},total,,,{},requests,{}\n",
+            invoices.period,
+            invoices.group_by,
+            field(&inv.group),
+            inv.requests,
+            inv.total
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(i: u64) -> Usage {
+        let n = |k: u64| Money::from_nanos(((i * 7919 + k * 104_729) % 1_000_003) as i64);
+        let cost = CostBuckets {
+            input: n(1),
+            cached_input: n(2),
+            cache_write: if i % 5 == 0 { n(3) } else { Money::ZERO },
+            output: n(4),
+            reasoning: if i % 3 == 0 { n(5) } else { Money::ZERO },
+            per_call: Money::ZERO,
+        };
+        let tool = (i % 11 == 0).then(|| format!("tool-{}", i % 4));
+        let total = if tool.is_some() {
+            Money::from_nanos(10_000_000)
+        } else {
+            cost.input + cost.cached_input + cost.cache_write + cost.output + cost.reasoning
+        };
+        Usage {
+            ts: format!("2026-11-{:02}T10:00:00.000Z", 1 + i % 28),
+            agent: format!("agent-{}", i % 37),
+            cost_center: format!("CC-{:04}", 1000 + i % 13),
+            project: format!("PROJ-{:06}", i % 17),
+            model: Some(["gpt-4o", "claude-sonnet-4-5", "o3"][(i % 3) as usize].into()),
+            tool,
+            tokens: Tokens {
+                input: i % 1000,
+                cached_input: i % 500,
+                cache_write: 1,
+                output: i % 300,
+                reasoning: i % 3,
+            },
+            cost: Some(cost),
+            cost_nano_usd: total.nanos(),
+        }
+    }
+
+    #[test]
+    fn line_items_add_up_to_the_totals_exactly_over_100000_records() {
+        let records: Vec<Usage> = (0..100_000).map(usage).collect();
+        let ledger_total: Money = records.iter().map(|r| Money::from_nanos(r.cost_nano_usd)).sum();
+        let shared = [
+            SharedCost {
+                name: "proxy fleet".into(),
+                amount: Money::parse("1234.567890123").unwrap(),
+            },
+            SharedCost { name: "observability".into(), amount: Money::parse("99.99").unwrap() },
+        ];
+        for group_by in [GroupBy::CostCenter, GroupBy::Project, GroupBy::Agent] {
+            let inv = build(records.iter().cloned(), "2026-11", group_by, &shared, |_| None);
+            let mut lines_sum = Money::ZERO;
+            let mut shared_sum = Money::ZERO;
+            let mut requests = 0;
+            for i in &inv.invoices {
+                let sum: Money = i.lines.iter().map(|l| l.amount).sum();
+                assert_eq!(sum, i.total, "{}: lines add up to the total", i.group);
+                assert_eq!(i.subtotal_llm + i.subtotal_tools + i.subtotal_shared, i.total);
+                lines_sum += sum;
+                shared_sum += i.subtotal_shared;
+                requests += i.requests;
+            }
+            assert_eq!(requests, 100_000);
+            assert_eq!(lines_sum, inv.total);
+            assert_eq!(
+                shared_sum,
+                shared[0].amount + shared[1].amount,
+                "shared costs fully allocated"
+            );
+            assert_eq!(
+                inv.total,
+                ledger_total + shared_sum,
+                "invoices equal the ledger plus shared costs"
+            );
+        }
+    }
+
+    #[test]
+    fn shares_follow_request_counts_and_sum_exactly() {
+        let counts = vec![("a".to_string(), 1), ("b".to_string(), 1), ("c".to_string(), 1)];
+        let shares = apportion(Money::from_nanos(100), &counts);
+        let got: Vec<i64> = shares.iter().map(|(_, m)| m.nanos()).collect();
+        assert_eq!(got, vec![34, 33, 33]);
+        let counts = vec![("a".to_string(), 3), ("b".to_string(), 1)];
+        let shares = apportion(Money::from_usd(12), &counts);
+        assert_eq!(shares[0].1, Money::from_usd(9));
+        assert_eq!(shares[1].1, Money::from_usd(3));
+        assert!(apportion(Money::from_usd(1), &[("a".into(), 0)]).iter().all(|(_, m)| m.is_zero()));
+    }
+
+    #[test]
+    fn an_invoice_shows_budget_remaining_and_csv_rows() {
+        let records = vec![
+            Usage {
+                ts: "2026-11-03T00:00:00Z".into(),
+                cost_center: "CC-1234".into(),
+                model: Some("gpt-4o".into()),
+                tokens: Tokens { input: 1000, output: 200, ..Tokens::default() },
+                cost: Some(CostBuckets {
+                    input: Money::parse("0.0025").unwrap(),
+                    output: Money::parse("0.002").unwrap(),
+                    ..CostBuckets::default()
+                }),
+                cost_nano_usd: 4_500_000,
+                ..Usage::default()
+            },
+            Usage {
+                ts: "2026-10-31T23:59:59Z".into(),
+                cost_center: "CC-1234".into(),
+                cost_nano_usd: 1,
+                ..Usage::default()
+            },
+        ];
+        let inv = build(records, "2026-11", GroupBy::CostCenter, &[], |g| {
+            (g == "CC-1234").then(|| Money::from_usd(5000))
+        });
+        assert_eq!(inv.invoices.len(), 1);
+        let i = &inv.invoices[0];
+        assert_eq!(i.total, Money::parse("0.0045").unwrap());
+        assert_eq!(i.remaining, Some(Money::parse("4999.9955").unwrap()));
+        let csv = to_csv(&inv);
+        assert_eq!(
+            csv,
+            "period,group_by,group,category,item,kind,quantity,unit,amount_usd\n\
+             2026-11,cost_center,CC-1234,llm,gpt-4o,input,1000,tokens,0.0025\n\
+             2026-11,cost_center,CC-1234,llm,gpt-4o,output,200,tokens,0.002\n\
+             2026-11,cost_center,CC-1234,total,,,1,requests,0.0045\n"
+        );
+    }
+}
