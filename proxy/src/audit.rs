@@ -107,7 +107,12 @@ impl Chain {
                 path.display()
             ),
         };
-        let file = std::fs::OpenOptions::new().create(true).read(true).write(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
         let len = file.metadata()?.len();
         let truncated_bytes = len.saturating_sub(valid_len);
         if truncated_bytes > 0 {
