@@ -6,5 +6,6 @@
 //! formats, so a bug in the proxy's understanding of those formats cannot hide behind shared
 //! code. The [`harness`] is the one place that knows the proxy: it starts it next to the mock.
 
+pub mod exposition;
 pub mod harness;
 pub mod mock;
