@@ -103,11 +103,13 @@ async fn handle(
     };
     let (parts, body) = req.into_parts();
 
-    // Attribution: every bad header is named at once.
+    // Attribution: every bad header is named at once. Checked over every header line, not
+    // `get` (the first value only), so that a header sent twice is refused instead of billing
+    // whichever value came first.
     let engine = &shared.engine;
     let identity = engine
         .attribution()
-        .check(|name| parts.headers.get(name).map(HeaderValue::as_bytes))
+        .check_pairs(parts.headers.iter())
         .map_err(|e| Denial::new(Class::Attribution, "attribution_rejected", e.to_string()))?;
 
     // The body, bounded: answers 413 beyond the limit without reading further.

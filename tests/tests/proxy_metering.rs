@@ -151,3 +151,18 @@ async fn upstream_error_status_is_passed_through_and_not_charged() {
     assert_eq!(ledger[0]["cost_nano_usd"], 0);
     assert_eq!(ledger[0]["usage_source"], "none");
 }
+
+#[tokio::test]
+async fn attribution_header_sent_twice_is_refused() {
+    // Two agent ids on one request: billing either one would be a guess, so neither is.
+    let h = Harness::start(ALLOW_ALL).await;
+    let mut headers = tags("first-agent");
+    headers.push(("x-agent-id".to_string(), "second-agent".to_string()));
+    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "attribution_rejected");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("x-agent-id is sent more than once"), "{message}");
+    assert_eq!(h.mock.request_count(), 0);
+}
