@@ -150,10 +150,10 @@ async fn body_over_the_limit_is_refused_with_413() {
     // Chunked, without a Content-Length: refused once the limit is passed while reading.
     let mut stream = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
     let payload = big.to_string();
-    let mut request = format!(
+    let mut request = String::from(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
          transfer-encoding: chunked\r\nconnection: close\r\n\
-         x-agent-id: big\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n\r\n"
+         x-agent-id: big\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n\r\n",
     );
     for chunk in payload.as_bytes().chunks(500) {
         request.push_str(&format!("{:x}\r\n{}\r\n", chunk.len(), String::from_utf8_lossy(chunk)));

@@ -221,7 +221,10 @@ async fn raw_request(
 
 #[tokio::test]
 async fn client_disconnect_mid_stream_is_still_charged_as_estimated() {
-    let h = Harness::start(ALLOW_ALL).await;
+    let policy = "version: gone-1\n\
+                  budgets:\n\
+                  \x20 - {id: agent-daily, scope: agent, period: daily, amount: \"5.00\"}\n";
+    let h = Harness::start(policy).await;
     let headers = with(tags("quitter"), &[(header::EVENTS, "40"), (header::EVENT_DELAY_MS, "25")]);
     let mut stream =
         raw_request(&h, "/v1/chat/completions", &headers, &stream_chat(None).to_string()).await;
@@ -250,6 +253,13 @@ async fn client_disconnect_mid_stream_is_still_charged_as_estimated() {
     assert!(r["cost_nano_usd"].as_i64().unwrap() > 0, "{r}");
     // The stream was cut well before its 40 words.
     assert!(r["tokens"]["output"].as_u64().unwrap() < 40, "{r}");
+
+    // The budget was settled at the charged cost: nothing stays reserved.
+    let budgets = h.admin_get("/admin/budgets", true).await.json();
+    let b = &budgets["budgets"][0];
+    assert_eq!(b["key"], "quitter");
+    assert_eq!(b["reserved"], "0.00", "{budgets}");
+    assert_eq!(b["spent"], r["cost_usd"], "{budgets}");
 }
 
 #[tokio::test]
