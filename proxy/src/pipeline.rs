@@ -103,11 +103,13 @@ async fn handle(
     };
     let (parts, body) = req.into_parts();
 
-    // Attribution: every bad header is named at once.
+    // Attribution: every bad header is named at once. Checked over every header line, not
+    // `get` (the first value only), so that a header sent twice is refused instead of billing
+    // whichever value came first.
     let engine = &shared.engine;
     let identity = engine
         .attribution()
-        .check(|name| parts.headers.get(name).map(HeaderValue::as_bytes))
+        .check_pairs(parts.headers.iter())
         .map_err(|e| Denial::new(Class::Attribution, "attribution_rejected", e.to_string()))?;
 
     // The body, bounded: answers 413 beyond the limit without reading further.
@@ -571,6 +573,12 @@ fn upstream_request(
 
 /// Refuses ambiguous message framing (request smuggling): both `Content-Length` and
 /// `Transfer-Encoding`, or several `Content-Length` headers.
+///
+/// Defence in depth only: hyper's HTTP/1 parser already answers 400 to differing
+/// `Content-Length`s, folds equal ones into one, and for `Content-Length` with chunked
+/// `Transfer-Encoding` drops the length, decodes the chunks and closes the connection after the
+/// response (RFC 9112 §6.3), so such requests reach this check already normalised (the
+/// end-to-end tests in `tests/tests/proxy_framing.rs` pin that behaviour).
 fn check_framing(headers: &HeaderMap) -> Result<(), Denial> {
     let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
     let has_te = headers.contains_key(header::TRANSFER_ENCODING);

@@ -1,0 +1,129 @@
+//! Request framing at the socket: ambiguous message lengths (the request-smuggling shapes) are
+//! refused before anything is forwarded, and an oversized request head answers 431.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate_e2e::harness::{Harness, ALLOW_ALL};
+
+const TAGS: &str = "x-agent-id: raw\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n";
+const BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Writes `request` on a new connection and reads until the proxy closes it (at most 5 s).
+/// Returns what came back (empty if the connection was closed without an answer).
+async fn exchange(h: &Harness, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
+    // The proxy may answer and close before reading everything; a failed write is fine then.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {
+                panic!("connection still open after 5 s: {}", String::from_utf8_lossy(&answer))
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status_of(answer: &str) -> Option<u16> {
+    answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// How many HTTP responses a raw answer holds.
+fn responses_in(answer: &str) -> usize {
+    answer.matches("HTTP/1.1 ").count()
+}
+
+#[tokio::test]
+async fn content_length_with_chunked_is_decoded_as_chunked_and_nothing_is_smuggled() {
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; an intermediary that forwards
+    // such a message must drop the Content-Length and close the connection afterwards. hyper
+    // does exactly that before the pipeline sees the request, so the `content-length: 5` can
+    // neither truncate the body nor let the bytes after it pass as a second request.
+    let h = Harness::start(ALLOW_ALL).await;
+    let chunk = format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    let smuggled = format!(
+        "POST /v1/smuggled HTTP/1.1\r\nhost: x\r\n{TAGS}content-type: application/json\r\n\
+         content-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{TAGS}\
+         content-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+         {chunk}{smuggled}"
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+    assert_eq!(responses_in(&answer), 1, "the connection must close after one answer: {answer}");
+    let seen = h.mock.requests();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].body.as_ref(), BODY.as_bytes());
+    assert_eq!(seen[0].header("transfer-encoding"), None);
+    let length = BODY.len().to_string();
+    assert_eq!(seen[0].header("content-length"), Some(length.as_str()));
+}
+
+#[tokio::test]
+async fn two_different_content_lengths_are_refused() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{TAGS}\
+         content-type: application/json\r\ncontent-length: {}\r\ncontent-length: 5\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(400), "{answer}");
+    assert_eq!(h.mock.request_count(), 0);
+}
+
+#[tokio::test]
+async fn repeated_equal_content_lengths_count_as_one() {
+    // RFC 9110 §8.6 lets a recipient treat `N, N` as one `N`: the length is not ambiguous.
+    let h = Harness::start(ALLOW_ALL).await;
+    let n = BODY.len();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{TAGS}\
+         content-type: application/json\r\ncontent-length: {n}\r\ncontent-length: {n}\r\n\r\n{BODY}"
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+    let seen = h.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers.get_all("content-length").iter().count(), 1);
+    assert_eq!(seen[0].body.as_ref(), BODY.as_bytes());
+}
+
+#[tokio::test]
+async fn well_framed_raw_request_is_forwarded() {
+    // The control for the refusals above: the same request with one Content-Length passes.
+    let h = Harness::start(ALLOW_ALL).await;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{TAGS}\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+    assert_eq!(h.mock.request_count(), 1);
+    assert_eq!(h.mock.requests()[0].body.as_ref(), BODY.as_bytes());
+}
+
+#[tokio::test]
+async fn request_head_over_the_limit_answers_431() {
+    let h = Harness::builder().extra("limits: {max_head_bytes: 8192}").start().await;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{TAGS}x-padding: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+        "a".repeat(20_000),
+        BODY.len()
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(431), "{answer}");
+    assert_eq!(h.mock.request_count(), 0);
+}

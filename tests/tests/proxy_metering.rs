@@ -1,0 +1,168 @@
+//! Attribution and metering through real sockets: untagged requests are refused in the
+//! provider's error shape before reaching the upstream; tagged ones are forwarded without the
+//! attribution headers and metered into the ledger with exact tokens and cost.
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+use tollgate_e2e::harness::{tags, Harness, ALLOW_ALL};
+use tollgate_e2e::mock::header;
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 50})
+}
+
+fn with(mut headers: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    headers
+}
+
+#[tokio::test]
+async fn untagged_openai_request_is_refused_in_openai_shape_naming_every_bad_header() {
+    let h = Harness::start(ALLOW_ALL).await;
+
+    let reply = h.post("/v1/chat/completions", &[], &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("x-tollgate-decision"), Some("deny"));
+    assert_eq!(reply.header("x-tollgate-reason"), Some("attribution_rejected"));
+    assert_eq!(
+        reply.json(),
+        json!({"error": {
+            "message": "attribution rejected: \
+                        x-agent-id is missing (expected ^[a-z0-9-]+$); \
+                        x-cost-center is missing (expected ^CC-[0-9]{4}$); \
+                        x-project-id is missing (expected ^PROJ-[A-Z0-9]{6}$)",
+            "type": "permission_error",
+            "param": null,
+            "code": "attribution_rejected",
+        }})
+    );
+
+    // One invalid value, one missing header, one good one: exactly the two bad ones are named.
+    let headers = vec![
+        ("x-agent-id".to_string(), "billing-bot".to_string()),
+        ("x-cost-center".to_string(), "cc-12".to_string()),
+    ];
+    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let body = reply.json();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert_eq!(
+        message,
+        "attribution rejected: x-cost-center is invalid (got `cc-12`, expected ^CC-[0-9]{4}$); \
+         x-project-id is missing (expected ^PROJ-[A-Z0-9]{6}$)"
+    );
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert_eq!(h.mock.request_count(), 0, "a refused request never reaches the upstream");
+    assert!(h.ledger().await.is_empty(), "refusals are not usage");
+}
+
+#[tokio::test]
+async fn untagged_anthropic_request_is_refused_in_anthropic_shape() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let headers = vec![("x-agent-id".to_string(), "Bad Agent".to_string())];
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let reply = h.post("/v1/messages", &headers, &body).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        reply.json(),
+        json!({"type": "error", "error": {
+            "type": "permission_error",
+            "message": "attribution rejected: x-agent-id is invalid (got `Bad Agent`, expected \
+                        ^[a-z0-9-]+$); x-cost-center is missing (expected ^CC-[0-9]{4}$); \
+                        x-project-id is missing (expected ^PROJ-[A-Z0-9]{6}$)",
+            "code": "attribution_rejected",
+        }})
+    );
+    assert_eq!(h.mock.request_count(), 0);
+}
+
+#[tokio::test]
+async fn tagged_chat_completion_is_metered_exactly_and_attribution_is_not_forwarded() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let headers = with(
+        tags("billing-bot"),
+        &[
+            (header::INPUT_TOKENS, "1000"),
+            (header::CACHED_TOKENS, "400"),
+            (header::OUTPUT_TOKENS, "300"),
+            (header::REASONING_TOKENS, "100"),
+            ("x-request-id", "req-metered-1"),
+        ],
+    );
+    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["choices"][0]["message"]["content"], "Hello from the mock upstream");
+    assert_eq!(reply.header("x-tollgate-decision"), Some("allow"));
+    assert_eq!(reply.header("x-tollgate-reason"), Some("default_allow"));
+    assert_eq!(reply.header("x-tollgate-clause"), Some("defaults.llm"));
+    assert_eq!(reply.header("x-tollgate-policy-version"), Some("v1"));
+    assert_eq!(reply.header("x-request-id"), Some("req-metered-1"));
+
+    // What the upstream saw: no attribution, its own Host, the body untouched.
+    let seen = h.mock.requests();
+    assert_eq!(seen.len(), 1);
+    let upstream = &seen[0];
+    assert_eq!(upstream.path, "/v1/chat/completions");
+    for name in ["x-agent-id", "x-cost-center", "x-project-id"] {
+        assert_eq!(upstream.header(name), None, "{name} leaked to the upstream");
+    }
+    assert_eq!(upstream.header("host"), Some(h.mock.addr().to_string().as_str()));
+    assert_eq!(upstream.json(), Some(chat("gpt-4o")));
+
+    // OpenAI counts overlap: prompt 1000 includes 400 cached; completion 300 includes 100
+    // reasoning. gpt-4o: $2.50 input, $1.25 cached, $10.00 output (and reasoning) per million.
+    let expected_nanos: i64 = 600 * 2_500 + 400 * 1_250 + 200 * 10_000 + 100 * 10_000;
+    assert_eq!(expected_nanos, 5_000_000);
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger.len(), 1);
+    let r = &ledger[0];
+    assert_eq!(r["request_id"], "req-metered-1");
+    assert_eq!(
+        (r["agent"].as_str(), r["cost_center"].as_str(), r["project"].as_str()),
+        (Some("billing-bot"), Some("CC-1234"), Some("PROJ-ABC123"))
+    );
+    assert_eq!(r["route"], "openai");
+    assert_eq!(r["provider"], "openai");
+    assert_eq!(r["model"], "gpt-4o");
+    assert_eq!(
+        r["tokens"],
+        json!({"input": 600, "cached_input": 400, "cache_write": 0, "output": 200, "reasoning": 100})
+    );
+    assert_eq!(r["cost_nano_usd"], expected_nanos);
+    assert_eq!(r["cost_usd"], "0.005");
+    assert_eq!(r["usage_source"], "reported");
+    assert_eq!(r["decision"], "allow");
+    assert_eq!(r["reason"], "default_allow");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["end"], "complete");
+}
+
+#[tokio::test]
+async fn upstream_error_status_is_passed_through_and_not_charged() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let headers = with(tags("bot"), &[(header::STATUS, "429")]);
+    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger[0]["status"], 429);
+    assert_eq!(ledger[0]["cost_nano_usd"], 0);
+    assert_eq!(ledger[0]["usage_source"], "none");
+}
+
+#[tokio::test]
+async fn attribution_header_sent_twice_is_refused() {
+    // Two agent ids on one request: billing either one would be a guess, so neither is.
+    let h = Harness::start(ALLOW_ALL).await;
+    let mut headers = tags("first-agent");
+    headers.push(("x-agent-id".to_string(), "second-agent".to_string()));
+    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "attribution_rejected");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("x-agent-id is sent more than once"), "{message}");
+    assert_eq!(h.mock.request_count(), 0);
+}
