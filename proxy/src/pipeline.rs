@@ -251,11 +251,17 @@ async fn handle(
         Scope::BusinessUnit => identity.business_unit,
         Scope::Global => None,
     };
-    let specs: Vec<_> = decision.budgets.iter().cloned().collect();
-    let reservation = if specs.is_empty() {
+    let reservation = if decision.budgets.is_empty() {
         None
     } else {
-        match shared.budgets.reserve(&specs, values, worst_case, request_id, now, RESERVATION_TTL_MS) {
+        match shared.budgets.reserve(
+            decision.budgets.iter(),
+            values,
+            worst_case,
+            request_id,
+            now,
+            RESERVATION_TTL_MS,
+        ) {
             Ok(r) => {
                 for b in r.budgets() {
                     shared.saw(b.scope, &b.key);
@@ -434,11 +440,12 @@ impl Observer for Settler {
         let shared = &self.shared;
         let ok = (200..300).contains(&self.status);
         let (usage, source, reported_model) = match self.meter.take() {
-            Some(meter) if ok || end != StreamEnd::Complete => {
+            Some(meter) if ok => {
                 let metered = meter.finish(self.input_estimate);
                 (metered.usage, metered.source, metered.model)
             }
-            // The upstream refused the request: providers do not charge for that.
+            // No answer (502/504 of our own) or the upstream refused the request: providers do
+            // not charge for either.
             _ => (Usage::default(), UsageSource::None, None),
         };
         let model = reported_model.or_else(|| self.base.model.clone());

@@ -91,6 +91,8 @@ pub struct Builder {
     policy: String,
     extra: String,
     token: bool,
+    upstream: Option<String>,
+    timeouts: Option<String>,
 }
 
 impl Builder {
@@ -106,6 +108,18 @@ impl Builder {
         if !self.extra.ends_with('\n') {
             self.extra.push('\n');
         }
+        self
+    }
+
+    /// Routes to `url` instead of the mock (e.g. a closed port).
+    pub fn upstream(mut self, url: &str) -> Self {
+        self.upstream = Some(url.to_string());
+        self
+    }
+
+    /// The `upstream:` timeouts as a YAML flow mapping.
+    pub fn timeouts(mut self, yaml: &str) -> Self {
+        self.timeouts = Some(yaml.to_string());
         self
     }
 
@@ -126,7 +140,14 @@ impl Builder {
             // A variable name per harness: tests running in parallel never share one.
             std::env::set_var(&token_env, &token);
         }
-        let yaml = config_yaml(&mock.base_url(), &data_dir, &token_env, &self.policy, &self.extra);
+        let upstream = self.upstream.clone().unwrap_or_else(|| mock.base_url());
+        let mut yaml = config_yaml(&upstream, &data_dir, &token_env, &self.policy, &self.extra);
+        if let Some(timeouts) = &self.timeouts {
+            yaml = yaml.replace(
+                "upstream: {connect_timeout: 2s, response_timeout: 10s, stream_idle_timeout: 10s}",
+                &format!("upstream: {timeouts}"),
+            );
+        }
         let config = tollgate::config::Config::from_str(&yaml)
             .unwrap_or_else(|e| panic!("harness config does not load: {e}\n{yaml}"));
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy listener");
@@ -197,7 +218,13 @@ pub struct Harness {
 impl Harness {
     /// A builder with [`ALLOW_ALL`] as the policy.
     pub fn builder() -> Builder {
-        Builder { policy: ALLOW_ALL.to_string(), extra: String::new(), token: true }
+        Builder {
+            policy: ALLOW_ALL.to_string(),
+            extra: String::new(),
+            token: true,
+            upstream: None,
+            timeouts: None,
+        }
     }
 
     /// Mock + proxy with the given policy.

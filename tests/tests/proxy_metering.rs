@@ -166,3 +166,41 @@ async fn attribution_header_sent_twice_is_refused() {
     assert!(message.contains("x-agent-id is sent more than once"), "{message}");
     assert_eq!(h.mock.request_count(), 0);
 }
+
+#[tokio::test]
+async fn unreachable_upstream_answers_502_and_charges_nothing() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let policy = "version: v1\ndefaults: {llm: allow}\n\
+                  budgets: [{id: day, scope: agent, period: daily, amount: \"1.00\"}]\n";
+    let h = Harness::builder().policy(policy).upstream(&format!("http://{closed}")).start().await;
+    let reply = h.post("/v1/chat/completions", &tags("lost"), &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    assert_eq!(reply.header("x-tollgate-clause"), Some("defaults.llm"));
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger[0]["status"], 502);
+    assert_eq!(ledger[0]["cost_nano_usd"], 0);
+    assert_eq!(ledger[0]["usage_source"], "none");
+    let budgets = h.admin_get("/admin/budgets", true).await.json();
+    assert_eq!(budgets["budgets"][0]["spent"], "0.00", "{budgets}");
+    assert_eq!(
+        budgets["budgets"][0]["reserved"], "0.00",
+        "the reservation was released: {budgets}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_without_a_response_head_in_time_answers_504_and_charges_nothing() {
+    let h = Harness::builder()
+        .timeouts("{connect_timeout: 1s, response_timeout: 200ms, stream_idle_timeout: 5s}")
+        .start()
+        .await;
+    let slow = with(tags("patient"), &[(header::DELAY_MS, "2000")]);
+    let reply = h.post("/v1/chat/completions", &slow, &chat("gpt-4o")).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger[0]["status"], 504);
+    assert_eq!(ledger[0]["cost_nano_usd"], 0);
+}
