@@ -7,6 +7,7 @@
 //! - `POST /admin/policy/reload`    re-read the policy source now
 //! - `GET  /admin/budgets`          every budget's state for the current period
 //! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
+//! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv`
 //!
 //! A failing handler answers 500 with a fixed body and logs the cause; internals never leak.
 
@@ -116,6 +117,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 }
                 (Method::GET, "/admin/budgets") => budgets(shared),
                 (Method::GET, "/admin/usage") => usage(shared, &query).await,
+                (Method::GET, "/admin/invoice") => invoice(shared, &query).await,
                 _ => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
             }
         }
@@ -209,16 +211,9 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             &json!({"error": "period must be YYYY-MM or YYYY-MM-DD; group_by one of agent, project, cost_center"}),
         ));
     }
-    shared.ledger.flush().await;
-    let text = match tokio::fs::read_to_string(shared.ledger.path()).await {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::error!(error = %e, "reading the ledger for usage totals");
-            return Err(Failure {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: "internal error",
-            });
-        }
+    let records = match read_ledger(shared).await {
+        Ok(records) => records,
+        Err(failure) => return Err(failure),
     };
     #[derive(Default, serde::Serialize)]
     struct Totals {
@@ -231,9 +226,8 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         cost_usd: Money,
     }
     let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if !v["ts"].as_str().is_some_and(|ts| ts.starts_with(&period)) {
+    for v in records {
+        if v["type"] != "usage" || !v["ts"].as_str().is_some_and(|ts| ts.starts_with(&period)) {
             continue;
         }
         let key = v[group_by.as_str()].as_str().unwrap_or("").to_string();
@@ -251,6 +245,61 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         StatusCode::OK,
         &json!({ "period": period, "group_by": group_by, "groups": groups }),
     ))
+}
+
+/// Every ledger record, after flushing what is queued (read off the async threads).
+async fn read_ledger(shared: &Shared) -> Result<Vec<serde_json::Value>, Failure> {
+    shared.ledger.flush().await;
+    let dir = shared.config.data_dir.clone();
+    match tokio::task::spawn_blocking(move || crate::ledger::read_all(&dir)).await {
+        Ok(Ok(records)) => Ok(records),
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "reading the ledger");
+            Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading the ledger");
+            Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })
+        }
+    }
+}
+
+/// `GET /admin/invoice?period=2026-11&group_by=cost_center&format=csv|json`.
+async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
+    let mut period = now().to_string()[..7].to_string();
+    let mut group_by = "cost_center".to_string();
+    let mut format = "json".to_string();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "period" => period = v.to_string(),
+            "group_by" => group_by = v.to_string(),
+            "format" => format = v.to_string(),
+            _ => {}
+        }
+    }
+    let Some(group) = crate::invoice::GroupBy::parse(&group_by) else {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "group_by must be one of cost_center, project, agent"}),
+        ));
+    };
+    if !matches!(format.as_str(), "csv" | "json") || !crate::invoice::valid_period(&period) {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "period must be YYYY-MM or YYYY-MM-DD; format csv or json"}),
+        ));
+    }
+    let records = read_ledger(shared).await?;
+    let policy = shared.policy.load_full();
+    let invoices =
+        crate::invoice::from_ledger(&records, &period, group, &shared.config.shared_costs, &policy);
+    if format == "csv" {
+        let mut r = Response::new(full(Bytes::from(crate::invoice::to_csv(&invoices))));
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+        return Ok(r);
+    }
+    Ok(json_response(StatusCode::OK, &serde_json::to_value(&invoices).unwrap_or_default()))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

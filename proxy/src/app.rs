@@ -19,7 +19,7 @@ use tollgate_core::engine::Engine;
 use tollgate_core::policy::Snapshot;
 
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{self, Ledger};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 use crate::server::{self, ConnLimits};
@@ -125,6 +125,24 @@ pub async fn start(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
+    start_with(config, proxy, admin, shutdown, Hooks::default()).await
+}
+
+/// Test hooks: failures injected below the proxy's own code.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    /// While set, every ledger write and sync fails like a full disk.
+    pub ledger_fault: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// [`start`] with [`Hooks`].
+pub async fn start_with(
+    config: Config,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hooks: Hooks,
+) -> anyhow::Result<Running> {
     let client = upstream::client(&ClientSettings {
         connect_timeout: config.upstream.connect_timeout,
         extra_ca_file: config.upstream.extra_ca_file.clone(),
@@ -132,9 +150,28 @@ pub async fn start(
     })?;
     let metrics = Metrics::new(config.max_label_values);
     let ledger_errors = metrics.ledger_errors.clone();
-    let ledger = Ledger::open(&config.data_dir.join("ledger.jsonl"), move || ledger_errors.inc())
-        .await
+    let settings = ledger::Settings {
+        data_dir: config.data_dir.clone(),
+        fsync_interval: config.ledger_fsync_interval,
+        segment_bytes: config.ledger_segment_bytes,
+        fault: hooks.ledger_fault.clone(),
+    };
+    let now = crate::pipeline::now();
+    let (ledger, recovered) = Ledger::open(settings, move || ledger_errors.inc(), now.0)
         .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
+    if recovered.truncated_bytes > 0 {
+        tracing::warn!(bytes = recovered.truncated_bytes, "repaired a torn tail left by a crash");
+    }
+    let budgets = Budgets::new(MemoryStore::new());
+    let rebuilt = rebuild_budgets(&budgets, config.engine.policy(), &recovered.records, now);
+    tracing::info!(
+        segments = recovered.segments,
+        replayed = recovered.records.len(),
+        settled = rebuilt.settled,
+        reopened = rebuilt.reopened,
+        audit_records = recovered.audit_records,
+        "ledger opened"
+    );
     let admin_token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
     if admin_token.is_none() {
         tracing::warn!(
@@ -151,7 +188,7 @@ pub async fn start(
         client,
         metrics,
         ledger,
-        budgets: Budgets::new(MemoryStore::new()),
+        budgets,
         rate_limits: RateLimits::default(),
         admin_token,
         started: std::time::Instant::now(),
@@ -222,4 +259,100 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
+}
+
+/// What [`rebuild_budgets`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub settled: usize,
+    pub reopened: usize,
+}
+
+/// Replays the ledger's recent records into fresh budgets: every settled request is charged in
+/// the window it was reserved in; reservations that were open when the process stopped (their
+/// requests died with it, but may have cost money upstream) are held again until they expire.
+/// Budgets are looked up by id in the current policy; ids it no longer has are skipped.
+pub fn rebuild_budgets(
+    budgets: &Budgets<MemoryStore>,
+    policy: &tollgate_core::policy::Snapshot,
+    records: &[serde_json::Value],
+    now: tollgate_core::time::UnixMillis,
+) -> Rebuilt {
+    use tollgate_core::money::Money;
+    use tollgate_core::time::UnixMillis;
+    let specs = |r: &serde_json::Value| -> Vec<tollgate_core::budget::BudgetSpec> {
+        let ids: Vec<&str> = r["budgets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        policy.all_budgets().filter(|b| ids.contains(&b.id.as_str())).cloned().collect()
+    };
+    let text = |r: &serde_json::Value, k: &str| r[k].as_str().map(str::to_string);
+    let mut open: std::collections::HashMap<String, &serde_json::Value> = Default::default();
+    let mut rebuilt = Rebuilt::default();
+    for r in records {
+        let id = r["request_id"].as_str().unwrap_or_default().to_string();
+        match r["type"].as_str() {
+            Some("reserve") => {
+                open.insert(id, r);
+            }
+            Some("usage") => {
+                open.remove(&id);
+                let specs = specs(r);
+                if specs.is_empty() {
+                    continue;
+                }
+                let (agent, project, cc, bu) = (
+                    text(r, "agent"),
+                    text(r, "project"),
+                    text(r, "cost_center"),
+                    text(r, "business_unit"),
+                );
+                let values = |scope: Scope| match scope {
+                    Scope::Agent => agent.as_deref(),
+                    Scope::Project => project.as_deref(),
+                    Scope::CostCenter => cc.as_deref(),
+                    Scope::BusinessUnit => bu.as_deref(),
+                    Scope::Global => None,
+                };
+                let cost = Money::from_nanos(r["cost_nano_usd"].as_i64().unwrap_or(0));
+                let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
+                if budgets.charge(specs.iter(), values, cost, &id, at).is_ok() {
+                    rebuilt.settled += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    for (id, r) in open {
+        let expires = r["expires_at_ms"].as_u64().unwrap_or(0);
+        if expires <= now.0 {
+            continue;
+        }
+        let specs = specs(r);
+        let (agent, project, cc, bu) = (
+            text(r, "agent"),
+            text(r, "project"),
+            text(r, "cost_center"),
+            text(r, "business_unit"),
+        );
+        let values = |scope: Scope| match scope {
+            Scope::Agent => agent.as_deref(),
+            Scope::Project => project.as_deref(),
+            Scope::CostCenter => cc.as_deref(),
+            Scope::BusinessUnit => bu.as_deref(),
+            Scope::Global => None,
+        };
+        let amount = r["amount"].as_str().and_then(|a| Money::parse(a).ok()).unwrap_or(Money::ZERO);
+        let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
+        // Held again, in the window it was made in, until its original expiry.
+        if let Ok(reservation) =
+            budgets.reserve(specs.iter(), values, amount, &id, at, expires - at.0)
+        {
+            // The hold stays in the store until `expire` gives it back.
+            drop(reservation);
+            rebuilt.reopened += 1;
+        }
+    }
+    rebuilt
 }

@@ -76,6 +76,8 @@ fn hex(bytes: &[u8]) -> String {
 pub struct Chain {
     file: std::fs::File,
     path: PathBuf,
+    /// Length of the file up to the last complete write.
+    good_len: u64,
     next_seq: u64,
     prev: String,
 }
@@ -122,8 +124,13 @@ impl Chain {
         let mut file = file;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::End(0))?;
-        let chain =
-            Chain { file, path: path.to_path_buf(), next_seq: records + 1, prev: last_hash };
+        let chain = Chain {
+            file,
+            path: path.to_path_buf(),
+            good_len: valid_len,
+            next_seq: records + 1,
+            prev: last_hash,
+        };
         Ok((chain, Opened { records, truncated_bytes }))
     }
 
@@ -143,9 +150,19 @@ impl Chain {
     /// Writes a batch of serialised records; `sync` also flushes them to stable storage.
     pub fn write(&mut self, batch: &[u8], sync: bool) -> std::io::Result<()> {
         self.file.write_all(batch)?;
+        self.good_len += batch.len() as u64;
         if sync {
             self.file.sync_data()?;
         }
+        Ok(())
+    }
+
+    /// Cuts off whatever a failed [`Chain::write`] left behind, so that the same batch can be
+    /// written again.
+    pub fn rewind(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.file.set_len(self.good_len)?;
+        self.file.seek(std::io::SeekFrom::End(0))?;
         Ok(())
     }
 

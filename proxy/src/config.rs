@@ -114,7 +114,22 @@ pub struct Config {
     pub max_label_values: usize,
     /// Policy source to watch, if the policy is not inline.
     pub policy_source: Option<PolicySource>,
+    /// Longest wait of a written ledger record for fsync (0: every batch is synced at once).
+    pub ledger_fsync_interval: Duration,
+    pub ledger_segment_bytes: u64,
+    /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
+    pub shared_costs: Vec<crate::invoice::SharedCost>,
+    /// Where ledger records are shipped (at least once), if anywhere.
+    pub export: Option<Export>,
     pub engine: Engine,
+}
+
+/// Shipping ledger records to a collector.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub url: http::Uri,
+    pub batch: usize,
+    pub interval: Duration,
 }
 
 /// Where policy updates come from.
@@ -135,6 +150,8 @@ const TOP: &[&str] = &[
     "shutdown_drain",
     "metrics",
     "policy_source",
+    "ledger",
+    "chargeback",
     "attribution",
     "policy",
     "pricing",
@@ -245,6 +262,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         None => 1000,
     };
     let policy_source = obj.get("policy_source").and_then(|f| policy_source(cx, &f));
+    let (ledger_fsync_interval, ledger_segment_bytes) = ledger(cx, obj.get("ledger"));
+    let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -265,6 +284,10 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         shutdown_drain,
         max_label_values,
         policy_source,
+        ledger_fsync_interval,
+        ledger_segment_bytes,
+        shared_costs,
+        export,
         engine: engine?,
     })
 }
@@ -405,6 +428,71 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
     }
     o.finish(cx, &["max_head_bytes", "max_headers", "max_body_bytes", "header_read_timeout"]);
     limits
+}
+
+fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> (Duration, u64) {
+    let mut out = (Duration::from_millis(5), 64 * 1024 * 1024);
+    let Some(field) = field else { return out };
+    let Some(mut o) = cx.object(&field) else { return out };
+    if let Some(ms) = o.get("fsync_interval").and_then(|f| f.duration_ms(cx)) {
+        out.0 = Duration::from_millis(ms);
+    }
+    if let Some(f) = o.get("segment_bytes") {
+        match f.u64(cx) {
+            Some(n) if n >= 4096 => out.1 = n,
+            Some(_) => f.error(cx, "segment_bytes must be at least 4096"),
+            None => {}
+        }
+    }
+    o.finish(cx, &["fsync_interval", "segment_bytes"]);
+    out
+}
+
+fn chargeback(
+    cx: &mut Cx,
+    field: Option<Field<'_>>,
+) -> (Vec<crate::invoice::SharedCost>, Option<Export>) {
+    let Some(field) = field else { return (Vec::new(), None) };
+    let Some(mut o) = cx.object(&field) else { return (Vec::new(), None) };
+    let mut shared = Vec::new();
+    for item in o.get("shared_costs").map(|f| f.items(cx)).unwrap_or_default() {
+        let Some(mut c) = cx.object(&item) else { continue };
+        let name = c.require(cx, "name").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        let amount = c.require(cx, "monthly").and_then(|f| f.money(cx));
+        c.finish(cx, &["name", "monthly"]);
+        if let (Some(name), Some(amount)) = (name, amount) {
+            shared.push(crate::invoice::SharedCost { name, amount });
+        }
+    }
+    let export = o.get("export").and_then(|f| {
+        let mut e = cx.object(&f)?;
+        let url = e.require(cx, "url").and_then(|f| {
+            let text = f.str(cx)?;
+            match text.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    f.error(cx, format!("expected an http:// or https:// URL, found `{text}`"));
+                    None
+                }
+            }
+        });
+        let batch =
+            e.get("batch").and_then(|f| f.u64(cx)).unwrap_or(500).clamp(1, 100_000) as usize;
+        let interval = e
+            .get("interval")
+            .and_then(|f| f.duration_ms(cx))
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(1));
+        e.finish(cx, &["url", "batch", "interval"]);
+        Some(Export { url: url?, batch, interval })
+    });
+    o.finish(cx, &["shared_costs", "export"]);
+    (shared, export)
 }
 
 fn policy_source(cx: &mut Cx, field: &Field<'_>) -> Option<PolicySource> {

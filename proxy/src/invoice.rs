@@ -277,6 +277,48 @@ pub fn apportion(amount: Money, counts: &[(String, u64)]) -> Vec<(String, Money)
         .collect()
 }
 
+/// Whether `period` is `YYYY-MM` or `YYYY-MM-DD`.
+pub fn valid_period(period: &str) -> bool {
+    matches!(period.len(), 7 | 10)
+        && period.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
+/// Invoices from ledger records (the `usage` ones), with each group's monthly budget from the
+/// policy: a monthly budget of the grouped scope, for that key or for every key.
+pub fn from_ledger(
+    records: &[serde_json::Value],
+    period: &str,
+    group_by: GroupBy,
+    shared: &[SharedCost],
+    policy: &tollgate_core::policy::Snapshot,
+) -> Invoices {
+    use tollgate_core::budget::Scope;
+    use tollgate_core::time::Period;
+    let scope = match group_by {
+        GroupBy::CostCenter => Scope::CostCenter,
+        GroupBy::Project => Scope::Project,
+        GroupBy::Agent => Scope::Agent,
+    };
+    let usage = records
+        .iter()
+        .filter(|r| r["type"] == "usage")
+        .filter_map(|r| serde_json::from_value::<Usage>(r.clone()).ok());
+    build(usage, period, group_by, shared, |group| {
+        let monthly =
+            || policy.all_budgets().filter(|b| b.scope == scope && b.period == Period::Monthly);
+        monthly()
+            .find(|b| b.key.as_deref() == Some(group))
+            .or_else(|| monthly().find(|b| b.key.is_none()))
+            .map(|b| b.amount)
+    })
+}
+
 /// The invoices as CSV: one row per line item, then a `total` row per group.
 pub fn to_csv(invoices: &Invoices) -> String {
     let mut out =

@@ -1,26 +1,50 @@
-//! The usage ledger: one JSON line per metered request, appended by a single writer task.
+//! The durable usage ledger and the audit chain, written by one writer thread.
 //!
-//! Requests hand their record to a bounded queue and never wait on the disk. The writer batches
-//! whatever is queued into one `write` and flushes it, so a burst costs one syscall, not one per
-//! record. `flush()` waits until everything queued before it is on disk (graceful shutdown uses
-//! it). A failed write is counted and logged, and the ledger reports itself unhealthy for
-//! `/readyz`. Crash safety (checksums, fsync windows, torn-tail repair) is the chargeback issue's.
+//! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
+//! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
+//! record: `<crc32 hex> <json>\n`), appends the decisions to the hash-chained audit log
+//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]), and fsyncs both at most every
+//! `fsync_interval` (group commit; `0` syncs every batch before the next is taken). So after a
+//! `SIGKILL` at most one fsync window of completed requests is at risk, and `SIGTERM` loses
+//! nothing ([`Ledger::flush`] waits for the sync).
+//!
+//! On open, every segment is scanned and every checksum verified: a torn last record (a crash
+//! mid-write) is truncated and reported; a bad record anywhere else is corruption and the ledger
+//! refuses to open. The records of the last 35 days are handed back so that budgets and open
+//! reservations can be rebuilt.
+//!
+//! When a write fails (disk full, I/O error) the writer truncates the segment back to its last
+//! good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503 to new
+//! metered requests and `/readyz` fails) and retries every 100 ms; service resumes when the disk
+//! does. Nothing queued is dropped and no partial record survives.
 
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
 
 use tollgate_core::money::Money;
+use tollgate_core::pricing::Cost;
 use tollgate_core::usage::Usage;
 
-/// One metered request.
+use crate::audit::{self, Chain};
+
+/// How far back [`Recovered::records`] reaches: enough for every budget period.
+const REPLAY_DAYS: u64 = 35;
+/// Queue capacity; beyond it records wait in detached senders and the ledger reports pressure.
+const QUEUE: usize = 64 * 1024;
+
+/// One metered request, as recorded at its end.
 #[derive(Clone, Debug, Serialize)]
 pub struct Record {
     pub ts: String,
+    /// When the budget reservation was made (the period the cost lands in).
+    pub reserved_at_ms: u64,
     pub request_id: String,
     pub agent: String,
     pub cost_center: String,
@@ -34,11 +58,17 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
     pub tokens: Usage,
+    /// Cost by bucket (exact decimal strings); `total` equals `cost_usd`.
+    pub cost: Cost,
     /// Total cost as an exact decimal string in USD.
     pub cost_usd: Money,
     pub cost_nano_usd: i64,
     pub decision: &'static str,
     pub reason: String,
+    pub clause: String,
+    pub policy_version: String,
+    /// The budgets the request was reserved against (by id).
+    pub budgets: Vec<String>,
     pub status: u16,
     pub latency_ms: u64,
     pub usage_source: &'static str,
@@ -46,104 +76,514 @@ pub struct Record {
     pub end: &'static str,
 }
 
-enum Msg {
-    Record(Vec<u8>),
-    Flush(oneshot::Sender<()>),
+/// A budget reservation, recorded when it is made so that it can be rebuilt after a crash.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reserve {
+    pub ts: String,
+    pub reserved_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub request_id: String,
+    pub agent: String,
+    pub cost_center: String,
+    pub project: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub business_unit: Option<String>,
+    pub amount: Money,
+    pub budgets: Vec<String>,
 }
 
-/// A handle to the ledger writer; cheap to clone.
+/// What the writer stores.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entry {
+    Usage(Box<Record>),
+    Reserve(Box<Reserve>),
+}
+
+#[derive(Serialize)]
+struct Stored<'a> {
+    seq: u64,
+    event_id: String,
+    #[serde(flatten)]
+    entry: &'a Entry,
+}
+
+enum Msg {
+    Entry(Entry),
+    Audit(Box<audit::Event>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Where and how the ledger writes.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// Longest time a written record waits for fsync; zero syncs every batch.
+    pub fsync_interval: Duration,
+    pub segment_bytes: u64,
+    /// Fault injection for tests: while set, every write and sync fails like a full disk.
+    pub fault: Option<Arc<AtomicBool>>,
+}
+
+/// What opening the ledger found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Ledger records of the last 35 days, oldest first.
+    pub records: Vec<serde_json::Value>,
+    pub segments: usize,
+    /// Bytes of a torn last record removed from the ledger and the audit log.
+    pub truncated_bytes: u64,
+    pub audit_records: u64,
+}
+
+/// A handle to the writer; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<Msg>,
+    tx: SyncSender<Msg>,
     healthy: Arc<AtomicBool>,
-    path: Arc<PathBuf>,
+    dir: Arc<PathBuf>,
 }
 
 impl Ledger {
-    /// Opens (creating) the ledger file for appending and starts the writer task.
-    pub async fn open(path: &Path, on_error: impl Fn() + Send + 'static) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
-        let (tx, rx) = mpsc::channel(64 * 1024);
-        let healthy = Arc::new(AtomicBool::new(true));
-        tokio::spawn(write_loop(file, rx, healthy.clone(), on_error));
-        Ok(Ledger { tx, healthy, path: Arc::new(path.to_path_buf()) })
-    }
-
-    /// Queues a record. Never blocks; if the queue is full the record is written by a detached
-    /// task rather than dropped.
-    pub fn append(&self, record: &Record) {
-        let mut line = match serde_json::to_vec(record) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "serializing a ledger record");
-                return;
-            }
+    /// Scans and repairs the ledger and the audit log, then starts the writer thread.
+    pub fn open(
+        settings: Settings,
+        on_error: impl Fn() + Send + 'static,
+        now_ms: u64,
+    ) -> anyhow::Result<(Ledger, Recovered)> {
+        let dir = settings.data_dir.join("ledger");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let id = ledger_id(&dir)?;
+        let scan = scan(&dir, now_ms.saturating_sub(REPLAY_DAYS * 86_400_000))?;
+        let (chain, opened) = Chain::open(&settings.data_dir.join("audit.jsonl"))?;
+        let recovered = Recovered {
+            records: scan.records,
+            segments: scan.segments,
+            truncated_bytes: scan.truncated_bytes + opened.truncated_bytes,
+            audit_records: opened.records,
         };
-        line.push(b'\n');
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.tx.try_send(Msg::Record(line)) {
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(msg).await;
-            });
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            dir: dir.clone(),
+            id,
+            segment: scan.last_segment,
+            file: scan.file,
+            good_len: scan.last_len,
+            seq: scan.last_seq,
+            chain,
+            settings,
+            healthy: healthy.clone(),
+            on_error: Box::new(on_error),
+        };
+        std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || writer.run(rx))
+            .context("starting the ledger writer")?;
+        Ok((Ledger { tx, healthy, dir: Arc::new(dir) }, recovered))
+    }
+
+    /// Queues a record. Never blocks: if the queue is full the record waits in a detached
+    /// sender (it is not dropped) and the ledger reports itself unhealthy until it drains.
+    pub fn append(&self, entry: Entry) {
+        self.send(Msg::Entry(entry));
+    }
+
+    /// Queues a decision for the audit chain.
+    pub fn audit(&self, event: audit::Event) {
+        self.send(Msg::Audit(Box::new(event)));
+    }
+
+    fn send(&self, msg: Msg) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                let tx = self.tx.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(msg);
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("the ledger writer has stopped; record lost");
+            }
         }
     }
 
-    /// Waits until every record queued before this call has been written and flushed.
+    /// Waits until everything queued before this call is written and synced.
     pub async fn flush(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok()).await;
+        if matches!(sent, Ok(true)) {
             let _ = wait.await;
         }
     }
 
+    /// False while writes fail (or the queue is full): metered requests are refused then.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The directory of the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
-async fn write_loop(
-    mut file: tokio::fs::File,
-    mut rx: mpsc::Receiver<Msg>,
-    healthy: Arc<AtomicBool>,
-    on_error: impl Fn(),
-) {
-    let mut batch = Vec::with_capacity(64 * 1024);
-    let mut waiters = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        // Take everything already queued: one write for the whole burst.
-        while let Some(msg) = next {
-            match msg {
-                Msg::Record(line) => batch.extend_from_slice(&line),
-                Msg::Flush(done) => waiters.push(done),
-            }
-            next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
+/// The ledger's stable identity, the prefix of every event id (`<id>-<seq>`).
+fn ledger_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("ID");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_string());
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let id = format!("{:016x}", (nanos as u64) ^ (u64::from(std::process::id()) << 40));
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+struct Scan {
+    records: Vec<serde_json::Value>,
+    segments: usize,
+    truncated_bytes: u64,
+    last_segment: u64,
+    last_len: u64,
+    last_seq: u64,
+    file: std::fs::File,
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:08}.seg"))
+}
+
+/// The segment numbers in `dir`, in order.
+pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
+            out.push(n);
         }
-        if !batch.is_empty() {
-            let result = async {
-                file.write_all(&batch).await?;
-                file.flush().await
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The JSON of one stored line (`<crc32 hex> <json>`), if its checksum holds.
+fn parse_line(line: &[u8]) -> Result<&[u8], &'static str> {
+    if line.len() < 10 || line[8] != b' ' {
+        return Err("malformed record");
+    }
+    let crc = std::str::from_utf8(&line[..8]).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+    let json = &line[9..];
+    match crc {
+        Some(crc) if crc == crc32fast::hash(json) => Ok(json),
+        _ => Err("checksum mismatch"),
+    }
+}
+
+fn scan(dir: &Path, replay_from_ms: u64) -> anyhow::Result<Scan> {
+    let numbers = segments(dir)?;
+    let mut records = Vec::new();
+    let mut truncated_bytes = 0;
+    let mut last_seq = 0;
+    let last = numbers.last().copied().unwrap_or(1);
+    for &n in &numbers {
+        let path = segment_path(dir, n);
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
+        let mut offset = 0usize;
+        let mut line_no = 0;
+        while offset < bytes.len() {
+            line_no += 1;
+            let end = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i);
+            let verified = end.map(|e| parse_line(&bytes[offset..e]));
+            match verified {
+                Some(Ok(json)) => {
+                    let value: serde_json::Value = serde_json::from_slice(json)
+                        .with_context(|| format!("{} line {line_no}: not JSON", path.display()))?;
+                    last_seq = value["seq"].as_u64().unwrap_or(last_seq);
+                    if value["reserved_at_ms"].as_u64().unwrap_or(u64::MAX) >= replay_from_ms {
+                        records.push(value);
+                    }
+                    offset = end.unwrap_or(bytes.len()) + 1;
+                }
+                // The last record of the last segment, cut short by a crash: a torn tail.
+                _ if n == last && is_tail(&bytes, end) => {
+                    truncated_bytes = (bytes.len() - offset) as u64;
+                    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    file.set_len(offset as u64)?;
+                    file.sync_all()?;
+                    tracing::warn!(
+                        segment = %path.display(),
+                        line = line_no,
+                        bytes = truncated_bytes,
+                        "ledger: truncated a torn last record (crash during a write)"
+                    );
+                    break;
+                }
+                Some(Err(problem)) => anyhow::bail!(
+                    "{} line {line_no}: {problem}: the ledger is corrupt (this is not a torn \
+                     tail from a crash); refusing to start — inspect and move the segment aside",
+                    path.display()
+                ),
+                None => anyhow::bail!(
+                    "{} line {line_no}: incomplete record in a sealed segment; refusing to start",
+                    path.display()
+                ),
             }
-            .await;
-            match result {
-                Ok(()) => healthy.store(true, Ordering::Relaxed),
-                Err(e) => {
-                    healthy.store(false, Ordering::Relaxed);
-                    on_error();
-                    tracing::error!(error = %e, "writing the usage ledger");
+        }
+    }
+    let path = segment_path(dir, last);
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let last_len = file.metadata()?.len();
+    Ok(Scan {
+        records,
+        segments: numbers.len().max(1),
+        truncated_bytes,
+        last_segment: last,
+        last_len,
+        last_seq,
+        file,
+    })
+}
+
+/// Whether the bad line starting at `end`'s line is the last thing in the segment.
+fn is_tail(bytes: &[u8], end: Option<usize>) -> bool {
+    match end {
+        None => true,
+        Some(e) => e + 1 >= bytes.len(),
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    id: String,
+    segment: u64,
+    file: std::fs::File,
+    good_len: u64,
+    seq: u64,
+    chain: Chain,
+    settings: Settings,
+    healthy: Arc<AtomicBool>,
+    on_error: Box<dyn Fn() + Send>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut batch: Vec<u8> = Vec::with_capacity(256 * 1024);
+        let mut audit_batch: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut waiters = Vec::new();
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        let interval = self.settings.fsync_interval;
+        loop {
+            // Wait for work, but no longer than the sync deadline of what is already written.
+            let timeout = if unsynced {
+                interval.saturating_sub(last_sync.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let first = match rx.recv_timeout(timeout) {
+                Ok(msg) => Some(msg),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut next = first;
+            while let Some(msg) = next {
+                self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
+                next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
+            }
+            if !batch.is_empty() || !audit_batch.is_empty() {
+                self.write_until_ok(&batch, &audit_batch);
+                batch.clear();
+                audit_batch.clear();
+                unsynced = true;
+            }
+            let due = interval.is_zero() || last_sync.elapsed() >= interval || !waiters.is_empty();
+            if unsynced && due {
+                self.sync_until_ok();
+                unsynced = false;
+                last_sync = Instant::now();
+            }
+            if !unsynced {
+                for done in waiters.drain(..) {
+                    let _ = done.send(());
                 }
             }
-            batch.clear();
         }
-        for done in waiters.drain(..) {
+        if unsynced {
+            self.sync_until_ok();
+        }
+        for done in waiters {
             let _ = done.send(());
         }
     }
+
+    fn take(
+        &mut self,
+        msg: Msg,
+        batch: &mut Vec<u8>,
+        audit_batch: &mut Vec<u8>,
+        waiters: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        match msg {
+            Msg::Entry(entry) => {
+                self.seq += 1;
+                let stored = Stored {
+                    seq: self.seq,
+                    event_id: format!("{}-{}", self.id, self.seq),
+                    entry: &entry,
+                };
+                match serde_json::to_vec(&stored) {
+                    Ok(json) => {
+                        batch.extend_from_slice(
+                            format!("{:08x} ", crc32fast::hash(&json)).as_bytes(),
+                        );
+                        batch.extend_from_slice(&json);
+                        batch.push(b'\n');
+                    }
+                    Err(e) => tracing::error!(error = %e, "serializing a ledger record"),
+                }
+            }
+            Msg::Audit(event) => self.chain.append_to(*event, audit_batch),
+            Msg::Flush(done) => waiters.push(done),
+        }
+    }
+
+    fn faulty(&self) -> io::Result<()> {
+        match &self.settings.fault {
+            Some(f) if f.load(Ordering::Relaxed) => {
+                Err(io::Error::other("injected write failure (no space left on device)"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the batch, retrying every 100 ms while it fails; never leaves a partial record
+    /// and never writes a record twice.
+    fn write_until_ok(&mut self, batch: &[u8], audit_batch: &[u8]) {
+        let mut failures = 0u64;
+        let (mut ledger_done, mut audit_done) = (batch.is_empty(), audit_batch.is_empty());
+        loop {
+            let mut result = self.faulty();
+            if result.is_ok() && !ledger_done {
+                result = self.file.write_all(batch);
+                if result.is_ok() {
+                    ledger_done = true;
+                    self.good_len += batch.len() as u64;
+                }
+            }
+            if result.is_ok() && !audit_done {
+                result = self.chain.write(audit_batch, false);
+                audit_done = result.is_ok();
+            }
+            match result {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "ledger writes succeed again");
+                    }
+                    self.healthy.store(true, Ordering::Relaxed);
+                    if self.good_len >= self.settings.segment_bytes {
+                        self.rotate();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.healthy.store(false, Ordering::Relaxed);
+                    if failures == 1 {
+                        (self.on_error)();
+                        tracing::error!(
+                            error = %e,
+                            "writing the ledger failed; refusing metered requests until it works"
+                        );
+                    }
+                    // Remove whatever part of the batch reached the files.
+                    if !ledger_done {
+                        let _ = self.file.set_len(self.good_len);
+                        let _ = self.file.seek(io::SeekFrom::End(0));
+                    }
+                    if !audit_done {
+                        let _ = self.chain.rewind();
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn sync_until_ok(&mut self) {
+        loop {
+            let result = self
+                .faulty()
+                .and_then(|()| self.file.sync_data())
+                .and_then(|()| self.chain.write(&[], true));
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    (self.on_error)();
+                    tracing::error!(error = %e, "syncing the ledger");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        if self.file.sync_data().is_err() {
+            return; // try again after the next batch
+        }
+        let next = self.segment + 1;
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, next))
+        {
+            Ok(file) => {
+                self.file = file;
+                self.segment = next;
+                self.good_len = 0;
+            }
+            Err(e) => tracing::error!(error = %e, "opening a new ledger segment"),
+        }
+    }
+}
+
+/// Every record of the ledger in `data_dir`, verified, oldest first (for invoices, the usage
+/// API and tests). A torn last record is skipped; corruption elsewhere is an error.
+pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let dir = data_dir.join("ledger");
+    let mut out = Vec::new();
+    let numbers = match segments(&dir) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    let last = numbers.last().copied();
+    for n in numbers {
+        let path = segment_path(&dir, n);
+        let bytes = std::fs::read(&path)?;
+        let mut lines = bytes.split(|&b| b == b'\n').peekable();
+        let mut line_no = 0;
+        while let Some(line) = lines.next() {
+            line_no += 1;
+            let is_last = lines.peek().is_none();
+            if line.is_empty() && is_last {
+                break;
+            }
+            match parse_line(line) {
+                Ok(json) => out.push(serde_json::from_slice(json)?),
+                Err(_) if is_last && Some(n) == last => break,
+                Err(problem) => anyhow::bail!("{} line {line_no}: {problem}", path.display()),
+            }
+        }
+    }
+    Ok(out)
 }

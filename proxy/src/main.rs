@@ -42,6 +42,37 @@ enum Command {
     },
     /// Print the decision for a request, described by flags or as JSON.
     Explain(tollgate::explain::ExplainArgs),
+    /// Monthly (or daily) invoices from the usage ledger.
+    Invoice {
+        /// `YYYY-MM` (a month) or `YYYY-MM-DD` (a day).
+        #[arg(long)]
+        period: String,
+        #[arg(long, default_value = "cost_center", value_parser = ["cost_center", "project", "agent"])]
+        group_by: String,
+        #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
+        format: String,
+        /// Configuration (for budgets, shared costs and the data directory).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "TOLLGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain: exit 0 if intact, 1 if tampered, 3 for a torn tail after a crash.
+    Verify {
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "TOLLGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +130,69 @@ fn main() -> ExitCode {
             }
         },
         Command::Explain(args) => tollgate::explain::run(args),
+        Command::Invoice { period, group_by, format, config, data_dir } => {
+            let config = match load(config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !tollgate::invoice::valid_period(&period) {
+                eprintln!("--period must be YYYY-MM or YYYY-MM-DD, got `{period}`");
+                return ExitCode::from(2);
+            }
+            let dir = data_dir.unwrap_or(config.data_dir.clone());
+            let records = match tollgate::ledger::read_all(&dir) {
+                Ok(records) => records,
+                Err(e) => {
+                    eprintln!("reading the ledger in {}: {e:#}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let group = tollgate::invoice::GroupBy::parse(&group_by)
+                .unwrap_or(tollgate::invoice::GroupBy::CostCenter);
+            let invoices = tollgate::invoice::from_ledger(
+                &records,
+                &period,
+                group,
+                &config.shared_costs,
+                config.engine.policy(),
+            );
+            if format == "csv" {
+                print!("{}", tollgate::invoice::to_csv(&invoices));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&invoices).unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Audit { command: AuditCommand::Verify { config, data_dir } } => {
+            let dir = match (data_dir, config) {
+                (Some(dir), _) => dir,
+                (None, config) => match load(config.as_deref()) {
+                    Ok(config) => config.data_dir,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let path = dir.join("audit.jsonl");
+            match tollgate::audit::verify(&path) {
+                Ok(verdict) => {
+                    println!("{}: {verdict}", path.display());
+                    match verdict {
+                        tollgate::audit::Verdict::Ok { .. } => ExitCode::SUCCESS,
+                        tollgate::audit::Verdict::Tampered { .. } => ExitCode::from(1),
+                        tollgate::audit::Verdict::TornTail { .. } => ExitCode::from(3),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("reading {}: {e}", path.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }
 

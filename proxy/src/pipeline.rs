@@ -19,19 +19,22 @@ use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use tollgate_core::attribution::Attribute;
 use tollgate_core::budget::{BudgetError, Reservation, Scope};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::pricing::Cost;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
 use crate::app::Shared;
+use crate::audit;
 use crate::body::{MeteredBody, Observer, StreamEnd};
 use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
-use crate::ledger::Record;
+use crate::ledger::{Entry, Record, Reserve};
 use crate::limits::Limited as RateLimited;
 use crate::server::Handler;
 use crate::upstream::{Body, BoxError};
@@ -64,9 +67,21 @@ impl Handler for Proxy {
             Some(UpstreamKind::Anthropic) => Shape::Anthropic,
             _ => Shape::OpenAi,
         };
+        // Kept for the audit record of a refusal (cloning a header value does not copy it).
+        let names = shared.engine.attribution();
+        let who = [
+            names.header_name(Attribute::Agent),
+            names.header_name(Attribute::CostCenter),
+            names.header_name(Attribute::Project),
+        ]
+        .map(|name| req.headers().get(name).cloned());
+        let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let response = match handle(shared, req, route, &request_id, started).await {
             Ok(response) => response,
             Err(denial) => {
+                if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
+                    audit_refusal(shared, &request_id, &who, route_name, &denial);
+                }
                 shared
                     .metrics
                     .requests
@@ -84,6 +99,43 @@ impl Handler for Proxy {
         shared.metrics.in_flight.dec();
         response
     }
+}
+
+/// Records a refusal in the audit chain, with the attribution the request claimed (sanitised:
+/// printable ASCII, at most 64 characters).
+fn audit_refusal(
+    shared: &Shared,
+    request_id: &str,
+    who: &[Option<HeaderValue>; 3],
+    route: String,
+    denial: &Denial,
+) {
+    let claimed = |v: &Option<HeaderValue>| -> String {
+        v.as_ref()
+            .map(|v| {
+                v.as_bytes()
+                    .iter()
+                    .take(64)
+                    .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    shared.ledger.audit(audit::Event {
+        ts: now().to_string(),
+        kind: "decision".into(),
+        request_id: request_id.to_string(),
+        agent: claimed(&who[0]),
+        cost_center: claimed(&who[1]),
+        project: claimed(&who[2]),
+        route,
+        effect: denial.class.decision().into(),
+        reason: denial.code.clone(),
+        clause: denial.clause.clone(),
+        policy_version: denial.policy_version.clone(),
+        model: None,
+        tool: None,
+    });
 }
 
 async fn handle(
@@ -242,6 +294,17 @@ async fn handle(
         return Err(denial);
     }
 
+    // Nothing is served unrecorded: while the ledger cannot be written, refuse.
+    if !shared.ledger.is_healthy() {
+        let mut denial = with_decision(Denial::new(
+            Class::Unavailable,
+            "ledger_unavailable",
+            "usage cannot be recorded right now (the ledger is not writable); retry shortly",
+        ));
+        denial.retry_after_secs = Some(1);
+        return Err(denial);
+    }
+
     // Budgets: reserve the worst case against every budget that applies, all or nothing.
     let now = now();
     let values = |scope: Scope| match scope {
@@ -265,6 +328,20 @@ async fn handle(
             Ok(r) => {
                 for b in r.budgets() {
                     shared.saw(b.scope, &b.key);
+                }
+                if !r.budgets().is_empty() {
+                    shared.ledger.append(Entry::Reserve(Box::new(Reserve {
+                        ts: now.to_string(),
+                        reserved_at_ms: now.0,
+                        expires_at_ms: r.expires_at().0,
+                        request_id: request_id.to_string(),
+                        agent: identity.agent.unwrap_or_default().to_string(),
+                        cost_center: identity.cost_center.unwrap_or_default().to_string(),
+                        project: identity.project.unwrap_or_default().to_string(),
+                        business_unit: identity.business_unit.map(str::to_string),
+                        amount: r.amount(),
+                        budgets: r.budgets().iter().map(|b| b.budget_id.clone()).collect(),
+                    })));
                 }
                 Some(r)
             }
@@ -318,7 +395,27 @@ async fn handle(
         reason: decision.reason.to_string(),
         clause: decision.clause.to_string(),
         policy_version: decision.policy_version.to_string(),
+        reserved_at_ms: now.0,
+        budgets: reservation
+            .as_ref()
+            .map(|r| r.budgets().iter().map(|b| b.budget_id.clone()).collect())
+            .unwrap_or_default(),
     };
+    shared.ledger.audit(audit::Event {
+        ts: now.to_string(),
+        kind: "decision".into(),
+        request_id: request_id.to_string(),
+        agent: record.agent.clone(),
+        cost_center: record.cost_center.clone(),
+        project: record.project.clone(),
+        route: record.route.clone(),
+        effect: "allow".into(),
+        reason: record.reason.clone(),
+        clause: Some(record.clause.clone()),
+        policy_version: Some(record.policy_version.clone()),
+        model: record.model.clone(),
+        tool: record.tool.clone(),
+    });
     drop(policy);
     let upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
     let sent = Instant::now();
@@ -404,6 +501,8 @@ struct RecordBase {
     reason: String,
     clause: String,
     policy_version: String,
+    reserved_at_ms: u64,
+    budgets: Vec<String>,
 }
 
 /// Meters the response as it passes and settles the request when it ends.
@@ -452,19 +551,22 @@ impl Observer for Settler {
         let cost = if self.route_is_llm {
             match &model {
                 Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
-                    Ok(priced) => priced.cost.total,
+                    Ok(priced) => priced.cost,
                     Err(e) => {
                         tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
-                        Money::ZERO
+                        Cost::ZERO
                     }
                 },
-                _ => Money::ZERO,
+                _ => Cost::ZERO,
             }
         } else if ok {
-            self.tool_cost.unwrap_or(Money::ZERO)
+            let per_call = self.tool_cost.unwrap_or(Money::ZERO);
+            Cost { per_call, total: per_call, ..Cost::ZERO }
         } else {
-            Money::ZERO
+            Cost::ZERO
         };
+        let breakdown = cost;
+        let cost = breakdown.total;
         let now = now();
         if let Some(reservation) = self.reservation.take() {
             match shared.budgets.settle(reservation, cost, now) {
@@ -511,28 +613,34 @@ impl Observer for Settler {
                 .inc_by(cost.nanos() as u64);
         }
         m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route]).inc();
+        let base = &self.base;
         let record = Record {
-            ts: UnixMillis(now.0).to_string(),
-            request_id: self.base.request_id.clone(),
-            agent: self.base.agent.clone(),
-            cost_center: self.base.cost_center.clone(),
-            project: self.base.project.clone(),
-            business_unit: self.base.business_unit.clone(),
-            route: self.base.route.clone(),
-            provider: self.base.provider.to_string(),
+            ts: now.to_string(),
+            reserved_at_ms: base.reserved_at_ms,
+            request_id: base.request_id.clone(),
+            agent: base.agent.clone(),
+            cost_center: base.cost_center.clone(),
+            project: base.project.clone(),
+            business_unit: base.business_unit.clone(),
+            route: base.route.clone(),
+            provider: base.provider.to_string(),
             model,
-            tool: self.base.tool.clone(),
+            tool: base.tool.clone(),
             tokens: usage,
+            cost: breakdown,
             cost_usd: cost,
             cost_nano_usd: cost.nanos(),
             decision: "allow",
-            reason: self.base.reason.clone(),
+            reason: base.reason.clone(),
+            clause: base.clause.clone(),
+            policy_version: base.policy_version.clone(),
+            budgets: base.budgets.clone(),
             status: self.status,
             latency_ms: self.started.elapsed().as_millis() as u64,
             usage_source: source.as_str(),
             end: end.as_str(),
         };
-        shared.ledger.append(&record);
+        shared.ledger.append(Entry::Usage(Box::new(record)));
     }
 }
 

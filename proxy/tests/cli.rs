@@ -279,7 +279,7 @@ async fn run_serves_and_on_sigterm_finishes_the_stream_in_flight_then_exits_0() 
     .unwrap();
     assert_eq!(code, Some(0));
 
-    let ledger = read_ledger(&data_dir.join("ledger.jsonl"));
+    let ledger = read_ledger(&data_dir);
     assert_eq!(ledger.len(), 2, "{ledger:#?}");
     let streamed = &ledger[1];
     assert_eq!(streamed["end"], "complete");

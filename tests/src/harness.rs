@@ -292,14 +292,15 @@ impl Harness {
     }
 
     /// The ledger file's path.
-    pub fn ledger_path(&self) -> PathBuf {
-        self.data_dir.join("ledger.jsonl")
+    /// The audit log of this proxy.
+    pub fn audit_path(&self) -> PathBuf {
+        self.data_dir.join("audit.jsonl")
     }
 
     /// Every ledger record written so far (after flushing what is queued).
     pub async fn ledger(&self) -> Vec<Value> {
         self.shared().ledger.flush().await;
-        read_ledger(&self.ledger_path())
+        read_ledger(&self.data_dir)
     }
 
     /// Polls the ledger (every 10 ms, at most [`LEDGER_WAIT`]) until it holds at least `n`
@@ -352,18 +353,14 @@ pub async fn read(response: Response<Incoming>) -> Reply {
 }
 
 /// Parses a ledger file: one JSON object per line (a missing file is an empty ledger).
-pub fn read_ledger(path: &Path) -> Vec<Value> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => panic!("reading {}: {e}", path.display()),
-    };
-    text.lines()
-        .map(|line| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("ledger line is not JSON ({e}): {line}"))
-        })
-        .collect()
+pub fn read_ledger(data_dir: &Path) -> Vec<Value> {
+    read_entries(data_dir).into_iter().filter(|r| r["type"] == "usage").collect()
+}
+
+/// Every ledger entry (usage and reserve records), checksums verified.
+pub fn read_entries(data_dir: &Path) -> Vec<Value> {
+    tollgate::ledger::read_all(data_dir)
+        .unwrap_or_else(|e| panic!("reading the ledger in {}: {e:#}", data_dir.display()))
 }
 
 /// The `data:` payloads of an SSE body, in order.
