@@ -222,6 +222,10 @@ pub async fn start_with(
         ConnLimits { drain: Duration::from_secs(1), ..conn_limits },
         stopped(stop_rx.clone()),
     ));
+    let export =
+        shared.config.export.clone().map(|export| {
+            tokio::spawn(crate::export::run(shared.clone(), export, stop_rx.clone()))
+        });
     let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
 
     let done = {
@@ -234,6 +238,9 @@ pub async fn start_with(
             let _ = proxy_task.await;
             let _ = admin_task.await;
             let _ = background.await;
+            if let Some(export) = export {
+                let _ = export.await;
+            }
             shared.ledger.flush().await;
         })
     };

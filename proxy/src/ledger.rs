@@ -274,6 +274,12 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// The JSON of one stored line (`<crc32 hex> <json>`, without the newline), if its checksum
+/// holds.
+pub fn verified_json(line: &[u8]) -> Option<&[u8]> {
+    parse_line(line).ok()
+}
+
 /// The JSON of one stored line (`<crc32 hex> <json>`), if its checksum holds.
 fn parse_line(line: &[u8]) -> Result<&[u8], &'static str> {
     if line.len() < 10 || line[8] != b' ' {

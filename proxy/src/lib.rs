@@ -14,6 +14,7 @@ pub mod body;
 pub mod config;
 pub mod deny;
 pub mod explain;
+pub mod export;
 pub mod framing;
 pub mod invoice;
 pub mod ledger;

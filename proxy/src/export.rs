@@ -1,0 +1,153 @@
+//! The usage export: ships ledger records to a collector, at least once, in order.
+//!
+//! A task reads the ledger segments from a persisted cursor (`ledger/export.cursor`: segment and
+//! byte offset), posts up to `batch` records as NDJSON (each carries its unique `event_id`,
+//! `<ledger id>-<seq>`), and advances the cursor only after a 2xx answer, so a crash or a failed
+//! post re-sends rather than loses; collectors deduplicate by `event_id`. Only complete,
+//! checksummed lines are shipped. Failures back off up to 30 s.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::config::Export;
+
+/// Where the export has got to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+fn cursor_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("ledger").join("export.cursor")
+}
+
+/// The persisted cursor; the start of the ledger if there is none.
+pub fn load_cursor(data_dir: &Path) -> Cursor {
+    let text = std::fs::read_to_string(cursor_path(data_dir)).unwrap_or_default();
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(segment)), Some(Ok(offset))) => Cursor { segment, offset },
+        _ => Cursor::default(),
+    }
+}
+
+fn save_cursor(data_dir: &Path, cursor: Cursor) -> std::io::Result<()> {
+    let path = cursor_path(data_dir);
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{} {}", cursor.segment, cursor.offset)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)
+}
+
+/// Up to `max` complete records after `cursor`, as NDJSON, and the cursor after them.
+pub fn read_batch(
+    data_dir: &Path,
+    cursor: Cursor,
+    max: usize,
+) -> std::io::Result<(Vec<u8>, usize, Cursor)> {
+    let dir = data_dir.join("ledger");
+    let segments = crate::ledger::segments(&dir)?;
+    let mut cursor = cursor;
+    if cursor.segment == 0 {
+        cursor = Cursor { segment: segments.first().copied().unwrap_or(1), offset: 0 };
+    }
+    let mut out = Vec::new();
+    let mut n = 0;
+    let start = cursor.segment;
+    for &seg in segments.iter().filter(|&&s| s >= start) {
+        if seg > cursor.segment {
+            cursor = Cursor { segment: seg, offset: 0 };
+        }
+        let bytes = std::fs::read(dir.join(format!("{seg:08}.seg")))?;
+        let mut offset = cursor.offset as usize;
+        while n < max && offset < bytes.len() {
+            let Some(end) = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i)
+            else {
+                break; // being written
+            };
+            match crate::ledger::verified_json(&bytes[offset..end]) {
+                Some(json) => {
+                    out.extend_from_slice(json);
+                    out.push(b'\n');
+                    n += 1;
+                }
+                None => {
+                    tracing::error!(segment = seg, offset, "export: skipping a corrupt ledger line")
+                }
+            }
+            offset = end + 1;
+        }
+        cursor.offset = offset as u64;
+        if n >= max || offset < bytes.len() {
+            break;
+        }
+    }
+    Ok((out, n, cursor))
+}
+
+/// Ships records until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<bool>) {
+    let data_dir = shared.config.data_dir.clone();
+    let mut cursor = load_cursor(&data_dir);
+    let mut backoff = export.interval;
+    loop {
+        let dir = data_dir.clone();
+        let batch =
+            tokio::task::spawn_blocking(move || read_batch(&dir, cursor, export.batch)).await;
+        let mut wait = export.interval;
+        match batch {
+            Ok(Ok((body, n, next))) if n > 0 => match post(&shared, &export, body).await {
+                Ok(()) => {
+                    cursor = next;
+                    if let Err(e) = save_cursor(&data_dir, cursor) {
+                        tracing::error!(error = %e, "export: saving the cursor");
+                    }
+                    backoff = export.interval;
+                    wait = Duration::ZERO; // more may be waiting
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, records = n, "export: post failed; will retry");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait = backoff;
+                }
+            },
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "export: reading the ledger"),
+            Err(e) => tracing::error!(error = %e, "export: reader task"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn post(shared: &Shared, export: &Export, body: Vec<u8>) -> Result<(), String> {
+    let req = http::Request::post(export.url.clone())
+        .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(crate::deny::full(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), shared.client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("collector answered {}", response.status()))
+    }
+}
