@@ -59,6 +59,8 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// HTTP/1.1 or HTTP/2, as negotiated with the client.
+    pub version: hyper::Version,
 }
 
 impl RecordedRequest {
@@ -100,6 +102,8 @@ impl Journal {
 #[derive(Debug)]
 pub struct MockUpstream {
     addr: SocketAddr,
+    /// The PEM of the CA that issued the mock's certificate, when it serves TLS.
+    ca_pem: Option<String>,
     journal: Journal,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -111,6 +115,18 @@ impl MockUpstream {
     /// # Panics
     /// If loopback cannot be bound: test support has no better answer than failing the test.
     pub async fn start() -> MockUpstream {
+        Self::start_with(None).await
+    }
+
+    /// Like [`start`](MockUpstream::start), but serving HTTPS (HTTP/1.1 and HTTP/2 by ALPN)
+    /// with a certificate for `localhost` and `127.0.0.1` issued by a fresh test CA, whose PEM
+    /// [`ca_pem`](MockUpstream::ca_pem) returns.
+    pub async fn start_tls() -> MockUpstream {
+        let tls = TestCa::new().server();
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<(tokio_rustls::TlsAcceptor, String)>) -> MockUpstream {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap_or_else(|e| panic!("mock upstream: cannot bind 127.0.0.1:0: {e}"));
@@ -119,11 +135,20 @@ impl MockUpstream {
             .unwrap_or_else(|e| panic!("mock upstream: no local address: {e}"));
         let journal = Journal::default();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, Some(journal.clone()), async move {
+        let (acceptor, ca_pem) = match tls {
+            Some((acceptor, pem)) => (Some(acceptor), Some(pem)),
+            None => (None, None),
+        };
+        let server = tokio::spawn(run(listener, Some(journal.clone()), acceptor, async move {
             // A dropped sender counts as a stop too: the owner is gone.
             let _ = stopped.await;
         }));
-        MockUpstream { addr, journal, stop: Some(stop), server: Some(server) }
+        MockUpstream { addr, ca_pem, journal, stop: Some(stop), server: Some(server) }
+    }
+
+    /// The CA certificate (PEM) to trust when the mock serves TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The bound socket address.
@@ -131,9 +156,13 @@ impl MockUpstream {
         self.addr
     }
 
-    /// `http://127.0.0.1:<port>`, without a trailing slash.
+    /// `http://127.0.0.1:<port>` (or `https://localhost:<port>` with TLS), without a trailing
+    /// slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca_pem {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// Every request received so far, oldest first (health checks excluded).
@@ -176,10 +205,15 @@ impl Drop for MockUpstream {
 /// Records nothing, so a long load test does not grow memory; use [`MockUpstream`] to
 /// inspect requests.
 pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    run(listener, None, shutdown).await;
+    run(listener, None, None, shutdown).await;
 }
 
-async fn run(listener: TcpListener, journal: Option<Journal>, shutdown: impl Future<Output = ()>) {
+async fn run(
+    listener: TcpListener,
+    journal: Option<Journal>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let state = Arc::new(route::State::new(journal));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -194,12 +228,26 @@ async fn run(listener: TcpListener, journal: Option<Journal>, shutdown: impl Fut
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 let service = service_fn(move |request| route::handle(request, state.clone()));
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    // A client hanging up mid-stream is routine here, not worth reporting.
-                    let _ = connection.await;
-                });
+                match &tls {
+                    None => {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        let connection = graceful.watch(connection.into_owned());
+                        tokio::spawn(async move {
+                            // A client hanging up mid-stream is routine here, not worth reporting.
+                            let _ = connection.await;
+                        });
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        let builder = builder.clone();
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move {
+                            let Ok(stream) = acceptor.accept(stream).await else { return };
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            let _ = watcher.watch(connection.into_owned()).await;
+                        });
+                    }
+                }
             }
             () = &mut shutdown => break,
         }
@@ -208,5 +256,54 @@ async fn run(listener: TcpListener, journal: Option<Journal>, shutdown: impl Fut
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+    }
+}
+
+/// A throwaway certificate authority for TLS tests: the mock's server certificate, and the
+/// PEM a client (or the proxy's `upstream.extra_ca_file`) must trust.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// # Panics
+    /// If key generation fails: test support has no better answer.
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Tollgate test CA");
+        params.key_usages =
+            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        TestCa { issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate") }
+    }
+
+    /// The CA certificate as PEM.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A TLS acceptor for `localhost` / `127.0.0.1` (ALPN h2 and http/1.1), and the CA PEM.
+    pub fn server(&self) -> (tokio_rustls::TlsAcceptor, String) {
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let params = rcgen::CertificateParams::new(names).expect("server params");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &self.issuer).expect("server certificate");
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .expect("server TLS config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        (tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)), self.pem())
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
     }
 }

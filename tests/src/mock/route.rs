@@ -84,6 +84,7 @@ pub async fn handle(
             query: parts.uri.query().map(str::to_owned),
             headers: parts.headers.clone(),
             body: bytes.clone(),
+            version: parts.version,
         });
     }
     let mut response = match Knobs::from_headers(&parts.headers) {
