@@ -33,6 +33,8 @@ pub struct Settings {
     pub proxy_cpu: usize,
     /// Whether the generator managed to pin itself (said in the output).
     pub generator_pinned: bool,
+    /// CPUs of the machine (counted before pinning).
+    pub cores: usize,
     pub command: String,
 }
 
@@ -151,13 +153,14 @@ pub async fn compare(settings: &Settings) -> anyhow::Result<String> {
             let peak = pid.and_then(|p| procfs::peak_rss(p).ok());
             let p99 = Summary::of(&outcome.recorder.latency).map_or(0, |s| s.p99);
             eprintln!(
-                "round {}/{} {:<30} {:>8.0} req/s  p99 {} ms  errors {}",
+                "round {}/{} {:<30} {:>8.0} req/s  p99 {} ms  errors {}  proxy CPU {}",
                 round + 1,
                 settings.rounds,
                 r.kind.label(),
                 outcome.rps(),
                 crate::stats::ms(p99),
-                outcome.recorder.errors_text()
+                outcome.recorder.errors_text(),
+                cpu.map_or("—".into(), |c| format!("{c:?}")),
             );
             tally.add(&outcome, cpu, peak);
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -208,7 +211,7 @@ fn header(s: &Settings, measuring: Duration) -> String {
         "### {name}: {load}\n\n{date}, {cores} CPUs. `{command}`\n\n{rounds} interleaved rounds of {dur:?} per target after a {warm:?} warm-up ({measuring:.0?} of measuring); {pinned}; Envoy runs with `--concurrency 1`, Tollgate's runtime sees the one CPU it is pinned to.\n\n",
         name = s.scenario.name,
         date = now_utc(),
-        cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores = s.cores,
         command = s.command,
         rounds = s.rounds,
         dur = s.plan.duration,

@@ -185,7 +185,9 @@ fn real_main() -> anyhow::Result<()> {
                 bin_dir,
                 workspace,
             };
+            let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
             let settings = Settings {
+                cores,
                 scenario,
                 plan,
                 rounds: rounds.max(1),

@@ -244,11 +244,11 @@ fn wait_ready(
     }
 }
 
-/// The status of a plain `GET` (HTTP/1.0, so the server closes the connection).
+/// The status of a plain `GET` (HTTP/1.1 with `connection: close`; Envoy refuses HTTP/1.0).
 pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
     let text = std::str::from_utf8(&head)?;
