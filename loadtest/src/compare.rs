@@ -193,7 +193,7 @@ fn header(s: &Settings, measuring: Duration) -> String {
             format!("open loop, {rate} req/s over {connections} connections (latency from the scheduled send time)")
         }
         Mode::Closed { concurrency } => {
-            format!("closed loop, {concurrency} concurrent workers (saturation; latency from the actual send)")
+            format!("closed loop, {concurrency} concurrent workers, each sending when its last request ended (latency from the actual send)")
         }
     };
     let pinned = if s.generator_pinned {
