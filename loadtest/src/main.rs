@@ -1,0 +1,250 @@
+//! `tollgate-load`: `compare` runs one scenario against direct, Tollgate and Envoy in
+//! interleaved rounds and prints a markdown table; `run` loads one URL and prints its numbers.
+//! Builds nothing: it uses the release binaries next to itself (see loadtest/README.md).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use tollgate_loadtest::compare::{self, Settings};
+use tollgate_loadtest::load::{self, Mode, Plan};
+use tollgate_loadtest::report::{self, Measured, Row};
+use tollgate_loadtest::scenario::Scenario;
+use tollgate_loadtest::stats::Summary;
+use tollgate_loadtest::target::{Kind, Paths};
+
+/// Longest run the command line accepts, so that every run stops by itself.
+const MAX_DURATION: Duration = Duration::from_secs(600);
+
+#[derive(Parser)]
+#[command(name = "tollgate-load", about = "Load tests for Tollgate")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compare direct, Tollgate and Envoy on one scenario (interleaved rounds, markdown table).
+    Compare {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Rounds per target.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Warm-up per target before the first round.
+        #[arg(long, default_value = "1s")]
+        warmup: String,
+        /// Comma-separated targets: direct, tollgate, tollgate-https-proxy, envoy, envoy-tollgate.
+        #[arg(long, default_value = "direct,tollgate,tollgate-https-proxy,envoy,envoy-tollgate")]
+        targets: String,
+        /// Directory with the release `tollgate` and `mock-upstream` (default: next to this binary).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Envoy binary (default: target/envoy-venv/bin/envoy).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// CPU for the generator and the mock upstream.
+        #[arg(long, default_value_t = 0)]
+        generator_cpu: usize,
+        /// CPU for the proxy under test.
+        #[arg(long, default_value_t = 1)]
+        proxy_cpu: usize,
+    },
+    /// Load one base URL (e.g. a running proxy) and print its numbers.
+    Run {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Base URL, e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        url: String,
+    },
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Scenario file (YAML or JSON).
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Open loop: requests per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Closed loop: concurrent workers (saturation).
+    #[arg(long)]
+    concurrency: Option<u64>,
+    /// Open loop: connections (default: the scenario's, else 16).
+    #[arg(long)]
+    connections: Option<u64>,
+    /// Length of one round, e.g. 5s (default: the scenario's, else 5s).
+    #[arg(long)]
+    duration: Option<String>,
+    /// Per-request timeout (default: 10s plus the scenario's longest stream).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Most requests in one round.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_requests: u64,
+}
+
+fn duration(text: &str, what: &str) -> anyhow::Result<Duration> {
+    let ms = tollgate_core::time::parse_duration_ms(text).with_context(|| {
+        format!("{what}: expected a duration such as 5s or 500ms, got {text:?}")
+    })?;
+    Ok(Duration::from_millis(ms))
+}
+
+fn plan(args: &LoadArgs) -> anyhow::Result<(Scenario, Plan)> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let scenario =
+        Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
+    let mode =
+        compare::resolve_mode(args.rate, args.concurrency, args.connections, &scenario.defaults)?;
+    let length = match &args.duration {
+        Some(text) => duration(text, "--duration")?,
+        None => Duration::from_millis(scenario.defaults.duration_ms.unwrap_or(5_000)),
+    };
+    anyhow::ensure!(length <= MAX_DURATION, "--duration is at most {MAX_DURATION:?}");
+    let stream = Duration::from_millis(scenario.longest_stream_ms());
+    let request_timeout = match &args.timeout {
+        Some(text) => duration(text, "--timeout")?,
+        None => Duration::from_secs(10) + stream,
+    };
+    let plan = Plan {
+        mode,
+        duration: length,
+        max_requests: args.max_requests,
+        request_timeout,
+        grace: Duration::from_secs(2),
+    };
+    Ok((scenario, plan))
+}
+
+/// Pins this process (all its threads so far, and those it starts later) to `cpu`.
+fn pin_self(cpu: usize) -> bool {
+    Command::new("taskset")
+        .args(["-a", "-cp", &cpu.to_string(), &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread: the generator shares its CPU with the mock upstream, like wrk in our notes.
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let command: Vec<String> = std::env::args().collect();
+    match cli.command {
+        Cmd::Compare {
+            load,
+            rounds,
+            warmup,
+            targets,
+            bin_dir,
+            envoy,
+            generator_cpu,
+            proxy_cpu,
+        } => {
+            let (scenario, plan) = plan(&load)?;
+            let targets = targets
+                .split(',')
+                .map(|k| Kind::from_key(k.trim()).with_context(|| format!("unknown target {k:?}")))
+                .collect::<anyhow::Result<Vec<Kind>>>()?;
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("the binary has no directory")?
+                    .to_path_buf(),
+            };
+            let target_dir = bin_dir.parent().map(PathBuf::from).unwrap_or_else(|| bin_dir.clone());
+            let workspace =
+                target_dir.parent().map(PathBuf::from).unwrap_or_else(|| target_dir.clone());
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let paths = Paths {
+                envoy: envoy.unwrap_or_else(|| target_dir.join("envoy-venv/bin/envoy")),
+                work_dir: target_dir.join("loadtest").join(format!("{}-{stamp}", scenario.name)),
+                bin_dir,
+                workspace,
+            };
+            let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+            let settings = Settings {
+                cores,
+                scenario,
+                plan,
+                rounds: rounds.max(1),
+                warmup: duration(&warmup, "--warmup")?,
+                targets,
+                paths,
+                generator_cpu,
+                proxy_cpu,
+                generator_pinned: pin_self(generator_cpu),
+                command: shown_command(&command),
+            };
+            let markdown = runtime()?.block_on(compare::compare(&settings))?;
+            println!("{markdown}");
+        }
+        Cmd::Run { load, url } => {
+            let (scenario, plan) = plan(&load)?;
+            let outcome =
+                runtime()?.block_on(load::run(&load::client(), &url, &scenario, &plan))?;
+            let r = &outcome.recorder;
+            let row = Row {
+                label: url,
+                result: Ok(Measured {
+                    latency: Summary::of(&r.latency),
+                    rps: outcome.rps(),
+                    errors: r.error_count(),
+                    errors_text: r.errors_text(),
+                    cpu_per_request: None,
+                    peak_rss: None,
+                    lateness: Summary::of(&r.event_lateness),
+                    send_lag_p99: Summary::of(&r.send_lag).map(|s| s.p99),
+                }),
+            };
+            let streaming = scenario.requests.iter().any(|t| t.stream.is_some());
+            let mode = match plan.mode {
+                Mode::Open { rate, connections } => {
+                    format!("open loop {rate} req/s, {connections} connections")
+                }
+                Mode::Closed { concurrency } => format!("closed loop, {concurrency} workers"),
+            };
+            println!(
+                "{}: {mode}, {:?}\n\n{}",
+                scenario.name,
+                plan.duration,
+                report::table(&[row], streaming)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The command as a user would type it (the binary by its file name).
+fn shown_command(args: &[String]) -> String {
+    let mut shown: Vec<String> = args.to_vec();
+    if let Some(first) = shown.first_mut() {
+        if let Some(name) = std::path::Path::new(first).file_name() {
+            *first = name.to_string_lossy().into_owned();
+        }
+    }
+    shown.join(" ")
+}

