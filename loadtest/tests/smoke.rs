@@ -160,7 +160,7 @@ async fn every_scenario_passes_through_tollgate_with_the_generated_config() {
     }
     let _ = stop.send(());
     running.wait().await;
-    let ledger = std::fs::read_to_string(data_dir.join("ledger.jsonl")).unwrap();
-    assert_eq!(ledger.lines().count(), 80);
+    let ledger = tollgate::ledger::read_all(&data_dir).unwrap();
+    assert_eq!(ledger.iter().filter(|r| r["type"] == "usage").count(), 80);
     let _ = std::fs::remove_dir_all(&data_dir);
 }
