@@ -21,7 +21,7 @@
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -388,18 +388,32 @@ impl Writer {
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let interval = self.settings.fsync_interval;
+        let mut busy = false;
         loop {
-            // Wait for work, but no longer than the sync deadline of what is already written.
-            let timeout = if unsynced {
-                interval.saturating_sub(last_sync.elapsed())
+            let first = if busy && !interval.is_zero() {
+                // Under load, wake once per sync interval and take everything queued meanwhile:
+                // a burst costs one wake-up per tick instead of one per record.
+                std::thread::sleep(interval.saturating_sub(last_sync.elapsed()));
+                match rx.try_recv() {
+                    Ok(msg) => Some(msg),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
             } else {
-                Duration::from_secs(3600)
+                // Idle: block until work arrives, but no longer than the sync deadline of what
+                // is already written.
+                let timeout = if unsynced {
+                    interval.saturating_sub(last_sync.elapsed())
+                } else {
+                    Duration::from_secs(3600)
+                };
+                match rx.recv_timeout(timeout) {
+                    Ok(msg) => Some(msg),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
             };
-            let first = match rx.recv_timeout(timeout) {
-                Ok(msg) => Some(msg),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
+            busy = first.is_some();
             let mut next = first;
             while let Some(msg) = next {
                 self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
