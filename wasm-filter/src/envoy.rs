@@ -145,7 +145,13 @@ fn now() -> Now {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
         let n = self.vm.in_flight_calls.borrow_mut().remove(&token).unwrap_or(0);
         let status = hostcalls::get_map_value(
             proxy_wasm::types::MapType::HttpCallResponseHeaders,
@@ -220,7 +226,12 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { vm: self.vm.clone(), exchange: None, local_reply: false, decided: false }))
+        Some(Box::new(Http {
+            vm: self.vm.clone(),
+            exchange: None,
+            local_reply: false,
+            decided: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -398,10 +409,11 @@ impl HttpContext for Http {
             return Action::Pause;
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
-        let body = hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body =
+            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
         self.decide(&plugin, &body)
     }
 
@@ -411,14 +423,11 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
-        let body = hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::HttpRequestBody,
-            0,
-            usize::MAX,
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let body =
+            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, usize::MAX)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
         self.decide(&plugin, &body)
     }
 
@@ -427,14 +436,12 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        let status =
+            hostcalls::get_map_value(proxy_wasm::types::MapType::HttpResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
         for (name, value) in exchange.response_headers(status) {
             let _ = hostcalls::set_map_value(
                 proxy_wasm::types::MapType::HttpResponseHeaders,

@@ -160,7 +160,8 @@ impl Exchange {
             business_unit: own(identity.business_unit),
             tier: own(identity.tier),
         };
-        let mcp = api.is_none() && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
+        let mcp =
+            api.is_none() && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
         Ok(Exchange {
             request_id,
             shape,
@@ -332,7 +333,9 @@ impl Exchange {
             let ttl = plugin.filter.reservation_ttl_ms;
             match budgets.reserve(&specs, values, worst_case, &self.request_id, now.ms, ttl) {
                 Ok(r) => reservation = Some(r),
-                Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
+                Err(BudgetError::Exceeded {
+                    budget_id, limit, spent_and_reserved, period, ..
+                }) => {
                     return Err(with_decision(Denial::new(
                         Class::BudgetExhausted,
                         "budget_exceeded",
@@ -360,19 +363,18 @@ impl Exchange {
         });
         Ok(())
     }
-
 }
 
 /// A budget store failure: refused when failing closed, let through unreserved when open.
 fn store_failed(plugin: &Plugin) -> Result<(), Denial> {
-        match plugin.filter.fail {
-            FailPolicy::Closed => Err(Denial::new(
-                Class::Unavailable,
-                "budget_store_unavailable",
-                "budgets cannot be checked right now",
-            )),
-            FailPolicy::Open => Ok(()),
-        }
+    match plugin.filter.fail {
+        FailPolicy::Closed => Err(Denial::new(
+            Class::Unavailable,
+            "budget_store_unavailable",
+            "budgets cannot be checked right now",
+        )),
+        FailPolicy::Open => Ok(()),
+    }
 }
 
 impl Exchange {

@@ -106,7 +106,10 @@ impl Recorder {
 
     /// A budget crossed a warning threshold (80, 95 or 100 %).
     pub fn budget_warning(&mut self, c: &mut impl Counters, budget: &str, percent: u64) {
-        c.add(&format!("tollgate_budget_warnings_total.budget.{}.pct.{percent}", sanitize(budget)), 1);
+        c.add(
+            &format!("tollgate_budget_warnings_total.budget.{}.pct.{percent}", sanitize(budget)),
+            1,
+        );
     }
 }
 

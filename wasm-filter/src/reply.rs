@@ -215,10 +215,8 @@ mod tests {
         assert_eq!(body["error"]["approval_id"], "apr_x");
         assert_eq!(reply.header("x-tollgate-decision"), Some("require_approval"));
         assert_eq!(reply.header("x-tollgate-approval-id"), Some("apr_x"));
-        let budget = Denial::new(Class::BudgetExhausted, "budget_exceeded", "no").render(
-            Shape::Anthropic,
-            "bad\nid",
-        );
+        let budget = Denial::new(Class::BudgetExhausted, "budget_exceeded", "no")
+            .render(Shape::Anthropic, "bad\nid");
         let body: Value = serde_json::from_slice(&budget.body).unwrap();
         assert_eq!(body["error"]["type"], "billing_error");
         assert_eq!(budget.header("x-request-id"), None, "unprintable value dropped");

@@ -10,7 +10,8 @@ use tollgate_core::doc::{self, Cx, DocErrors, Field};
 use tollgate_core::engine::{Engine, EngineConfig};
 
 /// Sections of the plugin configuration document.
-const SECTIONS: [&str; 6] = ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails"];
+const SECTIONS: [&str; 6] =
+    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails"];
 
 /// What the filter does when it cannot decide (bad configuration, budget store failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,7 +251,10 @@ mod tests {
 
     #[test]
     fn the_fail_policy_of_a_broken_configuration_is_read_leniently() {
-        assert_eq!(fail_policy_of(r#"{"filter": {"fail": "open"}, "policy": 3}"#), FailPolicy::Open);
+        assert_eq!(
+            fail_policy_of(r#"{"filter": {"fail": "open"}, "policy": 3}"#),
+            FailPolicy::Open
+        );
         assert_eq!(fail_policy_of(r#"{"filter": {"fail": "closed"}}"#), FailPolicy::Closed);
         assert_eq!(fail_policy_of("not json"), FailPolicy::Closed);
         assert_eq!(fail_policy_of(r#"{"policy": {}}"#), FailPolicy::Closed);
