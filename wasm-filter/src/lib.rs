@@ -13,6 +13,8 @@
 //! fail-open / fail-closed policy.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+// A refusal is the cold path and is rendered once; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
 
 pub mod exchange;
 pub mod metrics;

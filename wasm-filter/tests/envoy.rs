@@ -236,7 +236,7 @@ fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
 /// Envoy and through `tollgate_core` in the sidecar's order (attribution → policy → price →
 /// cost cap), and must come out the same: status, reason, clause and policy version.
 fn decisions_equal_the_core_pipeline_for_the_shared_table(envoy: &Envoy) {
-    let cases: Vec<(&str, Vec<(&str, &str)>, Value)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "/v1/chat/completions",
             who("bot-2"),
@@ -311,6 +311,9 @@ fn decisions_equal_the_core_pipeline_for_the_shared_table(envoy: &Envoy) {
         );
     }
 }
+
+/// Path, request headers, JSON body.
+type Case = (&'static str, Vec<(&'static str, &'static str)>, Value);
 
 type Outcome = (u16, Option<String>, Option<String>, Option<String>);
 
