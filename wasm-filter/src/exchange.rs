@@ -1,0 +1,521 @@
+//! One request's life inside the filter, host-agnostic: the same steps, statuses and reasons as
+//! the sidecar's pipeline (`proxy/src/pipeline.rs`), in proxy-wasm's hook order.
+//!
+//! *request headers*: attribution (a bad header is refused before anything is sent upstream) →
+//! *request body* (or the headers, for a bodyless request): classify, decide, cost cap, rate
+//! limits, budget reservation → *response headers*: decision headers, status → *response body*:
+//! every chunk fed to the core's meter as it passes, never held → *log*: finish metering, price,
+//! settle, usage event and metrics, also when the client went away.
+//!
+//! The Envoy glue (`envoy.rs`) only moves bytes between the host and this struct, so everything
+//! here is tested natively against the fake shared data.
+
+use serde::Serialize;
+use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
+use tollgate_core::inspect::{self, RequestInfo};
+use tollgate_core::metering::{Api, Meter};
+use tollgate_core::money::Money;
+use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::usage::{Usage, UsageSource};
+
+use crate::reply::{Class, Denial, Shape};
+use crate::settings::{FailPolicy, Plugin};
+use crate::shared::{SharedData, SharedStore};
+
+/// Output tokens assumed for the worst case when a request sets no `max_tokens` (the sidecar's
+/// `DEFAULT_MAX_OUTPUT_TOKENS`).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+/// The request line facts the filter reads from pseudo-headers.
+#[derive(Clone, Debug, Default)]
+pub struct Head {
+    pub method: String,
+    /// `:path`, query included.
+    pub path: String,
+    /// `:authority`, port included.
+    pub authority: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// Who pays, owned (the host hands out owned header values).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Who {
+    pub agent: Option<String>,
+    pub cost_center: Option<String>,
+    pub project: Option<String>,
+    pub business_unit: Option<String>,
+    pub tier: Option<String>,
+}
+
+/// Wall-clock time, read by the glue.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub ms: UnixMillis,
+    pub ns: u64,
+}
+
+/// What an admitted request carries until it is settled.
+#[derive(Debug)]
+struct Admitted {
+    reason: String,
+    clause: String,
+    policy_version: String,
+    reservation: Option<Reservation>,
+    meter: Option<Meter>,
+    input_estimate: u64,
+    model: Option<String>,
+    tool: Option<String>,
+    tool_cost: Option<Money>,
+}
+
+/// How a request ended, for the usage event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The response body reached its end.
+    Complete,
+    /// The stream ended early (client gone, upstream reset).
+    Aborted,
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub struct Exchange {
+    pub request_id: String,
+    pub shape: Shape,
+    who: Who,
+    head: Head,
+    api: Option<Api>,
+    mcp: bool,
+    admitted: Option<Admitted>,
+    /// Let through without a decision (fail-open).
+    bypass: bool,
+    status: u32,
+    response_done: bool,
+    started: UnixMillis,
+}
+
+/// A finished request: its usage event and what to count.
+#[derive(Debug, Serialize)]
+pub struct UsageEvent {
+    pub ts: String,
+    pub request_id: String,
+    pub agent: String,
+    pub cost_center: String,
+    pub project: String,
+    pub business_unit: Option<String>,
+    pub provider: &'static str,
+    pub model: Option<String>,
+    pub tool: Option<String>,
+    pub tokens: Usage,
+    pub cost_usd: Money,
+    pub cost_nano_usd: i64,
+    pub decision: &'static str,
+    pub reason: String,
+    pub clause: String,
+    pub policy_version: String,
+    pub status: u32,
+    pub latency_ms: u64,
+    pub usage_source: &'static str,
+    pub end: &'static str,
+    pub source: &'static str,
+    #[serde(skip)]
+    pub warnings: Vec<Warning>,
+}
+
+impl Exchange {
+    /// Checks attribution from the request headers. `header` returns a request header's value
+    /// by lower-case name. `Err` is the refusal to send as a local reply.
+    pub fn start(
+        plugin: &Plugin,
+        head: Head,
+        header: impl Fn(&str) -> Option<String>,
+        now: Now,
+    ) -> Result<Exchange, (Denial, Shape, String)> {
+        let api = Api::from_path(&head.path);
+        let shape = match api {
+            Some(Api::Messages) => Shape::Anthropic,
+            _ => Shape::OpenAi,
+        };
+        let request_id = head.request_id.clone().unwrap_or_else(|| format!("tg-{}", now.ns));
+        let attribution = plugin.engine.attribution();
+        let values: Vec<(String, String)> = attribution
+            .header_names()
+            .filter_map(|name| header(name).map(|v| (name.to_owned(), v)))
+            .collect();
+        let identity = match attribution
+            .check(|name| values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()))
+        {
+            Ok(identity) => identity,
+            Err(e) => {
+                let d = Denial::new(Class::Attribution, "attribution_rejected", e.to_string());
+                return Err((d, shape, request_id));
+            }
+        };
+        let own = |v: Option<&str>| v.map(str::to_owned);
+        let who = Who {
+            agent: own(identity.agent),
+            cost_center: own(identity.cost_center),
+            project: own(identity.project),
+            business_unit: own(identity.business_unit),
+            tier: own(identity.tier),
+        };
+        let mcp =
+            api.is_none() && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
+        Ok(Exchange {
+            request_id,
+            shape,
+            who,
+            head,
+            api,
+            mcp,
+            admitted: None,
+            bypass: false,
+            status: 0,
+            response_done: false,
+            started: now.ms,
+        })
+    }
+
+    /// An exchange let through without checks (fail-open on a broken configuration).
+    pub fn bypass(head: Head, now: Now) -> Exchange {
+        Exchange {
+            request_id: head.request_id.clone().unwrap_or_else(|| format!("tg-{}", now.ns)),
+            shape: Shape::OpenAi,
+            who: Who::default(),
+            api: None,
+            mcp: false,
+            head,
+            admitted: None,
+            bypass: true,
+            status: 0,
+            response_done: false,
+            started: now.ms,
+        }
+    }
+
+    pub fn is_bypass(&self) -> bool {
+        self.bypass
+    }
+
+    /// Decides on the whole request body (empty for a bodyless request) and reserves budget.
+    /// `Err` is the refusal. A budget store failure follows the plugin's fail policy.
+    pub fn decide<D: SharedData>(
+        &mut self,
+        plugin: &Plugin,
+        budgets: &Budgets<SharedStore<D>>,
+        body: &[u8],
+        now: Now,
+    ) -> Result<(), Denial> {
+        let engine = &plugin.engine;
+        let llm = self.api.is_some();
+        let info = if (llm || self.mcp) && !body.is_empty() {
+            inspect::inspect(self.api, body)
+                .map_err(|e| Denial::new(Class::BadRequest, "malformed_body", e.to_string()))?
+        } else {
+            RequestInfo::default()
+        };
+        let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
+        let kind = if llm {
+            RouteKind::Llm
+        } else if tool.is_some() {
+            RouteKind::Tool
+        } else {
+            RouteKind::Other
+        };
+        let provider = match (self.api, self.mcp) {
+            (Some(api), _) => Some(api.provider().as_str()),
+            (None, true) => Some("mcp"),
+            (None, false) => None,
+        };
+        let who = &self.who;
+        let host = self.head.authority.as_deref().map(strip_port);
+        let facts = Facts {
+            route: kind,
+            agent: who.agent.as_deref(),
+            tier: who.tier.as_deref(),
+            cost_center: who.cost_center.as_deref(),
+            project: who.project.as_deref(),
+            business_unit: who.business_unit.as_deref(),
+            provider,
+            model: info.model.as_deref(),
+            tool: tool.as_deref(),
+            category: None,
+            host,
+            method: Some(self.head.method.as_str()),
+            path: Some(path_only(&self.head.path)),
+        };
+        let decision = engine.policy().evaluate(&facts);
+        let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
+        match decision.effect {
+            Effect::Allow => {}
+            Effect::Deny => {
+                return Err(with_decision(Denial::new(
+                    Class::Policy,
+                    decision.reason,
+                    explanation(decision.explanation, "denied by policy"),
+                )))
+            }
+            Effect::RequireApproval => {
+                let mut d = with_decision(Denial::new(
+                    Class::ApprovalRequired,
+                    decision.reason,
+                    explanation(decision.explanation, "this action requires a human approval"),
+                ));
+                d.approval_id = Some(format!("apr_{}", self.request_id));
+                return Err(d);
+            }
+        }
+
+        let input_estimate = info.input_estimate_tokens;
+        let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+        let worst_case = if llm {
+            engine
+                .rates()
+                .worst_case(info.model.as_deref().unwrap_or(""), input_estimate, max_output)
+                .map_err(|e| {
+                    with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
+                })?
+                .cost
+                .total
+        } else {
+            tool.as_deref()
+                .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
+                .map_or(Money::ZERO, |c| c.total)
+        };
+        if let Some(cap) = decision.limits.max_cost_per_request {
+            if worst_case > cap {
+                return Err(with_decision(Denial::new(
+                    Class::Policy,
+                    "cost_limit_exceeded",
+                    format!(
+                        "the request may cost up to ${worst_case}, over the ${cap} per-request \
+                         limit (lower max_tokens or ask for a higher limit)"
+                    ),
+                )));
+            }
+        }
+
+        let store = budgets.store();
+        let limit_key = format!("{}\u{0}{}", decision.clause, who.agent.as_deref().unwrap_or("-"));
+        let tokens = input_estimate + if llm { max_output } else { 0 };
+        for (what, limit, cost) in
+            [("requests", decision.limits.rpm, 1), ("tokens", decision.limits.tpm, tokens)]
+        {
+            let Some(limit) = limit else { continue };
+            let key = format!("tollgate:rl:{what}:{limit}:{limit_key}");
+            match store.take_rate(&key, limit, cost.max(1), now.ns) {
+                Ok(Ok(())) => {}
+                Ok(Err(retry_ms)) => {
+                    let secs = retry_ms.div_ceil(1000).max(1);
+                    let mut d = with_decision(Denial::new(
+                        Class::RateLimited,
+                        format!("rate_limited_{what}"),
+                        format!("more than {limit} {what} per minute; retry in {secs} s"),
+                    ));
+                    d.retry_after_secs = Some(secs);
+                    return Err(d);
+                }
+                Err(_) => store_failed(plugin)?,
+            }
+        }
+
+        let values = |scope: Scope| match scope {
+            Scope::Agent => who.agent.as_deref(),
+            Scope::Project => who.project.as_deref(),
+            Scope::CostCenter => who.cost_center.as_deref(),
+            Scope::BusinessUnit => who.business_unit.as_deref(),
+            Scope::Global => None,
+        };
+        let specs: Vec<_> = decision.budgets.iter().cloned().collect();
+        let mut reservation = None;
+        if !specs.is_empty() {
+            let ttl = plugin.filter.reservation_ttl_ms;
+            match budgets.reserve(&specs, values, worst_case, &self.request_id, now.ms, ttl) {
+                Ok(r) => reservation = Some(r),
+                Err(BudgetError::Exceeded {
+                    budget_id, limit, spent_and_reserved, period, ..
+                }) => {
+                    return Err(with_decision(Denial::new(
+                        Class::BudgetExhausted,
+                        "budget_exceeded",
+                        format!(
+                            "budget `{budget_id}` ({period}) would be exceeded: \
+                             ${spent_and_reserved} of ${limit} spent or reserved, this request \
+                             may cost up to ${worst_case}"
+                        ),
+                    )))
+                }
+                Err(_) => store_failed(plugin)?,
+            }
+        }
+
+        self.admitted = Some(Admitted {
+            reason: decision.reason.to_owned(),
+            clause: decision.clause.to_owned(),
+            policy_version: decision.policy_version.to_owned(),
+            reservation,
+            meter: self.api.map(|api| Meter::new(api, info.stream)),
+            input_estimate,
+            model: info.model.clone(),
+            tool,
+            tool_cost: (!llm).then_some(worst_case),
+        });
+        Ok(())
+    }
+}
+
+/// A budget store failure: refused when failing closed, let through unreserved when open.
+fn store_failed(plugin: &Plugin) -> Result<(), Denial> {
+    match plugin.filter.fail {
+        FailPolicy::Closed => Err(Denial::new(
+            Class::Unavailable,
+            "budget_store_unavailable",
+            "budgets cannot be checked right now",
+        )),
+        FailPolicy::Open => Ok(()),
+    }
+}
+
+impl Exchange {
+    /// Headers to add to the upstream's response (the decision), and records its status.
+    pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, String)> {
+        self.status = status;
+        let mut headers = vec![("x-request-id", self.request_id.clone())];
+        match &self.admitted {
+            Some(a) => {
+                headers.push(("x-tollgate-decision", "allow".to_owned()));
+                headers.push(("x-tollgate-reason", a.reason.clone()));
+                headers.push(("x-tollgate-clause", a.clause.clone()));
+                headers.push(("x-tollgate-policy-version", a.policy_version.clone()));
+            }
+            None => {
+                headers.push(("x-tollgate-decision", "bypass".to_owned()));
+                headers.push(("x-tollgate-reason", "fail_open".to_owned()));
+            }
+        }
+        headers
+    }
+
+    /// Observes one response body chunk; the chunk itself flows on untouched.
+    pub fn response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) {
+        if let Some(meter) = self.admitted.as_mut().and_then(|a| a.meter.as_mut()) {
+            meter.feed(chunk);
+        }
+        if end_of_stream {
+            self.response_done = true;
+        }
+    }
+
+    /// Marks the response complete when it had no body.
+    pub fn response_ended(&mut self) {
+        self.response_done = true;
+    }
+
+    /// Finishes metering, prices the request and settles its reservation. `None` for a request
+    /// that was never admitted (refused, or bypassed).
+    pub fn finish<D: SharedData>(
+        &mut self,
+        plugin: &Plugin,
+        budgets: &Budgets<SharedStore<D>>,
+        now: Now,
+    ) -> Option<UsageEvent> {
+        let a = self.admitted.take()?;
+        let end = if self.response_done { End::Complete } else { End::Aborted };
+        let ok = (200..300).contains(&self.status);
+        let (usage, source, reported_model) = match a.meter {
+            Some(meter) if ok || end == End::Aborted => {
+                let m = meter.finish(a.input_estimate);
+                (m.usage, m.source, m.model)
+            }
+            _ => (Usage::default(), UsageSource::None, None),
+        };
+        let model = reported_model.or(a.model);
+        let llm = self.api.is_some();
+        let cost = if llm {
+            match &model {
+                Some(m) if !usage.is_empty() => {
+                    plugin.engine.rates().price(m, usage).map_or(Money::ZERO, |p| p.cost.total)
+                }
+                _ => Money::ZERO,
+            }
+        } else if ok {
+            a.tool_cost.unwrap_or(Money::ZERO)
+        } else {
+            Money::ZERO
+        };
+        let warnings = match a.reservation {
+            Some(r) => budgets.settle(r, cost, now.ms).map(|s| s.warnings).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let who = &self.who;
+        let s = |v: &Option<String>| v.clone().unwrap_or_default();
+        Some(UsageEvent {
+            ts: now.ms.to_string(),
+            request_id: self.request_id.clone(),
+            agent: s(&who.agent),
+            cost_center: s(&who.cost_center),
+            project: s(&who.project),
+            business_unit: who.business_unit.clone(),
+            provider: match (self.api, self.mcp) {
+                (Some(api), _) => api.provider().as_str(),
+                (None, true) => "mcp",
+                (None, false) => "other",
+            },
+            model,
+            tool: a.tool,
+            tokens: usage,
+            cost_usd: cost,
+            cost_nano_usd: cost.nanos(),
+            decision: "allow",
+            reason: a.reason,
+            clause: a.clause,
+            policy_version: a.policy_version,
+            status: self.status,
+            latency_ms: now.ms.since(self.started),
+            usage_source: source.as_str(),
+            end: match end {
+                End::Complete => "complete",
+                End::Aborted => "aborted",
+            },
+            source: "envoy",
+            warnings,
+        })
+    }
+
+    /// The requested model, once decided (for the decision metric).
+    pub fn model(&self) -> Option<&str> {
+        self.admitted.as_ref().and_then(|a| a.model.as_deref())
+    }
+
+    /// The reason of the allow decision, once decided.
+    pub fn reason(&self) -> Option<&str> {
+        self.admitted.as_ref().map(|a| a.reason.as_str())
+    }
+}
+
+fn path_only(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+/// `host:port` → `host` (the sidecar matches policy `host` without the port).
+fn strip_port(host: &str) -> &str {
+    host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+fn explanation(text: &str, fallback: &str) -> String {
+    if text.is_empty() {
+        fallback.to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests;

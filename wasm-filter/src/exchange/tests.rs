@@ -1,0 +1,269 @@
+use super::*;
+use crate::shared::fake::FakeShared;
+use serde_json::json;
+use tollgate_core::budget::StoreError;
+
+const DOC: &str = r#"{
+  "filter": {"fail": "closed"},
+  "policy": {
+    "version": "v9",
+    "defaults": {"llm": "allow", "tool": "require_approval", "other": "deny"},
+    "rules": [
+      {"id": "tier4", "match": {"tier": "4", "model": "gpt-4*"}, "effect": "deny",
+       "reason": "model_not_allowed_for_tier", "explanation": "no"},
+      {"id": "budgeted", "match": {"agent": "budget-bot"}, "effect": "allow",
+       "budgets": [{"id": "b", "scope": "agent", "period": "daily", "amount": "0.02"}]},
+      {"id": "limited", "match": {"agent": "rpm-bot"}, "effect": "allow", "limits": {"rpm": 1}},
+      {"id": "search", "match": {"tool": "search"}, "effect": "allow"}
+    ]
+  },
+  "pricing": {"models": {}, "tools": {"search": {"per_call": "0.01"}}}
+}"#;
+
+const NOW: Now = Now { ms: UnixMillis(1_800_000_000_000), ns: 1_800_000_000_000_000_000 };
+
+fn plugin() -> Plugin {
+    Plugin::from_document(DOC).unwrap()
+}
+
+fn head(path: &str, id: &str) -> Head {
+    Head {
+        method: "POST".into(),
+        path: path.into(),
+        authority: Some("llm.local:8080".into()),
+        request_id: Some(id.into()),
+    }
+}
+
+fn headers(
+    agent: &'static str,
+    extra: &'static [(&'static str, &'static str)],
+) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        let base =
+            [("x-agent-id", agent), ("x-cost-center", "CC-1234"), ("x-project-id", "PROJ-ABC123")];
+        base.iter().chain(extra).find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned())
+    }
+}
+
+fn body(v: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[test]
+fn missing_attribution_is_refused_in_the_provider_shape() {
+    let p = plugin();
+    let none = |_: &str| None;
+    let (d, shape, id) = Exchange::start(&p, head("/v1/messages", "r1"), none, NOW).unwrap_err();
+    assert_eq!(
+        (d.class, d.code.as_str(), shape, id.as_str()),
+        (Class::Attribution, "attribution_rejected", Shape::Anthropic, "r1")
+    );
+    assert!(d.message.contains("x-agent-id"), "{}", d.message);
+}
+
+#[test]
+fn allowed_call_is_metered_priced_and_settled() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "r2"), headers("bot", &[]), NOW).unwrap();
+    ex.decide(
+        &p,
+        &budgets,
+        &body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []})),
+        NOW,
+    )
+    .unwrap();
+    let h = ex.response_headers(200);
+    assert!(h.contains(&("x-tollgate-clause", "defaults.llm".to_owned())), "{h:?}");
+    assert!(h.contains(&("x-tollgate-policy-version", "v9".to_owned())));
+    let response =
+        br#"{"model":"gpt-4o-2024-08-06","usage":{"prompt_tokens":100,"completion_tokens":7}}"#;
+    // Split anywhere: the meter sees chunks exactly as Envoy hands them over.
+    ex.response_chunk(&response[..13], false);
+    ex.response_chunk(&response[13..], true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let usage = Usage { input: 100, output: 7, ..Usage::default() };
+    let cost = p.engine.rates().price("gpt-4o-2024-08-06", usage).unwrap().cost.total;
+    assert_eq!(
+        (ev.tokens, ev.cost_usd, ev.end, ev.usage_source),
+        (usage, cost, "complete", "reported")
+    );
+    assert_eq!(ev.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!((ev.agent.as_str(), ev.clause.as_str(), ev.status), ("bot", "defaults.llm", 200));
+    assert!(ex.finish(&p, &budgets, NOW).is_none(), "settled once");
+}
+
+#[test]
+fn client_gone_mid_stream_is_charged_from_what_was_seen() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "r3"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    let req = body(
+        json!({"model": "gpt-4o", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "hello there"}]}),
+    );
+    ex.decide(&p, &budgets, &req, NOW).unwrap();
+    let _ = ex.response_headers(200);
+    ex.response_chunk(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello world\"}}]}\n\n",
+        false,
+    );
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    assert_eq!((ev.end, ev.usage_source), ("aborted", "estimated"));
+    assert!(ev.tokens.output > 0 && ev.cost_nano_usd > 0, "{ev:?}");
+    // The reservation was replaced by the actual cost on the shared counter.
+    let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap();
+    let status = budgets.status(spec, "budget-bot", NOW.ms).unwrap();
+    assert_eq!((status.spent.nanos(), status.reserved.nanos()), (ev.cost_nano_usd, 0));
+}
+
+#[test]
+fn budget_refuses_with_402_once_reservations_fill_it() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let req = body(json!({"model": "gpt-4o", "max_tokens": 1000, "messages": []}));
+    let mut outcomes = Vec::new();
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let mut ex = Exchange::start(
+            &p,
+            head("/v1/chat/completions", &format!("b{i}")),
+            headers("budget-bot", &[]),
+            NOW,
+        )
+        .unwrap();
+        match ex.decide(&p, &budgets, &req, NOW) {
+            Ok(()) => {
+                outcomes.push(200);
+                open.push(ex);
+            }
+            Err(d) => {
+                assert_eq!(
+                    (d.code.as_str(), d.clause.as_deref()),
+                    ("budget_exceeded", Some("budgeted"))
+                );
+                outcomes.push(d.class.status());
+            }
+        }
+    }
+    // Worst case ~ $0.01 each against $0.02.
+    assert_eq!(outcomes, [200, 200, 402, 402]);
+}
+
+#[test]
+fn policy_denial_approval_unknown_model_and_rate_limit() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let decide = |agent: &'static str,
+                  extra: &'static [(&'static str, &'static str)],
+                  path: &str,
+                  b: serde_json::Value| {
+        let mut ex = Exchange::start(&p, head(path, "x"), headers(agent, extra), NOW).unwrap();
+        ex.decide(&p, &budgets, &body(b), NOW)
+            .err()
+            .map(|d| (d.class.status(), d.code, d.clause, d.approval_id))
+    };
+    assert_eq!(
+        decide("a", &[("x-agent-tier", "4")], "/v1/chat/completions", json!({"model": "gpt-4o"})),
+        Some((403, "model_not_allowed_for_tier".into(), Some("tier4".into()), None))
+    );
+    assert_eq!(
+        decide("a", &[], "/v1/chat/completions", json!({"model": "gpt-unknown"})),
+        Some((403, "unknown_model".into(), Some("defaults.llm".into()), None))
+    );
+    let call = |tool: &str| json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}});
+    assert_eq!(
+        decide("a", &[], "/mcp", call("shell")),
+        Some((
+            403,
+            "default_require_approval".into(),
+            Some("defaults.tool".into()),
+            Some("apr_x".into())
+        ))
+    );
+    assert_eq!(decide("a", &[], "/mcp", call("search")), None);
+    assert_eq!(
+        decide("a", &[], "/internal", json!({})),
+        Some((403, "default_deny".into(), Some("defaults.other".into()), None))
+    );
+    assert_eq!(decide("rpm-bot", &[], "/v1/chat/completions", json!({"model": "gpt-4o"})), None);
+    let limited = decide("rpm-bot", &[], "/v1/chat/completions", json!({"model": "gpt-4o"}));
+    assert_eq!(limited.map(|l| (l.0, l.1)), Some((429, "rate_limited_requests".into())));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "m"), headers("a", &[]), NOW).unwrap();
+    let d = ex.decide(&p, &budgets, br#"{"model": "gpt-4o", "#, NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (400, "malformed_body"));
+}
+
+/// Shared data that always fails, to exercise the fail policy.
+struct Down;
+impl SharedData for Down {
+    fn get(&self, _: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        Err(StoreError::Unavailable { reason: "down".into() })
+    }
+    fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable { reason: "down".into() })
+    }
+}
+
+#[test]
+fn store_failure_follows_the_fail_policy() {
+    let mut p = plugin();
+    let budgets = Budgets::new(SharedStore::new(Down));
+    let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "f1"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    let d = ex.decide(&p, &budgets, &req, NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (503, "budget_store_unavailable"));
+    p.filter.fail = FailPolicy::Open;
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "f2"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    ex.decide(&p, &budgets, &req, NOW).unwrap();
+    let _ = ex.response_headers(200);
+    ex.response_chunk(br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#, true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    assert_eq!(ev.tokens.output, 2, "still metered without a reservation");
+}
+
+#[test]
+fn upstream_error_is_not_charged() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "e1"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    ex.decide(&p, &budgets, &body(json!({"model": "gpt-4o", "max_tokens": 10})), NOW).unwrap();
+    let _ = ex.response_headers(500);
+    ex.response_chunk(br#"{"error":{"message":"boom"}}"#, true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    assert_eq!((ev.cost_nano_usd, ev.usage_source, ev.status), (0, "none", 500));
+}
+
+#[test]
+fn bypassed_exchange_marks_its_headers_and_emits_no_event() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex = Exchange::bypass(head("/v1/chat/completions", "bp"), NOW);
+    assert!(ex.is_bypass());
+    let h = ex.response_headers(200);
+    assert!(h.contains(&("x-tollgate-decision", "bypass".to_owned())));
+    assert!(ex.finish(&p, &budgets, NOW).is_none());
+}
+
+#[test]
+fn host_and_path_facts_drop_port_and_query() {
+    assert_eq!(strip_port("llm.local:8080"), "llm.local");
+    assert_eq!(strip_port("[::1]"), "[::1]");
+    assert_eq!(path_only("/v1/chat/completions?x=1"), "/v1/chat/completions");
+}

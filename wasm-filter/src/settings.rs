@@ -1,0 +1,262 @@
+//! The plugin configuration: the engine document the sidecar also reads (`attribution`,
+//! `policy`, `pricing`, `autonomy`, `guardrails`) plus a `filter` section for what only the
+//! Envoy filter has (fail policy, collector cluster, label caps), compiled once per
+//! `on_configure`.
+//!
+//! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
+//! with its field path and line. This module never talks to the host.
+
+use tollgate_core::doc::{self, Cx, DocErrors, Field};
+use tollgate_core::engine::{Engine, EngineConfig};
+
+/// Sections of the plugin configuration document.
+const SECTIONS: [&str; 6] =
+    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails"];
+
+/// What the filter does when it cannot decide (bad configuration, budget store failure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Answer 503: no request passes unchecked (the default).
+    Closed,
+    /// Let the request through unmetered, marked `x-tollgate-decision: bypass`.
+    Open,
+}
+
+impl FailPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailPolicy::Closed => "closed",
+            FailPolicy::Open => "open",
+        }
+    }
+}
+
+/// Where usage events go: an Envoy cluster (not a URL: `dispatch_http_call` addresses clusters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collector {
+    pub cluster: String,
+    /// `:authority` of the POST.
+    pub authority: String,
+    pub path: String,
+    /// Events are batched per VM and sent on this period.
+    pub flush_ms: u64,
+    pub timeout_ms: u64,
+    /// Events kept per VM while the collector is slow or down; older ones are dropped (and
+    /// counted) beyond this.
+    pub max_queued: usize,
+}
+
+/// The `filter:` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterSettings {
+    pub fail: FailPolicy,
+    pub collector: Option<Collector>,
+    /// Requests under this path prefix are MCP JSON-RPC tool calls.
+    pub mcp_path_prefix: String,
+    /// Keep the attribution headers on the upstream request (default: removed).
+    pub forward_attribution: bool,
+    /// Distinct values per metric label (per VM) before `__other__`.
+    pub max_label_values: usize,
+    /// How long a reservation is held before it is given back without a settlement.
+    pub reservation_ttl_ms: u64,
+    /// Timer period for expiring reservations and flushing events.
+    pub tick_ms: u64,
+}
+
+impl Default for FilterSettings {
+    fn default() -> Self {
+        FilterSettings {
+            fail: FailPolicy::Closed,
+            collector: None,
+            mcp_path_prefix: "/mcp".into(),
+            forward_attribution: false,
+            max_label_values: 1000,
+            reservation_ttl_ms: 15 * 60 * 1000,
+            tick_ms: 1000,
+        }
+    }
+}
+
+/// A compiled plugin configuration.
+#[derive(Clone, Debug)]
+pub struct Plugin {
+    pub engine: Engine,
+    pub filter: FilterSettings,
+}
+
+impl Plugin {
+    /// Compiles a plugin configuration (JSON, or YAML for tests and humans).
+    pub fn from_document(text: &str) -> Result<Plugin, DocErrors> {
+        let node = doc::parse(text)?;
+        let mut cx = Cx::new();
+        let root = Field::root(&node);
+        let Some(mut obj) = cx.object(&root) else { return Err(errors(cx)) };
+        let filter = match obj.get("filter") {
+            Some(f) => decode_filter(&mut cx, &f),
+            None => FilterSettings::default(),
+        };
+        let engine = EngineConfig {
+            attribution: obj.get("attribution"),
+            policy: obj.get("policy"),
+            pricing: obj.get("pricing"),
+            autonomy: obj.get("autonomy"),
+            guardrails: obj.get("guardrails"),
+        }
+        .compile(&mut cx);
+        obj.finish(&mut cx, &SECTIONS);
+        match engine {
+            Some(engine) if !cx.has_errors() => Ok(Plugin { engine, filter }),
+            _ => Err(errors(cx)),
+        }
+    }
+}
+
+/// The fail policy of a configuration that does not compile: read leniently from
+/// `filter.fail`, closed when that cannot be read either.
+pub fn fail_policy_of(text: &str) -> FailPolicy {
+    let fail = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("filter")?.get("fail")?.as_str().map(str::to_owned));
+    match fail.as_deref() {
+        Some("open") => FailPolicy::Open,
+        _ => FailPolicy::Closed,
+    }
+}
+
+fn errors(cx: Cx) -> DocErrors {
+    cx.finish(()).err().unwrap_or(DocErrors(Vec::new()))
+}
+
+fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
+    let mut settings = FilterSettings::default();
+    let Some(mut obj) = cx.object(field) else { return settings };
+    if let Some(f) = obj.get("fail") {
+        settings.fail = match f.one_of(cx, &["closed", "open"]) {
+            Some("open") => FailPolicy::Open,
+            _ => FailPolicy::Closed,
+        };
+    }
+    if let Some(f) = obj.get("collector") {
+        settings.collector = decode_collector(cx, &f);
+    }
+    if let Some(p) = obj.get("mcp_path_prefix").and_then(|f| f.non_empty_str(cx)) {
+        settings.mcp_path_prefix = p.to_owned();
+    }
+    if let Some(b) = obj.get("forward_attribution").and_then(|f| f.bool(cx)) {
+        settings.forward_attribution = b;
+    }
+    if let Some(n) = obj.get("max_label_values").and_then(|f| f.u64(cx)) {
+        settings.max_label_values = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(ms) = obj.get("reservation_ttl").and_then(|f| f.duration_ms(cx)) {
+        settings.reservation_ttl_ms = ms;
+    }
+    if let Some(f) = obj.get("tick") {
+        match f.duration_ms(cx) {
+            Some(0) => f.error(cx, "must be longer than 0"),
+            Some(ms) => settings.tick_ms = ms,
+            None => {}
+        }
+    }
+    obj.finish(
+        cx,
+        &[
+            "fail",
+            "collector",
+            "mcp_path_prefix",
+            "forward_attribution",
+            "max_label_values",
+            "reservation_ttl",
+            "tick",
+        ],
+    );
+    settings
+}
+
+fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
+    let mut obj = cx.object(field)?;
+    let cluster = obj.require(cx, "cluster").and_then(|f| f.non_empty_str(cx));
+    let authority = obj.get("authority").and_then(|f| f.non_empty_str(cx));
+    let path = obj.get("path").and_then(|f| f.non_empty_str(cx));
+    let flush_ms = obj.get("flush").and_then(|f| f.duration_ms(cx));
+    let timeout_ms = obj.get("timeout").and_then(|f| f.duration_ms(cx));
+    let max_queued = obj.get("max_queued").and_then(|f| f.u64(cx));
+    obj.finish(cx, &["cluster", "authority", "path", "flush", "timeout", "max_queued"]);
+    let cluster = cluster?.to_owned();
+    Some(Collector {
+        authority: authority.unwrap_or(&cluster).to_owned(),
+        cluster,
+        path: path.unwrap_or("/v1/usage-events").to_owned(),
+        flush_ms: flush_ms.unwrap_or(1000),
+        timeout_ms: timeout_ms.unwrap_or(5000),
+        max_queued: max_queued.map_or(10_000, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#""policy": {"version": "v1", "defaults": {"llm": "allow"}}"#;
+
+    #[test]
+    fn an_engine_document_alone_uses_the_default_filter_settings() {
+        let plugin = Plugin::from_document(&format!("{{{POLICY}}}")).unwrap();
+        assert_eq!(plugin.filter, FilterSettings::default());
+        assert_eq!(plugin.engine.policy().version(), "v1");
+    }
+
+    #[test]
+    fn filter_settings_are_decoded() {
+        let text = format!(
+            r#"{{"filter": {{"fail": "open", "mcp_path_prefix": "/tools/mcp",
+                "forward_attribution": true, "max_label_values": 5, "reservation_ttl": "2m",
+                "tick": "250ms",
+                "collector": {{"cluster": "tollgate", "path": "/usage", "flush": "2s"}}}},
+                {POLICY}}}"#
+        );
+        let f = Plugin::from_document(&text).unwrap().filter;
+        assert_eq!(f.fail, FailPolicy::Open);
+        assert_eq!(f.mcp_path_prefix, "/tools/mcp");
+        assert!(f.forward_attribution);
+        assert_eq!(f.max_label_values, 5);
+        assert_eq!(f.reservation_ttl_ms, 120_000);
+        assert_eq!(f.tick_ms, 250);
+        let c = f.collector.unwrap();
+        assert_eq!(
+            c,
+            Collector {
+                cluster: "tollgate".into(),
+                authority: "tollgate".into(),
+                path: "/usage".into(),
+                flush_ms: 2000,
+                timeout_ms: 5000,
+                max_queued: 10_000,
+            }
+        );
+    }
+
+    #[test]
+    fn errors_in_the_filter_and_the_engine_are_reported_together_with_paths() {
+        let text = "filter:\n  fail: sometimes\n  collector: {}\n  bogus: 1\npolicy:\n  version: v1\n  defaults: {llm: perhaps}\nextra: 2\n";
+        let errors = Plugin::from_document(text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in
+            ["filter.fail", "filter.collector", "filter.bogus", "policy.defaults.llm", "extra"]
+        {
+            assert!(paths.iter().any(|p| p.starts_with(expected)), "{expected}: {errors:?}");
+        }
+        assert_eq!(errors.iter().find(|e| e.path == "filter.fail").map(|e| e.line), Some(2));
+    }
+
+    #[test]
+    fn the_fail_policy_of_a_broken_configuration_is_read_leniently() {
+        assert_eq!(
+            fail_policy_of(r#"{"filter": {"fail": "open"}, "policy": 3}"#),
+            FailPolicy::Open
+        );
+        assert_eq!(fail_policy_of(r#"{"filter": {"fail": "closed"}}"#), FailPolicy::Closed);
+        assert_eq!(fail_policy_of("not json"), FailPolicy::Closed);
+        assert_eq!(fail_policy_of(r#"{"policy": {}}"#), FailPolicy::Closed);
+    }
+}

@@ -1,0 +1,439 @@
+//! Budget and rate-limit counters in Envoy's shared data, so that every worker thread (every VM
+//! of one `vm_id`) of one Envoy counts against the same numbers.
+//!
+//! Shared data is a map of byte strings with a version (`cas`) per key: `get` returns the value
+//! and its version, `set` with a version succeeds only if the key still has that version. Every
+//! counter update here is a get → compute → CAS loop, which makes each [`Store`] method atomic
+//! across workers as the trait requires.
+//!
+//! One trap (G7 in the notes): a key that does not exist yet has no version, and a `set` without
+//! one is unconditional, so two workers creating the same counter at once could lose one
+//! update. Counters are therefore created under a lock key (itself seeded in `on_configure`,
+//! before traffic): the creator takes the lock with a CAS, creates the key only if it is still
+//! absent, and releases the lock. Creation happens once per counter per period; every other
+//! update is a plain CAS on the existing key.
+//!
+//! Holds (open reservations) and settle markers stay in the VM that made them: a request lives
+//! in one worker from headers to `on_log`, so nobody else needs them, and shared data has no way
+//! to list or drop keys. If a VM dies, its holds are lost and the money they held stays reserved
+//! until the budget's period ends (documented in the README).
+//!
+//! Counters never expire from shared data (it cannot delete): one small key per budget, scope
+//! value and period window stays until Envoy restarts.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use tollgate_core::budget::{AddOutcome, Hold, Store, StoreError};
+use tollgate_core::time::UnixMillis;
+
+/// The lock under which counters are created.
+pub const CREATE_LOCK_KEY: &str = "tollgate:create-lock";
+/// How many times an update retries after losing a CAS race before giving up.
+const MAX_ATTEMPTS: u32 = 10_000;
+
+/// Envoy's shared data, as the filter uses it.
+pub trait SharedData {
+    /// The value and its version, `None` if the key does not exist.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Sets the value if the key still has version `cas` (any version when `None`). `Ok(false)`
+    /// on a version mismatch.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
+}
+
+impl<D: SharedData + ?Sized> SharedData for &D {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        (**self).get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        (**self).set(key, value, cas)
+    }
+}
+
+/// Creates the lock key if it is missing. Call before traffic (from `on_configure`): two VMs
+/// seeding at once both write the unlocked value, which is harmless.
+pub fn seed(data: &impl SharedData) -> Result<(), StoreError> {
+    if data.get(CREATE_LOCK_KEY)?.is_none() {
+        data.set(CREATE_LOCK_KEY, b"0", None)?;
+    }
+    Ok(())
+}
+
+/// A budget [`Store`] over shared data (counters) and this VM's memory (holds, markers).
+pub struct SharedStore<D> {
+    data: D,
+    local: RefCell<Local>,
+}
+
+#[derive(Default)]
+struct Local {
+    markers: BTreeMap<String, UnixMillis>,
+    holds: BTreeMap<String, Hold>,
+    hold_expiry: BTreeSet<(UnixMillis, String)>,
+}
+
+impl<D: SharedData> SharedStore<D> {
+    pub fn new(data: D) -> Self {
+        SharedStore { data, local: RefCell::new(Local::default()) }
+    }
+
+    pub fn data(&self) -> &D {
+        &self.data
+    }
+
+    /// Applies `f` to the counter (0 when absent) until a CAS succeeds; `f` returns the new
+    /// value, or `None` to leave the counter alone. Returns `(before, after)`.
+    fn update(
+        &self,
+        key: &str,
+        mut f: impl FnMut(i64) -> Option<i64>,
+    ) -> Result<(i64, Option<i64>), StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((bytes, cas)) = self.data.get(key)? else {
+                let current = 0;
+                let Some(next) = f(current) else { return Ok((current, None)) };
+                self.create(key)?;
+                // Created at 0 (or by someone else meanwhile): apply with a CAS next round.
+                let _ = next;
+                continue;
+            };
+            let current = decode(key, &bytes)?;
+            let Some(next) = f(current) else { return Ok((current, None)) };
+            if self.data.set(key, &next.to_le_bytes(), Some(cas))? {
+                return Ok((current, Some(next)));
+            }
+        }
+        Err(StoreError::Contended { key: key.to_owned(), attempts: MAX_ATTEMPTS })
+    }
+
+    /// Creates `key` at 0 unless it exists, under the creation lock.
+    fn create(&self, key: &str) -> Result<(), StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            match self.data.get(CREATE_LOCK_KEY)? {
+                None => {
+                    seed(&self.data)?;
+                }
+                Some((held, _)) if held.as_slice() != b"0" => {}
+                Some((_, cas)) => {
+                    if !self.data.set(CREATE_LOCK_KEY, b"1", Some(cas))? {
+                        continue;
+                    }
+                    let created = match self.data.get(key) {
+                        Ok(None) => self.data.set(key, &0i64.to_le_bytes(), None).map(|_| ()),
+                        Ok(Some(_)) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    self.data.set(CREATE_LOCK_KEY, b"0", None)?;
+                    return created;
+                }
+            }
+        }
+        Err(StoreError::Contended { key: CREATE_LOCK_KEY.to_owned(), attempts: MAX_ATTEMPTS })
+    }
+
+    /// A GCRA rate limit over shared data: `cost` units against `per_minute`, with a burst of
+    /// one minute's allowance (the sidecar's governor quota). `Err(retry_after_ms)` when
+    /// refused; a cost above the whole allowance is refused with a minute.
+    pub fn take_rate(
+        &self,
+        key: &str,
+        per_minute: u64,
+        cost: u64,
+        now_ns: u64,
+    ) -> Result<Result<(), u64>, StoreError> {
+        const MINUTE_NS: u64 = 60_000_000_000;
+        if per_minute == 0 {
+            return Ok(Ok(()));
+        }
+        if cost > per_minute {
+            return Ok(Err(60_000));
+        }
+        let interval = MINUTE_NS / per_minute;
+        let burst = interval.saturating_mul(per_minute);
+        let now = i64::try_from(now_ns).unwrap_or(i64::MAX);
+        let mut refused_for = 0u64;
+        let (_, applied) = self.update(key, |tat| {
+            let start = tat.max(now);
+            let next = start.saturating_add(i64::try_from(interval * cost).unwrap_or(i64::MAX));
+            let ahead = u64::try_from(next.saturating_sub(now)).unwrap_or(0);
+            if ahead > burst {
+                refused_for = ahead - burst;
+                None
+            } else {
+                Some(next)
+            }
+        })?;
+        Ok(match applied {
+            Some(_) => Ok(()),
+            None => Err(refused_for.div_ceil(1_000_000).max(1)),
+        })
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<i64, StoreError> {
+    let array: [u8; 8] =
+        bytes.try_into().map_err(|_| StoreError::Corrupt { key: key.to_owned() })?;
+    Ok(i64::from_le_bytes(array))
+}
+
+impl<D: SharedData> Store for SharedStore<D> {
+    fn get(&self, key: &str) -> Result<i64, StoreError> {
+        match self.data.get(key)? {
+            Some((bytes, _)) => decode(key, &bytes),
+            None => Ok(0),
+        }
+    }
+
+    fn add(&self, key: &str, delta: i64, _expires_at: UnixMillis) -> Result<i64, StoreError> {
+        let (before, after) = self.update(key, |v| Some(v.saturating_add(delta)))?;
+        Ok(after.unwrap_or(before))
+    }
+
+    fn add_if_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+        _expires_at: UnixMillis,
+    ) -> Result<AddOutcome, StoreError> {
+        let (current, applied) = self.update(key, |v| {
+            let total = v.saturating_add(delta);
+            (total <= limit).then_some(total)
+        })?;
+        Ok(match applied {
+            Some(total) => AddOutcome::Applied { total },
+            None => AddOutcome::Refused { current },
+        })
+    }
+
+    fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {
+        let mut local = self.local.borrow_mut();
+        if local.markers.contains_key(key) {
+            return Ok(false);
+        }
+        local.markers.insert(key.to_owned(), expires_at);
+        Ok(true)
+    }
+
+    fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
+        let mut local = self.local.borrow_mut();
+        if local.holds.contains_key(&hold.request_id) {
+            return Ok(false);
+        }
+        local.hold_expiry.insert((hold.expires_at, hold.request_id.clone()));
+        local.holds.insert(hold.request_id.clone(), hold.clone());
+        Ok(true)
+    }
+
+    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError> {
+        let mut local = self.local.borrow_mut();
+        let hold = local.holds.remove(request_id);
+        if let Some(h) = &hold {
+            local.hold_expiry.remove(&(h.expires_at, h.request_id.clone()));
+        }
+        Ok(hold)
+    }
+
+    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError> {
+        let mut local = self.local.borrow_mut();
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            match local.hold_expiry.first() {
+                Some((at, _)) if *at <= now => {}
+                _ => break,
+            }
+            let Some((_, id)) = local.hold_expiry.pop_first() else { break };
+            if let Some(hold) = local.holds.remove(&id) {
+                taken.push(hold);
+            }
+        }
+        Ok(taken)
+    }
+
+    fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        let mut local = self.local.borrow_mut();
+        let before = local.markers.len();
+        local.markers.retain(|_, at| *at > now);
+        Ok(before - local.markers.len())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! An in-memory shared data with Envoy's semantics, for tests.
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    pub struct FakeShared {
+        map: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+        next_cas: Mutex<u32>,
+        /// When set, the next `set` with a version fails with a mismatch (another worker won).
+        pub lose_next_race: Mutex<u32>,
+    }
+
+    impl SharedData for FakeShared {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            Ok(self.map.lock().unwrap().get(key).cloned())
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            let mut map = self.map.lock().unwrap();
+            if cas.is_some() {
+                let mut lose = self.lose_next_race.lock().unwrap();
+                if *lose > 0 {
+                    *lose -= 1;
+                    return Ok(false);
+                }
+            }
+            if let (Some(cas), Some((_, current))) = (cas, map.get(key)) {
+                if cas != *current {
+                    return Ok(false);
+                }
+            }
+            let mut next = self.next_cas.lock().unwrap();
+            *next += 1;
+            map.insert(key.to_owned(), (value.to_vec(), *next));
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeShared;
+    use super::*;
+    use std::sync::Arc;
+    use tollgate_core::budget::HoldEntry;
+
+    const T: UnixMillis = UnixMillis(1_000);
+
+    #[test]
+    fn add_if_within_applies_up_to_the_limit_inclusive() {
+        let data = FakeShared::default();
+        seed(&data).unwrap();
+        let s = SharedStore::new(&data);
+        let cases = [
+            (4, AddOutcome::Applied { total: 4 }),
+            (6, AddOutcome::Applied { total: 10 }),
+            (1, AddOutcome::Refused { current: 10 }),
+            (-3, AddOutcome::Applied { total: 7 }),
+            (4, AddOutcome::Refused { current: 7 }),
+        ];
+        for (delta, expected) in cases {
+            assert_eq!(s.add_if_within("k", delta, 10, T), Ok(expected), "delta {delta}");
+        }
+        assert_eq!(s.get("k"), Ok(7));
+        assert_eq!(s.get("missing"), Ok(0));
+        assert_eq!(s.add_if_within("new", 11, 10, T), Ok(AddOutcome::Refused { current: 0 }));
+        assert_eq!(data.get("new").unwrap(), None, "a refused add creates nothing");
+    }
+
+    #[test]
+    fn a_lost_cas_race_is_retried() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        assert_eq!(s.add("k", 5, T), Ok(5));
+        *data.lose_next_race.lock().unwrap() = 3;
+        assert_eq!(s.add("k", 2, T), Ok(7));
+        assert_eq!(*data.lose_next_race.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_counter_that_keeps_losing_reports_contention() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        assert_eq!(s.add("k", 1, T), Ok(1));
+        *data.lose_next_race.lock().unwrap() = u32::MAX;
+        assert!(matches!(s.add("k", 1, T), Err(StoreError::Contended { attempts: 10_000, .. })));
+    }
+
+    #[test]
+    fn a_malformed_value_is_reported_as_corrupt() {
+        let data = FakeShared::default();
+        data.set("k", b"abc", None).unwrap();
+        let s = SharedStore::new(&data);
+        assert_eq!(s.get("k"), Err(StoreError::Corrupt { key: "k".into() }));
+        assert!(s.add("k", 1, T).is_err());
+    }
+
+    #[test]
+    fn the_creation_lock_is_released_after_creating() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        for key in ["a", "b", "c"] {
+            assert_eq!(s.add(key, 1, T), Ok(1));
+        }
+        assert_eq!(data.get(CREATE_LOCK_KEY).unwrap().map(|(v, _)| v), Some(b"0".to_vec()));
+    }
+
+    #[test]
+    fn concurrent_workers_never_pass_the_limit_nor_lose_updates() {
+        // Four "workers", each with its own VM-local store over one shared data, racing on keys
+        // that do not exist yet (the G7 case).
+        let data = Arc::new(FakeShared::default());
+        seed(&*data).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let s = SharedStore::new(&*data);
+                    let mut applied = 0;
+                    for i in 0..500 {
+                        s.add(&format!("fresh-{}", i % 50), 1, T).unwrap();
+                        if let AddOutcome::Applied { .. } =
+                            s.add_if_within("limited", 3, 1_000, T).unwrap()
+                        {
+                            applied += 1;
+                        }
+                    }
+                    applied
+                })
+            })
+            .collect();
+        let applied: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let s = SharedStore::new(&*data);
+        assert_eq!(applied, 333);
+        assert_eq!(s.get("limited"), Ok(999));
+        let total: i64 = (0..50).map(|i| s.get(&format!("fresh-{i}")).unwrap()).sum();
+        assert_eq!(total, 2000, "every increment counted");
+    }
+
+    #[test]
+    fn holds_and_markers_are_local_and_taken_once() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        let hold = |id: &str, at: u64| Hold {
+            request_id: id.into(),
+            expires_at: UnixMillis(at),
+            entries: vec![HoldEntry { key: "c".into(), amount: 5 }],
+        };
+        assert_eq!(s.put_hold(&hold("a", 30)), Ok(true));
+        assert_eq!(s.put_hold(&hold("b", 10)), Ok(true));
+        assert_eq!(s.put_hold(&hold("a", 99)), Ok(false));
+        assert_eq!(s.take_expired_holds(UnixMillis(20), 10), Ok(vec![hold("b", 10)]));
+        assert_eq!(s.take_hold("a"), Ok(Some(hold("a", 30))));
+        assert_eq!(s.take_hold("a"), Ok(None));
+        assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(true));
+        assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(false));
+        assert_eq!(s.prune(UnixMillis(50)), Ok(1));
+        assert_eq!(s.insert_if_absent("m", UnixMillis(60)), Ok(true));
+    }
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_refuses_until_refilled() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        let sec = 1_000_000_000u64;
+        let t0 = 1_000 * sec;
+        for _ in 0..3 {
+            assert_eq!(s.take_rate("r", 3, 1, t0), Ok(Ok(())));
+        }
+        assert_eq!(s.take_rate("r", 3, 1, t0), Ok(Err(20_000)), "one cell per 20 s");
+        assert_eq!(s.take_rate("r", 3, 1, t0 + 20 * sec), Ok(Ok(())));
+        assert_eq!(s.take_rate("other", 3, 1, t0), Ok(Ok(())));
+        assert_eq!(s.take_rate("t", 1000, 600, t0), Ok(Ok(())));
+        assert!(matches!(s.take_rate("t", 1000, 600, t0), Ok(Err(_))));
+        assert_eq!(s.take_rate("t", 1000, 5000, t0), Ok(Err(60_000)));
+    }
+}

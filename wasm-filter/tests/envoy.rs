@@ -1,0 +1,400 @@
+//! The built filter inside the real Envoy (2 worker threads) in front of the mock upstream,
+//! checked through real sockets. Needs `target/envoy-venv/bin/envoy` and the `.wasm` built by
+//! `scripts/test`; fails (never skips) with the command to run when either is missing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{Collector, Envoy};
+use tollgate_core::engine::Engine;
+use tollgate_core::inspect;
+use tollgate_core::metering::Api;
+use tollgate_core::money::Money;
+use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::usage::Usage;
+use tollgate_e2e::mock::MockUpstream;
+
+const POLICY: &str = r#"{
+  "version": "2026-11-22.7",
+  "defaults": {"llm": "allow", "tool": "require_approval", "other": "deny"},
+  "limits": {"max_cost_per_request": "1.00"},
+  "rules": [
+    {"id": "no-gpt4-for-tier-4", "match": {"tier": "4", "model": "gpt-4*"}, "effect": "deny",
+     "reason": "model_not_allowed_for_tier", "explanation": "Tier 4 agents may not use GPT-4 class models"},
+    {"id": "no-opus-for-sales", "match": {"business_unit": "sales", "provider": "anthropic", "model": "claude-opus*"},
+     "effect": "require_approval", "reason": "expensive_model"},
+    {"id": "budgeted", "match": {"agent": "budget-bot"}, "effect": "allow",
+     "budgets": [{"id": "tiny-daily", "scope": "agent", "period": "daily", "amount": "0.05"}]},
+    {"id": "capped", "match": {"agent": "capped-bot"}, "effect": "allow",
+     "limits": {"max_cost_per_request": "0.001"}},
+    {"id": "limited", "match": {"agent": "rpm-bot"}, "effect": "allow", "limits": {"rpm": 2}}
+  ]
+}"#;
+
+fn plugin(fail: &str, collector: bool) -> String {
+    let collector = if collector {
+        r#""collector": {"cluster": "collector", "flush": "100ms"}, "tick": "100ms","#
+    } else {
+        ""
+    };
+    format!(r#"{{"filter": {{{collector} "fail": "{fail}"}}, "policy": {POLICY}}}"#)
+}
+
+const WHO: [(&str, &str); 3] =
+    [("x-agent-id", "bot-1"), ("x-cost-center", "CC-1234"), ("x-project-id", "PROJ-ABC123")];
+
+fn who(agent: &str) -> Vec<(&str, &str)> {
+    vec![("x-agent-id", agent), ("x-cost-center", "CC-1234"), ("x-project-id", "PROJ-ABC123")]
+}
+
+fn chat(model: &str, max_tokens: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"model": model, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say hello."}]}))
+    .unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+/// One Envoy for the main scenarios; each step uses its own agent so their budgets and limits
+/// do not interfere.
+#[test]
+fn filter_in_real_envoy() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let collector = Collector::start();
+    let envoy = Envoy::start(&plugin("closed", true), mock.addr().port(), collector.port);
+
+    untagged_request_is_refused_naming_the_header(&envoy, &mock);
+    allowed_request_is_metered_in_stats_and_events(&envoy, &mock, &collector);
+    budget_is_not_overspent_by_concurrent_requests(&envoy);
+    sse_chunks_are_not_held_back(&envoy, &collector);
+    rate_limit_answers_429_with_retry_after(&envoy);
+    decisions_equal_the_core_pipeline_for_the_shared_table(&envoy);
+    let log = envoy.log();
+    assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
+}
+
+fn untagged_request_is_refused_naming_the_header(envoy: &Envoy, mock: &MockUpstream) {
+    let before = mock.request_count();
+    let r = envoy.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-cost-center", "CC-1234"), ("x-project-id", "PROJ-ABC123")],
+        &chat("gpt-4o", 10),
+    );
+    assert_eq!(r.status, 403);
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "attribution_rejected");
+    assert_eq!(body["error"]["type"], "permission_error");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("x-agent-id"), "{message}");
+    assert!(!message.contains("x-cost-center"), "only the bad header is named: {message}");
+    assert_eq!(r.header("x-tollgate-decision"), Some("deny"));
+    assert_eq!(r.header("x-tollgate-reason"), Some("attribution_rejected"));
+    // Anthropic route: Anthropic's error shape.
+    let r = envoy.request("POST", "/v1/messages", &[], b"{}");
+    assert_eq!((r.status, r.json()["type"].as_str()), (403, Some("error")));
+    assert_eq!(mock.request_count(), before, "refused requests never reach the upstream");
+}
+
+fn allowed_request_is_metered_in_stats_and_events(
+    envoy: &Envoy,
+    mock: &MockUpstream,
+    collector: &Collector,
+) {
+    let mut headers = WHO.to_vec();
+    headers.extend([
+        ("x-request-id", "req-allowed-1"),
+        ("x-mock-input-tokens", "1234"),
+        ("x-mock-output-tokens", "56"),
+        ("x-mock-cached-tokens", "200"),
+    ]);
+    let r = envoy.request("POST", "/v1/chat/completions", &headers, &chat("gpt-4o", 100));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-tollgate-decision"), Some("allow"));
+    assert_eq!(r.header("x-tollgate-reason"), Some("default_allow"));
+    assert_eq!(r.header("x-tollgate-clause"), Some("defaults.llm"));
+    assert_eq!(r.header("x-tollgate-policy-version"), Some("2026-11-22.7"));
+    let upstream = mock.requests().into_iter().last().unwrap();
+    assert_eq!(upstream.header("x-agent-id"), None, "attribution headers are not forwarded");
+
+    let usage = Usage { input: 1034, cached_input: 200, output: 56, ..Usage::default() };
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let cost = engine.rates().price("gpt-4o", usage).unwrap().cost.total;
+
+    let event = collector.wait_for("req-allowed-1");
+    assert_eq!(
+        event["tokens"],
+        json!({"input": 1034, "cached_input": 200, "cache_write": 0, "output": 56, "reasoning": 0})
+    );
+    assert_eq!(event["cost_nano_usd"], cost.nanos());
+    assert_eq!(event["cost_usd"], cost.to_string());
+    assert_eq!(event["agent"], "bot-1");
+    assert_eq!(event["usage_source"], "reported");
+    assert_eq!(event["end"], "complete");
+    assert_eq!(event["source"], "envoy");
+
+    let who = r#"model="gpt-4o",cost_center="CC-1234",project="PROJ-ABC123",agent="bot-1""#;
+    let stats = envoy.prometheus();
+    for (kind, n) in [("input", 1034), ("cached_input", 200), ("output", 56)] {
+        let series = format!("tollgate_tokens_total{{kind=\"{kind}\",{who}}}");
+        assert_eq!(support::metric(&stats, &series), n, "{series} in\n{stats}");
+    }
+    let series = format!("tollgate_cost_nano_usd_total{{{who}}}");
+    assert_eq!(support::metric(&stats, &series), cost.nanos() as u64, "{series}");
+    let series =
+        r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o"}"#;
+    assert!(support::metric(&stats, series) >= 1, "{series} in\n{stats}");
+    assert!(envoy.wait_metric("tollgate_usage_events_sent_total", 1) >= 1);
+}
+
+fn budget_is_not_overspent_by_concurrent_requests(envoy: &Envoy) {
+    // Every request reserves its worst case and the slow upstream keeps them all in flight, so
+    // exactly floor(budget / worst case) fit, whichever worker takes them.
+    let body = chat("gpt-4o", 1000);
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let info = inspect::inspect(Some(Api::ChatCompletions), &body).unwrap();
+    let worst = engine.rates().worst_case("gpt-4o", info.input_estimate_tokens, 1000).unwrap();
+    let budget = Money::parse("0.05").unwrap();
+    let fit = budget.nanos() / worst.cost.total.nanos();
+    assert!((2..10).contains(&fit), "test setup: {fit} requests fit");
+    let n = 16;
+    let port = envoy.port;
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut h = who("budget-bot");
+                h.push(("x-mock-delay-ms", "700"));
+                support::request(port, "POST", "/v1/chat/completions", &h, &body)
+            })
+        })
+        .collect();
+    let replies: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count() as i64;
+    let refused: Vec<_> = replies.iter().filter(|r| r.status == 402).collect();
+    assert_eq!(ok, fit, "statuses: {:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(refused.len() as i64, n - fit);
+    let body = refused[0].json();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(refused[0].header("x-tollgate-clause"), Some("budgeted"));
+}
+
+fn sse_chunks_are_not_held_back(envoy: &Envoy, collector: &Collector) {
+    let body = serde_json::to_vec(&json!({"model": "gpt-4o-mini", "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Stream please."}]}))
+    .unwrap();
+    let mut h = WHO.to_vec();
+    h.extend([
+        ("x-request-id", "req-sse-1"),
+        ("x-mock-events", "6"),
+        ("x-mock-event-delay-ms", "250"),
+    ]);
+    let started = Instant::now();
+    let (head, mut reader) =
+        support::send(envoy.port, "POST", "/v1/chat/completions", &h, &body).unwrap();
+    assert_eq!(head.status, 200);
+    let mut first = None;
+    let all = support::read_body(&head, &mut reader, |_| {
+        first.get_or_insert(started.elapsed());
+    })
+    .unwrap();
+    let total = started.elapsed();
+    let first = first.unwrap();
+    assert!(total >= Duration::from_millis(1250), "the stream took {total:?}");
+    assert!(
+        first + Duration::from_millis(750) < total,
+        "first chunk after {first:?} of {total:?}: the stream was held back"
+    );
+    assert!(String::from_utf8_lossy(&all).contains("data: [DONE]"));
+    let event = collector.wait_for("req-sse-1");
+    assert_eq!(event["tokens"]["output"], 6, "{event}");
+    assert_eq!(event["usage_source"], "reported");
+    assert_eq!(event["model"], "gpt-4o-mini");
+}
+
+fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
+    let statuses: Vec<_> = (0..3)
+        .map(|_| envoy.request("POST", "/v1/chat/completions", &who("rpm-bot"), &chat("gpt-4o", 5)))
+        .collect();
+    assert_eq!(statuses.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200, 429]);
+    let limited = &statuses[2];
+    assert_eq!(limited.json()["error"]["code"], "rate_limited_requests");
+    let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+}
+
+/// The table shared with the sidecar's decision path: each case is run through the filter in
+/// Envoy and through `tollgate_core` in the sidecar's order (attribution → policy → price →
+/// cost cap), and must come out the same: status, reason, clause and policy version.
+fn decisions_equal_the_core_pipeline_for_the_shared_table(envoy: &Envoy) {
+    let cases: Vec<Case> = vec![
+        (
+            "/v1/chat/completions",
+            who("bot-2"),
+            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
+        ),
+        (
+            "/v1/chat/completions",
+            [who("bot-3"), vec![("x-agent-tier", "4")]].concat(),
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            [who("bot-3"), vec![("x-agent-tier", "3")]].concat(),
+            json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}),
+        ),
+        (
+            "/v1/messages",
+            [who("bot-4"), vec![("x-business-unit", "sales")]].concat(),
+            json!({"model": "claude-opus-4-1", "max_tokens": 10, "messages": []}),
+        ),
+        (
+            "/v1/messages",
+            [who("bot-4"), vec![("x-business-unit", "research")]].concat(),
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}),
+        ),
+        (
+            "/v1/chat/completions",
+            who("capped-bot"),
+            json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}),
+        ),
+        (
+            "/v1/chat/completions",
+            who("capped-bot"),
+            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
+        ),
+        ("/v1/chat/completions", who("bot-5"), json!({"model": "no-such-model", "messages": []})),
+        (
+            "/v1/chat/completions",
+            vec![
+                ("x-agent-id", "Bad Agent"),
+                ("x-cost-center", "CC-1"),
+                ("x-project-id", "PROJ-ABC123"),
+            ],
+            json!({"model": "gpt-4o"}),
+        ),
+        ("/internal/admin", who("bot-6"), json!({})),
+        (
+            "/mcp",
+            who("bot-7"),
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "shell", "arguments": {}}}),
+        ),
+    ];
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    for (path, headers, body) in &cases {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let expected = sidecar_decision(&engine, path, headers, &bytes);
+        let mut h = headers.clone();
+        h.push(("content-type", "application/json"));
+        h.push(("x-mock-output-tokens", "1"));
+        let r = envoy.request("POST", path, &h, &bytes);
+        let got = (
+            r.status,
+            r.header("x-tollgate-reason").map(str::to_owned),
+            r.header("x-tollgate-clause").map(str::to_owned),
+            r.header("x-tollgate-policy-version").map(str::to_owned),
+        );
+        assert_eq!(
+            got,
+            expected,
+            "{path} {headers:?} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+/// Path, request headers, JSON body.
+type Case = (&'static str, Vec<(&'static str, &'static str)>, Value);
+
+type Outcome = (u16, Option<String>, Option<String>, Option<String>);
+
+/// The sidecar's pipeline (`proxy/src/pipeline.rs`) up to forwarding, on `tollgate_core`.
+fn sidecar_decision(engine: &Engine, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Outcome {
+    let version = Some(engine.policy().version().to_owned());
+    let lookup = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let identity = match engine.attribution().check(lookup) {
+        Ok(i) => i,
+        Err(_) => return (403, Some("attribution_rejected".into()), None, None),
+    };
+    let api = Api::from_path(path);
+    let mcp = path.starts_with("/mcp");
+    let info = inspect::inspect(api, body).unwrap_or_default();
+    let tool = if mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
+    let kind = match (api, &tool) {
+        (Some(_), _) => RouteKind::Llm,
+        (None, Some(_)) => RouteKind::Tool,
+        _ => RouteKind::Other,
+    };
+    let facts = Facts {
+        provider: api.map(|a| a.provider().as_str()).or(mcp.then_some("mcp")),
+        model: info.model.as_deref(),
+        tool: tool.as_deref(),
+        host: Some("localhost"),
+        method: Some("POST"),
+        path: Some(path),
+        ..Facts::from_identity(&identity, kind)
+    };
+    let d = engine.policy().evaluate(&facts);
+    let with = |status: u16, reason: &str| {
+        (status, Some(reason.to_owned()), Some(d.clause.to_owned()), version.clone())
+    };
+    match d.effect {
+        Effect::Deny | Effect::RequireApproval => return with(403, d.reason),
+        Effect::Allow => {}
+    }
+    if api.is_some() {
+        let max = info.max_output_tokens.unwrap_or(4096);
+        let Ok(worst) = engine.rates().worst_case(
+            info.model.as_deref().unwrap_or(""),
+            info.input_estimate_tokens,
+            max,
+        ) else {
+            return with(403, "unknown_model");
+        };
+        if d.limits.max_cost_per_request.is_some_and(|cap| worst.cost.total > cap) {
+            return with(403, "cost_limit_exceeded");
+        }
+    }
+    with(200, d.reason)
+}
+
+/// A configuration that does not compile is reported (log and metric) and each request follows
+/// the configured fail policy: closed → 503 in the provider's shape, open → passed through.
+#[test]
+fn bad_plugin_configuration_follows_the_fail_policy() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let bad = |fail: &str| {
+        format!(
+            r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}}}}"#
+        )
+    };
+    let closed = Envoy::start(&bad("closed"), mock.addr().port(), support::free_port());
+    let open = Envoy::start(&bad("open"), mock.addr().port(), support::free_port());
+    for envoy in [&closed, &open] {
+        let log = envoy.log();
+        assert!(
+            log.contains("invalid plugin configuration") && log.contains("policy.defaults.llm"),
+            "the error and its path are logged:\n{log}"
+        );
+        assert!(envoy.metric("tollgate_config_errors_total") >= 1);
+    }
+    let r = closed.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "filter_misconfigured");
+    let before = mock.request_count();
+    let r = open.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-tollgate-decision"), Some("bypass"));
+    assert_eq!(mock.request_count(), before + 1);
+    assert_eq!(open.metric("tollgate_fail_open_total"), 1);
+}

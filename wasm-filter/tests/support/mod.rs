@@ -1,0 +1,341 @@
+//! Test support: the real Envoy from `target/envoy-venv` with the built `.wasm`, rendered from
+//! `envoy/envoy.yaml` by `envoy/run.sh --render`, a raw HTTP/1.1 client and a usage-event
+//! collector, all on 127.0.0.1. Nothing is built here: `scripts/test` builds the module and
+//! installs Envoy first, and a missing one fails the test with the command to run.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+pub fn wasm_path() -> PathBuf {
+    let path = target_dir().join("wasm32-wasip1/wasm/tollgate_wasm.wasm");
+    assert!(
+        path.is_file(),
+        "the filter module {} is missing: build it with \
+         `cargo build -p tollgate-wasm --target wasm32-wasip1 --profile wasm` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn envoy_path() -> PathBuf {
+    let path = std::env::var_os("TOLLGATE_ENVOY")
+        .map_or_else(|| root().join("target/envoy-venv/bin/envoy"), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "Envoy is missing at {}: install it with `scripts/install-envoy` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub dir: PathBuf,
+}
+
+impl Envoy {
+    /// Renders the bootstrap with `plugin` (JSON text) and starts Envoy with 2 workers.
+    pub fn start(plugin: &str, upstream: u16, collector: u16) -> Envoy {
+        let (port, admin) = (free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-envoy-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plugin.json"), plugin).unwrap();
+        let rendered = Command::new(root().join("envoy/run.sh"))
+            .arg("--render")
+            .arg(dir.join("plugin.json"))
+            .env("LISTEN_PORT", port.to_string())
+            .env("ADMIN_PORT", admin.to_string())
+            .env("UPSTREAM_PORT", upstream.to_string())
+            .env("COLLECTOR_PORT", collector.to_string())
+            .env("WASM", wasm_path())
+            .output()
+            .unwrap();
+        assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+        std::fs::write(dir.join("envoy.yaml"), &rendered.stdout).unwrap();
+        let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
+        let child = Command::new(envoy_path())
+            .args(["-c", "envoy.yaml", "--concurrency", "2", "--disable-hot-restart"])
+            .args(["-l", "warning", "--component-log-level", "wasm:info"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut envoy = Envoy { child, port, admin, dir };
+        envoy.wait_ready();
+        envoy
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("Envoy exited with {status}:\n{}", self.log());
+            }
+            if let Ok(r) = try_request(self.admin, "GET", "/ready", &[], b"") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("Envoy not ready within 30 s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        request(self.port, method, path, headers, body)
+    }
+
+    /// `/stats/prometheus`.
+    pub fn prometheus(&self) -> String {
+        String::from_utf8(request(self.admin, "GET", "/stats/prometheus", &[], b"").body).unwrap()
+    }
+
+    /// Polls a series until it reaches `at_least` (10 s at most) and returns its value.
+    pub fn wait_metric(&self, series: &str, at_least: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(series);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of one Prometheus series (exact name with labels as Envoy prints them), or 0.
+    pub fn metric(&self, series: &str) -> u64 {
+        metric(&self.prometheus(), series)
+    }
+}
+
+pub fn metric(text: &str, series: &str) -> u64 {
+    // Envoy prints a series without labels as `name{} value`.
+    let series = if series.contains('{') { series.to_owned() } else { format!("{series}{{}}") };
+    let series = series.as_str();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    try_request(port, method, path, headers, body).unwrap()
+}
+
+fn try_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let (head, mut reader) = send(port, method, path, headers, body)?;
+    let body = read_body(&head, &mut reader, |_| {})?;
+    Ok(Response { body, ..head })
+}
+
+/// Sends a request and reads the response head; the body is left in the reader.
+pub fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(Response, BufReader<TcpStream>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes())?;
+    stream.write_all(body)?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    Ok((Response { status, headers, body: Vec::new() }, reader))
+}
+
+/// Reads a body (chunked or not), calling `on_data` with each piece as it arrives.
+pub fn read_body(
+    head: &Response,
+    reader: &mut BufReader<TcpStream>,
+    mut on_data: impl FnMut(&[u8]),
+) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if head.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk)?;
+            chunk.truncate(n);
+            if n == 0 {
+                break;
+            }
+            on_data(&chunk);
+            body.extend_from_slice(&chunk);
+        }
+    } else if let Some(n) = head.header("content-length").and_then(|v| v.parse().ok()) {
+        body.resize(n, 0);
+        reader.read_exact(&mut body)?;
+        on_data(&body);
+    } else {
+        reader.read_to_end(&mut body)?;
+        on_data(&body);
+    }
+    Ok(body)
+}
+
+/// A usage-event collector: accepts POSTs of NDJSON and keeps every line.
+pub struct Collector {
+    pub port: u16,
+    pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Collector {
+    pub fn start() -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let sink = sink.clone();
+                std::thread::spawn(move || serve_collector(stream, &sink));
+            }
+        });
+        Collector { port, events }
+    }
+
+    /// Waits until an event with `request_id` arrived and returns it.
+    pub fn wait_for(&self, request_id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found =
+                self.events.lock().unwrap().iter().find(|e| e["request_id"] == request_id).cloned();
+            if let Some(e) = found {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no usage event for {request_id} within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn serve_collector(stream: TcpStream, sink: &Mutex<Vec<serde_json::Value>>) {
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut head = Response { status: 0, headers: Vec::new(), body: Vec::new() };
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = l.split_once(':') {
+                head.headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let Ok(body) = read_body(&head, &mut reader, |_| {}) else { return };
+        for l in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(v) = serde_json::from_slice(l) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+        if writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
