@@ -71,7 +71,10 @@ fn decode(cx: &mut Cx, field: &Field<'_>, version_required: bool) -> RateCard {
             card.unknown_model = policy;
         }
     }
-    if let Some(models) = obj.require(cx, "models") {
+    // A standalone card must list its models; a section merged over the built-in card may only
+    // add tools or change the unknown-model outcome.
+    let models = if version_required { obj.require(cx, "models") } else { obj.get("models") };
+    if let Some(models) = models {
         // Opened as an object first to report duplicate model names.
         if cx.object(&models).is_some() {
             for (name, f) in models.entries(cx) {
