@@ -15,6 +15,7 @@
 //! (a length, or chunks). HTTP/2 connections (recognised by their preface) pass through
 //! untouched: HTTP/2 frames carry their own lengths.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -54,10 +55,14 @@ pub struct FramingGuard<IO> {
     line: Vec<u8>,
     max_head: usize,
     first: bool,
+    /// Time allowed to receive a whole request head: from the connection's start for the first
+    /// one, from its first byte for later ones (an idle kept-alive connection may wait).
+    head_timeout: std::time::Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO> FramingGuard<IO> {
-    pub fn new(io: IO, max_head: usize) -> Self {
+    pub fn new(io: IO, max_head: usize, head_timeout: std::time::Duration) -> Self {
         FramingGuard {
             io,
             state: State::Head,
@@ -66,6 +71,18 @@ impl<IO> FramingGuard<IO> {
             line: Vec::new(),
             max_head,
             first: true,
+            head_timeout,
+            deadline: Some(Box::pin(tokio::time::sleep(head_timeout))),
+        }
+    }
+
+    /// Arms the head deadline while a head is being received, disarms it otherwise.
+    fn update_deadline(&mut self) {
+        let receiving_head = self.state == State::Head && self.ready < self.pending.len();
+        if self.state != State::Head || (!self.first && !receiving_head) {
+            self.deadline = None;
+        } else if self.deadline.is_none() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.head_timeout)));
         }
     }
 
@@ -294,9 +311,20 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     }
                     this.pending.extend_from_slice(filled);
                     this.examine();
+                    this.update_deadline();
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(deadline) = &mut this.deadline {
+                        if deadline.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "request head not received in time",
+                            )));
+                        }
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -347,7 +375,7 @@ mod tests {
                 client.write_all(piece).await.unwrap();
             }
         });
-        let mut guard = FramingGuard::new(server, 64 * 1024);
+        let mut guard = FramingGuard::new(server, 64 * 1024, std::time::Duration::from_secs(10));
         let mut out = Vec::new();
         let reader = async {
             let mut buf = [0u8; 7];

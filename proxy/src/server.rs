@@ -65,7 +65,9 @@ pub async fn serve<H: Handler>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The head deadline is enforced by `FramingGuard`, which (unlike hyper's timer) also
+        // covers a connection that never sends a byte and spares idle kept-alive connections.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_head_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -90,7 +92,7 @@ pub async fn serve<H: Handler>(
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
                 });
-                let io = TokioIo::new(FramingGuard::new(stream, limits.max_head_bytes));
+                let io = TokioIo::new(FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {

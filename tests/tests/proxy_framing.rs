@@ -142,3 +142,55 @@ async fn request_head_over_the_limit_answers_431() {
     assert_eq!(status_of(&answer), Some(431), "{answer}");
     assert_eq!(h.mock.request_count(), 0);
 }
+
+#[tokio::test]
+async fn a_request_head_sent_too_slowly_is_cut_off() {
+    // Slowloris: half a request head, then silence. The proxy must not hold the connection.
+    let h = Harness::builder().extra("limits: {header_read_timeout: 300ms}").start().await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
+    stream.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let mut answer = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection was still open after 5 s"),
+        }
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "closed too late: {waited:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(h.mock.request_count(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_outlives_the_head_timeout() {
+    let h = Harness::builder().extra("limits: {header_read_timeout: 300ms}").start().await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{TAGS}\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    for round in 0..2 {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        while !answer.contains("\"usage\"") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert!(n > 0, "round {round}: connection closed: {answer}");
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert_eq!(status_of(&answer), Some(200), "round {round}: {answer}");
+        // Idle longer than the head timeout before the next request.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(h.mock.request_count(), 2);
+}
