@@ -2,27 +2,30 @@
 //!
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
-//! record: `<crc32 hex> <json>\n`), appends the decisions to the hash-chained audit log
-//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]), and fsyncs both at most every
-//! `fsync_interval` (group commit; `0` syncs every batch before the next is taken). So after a
-//! `SIGKILL` at most one fsync window of completed requests is at risk, and `SIGTERM` loses
-//! nothing ([`Ledger::flush`] waits for the sync).
+//! record: `<crc32 hex> <json>\n`) and appends the decisions to the hash-chained audit log
+//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]). A second thread fsyncs both at most every
+//! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
+//! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
+//! milliseconds on a busy machine) must not keep records in memory, where a `SIGKILL` loses
+//! them. So a `SIGKILL` loses only what was still queued (the last few milliseconds), an OS
+//! crash at most one fsync window more, and `SIGTERM` nothing ([`Ledger::flush`] waits for the
+//! sync).
 //!
 //! On open, every segment is scanned and every checksum verified: a torn last record (a crash
 //! mid-write) is truncated and reported; a bad record anywhere else is corruption and the ledger
 //! refuses to open. The records of the last 35 days are handed back so that budgets and open
 //! reservations can be rebuilt.
 //!
-//! When a write fails (disk full, I/O error) the writer truncates the segment back to its last
-//! good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503 to new
-//! metered requests and `/readyz` fails) and retries every 100 ms; service resumes when the disk
-//! does. Nothing queued is dropped and no partial record survives.
+//! When a write or a sync fails (disk full, I/O error) the writer truncates the segment back to
+//! its last good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503
+//! to new metered requests and `/readyz` fails) and retries every 100 ms; service resumes when
+//! the disk does. Nothing queued is dropped and no partial record survives.
 
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -140,7 +143,10 @@ pub struct Recovered {
 #[derive(Clone)]
 pub struct Ledger {
     tx: SyncSender<Msg>,
+    /// False while writes fail or the queue is full.
     healthy: Arc<AtomicBool>,
+    /// False while syncs fail.
+    synced: Arc<AtomicBool>,
     dir: Arc<PathBuf>,
 }
 
@@ -148,7 +154,7 @@ impl Ledger {
     /// Scans and repairs the ledger and the audit log, then starts the writer thread.
     pub fn open(
         settings: Settings,
-        on_error: impl Fn() + Send + 'static,
+        on_error: impl Fn() + Send + Sync + 'static,
         now_ms: u64,
     ) -> anyhow::Result<(Ledger, Recovered)> {
         let dir = settings.data_dir.join("ledger");
@@ -164,6 +170,29 @@ impl Ledger {
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
+        let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
+        let durability = Arc::new(Durability {
+            state: Mutex::new(SyncState {
+                written: 0,
+                synced: 0,
+                files: vec![Arc::new(scan.file.try_clone()?), Arc::new(chain.sync_handle()?)],
+                waiters: Vec::new(),
+                closing: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let syncer = Syncer {
+            durability: durability.clone(),
+            interval: settings.fsync_interval,
+            fault: settings.fault.clone(),
+            ok: Arc::new(AtomicBool::new(true)),
+            on_error: on_error.clone(),
+        };
+        let synced = syncer.ok.clone();
+        let syncer = std::thread::Builder::new()
+            .name("tollgate-ledger-sync".into())
+            .spawn(move || syncer.run())
+            .context("starting the ledger sync thread")?;
         let writer = Writer {
             dir: dir.clone(),
             id,
@@ -174,13 +203,17 @@ impl Ledger {
             chain,
             settings,
             healthy: healthy.clone(),
-            on_error: Box::new(on_error),
+            on_error,
+            durability,
         };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                let _ = syncer.join();
+            })
             .context("starting the ledger writer")?;
-        Ok((Ledger { tx, healthy, dir: Arc::new(dir) }, recovered))
+        Ok((Ledger { tx, healthy, synced, dir: Arc::new(dir) }, recovered))
     }
 
     /// Queues a record. Never blocks: if the queue is full the record waits in a detached
@@ -220,9 +253,10 @@ impl Ledger {
         }
     }
 
-    /// False while writes fail (or the queue is full): metered requests are refused then.
+    /// False while writes or syncs fail (or the queue is full): metered requests are refused
+    /// then.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.synced.load(Ordering::Relaxed)
     }
 
     /// The directory of the segments.
@@ -377,7 +411,8 @@ struct Writer {
     chain: Chain,
     settings: Settings,
     healthy: Arc<AtomicBool>,
-    on_error: Box<dyn Fn() + Send>,
+    on_error: Arc<dyn Fn() + Send + Sync>,
+    durability: Arc<Durability>,
 }
 
 impl Writer {
@@ -385,22 +420,8 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::with_capacity(256 * 1024);
         let mut audit_batch: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut waiters = Vec::new();
-        let mut unsynced = false;
-        let mut last_sync = Instant::now();
-        let interval = self.settings.fsync_interval;
-        loop {
-            // Wait for work, but no longer than the sync deadline of what is already written.
-            let timeout = if unsynced {
-                interval.saturating_sub(last_sync.elapsed())
-            } else {
-                Duration::from_secs(3600)
-            };
-            let first = match rx.recv_timeout(timeout) {
-                Ok(msg) => Some(msg),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut next = first;
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
             while let Some(msg) = next {
                 self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
                 next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
@@ -409,26 +430,14 @@ impl Writer {
                 self.write_until_ok(&batch, &audit_batch);
                 batch.clear();
                 audit_batch.clear();
-                unsynced = true;
-            }
-            let due = interval.is_zero() || last_sync.elapsed() >= interval || !waiters.is_empty();
-            if unsynced && due {
-                self.sync_until_ok();
-                unsynced = false;
-                last_sync = Instant::now();
-            }
-            if !unsynced {
-                for done in waiters.drain(..) {
-                    let _ = done.send(());
+                let written = self.durability.wrote();
+                if self.settings.fsync_interval.is_zero() {
+                    self.durability.wait_synced(written);
                 }
             }
+            self.durability.notify_when_synced(waiters.drain(..));
         }
-        if unsynced {
-            self.sync_until_ok();
-        }
-        for done in waiters {
-            let _ = done.send(());
-        }
+        self.durability.close();
     }
 
     fn take(
@@ -524,24 +533,6 @@ impl Writer {
         }
     }
 
-    fn sync_until_ok(&mut self) {
-        loop {
-            let result = self
-                .faulty()
-                .and_then(|()| self.file.sync_data())
-                .and_then(|()| self.chain.write(&[], true));
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    (self.on_error)();
-                    tracing::error!(error = %e, "syncing the ledger");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-
     fn rotate(&mut self) {
         if self.file.sync_data().is_err() {
             return; // try again after the next batch
@@ -553,11 +544,174 @@ impl Writer {
             .open(segment_path(&self.dir, next))
         {
             Ok(file) => {
+                match file.try_clone() {
+                    Ok(handle) => self.durability.set_segment(handle),
+                    // The syncer keeps syncing the old (already synced) segment; stay on it.
+                    Err(e) => {
+                        tracing::error!(error = %e, "opening a new ledger segment");
+                        return;
+                    }
+                }
                 self.file = file;
                 self.segment = next;
                 self.good_len = 0;
             }
             Err(e) => tracing::error!(error = %e, "opening a new ledger segment"),
+        }
+    }
+}
+
+/// What the writer has written and what the sync thread has made durable, by batch count.
+struct Durability {
+    state: Mutex<SyncState>,
+    changed: Condvar,
+}
+
+struct SyncState {
+    /// Batches written so far.
+    written: u64,
+    /// Batches known to be on stable storage.
+    synced: u64,
+    /// The current segment and the audit log.
+    files: Vec<Arc<std::fs::File>>,
+    /// Flushes waiting for a batch count to be synced.
+    waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
+    /// The writer has stopped: sync what is left, then end.
+    closing: bool,
+}
+
+impl Durability {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a written batch; returns the count.
+    fn wrote(&self) -> u64 {
+        let mut state = self.lock();
+        state.written += 1;
+        self.changed.notify_all();
+        state.written
+    }
+
+    /// Answers `waiters` once everything written so far is synced.
+    fn notify_when_synced(&self, waiters: impl Iterator<Item = tokio::sync::oneshot::Sender<()>>) {
+        let mut state = self.lock();
+        let target = state.written;
+        for done in waiters {
+            if state.synced >= target {
+                let _ = done.send(());
+            } else {
+                state.waiters.push((target, done));
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Blocks until batch `written` is synced.
+    fn wait_synced(&self, written: u64) {
+        let mut state = self.lock();
+        while state.synced < written {
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The writer moved to a new segment (the old one is synced).
+    fn set_segment(&self, file: std::fs::File) {
+        self.lock().files[0] = Arc::new(file);
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.changed.notify_all();
+    }
+}
+
+/// The sync thread: group commit of whatever the writer has written.
+struct Syncer {
+    durability: Arc<Durability>,
+    interval: Duration,
+    fault: Option<Arc<AtomicBool>>,
+    /// False while syncs fail.
+    ok: Arc<AtomicBool>,
+    on_error: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Syncer {
+    fn run(self) {
+        let d = &self.durability;
+        let mut last_sync: Option<Instant> = None;
+        loop {
+            let (target, files) = {
+                let mut state = d.lock();
+                // Wait for something to sync, then for the group-commit deadline unless a
+                // flush (or the end) is waiting.
+                while state.written == state.synced {
+                    if state.closing {
+                        return;
+                    }
+                    state = d.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                }
+                loop {
+                    let due = last_sync.map(|t| self.interval.saturating_sub(t.elapsed()));
+                    match due {
+                        Some(wait)
+                            if !wait.is_zero() && state.waiters.is_empty() && !state.closing =>
+                        {
+                            state = d
+                                .changed
+                                .wait_timeout(state, wait)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0;
+                        }
+                        _ => break,
+                    }
+                }
+                (state.written, state.files.clone())
+            };
+            last_sync = Some(Instant::now());
+            self.sync_until_ok(&files);
+            let mut state = d.lock();
+            state.synced = target;
+            let waiters = std::mem::take(&mut state.waiters);
+            for (at, done) in waiters {
+                if at <= target {
+                    let _ = done.send(());
+                } else {
+                    state.waiters.push((at, done));
+                }
+            }
+            d.changed.notify_all();
+        }
+    }
+
+    fn sync_until_ok(&self, files: &[Arc<std::fs::File>]) {
+        let mut failures = 0u64;
+        loop {
+            let injected = match &self.fault {
+                Some(f) if f.load(Ordering::Relaxed) => {
+                    Err(io::Error::other("injected sync failure (no space left on device)"))
+                }
+                _ => Ok(()),
+            };
+            let result = injected.and_then(|()| files.iter().try_for_each(|f| f.sync_data()));
+            match result {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "ledger syncs succeed again");
+                    }
+                    self.ok.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.ok.store(false, Ordering::Relaxed);
+                    if failures == 1 {
+                        (self.on_error)();
+                        tracing::error!(error = %e, "syncing the ledger failed; retrying");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     }
 }
