@@ -85,16 +85,23 @@ impl Tollgate {
     /// If no such line arrives in time (or the process exits first).
     pub fn wait_for(&self, message: &str) -> Value {
         let deadline = Instant::now() + PROCESS_WAIT;
+        let mut skipped = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no `{message}` log line within {PROCESS_WAIT:?}"));
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["fields"]["message"] == message {
-                    return v;
-                }
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "no `{message}` log line ({}); its output:\n{}",
+                    match e {
+                        mpsc::RecvTimeoutError::Timeout => "timed out",
+                        mpsc::RecvTimeoutError::Disconnected => "the process closed stderr",
+                    },
+                    skipped.join("\n")
+                ),
+            };
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) if v["fields"]["message"] == message => return v,
+                _ => skipped.push(line),
             }
         }
     }
