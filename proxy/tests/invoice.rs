@@ -28,6 +28,8 @@ const EXTRA: &str = "pricing: {models: {}, tools: {web_search: {per_call: \"0.01
                      chargeback: {shared_costs: [{name: proxy-fleet, monthly: \"10.00\"}]}\n";
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// `x-mock-*` headers steering the mock's usage.
+type Steer<'a> = Vec<(&'a str, &'a str)>;
 
 async fn call(
     client: &HttpClient,
@@ -92,7 +94,7 @@ async fn invoices_add_up_to_the_ledger_and_the_shared_cost_exactly_in_json_and_c
     let llm = format!("http://{}/v1/chat/completions", proxy.proxy);
     // CC-1000: three chats (cached input, reasoning, two models) and one tool call; CC-2000:
     // three chats.
-    let calls: [(&str, &str, Vec<(&str, &str)>); 6] = [
+    let calls: [(&str, &str, Steer); 6] = [
         (
             "CC-1000",
             "gpt-4o",
