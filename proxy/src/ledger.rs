@@ -747,3 +747,6 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;
