@@ -25,8 +25,8 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -36,6 +36,8 @@ use tollgate_core::pricing::Cost;
 use tollgate_core::usage::Usage;
 
 use crate::audit::{self, Chain};
+
+use sync::{Durability, Syncer};
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
@@ -171,16 +173,10 @@ impl Ledger {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
-        let durability = Arc::new(Durability {
-            state: Mutex::new(SyncState {
-                written: 0,
-                synced: 0,
-                files: vec![Arc::new(scan.file.try_clone()?), Arc::new(chain.sync_handle()?)],
-                waiters: Vec::new(),
-                closing: false,
-            }),
-            changed: Condvar::new(),
-        });
+        let durability = Arc::new(Durability::new(vec![
+            Arc::new(scan.file.try_clone()?),
+            Arc::new(chain.sync_handle()?),
+        ]));
         let syncer = Syncer {
             durability: durability.clone(),
             interval: settings.fsync_interval,
@@ -561,161 +557,6 @@ impl Writer {
     }
 }
 
-/// What the writer has written and what the sync thread has made durable, by batch count.
-struct Durability {
-    state: Mutex<SyncState>,
-    changed: Condvar,
-}
-
-struct SyncState {
-    /// Batches written so far.
-    written: u64,
-    /// Batches known to be on stable storage.
-    synced: u64,
-    /// The current segment and the audit log.
-    files: Vec<Arc<std::fs::File>>,
-    /// Flushes waiting for a batch count to be synced.
-    waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
-    /// The writer has stopped: sync what is left, then end.
-    closing: bool,
-}
-
-impl Durability {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Counts a written batch; returns the count.
-    fn wrote(&self) -> u64 {
-        let mut state = self.lock();
-        state.written += 1;
-        self.changed.notify_all();
-        state.written
-    }
-
-    /// Answers `waiters` once everything written so far is synced.
-    fn notify_when_synced(&self, waiters: impl Iterator<Item = tokio::sync::oneshot::Sender<()>>) {
-        let mut state = self.lock();
-        let target = state.written;
-        for done in waiters {
-            if state.synced >= target {
-                let _ = done.send(());
-            } else {
-                state.waiters.push((target, done));
-            }
-        }
-        self.changed.notify_all();
-    }
-
-    /// Blocks until batch `written` is synced.
-    fn wait_synced(&self, written: u64) {
-        let mut state = self.lock();
-        while state.synced < written {
-            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    /// The writer moved to a new segment (the old one is synced).
-    fn set_segment(&self, file: std::fs::File) {
-        self.lock().files[0] = Arc::new(file);
-    }
-
-    fn close(&self) {
-        self.lock().closing = true;
-        self.changed.notify_all();
-    }
-}
-
-/// The sync thread: group commit of whatever the writer has written.
-struct Syncer {
-    durability: Arc<Durability>,
-    interval: Duration,
-    fault: Option<Arc<AtomicBool>>,
-    /// False while syncs fail.
-    ok: Arc<AtomicBool>,
-    on_error: Arc<dyn Fn() + Send + Sync>,
-}
-
-impl Syncer {
-    fn run(self) {
-        let d = &self.durability;
-        let mut last_sync: Option<Instant> = None;
-        loop {
-            let (target, files) = {
-                let mut state = d.lock();
-                // Wait for something to sync, then for the group-commit deadline unless a
-                // flush (or the end) is waiting.
-                while state.written == state.synced {
-                    if state.closing {
-                        return;
-                    }
-                    state = d.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-                }
-                loop {
-                    let due = last_sync.map(|t| self.interval.saturating_sub(t.elapsed()));
-                    match due {
-                        Some(wait)
-                            if !wait.is_zero() && state.waiters.is_empty() && !state.closing =>
-                        {
-                            state = d
-                                .changed
-                                .wait_timeout(state, wait)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0;
-                        }
-                        _ => break,
-                    }
-                }
-                (state.written, state.files.clone())
-            };
-            last_sync = Some(Instant::now());
-            self.sync_until_ok(&files);
-            let mut state = d.lock();
-            state.synced = target;
-            let waiters = std::mem::take(&mut state.waiters);
-            for (at, done) in waiters {
-                if at <= target {
-                    let _ = done.send(());
-                } else {
-                    state.waiters.push((at, done));
-                }
-            }
-            d.changed.notify_all();
-        }
-    }
-
-    fn sync_until_ok(&self, files: &[Arc<std::fs::File>]) {
-        let mut failures = 0u64;
-        loop {
-            let injected = match &self.fault {
-                Some(f) if f.load(Ordering::Relaxed) => {
-                    Err(io::Error::other("injected sync failure (no space left on device)"))
-                }
-                _ => Ok(()),
-            };
-            let result = injected.and_then(|()| files.iter().try_for_each(|f| f.sync_data()));
-            match result {
-                Ok(()) => {
-                    if failures > 0 {
-                        tracing::info!(failures, "ledger syncs succeed again");
-                    }
-                    self.ok.store(true, Ordering::Relaxed);
-                    return;
-                }
-                Err(e) => {
-                    failures += 1;
-                    self.ok.store(false, Ordering::Relaxed);
-                    if failures == 1 {
-                        (self.on_error)();
-                        tracing::error!(error = %e, "syncing the ledger failed; retrying");
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-}
-
 /// Every record of the ledger in `data_dir`, verified, oldest first (for invoices, the usage
 /// API and tests). A torn last record is skipped; corruption elsewhere is an error.
 pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
@@ -748,5 +589,6 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
+mod sync;
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Instant;
 
 /// The clock the tests open the ledger at (records must be within the replay window).
 const NOW: u64 = 1_795_000_000_000;
