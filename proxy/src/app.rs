@@ -197,6 +197,9 @@ pub async fn start_with(
         seen: Default::default(),
         config,
     });
+    for (scope, value) in &rebuilt.keys {
+        shared.saw(*scope, value);
+    }
 
     let proxy_addr = proxy.local_addr()?;
     let admin_addr = admin.local_addr()?;
@@ -273,6 +276,9 @@ async fn shutdown_signal() {
 pub struct Rebuilt {
     pub settled: usize,
     pub reopened: usize,
+    /// The scope values with a per-value budget state (for the admin budget listing, which
+    /// otherwise only knows the values seen since start).
+    pub keys: std::collections::BTreeSet<(Scope, String)>,
 }
 
 /// Replays the ledger's recent records into fresh budgets: every settled request is charged in
@@ -326,6 +332,7 @@ pub fn rebuild_budgets(
                 let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
                 if budgets.charge(specs.iter(), values, cost, &id, at).is_ok() {
                     rebuilt.settled += 1;
+                    note_keys(&mut rebuilt.keys, &specs, values);
                 }
             }
             _ => {}
@@ -359,7 +366,21 @@ pub fn rebuild_budgets(
             // The hold stays in the store until `expire` gives it back.
             drop(reservation);
             rebuilt.reopened += 1;
+            note_keys(&mut rebuilt.keys, &specs, values);
         }
     }
     rebuilt
+}
+
+/// Adds the scope value of every per-value (keyless, non-global) budget in `specs`.
+fn note_keys<'a>(
+    keys: &mut std::collections::BTreeSet<(Scope, String)>,
+    specs: &[tollgate_core::budget::BudgetSpec],
+    values: impl Fn(Scope) -> Option<&'a str>,
+) {
+    for spec in specs.iter().filter(|s| s.key.is_none() && s.scope != Scope::Global) {
+        if let Some(value) = values(spec.scope) {
+            keys.insert((spec.scope, value.to_string()));
+        }
+    }
 }

@@ -166,6 +166,11 @@ impl Chain {
         Ok(())
     }
 
+    /// A second handle to the log's file, for syncing from another thread.
+    pub fn sync_handle(&self) -> std::io::Result<std::fs::File> {
+        self.file.try_clone()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -319,7 +319,8 @@ pub fn from_ledger(
     })
 }
 
-/// The invoices as CSV: one row per line item, then a `total` row per group.
+/// The invoices as CSV: one row per line item, then a `total` row per group, and `budget` and
+/// `remaining` rows for a group with a monthly budget.
 pub fn to_csv(invoices: &Invoices) -> String {
     let mut out =
         String::from("period,group_by,group,category,item,kind,quantity,unit,amount_usd\n");
@@ -353,6 +354,12 @@ pub fn to_csv(invoices: &Invoices) -> String {
             inv.requests,
             inv.total
         ));
+        if let (Some(budget), Some(remaining)) = (inv.budget, inv.remaining) {
+            let group = field(&inv.group);
+            let (period, by) = (&invoices.period, invoices.group_by);
+            out.push_str(&format!("{period},{by},{group},budget,,,,,{budget}\n"));
+            out.push_str(&format!("{period},{by},{group},remaining,,,,,{remaining}\n"));
+        }
     }
     out
 }
@@ -484,7 +491,9 @@ mod tests {
             "period,group_by,group,category,item,kind,quantity,unit,amount_usd\n\
              2026-11,cost_center,CC-1234,llm,gpt-4o,input,1000,tokens,0.0025\n\
              2026-11,cost_center,CC-1234,llm,gpt-4o,output,200,tokens,0.002\n\
-             2026-11,cost_center,CC-1234,total,,,1,requests,0.0045\n"
+             2026-11,cost_center,CC-1234,total,,,1,requests,0.0045\n\
+             2026-11,cost_center,CC-1234,budget,,,,,5000.00\n\
+             2026-11,cost_center,CC-1234,remaining,,,,,4999.9955\n"
         );
     }
 }

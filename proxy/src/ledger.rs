@@ -2,28 +2,31 @@
 //!
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
-//! record: `<crc32 hex> <json>\n`), appends the decisions to the hash-chained audit log
-//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]), and fsyncs both at most every
-//! `fsync_interval` (group commit; `0` syncs every batch before the next is taken). So after a
-//! `SIGKILL` at most one fsync window of completed requests is at risk, and `SIGTERM` loses
-//! nothing ([`Ledger::flush`] waits for the sync).
+//! record: `<crc32 hex> <json>\n`) and appends the decisions to the hash-chained audit log
+//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]). A second thread fsyncs both at most every
+//! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
+//! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
+//! milliseconds on a busy machine) must not keep records in memory, where a `SIGKILL` loses
+//! them. So a `SIGKILL` loses only what was still queued (the last few milliseconds), an OS
+//! crash at most one fsync window more, and `SIGTERM` nothing ([`Ledger::flush`] waits for the
+//! sync).
 //!
 //! On open, every segment is scanned and every checksum verified: a torn last record (a crash
 //! mid-write) is truncated and reported; a bad record anywhere else is corruption and the ledger
 //! refuses to open. The records of the last 35 days are handed back so that budgets and open
 //! reservations can be rebuilt.
 //!
-//! When a write fails (disk full, I/O error) the writer truncates the segment back to its last
-//! good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503 to new
-//! metered requests and `/readyz` fails) and retries every 100 ms; service resumes when the disk
-//! does. Nothing queued is dropped and no partial record survives.
+//! When a write or a sync fails (disk full, I/O error) the writer truncates the segment back to
+//! its last good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503
+//! to new metered requests and `/readyz` fails) and retries every 100 ms; service resumes when
+//! the disk does. Nothing queued is dropped and no partial record survives.
 
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -33,6 +36,8 @@ use tollgate_core::pricing::Cost;
 use tollgate_core::usage::Usage;
 
 use crate::audit::{self, Chain};
+
+use sync::{Durability, Syncer};
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
@@ -140,7 +145,10 @@ pub struct Recovered {
 #[derive(Clone)]
 pub struct Ledger {
     tx: SyncSender<Msg>,
+    /// False while writes fail or the queue is full.
     healthy: Arc<AtomicBool>,
+    /// False while syncs fail.
+    synced: Arc<AtomicBool>,
     dir: Arc<PathBuf>,
 }
 
@@ -148,7 +156,7 @@ impl Ledger {
     /// Scans and repairs the ledger and the audit log, then starts the writer thread.
     pub fn open(
         settings: Settings,
-        on_error: impl Fn() + Send + 'static,
+        on_error: impl Fn() + Send + Sync + 'static,
         now_ms: u64,
     ) -> anyhow::Result<(Ledger, Recovered)> {
         let dir = settings.data_dir.join("ledger");
@@ -164,6 +172,23 @@ impl Ledger {
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
+        let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
+        let durability = Arc::new(Durability::new(vec![
+            Arc::new(scan.file.try_clone()?),
+            Arc::new(chain.sync_handle()?),
+        ]));
+        let syncer = Syncer {
+            durability: durability.clone(),
+            interval: settings.fsync_interval,
+            fault: settings.fault.clone(),
+            ok: Arc::new(AtomicBool::new(true)),
+            on_error: on_error.clone(),
+        };
+        let synced = syncer.ok.clone();
+        let syncer = std::thread::Builder::new()
+            .name("tollgate-ledger-sync".into())
+            .spawn(move || syncer.run())
+            .context("starting the ledger sync thread")?;
         let writer = Writer {
             dir: dir.clone(),
             id,
@@ -174,13 +199,17 @@ impl Ledger {
             chain,
             settings,
             healthy: healthy.clone(),
-            on_error: Box::new(on_error),
+            on_error,
+            durability,
         };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                let _ = syncer.join();
+            })
             .context("starting the ledger writer")?;
-        Ok((Ledger { tx, healthy, dir: Arc::new(dir) }, recovered))
+        Ok((Ledger { tx, healthy, synced, dir: Arc::new(dir) }, recovered))
     }
 
     /// Queues a record. Never blocks: if the queue is full the record waits in a detached
@@ -220,9 +249,10 @@ impl Ledger {
         }
     }
 
-    /// False while writes fail (or the queue is full): metered requests are refused then.
+    /// False while writes or syncs fail (or the queue is full): metered requests are refused
+    /// then.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.synced.load(Ordering::Relaxed)
     }
 
     /// The directory of the segments.
@@ -377,7 +407,8 @@ struct Writer {
     chain: Chain,
     settings: Settings,
     healthy: Arc<AtomicBool>,
-    on_error: Box<dyn Fn() + Send>,
+    on_error: Arc<dyn Fn() + Send + Sync>,
+    durability: Arc<Durability>,
 }
 
 impl Writer {
@@ -385,36 +416,8 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::with_capacity(256 * 1024);
         let mut audit_batch: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut waiters = Vec::new();
-        let mut unsynced = false;
-        let mut last_sync = Instant::now();
-        let interval = self.settings.fsync_interval;
-        let mut busy = false;
-        loop {
-            let first = if busy && !interval.is_zero() {
-                // Under load, wake once per sync interval and take everything queued meanwhile:
-                // a burst costs one wake-up per tick instead of one per record.
-                std::thread::sleep(interval.saturating_sub(last_sync.elapsed()));
-                match rx.try_recv() {
-                    Ok(msg) => Some(msg),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            } else {
-                // Idle: block until work arrives, but no longer than the sync deadline of what
-                // is already written.
-                let timeout = if unsynced {
-                    interval.saturating_sub(last_sync.elapsed())
-                } else {
-                    Duration::from_secs(3600)
-                };
-                match rx.recv_timeout(timeout) {
-                    Ok(msg) => Some(msg),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            busy = first.is_some();
-            let mut next = first;
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
             while let Some(msg) = next {
                 self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
                 next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
@@ -423,26 +426,14 @@ impl Writer {
                 self.write_until_ok(&batch, &audit_batch);
                 batch.clear();
                 audit_batch.clear();
-                unsynced = true;
-            }
-            let due = interval.is_zero() || last_sync.elapsed() >= interval || !waiters.is_empty();
-            if unsynced && due {
-                self.sync_until_ok();
-                unsynced = false;
-                last_sync = Instant::now();
-            }
-            if !unsynced {
-                for done in waiters.drain(..) {
-                    let _ = done.send(());
+                let written = self.durability.wrote();
+                if self.settings.fsync_interval.is_zero() {
+                    self.durability.wait_synced(written);
                 }
             }
+            self.durability.notify_when_synced(waiters.drain(..));
         }
-        if unsynced {
-            self.sync_until_ok();
-        }
-        for done in waiters {
-            let _ = done.send(());
-        }
+        self.durability.close();
     }
 
     fn take(
@@ -538,24 +529,6 @@ impl Writer {
         }
     }
 
-    fn sync_until_ok(&mut self) {
-        loop {
-            let result = self
-                .faulty()
-                .and_then(|()| self.file.sync_data())
-                .and_then(|()| self.chain.write(&[], true));
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    (self.on_error)();
-                    tracing::error!(error = %e, "syncing the ledger");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-
     fn rotate(&mut self) {
         if self.file.sync_data().is_err() {
             return; // try again after the next batch
@@ -567,6 +540,14 @@ impl Writer {
             .open(segment_path(&self.dir, next))
         {
             Ok(file) => {
+                match file.try_clone() {
+                    Ok(handle) => self.durability.set_segment(handle),
+                    // The syncer keeps syncing the old (already synced) segment; stay on it.
+                    Err(e) => {
+                        tracing::error!(error = %e, "opening a new ledger segment");
+                        return;
+                    }
+                }
                 self.file = file;
                 self.segment = next;
                 self.good_len = 0;
@@ -607,3 +588,7 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     }
     Ok(out)
 }
+
+mod sync;
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,8 @@
 //! is bounded in count and time.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -93,6 +94,8 @@ pub struct Builder {
     token: bool,
     upstream: Option<String>,
     timeouts: Option<String>,
+    data_dir: Option<PathBuf>,
+    ledger_fault: Option<Arc<AtomicBool>>,
 }
 
 impl Builder {
@@ -123,6 +126,19 @@ impl Builder {
         self
     }
 
+    /// Uses `dir` as the data directory (e.g. a previous harness's, to restart on its ledger).
+    /// The caller owns it: it is not removed when the harness is dropped.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Every ledger write and sync fails like a full disk while `fault` is set.
+    pub fn ledger_fault(mut self, fault: Arc<AtomicBool>) -> Self {
+        self.ledger_fault = Some(fault);
+        self
+    }
+
     /// Starts without an admin token in the environment (the admin API then answers 401).
     pub fn without_token(mut self) -> Self {
         self.token = false;
@@ -132,7 +148,8 @@ impl Builder {
     /// Starts the mock, then the proxy on a config routing every provider to it.
     pub async fn start(self) -> Harness {
         let mock = MockUpstream::start().await;
-        let data_dir = temp_dir("data");
+        let owns_data_dir = self.data_dir.is_none();
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| temp_dir("data"));
         let id = NEXT_HARNESS.fetch_add(1, Ordering::Relaxed);
         let token_env = format!("TOLLGATE_E2E_TOKEN_{}_{id}", std::process::id());
         let token = format!("secret-{id}");
@@ -153,9 +170,16 @@ impl Builder {
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy listener");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin listener");
         let (stop, stopped) = oneshot::channel::<()>();
-        let running = tollgate::app::start(config, proxy, admin, async move {
-            let _ = stopped.await;
-        })
+        let hooks = tollgate::app::Hooks { ledger_fault: self.ledger_fault.clone() };
+        let running = tollgate::app::start_with(
+            config,
+            proxy,
+            admin,
+            async move {
+                let _ = stopped.await;
+            },
+            hooks,
+        )
         .await
         .unwrap_or_else(|e| panic!("starting the proxy: {e:#}"));
         Harness {
@@ -164,6 +188,7 @@ impl Builder {
             proxy_addr: running.proxy_addr,
             token,
             data_dir,
+            owns_data_dir,
             client: Client::builder(TokioExecutor::new()).build_http(),
             mock,
             stop: Some(stop),
@@ -209,6 +234,8 @@ pub struct Harness {
     /// The admin bearer token (set in the environment variable the config names).
     pub token: String,
     pub data_dir: PathBuf,
+    /// Whether the data directory is removed on drop (not when the builder was given one).
+    owns_data_dir: bool,
     pub client: HttpClient,
     pub mock: MockUpstream,
     stop: Option<oneshot::Sender<()>>,
@@ -224,6 +251,8 @@ impl Harness {
             token: true,
             upstream: None,
             timeouts: None,
+            data_dir: None,
+            ledger_fault: None,
         }
     }
 
@@ -291,7 +320,6 @@ impl Harness {
         reply.text()
     }
 
-    /// The ledger file's path.
     /// The audit log of this proxy.
     pub fn audit_path(&self) -> PathBuf {
         self.data_dir.join("audit.jsonl")
@@ -337,7 +365,9 @@ impl Drop for Harness {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
@@ -373,4 +403,31 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
             (!data.is_empty()).then(|| data.join("\n"))
         })
         .collect()
+}
+
+/// An exact decimal USD amount (`"12.345678901"`, `"-0.5"`) in nano-USD, parsed here rather
+/// than by the proxy's own `Money` so that a bug there cannot hide.
+///
+/// # Panics
+/// If `decimal` is not a plain decimal with at most 9 fractional digits.
+pub fn nanos(decimal: &str) -> i64 {
+    let (negative, digits) = match decimal.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, decimal),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    assert!(
+        !whole.is_empty()
+            && fraction.len() <= 9
+            && whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()),
+        "not a decimal amount: {decimal:?}"
+    );
+    let whole: i64 = whole.parse().unwrap_or_else(|_| panic!("amount too large: {decimal:?}"));
+    let fraction: i64 = format!("{fraction:0<9}").parse().unwrap_or(0);
+    let n = whole * 1_000_000_000 + fraction;
+    if negative {
+        -n
+    } else {
+        n
+    }
 }

@@ -4,8 +4,10 @@
 //! tool server on loopback, for the end-to-end and load tests. The mock never depends on
 //! `tollgate-core` or the proxy: it is a neutral peer that only speaks the providers' wire
 //! formats, so a bug in the proxy's understanding of those formats cannot hide behind shared
-//! code. The [`harness`] is the one place that knows the proxy: it starts it next to the mock.
+//! code. The [`harness`] is the one place that knows the proxy: it starts it next to the mock;
+//! [`process`] runs the `tollgate` binary itself, for signals, exit codes and restarts.
 
 pub mod exposition;
 pub mod harness;
 pub mod mock;
+pub mod process;

@@ -1,0 +1,167 @@
+use super::*;
+use std::time::Instant;
+
+/// The clock the tests open the ledger at (records must be within the replay window).
+const NOW: u64 = 1_795_000_000_000;
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-ledger-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn settings(dir: &Path, interval_ms: u64, fault: Option<Arc<AtomicBool>>) -> Settings {
+    Settings {
+        data_dir: dir.to_path_buf(),
+        fsync_interval: Duration::from_millis(interval_ms),
+        segment_bytes: 64 * 1024 * 1024,
+        fault,
+    }
+}
+
+fn open(settings: Settings) -> (Ledger, Recovered) {
+    Ledger::open(settings, || {}, NOW).expect("open")
+}
+
+fn reserve(i: u64) -> Entry {
+    Entry::Reserve(Box::new(Reserve {
+        ts: "2026-11-18T00:00:00.000Z".into(),
+        reserved_at_ms: NOW,
+        expires_at_ms: NOW + 60_000,
+        request_id: format!("r-{i}"),
+        agent: "a".into(),
+        cost_center: "CC-1234".into(),
+        project: "PROJ-ABC123".into(),
+        business_unit: None,
+        amount: Money::from_nanos(i as i64),
+        budgets: vec!["b".into()],
+    }))
+}
+
+async fn flush(ledger: &Ledger) {
+    tokio::time::timeout(Duration::from_secs(3), ledger.flush()).await.expect("flushed within 3 s");
+}
+
+fn ids(records: &[serde_json::Value]) -> Vec<(u64, String)> {
+    records
+        .iter()
+        .map(|r| (r["seq"].as_u64().unwrap(), r["request_id"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn flush_waits_for_the_sync_but_not_for_a_long_sync_interval() {
+    let dir = temp("long-interval");
+    let (ledger, _) = open(settings(&dir, 10_000, None));
+    for i in 1..=3 {
+        ledger.append(reserve(i));
+    }
+    flush(&ledger).await;
+    let records = read_all(&dir).unwrap();
+    assert_eq!(ids(&records), [(1, "r-1".into()), (2, "r-2".into()), (3, "r-3".into())]);
+    let id = std::fs::read_to_string(dir.join("ledger").join("ID")).unwrap();
+    assert_eq!(records[2]["event_id"], format!("{id}-3"));
+}
+
+#[tokio::test]
+async fn a_zero_interval_syncs_every_batch_and_loses_nothing() {
+    let dir = temp("zero-interval");
+    let (ledger, _) = open(settings(&dir, 0, None));
+    for i in 1..=200 {
+        ledger.append(reserve(i));
+    }
+    flush(&ledger).await;
+    let seqs: Vec<u64> = ids(&read_all(&dir).unwrap()).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn reopening_hands_back_the_records_and_continues_the_sequence() {
+    let dir = temp("reopen");
+    let (ledger, _) = open(settings(&dir, 5, None));
+    ledger.append(reserve(1));
+    ledger.append(reserve(2));
+    flush(&ledger).await;
+    drop(ledger);
+    let (ledger, recovered) = open(settings(&dir, 5, None));
+    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    assert_eq!(recovered.truncated_bytes, 0);
+    ledger.append(reserve(3));
+    flush(&ledger).await;
+    assert_eq!(ids(&read_all(&dir).unwrap()).last(), Some(&(3, "r-3".into())));
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_truncated_and_a_corrupt_one_refuses_to_open() {
+    let dir = temp("torn");
+    let (ledger, _) = open(settings(&dir, 5, None));
+    for i in 1..=3 {
+        ledger.append(reserve(i));
+    }
+    flush(&ledger).await;
+    drop(ledger);
+    let segment = dir.join("ledger").join("00000001.seg");
+    let intact = std::fs::read(&segment).unwrap();
+    let mut torn = intact.clone();
+    torn.extend_from_slice(b"0badc0de {\"seq\":4,\"type\":\"res");
+    std::fs::write(&segment, &torn).unwrap();
+    assert_eq!(read_all(&dir).unwrap().len(), 3, "read_all skips a torn tail");
+    let (ledger, recovered) = open(settings(&dir, 5, None));
+    assert_eq!(recovered.truncated_bytes, (torn.len() - intact.len()) as u64);
+    assert_eq!(recovered.records.len(), 3);
+    drop(ledger);
+    assert_eq!(std::fs::read(&segment).unwrap(), intact, "cut back to the last good record");
+
+    // A changed value in the middle: the checksum fails, and that is not a torn tail.
+    let text = String::from_utf8(intact).unwrap();
+    let edited = text.replacen("\"r-2\"", "\"r-9\"", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&segment, edited).unwrap();
+    let err = Ledger::open(settings(&dir, 5, None), || {}, NOW).err().expect("refused");
+    assert!(
+        format!("{err:#}").contains("line 2: checksum mismatch: the ledger is corrupt"),
+        "{err:#}"
+    );
+    assert!(read_all(&dir).is_err());
+}
+
+#[tokio::test]
+async fn segments_rotate_and_read_all_spans_them_in_order() {
+    let dir = temp("rotate");
+    let (ledger, _) = open(Settings { segment_bytes: 4096, ..settings(&dir, 5, None) });
+    for i in 1..=40 {
+        ledger.append(reserve(i));
+        if i % 5 == 0 {
+            flush(&ledger).await;
+        }
+    }
+    flush(&ledger).await;
+    assert!(segments(&dir.join("ledger")).unwrap().len() >= 3);
+    let seqs: Vec<u64> = ids(&read_all(&dir).unwrap()).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_failing_disk_makes_the_ledger_unhealthy_until_it_works_and_leaves_no_partial_record() {
+    let dir = temp("fault");
+    let fault = Arc::new(AtomicBool::new(false));
+    let (ledger, _) = open(settings(&dir, 0, Some(fault.clone())));
+    ledger.append(reserve(1));
+    flush(&ledger).await;
+    fault.store(true, Ordering::Relaxed);
+    ledger.append(reserve(2));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ledger.is_healthy() {
+        assert!(Instant::now() < deadline, "still healthy after 3 s of failing writes");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ledger.append(reserve(3));
+    fault.store(false, Ordering::Relaxed);
+    flush(&ledger).await;
+    assert!(ledger.is_healthy());
+    assert_eq!(
+        ids(&read_all(&dir).unwrap()),
+        [(1, "r-1".into()), (2, "r-2".into()), (3, "r-3".into())]
+    );
+}
