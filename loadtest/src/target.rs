@@ -23,15 +23,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Kind {
     Direct,
     TollgateReverse,
+    /// Tollgate with `ledger: {enabled: false}`: what the ledger costs.
+    TollgateNoLedger,
     TollgateHttpsProxy,
     EnvoyPlain,
     EnvoyTollgate,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::TollgateReverse,
+        Kind::TollgateNoLedger,
         Kind::TollgateHttpsProxy,
         Kind::EnvoyPlain,
         Kind::EnvoyTollgate,
@@ -41,6 +44,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct (no proxy)",
             Kind::TollgateReverse => "Tollgate reverse, all on",
+            Kind::TollgateNoLedger => "Tollgate reverse, ledger off",
             Kind::TollgateHttpsProxy => "Tollgate HTTPS_PROXY mode",
             Kind::EnvoyPlain => "Envoy 1.40, no filter",
             Kind::EnvoyTollgate => "Envoy + Tollgate wasm filter",
@@ -52,6 +56,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::TollgateReverse => "tollgate",
+            Kind::TollgateNoLedger => "tollgate-no-ledger",
             Kind::TollgateHttpsProxy => "tollgate-https-proxy",
             Kind::EnvoyPlain => "envoy",
             Kind::EnvoyTollgate => "envoy-tollgate",
@@ -190,7 +195,8 @@ pub fn start_mock(paths: &Paths, cpu: usize) -> anyhow::Result<(Process, SocketA
 pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result<Running, String> {
     let started = match kind {
         Kind::Direct => Ok(Running { kind, base_url: format!("http://{mock}"), process: None }),
-        Kind::TollgateReverse => start_tollgate(paths, mock, cpu),
+        Kind::TollgateReverse => start_tollgate(paths, mock, cpu, true),
+        Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, false),
         Kind::EnvoyPlain => start_envoy(paths, mock, cpu),
         Kind::TollgateHttpsProxy => {
             return Err("not available in this build: Tollgate has no HTTPS_PROXY mode yet".into())
@@ -255,18 +261,28 @@ pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     Ok(text.get(9..12).context("short status line")?.parse()?)
 }
 
-fn start_tollgate(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
+fn start_tollgate(
+    paths: &Paths,
+    mock: SocketAddr,
+    cpu: usize,
+    ledger: bool,
+) -> anyhow::Result<Running> {
     let program = binary(paths, "tollgate")?;
     let (port, admin) = (free_port()?, free_port()?);
-    let data_dir = paths.work_dir.join("tollgate-data");
-    let config = paths.work_dir.join("tollgate.yaml");
-    std::fs::write(&config, tollgate_config(port, admin, mock, &data_dir))?;
-    let log = paths.work_dir.join("tollgate.log");
+    let name = if ledger { "tollgate" } else { "tollgate-no-ledger" };
+    let data_dir = paths.work_dir.join(format!("{name}-data"));
+    let config = paths.work_dir.join(format!("{name}.yaml"));
+    let mut yaml = tollgate_config(port, admin, mock, &data_dir);
+    if !ledger {
+        yaml.push_str("ledger: {enabled: false}\n");
+    }
+    std::fs::write(&config, yaml)?;
+    let log = paths.work_dir.join(format!("{name}.log"));
     let args = vec!["run".to_owned(), "--config".to_owned(), config.display().to_string()];
     let mut process = Process::spawn("tollgate", cpu, &program, &args, &log, false)?;
     wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/readyz")?;
     Ok(Running {
-        kind: Kind::TollgateReverse,
+        kind: if ledger { Kind::TollgateReverse } else { Kind::TollgateNoLedger },
         base_url: format!("http://127.0.0.1:{port}"),
         process: Some(process),
     })

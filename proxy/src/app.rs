@@ -157,8 +157,13 @@ pub async fn start_with(
         fault: hooks.ledger_fault.clone(),
     };
     let now = crate::pipeline::now();
-    let (ledger, recovered) = Ledger::open(settings, move || ledger_errors.inc(), now.0)
-        .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
+    let (ledger, recovered) = if config.ledger_enabled {
+        Ledger::open(settings, move || ledger_errors.inc(), now.0)
+            .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?
+    } else {
+        tracing::warn!("the ledger is DISABLED (ledger.enabled: false): requests are not recorded");
+        (Ledger::disabled(&config.data_dir), ledger::Recovered::default())
+    };
     if recovered.truncated_bytes > 0 {
         tracing::warn!(bytes = recovered.truncated_bytes, "repaired a torn tail left by a crash");
     }

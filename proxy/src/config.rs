@@ -117,6 +117,8 @@ pub struct Config {
     /// Longest wait of a written ledger record for fsync (0: every batch is synced at once).
     pub ledger_fsync_interval: Duration,
     pub ledger_segment_bytes: u64,
+    /// `false` only to measure what the ledger costs: nothing is recorded then.
+    pub ledger_enabled: bool,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
@@ -262,7 +264,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         None => 1000,
     };
     let policy_source = obj.get("policy_source").and_then(|f| policy_source(cx, &f));
-    let (ledger_fsync_interval, ledger_segment_bytes) = ledger(cx, obj.get("ledger"));
+    let (ledger_fsync_interval, ledger_segment_bytes, ledger_enabled) =
+        ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
@@ -286,6 +289,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         policy_source,
         ledger_fsync_interval,
         ledger_segment_bytes,
+        ledger_enabled,
         shared_costs,
         export,
         engine: engine?,
@@ -430,8 +434,8 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
     limits
 }
 
-fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> (Duration, u64) {
-    let mut out = (Duration::from_millis(5), 64 * 1024 * 1024);
+fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> (Duration, u64, bool) {
+    let mut out = (Duration::from_millis(5), 64 * 1024 * 1024, true);
     let Some(field) = field else { return out };
     let Some(mut o) = cx.object(&field) else { return out };
     if let Some(ms) = o.get("fsync_interval").and_then(|f| f.duration_ms(cx)) {
@@ -444,7 +448,10 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> (Duration, u64) {
             None => {}
         }
     }
-    o.finish(cx, &["fsync_interval", "segment_bytes"]);
+    if let Some(enabled) = o.get("enabled").and_then(|f| f.bool(cx)) {
+        out.2 = enabled;
+    }
+    o.finish(cx, &["fsync_interval", "segment_bytes", "enabled"]);
     out
 }
 

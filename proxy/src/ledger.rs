@@ -25,7 +25,7 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -146,7 +146,9 @@ pub struct Recovered {
 /// A handle to the writer; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: SyncSender<Msg>,
+    /// `None` when the ledger is disabled (benchmarks only).
+    tx: Option<SyncSender<Msg>>,
+    overflow: Overflow,
     /// False while writes fail or the queue is full.
     healthy: Arc<AtomicBool>,
     /// False while syncs fail.
@@ -173,6 +175,7 @@ impl Ledger {
             audit_records: opened.records,
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let overflow = Overflow::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
         let durability = Arc::new(Durability::new(vec![
@@ -203,6 +206,7 @@ impl Ledger {
             healthy: healthy.clone(),
             on_error,
             durability,
+            overflow: overflow.clone(),
         };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
@@ -211,7 +215,7 @@ impl Ledger {
                 let _ = syncer.join();
             })
             .context("starting the ledger writer")?;
-        Ok((Ledger { tx, healthy, synced, dir: Arc::new(dir) }, recovered))
+        Ok((Ledger { tx: Some(tx), overflow, healthy, synced, dir: Arc::new(dir) }, recovered))
     }
 
     /// Queues a record. Never blocks: if the queue is full the record waits in a detached
@@ -225,15 +229,27 @@ impl Ledger {
         self.send(Msg::Audit(Box::new(event)));
     }
 
+    /// A ledger that records nothing, for measuring what the ledger costs (`ledger: {enabled:
+    /// false}`). Never use it in production: requests are then served unrecorded.
+    pub fn disabled(data_dir: &Path) -> Ledger {
+        Ledger {
+            tx: None,
+            overflow: Overflow::default(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            synced: Arc::new(AtomicBool::new(true)),
+            dir: Arc::new(data_dir.join("ledger")),
+        }
+    }
+
     fn send(&self, msg: Msg) {
-        match self.tx.try_send(msg) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
+                // The disk is not keeping up: report pressure (new metered requests get 503
+                // until the writer catches up) and keep the record.
                 self.healthy.store(false, Ordering::Relaxed);
-                let tx = self.tx.clone();
-                std::thread::spawn(move || {
-                    let _ = tx.send(msg);
-                });
+                self.overflow.lock().unwrap_or_else(PoisonError::into_inner).push(msg);
             }
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("the ledger writer has stopped; record lost");
@@ -243,8 +259,8 @@ impl Ledger {
 
     /// Waits until everything queued before this call is written and synced.
     pub async fn flush(&self) {
+        let Some(tx) = self.tx.clone() else { return };
         let (done, wait) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
         let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok()).await;
         if matches!(sent, Ok(true)) {
             let _ = wait.await;
@@ -411,7 +427,12 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     on_error: Arc<dyn Fn() + Send + Sync>,
     durability: Arc<Durability>,
+    overflow: Overflow,
 }
+
+/// Messages that found the queue full: kept here (never dropped, never a thread each) and
+/// taken by the writer with the next batch.
+type Overflow = Arc<std::sync::Mutex<Vec<Msg>>>;
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
@@ -423,6 +444,11 @@ impl Writer {
             while let Some(msg) = next {
                 self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
                 next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
+            }
+            let overflow =
+                std::mem::take(&mut *self.overflow.lock().unwrap_or_else(PoisonError::into_inner));
+            for msg in overflow {
+                self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
             }
             if !batch.is_empty() || !audit_batch.is_empty() {
                 self.write_until_ok(&batch, &audit_batch);
