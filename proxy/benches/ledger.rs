@@ -26,6 +26,7 @@ fn record(i: usize) -> Record {
         ts: "2026-11-22T10:00:00.000Z".into(),
         reserved_at_ms: 1_795_341_600_000,
         request_id: format!("bench-{i}"),
+        reservation_id: format!("res-{i}"),
         agent: format!("agent-{}", i % 100),
         cost_center: "CC-1234".into(),
         project: "PROJ-ABC123".into(),

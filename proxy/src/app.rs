@@ -309,7 +309,12 @@ pub fn rebuild_budgets(
     let mut open: std::collections::HashMap<String, &serde_json::Value> = Default::default();
     let mut rebuilt = Rebuilt::default();
     for r in records {
-        let id = r["request_id"].as_str().unwrap_or_default().to_string();
+        // Reservations are keyed by their own unique id; old records only had the request id.
+        let id = r["reservation_id"]
+            .as_str()
+            .or(r["request_id"].as_str())
+            .unwrap_or_default()
+            .to_string();
         match r["type"].as_str() {
             Some("reserve") => {
                 open.insert(id, r);

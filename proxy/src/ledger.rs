@@ -53,6 +53,8 @@ pub struct Record {
     /// When the budget reservation was made (the period the cost lands in).
     pub reserved_at_ms: u64,
     pub request_id: String,
+    /// The budget reservation's own unique id (the caller's request id is not trusted to be).
+    pub reservation_id: String,
     pub agent: String,
     pub cost_center: String,
     pub project: String,
@@ -90,6 +92,7 @@ pub struct Reserve {
     pub reserved_at_ms: u64,
     pub expires_at_ms: u64,
     pub request_id: String,
+    pub reservation_id: String,
     pub agent: String,
     pub cost_center: String,
     pub project: String,

@@ -307,6 +307,7 @@ async fn handle(
 
     // Budgets: reserve the worst case against every budget that applies, all or nothing.
     let now = now();
+    let reservation_id = new_id();
     let values = |scope: Scope| match scope {
         Scope::Agent => identity.agent,
         Scope::Project => identity.project,
@@ -321,7 +322,7 @@ async fn handle(
             decision.budgets.iter(),
             values,
             worst_case,
-            request_id,
+            &reservation_id,
             now,
             RESERVATION_TTL_MS,
         ) {
@@ -335,6 +336,7 @@ async fn handle(
                         reserved_at_ms: now.0,
                         expires_at_ms: r.expires_at().0,
                         request_id: request_id.to_string(),
+                        reservation_id: reservation_id.clone(),
                         agent: identity.agent.unwrap_or_default().to_string(),
                         cost_center: identity.cost_center.unwrap_or_default().to_string(),
                         project: identity.project.unwrap_or_default().to_string(),
@@ -396,6 +398,7 @@ async fn handle(
         clause: decision.clause.to_string(),
         policy_version: decision.policy_version.to_string(),
         reserved_at_ms: now.0,
+        reservation_id: reservation_id.clone(),
         budgets: reservation
             .as_ref()
             .map(|r| r.budgets().iter().map(|b| b.budget_id.clone()).collect())
@@ -502,6 +505,7 @@ struct RecordBase {
     clause: String,
     policy_version: String,
     reserved_at_ms: u64,
+    reservation_id: String,
     budgets: Vec<String>,
 }
 
@@ -618,6 +622,7 @@ impl Observer for Settler {
             ts: now.to_string(),
             reserved_at_ms: base.reserved_at_ms,
             request_id: base.request_id.clone(),
+            reservation_id: base.reservation_id.clone(),
             agent: base.agent.clone(),
             cost_center: base.cost_center.clone(),
             project: base.project.clone(),
@@ -777,17 +782,25 @@ fn host_of_parts(parts: &http::request::Parts) -> Option<&str> {
     }))
 }
 
-/// The caller's `x-request-id` if it is short and printable, else a new one.
+/// The caller's `x-request-id` if it is short and printable, else a new one. It correlates
+/// logs, the ledger and the audit log; it is never trusted as unique.
 fn request_id(headers: &HeaderMap) -> String {
     if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
             return id.to_string();
         }
     }
+    new_id()
+}
+
+/// An id unique to this process run (start time, pid, counter). Budget reservations are keyed
+/// by it, never by the caller's `x-request-id`: a caller reusing one must not make its later
+/// requests look like duplicate settlements (which are not charged).
+fn new_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let boot = *BOOT.get_or_init(|| now().0);
-    format!("tg-{boot:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    static BOOT: std::sync::OnceLock<(u64, u32)> = std::sync::OnceLock::new();
+    let (boot, pid) = *BOOT.get_or_init(|| (now().0, std::process::id()));
+    format!("tg-{boot:x}-{pid:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Wall-clock time for the core, which never reads a clock itself.

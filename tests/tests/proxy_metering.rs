@@ -204,3 +204,24 @@ async fn upstream_without_a_response_head_in_time_answers_504_and_charges_nothin
     assert_eq!(ledger[0]["status"], 504);
     assert_eq!(ledger[0]["cost_nano_usd"], 0);
 }
+
+#[tokio::test]
+async fn a_reused_request_id_cannot_skip_billing() {
+    // Budget reservations are keyed by the proxy's own ids: a caller that sends the same
+    // x-request-id twice is charged twice.
+    let policy = "version: v1\ndefaults: {llm: allow}\n\
+                  budgets: [{id: day, scope: agent, period: daily, amount: \"10.00\"}]\n";
+    let h = Harness::builder().policy(policy).start().await;
+    let headers = with(tags("reuser"), &[("x-request-id", "same-id")]);
+    for _ in 0..2 {
+        let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let ledger = h.ledger_until(2).await;
+    let total: i64 = ledger.iter().map(|r| r["cost_nano_usd"].as_i64().unwrap()).sum();
+    assert!(total > 0);
+    assert_ne!(ledger[0]["reservation_id"], ledger[1]["reservation_id"]);
+    let budgets = h.admin_get("/admin/budgets", true).await.json();
+    let spent = tollgate_e2e::harness::nanos(budgets["budgets"][0]["spent"].as_str().unwrap());
+    assert_eq!(spent, total, "both requests are in the budget: {budgets}");
+}

@@ -23,9 +23,14 @@ use crate::time::{Period, UnixMillis, Window};
 /// settlement reports a [`Warning`]. At 100 % the budget also refuses further reservations.
 pub const WARNING_THRESHOLDS_BP: [u64; 3] = [8_000, 9_500, 10_000];
 
-/// How long counters outlive their window (and settle markers their reservation): long enough
-/// for a late settlement to find them, short enough for memory to be reclaimed.
+/// How long counters outlive their window: long enough for a late settlement to find them,
+/// short enough for memory to be reclaimed.
 pub const RETENTION_MS: u64 = 24 * 3_600_000;
+
+/// How long a settle marker outlives its reservation's expiry. One marker exists per settled
+/// request, so this bounds the store's memory at (reservation TTL + this) × request rate; a
+/// duplicate settlement can only come from the adapter itself, within moments.
+pub const MARKER_RETENTION_MS: u64 = 10 * 60_000;
 
 /// The scope value a [`Scope::Global`] budget without a fixed key is counted and reported under.
 pub const GLOBAL_VALUE: &str = "*";
@@ -300,7 +305,7 @@ impl<S: Store> Budgets<S> {
             });
         }
         // The marker first: whatever fails afterwards, this request is never charged twice.
-        let marker_until = now.max(expires_at).saturating_add_ms(RETENTION_MS);
+        let marker_until = now.max(expires_at).saturating_add_ms(MARKER_RETENTION_MS);
         if !self.store.insert_if_absent(&marker_key(&request_id), marker_until)? {
             return Ok(Settlement::duplicate());
         }
@@ -327,7 +332,7 @@ impl<S: Store> Budgets<S> {
         if reservation.budgets.is_empty() {
             return Ok(false);
         }
-        let marker_until = reservation.expires_at.saturating_add_ms(RETENTION_MS);
+        let marker_until = reservation.expires_at.saturating_add_ms(MARKER_RETENTION_MS);
         if !self.store.insert_if_absent(&marker_key(&reservation.request_id), marker_until)? {
             return Ok(false);
         }
@@ -354,7 +359,7 @@ impl<S: Store> Budgets<S> {
         for spec in specs {
             let Some(value) = applicable_value(spec, values(spec.scope)) else { continue };
             if !marked {
-                let until = now.saturating_add_ms(RETENTION_MS);
+                let until = now.saturating_add_ms(MARKER_RETENTION_MS);
                 if !self.store.insert_if_absent(&marker_key(request_id), until)? {
                     return Ok(Settlement::duplicate());
                 }

@@ -30,6 +30,7 @@ fn reserve(i: u64) -> Entry {
         reserved_at_ms: NOW,
         expires_at_ms: NOW + 60_000,
         request_id: format!("r-{i}"),
+        reservation_id: format!("res-{i}"),
         agent: "a".into(),
         cost_center: "CC-1234".into(),
         project: "PROJ-ABC123".into(),
