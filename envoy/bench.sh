@@ -6,20 +6,23 @@
 #
 #   envoy/bench.sh                                  # without vs with the built module
 #   envoy/bench.sh before=/tmp/old.wasm after=target/wasm32-wasip1/wasm/tollgate_wasm.wasm
+#   envoy/bench.sh with=<module> other=<module>,<plugin.json>
 #
-# Each named module is one more mode in every round, so several builds are compared in one run.
+# Each named module is one more mode in every round, so several builds (or plugin
+# configurations: the default one is below) are compared in one run.
 # ROUNDS (3), SECONDS_PER_ROUND (8). Prints each round, then per mode the medians of requests/s,
 # p99 and Envoy CPU per request (utime+stime over the round / requests), and the ratio of
 # requests/s and CPU to Envoy without the filter.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 modes=(without)
-declare -A module
+declare -A module plugin
 if [ $# -eq 0 ]; then set -- "with=$R/target/wasm32-wasip1/wasm/tollgate_wasm.wasm"; fi
 for arg in "$@"; do
-  name=${arg%%=*}; path=$(realpath "${arg#*=}")
+  name=${arg%%=*}; spec=${arg#*=}; path=$(realpath "${spec%%,*}")
   [ -f "$path" ] || { echo "bench.sh: no module at $path" >&2; exit 1; }
   modes+=("$name"); module[$name]=$path
+  if [ "$spec" != "${spec#*,}" ]; then plugin[$name]=$(realpath "${spec#*,}"); fi
 done
 work=$(mktemp -d); cd "$work"
 trap 'rm -rf "$work"' EXIT
@@ -33,7 +36,7 @@ cat > plugin.json <<'J'
 J
 start() { # $1 = mode
   local L=$(free) A=$(free) wasm=${module[$1]:-$R/target/wasm32-wasip1/wasm/tollgate_wasm.wasm}
-  WASM=$wasm LISTEN_PORT=$L ADMIN_PORT=$A UPSTREAM_PORT=$UP COLLECTOR_PORT=1 $R/envoy/run.sh --render plugin.json > $1.yaml
+  WASM=$wasm LISTEN_PORT=$L ADMIN_PORT=$A UPSTREAM_PORT=$UP COLLECTOR_PORT=1 $R/envoy/run.sh --render ${plugin[$1]:-plugin.json} > $1.yaml
   if [ "$1" = without ]; then
     python3 - <<'P'
 y=open('without.yaml').read()

@@ -68,7 +68,7 @@ fn unavailable(status: Status) -> StoreError {
 struct HostCounters {
     named: HashMap<&'static str, u32>,
     /// Increments not yet given to Envoy, by metric id.
-    pending: Vec<(u32, u64)>,
+    pending: HashMap<u32, u64>,
 }
 
 impl Counters for HostCounters {
@@ -77,10 +77,8 @@ impl Counters for HostCounters {
     }
 
     fn add(&mut self, id: u32, n: u64) {
-        match self.pending.iter_mut().find(|(i, _)| *i == id) {
-            Some((_, total)) => *total = total.saturating_add(n),
-            None => self.pending.push((id, n)),
-        }
+        let total = self.pending.entry(id).or_default();
+        *total = total.saturating_add(n);
     }
 }
 
@@ -101,7 +99,7 @@ impl HostCounters {
 
     /// Hands the summed increments to Envoy.
     fn flush(&mut self) {
-        for (id, n) in self.pending.drain(..) {
+        for (id, n) in self.pending.drain() {
             let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }

@@ -346,14 +346,17 @@ fn serve_collector(stream: TcpStream, sink: &Mutex<Vec<serde_json::Value>>) {
     }
 }
 
+/// One request to the policy source: the `If-None-Match` it sent, the status answered and the
+/// ETag of the document being served then.
+pub type PolicyFetch = (Option<String>, u16, String);
+
 /// A policy source: serves one document with an ETag, answers `304` to a matching
 /// `If-None-Match`, and records what it answered.
 pub struct PolicyServer {
     pub port: u16,
     /// (ETag, document) being served.
     current: Arc<Mutex<(String, String)>>,
-    /// (If-None-Match sent, status answered, ETag of the document then served).
-    pub log: Arc<Mutex<Vec<(Option<String>, u16, String)>>>,
+    pub log: Arc<Mutex<Vec<PolicyFetch>>>,
 }
 
 impl PolicyServer {
@@ -386,7 +389,7 @@ impl PolicyServer {
 fn serve_policy(
     stream: TcpStream,
     current: &Mutex<(String, String)>,
-    log: &Mutex<Vec<(Option<String>, u16, String)>>,
+    log: &Mutex<Vec<PolicyFetch>>,
 ) {
     let Ok(mut writer) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
