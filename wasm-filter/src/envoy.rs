@@ -1,15 +1,19 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
-//! (compiled plugin, budget store, metric ids, queued usage events).
+//! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
+//! queued usage events, policy polling).
 //!
 //! Rules learned in the real Envoy (`shared/docs/envoy-wasm-notes.md`), each applied here:
 //! request headers and response headers always `Continue` (a paused headers hook never sees its
 //! body, G2); the request body is buffered (`Pause` until end of stream) because the decision
-//! needs the model; the response body is observed chunk by chunk and always `Continue`s, so no
-//! byte waits for the meter; our own local reply re-enters the response hooks and is left alone
-//! (G1); headers are only set from headers hooks (G3); usage events go out from the root context
-//! on a timer, because an HTTP context's own callouts are cancelled when its stream ends; host
-//! calls that can fail are made through `hostcalls` and their errors handled, since a panic
-//! kills the worker's VM (G4).
+//! needs the model, and may be replaced there (the usage rewrite), which is why the request's
+//! `content-length` is dropped in the headers hook when it may be; the response body is observed
+//! chunk by chunk and always `Continue`s, so no byte waits for the meter (only the usage-chunk
+//! filter may hold one incomplete SSE event); our own local reply re-enters the response hooks
+//! and is left alone (G1); headers are only set from headers hooks (G3); usage events, metric
+//! increments and policy polls go out from the root context on the timer, once per VM (G5),
+//! because an HTTP context's own callouts are cancelled when its stream ends; host calls that
+//! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
+//! handled, since a panic kills the worker's VM (G4).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
