@@ -25,7 +25,8 @@ for arg in "$@"; do
   if [ "$spec" != "${spec#*,}" ]; then plugin[$name]=$(realpath "${spec#*,}"); fi
 done
 work=$(mktemp -d); cd "$work"
-trap 'rm -rf "$work"' EXIT
+MOCK=; PID=
+trap 'kill $MOCK $PID 2>/dev/null || true; rm -rf "$work"' EXIT
 free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 UP=$(free); taskset -c 0 $R/target/release/mock-upstream --listen 127.0.0.1:$UP > mock.log 2>&1 & MOCK=$!
 cat > plugin.json <<'J'
