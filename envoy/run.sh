@@ -5,7 +5,7 @@
 #   envoy/run.sh --render [plugin.json]   # print the rendered bootstrap and exit
 #
 # Environment (defaults): LISTEN_PORT=10000 ADMIN_PORT=9901 UPSTREAM_PORT=18080
-# COLLECTOR_PORT=18090 CONCURRENCY=2 LOG_LEVEL=warning, WASM (the built module), ENVOY (binary).
+# COLLECTOR_PORT=18090 POLICY_PORT=18091 CONCURRENCY=2 LOG_LEVEL=warning, WASM (the built module), ENVOY (binary).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 render_only=false
@@ -24,11 +24,13 @@ envoy=${ENVOY:-$root/target/envoy-venv/bin/envoy}
 render() {
   awk -v listen="${LISTEN_PORT:-10000}" -v admin="${ADMIN_PORT:-9901}" \
       -v upstream="${UPSTREAM_PORT:-18080}" -v collector="${COLLECTOR_PORT:-18090}" \
+      -v policy="${POLICY_PORT:-18091}" \
       -v wasm="$wasm" -v plugin="$plugin" '
     /^\$\{PLUGIN_CONFIG\}$/ { while ((getline line < plugin) > 0) print "                    " line; next }
     {
       gsub(/\$\{LISTEN_PORT\}/, listen); gsub(/\$\{ADMIN_PORT\}/, admin)
       gsub(/\$\{UPSTREAM_PORT\}/, upstream); gsub(/\$\{COLLECTOR_PORT\}/, collector)
+      gsub(/\$\{POLICY_PORT\}/, policy)
       gsub(/\$\{WASM\}/, wasm); print
     }' "$root/envoy/envoy.yaml"
 }

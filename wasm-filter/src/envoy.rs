@@ -1,15 +1,19 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
-//! (compiled plugin, budget store, metric ids, queued usage events).
+//! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
+//! queued usage events, policy polling).
 //!
 //! Rules learned in the real Envoy (`shared/docs/envoy-wasm-notes.md`), each applied here:
 //! request headers and response headers always `Continue` (a paused headers hook never sees its
 //! body, G2); the request body is buffered (`Pause` until end of stream) because the decision
-//! needs the model; the response body is observed chunk by chunk and always `Continue`s, so no
-//! byte waits for the meter; our own local reply re-enters the response hooks and is left alone
-//! (G1); headers are only set from headers hooks (G3); usage events go out from the root context
-//! on a timer, because an HTTP context's own callouts are cancelled when its stream ends; host
-//! calls that can fail are made through `hostcalls` and their errors handled, since a panic
-//! kills the worker's VM (G4).
+//! needs the model, and may be replaced there (the usage rewrite), which is why the request's
+//! `content-length` is dropped in the headers hook when it may be; the response body is observed
+//! chunk by chunk and always `Continue`s, so no byte waits for the meter (only the usage-chunk
+//! filter may hold one incomplete SSE event); our own local reply re-enters the response hooks
+//! and is left alone (G1); headers are only set from headers hooks (G3); usage events, metric
+//! increments and policy polls go out from the root context on the timer, once per VM (G5),
+//! because an HTTP context's own callouts are cancelled when its stream ends; host calls that
+//! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
+//! handled, since a panic kills the worker's VM (G4).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -18,8 +22,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
+use tollgate_core::policy::Snapshot;
 use tollgate_core::time::UnixMillis;
 
 use crate::exchange::{Exchange, Head, Now};
@@ -59,25 +64,48 @@ fn unavailable(status: Status) -> StoreError {
     StoreError::Unavailable { reason: format!("shared data: {status:?}") }
 }
 
-/// Envoy counters, defined on first use in this VM (ids are per VM, names shared: G5).
+/// Envoy counters (ids are per VM, names shared: G5). Request-labelled series are cached by
+/// [`Recorder`]; the few fixed-name health counters are cached here by name. Increments are
+/// summed in the VM and handed to Envoy once per tick ([`HostCounters::flush`]): every host call
+/// costs about a microsecond, and a request touches four or more counters.
 #[derive(Default)]
 struct HostCounters {
-    ids: HashMap<String, u32>,
+    named: HashMap<&'static str, u32>,
+    /// Increments not yet given to Envoy, by metric id.
+    pending: HashMap<u32, u64>,
 }
 
 impl Counters for HostCounters {
-    fn add(&mut self, name: &str, n: u64) {
-        let id = match self.ids.get(name) {
+    fn define(&mut self, name: &str) -> Option<u32> {
+        hostcalls::define_metric(MetricType::Counter, name).ok()
+    }
+
+    fn add(&mut self, id: u32, n: u64) {
+        let total = self.pending.entry(id).or_default();
+        *total = total.saturating_add(n);
+    }
+}
+
+impl HostCounters {
+    fn count(&mut self, name: &'static str, n: u64) {
+        let id = match self.named.get(name) {
             Some(id) => *id,
-            None => match hostcalls::define_metric(MetricType::Counter, name) {
-                Ok(id) => {
-                    self.ids.insert(name.to_owned(), id);
+            None => match self.define(name) {
+                Some(id) => {
+                    self.named.insert(name, id);
                     id
                 }
-                Err(_) => return,
+                None => return,
             },
         };
-        let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        self.add(id, n);
+    }
+
+    /// Hands the summed increments to Envoy.
+    fn flush(&mut self) {
+        for (id, n) in self.pending.drain() {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -97,12 +125,33 @@ struct Vm {
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
     events: RefCell<VecDeque<String>>,
-    in_flight_calls: RefCell<HashMap<u32, usize>>,
+    in_flight_calls: RefCell<HashMap<u32, Call>>,
+    poll: RefCell<PolicyPoll>,
+}
+
+/// What an outgoing `dispatch_http_call` was for.
+enum Call {
+    /// A batch of this many usage events.
+    Events(usize),
+    /// A policy poll.
+    Policy,
+}
+
+/// This VM's policy polling state (timers and snapshots are per VM, G5).
+#[derive(Default)]
+struct PolicyPoll {
+    /// Not before this time (ms).
+    next_ms: u64,
+    in_flight: bool,
+    etag: Option<String>,
+    /// The last document fetched, good or bad: an unchanged one is not parsed (or reported)
+    /// again.
+    last_body: Option<Vec<u8>>,
 }
 
 impl Vm {
-    fn count(&self, name: &str, n: u64) {
-        self.counters.borrow_mut().add(name, n);
+    fn count(&self, name: &'static str, n: u64) {
+        self.counters.borrow_mut().count(name, n);
     }
 
     fn decision(&self, decision: &str, reason: &str, model: &str) {
@@ -120,6 +169,7 @@ impl Default for Vm {
             recorder: RefCell::new(Recorder::new(1000)),
             events: RefCell::new(VecDeque::new()),
             in_flight_calls: RefCell::new(HashMap::new()),
+            poll: RefCell::new(PolicyPoll::default()),
         }
     }
 }
@@ -127,6 +177,27 @@ impl Default for Vm {
 #[derive(Default)]
 struct Root {
     vm: Rc<Vm>,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK's own import, declared again: `hostcalls::set_buffer` panics on any status other
+    // than `Ok`, which would kill the VM (G4).
+    fn proxy_set_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> Status;
+}
+
+/// Replaces `size` bytes at `start` of a buffer with `value`; `false` if the host refused.
+fn set_buffer(buffer_type: BufferType, start: usize, size: usize, value: &[u8]) -> bool {
+    // SAFETY: the pointer and length describe `value`, which outlives the call; the host copies.
+    let status =
+        unsafe { proxy_set_buffer_bytes(buffer_type, start, size, value.as_ptr(), value.len()) };
+    status == Status::Ok
 }
 
 fn log(level: LogLevel, message: &str) {
@@ -149,21 +220,28 @@ impl Context for Root {
         &mut self,
         token: u32,
         _headers: usize,
-        _body: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
-        let n = self.vm.in_flight_calls.borrow_mut().remove(&token).unwrap_or(0);
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten();
-        let name = match status.as_deref() {
-            Some(s) if s.starts_with('2') => "tollgate_usage_events_sent_total",
-            _ => "tollgate_usage_events_failed_total",
-        };
-        self.vm.count(name, n as u64);
+        let call = self.vm.in_flight_calls.borrow_mut().remove(&token);
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| String::from_utf8(s).ok());
+        match call {
+            Some(Call::Events(n)) => {
+                let name = match status.as_deref() {
+                    Some(s) if s.starts_with('2') => "tollgate_usage_events_sent_total",
+                    _ => "tollgate_usage_events_failed_total",
+                };
+                self.vm.count(name, n as u64);
+            }
+            Some(Call::Policy) => {
+                self.vm.poll.borrow_mut().in_flight = false;
+                self.policy_response(status.as_deref(), body_size);
+            }
+            None => {}
+        }
     }
 }
 
@@ -173,11 +251,7 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _size: usize) -> bool {
-        let text = match hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::PluginConfiguration,
-            0,
-            usize::MAX,
-        ) {
+        let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
             _ => String::new(),
         };
@@ -187,12 +261,13 @@ impl RootContext for Root {
         let config = match Plugin::from_document(&text) {
             Ok(plugin) => {
                 *self.vm.recorder.borrow_mut() = Recorder::new(plugin.filter.max_label_values);
-                let _ = hostcalls::set_tick_period(Duration::from_millis(plugin.filter.tick_ms));
+                *self.vm.poll.borrow_mut() = PolicyPoll::default();
+                let _ = hostcalls::set_tick_period(Duration::from_millis(plugin.tick_ms()));
                 log(
                     LogLevel::Info,
                     &format!(
                         "tollgate: configured, policy version {}, fail {}",
-                        plugin.engine.policy().version(),
+                        plugin.policy.version(),
                         plugin.filter.fail.as_str()
                     ),
                 );
@@ -208,6 +283,9 @@ impl RootContext for Root {
                     ),
                 );
                 self.vm.count("tollgate_config_errors_total", 1);
+                self.vm.counters.borrow_mut().flush();
+                // The timer still flushes the counters of the requests that follow `fail`.
+                let _ = hostcalls::set_tick_period(Duration::from_millis(1000));
                 Config::Broken(fail)
             }
         };
@@ -218,11 +296,13 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.vm.counters.borrow_mut().flush();
         let t = now();
         if let Err(e) = self.vm.budgets.expire(t.ms) {
             log(LogLevel::Warn, &format!("tollgate: expiring reservations: {e}"));
         }
         self.flush_events();
+        self.poll_policy(t.ms.0);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -231,6 +311,7 @@ impl RootContext for Root {
             exchange: None,
             local_reply: false,
             decided: false,
+            may_rewrite: false,
         }))
     }
 
@@ -272,12 +353,106 @@ impl Root {
         match call {
             Ok(token) => {
                 events.clear();
-                self.vm.in_flight_calls.borrow_mut().insert(token, n);
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Events(n));
             }
             Err(status) => {
                 log(LogLevel::Warn, &format!("tollgate: collector call failed: {status:?}"));
             }
         }
+    }
+}
+
+impl Root {
+    /// Asks the policy source for a newer document when this VM's poll is due.
+    fn poll_policy(&mut self, now_ms: u64) {
+        let plugin = match &*self.vm.config.borrow() {
+            Config::Ready(p) => p.clone(),
+            _ => return,
+        };
+        let Some(source) = &plugin.filter.policy_url else { return };
+        let mut poll = self.vm.poll.borrow_mut();
+        if poll.in_flight || now_ms < poll.next_ms {
+            return;
+        }
+        poll.next_ms = now_ms.saturating_add(source.interval_ms);
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", source.path.as_str()),
+            (":authority", source.authority.as_str()),
+        ];
+        if let Some(etag) = &poll.etag {
+            headers.push(("if-none-match", etag.as_str()));
+        }
+        let call = hostcalls::dispatch_http_call(
+            &source.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(source.timeout_ms),
+        );
+        match call {
+            Ok(token) => {
+                poll.in_flight = true;
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Policy);
+            }
+            Err(status) => {
+                drop(poll);
+                self.policy_failed(&format!("cannot call cluster {}: {status:?}", source.cluster));
+            }
+        }
+    }
+
+    /// Applies a fetched policy document; a bad one keeps the snapshot in force.
+    fn policy_response(&mut self, status: Option<&str>, body_size: usize) {
+        let plugin = match &*self.vm.config.borrow() {
+            Config::Ready(p) => p.clone(),
+            _ => return,
+        };
+        match status {
+            Some("304") => return,
+            Some(s) if s.starts_with('2') => {}
+            // No status: the call failed (timeout, reset, no healthy host).
+            other => {
+                let status = other.unwrap_or("no response");
+                return self.policy_failed(&format!("policy source answered {status}"));
+            }
+        }
+        let etag = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "etag")
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok());
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        {
+            let mut poll = self.vm.poll.borrow_mut();
+            poll.etag = etag;
+            if poll.last_body.as_deref() == Some(body.as_slice()) {
+                return;
+            }
+            poll.last_body = Some(body.clone());
+        }
+        let parsed = std::str::from_utf8(&body)
+            .map_err(|_| "the document is not UTF-8 text".to_owned())
+            .and_then(|text| Snapshot::from_yaml_str(text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(policy) => {
+                let version = policy.version().to_owned();
+                *self.vm.config.borrow_mut() = Config::Ready(Rc::new(plugin.with_policy(policy)));
+                self.vm.count("tollgate_policy_reloads_total", 1);
+                log(LogLevel::Info, &format!("tollgate: policy updated to version {version}"));
+            }
+            Err(errors) => self.policy_failed(&format!(
+                "the new policy is invalid, keeping version {}: {errors}",
+                plugin.policy.version()
+            )),
+        }
+    }
+
+    fn policy_failed(&self, why: &str) {
+        self.vm.count("tollgate_policy_reload_failures_total", 1);
+        log(LogLevel::Warn, &format!("tollgate: policy update rejected: {why}"));
     }
 }
 
@@ -287,17 +462,13 @@ struct Http {
     /// Our own reply is passing through the response hooks (G1): leave it alone.
     local_reply: bool,
     decided: bool,
+    /// The request's `content-length` was removed so that its body may be rewritten.
+    may_rewrite: bool,
 }
 
 impl Context for Http {}
 
 impl Http {
-    fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    }
-
     fn reply(&mut self, denial: &Denial, shape: Shape, request_id: &str, model: &str) {
         let reply = denial.render(shape, request_id);
         let headers: Vec<(&str, &str)> =
@@ -341,6 +512,21 @@ impl Http {
     }
 }
 
+impl Http {
+    /// Asks an admitted OpenAI stream for usage (see [`Exchange::usage_rewrite`]).
+    fn rewrite_body(&mut self, body: &[u8], body_size: usize) {
+        if !self.may_rewrite || self.local_reply {
+            return;
+        }
+        let Some(exchange) = self.exchange.as_mut() else { return };
+        if let Some(rewritten) = exchange.usage_rewrite(body) {
+            if !set_buffer(BufferType::HttpRequestBody, 0, body_size, &rewritten) {
+                log(LogLevel::Warn, "tollgate: cannot rewrite the request body for usage");
+            }
+        }
+    }
+}
+
 /// The model named by a refused request body, for the decision metric.
 fn model_of(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -349,11 +535,21 @@ fn model_of(body: &[u8]) -> Option<String> {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // One host call for the whole map instead of one per header read. As bytes: the SDK's
+        // `String` variants panic on a header value that is not UTF-8 (names are tokens); such
+        // a value reads as absent here.
+        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+        };
         let head = Head {
-            method: self.header(":method").unwrap_or_default(),
-            path: self.header(":path").unwrap_or_default(),
-            authority: self.header(":authority"),
-            request_id: self.header("x-request-id"),
+            method: header(":method").unwrap_or_default(),
+            path: header(":path").unwrap_or_default(),
+            authority: header(":authority"),
+            request_id: header("x-request-id"),
         };
         let t = now();
         let plugin = match self.plugin() {
@@ -376,16 +572,27 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         };
-        match Exchange::start(&plugin, head, |name| self.header(name), t) {
+        match Exchange::start(&plugin, head, header, t) {
             Ok(exchange) => {
                 if !plugin.filter.forward_attribution {
                     for name in plugin.engine.attribution().header_names() {
+                        if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                            let _ =
+                                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                        }
+                    }
+                }
+                // Headers go upstream before the body is seen (G3): a body that may be
+                // rewritten loses its length now.
+                if plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body() {
+                    if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
                         let _ = hostcalls::set_map_value(
-                            proxy_wasm::types::MapType::HttpRequestHeaders,
-                            name,
+                            MapType::HttpRequestHeaders,
+                            "content-length",
                             None,
                         );
                     }
+                    self.may_rewrite = true;
                 }
                 self.exchange = Some(exchange);
                 if end_of_stream {
@@ -409,12 +616,13 @@ impl HttpContext for Http {
             return Action::Pause;
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
-        let body =
-            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-        self.decide(&plugin, &body)
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let action = self.decide(&plugin, &body);
+        self.rewrite_body(&body, body_size);
+        action
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -423,12 +631,13 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
-        let body =
-            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, usize::MAX)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-        self.decide(&plugin, &body)
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let action = self.decide(&plugin, &body);
+        self.rewrite_body(&body, body.len());
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -436,18 +645,16 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
-        let status =
-            hostcalls::get_map_value(proxy_wasm::types::MapType::HttpResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         for (name, value) in exchange.response_headers(status) {
-            let _ = hostcalls::set_map_value(
-                proxy_wasm::types::MapType::HttpResponseHeaders,
-                name,
-                Some(&value),
-            );
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+        }
+        if exchange.rewrites_response() {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
         }
         if end_of_stream {
             exchange.response_ended();
@@ -459,17 +666,20 @@ impl HttpContext for Http {
         if self.local_reply {
             return Action::Continue;
         }
-        if let Some(exchange) = self.exchange.as_mut() {
-            if body_size > 0 {
-                if let Ok(Some(chunk)) = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpResponseBody,
-                    0,
-                    body_size,
-                ) {
-                    exchange.response_chunk(&chunk, end_of_stream);
-                }
-            } else if end_of_stream {
-                exchange.response_ended();
+        let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
+        let chunk = if body_size > 0 {
+            hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if let Some(out) = exchange.response_chunk(&chunk, end_of_stream) {
+            if out != chunk.as_slice()
+                && !set_buffer(BufferType::HttpResponseBody, 0, body_size, out)
+            {
+                log(LogLevel::Warn, "tollgate: cannot rewrite a response chunk");
             }
         }
         Action::Continue

@@ -3,9 +3,12 @@
 //!
 //! *request headers*: attribution (a bad header is refused before anything is sent upstream) →
 //! *request body* (or the headers, for a bodyless request): classify, decide, cost cap, rate
-//! limits, budget reservation → *response headers*: decision headers, status → *response body*:
-//! every chunk fed to the core's meter as it passes, never held → *log*: finish metering, price,
-//! settle, usage event and metrics, also when the client went away.
+//! limits, budget reservation, and for an OpenAI stream without `stream_options.include_usage`
+//! the body asking for it ([`Exchange::usage_rewrite`]) → *response headers*: decision headers,
+//! status → *response body*: every chunk fed to the core's meter as it passes, never held (only
+//! the usage chunk the filter asked for is cut out again, which may hold back one incomplete SSE
+//! event) → *log*: finish metering, price, settle, usage event and metrics, also when the
+//! client went away.
 //!
 //! The Envoy glue (`envoy.rs`) only moves bytes between the host and this struct, so everything
 //! here is tested natively against the fake shared data.
@@ -13,7 +16,7 @@
 use serde::Serialize;
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter};
+use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts, RouteKind};
 use tollgate_core::time::UnixMillis;
@@ -63,6 +66,10 @@ struct Admitted {
     policy_version: String,
     reservation: Option<Reservation>,
     meter: Option<Meter>,
+    /// An OpenAI stream whose client did not ask for usage.
+    wants_usage: bool,
+    /// Set when the filter asked for usage on the client's behalf: removes that chunk again.
+    usage_filter: Option<UsageChunkFilter>,
     input_estimate: u64,
     model: Option<String>,
     tool: Option<String>,
@@ -93,6 +100,8 @@ pub struct Exchange {
     status: u32,
     response_done: bool,
     started: UnixMillis,
+    /// Response bytes to send on in place of a chunk, when the usage filter is on.
+    out: Vec<u8>,
 }
 
 /// A finished request: its usage event and what to count.
@@ -174,7 +183,32 @@ impl Exchange {
             status: 0,
             response_done: false,
             started: now.ms,
+            out: Vec::new(),
         })
+    }
+
+    /// Whether this request may be an OpenAI stream whose body the filter would rewrite to ask
+    /// for usage: decided from the request line alone, because the request headers (and their
+    /// `content-length`) go upstream before the body is seen.
+    pub fn may_rewrite_body(&self) -> bool {
+        self.head.method.eq_ignore_ascii_case("POST")
+            && matches!(self.api, Some(Api::ChatCompletions | Api::Completions))
+    }
+
+    /// For an admitted OpenAI stream without `stream_options.include_usage`: the request body
+    /// asking for it (the rest of the body byte for byte). From then on the response's usage
+    /// chunk is removed again, so the client gets exactly the stream it asked for and the
+    /// request is metered from the provider's `reported` usage. `None`: send the body as is.
+    pub fn usage_rewrite(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        let admitted = self.admitted.as_mut().filter(|a| a.wants_usage)?;
+        let rewritten = inspect::with_include_usage(body)?;
+        admitted.usage_filter = Some(UsageChunkFilter::new());
+        Some(rewritten)
+    }
+
+    /// Whether the response body is being rewritten (its `content-length` no longer holds).
+    pub fn rewrites_response(&self) -> bool {
+        self.admitted.as_ref().is_some_and(|a| a.usage_filter.is_some())
     }
 
     /// An exchange let through without checks (fail-open on a broken configuration).
@@ -191,6 +225,7 @@ impl Exchange {
             status: 0,
             response_done: false,
             started: now.ms,
+            out: Vec::new(),
         }
     }
 
@@ -245,7 +280,7 @@ impl Exchange {
             method: Some(self.head.method.as_str()),
             path: Some(path_only(&self.head.path)),
         };
-        let decision = engine.policy().evaluate(&facts);
+        let decision = plugin.policy.evaluate(&facts);
         let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
         match decision.effect {
             Effect::Allow => {}
@@ -297,13 +332,13 @@ impl Exchange {
         }
 
         let store = budgets.store();
-        let limit_key = format!("{}\u{0}{}", decision.clause, who.agent.as_deref().unwrap_or("-"));
         let tokens = input_estimate + if llm { max_output } else { 0 };
         for (what, limit, cost) in
             [("requests", decision.limits.rpm, 1), ("tokens", decision.limits.tpm, tokens)]
         {
             let Some(limit) = limit else { continue };
-            let key = format!("tollgate:rl:{what}:{limit}:{limit_key}");
+            let agent = who.agent.as_deref().unwrap_or("-");
+            let key = format!("tollgate:rl:{what}:{limit}:{}\u{0}{agent}", decision.clause);
             match store.take_rate(&key, limit, cost.max(1), now.ns) {
                 Ok(Ok(())) => {}
                 Ok(Err(retry_ms)) => {
@@ -327,11 +362,11 @@ impl Exchange {
             Scope::BusinessUnit => who.business_unit.as_deref(),
             Scope::Global => None,
         };
-        let specs: Vec<_> = decision.budgets.iter().cloned().collect();
         let mut reservation = None;
-        if !specs.is_empty() {
+        if !decision.budgets.is_empty() {
             let ttl = plugin.filter.reservation_ttl_ms;
-            match budgets.reserve(&specs, values, worst_case, &self.request_id, now.ms, ttl) {
+            let id = store.reservation_id(&self.request_id);
+            match budgets.reserve(decision.budgets.iter(), values, worst_case, &id, now.ms, ttl) {
                 Ok(r) => reservation = Some(r),
                 Err(BudgetError::Exceeded {
                     budget_id, limit, spent_and_reserved, period, ..
@@ -356,6 +391,10 @@ impl Exchange {
             policy_version: decision.policy_version.to_owned(),
             reservation,
             meter: self.api.map(|api| Meter::new(api, info.stream)),
+            wants_usage: info.stream
+                && !info.include_usage
+                && matches!(self.api, Some(Api::ChatCompletions | Api::Completions)),
+            usage_filter: None,
             input_estimate,
             model: info.model.clone(),
             tool,
@@ -397,14 +436,25 @@ impl Exchange {
         headers
     }
 
-    /// Observes one response body chunk; the chunk itself flows on untouched.
-    pub fn response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) {
-        if let Some(meter) = self.admitted.as_mut().and_then(|a| a.meter.as_mut()) {
-            meter.feed(chunk);
-        }
+    /// Observes one response body chunk. `None`: the chunk flows on untouched (the common
+    /// case); `Some(bytes)`: send `bytes` in its place (the usage filter is on, see
+    /// [`Exchange::usage_rewrite`]; at the end of the stream they include what was held back).
+    pub fn response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<&[u8]> {
         if end_of_stream {
             self.response_done = true;
         }
+        let admitted = self.admitted.as_mut()?;
+        if let Some(meter) = admitted.meter.as_mut() {
+            // The meter sees the provider's bytes, usage chunk included.
+            meter.feed(chunk);
+        }
+        let filter = admitted.usage_filter.as_mut()?;
+        self.out.clear();
+        filter.filter(chunk, &mut self.out);
+        if end_of_stream {
+            filter.finish(&mut self.out);
+        }
+        Some(&self.out)
     }
 
     /// Marks the response complete when it had no body.

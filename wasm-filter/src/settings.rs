@@ -1,13 +1,14 @@
 //! The plugin configuration: the engine document the sidecar also reads (`attribution`,
 //! `policy`, `pricing`, `autonomy`, `guardrails`) plus a `filter` section for what only the
-//! Envoy filter has (fail policy, collector cluster, label caps), compiled once per
-//! `on_configure`.
+//! Envoy filter has (fail policy, collector cluster, policy source, label caps), compiled once
+//! per `on_configure`.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
 //! with its field path and line. This module never talks to the host.
 
 use tollgate_core::doc::{self, Cx, DocErrors, Field};
 use tollgate_core::engine::{Engine, EngineConfig};
+use tollgate_core::policy::Snapshot;
 
 /// Sections of the plugin configuration document.
 const SECTIONS: [&str; 6] =
@@ -46,15 +47,34 @@ pub struct Collector {
     pub max_queued: usize,
 }
 
+/// Where newer policies come from: polled with `GET` (and `If-None-Match`) through an Envoy
+/// cluster. The document is a policy (the `policy:` section's content, YAML or JSON), as for
+/// the sidecar's `policy_source` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyUrl {
+    pub cluster: String,
+    /// `:authority` of the GET.
+    pub authority: String,
+    pub path: String,
+    /// Poll period (each VM polls on its own timer).
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
 /// The `filter:` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilterSettings {
     pub fail: FailPolicy,
     pub collector: Option<Collector>,
+    pub policy_url: Option<PolicyUrl>,
     /// Requests under this path prefix are MCP JSON-RPC tool calls.
     pub mcp_path_prefix: String,
     /// Keep the attribution headers on the upstream request (default: removed).
     pub forward_attribution: bool,
+    /// Ask OpenAI streams for usage on the client's behalf (and remove that chunk again). Costs
+    /// the `content-length` of every OpenAI chat/completions request (sent chunked instead),
+    /// because the headers go upstream before the body shows whether it streams.
+    pub include_usage: bool,
     /// Distinct values per metric label (per VM) before `__other__`.
     pub max_label_values: usize,
     /// How long a reservation is held before it is given back without a settlement.
@@ -68,8 +88,10 @@ impl Default for FilterSettings {
         FilterSettings {
             fail: FailPolicy::Closed,
             collector: None,
+            policy_url: None,
             mcp_path_prefix: "/mcp".into(),
             forward_attribution: false,
+            include_usage: true,
             max_label_values: 1000,
             reservation_ttl_ms: 15 * 60 * 1000,
             tick_ms: 1000,
@@ -82,6 +104,9 @@ impl Default for FilterSettings {
 pub struct Plugin {
     pub engine: Engine,
     pub filter: FilterSettings,
+    /// The policy in force: the configuration's own until `filter.policy_url` provides a
+    /// newer one (see [`Plugin::with_policy`]).
+    pub policy: Snapshot,
 }
 
 impl Plugin {
@@ -105,8 +130,24 @@ impl Plugin {
         .compile(&mut cx);
         obj.finish(&mut cx, &SECTIONS);
         match engine {
-            Some(engine) if !cx.has_errors() => Ok(Plugin { engine, filter }),
+            Some(engine) if !cx.has_errors() => {
+                let policy = engine.policy().clone();
+                Ok(Plugin { engine, filter, policy })
+            }
             _ => Err(errors(cx)),
+        }
+    }
+
+    /// The same plugin deciding with `policy` (a refreshed snapshot).
+    pub fn with_policy(&self, policy: Snapshot) -> Plugin {
+        Plugin { engine: self.engine.clone(), filter: self.filter.clone(), policy }
+    }
+
+    /// The tick period: the configured one, shorter if the policy poll needs it.
+    pub fn tick_ms(&self) -> u64 {
+        match &self.filter.policy_url {
+            Some(p) => self.filter.tick_ms.min(p.interval_ms),
+            None => self.filter.tick_ms,
         }
     }
 }
@@ -139,11 +180,17 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
     if let Some(f) = obj.get("collector") {
         settings.collector = decode_collector(cx, &f);
     }
+    if let Some(f) = obj.get("policy_url") {
+        settings.policy_url = decode_policy_url(cx, &f);
+    }
     if let Some(p) = obj.get("mcp_path_prefix").and_then(|f| f.non_empty_str(cx)) {
         settings.mcp_path_prefix = p.to_owned();
     }
     if let Some(b) = obj.get("forward_attribution").and_then(|f| f.bool(cx)) {
         settings.forward_attribution = b;
+    }
+    if let Some(b) = obj.get("include_usage").and_then(|f| f.bool(cx)) {
+        settings.include_usage = b;
     }
     if let Some(n) = obj.get("max_label_values").and_then(|f| f.u64(cx)) {
         settings.max_label_values = usize::try_from(n).unwrap_or(usize::MAX);
@@ -163,8 +210,10 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
         &[
             "fail",
             "collector",
+            "policy_url",
             "mcp_path_prefix",
             "forward_attribution",
+            "include_usage",
             "max_label_values",
             "reservation_ttl",
             "tick",
@@ -193,6 +242,33 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
     })
 }
 
+fn decode_policy_url(cx: &mut Cx, field: &Field<'_>) -> Option<PolicyUrl> {
+    let mut obj = cx.object(field)?;
+    let cluster = obj.require(cx, "cluster").and_then(|f| f.non_empty_str(cx));
+    let authority = obj.get("authority").and_then(|f| f.non_empty_str(cx));
+    let path = obj.require(cx, "path").and_then(|f| f.non_empty_str(cx));
+    let interval_ms = match obj.get("interval") {
+        Some(f) => match f.duration_ms(cx) {
+            Some(0) => {
+                f.error(cx, "must be longer than 0");
+                None
+            }
+            ms => ms,
+        },
+        None => Some(30_000),
+    };
+    let timeout_ms = obj.get("timeout").and_then(|f| f.duration_ms(cx));
+    obj.finish(cx, &["cluster", "authority", "path", "interval", "timeout"]);
+    let cluster = cluster?.to_owned();
+    Some(PolicyUrl {
+        authority: authority.unwrap_or(&cluster).to_owned(),
+        cluster,
+        path: path?.to_owned(),
+        interval_ms: interval_ms?,
+        timeout_ms: timeout_ms.unwrap_or(5000),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +286,7 @@ mod tests {
     fn filter_settings_are_decoded() {
         let text = format!(
             r#"{{"filter": {{"fail": "open", "mcp_path_prefix": "/tools/mcp",
-                "forward_attribution": true, "max_label_values": 5, "reservation_ttl": "2m",
+                "forward_attribution": true, "max_label_values": 5, "include_usage": false, "reservation_ttl": "2m",
                 "tick": "250ms",
                 "collector": {{"cluster": "tollgate", "path": "/usage", "flush": "2s"}}}},
                 {POLICY}}}"#
@@ -219,6 +295,7 @@ mod tests {
         assert_eq!(f.fail, FailPolicy::Open);
         assert_eq!(f.mcp_path_prefix, "/tools/mcp");
         assert!(f.forward_attribution);
+        assert!(!f.include_usage);
         assert_eq!(f.max_label_values, 5);
         assert_eq!(f.reservation_ttl_ms, 120_000);
         assert_eq!(f.tick_ms, 250);
@@ -234,6 +311,50 @@ mod tests {
                 max_queued: 10_000,
             }
         );
+    }
+
+    #[test]
+    fn policy_url_is_decoded_with_defaults_and_shortens_the_tick() {
+        let text = format!(
+            r#"{{"filter": {{"policy_url": {{"cluster": "policy", "path": "/p.yaml"}}}}, {POLICY}}}"#
+        );
+        let plugin = Plugin::from_document(&text).unwrap();
+        let expected = PolicyUrl {
+            cluster: "policy".into(),
+            authority: "policy".into(),
+            path: "/p.yaml".into(),
+            interval_ms: 30_000,
+            timeout_ms: 5000,
+        };
+        assert_eq!(plugin.filter.policy_url, Some(expected));
+        assert_eq!(plugin.tick_ms(), 1000);
+        let text = format!(
+            r#"{{"filter": {{"tick": "5s", "policy_url": {{"cluster": "c", "authority": "a",
+                "path": "/p", "interval": "200ms", "timeout": "1s"}}}}, {POLICY}}}"#
+        );
+        let plugin = Plugin::from_document(&text).unwrap();
+        assert_eq!(plugin.tick_ms(), 200);
+        assert_eq!(plugin.filter.policy_url.unwrap().authority, "a");
+        let text = format!(
+            r#"{{"filter": {{"policy_url": {{"path": "/p", "interval": "0s", "x": 1}}}}, {POLICY}}}"#
+        );
+        let errors = Plugin::from_document(&text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["filter.policy_url", "filter.policy_url.interval", "filter.policy_url.x"]
+        );
+        assert!(errors[0].message.contains("`cluster`"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_refreshed_policy_replaces_only_the_policy() {
+        let plugin = Plugin::from_document(&format!("{{{POLICY}}}")).unwrap();
+        let v2 = Snapshot::from_yaml_str("version: v2\ndefaults: {llm: deny}\n").unwrap();
+        let refreshed = plugin.with_policy(v2);
+        assert_eq!(refreshed.policy.version(), "v2");
+        assert_eq!(plugin.policy.version(), "v1");
+        assert_eq!(refreshed.filter, plugin.filter);
     }
 
     #[test]

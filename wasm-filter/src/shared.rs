@@ -18,17 +18,25 @@
 //! to list or drop keys. If a VM dies, its holds are lost and the money they held stays reserved
 //! until the budget's period ends (documented in the README).
 //!
+//! Settle markers are bounded: the core keeps one per request for a day, which in a VM serving
+//! thousands of requests a second would grow without bound. Here each reservation gets an id
+//! unique in its VM ([`SharedStore::reservation_id`], so a client reusing an `x-request-id`
+//! cannot collide with an earlier request), and the filter settles each reservation once, so
+//! a marker is never looked up again after its request: the newest [`MARKERS_KEPT`] are kept.
+//!
 //! Counters never expire from shared data (it cannot delete): one small key per budget, scope
 //! value and period window stays until Envoy restarts.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tollgate_core::budget::{AddOutcome, Hold, Store, StoreError};
 use tollgate_core::time::UnixMillis;
 
 /// The lock under which counters are created.
 pub const CREATE_LOCK_KEY: &str = "tollgate:create-lock";
+/// Settle markers kept per VM (oldest dropped first).
+pub const MARKERS_KEPT: usize = 4096;
 /// How many times an update retries after losing a CAS race before giving up.
 const MAX_ATTEMPTS: u32 = 10_000;
 
@@ -63,18 +71,28 @@ pub fn seed(data: &impl SharedData) -> Result<(), StoreError> {
 pub struct SharedStore<D> {
     data: D,
     local: RefCell<Local>,
+    sequence: Cell<u64>,
 }
 
 #[derive(Default)]
 struct Local {
-    markers: BTreeMap<String, UnixMillis>,
+    markers: BTreeSet<String>,
+    /// Markers in insertion order, for dropping the oldest.
+    marker_order: VecDeque<String>,
     holds: BTreeMap<String, Hold>,
     hold_expiry: BTreeSet<(UnixMillis, String)>,
 }
 
 impl<D: SharedData> SharedStore<D> {
     pub fn new(data: D) -> Self {
-        SharedStore { data, local: RefCell::new(Local::default()) }
+        SharedStore { data, local: RefCell::new(Local::default()), sequence: Cell::new(0) }
+    }
+
+    /// The budget reservation id of a request: its id plus a sequence number unique in this VM.
+    pub fn reservation_id(&self, request_id: &str) -> String {
+        let n = self.sequence.get().wrapping_add(1);
+        self.sequence.set(n);
+        format!("{request_id}#{n}")
     }
 
     pub fn data(&self) -> &D {
@@ -206,12 +224,17 @@ impl<D: SharedData> Store for SharedStore<D> {
         })
     }
 
-    fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {
+    fn insert_if_absent(&self, key: &str, _expires_at: UnixMillis) -> Result<bool, StoreError> {
         let mut local = self.local.borrow_mut();
-        if local.markers.contains_key(key) {
+        if !local.markers.insert(key.to_owned()) {
             return Ok(false);
         }
-        local.markers.insert(key.to_owned(), expires_at);
+        local.marker_order.push_back(key.to_owned());
+        if local.marker_order.len() > MARKERS_KEPT {
+            if let Some(oldest) = local.marker_order.pop_front() {
+                local.markers.remove(&oldest);
+            }
+        }
         Ok(true)
     }
 
@@ -250,11 +273,9 @@ impl<D: SharedData> Store for SharedStore<D> {
         Ok(taken)
     }
 
-    fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
-        let mut local = self.local.borrow_mut();
-        let before = local.markers.len();
-        local.markers.retain(|_, at| *at > now);
-        Ok(before - local.markers.len())
+    fn prune(&self, _now: UnixMillis) -> Result<usize, StoreError> {
+        // Markers are bounded by count (see the module documentation), not by time.
+        Ok(0)
     }
 }
 
@@ -416,8 +437,27 @@ mod tests {
         assert_eq!(s.take_hold("a"), Ok(None));
         assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(true));
         assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(false));
-        assert_eq!(s.prune(UnixMillis(50)), Ok(1));
-        assert_eq!(s.insert_if_absent("m", UnixMillis(60)), Ok(true));
+    }
+
+    #[test]
+    fn markers_are_bounded_by_count_keeping_the_newest() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        for i in 0..MARKERS_KEPT + 5 {
+            assert_eq!(s.insert_if_absent(&format!("m{i}"), UnixMillis(1)), Ok(true));
+        }
+        assert_eq!(s.local.borrow().markers.len(), MARKERS_KEPT);
+        let newest = format!("m{}", MARKERS_KEPT + 4);
+        assert_eq!(s.insert_if_absent(&newest, UnixMillis(1)), Ok(false), "newest kept");
+        assert_eq!(s.insert_if_absent("m0", UnixMillis(1)), Ok(true), "oldest dropped");
+    }
+
+    #[test]
+    fn reservation_ids_are_unique_per_store_even_for_a_reused_request_id() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        assert_eq!(s.reservation_id("req"), "req#1");
+        assert_eq!(s.reservation_id("req"), "req#2");
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{Collector, Envoy};
+use support::{Collector, Envoy, PolicyServer};
 use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
@@ -74,6 +74,7 @@ fn filter_in_real_envoy() {
     allowed_request_is_metered_in_stats_and_events(&envoy, &mock, &collector);
     budget_is_not_overspent_by_concurrent_requests(&envoy);
     sse_chunks_are_not_held_back(&envoy, &collector);
+    openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
     decisions_equal_the_core_pipeline_for_the_shared_table(&envoy);
     let log = envoy.log();
@@ -219,6 +220,39 @@ fn sse_chunks_are_not_held_back(envoy: &Envoy, collector: &Collector) {
     assert_eq!(event["tokens"]["output"], 6, "{event}");
     assert_eq!(event["usage_source"], "reported");
     assert_eq!(event["model"], "gpt-4o-mini");
+}
+
+fn openai_stream_is_asked_for_usage_the_client_never_sees(
+    envoy: &Envoy,
+    mock: &MockUpstream,
+    collector: &Collector,
+) {
+    let request =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let mut h = WHO.to_vec();
+    h.extend([("x-request-id", "req-sse-usage"), ("x-mock-events", "5")]);
+    let r = envoy.request("POST", "/v1/chat/completions", &h, request.as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let upstream = mock.requests().into_iter().last().unwrap();
+    assert_eq!(
+        std::str::from_utf8(&upstream.body).unwrap(),
+        r#"{"stream_options":{"include_usage":true},"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+        "the upstream is asked for usage, the rest of the body byte for byte"
+    );
+    assert_eq!(r.header("content-length"), None);
+    let client = String::from_utf8(r.body).unwrap();
+    let events: Vec<&str> = client.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert!(events.iter().all(|e| e.starts_with("data: ")), "{client}");
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{client}");
+    assert!(!client.contains("prompt_tokens"), "the usage chunk is removed:\n{client}");
+    assert!(!client.contains(r#""choices":[]"#), "{client}");
+    let content: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
+    assert!(content.iter().all(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())));
+    let event = collector.wait_for("req-sse-usage");
+    assert_eq!(event["usage_source"], "reported", "{event}");
+    assert_eq!(event["tokens"]["output"], 5, "{event}");
+    assert!(event["tokens"]["input"].as_u64().unwrap() > 0, "{event}");
 }
 
 fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
@@ -396,5 +430,73 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-tollgate-decision"), Some("bypass"));
     assert_eq!(mock.request_count(), before + 1);
-    assert_eq!(open.metric("tollgate_fail_open_total"), 1);
+    assert_eq!(open.wait_metric("tollgate_fail_open_total", 1), 1, "flushed on the next tick");
+}
+
+/// `filter.policy_url`: every VM polls the policy source on its own timer with `If-None-Match`;
+/// a good document replaces the policy in force, a bad one is reported and the last good one
+/// keeps deciding.
+#[test]
+fn policy_refresh_from_a_url_keeps_the_last_good_snapshot() {
+    const V1: &str = "version: v1\ndefaults: {llm: allow, tool: deny, other: deny}\n";
+    const V2: &str = "version: v2\ndefaults: {llm: allow, tool: deny, other: deny}\nrules:\n\
+        - {id: retire-gpt-4o, match: {model: gpt-4o}, effect: deny, reason: model_retired}\n";
+    const V3: &str = "version: v3\ndefaults: {llm: perhaps}\n";
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let server = PolicyServer::start("\"v1\"", V1);
+    let plugin = format!(
+        r#"{{"filter": {{"tick": "100ms", "policy_url": {{"cluster": "policy",
+            "authority": "policy.local", "path": "/policy.yaml", "interval": "200ms"}}}},
+           "policy": {POLICY}}}"#
+    );
+    let envoy = Envoy::start_with(&plugin, mock.addr().port(), support::free_port(), server.port);
+    // Connections are spread over both workers: several requests in a row must agree.
+    let all_decide = |version: &str, status: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut in_a_row = 0;
+        while in_a_row < 8 {
+            let r = envoy.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
+            let got = (r.status, r.header("x-tollgate-policy-version").map(str::to_owned));
+            if got == (status, Some(version.to_owned())) {
+                in_a_row += 1;
+            } else {
+                in_a_row = 0;
+                assert!(Instant::now() < deadline, "still {got:?}, want {version} {status}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    all_decide("v1", 200);
+    server.serve("\"v2\"", V2);
+    all_decide("v2", 403);
+    let r = envoy.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
+    assert_eq!(r.header("x-tollgate-reason"), Some("model_retired"));
+    assert!(
+        envoy.wait_metric("tollgate_policy_reloads_total", 4) >= 4,
+        "v1 and v2 in both workers"
+    );
+
+    server.serve("\"v3\"", V3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.served("\"v3\"") < 3 || envoy.metric("tollgate_policy_reload_failures_total") < 3 {
+        assert!(Instant::now() < deadline, "v3 was not fetched by every VM: {:?}", server.log);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    all_decide("v2", 403);
+    let log = envoy.log();
+    assert!(log.contains("keeping version v2") && log.contains("defaults.llm"), "{log}");
+    // Each VM sends the ETag it last saw; an unchanged document is not sent again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.log.lock().unwrap().iter().any(|(_, status, _)| *status == 304) {
+        assert!(Instant::now() < deadline, "no revalidation: {:?}", server.log);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = server.log.lock().unwrap().clone();
+    assert!(seen.iter().any(|(sent, _, _)| sent.as_deref() == Some("\"v1\"")), "{seen:?}");
+    assert!(seen.iter().any(|(sent, status, etag)| *status == 304 && sent.as_ref() == Some(etag)));
+    assert!(seen
+        .iter()
+        .all(|(sent, status, etag)| (*status == 304) == (sent.as_ref() == Some(etag))));
+    assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
 }

@@ -267,3 +267,70 @@ fn host_and_path_facts_drop_port_and_query() {
     assert_eq!(strip_port("[::1]"), "[::1]");
     assert_eq!(path_only("/v1/chat/completions?x=1"), "/v1/chat/completions");
 }
+
+#[test]
+fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_again() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "s1"), headers("bot", &[]), NOW).unwrap();
+    assert!(ex.may_rewrite_body());
+    let request = br#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#;
+    ex.decide(&p, &budgets, request, NOW).unwrap();
+    let rewritten = ex.usage_rewrite(request).unwrap();
+    assert_eq!(
+        rewritten,
+        br#"{"stream_options":{"include_usage":true},"model":"gpt-4o-mini","stream":true,"messages":[]}"#
+    );
+    assert!(ex.rewrites_response());
+    let _ = ex.response_headers(200);
+    let stream = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4}}\n\n",
+        "data: [DONE]\n\n"
+    );
+    // Split inside the usage chunk: the client must still get every other byte, in order.
+    let cut = stream.find("completion").unwrap();
+    let mut client = Vec::new();
+    client.extend_from_slice(ex.response_chunk(&stream.as_bytes()[..cut], false).unwrap());
+    client.extend_from_slice(ex.response_chunk(&stream.as_bytes()[cut..], true).unwrap());
+    let expected = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+        "data: [DONE]\n\n"
+    );
+    assert_eq!(String::from_utf8(client).unwrap(), expected);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    assert_eq!((ev.tokens.input, ev.tokens.output, ev.usage_source), (9, 4, "reported"));
+}
+
+#[test]
+fn bodies_that_need_no_usage_rewrite_are_left_alone() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let cases: [(&str, &str, serde_json::Value); 4] = [
+        ("/v1/chat/completions", "n1", json!({"model": "gpt-4o", "messages": []})),
+        (
+            "/v1/chat/completions",
+            "n2",
+            json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        ("/v1/responses", "n3", json!({"model": "gpt-4o", "stream": true, "input": "x"})),
+        (
+            "/v1/messages",
+            "n4",
+            json!({"model": "claude-sonnet-4-5", "stream": true, "max_tokens": 5}),
+        ),
+    ];
+    for (path, id, request) in cases {
+        let mut ex = Exchange::start(&p, head(path, id), headers("bot", &[]), NOW).unwrap();
+        let request = body(request);
+        ex.decide(&p, &budgets, &request, NOW).unwrap();
+        assert_eq!(ex.usage_rewrite(&request), None, "{path} {id}");
+        assert!(!ex.rewrites_response());
+        assert_eq!(ex.response_chunk(b"data: {}\n\n", true), None, "{id}: passes untouched");
+    }
+    let ex = Exchange::start(&p, head("/v1/messages", "n5"), headers("bot", &[]), NOW).unwrap();
+    assert!(!ex.may_rewrite_body());
+}

@@ -55,6 +55,11 @@ pub struct Envoy {
 impl Envoy {
     /// Renders the bootstrap with `plugin` (JSON text) and starts Envoy with 2 workers.
     pub fn start(plugin: &str, upstream: u16, collector: u16) -> Envoy {
+        Envoy::start_with(plugin, upstream, collector, free_port())
+    }
+
+    /// [`Envoy::start`] with the `policy` cluster pointing at `policy`.
+    pub fn start_with(plugin: &str, upstream: u16, collector: u16, policy: u16) -> Envoy {
         let (port, admin) = (free_port(), free_port());
         let dir =
             std::env::temp_dir().join(format!("tollgate-envoy-{}-{port}", std::process::id()));
@@ -67,6 +72,7 @@ impl Envoy {
             .env("ADMIN_PORT", admin.to_string())
             .env("UPSTREAM_PORT", upstream.to_string())
             .env("COLLECTOR_PORT", collector.to_string())
+            .env("POLICY_PORT", policy.to_string())
             .env("WASM", wasm_path())
             .output()
             .unwrap();
@@ -335,6 +341,92 @@ fn serve_collector(stream: TcpStream, sink: &Mutex<Vec<serde_json::Value>>) {
             }
         }
         if writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
+
+/// One request to the policy source: the `If-None-Match` it sent, the status answered and the
+/// ETag of the document being served then.
+pub type PolicyFetch = (Option<String>, u16, String);
+
+/// A policy source: serves one document with an ETag, answers `304` to a matching
+/// `If-None-Match`, and records what it answered.
+pub struct PolicyServer {
+    pub port: u16,
+    /// (ETag, document) being served.
+    current: Arc<Mutex<(String, String)>>,
+    pub log: Arc<Mutex<Vec<PolicyFetch>>>,
+}
+
+impl PolicyServer {
+    pub fn start(etag: &str, document: &str) -> PolicyServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let current = Arc::new(Mutex::new((etag.to_owned(), document.to_owned())));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (doc, seen) = (current.clone(), log.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (doc, seen) = (doc.clone(), seen.clone());
+                std::thread::spawn(move || serve_policy(stream, &doc, &seen));
+            }
+        });
+        PolicyServer { port, current, log }
+    }
+
+    /// Serves `document` under `etag` from now on.
+    pub fn serve(&self, etag: &str, document: &str) {
+        *self.current.lock().unwrap() = (etag.to_owned(), document.to_owned());
+    }
+
+    /// How many times the document with `etag` was sent in full.
+    pub fn served(&self, etag: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|(_, s, e)| *s == 200 && e == etag).count()
+    }
+}
+
+fn serve_policy(
+    stream: TcpStream,
+    current: &Mutex<(String, String)>,
+    log: &Mutex<Vec<PolicyFetch>>,
+) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut if_none_match = None;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = l.split_once(':') {
+                if n.trim().eq_ignore_ascii_case("if-none-match") {
+                    if_none_match = Some(v.trim().to_owned());
+                }
+            }
+        }
+        let (etag, document) = current.lock().unwrap().clone();
+        let reply = if if_none_match.as_deref() == Some(etag.as_str()) {
+            log.lock().unwrap().push((if_none_match, 304, etag.clone()));
+            format!("HTTP/1.1 304 Not Modified\r\netag: {etag}\r\ncontent-length: 0\r\n\r\n")
+        } else {
+            log.lock().unwrap().push((if_none_match, 200, etag.clone()));
+            format!(
+                "HTTP/1.1 200 OK\r\netag: {etag}\r\ncontent-type: application/yaml\r\n\
+                 content-length: {}\r\n\r\n{document}",
+                document.len()
+            )
+        };
+        if writer.write_all(reply.as_bytes()).is_err() {
             return;
         }
     }
