@@ -276,6 +276,18 @@ async fn shutdown_signal() {
     }
 }
 
+/// A ledger record's value for a budget scope.
+fn scope_value(r: &serde_json::Value, scope: Scope) -> Option<&str> {
+    let field = match scope {
+        Scope::Agent => "agent",
+        Scope::Project => "project",
+        Scope::CostCenter => "cost_center",
+        Scope::BusinessUnit => "business_unit",
+        Scope::Global => return None,
+    };
+    r[field].as_str()
+}
+
 /// What [`rebuild_budgets`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Rebuilt {
@@ -305,7 +317,6 @@ pub fn rebuild_budgets(
             .unwrap_or_default();
         policy.all_budgets().filter(|b| ids.contains(&b.id.as_str())).cloned().collect()
     };
-    let text = |r: &serde_json::Value, k: &str| r[k].as_str().map(str::to_string);
     let mut open: std::collections::HashMap<String, &serde_json::Value> = Default::default();
     let mut rebuilt = Rebuilt::default();
     for r in records {
@@ -325,19 +336,7 @@ pub fn rebuild_budgets(
                 if specs.is_empty() {
                     continue;
                 }
-                let (agent, project, cc, bu) = (
-                    text(r, "agent"),
-                    text(r, "project"),
-                    text(r, "cost_center"),
-                    text(r, "business_unit"),
-                );
-                let values = |scope: Scope| match scope {
-                    Scope::Agent => agent.as_deref(),
-                    Scope::Project => project.as_deref(),
-                    Scope::CostCenter => cc.as_deref(),
-                    Scope::BusinessUnit => bu.as_deref(),
-                    Scope::Global => None,
-                };
+                let values = |scope: Scope| scope_value(r, scope);
                 let cost = Money::from_nanos(r["cost_nano_usd"].as_i64().unwrap_or(0));
                 let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
                 if budgets.charge(specs.iter(), values, cost, &id, at).is_ok() {
@@ -354,19 +353,7 @@ pub fn rebuild_budgets(
             continue;
         }
         let specs = specs(r);
-        let (agent, project, cc, bu) = (
-            text(r, "agent"),
-            text(r, "project"),
-            text(r, "cost_center"),
-            text(r, "business_unit"),
-        );
-        let values = |scope: Scope| match scope {
-            Scope::Agent => agent.as_deref(),
-            Scope::Project => project.as_deref(),
-            Scope::CostCenter => cc.as_deref(),
-            Scope::BusinessUnit => bu.as_deref(),
-            Scope::Global => None,
-        };
+        let values = |scope: Scope| scope_value(r, scope);
         let amount = r["amount"].as_str().and_then(|a| Money::parse(a).ok()).unwrap_or(Money::ZERO);
         let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
         // Held again, in the window it was made in, until its original expiry.

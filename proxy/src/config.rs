@@ -80,6 +80,30 @@ pub struct Route {
     pub forward_attribution: bool,
 }
 
+impl Route {
+    /// The tool name and route kind the policy sees: the MCP `tools/call` name or the route's
+    /// tool for tool routes; `llm` for model routes; `other` when no tool is named.
+    pub fn classify<'a>(
+        &'a self,
+        info: &'a tollgate_core::inspect::RequestInfo,
+    ) -> (Option<&'a str>, tollgate_core::policy::RouteKind) {
+        use tollgate_core::policy::RouteKind;
+        let tool = match self.kind {
+            UpstreamKind::Mcp => info.tool_calls().next().map(|t| t.name.as_str()),
+            UpstreamKind::Tool => Some(self.tool.as_deref().unwrap_or(self.name.as_str())),
+            _ => None,
+        };
+        let kind = if self.kind.is_llm() {
+            RouteKind::Llm
+        } else if tool.is_some() {
+            RouteKind::Tool
+        } else {
+            RouteKind::Other
+        };
+        (tool, kind)
+    }
+}
+
 /// Timeouts towards upstreams.
 #[derive(Clone, Debug)]
 pub struct UpstreamSettings {
@@ -296,6 +320,22 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     })
 }
 
+/// An `http://` or `https://` URL with a host.
+fn http_url(cx: &mut Cx, f: &Field<'_>) -> Option<http::Uri> {
+    let text = f.str(cx)?;
+    match text.parse::<http::Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() =>
+        {
+            Some(uri)
+        }
+        _ => {
+            f.error(cx, format!("expected an http:// or https:// URL, found `{text}`"));
+            None
+        }
+    }
+}
+
 fn socket_addr(cx: &mut Cx, field: Option<Field<'_>>, default: &str) -> SocketAddr {
     let fallback = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
     let Some(field) = field else { return fallback };
@@ -314,21 +354,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
     for item in field.items(cx) {
         let Some(mut r) = cx.object(&item) else { continue };
         let kind = r.require(cx, "kind").and_then(|f| f.one_of(cx, &UpstreamKind::NAMES));
-        let upstream = r.require(cx, "upstream").and_then(|f| {
-            let text = f.str(cx)?;
-            match text.parse::<http::Uri>() {
-                Ok(uri)
-                    if matches!(uri.scheme_str(), Some("http" | "https"))
-                        && uri.authority().is_some() =>
-                {
-                    Some(uri)
-                }
-                _ => {
-                    f.error(cx, format!("expected an http:// or https:// URL, found `{text}`"));
-                    None
-                }
-            }
-        });
+        let upstream = r.require(cx, "upstream").and_then(|f| http_url(cx, &f));
         let path_prefix = match r.get("path_prefix") {
             Some(f) => f.str(cx).map(str::to_string).filter(|p| {
                 let ok = p.starts_with('/');
@@ -473,21 +499,7 @@ fn chargeback(
     }
     let export = o.get("export").and_then(|f| {
         let mut e = cx.object(&f)?;
-        let url = e.require(cx, "url").and_then(|f| {
-            let text = f.str(cx)?;
-            match text.parse::<http::Uri>() {
-                Ok(uri)
-                    if matches!(uri.scheme_str(), Some("http" | "https"))
-                        && uri.authority().is_some() =>
-                {
-                    Some(uri)
-                }
-                _ => {
-                    f.error(cx, format!("expected an http:// or https:// URL, found `{text}`"));
-                    None
-                }
-            }
-        });
+        let url = e.require(cx, "url").and_then(|f| http_url(cx, &f));
         let batch =
             e.get("batch").and_then(|f| f.u64(cx)).unwrap_or(500).clamp(1, 100_000) as usize;
         let interval = e

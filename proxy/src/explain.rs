@@ -15,9 +15,9 @@ use serde::Deserialize;
 
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
-use tollgate_core::policy::{Facts, RouteKind};
+use tollgate_core::policy::Facts;
 
-use crate::config::{Config, UpstreamKind};
+use crate::config::Config;
 use crate::pipeline::DEFAULT_MAX_OUTPUT_TOKENS;
 
 #[derive(Args, Debug)]
@@ -144,22 +144,11 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     let api = route.kind.is_llm().then(|| Api::from_path(&path)).flatten();
     let body_bytes = serde_json::to_vec(&body)?;
     let info = inspect::inspect(api, &body_bytes)?;
-    let tool = match route.kind {
-        UpstreamKind::Mcp => info.tool_calls().next().map(|t| t.name.clone()),
-        UpstreamKind::Tool => Some(route.tool.clone().unwrap_or(route.name.clone())),
-        _ => None,
-    };
-    let kind = if route.kind.is_llm() {
-        RouteKind::Llm
-    } else if tool.is_some() {
-        RouteKind::Tool
-    } else {
-        RouteKind::Other
-    };
+    let (tool, kind) = route.classify(&info);
     let facts = Facts {
         provider: Some(route.kind.provider()),
         model: info.model.as_deref(),
-        tool: tool.as_deref(),
+        tool,
         category: route.category.as_deref(),
         host: host.as_deref(),
         method: Some(&method),

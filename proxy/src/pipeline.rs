@@ -24,7 +24,7 @@ use tollgate_core::budget::{BudgetError, Reservation, Scope};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::Cost;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
@@ -194,18 +194,7 @@ async fn handle(
     } else {
         RequestInfo::default()
     };
-    let tool = match route.kind {
-        UpstreamKind::Mcp => info.tool_calls().next().map(|t| t.name.as_str()),
-        UpstreamKind::Tool => Some(route.tool.as_deref().unwrap_or(route.name.as_str())),
-        _ => None,
-    };
-    let kind = if route.kind.is_llm() {
-        RouteKind::Llm
-    } else if tool.is_some() {
-        RouteKind::Tool
-    } else {
-        RouteKind::Other
-    };
+    let (tool, kind) = route.classify(&info);
 
     // Decide, under the policy loaded once for this request.
     let decision_started = Instant::now();
