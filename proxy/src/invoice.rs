@@ -290,7 +290,8 @@ pub fn valid_period(period: &str) -> bool {
 }
 
 /// Invoices from ledger records (the `usage` ones), with each group's monthly budget from the
-/// policy: a monthly budget of the grouped scope, for that key or for every key.
+/// policy: a monthly budget of the grouped scope, for that key or for every key. Shared costs
+/// are monthly and appear on monthly invoices only (not on a day's).
 pub fn from_ledger(
     records: &[serde_json::Value],
     period: &str,
@@ -309,6 +310,8 @@ pub fn from_ledger(
         .iter()
         .filter(|r| r["type"] == "usage")
         .filter_map(|r| serde_json::from_value::<Usage>(r.clone()).ok());
+    // Shared costs are monthly amounts: they are allocated on monthly invoices only.
+    let shared = if period.len() == 7 { shared } else { &[] };
     build(usage, period, group_by, shared, |group| {
         let monthly =
             || policy.all_budgets().filter(|b| b.scope == scope && b.period == Period::Monthly);
