@@ -137,14 +137,23 @@ impl Chain {
     /// Serialises `event` as the next record into `out` (one line) and advances the chain.
     /// The caller writes `out` with [`Chain::write`], batching several records per write.
     pub fn append_to(&mut self, event: Event, out: &mut Vec<u8>) {
-        let mut record =
+        let record =
             Record { seq: self.next_seq, prev: self.prev.clone(), event, hash: String::new() };
-        record.hash = hash_of(&record);
-        if serde_json::to_writer(&mut *out, &record).is_ok() {
-            out.push(b'\n');
-            self.next_seq += 1;
-            self.prev = record.hash;
+        // Serialised once: the hash covers the record without `hash` (which is last and empty,
+        // so skipped), and the line is that same JSON with `"hash"` appended — exactly what
+        // serialising the hashed record gives, which is what `verify` recomputes.
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, &record).is_err() || out.last() != Some(&b'}') {
+            out.truncate(start);
+            return;
         }
+        let hash = hex(&Sha256::digest(&out[start..]));
+        out.pop();
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+        self.next_seq += 1;
+        self.prev = hash;
     }
 
     /// Writes a batch of serialised records; `sync` also flushes them to stable storage.
