@@ -15,6 +15,7 @@ pub mod metering;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod refusal;
 pub mod risk;
 pub mod time;
 pub mod usage;

@@ -89,11 +89,11 @@ impl Handler for Proxy {
                     .inc();
                 tracing::info!(
                     request_id = %request_id,
-                    status = denial.class.status().as_u16(),
+                    status = denial.class.status(),
                     reason = %denial.code,
                     "refused"
                 );
-                denial.into_response(shape, &request_id)
+                deny::response(&denial, shape, &request_id)
             }
         };
         shared.metrics.in_flight.dec();

@@ -475,7 +475,7 @@ impl Http {
             reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         self.local_reply = true;
         self.vm.decision(denial.class.decision(), &denial.code, model);
-        let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+        let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
     }
 
     fn plugin(&self) -> Result<Rc<Plugin>, FailPolicy> {
