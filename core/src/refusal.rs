@@ -136,6 +136,26 @@ impl Denial {
         }
     }
 
+    /// The refusal a policy decision calls for, or `None` when it allows the request.
+    /// `request_id` names the approval (`apr_<request_id>`) when a human must approve.
+    pub fn for_decision(decision: &crate::policy::Decision<'_>, request_id: &str) -> Option<Self> {
+        use crate::policy::Effect;
+        let (class, fallback) = match decision.effect {
+            Effect::Allow => return None,
+            Effect::Deny => (Class::Policy, "denied by policy"),
+            Effect::RequireApproval => {
+                (Class::ApprovalRequired, "this action requires a human approval")
+            }
+        };
+        let message = if decision.explanation.is_empty() { fallback } else { decision.explanation };
+        let mut denial = Denial::new(class, decision.reason, message)
+            .with_decision(decision.clause, decision.policy_version);
+        if class == Class::ApprovalRequired {
+            denial.approval_id = Some(format!("apr_{request_id}"));
+        }
+        Some(denial)
+    }
+
     pub fn with_decision(mut self, clause: &str, policy_version: &str) -> Self {
         self.clause = Some(clause.to_owned());
         self.policy_version = Some(policy_version.to_owned());

@@ -24,7 +24,7 @@ use tollgate_core::budget::{BudgetError, Reservation, Scope};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Effect, Facts};
+use tollgate_core::policy::Facts;
 use tollgate_core::pricing::Cost;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
@@ -212,24 +212,8 @@ async fn handle(
     };
     let decision = policy.evaluate(&facts);
     let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-    match decision.effect {
-        Effect::Allow => {}
-        Effect::Deny => {
-            return Err(with_decision(Denial::new(
-                Class::Policy,
-                decision.reason,
-                explanation(decision.explanation, "denied by policy"),
-            )))
-        }
-        Effect::RequireApproval => {
-            let mut denial = with_decision(Denial::new(
-                Class::ApprovalRequired,
-                decision.reason,
-                explanation(decision.explanation, "this action requires a human approval"),
-            ));
-            denial.approval_id = Some(format!("apr_{request_id}"));
-            return Err(denial);
-        }
+    if let Some(denial) = Denial::for_decision(&decision, request_id) {
+        return Err(denial);
     }
 
     // Worst-case cost: every input token at the input rate, max output at the output rate.
@@ -735,14 +719,6 @@ fn too_large(max: usize) -> Denial {
         "body_too_large",
         format!("the request body is larger than {max} bytes"),
     )
-}
-
-fn explanation(text: &str, fallback: &str) -> String {
-    if text.is_empty() {
-        fallback.to_string()
-    } else {
-        text.to_string()
-    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -18,7 +18,7 @@ use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -282,24 +282,8 @@ impl Exchange {
         };
         let decision = plugin.policy.evaluate(&facts);
         let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-        match decision.effect {
-            Effect::Allow => {}
-            Effect::Deny => {
-                return Err(with_decision(Denial::new(
-                    Class::Policy,
-                    decision.reason,
-                    explanation(decision.explanation, "denied by policy"),
-                )))
-            }
-            Effect::RequireApproval => {
-                let mut d = with_decision(Denial::new(
-                    Class::ApprovalRequired,
-                    decision.reason,
-                    explanation(decision.explanation, "this action requires a human approval"),
-                ));
-                d.approval_id = Some(format!("apr_{}", self.request_id));
-                return Err(d);
-            }
+        if let Some(d) = Denial::for_decision(&decision, &self.request_id) {
+            return Err(d);
         }
 
         let input_estimate = info.input_estimate_tokens;
@@ -557,14 +541,6 @@ fn strip_port(host: &str) -> &str {
             host
         }
     })
-}
-
-fn explanation(text: &str, fallback: &str) -> String {
-    if text.is_empty() {
-        fallback.to_owned()
-    } else {
-        text.to_owned()
-    }
 }
 
 #[cfg(test)]
