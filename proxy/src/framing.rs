@@ -267,6 +267,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                 let n = this.ready.min(buf.remaining());
                 buf.put_slice(&this.pending[..n]);
                 this.pending.drain(..n);
+                if this.pending.is_empty() {
+                    // A connection that streams a long response holds no head buffer.
+                    this.pending = Vec::new();
+                }
                 this.ready -= n;
                 return Poll::Ready(Ok(()));
             }

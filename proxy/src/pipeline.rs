@@ -76,7 +76,9 @@ impl Handler for Proxy {
         ]
         .map(|name| req.headers().get(name).cloned());
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        let response = match handle(shared, req, route, &request_id, started).await {
+        // Boxed: the request's state (a few KiB) is freed as soon as the response head is
+        // returned, instead of staying in hyper's per-connection slot for the whole stream.
+        let response = match Box::pin(handle(shared, req, route, &request_id, started)).await {
             Ok(response) => response,
             Err(denial) => {
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
