@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -300,8 +301,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     _ => {}
                 }
             }
-            let mut chunk = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Uninitialised: zeroing 8 KiB on every read was 10 % of the proxy's instructions.
+            let mut chunk = [MaybeUninit::<u8>::uninit(); 8192];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let filled = rb.filled();
