@@ -81,6 +81,26 @@ pub struct Route {
 }
 
 impl Route {
+    /// This route for a request that came through the forward proxy: the client already names
+    /// the upstream's own path, so the upstream's base path (if any) is not prepended.
+    pub fn for_forward(&self) -> Route {
+        let mut route = self.clone();
+        if let Some(authority) = self.upstream.authority() {
+            let scheme = self.upstream.scheme_str().unwrap_or("https");
+            if let Ok(uri) = format!("{scheme}://{authority}/").parse() {
+                route.upstream = uri;
+            }
+        }
+        route
+    }
+
+    /// Whether this route's upstream is `host` (ASCII case ignored) on `port` (any if `None`).
+    pub fn upstream_is(&self, host: &str, port: Option<u16>) -> bool {
+        let default_port = if self.upstream.scheme_str() == Some("https") { 443 } else { 80 };
+        self.upstream.host().is_some_and(|h| h.eq_ignore_ascii_case(host))
+            && port.is_none_or(|p| self.upstream.port_u16().unwrap_or(default_port) == p)
+    }
+
     /// The tool name and route kind the policy sees: the MCP `tools/call` name or the route's
     /// tool for tool routes; `llm` for model routes; `other` when no tool is named.
     pub fn classify<'a>(
@@ -147,7 +167,56 @@ pub struct Config {
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
     pub export: Option<Export>,
+    /// HTTP_PROXY / HTTPS_PROXY mode (`forward_proxy:`).
+    pub forward: ForwardProxy,
     pub engine: Engine,
+}
+
+/// What the forward proxy does with a host that is no route's upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtherHosts {
+    /// 403 on the `CONNECT` (or the absolute-form request).
+    Refuse,
+    /// Pass the bytes through unmetered (never to loopback, link-local or metadata addresses
+    /// unless `allow_loopback`).
+    Tunnel,
+}
+
+/// The `forward_proxy:` section: HTTP_PROXY / HTTPS_PROXY mode on the proxy listener.
+#[derive(Clone, Debug)]
+pub struct ForwardProxy {
+    pub enabled: bool,
+    /// The CA that signs the certificates minted for intercepted hosts (`tollgate ca init`).
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub other_hosts: OtherHosts,
+    /// Tunnel to loopback addresses too (off: a client cannot reach the proxy's own host).
+    pub allow_loopback: bool,
+    /// Upstream host → address to connect to instead of resolving it (tests, private links).
+    pub overrides: Vec<UpstreamOverride>,
+}
+
+impl Default for ForwardProxy {
+    fn default() -> Self {
+        ForwardProxy {
+            enabled: false,
+            ca_cert: None,
+            ca_key: None,
+            other_hosts: OtherHosts::Refuse,
+            allow_loopback: false,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// Connect to `addr` for `host` (its certificate is still verified for `host`), trusting
+/// `ca_file` besides the usual roots.
+#[derive(Clone, Debug)]
+pub struct UpstreamOverride {
+    /// Lower case.
+    pub host: String,
+    pub addr: SocketAddr,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Shipping ledger records to a collector.
@@ -178,6 +247,7 @@ const TOP: &[&str] = &[
     "policy_source",
     "ledger",
     "chargeback",
+    "forward_proxy",
     "attribution",
     "policy",
     "pricing",
@@ -232,6 +302,23 @@ impl Config {
             pinned.push(header);
         }
         Ok(pinned)
+    }
+
+    /// The route for a request that came through the forward proxy to `host` (and `port`, for a
+    /// `CONNECT`): among the routes whose upstream is that host, the longest path prefix.
+    pub fn forward_route(&self, host: &str, port: Option<u16>, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.upstream_is(host, port))
+            .filter(|r| path.starts_with(&r.path_prefix))
+            .max_by_key(|r| r.path_prefix.len())
+    }
+
+    /// Whether a `CONNECT` to `host:port` is intercepted (some route's HTTPS upstream is it).
+    pub fn intercepts(&self, host: &str, port: u16) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.upstream.scheme_str() == Some("https") && r.upstream_is(host, Some(port)))
     }
 
     /// The route for a request, by host (if the route names one) and longest path prefix.
@@ -291,6 +378,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let (ledger_fsync_interval, ledger_segment_bytes, ledger_enabled) =
         ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
+    let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -316,6 +404,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_enabled,
         shared_costs,
         export,
+        forward,
         engine: engine?,
     })
 }
@@ -512,6 +601,54 @@ fn chargeback(
     });
     o.finish(cx, &["shared_costs", "export"]);
     (shared, export)
+}
+
+fn forward_proxy(cx: &mut Cx, field: &Field<'_>) -> ForwardProxy {
+    let mut out = ForwardProxy::default();
+    let Some(mut o) = cx.object(field) else { return out };
+    out.enabled = o.get("enabled").and_then(|f| f.bool(cx)).unwrap_or(false);
+    out.ca_cert = o.get("ca_cert").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    out.ca_key = o.get("ca_key").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    if let Some(f) = o.get("other_hosts") {
+        out.other_hosts = match f.one_of(cx, &["refuse", "tunnel"]) {
+            Some("tunnel") => OtherHosts::Tunnel,
+            _ => OtherHosts::Refuse,
+        };
+    }
+    out.allow_loopback = o.get("allow_loopback").and_then(|f| f.bool(cx)).unwrap_or(false);
+    if let Some(f) = o.get("upstream_overrides") {
+        for (host, item) in f.entries(cx) {
+            let Some(mut e) = cx.object(&item) else { continue };
+            let addr = e.require(cx, "addr").map(|f| socket_addr(cx, Some(f), "127.0.0.1:0"));
+            let ca_file = e.get("ca_file").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+            e.finish(cx, &["addr", "ca_file"]);
+            if host.is_empty() || host.contains([':', '/', ' ']) {
+                item.error(cx, format!("`{host}` is not a host name"));
+                continue;
+            }
+            if let Some(addr) = addr {
+                out.overrides.push(UpstreamOverride {
+                    host: host.to_ascii_lowercase(),
+                    addr,
+                    ca_file,
+                });
+            }
+        }
+    }
+    let node = o.node();
+    let path = o.path().to_string();
+    o.finish(
+        cx,
+        &["enabled", "ca_cert", "ca_key", "other_hosts", "allow_loopback", "upstream_overrides"],
+    );
+    if out.enabled && (out.ca_cert.is_none() || out.ca_key.is_none()) {
+        cx.error(
+            &path,
+            node,
+            "forward_proxy needs `ca_cert` and `ca_key` when enabled (create them with `tollgate ca init --dir DIR`)",
+        );
+    }
+    out
 }
 
 fn policy_source(cx: &mut Cx, field: &Field<'_>) -> Option<PolicySource> {
