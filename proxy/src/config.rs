@@ -314,11 +314,11 @@ impl Config {
             .max_by_key(|r| r.path_prefix.len())
     }
 
-    /// Whether a `CONNECT` to `host:port` is intercepted (some route's HTTPS upstream is it).
+    /// Whether a `CONNECT` to `host:port` is intercepted: some route's upstream is that host
+    /// and port (normally `https://host`, port 443; the upstream leg then uses the route's own
+    /// scheme).
     pub fn intercepts(&self, host: &str, port: u16) -> bool {
-        self.routes
-            .iter()
-            .any(|r| r.upstream.scheme_str() == Some("https") && r.upstream_is(host, Some(port)))
+        self.routes.iter().any(|r| r.upstream_is(host, Some(port)))
     }
 
     /// The route for a request, by host (if the route names one) and longest path prefix.

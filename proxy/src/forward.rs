@@ -1,7 +1,7 @@
 //! HTTP_PROXY / HTTPS_PROXY mode on the proxy listener: `CONNECT host:port` and absolute-form
 //! requests (`POST http://host/path`).
 //!
-//! A `CONNECT` to a host that some route's HTTPS upstream names is **intercepted**: the proxy
+//! A `CONNECT` to the host and port of some route's upstream is **intercepted**: the proxy
 //! answers 200, terminates the client's TLS with a certificate for that host minted from
 //! Tollgate's CA ([`crate::ca`]), serves the decrypted HTTP/1.1 or HTTP/2 (by ALPN) requests
 //! with the same handler as reverse mode ([`Proxy::serve`] — attribution, decision, limits,
