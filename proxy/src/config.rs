@@ -733,6 +733,50 @@ mod tests {
     }
 
     #[test]
+    fn forward_proxy_errors_name_their_field_and_line() {
+        let text =
+            "version: 1\nroutes: []\nforward_proxy:\n  enabled: true\n  other_hosts: maybe\n\
+                    \x20 upstream_overrides:\n    api.openai.com: {addr: nope}\n  bogus: 1\n\
+                    policy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("forward_proxy", 4),
+                ("forward_proxy.other_hosts", 5),
+                ("forward_proxy.upstream_overrides.api.openai.com.addr", 7),
+                ("forward_proxy.bogus", 8),
+            ]
+        );
+        assert!(errors[0].message.contains("tollgate ca init"), "{}", errors[3].message);
+    }
+
+    #[test]
+    fn forward_routes_are_found_by_upstream_host_and_port() {
+        let text = "version: 1\nroutes:\n\
+            - {name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"https://api.anthropic.com\"}\n\
+            - {name: openai, path_prefix: /v1/, kind: openai, upstream: \"https://api.openai.com/base\"}\n\
+            - {name: vllm, host: vllm, path_prefix: /v1/, kind: openai_compatible, upstream: \"http://vllm:8000\"}\n\
+            forward_proxy: {enabled: false, upstream_overrides: {API.openai.com: {addr: \"127.0.0.1:9\"}}}\n\
+            policy: {version: v1}\n";
+        let config = Config::from_str(text).expect("valid");
+        let name =
+            |host, port, path| config.forward_route(host, port, path).map(|r| r.name.as_str());
+        assert_eq!(name("api.openai.com", Some(443), "/v1/messages"), Some("openai"));
+        assert_eq!(name("api.anthropic.com", Some(443), "/v1/messages"), Some("anthropic"));
+        assert_eq!(name("api.anthropic.com", Some(443), "/v1/chat/completions"), None);
+        assert_eq!(name("API.OpenAI.com", None, "/v1/x"), Some("openai"));
+        assert_eq!(name("vllm", Some(8000), "/v1/x"), Some("vllm"));
+        assert!(config.intercepts("api.openai.com", 443));
+        assert!(!config.intercepts("api.openai.com", 8443));
+        assert!(!config.intercepts("example.com", 443));
+        let forward = config.forward_route("api.openai.com", None, "/v1/x").unwrap().for_forward();
+        assert_eq!(forward.upstream.to_string(), "https://api.openai.com/", "no base path");
+        assert_eq!(config.forward.overrides[0].host, "api.openai.com");
+    }
+
+    #[test]
     fn identity_is_pinned_from_the_environment() {
         let mut config = Config::from_str(DEFAULT_YAML).expect("default config");
         let pinned = config
