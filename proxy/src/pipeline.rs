@@ -135,7 +135,14 @@ impl Handler for Proxy {
                 return crate::forward::handle(self, forward, req).await;
             }
         }
-        self.serve(req, None).await
+        let connect = req.method() == http::Method::CONNECT;
+        let mut response = self.serve(req, None).await;
+        if connect {
+            // Without the forward proxy a CONNECT is just refused; the connection is closed
+            // because the framing guard stops following a connection after a CONNECT head.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

@@ -337,6 +337,34 @@ async fn curl_through_the_proxy_is_refused_for_other_hosts_and_the_metadata_addr
     assert_eq!(code, Some(0), "{err}");
     assert!(body.contains("Hello from the mock upstream"), "{body}\n{err}");
     assert_eq!(f.mock.request_count(), 1);
+
+    // HTTP_PROXY style (absolute-form, no TLS to the proxy) to a route's host, attributed by
+    // proxy credentials: through the pipeline, and on to the real host over TLS.
+    let (code, body, err) = curl(base(&[
+        "--proxy-user",
+        "curl-cred:cost_center=CC-1234,project=PROJ-ABC123",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        &data,
+        "http://api.openai.com/v1/chat/completions",
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(body.contains("Hello from the mock upstream"), "{body}\n{err}");
+    let seen = f.mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].header("proxy-authorization").is_none(), "never forwarded");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let ledger = loop {
+        let ledger = f.ledger().await;
+        if ledger.len() >= 2 || std::time::Instant::now() > deadline {
+            break ledger;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let agents: Vec<&str> = ledger.iter().map(|r| r["agent"].as_str().unwrap()).collect();
+    assert_eq!(agents, ["curl-agent", "curl-cred"]);
 }
 
 #[tokio::test]
