@@ -98,11 +98,11 @@ async fn connect(
     let Some(port) = port else {
         return refuse(shared, bad_request("bad_connect_target", "CONNECT needs host:port"));
     };
-    let credentials = match Credentials::from_headers(req.headers(), shared.engine.attribution()) {
-        Ok(c) => c,
-        Err(e) => return refuse(shared, bad_request("bad_proxy_authorization", e.to_string())),
-    };
     if shared.config.intercepts(&host, port) {
+        let credentials = match credentials(shared, req.headers()) {
+            Ok(c) => c,
+            Err(denial) => return refuse(shared, denial),
+        };
         let tls = match forward.ca.server_config(&host) {
             Ok(tls) => tls,
             Err(e) => {
@@ -191,11 +191,11 @@ async fn absolute(proxy: &Proxy, mut req: Request<Incoming>) -> Response<Body> {
     }
     let host = req.uri().host().unwrap_or_default().to_ascii_lowercase();
     let port = req.uri().port_u16().unwrap_or(80);
-    let credentials = match Credentials::from_headers(req.headers(), shared.engine.attribution()) {
-        Ok(c) => c,
-        Err(e) => return refuse(shared, bad_request("bad_proxy_authorization", e.to_string())),
-    };
     if shared.config.routes.iter().any(|r| r.upstream_is(&host, None)) {
+        let credentials = match credentials(shared, req.headers()) {
+            Ok(c) => c,
+            Err(denial) => return refuse(shared, denial),
+        };
         let target = Target { host, port: None, credentials };
         return proxy.serve(req, Some(&target)).await;
     }
@@ -217,7 +217,10 @@ async fn absolute(proxy: &Proxy, mut req: Request<Incoming>) -> Response<Body> {
         let _ = conn.await;
     });
     match sender.send_request(req.map(|b| b.map_err(BoxError::from).boxed())).await {
-        Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed()),
+        Ok(mut response) => {
+            crate::pipeline::strip_hop_by_hop(response.headers_mut());
+            response.map(|b| b.map_err(BoxError::from).boxed())
+        }
         Err(e) => refuse(shared, unreachable(&host, e)),
     }
 }
@@ -267,6 +270,13 @@ async fn other_host(
         }
     }
     Err(unreachable(host, "no address answered"))
+}
+
+/// The attribution in a request's proxy credentials. Read only for hosts Tollgate meters: a
+/// tunnel to another host ignores them (and never forwards them).
+fn credentials(shared: &Shared, headers: &http::HeaderMap) -> Result<Credentials, Denial> {
+    Credentials::from_headers(headers, shared.engine.attribution())
+        .map_err(|e| bad_request("bad_proxy_authorization", e.to_string()))
 }
 
 fn forbidden_target(host: &str, why: &str) -> Denial {

@@ -232,6 +232,12 @@ async fn intercepted_connect_serves_http2_and_http1_through_the_pipeline() {
         "{body:?}"
     );
 
+    // Credentials Tollgate cannot read are refused on the CONNECT, naming the problem.
+    let (_, head) =
+        connect(f.addr, "api.openai.com:443", "Proxy-Authorization: Basic YTpi\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(head.contains("x-tollgate-reason: bad_proxy_authorization"), "{head}");
+
     // Three forwarded; the mock saw real TLS + HTTP/2 from the proxy, no attribution headers
     // and no proxy credentials.
     let seen = f.mock.requests();
@@ -398,6 +404,23 @@ async fn tunnel_mode_passes_other_hosts_but_never_loopback_unless_allowed() {
         .unwrap()
         .unwrap();
     assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+    // HTTP_PROXY style to the same other host: passed on as is, minus the proxy credentials.
+    let mut tcp = TcpStream::connect(f.addr).await.unwrap();
+    let head = format!(
+        "GET http://{target}/tools/lookup HTTP/1.1\r\nHost: {target}\r\n\
+         Proxy-Authorization: Basic YTpi\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+    let seen = other.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/tools/lookup");
+    assert!(seen[0].header("proxy-authorization").is_none(), "never forwarded");
     // Metadata stays refused even with loopback allowed.
     let (_, head) = connect(f.addr, "169.254.169.254:80", "").await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
