@@ -32,6 +32,8 @@ use crate::stats::{ErrorKind, Recorder};
 
 /// The generator's HTTP client: pooled, HTTP/1.1, `TCP_NODELAY`; either straight to the target,
 /// or through an HTTP proxy's `CONNECT` with TLS to the target inside (HTTPS_PROXY mode).
+// One per target, cloned once per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum HttpClient {
     Plain(Client<HttpConnector, Full<Bytes>>),
