@@ -260,7 +260,13 @@ pub async fn start_with(
             tracing::info!("shutting down: draining in-flight requests");
             shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = stop_tx.send(true);
-            let _ = proxy_task.await;
+            // Intercepted HTTPS_PROXY connections drain alongside the listener's own.
+            let intercepted = async {
+                if let Some(forward) = &shared.forward {
+                    forward.drain(shared.config.shutdown_drain).await;
+                }
+            };
+            let _ = tokio::join!(proxy_task, intercepted);
             let _ = admin_task.await;
             let _ = background.await;
             if let Some(export) = export {

@@ -20,7 +20,8 @@ pub mod target;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
@@ -29,6 +30,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 
 use crate::app::Shared;
 use crate::ca::Ca;
@@ -41,16 +43,39 @@ use crate::upstream::{Body, BoxError};
 
 pub use target::Credentials;
 
-/// The forward proxy's state: the CA and how inner connections are served.
+/// The forward proxy's state: the CA, how inner connections are served, and their drain.
 pub struct Forward {
     pub ca: Ca,
     builder: auto::Builder<TokioExecutor>,
     limits: ConnLimits,
+    /// Intercepted connections outlive the `CONNECT` request the listener's drain waits for,
+    /// so they are drained here; `None` once shutdown began.
+    graceful: Mutex<Option<GracefulShutdown>>,
 }
 
 impl Forward {
     pub fn new(ca: Ca, limits: ConnLimits) -> Forward {
-        Forward { ca, builder: crate::server::builder(&limits), limits }
+        Forward {
+            ca,
+            builder: crate::server::builder(&limits),
+            limits,
+            graceful: Mutex::new(Some(GracefulShutdown::new())),
+        }
+    }
+
+    fn watcher(&self) -> Option<Watcher> {
+        self.graceful.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|g| g.watcher())
+    }
+
+    /// Lets in-flight requests on intercepted connections finish (for at most `limit`), and
+    /// closes those connections; new ones are refused from now on.
+    pub async fn drain(&self, limit: Duration) {
+        let graceful = self.graceful.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(graceful) = graceful {
+            if tokio::time::timeout(limit, graceful.shutdown()).await.is_err() {
+                tracing::warn!(drain = ?limit, "intercepted connections did not finish in time");
+            }
+        }
     }
 }
 
@@ -165,13 +190,14 @@ async fn intercept<IO>(
             return;
         }
     };
+    let Some(watcher) = forward.watcher() else { return }; // shutting down
     let service = service_fn(move |req| {
         let (proxy, target) = (proxy.clone(), target.clone());
         async move { Ok::<_, Infallible>(proxy.serve(req, Some(&target)).await) }
     });
     let io =
         TokioIo::new(FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout));
-    if let Err(e) = forward.builder.serve_connection(io, service).await {
+    if let Err(e) = watcher.watch(forward.builder.serve_connection(io, service)).await {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
 }

@@ -31,7 +31,7 @@ struct Forward {
     /// Tollgate's CA certificate (PEM file), what clients trust.
     ca_cert: PathBuf,
     mock: MockUpstream,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Forward {
@@ -88,7 +88,7 @@ impl Forward {
             data_dir,
             ca_cert,
             mock,
-            _stop: stop,
+            stop,
         }
     }
 
@@ -271,6 +271,51 @@ async fn intercepted_connect_serves_http2_and_http1_through_the_pipeline() {
         1,
         "one certificate, minted once"
     );
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_on_an_intercepted_connection_finishes_when_the_proxy_stops() {
+    let f = Forward::start("version: v1\ndefaults: {llm: allow}\n", "").await;
+    let (tcp, head) = connect(f.addr, "api.openai.com:443", "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tls = tls_over(tcp, "api.openai.com", &f.ca_cert, &[b"http/1.1"]).await;
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut headers = tags("draining");
+    headers.push(("x-mock-events".into(), "10".into()));
+    headers.push(("x-mock-event-delay-ms".into(), "50".into()));
+    let response = h1.send_request(chat_request("api.openai.com", &headers, true)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Stop while ~500 ms of stream are still to come.
+    let Forward { running, stop, data_dir, .. } = f;
+    let _ = stop.send(());
+    let stopped = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(10), running.wait())
+            .await
+            .expect("drained in time");
+        std::time::Instant::now()
+    });
+    let (_, body) = body_of(response).await;
+    let body_end = std::time::Instant::now();
+    let events = tollgate_e2e::harness::sse_data(&body);
+    let words = events
+        .iter()
+        .filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\""))
+        .count();
+    assert_eq!(words, 10, "every event arrived: {events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    // The proxy waited for the intercepted stream (and flushed its ledger record) before it
+    // reported itself stopped.
+    let stopped_at = stopped.await.unwrap();
+    let margin = Duration::from_millis(100); // the stream had ~450 ms to go
+    assert!(
+        stopped_at + margin >= body_end,
+        "stopped {:?} before the stream ended",
+        body_end - stopped_at
+    );
+    let ledger = read_ledger(&data_dir);
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0]["end"], "complete", "{}", ledger[0]);
 }
 
 /// `curl -x` (the real client) for a host no route names and for the metadata address.
