@@ -103,7 +103,8 @@ impl Ca {
 
     fn mint(&self, host: &str) -> anyhow::Result<ServerConfig> {
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![match host.parse::<std::net::IpAddr>() {
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        params.subject_alt_names = vec![match literal.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(host.try_into().context("host name for a certificate")?),
         }];
@@ -280,7 +281,8 @@ mod tests {
         let b = ca.server_config("API.openai.com").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "cached per host, case-insensitively");
         ca.server_config("127.0.0.1").unwrap();
-        assert_eq!(ca.cached(), 2);
+        ca.server_config("[::1]").unwrap();
+        assert_eq!(ca.cached(), 3);
         assert!(!format!("{ca:?}").contains("PRIVATE"), "the key is never printed");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -115,12 +115,10 @@ async fn connect(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let shared = proxy.shared();
+    let authority = req.uri().authority();
     let Some((host, port)) =
-        req.uri().authority().map(|a| (a.host().to_ascii_lowercase(), a.port_u16()))
+        authority.and_then(|a| Some((a.host().to_ascii_lowercase(), a.port_u16()?)))
     else {
-        return refuse(shared, bad_request("bad_connect_target", "CONNECT needs host:port"));
-    };
-    let Some(port) = port else {
         return refuse(shared, bad_request("bad_connect_target", "CONNECT needs host:port"));
     };
     if shared.config.intercepts(&host, port) {
