@@ -36,6 +36,8 @@ pub struct Settings {
     /// CPUs of the machine (counted before pinning).
     pub cores: usize,
     pub command: String,
+    /// Reuse connections (the default) or open one per request.
+    pub connections: load::Connections,
 }
 
 /// The load mode from the command line, else from the scenario's defaults.
@@ -121,7 +123,8 @@ pub async fn compare(settings: &Settings) -> anyhow::Result<String> {
                     r.base_url,
                     r.process.as_ref().map(|p| p.pid())
                 );
-                running.push((r, load::client(), Tally::default()));
+                let client = r.client(settings.connections)?;
+                running.push((r, client, Tally::default()));
             }
             Err(reason) => {
                 eprintln!("{}: {reason}", kind.label());

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -28,8 +30,90 @@ use crate::schedule::{mix_cycle, Schedule};
 use crate::sse::Boundaries;
 use crate::stats::{ErrorKind, Recorder};
 
-/// The generator's HTTP client: pooled, HTTP/1.1, `TCP_NODELAY`.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The generator's HTTP client: pooled, HTTP/1.1, `TCP_NODELAY`; either straight to the target,
+/// or through an HTTP proxy's `CONNECT` with TLS to the target inside (HTTPS_PROXY mode).
+// One per target, cloned once per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum HttpClient {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Proxied(Client<HttpsConnector<Tunnel<HttpConnector>>, Full<Bytes>>),
+}
+
+impl HttpClient {
+    async fn request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            HttpClient::Plain(client) => client.request(request).await,
+            HttpClient::Proxied(client) => client.request(request).await,
+        }
+    }
+}
+
+/// How the generator's client treats connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Connections {
+    /// Kept alive and reused (the usual client).
+    #[default]
+    Reused,
+    /// A new connection for every request (TCP, and the proxy's CONNECT + TLS handshake in
+    /// HTTPS_PROXY mode): what a connection costs.
+    Fresh,
+}
+
+fn pooled<C>(connector: C, connections: Connections) -> Client<C, Full<Bytes>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let idle = if connections == Connections::Fresh { 0 } else { usize::MAX };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(idle)
+        .build(connector)
+}
+
+/// A client straight to the target that keeps every connection it opened (one per concurrent
+/// request), or opens one per request.
+pub fn client(connections: Connections) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    HttpClient::Plain(pooled(connector, connections))
+}
+
+/// A client through the HTTP proxy at `proxy` (`http://host:port`): `CONNECT` to the target,
+/// then TLS trusting only the CA certificates in `ca_file` (PEM).
+pub fn proxied_client(
+    proxy: &str,
+    ca_file: &std::path::Path,
+    connections: Connections,
+) -> anyhow::Result<HttpClient> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("reading {}", ca_file.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let tunnel = Tunnel::new(proxy.parse().context("proxy URL")?, http);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(tunnel);
+    Ok(HttpClient::Proxied(pooled(https, connections)))
+}
 
 /// How load is applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,16 +154,6 @@ impl Outcome {
         }
         done as f64 / self.elapsed.as_secs_f64()
     }
-}
-
-/// A client that keeps every connection it opened (one per concurrent request).
-pub fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(120))
-        .pool_max_idle_per_host(usize::MAX)
-        .build(connector)
 }
 
 /// A template with its URI built once.

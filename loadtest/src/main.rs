@@ -87,6 +87,20 @@ struct LoadArgs {
     /// Most requests in one round.
     #[arg(long, default_value_t = 10_000_000)]
     max_requests: u64,
+    /// Open a new connection for every request (measures connection setup: TCP, and the
+    /// CONNECT + TLS handshake in HTTPS_PROXY mode). Use a modest --rate.
+    #[arg(long)]
+    fresh_connections: bool,
+}
+
+impl LoadArgs {
+    fn connections(&self) -> load::Connections {
+        if self.fresh_connections {
+            load::Connections::Fresh
+        } else {
+            load::Connections::Reused
+        }
+    }
 }
 
 fn duration(text: &str, what: &str) -> anyhow::Result<Duration> {
@@ -198,14 +212,19 @@ fn real_main() -> anyhow::Result<()> {
                 proxy_cpu,
                 generator_pinned: pin_self(generator_cpu),
                 command: shown_command(&command),
+                connections: load.connections(),
             };
             let markdown = runtime()?.block_on(compare::compare(&settings))?;
             println!("{markdown}");
         }
         Cmd::Run { load, url } => {
             let (scenario, plan) = plan(&load)?;
-            let outcome =
-                runtime()?.block_on(load::run(&load::client(), &url, &scenario, &plan))?;
+            let outcome = runtime()?.block_on(load::run(
+                &load::client(load.connections()),
+                &url,
+                &scenario,
+                &plan,
+            ))?;
             let r = &outcome.recorder;
             let row = Row {
                 label: url,

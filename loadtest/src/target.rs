@@ -1,6 +1,8 @@
 //! The systems under comparison and how to start them: the mock upstream, Tollgate in reverse
-//! mode with everything on, Envoy without a filter, and the targets this build cannot run yet
-//! (Tollgate in HTTPS_PROXY mode, Envoy with the Tollgate filter), which are reported as such.
+//! mode with everything on, Tollgate in HTTPS_PROXY mode (the same config plus
+//! `forward_proxy`, the generator CONNECTing through it and speaking TLS to a certificate
+//! minted from a CA made for the run), Envoy without a filter, and the target this build
+//! cannot run yet (Envoy with the Tollgate filter), which is reported as such.
 //!
 //! Starts processes pinned to a CPU with `taskset`, waits for them to be ready, writes their
 //! generated configs, and stops them by PID (SIGTERM, then SIGKILL). Never generates load.
@@ -12,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use crate::load::{Connections, HttpClient};
 
 /// How long a process gets to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -167,6 +171,28 @@ pub struct Running {
     pub base_url: String,
     /// The proxy under test (None for direct).
     pub process: Option<Process>,
+    /// Set when requests go through an HTTP proxy (HTTPS_PROXY mode) rather than to
+    /// `base_url`'s host directly.
+    pub via: Option<Via>,
+}
+
+/// How to reach a target through a forward proxy.
+#[derive(Debug, Clone)]
+pub struct Via {
+    /// `http://127.0.0.1:<port>`.
+    pub proxy: String,
+    /// The CA certificate (PEM) the proxy's minted certificates chain to.
+    pub ca_file: PathBuf,
+}
+
+impl Running {
+    /// The generator's client for this target.
+    pub fn client(&self, connections: Connections) -> anyhow::Result<HttpClient> {
+        match &self.via {
+            None => Ok(crate::load::client(connections)),
+            Some(via) => crate::load::proxied_client(&via.proxy, &via.ca_file, connections),
+        }
+    }
 }
 
 /// Starts the mock upstream on `cpu` and returns it with its address.
@@ -194,13 +220,13 @@ pub fn start_mock(paths: &Paths, cpu: usize) -> anyhow::Result<(Process, SocketA
 /// Starts `kind` in front of the mock on `cpu`, or says why it cannot run in this build.
 pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result<Running, String> {
     let started = match kind {
-        Kind::Direct => Ok(Running { kind, base_url: format!("http://{mock}"), process: None }),
-        Kind::TollgateReverse => start_tollgate(paths, mock, cpu, true),
-        Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, false),
-        Kind::EnvoyPlain => start_envoy(paths, mock, cpu),
-        Kind::TollgateHttpsProxy => {
-            return Err("not available in this build: Tollgate has no HTTPS_PROXY mode yet".into())
+        Kind::Direct => {
+            Ok(Running { kind, base_url: format!("http://{mock}"), process: None, via: None })
         }
+        Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
+        Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
+        Kind::TollgateHttpsProxy => start_tollgate(paths, mock, cpu, Mode::HttpsProxy),
+        Kind::EnvoyPlain => start_envoy(paths, mock, cpu),
         Kind::EnvoyTollgate => {
             let filter = paths.workspace.join("wasm-filter");
             return Err(if filter.join("Cargo.toml").exists() {
@@ -261,31 +287,69 @@ pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     Ok(text.get(9..12).context("short status line")?.parse()?)
 }
 
+/// How a Tollgate target runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Reverse,
+    NoLedger,
+    /// Reverse mode's config plus `forward_proxy`; the generator uses it as HTTPS_PROXY for
+    /// `https://<mock address>`, which the proxy intercepts (the route's upstream is that
+    /// address) and forwards to the mock over plain HTTP, exactly like reverse mode: the
+    /// difference between the two rows is the interception alone.
+    HttpsProxy,
+}
+
 fn start_tollgate(
     paths: &Paths,
     mock: SocketAddr,
     cpu: usize,
-    ledger: bool,
+    mode: Mode,
 ) -> anyhow::Result<Running> {
     let program = binary(paths, "tollgate")?;
     let (port, admin) = (free_port()?, free_port()?);
-    let name = if ledger { "tollgate" } else { "tollgate-no-ledger" };
+    let (name, kind) = match mode {
+        Mode::Reverse => ("tollgate", Kind::TollgateReverse),
+        Mode::NoLedger => ("tollgate-no-ledger", Kind::TollgateNoLedger),
+        Mode::HttpsProxy => ("tollgate-https-proxy", Kind::TollgateHttpsProxy),
+    };
     let data_dir = paths.work_dir.join(format!("{name}-data"));
     let config = paths.work_dir.join(format!("{name}.yaml"));
     let mut yaml = tollgate_config(port, admin, mock, &data_dir);
-    if !ledger {
-        yaml.push_str("ledger: {enabled: false}\n");
+    let mut via = None;
+    match mode {
+        Mode::Reverse => {}
+        Mode::NoLedger => yaml.push_str("ledger: {enabled: false}\n"),
+        Mode::HttpsProxy => {
+            let ca_dir = paths.work_dir.join("tollgate-ca");
+            let out = Command::new(&program)
+                .args(["ca", "init", "--force", "--dir"])
+                .arg(&ca_dir)
+                .output()
+                .context("running tollgate ca init")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "tollgate ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (cert, key) = (ca_dir.join("ca.pem"), ca_dir.join("ca-key.pem"));
+            yaml.push_str(&format!(
+                "forward_proxy: {{enabled: true, ca_cert: {}, ca_key: {}}}\n",
+                cert.display(),
+                key.display()
+            ));
+            via = Some(Via { proxy: format!("http://127.0.0.1:{port}"), ca_file: cert });
+        }
     }
     std::fs::write(&config, yaml)?;
     let log = paths.work_dir.join(format!("{name}.log"));
     let args = vec!["run".to_owned(), "--config".to_owned(), config.display().to_string()];
     let mut process = Process::spawn("tollgate", cpu, &program, &args, &log, false)?;
     wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/readyz")?;
-    Ok(Running {
-        kind: if ledger { Kind::TollgateReverse } else { Kind::TollgateNoLedger },
-        base_url: format!("http://127.0.0.1:{port}"),
-        process: Some(process),
-    })
+    let base_url = match mode {
+        Mode::HttpsProxy => format!("https://{mock}"),
+        _ => format!("http://127.0.0.1:{port}"),
+    };
+    Ok(Running { kind, base_url, process: Some(process), via })
 }
 
 /// Tollgate with everything on: attribution (default headers, required), a policy with rules
@@ -360,6 +424,7 @@ fn start_envoy(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Ru
         kind: Kind::EnvoyPlain,
         base_url: format!("http://127.0.0.1:{port}"),
         process: Some(process),
+        via: None,
     })
 }
 
@@ -432,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn placeholders_say_why_they_are_not_available() {
+    fn unavailable_targets_say_why() {
         let paths = Paths {
             bin_dir: PathBuf::from("/nonexistent"),
             envoy: PathBuf::from("/nonexistent/envoy"),
@@ -441,7 +506,7 @@ mod tests {
         };
         let mock: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let https = launch(Kind::TollgateHttpsProxy, &paths, mock, 1).unwrap_err();
-        assert!(https.starts_with("not available in this build"), "{https}");
+        assert!(https.contains("tollgate not found"), "{https}");
         let filter = launch(Kind::EnvoyTollgate, &paths, mock, 1).unwrap_err();
         assert!(filter.starts_with("not available in this build"), "{filter}");
         let envoy = launch(Kind::EnvoyPlain, &paths, mock, 1).unwrap_err();

@@ -50,7 +50,7 @@ fn every_scenario_file_parses() {
 async fn open_loop_sends_exactly_the_schedule_at_its_rate() {
     let mock = MockUpstream::start().await;
     let outcome = load::run(
-        &load::client(),
+        &load::client(load::Connections::Reused),
         &mock.base_url(),
         &scenario("chat.yaml"),
         &plan(Mode::Open { rate: 200, connections: 4 }, 1000),
@@ -75,7 +75,7 @@ async fn closed_loop_streams_count_every_event_and_gap() {
     )
     .unwrap();
     let outcome = load::run(
-        &load::client(),
+        &load::client(load::Connections::Reused),
         &mock.base_url(),
         &sse,
         &plan(Mode::Closed { concurrency: 4 }, 300),
@@ -103,7 +103,7 @@ async fn unexpected_status_counts_as_an_error_by_code() {
     )
     .unwrap();
     let outcome = load::run(
-        &load::client(),
+        &load::client(load::Connections::Reused),
         &mock.base_url(),
         &failing,
         &plan(Mode::Open { rate: 100, connections: 2 }, 200),
@@ -120,7 +120,7 @@ async fn unexpected_status_counts_as_an_error_by_code() {
 async fn refused_connections_are_counted_not_fatal() {
     let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
     let outcome = load::run(
-        &load::client(),
+        &load::client(load::Connections::Reused),
         &format!("http://127.0.0.1:{port}"),
         &scenario("chat.yaml"),
         &plan(Mode::Open { rate: 50, connections: 2 }, 200),
@@ -145,7 +145,7 @@ async fn every_scenario_passes_through_tollgate_with_the_generated_config() {
     .await
     .unwrap();
     let base = format!("http://{}", running.proxy_addr);
-    let client = load::client();
+    let client = load::client(load::Connections::Reused);
     for file in ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"] {
         let outcome = load::run(
             &client,
@@ -163,4 +163,55 @@ async fn every_scenario_passes_through_tollgate_with_the_generated_config() {
     let ledger = tollgate::ledger::read_all(&data_dir).unwrap();
     assert_eq!(ledger.iter().filter(|r| r["type"] == "usage").count(), 80);
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// The `tollgate-https-proxy` target's path: the same generated config plus `forward_proxy`,
+/// the generator CONNECTing through the proxy to `https://<mock>` (intercepted, TLS from a CA
+/// made for the run), with reused and with fresh connections. Everything is metered as in
+/// reverse mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_proxy_mode_passes_every_request_through_the_pipeline() {
+    let mock = MockUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("tollgate-load-https-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (cert, key) = tollgate::ca::init(&dir.join("ca"), false).unwrap();
+    let data_dir = dir.join("data");
+    let mut config = tollgate_config(0, 0, mock.addr(), &data_dir);
+    config.push_str(&format!(
+        "forward_proxy: {{enabled: true, ca_cert: {}, ca_key: {}}}\n",
+        cert.display(),
+        key.display()
+    ));
+    let config = tollgate::config::Config::from_str(&config).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tollgate::app::start(config, proxy, admin, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let via = format!("http://{}", running.proxy_addr);
+    let base = format!("https://{}", mock.addr());
+    for connections in [load::Connections::Reused, load::Connections::Fresh] {
+        let client = load::proxied_client(&via, &cert, connections).unwrap();
+        for file in ["chat.yaml", "sse.yaml"] {
+            let outcome = load::run(
+                &client,
+                &base,
+                &scenario(file),
+                &plan(Mode::Open { rate: 40, connections: 4 }, 500),
+            )
+            .await
+            .unwrap();
+            let r = &outcome.recorder;
+            assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file} {connections:?}");
+        }
+    }
+    let _ = stop.send(());
+    running.wait().await;
+    let ledger = tollgate::ledger::read_all(&data_dir).unwrap();
+    assert_eq!(ledger.iter().filter(|r| r["type"] == "usage").count(), 80);
+    assert_eq!(mock.request_count(), 80);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -40,6 +40,8 @@ pub struct Shared {
     /// The policy in force; swapped whole on reload, loaded once per request.
     pub policy: ArcSwap<Snapshot>,
     pub client: UpstreamClient,
+    /// HTTPS_PROXY mode, when `forward_proxy.enabled`.
+    pub forward: Option<Arc<crate::forward::Forward>>,
     pub metrics: Metrics,
     pub ledger: Ledger,
     pub budgets: Budgets<MemoryStore>,
@@ -146,8 +148,28 @@ pub async fn start_with(
     let client = upstream::client(&ClientSettings {
         connect_timeout: config.upstream.connect_timeout,
         extra_ca_file: config.upstream.extra_ca_file.clone(),
+        overrides: config
+            .forward
+            .overrides
+            .iter()
+            .map(|o| (o.host.clone(), o.addr, o.ca_file.clone()))
+            .collect(),
         ..ClientSettings::default()
     })?;
+    let conn_limits = ConnLimits {
+        max_head_bytes: config.limits.max_head_bytes,
+        max_headers: config.limits.max_headers,
+        header_read_timeout: config.limits.header_read_timeout,
+        drain: config.shutdown_drain,
+    };
+    let forward = match (&config.forward, &config.forward.ca_cert, &config.forward.ca_key) {
+        (f, Some(cert), Some(key)) if f.enabled => {
+            let ca = crate::ca::Ca::load(cert, key)?;
+            tracing::info!(ca = %cert.display(), other_hosts = ?f.other_hosts, "forward proxy (HTTP_PROXY / HTTPS_PROXY) enabled");
+            Some(Arc::new(crate::forward::Forward::new(ca, conn_limits.clone())))
+        }
+        _ => None,
+    };
     let metrics = Metrics::new(config.max_label_values);
     let ledger_errors = metrics.ledger_errors.clone();
     let settings = ledger::Settings {
@@ -191,6 +213,7 @@ pub async fn start_with(
         engine,
         policy: ArcSwap::from_pointee(policy),
         client,
+        forward,
         metrics,
         ledger,
         budgets,
@@ -211,12 +234,6 @@ pub async fn start_with(
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let conn_limits = ConnLimits {
-        max_head_bytes: shared.config.limits.max_head_bytes,
-        max_headers: shared.config.limits.max_headers,
-        header_read_timeout: shared.config.limits.header_read_timeout,
-        drain: shared.config.shutdown_drain,
     };
     let proxy_task = tokio::spawn(server::serve(
         proxy,
@@ -243,7 +260,13 @@ pub async fn start_with(
             tracing::info!("shutting down: draining in-flight requests");
             shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = stop_tx.send(true);
-            let _ = proxy_task.await;
+            // Intercepted HTTPS_PROXY connections drain alongside the listener's own.
+            let intercepted = async {
+                if let Some(forward) = &shared.forward {
+                    forward.drain(shared.config.shutdown_drain).await;
+                }
+            };
+            let _ = tokio::join!(proxy_task, intercepted);
             let _ = admin_task.await;
             let _ = background.await;
             if let Some(export) = export {

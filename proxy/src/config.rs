@@ -81,6 +81,26 @@ pub struct Route {
 }
 
 impl Route {
+    /// This route for a request that came through the forward proxy: the client already names
+    /// the upstream's own path, so the upstream's base path (if any) is not prepended.
+    pub fn for_forward(&self) -> Route {
+        let mut route = self.clone();
+        if let Some(authority) = self.upstream.authority() {
+            let scheme = self.upstream.scheme_str().unwrap_or("https");
+            if let Ok(uri) = format!("{scheme}://{authority}/").parse() {
+                route.upstream = uri;
+            }
+        }
+        route
+    }
+
+    /// Whether this route's upstream is `host` (ASCII case ignored) on `port` (any if `None`).
+    pub fn upstream_is(&self, host: &str, port: Option<u16>) -> bool {
+        let default_port = if self.upstream.scheme_str() == Some("https") { 443 } else { 80 };
+        self.upstream.host().is_some_and(|h| h.eq_ignore_ascii_case(host))
+            && port.is_none_or(|p| self.upstream.port_u16().unwrap_or(default_port) == p)
+    }
+
     /// The tool name and route kind the policy sees: the MCP `tools/call` name or the route's
     /// tool for tool routes; `llm` for model routes; `other` when no tool is named.
     pub fn classify<'a>(
@@ -147,7 +167,56 @@ pub struct Config {
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
     pub export: Option<Export>,
+    /// HTTP_PROXY / HTTPS_PROXY mode (`forward_proxy:`).
+    pub forward: ForwardProxy,
     pub engine: Engine,
+}
+
+/// What the forward proxy does with a host that is no route's upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtherHosts {
+    /// 403 on the `CONNECT` (or the absolute-form request).
+    Refuse,
+    /// Pass the bytes through unmetered (never to loopback, link-local or metadata addresses
+    /// unless `allow_loopback`).
+    Tunnel,
+}
+
+/// The `forward_proxy:` section: HTTP_PROXY / HTTPS_PROXY mode on the proxy listener.
+#[derive(Clone, Debug)]
+pub struct ForwardProxy {
+    pub enabled: bool,
+    /// The CA that signs the certificates minted for intercepted hosts (`tollgate ca init`).
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub other_hosts: OtherHosts,
+    /// Tunnel to loopback addresses too (off: a client cannot reach the proxy's own host).
+    pub allow_loopback: bool,
+    /// Upstream host → address to connect to instead of resolving it (tests, private links).
+    pub overrides: Vec<UpstreamOverride>,
+}
+
+impl Default for ForwardProxy {
+    fn default() -> Self {
+        ForwardProxy {
+            enabled: false,
+            ca_cert: None,
+            ca_key: None,
+            other_hosts: OtherHosts::Refuse,
+            allow_loopback: false,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// Connect to `addr` for `host` (its certificate is still verified for `host`), trusting
+/// `ca_file` besides the usual roots.
+#[derive(Clone, Debug)]
+pub struct UpstreamOverride {
+    /// Lower case.
+    pub host: String,
+    pub addr: SocketAddr,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Shipping ledger records to a collector.
@@ -178,6 +247,7 @@ const TOP: &[&str] = &[
     "policy_source",
     "ledger",
     "chargeback",
+    "forward_proxy",
     "attribution",
     "policy",
     "pricing",
@@ -232,6 +302,23 @@ impl Config {
             pinned.push(header);
         }
         Ok(pinned)
+    }
+
+    /// The route for a request that came through the forward proxy to `host` (and `port`, for a
+    /// `CONNECT`): among the routes whose upstream is that host, the longest path prefix.
+    pub fn forward_route(&self, host: &str, port: Option<u16>, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.upstream_is(host, port))
+            .filter(|r| path.starts_with(&r.path_prefix))
+            .max_by_key(|r| r.path_prefix.len())
+    }
+
+    /// Whether a `CONNECT` to `host:port` is intercepted: some route's upstream is that host
+    /// and port (normally `https://host`, port 443; the upstream leg then uses the route's own
+    /// scheme).
+    pub fn intercepts(&self, host: &str, port: u16) -> bool {
+        self.routes.iter().any(|r| r.upstream_is(host, Some(port)))
     }
 
     /// The route for a request, by host (if the route names one) and longest path prefix.
@@ -291,6 +378,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let (ledger_fsync_interval, ledger_segment_bytes, ledger_enabled) =
         ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
+    let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -316,6 +404,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_enabled,
         shared_costs,
         export,
+        forward,
         engine: engine?,
     })
 }
@@ -514,6 +603,54 @@ fn chargeback(
     (shared, export)
 }
 
+fn forward_proxy(cx: &mut Cx, field: &Field<'_>) -> ForwardProxy {
+    let mut out = ForwardProxy::default();
+    let Some(mut o) = cx.object(field) else { return out };
+    out.enabled = o.get("enabled").and_then(|f| f.bool(cx)).unwrap_or(false);
+    out.ca_cert = o.get("ca_cert").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    out.ca_key = o.get("ca_key").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+    if let Some(f) = o.get("other_hosts") {
+        out.other_hosts = match f.one_of(cx, &["refuse", "tunnel"]) {
+            Some("tunnel") => OtherHosts::Tunnel,
+            _ => OtherHosts::Refuse,
+        };
+    }
+    out.allow_loopback = o.get("allow_loopback").and_then(|f| f.bool(cx)).unwrap_or(false);
+    if let Some(f) = o.get("upstream_overrides") {
+        for (host, item) in f.entries(cx) {
+            let Some(mut e) = cx.object(&item) else { continue };
+            let addr = e.require(cx, "addr").map(|f| socket_addr(cx, Some(f), "127.0.0.1:0"));
+            let ca_file = e.get("ca_file").and_then(|f| f.non_empty_str(cx).map(PathBuf::from));
+            e.finish(cx, &["addr", "ca_file"]);
+            if host.is_empty() || host.contains([':', '/', ' ']) {
+                item.error(cx, format!("`{host}` is not a host name"));
+                continue;
+            }
+            if let Some(addr) = addr {
+                out.overrides.push(UpstreamOverride {
+                    host: host.to_ascii_lowercase(),
+                    addr,
+                    ca_file,
+                });
+            }
+        }
+    }
+    let node = o.node();
+    let path = o.path().to_string();
+    o.finish(
+        cx,
+        &["enabled", "ca_cert", "ca_key", "other_hosts", "allow_loopback", "upstream_overrides"],
+    );
+    if out.enabled && (out.ca_cert.is_none() || out.ca_key.is_none()) {
+        cx.error(
+            &path,
+            node,
+            "forward_proxy needs `ca_cert` and `ca_key` when enabled (create them with `tollgate ca init --dir DIR`)",
+        );
+    }
+    out
+}
+
 fn policy_source(cx: &mut Cx, field: &Field<'_>) -> Option<PolicySource> {
     let mut o = cx.object(field)?;
     let poll = o
@@ -593,6 +730,50 @@ mod tests {
                 ("policy_source", 6),
             ]
         );
+    }
+
+    #[test]
+    fn forward_proxy_errors_name_their_field_and_line() {
+        let text =
+            "version: 1\nroutes: []\nforward_proxy:\n  enabled: true\n  other_hosts: maybe\n\
+                    \x20 upstream_overrides:\n    api.openai.com: {addr: nope}\n  bogus: 1\n\
+                    policy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("forward_proxy", 4),
+                ("forward_proxy.other_hosts", 5),
+                ("forward_proxy.upstream_overrides.api.openai.com.addr", 7),
+                ("forward_proxy.bogus", 8),
+            ]
+        );
+        assert!(errors[0].message.contains("tollgate ca init"), "{}", errors[3].message);
+    }
+
+    #[test]
+    fn forward_routes_are_found_by_upstream_host_and_port() {
+        let text = "version: 1\nroutes:\n\
+            - {name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"https://api.anthropic.com\"}\n\
+            - {name: openai, path_prefix: /v1/, kind: openai, upstream: \"https://api.openai.com/base\"}\n\
+            - {name: vllm, host: vllm, path_prefix: /v1/, kind: openai_compatible, upstream: \"http://vllm:8000\"}\n\
+            forward_proxy: {enabled: false, upstream_overrides: {API.openai.com: {addr: \"127.0.0.1:9\"}}}\n\
+            policy: {version: v1}\n";
+        let config = Config::from_str(text).expect("valid");
+        let name =
+            |host, port, path| config.forward_route(host, port, path).map(|r| r.name.as_str());
+        assert_eq!(name("api.openai.com", Some(443), "/v1/messages"), Some("openai"));
+        assert_eq!(name("api.anthropic.com", Some(443), "/v1/messages"), Some("anthropic"));
+        assert_eq!(name("api.anthropic.com", Some(443), "/v1/chat/completions"), None);
+        assert_eq!(name("API.OpenAI.com", None, "/v1/x"), Some("openai"));
+        assert_eq!(name("vllm", Some(8000), "/v1/x"), Some("vllm"));
+        assert!(config.intercepts("api.openai.com", 443));
+        assert!(!config.intercepts("api.openai.com", 8443));
+        assert!(!config.intercepts("example.com", 443));
+        let forward = config.forward_route("api.openai.com", None, "/v1/x").unwrap().for_forward();
+        assert_eq!(forward.upstream.to_string(), "https://api.openai.com/", "no base path");
+        assert_eq!(config.forward.overrides[0].host, "api.openai.com");
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!
 //! To find the next head on a kept-alive connection the guard follows each body's framing
 //! (a length, or chunks). HTTP/2 connections (recognised by their preface) pass through
-//! untouched: HTTP/2 frames carry their own lengths.
+//! untouched: HTTP/2 frames carry their own lengths, and so do the bytes after a `CONNECT`
+//! head (the forward proxy's tunnel).
 
 use std::future::Future;
 use std::io;
@@ -118,7 +119,11 @@ impl<IO> FramingGuard<IO> {
                     self.first = false;
                     let head_end = head_start + end + 4;
                     let head = &mut self.pending[head_start..head_end];
+                    // After a CONNECT the connection carries a tunnel (TLS, usually), not HTTP/1
+                    // heads; a refused CONNECT closes the connection.
+                    let connect = head.starts_with(b"CONNECT ");
                     self.state = match neutralise(head) {
+                        _ if connect => State::Passthrough,
                         Framing::Length(0) | Framing::None => State::Head,
                         Framing::Length(n) => State::Body(n),
                         Framing::Chunked => State::ChunkSize,
@@ -445,5 +450,14 @@ POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r
     async fn http2_passes_through() {
         let input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
         assert_eq!(through(input, 3).await, input);
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_connect_head_pass_through_untouched() {
+        // A TLS ClientHello has no CRLFCRLF; held back as a "head" it would stall the tunnel.
+        let input = b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        for step in [1, 4, 1000] {
+            assert_eq!(through(input, step).await, input, "step {step}");
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! `tollgate`: the command line. `run` serves; `check` validates a config; `explain` prints the
-//! decision for a described request.
+//! decision for a described request; `ca init` creates the HTTPS_PROXY mode's CA.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,10 +57,29 @@ enum Command {
         #[arg(long, env = "TOLLGATE_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Tollgate's certificate authority for HTTPS_PROXY mode.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA (`ca.pem`, and `ca-key.pem` with mode 0600) and print how to make clients
+    /// trust it.
+    Init {
+        /// Directory for the two files (created if missing).
+        #[arg(long, default_value = "tollgate-ca")]
+        dir: PathBuf,
+        /// Replace an existing CA (clients trusting the old one will stop trusting Tollgate).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -165,6 +184,18 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&invoices).unwrap_or_default());
             }
             ExitCode::SUCCESS
+        }
+        Command::Ca { command: CaCommand::Init { dir, force } } => {
+            match tollgate::ca::init(&dir, force) {
+                Ok((cert, key)) => {
+                    print!("{}", tollgate::ca::instructions(&cert, &key));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate ca init: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Audit { command: AuditCommand::Verify { config, data_dir } } => {
             let dir = match (data_dir, config) {

@@ -56,13 +56,36 @@ impl Proxy {
     }
 }
 
-impl Handler for Proxy {
-    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+impl Proxy {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves one request. `target` is set for requests that came through the forward proxy
+    /// (the `CONNECT`'s host, or the absolute URI's): the route is then the one whose upstream
+    /// is that host, and the connection's proxy credentials fill in attribution.
+    pub async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        target: Option<&crate::forward::Target>,
+    ) -> Response<Body> {
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
         let request_id = request_id(req.headers());
         let started = Instant::now();
-        let route = shared.config.route(host_of(&req), req.uri().path()).cloned();
+        let credited = match target {
+            Some(t) => t.credentials.apply(req.headers_mut()).map_err(|(name, given, pinned)| {
+                crate::forward::contradiction(&name, &given, &pinned)
+            }),
+            None => Ok(()),
+        };
+        let route = match target {
+            Some(t) => shared
+                .config
+                .forward_route(&t.host, t.port, req.uri().path())
+                .map(Route::for_forward),
+            None => shared.config.route(host_of(&req), req.uri().path()).cloned(),
+        };
         let shape = match route.as_ref().map(|r| r.kind) {
             Some(UpstreamKind::Anthropic) => Shape::Anthropic,
             _ => Shape::OpenAi,
@@ -78,7 +101,11 @@ impl Handler for Proxy {
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         // Boxed: the request's state (a few KiB) is freed as soon as the response head is
         // returned, instead of staying in hyper's per-connection slot for the whole stream.
-        let response = match Box::pin(handle(shared, req, route, &request_id, started)).await {
+        let result = match credited {
+            Ok(()) => Box::pin(handle(shared, req, route, &request_id, started)).await,
+            Err(denial) => Err(denial),
+        };
+        let response = match result {
             Ok(response) => response,
             Err(denial) => {
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
@@ -103,9 +130,27 @@ impl Handler for Proxy {
     }
 }
 
+impl Handler for Proxy {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        if let Some(forward) = &self.shared.forward {
+            if crate::forward::is_forward(&req) {
+                return crate::forward::handle(self, forward, req).await;
+            }
+        }
+        let connect = req.method() == http::Method::CONNECT;
+        let mut response = self.serve(req, None).await;
+        if connect {
+            // Without the forward proxy a CONNECT is just refused; the connection is closed
+            // because the framing guard stops following a connection after a CONNECT head.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
 /// Records a refusal in the audit chain, with the attribution the request claimed (sanitised:
 /// printable ASCII, at most 64 characters).
-fn audit_refusal(
+pub(crate) fn audit_refusal(
     shared: &Shared,
     request_id: &str,
     who: &[Option<HeaderValue>; 3],
@@ -689,7 +734,7 @@ fn check_framing(headers: &HeaderMap) -> Result<(), Denial> {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones that
 /// `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -763,7 +808,7 @@ fn request_id(headers: &HeaderMap) -> String {
 /// An id unique to this process run (start time, pid, counter). Budget reservations are keyed
 /// by it, never by the caller's `x-request-id`: a caller reusing one must not make its later
 /// requests look like duplicate settlements (which are not charged).
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static BOOT: std::sync::OnceLock<(u64, u32)> = std::sync::OnceLock::new();
     let (boot, pid) = *BOOT.get_or_init(|| (now().0, std::process::id()));

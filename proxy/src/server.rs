@@ -54,13 +54,9 @@ pub trait Handler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
-/// Serves `handler` on `listener` until `shutdown` resolves, then drains.
-pub async fn serve<H: Handler>(
-    listener: TcpListener,
-    handler: H,
-    limits: ConnLimits,
-    shutdown: impl Future<Output = ()>,
-) {
+/// The HTTP/1.1 + HTTP/2 connection builder with `limits`; also serves the connections the
+/// forward proxy intercepts.
+pub fn builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -72,6 +68,17 @@ pub async fn serve<H: Handler>(
         .max_headers(limits.max_headers)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_head_bytes as u32);
+    builder
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

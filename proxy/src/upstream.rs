@@ -4,6 +4,10 @@
 //! file (a corporate CA, or the test suite's own). Timeouts: connect (here), response head and
 //! stream idle (in the pipeline and the metered body), because hyper's pool has no per-request
 //! deadlines of its own.
+//!
+//! Upstream overrides (`forward_proxy.upstream_overrides`) make the connector dial a fixed
+//! address for a host instead of resolving it; TLS still sends that host's name (SNI) and
+//! verifies the certificate for it, so an override cannot weaken verification.
 
 use std::time::Duration;
 
@@ -19,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
 pub type Body = BoxBody<Bytes, BoxError>;
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type UpstreamClient = Client<HttpsConnector<Connector>, Body>;
 
 /// Settings for the shared upstream client.
 #[derive(Clone, Debug)]
@@ -29,6 +33,9 @@ pub struct ClientSettings {
     pub pool_max_idle_per_host: usize,
     /// PEM file with extra CA certificates to trust besides the webpki roots.
     pub extra_ca_file: Option<std::path::PathBuf>,
+    /// Host (lower case) → address dialled instead of resolving the host; each may bring a CA
+    /// file to trust as well.
+    pub overrides: Vec<(String, std::net::SocketAddr, Option<std::path::PathBuf>)>,
 }
 
 impl Default for ClientSettings {
@@ -38,6 +45,7 @@ impl Default for ClientSettings {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
             extra_ca_file: None,
+            overrides: Vec::new(),
         }
     }
 }
@@ -48,17 +56,12 @@ pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &settings.extra_ca_file {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let pem = std::fs::read(path)
-            .with_context(|| format!("reading upstream.extra_ca_file {}", path.display()))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.with_context(|| format!("parsing PEM in {}", path.display()))?;
-            roots.add(cert).with_context(|| format!("adding a CA from {}", path.display()))?;
-            added += 1;
+        add_cas(&mut roots, path, "upstream.extra_ca_file")?;
+    }
+    for (host, _, ca_file) in &settings.overrides {
+        if let Some(path) = ca_file {
+            add_cas(&mut roots, path, &format!("forward_proxy.upstream_overrides.{host}.ca_file"))?;
         }
-        anyhow::ensure!(added > 0, "upstream.extra_ca_file {} has no certificate", path.display());
     }
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -72,6 +75,8 @@ pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
     http.enforce_http(false);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_nodelay(true);
+    let overrides = settings.overrides.iter().map(|(h, a, _)| (h.clone(), *a)).collect();
+    let http = Connector { http, overrides: std::sync::Arc::new(overrides) };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -85,4 +90,61 @@ pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https))
+}
+
+/// Adds every certificate of the PEM file at `path` to `roots`; `what` names the setting.
+fn add_cas(
+    roots: &mut rustls::RootCertStore,
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("parsing PEM in {}", path.display()))?;
+        roots.add(cert).with_context(|| format!("adding a CA from {}", path.display()))?;
+        added += 1;
+    }
+    anyhow::ensure!(added > 0, "{what} {} has no certificate", path.display());
+    Ok(())
+}
+
+/// The TCP connector under TLS: hyper-util's, except that an overridden host is dialled at its
+/// configured address (the URI handed to TLS above keeps the real host name).
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector,
+    overrides: std::sync::Arc<std::collections::HashMap<String, std::net::SocketAddr>>,
+}
+
+type Connecting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>, BoxError>,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(BoxError::from)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let target = uri
+            .host()
+            .and_then(|h| self.overrides.get(&h.to_ascii_lowercase()))
+            .and_then(|addr| format!("http://{addr}").parse::<http::Uri>().ok());
+        let connecting = self.http.call(target.unwrap_or(uri));
+        Box::pin(async move { connecting.await.map_err(BoxError::from) })
+    }
 }

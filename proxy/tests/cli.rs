@@ -63,6 +63,37 @@ fn check_reports_every_error_with_its_path_and_line_and_exits_1() {
 }
 
 #[test]
+fn ca_init_creates_a_private_ca_prints_how_to_trust_it_and_never_overwrites() {
+    let dir = temp_dir("ca").join("ca");
+    let d = dir.to_str().unwrap();
+    let out = tollgate(&["ca", "init", "--dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    for needle in
+        ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "HTTPS_PROXY", "ca.pem"]
+    {
+        assert!(printed.contains(needle), "{needle} missing from:\n{printed}");
+    }
+    let key = std::fs::read_to_string(dir.join("ca-key.pem")).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    assert!(!printed.contains(key.lines().nth(1).unwrap()), "the key is never printed");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // A second init keeps the CA the clients already trust.
+    let again = tollgate(&["ca", "init", "--dir", d]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(), key);
+    let forced = tollgate(&["ca", "init", "--force", "--dir", d]);
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(), key);
+}
+
+#[test]
 fn check_accepts_the_embedded_default() {
     let out = tollgate(&["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

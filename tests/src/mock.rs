@@ -126,6 +126,13 @@ impl MockUpstream {
         Self::start_with(Some(tls)).await
     }
 
+    /// Like [`start_tls`](MockUpstream::start_tls), with a certificate for `names` instead
+    /// (e.g. `api.openai.com`, to play the real provider behind an upstream address override).
+    pub async fn start_tls_for(names: &[&str]) -> MockUpstream {
+        let tls = TestCa::new().server_for(names);
+        Self::start_with(Some(tls)).await
+    }
+
     async fn start_with(tls: Option<(tokio_rustls::TlsAcceptor, String)>) -> MockUpstream {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .await
@@ -285,7 +292,12 @@ impl TestCa {
 
     /// A TLS acceptor for `localhost` / `127.0.0.1` (ALPN h2 and http/1.1), and the CA PEM.
     pub fn server(&self) -> (tokio_rustls::TlsAcceptor, String) {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        self.server_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// A TLS acceptor for `names` (ALPN h2 and http/1.1), and the CA PEM.
+    pub fn server_for(&self, names: &[&str]) -> (tokio_rustls::TlsAcceptor, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let params = rcgen::CertificateParams::new(names).expect("server params");
         let key = rcgen::KeyPair::generate().expect("server key");
         let cert = params.signed_by(&key, &self.issuer).expect("server certificate");

@@ -194,3 +194,23 @@ async fn an_idle_kept_alive_connection_outlives_the_head_timeout() {
     }
     assert_eq!(h.mock.request_count(), 2);
 }
+
+#[tokio::test]
+async fn a_connect_without_the_forward_proxy_is_refused_and_the_connection_closed() {
+    // The framing guard stops following a connection after a CONNECT head (a tunnel follows);
+    // without the forward proxy the CONNECT is refused, so the connection must end there and
+    // an ambiguous request behind it is never read.
+    let h = Harness::start(ALLOW_ALL).await;
+    let smuggled = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{TAGS}content-type: application/json\r\n\
+         content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let request = format!(
+        "CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\n\r\n{smuggled}"
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(responses_in(&answer), 1, "{answer}");
+    assert_ne!(status_of(&answer), Some(200), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert_eq!(h.mock.request_count(), 0);
+}
