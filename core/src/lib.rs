@@ -5,6 +5,7 @@
 //! parameter, [`time::UnixMillis`]), spawns nothing, logs nothing and builds for `wasm32-wasip1`.
 
 pub mod attribution;
+pub mod approval;
 pub mod autonomy;
 pub mod budget;
 pub mod doc;

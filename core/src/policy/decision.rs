@@ -27,6 +27,9 @@ pub struct Decision<'s> {
     pub limits: Limits,
     /// Budgets the request must fit in: the document's, then the rule's.
     pub budgets: Budgets<'s>,
+    /// The risk dimensions the matched rule declares, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<crate::risk::Profile>,
 }
 
 impl<'s> Decision<'s> {
@@ -44,6 +47,7 @@ impl<'s> Decision<'s> {
             explanation: &outcome.explanation,
             limits,
             budgets,
+            risk: outcome.risk,
         }
     }
 
