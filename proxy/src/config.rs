@@ -78,6 +78,8 @@ pub struct Route {
     /// Forward the attribution headers to this upstream (default: only to `tool`/`mcp` routes
     /// of your own; never to third-party LLM APIs).
     pub forward_attribution: bool,
+    /// The risk dimensions of this route's actions (`risk:`), scored by the oversight step.
+    pub risk: Option<tollgate_core::risk::Profile>,
 }
 
 impl Route {
@@ -147,6 +149,10 @@ pub struct Config {
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
     pub export: Option<Export>,
+    /// Approvals and the runaway-agent guards (`oversight:`).
+    pub oversight: crate::oversight::OversightConfig,
+    /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
+    pub autonomy_configured: bool,
     pub engine: Engine,
 }
 
@@ -183,6 +189,7 @@ const TOP: &[&str] = &[
     "pricing",
     "autonomy",
     "guardrails",
+    "oversight",
 ];
 
 impl Config {
@@ -291,6 +298,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let (ledger_fsync_interval, ledger_segment_bytes, ledger_enabled) =
         ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
+    let oversight = crate::oversight::OversightConfig::decode(cx, obj.get("oversight"));
+    let autonomy_configured = obj.get("autonomy").is_some();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -316,6 +325,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_enabled,
         shared_costs,
         export,
+        oversight,
+        autonomy_configured,
         engine: engine?,
     })
 }
@@ -370,6 +381,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
         let tool = r.get("tool").and_then(|f| f.non_empty_str(cx).map(str::to_string));
         let category = r.get("category").and_then(|f| f.non_empty_str(cx).map(str::to_string));
         let forward_attribution = r.get("forward_attribution").and_then(|f| f.bool(cx));
+        let risk = r.get("risk").map(|f| tollgate_core::risk::Profile::decode(cx, &f));
         r.finish(
             cx,
             &[
@@ -381,6 +393,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
                 "tool",
                 "category",
                 "forward_attribution",
+                "risk",
             ],
         );
         let (Some(kind), Some(upstream), Some(path_prefix)) = (kind, upstream, path_prefix) else {
@@ -403,6 +416,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
             tool,
             category,
             forward_attribution: forward_attribution.unwrap_or(false),
+            risk,
         });
     }
     out

@@ -1,5 +1,5 @@
 //! `tollgate`: the command line. `run` serves; `check` validates a config; `explain` prints the
-//! decision for a described request.
+//! decision for a described request; `approvals` lists, approves and denies pending approvals.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,17 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, env = "TOLLGATE_DATA_DIR")]
         data_dir: Option<PathBuf>,
+    },
+    /// Pending approvals on a running proxy: list, approve, deny (through its admin API).
+    Approvals {
+        #[command(subcommand)]
+        command: tollgate::approvals_cli::ApprovalsCommand,
+        /// The admin API (default: the config's admin.listen).
+        #[arg(long, global = true, env = "TOLLGATE_ADMIN_URL")]
+        admin: Option<String>,
+        /// Configuration (for admin.listen and admin.token_env).
+        #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// The audit log.
     Audit {
@@ -165,6 +176,18 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&invoices).unwrap_or_default());
             }
             ExitCode::SUCCESS
+        }
+        Command::Approvals { command, admin, config } => {
+            let config = match load(config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let base = admin.unwrap_or_else(|| format!("http://{}", config.admin_listen));
+            let token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
+            tollgate::approvals_cli::run(tollgate::approvals_cli::Target { base, token }, command)
         }
         Command::Audit { command: AuditCommand::Verify { config, data_dir } } => {
             let dir = match (data_dir, config) {
