@@ -57,7 +57,9 @@ pub struct Target {
 /// Runs the command against `target`.
 pub fn run(target: Target, command: ApprovalsCommand) -> ExitCode {
     let Some(token) = target.token else {
-        eprintln!("no admin token: set the variable named by admin.token_env (TOLLGATE_ADMIN_TOKEN)");
+        eprintln!(
+            "no admin token: set the variable named by admin.token_env (TOLLGATE_ADMIN_TOKEN)"
+        );
         return ExitCode::from(2);
     };
     let (method, path, body) = match &command {
@@ -65,12 +67,16 @@ pub fn run(target: Target, command: ApprovalsCommand) -> ExitCode {
             let query = if state == "all" { String::new() } else { format!("?state={state}") };
             (Method::GET, format!("/admin/approvals{query}"), None)
         }
-        ApprovalsCommand::Approve { id, by, note } => {
-            (Method::POST, format!("/admin/approvals/{id}/approve"), Some(json!({"by": by, "note": note})))
-        }
-        ApprovalsCommand::Deny { id, by, note } => {
-            (Method::POST, format!("/admin/approvals/{id}/deny"), Some(json!({"by": by, "note": note})))
-        }
+        ApprovalsCommand::Approve { id, by, note } => (
+            Method::POST,
+            format!("/admin/approvals/{id}/approve"),
+            Some(json!({"by": by, "note": note})),
+        ),
+        ApprovalsCommand::Deny { id, by, note } => (
+            Method::POST,
+            format!("/admin/approvals/{id}/deny"),
+            Some(json!({"by": by, "note": note})),
+        ),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -103,7 +109,10 @@ pub fn run(target: Target, command: ApprovalsCommand) -> ExitCode {
         }
         ApprovalsCommand::List { .. } => {
             let approvals = value["approvals"].as_array().cloned().unwrap_or_default();
-            println!("{:<37} {:<9} {:<20} {:<20} {:>5}  {:<28} expires", "id", "state", "agent", "action", "risk", "reason");
+            println!(
+                "{:<37} {:<9} {:<20} {:<20} {:>5}  {:<28} expires",
+                "id", "state", "agent", "action", "risk", "reason"
+            );
             for a in &approvals {
                 let risk = a["risk_score"].as_u64().unwrap_or(0);
                 println!(

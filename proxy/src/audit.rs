@@ -325,6 +325,7 @@ mod tests {
             policy_version: Some("v1".into()),
             model: Some("gpt-4o".into()),
             tool: None,
+            ..Default::default()
         }
     }
 

@@ -368,7 +368,9 @@ impl Oversight {
         if let Some(e) = &self.escalation {
             let before = e.standing(agent);
             let after = if ok { e.on_success(agent) } else { e.on_error(agent) };
-            if matches!(after, Standing::Disabled { .. }) && !matches!(before, Standing::Disabled { .. }) {
+            if matches!(after, Standing::Disabled { .. })
+                && !matches!(before, Standing::Disabled { .. })
+            {
                 tracing::warn!(agent = %agent, "agent disabled after consecutive errors");
                 shared.ledger.audit(audit::Event {
                     ts: now.to_string(),
@@ -478,9 +480,9 @@ async fn gate(
     }
 
     // 2. Autonomy modes that forbid execution.
-    let resolution = o.autonomy.then(|| {
-        shared.engine.autonomy().resolve(action.cost_center, action.agent, action.name)
-    });
+    let resolution = o
+        .autonomy
+        .then(|| shared.engine.autonomy().resolve(action.cost_center, action.agent, action.name));
     if let Some(r) = resolution.filter(|r| matches!(r.mode, Mode::Disabled | Mode::ProposeOnly)) {
         let gate = autonomy::gate(r, None);
         if r.mode == Mode::ProposeOnly {
@@ -498,11 +500,17 @@ async fn gate(
                 ..Default::default()
             });
         }
-        return Err(with_decision(Denial::new(Class::Policy, gate.reason.code(), gate.explanation())));
+        return Err(with_decision(Denial::new(
+            Class::Policy,
+            gate.reason.code(),
+            gate.explanation(),
+        )));
     }
 
     // 3. The same call again and again.
-    let digest = (action.is_tool || action.approval.is_some() || decision.effect != Effect::Allow
+    let digest = (action.is_tool
+        || action.approval.is_some()
+        || decision.effect != Effect::Allow
         || profile.is_some()
         || resolution.is_some())
     .then(|| action.digest());

@@ -173,7 +173,11 @@ impl Builder {
                 .iter()
                 .map(|r| format!("  - {}\n", r.replace("{upstream}", &upstream)))
                 .collect();
-            yaml = yaml.replacen("upstream: {connect_timeout", &format!("{routes}upstream: {{connect_timeout"), 1);
+            yaml = yaml.replacen(
+                "upstream: {connect_timeout",
+                &format!("{routes}upstream: {{connect_timeout"),
+                1,
+            );
         }
         if let Some(timeouts) = &self.timeouts {
             yaml = yaml.replace(

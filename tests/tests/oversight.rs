@@ -9,8 +9,7 @@ use serde_json::{json, Value};
 use tollgate_e2e::harness::{tags, temp_dir, Harness, Reply};
 use tollgate_e2e::mock::header;
 
-const DEPLOY: &str =
-    r#"{name: deploy, path_prefix: /tools/deploy, kind: tool, tool: deploy, category: deploy, upstream: "{upstream}"}"#;
+const DEPLOY: &str = r#"{name: deploy, path_prefix: /tools/deploy, kind: tool, tool: deploy, category: deploy, upstream: "{upstream}"}"#;
 
 fn chat() -> Value {
     json!({"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
@@ -95,7 +94,10 @@ async fn approval_round_trip_is_single_use_and_bound_to_agent_and_action() {
     let list = pending["approvals"].as_array().expect("list");
     assert_eq!(list.len(), 1, "{pending}");
     let a = &list[0];
-    assert_eq!((a["id"].as_str(), a["agent"].as_str(), a["action"].as_str()), (Some(&*id), Some("bot-a"), Some("deploy")));
+    assert_eq!(
+        (a["id"].as_str(), a["agent"].as_str(), a["action"].as_str()),
+        (Some(&*id), Some("bot-a"), Some("deploy"))
+    );
     assert_eq!(a["reason"], "default_require_approval");
     assert_eq!(a["on_timeout"], "deny", "undeclared risk scores high: denied at its timeout");
     assert!(a["risk_score"].as_u64().unwrap() >= 7000, "{a}");
@@ -111,7 +113,8 @@ async fn approval_round_trip_is_single_use_and_bound_to_agent_and_action() {
     assert_eq!(granted.json()["state"], "approved");
 
     // Another agent, or the same agent with other arguments, cannot use it.
-    let thief = h.post("/tools/deploy", &with("bot-b", &[("x-tollgate-approval", &id)]), &args).await;
+    let thief =
+        h.post("/tools/deploy", &with("bot-b", &[("x-tollgate-approval", &id)]), &args).await;
     assert_eq!((thief.status, code(&thief)), (StatusCode::FORBIDDEN, "approval_mismatch".into()));
     let other = json!({"service": "billing", "version": "9.9.9"});
     let swapped = h.post("/tools/deploy", &retry, &other).await;
@@ -123,7 +126,10 @@ async fn approval_round_trip_is_single_use_and_bound_to_agent_and_action() {
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
     assert_eq!(h.mock.request_count(), 1);
     let recorded = &h.mock.requests()[0];
-    assert!(recorded.header("x-tollgate-approval").is_none(), "the approval header is not forwarded");
+    assert!(
+        recorded.header("x-tollgate-approval").is_none(),
+        "the approval header is not forwarded"
+    );
     let twice = h.post("/tools/deploy", &retry, &args).await;
     assert_eq!((twice.status, code(&twice)), (StatusCode::FORBIDDEN, "approval_used".into()));
     assert_eq!(h.mock.request_count(), 1);
@@ -133,17 +139,28 @@ async fn approval_round_trip_is_single_use_and_bound_to_agent_and_action() {
     assert_eq!(late.status, StatusCode::CONFLICT);
     let unknown = h.admin_call(Method::POST, "/admin/approvals/apr_nope/approve", true).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
-    let forged = h.post("/tools/deploy", &with("bot-a", &[("x-tollgate-approval", "apr_nope")]), &args).await;
+    let forged = h
+        .post("/tools/deploy", &with("bot-a", &[("x-tollgate-approval", "apr_nope")]), &args)
+        .await;
     assert_eq!(code(&forged), "approval_unknown");
     let unauthorized = h.admin_get("/admin/approvals", false).await;
     assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
 
     let kinds = audit_until(&h, &id, &["decision", "approval_granted", "approval_used"]).await;
     let pos = |k: &str| kinds.iter().position(|g| g == k).unwrap();
-    assert!(pos("decision") < pos("approval_granted") && pos("approval_granted") < pos("approval_used"), "{kinds:?}");
+    assert!(
+        pos("decision") < pos("approval_granted") && pos("approval_granted") < pos("approval_used"),
+        "{kinds:?}"
+    );
     let overview = h.admin_get("/admin/oversight", true).await.json();
-    assert_eq!(overview["top_approval_reasons"][0]["reason"], "default_require_approval", "{overview}");
-    assert_eq!(overview["autonomy"]["by_category"]["deploy"]["counts"]["human_approved"], 1, "{overview}");
+    assert_eq!(
+        overview["top_approval_reasons"][0]["reason"], "default_require_approval",
+        "{overview}"
+    );
+    assert_eq!(
+        overview["autonomy"]["by_category"]["deploy"]["counts"]["human_approved"], 1,
+        "{overview}"
+    );
 }
 
 #[tokio::test]
@@ -182,13 +199,21 @@ async fn timeouts_follow_the_risk_band_medium_approves_high_denies() {
 
     // Nobody answers: medium is approved, high denied, by the timeout.
     let m_after = until_decided(&h, &m_id).await;
-    assert_eq!((m_after["state"].as_str(), m_after["decided_by"].as_str()), (Some("approved"), Some("timeout")));
+    assert_eq!(
+        (m_after["state"].as_str(), m_after["decided_by"].as_str()),
+        (Some("approved"), Some("timeout"))
+    );
     let x_after = until_decided(&h, &x_id).await;
-    assert_eq!((x_after["state"].as_str(), x_after["decided_by"].as_str()), (Some("denied"), Some("timeout")));
+    assert_eq!(
+        (x_after["state"].as_str(), x_after["decided_by"].as_str()),
+        (Some("denied"), Some("timeout"))
+    );
 
-    let m_retry = h.post("/tools/restart", &with("ops", &[("x-tollgate-approval", &m_id)]), &args).await;
+    let m_retry =
+        h.post("/tools/restart", &with("ops", &[("x-tollgate-approval", &m_id)]), &args).await;
     assert_eq!(m_retry.status, StatusCode::OK, "{}", m_retry.text());
-    let x_retry = h.post("/tools/drop", &with("ops", &[("x-tollgate-approval", &x_id)]), &args).await;
+    let x_retry =
+        h.post("/tools/drop", &with("ops", &[("x-tollgate-approval", &x_id)]), &args).await;
     assert_eq!((x_retry.status, code(&x_retry)), (StatusCode::FORBIDDEN, "approval_denied".into()));
     assert_eq!(h.mock.request_count(), 2, "the low-risk call and the medium retry only");
     audit_until(&h, &m_id, &["approval_expired_approved", "approval_used"]).await;
@@ -211,7 +236,8 @@ async fn historical_success_comes_from_the_proxys_own_outcomes() {
     let second = h.post("/tools/lookup", &tags("finder"), &call(2)).await;
     assert_eq!(second.header("x-tollgate-risk"), Some("10"));
     // A failure (the upstream answers 500): 2 of 3 → high again.
-    let failing = h.post("/tools/lookup", &with("finder", &[(header::STATUS, "500")]), &call(3)).await;
+    let failing =
+        h.post("/tools/lookup", &with("finder", &[(header::STATUS, "500")]), &call(3)).await;
     assert_eq!(failing.status, StatusCode::INTERNAL_SERVER_ERROR);
     let fourth = h.post("/tools/lookup", &tags("finder"), &call(4)).await;
     assert_eq!(fourth.header("x-tollgate-risk"), Some("18"));
@@ -230,7 +256,9 @@ async fn autonomy_budget_of_5_lets_exactly_5_of_20_concurrent_calls_run() {
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let h = h.clone();
-        tasks.push(tokio::spawn(async move { h.post("/v1/chat/completions", &tags("auto-bot"), &chat()).await }));
+        tasks.push(tokio::spawn(async move {
+            h.post("/v1/chat/completions", &tags("auto-bot"), &chat()).await
+        }));
     }
     let mut ran = 0;
     let mut asked = 0;
@@ -239,7 +267,12 @@ async fn autonomy_budget_of_5_lets_exactly_5_of_20_concurrent_calls_run() {
         match r.status {
             StatusCode::OK => ran += 1,
             StatusCode::FORBIDDEN => {
-                assert_eq!(r.header("x-tollgate-decision"), Some("require_approval"), "{}", r.text());
+                assert_eq!(
+                    r.header("x-tollgate-decision"),
+                    Some("require_approval"),
+                    "{}",
+                    r.text()
+                );
                 assert_eq!(code(&r), "autonomy_budget_exhausted");
                 assert!(r.header("x-tollgate-approval-id").is_some());
                 asked += 1;
@@ -262,7 +295,10 @@ async fn autonomy_budget_of_5_lets_exactly_5_of_20_concurrent_calls_run() {
     let overview = h.admin_get("/admin/oversight", true).await.json();
     assert_eq!(overview["autonomy"]["overall"]["autonomy"], "0.25", "{overview}");
     assert_eq!(overview["autonomy"]["by_category"]["llm"]["counts"]["total"], 20);
-    assert_eq!(overview["top_approval_reasons"][0], json!({"reason": "autonomy_budget_exhausted", "count": 15}));
+    assert_eq!(
+        overview["top_approval_reasons"][0],
+        json!({"reason": "autonomy_budget_exhausted", "count": 15})
+    );
 }
 
 #[tokio::test]
@@ -276,7 +312,9 @@ async fn autonomy_modes_gate_execution() {
         .await;
     let off = h.post("/v1/chat/completions", &tags("off-bot"), &chat()).await;
     assert_eq!((off.status, code(&off)), (StatusCode::FORBIDDEN, "autonomy_disabled".into()));
-    let idea = h.post("/v1/chat/completions", &with("idea-bot", &[("x-request-id", "idea-1")]), &chat()).await;
+    let idea = h
+        .post("/v1/chat/completions", &with("idea-bot", &[("x-request-id", "idea-1")]), &chat())
+        .await;
     assert_eq!((idea.status, code(&idea)), (StatusCode::FORBIDDEN, "autonomy_propose_only".into()));
     assert!(idea.json()["error"]["message"].as_str().unwrap().contains("proposal recorded"));
     let ask = h.post("/v1/chat/completions", &tags("ask-bot"), &chat()).await;
@@ -292,7 +330,10 @@ async fn autonomy_modes_gate_execution() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|r| r["kind"] == "proposal")
         .expect("a proposal record");
-    assert_eq!((proposal["agent"].as_str(), proposal["request_id"].as_str()), (Some("idea-bot"), Some("idea-1")));
+    assert_eq!(
+        (proposal["agent"].as_str(), proposal["request_id"].as_str()),
+        (Some("idea-bot"), Some("idea-1"))
+    );
 }
 
 #[tokio::test]
@@ -314,8 +355,14 @@ async fn the_loop_detector_blocks_the_fourth_identical_call_and_recovers() {
     assert_eq!(h.mock.request_count(), 3);
     // Other arguments, or another agent, are other calls.
     let reordered_but_same = json!({"page": 1, "query": "why is my build failing"});
-    assert_eq!(code(&h.post("/tools/search", &tags("looper"), &reordered_but_same).await), "loop_detected");
-    assert_eq!(h.post("/tools/search", &tags("looper"), &json!({"query": "x"})).await.status, StatusCode::OK);
+    assert_eq!(
+        code(&h.post("/tools/search", &tags("looper"), &reordered_but_same).await),
+        "loop_detected"
+    );
+    assert_eq!(
+        h.post("/tools/search", &tags("looper"), &json!({"query": "x"})).await.status,
+        StatusCode::OK
+    );
     assert_eq!(h.post("/tools/search", &tags("other"), &same).await.status, StatusCode::OK);
     // Once the window has passed the call goes through again (bounded poll).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -345,7 +392,10 @@ async fn the_circuit_breaker_opens_fails_fast_and_closes_after_a_good_probe() {
     assert_eq!(h.mock.request_count(), 3);
     let started = Instant::now();
     let fast = h.post("/v1/chat/completions", &tags("caller"), &chat()).await;
-    assert_eq!((fast.status, code(&fast)), (StatusCode::SERVICE_UNAVAILABLE, "circuit_open".into()));
+    assert_eq!(
+        (fast.status, code(&fast)),
+        (StatusCode::SERVICE_UNAVAILABLE, "circuit_open".into())
+    );
     assert!(fast.header("retry-after").is_some());
     assert!(started.elapsed() < Duration::from_millis(200), "fails fast");
     assert_eq!(h.mock.request_count(), 3, "nothing sent while open");
@@ -356,14 +406,20 @@ async fn the_circuit_breaker_opens_fails_fast_and_closes_after_a_good_probe() {
     let probe = h.post("/v1/chat/completions", &failing, &chat()).await;
     assert_eq!(probe.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h.mock.request_count(), 4, "one probe went through");
-    assert_eq!(code(&h.post("/v1/chat/completions", &tags("caller"), &chat()).await), "circuit_open");
+    assert_eq!(
+        code(&h.post("/v1/chat/completions", &tags("caller"), &chat()).await),
+        "circuit_open"
+    );
 
     // A good probe closes it.
     tokio::time::sleep(Duration::from_millis(450)).await;
     let probe = h.post("/v1/chat/completions", &tags("caller"), &chat()).await;
     assert_eq!(probe.status, StatusCode::OK, "{}", probe.text());
     for _ in 0..3 {
-        assert_eq!(h.post("/v1/chat/completions", &tags("caller"), &chat()).await.status, StatusCode::OK);
+        assert_eq!(
+            h.post("/v1/chat/completions", &tags("caller"), &chat()).await.status,
+            StatusCode::OK
+        );
     }
     let overview = h.admin_get("/admin/oversight", true).await.json();
     assert_eq!(overview["breakers"][0]["state"], "closed", "{overview}");
@@ -377,7 +433,10 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
         .await;
     let failing = with("flaky", &[(header::STATUS, "500")]);
     for _ in 0..3 {
-        assert_eq!(h.post("/v1/chat/completions", &failing, &chat()).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            h.post("/v1/chat/completions", &failing, &chat()).await.status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
     // 3 in a row: every action needs a human.
     let review = h.post("/v1/chat/completions", &failing, &chat()).await;
@@ -385,7 +444,8 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
     // Two approved retries that fail again: errors 4 and 5.
     let mut id = approval_id(&review);
     for n in 4..=5 {
-        let granted = h.admin_call(Method::POST, &format!("/admin/approvals/{id}/approve"), true).await;
+        let granted =
+            h.admin_call(Method::POST, &format!("/admin/approvals/{id}/approve"), true).await;
         assert_eq!(granted.status, StatusCode::OK);
         let mut retry = failing.clone();
         retry.push(("x-tollgate-approval".into(), id.clone()));
@@ -396,18 +456,30 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
             assert_eq!(code(&next), "error_escalation");
             id = approval_id(&next);
         } else {
-            assert_eq!((next.status, code(&next)), (StatusCode::FORBIDDEN, "agent_disabled".into()));
+            assert_eq!(
+                (next.status, code(&next)),
+                (StatusCode::FORBIDDEN, "agent_disabled".into())
+            );
         }
     }
     // Disabled even for healthy calls; other agents are unaffected.
-    assert_eq!(code(&h.post("/v1/chat/completions", &tags("flaky"), &chat()).await), "agent_disabled");
-    assert_eq!(h.post("/v1/chat/completions", &tags("steady"), &chat()).await.status, StatusCode::OK);
+    assert_eq!(
+        code(&h.post("/v1/chat/completions", &tags("flaky"), &chat()).await),
+        "agent_disabled"
+    );
+    assert_eq!(
+        h.post("/v1/chat/completions", &tags("steady"), &chat()).await.status,
+        StatusCode::OK
+    );
     let standing = h.admin_get("/admin/agents/flaky", true).await.json();
     assert_eq!(standing["standing"]["standing"], "disabled", "{standing}");
 
     let enabled = h.admin_call(Method::POST, "/admin/agents/flaky/enable", true).await.json();
     assert_eq!(enabled["was_disabled"], true);
-    assert_eq!(h.post("/v1/chat/completions", &tags("flaky"), &chat()).await.status, StatusCode::OK);
+    assert_eq!(
+        h.post("/v1/chat/completions", &tags("flaky"), &chat()).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -112,10 +112,9 @@ impl Approvals {
     /// agent and action (a retrying agent does not flood operators with copies).
     pub fn create(&self, approval: Approval, now: UnixMillis) -> Result<Approval, StoreError> {
         let mut inner = self.lock();
-        let existing = inner
-            .map
-            .values_mut()
-            .find(|a| a.agent == approval.agent && a.digest == approval.digest && a.state == State::Pending);
+        let existing = inner.map.values_mut().find(|a| {
+            a.agent == approval.agent && a.digest == approval.digest && a.state == State::Pending
+        });
         if let Some(a) = existing {
             // A timed-out one is not reused; the tick is journalled by the next sweep.
             if a.clone().tick(now).is_none() {
