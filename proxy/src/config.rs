@@ -625,4 +625,34 @@ mod tests {
             .expect_err("invalid value");
         assert!(err.to_string().contains("TOLLGATE_PIN_X_COST_CENTER"), "{err}");
     }
+
+    #[test]
+    fn oversight_and_route_risk_errors_name_their_field_and_line() {
+        let text = "version: 1\nroutes:\n\
+            - {name: t, path_prefix: /t, kind: tool, upstream: \"http://t\", risk: {reversibility: maybe}}\n\
+            oversight:\n\
+            \x20 approvals: {medium_timeout: soon}\n\
+            \x20 loops: {max_repeats: 0}\n\
+            \x20 sweep_interval: 0s\n\
+            \x20 bogus: 1\n\
+            policy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("routes[0].risk.reversibility", 3),
+                ("oversight.approvals.medium_timeout", 5),
+                ("oversight.loops.max_repeats", 6),
+                ("oversight.sweep_interval", 7),
+                ("oversight.bogus", 8),
+            ]
+        );
+        let ok = "version: 1\nroutes: []\noversight: {breaker: {}, escalation: {review_at: 2}}\n\
+                  policy: {version: v1}\n";
+        let config = Config::from_str(ok).expect("valid");
+        assert_eq!(config.oversight.breaker, Some(Default::default()));
+        assert_eq!(config.oversight.escalation.map(|e| e.review_at), Some(2));
+        assert!(config.oversight.loops.is_none() && !config.autonomy_configured);
+    }
 }

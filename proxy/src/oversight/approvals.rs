@@ -39,6 +39,9 @@ pub enum StoreError {
 
 struct Inner {
     map: HashMap<String, Approval>,
+    /// `agent\0digest` → the id of the pending approval for it. May hold stale entries (the
+    /// approval since decided); a lookup checks, the sweep prunes.
+    waiting: HashMap<String, String>,
     journal: File,
 }
 
@@ -95,9 +98,14 @@ impl Approvals {
             let _ = d.sync_all();
         }
         let journal = OpenOptions::new().append(true).open(&path)?;
+        let waiting = map
+            .values()
+            .filter(|a| a.state == State::Pending)
+            .map(|a| (waiting_key(a), a.id.clone()))
+            .collect();
         replayed.total = map.len();
         replayed.pending = map.values().filter(|a| a.state == State::Pending).count();
-        Ok((Approvals { inner: Mutex::new(Inner { map, journal }), path }, replayed))
+        Ok((Approvals { inner: Mutex::new(Inner { map, waiting, journal }), path }, replayed))
     }
 
     pub fn path(&self) -> &Path {
@@ -112,10 +120,9 @@ impl Approvals {
     /// agent and action (a retrying agent does not flood operators with copies).
     pub fn create(&self, approval: Approval, now: UnixMillis) -> Result<Approval, StoreError> {
         let mut inner = self.lock();
-        let existing = inner.map.values_mut().find(|a| {
-            a.agent == approval.agent && a.digest == approval.digest && a.state == State::Pending
-        });
-        if let Some(a) = existing {
+        let key = waiting_key(&approval);
+        let existing = inner.waiting.get(&key).and_then(|id| inner.map.get(id));
+        if let Some(a) = existing.filter(|a| a.state == State::Pending && waiting_key(a) == key) {
             // A timed-out one is not reused; the tick is journalled by the next sweep.
             if a.clone().tick(now).is_none() {
                 return Ok(a.clone());
@@ -125,6 +132,7 @@ impl Approvals {
             return Err(StoreError::Full);
         }
         write(&mut inner.journal, &approval)?;
+        inner.waiting.insert(key, approval.id.clone());
         inner.map.insert(approval.id.clone(), approval.clone());
         Ok(approval)
     }
@@ -139,7 +147,7 @@ impl Approvals {
         now: UnixMillis,
     ) -> Result<(Approval, Transition), StoreError> {
         let mut inner = self.lock();
-        let Inner { map, journal } = &mut *inner;
+        let Inner { map, journal, .. } = &mut *inner;
         let a = map.get_mut(id).ok_or(StoreError::Unknown)?;
         let mut next = a.clone();
         let timed_out = next.tick(now);
@@ -161,7 +169,7 @@ impl Approvals {
         now: UnixMillis,
     ) -> Result<Approval, StoreError> {
         let mut inner = self.lock();
-        let Inner { map, journal } = &mut *inner;
+        let Inner { map, journal, .. } = &mut *inner;
         let a = map.get_mut(id).ok_or(StoreError::Unknown)?;
         let mut next = a.clone();
         let result = next.redeem(agent, digest, request_id, now);
@@ -178,7 +186,7 @@ impl Approvals {
     /// Applies timeouts; returns what changed. Old decided approvals leave memory.
     pub fn sweep(&self, now: UnixMillis) -> Result<Vec<(Approval, Transition)>, StoreError> {
         let mut inner = self.lock();
-        let Inner { map, journal } = &mut *inner;
+        let Inner { map, journal, waiting } = &mut *inner;
         let mut changed = Vec::new();
         for a in map.values_mut() {
             if a.state.is_final() {
@@ -192,6 +200,7 @@ impl Approvals {
             }
         }
         map.retain(|_, a| !expired_from_memory(a, now.as_millis()));
+        waiting.retain(|_, id| map.get(id).is_some_and(|a| a.state == State::Pending));
         Ok(changed)
     }
 
@@ -219,6 +228,10 @@ impl Approvals {
     }
 }
 
+fn waiting_key(a: &Approval) -> String {
+    format!("{}\u{0}{}", a.agent, a.digest)
+}
+
 fn expired_from_memory(a: &Approval, now: u64) -> bool {
     a.state.is_final()
         && now.saturating_sub(a.decided_at_ms.unwrap_or(a.created_at_ms)) > RETENTION_MS
@@ -233,4 +246,100 @@ fn line_of(a: &Approval) -> Vec<u8> {
 fn write(journal: &mut File, a: &Approval) -> std::io::Result<()> {
     journal.write_all(&line_of(a))?;
     journal.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::risk::OnTimeout;
+
+    fn approval(id: &str, agent: &str, digest: &str) -> Approval {
+        Approval {
+            id: id.into(),
+            request_id: format!("req-{id}"),
+            created_at_ms: 1_000,
+            expires_at_ms: 10_000,
+            on_timeout: OnTimeout::Deny,
+            use_within_ms: 5_000,
+            agent: agent.into(),
+            cost_center: "CC-1234".into(),
+            project: "PROJ-ABC123".into(),
+            route: "tools".into(),
+            action: "deploy".into(),
+            digest: digest.into(),
+            risk_score: 9000,
+            risk_band: "high".into(),
+            reason: "risk_high".into(),
+            explanation: String::new(),
+            state: State::Pending,
+            decided_by: None,
+            decided_at_ms: None,
+            note: None,
+            used_by_request: None,
+        }
+    }
+
+    fn dir(label: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("tollgate-approvals-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn the_journal_replays_every_change_and_skips_a_torn_tail() {
+        let d = dir("replay");
+        let (store, replayed) = Approvals::open(&d, UnixMillis(1_000)).unwrap();
+        assert_eq!(replayed.total, 0);
+        store.create(approval("apr_a", "bot", "d1"), UnixMillis(1_000)).unwrap();
+        store.create(approval("apr_b", "bot", "d2"), UnixMillis(1_000)).unwrap();
+        // The same agent and action while pending: the existing approval, no copy.
+        let dup = store.create(approval("apr_c", "bot", "d1"), UnixMillis(1_500)).unwrap();
+        assert_eq!(dup.id, "apr_a");
+        store.decide("apr_b", true, "alice", None, UnixMillis(2_000)).unwrap();
+        store.redeem("apr_b", "bot", "d2", "req-retry", UnixMillis(2_500)).unwrap();
+        drop(store);
+        // A crash mid-write leaves half a line.
+        let path = d.join("approvals.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"id\":\"apr_x\",\"sta").unwrap();
+        drop(f);
+
+        let (store, replayed) = Approvals::open(&d, UnixMillis(3_000)).unwrap();
+        assert_eq!((replayed.total, replayed.pending, replayed.skipped), (2, 1, 1));
+        assert_eq!(store.get("apr_a").unwrap().state, State::Pending);
+        assert_eq!(store.get("apr_b").unwrap().state, State::Used, "used stays used");
+        assert!(matches!(
+            store.redeem("apr_b", "bot", "d2", "again", UnixMillis(3_000)),
+            Err(StoreError::Redeem(RedeemError::Used))
+        ));
+        // Compacted: one line per approval.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        // The pending one times out (high risk: denied) in a sweep, journalled.
+        let changed = store.sweep(UnixMillis(10_000)).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].1, Transition::TimedOut(OnTimeout::Deny));
+        assert_eq!(store.list(Some(State::Denied)).len(), 1);
+        drop(store);
+        let (store, _) = Approvals::open(&d, UnixMillis(11_000)).unwrap();
+        assert_eq!(store.get("apr_a").unwrap().state, State::Denied);
+        assert!(matches!(
+            store.decide("apr_zz", true, "a", None, UnixMillis(11_000)),
+            Err(StoreError::Unknown)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn decided_approvals_leave_memory_after_a_day() {
+        let d = dir("retention");
+        let (store, _) = Approvals::open(&d, UnixMillis(1_000)).unwrap();
+        store.create(approval("apr_a", "bot", "d1"), UnixMillis(1_000)).unwrap();
+        store.decide("apr_a", false, "bob", None, UnixMillis(2_000)).unwrap();
+        store.sweep(UnixMillis(2_000 + RETENTION_MS)).unwrap();
+        assert!(store.get("apr_a").is_some());
+        store.sweep(UnixMillis(2_001 + RETENTION_MS)).unwrap();
+        assert!(store.get("apr_a").is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
