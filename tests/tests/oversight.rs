@@ -509,3 +509,38 @@ async fn pending_approvals_survive_a_restart() {
     h.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's worked example, as it reads.
+#[tokio::test]
+async fn readme_worked_example_first_deploy_needs_a_human_then_runs_on_its_own() {
+    let route = r#"{name: deploy, path_prefix: /tools/deploy, kind: tool, tool: deploy, category: deploy, upstream: "{upstream}", risk: {blast_radius: medium, reversibility: automatic_rollback, data_sensitivity: internal}}"#;
+    let h = Harness::builder()
+        .route(route)
+        .policy("version: v1\ndefaults: {llm: allow, tool: allow, other: deny}\n")
+        .start()
+        .await;
+    let first = h
+        .post("/tools/deploy", &tags("release-bot"), &json!({"service": "api", "version": "1.2.3"}))
+        .await;
+    assert_eq!(code(&first), "risk_medium");
+    let message = first.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.starts_with(
+            "the action's risk needs a human. risk 30 (medium): blast_radius medium 15, reversibility low 2.5, \
+             data_sensitivity low 2, cost_impact low 1.5, historical_success high 9; approved if nobody answers \
+             within 15 min. Approval apr_"
+        ),
+        "{message}"
+    );
+    let id = approval_id(&first);
+    let granted = h.admin_call(Method::POST, &format!("/admin/approvals/{id}/approve"), true).await;
+    assert_eq!(granted.status, StatusCode::OK);
+    let retry = with("release-bot", &[("x-tollgate-approval", &id)]);
+    let ran = h.post("/tools/deploy", &retry, &json!({"service": "api", "version": "1.2.3"})).await;
+    assert_eq!(ran.status, StatusCode::OK);
+    let next = h
+        .post("/tools/deploy", &tags("release-bot"), &json!({"service": "api", "version": "1.2.4"}))
+        .await;
+    assert_eq!(next.status, StatusCode::OK, "{}", next.text());
+    assert_eq!(next.header("x-tollgate-risk"), Some("22"));
+}

@@ -66,6 +66,22 @@ impl fmt::Display for Decision<'_> {
         writeln!(f, "policy_version: {}", self.policy_version)?;
         writeln!(f, "explanation:    {}", self.explanation)?;
         writeln!(f, "limits:         {}", self.limits)?;
+        if let Some(risk) = &self.risk {
+            let declared: Vec<String> = crate::risk::Dimension::ALL
+                .iter()
+                .filter_map(|d| {
+                    let grade = match d {
+                        crate::risk::Dimension::BlastRadius => risk.blast_radius,
+                        crate::risk::Dimension::Reversibility => risk.reversibility,
+                        crate::risk::Dimension::DataSensitivity => risk.data_sensitivity,
+                        crate::risk::Dimension::CostImpact => risk.cost_impact,
+                        crate::risk::Dimension::HistoricalSuccess => risk.historical_success,
+                    }?;
+                    Some(format!("{} {}", d.as_str(), grade.as_str()))
+                })
+                .collect();
+            writeln!(f, "risk:           {} (undeclared: high, or observed)", declared.join(", "))?;
+        }
         write!(f, "budgets:        ")?;
         if self.budgets.is_empty() {
             f.write_str("none")?;
