@@ -507,14 +507,11 @@ async fn gate(
         )));
     }
 
-    // 3. The same call again and again.
-    let digest = (action.is_tool
-        || action.approval.is_some()
-        || decision.effect != Effect::Allow
-        || profile.is_some()
-        || resolution.is_some())
-    .then(|| action.digest());
-    if let (Some(detector), true, Some(d)) = (&o.loops, action.is_tool, digest) {
+    // 3. The same call again and again. The digest (which may parse the body) is computed only
+    // for tool calls under the loop detector and for approvals.
+    let mut digest = None;
+    if let (Some(detector), true) = (&o.loops, action.is_tool) {
+        let d = *digest.get_or_insert_with(|| action.digest());
         let repeat = detector.observe_digest(d, now);
         if let Repeat::Loop { retry_after_ms, .. } = repeat {
             let why = repeat.explanation(action.name).unwrap_or_default();

@@ -35,7 +35,10 @@ pub(super) async fn route(
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
     Some(match (method, parts.as_slice()) {
         (&Method::GET, ["oversight"]) => Ok(summary(shared)),
-        (&Method::GET, ["approvals"]) => list(shared, query),
+        (&Method::GET, ["approvals"]) => {
+            sweep(shared).await;
+            list(shared, query)
+        }
         (&Method::GET, ["approvals", id]) => {
             sweep(shared).await;
             match shared.oversight.approvals.get(id) {
@@ -97,8 +100,6 @@ fn list(shared: &Arc<Shared>, query: &str) -> Result<http::Response<Body>, Failu
             }
         }
     }
-    // The store applies timeouts on every change and the sweeper every interval; a listing
-    // shows the stored state.
     let approvals = shared.oversight.approvals.list(state);
     Ok(json_response(StatusCode::OK, &json!({"approvals": approvals})))
 }
