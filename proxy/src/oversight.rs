@@ -345,6 +345,9 @@ impl Oversight {
     /// reached). Failures are 5xx and unreachable for the breaker, any non-2xx for outcomes
     /// and escalation.
     pub fn settle(&self, shared: &Shared, admitted: &Admitted, status: u16) {
+        if admitted.breaker.is_none() && admitted.track.is_none() {
+            return;
+        }
         let now = now();
         if let Some(i) = admitted.breaker {
             let mut b = self.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner);
