@@ -576,9 +576,13 @@ async fn gate(
     }
 
     // 5. The upstream's breaker, last: a refusal above must not take the half-open probe.
-    let key = upstream_key(action.route);
-    let breaker = o.breaker_index.get(&key).copied();
+    let breaker = if o.breakers.is_empty() {
+        None
+    } else {
+        o.breaker_index.get(&upstream_key(action.route)).copied()
+    };
     if let Some(i) = breaker {
+        let key = &o.breakers[i].0;
         let admission = o.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner).allow(now);
         if let Admission::Rejected { retry_after_ms } = admission {
             let mut denial = with_decision(Denial::new(
