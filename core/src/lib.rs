@@ -4,6 +4,7 @@
 //! that a decision is identical wherever it is made. It performs no I/O, reads no clock (time is a
 //! parameter, [`time::UnixMillis`]), spawns nothing, logs nothing and builds for `wasm32-wasip1`.
 
+pub mod approval;
 pub mod attribution;
 pub mod autonomy;
 pub mod budget;

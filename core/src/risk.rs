@@ -209,7 +209,7 @@ impl Factors {
 
 /// The grades a rule or tool route declares in config; missing ones are filled from
 /// observations by [`Profile::factors`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Profile {
     pub blast_radius: Option<Grade>,
     pub reversibility: Option<Grade>,
@@ -237,6 +237,18 @@ impl Profile {
         }
         obj.finish(cx, &Dimension::ALL.map(Dimension::as_str));
         p
+    }
+
+    /// This profile's declared grades, with `base`'s for the dimensions it leaves open (a
+    /// policy rule's profile over its tool route's).
+    pub fn over(self, base: Profile) -> Profile {
+        Profile {
+            blast_radius: self.blast_radius.or(base.blast_radius),
+            reversibility: self.reversibility.or(base.reversibility),
+            data_sensitivity: self.data_sensitivity.or(base.data_sensitivity),
+            cost_impact: self.cost_impact.or(base.cost_impact),
+            historical_success: self.historical_success.or(base.historical_success),
+        }
     }
 
     /// Complete grades: declared ones win; otherwise cost impact from `cost` and historical
@@ -347,7 +359,7 @@ impl Band {
 }
 
 /// What happens to a pending approval when nobody answers in time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTimeout {
     Approve,

@@ -8,6 +8,7 @@
 //! - `GET  /admin/budgets`          every budget's state for the current period
 //! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
 //! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv`
+//! - approvals, agents and autonomy metrics: see [`oversight`]
 //!
 //! A failing handler answers 500 with a fixed body and logs the cause; internals never leak.
 
@@ -30,6 +31,8 @@ use crate::deny::full;
 use crate::pipeline::now;
 use crate::server::Handler;
 use crate::upstream::Body;
+
+mod oversight;
 
 #[derive(Clone)]
 pub struct Admin {
@@ -67,6 +70,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let method = req.method().clone();
     match (method, req.uri().path()) {
         (Method::GET, "/metrics") => {
+            shared.metrics.observe_oversight(&shared.oversight);
             let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -87,7 +91,17 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (method, path) if path.starts_with("/admin/") => {
             authorize(shared, &req)?;
             let query = req.uri().query().unwrap_or("").to_string();
-            match (method, path) {
+            let path = path.to_string();
+            if path.starts_with("/admin/approvals")
+                || path.starts_with("/admin/agents/")
+                || path == "/admin/oversight"
+            {
+                return match oversight::route(shared, &method, &path, &query, req).await {
+                    Some(result) => result,
+                    None => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
+                };
+            }
+            match (method, path.as_str()) {
                 (Method::GET, "/admin/policy") => {
                     let policy = shared.policy.load();
                     Ok(json_response(

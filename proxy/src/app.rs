@@ -53,6 +53,8 @@ pub struct Shared {
     pub seen: dashmap::DashMap<(Scope, String), ()>,
     /// True while draining: `/readyz` fails so load balancers stop sending traffic.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Approvals, autonomy budgets and the runaway-agent guards.
+    pub oversight: crate::oversight::Oversight,
 }
 
 /// Most distinct scope values remembered for the admin budget listing.
@@ -206,6 +208,20 @@ pub async fn start_with(
             "no admin token set: the admin API answers 401 (metrics and health stay open)"
         );
     }
+    let (oversight, approvals) = crate::oversight::Oversight::open(
+        config.oversight.clone(),
+        config.autonomy_configured,
+        &config.routes,
+        &config.data_dir,
+        now,
+    )
+    .with_context(|| format!("opening the approvals journal in {}", config.data_dir.display()))?;
+    tracing::info!(
+        pending = approvals.pending,
+        total = approvals.total,
+        skipped = approvals.skipped,
+        "approvals replayed"
+    );
     let policy = config.engine.policy().clone();
     metrics.set_policy_version(policy.version());
     let engine = config.engine.clone();
@@ -223,6 +239,7 @@ pub async fn start_with(
         draining: std::sync::atomic::AtomicBool::new(false),
         policy_source_state: Default::default(),
         seen: Default::default(),
+        oversight,
         config,
     });
     for (scope, value) in &rebuilt.keys {
@@ -251,6 +268,7 @@ pub async fn start_with(
         shared.config.export.clone().map(|export| {
             tokio::spawn(crate::export::run(shared.clone(), export, stop_rx.clone()))
         });
+    let sweeper = tokio::spawn(sweep_approvals(shared.clone(), stop_rx.clone()));
     let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
 
     let done = {
@@ -269,6 +287,7 @@ pub async fn start_with(
             let _ = tokio::join!(proxy_task, intercepted);
             let _ = admin_task.await;
             let _ = background.await;
+            let _ = sweeper.await;
             if let Some(export) = export {
                 let _ = export.await;
             }
@@ -276,6 +295,21 @@ pub async fn start_with(
         })
     };
     Ok(Running { proxy_addr, admin_addr, shared, done })
+}
+
+/// Settles timed-out approvals every `oversight.sweep_interval` until shutdown (lookups apply
+/// timeouts too, so this only bounds how late the audit log learns of one).
+async fn sweep_approvals(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.oversight.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s)).await;
+    }
 }
 
 async fn shutdown_signal() {

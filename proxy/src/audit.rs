@@ -23,7 +23,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 #[serde(deny_unknown_fields)]
 pub struct Event {
     pub ts: String,
-    /// `decision`, `approval_granted`, `approval_denied`, `approval_expired`, ...
+    /// `decision`, `approval_granted`, `approval_denied`, `approval_expired_approved`,
+    /// `approval_expired_denied`, `approval_expired`, `approval_used`, `proposal`,
+    /// `agent_disabled`, `agent_reenabled`.
     pub kind: String,
     pub request_id: String,
     pub agent: String,
@@ -41,6 +43,15 @@ pub struct Event {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// The approval a record is about (oversight events and approval-required decisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// The risk score, when one was computed (`78.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<String>,
+    /// Who acted: an operator's name, `timeout`, or `proxy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 /// A record as stored: the event plus its place in the chain.
@@ -314,6 +325,7 @@ mod tests {
             policy_version: Some("v1".into()),
             model: Some("gpt-4o".into()),
             tool: None,
+            ..Default::default()
         }
     }
 

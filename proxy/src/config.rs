@@ -78,6 +78,8 @@ pub struct Route {
     /// Forward the attribution headers to this upstream (default: only to `tool`/`mcp` routes
     /// of your own; never to third-party LLM APIs).
     pub forward_attribution: bool,
+    /// The risk dimensions of this route's actions (`risk:`), scored by the oversight step.
+    pub risk: Option<tollgate_core::risk::Profile>,
 }
 
 impl Route {
@@ -169,6 +171,10 @@ pub struct Config {
     pub export: Option<Export>,
     /// HTTP_PROXY / HTTPS_PROXY mode (`forward_proxy:`).
     pub forward: ForwardProxy,
+    /// Approvals and the runaway-agent guards (`oversight:`).
+    pub oversight: crate::oversight::OversightConfig,
+    /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
+    pub autonomy_configured: bool,
     pub engine: Engine,
 }
 
@@ -253,6 +259,7 @@ const TOP: &[&str] = &[
     "pricing",
     "autonomy",
     "guardrails",
+    "oversight",
 ];
 
 impl Config {
@@ -379,6 +386,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
+    let oversight = crate::oversight::OversightConfig::decode(cx, obj.get("oversight"));
+    let autonomy_configured = obj.get("autonomy").is_some();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -405,6 +414,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         shared_costs,
         export,
         forward,
+        oversight,
+        autonomy_configured,
         engine: engine?,
     })
 }
@@ -459,6 +470,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
         let tool = r.get("tool").and_then(|f| f.non_empty_str(cx).map(str::to_string));
         let category = r.get("category").and_then(|f| f.non_empty_str(cx).map(str::to_string));
         let forward_attribution = r.get("forward_attribution").and_then(|f| f.bool(cx));
+        let risk = r.get("risk").map(|f| tollgate_core::risk::Profile::decode(cx, &f));
         r.finish(
             cx,
             &[
@@ -470,6 +482,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
                 "tool",
                 "category",
                 "forward_attribution",
+                "risk",
             ],
         );
         let (Some(kind), Some(upstream), Some(path_prefix)) = (kind, upstream, path_prefix) else {
@@ -492,6 +505,7 @@ fn routes(cx: &mut Cx, field: &Field<'_>) -> Vec<Route> {
             tool,
             category,
             forward_attribution: forward_attribution.unwrap_or(false),
+            risk,
         });
     }
     out
@@ -791,5 +805,35 @@ mod tests {
             .pin_from_env([("TOLLGATE_PIN_X_COST_CENTER".to_string(), "cc-1".to_string())])
             .expect_err("invalid value");
         assert!(err.to_string().contains("TOLLGATE_PIN_X_COST_CENTER"), "{err}");
+    }
+
+    #[test]
+    fn oversight_and_route_risk_errors_name_their_field_and_line() {
+        let text = "version: 1\nroutes:\n\
+            - {name: t, path_prefix: /t, kind: tool, upstream: \"http://t\", risk: {reversibility: maybe}}\n\
+            oversight:\n\
+            \x20 approvals: {medium_timeout: soon}\n\
+            \x20 loops: {max_repeats: 0}\n\
+            \x20 sweep_interval: 0s\n\
+            \x20 bogus: 1\n\
+            policy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("routes[0].risk.reversibility", 3),
+                ("oversight.approvals.medium_timeout", 5),
+                ("oversight.loops.max_repeats", 6),
+                ("oversight.sweep_interval", 7),
+                ("oversight.bogus", 8),
+            ]
+        );
+        let ok = "version: 1\nroutes: []\noversight: {breaker: {}, escalation: {review_at: 2}}\n\
+                  policy: {version: v1}\n";
+        let config = Config::from_str(ok).expect("valid");
+        assert_eq!(config.oversight.breaker, Some(Default::default()));
+        assert_eq!(config.oversight.escalation.map(|e| e.review_at), Some(2));
+        assert!(config.oversight.loops.is_none() && !config.autonomy_configured);
     }
 }

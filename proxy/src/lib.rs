@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod approvals_cli;
 pub mod audit;
 pub mod body;
 pub mod ca;
@@ -23,6 +24,7 @@ pub mod ledger;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod oversight;
 pub mod pipeline;
 pub mod reload;
 pub mod server;

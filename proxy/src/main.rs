@@ -1,5 +1,6 @@
 //! `tollgate`: the command line. `run` serves; `check` validates a config; `explain` prints the
-//! decision for a described request; `ca init` creates the HTTPS_PROXY mode's CA.
+//! decision for a described request; `ca init` creates the HTTPS_PROXY mode's CA; `approvals`
+//! lists, approves and denies pending approvals.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,17 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Pending approvals on a running proxy: list, approve, deny (through its admin API).
+    Approvals {
+        #[command(subcommand)]
+        command: tollgate::approvals_cli::ApprovalsCommand,
+        /// The admin API (default: the config's admin.listen).
+        #[arg(long, global = true, env = "TOLLGATE_ADMIN_URL")]
+        admin: Option<String>,
+        /// Configuration (for admin.listen and admin.token_env).
+        #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// The audit log.
     Audit {
@@ -196,6 +208,18 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Approvals { command, admin, config } => {
+            let config = match load(config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let base = admin.unwrap_or_else(|| format!("http://{}", config.admin_listen));
+            let token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
+            tollgate::approvals_cli::run(tollgate::approvals_cli::Target { base, token }, command)
         }
         Command::Audit { command: AuditCommand::Verify { config, data_dir } } => {
             let dir = match (data_dir, config) {

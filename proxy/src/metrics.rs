@@ -55,6 +55,11 @@ pub struct Metrics {
     pub policy_reload_failures: IntCounter,
     pub ledger_errors: IntCounter,
     pub in_flight: IntGauge,
+    pub actions: IntCounterVec,
+    pub autonomy_bp: IntGaugeVec,
+    pub approval_reasons: IntCounterVec,
+    pub approvals_pending: IntGauge,
+    pub breaker_state: IntGaugeVec,
     pub agents: LabelCap,
     pub projects: LabelCap,
     pub cost_centers: LabelCap,
@@ -125,8 +130,47 @@ impl Metrics {
                 .expect("static metric definition");
         let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
             .expect("static metric definition");
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "tollgate_actions_total",
+                "Actions at the oversight step by category and verdict (auto, approval_required, \
+                 denied, human_approved)",
+            ),
+            &["category", "verdict"],
+        )
+        .expect("static metric definition");
+        let autonomy_bp = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_autonomy_basis_points",
+                "Auto-approved / total actions in basis points (10000 = all ran on their own), \
+                 by category and `all`",
+            ),
+            &["category"],
+        )
+        .expect("static metric definition");
+        let approval_reasons = IntCounterVec::new(
+            Opts::new("tollgate_approvals_requested_total", "Approval requests by reason"),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        let approvals_pending =
+            IntGauge::new("tollgate_approvals_pending", "Approvals waiting for a human")
+                .expect("static metric definition");
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_circuit_breaker_state",
+                "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            ),
+            &["upstream"],
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(actions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(autonomy_bp.clone()),
+            Box::new(approval_reasons.clone()),
+            Box::new(approvals_pending.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(requests.clone()),
             Box::new(decision_seconds.clone()),
             Box::new(upstream_seconds.clone()),
             Box::new(tokens.clone()),
@@ -153,6 +197,11 @@ impl Metrics {
             policy_reload_failures,
             ledger_errors,
             in_flight,
+            actions,
+            autonomy_bp,
+            approval_reasons,
+            approvals_pending,
+            breaker_state,
             agents: LabelCap::new(max_label_values),
             projects: LabelCap::new(max_label_values),
             cost_centers: LabelCap::new(max_label_values),
@@ -164,6 +213,48 @@ impl Metrics {
     pub fn set_policy_version(&self, version: &str) {
         self.policy_version.reset();
         self.policy_version.with_label_values(&[version]).set(1);
+    }
+
+    /// Copies the oversight step's counts into the registry (at scrape time: the request path
+    /// only bumps atomics).
+    pub fn observe_oversight(&self, o: &crate::oversight::Oversight) {
+        fn catch_up(c: &IntCounter, value: u64) {
+            let have = c.get();
+            if value > have {
+                c.inc_by(value - have);
+            }
+        }
+        let (overall, by) = o.counts();
+        for (category, counts) in &by {
+            for (verdict, n) in [
+                ("auto", counts.auto),
+                ("approval_required", counts.approval_required),
+                ("denied", counts.denied),
+                ("human_approved", counts.human_approved),
+            ] {
+                if n > 0 {
+                    catch_up(&self.actions.with_label_values(&[category, verdict]), n);
+                }
+            }
+            if let Some(bp) = counts.autonomy_bp() {
+                self.autonomy_bp.with_label_values(&[category]).set(bp as i64);
+            }
+        }
+        if let Some(bp) = overall.autonomy_bp() {
+            self.autonomy_bp.with_label_values(&["all"]).set(bp as i64);
+        }
+        for (reason, n) in o.top_reasons(usize::MAX) {
+            catch_up(&self.approval_reasons.with_label_values(&[&reason]), n);
+        }
+        self.approvals_pending.set(o.approvals.pending() as i64);
+        for (upstream, state, _) in o.breakers() {
+            let v = match state {
+                "closed" => 0,
+                "half_open" => 1,
+                _ => 2,
+            };
+            self.breaker_state.with_label_values(&[&upstream]).set(v);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,8 +1,8 @@
 //! The request path, in the order a request lives it:
 //!
 //! request id → framing checks → route → attribution → body (bounded) → classify → decision →
-//! cost cap → rate limits → budget reservation → forward → meter the response → settle →
-//! ledger, metrics.
+//! cost cap → rate limits → oversight (approvals, risk, autonomy, runaway guards) → budget
+//! reservation → forward → meter the response → settle → ledger, metrics.
 //!
 //! Each step either passes the request on or answers with a [`Denial`] in the provider's error
 //! shape. Everything after "forward" happens in [`Settler`], the observer of the response body,
@@ -24,7 +24,7 @@ use tollgate_core::budget::{BudgetError, Reservation, Scope};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
-use tollgate_core::policy::Facts;
+use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::Cost;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
@@ -36,6 +36,7 @@ use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
 use crate::ledger::{Entry, Record, Reserve};
 use crate::limits::Limited as RateLimited;
+use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
 use crate::upstream::{Body, BoxError};
 
@@ -182,6 +183,9 @@ pub(crate) fn audit_refusal(
         policy_version: denial.policy_version.clone(),
         model: None,
         tool: None,
+        approval_id: denial.approval_id.clone(),
+        risk: None,
+        actor: None,
     });
 }
 
@@ -259,8 +263,11 @@ async fn handle(
     };
     let decision = policy.evaluate(&facts);
     let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-    if let Some(denial) = Denial::for_decision(&decision, request_id) {
-        return Err(denial);
+    let category = Oversight::category(&route, tool, engine.guardrails());
+    if decision.effect == Effect::Deny {
+        shared.oversight.count(category, oversight::Verdict::Denied);
+        return Err(Denial::for_decision(&decision, request_id)
+            .unwrap_or_else(|| Denial::new(Class::Policy, decision.reason, decision.explanation)));
     }
 
     // Worst-case cost: every input token at the input rate, max output at the output rate.
@@ -324,6 +331,23 @@ async fn handle(
         denial.retry_after_secs = Some(1);
         return Err(denial);
     }
+
+    // Oversight: approvals, risk, autonomy modes and budgets, loops, breakers, escalation.
+    let action = oversight::Action {
+        request_id,
+        agent: identity.agent.unwrap_or_default(),
+        cost_center: identity.cost_center.unwrap_or_default(),
+        project: identity.project.unwrap_or_default(),
+        route: &route,
+        name: tool.unwrap_or(if route.kind.is_llm() { "llm" } else { route.name.as_str() }),
+        is_tool: tool.is_some(),
+        category,
+        arguments: info.tool_calls().next().map(|t| &t.arguments),
+        body: &body,
+        cost: worst_case,
+        approval: parts.headers.get(oversight::APPROVAL_HEADER).and_then(|v| v.to_str().ok()),
+    };
+    let admitted = oversight::admit(shared, &action, &decision).await?;
 
     // Budgets: reserve the worst case against every budget that applies, all or nothing.
     let now = now();
@@ -438,6 +462,8 @@ async fn handle(
         policy_version: Some(record.policy_version.clone()),
         model: record.model.clone(),
         tool: record.tool.clone(),
+        risk: admitted.risk.clone(),
+        ..Default::default()
     });
     drop(policy);
     let upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
@@ -459,6 +485,7 @@ async fn handle(
         started,
         route_is_llm: route.kind.is_llm(),
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
+        admitted,
     };
     let response = match result {
         Ok(Ok(response)) => response,
@@ -502,6 +529,9 @@ async fn handle(
     deny::put(h, "x-tollgate-reason", &settler.base.reason);
     deny::put(h, "x-tollgate-clause", &settler.base.clause);
     deny::put(h, "x-tollgate-policy-version", &settler.base.policy_version);
+    if let Some(risk) = &settler.admitted.risk {
+        deny::put(h, "x-tollgate-risk", risk);
+    }
     if strip_usage {
         h.remove(header::CONTENT_LENGTH);
     }
@@ -542,6 +572,8 @@ struct Settler {
     started: Instant,
     route_is_llm: bool,
     tool_cost: Option<Money>,
+    /// What the oversight step needs to hear about the outcome.
+    admitted: Admitted,
 }
 
 impl Observer for Settler {
@@ -561,6 +593,7 @@ impl Observer for Settler {
 
     fn on_end(&mut self, end: StreamEnd) {
         let shared = &self.shared;
+        shared.oversight.settle(shared, &self.admitted, self.status);
         let ok = (200..300).contains(&self.status);
         let (usage, source, reported_model) = match self.meter.take() {
             Some(meter) if ok => {

@@ -96,9 +96,17 @@ pub struct Builder {
     timeouts: Option<String>,
     data_dir: Option<PathBuf>,
     ledger_fault: Option<Arc<AtomicBool>>,
+    routes: Vec<String>,
 }
 
 impl Builder {
+    /// An extra route, as a YAML flow mapping in which `{upstream}` stands for the mock's URL
+    /// (`{name: deploy, path_prefix: /tools/deploy, kind: tool, upstream: "{upstream}"}`).
+    pub fn route(mut self, yaml: &str) -> Self {
+        self.routes.push(yaml.to_string());
+        self
+    }
+
     /// The `policy:` section, as a YAML document (indented by the builder).
     pub fn policy(mut self, yaml: &str) -> Self {
         self.policy = yaml.to_string();
@@ -159,6 +167,18 @@ impl Builder {
         }
         let upstream = self.upstream.clone().unwrap_or_else(|| mock.base_url());
         let mut yaml = config_yaml(&upstream, &data_dir, &token_env, &self.policy, &self.extra);
+        if !self.routes.is_empty() {
+            let routes: String = self
+                .routes
+                .iter()
+                .map(|r| format!("  - {}\n", r.replace("{upstream}", &upstream)))
+                .collect();
+            yaml = yaml.replacen(
+                "upstream: {connect_timeout",
+                &format!("{routes}upstream: {{connect_timeout"),
+                1,
+            );
+        }
         if let Some(timeouts) = &self.timeouts {
             yaml = yaml.replace(
                 "upstream: {connect_timeout: 2s, response_timeout: 10s, stream_idle_timeout: 10s}",
@@ -253,6 +273,7 @@ impl Harness {
             timeouts: None,
             data_dir: None,
             ledger_fault: None,
+            routes: Vec::new(),
         }
     }
 

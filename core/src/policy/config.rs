@@ -17,8 +17,8 @@ use crate::doc::{Cx, Field, Value};
 use crate::time::Period;
 
 const DOCUMENT_FIELDS: [&str; 5] = ["version", "defaults", "limits", "budgets", "rules"];
-const RULE_FIELDS: [&str; 7] =
-    ["id", "match", "effect", "reason", "explanation", "limits", "budgets"];
+const RULE_FIELDS: [&str; 8] =
+    ["id", "match", "effect", "reason", "explanation", "limits", "budgets", "risk"];
 const LIMIT_FIELDS: [&str; 3] = ["rpm", "tpm", "max_cost_per_request"];
 const BUDGET_FIELDS: [&str; 5] = ["id", "scope", "key", "period", "amount"];
 const PERIODS: [&str; 4] = ["hourly", "daily", "weekly", "monthly"];
@@ -96,6 +96,7 @@ fn default_outcome(kind: RouteKind, effect: Effect) -> Outcome {
         reason: format!("default_{effect}"),
         clause: format!("defaults.{}", kind.as_str()),
         explanation,
+        risk: None,
     }
 }
 
@@ -194,6 +195,7 @@ fn rule<'a>(
         Some(code)
     });
     let explanation = obj.get("explanation").and_then(|f| f.non_empty_str(cx));
+    let risk = obj.get("risk").map(|f| crate::risk::Profile::decode(cx, &f));
     let own_limits = obj.get("limits").map(|f| limits(cx, &f)).unwrap_or_default();
     let budgets = obj
         .get("budgets")
@@ -217,6 +219,7 @@ fn rule<'a>(
         reason: reason.map_or_else(|| format!("rule_{effect}"), str::to_string),
         clause: id.to_string(),
         explanation,
+        risk,
     };
     Some(Rule {
         conditions,

@@ -27,6 +27,9 @@ pub struct Decision<'s> {
     pub limits: Limits,
     /// Budgets the request must fit in: the document's, then the rule's.
     pub budgets: Budgets<'s>,
+    /// The risk dimensions the matched rule declares, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<crate::risk::Profile>,
 }
 
 impl<'s> Decision<'s> {
@@ -44,6 +47,7 @@ impl<'s> Decision<'s> {
             explanation: &outcome.explanation,
             limits,
             budgets,
+            risk: outcome.risk,
         }
     }
 
@@ -62,6 +66,22 @@ impl fmt::Display for Decision<'_> {
         writeln!(f, "policy_version: {}", self.policy_version)?;
         writeln!(f, "explanation:    {}", self.explanation)?;
         writeln!(f, "limits:         {}", self.limits)?;
+        if let Some(risk) = &self.risk {
+            let declared: Vec<String> = crate::risk::Dimension::ALL
+                .iter()
+                .filter_map(|d| {
+                    let grade = match d {
+                        crate::risk::Dimension::BlastRadius => risk.blast_radius,
+                        crate::risk::Dimension::Reversibility => risk.reversibility,
+                        crate::risk::Dimension::DataSensitivity => risk.data_sensitivity,
+                        crate::risk::Dimension::CostImpact => risk.cost_impact,
+                        crate::risk::Dimension::HistoricalSuccess => risk.historical_success,
+                    }?;
+                    Some(format!("{} {}", d.as_str(), grade.as_str()))
+                })
+                .collect();
+            writeln!(f, "risk:           {} (undeclared: high, or observed)", declared.join(", "))?;
+        }
         write!(f, "budgets:        ")?;
         if self.budgets.is_empty() {
             f.write_str("none")?;

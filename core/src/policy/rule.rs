@@ -157,6 +157,8 @@ pub struct Outcome {
     /// The rule id, or `defaults.<route kind>`.
     pub clause: String,
     pub explanation: String,
+    /// The risk dimensions the rule declares (`risk:`), if any (seed 000).
+    pub risk: Option<crate::risk::Profile>,
 }
 
 /// One compiled rule.

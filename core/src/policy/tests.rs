@@ -487,3 +487,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_rule_declares_the_risk_of_what_it_matches() {
+    use crate::risk::{Grade, Profile};
+    let snapshot = Snapshot::from_yaml_str(
+        "version: v1\nrules:\n\
+         - {id: deploys, match: {tool: deploy}, effect: allow, risk: {blast_radius: high, reversibility: manual_rollback}}\n\
+         - {id: reads, match: {tool: read}, effect: allow}\n",
+    )
+    .unwrap();
+    let facts = |tool| Facts { route: RouteKind::Tool, tool: Some(tool), ..Facts::default() };
+    let declared = snapshot.evaluate(&facts("deploy")).risk.expect("declared");
+    assert_eq!(
+        declared,
+        Profile {
+            blast_radius: Some(Grade::High),
+            reversibility: Some(Grade::Medium),
+            ..Profile::default()
+        }
+    );
+    assert_eq!(snapshot.evaluate(&facts("read")).risk, None);
+    assert_eq!(snapshot.evaluate(&facts("other")).risk, None, "defaults declare nothing");
+    let got = errors(
+        "version: v1\nrules:\n- {id: a, match: {tool: x}, effect: allow, risk: {blast_radius: huge}}\n",
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.as_str(), got[0].1), ("rules[0].risk.blast_radius", 3));
+}

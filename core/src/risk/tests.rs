@@ -211,3 +211,17 @@ proptest! {
         prop_assert!(historical_success(s + 1, t) <= historical_success(s, t));
     }
 }
+
+#[test]
+fn a_rules_profile_over_its_routes_keeps_the_routes_grades_it_leaves_open() {
+    let route = Profile {
+        blast_radius: Some(Grade::Low),
+        data_sensitivity: Some(Grade::High),
+        ..Profile::default()
+    };
+    let rule = Profile { blast_radius: Some(Grade::High), ..Profile::default() };
+    let merged = rule.over(route);
+    assert_eq!(merged.blast_radius, Some(Grade::High), "the rule wins");
+    assert_eq!(merged.data_sensitivity, Some(Grade::High), "the route fills in");
+    assert_eq!(merged.reversibility, None, "unknown stays unknown (scored high)");
+}

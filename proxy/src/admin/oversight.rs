@@ -1,0 +1,186 @@
+//! The oversight part of the admin API (bearer token, like the rest of `/admin/`):
+//!
+//! - `GET  /admin/approvals?state=pending|approved|denied|used|expired`  oldest first
+//! - `GET  /admin/approvals/{id}`
+//! - `POST /admin/approvals/{id}/approve` and `.../deny`, body optional `{"by": "alice",
+//!   "note": "..."}`: 200 with the approval, 404 unknown, 409 when it is no longer pending
+//! - `GET  /admin/agents/{agent}`          the agent's escalation standing
+//! - `POST /admin/agents/{agent}/enable`   re-enable an agent disabled after consecutive errors
+//! - `GET  /admin/oversight`               autonomy (auto-approved / total, overall and by
+//!   category), the top approval reasons, pending approvals, circuit breakers
+
+use std::sync::Arc;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use tollgate_core::approval::State;
+
+use super::{json_response, Failure};
+use crate::app::Shared;
+use crate::oversight::{audit_approval, StoreError};
+use crate::pipeline::now;
+use crate::upstream::Body;
+
+/// Answers an oversight path, or `None` when `path` is not one.
+pub(super) async fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    req: Request<Incoming>,
+) -> Option<Result<http::Response<Body>, Failure>> {
+    let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
+    Some(match (method, parts.as_slice()) {
+        (&Method::GET, ["oversight"]) => Ok(summary(shared)),
+        (&Method::GET, ["approvals"]) => {
+            sweep(shared).await;
+            list(shared, query)
+        }
+        (&Method::GET, ["approvals", id]) => {
+            sweep(shared).await;
+            match shared.oversight.approvals.get(id) {
+                Some(a) => Ok(json_response(StatusCode::OK, &json!(a))),
+                None => Ok(not_found()),
+            }
+        }
+        (&Method::POST, ["approvals", id, verb @ ("approve" | "deny")]) => {
+            decide(shared, id, *verb == "approve", req).await
+        }
+        (&Method::GET, ["agents", agent]) => {
+            let standing = shared.oversight.standing(agent);
+            Ok(json_response(StatusCode::OK, &json!({"agent": agent, "standing": standing})))
+        }
+        (&Method::POST, ["agents", agent, "enable"]) => {
+            let was_disabled = shared.oversight.reenable(agent);
+            if was_disabled {
+                shared.ledger.audit(crate::audit::Event {
+                    ts: now().to_string(),
+                    kind: "agent_reenabled".into(),
+                    agent: agent.to_string(),
+                    effect: "allow".into(),
+                    reason: "operator_reenabled".into(),
+                    actor: Some("admin".into()),
+                    ..Default::default()
+                });
+            }
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"agent": agent, "was_disabled": was_disabled, "enabled": true}),
+            ))
+        }
+        _ => return None,
+    })
+}
+
+fn not_found() -> http::Response<Body> {
+    json_response(StatusCode::NOT_FOUND, &json!({"error": "no approval with this id"}))
+}
+
+/// Timeouts are applied before anything is shown or decided.
+async fn sweep(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s)).await;
+}
+
+fn list(shared: &Arc<Shared>, query: &str) -> Result<http::Response<Body>, Failure> {
+    let mut state = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if let Some(("state", v)) = pair.split_once('=') {
+            match State::parse(v) {
+                Some(s) => state = Some(s),
+                None => {
+                    return Ok(json_response(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"error": "state must be one of pending, approved, denied, used, expired"}),
+                    ))
+                }
+            }
+        }
+    }
+    let approvals = shared.oversight.approvals.list(state);
+    Ok(json_response(StatusCode::OK, &json!({"approvals": approvals})))
+}
+
+async fn decide(
+    shared: &Arc<Shared>,
+    id: &str,
+    approve: bool,
+    req: Request<Incoming>,
+) -> Result<http::Response<Body>, Failure> {
+    let bad = |message: &str| json_response(StatusCode::BAD_REQUEST, &json!({"error": message}));
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(bad("the body must be a JSON object of at most 64 KiB")),
+    };
+    let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => return Ok(bad("the body must be a JSON object such as {\"by\": \"alice\"}")),
+        }
+    };
+    let by = input["by"].as_str().unwrap_or("admin").chars().take(128).collect::<String>();
+    let note = input["note"].as_str().map(|n| n.chars().take(1024).collect::<String>());
+    let (store, id_owned, by_owned) = (shared.oversight.approvals.clone(), id.to_string(), by);
+    let result = tokio::task::spawn_blocking(move || {
+        store.decide(&id_owned, approve, &by_owned, note.as_deref(), now())
+    })
+    .await;
+    match result {
+        Ok(Ok((approval, transition))) => {
+            audit_approval(shared, &approval, transition, approval.decided_by.as_deref());
+            Ok(json_response(StatusCode::OK, &json!(approval)))
+        }
+        Ok(Err(StoreError::Unknown)) => Ok(not_found()),
+        Ok(Err(StoreError::Decide(e))) => Ok(json_response(
+            StatusCode::CONFLICT,
+            &json!({"error": e.to_string(), "approval": shared.oversight.approvals.get(id)}),
+        )),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "deciding an approval");
+            Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "deciding an approval");
+            Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })
+        }
+    }
+}
+
+fn summary(shared: &Shared) -> http::Response<Body> {
+    let o = &shared.oversight;
+    let (overall, by) = o.counts();
+    let rate = |c: &crate::oversight::Counts| {
+        c.autonomy_bp().map(|bp| format!("{}.{:02}", bp / 10_000, bp % 10_000 / 100))
+    };
+    let categories: serde_json::Map<String, Value> = by
+        .iter()
+        .filter(|(_, c)| c.total + c.human_approved > 0)
+        .map(|(name, c)| ((*name).to_string(), json!({"counts": c, "autonomy": rate(c)})))
+        .collect();
+    let reasons: Vec<Value> = o
+        .top_reasons(10)
+        .into_iter()
+        .map(|(reason, count)| json!({"reason": reason, "count": count}))
+        .collect();
+    let breakers: Vec<Value> = o
+        .breakers()
+        .into_iter()
+        .map(|(upstream, state, failures)| {
+            json!({"upstream": upstream, "state": state, "consecutive_failures": failures})
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "autonomy": {"overall": {"counts": overall, "autonomy": rate(&overall)}, "by_category": categories},
+            "top_approval_reasons": reasons,
+            "pending_approvals": o.approvals.pending(),
+            "breakers": breakers,
+        }),
+    )
+}

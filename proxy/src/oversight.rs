@@ -1,0 +1,756 @@
+//! Human oversight on the request path (seeds 000, 001, 002): approvals, risk scores, autonomy
+//! modes and budgets, and the runaway-agent guards (loops, circuit breakers, error escalation).
+//!
+//! The pipeline calls [`admit`] once, after the policy decision and the cost checks, and
+//! [`Oversight::settle`] once when the response ends. `admit` answers with a pass or one
+//! [`Denial`], in this order, first refusal wins:
+//!
+//! 1. a disabled agent (error escalation) → deny `agent_disabled`;
+//! 2. autonomy `DISABLED` / `PROPOSE_ONLY` → deny (a proposal is recorded);
+//! 3. the same tool call with the same arguments too often → deny `loop_detected`;
+//! 4. does a human have to approve? The policy said `require_approval`, or the declared risk
+//!    scores 30 or more, or the agent is under review (error escalation), or autonomy says
+//!    `APPROVAL_REQUIRED`, or `AUTO_EXECUTE` finds its autonomy budget used up (one unit is
+//!    consumed atomically only when nothing else asked for a human). Then a retry carrying a
+//!    granted approval id (`x-tollgate-approval`) passes once; otherwise a pending approval is
+//!    created and its id returned in the provider-shaped 403;
+//! 5. the upstream's circuit breaker is open → fast 503 `circuit_open`.
+//!
+//! The decisions are the core's (`autonomy`, `risk`, `approval`, `guardrails::{loops, breaker,
+//! escalation}`); this module holds their state, reads the clock, writes the approvals journal
+//! and the audit records, and counts what the autonomy metrics report. Without `autonomy:` or
+//! `oversight:` guards, an allowed request with no declared risk returns at the first check
+//! after one atomic increment.
+
+pub mod approvals;
+pub mod config;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use tollgate_core::approval::{self, Approval, RedeemError, State, Transition};
+use tollgate_core::autonomy::{self, Mode};
+use tollgate_core::guardrails::breaker::{Admission, Breaker};
+use tollgate_core::guardrails::escalation::{Escalation, Standing};
+use tollgate_core::guardrails::loops::{self, LoopDetector, Repeat};
+use tollgate_core::guardrails::Category;
+use tollgate_core::money::Money;
+use tollgate_core::policy::{Decision, Effect};
+use tollgate_core::risk::{self, Assessment, OnTimeout, Profile};
+use tollgate_core::time::UnixMillis;
+
+use crate::app::Shared;
+use crate::audit;
+use crate::config::Route;
+use crate::deny::{Class, Denial};
+use crate::pipeline::now;
+
+pub use approvals::{Approvals, StoreError};
+pub use config::OversightConfig;
+
+/// The request header that carries a granted approval's id on a retry.
+pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
+
+/// The categories the autonomy metrics are split by: the seed's action categories, model calls,
+/// and tool calls of no known category.
+pub const CATEGORIES: [&str; 9] = [
+    "read",
+    "write",
+    "execute",
+    "deploy",
+    "delete",
+    "external_api",
+    "database",
+    "llm",
+    "uncategorized",
+];
+const LLM: usize = 7;
+const UNCATEGORIZED: usize = 8;
+
+/// How an action ended at the oversight step, for the autonomy metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Ran without a human (allowed, auto-executed, or low risk).
+    Auto,
+    /// Sent to a human (a pending approval was created or is still pending).
+    Approval,
+    /// Refused.
+    Denied,
+    /// A retry that used a granted approval (the same action as its approval request, so not
+    /// counted again in the total).
+    Approved,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 4] =
+        [Verdict::Auto, Verdict::Approval, Verdict::Denied, Verdict::Approved];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Auto => "auto",
+            Verdict::Approval => "approval_required",
+            Verdict::Denied => "denied",
+            Verdict::Approved => "human_approved",
+        }
+    }
+}
+
+/// Lock-free counts per category and verdict.
+#[derive(Default)]
+struct Stats {
+    counts: [[AtomicU64; 4]; CATEGORIES.len()],
+    /// Approval requests by reason code (codes come from config and code, so few).
+    reasons: Mutex<HashMap<String, u64>>,
+}
+
+/// A category's counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub auto: u64,
+    pub approval_required: u64,
+    pub denied: u64,
+    pub human_approved: u64,
+    /// auto + approval_required + denied.
+    pub total: u64,
+}
+
+impl Counts {
+    /// Autonomy in basis points (auto / total; 10000 = every action ran on its own).
+    pub fn autonomy_bp(&self) -> Option<u64> {
+        (self.total > 0).then(|| self.auto * 10_000 / self.total)
+    }
+}
+
+/// A request as the oversight step sees it.
+pub struct Action<'a> {
+    pub request_id: &'a str,
+    pub agent: &'a str,
+    pub cost_center: &'a str,
+    pub project: &'a str,
+    pub route: &'a Route,
+    /// The tool name, or `llm` for model calls (the autonomy action type).
+    pub name: &'a str,
+    pub is_tool: bool,
+    /// An index into [`CATEGORIES`].
+    pub category: usize,
+    /// The tool call's arguments when the body had them parsed (MCP).
+    pub arguments: Option<&'a Value>,
+    /// The request body (the arguments of REST tool and model calls).
+    pub body: &'a Bytes,
+    /// The worst-case cost (the risk's cost impact).
+    pub cost: Money,
+    /// The `x-tollgate-approval` header.
+    pub approval: Option<&'a str>,
+}
+
+impl Action<'_> {
+    /// The digest approvals and the loop detector bind to: agent, action and arguments.
+    fn digest(&self) -> u64 {
+        match self.arguments {
+            Some(args) => loops::digest(self.agent, self.name, args),
+            None => match serde_json::from_slice::<Value>(self.body) {
+                Ok(args) => loops::digest(self.agent, self.name, &args),
+                Err(_) => loops::digest(
+                    self.agent,
+                    self.name,
+                    &Value::String(String::from_utf8_lossy(self.body).into_owned()),
+                ),
+            },
+        }
+    }
+}
+
+/// What a passed request carries to [`Oversight::settle`].
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// The breaker that admitted the call (an index), whose outcome must be reported.
+    breaker: Option<usize>,
+    /// Outcomes are counted for this (agent, action) and fed to error escalation.
+    track: Option<(Box<str>, Box<str>)>,
+    /// The risk score, when one was computed (the `x-tollgate-risk` header).
+    pub risk: Option<String>,
+}
+
+/// The oversight state shared by every request.
+pub struct Oversight {
+    config: OversightConfig,
+    pub approvals: Arc<Approvals>,
+    autonomy: bool,
+    budget: autonomy::Counters,
+    loops: Option<LoopDetector>,
+    breakers: Vec<(String, Mutex<Breaker>)>,
+    breaker_index: HashMap<String, usize>,
+    escalation: Option<Escalation>,
+    /// (successes, total) per `agent\0action`, for the historical-success risk dimension.
+    outcomes: Mutex<HashMap<Box<str>, (u64, u64)>>,
+    stats: Stats,
+}
+
+/// Most (agent, action) pairs whose outcomes are counted.
+const MAX_OUTCOME_KEYS: usize = 100_000;
+
+impl Oversight {
+    /// The state for `routes`, with approvals replayed from `data_dir`. `autonomy` is whether
+    /// the config has an `autonomy:` section (without one, no action is gated by mode).
+    pub fn open(
+        config: OversightConfig,
+        autonomy: bool,
+        routes: &[Route],
+        data_dir: &std::path::Path,
+        now: UnixMillis,
+    ) -> std::io::Result<(Oversight, approvals::Replayed)> {
+        let (approvals, replayed) = Approvals::open(data_dir, now)?;
+        let mut breakers = Vec::new();
+        let mut breaker_index = HashMap::new();
+        if let Some(bc) = config.breaker {
+            for route in routes {
+                let key = upstream_key(route);
+                if !breaker_index.contains_key(&key) {
+                    breaker_index.insert(key.clone(), breakers.len());
+                    breakers.push((key, Mutex::new(Breaker::new(bc))));
+                }
+            }
+        }
+        let oversight = Oversight {
+            loops: config.loops.map(LoopDetector::new),
+            escalation: config.escalation.map(Escalation::new),
+            config,
+            approvals: Arc::new(approvals),
+            autonomy,
+            budget: autonomy::Counters::default(),
+            breakers,
+            breaker_index,
+            outcomes: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        };
+        Ok((oversight, replayed))
+    }
+
+    pub fn config(&self) -> &OversightConfig {
+        &self.config
+    }
+
+    /// Whether anything beyond the policy's own effect can gate a request.
+    fn guards(&self) -> bool {
+        self.autonomy
+            || self.loops.is_some()
+            || !self.breakers.is_empty()
+            || self.escalation.is_some()
+    }
+
+    /// The metrics category of a request.
+    pub fn category(
+        route: &Route,
+        tool: Option<&str>,
+        guardrails: &tollgate_core::guardrails::Guardrails,
+    ) -> usize {
+        if route.kind.is_llm() {
+            return LLM;
+        }
+        let category = route
+            .category
+            .as_deref()
+            .and_then(Category::parse)
+            .or_else(|| tool.and_then(|t| guardrails.policy(t)).map(|p| p.category));
+        category.map_or(UNCATEGORIZED, |c| c as usize)
+    }
+
+    /// Counts a request refused before the oversight step (the policy denied it).
+    pub fn count(&self, category: usize, verdict: Verdict) {
+        self.stats.counts[category.min(UNCATEGORIZED)][verdict as usize]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts by category, and overall.
+    pub fn counts(&self) -> (Counts, Vec<(&'static str, Counts)>) {
+        let mut overall = Counts::default();
+        let mut by = Vec::with_capacity(CATEGORIES.len());
+        for (i, name) in CATEGORIES.iter().enumerate() {
+            let get = |v: Verdict| self.stats.counts[i][v as usize].load(Ordering::Relaxed);
+            let c = Counts {
+                auto: get(Verdict::Auto),
+                approval_required: get(Verdict::Approval),
+                denied: get(Verdict::Denied),
+                human_approved: get(Verdict::Approved),
+                total: get(Verdict::Auto) + get(Verdict::Approval) + get(Verdict::Denied),
+            };
+            overall.auto += c.auto;
+            overall.approval_required += c.approval_required;
+            overall.denied += c.denied;
+            overall.human_approved += c.human_approved;
+            overall.total += c.total;
+            by.push((*name, c));
+        }
+        (overall, by)
+    }
+
+    /// Approval requests by reason, most frequent first.
+    pub fn top_reasons(&self, n: usize) -> Vec<(String, u64)> {
+        let reasons = self.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(String, u64)> = reasons.iter().map(|(r, c)| (r.clone(), *c)).collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(n);
+        out
+    }
+
+    /// Every breaker's upstream, state and consecutive failures.
+    pub fn breakers(&self) -> Vec<(String, &'static str, u32)> {
+        use tollgate_core::guardrails::breaker::State as B;
+        self.breakers
+            .iter()
+            .map(|(key, b)| {
+                let b = b.lock().unwrap_or_else(PoisonError::into_inner);
+                let state = match b.state() {
+                    B::Closed => "closed",
+                    B::Open => "open",
+                    B::HalfOpen => "half_open",
+                };
+                (key.clone(), state, b.failures())
+            })
+            .collect()
+    }
+
+    /// An agent's escalation standing (always normal without `oversight.escalation`).
+    pub fn standing(&self, agent: &str) -> Standing {
+        match &self.escalation {
+            Some(e) => e.standing(agent),
+            None => Standing::Normal { consecutive_errors: 0 },
+        }
+    }
+
+    /// An operator re-enables a disabled agent; true if it was disabled.
+    pub fn reenable(&self, agent: &str) -> bool {
+        self.escalation.as_ref().is_some_and(|e| e.reenable(agent))
+    }
+
+    fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
+        let key = outcome_key(agent, action);
+        let outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+        outcomes.get(key.as_str()).copied().filter(|(_, total)| *total > 0)
+    }
+
+    /// Scores an action: declared grades, cost impact from its worst-case cost, historical
+    /// success from this proxy's outcome counts for the agent and action.
+    fn assess(&self, action: &Action<'_>, profile: Profile) -> Assessment {
+        let history = self.history(action.agent, action.name);
+        risk::assess(&profile.factors(Some(action.cost), history), &self.config.thresholds)
+    }
+
+    /// Reports how an admitted request ended: the upstream's status (0 when it could not be
+    /// reached). Failures are 5xx and unreachable for the breaker, any non-2xx for outcomes
+    /// and escalation.
+    pub fn settle(&self, shared: &Shared, admitted: &Admitted, status: u16) {
+        if admitted.breaker.is_none() && admitted.track.is_none() {
+            return;
+        }
+        let now = now();
+        if let Some(i) = admitted.breaker {
+            let mut b = self.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner);
+            if status == 0 || status >= 500 {
+                b.on_failure(now);
+            } else {
+                b.on_success(now);
+            }
+        }
+        let Some((agent, action)) = &admitted.track else { return };
+        let ok = (200..300).contains(&status);
+        {
+            let mut outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+            let key = outcome_key(agent, action);
+            if let Some(o) = outcomes.get_mut(key.as_str()) {
+                *o = (o.0 + u64::from(ok), o.1 + 1);
+            } else if outcomes.len() < MAX_OUTCOME_KEYS {
+                outcomes.insert(key.into_boxed_str(), (u64::from(ok), 1));
+            }
+        }
+        if let Some(e) = &self.escalation {
+            let before = e.standing(agent);
+            let after = if ok { e.on_success(agent) } else { e.on_error(agent) };
+            if matches!(after, Standing::Disabled { .. })
+                && !matches!(before, Standing::Disabled { .. })
+            {
+                tracing::warn!(agent = %agent, "agent disabled after consecutive errors");
+                shared.ledger.audit(audit::Event {
+                    ts: now.to_string(),
+                    kind: "agent_disabled".into(),
+                    agent: agent.to_string(),
+                    effect: "deny".into(),
+                    reason: "agent_disabled".into(),
+                    tool: Some(action.to_string()),
+                    actor: Some("proxy".into()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// Applies approval timeouts and records each in the audit log. Run on the blocking pool.
+    pub fn sweep(&self, shared: &Shared) {
+        match self.approvals.sweep(now()) {
+            Ok(changed) => {
+                for (a, t) in changed {
+                    audit_approval(shared, &a, t, a.decided_by.as_deref());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "sweeping approvals"),
+        }
+    }
+}
+
+fn upstream_key(route: &Route) -> String {
+    route.upstream.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| route.name.clone())
+}
+
+fn outcome_key(agent: &str, action: &str) -> String {
+    format!("{agent}\u{0}{action}")
+}
+
+/// Records an approval's change in the audit log.
+pub fn audit_approval(shared: &Shared, a: &Approval, t: Transition, actor: Option<&str>) {
+    let effect = match a.state {
+        State::Approved | State::Used => "allow",
+        State::Denied | State::Expired => "deny",
+        State::Pending => "require_approval",
+    };
+    shared.ledger.audit(audit::Event {
+        ts: now().to_string(),
+        kind: t.kind().into(),
+        request_id: a.used_by_request.clone().unwrap_or_else(|| a.request_id.clone()),
+        agent: a.agent.clone(),
+        cost_center: a.cost_center.clone(),
+        project: a.project.clone(),
+        route: a.route.clone(),
+        effect: effect.into(),
+        reason: a.reason.clone(),
+        tool: Some(a.action.clone()),
+        approval_id: Some(a.id.clone()),
+        risk: Some(risk::Score(a.risk_score).to_string()),
+        actor: actor.map(str::to_string),
+        ..Default::default()
+    });
+}
+
+/// The oversight step of one request: a pass, or the refusal. See the module doc for the order.
+pub async fn admit(
+    shared: &Arc<Shared>,
+    action: &Action<'_>,
+    decision: &Decision<'_>,
+) -> Result<Admitted, Denial> {
+    let o = &shared.oversight;
+    let route_risk = action.route.risk;
+    let profile = match (decision.risk, route_risk) {
+        (Some(rule), Some(route)) => Some(rule.over(route)),
+        (rule, route) => rule.or(route),
+    };
+    // The common path: nothing but the policy's allow applies.
+    if decision.effect == Effect::Allow && profile.is_none() && !o.guards() {
+        o.count(action.category, Verdict::Auto);
+        return Ok(Admitted::default());
+    }
+    let result = gate(shared, action, decision, profile).await;
+    let verdict = match &result {
+        Ok((_, true)) => Verdict::Approved,
+        Ok((_, false)) => Verdict::Auto,
+        Err(d) if d.class == Class::ApprovalRequired => Verdict::Approval,
+        Err(_) => Verdict::Denied,
+    };
+    o.count(action.category, verdict);
+    result.map(|(admitted, _)| admitted)
+}
+
+/// [`admit`] past the fast path; `true` when a granted approval was used.
+async fn gate(
+    shared: &Arc<Shared>,
+    action: &Action<'_>,
+    decision: &Decision<'_>,
+    profile: Option<Profile>,
+) -> Result<(Admitted, bool), Denial> {
+    let o = &shared.oversight;
+    let now = now();
+    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
+
+    // 1. A disabled agent stays out until an operator re-enables it.
+    let standing = o.standing(action.agent);
+    if let (Standing::Disabled { .. }, Some(reason), Some(why)) =
+        (standing, standing.reason(), standing.explanation())
+    {
+        return Err(with_decision(Denial::new(Class::Policy, reason, why)));
+    }
+
+    // 2. Autonomy modes that forbid execution.
+    let resolution = o
+        .autonomy
+        .then(|| shared.engine.autonomy().resolve(action.cost_center, action.agent, action.name));
+    if let Some(r) = resolution.filter(|r| matches!(r.mode, Mode::Disabled | Mode::ProposeOnly)) {
+        let gate = autonomy::gate(r, None);
+        if r.mode == Mode::ProposeOnly {
+            shared.ledger.audit(audit::Event {
+                ts: now.to_string(),
+                kind: "proposal".into(),
+                request_id: action.request_id.to_string(),
+                agent: action.agent.to_string(),
+                cost_center: action.cost_center.to_string(),
+                project: action.project.to_string(),
+                route: action.route.name.clone(),
+                effect: "deny".into(),
+                reason: gate.reason.code().into(),
+                tool: Some(action.name.to_string()),
+                ..Default::default()
+            });
+        }
+        return Err(with_decision(Denial::new(
+            Class::Policy,
+            gate.reason.code(),
+            gate.explanation(),
+        )));
+    }
+
+    // 3. The same call again and again. The digest (which may parse the body) is computed only
+    // for tool calls under the loop detector and for approvals.
+    let mut digest = None;
+    if let (Some(detector), true) = (&o.loops, action.is_tool) {
+        let d = *digest.get_or_insert_with(|| action.digest());
+        let repeat = detector.observe_digest(d, now);
+        if let Repeat::Loop { retry_after_ms, .. } = repeat {
+            let why = repeat.explanation(action.name).unwrap_or_default();
+            let mut denial = with_decision(Denial::new(Class::Policy, Repeat::REASON, why));
+            denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000));
+            return Err(denial);
+        }
+    }
+
+    // 4. Does a human have to approve?
+    let mut assessment = profile.map(|p| o.assess(action, p));
+    let mut ask: Option<(String, String)> = None;
+    if decision.effect == Effect::RequireApproval {
+        ask = Some((decision.reason.to_string(), decision.explanation.to_string()));
+    }
+    if let (None, Some(a)) = (&ask, &assessment) {
+        if a.band != risk::Band::Low {
+            ask = Some((a.band.reason().to_string(), "the action's risk needs a human".into()));
+        }
+    }
+    if let (None, Standing::Review { .. }) = (&ask, standing) {
+        let reason = standing.reason().unwrap_or("error_escalation");
+        ask = Some((reason.to_string(), standing.explanation().unwrap_or_default()));
+    }
+    if let (None, Some(r)) = (&ask, resolution) {
+        let gate = match r.mode {
+            Mode::AutoExecute => {
+                let limits = shared.engine.autonomy().limits(action.agent, action.name);
+                let outcome = o.budget.consume(limits, action.agent, action.name, now);
+                autonomy::gate(r, Some(outcome))
+            }
+            _ => autonomy::gate(r, None),
+        };
+        if gate.effect != autonomy::Effect::Allow {
+            ask = Some((gate.reason.code().to_string(), gate.explanation()));
+        }
+    }
+
+    let mut used_approval = false;
+    if let Some((reason, why)) = ask {
+        let a = *assessment.get_or_insert_with(|| o.assess(action, profile.unwrap_or_default()));
+        let digest = approval::digest_hex(digest.unwrap_or_else(|| action.digest()));
+        match action.approval {
+            Some(id) => {
+                redeem(shared, action, id, &digest, now, decision).await?;
+                used_approval = true;
+            }
+            None => {
+                let approval = request(shared, action, &reason, &why, a, digest, now).await?;
+                let mut denial = with_decision(Denial::new(
+                    Class::ApprovalRequired,
+                    &reason,
+                    approval_message(&why, &a, &approval),
+                ));
+                denial.approval_id = Some(approval.id);
+                return Err(denial);
+            }
+        }
+    }
+
+    // 5. The upstream's breaker, last: a refusal above must not take the half-open probe.
+    let breaker = if o.breakers.is_empty() {
+        None
+    } else {
+        o.breaker_index.get(&upstream_key(action.route)).copied()
+    };
+    if let Some(i) = breaker {
+        let key = &o.breakers[i].0;
+        let admission = o.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner).allow(now);
+        if let Admission::Rejected { retry_after_ms } = admission {
+            let mut denial = with_decision(Denial::new(
+                Class::Unavailable,
+                Admission::REASON,
+                format!(
+                    "the upstream {key} keeps failing: its circuit breaker is open; retry in {}s",
+                    retry_after_ms.div_ceil(1000)
+                ),
+            ));
+            denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000));
+            return Err(denial);
+        }
+    }
+    let track = (o.escalation.is_some() || assessment.is_some() || used_approval)
+        .then(|| (action.agent.into(), action.name.into()));
+    let risk = assessment.map(|a| a.score.to_string());
+    Ok((Admitted { breaker, track, risk }, used_approval))
+}
+
+fn approval_message(why: &str, a: &Assessment, approval: &Approval) -> String {
+    let then = match approval.on_timeout {
+        OnTimeout::Approve => "approved",
+        OnTimeout::Deny => "denied",
+    };
+    format!(
+        "{why}. {}. Approval {} is pending; if nobody answers by {} it is {then}. Retry with \
+         header {APPROVAL_HEADER}: {} once it is granted.",
+        a.explanation(),
+        approval.id,
+        UnixMillis(approval.expires_at_ms),
+        approval.id
+    )
+}
+
+/// Creates (or finds the same pending) approval and audits the request.
+async fn request(
+    shared: &Arc<Shared>,
+    action: &Action<'_>,
+    reason: &str,
+    why: &str,
+    a: Assessment,
+    digest: String,
+    now: UnixMillis,
+) -> Result<Approval, Denial> {
+    let o = &shared.oversight;
+    let (on_timeout, timeout_ms) = match (a.on_timeout, a.timeout_ms) {
+        (Some(on), Some(ms)) => (on, ms),
+        // A low score that still needs a human (the policy or autonomy asked): at most as
+        // risky as medium, so it is approved if nobody objects in the medium timeout.
+        _ => (OnTimeout::Approve, o.config.thresholds.medium_timeout_ms),
+    };
+    let approval = Approval {
+        id: new_approval_id(),
+        request_id: action.request_id.to_string(),
+        created_at_ms: now.as_millis(),
+        expires_at_ms: now.as_millis().saturating_add(timeout_ms),
+        on_timeout,
+        use_within_ms: o.config.use_within.as_millis() as u64,
+        agent: action.agent.to_string(),
+        cost_center: action.cost_center.to_string(),
+        project: action.project.to_string(),
+        route: action.route.name.clone(),
+        action: action.name.to_string(),
+        digest,
+        risk_score: a.score.hundredths(),
+        risk_band: a.band.as_str().to_string(),
+        reason: reason.to_string(),
+        explanation: format!("{why}; {}", a.explanation()),
+        state: State::Pending,
+        decided_by: None,
+        decided_at_ms: None,
+        note: None,
+        used_by_request: None,
+    };
+    let store = o.approvals.clone();
+    let created = tokio::task::spawn_blocking(move || store.create(approval, now))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))
+        .and_then(|r| r);
+    match created {
+        Ok(approval) => {
+            let mut reasons = o.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
+            if reasons.len() < 1000 || reasons.contains_key(reason) {
+                *reasons.entry(reason.to_string()).or_default() += 1;
+            }
+            Ok(approval)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "creating an approval");
+            Err(Denial::new(
+                Class::Unavailable,
+                "approvals_unavailable",
+                "the approval cannot be recorded right now; retry shortly",
+            ))
+        }
+    }
+}
+
+/// Uses a granted approval for this retry, or says why not.
+async fn redeem(
+    shared: &Arc<Shared>,
+    action: &Action<'_>,
+    id: &str,
+    digest: &str,
+    now: UnixMillis,
+    decision: &Decision<'_>,
+) -> Result<(), Denial> {
+    let store = shared.oversight.approvals.clone();
+    let (id_owned, agent, digest_owned, request_id) = (
+        id.to_string(),
+        action.agent.to_string(),
+        digest.to_string(),
+        action.request_id.to_string(),
+    );
+    let redeemed = tokio::task::spawn_blocking(move || {
+        store.redeem(&id_owned, &agent, &digest_owned, &request_id, now)
+    })
+    .await
+    .map_err(|e| StoreError::Io(std::io::Error::other(e)))
+    .and_then(|r| r);
+    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
+    match redeemed {
+        Ok(approval) => {
+            audit_approval(shared, &approval, Transition::Used, Some(action.agent));
+            Ok(())
+        }
+        Err(StoreError::Redeem(RedeemError::Pending)) => {
+            let mut denial = with_decision(Denial::new(
+                Class::ApprovalRequired,
+                RedeemError::Pending.code(),
+                format!("approval {id} is still waiting for a human"),
+            ));
+            denial.approval_id = Some(id.to_string());
+            Err(denial)
+        }
+        Err(StoreError::Redeem(e)) => Err(with_decision(Denial::new(
+            Class::Policy,
+            e.code(),
+            format!("approval {} cannot be used: {e}", short(id)),
+        ))),
+        Err(StoreError::Unknown) => Err(with_decision(Denial::new(
+            Class::Policy,
+            "approval_unknown",
+            format!("there is no approval {}", short(id)),
+        ))),
+        Err(e) => {
+            tracing::error!(error = %e, "using an approval");
+            Err(Denial::new(
+                Class::Unavailable,
+                "approvals_unavailable",
+                "the approval cannot be checked right now; retry shortly",
+            ))
+        }
+    }
+}
+
+/// A caller-supplied id, cut and made printable for messages.
+fn short(id: &str) -> String {
+    id.chars().take(64).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
+}
+
+/// `apr_` and 128 random bits (from the standard library's per-process random hasher keys).
+fn new_approval_id() -> String {
+    let word = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(now().as_millis());
+        h.finish()
+    };
+    format!("apr_{:016x}{:016x}", word(), word())
+}
