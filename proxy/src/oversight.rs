@@ -22,6 +22,7 @@
 //! `oversight:` guards, an allowed request with no declared risk returns at the first check
 //! after one atomic increment.
 
+pub mod agents;
 pub mod approvals;
 pub mod config;
 
@@ -186,6 +187,8 @@ pub struct Oversight {
     breakers: Vec<(String, Mutex<Breaker>)>,
     breaker_index: HashMap<String, usize>,
     escalation: Option<Escalation>,
+    /// The disabled agents on disk, so that a restart does not re-enable them.
+    disabled: Arc<agents::DisabledAgents>,
     /// (successes, total) per `agent\0action`, for the historical-success risk dimension.
     outcomes: Mutex<HashMap<Box<str>, (u64, u64)>>,
     stats: Stats,
@@ -205,6 +208,16 @@ impl Oversight {
         now: UnixMillis,
     ) -> std::io::Result<(Oversight, approvals::Replayed)> {
         let (approvals, replayed) = Approvals::open(data_dir, now)?;
+        let (disabled, disabled_agents) = agents::DisabledAgents::open(data_dir)?;
+        let escalation = config.escalation.map(Escalation::new);
+        match &escalation {
+            Some(e) => disabled_agents.iter().for_each(|agent| e.restore_disabled(agent)),
+            None if !disabled_agents.is_empty() => tracing::warn!(
+                agents = disabled_agents.len(),
+                "agents disabled earlier are not disabled now: oversight.escalation is off"
+            ),
+            None => {}
+        }
         let mut breakers = Vec::new();
         let mut breaker_index = HashMap::new();
         if let Some(bc) = config.breaker {
@@ -218,7 +231,8 @@ impl Oversight {
         }
         let oversight = Oversight {
             loops: config.loops.map(LoopDetector::new),
-            escalation: config.escalation.map(Escalation::new),
+            escalation,
+            disabled: Arc::new(disabled),
             config,
             approvals: Arc::new(approvals),
             autonomy,
@@ -323,9 +337,18 @@ impl Oversight {
         }
     }
 
-    /// An operator re-enables a disabled agent; true if it was disabled.
-    pub fn reenable(&self, agent: &str) -> bool {
-        self.escalation.as_ref().is_some_and(|e| e.reenable(agent))
+    /// An operator re-enables a disabled agent; true if it was disabled. Answers once the
+    /// change is on disk.
+    pub async fn reenable(&self, agent: &str) -> std::io::Result<bool> {
+        let Some(e) = &self.escalation else { return Ok(false) };
+        if !e.reenable(agent) {
+            return Ok(false);
+        }
+        let (store, snapshot) = (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
+        tokio::task::spawn_blocking(move || store.write(snapshot))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(true)
     }
 
     fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
@@ -375,6 +398,18 @@ impl Oversight {
                 && !matches!(before, Standing::Disabled { .. })
             {
                 tracing::warn!(agent = %agent, "agent disabled after consecutive errors");
+                // Off the request path; a failure is logged (the agent stays disabled in memory).
+                let (store, snapshot) =
+                    (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
+                let write = move || {
+                    if let Err(err) = store.write(snapshot) {
+                        tracing::error!(error = %err, "persisting the disabled agents");
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(write)),
+                    Err(_) => write(),
+                }
                 shared.ledger.audit(audit::Event {
                     ts: now.to_string(),
                     kind: "agent_disabled".into(),

@@ -544,3 +544,37 @@ async fn readme_worked_example_first_deploy_needs_a_human_then_runs_on_its_own()
     assert_eq!(next.status, StatusCode::OK, "{}", next.text());
     assert_eq!(next.header("x-tollgate-risk"), Some("22"));
 }
+
+#[tokio::test]
+async fn a_disabled_agent_stays_disabled_across_a_restart_until_reenabled() {
+    let dir = temp_dir("disabled-restart");
+    let config = "oversight: {escalation: {review_at: 1, disable_at: 1}}";
+    let failing = with("flaky", &[(header::STATUS, "500")]);
+    let h = Harness::builder().extra(config).data_dir(&dir).start().await;
+    let first = h.post("/v1/chat/completions", &failing, &chat()).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        code(&h.post("/v1/chat/completions", &tags("flaky"), &chat()).await),
+        "agent_disabled"
+    );
+    h.stop().await;
+
+    // A restart does not re-enable it; an operator does, and that survives a restart too.
+    let h = Harness::builder().extra(config).data_dir(&dir).start().await;
+    let refused = h.post("/v1/chat/completions", &tags("flaky"), &chat()).await;
+    assert_eq!((refused.status, code(&refused)), (StatusCode::FORBIDDEN, "agent_disabled".into()));
+    assert_eq!(
+        h.post("/v1/chat/completions", &tags("steady"), &chat()).await.status,
+        StatusCode::OK
+    );
+    let enabled = h.admin_call(Method::POST, "/admin/agents/flaky/enable", true).await.json();
+    assert_eq!(enabled["was_disabled"], true, "{enabled}");
+    h.stop().await;
+
+    let h = Harness::builder().extra(config).data_dir(&dir).start().await;
+    assert_eq!(
+        h.post("/v1/chat/completions", &tags("flaky"), &chat()).await.status,
+        StatusCode::OK
+    );
+    h.stop().await;
+}

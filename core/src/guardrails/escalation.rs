@@ -170,6 +170,22 @@ impl Escalation {
         agents.remove(agent).is_some_and(|r| r.disabled)
     }
 
+    /// Disables `agent` without counting an error: restores an agent that was disabled before
+    /// a restart.
+    pub fn restore_disabled(&self, agent: &str) {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        agents.entry(agent.into()).or_default().disabled = true;
+    }
+
+    /// The agents disabled now, sorted.
+    pub fn disabled(&self) -> Vec<String> {
+        let agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<String> =
+            agents.iter().filter(|(_, r)| r.disabled).map(|(a, _)| a.to_string()).collect();
+        out.sort_unstable();
+        out
+    }
+
     /// The number of agents with errors or disabled.
     pub fn tracked(&self) -> usize {
         self.agents.lock().unwrap_or_else(PoisonError::into_inner).len()
@@ -201,6 +217,21 @@ mod tests {
             ]
         );
         assert_eq!(e.standing("other"), Standing::Normal { consecutive_errors: 0 });
+    }
+
+    #[test]
+    fn restored_agents_are_disabled_until_reenabled() {
+        let e = Escalation::default();
+        e.restore_disabled("b");
+        for _ in 0..5 {
+            e.on_error("a");
+        }
+        e.on_error("c");
+        assert_eq!(e.disabled(), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(e.standing("b"), Standing::Disabled { consecutive_errors: 0 });
+        assert_eq!(e.on_success("b").effect(), Effect::Deny);
+        assert!(e.reenable("b"));
+        assert_eq!(e.disabled(), vec!["a".to_string()]);
     }
 
     #[test]

@@ -54,7 +54,19 @@ pub(super) async fn route(
             Ok(json_response(StatusCode::OK, &json!({"agent": agent, "standing": standing})))
         }
         (&Method::POST, ["agents", agent, "enable"]) => {
-            let was_disabled = shared.oversight.reenable(agent);
+            let was_disabled = match shared.oversight.reenable(agent).await {
+                Ok(was_disabled) => was_disabled,
+                Err(e) => {
+                    tracing::error!(error = %e, "persisting the disabled agents");
+                    return Some(Ok(json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &json!({"error": format!(
+                            "{agent} is re-enabled until the next restart, but the change could \
+                             not be written: {e}"
+                        )}),
+                    )));
+                }
+            };
             if was_disabled {
                 shared.ledger.audit(crate::audit::Event {
                     ts: now().to_string(),
