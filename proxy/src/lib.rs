@@ -16,6 +16,7 @@ pub mod deny;
 pub mod explain;
 pub mod export;
 pub mod framing;
+pub mod ingest;
 pub mod invoice;
 pub mod ledger;
 pub mod limits;

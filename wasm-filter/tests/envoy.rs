@@ -9,13 +9,15 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{Collector, Envoy, PolicyServer};
+use support::{Collector, Envoy, PolicyServer, Relay};
 use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
+use tollgate_e2e::harness::Harness;
 use tollgate_e2e::mock::MockUpstream;
 
 const POLICY: &str = r#"{
@@ -399,6 +401,122 @@ fn sidecar_decision(engine: &Engine, path: &str, headers: &[(&str, &str)], body:
         }
     }
     with(200, d.reason)
+}
+
+/// The Tollgate proxy as the mesh's usage collector: the filter posts its events to the proxy's
+/// `POST /v1/usage/events` (bearer token from `collector.headers`), the proxy writes them to its
+/// ledger, and its invoice shows the tokens and cost of the requests that went through Envoy.
+/// The first answer is lost on the way back (a relay swallows it), so the filter sends that
+/// batch again: it is billed once. Replaying a batch by hand is billed once too.
+#[test]
+fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
+    let rt = runtime();
+    let proxy = rt.block_on(Harness::builder().start());
+    let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Relay::start(admin_port, 1);
+    let plugin = format!(
+        r#"{{"filter": {{"tick": "100ms", "collector": {{"cluster": "collector",
+            "path": "/v1/usage/events", "timeout": "2s",
+            "headers": {{"authorization": "Bearer {}"}}}}}}, "policy": {POLICY}}}"#,
+        proxy.token
+    );
+    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), relay.port);
+
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let mut expected = Money::ZERO;
+    let sent = [("mesh-1", 1200, 300, 40), ("mesh-2", 800, 0, 25), ("mesh-3", 50, 0, 7)];
+    for (id, input, cached, output) in sent {
+        let (input, cached, output) = (input.to_string(), cached.to_string(), output.to_string());
+        let mut h = who("mesh-bot");
+        h.extend([
+            ("x-request-id", id),
+            ("x-mock-input-tokens", input.as_str()),
+            ("x-mock-cached-tokens", cached.as_str()),
+            ("x-mock-output-tokens", output.as_str()),
+        ]);
+        let r = envoy.request("POST", "/v1/chat/completions", &h, &chat("gpt-4o", 100));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let usage = Usage {
+            input: input.parse::<u64>().unwrap() - cached.parse::<u64>().unwrap(),
+            cached_input: cached.parse().unwrap(),
+            output: output.parse().unwrap(),
+            ..Usage::default()
+        };
+        expected += engine.rates().price("gpt-4o", usage).unwrap().cost.total;
+    }
+
+    let mesh_records = || -> Vec<Value> {
+        rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mesh_records().len() < sent.len() || envoy.metric("tollgate_usage_events_sent_total") < 3
+    {
+        assert!(Instant::now() < deadline, "events missing: {:?}", mesh_records());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(relay.dropped.load(std::sync::atomic::Ordering::SeqCst) >= 1, "an answer was lost");
+    assert!(envoy.metric("tollgate_usage_events_failed_total") >= 1, "and the batch was resent");
+    let records = mesh_records();
+    let mut ids: Vec<&str> = records.iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["mesh-1", "mesh-2", "mesh-3"], "each request billed once: {records:?}");
+    let mesh1 = records.iter().find(|r| r["request_id"] == "mesh-1").unwrap();
+    assert_eq!(
+        mesh1["tokens"],
+        json!({"input": 900, "cached_input": 300, "cache_write": 0, "output": 40, "reasoning": 0})
+    );
+    assert_eq!(
+        (mesh1["agent"].as_str(), mesh1["type"].as_str()),
+        (Some("mesh-bot"), Some("usage"))
+    );
+
+    // The proxy's invoice for the agent: exactly what the filter metered, to the nano-dollar.
+    let period = &UnixMillis(now_ms()).to_string()[..7];
+    let invoice = |rt: &tokio::runtime::Runtime| {
+        let path = format!("/admin/invoice?period={period}&group_by=agent&format=json");
+        let reply = rt.block_on(proxy.admin_get(&path, true));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let all = reply.json();
+        all["invoices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["group"] == "mesh-bot")
+            .cloned()
+            .unwrap()
+    };
+    let before = invoice(&rt);
+    assert_eq!(before["requests"], 3);
+    assert_eq!(Money::parse(before["total"].as_str().unwrap()).unwrap(), expected, "{before}");
+    let line = |inv: &Value, kind: &str| {
+        inv["lines"].as_array().unwrap().iter().find(|l| l["kind"] == kind).unwrap()["quantity"]
+            .clone()
+    };
+    assert_eq!(
+        (line(&before, "input"), line(&before, "cached_input"), line(&before, "output")),
+        (json!(1200 - 300 + 800 + 50), json!(300), json!(40 + 25 + 7))
+    );
+
+    // A batch sent again by hand, as the filter would after a timeout: all duplicates.
+    let batch = relay.sent.lock().unwrap()[0].clone();
+    let at = batch.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = &batch[at..];
+    let auth = format!("Bearer {}", proxy.token);
+    let r =
+        support::request(admin_port, "POST", "/v1/usage/events", &[("authorization", &auth)], body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    assert_eq!(answer["accepted"], 0, "{answer}");
+    assert!(answer["duplicates"].as_u64().unwrap() >= 1, "{answer}");
+    assert_eq!(invoice(&rt)["total"], before["total"], "a resent batch is not billed twice");
+    assert_eq!(mesh_records().len(), 3);
+    let r = support::request(admin_port, "POST", "/v1/usage/events", &[], body);
+    assert_eq!(r.status, 401, "the endpoint needs the admin token");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// A configuration that does not compile is reported (log and metric) and each request follows
