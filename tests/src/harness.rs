@@ -96,9 +96,17 @@ pub struct Builder {
     timeouts: Option<String>,
     data_dir: Option<PathBuf>,
     ledger_fault: Option<Arc<AtomicBool>>,
+    routes: Vec<String>,
 }
 
 impl Builder {
+    /// An extra route (a YAML flow mapping, e.g. `{name: mcp, path_prefix: /mcp, kind: mcp,
+    /// upstream: MOCK}`; `MOCK` becomes the mock's URL), before the default ones.
+    pub fn route(mut self, flow: &str) -> Self {
+        self.routes.push(flow.to_string());
+        self
+    }
+
     /// The `policy:` section, as a YAML document (indented by the builder).
     pub fn policy(mut self, yaml: &str) -> Self {
         self.policy = yaml.to_string();
@@ -159,6 +167,10 @@ impl Builder {
         }
         let upstream = self.upstream.clone().unwrap_or_else(|| mock.base_url());
         let mut yaml = config_yaml(&upstream, &data_dir, &token_env, &self.policy, &self.extra);
+        for route in &self.routes {
+            let route = route.replace("MOCK", &format!("\"{}\"", mock.base_url()));
+            yaml = yaml.replacen("routes:\n", &format!("routes:\n  - {route}\n"), 1);
+        }
         if let Some(timeouts) = &self.timeouts {
             yaml = yaml.replace(
                 "upstream: {connect_timeout: 2s, response_timeout: 10s, stream_idle_timeout: 10s}",
@@ -253,6 +265,7 @@ impl Harness {
             timeouts: None,
             data_dir: None,
             ledger_fault: None,
+            routes: Vec::new(),
         }
     }
 

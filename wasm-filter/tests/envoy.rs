@@ -14,9 +14,9 @@ use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Effect, Facts, RouteKind};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
+use tollgate_e2e::decisions::{Outcome, Table};
 use tollgate_e2e::harness::Harness;
 use tollgate_e2e::mock::MockUpstream;
 
@@ -78,7 +78,6 @@ fn filter_in_real_envoy() {
     sse_chunks_are_not_held_back(&envoy, &collector);
     openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
-    decisions_equal_the_core_pipeline_for_the_shared_table(&envoy);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
 }
@@ -268,139 +267,35 @@ fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
     assert!((1..=30).contains(&retry), "retry-after {retry}");
 }
 
-/// The table shared with the sidecar's decision path: each case is run through the filter in
-/// Envoy and through `tollgate_core` in the sidecar's order (attribution → policy → price →
-/// cost cap), and must come out the same: status, reason, clause and policy version.
-fn decisions_equal_the_core_pipeline_for_the_shared_table(envoy: &Envoy) {
-    let cases: Vec<Case> = vec![
-        (
-            "/v1/chat/completions",
-            who("bot-2"),
-            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            [who("bot-3"), vec![("x-agent-tier", "4")]].concat(),
-            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
-        ),
-        (
-            "/v1/chat/completions",
-            [who("bot-3"), vec![("x-agent-tier", "3")]].concat(),
-            json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}),
-        ),
-        (
-            "/v1/messages",
-            [who("bot-4"), vec![("x-business-unit", "sales")]].concat(),
-            json!({"model": "claude-opus-4-1", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/messages",
-            [who("bot-4"), vec![("x-business-unit", "research")]].concat(),
-            json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            who("capped-bot"),
-            json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            who("capped-bot"),
-            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
-        ),
-        ("/v1/chat/completions", who("bot-5"), json!({"model": "no-such-model", "messages": []})),
-        (
-            "/v1/chat/completions",
-            vec![
-                ("x-agent-id", "Bad Agent"),
-                ("x-cost-center", "CC-1"),
-                ("x-project-id", "PROJ-ABC123"),
-            ],
-            json!({"model": "gpt-4o"}),
-        ),
-        ("/internal/admin", who("bot-6"), json!({})),
-        (
-            "/mcp",
-            who("bot-7"),
-            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "shell", "arguments": {}}}),
-        ),
-    ];
-    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
-    for (path, headers, body) in &cases {
-        let bytes = serde_json::to_vec(body).unwrap();
-        let expected = sidecar_decision(&engine, path, headers, &bytes);
-        let mut h = headers.clone();
-        h.push(("content-type", "application/json"));
-        h.push(("x-mock-output-tokens", "1"));
-        let r = envoy.request("POST", path, &h, &bytes);
-        let got = (
-            r.status,
-            r.header("x-tollgate-reason").map(str::to_owned),
-            r.header("x-tollgate-clause").map(str::to_owned),
-            r.header("x-tollgate-policy-version").map(str::to_owned),
-        );
-        assert_eq!(
-            got,
-            expected,
-            "{path} {headers:?} {body}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-    }
-}
-
-/// Path, request headers, JSON body.
-type Case = (&'static str, Vec<(&'static str, &'static str)>, Value);
-
-type Outcome = (u16, Option<String>, Option<String>, Option<String>);
-
-/// The sidecar's pipeline (`proxy/src/pipeline.rs`) up to forwarding, on `tollgate_core`.
-fn sidecar_decision(engine: &Engine, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Outcome {
-    let version = Some(engine.policy().version().to_owned());
-    let lookup = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-    let identity = match engine.attribution().check(lookup) {
-        Ok(i) => i,
-        Err(_) => return (403, Some("attribution_rejected".into()), None, None),
-    };
-    let api = Api::from_path(path);
-    let mcp = path.starts_with("/mcp");
-    let info = inspect::inspect(api, body).unwrap_or_default();
-    let tool = if mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
-    let kind = match (api, &tool) {
-        (Some(_), _) => RouteKind::Llm,
-        (None, Some(_)) => RouteKind::Tool,
-        _ => RouteKind::Other,
-    };
-    let facts = Facts {
-        provider: api.map(|a| a.provider().as_str()).or(mcp.then_some("mcp")),
-        model: info.model.as_deref(),
-        tool: tool.as_deref(),
-        host: Some("localhost"),
-        method: Some("POST"),
-        path: Some(path),
-        ..Facts::from_identity(&identity, kind)
-    };
-    let d = engine.policy().evaluate(&facts);
-    let with = |status: u16, reason: &str| {
-        (status, Some(reason.to_owned()), Some(d.clause.to_owned()), version.clone())
-    };
-    match d.effect {
-        Effect::Deny | Effect::RequireApproval => return with(403, d.reason),
-        Effect::Allow => {}
-    }
-    if api.is_some() {
-        let max = info.max_output_tokens.unwrap_or(4096);
-        let Ok(worst) = engine.rates().worst_case(
-            info.model.as_deref().unwrap_or(""),
-            info.input_estimate_tokens,
-            max,
-        ) else {
-            return with(403, "unknown_model");
-        };
-        if d.limits.max_cost_per_request.is_some_and(|cap| worst.cost.total > cap) {
-            return with(403, "cost_limit_exceeded");
+/// The shared decision table (`tests/fixtures/decisions.json`) through the filter in Envoy:
+/// every case must get the table's status and decision headers, as the sidecar must in
+/// `tests/tests/decisions.rs`.
+#[test]
+fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
+    let table = Table::load();
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let plugin = json!({"filter": {"fail": "closed"}, "policy": table.policy}).to_string();
+    let envoy = Envoy::start(&plugin, mock.addr().port(), support::free_port());
+    let mut failures = Vec::new();
+    for case in &table.cases {
+        let mut headers: Vec<(&str, &str)> =
+            case.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        headers.push(("x-mock-output-tokens", "1"));
+        let r = envoy.request("POST", &case.path, &headers, &case.body);
+        let got = Outcome::of(r.status, |n| r.header(n));
+        if got != case.expect {
+            failures.push(format!(
+                "{}: got {got:?}, want {:?}: {}",
+                case.name,
+                case.expect,
+                String::from_utf8_lossy(&r.body)
+            ));
         }
     }
-    with(200, d.reason)
+    assert!(table.cases.len() >= 10, "the table has its cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(!envoy.log().contains("panicked"));
 }
 
 /// The Tollgate proxy as the mesh's usage collector: the filter posts its events to the proxy's
