@@ -229,6 +229,41 @@ extern "C" {
     ) -> Status;
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // Declared again for the same reason: `hostcalls::set_map_bytes` panics on a refusal.
+    fn proxy_set_header_map_pairs(
+        map_type: MapType,
+        map_data: *const u8,
+        map_size: usize,
+    ) -> Status;
+}
+
+/// Replaces a whole header map with `pairs` in one host call (instead of one call per header
+/// changed: each crossing costs about a microsecond); `false` if the host refused. Envoy
+/// removes every header of the map, then adds the pairs in order (pseudo-headers stay first).
+fn set_header_pairs(map_type: MapType, pairs: &[(&str, &[u8])]) -> bool {
+    // proxy-wasm's map encoding: count, then (key length, value length) per pair, then each key
+    // and value followed by a NUL; all integers u32 little-endian.
+    let size = 4 + pairs.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>();
+    let mut map = Vec::with_capacity(size);
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    map.extend_from_slice(&len(pairs.len()));
+    for (k, v) in pairs {
+        map.extend_from_slice(&len(k.len()));
+        map.extend_from_slice(&len(v.len()));
+    }
+    for (k, v) in pairs {
+        map.extend_from_slice(k.as_bytes());
+        map.push(0);
+        map.extend_from_slice(v);
+        map.push(0);
+    }
+    // SAFETY: the pointer and length describe `map`, which outlives the call; the host copies.
+    let status = unsafe { proxy_set_header_map_pairs(map_type, map.as_ptr(), map.len()) };
+    status == Status::Ok
+}
+
 /// Replaces `size` bytes at `start` of a buffer with `value`; `false` if the host refused.
 fn set_buffer(buffer_type: BufferType, start: usize, size: usize, value: &[u8]) -> bool {
     // SAFETY: the pointer and length describe `value`, which outlives the call; the host copies.
@@ -378,6 +413,7 @@ impl RootContext for Root {
             local_reply: false,
             decided: false,
             may_rewrite: false,
+            arrived: Now { ms: UnixMillis(0), ns: 0 },
         }))
     }
 
@@ -536,6 +572,9 @@ struct Http {
     decided: bool,
     /// The request's `content-length` was removed so that its body may be rewritten.
     may_rewrite: bool,
+    /// When the request headers arrived: the time its decision is made at (one clock read
+    /// fewer per request; the body follows within the request's own upload time).
+    arrived: Now,
 }
 
 impl Context for Http {}
@@ -562,12 +601,11 @@ impl Http {
     fn decide(&mut self, plugin: &Plugin, body: &[u8]) -> Action {
         self.decided = true;
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
-        let result = exchange.decide(plugin, &self.vm.budgets, body, now());
+        let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
             Ok(()) => {
-                let model = exchange.model().unwrap_or("-").to_owned();
-                let reason = exchange.reason().unwrap_or("-").to_owned();
-                self.vm.decision("allow", &reason, &model);
+                let model = exchange.model().unwrap_or("-");
+                self.vm.decision("allow", exchange.reason().unwrap_or("-"), model);
                 Action::Continue
             }
             Err(denial) => {
@@ -646,26 +684,32 @@ impl HttpContext for Http {
         };
         match Exchange::start(&plugin, head, header, t) {
             Ok(exchange) => {
-                if !plugin.filter.forward_attribution {
-                    for name in plugin.engine.attribution().header_names() {
-                        if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                // Headers go upstream before the body is seen (G3): a body that may be
+                // rewritten loses its length now.
+                let rewrite =
+                    plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body();
+                let attribution = plugin.engine.attribution();
+                let dropped = |name: &str| {
+                    (!plugin.filter.forward_attribution
+                        && attribution.header_names().any(|a| name.eq_ignore_ascii_case(a)))
+                        || (rewrite && name.eq_ignore_ascii_case("content-length"))
+                };
+                if headers.iter().any(|(n, _)| dropped(n)) {
+                    // One host call for all removals (one per header before).
+                    let kept: Vec<(&str, &[u8])> = headers
+                        .iter()
+                        .filter(|(n, _)| !dropped(n))
+                        .map(|(n, v)| (n.as_str(), v.as_slice()))
+                        .collect();
+                    if !set_header_pairs(MapType::HttpRequestHeaders, &kept) {
+                        for (name, _) in headers.iter().filter(|(n, _)| dropped(n)) {
                             let _ =
                                 hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                         }
                     }
                 }
-                // Headers go upstream before the body is seen (G3): a body that may be
-                // rewritten loses its length now.
-                if plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body() {
-                    if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
-                        let _ = hostcalls::set_map_value(
-                            MapType::HttpRequestHeaders,
-                            "content-length",
-                            None,
-                        );
-                    }
-                    self.may_rewrite = true;
-                }
+                self.may_rewrite = rewrite;
+                self.arrived = t;
                 self.exchange = Some(exchange);
                 if end_of_stream {
                     return self.decide(&plugin, &[]);
@@ -717,16 +761,33 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse().ok())
+        // The whole map in one call, rewritten in one call: the status is in it, and our five
+        // headers would otherwise be five calls.
+        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
             .unwrap_or(0);
-        for (name, value) in exchange.response_headers(status) {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
-        }
-        if exchange.rewrites_response() {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        let drop_length = exchange.rewrites_response();
+        let ours = exchange.response_headers(status);
+        let mut pairs: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + ours.len());
+        let replaced = |n: &str| {
+            ours.iter().any(|(o, _)| n.eq_ignore_ascii_case(o))
+                || (drop_length && n.eq_ignore_ascii_case("content-length"))
+        };
+        pairs.extend(
+            headers.iter().filter(|(n, _)| !replaced(n)).map(|(n, v)| (n.as_str(), v.as_slice())),
+        );
+        pairs.extend(ours.iter().map(|(n, v)| (*n, v.as_bytes())));
+        if !set_header_pairs(MapType::HttpResponseHeaders, &pairs) {
+            for (name, value) in &ours {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+            }
+            if drop_length {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+            }
         }
         if end_of_stream {
             exchange.response_ended();
@@ -768,7 +829,6 @@ impl HttpContext for Http {
         let Some(mut exchange) = self.exchange.take() else { return };
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
-        event.event_id = self.vm.next_event_id();
         {
             let mut counters = self.vm.counters.borrow_mut();
             let mut recorder = self.vm.recorder.borrow_mut();
@@ -788,6 +848,7 @@ impl HttpContext for Http {
             }
         }
         if let Some(collector) = &plugin.filter.collector {
+            event.event_id = self.vm.next_event_id();
             if let Ok(line) = serde_json::to_string(&event) {
                 let mut events = self.vm.events.borrow_mut();
                 if events.len() >= collector.max_queued {

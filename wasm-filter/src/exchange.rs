@@ -410,19 +410,21 @@ fn store_failed(plugin: &Plugin) -> Result<(), Denial> {
 
 impl Exchange {
     /// Headers to add to the upstream's response (the decision), and records its status.
-    pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, String)> {
+    /// Borrowed: the glue copies them into the host's map without allocating here.
+    pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, &str)> {
         self.status = status;
-        let mut headers = vec![("x-request-id", self.request_id.clone())];
+        let mut headers = Vec::with_capacity(5);
+        headers.push(("x-request-id", self.request_id.as_str()));
         match &self.admitted {
             Some(a) => {
-                headers.push(("x-tollgate-decision", "allow".to_owned()));
-                headers.push(("x-tollgate-reason", a.reason.clone()));
-                headers.push(("x-tollgate-clause", a.clause.clone()));
-                headers.push(("x-tollgate-policy-version", a.policy_version.clone()));
+                headers.push(("x-tollgate-decision", "allow"));
+                headers.push(("x-tollgate-reason", a.reason.as_str()));
+                headers.push(("x-tollgate-clause", a.clause.as_str()));
+                headers.push(("x-tollgate-policy-version", a.policy_version.as_str()));
             }
             None => {
-                headers.push(("x-tollgate-decision", "bypass".to_owned()));
-                headers.push(("x-tollgate-reason", "fail_open".to_owned()));
+                headers.push(("x-tollgate-decision", "bypass"));
+                headers.push(("x-tollgate-reason", "fail_open"));
             }
         }
         headers
