@@ -268,7 +268,7 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
         headers,
         authority: authority.unwrap_or(&cluster).to_owned(),
         cluster,
-        path: path.unwrap_or("/v1/usage-events").to_owned(),
+        path: path.unwrap_or("/v1/usage/events").to_owned(),
         flush_ms: flush_ms.unwrap_or(1000),
         timeout_ms: timeout_ms.unwrap_or(5000),
         max_queued: max_queued.map_or(10_000, |n| usize::try_from(n).unwrap_or(usize::MAX)),
