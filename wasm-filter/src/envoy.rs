@@ -229,41 +229,6 @@ extern "C" {
     ) -> Status;
 }
 
-#[link(wasm_import_module = "env")]
-extern "C" {
-    // Declared again for the same reason: `hostcalls::set_map_bytes` panics on a refusal.
-    fn proxy_set_header_map_pairs(
-        map_type: MapType,
-        map_data: *const u8,
-        map_size: usize,
-    ) -> Status;
-}
-
-/// Replaces a whole header map with `pairs` in one host call (instead of one call per header
-/// changed: each crossing costs about a microsecond); `false` if the host refused. Envoy
-/// removes every header of the map, then adds the pairs in order (pseudo-headers stay first).
-fn set_header_pairs(map_type: MapType, pairs: &[(&str, &[u8])]) -> bool {
-    // proxy-wasm's map encoding: count, then (key length, value length) per pair, then each key
-    // and value followed by a NUL; all integers u32 little-endian.
-    let size = 4 + pairs.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>();
-    let mut map = Vec::with_capacity(size);
-    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    map.extend_from_slice(&len(pairs.len()));
-    for (k, v) in pairs {
-        map.extend_from_slice(&len(k.len()));
-        map.extend_from_slice(&len(v.len()));
-    }
-    for (k, v) in pairs {
-        map.extend_from_slice(k.as_bytes());
-        map.push(0);
-        map.extend_from_slice(v);
-        map.push(0);
-    }
-    // SAFETY: the pointer and length describe `map`, which outlives the call; the host copies.
-    let status = unsafe { proxy_set_header_map_pairs(map_type, map.as_ptr(), map.len()) };
-    status == Status::Ok
-}
-
 /// Replaces `size` bytes at `start` of a buffer with `value`; `false` if the host refused.
 fn set_buffer(buffer_type: BufferType, start: usize, size: usize, value: &[u8]) -> bool {
     // SAFETY: the pointer and length describe `value`, which outlives the call; the host copies.
@@ -694,19 +659,8 @@ impl HttpContext for Http {
                         && attribution.header_names().any(|a| name.eq_ignore_ascii_case(a)))
                         || (rewrite && name.eq_ignore_ascii_case("content-length"))
                 };
-                if headers.iter().any(|(n, _)| dropped(n)) {
-                    // One host call for all removals (one per header before).
-                    let kept: Vec<(&str, &[u8])> = headers
-                        .iter()
-                        .filter(|(n, _)| !dropped(n))
-                        .map(|(n, v)| (n.as_str(), v.as_slice()))
-                        .collect();
-                    if !set_header_pairs(MapType::HttpRequestHeaders, &kept) {
-                        for (name, _) in headers.iter().filter(|(n, _)| dropped(n)) {
-                            let _ =
-                                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                        }
-                    }
+                for (name, _) in headers.iter().filter(|(n, _)| dropped(n)) {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
                 self.may_rewrite = rewrite;
                 self.arrived = t;
@@ -761,33 +715,16 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
-        // The whole map in one call, rewritten in one call: the status is in it, and our five
-        // headers would otherwise be five calls.
-        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
             .unwrap_or(0);
-        let drop_length = exchange.rewrites_response();
-        let ours = exchange.response_headers(status);
-        let mut pairs: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + ours.len());
-        let replaced = |n: &str| {
-            ours.iter().any(|(o, _)| n.eq_ignore_ascii_case(o))
-                || (drop_length && n.eq_ignore_ascii_case("content-length"))
-        };
-        pairs.extend(
-            headers.iter().filter(|(n, _)| !replaced(n)).map(|(n, v)| (n.as_str(), v.as_slice())),
-        );
-        pairs.extend(ours.iter().map(|(n, v)| (*n, v.as_bytes())));
-        if !set_header_pairs(MapType::HttpResponseHeaders, &pairs) {
-            for (name, value) in &ours {
-                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
-            }
-            if drop_length {
-                let _ =
-                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
-            }
+        if exchange.rewrites_response() {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        }
+        for (name, value) in exchange.response_headers(status) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         if end_of_stream {
             exchange.response_ended();
