@@ -1,7 +1,8 @@
 //! The shared decision table (`tests/fixtures/decisions.json`): one list of requests and the
-//! outcome each must get, run against the sidecar (`proxy/tests/decisions.rs`: the `tollgate` binary; `tests/tests/decisions.rs`: the proxy in process) and against the
-//! Envoy filter (`wasm-filter/tests/envoy.rs`), so the two are shown to decide alike on the same
-//! requests. This module only reads the table; each side sends the requests its own way.
+//! outcome each must get, run against the sidecar (`proxy/tests/decisions.rs`: the `tollgate`
+//! binary; `tests/tests/decisions.rs`: the proxy in process) and against the Envoy filter
+//! (`wasm-filter/tests/envoy.rs`), so the two are shown to decide alike on the same requests.
+//! This module only reads the table; each side sends the requests its own way.
 
 use std::path::{Path, PathBuf};
 
