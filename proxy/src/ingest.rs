@@ -51,6 +51,8 @@ const MAX_ERRORS: usize = 100;
 const MAX_ID: usize = 128;
 /// Longest attribution or label value accepted.
 const MAX_VALUE: usize = 256;
+/// Longest wait for the records of a batch to be written and synced before answering 503.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The event ids already written (and when they happened), shared by all requests.
 #[derive(Default)]
@@ -148,8 +150,8 @@ impl Seen {
 
 /// `POST /v1/usage/events` (already authorized): `200` when every line was taken (new or
 /// duplicate), `422` when some lines were refused (the others are taken), `413` over
-/// `limits.max_body_bytes`, `503` while the ledger cannot be written. Answers after the new
-/// records are written and synced.
+/// `limits.max_body_bytes`, `503` while the ledger cannot be written (or the records are not
+/// synced within 5 s). Answers after the records are written and synced.
 pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     if !shared.ledger.is_healthy() {
         let mut r = answer(
@@ -174,8 +176,18 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     };
     let now = crate::pipeline::now();
     let outcome = shared.ingest.take(&body, now, |entry| shared.ledger.append(entry));
-    if outcome.accepted > 0 {
-        shared.ledger.flush().await;
+    // Duplicates wait too: the batch they duplicate may still be on its way to the disk.
+    if outcome.accepted + outcome.duplicates > 0
+        && tokio::time::timeout(FLUSH_WAIT, shared.ledger.flush()).await.is_err()
+    {
+        // Queued, not yet durable (the disk stopped taking writes): the sender keeps its events
+        // and sends them again; they are duplicates then, answered once they are written.
+        let mut r = answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "the ledger cannot be written right now; retry later"}),
+        );
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
     }
     if outcome.rejected > 0 {
         tracing::warn!(
