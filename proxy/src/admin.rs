@@ -9,6 +9,7 @@
 //! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
 //! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv`
 //! - approvals, agents and autonomy metrics: see [`oversight`]
+//! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //!
 //! A failing handler answers 500 with a fixed body and logs the cause; internals never leak.
 
@@ -87,6 +88,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             } else {
                 Ok(text(StatusCode::OK, "ready\n"))
             }
+        }
+        (Method::POST, "/v1/usage/events") => {
+            authorize(shared, &req)?;
+            Ok(crate::ingest::handle(shared, req).await)
         }
         (method, path) if path.starts_with("/admin/") => {
             authorize(shared, &req)?;

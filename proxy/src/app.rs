@@ -44,6 +44,8 @@ pub struct Shared {
     pub forward: Option<Arc<crate::forward::Forward>>,
     pub metrics: Metrics,
     pub ledger: Ledger,
+    /// Usage events from the mesh (`POST /v1/usage/events`) and the ids already written.
+    pub ingest: crate::ingest::Ingest,
     pub budgets: Budgets<MemoryStore>,
     pub rate_limits: RateLimits,
     pub admin_token: Option<String>,
@@ -201,6 +203,7 @@ pub async fn start_with(
         audit_records = recovered.audit_records,
         "ledger opened"
     );
+    let ingest = crate::ingest::Ingest::from_records(&recovered.records);
     let admin_token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
     if admin_token.is_none() {
         tracing::warn!(
@@ -232,6 +235,7 @@ pub async fn start_with(
         forward,
         metrics,
         ledger,
+        ingest,
         budgets,
         rate_limits: RateLimits::default(),
         admin_token,

@@ -103,12 +103,27 @@ pub struct Reserve {
     pub budgets: Vec<String>,
 }
 
+/// A usage record that arrived as an event from elsewhere (the Envoy filter, see
+/// [`crate::ingest`]): stored as a `usage` record plus where it came from and the sender's
+/// event id (the key that makes a resent event a duplicate).
+#[derive(Clone, Debug, Serialize)]
+pub struct MeshUsage {
+    #[serde(flatten)]
+    pub record: Record,
+    /// Who metered it (`envoy`).
+    pub source: String,
+    pub source_event_id: String,
+}
+
 /// What the writer stores.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Entry {
     Usage(Box<Record>),
     Reserve(Box<Reserve>),
+    /// Stored as `"type": "usage"`, so invoices, usage totals and the export treat it as one.
+    #[serde(rename = "usage")]
+    Mesh(Box<MeshUsage>),
 }
 
 #[derive(Serialize)]

@@ -19,6 +19,7 @@ pub mod explain;
 pub mod export;
 pub mod forward;
 pub mod framing;
+pub mod ingest;
 pub mod invoice;
 pub mod ledger;
 pub mod limits;

@@ -100,8 +100,9 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// An extra route, as a YAML flow mapping in which `{upstream}` stands for the mock's URL
-    /// (`{name: deploy, path_prefix: /tools/deploy, kind: tool, upstream: "{upstream}"}`).
+    /// An extra route, as a YAML flow mapping in which `{upstream}` stands for the upstream's URL
+    /// (`{name: deploy, path_prefix: /tools/deploy, kind: tool, upstream: "{upstream}"}`),
+    /// placed before the default routes.
     pub fn route(mut self, yaml: &str) -> Self {
         self.routes.push(yaml.to_string());
         self
@@ -167,17 +168,9 @@ impl Builder {
         }
         let upstream = self.upstream.clone().unwrap_or_else(|| mock.base_url());
         let mut yaml = config_yaml(&upstream, &data_dir, &token_env, &self.policy, &self.extra);
-        if !self.routes.is_empty() {
-            let routes: String = self
-                .routes
-                .iter()
-                .map(|r| format!("  - {}\n", r.replace("{upstream}", &upstream)))
-                .collect();
-            yaml = yaml.replacen(
-                "upstream: {connect_timeout",
-                &format!("{routes}upstream: {{connect_timeout"),
-                1,
-            );
+        for route in &self.routes {
+            let route = route.replace("{upstream}", &upstream);
+            yaml = yaml.replacen("routes:\n", &format!("routes:\n  - {route}\n"), 1);
         }
         if let Some(timeouts) = &self.timeouts {
             yaml = yaml.replace(

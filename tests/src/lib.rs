@@ -7,6 +7,7 @@
 //! code. The [`harness`] is the one place that knows the proxy: it starts it next to the mock;
 //! [`process`] runs the `tollgate` binary itself, for signals, exit codes and restarts.
 
+pub mod decisions;
 pub mod exposition;
 pub mod harness;
 pub mod mock;

@@ -15,7 +15,7 @@
 //! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
 //! handled, since a panic kills the worker's VM (G4).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -125,14 +125,22 @@ struct Vm {
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
     events: RefCell<VecDeque<String>>,
+    /// A batch of usage events is on its way (one at a time per VM).
+    sending: Cell<bool>,
     in_flight_calls: RefCell<HashMap<u32, Call>>,
     poll: RefCell<PolicyPoll>,
+    /// Usage event ids: a random per-VM prefix and a sequence number.
+    event_prefix: u64,
+    event_seq: Cell<u64>,
 }
+
+/// Most usage events in one POST.
+const MAX_BATCH: usize = 1000;
 
 /// What an outgoing `dispatch_http_call` was for.
 enum Call {
-    /// A batch of this many usage events.
-    Events(usize),
+    /// A batch of usage events (the lines, to put back if the collector did not take them).
+    Events(Vec<String>),
     /// A policy poll.
     Policy,
 }
@@ -154,6 +162,32 @@ impl Vm {
         self.counters.borrow_mut().count(name, n);
     }
 
+    /// A usage event id unique across VMs and restarts: a collector deduplicates by it when a
+    /// batch is sent again after a timeout.
+    fn next_event_id(&self) -> String {
+        let n = self.event_seq.get() + 1;
+        self.event_seq.set(n);
+        format!("{:016x}-{n}", self.event_prefix)
+    }
+
+    /// Puts the lines of a batch the collector did not take back in front of the queue
+    /// (bounded: the oldest beyond `max_queued` are dropped and counted).
+    fn requeue(&self, lines: Vec<String>, max_queued: usize) {
+        let mut events = self.events.borrow_mut();
+        for line in lines.into_iter().rev() {
+            events.push_front(line);
+        }
+        let mut dropped = 0;
+        while events.len() > max_queued {
+            events.pop_front();
+            dropped += 1;
+        }
+        drop(events);
+        if dropped > 0 {
+            self.count("tollgate_usage_events_dropped_total", dropped);
+        }
+    }
+
     fn decision(&self, decision: &str, reason: &str, model: &str) {
         let mut counters = self.counters.borrow_mut();
         self.recorder.borrow_mut().decision(&mut *counters, decision, reason, model);
@@ -168,8 +202,11 @@ impl Default for Vm {
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
             events: RefCell::new(VecDeque::new()),
+            sending: Cell::new(false),
             in_flight_calls: RefCell::new(HashMap::new()),
             poll: RefCell::new(PolicyPoll::default()),
+            event_prefix: random_u64(),
+            event_seq: Cell::new(0),
         }
     }
 }
@@ -198,6 +235,14 @@ fn set_buffer(buffer_type: BufferType, start: usize, size: usize, value: &[u8]) 
     let status =
         unsafe { proxy_set_buffer_bytes(buffer_type, start, size, value.as_ptr(), value.len()) };
     status == Status::Ok
+}
+
+/// 64 random bits (std's hasher keys come from WASI `random_get`), mixed with the clock.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now().ns);
+    h.finish()
 }
 
 fn log(level: LogLevel, message: &str) {
@@ -229,12 +274,33 @@ impl Context for Root {
             .flatten()
             .and_then(|s| String::from_utf8(s).ok());
         match call {
-            Some(Call::Events(n)) => {
-                let name = match status.as_deref() {
-                    Some(s) if s.starts_with('2') => "tollgate_usage_events_sent_total",
-                    _ => "tollgate_usage_events_failed_total",
-                };
-                self.vm.count(name, n as u64);
+            Some(Call::Events(lines)) => {
+                self.vm.sending.set(false);
+                let n = lines.len() as u64;
+                match status.as_deref() {
+                    Some(s) if s.starts_with('2') => {
+                        self.vm.count("tollgate_usage_events_sent_total", n);
+                    }
+                    // Refused for good (bad lines, or a bad token): sending again cannot help.
+                    // The collector took the good lines of a 422.
+                    Some(s) if s.starts_with('4') => {
+                        self.vm.count("tollgate_usage_events_rejected_total", n);
+                        log(
+                            LogLevel::Warn,
+                            &format!("tollgate: the collector refused {n} usage events with {s}"),
+                        );
+                    }
+                    // No answer (timeout, reset) or a 5xx: sent again on a later tick. The
+                    // collector may have taken them already; it deduplicates by event id.
+                    _ => {
+                        self.vm.count("tollgate_usage_events_failed_total", n);
+                        let max = match &*self.vm.config.borrow() {
+                            Config::Ready(p) => p.filter.collector.as_ref().map(|c| c.max_queued),
+                            _ => None,
+                        };
+                        self.vm.requeue(lines, max.unwrap_or(0));
+                    }
+                }
             }
             Some(Call::Policy) => {
                 self.vm.poll.borrow_mut().in_flight = false;
@@ -312,6 +378,7 @@ impl RootContext for Root {
             local_reply: false,
             decided: false,
             may_rewrite: false,
+            arrived: Now { ms: UnixMillis(0), ns: 0 },
         }))
     }
 
@@ -328,32 +395,38 @@ impl Root {
             _ => return,
         };
         let Some(collector) = &plugin.filter.collector else { return };
+        if self.vm.sending.get() {
+            return;
+        }
         let mut events = self.vm.events.borrow_mut();
         if events.is_empty() {
             return;
         }
-        let n = events.len();
+        let n = events.len().min(MAX_BATCH);
         let mut body = String::new();
-        for e in events.iter() {
+        for e in events.iter().take(n) {
             body.push_str(e);
             body.push('\n');
         }
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", collector.path.as_str()),
+            (":authority", collector.authority.as_str()),
+            ("content-type", "application/x-ndjson"),
+        ];
+        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         let call = hostcalls::dispatch_http_call(
             &collector.cluster,
-            vec![
-                (":method", "POST"),
-                (":path", &collector.path),
-                (":authority", &collector.authority),
-                ("content-type", "application/x-ndjson"),
-            ],
+            headers,
             Some(body.as_bytes()),
             vec![],
             Duration::from_millis(collector.timeout_ms),
         );
         match call {
             Ok(token) => {
-                events.clear();
-                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Events(n));
+                let lines: Vec<String> = events.drain(..n).collect();
+                self.vm.sending.set(true);
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Events(lines));
             }
             Err(status) => {
                 log(LogLevel::Warn, &format!("tollgate: collector call failed: {status:?}"));
@@ -464,6 +537,9 @@ struct Http {
     decided: bool,
     /// The request's `content-length` was removed so that its body may be rewritten.
     may_rewrite: bool,
+    /// When the request headers arrived: the time its decision is made at (one clock read
+    /// fewer per request; the body follows within the request's own upload time).
+    arrived: Now,
 }
 
 impl Context for Http {}
@@ -490,12 +566,11 @@ impl Http {
     fn decide(&mut self, plugin: &Plugin, body: &[u8]) -> Action {
         self.decided = true;
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
-        let result = exchange.decide(plugin, &self.vm.budgets, body, now());
+        let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
             Ok(()) => {
-                let model = exchange.model().unwrap_or("-").to_owned();
-                let reason = exchange.reason().unwrap_or("-").to_owned();
-                self.vm.decision("allow", &reason, &model);
+                let model = exchange.model().unwrap_or("-");
+                self.vm.decision("allow", exchange.reason().unwrap_or("-"), model);
                 Action::Continue
             }
             Err(denial) => {
@@ -574,26 +649,21 @@ impl HttpContext for Http {
         };
         match Exchange::start(&plugin, head, header, t) {
             Ok(exchange) => {
-                if !plugin.filter.forward_attribution {
-                    for name in plugin.engine.attribution().header_names() {
-                        if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
-                            let _ =
-                                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                        }
-                    }
-                }
                 // Headers go upstream before the body is seen (G3): a body that may be
                 // rewritten loses its length now.
-                if plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body() {
-                    if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
-                        let _ = hostcalls::set_map_value(
-                            MapType::HttpRequestHeaders,
-                            "content-length",
-                            None,
-                        );
-                    }
-                    self.may_rewrite = true;
+                let rewrite =
+                    plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body();
+                let attribution = plugin.engine.attribution();
+                let dropped = |name: &str| {
+                    (!plugin.filter.forward_attribution
+                        && attribution.header_names().any(|a| name.eq_ignore_ascii_case(a)))
+                        || (rewrite && name.eq_ignore_ascii_case("content-length"))
+                };
+                for (name, _) in headers.iter().filter(|(n, _)| dropped(n)) {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
+                self.may_rewrite = rewrite;
+                self.arrived = t;
                 self.exchange = Some(exchange);
                 if end_of_stream {
                     return self.decide(&plugin, &[]);
@@ -645,16 +715,16 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten()
-            .and_then(|s| s.parse().ok())
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
             .unwrap_or(0);
-        for (name, value) in exchange.response_headers(status) {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
-        }
         if exchange.rewrites_response() {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        }
+        for (name, value) in exchange.response_headers(status) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         if end_of_stream {
             exchange.response_ended();
@@ -695,7 +765,7 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         let Some(mut exchange) = self.exchange.take() else { return };
         let Ok(plugin) = self.plugin() else { return };
-        let Some(event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
+        let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
         {
             let mut counters = self.vm.counters.borrow_mut();
             let mut recorder = self.vm.recorder.borrow_mut();
@@ -715,6 +785,7 @@ impl HttpContext for Http {
             }
         }
         if let Some(collector) = &plugin.filter.collector {
+            event.event_id = self.vm.next_event_id();
             if let Ok(line) = serde_json::to_string(&event) {
                 let mut events = self.vm.events.borrow_mut();
                 if events.len() >= collector.max_queued {

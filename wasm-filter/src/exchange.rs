@@ -19,6 +19,7 @@ use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
+use tollgate_core::pricing::Cost;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -104,10 +105,15 @@ pub struct Exchange {
     out: Vec<u8>,
 }
 
-/// A finished request: its usage event and what to count.
+/// A finished request: its usage event and what to count. The wire format of the collector
+/// (`proxy/src/ingest.rs` reads it): one JSON object per line.
 #[derive(Debug, Serialize)]
 pub struct UsageEvent {
+    /// Unique per event (set by the glue, see `envoy.rs`): a collector deduplicates a resent
+    /// batch by it.
+    pub event_id: String,
     pub ts: String,
+    pub ts_ms: u64,
     pub request_id: String,
     pub agent: String,
     pub cost_center: String,
@@ -117,6 +123,8 @@ pub struct UsageEvent {
     pub model: Option<String>,
     pub tool: Option<String>,
     pub tokens: Usage,
+    /// By bucket; `total` equals `cost_usd`.
+    pub cost: Cost,
     pub cost_usd: Money,
     pub cost_nano_usd: i64,
     pub decision: &'static str,
@@ -402,19 +410,21 @@ fn store_failed(plugin: &Plugin) -> Result<(), Denial> {
 
 impl Exchange {
     /// Headers to add to the upstream's response (the decision), and records its status.
-    pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, String)> {
+    /// Borrowed: the glue copies them into the host's map without allocating here.
+    pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, &str)> {
         self.status = status;
-        let mut headers = vec![("x-request-id", self.request_id.clone())];
+        let mut headers = Vec::with_capacity(5);
+        headers.push(("x-request-id", self.request_id.as_str()));
         match &self.admitted {
             Some(a) => {
-                headers.push(("x-tollgate-decision", "allow".to_owned()));
-                headers.push(("x-tollgate-reason", a.reason.clone()));
-                headers.push(("x-tollgate-clause", a.clause.clone()));
-                headers.push(("x-tollgate-policy-version", a.policy_version.clone()));
+                headers.push(("x-tollgate-decision", "allow"));
+                headers.push(("x-tollgate-reason", a.reason.as_str()));
+                headers.push(("x-tollgate-clause", a.clause.as_str()));
+                headers.push(("x-tollgate-policy-version", a.policy_version.as_str()));
             }
             None => {
-                headers.push(("x-tollgate-decision", "bypass".to_owned()));
-                headers.push(("x-tollgate-reason", "fail_open".to_owned()));
+                headers.push(("x-tollgate-decision", "bypass"));
+                headers.push(("x-tollgate-reason", "fail_open"));
             }
         }
         headers
@@ -469,23 +479,26 @@ impl Exchange {
         let cost = if llm {
             match &model {
                 Some(m) if !usage.is_empty() => {
-                    plugin.engine.rates().price(m, usage).map_or(Money::ZERO, |p| p.cost.total)
+                    plugin.engine.rates().price(m, usage).map_or(Cost::ZERO, |p| p.cost)
                 }
-                _ => Money::ZERO,
+                _ => Cost::ZERO,
             }
-        } else if ok {
-            a.tool_cost.unwrap_or(Money::ZERO)
         } else {
-            Money::ZERO
+            let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
+            Cost { per_call: total, total, ..Cost::ZERO }
         };
         let warnings = match a.reservation {
-            Some(r) => budgets.settle(r, cost, now.ms).map(|s| s.warnings).unwrap_or_default(),
+            Some(r) => {
+                budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default()
+            }
             None => Vec::new(),
         };
         let who = &self.who;
         let s = |v: &Option<String>| v.clone().unwrap_or_default();
         Some(UsageEvent {
+            event_id: String::new(),
             ts: now.ms.to_string(),
+            ts_ms: now.ms.0,
             request_id: self.request_id.clone(),
             agent: s(&who.agent),
             cost_center: s(&who.cost_center),
@@ -499,8 +512,9 @@ impl Exchange {
             model,
             tool: a.tool,
             tokens: usage,
-            cost_usd: cost,
-            cost_nano_usd: cost.nanos(),
+            cost_usd: cost.total,
+            cost_nano_usd: cost.total.nanos(),
+            cost,
             decision: "allow",
             reason: a.reason,
             clause: a.clause,

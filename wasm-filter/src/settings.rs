@@ -45,6 +45,11 @@ pub struct Collector {
     /// Events kept per VM while the collector is slow or down; older ones are dropped (and
     /// counted) beyond this.
     pub max_queued: usize,
+    /// Extra request headers, e.g. `authorization` for the Tollgate proxy's ingest endpoint:
+    /// `headers` as given, plus `authorization: Bearer <token>` from the environment variable
+    /// named by `token_env` (read once per configuration; Envoy passes it in with
+    /// `vm_config.environment_variables`, Istio with `vmConfig.env`).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Where newer policies come from: polled with `GET` (and `If-None-Match`) through an Envoy
@@ -230,12 +235,40 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
     let flush_ms = obj.get("flush").and_then(|f| f.duration_ms(cx));
     let timeout_ms = obj.get("timeout").and_then(|f| f.duration_ms(cx));
     let max_queued = obj.get("max_queued").and_then(|f| f.u64(cx));
-    obj.finish(cx, &["cluster", "authority", "path", "flush", "timeout", "max_queued"]);
+    let mut headers = Vec::new();
+    if let Some(f) = obj.get("headers") {
+        {
+            for (name, value) in f.entries(cx) {
+                let valid = !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                match value.non_empty_str(cx) {
+                    Some(v) if valid => headers.push((name.to_ascii_lowercase(), v.to_owned())),
+                    Some(_) => value.error(cx, "not a valid header name"),
+                    None => {}
+                }
+            }
+        }
+    }
+    if let Some(f) = obj.get("token_env") {
+        if let Some(var) = f.non_empty_str(cx) {
+            match std::env::var(var) {
+                Ok(token) if !token.is_empty() => {
+                    headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+                }
+                _ => f.error(cx, format!("the environment variable `{var}` is not set")),
+            }
+        }
+    }
+    obj.finish(
+        cx,
+        &["cluster", "authority", "path", "flush", "timeout", "max_queued", "headers", "token_env"],
+    );
     let cluster = cluster?.to_owned();
     Some(Collector {
+        headers,
         authority: authority.unwrap_or(&cluster).to_owned(),
         cluster,
-        path: path.unwrap_or("/v1/usage-events").to_owned(),
+        path: path.unwrap_or("/v1/usage/events").to_owned(),
         flush_ms: flush_ms.unwrap_or(1000),
         timeout_ms: timeout_ms.unwrap_or(5000),
         max_queued: max_queued.map_or(10_000, |n| usize::try_from(n).unwrap_or(usize::MAX)),
@@ -309,8 +342,34 @@ mod tests {
                 flush_ms: 2000,
                 timeout_ms: 5000,
                 max_queued: 10_000,
+                headers: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn collector_headers_and_a_token_from_the_environment() {
+        std::env::set_var("TOLLGATE_WASM_TEST_TOKEN", "s3cret");
+        let text = format!(
+            r#"{{"filter": {{"collector": {{"cluster": "tollgate", "headers": {{"X-Tenant": "a"}},
+                "token_env": "TOLLGATE_WASM_TEST_TOKEN"}}}}, {POLICY}}}"#
+        );
+        let c = Plugin::from_document(&text).unwrap().filter.collector.unwrap();
+        assert_eq!(
+            c.headers,
+            [
+                ("x-tenant".to_owned(), "a".to_owned()),
+                ("authorization".to_owned(), "Bearer s3cret".to_owned())
+            ]
+        );
+        let text = format!(
+            r#"{{"filter": {{"collector": {{"cluster": "c", "headers": {{"bad name": "a"}},
+                "token_env": "TOLLGATE_WASM_TEST_UNSET"}}}}, {POLICY}}}"#
+        );
+        let errors = Plugin::from_document(&text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["filter.collector.headers.bad name", "filter.collector.token_env"]);
+        assert!(errors[1].message.contains("TOLLGATE_WASM_TEST_UNSET"), "{errors:?}");
     }
 
     #[test]

@@ -9,13 +9,15 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{Collector, Envoy, PolicyServer};
+use support::{Collector, Envoy, PolicyServer, Relay};
 use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Effect, Facts, RouteKind};
+use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
+use tollgate_e2e::decisions::{Outcome, Table};
+use tollgate_e2e::harness::Harness;
 use tollgate_e2e::mock::MockUpstream;
 
 const POLICY: &str = r#"{
@@ -76,7 +78,6 @@ fn filter_in_real_envoy() {
     sse_chunks_are_not_held_back(&envoy, &collector);
     openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
-    decisions_equal_the_core_pipeline_for_the_shared_table(&envoy);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
 }
@@ -266,139 +267,151 @@ fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
     assert!((1..=30).contains(&retry), "retry-after {retry}");
 }
 
-/// The table shared with the sidecar's decision path: each case is run through the filter in
-/// Envoy and through `tollgate_core` in the sidecar's order (attribution → policy → price →
-/// cost cap), and must come out the same: status, reason, clause and policy version.
-fn decisions_equal_the_core_pipeline_for_the_shared_table(envoy: &Envoy) {
-    let cases: Vec<Case> = vec![
-        (
-            "/v1/chat/completions",
-            who("bot-2"),
-            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            [who("bot-3"), vec![("x-agent-tier", "4")]].concat(),
-            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
-        ),
-        (
-            "/v1/chat/completions",
-            [who("bot-3"), vec![("x-agent-tier", "3")]].concat(),
-            json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}),
-        ),
-        (
-            "/v1/messages",
-            [who("bot-4"), vec![("x-business-unit", "sales")]].concat(),
-            json!({"model": "claude-opus-4-1", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/messages",
-            [who("bot-4"), vec![("x-business-unit", "research")]].concat(),
-            json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            who("capped-bot"),
-            json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}),
-        ),
-        (
-            "/v1/chat/completions",
-            who("capped-bot"),
-            json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}),
-        ),
-        ("/v1/chat/completions", who("bot-5"), json!({"model": "no-such-model", "messages": []})),
-        (
-            "/v1/chat/completions",
-            vec![
-                ("x-agent-id", "Bad Agent"),
-                ("x-cost-center", "CC-1"),
-                ("x-project-id", "PROJ-ABC123"),
-            ],
-            json!({"model": "gpt-4o"}),
-        ),
-        ("/internal/admin", who("bot-6"), json!({})),
-        (
-            "/mcp",
-            who("bot-7"),
-            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "shell", "arguments": {}}}),
-        ),
-    ];
-    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
-    for (path, headers, body) in &cases {
-        let bytes = serde_json::to_vec(body).unwrap();
-        let expected = sidecar_decision(&engine, path, headers, &bytes);
-        let mut h = headers.clone();
-        h.push(("content-type", "application/json"));
-        h.push(("x-mock-output-tokens", "1"));
-        let r = envoy.request("POST", path, &h, &bytes);
-        let got = (
-            r.status,
-            r.header("x-tollgate-reason").map(str::to_owned),
-            r.header("x-tollgate-clause").map(str::to_owned),
-            r.header("x-tollgate-policy-version").map(str::to_owned),
-        );
-        assert_eq!(
-            got,
-            expected,
-            "{path} {headers:?} {body}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-    }
-}
-
-/// Path, request headers, JSON body.
-type Case = (&'static str, Vec<(&'static str, &'static str)>, Value);
-
-type Outcome = (u16, Option<String>, Option<String>, Option<String>);
-
-/// The sidecar's pipeline (`proxy/src/pipeline.rs`) up to forwarding, on `tollgate_core`.
-fn sidecar_decision(engine: &Engine, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Outcome {
-    let version = Some(engine.policy().version().to_owned());
-    let lookup = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-    let identity = match engine.attribution().check(lookup) {
-        Ok(i) => i,
-        Err(_) => return (403, Some("attribution_rejected".into()), None, None),
-    };
-    let api = Api::from_path(path);
-    let mcp = path.starts_with("/mcp");
-    let info = inspect::inspect(api, body).unwrap_or_default();
-    let tool = if mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
-    let kind = match (api, &tool) {
-        (Some(_), _) => RouteKind::Llm,
-        (None, Some(_)) => RouteKind::Tool,
-        _ => RouteKind::Other,
-    };
-    let facts = Facts {
-        provider: api.map(|a| a.provider().as_str()).or(mcp.then_some("mcp")),
-        model: info.model.as_deref(),
-        tool: tool.as_deref(),
-        host: Some("localhost"),
-        method: Some("POST"),
-        path: Some(path),
-        ..Facts::from_identity(&identity, kind)
-    };
-    let d = engine.policy().evaluate(&facts);
-    let with = |status: u16, reason: &str| {
-        (status, Some(reason.to_owned()), Some(d.clause.to_owned()), version.clone())
-    };
-    match d.effect {
-        Effect::Deny | Effect::RequireApproval => return with(403, d.reason),
-        Effect::Allow => {}
-    }
-    if api.is_some() {
-        let max = info.max_output_tokens.unwrap_or(4096);
-        let Ok(worst) = engine.rates().worst_case(
-            info.model.as_deref().unwrap_or(""),
-            info.input_estimate_tokens,
-            max,
-        ) else {
-            return with(403, "unknown_model");
-        };
-        if d.limits.max_cost_per_request.is_some_and(|cap| worst.cost.total > cap) {
-            return with(403, "cost_limit_exceeded");
+/// The shared decision table (`tests/fixtures/decisions.json`) through the filter in Envoy:
+/// every case must get the table's status and decision headers, as the sidecar must in
+/// `tests/tests/decisions.rs`.
+#[test]
+fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
+    let table = Table::load();
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let plugin = json!({"filter": {"fail": "closed"}, "policy": table.policy}).to_string();
+    let envoy = Envoy::start(&plugin, mock.addr().port(), support::free_port());
+    let mut failures = Vec::new();
+    for case in &table.cases {
+        let mut headers: Vec<(&str, &str)> =
+            case.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        headers.push(("x-mock-output-tokens", "1"));
+        let r = envoy.request("POST", &case.path, &headers, &case.body);
+        let got = Outcome::of(r.status, |n| r.header(n));
+        if got != case.expect {
+            failures.push(format!(
+                "{}: got {got:?}, want {:?}: {}",
+                case.name,
+                case.expect,
+                String::from_utf8_lossy(&r.body)
+            ));
         }
     }
-    with(200, d.reason)
+    assert!(table.cases.len() >= 10, "the table has its cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// The Tollgate proxy as the mesh's usage collector: the filter posts its events to the proxy's
+/// `POST /v1/usage/events` (bearer token from `collector.headers`), the proxy writes them to its
+/// ledger, and its invoice shows the tokens and cost of the requests that went through Envoy.
+/// The first answer is lost on the way back (a relay swallows it), so the filter sends that
+/// batch again: it is billed once. Replaying a batch by hand is billed once too.
+#[test]
+fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
+    let rt = runtime();
+    let proxy = rt.block_on(Harness::builder().start());
+    let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Relay::start(admin_port, 1);
+    let plugin = format!(
+        r#"{{"filter": {{"tick": "100ms", "collector": {{"cluster": "collector",
+            "path": "/v1/usage/events", "timeout": "2s",
+            "headers": {{"authorization": "Bearer {}"}}}}}}, "policy": {POLICY}}}"#,
+        proxy.token
+    );
+    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), relay.port);
+
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let mut expected = Money::ZERO;
+    let sent = [("mesh-1", 1200, 300, 40), ("mesh-2", 800, 0, 25), ("mesh-3", 50, 0, 7)];
+    for (id, input, cached, output) in sent {
+        let (input, cached, output) = (input.to_string(), cached.to_string(), output.to_string());
+        let mut h = who("mesh-bot");
+        h.extend([
+            ("x-request-id", id),
+            ("x-mock-input-tokens", input.as_str()),
+            ("x-mock-cached-tokens", cached.as_str()),
+            ("x-mock-output-tokens", output.as_str()),
+        ]);
+        let r = envoy.request("POST", "/v1/chat/completions", &h, &chat("gpt-4o", 100));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let usage = Usage {
+            input: input.parse::<u64>().unwrap() - cached.parse::<u64>().unwrap(),
+            cached_input: cached.parse().unwrap(),
+            output: output.parse().unwrap(),
+            ..Usage::default()
+        };
+        expected += engine.rates().price("gpt-4o", usage).unwrap().cost.total;
+    }
+
+    let mesh_records = || -> Vec<Value> {
+        rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mesh_records().len() < sent.len() || envoy.metric("tollgate_usage_events_sent_total") < 3
+    {
+        assert!(Instant::now() < deadline, "events missing: {:?}", mesh_records());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(relay.dropped.load(std::sync::atomic::Ordering::SeqCst) >= 1, "an answer was lost");
+    assert!(envoy.metric("tollgate_usage_events_failed_total") >= 1, "and the batch was resent");
+    let records = mesh_records();
+    let mut ids: Vec<&str> = records.iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["mesh-1", "mesh-2", "mesh-3"], "each request billed once: {records:?}");
+    let mesh1 = records.iter().find(|r| r["request_id"] == "mesh-1").unwrap();
+    assert_eq!(
+        mesh1["tokens"],
+        json!({"input": 900, "cached_input": 300, "cache_write": 0, "output": 40, "reasoning": 0})
+    );
+    assert_eq!(
+        (mesh1["agent"].as_str(), mesh1["type"].as_str()),
+        (Some("mesh-bot"), Some("usage"))
+    );
+
+    // The proxy's invoice for the agent: exactly what the filter metered, to the nano-dollar.
+    let period = &UnixMillis(now_ms()).to_string()[..7];
+    let invoice = |rt: &tokio::runtime::Runtime| {
+        let path = format!("/admin/invoice?period={period}&group_by=agent&format=json");
+        let reply = rt.block_on(proxy.admin_get(&path, true));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let all = reply.json();
+        all["invoices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["group"] == "mesh-bot")
+            .cloned()
+            .unwrap()
+    };
+    let before = invoice(&rt);
+    assert_eq!(before["requests"], 3);
+    assert_eq!(Money::parse(before["total"].as_str().unwrap()).unwrap(), expected, "{before}");
+    let line = |inv: &Value, kind: &str| {
+        inv["lines"].as_array().unwrap().iter().find(|l| l["kind"] == kind).unwrap()["quantity"]
+            .clone()
+    };
+    assert_eq!(
+        (line(&before, "input"), line(&before, "cached_input"), line(&before, "output")),
+        (json!(1200 - 300 + 800 + 50), json!(300), json!(40 + 25 + 7))
+    );
+
+    // A batch sent again by hand, as the filter would after a timeout: all duplicates.
+    let batch = relay.sent.lock().unwrap()[0].clone();
+    let at = batch.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = &batch[at..];
+    let auth = format!("Bearer {}", proxy.token);
+    let r =
+        support::request(admin_port, "POST", "/v1/usage/events", &[("authorization", &auth)], body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    assert_eq!(answer["accepted"], 0, "{answer}");
+    assert!(answer["duplicates"].as_u64().unwrap() >= 1, "{answer}");
+    assert_eq!(invoice(&rt)["total"], before["total"], "a resent batch is not billed twice");
+    assert_eq!(mesh_records().len(), 3);
+    let r = support::request(admin_port, "POST", "/v1/usage/events", &[], body);
+    assert_eq!(r.status, 401, "the endpoint needs the admin token");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// A configuration that does not compile is reported (log and metric) and each request follows

@@ -13,6 +13,19 @@ fn read(path: &str) -> String {
 }
 
 #[test]
+fn envoy_plugin_with_the_tollgate_collector_compiles() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t0ken");
+    let plugin = Plugin::from_document(&read("envoy/plugin-tollgate.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let collector = plugin.filter.collector.unwrap();
+    assert_eq!(
+        (collector.cluster.as_str(), collector.path.as_str()),
+        ("collector", "/v1/usage/events")
+    );
+    assert!(collector.headers.contains(&("authorization".into(), "Bearer t0ken".into())));
+}
+
+#[test]
 fn envoy_plugin_json_compiles() {
     let plugin =
         Plugin::from_document(&read("envoy/plugin.json")).unwrap_or_else(|e| panic!("{e}"));
@@ -40,7 +53,12 @@ fn istio_plugin_config() -> String {
 
 #[test]
 fn istio_plugin_config_compiles() {
+    // What `vmConfig.env` gives the VM.
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t0ken");
     let plugin = Plugin::from_document(&istio_plugin_config()).unwrap_or_else(|e| panic!("{e}"));
+    let collector = plugin.filter.collector.as_ref().unwrap();
+    assert_eq!(collector.path, "/v1/usage/events");
+    assert!(collector.headers.contains(&("authorization".into(), "Bearer t0ken".into())));
     assert_eq!(plugin.filter.max_label_values, 500);
     assert_eq!(plugin.engine.policy().rules().len(), 2);
     assert!(plugin.engine.rates().resolve("my-finetune").is_some());

@@ -431,3 +431,69 @@ fn serve_policy(
         }
     }
 }
+
+/// A TCP relay to `target` that records each request's bytes and, on its first `drop_first`
+/// connections, swallows the target's answer and closes instead: the sender sees a reset after
+/// the target has done the work (a lost response, as after a timeout).
+pub struct Relay {
+    pub port: u16,
+    /// Bytes sent by the client, per connection.
+    pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Responses swallowed so far.
+    pub dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    pub fn start(target: u16, drop_first: usize) -> Relay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (log, swallowed) = (sent.clone(), dropped.clone());
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().flatten().enumerate() {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let drop_answer = n < drop_first;
+                let index = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Vec::new());
+                    log.len() - 1
+                };
+                let (mut c_read, mut u_write) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 || u_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        log.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+                    }
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                });
+                let swallowed = swallowed.clone();
+                std::thread::spawn(move || {
+                    let (mut u_read, mut c_write) = (upstream, client);
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = u_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if drop_answer {
+                            swallowed.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Both);
+                    let _ = u_read.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Relay { port, sent, dropped }
+    }
+}
