@@ -7,6 +7,8 @@
 //! value (`$.options.paths[2]`) and a short sanitised excerpt of the match, never the whole value
 //! (arguments may hold secrets or megabytes).
 
+use std::sync::OnceLock;
+
 use regex::{Regex, RegexSet, RegexSetBuilder};
 use serde_json::Value;
 
@@ -18,42 +20,65 @@ pub const MAX_EXCERPT_CHARS: usize = 40;
 
 const MAX_KEY_CHARS: usize = 64;
 
-/// The compiled forbidden patterns of one action (case-insensitive).
+/// The forbidden patterns of one action (case-insensitive), checked when configured and
+/// compiled for matching on the first scan: the automata of the default patterns take ~1.2 MB,
+/// which a deployment that never scans tool arguments should not hold.
 #[derive(Clone, Debug)]
 pub struct Patterns {
+    sources: Vec<String>,
+    compiled: OnceLock<Compiled>,
+}
+
+#[derive(Clone, Debug)]
+struct Compiled {
     set: RegexSet,
     // Individual regexes, used only after the set matched, to locate the match for the excerpt.
     each: Vec<Regex>,
 }
 
-impl PartialEq for Patterns {
-    fn eq(&self, other: &Self) -> bool {
-        self.set.patterns() == other.set.patterns()
-    }
-}
-
-impl Patterns {
-    /// Compiles `sources` case-insensitively.
-    pub fn compile<S: AsRef<str>>(sources: &[S]) -> Result<Patterns, regex::Error> {
+impl Compiled {
+    fn build<S: AsRef<str>>(sources: &[S]) -> Result<Compiled, regex::Error> {
         let set = RegexSetBuilder::new(sources).case_insensitive(true).build()?;
         let each = sources
             .iter()
             .map(|s| regex::RegexBuilder::new(s.as_ref()).case_insensitive(true).build())
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Patterns { set, each })
+        Ok(Compiled { set, each })
+    }
+}
+
+impl PartialEq for Patterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.sources == other.sources
+    }
+}
+
+impl Patterns {
+    /// Checks that `sources` compile (case-insensitively); the compiled form is dropped and
+    /// built again on the first [`Patterns::scan`].
+    pub fn compile<S: AsRef<str>>(sources: &[S]) -> Result<Patterns, regex::Error> {
+        Compiled::build(sources)?;
+        let sources = sources.iter().map(|s| s.as_ref().to_owned()).collect();
+        Ok(Patterns { sources, compiled: OnceLock::new() })
+    }
+
+    fn compiled(&self) -> &Compiled {
+        self.compiled.get_or_init(|| {
+            Compiled::build(&self.sources).expect("patterns compiled when they were configured")
+        })
     }
 
     /// The pattern sources, in configuration order.
     pub fn sources(&self) -> &[String] {
-        self.set.patterns()
+        &self.sources
     }
 
     pub fn len(&self) -> usize {
-        self.each.len()
+        self.sources.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.each.is_empty()
+        self.sources.is_empty()
     }
 
     /// The first string in `args` that matches a pattern, or arguments nested too deeply.
@@ -72,6 +97,7 @@ impl Patterns {
         Some(match hit.kind {
             HitKind::Pattern { index, value } => {
                 let excerpt = self
+                    .compiled()
                     .each
                     .get(index)
                     .and_then(|r| r.find(value))
@@ -88,24 +114,28 @@ impl Patterns {
     }
 
     fn walk<'v>(&self, v: &'v Value, depth: usize) -> Option<Hit<'v>> {
+        self.walk_in(self.compiled(), v, depth)
+    }
+
+    fn walk_in<'v>(&self, c: &Compiled, v: &'v Value, depth: usize) -> Option<Hit<'v>> {
         if depth > MAX_DEPTH {
             return Some(Hit { kind: HitKind::TooDeep, path_rev: Vec::new() });
         }
         match v {
             Value::String(s) => {
-                if !self.set.is_match(s) {
+                if !c.set.is_match(s) {
                     return None;
                 }
-                let index = self.set.matches(s).iter().next().unwrap_or(0);
+                let index = c.set.matches(s).iter().next().unwrap_or(0);
                 Some(Hit { kind: HitKind::Pattern { index, value: s }, path_rev: Vec::new() })
             }
             Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-                let mut hit = self.walk(item, depth + 1)?;
+                let mut hit = self.walk_in(c, item, depth + 1)?;
                 hit.path_rev.push(Seg::Index(i));
                 Some(hit)
             }),
             Value::Object(map) => map.iter().find_map(|(k, item)| {
-                let mut hit = self.walk(item, depth + 1)?;
+                let mut hit = self.walk_in(c, item, depth + 1)?;
                 hit.path_rev.push(Seg::Key(k));
                 Some(hit)
             }),
