@@ -110,8 +110,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     if let Some(dir) = overrides.data_dir {
         config.data_dir = dir;
     }
-    let proxy = TcpListener::bind(config.listen)
-        .await
+    let proxy = crate::server::bind(config.listen)
         .with_context(|| format!("binding the proxy listener {}", config.listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await

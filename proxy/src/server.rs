@@ -16,10 +16,21 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::framing::FramingGuard;
 use crate::upstream::Body;
+
+/// Binds `addr` with the longest accept queue the kernel allows (`net.core.somaxconn` caps the
+/// request), as Envoy does: a burst of connections, such as a thousand agents starting at once,
+/// waits in the queue instead of overflowing it and retrying a second later (tokio's default
+/// queue is 1,024).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
+}
 
 /// Connection-level limits.
 #[derive(Clone, Debug)]
@@ -117,5 +128,36 @@ pub async fn serve<H: Handler>(
         () = tokio::time::sleep(limits.drain) => {
             tracing::warn!(drain = ?limits.drain, "in-flight requests did not finish in time");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1,500 clients connect at once while nothing accepts: every handshake completes, because
+    /// the accept queue is longer than tokio's default of 1,024 (where the rest would wait for
+    /// a SYN retransmission, a second or more later).
+    #[tokio::test]
+    async fn a_burst_longer_than_the_default_accept_queue_completes_its_handshakes() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(somaxconn >= 1500, "net.core.somaxconn is {somaxconn}: this test needs 1,500");
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connect_all = async {
+            let mut streams = Vec::with_capacity(1500);
+            for _ in 0..1500 {
+                streams.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+            }
+            streams
+        };
+        let streams = tokio::time::timeout(Duration::from_millis(900), connect_all)
+            .await
+            .expect("every handshake completes before a SYN retransmission");
+        assert_eq!(streams.len(), 1500);
+        drop(listener);
     }
 }
