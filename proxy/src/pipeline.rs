@@ -135,7 +135,8 @@ impl Handler for Proxy {
     async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
         if let Some(forward) = &self.shared.forward {
             if crate::forward::is_forward(&req) {
-                return crate::forward::handle(self, forward, req).await;
+                // Boxed like `handle`: the slot hyper keeps per connection stays small.
+                return Box::pin(crate::forward::handle(self, forward, req)).await;
             }
         }
         let connect = req.method() == http::Method::CONNECT;
