@@ -134,8 +134,9 @@ impl MockUpstream {
     }
 
     async fn start_with(tls: Option<(tokio_rustls::TlsAcceptor, String)>) -> MockUpstream {
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-            .await
+        // The proxy's bind: a long accept queue, so that a burst of a thousand connections (the
+        // load test's streams) is not dropped and retried a second later.
+        let listener = tollgate::server::bind((std::net::Ipv4Addr::LOCALHOST, 0).into())
             .unwrap_or_else(|e| panic!("mock upstream: cannot bind 127.0.0.1:0: {e}"));
         let addr = listener
             .local_addr()

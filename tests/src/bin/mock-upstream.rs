@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use tokio::net::TcpListener;
 
 const USAGE: &str = "usage: mock-upstream [--listen ADDR]   (default 127.0.0.1:18080)";
 const DEFAULT_LISTEN: &str = "127.0.0.1:18080";
@@ -19,7 +18,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match TcpListener::bind(addr).await {
+    let listener = match tollgate::server::bind(addr) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("mock-upstream: cannot bind {addr}: {e}");
