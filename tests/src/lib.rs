@@ -12,3 +12,4 @@ pub mod exposition;
 pub mod harness;
 pub mod mock;
 pub mod process;
+pub mod sdk;

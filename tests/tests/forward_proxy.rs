@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_e2e::harness::{read_ledger, tags, temp_dir};
 use tollgate_e2e::mock::MockUpstream;
+use tollgate_e2e::sdk::{self, Checks};
 
 const HOSTS: [&str; 2] = ["api.openai.com", "api.anthropic.com"];
 
@@ -473,32 +473,18 @@ async fn tunnel_mode_passes_other_hosts_but_never_loopback_unless_allowed() {
     assert!(f.ledger().await.is_empty());
 }
 
-fn python() -> PathBuf {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run ./scripts/test, which installs the openai and anthropic SDKs there",
-        python.display()
-    );
-    python
-}
-
 #[tokio::test]
 async fn official_sdks_work_unmodified_through_https_proxy() {
     let policy = "version: v1\ndefaults: {llm: allow}\n\
                   budgets: [{id: broke, scope: agent, key: sdk-broke, period: daily, amount: \"0.01\"}]\n";
     let f = Forward::start(policy, "").await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/forward_proxy.py");
     let proxy = format!("http://{}", f.addr);
-    let mut command = tokio::process::Command::new(python());
+    let mut command = sdk::command("forward_proxy.py");
     command
-        .arg(&script)
         .arg(f.addr.to_string())
         .env("HTTPS_PROXY", &proxy)
         .env("HTTP_PROXY", &proxy)
-        .env("SSL_CERT_FILE", &f.ca_cert)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("SSL_CERT_FILE", &f.ca_cert);
     for var in [
         "NO_PROXY",
         "no_proxy",
@@ -512,20 +498,8 @@ async fn official_sdks_work_unmodified_through_https_proxy() {
     ] {
         command.env_remove(var);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("the SDK script finished within 60 s")
-        .expect("the SDK script ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let checks: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let check = |name: &str| -> &Value {
-        checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no {name}: {stdout}"))
-    };
+    let checks = Checks::run(command).await;
+    let check = |name: &str| checks.get(name);
 
     let chat = check("openai_chat");
     assert_eq!(chat["content"], "Hello from the mock upstream");

@@ -3,50 +3,18 @@
 //! streams succeed and are metered, an untagged call raises the SDK's permission error naming
 //! the missing headers, and an exhausted budget raises a non-retried error.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-
-use serde_json::Value;
 use tollgate_e2e::harness::Harness;
-
-fn python() -> PathBuf {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run ./scripts/test, which installs the openai and anthropic SDKs there",
-        python.display()
-    );
-    python
-}
+use tollgate_e2e::sdk::{self, Checks};
 
 #[tokio::test]
 async fn official_sdks_work_through_the_reverse_proxy() {
     let policy = "version: v1\ndefaults: {llm: allow}\n\
                   budgets: [{id: broke, scope: agent, key: sdk-broke, period: daily, amount: \"0.01\"}]\n";
     let h = Harness::builder().policy(policy).start().await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/reverse_proxy.py");
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        tokio::process::Command::new(python())
-            .arg(&script)
-            .arg(&h.proxy)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .expect("the SDK script finished within 60 s")
-    .expect("the SDK script ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let checks: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let check = |name: &str| -> &Value {
-        checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no {name}: {stdout}"))
-    };
+    let mut command = sdk::command("reverse_proxy.py");
+    command.arg(&h.proxy);
+    let checks = Checks::run(command).await;
+    let check = |name: &str| checks.get(name);
 
     assert_eq!(check("openai_chat")["content"], "Hello from the mock upstream");
     let stream = check("openai_stream");

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-
 const USAGE: &str = "usage: mock-upstream [--listen ADDR]   (default 127.0.0.1:18080)";
 const DEFAULT_LISTEN: &str = "127.0.0.1:18080";
 
