@@ -200,6 +200,8 @@ pub struct ForwardProxy {
     pub allow_loopback: bool,
     /// Upstream host → address to connect to instead of resolving it (tests, private links).
     pub overrides: Vec<UpstreamOverride>,
+    /// A tunnel (`other_hosts: tunnel`) with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for ForwardProxy {
@@ -211,6 +213,7 @@ impl Default for ForwardProxy {
             other_hosts: OtherHosts::Refuse,
             allow_loopback: false,
             overrides: Vec::new(),
+            tunnel_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -630,6 +633,13 @@ fn forward_proxy(cx: &mut Cx, field: &Field<'_>) -> ForwardProxy {
         };
     }
     out.allow_loopback = o.get("allow_loopback").and_then(|f| f.bool(cx)).unwrap_or(false);
+    if let Some(f) = o.get("tunnel_idle_timeout") {
+        match f.duration_ms(cx) {
+            Some(0) => f.error(cx, "must be longer than 0"),
+            Some(ms) => out.tunnel_idle_timeout = Duration::from_millis(ms),
+            None => {}
+        }
+    }
     if let Some(f) = o.get("upstream_overrides") {
         for (host, item) in f.entries(cx) {
             let Some(mut e) = cx.object(&item) else { continue };
@@ -653,7 +663,15 @@ fn forward_proxy(cx: &mut Cx, field: &Field<'_>) -> ForwardProxy {
     let path = o.path().to_string();
     o.finish(
         cx,
-        &["enabled", "ca_cert", "ca_key", "other_hosts", "allow_loopback", "upstream_overrides"],
+        &[
+            "enabled",
+            "ca_cert",
+            "ca_key",
+            "other_hosts",
+            "allow_loopback",
+            "tunnel_idle_timeout",
+            "upstream_overrides",
+        ],
     );
     if out.enabled && (out.ca_cert.is_none() || out.ca_key.is_none()) {
         cx.error(

@@ -17,6 +17,7 @@
 //! credentials ([`target::Credentials`]); `Proxy-Authorization` itself is never forwarded.
 
 pub mod target;
+mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -154,11 +155,10 @@ async fn connect(
         Err(denial) => return refuse(shared, denial),
     };
     let upgrade = hyper::upgrade::on(&mut req);
+    let idle = shared.config.forward.tunnel_idle_timeout;
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut client = TokioIo::new(upgraded);
-        let mut upstream = tunnel;
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        tunnel::relay(TokioIo::new(upgraded), tunnel, idle).await;
     });
     Response::new(deny::full(bytes::Bytes::new()))
 }
