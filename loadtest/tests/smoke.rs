@@ -12,6 +12,9 @@ use tollgate_loadtest::scenario::Scenario;
 use tollgate_loadtest::stats::{ErrorKind, Summary};
 use tollgate_loadtest::target::tollgate_config;
 
+/// Every scenario that can run at a low rate (not the 1,000-stream one).
+const ALL: [&str; 4] = ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"];
+
 fn scenario_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
 }
@@ -29,6 +32,43 @@ fn plan(mode: Mode, duration_ms: u64) -> Plan {
         max_requests: 100_000,
         request_timeout: Duration::from_secs(5),
         grace: Duration::from_secs(1),
+    }
+}
+
+/// Starts the proxy in process on the generated `yaml`; send on the channel to stop it.
+async fn start_tollgate(yaml: &str) -> (tollgate::app::Running, tokio::sync::oneshot::Sender<()>) {
+    let config = tollgate::config::Config::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tollgate::app::start(config, proxy, admin, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    (running, stop)
+}
+
+/// Runs each scenario in `files` against `base` (40 req/s for 500 ms over `connections`) and
+/// asserts that all 20 requests of each passed.
+async fn assert_every_request_passes(
+    client: &load::HttpClient,
+    base: &str,
+    files: &[&str],
+    connections: usize,
+    what: &str,
+) {
+    for file in files {
+        let outcome = load::run(
+            client,
+            base,
+            &scenario(file),
+            &plan(Mode::Open { rate: 40, connections }, 500),
+        )
+        .await
+        .unwrap();
+        let r = &outcome.recorder;
+        assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file} {what}");
     }
 }
 
@@ -134,30 +174,10 @@ async fn refused_connections_are_counted_not_fatal() {
 async fn every_scenario_passes_through_tollgate_with_the_generated_config() {
     let mock = MockUpstream::start().await;
     let data_dir = std::env::temp_dir().join(format!("tollgate-load-smoke-{}", std::process::id()));
-    let config = tollgate_config(0, 0, mock.addr(), &data_dir);
-    let config = tollgate::config::Config::from_str(&config).unwrap_or_else(|e| panic!("{e}"));
-    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tollgate::app::start(config, proxy, admin, async move {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
+    let (running, stop) = start_tollgate(&tollgate_config(0, 0, mock.addr(), &data_dir)).await;
     let base = format!("http://{}", running.proxy_addr);
     let client = load::client(load::Connections::Reused);
-    for file in ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"] {
-        let outcome = load::run(
-            &client,
-            &base,
-            &scenario(file),
-            &plan(Mode::Open { rate: 40, connections: 8 }, 500),
-        )
-        .await
-        .unwrap();
-        let r = &outcome.recorder;
-        assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file}");
-    }
+    assert_every_request_passes(&client, &base, &ALL, 8, "reverse").await;
     let _ = stop.send(());
     running.wait().await;
     let ledger = tollgate::ledger::read_all(&data_dir).unwrap();
@@ -182,31 +202,13 @@ async fn https_proxy_mode_passes_every_request_through_the_pipeline() {
         cert.display(),
         key.display()
     ));
-    let config = tollgate::config::Config::from_str(&config).unwrap_or_else(|e| panic!("{e}"));
-    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tollgate::app::start(config, proxy, admin, async move {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
+    let (running, stop) = start_tollgate(&config).await;
     let via = format!("http://{}", running.proxy_addr);
     let base = format!("https://{}", mock.addr());
     for connections in [load::Connections::Reused, load::Connections::Fresh] {
         let client = load::proxied_client(&via, &cert, connections).unwrap();
-        for file in ["chat.yaml", "sse.yaml"] {
-            let outcome = load::run(
-                &client,
-                &base,
-                &scenario(file),
-                &plan(Mode::Open { rate: 40, connections: 4 }, 500),
-            )
-            .await
-            .unwrap();
-            let r = &outcome.recorder;
-            assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file} {connections:?}");
-        }
+        let what = format!("{connections:?}");
+        assert_every_request_passes(&client, &base, &["chat.yaml", "sse.yaml"], 4, &what).await;
     }
     let _ = stop.send(());
     running.wait().await;
@@ -243,18 +245,7 @@ async fn every_scenario_passes_through_envoy_with_the_tollgate_filter() {
     .unwrap_or_else(|e| panic!("envoy-tollgate did not start: {e}"));
     let (running, _mock) = envoy;
     let client = load::client(load::Connections::Reused);
-    for file in ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"] {
-        let outcome = load::run(
-            &client,
-            &running.base_url,
-            &scenario(file),
-            &plan(Mode::Open { rate: 40, connections: 8 }, 500),
-        )
-        .await
-        .unwrap();
-        let r = &outcome.recorder;
-        assert_eq!((r.ok, r.errors_text().as_str()), (20, "0"), "{file}");
-    }
+    assert_every_request_passes(&client, &running.base_url, &ALL, 8, "envoy-tollgate").await;
     drop(running);
     let _ = std::fs::remove_dir_all(&work_dir);
 }
