@@ -154,6 +154,8 @@ pub struct Config {
     pub admin_token_env: String,
     pub data_dir: PathBuf,
     pub routes: Vec<Route>,
+    /// `routes` as the forward proxy uses them ([`Route::for_forward`]), made once.
+    forward_routes: Vec<Route>,
     pub upstream: UpstreamSettings,
     pub limits: RequestLimits,
     pub shutdown_drain: Duration,
@@ -316,8 +318,9 @@ impl Config {
 
     /// The route for a request that came through the forward proxy to `host` (and `port`, for a
     /// `CONNECT`): among the routes whose upstream is that host, the longest path prefix.
+    /// The route comes as [`Route::for_forward`] made it.
     pub fn forward_route(&self, host: &str, port: Option<u16>, path: &str) -> Option<&Route> {
-        self.routes
+        self.forward_routes
             .iter()
             .filter(|r| r.upstream_is(host, port))
             .filter(|r| path.starts_with(&r.path_prefix))
@@ -405,6 +408,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         admin_listen,
         admin_token_env,
         data_dir,
+        forward_routes: routes.iter().map(Route::for_forward).collect(),
         routes,
         upstream,
         limits,
@@ -803,7 +807,7 @@ mod tests {
         assert!(config.intercepts("api.openai.com", 443));
         assert!(!config.intercepts("api.openai.com", 8443));
         assert!(!config.intercepts("example.com", 443));
-        let forward = config.forward_route("api.openai.com", None, "/v1/x").unwrap().for_forward();
+        let forward = config.forward_route("api.openai.com", None, "/v1/x").unwrap();
         assert_eq!(forward.upstream.to_string(), "https://api.openai.com/", "no base path");
         assert_eq!(config.forward.overrides[0].host, "api.openai.com");
     }

@@ -185,6 +185,7 @@ pub struct Oversight {
     budget: autonomy::Counters,
     loops: Option<LoopDetector>,
     breakers: Vec<(String, Mutex<Breaker>)>,
+    /// Route name → index into `breakers`.
     breaker_index: HashMap<String, usize>,
     escalation: Option<Escalation>,
     /// The disabled agents on disk, so that a restart does not re-enable them.
@@ -218,15 +219,20 @@ impl Oversight {
             ),
             None => {}
         }
-        let mut breakers = Vec::new();
+        // One breaker per upstream, found by route name (routes to one upstream share it).
+        let mut breakers: Vec<(String, Mutex<Breaker>)> = Vec::new();
         let mut breaker_index = HashMap::new();
         if let Some(bc) = config.breaker {
             for route in routes {
                 let key = upstream_key(route);
-                if !breaker_index.contains_key(&key) {
-                    breaker_index.insert(key.clone(), breakers.len());
-                    breakers.push((key, Mutex::new(Breaker::new(bc))));
-                }
+                let i = match breakers.iter().position(|(k, _)| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        breakers.push((key, Mutex::new(Breaker::new(bc))));
+                        breakers.len() - 1
+                    }
+                };
+                breaker_index.insert(route.name.clone(), i);
             }
         }
         let oversight = Oversight {
@@ -614,7 +620,7 @@ async fn gate(
     let breaker = if o.breakers.is_empty() {
         None
     } else {
-        o.breaker_index.get(&upstream_key(action.route)).copied()
+        o.breaker_index.get(action.route.name.as_str()).copied()
     };
     if let Some(i) = breaker {
         let key = &o.breakers[i].0;
@@ -693,11 +699,7 @@ async fn request(
         note: None,
         used_by_request: None,
     };
-    let store = o.approvals.clone();
-    let created = tokio::task::spawn_blocking(move || store.create(approval, now))
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))
-        .and_then(|r| r);
+    let created = o.approvals.blocking(move |store| store.create(approval, now)).await;
     match created {
         Ok(approval) => {
             let mut reasons = o.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
@@ -726,19 +728,17 @@ async fn redeem(
     now: UnixMillis,
     decision: &Decision<'_>,
 ) -> Result<(), Denial> {
-    let store = shared.oversight.approvals.clone();
     let (id_owned, agent, digest_owned, request_id) = (
         id.to_string(),
         action.agent.to_string(),
         digest.to_string(),
         action.request_id.to_string(),
     );
-    let redeemed = tokio::task::spawn_blocking(move || {
-        store.redeem(&id_owned, &agent, &digest_owned, &request_id, now)
-    })
-    .await
-    .map_err(|e| StoreError::Io(std::io::Error::other(e)))
-    .and_then(|r| r);
+    let redeemed = shared
+        .oversight
+        .approvals
+        .blocking(move |store| store.redeem(&id_owned, &agent, &digest_owned, &request_id, now))
+        .await;
     let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
     match redeemed {
         Ok(approval) => {

@@ -81,10 +81,7 @@ impl Proxy {
             None => Ok(()),
         };
         let route = match target {
-            Some(t) => shared
-                .config
-                .forward_route(&t.host, t.port, req.uri().path())
-                .map(Route::for_forward),
+            Some(t) => shared.config.forward_route(&t.host, t.port, req.uri().path()).cloned(),
             None => shared.config.route(host_of(&req), req.uri().path()).cloned(),
         };
         let shape = match route.as_ref().map(|r| r.kind) {

@@ -137,25 +137,22 @@ async fn decide(
     };
     let by = input["by"].as_str().unwrap_or("admin").chars().take(128).collect::<String>();
     let note = input["note"].as_str().map(|n| n.chars().take(1024).collect::<String>());
-    let (store, id_owned, by_owned) = (shared.oversight.approvals.clone(), id.to_string(), by);
-    let result = tokio::task::spawn_blocking(move || {
-        store.decide(&id_owned, approve, &by_owned, note.as_deref(), now())
-    })
-    .await;
+    let id_owned = id.to_string();
+    let result = shared
+        .oversight
+        .approvals
+        .blocking(move |store| store.decide(&id_owned, approve, &by, note.as_deref(), now()))
+        .await;
     match result {
-        Ok(Ok((approval, transition))) => {
+        Ok((approval, transition)) => {
             audit_approval(shared, &approval, transition, approval.decided_by.as_deref());
             Ok(json_response(StatusCode::OK, &json!(approval)))
         }
-        Ok(Err(StoreError::Unknown)) => Ok(not_found()),
-        Ok(Err(StoreError::Decide(e))) => Ok(json_response(
+        Err(StoreError::Unknown) => Ok(not_found()),
+        Err(StoreError::Decide(e)) => Ok(json_response(
             StatusCode::CONFLICT,
             &json!({"error": e.to_string(), "approval": shared.oversight.approvals.get(id)}),
         )),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "deciding an approval");
-            Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })
-        }
         Err(e) => {
             tracing::error!(error = %e, "deciding an approval");
             Err(Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error" })

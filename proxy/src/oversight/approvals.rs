@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tollgate_core::approval::{Approval, DecideError, RedeemError, State, Transition};
 use tollgate_core::time::UnixMillis;
@@ -110,6 +110,17 @@ impl Approvals {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `op` on the blocking pool (a change fsyncs the journal), off the request's thread.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: impl FnOnce(&Approvals) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || op(&store))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
