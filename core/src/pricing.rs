@@ -250,6 +250,17 @@ pub struct Model {
     /// `openai`, `anthropic`, ...: a `provider/` prefix on a request's model name must match it.
     pub provider: Option<String>,
     pub rates: Rates,
+    pub limits: ModelLimits,
+}
+
+/// What one request to a model can use at most, as the provider documents it. Unknown limits are
+/// `None`; they bound reservations and tell plausible usage reports from absurd ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ModelLimits {
+    /// The most output tokens (reasoning included) one response can have.
+    pub max_output_tokens: Option<u64>,
+    /// The most tokens, input and output together, one request can span.
+    pub context_window: Option<u64>,
 }
 
 /// Which rates a cost was computed with.
@@ -337,7 +348,19 @@ impl RateCard {
 
     /// Adds a model, replacing one of the same name.
     pub fn insert_model(&mut self, name: &str, provider: Option<&str>, rates: Rates) {
-        let model = Model { name: name.to_string(), provider: provider.map(str::to_string), rates };
+        self.insert_model_with_limits(name, provider, rates, ModelLimits::default());
+    }
+
+    /// Adds a model with its documented limits, replacing one of the same name.
+    pub fn insert_model_with_limits(
+        &mut self,
+        name: &str,
+        provider: Option<&str>,
+        rates: Rates,
+        limits: ModelLimits,
+    ) {
+        let model =
+            Model { name: name.to_string(), provider: provider.map(str::to_string), rates, limits };
         match self.model_index.get(name) {
             Some(&i) => self.models[i as usize] = model,
             None => {
@@ -375,7 +398,7 @@ impl RateCard {
     pub fn merged_over(&self, base: &RateCard) -> RateCard {
         let mut merged = base.clone();
         for m in &self.models {
-            merged.insert_model(&m.name, m.provider.as_deref(), m.rates);
+            merged.insert_model_with_limits(&m.name, m.provider.as_deref(), m.rates, m.limits);
         }
         for (name, rates) in &self.tools {
             merged.insert_tool(name, *rates);
@@ -410,6 +433,15 @@ impl RateCard {
             UnknownModelPolicy::Fallback(rates) => Ok((rates, RateSource::Fallback)),
             UnknownModelPolicy::Deny => Err(UnknownModel { model: model.to_string() }),
         }
+    }
+
+    /// The documented limits of `model` (resolved like [`RateCard::rates`]); all `None` for a
+    /// model the card does not list.
+    pub fn limits(&self, model: &str) -> ModelLimits {
+        self.resolve(model)
+            .and_then(|id| self.models.get(id.0 as usize))
+            .map(|m| m.limits)
+            .unwrap_or_default()
     }
 
     /// The cost of one request to `model` with `usage`.

@@ -20,14 +20,23 @@
 use crate::doc::{self, Cx, DocErrors, Field, Obj};
 use crate::money::Money;
 
-use super::{Rate, RateCard, Rates, ToolRates, UnknownModelPolicy};
+use super::{ModelLimits, Rate, RateCard, Rates, ToolRates, UnknownModelPolicy};
 
 /// The default card shipped with Tollgate: list prices of current OpenAI and Anthropic models.
 pub const BUILTIN: &str = include_str!("defaults.yaml");
 
 const CARD_FIELDS: &[&str] = &["version", "unknown_model", "models", "tools"];
-const MODEL_FIELDS: &[&str] =
-    &["provider", "input", "cached_input", "cache_write", "output", "reasoning", "per_call"];
+const MODEL_FIELDS: &[&str] = &[
+    "provider",
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "reasoning",
+    "per_call",
+    "max_output_tokens",
+    "context_window",
+];
 const RATE_FIELDS: &[&str] =
     &["input", "cached_input", "cache_write", "output", "reasoning", "per_call"];
 const TOOL_FIELDS: &[&str] = &["per_call", "per_gb"];
@@ -84,9 +93,13 @@ fn decode(cx: &mut Cx, field: &Field<'_>, version_required: bool) -> RateCard {
                 let Some(mut m) = cx.object(&f) else { continue };
                 let provider = m.get("provider").and_then(|p| p.non_empty_str(cx));
                 let rates = rates(cx, &mut m);
+                let limits = ModelLimits {
+                    max_output_tokens: m.get("max_output_tokens").and_then(|f| f.u64(cx)),
+                    context_window: m.get("context_window").and_then(|f| f.u64(cx)),
+                };
                 m.finish(cx, MODEL_FIELDS);
                 if let Some(rates) = rates {
-                    card.insert_model(name, provider, rates);
+                    card.insert_model_with_limits(name, provider, rates, limits);
                 }
             }
         }

@@ -21,7 +21,7 @@
 
 use crate::doc::{self, Cx, DocErrors, Field, Node, Value};
 
-use super::{Rate, RateCard, RateError, Rates, UnknownModelPolicy};
+use super::{ModelLimits, Rate, RateCard, RateError, Rates, UnknownModelPolicy};
 
 impl RateCard {
     /// Loads a card from LiteLLM's price file format (see the module docs).
@@ -55,7 +55,17 @@ impl RateCard {
             rates.cached_input = cache_read.unwrap_or(input);
             rates.cache_write = cache_write.unwrap_or(input);
             rates.reasoning = reasoning.unwrap_or(output);
-            card.insert_model(name, provider.filter(|p| !p.is_empty()), rates);
+            // Limits are informative there (not every entry has them, some are floats): a value
+            // that is not a whole number is left unknown rather than failing the card.
+            // `max_tokens` is LiteLLM's legacy field (sometimes the input limit): not read.
+            let limit = |key: &str| {
+                get(&entry, key).and_then(|f| f.node.scalar()).and_then(|s| s.parse::<u64>().ok())
+            };
+            let limits = ModelLimits {
+                max_output_tokens: limit("max_output_tokens"),
+                context_window: limit("max_input_tokens"),
+            };
+            card.insert_model_with_limits(name, provider.filter(|p| !p.is_empty()), rates, limits);
         }
         cx.finish(card)
     }

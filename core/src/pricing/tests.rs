@@ -87,6 +87,44 @@ fn builtin_list_prices() {
 }
 
 #[test]
+fn model_limits_come_from_the_card_and_resolve_like_prices() {
+    let card = RateCard::from_config(
+        "version: 1\nmodels:\n  m: {input: \"1\", output: \"2\", max_output_tokens: 16384, context_window: 128000}\n  n: {input: \"1\", output: \"2\"}\n",
+    )
+    .unwrap();
+    let m = ModelLimits { max_output_tokens: Some(16_384), context_window: Some(128_000) };
+    assert_eq!(card.limits("m"), m);
+    assert_eq!(card.limits("m-2024-08-06"), m, "a dated snapshot has its base model's limits");
+    assert_eq!(card.limits("n"), ModelLimits::default());
+    assert_eq!(card.limits("unlisted"), ModelLimits::default());
+    let over = RateCard::from_config("version: 1\nmodels:\n  x: {input: \"1\", output: \"1\"}\n")
+        .unwrap()
+        .merged_over(&card);
+    assert_eq!(over.limits("m"), m, "merging keeps the base card's limits");
+    let errors = RateCard::from_config(
+        "version: 1\nmodels:\n  m: {input: \"1\", output: \"2\", max_output_tokens: lots}\n",
+    )
+    .unwrap_err();
+    assert!(errors.to_string().contains("max_output_tokens"), "{errors}");
+}
+
+#[test]
+fn litellm_limits_are_read_and_odd_values_left_unknown() {
+    let card = RateCard::from_litellm(
+        r#"{"a": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,
+                  "max_output_tokens": 16384, "max_input_tokens": 128000, "max_tokens": 9},
+            "b": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,
+                  "max_output_tokens": 8192.5}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        card.limits("a"),
+        ModelLimits { max_output_tokens: Some(16_384), context_window: Some(128_000) }
+    );
+    assert_eq!(card.limits("b"), ModelLimits::default());
+}
+
+#[test]
 fn request_costs_are_exact_per_bucket() {
     let card = builtin();
     // (model, usage, input, cached, cache write, output, reasoning, total), USD.
