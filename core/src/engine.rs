@@ -26,7 +26,7 @@ pub struct EngineConfig<'a> {
     pub pricing: Option<Field<'a>>,
     /// `autonomy:` absent → every action resolves to `APPROVAL_REQUIRED`.
     pub autonomy: Option<Field<'a>>,
-    /// `guardrails:` absent → the seed's default action policies.
+    /// `guardrails:` absent → the default action policies.
     pub guardrails: Option<Field<'a>>,
 }
 
