@@ -13,7 +13,7 @@ use crate::autonomy;
 use crate::doc::{self, Cx, DocErrors, Field};
 use crate::guardrails::Guardrails;
 use crate::policy::Snapshot;
-use crate::pricing::RateCard;
+use crate::pricing::{RateCard, ReadFile};
 
 /// The sections of a configuration document the engine reads; each may be absent.
 #[derive(Default)]
@@ -22,12 +22,16 @@ pub struct EngineConfig<'a> {
     pub attribution: Option<Field<'a>>,
     /// `policy:` required.
     pub policy: Option<Field<'a>>,
-    /// `pricing:` a rate card merged over the built-in one; absent → the built-in card.
+    /// `pricing:` a rate card (and the LiteLLM file its `litellm_file` names) merged over the
+    /// built-in one; absent → the built-in card.
     pub pricing: Option<Field<'a>>,
     /// `autonomy:` absent → every action resolves to `APPROVAL_REQUIRED`.
     pub autonomy: Option<Field<'a>>,
     /// `guardrails:` absent → the seed's default action policies.
     pub guardrails: Option<Field<'a>>,
+    /// Reads the files a section names (`pricing.litellm_file`); `None` (an adapter that reads
+    /// no files, such as the Envoy filter) refuses such fields with an error naming them.
+    pub read_file: Option<ReadFile<'a>>,
 }
 
 /// Everything needed to decide and price a request. Cheap to clone (compiled tables are
@@ -70,7 +74,7 @@ impl EngineConfig<'_> {
             }
         };
         let rates = match &self.pricing {
-            Some(f) => RateCard::decode(cx, f).merged_over(&builtin),
+            Some(f) => RateCard::decode_section(cx, f, &builtin, self.read_file),
             None => builtin,
         };
         let autonomy = match &self.autonomy {
@@ -104,6 +108,7 @@ impl Engine {
             pricing: obj.get("pricing"),
             autonomy: obj.get("autonomy"),
             guardrails: obj.get("guardrails"),
+            read_file: None,
         }
         .compile(&mut cx);
         obj.finish(&mut cx, &["attribution", "policy", "pricing", "autonomy", "guardrails"]);

@@ -32,7 +32,8 @@ use serde::Serialize;
 use crate::money::{parse_scaled, Money, MoneyError};
 use crate::usage::Usage;
 
-pub use config::BUILTIN;
+pub use config::{ReadFile, BUILTIN};
+pub use litellm::{LiteLlmImport, Skipped};
 
 const TOKENS_PER_MILLION: u64 = 1_000_000;
 /// Bytes per GB for per-GB tool prices (decimal gigabytes, as cloud providers bill).

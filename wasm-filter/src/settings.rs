@@ -131,6 +131,7 @@ impl Plugin {
             pricing: obj.get("pricing"),
             autonomy: obj.get("autonomy"),
             guardrails: obj.get("guardrails"),
+            read_file: None,
         }
         .compile(&mut cx);
         obj.finish(&mut cx, &SECTIONS);

@@ -26,6 +26,7 @@ use super::{ModelLimits, Rate, RateCard, Rates, ToolRates, UnknownModelPolicy};
 pub const BUILTIN: &str = include_str!("defaults.yaml");
 
 const CARD_FIELDS: &[&str] = &["version", "unknown_model", "models", "tools"];
+const SECTION_FIELDS: &[&str] = &["version", "unknown_model", "litellm_file", "models", "tools"];
 const MODEL_FIELDS: &[&str] = &[
     "provider",
     "input",
@@ -46,14 +47,84 @@ impl RateCard {
     pub fn from_config(text: &str) -> Result<RateCard, DocErrors> {
         let doc = doc::parse(text)?;
         let mut cx = Cx::new();
-        let card = decode(&mut cx, &Field::root(&doc), true);
+        let (card, _) = decode(&mut cx, &Field::root(&doc), true);
         cx.finish(card)
     }
 
     /// Decodes a rate card embedded in a larger document (e.g. a policy's `pricing:` section),
-    /// where `version` is optional. Errors are recorded in `cx` with their full paths.
+    /// where `version` is optional. Errors are recorded in `cx` with their full paths. A
+    /// `litellm_file` in it is refused: see [`RateCard::decode_section`].
     pub fn decode(cx: &mut Cx, field: &Field<'_>) -> RateCard {
-        decode(cx, field, false)
+        RateCard::decode_section(cx, field, &RateCard::default(), None)
+    }
+
+    /// Decodes a config's `pricing:` section into the card to price with: the section's own
+    /// models and tools, over the LiteLLM price file its `litellm_file` names, over `base` (the
+    /// built-in card); the unknown-model outcome is the section's. The core reads no files:
+    /// `read_file` does (the proxy passes one); without it `litellm_file` is an error. A file
+    /// that cannot be read or parsed is an error on the `litellm_file` field naming the path
+    /// and, for a bad entry, the entry and its line in the file.
+    pub fn decode_section(
+        cx: &mut Cx,
+        field: &Field<'_>,
+        base: &RateCard,
+        read_file: Option<ReadFile<'_>>,
+    ) -> RateCard {
+        let (own, file) = decode(cx, field, false);
+        let litellm = file.and_then(|f| litellm_file(cx, &f, read_file));
+        match litellm {
+            Some(litellm) => own.merged_over(&litellm.merged_over(base)),
+            None => own.merged_over(base),
+        }
+    }
+
+    /// This card as a rate card document (YAML, `version: 1`) that [`RateCard::from_config`]
+    /// reads back to the same card, and that can stand under a config's `pricing:` key. A bucket
+    /// is written only where it differs from its default (`cached_input` and `cache_write` from
+    /// `input`, `reasoning` from `output`), limits only where known.
+    pub fn to_config(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("version: 1\n");
+        match self.unknown_model {
+            UnknownModelPolicy::Deny => out.push_str("unknown_model: deny\n"),
+            UnknownModelPolicy::Fallback(r) => {
+                let _ = writeln!(out, "unknown_model: {{fallback: {{{}}}}}", rate_fields(&r));
+            }
+        }
+        if self.models.is_empty() {
+            out.push_str("models: {}\n");
+        } else {
+            out.push_str("models:\n");
+        }
+        for m in &self.models {
+            let _ = write!(out, "  {}: {{", quoted(&m.name));
+            if let Some(p) = &m.provider {
+                let _ = write!(out, "provider: {}, ", quoted(p));
+            }
+            out.push_str(&rate_fields(&m.rates));
+            if let Some(n) = m.limits.max_output_tokens {
+                let _ = write!(out, ", max_output_tokens: {n}");
+            }
+            if let Some(n) = m.limits.context_window {
+                let _ = write!(out, ", context_window: {n}");
+            }
+            out.push_str("}\n");
+        }
+        if self.tools.is_empty() {
+            out.push_str("tools: {}\n");
+        } else {
+            out.push_str("tools:\n");
+        }
+        for (name, t) in &self.tools {
+            let _ = writeln!(
+                out,
+                "  {}: {{per_call: \"{}\", per_gb: \"{}\"}}",
+                quoted(name),
+                t.per_call,
+                t.per_gb
+            );
+        }
+        out
     }
 
     /// The embedded default card ([`BUILTIN`]). It is parsed by a test, so this only fails if
@@ -63,11 +134,73 @@ impl RateCard {
     }
 }
 
-fn decode(cx: &mut Cx, field: &Field<'_>, version_required: bool) -> RateCard {
+/// Reads a file a config names, for adapters that can (the core does no I/O): its text, or why
+/// it cannot be read (shown next to the field).
+pub type ReadFile<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+
+/// At most this many errors of a bad LiteLLM file are reported (a wrong file would give
+/// thousands); the count of the rest follows.
+const MAX_FILE_ERRORS: usize = 10;
+
+/// The card of the LiteLLM file `field` names, or `None` with the reason recorded on `field`.
+fn litellm_file(
+    cx: &mut Cx,
+    field: &Field<'_>,
+    read_file: Option<ReadFile<'_>>,
+) -> Option<RateCard> {
+    let path = field.non_empty_str(cx)?;
+    let Some(read_file) = read_file else {
+        field.error(
+            cx,
+            "cannot be used here: this configuration is not read by the proxy binary and cannot \
+             read files (the Envoy filter); list the prices under `pricing.models` instead \
+             (`tollgate pricing import FILE` converts a LiteLLM price file)",
+        );
+        return None;
+    };
+    let text = match read_file(path) {
+        Ok(text) => text,
+        Err(e) => {
+            field.error(cx, format!("cannot read LiteLLM price file `{path}`: {e}"));
+            return None;
+        }
+    };
+    match RateCard::from_litellm(&text) {
+        Ok(card) => Some(card),
+        Err(errors) => {
+            let n = errors.0.len();
+            for e in errors.0.iter().take(MAX_FILE_ERRORS) {
+                let entry = if e.path.is_empty() { "(document)" } else { e.path.as_str() };
+                field.error(
+                    cx,
+                    format!(
+                        "LiteLLM price file `{path}`, {entry} (line {}): {}",
+                        e.line, e.message
+                    ),
+                );
+            }
+            if n > MAX_FILE_ERRORS {
+                field.error(
+                    cx,
+                    format!("LiteLLM price file `{path}`: {} more errors", n - MAX_FILE_ERRORS),
+                );
+            }
+            None
+        }
+    }
+}
+
+/// The card and, in an embedded section, its `litellm_file` field.
+fn decode<'a>(
+    cx: &mut Cx,
+    field: &Field<'a>,
+    version_required: bool,
+) -> (RateCard, Option<Field<'a>>) {
     let mut card = RateCard::default();
     let Some(mut obj) = cx.object(field) else {
-        return card;
+        return (card, None);
     };
+    let file = if version_required { None } else { obj.get("litellm_file") };
     let version = if version_required { obj.require(cx, "version") } else { obj.get("version") };
     if let Some(v) = version {
         match v.u64(cx) {
@@ -113,8 +246,8 @@ fn decode(cx: &mut Cx, field: &Field<'_>, version_required: bool) -> RateCard {
             }
         }
     }
-    obj.finish(cx, CARD_FIELDS);
-    card
+    obj.finish(cx, if version_required { CARD_FIELDS } else { SECTION_FIELDS });
+    (card, file)
 }
 
 fn unknown_model(cx: &mut Cx, field: &Field<'_>) -> Option<UnknownModelPolicy> {
@@ -171,6 +304,30 @@ fn rates(cx: &mut Cx, obj: &mut Obj<'_>) -> Option<Rates> {
     rates.reasoning = reasoning.unwrap_or(output);
     rates.per_call = per_call;
     Some(rates)
+}
+
+/// `input: "2.50", output: "10.00"` plus the buckets that differ from their defaults.
+fn rate_fields(r: &Rates) -> String {
+    let mut out = format!("input: \"{}\"", r.input);
+    if r.cached_input != r.input {
+        out.push_str(&format!(", cached_input: \"{}\"", r.cached_input));
+    }
+    if r.cache_write != r.input {
+        out.push_str(&format!(", cache_write: \"{}\"", r.cache_write));
+    }
+    out.push_str(&format!(", output: \"{}\"", r.output));
+    if r.reasoning != r.output {
+        out.push_str(&format!(", reasoning: \"{}\"", r.reasoning));
+    }
+    if r.per_call != Money::ZERO {
+        out.push_str(&format!(", per_call: \"{}\"", r.per_call));
+    }
+    out
+}
+
+/// A YAML double-quoted string (JSON's escapes are YAML's), so any name reads back as itself.
+fn quoted(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| format!("\"{}\"", text.escape_default()))
 }
 
 /// A USD-per-million-tokens price, quoted or not.

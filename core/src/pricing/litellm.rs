@@ -18,17 +18,56 @@
 //! `1.1428571428571428e-06`). Rejecting them would reject the whole file, so they are rounded
 //! up to the next 10⁻¹⁵ USD per token: at most one nano-USD per million tokens more, never less.
 //! The resulting card denies unknown models; layer it with [`RateCard::merged_over`].
+//! [`RateCard::import_litellm`] also selects providers and names every skipped entry with its
+//! reason, for `tollgate pricing import`.
 
 use crate::doc::{self, Cx, DocErrors, Field, Node, Value};
 
 use super::{ModelLimits, Rate, RateCard, RateError, Rates, UnknownModelPolicy};
 
+/// An entry of a LiteLLM price file that was not loaded, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The entry's name (the model).
+    pub name: String,
+    /// Its line in the file.
+    pub line: u32,
+    pub reason: &'static str,
+}
+
+/// What [`RateCard::import_litellm`] read from a LiteLLM price file.
+#[derive(Clone, Debug)]
+pub struct LiteLlmImport {
+    /// The token-priced entries of the selected providers; unknown models are denied.
+    pub card: RateCard,
+    /// Entries of the selected providers that are not priced per token, in file order.
+    pub skipped: Vec<Skipped>,
+    /// How many entries belong to other providers (left out by the filter, not checked).
+    pub other_providers: usize,
+}
+
+const NOT_PER_TOKEN: &str =
+    "no `input_cost_per_token`: not priced per token (per image, second, character or query)";
+const NO_OUTPUT_PRICE: &str = "no `output_cost_per_token`, and `mode` is not `embedding`";
+
 impl RateCard {
     /// Loads a card from LiteLLM's price file format (see the module docs).
     pub fn from_litellm(text: &str) -> Result<RateCard, DocErrors> {
+        RateCard::import_litellm(text, None).map(|import| import.card)
+    }
+
+    /// Loads the entries of a LiteLLM price file whose `litellm_provider` is one of `providers`
+    /// (every entry when `None`), and tells which of them were skipped and why. A malformed
+    /// price of a selected entry is an error with its path and line.
+    pub fn import_litellm(
+        text: &str,
+        providers: Option<&[&str]>,
+    ) -> Result<LiteLlmImport, DocErrors> {
         let doc = doc::parse(text)?;
         let mut cx = Cx::new();
         let mut card = RateCard::new(UnknownModelPolicy::Deny);
+        let mut skipped = Vec::new();
+        let mut other_providers = 0;
         for (name, entry) in Field::root(&doc).entries(&mut cx) {
             if name == "sample_spec" {
                 continue;
@@ -37,19 +76,35 @@ impl RateCard {
                 entry.error(&mut cx, "expected an object of model prices");
                 continue;
             }
+            let provider = get(&entry, "litellm_provider").and_then(|f| f.node.scalar());
+            let provider = provider.filter(|p| !p.is_empty());
+            if providers.is_some_and(|list| !provider.is_some_and(|p| list.contains(&p))) {
+                other_providers += 1;
+                continue;
+            }
             let price = |cx: &mut Cx, key: &str| get(&entry, key).and_then(|f| rate(cx, &f));
             let input = price(&mut cx, "input_cost_per_token");
             let output = price(&mut cx, "output_cost_per_token");
             let cache_read = price(&mut cx, "cache_read_input_token_cost");
             let cache_write = price(&mut cx, "cache_creation_input_token_cost");
             let reasoning = price(&mut cx, "output_cost_per_reasoning_token");
-            let provider = get(&entry, "litellm_provider").and_then(|f| f.node.scalar());
             let mode = get(&entry, "mode").and_then(|f| f.node.scalar());
-            let Some(input) = input else { continue };
+            let skip = |reason| Skipped { name: name.to_string(), line: entry.node.line, reason };
+            let has = |key| get(&entry, key).is_some();
+            let Some(input) = input else {
+                if !has("input_cost_per_token") {
+                    skipped.push(skip(NOT_PER_TOKEN));
+                }
+                continue;
+            };
             let output = match (output, mode) {
                 (Some(output), _) => output,
+                (None, _) if has("output_cost_per_token") => continue,
                 (None, Some("embedding")) => Rate::ZERO,
-                (None, _) => continue,
+                (None, _) => {
+                    skipped.push(skip(NO_OUTPUT_PRICE));
+                    continue;
+                }
             };
             let mut rates = Rates::new(input, output);
             rates.cached_input = cache_read.unwrap_or(input);
@@ -65,9 +120,9 @@ impl RateCard {
                 max_output_tokens: limit("max_output_tokens"),
                 context_window: limit("max_input_tokens"),
             };
-            card.insert_model_with_limits(name, provider.filter(|p| !p.is_empty()), rates, limits);
+            card.insert_model_with_limits(name, provider, rates, limits);
         }
-        cx.finish(card)
+        cx.finish(LiteLlmImport { card, skipped, other_providers })
     }
 }
 
