@@ -187,6 +187,41 @@ extra: 1
     }
 
     #[test]
+    fn a_document_without_a_file_reader_refuses_litellm_file() {
+        let text = "policy: {version: v1}\npricing: {litellm_file: prices.json}\n";
+        let errors = Engine::from_document(text).expect_err("no file reader").0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 2));
+    }
+
+    #[test]
+    fn a_file_reader_layers_the_litellm_file_into_the_card() {
+        let read = |path: &str| match path {
+            "prices.json" => Ok(r#"{"my-model": {"input_cost_per_token": 1e-06,
+                "output_cost_per_token": 2e-06, "max_output_tokens": 4096}}"#
+                .to_string()),
+            other => Err(format!("no {other}")),
+        };
+        let node =
+            doc::parse("policy: {version: v1}\npricing: {litellm_file: prices.json}\n").unwrap();
+        let mut cx = Cx::new();
+        let root = Field::root(&node);
+        let mut obj = cx.object(&root).unwrap();
+        let engine = EngineConfig {
+            policy: obj.get("policy"),
+            pricing: obj.get("pricing"),
+            read_file: Some(&read),
+            ..EngineConfig::default()
+        }
+        .compile(&mut cx)
+        .expect("compiles");
+        obj.finish(&mut cx, &["policy", "pricing"]);
+        assert!(!cx.has_errors());
+        assert_eq!(engine.rates().limits("my-model").max_output_tokens, Some(4096));
+        assert!(engine.rates().resolve("gpt-5.4").is_some(), "over the built-in card");
+    }
+
+    #[test]
     fn a_missing_policy_is_named() {
         let errors = Engine::from_document("pricing: {}\n").expect_err("no policy").0;
         assert!(errors.iter().any(|e| e.message.contains("`policy`")), "{errors:?}");

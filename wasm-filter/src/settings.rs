@@ -431,6 +431,15 @@ mod tests {
     }
 
     #[test]
+    fn a_litellm_file_is_refused_naming_the_field() {
+        let text = "policy:\n  version: v1\npricing:\n  litellm_file: /etc/prices.json\n";
+        let errors = Plugin::from_document(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 4));
+        assert!(errors[0].message.contains("cannot read files"), "{}", errors[0].message);
+    }
+
+    #[test]
     fn the_fail_policy_of_a_broken_configuration_is_read_leniently() {
         assert_eq!(
             fail_policy_of(r#"{"filter": {"fail": "open"}, "policy": 3}"#),

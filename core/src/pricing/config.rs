@@ -507,6 +507,138 @@ extra: true
     }
 
     #[test]
+    fn a_card_written_as_yaml_reads_back_the_same() {
+        let builtin = RateCard::builtin().unwrap();
+        let back = RateCard::from_config(&builtin.to_config()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.models(), builtin.models());
+        assert_eq!(back.unknown_model(), UnknownModelPolicy::Deny);
+        let text = r#"
+version: 1
+unknown_model: {fallback: {input: "10.00", output: "30.00", reasoning: "40"}}
+models:
+  "ft:gpt-4o:acme:x#1": {input: "0.000000001", cached_input: 0, output: 2, per_call: "0.002"}
+  'say "hi" \ there': {provider: "a: b", input: 1, cache_write: "1.25", output: 2}
+tools:
+  web_search: {per_call: "0.01"}
+  "blob: fetch": {per_gb: "0.12"}
+"#;
+        let card = RateCard::from_config(text).unwrap_or_else(|e| panic!("{e}"));
+        let yaml = card.to_config();
+        let back = RateCard::from_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(back.models(), card.models(), "{yaml}");
+        assert_eq!(back.unknown_model(), card.unknown_model(), "{yaml}");
+        assert_eq!(back.tools().collect::<Vec<_>>(), card.tools().collect::<Vec<_>>(), "{yaml}");
+    }
+
+    /// A `pricing:` section decoded as the proxy does, with `files` as the file system.
+    fn section(text: &str, files: &[(&str, &str)]) -> Result<RateCard, Vec<(String, u32, String)>> {
+        let read = |path: &str| {
+            files
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, text)| text.to_string())
+                .ok_or_else(|| "No such file or directory (os error 2)".to_string())
+        };
+        decoded(text, Some(&read))
+    }
+
+    fn decoded(
+        text: &str,
+        read: Option<ReadFile<'_>>,
+    ) -> Result<RateCard, Vec<(String, u32, String)>> {
+        let doc = doc::parse(text).unwrap();
+        let mut cx = Cx::new();
+        let root = Field::root(&doc);
+        let mut obj = cx.object(&root).unwrap();
+        let pricing = obj.require(&mut cx, "pricing").unwrap();
+        let card = RateCard::decode_section(&mut cx, &pricing, &RateCard::builtin().unwrap(), read);
+        obj.finish(&mut cx, &["pricing"]);
+        cx.finish(card).map_err(|e| {
+            e.0.into_iter()
+                .map(|DocError { path, line, message, .. }| (path, line, message))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn litellm_file_is_layered_under_the_section_and_over_the_builtin_card() {
+        let litellm = r#"{
+  "gpt-4o": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.2e-05, "litellm_provider": "openai"},
+  "o3": {"input_cost_per_token": 1e-06, "output_cost_per_token": 4e-06, "litellm_provider": "openai",
+         "max_input_tokens": 200000, "max_output_tokens": 100000},
+  "mistral/mistral-large": {"input_cost_per_token": 2e-06, "output_cost_per_token": 6e-06, "litellm_provider": "mistral"}
+}"#;
+        let text = "pricing:\n  litellm_file: /etc/tollgate/prices.json\n  models:\n    \
+                    gpt-4o: {provider: openai, input: \"2.00\", output: \"8.00\"}\n";
+        let card = section(text, &[("/etc/tollgate/prices.json", litellm)]).unwrap();
+        let rates = |m: &str| card.rates(m).map(|(r, _)| *r).unwrap_or_else(|e| panic!("{e}"));
+        let r = |t: &str| Rate::per_million(t).unwrap();
+        // The section's own price wins over the file's, the file's over the built-in card's.
+        assert_eq!((rates("gpt-4o").input, rates("gpt-4o").output), (r("2"), r("8")));
+        assert_eq!((rates("o3").input, rates("o3").output), (r("1"), r("4")));
+        assert_eq!(rates("mistral/mistral-large").output, r("6"));
+        // What the file does not list keeps its built-in price.
+        let builtin = RateCard::builtin().unwrap();
+        assert_eq!(rates("claude-opus-4-8"), *builtin.rates("claude-opus-4-8").unwrap().0);
+        assert_eq!(card.models().len(), builtin.models().len() + 1);
+        assert_eq!(card.unknown_model(), UnknownModelPolicy::Deny);
+        let without = section("pricing: {unknown_model: deny}\n", &[]).unwrap();
+        assert_eq!(without.models(), builtin.models());
+    }
+
+    #[test]
+    fn an_unreadable_or_bad_litellm_file_is_an_error_on_the_field() {
+        let text = "pricing:\n  unknown_model: deny\n  litellm_file: prices.json\n";
+        let got = section(text, &[]).unwrap_err();
+        assert_eq!(
+            got,
+            vec![(
+                "pricing.litellm_file".to_string(),
+                3,
+                "cannot read LiteLLM price file `prices.json`: No such file or directory (os error 2)"
+                    .to_string()
+            )]
+        );
+        let bad = "{\n  \"ok\": {\"input_cost_per_token\": 1e-06, \"output_cost_per_token\": 1e-06},\n  \
+                   \"gpt-x\": {\"input_cost_per_token\": \"cheap\", \"output_cost_per_token\": 1e-06}\n}";
+        let got = section(text, &[("prices.json", bad)]).unwrap_err();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("pricing.litellm_file", 3));
+        assert!(
+            got[0].2.starts_with(
+                "LiteLLM price file `prices.json`, gpt-x.input_cost_per_token (line 3): `cheap`"
+            ),
+            "{got:?}"
+        );
+        let got = section(text, &[("prices.json", "{\"a\": [1,")]).unwrap_err();
+        assert!(got[0].2.contains("(document) (line"), "{got:?}");
+        let many: String = (0..25)
+            .map(|i| {
+                format!("\"m{i}\": {{\"input_cost_per_token\": -1, \"output_cost_per_token\": 1}}")
+            })
+            .collect::<Vec<_>>()
+            .join(",\n");
+        let got = section(text, &[("prices.json", &format!("{{{many}}}"))]).unwrap_err();
+        assert_eq!(got.len(), MAX_FILE_ERRORS + 1);
+        assert!(got[MAX_FILE_ERRORS].2.ends_with("15 more errors"), "{got:?}");
+        let got = section("pricing: {litellm_file: \"\"}\n", &[]).unwrap_err();
+        assert_eq!((got[0].0.as_str(), got[0].1), ("pricing.litellm_file", 1));
+    }
+
+    #[test]
+    fn litellm_file_is_refused_where_files_cannot_be_read() {
+        let got = decoded("pricing:\n  litellm_file: prices.json\n", None).unwrap_err();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.as_str(), got[0].1), ("pricing.litellm_file", 2));
+        assert!(got[0].2.contains("cannot read files"), "{}", got[0].2);
+        assert!(got[0].2.contains("tollgate pricing import"), "{}", got[0].2);
+        // A standalone rate card has no such field.
+        let errors =
+            RateCard::from_config("version: 1\nlitellm_file: x\nmodels: {}\n").unwrap_err();
+        assert!(errors.0[0].message.contains("unknown field `litellm_file`"), "{errors}");
+    }
+
+    #[test]
     fn embedded_section_decodes_without_version() {
         let text = "pricing:\n  models:\n    m: {input: 1, output: oops}\n";
         let doc = doc::parse(text).unwrap();

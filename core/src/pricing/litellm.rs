@@ -342,6 +342,67 @@ mod tests {
     }
 
     #[test]
+    fn import_selects_providers_and_names_what_it_skips() {
+        let all = RateCard::import_litellm(FIXTURE, None).unwrap();
+        assert_eq!(all.card.models().len(), 11);
+        assert_eq!(all.other_providers, 0);
+        let skipped: Vec<(&str, u32, &str)> =
+            all.skipped.iter().map(|s| (s.name.as_str(), s.line, s.reason)).collect();
+        assert_eq!(
+            skipped,
+            vec![
+                ("standard/1024-x-1024/dall-e-3", 142, NOT_PER_TOKEN),
+                ("whisper-1", 148, NOT_PER_TOKEN)
+            ]
+        );
+        let openai = RateCard::import_litellm(FIXTURE, Some(&["openai"])).unwrap();
+        let names: Vec<&str> = openai.card.models().iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "gpt-4o",
+                "gpt-4o-mini",
+                "gpt-5-nano",
+                "gpt-4.1-nano",
+                "o3",
+                "o4-mini",
+                "text-embedding-3-small"
+            ]
+        );
+        assert_eq!(openai.skipped.len(), 2);
+        // azure, anthropic twice, gemini.
+        assert_eq!(openai.other_providers, 4);
+        let both = RateCard::import_litellm(FIXTURE, Some(&["openai", "anthropic"])).unwrap();
+        assert_eq!(both.card.models().len(), 9);
+        let none = RateCard::import_litellm(FIXTURE, Some(&["openia"])).unwrap();
+        assert_eq!((none.card.models().len(), none.other_providers), (0, 13));
+        // A chat entry without an output price is skipped with its reason, not priced at $0.
+        let text = "{\n\"m\": {\"input_cost_per_token\": 1e-06, \"mode\": \"chat\"}}";
+        let import = RateCard::import_litellm(text, None).unwrap();
+        assert!(import.card.models().is_empty());
+        assert_eq!(
+            import.skipped,
+            vec![Skipped { name: "m".into(), line: 2, reason: NO_OUTPUT_PRICE }]
+        );
+    }
+
+    #[test]
+    fn an_imported_card_written_as_yaml_reads_back_the_same() {
+        let card = fixture();
+        let yaml = card.to_config();
+        let back = RateCard::from_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(back.models(), card.models());
+        assert!(yaml.contains(
+            "\"gpt-4o\": {provider: \"openai\", input: \"2.50\", cached_input: \"1.25\", \
+             output: \"10.00\", max_output_tokens: 16384, context_window: 128000}"
+        ));
+        assert!(yaml.contains(
+            "\"text-embedding-3-small\": {provider: \"openai\", input: \"0.02\", output: \"0.00\", \
+             context_window: 8191}"
+        ));
+    }
+
+    #[test]
     fn repeated_keys_keep_the_last_value() {
         let text = r#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06,
                              "input_cost_per_token": 3e-06},
