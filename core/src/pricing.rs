@@ -15,8 +15,11 @@
 //!
 //! Cards come from YAML/JSON config ([`RateCard::from_config`]), from LiteLLM's
 //! `model_prices_and_context_window.json` ([`RateCard::from_litellm`]) or the embedded default
-//! card ([`RateCard::builtin`]), and are layered with [`RateCard::merged_over`]. Everything is
-//! indexed at load time; pricing a request does not allocate.
+//! card ([`RateCard::builtin`]), and are layered with [`RateCard::merged_over`]; a config's
+//! `pricing:` section layers its own models over the LiteLLM file its `litellm_file` names over
+//! the built-in card ([`RateCard::decode_section`]; the adapter reads the file). A card is written
+//! back as YAML with [`RateCard::to_config`]. Everything is indexed at load time; pricing a
+//! request does not allocate.
 
 mod config;
 mod litellm;

@@ -15,7 +15,13 @@
 //! Model prices are USD per million tokens. `input` and `output` are required (write `"0"` for
 //! a free bucket, such as an embedding model's output); `cached_input` and `cache_write`
 //! default to `input`, `reasoning` to `output`, `per_call` to zero. A tool needs `per_call`,
-//! `per_gb` (USD per 10⁹ bytes) or both. This module only decodes; it reads no files.
+//! `per_gb` (USD per 10⁹ bytes) or both. `max_output_tokens` and `context_window` are the
+//! model's documented limits (optional).
+//!
+//! Embedded in a config as its `pricing:` section, `version` and `models` are optional and
+//! `litellm_file: PATH` names a LiteLLM price file layered between the section and the built-in
+//! card ([`RateCard::decode_section`]). This module reads no files: the adapter passes a
+//! [`ReadFile`] that does, and without one the field is refused.
 
 use crate::doc::{self, Cx, DocErrors, Field, Obj};
 use crate::money::Money;
