@@ -257,3 +257,34 @@ fn import_refuses_bad_input_with_exit_2_naming_the_entry_and_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("syntax error"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn the_builtin_card_agrees_with_the_real_litellm_file() {
+    let text = std::fs::read_to_string(litellm_file()).unwrap();
+    let litellm = RateCard::import_litellm(&text, Some(&["openai", "anthropic"])).unwrap().card;
+    let builtin = RateCard::builtin().unwrap();
+    let mut compared = 0;
+    // Every OpenAI / Anthropic entry the built-in card prices (by name or as a snapshot of a
+    // listed model) has the file's prices; its limits are the file's, the context window at
+    // least the file's input limit.
+    for m in litellm.models() {
+        let Some(id) = builtin.resolve(&m.name) else { continue };
+        let listed = builtin.model(id).unwrap();
+        assert_eq!(listed.rates, m.rates, "{} (as {})", m.name, listed.name);
+        if let Some(max_output) = m.limits.max_output_tokens {
+            assert_eq!(listed.limits.max_output_tokens, Some(max_output), "{}", m.name);
+        }
+        let (context, input) = (listed.limits.context_window, m.limits.context_window);
+        assert!(context >= input, "{}: context window {context:?} < {input:?}", m.name);
+        compared += 1;
+    }
+    assert!(compared >= 90, "only {compared} entries compared");
+    // Every built-in model the file still lists for its provider is among them.
+    let missing: Vec<&str> = builtin
+        .models()
+        .iter()
+        .map(|m| m.name.as_str())
+        .filter(|name| litellm.resolve(name).is_none())
+        .collect();
+    assert_eq!(missing, ["claude-opus-4-1", "claude-opus-4", "claude-sonnet-4"], "not in the file");
+}
