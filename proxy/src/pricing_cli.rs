@@ -57,8 +57,9 @@ pub struct Imported {
 
 /// Reads and converts `file` (see the module docs); the error names the file and the problem.
 pub fn import(file: &std::path::Path, providers: &[String]) -> Result<Imported, String> {
-    let name = file.display().to_string();
-    let text = if name == "-" {
+    let stdin = file.as_os_str() == "-";
+    let name = if stdin { "(stdin)".to_string() } else { file.display().to_string() };
+    let text = if stdin {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
             .map_err(|e| format!("reading stdin: {e}"))?;
