@@ -192,7 +192,7 @@ extra: 1
         let errors = Engine::from_document(text).expect_err("no file reader").0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 2));
-        assert!(errors[0].message.contains("cannot read files"), "{}", errors[0].message);
+        assert!(errors[0].message.contains("reads no files"), "{}", errors[0].message);
     }
 
     #[test]

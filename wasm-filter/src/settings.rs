@@ -436,7 +436,7 @@ mod tests {
         let errors = Plugin::from_document(text).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 4));
-        assert!(errors[0].message.contains("cannot read files"), "{}", errors[0].message);
+        assert!(errors[0].message.contains("reads no files"), "{}", errors[0].message);
     }
 
     #[test]

@@ -158,9 +158,9 @@ fn litellm_file(
     let Some(read_file) = read_file else {
         field.error(
             cx,
-            "cannot be used here: this configuration is not read by the proxy binary and cannot \
-             read files (the Envoy filter); list the prices under `pricing.models` instead \
-             (`tollgate pricing import FILE` converts a LiteLLM price file)",
+            "not supported here: the Envoy filter reads no files; list the prices under \
+             `pricing.models` instead (`tollgate pricing import FILE` converts a LiteLLM price \
+             file)",
         );
         return None;
     };
@@ -636,7 +636,7 @@ tools:
         let got = decoded("pricing:\n  litellm_file: prices.json\n", None).unwrap_err();
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].0.as_str(), got[0].1), ("pricing.litellm_file", 2));
-        assert!(got[0].2.contains("cannot read files"), "{}", got[0].2);
+        assert!(got[0].2.contains("reads no files"), "{}", got[0].2);
         assert!(got[0].2.contains("tollgate pricing import"), "{}", got[0].2);
         // A standalone rate card has no such field.
         let errors =
