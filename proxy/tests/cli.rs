@@ -94,6 +94,26 @@ fn ca_init_creates_a_private_ca_prints_how_to_trust_it_and_never_overwrites() {
 }
 
 #[test]
+fn invoice_refuses_a_period_that_is_not_a_month_or_a_day_and_exits_2() {
+    for (period, why) in [
+        ("2026-13", "the month must be 01 to 12"),
+        ("2026-00", "the month must be 01 to 12"),
+        ("2026-1", "wrong length"),
+        ("abc", "wrong length"),
+        ("2026-02-30", "no such day in that month"),
+    ] {
+        let out = tollgate(&["invoice", "--period", period]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{period}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--period: `{period}` is not a period: {why}")),
+            "{period}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{period}: no invoice printed");
+    }
+}
+
+#[test]
 fn check_accepts_the_embedded_default() {
     let out = tollgate(&["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

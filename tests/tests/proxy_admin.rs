@@ -102,6 +102,30 @@ async fn usage_totals_by_agent_match_the_ledger() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let bad = h.admin_get(&format!("/admin/usage?period={period}&group_by=model"), true).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"], "group_by must be one of agent, project, cost_center");
+}
+
+/// A month or day that does not exist is refused by `/admin/usage` and `/admin/invoice` alike,
+/// with a 400 naming the parameter (it used to pass the shape check and report nothing).
+#[tokio::test]
+async fn usage_and_invoice_refuse_impossible_periods_naming_the_parameter() {
+    let h = Harness::start(ALLOW_ALL).await;
+    for period in ["2026-13", "2026-00", "2026-1", "abc", "2026-02-30", "2026-11-00"] {
+        for path in [
+            format!("/admin/usage?period={period}&group_by=agent"),
+            format!("/admin/invoice?period={period}&group_by=agent&format=json"),
+        ] {
+            let bad = h.admin_get(&path, true).await;
+            assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{path}: {}", bad.text());
+            let body = bad.json();
+            assert_eq!(body["parameter"], "period", "{path}: {body}");
+            let message = body["error"].as_str().unwrap_or_default();
+            assert!(message.starts_with(&format!("period: `{period}` is not a period")), "{body}");
+        }
+    }
+    for path in ["/admin/usage?period=2026-12", "/admin/invoice?period=2024-02-29"] {
+        assert_eq!(h.admin_get(path, true).await.status, StatusCode::OK, "{path}");
+    }
 }
 
 #[tokio::test]
