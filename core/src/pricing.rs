@@ -21,6 +21,7 @@
 mod config;
 mod litellm;
 mod lookup;
+mod response;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +34,7 @@ use crate::money::{parse_scaled, Money, MoneyError};
 use crate::usage::Usage;
 
 pub use config::BUILTIN;
+pub use response::{PriceSource, ResponsePrice};
 
 const TOKENS_PER_MILLION: u64 = 1_000_000;
 /// Bytes per GB for per-GB tool prices (decimal gigabytes, as cloud providers bill).

@@ -271,7 +271,7 @@ async fn handle(
     // Worst-case cost: every input token at the input rate, max output at the output rate.
     let input_estimate = info.input_estimate_tokens;
     let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-    let (worst_case, model) = if route.kind.is_llm() {
+    let (worst_cost, model) = if route.kind.is_llm() {
         let model = info.model.clone();
         let priced = engine
             .rates()
@@ -279,14 +279,15 @@ async fn handle(
             .map_err(|e| {
                 with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
             })?;
-        (priced.cost.total, model)
+        (priced.cost, model)
     } else {
         let cost = tool
             .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
             .map(|c| c.total)
             .unwrap_or(Money::ZERO);
-        (cost, None)
+        (Cost { per_call: cost, total: cost, ..Cost::ZERO }, None)
     };
+    let worst_case = worst_cost.total;
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(with_decision(Denial::new(
@@ -483,6 +484,7 @@ async fn handle(
         started,
         route_is_llm: route.kind.is_llm(),
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
+        reserved: worst_cost,
         admitted,
     };
     let response = match result {
@@ -570,6 +572,8 @@ struct Settler {
     started: Instant,
     route_is_llm: bool,
     tool_cost: Option<Money>,
+    /// The worst case reserved: what a response nothing on the rate card prices is charged.
+    reserved: Cost,
     /// What the oversight step needs to hear about the outcome.
     admitted: Admitted,
 }
@@ -602,17 +606,29 @@ impl Observer for Settler {
             // not charge for either.
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let model = reported_model.or_else(|| self.base.model.clone());
+        let mut price_source = None;
         let cost = if self.route_is_llm {
-            match &model {
-                Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
-                    Ok(priced) => priced.cost,
-                    Err(e) => {
-                        tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
-                        Cost::ZERO
-                    }
-                },
-                _ => Cost::ZERO,
+            if usage.is_empty() {
+                Cost::ZERO
+            } else {
+                let requested = self.base.model.as_deref();
+                let priced = shared.engine.rates().price_response(
+                    reported_model.as_deref(),
+                    requested,
+                    usage,
+                    self.reserved,
+                );
+                if priced.source.is_substitute() {
+                    crate::metrics::substitute_price(
+                        &shared.metrics,
+                        &self.base.request_id,
+                        reported_model.as_deref(),
+                        requested,
+                        priced,
+                    );
+                }
+                price_source = Some(priced.source);
+                priced.cost
             }
         } else if ok {
             let per_call = self.tool_cost.unwrap_or(Money::ZERO);
@@ -620,6 +636,7 @@ impl Observer for Settler {
         } else {
             Cost::ZERO
         };
+        let model = reported_model.or_else(|| self.base.model.clone());
         let breakdown = cost;
         let cost = breakdown.total;
         let now = now();
@@ -694,6 +711,7 @@ impl Observer for Settler {
             status: self.status,
             latency_ms: self.started.elapsed().as_millis() as u64,
             usage_source: source.as_str(),
+            price_source,
             end: end.as_str(),
         };
         shared.ledger.append(Entry::Usage(Box::new(record)));

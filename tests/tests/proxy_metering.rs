@@ -133,10 +133,64 @@ async fn tagged_chat_completion_is_metered_exactly_and_attribution_is_not_forwar
     assert_eq!(r["cost_nano_usd"], expected_nanos);
     assert_eq!(r["cost_usd"], "0.005");
     assert_eq!(r["usage_source"], "reported");
+    assert_eq!(r["price_source"], "listed");
     assert_eq!(r["decision"], "allow");
     assert_eq!(r["reason"], "default_allow");
     assert_eq!(r["status"], 200);
     assert_eq!(r["end"], "complete");
+}
+
+/// An upstream that answers with a model the rate card does not price is never billed $0: the
+/// requested model's price applies, else the card's fallback; the ledger says which, and the
+/// metrics count it.
+#[tokio::test]
+async fn a_response_naming_an_unpriced_model_is_charged_never_free() {
+    let tokens = [(header::INPUT_TOKENS, "1000"), (header::OUTPUT_TOKENS, "300")];
+    let h = Harness::start(ALLOW_ALL).await;
+    let renamed = with(tags("router-bot"), &[tokens[0], tokens[1], (header::MODEL, "mystery-7")]);
+    for (path, body) in [
+        ("/v1/chat/completions", chat("gpt-4o")),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "stream": true, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hello"}]}),
+        ),
+    ] {
+        let reply = h.post(path, &renamed, &body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // gpt-4o: 1000 × $2.50 + 300 × $10.00 per million.
+    for r in h.ledger_until(2).await {
+        assert_eq!(r["model"], "mystery-7", "the model that answered is recorded");
+        assert_eq!(r["price_source"], "requested_model", "{r}");
+        assert_eq!(r["cost_nano_usd"], 2_500_000 + 3_000_000, "{r}");
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "tollgate_unlisted_model_responses_total{price_source=\"requested_model\"} 2"
+        ),
+        "{metrics}"
+    );
+    h.stop().await;
+
+    // Neither the answer's model nor the request's is listed: the card's fallback price.
+    let h = Harness::builder()
+        .extra("pricing: {unknown_model: {fallback: {input: \"10.00\", output: \"30.00\"}}}")
+        .start()
+        .await;
+    let reply = h.post("/v1/chat/completions", &renamed, &chat("in-house-llm")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let r = &h.ledger_until(1).await[0];
+    assert_eq!(
+        (r["model"].as_str(), r["price_source"].as_str()),
+        (Some("mystery-7"), Some("fallback"))
+    );
+    assert_eq!(r["cost_nano_usd"], 10_000_000 + 9_000_000, "{r}");
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_unlisted_model_responses_total{price_source=\"fallback\"} 1"));
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
 use tollgate_core::policy::Snapshot;
+use tollgate_core::pricing::PriceSource;
 use tollgate_core::time::UnixMillis;
 
 use crate::exchange::{Exchange, Head, Now};
@@ -766,6 +767,34 @@ impl HttpContext for Http {
         let Some(mut exchange) = self.exchange.take() else { return };
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
+        if let Some(source) = event.price_source.filter(|s| s.is_substitute()) {
+            let (name, level) = match source {
+                PriceSource::RequestedModel => (
+                    "tollgate_unlisted_model_responses_total.price_source.requested_model",
+                    LogLevel::Warn,
+                ),
+                PriceSource::Fallback => (
+                    "tollgate_unlisted_model_responses_total.price_source.fallback",
+                    LogLevel::Warn,
+                ),
+                _ => (
+                    "tollgate_unlisted_model_responses_total.price_source.reservation",
+                    LogLevel::Error,
+                ),
+            };
+            self.vm.count(name, 1);
+            log(
+                level,
+                &format!(
+                    "tollgate: request {} answered by model {:?}, not on the rate card: charged \
+                     {} at price_source {}",
+                    event.request_id,
+                    event.model.as_deref().unwrap_or("-"),
+                    event.cost_usd,
+                    source.as_str()
+                ),
+            );
+        }
         {
             let mut counters = self.vm.counters.borrow_mut();
             let mut recorder = self.vm.recorder.borrow_mut();

@@ -19,7 +19,7 @@ use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
-use tollgate_core::pricing::Cost;
+use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -75,6 +75,8 @@ struct Admitted {
     model: Option<String>,
     tool: Option<String>,
     tool_cost: Option<Money>,
+    /// The worst case reserved: what a response nothing on the rate card prices is charged.
+    reserved: Cost,
 }
 
 /// How a request ended, for the usage event.
@@ -134,6 +136,10 @@ pub struct UsageEvent {
     pub status: u32,
     pub latency_ms: u64,
     pub usage_source: &'static str,
+    /// Where the price came from (`listed`, `requested_model`, `fallback`, `reservation`,
+    /// `free`); absent when nothing was priced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_source: Option<PriceSource>,
     pub end: &'static str,
     pub source: &'static str,
     #[serde(skip)]
@@ -296,7 +302,7 @@ impl Exchange {
 
         let input_estimate = info.input_estimate_tokens;
         let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        let worst_case = if llm {
+        let worst_cost = if llm {
             engine
                 .rates()
                 .worst_case(info.model.as_deref().unwrap_or(""), input_estimate, max_output)
@@ -304,12 +310,14 @@ impl Exchange {
                     with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
                 })?
                 .cost
-                .total
         } else {
-            tool.as_deref()
+            let total = tool
+                .as_deref()
                 .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
-                .map_or(Money::ZERO, |c| c.total)
+                .map_or(Money::ZERO, |c| c.total);
+            Cost { per_call: total, total, ..Cost::ZERO }
         };
+        let worst_case = worst_cost.total;
         if let Some(cap) = decision.limits.max_cost_per_request {
             if worst_case > cap {
                 return Err(with_decision(Denial::new(
@@ -391,6 +399,7 @@ impl Exchange {
             model: info.model.clone(),
             tool,
             tool_cost: (!llm).then_some(worst_case),
+            reserved: worst_cost,
         });
         Ok(())
     }
@@ -474,19 +483,25 @@ impl Exchange {
             }
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let model = reported_model.or(a.model);
         let llm = self.api.is_some();
-        let cost = if llm {
-            match &model {
-                Some(m) if !usage.is_empty() => {
-                    plugin.engine.rates().price(m, usage).map_or(Cost::ZERO, |p| p.cost)
-                }
-                _ => Cost::ZERO,
-            }
+        let mut price_source = None;
+        let cost = if llm && !usage.is_empty() {
+            let rates = plugin.engine.rates();
+            let priced = rates.price_response(
+                reported_model.as_deref(),
+                a.model.as_deref(),
+                usage,
+                a.reserved,
+            );
+            price_source = Some(priced.source);
+            priced.cost
+        } else if llm {
+            Cost::ZERO
         } else {
             let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
             Cost { per_call: total, total, ..Cost::ZERO }
         };
+        let model = reported_model.or(a.model);
         let warnings = match a.reservation {
             Some(r) => {
                 budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default()
@@ -522,6 +537,7 @@ impl Exchange {
             status: self.status,
             latency_ms: now.ms.since(self.started),
             usage_source: source.as_str(),
+            price_source,
             end: match end {
                 End::Complete => "complete",
                 End::Aborted => "aborted",

@@ -22,8 +22,18 @@ use tollgate_core::usage::Usage;
 pub const OTHER: &str = "__other__";
 
 /// Every label the filter emits, in the order they appear in names (for `stats_tags`).
-pub const LABELS: [&str; 9] =
-    ["decision", "reason", "kind", "model", "cost_center", "project", "agent", "budget", "pct"];
+pub const LABELS: [&str; 10] = [
+    "decision",
+    "reason",
+    "kind",
+    "model",
+    "cost_center",
+    "project",
+    "agent",
+    "budget",
+    "price_source",
+    "pct",
+];
 
 /// Cached label combinations per metric group before the cache is emptied.
 pub const CACHE_ENTRIES: usize = 4096;

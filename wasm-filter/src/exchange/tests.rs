@@ -92,8 +92,33 @@ fn allowed_call_is_metered_priced_and_settled() {
         (usage, cost, "complete", "reported")
     );
     assert_eq!(ev.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!(ev.price_source, Some(PriceSource::Listed));
     assert_eq!((ev.agent.as_str(), ev.clause.as_str(), ev.status), ("bot", "defaults.llm", 200));
     assert!(ex.finish(&p, &budgets, NOW).is_none(), "settled once");
+}
+
+#[test]
+fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "r2b"), headers("bot", &[]), NOW).unwrap();
+    let request = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
+    ex.decide(&p, &budgets, &body(request), NOW).unwrap();
+    ex.response_headers(200);
+    let response = br#"{"model":"mystery-7","usage":{"prompt_tokens":100,"completion_tokens":7}}"#;
+    ex.response_chunk(response, true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let usage = Usage { input: 100, output: 7, ..Usage::default() };
+    let cost = p.engine.rates().price("gpt-4o", usage).unwrap().cost.total;
+    assert!(cost > Money::ZERO);
+    assert_eq!(
+        (ev.model.as_deref(), ev.cost_usd, ev.price_source),
+        (Some("mystery-7"), cost, Some(PriceSource::RequestedModel))
+    );
+    let line = serde_json::to_value(&ev).unwrap();
+    assert_eq!(line["price_source"], "requested_model", "{line}");
 }
 
 #[test]
