@@ -21,11 +21,12 @@ use hyper::body::Incoming;
 
 use tollgate_core::attribution::Attribute;
 use tollgate_core::budget::{BudgetError, Reservation, Scope};
+use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
-use tollgate_core::pricing::Cost;
+use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -271,15 +272,36 @@ async fn handle(
     // Worst-case cost: every input token at the input rate, max output at the output rate.
     let input_estimate = info.input_estimate_tokens;
     let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+    let mut free = false;
     let (worst_cost, model) = if route.kind.is_llm() {
         let model = info.model.clone();
-        let priced = engine
-            .rates()
-            .worst_case(model.as_deref().unwrap_or(""), input_estimate, max_output)
-            .map_err(|e| {
-                with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-            })?;
-        (priced.cost, model)
+        let provider = Some(if route.kind == UpstreamKind::Anthropic {
+            Provider::Anthropic
+        } else {
+            Provider::OpenAi
+        });
+        let pricing = endpoints::llm_pricing(
+            provider,
+            parts.method.as_str(),
+            parts.uri.path(),
+            model.as_deref(),
+        )
+        .map_err(|e| {
+            with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
+        })?;
+        match pricing {
+            Pricing::Free(_) => {
+                free = true;
+                (Cost::ZERO, model)
+            }
+            Pricing::Model(name) => {
+                let priced =
+                    engine.rates().worst_case(name, input_estimate, max_output).map_err(|e| {
+                        with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
+                    })?;
+                (priced.cost, model)
+            }
+        }
     } else {
         let cost = tool
             .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
@@ -485,6 +507,7 @@ async fn handle(
         route_is_llm: route.kind.is_llm(),
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
         reserved: worst_cost,
+        free,
         admitted,
     };
     let response = match result {
@@ -574,6 +597,8 @@ struct Settler {
     tool_cost: Option<Money>,
     /// The worst case reserved: what a response nothing on the rate card prices is charged.
     reserved: Cost,
+    /// A free endpoint (a model listing): recorded at $0 with `price_source: free`.
+    free: bool,
     /// What the oversight step needs to hear about the outcome.
     admitted: Admitted,
 }
@@ -606,9 +631,9 @@ impl Observer for Settler {
             // not charge for either.
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let mut price_source = None;
+        let mut price_source = self.free.then_some(PriceSource::Free);
         let cost = if self.route_is_llm {
-            if usage.is_empty() {
+            if usage.is_empty() || self.free {
                 Cost::ZERO
             } else {
                 let requested = self.base.model.as_deref();

@@ -4,7 +4,7 @@
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use tollgate_e2e::harness::{tags, Harness, ALLOW_ALL};
+use tollgate_e2e::harness::{read, tags, Harness, ALLOW_ALL};
 use tollgate_e2e::mock::header;
 
 fn chat(model: &str) -> Value {
@@ -278,4 +278,35 @@ async fn a_reused_request_id_cannot_skip_billing() {
     let budgets = h.admin_get("/admin/budgets", true).await.json();
     let spent = tollgate_e2e::harness::nanos(budgets["budgets"][0]["spent"].as_str().unwrap());
     assert_eq!(spent, total, "both requests are in the budget: {budgets}");
+}
+
+/// A request to an LLM route that is not a free endpoint and names no model is a clear 400
+/// `missing_model` (it used to be "no price for model ``"), never forwarded.
+#[tokio::test]
+async fn a_priced_request_without_a_model_is_a_bad_request_naming_what_is_missing() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let no_model = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5});
+    let reply = h.post("/v1/chat/completions", &tags("bot"), &no_model).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "missing_model");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("POST /v1/chat/completions names no model: send the `model` field"),
+        "{message}"
+    );
+    let bot = tags("bot");
+    let get = |path: &'static str| {
+        let response = h.send(hyper::Method::GET, path, &bot, bytes::Bytes::new());
+        async move { read(response.await).await }
+    };
+    let files = get("/v1/files").await;
+    assert_eq!(files.status, StatusCode::BAD_REQUEST, "{}", files.text());
+    assert_eq!(files.json()["error"]["code"], "missing_model");
+    // The model list is free: it passes, and is recorded at $0.
+    let models = get("/v1/models").await;
+    assert_eq!(models.status, StatusCode::OK, "{}", models.text());
+    assert_eq!(h.mock.request_count(), 1, "only the free listing was forwarded");
+    let r = &h.ledger_until(1).await[0];
+    assert_eq!((r["cost_nano_usd"].as_i64(), r["price_source"].as_str()), (Some(0), Some("free")));
 }

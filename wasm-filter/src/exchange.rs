@@ -15,8 +15,9 @@
 
 use serde::Serialize;
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
+use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
@@ -97,6 +98,8 @@ pub struct Exchange {
     head: Head,
     api: Option<Api>,
     mcp: bool,
+    /// A free LLM endpoint (a model listing) and its provider: decided as `llm`, recorded at $0.
+    free: Option<Provider>,
     admitted: Option<Admitted>,
     /// Let through without a decision (fail-open).
     bypass: bool,
@@ -156,8 +159,23 @@ impl Exchange {
         now: Now,
     ) -> Result<Exchange, (Denial, Shape, String)> {
         let api = Api::from_path(&head.path);
-        let shape = match api {
-            Some(Api::Messages) => Shape::Anthropic,
+        // `GET /v1/models` is the same path on both providers: Anthropic's clients send
+        // `anthropic-version`.
+        let anthropic = header("anthropic-version").is_some();
+        let free = endpoints::free_endpoint(
+            anthropic.then_some(Provider::Anthropic),
+            &head.method,
+            &head.path,
+        )
+        .map(|name| {
+            if anthropic || name.contains("count_tokens") {
+                Provider::Anthropic
+            } else {
+                Provider::OpenAi
+            }
+        });
+        let shape = match (api, free) {
+            (Some(Api::Messages), _) | (_, Some(Provider::Anthropic)) => Shape::Anthropic,
             _ => Shape::OpenAi,
         };
         let request_id = head.request_id.clone().unwrap_or_else(|| format!("tg-{}", now.ns));
@@ -183,8 +201,9 @@ impl Exchange {
             business_unit: own(identity.business_unit),
             tier: own(identity.tier),
         };
-        let mcp =
-            api.is_none() && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
+        let mcp = api.is_none()
+            && free.is_none()
+            && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
         Ok(Exchange {
             request_id,
             shape,
@@ -192,6 +211,7 @@ impl Exchange {
             head,
             api,
             mcp,
+            free,
             admitted: None,
             bypass: false,
             status: 0,
@@ -233,6 +253,7 @@ impl Exchange {
             who: Who::default(),
             api: None,
             mcp: false,
+            free: None,
             head,
             admitted: None,
             bypass: true,
@@ -257,7 +278,7 @@ impl Exchange {
         now: Now,
     ) -> Result<(), Denial> {
         let engine = &plugin.engine;
-        let llm = self.api.is_some();
+        let llm = self.api.is_some() || self.free.is_some();
         let info = if (llm || self.mcp) && !body.is_empty() {
             inspect::inspect(self.api, body)
                 .map_err(|e| Denial::new(Class::BadRequest, "malformed_body", e.to_string()))?
@@ -265,15 +286,9 @@ impl Exchange {
             RequestInfo::default()
         };
         let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
-        let kind = if llm {
-            RouteKind::Llm
-        } else if tool.is_some() {
-            RouteKind::Tool
-        } else {
-            RouteKind::Other
-        };
-        let provider = match (self.api, self.mcp) {
-            (Some(api), _) => Some(api.provider().as_str()),
+        let kind = RouteKind::of_upstream(llm, self.mcp);
+        let provider = match (self.api.map(Api::provider).or(self.free), self.mcp) {
+            (Some(p), _) => Some(p.as_str()),
             (None, true) => Some("mcp"),
             (None, false) => None,
         };
@@ -303,13 +318,27 @@ impl Exchange {
         let input_estimate = info.input_estimate_tokens;
         let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
         let worst_cost = if llm {
-            engine
-                .rates()
-                .worst_case(info.model.as_deref().unwrap_or(""), input_estimate, max_output)
+            let provider = self.api.map(Api::provider).or(self.free);
+            let path = path_only(&self.head.path);
+            match endpoints::llm_pricing(provider, &self.head.method, path, info.model.as_deref())
                 .map_err(|e| {
-                    with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-                })?
-                .cost
+                with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
+            })? {
+                Pricing::Free(_) => Cost::ZERO,
+                Pricing::Model(model) => {
+                    engine
+                        .rates()
+                        .worst_case(model, input_estimate, max_output)
+                        .map_err(|e| {
+                            with_decision(Denial::new(
+                                Class::Policy,
+                                "unknown_model",
+                                e.to_string(),
+                            ))
+                        })?
+                        .cost
+                }
+            }
         } else {
             let total = tool
                 .as_deref()
@@ -483,9 +512,11 @@ impl Exchange {
             }
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let llm = self.api.is_some();
-        let mut price_source = None;
-        let cost = if llm && !usage.is_empty() {
+        let llm = self.api.is_some() || self.free.is_some();
+        let mut price_source = self.free.map(|_| PriceSource::Free);
+        let cost = if self.free.is_some() {
+            Cost::ZERO
+        } else if llm && !usage.is_empty() {
             let rates = plugin.engine.rates();
             let priced = rates.price_response(
                 reported_model.as_deref(),
@@ -519,8 +550,8 @@ impl Exchange {
             cost_center: s(&who.cost_center),
             project: s(&who.project),
             business_unit: who.business_unit.clone(),
-            provider: match (self.api, self.mcp) {
-                (Some(api), _) => api.provider().as_str(),
+            provider: match (self.api.map(Api::provider).or(self.free), self.mcp) {
+                (Some(p), _) => p.as_str(),
                 (None, true) => "mcp",
                 (None, false) => "other",
             },
