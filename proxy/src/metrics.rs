@@ -71,14 +71,19 @@ impl Metrics {
     pub fn new(max_label_values: usize) -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("tollgate_requests_total", "Requests by decision effect and reason"),
-            &["decision", "reason", "route"],
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests, each counted once when it ends: by decision effect, reason, route \
+                 (`-` when none matched) and upstream status class (`none`: no upstream answer)",
+            ),
+            &["decision", "reason", "route", "status"],
         )
         .expect("static metric definition");
         let decision_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_decision_duration_seconds",
-                "Time from request head to decision (attribution, policy, limits, budgets)",
+                "Time to decide a request, by effect (allow, deny, require_approval): from the \
+                 policy step (or the request head, for a refusal before it) to the decision",
             )
             .buckets(vec![1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2]),
             &["decision"],

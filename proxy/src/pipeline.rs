@@ -100,21 +100,30 @@ impl Proxy {
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         // Boxed: the request's state (a few KiB) is freed as soon as the response head is
         // returned, instead of staying in hyper's per-connection slot for the whole stream.
+        let mut decision_started = None;
         let result = match credited {
-            Ok(()) => Box::pin(handle(shared, req, route, &request_id, started)).await,
+            Ok(()) => {
+                let handled =
+                    handle(shared, req, route, &request_id, started, &mut decision_started);
+                Box::pin(handled).await
+            }
             Err(denial) => Err(denial),
         };
         let response = match result {
             Ok(response) => response,
             Err(denial) => {
+                // An upstream that could not be reached or timed out: the request was admitted,
+                // and the settler counted it already (status `none`).
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
+                    let m = &shared.metrics;
+                    let route = if route_name.is_empty() { "-" } else { route_name.as_str() };
+                    let labels = [denial.class.decision(), &denial.code, route, "none"];
+                    m.requests.with_label_values(&labels).inc();
+                    let since = decision_started.unwrap_or(started).elapsed();
+                    let effect = [denial.class.decision()];
+                    m.decision_seconds.with_label_values(&effect).observe(since.as_secs_f64());
                     audit_refusal(shared, &request_id, &who, route_name, &denial);
                 }
-                shared
-                    .metrics
-                    .requests
-                    .with_label_values(&[denial.class.decision(), &denial.code, "-"])
-                    .inc();
                 tracing::info!(
                     request_id = %request_id,
                     status = denial.class.status(),
@@ -194,6 +203,7 @@ async fn handle(
     route: Option<Route>,
     request_id: &str,
     started: Instant,
+    decision_timer: &mut Option<Instant>,
 ) -> Result<Response<Body>, Denial> {
     check_framing(req.headers())?;
     let Some(route) = route else {
@@ -248,6 +258,7 @@ async fn handle(
 
     // Decide, under the policy loaded once for this request.
     let decision_started = Instant::now();
+    *decision_timer = Some(decision_started);
     let policy = shared.policy.load_full();
     let host = host_of_parts(&parts);
     let facts = Facts {
@@ -508,10 +519,14 @@ async fn handle(
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
         reserved: worst_cost,
         free,
+        answered: false,
         admitted,
     };
     let response = match result {
-        Ok(Ok(response)) => response,
+        Ok(Ok(response)) => {
+            settler.answered = true;
+            response
+        }
         Ok(Err(e)) => {
             tracing::warn!(request_id, upstream = %route.upstream, error = %e, "upstream request failed");
             settler.status = 502;
@@ -599,6 +614,8 @@ struct Settler {
     reserved: Cost,
     /// A free endpoint (a model listing): recorded at $0 with `price_source: free`.
     free: bool,
+    /// The upstream answered (`status` is its own, not the proxy's 502/504).
+    answered: bool,
     /// What the oversight step needs to hear about the outcome.
     admitted: Admitted,
 }
@@ -709,7 +726,8 @@ impl Observer for Settler {
                 .with_label_values(&[model_label, agent, project, cc])
                 .inc_by(cost.nanos() as u64);
         }
-        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route]).inc();
+        let status = tollgate_core::refusal::status_class(self.answered.then_some(self.status));
+        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route, status]).inc();
         let base = &self.base;
         let record = Record {
             ts: now.to_string(),

@@ -188,6 +188,64 @@ async fn metrics_are_valid_exposition_with_capped_attribution_labels() {
     );
 }
 
+/// Every request is counted once in `tollgate_requests_total`, whatever path it took: with the
+/// route it matched (also when refused), the upstream's status class (429 and 500 are not plain
+/// allows), `none` when no upstream answered; and every effect is timed.
+#[tokio::test]
+async fn each_request_is_counted_once_with_its_route_and_upstream_status() {
+    let policy = "version: v1\ndefaults: {llm: allow, tool: allow, other: deny}\nrules:\n\
+                  \x20 - {id: gated, match: {model: gpt-4o-mini}, effect: require_approval}\n\
+                  \x20 - {id: banned, match: {model: o1}, effect: deny, reason: banned_model}\n";
+    let dead = r#"{name: dead, path_prefix: /dead/, kind: openai, upstream: "http://127.0.0.1:1"}"#;
+    let h = Harness::builder().route(dead).policy(policy).start().await;
+    let model = |m: &str| json!({"model": m, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let sent = [
+        ("/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o"), 200),
+        ("/v1/chat/completions", with(tags("a"), &[(header::STATUS, "429")]), model("gpt-4o"), 429),
+        ("/v1/chat/completions", with(tags("a"), &[(header::STATUS, "500")]), model("gpt-4o"), 500),
+        ("/dead/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o"), 502),
+        ("/v1/chat/completions", Vec::new(), model("gpt-4o"), 403),
+        ("/v1/chat/completions", with(tags("a"), &[]), model("o1"), 403),
+        ("/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o-mini"), 403),
+        ("/nowhere", with(tags("a"), &[]), json!({}), 404),
+    ];
+    for (path, headers, body, status) in &sent {
+        let reply = h.post(path, headers, body).await;
+        assert_eq!(reply.status.as_u16(), *status, "{path}: {}", reply.text());
+    }
+    h.ledger_until(4).await;
+    let m = metrics(&h).await;
+    let total: f64 = m.series("tollgate_requests_total").map(|s| s.value).sum();
+    assert_eq!(total, sent.len() as f64, "each request once");
+    let count = |decision: &str, reason: &str, route: &str, status: &str| {
+        let labels =
+            [("decision", decision), ("reason", reason), ("route", route), ("status", status)];
+        m.value("tollgate_requests_total", &labels)
+    };
+    assert_eq!(count("allow", "default_allow", "openai", "2xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "openai", "4xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "openai", "5xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "dead", "none"), Some(1.0), "the 502, once");
+    assert_eq!(count("deny", "attribution_rejected", "openai", "none"), Some(1.0));
+    assert_eq!(count("deny", "banned_model", "openai", "none"), Some(1.0));
+    assert_eq!(
+        m.value(
+            "tollgate_requests_total",
+            &[("decision", "require_approval"), ("route", "openai")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(count("deny", "no_route", "-", "none"), Some(1.0), "`-` only without a route");
+    assert_eq!(m.value("tollgate_requests_total", &[("route", "-")]), Some(1.0));
+    // Timed for every effect: four admitted, three refused after the policy step or at the
+    // head, one held for approval.
+    let timed =
+        |effect: &str| m.value("tollgate_decision_duration_seconds_count", &[("decision", effect)]);
+    assert_eq!(timed("allow"), Some(4.0));
+    assert_eq!(timed("deny"), Some(3.0));
+    assert_eq!(timed("require_approval"), Some(1.0));
+}
+
 /// Replaces a file atomically, so a poll never reads half of it.
 fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");

@@ -33,6 +33,7 @@ use crate::metrics::{Counters, Recorder, UsageLine};
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{fail_policy_of, FailPolicy, Plugin};
 use crate::shared::{self, SharedData, SharedStore};
+use tollgate_core::refusal::status_class;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -189,9 +190,10 @@ impl Vm {
         }
     }
 
-    fn decision(&self, decision: &str, reason: &str, model: &str) {
+    /// Counts one request in `tollgate_requests_total`, once, when it ends.
+    fn decision(&self, decision: &str, reason: &str, model: &str, status: &'static str) {
         let mut counters = self.counters.borrow_mut();
-        self.recorder.borrow_mut().decision(&mut *counters, decision, reason, model);
+        self.recorder.borrow_mut().decision(&mut *counters, decision, reason, model, status);
     }
 }
 
@@ -551,7 +553,7 @@ impl Http {
         let headers: Vec<(&str, &str)> =
             reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         self.local_reply = true;
-        self.vm.decision(denial.class.decision(), &denial.code, model);
+        self.vm.decision(denial.class.decision(), &denial.code, model, "none");
         let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
     }
 
@@ -569,11 +571,8 @@ impl Http {
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
-            Ok(()) => {
-                let model = exchange.model().unwrap_or("-");
-                self.vm.decision("allow", exchange.reason().unwrap_or("-"), model);
-                Action::Continue
-            }
+            // Counted when it ends (`on_log`), with the upstream's status.
+            Ok(()) => Action::Continue,
             Err(denial) => {
                 let model = model_of(body).unwrap_or_else(|| "-".to_owned());
                 let (shape, id) = (exchange.shape, exchange.request_id.clone());
@@ -632,7 +631,6 @@ impl HttpContext for Http {
             Ok(plugin) => plugin,
             Err(FailPolicy::Open) => {
                 self.vm.count("tollgate_fail_open_total", 1);
-                self.vm.decision("bypass", "fail_open", "-");
                 self.exchange = Some(Exchange::bypass(head, t));
                 self.decided = true;
                 return Action::Continue;
@@ -765,6 +763,14 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let Some(mut exchange) = self.exchange.take() else { return };
+        // Each request counted once: refusals when refused, the rest here, with the upstream's
+        // status class.
+        let status = status_class(exchange.upstream_status());
+        if exchange.is_bypass() {
+            self.vm.decision("bypass", "fail_open", "-", status);
+        } else if let Some(reason) = exchange.reason() {
+            self.vm.decision("allow", reason, exchange.model().unwrap_or("-"), status);
+        }
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
         if let Some(source) = event.price_source.filter(|s| s.is_substitute()) {

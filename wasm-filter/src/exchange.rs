@@ -583,6 +583,11 @@ impl Exchange {
         self.admitted.as_ref().and_then(|a| a.model.as_deref())
     }
 
+    /// The upstream's status, once its response head arrived.
+    pub fn upstream_status(&self) -> Option<u16> {
+        u16::try_from(self.status).ok().filter(|s| *s != 0)
+    }
+
     /// The reason of the allow decision, once decided.
     pub fn reason(&self) -> Option<&str> {
         self.admitted.as_ref().map(|a| a.reason.as_str())
