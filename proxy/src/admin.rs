@@ -262,7 +262,6 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
 }
 
 /// The `period` query parameter, checked by the core's one parser: `Err` is the 400 naming it.
-#[allow(clippy::result_large_err)]
 fn check_period(period: &str) -> Result<(), Response<Body>> {
     match tollgate_core::time::ReportPeriod::parse(period) {
         Ok(_) => Ok(()),

@@ -100,11 +100,10 @@ impl Proxy {
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         // Boxed: the request's state (a few KiB) is freed as soon as the response head is
         // returned, instead of staying in hyper's per-connection slot for the whole stream.
-        let mut decision_started = None;
+        let mut deciding = Deciding::AtHead;
         let result = match credited {
             Ok(()) => {
-                let handled =
-                    handle(shared, req, route, &request_id, started, &mut decision_started);
+                let handled = handle(shared, req, route, &request_id, started, &mut deciding);
                 Box::pin(handled).await
             }
             Err(denial) => Err(denial),
@@ -119,9 +118,16 @@ impl Proxy {
                     let route = if route_name.is_empty() { "-" } else { route_name.as_str() };
                     let labels = [denial.class.decision(), &denial.code, route, "none"];
                     m.requests.with_label_values(&labels).inc();
-                    let since = decision_started.unwrap_or(started).elapsed();
-                    let effect = [denial.class.decision()];
-                    m.decision_seconds.with_label_values(&effect).observe(since.as_secs_f64());
+                    let since = match deciding {
+                        Deciding::AtHead => Some(started),
+                        Deciding::Since(t) => Some(t),
+                        Deciding::Observed => None,
+                    };
+                    if let Some(since) = since {
+                        let effect = [denial.class.decision()];
+                        let seconds = since.elapsed().as_secs_f64();
+                        m.decision_seconds.with_label_values(&effect).observe(seconds);
+                    }
                     audit_refusal(shared, &request_id, &who, route_name, &denial);
                 }
                 tracing::info!(
@@ -203,7 +209,7 @@ async fn handle(
     route: Option<Route>,
     request_id: &str,
     started: Instant,
-    decision_timer: &mut Option<Instant>,
+    deciding: &mut Deciding,
 ) -> Result<Response<Body>, Denial> {
     check_framing(req.headers())?;
     let Some(route) = route else {
@@ -258,7 +264,7 @@ async fn handle(
 
     // Decide, under the policy loaded once for this request.
     let decision_started = Instant::now();
-    *decision_timer = Some(decision_started);
+    *deciding = Deciding::Since(decision_started);
     let policy = shared.policy.load_full();
     let host = host_of_parts(&parts);
     let facts = Facts {
@@ -445,6 +451,7 @@ async fn handle(
     };
     let decided = decision_started.elapsed();
     shared.metrics.decision_seconds.with_label_values(&["allow"]).observe(decided.as_secs_f64());
+    *deciding = Deciding::Observed;
 
     // Forward. OpenAI streams are asked for usage when the client did not ask itself; the
     // extra chunk is removed on the way back.
@@ -576,6 +583,18 @@ async fn handle(
     let idle = shared.config.upstream.stream_idle_timeout;
     let body = MeteredBody::new(body, settler, idle).map_err(BoxError::from).boxed();
     Ok(Response::from_parts(parts, body))
+}
+
+/// How far a request's decision got, so that `decision_duration_seconds` is observed once for
+/// it, whatever its effect.
+#[derive(Clone, Copy)]
+enum Deciding {
+    /// Not at the policy step yet: a refusal now was decided from the request head.
+    AtHead,
+    /// The policy step started then.
+    Since(Instant),
+    /// Allowed, and observed as such.
+    Observed,
 }
 
 /// The part of a ledger record known before the response.
