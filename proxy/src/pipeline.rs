@@ -98,12 +98,13 @@ impl Proxy {
         ]
         .map(|name| req.headers().get(name).cloned());
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        // Boxed: the request's state (a few KiB) is freed as soon as the response head is
-        // returned, instead of staying in hyper's per-connection slot for the whole stream.
         let mut deciding = Deciding::AtHead;
         let result = match credited {
             Ok(()) => {
                 let handled = handle(shared, req, route, &request_id, started, &mut deciding);
+                // Boxed: the request's state (a few KiB) is freed as soon as the response head
+                // is returned, instead of staying in hyper's per-connection slot for the whole
+                // stream.
                 Box::pin(handled).await
             }
             Err(denial) => Err(denial),

@@ -26,6 +26,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use tollgate_core::budget::{Budgets, StoreError};
 use tollgate_core::policy::Snapshot;
 use tollgate_core::pricing::PriceSource;
+use tollgate_core::refusal::status_class;
 use tollgate_core::time::UnixMillis;
 
 use crate::exchange::{Exchange, Head, Now};
@@ -33,7 +34,6 @@ use crate::metrics::{Counters, Recorder, UsageLine};
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{fail_policy_of, FailPolicy, Plugin};
 use crate::shared::{self, SharedData, SharedStore};
-use tollgate_core::refusal::status_class;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
