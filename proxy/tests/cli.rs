@@ -151,6 +151,22 @@ fn explain_prints_the_decision_and_worst_case() {
     let worst = stdout.lines().find(|l| l.starts_with("worst case:")).expect("worst case line");
     assert!(worst.contains("100 output tokens max"), "{worst}");
 
+    // Like the proxy: the model list is free, a priced request without a model is a 400.
+    let tags =
+        ["-H", "x-agent-id=a", "-H", "x-cost-center=CC-1234", "-H", "x-project-id=PROJ-ABC123"];
+    let out =
+        tollgate(&[&["explain", "--method", "GET", "--path", "/v1/models"][..], &tags].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("worst case:     $0 (GET /v1/models is free)"), "{stdout}");
+    let out = tollgate(&[&["explain"][..], &tags].concat());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("POST /v1/chat/completions names no model")
+            && stdout.contains("400 missing_model"),
+        "{stdout}"
+    );
+
     // Untagged: refused, exit 3, naming the bad headers.
     let out = tollgate(&["explain", "-H", "x-agent-id=a"]);
     assert_eq!(out.status.code(), Some(3));
