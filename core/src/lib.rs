@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod autonomy;
 pub mod budget;
 pub mod doc;
+pub mod endpoints;
 pub mod engine;
 pub mod guardrails;
 pub mod inspect;

@@ -107,6 +107,21 @@ impl RouteKind {
         Self::NAMES[self.index()]
     }
 
+    /// The kind a request is decided as, by the upstream it goes to, never by its body: a
+    /// model API is `llm`; every request to an MCP server or a REST tool is `tool` (MCP
+    /// `initialize`, `tools/list`, `ping` and notifications too, decided by the tool default
+    /// or a rule without `tool:`; only a `tools/call` names a tool action); anything else,
+    /// e.g. an unknown host, is `other`.
+    pub fn of_upstream(llm: bool, tool_server: bool) -> RouteKind {
+        if llm {
+            RouteKind::Llm
+        } else if tool_server {
+            RouteKind::Tool
+        } else {
+            RouteKind::Other
+        }
+    }
+
     pub(crate) fn index(self) -> usize {
         match self {
             RouteKind::Llm => 0,

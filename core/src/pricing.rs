@@ -24,6 +24,7 @@
 mod config;
 mod litellm;
 mod lookup;
+mod response;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +38,7 @@ use crate::usage::Usage;
 
 pub use config::{ReadFile, BUILTIN};
 pub use litellm::{LiteLlmImport, Skipped};
+pub use response::{PriceSource, ResponsePrice};
 
 const TOKENS_PER_MILLION: u64 = 1_000_000;
 /// Bytes per GB for per-GB tool prices (decimal gigabytes, as cloud providers bill).

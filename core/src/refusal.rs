@@ -217,6 +217,20 @@ impl Denial {
     }
 }
 
+/// The `status` label of `tollgate_requests_total` in both adapters: the class of the
+/// upstream's answer (`1xx` … `5xx`), or `none` when no upstream answered (the adapter refused
+/// the request itself, or the upstream could not be reached or timed out).
+pub fn status_class(upstream_status: Option<u16>) -> &'static str {
+    match upstream_status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "none",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +291,25 @@ mod tests {
         let body: Value = serde_json::from_slice(&budget.body).unwrap();
         assert_eq!(body["error"]["type"], "billing_error");
         assert_eq!(budget.header("x-request-id"), None, "unprintable value dropped");
+    }
+
+    #[test]
+    fn status_classes_for_the_requests_metric() {
+        let got: Vec<&str> = [
+            None,
+            Some(0),
+            Some(101),
+            Some(200),
+            Some(204),
+            Some(304),
+            Some(429),
+            Some(500),
+            Some(529),
+            Some(600),
+        ]
+        .into_iter()
+        .map(status_class)
+        .collect();
+        assert_eq!(got, ["none", "none", "1xx", "2xx", "2xx", "3xx", "4xx", "5xx", "5xx", "none"]);
     }
 }

@@ -120,6 +120,70 @@ impl fmt::Display for Date {
     }
 }
 
+/// A reporting period asked for by name (usage totals, invoices): one UTC month `YYYY-MM` or
+/// one UTC day `YYYY-MM-DD`. Parsed strictly, in this one place: four-digit year, two-digit
+/// month `01`–`12`, two-digit day that exists in that month. Its text ([`fmt::Display`]) is the
+/// canonical form, a prefix of every RFC 3339 timestamp inside the period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReportPeriod {
+    Month { year: i32, month: u32 },
+    Day(Date),
+}
+
+/// Why a text is not a [`ReportPeriod`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{text}` is not a period: {why} (expected YYYY-MM for a month or YYYY-MM-DD for a day, e.g. 2026-11 or 2026-11-22)")]
+pub struct ReportPeriodError {
+    pub text: String,
+    pub why: &'static str,
+}
+
+impl ReportPeriod {
+    pub fn parse(text: &str) -> Result<ReportPeriod, ReportPeriodError> {
+        let fail = |why| Err(ReportPeriodError { text: text.chars().take(64).collect(), why });
+        let b = text.as_bytes();
+        if !matches!(b.len(), 7 | 10) {
+            return fail("wrong length");
+        }
+        let digits_at = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+        if !digits_at(0..4) || b[4] != b'-' || !digits_at(5..7) {
+            return fail("not digits in the form YYYY-MM");
+        }
+        let number = |range: std::ops::Range<usize>| {
+            b[range].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+        };
+        let (year, month) = (number(0..4) as i32, number(5..7));
+        if !(1..=12).contains(&month) {
+            return fail("the month must be 01 to 12");
+        }
+        if b.len() == 7 {
+            return Ok(ReportPeriod::Month { year, month });
+        }
+        if b[7] != b'-' || !digits_at(8..10) {
+            return fail("not digits in the form YYYY-MM-DD");
+        }
+        let date = Date { year, month, day: number(8..10) };
+        if date.day == 0 || Date::from_days(date.to_days()) != date {
+            return fail("no such day in that month");
+        }
+        Ok(ReportPeriod::Day(date))
+    }
+
+    /// A whole month (not a single day).
+    pub fn is_month(self) -> bool {
+        matches!(self, ReportPeriod::Month { .. })
+    }
+}
+
+impl fmt::Display for ReportPeriod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReportPeriod::Month { year, month } => write!(f, "{year:04}-{month:02}"),
+            ReportPeriod::Day(d) => d.fmt(f),
+        }
+    }
+}
+
 /// A calendar budget period in UTC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -241,6 +305,44 @@ pub fn parse_duration_ms(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(scale)
+}
+
+#[cfg(test)]
+mod report_period_tests {
+    use super::*;
+
+    #[test]
+    fn months_and_days_parse_to_their_canonical_text() {
+        for text in ["2026-11", "2026-01", "2026-12", "2026-11-22", "2024-02-29", "2026-12-31"] {
+            assert_eq!(ReportPeriod::parse(text).map(|p| p.to_string()).as_deref(), Ok(text));
+        }
+        assert!(ReportPeriod::parse("2026-11").unwrap().is_month());
+        assert!(!ReportPeriod::parse("2026-11-22").unwrap().is_month());
+    }
+
+    #[test]
+    fn impossible_or_malformed_periods_are_rejected_with_the_reason() {
+        for (text, why) in [
+            ("2026-13", "the month must be 01 to 12"),
+            ("2026-00", "the month must be 01 to 12"),
+            ("2026-1", "wrong length"),
+            ("abc", "wrong length"),
+            ("", "wrong length"),
+            ("abcd-ef", "not digits in the form YYYY-MM"),
+            ("2026/11", "not digits in the form YYYY-MM"),
+            ("+026-11", "not digits in the form YYYY-MM"),
+            ("2026-11-2x", "not digits in the form YYYY-MM-DD"),
+            ("2026-11T22", "not digits in the form YYYY-MM-DD"),
+            ("2026-02-29", "no such day in that month"),
+            ("2026-04-31", "no such day in that month"),
+            ("2026-11-00", "no such day in that month"),
+            ("2026-13-01", "the month must be 01 to 12"),
+        ] {
+            let e = ReportPeriod::parse(text).unwrap_err();
+            assert_eq!(e.why, why, "{text}");
+            assert!(e.to_string().starts_with(&format!("`{text}` is not a period: {why}")));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ fn record(i: usize) -> Record {
         status: 200,
         latency_ms: 3,
         usage_source: "reported",
+        price_source: Some(tollgate_core::pricing::PriceSource::Listed),
         end: "complete",
     }
 }

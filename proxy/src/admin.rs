@@ -216,18 +216,13 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             _ => {}
         }
     }
-    let valid_period = matches!(period.len(), 7 | 10)
-        && period.bytes().enumerate().all(|(i, b)| {
-            if i == 4 || i == 7 {
-                b == b'-'
-            } else {
-                b.is_ascii_digit()
-            }
-        });
-    if !valid_period || !matches!(group_by.as_str(), "agent" | "project" | "cost_center") {
+    if let Err(bad) = check_period(&period) {
+        return Ok(bad);
+    }
+    if !matches!(group_by.as_str(), "agent" | "project" | "cost_center") {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,
-            &json!({"error": "period must be YYYY-MM or YYYY-MM-DD; group_by one of agent, project, cost_center"}),
+            &json!({"error": "group_by must be one of agent, project, cost_center"}),
         ));
     }
     let records = match read_ledger(shared).await {
@@ -264,6 +259,17 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         StatusCode::OK,
         &json!({ "period": period, "group_by": group_by, "groups": groups }),
     ))
+}
+
+/// The `period` query parameter, checked by the core's one parser: `Err` is the 400 naming it.
+fn check_period(period: &str) -> Result<(), Response<Body>> {
+    match tollgate_core::time::ReportPeriod::parse(period) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": format!("period: {e}"), "parameter": "period"}),
+        )),
+    }
 }
 
 /// Every ledger record, after flushing what is queued (read off the async threads).
@@ -303,10 +309,13 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
             &json!({"error": "group_by must be one of cost_center, project, agent"}),
         ));
     };
-    if !matches!(format.as_str(), "csv" | "json") || !crate::invoice::valid_period(&period) {
+    if let Err(bad) = check_period(&period) {
+        return Ok(bad);
+    }
+    if !matches!(format.as_str(), "csv" | "json") {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,
-            &json!({"error": "period must be YYYY-MM or YYYY-MM-DD; format csv or json"}),
+            &json!({"error": "format must be csv or json"}),
         ));
     }
     let records = read_ledger(shared).await?;

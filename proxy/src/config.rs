@@ -104,7 +104,9 @@ impl Route {
     }
 
     /// The tool name and route kind the policy sees: the MCP `tools/call` name or the route's
-    /// tool for tool routes; `llm` for model routes; `other` when no tool is named.
+    /// tool for tool routes; the kind by upstream (`RouteKind::of_upstream`): `llm` for model
+    /// routes, `tool` for every request to an MCP or REST tool route (an MCP `initialize` or
+    /// `tools/list` too, with no tool name).
     pub fn classify<'a>(
         &'a self,
         info: &'a tollgate_core::inspect::RequestInfo,
@@ -115,14 +117,8 @@ impl Route {
             UpstreamKind::Tool => Some(self.tool.as_deref().unwrap_or(self.name.as_str())),
             _ => None,
         };
-        let kind = if self.kind.is_llm() {
-            RouteKind::Llm
-        } else if tool.is_some() {
-            RouteKind::Tool
-        } else {
-            RouteKind::Other
-        };
-        (tool, kind)
+        let tool_server = matches!(self.kind, UpstreamKind::Mcp | UpstreamKind::Tool);
+        (tool, RouteKind::of_upstream(self.kind.is_llm(), tool_server))
     }
 }
 

@@ -13,11 +13,12 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Deserialize;
 
+use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect;
-use tollgate_core::metering::Api;
+use tollgate_core::metering::{Api, Provider};
 use tollgate_core::policy::Facts;
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamKind};
 use crate::pipeline::DEFAULT_MAX_OUTPUT_TOKENS;
 
 #[derive(Args, Debug)]
@@ -161,11 +162,26 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     out.insert("decision".into(), serde_json::to_value(decision)?);
     if route.kind.is_llm() {
         let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        match config.engine.rates().worst_case(
-            info.model.as_deref().unwrap_or(""),
-            info.input_estimate_tokens,
-            max_output,
-        ) {
+        let provider = match route.kind {
+            UpstreamKind::Anthropic => Provider::Anthropic,
+            _ => Provider::OpenAi,
+        };
+        let model =
+            match endpoints::llm_pricing(Some(provider), &method, &path, info.model.as_deref()) {
+                Ok(Pricing::Free(endpoint)) => {
+                    lines.push(format!("worst case:     $0 ({endpoint} is free)"));
+                    out.insert("worst_case_usd".into(), "0".into());
+                    let allowed = decision.effect == tollgate_core::policy::Effect::Allow;
+                    return Ok((render(&args, lines, out), allowed));
+                }
+                Ok(Pricing::Model(model)) => model,
+                Err(e) => {
+                    lines
+                        .push(format!("worst case:     {e} (the proxy answers 400 missing_model)"));
+                    return Ok((render(&args, lines, out), false));
+                }
+            };
+        match config.engine.rates().worst_case(model, info.input_estimate_tokens, max_output) {
             Ok(priced) => {
                 lines.push(format!(
                     "worst case:     ${} ({} input tokens estimated, {} output tokens max)",

@@ -32,7 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use tollgate_core::money::Money;
-use tollgate_core::pricing::Cost;
+use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
 
@@ -252,6 +252,15 @@ fn parse(line: &[u8], now: UnixMillis) -> Result<MeshUsage, Invalid> {
         return Err(invalid("decision", "must be `allow` (only admitted requests are billed)"));
     }
     let usage_source = one_of(&v, "usage_source", &["reported", "estimated", "none"])?;
+    let price_source = match v.get("price_source") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(p.as_str().and_then(PriceSource::parse).ok_or_else(|| {
+            invalid(
+                "price_source",
+                "must be one of listed, requested_model, fallback, reservation, free",
+            )
+        })?),
+    };
     let end = one_of(
         &v,
         "end",
@@ -282,6 +291,7 @@ fn parse(line: &[u8], now: UnixMillis) -> Result<MeshUsage, Invalid> {
         status,
         latency_ms: v["latency_ms"].as_u64().unwrap_or(0),
         usage_source,
+        price_source,
         end,
     };
     let source = optional(&v, "source")?.unwrap_or_else(|| "mesh".to_owned());

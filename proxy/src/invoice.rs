@@ -277,18 +277,6 @@ pub fn apportion(amount: Money, counts: &[(String, u64)]) -> Vec<(String, Money)
         .collect()
 }
 
-/// Whether `period` is `YYYY-MM` or `YYYY-MM-DD`.
-pub fn valid_period(period: &str) -> bool {
-    matches!(period.len(), 7 | 10)
-        && period.bytes().enumerate().all(|(i, b)| {
-            if i == 4 || i == 7 {
-                b == b'-'
-            } else {
-                b.is_ascii_digit()
-            }
-        })
-}
-
 /// Invoices from ledger records (the `usage` ones), with each group's monthly budget from the
 /// policy: a monthly budget of the grouped scope, for that key or for every key. Shared costs
 /// are monthly and appear on monthly invoices only (not on a day's).

@@ -82,6 +82,10 @@ pub struct Record {
     pub status: u16,
     pub latency_ms: u64,
     pub usage_source: &'static str,
+    /// Where the price came from (`listed`, `requested_model`, `fallback`, `reservation`,
+    /// `free`); absent when nothing was priced (no usage, a tool call).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_source: Option<tollgate_core::pricing::PriceSource>,
     /// How the response ended: `complete`, `client_gone`, `upstream_error`, `idle_timeout`.
     pub end: &'static str,
 }

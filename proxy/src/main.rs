@@ -175,8 +175,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if !tollgate::invoice::valid_period(&period) {
-                eprintln!("--period must be YYYY-MM or YYYY-MM-DD, got `{period}`");
+            if let Err(e) = tollgate_core::time::ReportPeriod::parse(&period) {
+                eprintln!("--period: {e}");
                 return ExitCode::from(2);
             }
             let dir = data_dir.unwrap_or(config.data_dir.clone());

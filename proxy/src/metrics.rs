@@ -60,6 +60,7 @@ pub struct Metrics {
     pub approval_reasons: IntCounterVec,
     pub approvals_pending: IntGauge,
     pub breaker_state: IntGaugeVec,
+    pub substitute_prices: IntCounterVec,
     pub agents: LabelCap,
     pub projects: LabelCap,
     pub cost_centers: LabelCap,
@@ -70,14 +71,19 @@ impl Metrics {
     pub fn new(max_label_values: usize) -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("tollgate_requests_total", "Requests by decision effect and reason"),
-            &["decision", "reason", "route"],
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests, each counted once when it ends: by decision effect, reason, route \
+                 (`-` when none matched) and upstream status class (`none`: no upstream answer)",
+            ),
+            &["decision", "reason", "route", "status"],
         )
         .expect("static metric definition");
         let decision_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_decision_duration_seconds",
-                "Time from request head to decision (attribution, policy, limits, budgets)",
+                "Time to decide a request, by effect (allow, deny, require_approval): from the \
+                 policy step (or the request head, for a refusal before it) to the decision",
             )
             .buckets(vec![1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2]),
             &["decision"],
@@ -164,8 +170,18 @@ impl Metrics {
             &["upstream"],
         )
         .expect("static metric definition");
+        let substitute_prices = IntCounterVec::new(
+            Opts::new(
+                "tollgate_unlisted_model_responses_total",
+                "Responses naming a model the rate card does not price, by what they were charged \
+                 at instead (requested_model, fallback, reservation)",
+            ),
+            &["price_source"],
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(actions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(substitute_prices.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(actions.clone()),
             Box::new(autonomy_bp.clone()),
             Box::new(approval_reasons.clone()),
             Box::new(approvals_pending.clone()),
@@ -202,6 +218,7 @@ impl Metrics {
             approval_reasons,
             approvals_pending,
             breaker_state,
+            substitute_prices,
             agents: LabelCap::new(max_label_values),
             projects: LabelCap::new(max_label_values),
             cost_centers: LabelCap::new(max_label_values),
@@ -265,6 +282,34 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         out
+    }
+}
+
+/// A response priced by something other than its own model's listing: counted, and logged as a
+/// warning, or as an error when only the reservation could price it.
+pub fn substitute_price(
+    metrics: &Metrics,
+    request_id: &str,
+    answered: Option<&str>,
+    requested: Option<&str>,
+    priced: tollgate_core::pricing::ResponsePrice,
+) {
+    use tollgate_core::pricing::PriceSource;
+    let source = priced.source.as_str();
+    metrics.substitute_prices.with_label_values(&[source]).inc();
+    let (answered, requested) = (answered.unwrap_or("-"), requested.unwrap_or("-"));
+    let cost = priced.cost.total;
+    if priced.source == PriceSource::Reservation {
+        tracing::error!(
+            request_id, answered, requested, price_source = source, cost = %cost,
+            "no price on the rate card for the answered or the requested model and no fallback: \
+             charged the reserved worst case"
+        );
+    } else {
+        tracing::warn!(
+            request_id, answered, requested, price_source = source, cost = %cost,
+            "the response names a model the rate card does not price"
+        );
     }
 }
 

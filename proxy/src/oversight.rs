@@ -37,7 +37,7 @@ use serde_json::Value;
 use tollgate_core::approval::{self, Approval, RedeemError, State, Transition};
 use tollgate_core::autonomy::{self, Mode};
 use tollgate_core::guardrails::breaker::{Admission, Breaker};
-use tollgate_core::guardrails::escalation::{Escalation, Standing};
+use tollgate_core::guardrails::escalation::{Escalation, Outcome, Standing};
 use tollgate_core::guardrails::loops::{self, LoopDetector, Repeat};
 use tollgate_core::guardrails::Category;
 use tollgate_core::money::Money;
@@ -371,8 +371,9 @@ impl Oversight {
     }
 
     /// Reports how an admitted request ended: the upstream's status (0 when it could not be
-    /// reached). Failures are 5xx and unreachable for the breaker, any non-2xx for outcomes
-    /// and escalation.
+    /// reached). Provider errors (5xx, 429, 408, unreachable) feed the upstream's breaker only;
+    /// the agent's own errors (other 4xx) feed escalation; any non-2xx counts as a failed
+    /// outcome for the action's success history.
     pub fn settle(&self, shared: &Shared, admitted: &Admitted, status: u16) {
         if admitted.breaker.is_none() && admitted.track.is_none() {
             return;
@@ -380,11 +381,7 @@ impl Oversight {
         let now = now();
         if let Some(i) = admitted.breaker {
             let mut b = self.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner);
-            if status == 0 || status >= 500 {
-                b.on_failure(now);
-            } else {
-                b.on_success(now);
-            }
+            b.on_outcome(Outcome::of_status(status), now);
         }
         let Some((agent, action)) = &admitted.track else { return };
         let ok = (200..300).contains(&status);
@@ -399,7 +396,7 @@ impl Oversight {
         }
         if let Some(e) = &self.escalation {
             let before = e.standing(agent);
-            let after = if ok { e.on_success(agent) } else { e.on_error(agent) };
+            let after = e.on_outcome(agent, Outcome::of_status(status));
             if matches!(after, Standing::Disabled { .. })
                 && !matches!(before, Standing::Disabled { .. })
             {

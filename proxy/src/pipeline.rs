@@ -21,11 +21,12 @@ use hyper::body::Incoming;
 
 use tollgate_core::attribution::Attribute;
 use tollgate_core::budget::{BudgetError, Reservation, Scope};
+use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
-use tollgate_core::pricing::Cost;
+use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -97,23 +98,39 @@ impl Proxy {
         ]
         .map(|name| req.headers().get(name).cloned());
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        // Boxed: the request's state (a few KiB) is freed as soon as the response head is
-        // returned, instead of staying in hyper's per-connection slot for the whole stream.
+        let mut deciding = Deciding::AtHead;
         let result = match credited {
-            Ok(()) => Box::pin(handle(shared, req, route, &request_id, started)).await,
+            Ok(()) => {
+                let handled = handle(shared, req, route, &request_id, started, &mut deciding);
+                // Boxed: the request's state (a few KiB) is freed as soon as the response head
+                // is returned, instead of staying in hyper's per-connection slot for the whole
+                // stream.
+                Box::pin(handled).await
+            }
             Err(denial) => Err(denial),
         };
         let response = match result {
             Ok(response) => response,
             Err(denial) => {
+                // An upstream that could not be reached or timed out: the request was admitted,
+                // and the settler counted it already (status `none`).
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
+                    let m = &shared.metrics;
+                    let route = if route_name.is_empty() { "-" } else { route_name.as_str() };
+                    let labels = [denial.class.decision(), &denial.code, route, "none"];
+                    m.requests.with_label_values(&labels).inc();
+                    let since = match deciding {
+                        Deciding::AtHead => Some(started),
+                        Deciding::Since(t) => Some(t),
+                        Deciding::Observed => None,
+                    };
+                    if let Some(since) = since {
+                        let effect = [denial.class.decision()];
+                        let seconds = since.elapsed().as_secs_f64();
+                        m.decision_seconds.with_label_values(&effect).observe(seconds);
+                    }
                     audit_refusal(shared, &request_id, &who, route_name, &denial);
                 }
-                shared
-                    .metrics
-                    .requests
-                    .with_label_values(&[denial.class.decision(), &denial.code, "-"])
-                    .inc();
                 tracing::info!(
                     request_id = %request_id,
                     status = denial.class.status(),
@@ -193,6 +210,7 @@ async fn handle(
     route: Option<Route>,
     request_id: &str,
     started: Instant,
+    deciding: &mut Deciding,
 ) -> Result<Response<Body>, Denial> {
     check_framing(req.headers())?;
     let Some(route) = route else {
@@ -247,6 +265,7 @@ async fn handle(
 
     // Decide, under the policy loaded once for this request.
     let decision_started = Instant::now();
+    *deciding = Deciding::Since(decision_started);
     let policy = shared.policy.load_full();
     let host = host_of_parts(&parts);
     let facts = Facts {
@@ -271,22 +290,44 @@ async fn handle(
     // Worst-case cost: every input token at the input rate, max output at the output rate.
     let input_estimate = info.input_estimate_tokens;
     let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-    let (worst_case, model) = if route.kind.is_llm() {
+    let mut free = false;
+    let (worst_cost, model) = if route.kind.is_llm() {
         let model = info.model.clone();
-        let priced = engine
-            .rates()
-            .worst_case(model.as_deref().unwrap_or(""), input_estimate, max_output)
-            .map_err(|e| {
-                with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-            })?;
-        (priced.cost.total, model)
+        let provider = Some(if route.kind == UpstreamKind::Anthropic {
+            Provider::Anthropic
+        } else {
+            Provider::OpenAi
+        });
+        let pricing = endpoints::llm_pricing(
+            provider,
+            parts.method.as_str(),
+            parts.uri.path(),
+            model.as_deref(),
+        )
+        .map_err(|e| {
+            with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
+        })?;
+        match pricing {
+            Pricing::Free(_) => {
+                free = true;
+                (Cost::ZERO, model)
+            }
+            Pricing::Model(name) => {
+                let priced =
+                    engine.rates().worst_case(name, input_estimate, max_output).map_err(|e| {
+                        with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
+                    })?;
+                (priced.cost, model)
+            }
+        }
     } else {
         let cost = tool
             .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
             .map(|c| c.total)
             .unwrap_or(Money::ZERO);
-        (cost, None)
+        (Cost { per_call: cost, total: cost, ..Cost::ZERO }, None)
     };
+    let worst_case = worst_cost.total;
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(with_decision(Denial::new(
@@ -411,6 +452,7 @@ async fn handle(
     };
     let decided = decision_started.elapsed();
     shared.metrics.decision_seconds.with_label_values(&["allow"]).observe(decided.as_secs_f64());
+    *deciding = Deciding::Observed;
 
     // Forward. OpenAI streams are asked for usage when the client did not ask itself; the
     // extra chunk is removed on the way back.
@@ -483,10 +525,16 @@ async fn handle(
         started,
         route_is_llm: route.kind.is_llm(),
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
+        reserved: worst_cost,
+        free,
+        answered: false,
         admitted,
     };
     let response = match result {
-        Ok(Ok(response)) => response,
+        Ok(Ok(response)) => {
+            settler.answered = true;
+            response
+        }
         Ok(Err(e)) => {
             tracing::warn!(request_id, upstream = %route.upstream, error = %e, "upstream request failed");
             settler.status = 502;
@@ -538,6 +586,18 @@ async fn handle(
     Ok(Response::from_parts(parts, body))
 }
 
+/// How far a request's decision got, so that `decision_duration_seconds` is observed once for
+/// it, whatever its effect.
+#[derive(Clone, Copy)]
+enum Deciding {
+    /// Not at the policy step yet: a refusal now was decided from the request head.
+    AtHead,
+    /// The policy step started then.
+    Since(Instant),
+    /// Allowed, and observed as such.
+    Observed,
+}
+
 /// The part of a ledger record known before the response.
 struct RecordBase {
     request_id: String,
@@ -570,6 +630,12 @@ struct Settler {
     started: Instant,
     route_is_llm: bool,
     tool_cost: Option<Money>,
+    /// The worst case reserved: what a response nothing on the rate card prices is charged.
+    reserved: Cost,
+    /// A free endpoint (a model listing): recorded at $0 with `price_source: free`.
+    free: bool,
+    /// The upstream answered (`status` is its own, not the proxy's 502/504).
+    answered: bool,
     /// What the oversight step needs to hear about the outcome.
     admitted: Admitted,
 }
@@ -602,17 +668,29 @@ impl Observer for Settler {
             // not charge for either.
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let model = reported_model.or_else(|| self.base.model.clone());
+        let mut price_source = self.free.then_some(PriceSource::Free);
         let cost = if self.route_is_llm {
-            match &model {
-                Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
-                    Ok(priced) => priced.cost,
-                    Err(e) => {
-                        tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
-                        Cost::ZERO
-                    }
-                },
-                _ => Cost::ZERO,
+            if usage.is_empty() || self.free {
+                Cost::ZERO
+            } else {
+                let requested = self.base.model.as_deref();
+                let priced = shared.engine.rates().price_response(
+                    reported_model.as_deref(),
+                    requested,
+                    usage,
+                    self.reserved,
+                );
+                if priced.source.is_substitute() {
+                    crate::metrics::substitute_price(
+                        &shared.metrics,
+                        &self.base.request_id,
+                        reported_model.as_deref(),
+                        requested,
+                        priced,
+                    );
+                }
+                price_source = Some(priced.source);
+                priced.cost
             }
         } else if ok {
             let per_call = self.tool_cost.unwrap_or(Money::ZERO);
@@ -620,6 +698,7 @@ impl Observer for Settler {
         } else {
             Cost::ZERO
         };
+        let model = reported_model.or_else(|| self.base.model.clone());
         let breakdown = cost;
         let cost = breakdown.total;
         let now = now();
@@ -667,7 +746,8 @@ impl Observer for Settler {
                 .with_label_values(&[model_label, agent, project, cc])
                 .inc_by(cost.nanos() as u64);
         }
-        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route]).inc();
+        let status = tollgate_core::refusal::status_class(self.answered.then_some(self.status));
+        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route, status]).inc();
         let base = &self.base;
         let record = Record {
             ts: now.to_string(),
@@ -694,6 +774,7 @@ impl Observer for Settler {
             status: self.status,
             latency_ms: self.started.elapsed().as_millis() as u64,
             usage_source: source.as_str(),
+            price_source,
             end: end.as_str(),
         };
         shared.ledger.append(Entry::Usage(Box::new(record)));

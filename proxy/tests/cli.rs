@@ -94,6 +94,26 @@ fn ca_init_creates_a_private_ca_prints_how_to_trust_it_and_never_overwrites() {
 }
 
 #[test]
+fn invoice_refuses_a_period_that_is_not_a_month_or_a_day_and_exits_2() {
+    for (period, why) in [
+        ("2026-13", "the month must be 01 to 12"),
+        ("2026-00", "the month must be 01 to 12"),
+        ("2026-1", "wrong length"),
+        ("abc", "wrong length"),
+        ("2026-02-30", "no such day in that month"),
+    ] {
+        let out = tollgate(&["invoice", "--period", period]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{period}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--period: `{period}` is not a period: {why}")),
+            "{period}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{period}: no invoice printed");
+    }
+}
+
+#[test]
 fn check_accepts_the_embedded_default() {
     let out = tollgate(&["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -130,6 +150,22 @@ fn explain_prints_the_decision_and_worst_case() {
     // 100 output tokens × $10/M = $0.001, plus the input estimate at $2.50/M.
     let worst = stdout.lines().find(|l| l.starts_with("worst case:")).expect("worst case line");
     assert!(worst.contains("100 output tokens max"), "{worst}");
+
+    // Like the proxy: the model list is free, a priced request without a model is a 400.
+    let tags =
+        ["-H", "x-agent-id=a", "-H", "x-cost-center=CC-1234", "-H", "x-project-id=PROJ-ABC123"];
+    let out =
+        tollgate(&[&["explain", "--method", "GET", "--path", "/v1/models"][..], &tags].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("worst case:     $0 (GET /v1/models is free)"), "{stdout}");
+    let out = tollgate(&[&["explain"][..], &tags].concat());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("POST /v1/chat/completions names no model")
+            && stdout.contains("400 missing_model"),
+        "{stdout}"
+    );
 
     // Untagged: refused, exit 3, naming the bad headers.
     let out = tollgate(&["explain", "-H", "x-agent-id=a"]);

@@ -5,6 +5,8 @@
 //! Routes:
 //! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` (OpenAI)
 //! - `POST /v1/messages` (Anthropic)
+//! - `GET /v1/models`, `GET /v1/models/{id}` (OpenAI's shape, Anthropic's when the request has
+//!   `anthropic-version`)
 //! - `POST /mcp` (MCP JSON-RPC), any method on `/tools/...` (REST tools)
 //! - `GET /__mock/health` (not recorded)
 //!
@@ -43,6 +45,12 @@ pub mod header {
         CACHED_TOKENS, CACHE_WRITE_TOKENS, DELAY_MS, EVENTS, EVENT_DELAY_MS, INPUT_TOKENS, MODEL,
         OUTPUT_TOKENS, REASONING_TOKENS, RESET_AFTER, STATUS,
     };
+}
+
+/// The model ids `GET /v1/models` lists, per provider shape.
+pub mod models {
+    pub use super::anthropic::MODELS as ANTHROPIC;
+    pub use super::openai::MODELS as OPENAI;
 }
 
 /// How long shutdown waits for in-flight responses (slow streams) before dropping them.

@@ -579,6 +579,45 @@ async fn mcp_answers_json_rpc_with_the_callers_id() {
 }
 
 #[tokio::test]
+async fn model_lists_answer_in_the_shape_of_the_provider_asking() {
+    let mock = MockUpstream::start().await;
+    let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let mock = &mock;
+        async move {
+            let response = send(&http1(), mock, Method::GET, path, headers, Bytes::new()).await;
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    let (status, openai) = get("/v1/models", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(openai["object"], "list");
+    assert_eq!(
+        openai["data"][0],
+        json!({"id": "gpt-4o", "object": "model", "created": 1_700_000_000, "owned_by": "system"})
+    );
+    let (status, one) = get("/v1/models/gpt-4o-mini", &[]).await;
+    assert_eq!((status, one["id"].as_str()), (StatusCode::OK, Some("gpt-4o-mini")));
+    let (status, missing) = get("/v1/models/nope", &[]).await;
+    assert_eq!(
+        (status, missing["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+
+    const ANTHROPIC: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
+    let (status, anthropic) = get("/v1/models", ANTHROPIC).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(anthropic["has_more"], false);
+    assert_eq!(anthropic["data"][0]["type"], "model");
+    assert_eq!(anthropic["first_id"], anthropic["data"][0]["id"]);
+    let (status, one) = get("/v1/models/claude-haiku-4-5-20251001", ANTHROPIC).await;
+    assert_eq!((status, one["type"].as_str()), (StatusCode::OK, Some("model")));
+    let (status, missing) = get("/v1/models/nope", ANTHROPIC).await;
+    assert_eq!((status, missing["type"].as_str()), (StatusCode::NOT_FOUND, Some("error")));
+}
+
+#[tokio::test]
 async fn rest_tools_echo_method_and_path() {
     let mock = MockUpstream::start().await;
     let response =

@@ -32,6 +32,11 @@ fn approval_id(reply: &Reply) -> String {
     id
 }
 
+/// The agent's escalation standing, from the admin API.
+async fn standing(h: &Harness, agent: &str) -> Value {
+    h.admin_get(&format!("/admin/agents/{agent}"), true).await.json()["standing"].clone()
+}
+
 /// Polls an approval until it leaves `pending` (every 20 ms, at most 5 s).
 async fn until_decided(h: &Harness, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -431,11 +436,12 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
         .extra("oversight: {escalation: {review_at: 3, disable_at: 5}}")
         .start()
         .await;
-    let failing = with("flaky", &[(header::STATUS, "500")]);
+    // The upstream refuses the agent's request as bad: the agent's error.
+    let failing = with("flaky", &[(header::STATUS, "400")]);
     for _ in 0..3 {
         assert_eq!(
             h.post("/v1/chat/completions", &failing, &chat()).await.status,
-            StatusCode::INTERNAL_SERVER_ERROR
+            StatusCode::BAD_REQUEST
         );
     }
     // 3 in a row: every action needs a human.
@@ -450,7 +456,7 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
         let mut retry = failing.clone();
         retry.push(("x-tollgate-approval".into(), id.clone()));
         let r = h.post("/v1/chat/completions", &retry, &chat()).await;
-        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "error {n} reached the upstream");
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "error {n} reached the upstream");
         let next = h.post("/v1/chat/completions", &failing, &chat()).await;
         if n == 4 {
             assert_eq!(code(&next), "error_escalation");
@@ -480,6 +486,56 @@ async fn consecutive_errors_escalate_to_review_then_disable_until_reenabled() {
         h.post("/v1/chat/completions", &tags("flaky"), &chat()).await.status,
         StatusCode::OK
     );
+}
+
+/// 429s and 5xx are the provider's doing: an SDK call and its retries that all hit a rate
+/// limit or an outage must not put the agent under review or disable it. They still open the
+/// upstream's circuit breaker.
+#[tokio::test]
+async fn provider_errors_open_the_breaker_but_never_escalate_the_agent() {
+    let h = Harness::builder()
+        .extra(
+            "oversight: {escalation: {review_at: 3, disable_at: 5}, \
+             breaker: {failure_threshold: 6, open_for: 60s}}",
+        )
+        .start()
+        .await;
+    // One SDK call and its two retries, all rate limited.
+    for _ in 0..3 {
+        let failing = with("busy", &[(header::STATUS, "429")]);
+        let r = h.post("/v1/chat/completions", &failing, &chat()).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert_eq!(
+        standing(&h, "busy").await["standing"],
+        "normal",
+        "not under review after three 429s"
+    );
+    // Two more: a 500 and Anthropic's 529 (overloaded). Five provider errors in a row.
+    for status in ["500", "529"] {
+        let failing = with("busy", &[(header::STATUS, status)]);
+        let r = h.post("/v1/chat/completions", &failing, &chat()).await;
+        assert_eq!(r.status.as_str(), status);
+    }
+    let now = standing(&h, "busy").await;
+    assert_eq!(now, json!({"standing": "normal", "consecutive_errors": 0}), "not disabled");
+    let fine = h.post("/v1/chat/completions", &tags("busy"), &chat()).await;
+    assert_eq!(fine.status, StatusCode::OK, "{}", fine.text());
+
+    // The breaker hears of them: six provider errors in a row open it.
+    for _ in 0..6 {
+        let failing = with("busy", &[(header::STATUS, "503")]);
+        let r = h.post("/v1/chat/completions", &failing, &chat()).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let sent = h.mock.request_count();
+    let open = h.post("/v1/chat/completions", &tags("busy"), &chat()).await;
+    assert_eq!(
+        (open.status, code(&open)),
+        (StatusCode::SERVICE_UNAVAILABLE, "circuit_open".into())
+    );
+    assert_eq!(h.mock.request_count(), sent, "nothing sent while open");
+    assert_eq!(standing(&h, "busy").await["standing"], "normal");
 }
 
 #[tokio::test]
@@ -549,10 +605,10 @@ async fn readme_worked_example_first_deploy_needs_a_human_then_runs_on_its_own()
 async fn a_disabled_agent_stays_disabled_across_a_restart_until_reenabled() {
     let dir = temp_dir("disabled-restart");
     let config = "oversight: {escalation: {review_at: 1, disable_at: 1}}";
-    let failing = with("flaky", &[(header::STATUS, "500")]);
+    let failing = with("flaky", &[(header::STATUS, "422")]);
     let h = Harness::builder().extra(config).data_dir(&dir).start().await;
     let first = h.post("/v1/chat/completions", &failing, &chat()).await;
-    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(first.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
         code(&h.post("/v1/chat/completions", &tags("flaky"), &chat()).await),
         "agent_disabled"

@@ -102,6 +102,30 @@ async fn usage_totals_by_agent_match_the_ledger() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let bad = h.admin_get(&format!("/admin/usage?period={period}&group_by=model"), true).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"], "group_by must be one of agent, project, cost_center");
+}
+
+/// A month or day that does not exist is refused by `/admin/usage` and `/admin/invoice` alike,
+/// with a 400 naming the parameter (it used to pass the shape check and report nothing).
+#[tokio::test]
+async fn usage_and_invoice_refuse_impossible_periods_naming_the_parameter() {
+    let h = Harness::start(ALLOW_ALL).await;
+    for period in ["2026-13", "2026-00", "2026-1", "abc", "2026-02-30", "2026-11-00"] {
+        for path in [
+            format!("/admin/usage?period={period}&group_by=agent"),
+            format!("/admin/invoice?period={period}&group_by=agent&format=json"),
+        ] {
+            let bad = h.admin_get(&path, true).await;
+            assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{path}: {}", bad.text());
+            let body = bad.json();
+            assert_eq!(body["parameter"], "period", "{path}: {body}");
+            let message = body["error"].as_str().unwrap_or_default();
+            assert!(message.starts_with(&format!("period: `{period}` is not a period")), "{body}");
+        }
+    }
+    for path in ["/admin/usage?period=2026-12", "/admin/invoice?period=2024-02-29"] {
+        assert_eq!(h.admin_get(path, true).await.status, StatusCode::OK, "{path}");
+    }
 }
 
 #[tokio::test]
@@ -162,6 +186,64 @@ async fn metrics_are_valid_exposition_with_capped_attribution_labels() {
         m.value("tollgate_tokens_total", &[("agent", "__other__"), ("kind", "output")]),
         Some(35.0)
     );
+}
+
+/// Every request is counted once in `tollgate_requests_total`, whatever path it took: with the
+/// route it matched (also when refused), the upstream's status class (429 and 500 are not plain
+/// allows), `none` when no upstream answered; and every effect is timed.
+#[tokio::test]
+async fn each_request_is_counted_once_with_its_route_and_upstream_status() {
+    let policy = "version: v1\ndefaults: {llm: allow, tool: allow, other: deny}\nrules:\n\
+                  \x20 - {id: gated, match: {model: gpt-4o-mini}, effect: require_approval}\n\
+                  \x20 - {id: banned, match: {model: o1}, effect: deny, reason: banned_model}\n";
+    let dead = r#"{name: dead, path_prefix: /dead/, kind: openai, upstream: "http://127.0.0.1:1"}"#;
+    let h = Harness::builder().route(dead).policy(policy).start().await;
+    let model = |m: &str| json!({"model": m, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let sent = [
+        ("/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o"), 200),
+        ("/v1/chat/completions", with(tags("a"), &[(header::STATUS, "429")]), model("gpt-4o"), 429),
+        ("/v1/chat/completions", with(tags("a"), &[(header::STATUS, "500")]), model("gpt-4o"), 500),
+        ("/dead/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o"), 502),
+        ("/v1/chat/completions", Vec::new(), model("gpt-4o"), 403),
+        ("/v1/chat/completions", with(tags("a"), &[]), model("o1"), 403),
+        ("/v1/chat/completions", with(tags("a"), &[]), model("gpt-4o-mini"), 403),
+        ("/nowhere", with(tags("a"), &[]), json!({}), 404),
+    ];
+    for (path, headers, body, status) in &sent {
+        let reply = h.post(path, headers, body).await;
+        assert_eq!(reply.status.as_u16(), *status, "{path}: {}", reply.text());
+    }
+    h.ledger_until(4).await;
+    let m = metrics(&h).await;
+    let total: f64 = m.series("tollgate_requests_total").map(|s| s.value).sum();
+    assert_eq!(total, sent.len() as f64, "each request once");
+    let count = |decision: &str, reason: &str, route: &str, status: &str| {
+        let labels =
+            [("decision", decision), ("reason", reason), ("route", route), ("status", status)];
+        m.value("tollgate_requests_total", &labels)
+    };
+    assert_eq!(count("allow", "default_allow", "openai", "2xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "openai", "4xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "openai", "5xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "dead", "none"), Some(1.0), "the 502, once");
+    assert_eq!(count("deny", "attribution_rejected", "openai", "none"), Some(1.0));
+    assert_eq!(count("deny", "banned_model", "openai", "none"), Some(1.0));
+    assert_eq!(
+        m.value(
+            "tollgate_requests_total",
+            &[("decision", "require_approval"), ("route", "openai")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(count("deny", "no_route", "-", "none"), Some(1.0), "`-` only without a route");
+    assert_eq!(m.value("tollgate_requests_total", &[("route", "-")]), Some(1.0));
+    // Timed for every effect: four admitted, three refused after the policy step or at the
+    // head, one held for approval.
+    let timed =
+        |effect: &str| m.value("tollgate_decision_duration_seconds_count", &[("decision", effect)]);
+    assert_eq!(timed("allow"), Some(4.0));
+    assert_eq!(timed("deny"), Some(3.0));
+    assert_eq!(timed("require_approval"), Some(1.0));
 }
 
 /// Replaces a file atomically, so a poll never reads half of it.

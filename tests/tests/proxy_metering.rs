@@ -4,7 +4,7 @@
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use tollgate_e2e::harness::{tags, Harness, ALLOW_ALL};
+use tollgate_e2e::harness::{read, tags, Harness, ALLOW_ALL};
 use tollgate_e2e::mock::header;
 
 fn chat(model: &str) -> Value {
@@ -133,10 +133,64 @@ async fn tagged_chat_completion_is_metered_exactly_and_attribution_is_not_forwar
     assert_eq!(r["cost_nano_usd"], expected_nanos);
     assert_eq!(r["cost_usd"], "0.005");
     assert_eq!(r["usage_source"], "reported");
+    assert_eq!(r["price_source"], "listed");
     assert_eq!(r["decision"], "allow");
     assert_eq!(r["reason"], "default_allow");
     assert_eq!(r["status"], 200);
     assert_eq!(r["end"], "complete");
+}
+
+/// An upstream that answers with a model the rate card does not price is never billed $0: the
+/// requested model's price applies, else the card's fallback; the ledger says which, and the
+/// metrics count it.
+#[tokio::test]
+async fn a_response_naming_an_unpriced_model_is_charged_never_free() {
+    let tokens = [(header::INPUT_TOKENS, "1000"), (header::OUTPUT_TOKENS, "300")];
+    let h = Harness::start(ALLOW_ALL).await;
+    let renamed = with(tags("router-bot"), &[tokens[0], tokens[1], (header::MODEL, "mystery-7")]);
+    for (path, body) in [
+        ("/v1/chat/completions", chat("gpt-4o")),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "stream": true, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hello"}]}),
+        ),
+    ] {
+        let reply = h.post(path, &renamed, &body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // gpt-4o: 1000 × $2.50 + 300 × $10.00 per million.
+    for r in h.ledger_until(2).await {
+        assert_eq!(r["model"], "mystery-7", "the model that answered is recorded");
+        assert_eq!(r["price_source"], "requested_model", "{r}");
+        assert_eq!(r["cost_nano_usd"], 2_500_000 + 3_000_000, "{r}");
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "tollgate_unlisted_model_responses_total{price_source=\"requested_model\"} 2"
+        ),
+        "{metrics}"
+    );
+    h.stop().await;
+
+    // Neither the answer's model nor the request's is listed: the card's fallback price.
+    let h = Harness::builder()
+        .extra("pricing: {unknown_model: {fallback: {input: \"10.00\", output: \"30.00\"}}}")
+        .start()
+        .await;
+    let reply = h.post("/v1/chat/completions", &renamed, &chat("in-house-llm")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let r = &h.ledger_until(1).await[0];
+    assert_eq!(
+        (r["model"].as_str(), r["price_source"].as_str()),
+        (Some("mystery-7"), Some("fallback"))
+    );
+    assert_eq!(r["cost_nano_usd"], 10_000_000 + 9_000_000, "{r}");
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_unlisted_model_responses_total{price_source=\"fallback\"} 1"));
 }
 
 #[tokio::test]
@@ -224,4 +278,35 @@ async fn a_reused_request_id_cannot_skip_billing() {
     let budgets = h.admin_get("/admin/budgets", true).await.json();
     let spent = tollgate_e2e::harness::nanos(budgets["budgets"][0]["spent"].as_str().unwrap());
     assert_eq!(spent, total, "both requests are in the budget: {budgets}");
+}
+
+/// A request to an LLM route that is not a free endpoint and names no model is a clear 400
+/// `missing_model` (it used to be "no price for model ``"), never forwarded.
+#[tokio::test]
+async fn a_priced_request_without_a_model_is_a_bad_request_naming_what_is_missing() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let no_model = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5});
+    let reply = h.post("/v1/chat/completions", &tags("bot"), &no_model).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "missing_model");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("POST /v1/chat/completions names no model: send the `model` field"),
+        "{message}"
+    );
+    let bot = tags("bot");
+    let get = |path: &'static str| {
+        let response = h.send(hyper::Method::GET, path, &bot, bytes::Bytes::new());
+        async move { read(response.await).await }
+    };
+    let files = get("/v1/files").await;
+    assert_eq!(files.status, StatusCode::BAD_REQUEST, "{}", files.text());
+    assert_eq!(files.json()["error"]["code"], "missing_model");
+    // The model list is free: it passes, and is recorded at $0.
+    let models = get("/v1/models").await;
+    assert_eq!(models.status, StatusCode::OK, "{}", models.text());
+    assert_eq!(h.mock.request_count(), 1, "only the free listing was forwarded");
+    let r = &h.ledger_until(1).await[0];
+    assert_eq!((r["cost_nano_usd"].as_i64(), r["price_source"].as_str()), (Some(0), Some("free")));
 }

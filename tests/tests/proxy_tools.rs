@@ -8,7 +8,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tollgate_e2e::harness::{read_ledger, tags, temp_dir};
+use tollgate_e2e::harness::{read_ledger, tags, temp_dir, Harness};
 use tollgate_e2e::mock::MockUpstream;
 
 struct Proxy {
@@ -123,4 +123,68 @@ async fn a_tools_call_without_a_name_is_a_bad_request() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "malformed_body");
     assert_eq!(mock.request_count(), 0);
+}
+
+/// MCP's session methods are tool route requests, not requests to "other hosts": `initialize`,
+/// `tools/list`, `ping` and notifications are decided by the tool default (here `allow`), pass
+/// attributed and are recorded at $0; only `tools/call` names a tool action.
+#[tokio::test]
+async fn mcp_session_methods_pass_under_the_tool_default() {
+    let route = r#"{name: mcp, path_prefix: /mcp, kind: mcp, upstream: "{upstream}"}"#;
+    let policy = "version: v1\ndefaults: {llm: allow, tool: allow, other: deny}\n\
+                  rules:\n  - {id: no-deletes, match: {tool: \"delete_*\"}, effect: deny, reason: destructive_tool}\n";
+    let h = Harness::builder().route(route).policy(policy).start().await;
+    let rpc = |method: &str, id: Option<u32>| {
+        let mut body = json!({"jsonrpc": "2.0", "method": method, "params": {}});
+        if let Some(id) = id {
+            body["id"] = json!(id);
+        }
+        body
+    };
+    let initialize = h.post("/mcp", &tags("mcp-agent"), &rpc("initialize", Some(1))).await;
+    assert_eq!(initialize.status, StatusCode::OK, "{}", initialize.text());
+    assert_eq!(initialize.header("x-tollgate-clause"), Some("defaults.tool"));
+    assert_eq!(initialize.json()["result"]["serverInfo"]["name"], "mock-upstream");
+    let notified =
+        h.post("/mcp", &tags("mcp-agent"), &rpc("notifications/initialized", None)).await;
+    assert_eq!(notified.status, StatusCode::ACCEPTED, "{}", notified.text());
+    let listed = h.post("/mcp", &tags("mcp-agent"), &rpc("tools/list", Some(2))).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text());
+    assert_eq!(listed.json()["result"]["tools"][0]["name"], "echo");
+    let ping = h.post("/mcp", &tags("mcp-agent"), &rpc("ping", Some(3))).await;
+    assert_eq!(ping.status, StatusCode::OK, "{}", ping.text());
+    // A tools/call is still the tool action, decided by its name.
+    let call = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                      "params": {"name": "delete_records", "arguments": {}}});
+    let denied = h.post("/mcp", &tags("mcp-agent"), &call).await;
+    assert_eq!(denied.header("x-tollgate-reason"), Some("destructive_tool"), "{}", denied.text());
+    // Attribution still applies.
+    let untagged = h.post("/mcp", &[], &rpc("tools/list", Some(5))).await;
+    assert_eq!(untagged.status, StatusCode::FORBIDDEN);
+    assert_eq!(h.mock.request_count(), 4);
+    let ledger = h.ledger_until(4).await;
+    for record in &ledger {
+        assert_eq!(
+            (record["agent"].as_str(), record["route"].as_str()),
+            (Some("mcp-agent"), Some("mcp"))
+        );
+        assert_eq!(record["cost_nano_usd"], 0, "{record}");
+        assert_eq!(record["clause"], "defaults.tool", "{record}");
+    }
+
+    // Under the shipped tool default (require_approval) they wait for a human like any tool
+    // request, instead of being denied as traffic to other hosts.
+    let h = Harness::builder()
+        .route(route)
+        .policy("version: v1\ndefaults: {llm: allow, tool: require_approval, other: deny}\n")
+        .start()
+        .await;
+    let held = h.post("/mcp", &tags("mcp-agent"), &rpc("initialize", Some(1))).await;
+    assert_eq!(
+        held.header("x-tollgate-reason"),
+        Some("default_require_approval"),
+        "{}",
+        held.text()
+    );
+    assert!(!held.text().contains("other hosts"), "{}", held.text());
 }

@@ -4,6 +4,7 @@
 //! the missing headers, and an exhausted budget raises a non-retried error.
 
 use tollgate_e2e::harness::Harness;
+use tollgate_e2e::mock;
 use tollgate_e2e::sdk::{self, Checks};
 
 #[tokio::test]
@@ -52,4 +53,39 @@ async fn official_sdks_work_through_the_reverse_proxy() {
         .find(|l| l.starts_with("tollgate_requests_total") && l.contains("budget_exceeded"))
         .unwrap_or_else(|| panic!("no budget_exceeded counter:\n{metrics}"));
     assert!(refused.ends_with(" 1"), "one 402, not retried: {refused}");
+}
+
+/// Listing and reading models is free at the providers: both SDKs' `models.list()` and
+/// `models.retrieve()` pass through the sidecar, attributed and recorded at $0; an untagged
+/// listing is still refused.
+#[tokio::test]
+async fn official_sdks_list_models_through_the_reverse_proxy_at_no_cost() {
+    let h = Harness::builder().policy("version: v1\ndefaults: {llm: allow}\n").start().await;
+    let mut command = sdk::command("models.py");
+    command.arg(&h.proxy);
+    let checks = Checks::run(command).await;
+    let check = |name: &str| checks.get(name);
+
+    let ids = |name: &str| check(name)["ids"].clone();
+    assert_eq!(ids("openai_models"), serde_json::json!(mock::models::OPENAI));
+    assert_eq!(check("openai_model")["id"], "gpt-4o-mini");
+    assert_eq!(ids("anthropic_models"), serde_json::json!(mock::models::ANTHROPIC));
+    assert_eq!(check("anthropic_model")["id"], "claude-haiku-4-5-20251001");
+    for name in ["openai_untagged", "anthropic_untagged"] {
+        let untagged = check(name);
+        assert_eq!(untagged["raised"], "PermissionDeniedError", "{untagged}");
+        assert_eq!(untagged["status"], 403);
+        assert!(untagged["message"].as_str().unwrap().contains("x-agent-id"), "{untagged}");
+    }
+
+    // Four listings forwarded and recorded, attributed, at $0; the untagged ones never left.
+    assert_eq!(h.mock.request_count(), 4);
+    let ledger = h.ledger_until(4).await;
+    assert_eq!(ledger.len(), 4);
+    for record in &ledger {
+        assert_eq!(record["agent"], "sdk-lister", "{record}");
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["cost_nano_usd"], 0, "{record}");
+        assert_eq!(record["price_source"], "free", "{record}");
+    }
 }

@@ -25,6 +25,8 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
 use tollgate_core::policy::Snapshot;
+use tollgate_core::pricing::PriceSource;
+use tollgate_core::refusal::status_class;
 use tollgate_core::time::UnixMillis;
 
 use crate::exchange::{Exchange, Head, Now};
@@ -188,9 +190,10 @@ impl Vm {
         }
     }
 
-    fn decision(&self, decision: &str, reason: &str, model: &str) {
+    /// Counts one request in `tollgate_requests_total`, once, when it ends.
+    fn decision(&self, decision: &str, reason: &str, model: &str, status: &'static str) {
         let mut counters = self.counters.borrow_mut();
-        self.recorder.borrow_mut().decision(&mut *counters, decision, reason, model);
+        self.recorder.borrow_mut().decision(&mut *counters, decision, reason, model, status);
     }
 }
 
@@ -550,7 +553,7 @@ impl Http {
         let headers: Vec<(&str, &str)> =
             reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         self.local_reply = true;
-        self.vm.decision(denial.class.decision(), &denial.code, model);
+        self.vm.decision(denial.class.decision(), &denial.code, model, "none");
         let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
     }
 
@@ -568,11 +571,8 @@ impl Http {
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
-            Ok(()) => {
-                let model = exchange.model().unwrap_or("-");
-                self.vm.decision("allow", exchange.reason().unwrap_or("-"), model);
-                Action::Continue
-            }
+            // Counted when it ends (`on_log`), with the upstream's status.
+            Ok(()) => Action::Continue,
             Err(denial) => {
                 let model = model_of(body).unwrap_or_else(|| "-".to_owned());
                 let (shape, id) = (exchange.shape, exchange.request_id.clone());
@@ -631,7 +631,6 @@ impl HttpContext for Http {
             Ok(plugin) => plugin,
             Err(FailPolicy::Open) => {
                 self.vm.count("tollgate_fail_open_total", 1);
-                self.vm.decision("bypass", "fail_open", "-");
                 self.exchange = Some(Exchange::bypass(head, t));
                 self.decided = true;
                 return Action::Continue;
@@ -764,8 +763,44 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let Some(mut exchange) = self.exchange.take() else { return };
+        // Each request counted once: refusals when refused, the rest here, with the upstream's
+        // status class.
+        let status = status_class(exchange.upstream_status());
+        if exchange.is_bypass() {
+            self.vm.decision("bypass", "fail_open", "-", status);
+        } else if let Some(reason) = exchange.reason() {
+            self.vm.decision("allow", reason, exchange.model().unwrap_or("-"), status);
+        }
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
+        if let Some(source) = event.price_source.filter(|s| s.is_substitute()) {
+            let (name, level) = match source {
+                PriceSource::RequestedModel => (
+                    "tollgate_unlisted_model_responses_total.price_source.requested_model",
+                    LogLevel::Warn,
+                ),
+                PriceSource::Fallback => (
+                    "tollgate_unlisted_model_responses_total.price_source.fallback",
+                    LogLevel::Warn,
+                ),
+                _ => (
+                    "tollgate_unlisted_model_responses_total.price_source.reservation",
+                    LogLevel::Error,
+                ),
+            };
+            self.vm.count(name, 1);
+            log(
+                level,
+                &format!(
+                    "tollgate: request {} answered by model {:?}, not on the rate card: charged \
+                     {} at price_source {}",
+                    event.request_id,
+                    event.model.as_deref().unwrap_or("-"),
+                    event.cost_usd,
+                    source.as_str()
+                ),
+            );
+        }
         {
             let mut counters = self.vm.counters.borrow_mut();
             let mut recorder = self.vm.recorder.borrow_mut();

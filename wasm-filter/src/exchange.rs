@@ -15,11 +15,12 @@
 
 use serde::Serialize;
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
+use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
-use tollgate_core::pricing::Cost;
+use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -75,6 +76,8 @@ struct Admitted {
     model: Option<String>,
     tool: Option<String>,
     tool_cost: Option<Money>,
+    /// The worst case reserved: what a response nothing on the rate card prices is charged.
+    reserved: Cost,
 }
 
 /// How a request ended, for the usage event.
@@ -95,6 +98,8 @@ pub struct Exchange {
     head: Head,
     api: Option<Api>,
     mcp: bool,
+    /// A free LLM endpoint (a model listing) and its provider: decided as `llm`, recorded at $0.
+    free: Option<Provider>,
     admitted: Option<Admitted>,
     /// Let through without a decision (fail-open).
     bypass: bool,
@@ -134,6 +139,10 @@ pub struct UsageEvent {
     pub status: u32,
     pub latency_ms: u64,
     pub usage_source: &'static str,
+    /// Where the price came from (`listed`, `requested_model`, `fallback`, `reservation`,
+    /// `free`); absent when nothing was priced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_source: Option<PriceSource>,
     pub end: &'static str,
     pub source: &'static str,
     #[serde(skip)]
@@ -150,8 +159,23 @@ impl Exchange {
         now: Now,
     ) -> Result<Exchange, (Denial, Shape, String)> {
         let api = Api::from_path(&head.path);
-        let shape = match api {
-            Some(Api::Messages) => Shape::Anthropic,
+        // `GET /v1/models` is the same path on both providers: Anthropic's clients send
+        // `anthropic-version`.
+        let anthropic = header("anthropic-version").is_some();
+        let free = endpoints::free_endpoint(
+            anthropic.then_some(Provider::Anthropic),
+            &head.method,
+            &head.path,
+        )
+        .map(|name| {
+            if anthropic || name.contains("count_tokens") {
+                Provider::Anthropic
+            } else {
+                Provider::OpenAi
+            }
+        });
+        let shape = match (api, free) {
+            (Some(Api::Messages), _) | (_, Some(Provider::Anthropic)) => Shape::Anthropic,
             _ => Shape::OpenAi,
         };
         let request_id = head.request_id.clone().unwrap_or_else(|| format!("tg-{}", now.ns));
@@ -177,8 +201,9 @@ impl Exchange {
             business_unit: own(identity.business_unit),
             tier: own(identity.tier),
         };
-        let mcp =
-            api.is_none() && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
+        let mcp = api.is_none()
+            && free.is_none()
+            && path_only(&head.path).starts_with(&plugin.filter.mcp_path_prefix);
         Ok(Exchange {
             request_id,
             shape,
@@ -186,6 +211,7 @@ impl Exchange {
             head,
             api,
             mcp,
+            free,
             admitted: None,
             bypass: false,
             status: 0,
@@ -227,6 +253,7 @@ impl Exchange {
             who: Who::default(),
             api: None,
             mcp: false,
+            free: None,
             head,
             admitted: None,
             bypass: true,
@@ -251,7 +278,7 @@ impl Exchange {
         now: Now,
     ) -> Result<(), Denial> {
         let engine = &plugin.engine;
-        let llm = self.api.is_some();
+        let llm = self.api.is_some() || self.free.is_some();
         let info = if (llm || self.mcp) && !body.is_empty() {
             inspect::inspect(self.api, body)
                 .map_err(|e| Denial::new(Class::BadRequest, "malformed_body", e.to_string()))?
@@ -259,15 +286,9 @@ impl Exchange {
             RequestInfo::default()
         };
         let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
-        let kind = if llm {
-            RouteKind::Llm
-        } else if tool.is_some() {
-            RouteKind::Tool
-        } else {
-            RouteKind::Other
-        };
-        let provider = match (self.api, self.mcp) {
-            (Some(api), _) => Some(api.provider().as_str()),
+        let kind = RouteKind::of_upstream(llm, self.mcp);
+        let provider = match (self.api.map(Api::provider).or(self.free), self.mcp) {
+            (Some(p), _) => Some(p.as_str()),
             (None, true) => Some("mcp"),
             (None, false) => None,
         };
@@ -296,20 +317,36 @@ impl Exchange {
 
         let input_estimate = info.input_estimate_tokens;
         let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        let worst_case = if llm {
-            engine
-                .rates()
-                .worst_case(info.model.as_deref().unwrap_or(""), input_estimate, max_output)
+        let worst_cost = if llm {
+            let provider = self.api.map(Api::provider).or(self.free);
+            let path = path_only(&self.head.path);
+            match endpoints::llm_pricing(provider, &self.head.method, path, info.model.as_deref())
                 .map_err(|e| {
-                    with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-                })?
-                .cost
-                .total
+                with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
+            })? {
+                Pricing::Free(_) => Cost::ZERO,
+                Pricing::Model(model) => {
+                    engine
+                        .rates()
+                        .worst_case(model, input_estimate, max_output)
+                        .map_err(|e| {
+                            with_decision(Denial::new(
+                                Class::Policy,
+                                "unknown_model",
+                                e.to_string(),
+                            ))
+                        })?
+                        .cost
+                }
+            }
         } else {
-            tool.as_deref()
+            let total = tool
+                .as_deref()
                 .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
-                .map_or(Money::ZERO, |c| c.total)
+                .map_or(Money::ZERO, |c| c.total);
+            Cost { per_call: total, total, ..Cost::ZERO }
         };
+        let worst_case = worst_cost.total;
         if let Some(cap) = decision.limits.max_cost_per_request {
             if worst_case > cap {
                 return Err(with_decision(Denial::new(
@@ -391,6 +428,7 @@ impl Exchange {
             model: info.model.clone(),
             tool,
             tool_cost: (!llm).then_some(worst_case),
+            reserved: worst_cost,
         });
         Ok(())
     }
@@ -474,19 +512,27 @@ impl Exchange {
             }
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let model = reported_model.or(a.model);
-        let llm = self.api.is_some();
-        let cost = if llm {
-            match &model {
-                Some(m) if !usage.is_empty() => {
-                    plugin.engine.rates().price(m, usage).map_or(Cost::ZERO, |p| p.cost)
-                }
-                _ => Cost::ZERO,
-            }
+        let llm = self.api.is_some() || self.free.is_some();
+        let mut price_source = self.free.map(|_| PriceSource::Free);
+        let cost = if self.free.is_some() {
+            Cost::ZERO
+        } else if llm && !usage.is_empty() {
+            let rates = plugin.engine.rates();
+            let priced = rates.price_response(
+                reported_model.as_deref(),
+                a.model.as_deref(),
+                usage,
+                a.reserved,
+            );
+            price_source = Some(priced.source);
+            priced.cost
+        } else if llm {
+            Cost::ZERO
         } else {
             let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
             Cost { per_call: total, total, ..Cost::ZERO }
         };
+        let model = reported_model.or(a.model);
         let warnings = match a.reservation {
             Some(r) => {
                 budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default()
@@ -504,8 +550,8 @@ impl Exchange {
             cost_center: s(&who.cost_center),
             project: s(&who.project),
             business_unit: who.business_unit.clone(),
-            provider: match (self.api, self.mcp) {
-                (Some(api), _) => api.provider().as_str(),
+            provider: match (self.api.map(Api::provider).or(self.free), self.mcp) {
+                (Some(p), _) => p.as_str(),
                 (None, true) => "mcp",
                 (None, false) => "other",
             },
@@ -522,6 +568,7 @@ impl Exchange {
             status: self.status,
             latency_ms: now.ms.since(self.started),
             usage_source: source.as_str(),
+            price_source,
             end: match end {
                 End::Complete => "complete",
                 End::Aborted => "aborted",
@@ -534,6 +581,11 @@ impl Exchange {
     /// The requested model, once decided (for the decision metric).
     pub fn model(&self) -> Option<&str> {
         self.admitted.as_ref().and_then(|a| a.model.as_deref())
+    }
+
+    /// The upstream's status, once its response head arrived.
+    pub fn upstream_status(&self) -> Option<u16> {
+        u16::try_from(self.status).ok().filter(|s| *s != 0)
     }
 
     /// The reason of the allow decision, once decided.

@@ -22,8 +22,19 @@ use tollgate_core::usage::Usage;
 pub const OTHER: &str = "__other__";
 
 /// Every label the filter emits, in the order they appear in names (for `stats_tags`).
-pub const LABELS: [&str; 9] =
-    ["decision", "reason", "kind", "model", "cost_center", "project", "agent", "budget", "pct"];
+pub const LABELS: [&str; 11] = [
+    "decision",
+    "reason",
+    "kind",
+    "model",
+    "status",
+    "cost_center",
+    "project",
+    "agent",
+    "budget",
+    "price_source",
+    "pct",
+];
 
 /// Cached label combinations per metric group before the cache is emptied.
 pub const CACHE_ENTRIES: usize = 4096;
@@ -53,7 +64,7 @@ struct UsageIds {
 pub struct Recorder {
     max: usize,
     seen: [BTreeSet<String>; 4],
-    /// `decision \0 reason \0 model` → id.
+    /// `decision \0 reason \0 model \0 status` → id.
     decisions: HashMap<Box<str>, u32>,
     /// `model \0 cost_center \0 project \0 agent` → ids.
     usage: HashMap<Box<str>, UsageIds>,
@@ -114,16 +125,25 @@ impl Recorder {
         }
     }
 
-    /// One decision: `tollgate_requests_total{decision,reason,model}`.
-    pub fn decision(&mut self, c: &mut impl Counters, decision: &str, reason: &str, model: &str) {
-        self.set_key(&[decision, reason, model]);
+    /// One request, counted once when it ends:
+    /// `tollgate_requests_total{decision,reason,model,status}`, `status` the upstream's class
+    /// (`2xx`, `4xx`, ...) or `none` ([`tollgate_core::refusal::status_class`]).
+    pub fn decision(
+        &mut self,
+        c: &mut impl Counters,
+        decision: &str,
+        reason: &str,
+        model: &str,
+        status: &'static str,
+    ) {
+        self.set_key(&[decision, reason, model, status]);
         if let Some(id) = self.decisions.get(self.key.as_str()) {
             c.add(*id, 1);
             return;
         }
         let model = self.admit(Capped::Model, model);
         let name = format!(
-            "tollgate_requests_total.decision.{}.reason.{}.model.{model}",
+            "tollgate_requests_total.decision.{}.reason.{}.model.{model}.status.{status}",
             sanitize(decision),
             sanitize(reason)
         );
@@ -252,15 +272,15 @@ mod tests {
         let mut r = Recorder::new(2);
         let mut m = Map::default();
         for model in ["a", "b", "c", "a"] {
-            r.decision(&mut m, "allow", "default_allow", model);
+            r.decision(&mut m, "allow", "default_allow", model, "2xx");
         }
         let names: Vec<_> = m.0.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         assert_eq!(
             names,
             [
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.__other__", 1),
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.a", 2),
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.b", 1),
+                ("tollgate_requests_total.decision.allow.reason.default_allow.model.__other__.status.2xx", 1),
+                ("tollgate_requests_total.decision.allow.reason.default_allow.model.a.status.2xx", 2),
+                ("tollgate_requests_total.decision.allow.reason.default_allow.model.b.status.2xx", 1),
             ]
         );
     }
@@ -278,7 +298,7 @@ mod tests {
             cost: Money::from_nanos(7),
         };
         for agent in ["a", "b", "a", "a"] {
-            r.decision(&mut m, "allow", "default_allow", "gpt-4o");
+            r.decision(&mut m, "allow", "default_allow", "gpt-4o", "2xx");
             r.usage(&mut m, &line(agent));
         }
         assert_eq!(m.1.len(), 1 + 3 * 2, "one decision series, three usage series per agent");
@@ -286,7 +306,7 @@ mod tests {
         assert_eq!(m.0[&format!("tollgate_tokens_total.kind.input.{who}")], 9);
         assert_eq!(m.0[&format!("tollgate_cost_nano_usd_total.{who}")], 21);
         assert_eq!(
-            m.0["tollgate_requests_total.decision.allow.reason.default_allow.model.gpt-4o"],
+            m.0["tollgate_requests_total.decision.allow.reason.default_allow.model.gpt-4o.status.2xx"],
             4
         );
     }
@@ -296,7 +316,7 @@ mod tests {
         let mut r = Recorder::new(1);
         let mut m = Map::default();
         for i in 0..CACHE_ENTRIES + 10 {
-            r.decision(&mut m, "allow", "x", &format!("model-{i}"));
+            r.decision(&mut m, "allow", "x", &format!("model-{i}"), "none");
         }
         assert!(r.decisions.len() <= CACHE_ENTRIES);
         let names: BTreeSet<&String> = m.0.keys().collect();

@@ -79,6 +79,7 @@ fn filter_in_real_envoy() {
     sse_chunks_are_not_held_back(&envoy, &collector);
     openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
+    upstream_statuses_and_free_listings_are_counted_once(&envoy, &mock);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
 }
@@ -151,10 +152,34 @@ fn allowed_request_is_metered_in_stats_and_events(
     }
     let series = format!("tollgate_cost_nano_usd_total{{{who}}}");
     assert_eq!(support::metric(&stats, &series), cost.nanos() as u64, "{series}");
-    let series =
-        r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o"}"#;
+    let series = r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o",status="2xx"}"#;
     assert!(support::metric(&stats, series) >= 1, "{series} in\n{stats}");
     assert!(envoy.wait_metric("tollgate_usage_events_sent_total", 1) >= 1);
+}
+
+/// An upstream 429 is counted as an allow with `status="4xx"`, not a plain allow; the model
+/// list is free (decided as llm, recorded at $0); each request is counted once.
+fn upstream_statuses_and_free_listings_are_counted_once(envoy: &Envoy, mock: &MockUpstream) {
+    let mut headers = who("status-bot");
+    headers.push(("x-mock-status", "429"));
+    let r = envoy.request("POST", "/v1/chat/completions", &headers, &chat("gpt-4o-mini", 10));
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    let limited = r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o-mini",status="4xx"}"#;
+    assert_eq!(envoy.wait_metric(limited, 1), 1, "{}", envoy.prometheus());
+
+    let before = mock.request_count();
+    let r = envoy.request("GET", "/v1/models", &who("status-bot"), b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-tollgate-clause"), Some("defaults.llm"));
+    assert_eq!(r.json()["object"], "list");
+    assert_eq!(mock.request_count(), before + 1);
+    let listed = r#"tollgate_requests_total{decision="allow",reason="default_allow",model="-",status="2xx"}"#;
+    assert_eq!(envoy.wait_metric(listed, 1), 1, "{}", envoy.prometheus());
+    let stats = envoy.prometheus();
+    assert!(
+        !stats.lines().any(|l| l.starts_with("tollgate_requests_total{") && !l.contains("status=")),
+        "every request series has its status:\n{stats}"
+    );
 }
 
 fn budget_is_not_overspent_by_concurrent_requests(envoy: &Envoy) {

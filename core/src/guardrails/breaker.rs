@@ -12,6 +12,7 @@
 //! A pure state machine: time is passed in, nothing is shared. The caller keeps one breaker per
 //! upstream (behind its own lock) and reports each admitted call's outcome.
 
+use super::escalation::Outcome;
 use crate::doc::{Cx, Field};
 use crate::time::UnixMillis;
 
@@ -160,6 +161,16 @@ impl Breaker {
         }
     }
 
+    /// Reports an admitted call's result: a provider error (5xx, 429, 408, no answer; see
+    /// [`Outcome::of_status`]) is a failure, anything else (a 4xx that is the caller's doing
+    /// included: the upstream answered) a success.
+    pub fn on_outcome(&mut self, outcome: Outcome, now: UnixMillis) {
+        match outcome {
+            Outcome::ProviderError => self.on_failure(now),
+            Outcome::Success | Outcome::AgentError => self.on_success(now),
+        }
+    }
+
     /// Closes the breaker by hand (an operator's reset).
     pub fn reset(&mut self) {
         self.inner = Inner::Closed { failures: 0 };
@@ -174,6 +185,21 @@ mod tests {
 
     fn t(ms: u64) -> UnixMillis {
         UnixMillis(ms)
+    }
+
+    #[test]
+    fn provider_errors_open_it_and_the_callers_errors_do_not() {
+        let mut b = Breaker::new(BreakerConfig { failure_threshold: 3, open_for_ms: 1000 });
+        for (i, status) in [429u16, 529, 0].into_iter().enumerate() {
+            assert_eq!(b.allow(t(i as u64)), Admission::Permit);
+            b.on_outcome(Outcome::of_status(status), t(i as u64));
+        }
+        assert_eq!(b.state(), State::Open);
+        let mut b = Breaker::new(BreakerConfig { failure_threshold: 3, open_for_ms: 1000 });
+        for (i, status) in [500u16, 503, 400, 404, 422, 401].into_iter().enumerate() {
+            b.on_outcome(Outcome::of_status(status), t(i as u64));
+        }
+        assert_eq!((b.state(), b.failures()), (State::Closed, 0));
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! disabled state. Only agents with errors or disabled are stored, so memory follows the number
 //! of misbehaving agents, not of all agents.
 //!
+//! Only the agent's own failures count ([`Outcome::of_status`]): a request the upstream refused
+//! as bad (4xx other than 408 and 429). A provider that is overloaded, rate limiting or down
+//! (429, 408, 5xx including Anthropic's 529, a timeout, no connection) is not the agent's
+//! doing: [`Escalation::on_outcome`] leaves the count alone for it, and only the upstream's
+//! circuit breaker hears of it ([`super::breaker::Breaker::on_outcome`]).
+//!
 //! This module tracks and decides; it never notifies anyone.
 
 use std::collections::HashMap;
@@ -47,6 +53,30 @@ impl EscalationConfig {
         }
         obj.finish(cx, &["review_at", "disable_at"]);
         c
+    }
+}
+
+/// Whose doing an admitted call's result is, from the upstream's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The upstream answered 1xx, 2xx or 3xx.
+    Success,
+    /// The upstream refused the request itself (400, 401, 403, 404, 422, ...): the agent's error.
+    AgentError,
+    /// The provider failed or pushed back: 408, 429, any 5xx (529 included), or no answer at all
+    /// (status 0: no connection, or the proxy's own 502/504 for an unreachable or timed-out
+    /// upstream).
+    ProviderError,
+}
+
+impl Outcome {
+    /// Classifies an upstream status; `0` means no response was received.
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            0 | 408 | 429 | 500.. => Outcome::ProviderError,
+            400..=499 => Outcome::AgentError,
+            _ => Outcome::Success,
+        }
     }
 }
 
@@ -164,6 +194,16 @@ impl Escalation {
         self.standing_of(r)
     }
 
+    /// Records the result of one of `agent`'s calls: a success resets the count, the agent's
+    /// error adds to it, a provider error changes nothing (it is the breaker's business).
+    pub fn on_outcome(&self, agent: &str, outcome: Outcome) -> Standing {
+        match outcome {
+            Outcome::Success => self.on_success(agent),
+            Outcome::AgentError => self.on_error(agent),
+            Outcome::ProviderError => self.standing(agent),
+        }
+    }
+
     /// Re-enables `agent` (an operator's action) and clears its count; true if it was disabled.
     pub fn reenable(&self, agent: &str) -> bool {
         let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
@@ -251,6 +291,42 @@ mod tests {
         assert_eq!(e.standing("a"), Standing::Normal { consecutive_errors: 0 });
         assert!(!e.reenable("a"));
         assert_eq!(e.on_error("a"), Standing::Normal { consecutive_errors: 1 });
+    }
+
+    #[test]
+    fn statuses_are_the_agents_or_the_providers() {
+        for status in [0, 408, 429, 500, 502, 503, 504, 529, 599] {
+            assert_eq!(Outcome::of_status(status), Outcome::ProviderError, "{status}");
+        }
+        for status in [400, 401, 403, 404, 409, 413, 422, 499] {
+            assert_eq!(Outcome::of_status(status), Outcome::AgentError, "{status}");
+        }
+        for status in [100, 200, 201, 204, 304] {
+            assert_eq!(Outcome::of_status(status), Outcome::Success, "{status}");
+        }
+    }
+
+    #[test]
+    fn provider_errors_never_escalate_and_do_not_reset_the_count() {
+        let e = Escalation::default();
+        for _ in 0..10 {
+            for status in [429, 500, 529, 0] {
+                let s = e.on_outcome("a", Outcome::of_status(status));
+                assert_eq!(s, Standing::Normal { consecutive_errors: 0 });
+            }
+        }
+        assert_eq!(e.tracked(), 0, "nothing stored for provider errors");
+        e.on_outcome("a", Outcome::of_status(400));
+        e.on_outcome("a", Outcome::of_status(503));
+        assert_eq!(
+            e.on_outcome("a", Outcome::of_status(422)),
+            Standing::Normal { consecutive_errors: 2 }
+        );
+        assert_eq!(e.on_outcome("a", Outcome::of_status(404)).effect(), Effect::RequireApproval);
+        assert_eq!(
+            e.on_outcome("a", Outcome::of_status(200)),
+            Standing::Normal { consecutive_errors: 0 }
+        );
     }
 
     #[test]

@@ -43,6 +43,19 @@ fn a_valid_event_becomes_a_usage_record_with_its_exact_cost() {
 }
 
 #[test]
+fn the_price_source_is_kept_checked_and_optional() {
+    let mut substituted = event("e-1");
+    substituted["price_source"] = json!("requested_model");
+    let mut bad = event("e-2");
+    bad["price_source"] = json!("guessed");
+    let (outcome, entries) = take(&Ingest::default(), &ndjson(&[substituted, bad, event("e-3")]));
+    assert_eq!((outcome.accepted, outcome.rejected), (2, 1));
+    assert_eq!((outcome.errors[0].line, outcome.errors[0].field.as_str()), (2, "price_source"));
+    assert_eq!(entries[0]["price_source"], "requested_model");
+    assert!(entries[1].get("price_source").is_none(), "older events have none");
+}
+
+#[test]
 fn a_resent_event_is_a_duplicate_in_the_same_and_in_a_later_batch() {
     let ingest = Ingest::default();
     let (outcome, entries) = take(&ingest, &ndjson(&[event("e-1"), event("e-2"), event("e-1")]));

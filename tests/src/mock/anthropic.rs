@@ -74,6 +74,31 @@ pub fn messages(call: &Call) -> Response<MockBody> {
 
 /// Anthropic's error body, `{"type": "error", "error": {"type", "message"}}`, with the error
 /// type Anthropic uses for that status.
+/// Models the mock lists (`GET /v1/models` with `anthropic-version`).
+pub const MODELS: [&str; 2] = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"];
+
+/// `GET /v1/models`: Anthropic's paginated model list.
+pub fn models() -> Response<MockBody> {
+    let data: Vec<Value> = MODELS.iter().map(|id| model_card(id)).collect();
+    body::json(
+        StatusCode::OK,
+        &json!({"data": data, "has_more": false, "first_id": MODELS[0], "last_id": MODELS[1]}),
+    )
+}
+
+/// `GET /v1/models/{id}`: one model, or Anthropic's 404.
+pub fn model(id: &str) -> Response<MockBody> {
+    if MODELS.contains(&id) {
+        body::json(StatusCode::OK, &model_card(id))
+    } else {
+        error(StatusCode::NOT_FOUND, &format!("model: {id}"))
+    }
+}
+
+fn model_card(id: &str) -> Value {
+    json!({"type": "model", "id": id, "display_name": id, "created_at": "2025-09-29T00:00:00Z"})
+}
+
 pub fn error(status: StatusCode, message: &str) -> Response<MockBody> {
     let kind = match status.as_u16() {
         400 => "invalid_request_error",

@@ -61,6 +61,8 @@ pub struct Knobs {
     pub status: Option<StatusCode>,
     pub reset_after: Option<usize>,
     model: Option<String>,
+    /// The request carries `anthropic-version` (Anthropic's SDK always sends it).
+    pub anthropic: bool,
 }
 
 impl Knobs {
@@ -88,6 +90,7 @@ impl Knobs {
             status,
             reset_after: count(headers, RESET_AFTER)?,
             model: text(headers, MODEL)?,
+            anthropic: headers.contains_key("anthropic-version"),
         })
     }
 }

@@ -197,6 +197,28 @@ pub fn responses(call: &Call) -> Response<MockBody> {
 
 /// OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`, with the type and
 /// code OpenAI uses for that status.
+/// Models the mock lists (`GET /v1/models`), in both providers' shapes.
+pub const MODELS: [&str; 3] = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"];
+
+/// `GET /v1/models`: OpenAI's model list.
+pub fn models() -> Response<MockBody> {
+    let data: Vec<Value> = MODELS.iter().map(|id| model_card(id)).collect();
+    body::json(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one model, or OpenAI's 404.
+pub fn model(id: &str) -> Response<MockBody> {
+    if MODELS.contains(&id) {
+        body::json(StatusCode::OK, &model_card(id))
+    } else {
+        error(StatusCode::NOT_FOUND, &format!("The model '{id}' does not exist"))
+    }
+}
+
+fn model_card(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": CREATED, "owned_by": "system"})
+}
+
 pub fn error(status: StatusCode, message: &str) -> Response<MockBody> {
     let (kind, code) = match status.as_u16() {
         401 => ("invalid_request_error", json!("invalid_api_key")),

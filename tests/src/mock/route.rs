@@ -121,6 +121,9 @@ fn dispatch(
     knobs: Knobs,
 ) -> Response<MockBody> {
     type Provider = fn(&Call) -> Response<MockBody>;
+    // The Anthropic SDK sends `anthropic-version`; the paths it shares with OpenAI answer in
+    // its shape then.
+    let anthropic = knobs.anthropic;
     let provider: Provider = match (method, path) {
         (&Method::POST, "/v1/chat/completions") => openai::chat,
         (&Method::POST, "/v1/completions") => openai::completions,
@@ -128,6 +131,12 @@ fn dispatch(
         (&Method::POST, "/v1/responses") => openai::responses,
         (&Method::POST, "/v1/messages") => anthropic::messages,
         (&Method::POST, "/mcp") => return tools::mcp(&bytes),
+        (&Method::GET, "/v1/models") if anthropic => return anthropic::models(),
+        (&Method::GET, "/v1/models") => return openai::models(),
+        (&Method::GET, models) if models.starts_with("/v1/models/") => {
+            let id = &models["/v1/models/".len()..];
+            return if anthropic { anthropic::model(id) } else { openai::model(id) };
+        }
         (_, tools_path) if tools_path.starts_with("/tools/") => {
             return tools::rest(method, tools_path)
         }

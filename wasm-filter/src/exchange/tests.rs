@@ -92,8 +92,33 @@ fn allowed_call_is_metered_priced_and_settled() {
         (usage, cost, "complete", "reported")
     );
     assert_eq!(ev.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!(ev.price_source, Some(PriceSource::Listed));
     assert_eq!((ev.agent.as_str(), ev.clause.as_str(), ev.status), ("bot", "defaults.llm", 200));
     assert!(ex.finish(&p, &budgets, NOW).is_none(), "settled once");
+}
+
+#[test]
+fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "r2b"), headers("bot", &[]), NOW).unwrap();
+    let request = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
+    ex.decide(&p, &budgets, &body(request), NOW).unwrap();
+    ex.response_headers(200);
+    let response = br#"{"model":"mystery-7","usage":{"prompt_tokens":100,"completion_tokens":7}}"#;
+    ex.response_chunk(response, true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let usage = Usage { input: 100, output: 7, ..Usage::default() };
+    let cost = p.engine.rates().price("gpt-4o", usage).unwrap().cost.total;
+    assert!(cost > Money::ZERO);
+    assert_eq!(
+        (ev.model.as_deref(), ev.cost_usd, ev.price_source),
+        (Some("mystery-7"), cost, Some(PriceSource::RequestedModel))
+    );
+    let line = serde_json::to_value(&ev).unwrap();
+    assert_eq!(line["price_source"], "requested_model", "{line}");
 }
 
 #[test]
@@ -200,6 +225,51 @@ fn policy_denial_approval_unknown_model_and_rate_limit() {
         Exchange::start(&p, head("/v1/chat/completions", "m"), headers("a", &[]), NOW).unwrap();
     let d = ex.decide(&p, &budgets, br#"{"model": "gpt-4o", "#, NOW).unwrap_err();
     assert_eq!((d.class.status(), d.code.as_str()), (400, "malformed_body"));
+}
+
+#[test]
+fn model_listings_are_free_missing_models_are_400_and_mcp_session_methods_are_tool_requests() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    // `GET /v1/models` of either provider: decided as llm, $0, nothing reserved, recorded free.
+    const ANTHROPIC: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
+    for (extra, provider, shape) in
+        [(&[][..], "openai", Shape::OpenAi), (ANTHROPIC, "anthropic", Shape::Anthropic)]
+    {
+        let get = Head { method: "GET".into(), ..head("/v1/models?limit=5", "free") };
+        let mut ex = Exchange::start(&p, get, headers("lister", extra), NOW).unwrap();
+        assert_eq!(ex.shape, shape);
+        ex.decide(&p, &budgets, b"", NOW).unwrap();
+        assert!(ex.response_headers(200).contains(&("x-tollgate-clause", "defaults.llm")));
+        ex.response_chunk(br#"{"object":"list","data":[]}"#, true);
+        let ev = ex.finish(&p, &budgets, NOW).unwrap();
+        assert_eq!(
+            (ev.provider, ev.cost_usd, ev.price_source, ev.agent.as_str()),
+            (provider, Money::ZERO, Some(PriceSource::Free), "lister")
+        );
+    }
+    // Any other LLM request without a model: 400 naming what is missing.
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "nm"), headers("a", &[]), NOW).unwrap();
+    let d = ex.decide(&p, &budgets, &body(json!({"messages": []})), NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (400, "missing_model"));
+    assert!(d.message.starts_with("POST /v1/chat/completions names no model"), "{}", d.message);
+    // MCP initialize / tools/list / notifications: the tool default decides (here
+    // require_approval), not the `other` default.
+    for rpc in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    ] {
+        let mut ex = Exchange::start(&p, head("/mcp", "i"), headers("a", &[]), NOW).unwrap();
+        let d = ex.decide(&p, &budgets, &body(rpc.clone()), NOW).unwrap_err();
+        assert_eq!(
+            (d.code.as_str(), d.clause.as_deref()),
+            ("default_require_approval", Some("defaults.tool")),
+            "{rpc}"
+        );
+    }
 }
 
 /// Shared data that always fails, to exercise the fail policy.
