@@ -18,7 +18,6 @@ use tollgate_core::metering::Api;
 use tollgate_core::policy::Facts;
 
 use crate::config::Config;
-use crate::pipeline::DEFAULT_MAX_OUTPUT_TOKENS;
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
@@ -160,16 +159,14 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     lines.push(decision.to_string().trim_end().to_string());
     out.insert("decision".into(), serde_json::to_value(decision)?);
     if route.kind.is_llm() {
-        let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        match config.engine.rates().worst_case(
-            info.model.as_deref().unwrap_or(""),
-            info.input_estimate_tokens,
-            max_output,
-        ) {
+        let model = info.model.as_deref().unwrap_or("");
+        let bound =
+            tollgate_core::reservation::bound(api, &info, config.engine.rates().limits(model));
+        match config.engine.rates().worst_case(model, bound.input, bound.output) {
             Ok(priced) => {
                 lines.push(format!(
-                    "worst case:     ${} ({} input tokens estimated, {} output tokens max)",
-                    priced.cost.total, info.input_estimate_tokens, max_output
+                    "worst case:     ${} ({} input tokens at most, {} output tokens at most)",
+                    priced.cost.total, bound.input, bound.output
                 ));
                 out.insert("worst_case_usd".into(), priced.cost.total.to_string().into());
             }

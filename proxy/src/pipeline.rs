@@ -26,6 +26,7 @@ use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::Cost;
+use tollgate_core::reservation::{self, Bound};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -40,8 +41,6 @@ use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
 use crate::upstream::{Body, BoxError};
 
-/// Output tokens assumed for the worst case when a request sets no `max_tokens`.
-pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 /// How long a reservation is held before the budget gets it back by itself.
 const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
 
@@ -268,25 +267,30 @@ async fn handle(
             .unwrap_or_else(|| Denial::new(Class::Policy, decision.reason, decision.explanation)));
     }
 
-    // Worst-case cost: every input token at the input rate, max output at the output rate.
+    // Worst-case cost: the request's upper bound in tokens (`tollgate_core::reservation`) at
+    // the model's dearest rates.
     let input_estimate = info.input_estimate_tokens;
-    let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-    let (worst_case, model) = if route.kind.is_llm() {
+    let bound = route.kind.is_llm().then(|| {
+        let limits = engine.rates().limits(info.model.as_deref().unwrap_or(""));
+        reservation::bound(api, &info, limits)
+    });
+    let (reserved, model) = if let Some(bound) = &bound {
         let model = info.model.clone();
         let priced = engine
             .rates()
-            .worst_case(model.as_deref().unwrap_or(""), input_estimate, max_output)
+            .worst_case(model.as_deref().unwrap_or(""), bound.input, bound.output)
             .map_err(|e| {
                 with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
             })?;
-        (priced.cost.total, model)
+        (priced.cost, model)
     } else {
         let cost = tool
             .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
             .map(|c| c.total)
             .unwrap_or(Money::ZERO);
-        (cost, None)
+        (Cost { per_call: cost, total: cost, ..Cost::ZERO }, None)
     };
+    let worst_case = reserved.total;
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(with_decision(Denial::new(
@@ -302,7 +306,7 @@ async fn handle(
 
     // Rate limits, per agent under the clause that decided.
     let limit_key = format!("{}\u{0}{}", decision.clause, identity.agent.unwrap_or("-"));
-    let tokens = input_estimate + if route.kind.is_llm() { max_output } else { 0 };
+    let tokens = bound.as_ref().map_or(0, Bound::tokens);
     if let Err(limited) =
         shared.rate_limits.check(&limit_key, decision.limits.rpm, decision.limits.tpm, tokens)
     {
@@ -479,6 +483,8 @@ async fn handle(
         filter: strip_usage.then(UsageChunkFilter::new),
         out: Vec::new(),
         input_estimate,
+        bound,
+        reserved,
         status: 0,
         started,
         route_is_llm: route.kind.is_llm(),
@@ -566,6 +572,10 @@ struct Settler {
     filter: Option<UsageChunkFilter>,
     out: Vec<u8>,
     input_estimate: u64,
+    /// The request's upper bound (LLM routes), to judge the reported usage by.
+    bound: Option<Bound>,
+    /// The worst case reserved (what an implausible report is billed).
+    reserved: Cost,
     status: u16,
     started: Instant,
     route_is_llm: bool,
@@ -603,17 +613,35 @@ impl Observer for Settler {
             _ => (Usage::default(), UsageSource::None, None),
         };
         let model = reported_model.or_else(|| self.base.model.clone());
-        let cost = if self.route_is_llm {
-            match &model {
-                Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
-                    Ok(priced) => priced.cost,
-                    Err(e) => {
-                        tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
-                        Cost::ZERO
-                    }
-                },
-                _ => Cost::ZERO,
+        let price = |usage: Usage| match &model {
+            Some(m) if !usage.is_empty() => match shared.engine.rates().price(m, usage) {
+                Ok(priced) => priced.cost,
+                Err(e) => {
+                    tracing::warn!(request_id = %self.base.request_id, error = %e, "pricing");
+                    Cost::ZERO
+                }
+            },
+            _ => Cost::ZERO,
+        };
+        let (usage, source, cost) = match &self.bound {
+            Some(bound) if self.route_is_llm => {
+                let billed = reservation::bill(usage, source, bound, self.reserved, price);
+                if let Some(why) = billed.implausible {
+                    shared.metrics.usage_implausible.inc();
+                    tracing::warn!(
+                        request_id = %self.base.request_id,
+                        model = model.as_deref().unwrap_or("-"),
+                        reported = ?usage,
+                        billed = %billed.cost.total,
+                        "implausible usage report, billed at the reservation: {why}"
+                    );
+                }
+                (billed.usage, billed.source, billed.cost)
             }
+            _ => (usage, source, Cost::ZERO),
+        };
+        let cost = if self.route_is_llm {
+            cost
         } else if ok {
             let per_call = self.tool_cost.unwrap_or(Money::ZERO);
             Cost { per_call, total: per_call, ..Cost::ZERO }
@@ -624,6 +652,18 @@ impl Observer for Settler {
         let cost = breakdown.total;
         let now = now();
         if let Some(reservation) = self.reservation.take() {
+            let over = reservation::overrun(reservation.amount(), cost);
+            if over > Money::ZERO {
+                let counter = &shared.metrics.budget_overrun_nano_usd;
+                crate::metrics::Metrics::add_saturating(counter, over.nanos().unsigned_abs());
+                tracing::warn!(
+                    request_id = %self.base.request_id,
+                    reserved = %reservation.amount(),
+                    charged = %cost,
+                    over = %over,
+                    "the upstream reported more than was reserved; charged in full"
+                );
+            }
             match shared.budgets.settle(reservation, cost, now) {
                 Ok(settlement) => {
                     for w in &settlement.warnings {
@@ -659,13 +699,13 @@ impl Observer for Settler {
             ("reasoning", usage.reasoning),
         ] {
             if n > 0 {
-                m.tokens.with_label_values(&[model_label, kind, agent, project, cc]).inc_by(n);
+                let counter = m.tokens.with_label_values(&[model_label, kind, agent, project, cc]);
+                crate::metrics::Metrics::add_saturating(&counter, n);
             }
         }
         if cost.nanos() > 0 {
-            m.cost_nano_usd
-                .with_label_values(&[model_label, agent, project, cc])
-                .inc_by(cost.nanos() as u64);
+            let counter = m.cost_nano_usd.with_label_values(&[model_label, agent, project, cc]);
+            crate::metrics::Metrics::add_saturating(&counter, cost.nanos().unsigned_abs());
         }
         m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route]).inc();
         let base = &self.base;
