@@ -80,10 +80,13 @@ pub struct InputMeasure {
     /// File content parts (OpenAI `file` / `input_file`, Anthropic `document`, other `data:`
     /// URLs), inline or by id or URL.
     pub files: u64,
+    /// The request offers tools (`tools` present).
+    pub tools: bool,
     /// The request brings in input that is not in its body: a previous response or a
     /// conversation (`previous_response_id`, `conversation`), a stored prompt (`prompt` as an
-    /// object), remote MCP servers (`mcp_servers`) or a tool the provider runs itself (web
-    /// search, file search, code execution, ...), whose results are billed as input.
+    /// object), remote MCP servers (`mcp_servers`), web search (`web_search_options`) or a tool
+    /// the provider runs itself (web search, file search, code execution, ...), whose results
+    /// are billed as input.
     pub open: bool,
 }
 
@@ -143,6 +146,7 @@ struct Request<'a> {
     previous_response_id: Option<IgnoredAny>,
     conversation: Option<IgnoredAny>,
     mcp_servers: Option<IgnoredAny>,
+    web_search_options: Option<IgnoredAny>,
     #[serde(borrow)]
     jsonrpc: Loose<Cow<'a, str>>,
     method: Loose<String>,
@@ -181,7 +185,9 @@ pub fn inspect(api: Option<Api>, body: &[u8]) -> Result<RequestInfo, InspectErro
                 text_bytes: body_bytes.saturating_sub(sum(|p| p.item_bytes)),
                 images: sum(|p| p.images),
                 files: sum(|p| p.files),
+                tools: r.tools.prompt.present,
                 open: r.tools.server_side
+                    || r.web_search_options.is_some()
                     || r.prompt.is_map
                     || r.previous_response_id.is_some()
                     || r.conversation.is_some()

@@ -23,7 +23,8 @@
 //! files are bounded per item instead of by their base64 bytes (see [`IMAGE_TOKENS`],
 //! [`FILE_TOKENS`]); inline audio stays counted by its bytes, which bound it (audio is billed
 //! at a few tens of tokens per second, and any codec needs far more bytes per second than
-//! that). [`REQUEST_OVERHEAD_TOKENS`] covers what the provider adds around the prompt. A
+//! that). [`REQUEST_OVERHEAD_TOKENS`] and, when tools are offered, [`TOOLS_OVERHEAD_TOKENS`]
+//! cover what the provider adds around the prompt. A
 //! request that brings in input from outside its body ([`InputMeasure::open`]) is bounded by
 //! the model's context window, or [`OPEN_INPUT_TOKENS`] when the card does not know it. The
 //! input bound is never above the context window: a provider refuses a longer prompt.
@@ -31,7 +32,8 @@
 //! **Judgement.** A report is implausible when it claims more than the request could use:
 //! more input than the input bound (for an open request, more than
 //! [`OPEN_INPUT_CEILING_TOKENS`]), more output than the model's output limit (or, when the card
-//! does not know it, its context window, or else the request's output bound), or, for a request
+//! does not know it, its context window, or else the larger of the request's output bound and
+//! [`UNKNOWN_MAX_OUTPUT_TOKENS`]), or, for a request
 //! whose input is all in its body, more input and output together than the context window.
 //! Implausible usage is billed at the reservation, the request's worst case, and marked
 //! [`UsageSource::Implausible`]. Usage above the reservation that is still plausible (an
@@ -48,11 +50,15 @@ use crate::pricing::{Cost, ModelLimits, Rates};
 use crate::usage::{Usage, UsageSource};
 
 /// Tokens a provider adds around a prompt that are not in the request's text: the chat
-/// template's role markers and reply priming (a few tokens per message, already covered by the
-/// bytes of the `role` and `content` keys), the system prompt Anthropic adds when tools are
-/// offered (at most 530 tokens, per its tool-use pricing table), structured-output wrappers.
-/// Twice the largest of those.
-pub const REQUEST_OVERHEAD_TOKENS: u64 = 1_024;
+/// template's start-of-reply priming (3 tokens for OpenAI) and markers around the whole prompt.
+/// The per-message role markers (about 4 tokens per message) are already covered by the bytes
+/// of each message's `role` and `content` keys. Many times the largest of those.
+pub const REQUEST_OVERHEAD_TOKENS: u64 = 64;
+
+/// Tokens added when the request offers tools: the system prompt Anthropic adds for tool use
+/// (at most 530 tokens, per its tool-use pricing table) and the namespace wrapper OpenAI
+/// renders function definitions in. About twice the largest of those.
+pub const TOOLS_OVERHEAD_TOKENS: u64 = 1_024;
 
 /// Input tokens one image can cost. Providers downscale images before tokenizing them, so the
 /// cost of one image is capped whatever its size: Anthropic's largest (1.15 megapixels) is
@@ -135,7 +141,8 @@ pub fn input_bound(m: &InputMeasure, limits: ModelLimits) -> u64 {
         .text_bytes
         .saturating_add(m.images.saturating_mul(IMAGE_TOKENS))
         .saturating_add(m.files.saturating_mul(FILE_TOKENS))
-        .saturating_add(REQUEST_OVERHEAD_TOKENS);
+        .saturating_add(REQUEST_OVERHEAD_TOKENS)
+        .saturating_add(if m.tools { TOOLS_OVERHEAD_TOKENS } else { 0 });
     limits.context_window.map_or(n, |window| n.min(window))
 }
 
@@ -177,8 +184,11 @@ pub fn judge(usage: &Usage, bound: &Bound) -> Result<(), Implausible> {
         return Err(Implausible::Input { reported: input, most });
     }
     let output = usage.total_output();
-    let most =
-        bound.limits.max_output_tokens.or(bound.limits.context_window).unwrap_or(bound.output);
+    let most = match (bound.limits.max_output_tokens, bound.limits.context_window) {
+        (Some(limit), _) => limit,
+        (None, Some(window)) => window,
+        (None, None) => bound.output.max(UNKNOWN_MAX_OUTPUT_TOKENS),
+    };
     if output > most {
         return Err(Implausible::Output { reported: output, most });
     }

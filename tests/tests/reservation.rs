@@ -86,6 +86,7 @@ async fn a_thousand_requests_without_max_tokens_never_spend_more_than_the_budget
 
     let ledger = h.ledger_until(ok).await;
     let spent: i64 = ledger.iter().map(|r| r["cost_nano_usd"].as_i64().unwrap()).sum();
+    eprintln!("{ok} of 1000 served, ${} spent of $5.00", spent as f64 / 1e9);
     assert!(spent <= 5_000_000_000, "spent ${} of $5.00 with {ok} requests", spent as f64 / 1e9);
     for r in &ledger {
         assert_eq!(r["usage_source"], "reported", "{r}");
@@ -104,10 +105,8 @@ async fn a_thousand_requests_without_max_tokens_never_spend_more_than_the_budget
 async fn absurd_usage_is_billed_at_the_reservation_and_marked_implausible() {
     let h = start(&budget("5.00")).await;
     let absurd = u64::MAX.to_string();
-    let headers = with(
-        tags("liar"),
-        &[(header::INPUT_TOKENS, &absurd), (header::OUTPUT_TOKENS, &absurd)],
-    );
+    let headers =
+        with(tags("liar"), &[(header::INPUT_TOKENS, &absurd), (header::OUTPUT_TOKENS, &absurd)]);
     let body = json!({"model": "gpt-4o", "max_tokens": 100,
                       "messages": [{"role": "user", "content": "hi"}]});
     let reply = h.post("/v1/chat/completions", &headers, &body).await;
@@ -141,7 +140,8 @@ async fn plausible_usage_above_the_reservation_is_charged_in_full_and_blocks_the
     // the truth, $0.02, is charged to a $0.01 budget, counted as an overrun, and the budget
     // refuses the next request.
     let h = start(&budget("0.01")).await;
-    let headers = with(tags("over"), &[(header::INPUT_TOKENS, "0"), (header::OUTPUT_TOKENS, "2000")]);
+    let headers =
+        with(tags("over"), &[(header::INPUT_TOKENS, "0"), (header::OUTPUT_TOKENS, "2000")]);
     let body = json!({"model": "gpt-4o", "max_tokens": 100,
                       "messages": [{"role": "user", "content": "hi"}]});
     let reply = h.post("/v1/chat/completions", &headers, &body).await;

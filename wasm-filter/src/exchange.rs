@@ -20,16 +20,13 @@ use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::Cost;
+use tollgate_core::reservation::{self, Bound, Implausible};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{FailPolicy, Plugin};
 use crate::shared::{SharedData, SharedStore};
-
-/// Output tokens assumed for the worst case when a request sets no `max_tokens` (the sidecar's
-/// `DEFAULT_MAX_OUTPUT_TOKENS`).
-pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 
 /// The request line facts the filter reads from pseudo-headers.
 #[derive(Clone, Debug, Default)]
@@ -72,6 +69,10 @@ struct Admitted {
     /// Set when the filter asked for usage on the client's behalf: removes that chunk again.
     usage_filter: Option<UsageChunkFilter>,
     input_estimate: u64,
+    /// The request's upper bound (LLM calls), to judge the reported usage by.
+    bound: Option<Bound>,
+    /// The worst case reserved (what an implausible report is billed).
+    reserved: Cost,
     model: Option<String>,
     tool: Option<String>,
     tool_cost: Option<Money>,
@@ -138,6 +139,12 @@ pub struct UsageEvent {
     pub source: &'static str,
     #[serde(skip)]
     pub warnings: Vec<Warning>,
+    /// Charged above the reservation (`tollgate_budget_overrun_nanousd_total`).
+    #[serde(skip)]
+    pub overrun: Money,
+    /// Why the reported usage was not believed (`tollgate_usage_implausible_total`).
+    #[serde(skip)]
+    pub implausible: Option<Implausible>,
 }
 
 impl Exchange {
@@ -294,22 +301,26 @@ impl Exchange {
             return Err(d);
         }
 
+        // The request's upper bound in tokens (`tollgate_core::reservation`), as the sidecar.
         let input_estimate = info.input_estimate_tokens;
-        let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        let worst_case = if llm {
+        let model = info.model.as_deref().unwrap_or("");
+        let bound = llm.then(|| reservation::bound(self.api, &info, engine.rates().limits(model)));
+        let reserved = if let Some(bound) = &bound {
             engine
                 .rates()
-                .worst_case(info.model.as_deref().unwrap_or(""), input_estimate, max_output)
+                .worst_case(model, bound.input, bound.output)
                 .map_err(|e| {
                     with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
                 })?
                 .cost
-                .total
         } else {
-            tool.as_deref()
+            let total = tool
+                .as_deref()
                 .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
-                .map_or(Money::ZERO, |c| c.total)
+                .map_or(Money::ZERO, |c| c.total);
+            Cost { per_call: total, total, ..Cost::ZERO }
         };
+        let worst_case = reserved.total;
         if let Some(cap) = decision.limits.max_cost_per_request {
             if worst_case > cap {
                 return Err(with_decision(Denial::new(
@@ -324,7 +335,7 @@ impl Exchange {
         }
 
         let store = budgets.store();
-        let tokens = input_estimate + if llm { max_output } else { 0 };
+        let tokens = bound.as_ref().map_or(0, Bound::tokens);
         for (what, limit, cost) in
             [("requests", decision.limits.rpm, 1), ("tokens", decision.limits.tpm, tokens)]
         {
@@ -388,6 +399,8 @@ impl Exchange {
                 && matches!(self.api, Some(Api::ChatCompletions | Api::Completions)),
             usage_filter: None,
             input_estimate,
+            bound,
+            reserved,
             model: info.model.clone(),
             tool,
             tool_cost: (!llm).then_some(worst_case),
@@ -475,23 +488,30 @@ impl Exchange {
             _ => (Usage::default(), UsageSource::None, None),
         };
         let model = reported_model.or(a.model);
-        let llm = self.api.is_some();
-        let cost = if llm {
-            match &model {
-                Some(m) if !usage.is_empty() => {
-                    plugin.engine.rates().price(m, usage).map_or(Cost::ZERO, |p| p.cost)
-                }
-                _ => Cost::ZERO,
+        let price = |usage: Usage| match &model {
+            Some(m) if !usage.is_empty() => {
+                plugin.engine.rates().price(m, usage).map_or(Cost::ZERO, |p| p.cost)
             }
-        } else {
-            let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
-            Cost { per_call: total, total, ..Cost::ZERO }
+            _ => Cost::ZERO,
         };
-        let warnings = match a.reservation {
-            Some(r) => {
-                budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default()
+        let (usage, source, cost, implausible) = match &a.bound {
+            Some(bound) => {
+                let billed = reservation::bill(usage, source, bound, a.reserved, price);
+                (billed.usage, billed.source, billed.cost, billed.implausible)
             }
-            None => Vec::new(),
+            None => {
+                let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
+                (usage, source, Cost { per_call: total, total, ..Cost::ZERO }, None)
+            }
+        };
+        let (warnings, overrun) = match a.reservation {
+            Some(r) => {
+                let overrun = reservation::overrun(r.amount(), cost.total);
+                let warnings =
+                    budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default();
+                (warnings, overrun)
+            }
+            None => (Vec::new(), Money::ZERO),
         };
         let who = &self.who;
         let s = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -528,6 +548,8 @@ impl Exchange {
             },
             source: "envoy",
             warnings,
+            overrun,
+            implausible,
         })
     }
 

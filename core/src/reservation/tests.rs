@@ -86,6 +86,11 @@ fn images_and_files_are_bounded_per_item() {
     assert!(info.input.text_bytes < 400, "the base64 is not text: {}", info.input.text_bytes);
     let b = bound(Some(Api::ChatCompletions), &info, ModelLimits::default());
     assert_eq!(b.input, info.input.text_bytes + 2 * IMAGE_TOKENS + REQUEST_OVERHEAD_TOKENS);
+    // Offering tools adds the tool-use overhead.
+    let body = r#"{"messages":[],"tools":[{"name":"f","input_schema":{}}]}"#;
+    let info = inspect(Some(Api::Messages), body.as_bytes()).unwrap();
+    let b = bound(Some(Api::Messages), &info, ModelLimits::default());
+    assert_eq!(b.input, body.len() as u64 + REQUEST_OVERHEAD_TOKENS + TOOLS_OVERHEAD_TOKENS);
 
     let anthropic = format!(
         r#"{{"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{b64}"}}}},
@@ -116,6 +121,7 @@ fn input_from_outside_the_body_is_bounded_by_the_window() {
         r#"{"input":"q","tools":[{"type":"web_search"}]}"#,
         r#"{"messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
         r#"{"messages":[],"mcp_servers":[{"type":"url","url":"https://x"}]}"#,
+        r#"{"messages":[],"web_search_options":{}}"#,
     ] {
         let info = inspect(Some(Api::Responses), body.as_bytes()).unwrap();
         assert!(info.input.open, "{body}");
@@ -185,12 +191,12 @@ fn judge_refuses_what_no_request_could_use() {
         judge(&usage, &b),
         Err(Implausible::ContextWindow { reported: 135_000, window: 128_000 })
     );
-    // Unknown limits: the request's own bound is the ceiling.
+    // Unknown limits: more than max_tokens is believable up to the largest output of any
+    // current model, not beyond.
     let b = bounded(2_000, 100, ModelLimits::default());
-    assert!(matches!(
-        judge(&Usage { output: 101, ..Usage::default() }, &b),
-        Err(Implausible::Output { .. })
-    ));
+    assert_eq!(judge(&Usage { output: 101, ..Usage::default() }, &b), Ok(()));
+    let too_much = Usage { output: UNKNOWN_MAX_OUTPUT_TOKENS + 1, ..Usage::default() };
+    assert!(matches!(judge(&too_much, &b), Err(Implausible::Output { .. })));
     // Open input may pass one window (tool loops) but not the ceiling.
     let b = Bound { open: true, ..bounded(128_000, 100, GPT_4O) };
     assert_eq!(judge(&Usage { input: 500_000, ..Usage::default() }, &b), Ok(()));
@@ -265,7 +271,7 @@ proptest! {
     fn bounds_are_monotonic(
         text in any::<u64>(), images in any::<u64>(), files in any::<u64>(), extra in any::<u64>(),
     ) {
-        let m = InputMeasure { text_bytes: text, images, files, open: false };
+        let m = InputMeasure { text_bytes: text, images, files, tools: false, open: false };
         let more = InputMeasure { text_bytes: text.saturating_add(extra), ..m };
         let l = ModelLimits::default();
         prop_assert!(input_bound(&more, l) >= input_bound(&m, l));
