@@ -165,7 +165,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         match config.engine.rates().worst_case(model, bound.input, bound.output) {
             Ok(priced) => {
                 lines.push(format!(
-                    "worst case:     ${} ({} input tokens at most, {} output tokens at most)",
+                    "worst case:     ${} ({} input tokens at most, {} output tokens max)",
                     priced.cost.total, bound.input, bound.output
                 ));
                 out.insert("worst_case_usd".into(), priced.cost.total.to_string().into());
