@@ -26,7 +26,7 @@ use serde_json::Value;
 pub use rewrite::with_include_usage;
 
 use crate::metering::{tokens_from_bytes, Api};
-use loose::{Loose, Prompt};
+use loose::{Loose, Prompt, Tools};
 
 /// Tokens charged per inline attachment (base64 `data:` URL or `data` / `file_data` field)
 /// instead of counting its encoded bytes as text: roughly a large image for current OpenAI and
@@ -49,6 +49,9 @@ pub struct RequestInfo {
     /// arrays, count one token each), plus [`ATTACHMENT_TOKENS`] per inline attachment. For an
     /// LLM endpoint whose body has none of those fields, `ceil(body bytes / 4)`; otherwise 0.
     pub input_estimate_tokens: u64,
+    /// What bounds the input tokens from above, for the reservation
+    /// ([`crate::reservation::input_bound`]).
+    pub input: InputMeasure,
     /// JSON-RPC requests in the body: one, or several for a batch; empty for other bodies.
     /// Responses and notifications without a `method` are not listed.
     pub rpc: Vec<RpcCall>,
@@ -59,6 +62,32 @@ impl RequestInfo {
     pub fn tool_calls(&self) -> impl Iterator<Item = &ToolCall> {
         self.rpc.iter().filter_map(|c| c.tool.as_ref())
     }
+}
+
+/// The parts of a request body that bound its input tokens.
+///
+/// Every token a provider bills for text covers at least one byte of that text, and all text the
+/// model reads is in the body (as JSON, with keys, quotes and escapes that only add bytes), so
+/// `text_bytes` bounds the text tokens. Images and files are bounded per item instead of per
+/// byte. `open` marks input the body does not contain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InputMeasure {
+    /// The body's length minus the base64 bytes of the images and files counted below.
+    pub text_bytes: u64,
+    /// Image content parts (OpenAI `image_url` / `input_image`, Anthropic `image`, `data:image/`
+    /// URLs), inline or by URL.
+    pub images: u64,
+    /// File content parts (OpenAI `file` / `input_file`, Anthropic `document`, other `data:`
+    /// URLs), inline or by id or URL.
+    pub files: u64,
+    /// The request offers tools (`tools` present).
+    pub tools: bool,
+    /// The request brings in input that is not in its body: a previous response or a
+    /// conversation (`previous_response_id`, `conversation`), a stored prompt (`prompt` as an
+    /// object), remote MCP servers (`mcp_servers`), web search (`web_search_options`) or a tool
+    /// the provider runs itself (web search, file search, code execution, ...), whose results
+    /// are billed as input.
+    pub open: bool,
 }
 
 /// One JSON-RPC request.
@@ -113,7 +142,11 @@ struct Request<'a> {
     prompt: Prompt,
     system: Prompt,
     instructions: Prompt,
-    tools: Prompt,
+    tools: Tools,
+    previous_response_id: Option<IgnoredAny>,
+    conversation: Option<IgnoredAny>,
+    mcp_servers: Option<IgnoredAny>,
+    web_search_options: Option<IgnoredAny>,
     #[serde(borrow)]
     jsonrpc: Loose<Cow<'a, str>>,
     method: Loose<String>,
@@ -129,19 +162,38 @@ pub fn inspect(api: Option<Api>, body: &[u8]) -> Result<RequestInfo, InspectErro
         Some(_) => tokens_from_bytes(body.len() as u64),
         None => 0,
     };
+    // The input measure matters for LLM endpoints only.
+    let body_bytes = if api.is_some() { body.len() as u64 } else { 0 };
+    let unparsed = InputMeasure { text_bytes: body_bytes, ..InputMeasure::default() };
     match body.trim_ascii_start().first() {
         None => Ok(RequestInfo::default()),
         Some(b'{') => {
             let r: Request<'_> = serde_json::from_slice(body)?;
-            let prompt = [&r.messages, &r.input, &r.prompt, &r.system, &r.instructions, &r.tools];
+            let prompt =
+                [&r.messages, &r.input, &r.prompt, &r.system, &r.instructions, &r.tools.prompt];
             let present = prompt.iter().any(|p| p.present);
+            let sum =
+                |f: fn(&Prompt) -> u64| prompt.iter().map(|p| f(p)).fold(0u64, u64::saturating_add);
             let estimate = if present {
-                let bytes = prompt.iter().map(|p| p.bytes).sum();
-                let attachments: u64 = prompt.iter().map(|p| p.attachments).sum();
-                tokens_from_bytes(bytes) + attachments * ATTACHMENT_TOKENS
+                let attachments = sum(|p| p.attachments);
+                tokens_from_bytes(sum(|p| p.bytes))
+                    .saturating_add(attachments.saturating_mul(ATTACHMENT_TOKENS))
             } else {
                 whole_body
             };
+            let measured = InputMeasure {
+                text_bytes: body_bytes.saturating_sub(sum(|p| p.item_bytes)),
+                images: sum(|p| p.images),
+                files: sum(|p| p.files),
+                tools: r.tools.prompt.present,
+                open: r.tools.server_side
+                    || r.web_search_options.is_some()
+                    || r.prompt.is_map
+                    || r.previous_response_id.is_some()
+                    || r.conversation.is_some()
+                    || r.mcp_servers.is_some(),
+            };
+            let input = if api.is_some() { measured } else { InputMeasure::default() };
             let caps = [r.max_tokens.0, r.max_completion_tokens.0, r.max_output_tokens.0];
             let mut rpc = Vec::new();
             if let (Some(_), Some(method)) = (r.jsonrpc.0, r.method.0) {
@@ -158,6 +210,7 @@ pub fn inspect(api: Option<Api>, body: &[u8]) -> Result<RequestInfo, InspectErro
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
                 input_estimate_tokens: estimate,
+                input,
                 rpc,
             })
         }
@@ -172,11 +225,20 @@ pub fn inspect(api: Option<Api>, body: &[u8]) -> Result<RequestInfo, InspectErro
                 };
                 rpc.push(rpc_call(method, m.remove("id"), m.remove("params"), index)?);
             }
-            Ok(RequestInfo { input_estimate_tokens: whole_body, rpc, ..RequestInfo::default() })
+            Ok(RequestInfo {
+                input_estimate_tokens: whole_body,
+                input: unparsed,
+                rpc,
+                ..RequestInfo::default()
+            })
         }
         Some(_) => {
             serde_json::from_slice::<IgnoredAny>(body)?;
-            Ok(RequestInfo { input_estimate_tokens: whole_body, ..RequestInfo::default() })
+            Ok(RequestInfo {
+                input_estimate_tokens: whole_body,
+                input: unparsed,
+                ..RequestInfo::default()
+            })
         }
     }
 }

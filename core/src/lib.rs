@@ -18,6 +18,7 @@ pub mod money;
 pub mod policy;
 pub mod pricing;
 pub mod refusal;
+pub mod reservation;
 pub mod risk;
 pub mod time;
 pub mod usage;

@@ -17,6 +17,7 @@
 //! `memchr`, only `data:` payloads are parsed, into small borrowed structs that skip the rest.
 
 mod anthropic;
+mod count;
 mod estimate;
 mod json;
 mod openai;

@@ -27,16 +27,18 @@ pub struct Usage {
 impl Usage {
     /// All input tokens, cached or not.
     pub fn total_input(&self) -> u64 {
-        self.input + self.cached_input + self.cache_write
+        self.input.saturating_add(self.cached_input).saturating_add(self.cache_write)
     }
 
     /// All output tokens, reasoning included.
     pub fn total_output(&self) -> u64 {
-        self.output + self.reasoning
+        self.output.saturating_add(self.reasoning)
     }
 
+    /// All tokens. Every sum here saturates at `u64::MAX` instead of wrapping, so an absurd
+    /// report stays absurd (see [`crate::reservation::judge`]) rather than becoming small.
     pub fn total(&self) -> u64 {
-        self.total_input() + self.total_output()
+        self.total_input().saturating_add(self.total_output())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -58,15 +60,16 @@ impl Usage {
     }
 }
 
+/// Saturating, bucket by bucket.
 impl std::ops::Add for Usage {
     type Output = Usage;
     fn add(self, o: Usage) -> Usage {
         Usage {
-            input: self.input + o.input,
-            cached_input: self.cached_input + o.cached_input,
-            cache_write: self.cache_write + o.cache_write,
-            output: self.output + o.output,
-            reasoning: self.reasoning + o.reasoning,
+            input: self.input.saturating_add(o.input),
+            cached_input: self.cached_input.saturating_add(o.cached_input),
+            cache_write: self.cache_write.saturating_add(o.cache_write),
+            output: self.output.saturating_add(o.output),
+            reasoning: self.reasoning.saturating_add(o.reasoning),
         }
     }
 }
@@ -89,6 +92,11 @@ pub enum UsageSource {
     Estimated,
     /// Nothing to meter in tokens (a tool call priced per call or per byte).
     None,
+    /// The provider reported more than the request could have used (more input than the
+    /// request carried, more output than the model or the request allows, more than the
+    /// context window, or a count that is not a number): the report is not trusted and the
+    /// request is billed at its reservation, the worst case (see [`crate::reservation`]).
+    Implausible,
 }
 
 impl UsageSource {
@@ -97,6 +105,7 @@ impl UsageSource {
             UsageSource::Reported => "reported",
             UsageSource::Estimated => "estimated",
             UsageSource::None => "none",
+            UsageSource::Implausible => "implausible",
         }
     }
 }
@@ -114,6 +123,19 @@ mod tests {
         );
         assert_eq!(u.total_input(), 1000);
         assert_eq!(u.total_output(), 300);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let max = Usage { input: u64::MAX, output: u64::MAX, ..Usage::default() };
+        assert_eq!(max.total(), u64::MAX);
+        let one = Usage { input: 1, cached_input: 1, cache_write: 1, output: 1, reasoning: 1 };
+        let sum = max + one;
+        assert_eq!((sum.input, sum.cached_input, sum.output), (u64::MAX, 1, u64::MAX));
+        let mut acc = Usage::default();
+        acc += max;
+        acc += max;
+        assert_eq!(acc.total_input(), u64::MAX);
     }
 
     #[test]

@@ -19,7 +19,6 @@ use tollgate_core::metering::{Api, Provider};
 use tollgate_core::policy::Facts;
 
 use crate::config::{Config, UpstreamKind};
-use crate::pipeline::DEFAULT_MAX_OUTPUT_TOKENS;
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
@@ -161,7 +160,6 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     lines.push(decision.to_string().trim_end().to_string());
     out.insert("decision".into(), serde_json::to_value(decision)?);
     if route.kind.is_llm() {
-        let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
         let provider = match route.kind {
             UpstreamKind::Anthropic => Provider::Anthropic,
             _ => Provider::OpenAi,
@@ -181,11 +179,13 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
                     return Ok((render(&args, lines, out), false));
                 }
             };
-        match config.engine.rates().worst_case(model, info.input_estimate_tokens, max_output) {
+        let bound =
+            tollgate_core::reservation::bound(api, &info, config.engine.rates().limits(model));
+        match config.engine.rates().worst_case(model, bound.input, bound.output) {
             Ok(priced) => {
                 lines.push(format!(
-                    "worst case:     ${} ({} input tokens estimated, {} output tokens max)",
-                    priced.cost.total, info.input_estimate_tokens, max_output
+                    "worst case:     ${} ({} input tokens at most, {} output tokens max)",
+                    priced.cost.total, bound.input, bound.output
                 ));
                 out.insert("worst_case_usd".into(), priced.cost.total.to_string().into());
             }

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cost_nano_usd: IntCounterVec,
     pub budget_utilization_bp: IntGaugeVec,
     pub budget_warnings: IntCounterVec,
+    pub budget_overrun_nano_usd: IntCounter,
+    pub usage_implausible: IntCounter,
     pub policy_version: IntGaugeVec,
     pub policy_reload_failures: IntCounter,
     pub ledger_errors: IntCounter,
@@ -119,6 +121,17 @@ impl Metrics {
         let budget_warnings = IntCounterVec::new(
             Opts::new("tollgate_budget_warnings_total", "Budget thresholds crossed (80, 95, 100)"),
             &["budget", "threshold"],
+        )
+        .expect("static metric definition");
+        let budget_overrun_nano_usd = IntCounter::new(
+            "tollgate_budget_overrun_nanousd_total",
+            "Charged above the reservation, in nano-USD (the upstream reported more than the \
+             request's bound; the real cost is charged in full)",
+        )
+        .expect("static metric definition");
+        let usage_implausible = IntCounter::new(
+            "tollgate_usage_implausible_total",
+            "Usage reports above what the request could use, billed at the reservation",
         )
         .expect("static metric definition");
         let policy_version = IntGaugeVec::new(
@@ -193,6 +206,8 @@ impl Metrics {
             Box::new(cost_nano_usd.clone()),
             Box::new(budget_utilization_bp.clone()),
             Box::new(budget_warnings.clone()),
+            Box::new(budget_overrun_nano_usd.clone()),
+            Box::new(usage_implausible.clone()),
             Box::new(policy_version.clone()),
             Box::new(policy_reload_failures.clone()),
             Box::new(ledger_errors.clone()),
@@ -209,6 +224,8 @@ impl Metrics {
             cost_nano_usd,
             budget_utilization_bp,
             budget_warnings,
+            budget_overrun_nano_usd,
+            usage_implausible,
             policy_version,
             policy_reload_failures,
             ledger_errors,
@@ -224,6 +241,12 @@ impl Metrics {
             cost_centers: LabelCap::new(max_label_values),
             models: LabelCap::new(max_label_values),
         }
+    }
+
+    /// Adds `n` to a counter, stopping at `u64::MAX` instead of wrapping (prometheus' counters
+    /// wrap), so that an absurd count can never make a total small again.
+    pub fn add_saturating(c: &IntCounter, n: u64) {
+        c.inc_by(n.min(u64::MAX - c.get()));
     }
 
     /// Marks `version` as the active policy (and only it).

@@ -27,6 +27,7 @@ use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::{Cost, PriceSource};
+use tollgate_core::reservation::{self, Bound};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -41,8 +42,6 @@ use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
 use crate::upstream::{Body, BoxError};
 
-/// Output tokens assumed for the worst case when a request sets no `max_tokens`.
-pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 /// How long a reservation is held before the budget gets it back by itself.
 const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
 
@@ -287,11 +286,12 @@ async fn handle(
             .unwrap_or_else(|| Denial::new(Class::Policy, decision.reason, decision.explanation)));
     }
 
-    // Worst-case cost: every input token at the input rate, max output at the output rate.
+    // Worst-case cost: the request's upper bound in tokens (`tollgate_core::reservation`) at
+    // the model's dearest rates.
     let input_estimate = info.input_estimate_tokens;
-    let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
     let mut free = false;
-    let (worst_cost, model) = if route.kind.is_llm() {
+    let mut bound = None;
+    let (reserved, model) = if route.kind.is_llm() {
         let model = info.model.clone();
         let provider = Some(if route.kind == UpstreamKind::Anthropic {
             Provider::Anthropic
@@ -313,10 +313,11 @@ async fn handle(
                 (Cost::ZERO, model)
             }
             Pricing::Model(name) => {
-                let priced =
-                    engine.rates().worst_case(name, input_estimate, max_output).map_err(|e| {
-                        with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-                    })?;
+                let b = reservation::bound(api, &info, engine.rates().limits(name));
+                let priced = engine.rates().worst_case(name, b.input, b.output).map_err(|e| {
+                    with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
+                })?;
+                bound = Some(b);
                 (priced.cost, model)
             }
         }
@@ -327,7 +328,7 @@ async fn handle(
             .unwrap_or(Money::ZERO);
         (Cost { per_call: cost, total: cost, ..Cost::ZERO }, None)
     };
-    let worst_case = worst_cost.total;
+    let worst_case = reserved.total;
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(with_decision(Denial::new(
@@ -343,7 +344,7 @@ async fn handle(
 
     // Rate limits, per agent under the clause that decided.
     let limit_key = format!("{}\u{0}{}", decision.clause, identity.agent.unwrap_or("-"));
-    let tokens = input_estimate + if route.kind.is_llm() { max_output } else { 0 };
+    let tokens = bound.as_ref().map_or(0, Bound::tokens);
     if let Err(limited) =
         shared.rate_limits.check(&limit_key, decision.limits.rpm, decision.limits.tpm, tokens)
     {
@@ -521,11 +522,12 @@ async fn handle(
         filter: strip_usage.then(UsageChunkFilter::new),
         out: Vec::new(),
         input_estimate,
+        bound,
+        reserved,
         status: 0,
         started,
         route_is_llm: route.kind.is_llm(),
         tool_cost: (!route.kind.is_llm()).then_some(worst_case),
-        reserved: worst_cost,
         free,
         answered: false,
         admitted,
@@ -626,12 +628,15 @@ struct Settler {
     filter: Option<UsageChunkFilter>,
     out: Vec<u8>,
     input_estimate: u64,
+    /// The request's upper bound (LLM routes), to judge the reported usage by.
+    bound: Option<Bound>,
+    /// The worst case reserved: what an implausible report, or a response nothing on the rate
+    /// card prices, is charged.
+    reserved: Cost,
     status: u16,
     started: Instant,
     route_is_llm: bool,
     tool_cost: Option<Money>,
-    /// The worst case reserved: what a response nothing on the rate card prices is charged.
-    reserved: Cost,
     /// A free endpoint (a model listing): recorded at $0 with `price_source: free`.
     free: bool,
     /// The upstream answered (`status` is its own, not the proxy's 502/504).
@@ -669,29 +674,49 @@ impl Observer for Settler {
             _ => (Usage::default(), UsageSource::None, None),
         };
         let mut price_source = self.free.then_some(PriceSource::Free);
-        let cost = if self.route_is_llm {
+        let requested = self.base.model.as_deref();
+        let price = |usage: Usage| {
             if usage.is_empty() || self.free {
-                Cost::ZERO
-            } else {
-                let requested = self.base.model.as_deref();
-                let priced = shared.engine.rates().price_response(
+                return Cost::ZERO;
+            }
+            let priced = shared.engine.rates().price_response(
+                reported_model.as_deref(),
+                requested,
+                usage,
+                self.reserved,
+            );
+            if priced.source.is_substitute() {
+                crate::metrics::substitute_price(
+                    &shared.metrics,
+                    &self.base.request_id,
                     reported_model.as_deref(),
                     requested,
-                    usage,
-                    self.reserved,
+                    priced,
                 );
-                if priced.source.is_substitute() {
-                    crate::metrics::substitute_price(
-                        &shared.metrics,
-                        &self.base.request_id,
-                        reported_model.as_deref(),
-                        requested,
-                        priced,
+            }
+            price_source = Some(priced.source);
+            priced.cost
+        };
+        let (usage, source, cost) = match &self.bound {
+            Some(bound) if self.route_is_llm => {
+                let billed = reservation::bill(usage, source, bound, self.reserved, price);
+                if let Some(why) = billed.implausible {
+                    price_source = Some(PriceSource::Reservation);
+                    shared.metrics.usage_implausible.inc();
+                    tracing::warn!(
+                        request_id = %self.base.request_id,
+                        model = reported_model.as_deref().or(requested).unwrap_or("-"),
+                        reported = ?usage,
+                        billed = %billed.cost.total,
+                        "implausible usage report, billed at the reservation: {why}"
                     );
                 }
-                price_source = Some(priced.source);
-                priced.cost
+                (billed.usage, billed.source, billed.cost)
             }
+            _ => (usage, source, Cost::ZERO),
+        };
+        let cost = if self.route_is_llm {
+            cost
         } else if ok {
             let per_call = self.tool_cost.unwrap_or(Money::ZERO);
             Cost { per_call, total: per_call, ..Cost::ZERO }
@@ -703,6 +728,18 @@ impl Observer for Settler {
         let cost = breakdown.total;
         let now = now();
         if let Some(reservation) = self.reservation.take() {
+            let over = reservation::overrun(reservation.amount(), cost);
+            if over > Money::ZERO {
+                let counter = &shared.metrics.budget_overrun_nano_usd;
+                crate::metrics::Metrics::add_saturating(counter, over.nanos().unsigned_abs());
+                tracing::warn!(
+                    request_id = %self.base.request_id,
+                    reserved = %reservation.amount(),
+                    charged = %cost,
+                    over = %over,
+                    "the upstream reported more than was reserved; charged in full"
+                );
+            }
             match shared.budgets.settle(reservation, cost, now) {
                 Ok(settlement) => {
                     for w in &settlement.warnings {
@@ -738,13 +775,13 @@ impl Observer for Settler {
             ("reasoning", usage.reasoning),
         ] {
             if n > 0 {
-                m.tokens.with_label_values(&[model_label, kind, agent, project, cc]).inc_by(n);
+                let counter = m.tokens.with_label_values(&[model_label, kind, agent, project, cc]);
+                crate::metrics::Metrics::add_saturating(&counter, n);
             }
         }
         if cost.nanos() > 0 {
-            m.cost_nano_usd
-                .with_label_values(&[model_label, agent, project, cc])
-                .inc_by(cost.nanos() as u64);
+            let counter = m.cost_nano_usd.with_label_values(&[model_label, agent, project, cc]);
+            crate::metrics::Metrics::add_saturating(&counter, cost.nanos().unsigned_abs());
         }
         let status = tollgate_core::refusal::status_class(self.answered.then_some(self.status));
         m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route, status]).inc();

@@ -90,7 +90,9 @@ async fn invoices_add_up_to_the_ledger_and_the_shared_cost_exactly_in_json_and_c
         Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, TOKEN)])
     });
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let chat = |model: &str| json!({"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    // A 1,500-byte prompt: room for the 1,200 input tokens the mock reports below (a report of
+    // more input than the request carries would be billed as implausible).
+    let chat = |model: &str| json!({"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "hi ".repeat(500)}]});
     let llm = format!("http://{}/v1/chat/completions", proxy.proxy);
     // CC-1000: three chats (cached input, reasoning, two models) and one tool call; CC-2000:
     // three chats.

@@ -91,7 +91,11 @@ async fn tagged_chat_completion_is_metered_exactly_and_attribution_is_not_forwar
             ("x-request-id", "req-metered-1"),
         ],
     );
-    let reply = h.post("/v1/chat/completions", &headers, &chat("gpt-4o")).await;
+    // A 1,200-byte prompt: the 1,000 input tokens the mock reports are believable (a token
+    // covers at least one byte of text).
+    let body = json!({"model": "gpt-4o", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "hello ".repeat(200)}]});
+    let reply = h.post("/v1/chat/completions", &headers, &body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["choices"][0]["message"]["content"], "Hello from the mock upstream");
     assert_eq!(reply.header("x-tollgate-decision"), Some("allow"));
@@ -109,7 +113,7 @@ async fn tagged_chat_completion_is_metered_exactly_and_attribution_is_not_forwar
         assert_eq!(upstream.header(name), None, "{name} leaked to the upstream");
     }
     assert_eq!(upstream.header("host"), Some(h.mock.addr().to_string().as_str()));
-    assert_eq!(upstream.json(), Some(chat("gpt-4o")));
+    assert_eq!(upstream.json(), Some(body));
 
     // OpenAI counts overlap: prompt 1000 includes 400 cached; completion 300 includes 100
     // reasoning. gpt-4o: $2.50 input, $1.25 cached, $10.00 output (and reasoning) per million.

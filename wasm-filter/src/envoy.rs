@@ -24,6 +24,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
+use tollgate_core::money::Money;
 use tollgate_core::policy::Snapshot;
 use tollgate_core::pricing::PriceSource;
 use tollgate_core::refusal::status_class;
@@ -818,6 +819,25 @@ impl HttpContext for Http {
             for w in &event.warnings {
                 recorder.budget_warning(&mut *counters, &w.budget_id, w.threshold_bp / 100);
             }
+        }
+        if let Some(why) = &event.implausible {
+            self.vm.count("tollgate_usage_implausible_total", 1);
+            let message = format!(
+                "tollgate: request {}: implausible usage report, billed at the reservation \
+                 (${}): {why}",
+                event.request_id, event.cost_usd
+            );
+            log(LogLevel::Warn, &message);
+        }
+        if event.overrun > Money::ZERO {
+            let over = event.overrun;
+            self.vm.count("tollgate_budget_overrun_nanousd_total", over.nanos().unsigned_abs());
+            let message = format!(
+                "tollgate: request {}: the upstream reported more than was reserved; charged \
+                 ${} in full, ${over} over the reservation",
+                event.request_id, event.cost_usd
+            );
+            log(LogLevel::Warn, &message);
         }
         if let Some(collector) = &plugin.filter.collector {
             event.event_id = self.vm.next_event_id();

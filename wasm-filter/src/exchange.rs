@@ -21,16 +21,13 @@ use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
+use tollgate_core::reservation::{self, Bound, Implausible};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{FailPolicy, Plugin};
 use crate::shared::{SharedData, SharedStore};
-
-/// Output tokens assumed for the worst case when a request sets no `max_tokens` (the sidecar's
-/// `DEFAULT_MAX_OUTPUT_TOKENS`).
-pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 
 /// The request line facts the filter reads from pseudo-headers.
 #[derive(Clone, Debug, Default)]
@@ -73,11 +70,14 @@ struct Admitted {
     /// Set when the filter asked for usage on the client's behalf: removes that chunk again.
     usage_filter: Option<UsageChunkFilter>,
     input_estimate: u64,
+    /// The request's upper bound (LLM calls), to judge the reported usage by.
+    bound: Option<Bound>,
+    /// The worst case reserved: what an implausible report, or a response nothing on the rate
+    /// card prices, is charged.
+    reserved: Cost,
     model: Option<String>,
     tool: Option<String>,
     tool_cost: Option<Money>,
-    /// The worst case reserved: what a response nothing on the rate card prices is charged.
-    reserved: Cost,
 }
 
 /// How a request ended, for the usage event.
@@ -147,6 +147,12 @@ pub struct UsageEvent {
     pub source: &'static str,
     #[serde(skip)]
     pub warnings: Vec<Warning>,
+    /// Charged above the reservation (`tollgate_budget_overrun_nanousd_total`).
+    #[serde(skip)]
+    pub overrun: Money,
+    /// Why the reported usage was not believed (`tollgate_usage_implausible_total`).
+    #[serde(skip)]
+    pub implausible: Option<Implausible>,
 }
 
 impl Exchange {
@@ -315,9 +321,10 @@ impl Exchange {
             return Err(d);
         }
 
+        // The request's upper bound in tokens (`tollgate_core::reservation`), as the sidecar.
         let input_estimate = info.input_estimate_tokens;
-        let max_output = info.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
-        let worst_cost = if llm {
+        let mut bound = None;
+        let reserved = if llm {
             let provider = self.api.map(Api::provider).or(self.free);
             let path = path_only(&self.head.path);
             match endpoints::llm_pricing(provider, &self.head.method, path, info.model.as_deref())
@@ -326,9 +333,10 @@ impl Exchange {
             })? {
                 Pricing::Free(_) => Cost::ZERO,
                 Pricing::Model(model) => {
-                    engine
+                    let b = reservation::bound(self.api, &info, engine.rates().limits(model));
+                    let cost = engine
                         .rates()
-                        .worst_case(model, input_estimate, max_output)
+                        .worst_case(model, b.input, b.output)
                         .map_err(|e| {
                             with_decision(Denial::new(
                                 Class::Policy,
@@ -336,7 +344,9 @@ impl Exchange {
                                 e.to_string(),
                             ))
                         })?
-                        .cost
+                        .cost;
+                    bound = Some(b);
+                    cost
                 }
             }
         } else {
@@ -346,7 +356,7 @@ impl Exchange {
                 .map_or(Money::ZERO, |c| c.total);
             Cost { per_call: total, total, ..Cost::ZERO }
         };
-        let worst_case = worst_cost.total;
+        let worst_case = reserved.total;
         if let Some(cap) = decision.limits.max_cost_per_request {
             if worst_case > cap {
                 return Err(with_decision(Denial::new(
@@ -361,7 +371,7 @@ impl Exchange {
         }
 
         let store = budgets.store();
-        let tokens = input_estimate + if llm { max_output } else { 0 };
+        let tokens = bound.as_ref().map_or(0, Bound::tokens);
         for (what, limit, cost) in
             [("requests", decision.limits.rpm, 1), ("tokens", decision.limits.tpm, tokens)]
         {
@@ -425,10 +435,11 @@ impl Exchange {
                 && matches!(self.api, Some(Api::ChatCompletions | Api::Completions)),
             usage_filter: None,
             input_estimate,
+            bound,
+            reserved,
             model: info.model.clone(),
             tool,
             tool_cost: (!llm).then_some(worst_case),
-            reserved: worst_cost,
         });
         Ok(())
     }
@@ -512,32 +523,44 @@ impl Exchange {
             }
             _ => (Usage::default(), UsageSource::None, None),
         };
-        let llm = self.api.is_some() || self.free.is_some();
         let mut price_source = self.free.map(|_| PriceSource::Free);
-        let cost = if self.free.is_some() {
-            Cost::ZERO
-        } else if llm && !usage.is_empty() {
-            let rates = plugin.engine.rates();
-            let priced = rates.price_response(
+        let free = self.free.is_some();
+        let requested = a.model.as_deref();
+        let price = |usage: Usage| {
+            if free || usage.is_empty() {
+                return Cost::ZERO;
+            }
+            let priced = plugin.engine.rates().price_response(
                 reported_model.as_deref(),
-                a.model.as_deref(),
+                requested,
                 usage,
                 a.reserved,
             );
             price_source = Some(priced.source);
             priced.cost
-        } else if llm {
-            Cost::ZERO
-        } else {
-            let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
-            Cost { per_call: total, total, ..Cost::ZERO }
+        };
+        let (usage, source, cost, implausible) = match &a.bound {
+            Some(bound) => {
+                let billed = reservation::bill(usage, source, bound, a.reserved, price);
+                if billed.implausible.is_some() {
+                    price_source = Some(PriceSource::Reservation);
+                }
+                (billed.usage, billed.source, billed.cost, billed.implausible)
+            }
+            None => {
+                let total = if ok { a.tool_cost.unwrap_or(Money::ZERO) } else { Money::ZERO };
+                (usage, source, Cost { per_call: total, total, ..Cost::ZERO }, None)
+            }
         };
         let model = reported_model.or(a.model);
-        let warnings = match a.reservation {
+        let (warnings, overrun) = match a.reservation {
             Some(r) => {
-                budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default()
+                let overrun = reservation::overrun(r.amount(), cost.total);
+                let warnings =
+                    budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default();
+                (warnings, overrun)
             }
-            None => Vec::new(),
+            None => (Vec::new(), Money::ZERO),
         };
         let who = &self.who;
         let s = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -575,6 +598,8 @@ impl Exchange {
             },
             source: "envoy",
             warnings,
+            overrun,
+            implausible,
         })
     }
 

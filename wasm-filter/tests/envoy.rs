@@ -14,6 +14,7 @@ use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
 use tollgate_core::money::Money;
+use tollgate_core::reservation;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
 use tollgate_e2e::decisions::{Outcome, Table};
@@ -60,6 +61,15 @@ fn chat(model: &str, max_tokens: u64) -> Vec<u8> {
     .unwrap()
 }
 
+/// A chat request with a 1,650-byte prompt: room for the input counts the mock is told to
+/// report (up to 1,234 tokens), which would otherwise be more than the request could use and
+/// billed as implausible.
+fn padded_chat(model: &str, max_tokens: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"model": model, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say hello. ".repeat(150)}]}))
+    .unwrap()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
 }
@@ -80,6 +90,7 @@ fn filter_in_real_envoy() {
     openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
     upstream_statuses_and_free_listings_are_counted_once(&envoy, &mock);
+    absurd_usage_is_billed_at_the_reservation(&envoy, &collector);
     let log = envoy.log();
     assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
 }
@@ -119,7 +130,7 @@ fn allowed_request_is_metered_in_stats_and_events(
         ("x-mock-output-tokens", "56"),
         ("x-mock-cached-tokens", "200"),
     ]);
-    let r = envoy.request("POST", "/v1/chat/completions", &headers, &chat("gpt-4o", 100));
+    let r = envoy.request("POST", "/v1/chat/completions", &headers, &padded_chat("gpt-4o", 100));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("x-tollgate-decision"), Some("allow"));
     assert_eq!(r.header("x-tollgate-reason"), Some("default_allow"));
@@ -182,13 +193,41 @@ fn upstream_statuses_and_free_listings_are_counted_once(envoy: &Envoy, mock: &Mo
     );
 }
 
+fn absurd_usage_is_billed_at_the_reservation(envoy: &Envoy, collector: &Collector) {
+    // The upstream claims u64::MAX tokens each way: billed at the request's bound (its prompt's
+    // bytes plus overhead in, max_tokens out), marked implausible, counted and logged.
+    let body = chat("gpt-4o", 100);
+    let absurd = u64::MAX.to_string();
+    let mut h = who("liar-bot");
+    h.extend([
+        ("x-request-id", "req-absurd-1"),
+        ("x-mock-input-tokens", absurd.as_str()),
+        ("x-mock-output-tokens", absurd.as_str()),
+    ]);
+    let r = envoy.request("POST", "/v1/chat/completions", &h, &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let info = inspect::inspect(Some(Api::ChatCompletions), &body).unwrap();
+    let bound =
+        reservation::bound(Some(Api::ChatCompletions), &info, engine.rates().limits("gpt-4o"));
+    let worst = engine.rates().worst_case("gpt-4o", bound.input, bound.output).unwrap();
+    let event = collector.wait_for("req-absurd-1");
+    assert_eq!(event["usage_source"], "implausible", "{event}");
+    assert_eq!(event["cost_nano_usd"], worst.cost.total.nanos(), "{event}");
+    assert_eq!(event["tokens"]["output"], 100, "{event}");
+    assert!(envoy.wait_metric("tollgate_usage_implausible_total", 1) >= 1);
+    assert!(envoy.log().contains("implausible usage report"), "logged");
+}
+
 fn budget_is_not_overspent_by_concurrent_requests(envoy: &Envoy) {
     // Every request reserves its worst case and the slow upstream keeps them all in flight, so
     // exactly floor(budget / worst case) fit, whichever worker takes them.
     let body = chat("gpt-4o", 1000);
     let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
     let info = inspect::inspect(Some(Api::ChatCompletions), &body).unwrap();
-    let worst = engine.rates().worst_case("gpt-4o", info.input_estimate_tokens, 1000).unwrap();
+    let bound =
+        reservation::bound(Some(Api::ChatCompletions), &info, engine.rates().limits("gpt-4o"));
+    let worst = engine.rates().worst_case("gpt-4o", bound.input, bound.output).unwrap();
     let budget = Money::parse("0.05").unwrap();
     let fit = budget.nanos() / worst.cost.total.nanos();
     assert!((2..10).contains(&fit), "test setup: {fit} requests fit");
@@ -355,7 +394,7 @@ fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
             ("x-mock-cached-tokens", cached.as_str()),
             ("x-mock-output-tokens", output.as_str()),
         ]);
-        let r = envoy.request("POST", "/v1/chat/completions", &h, &chat("gpt-4o", 100));
+        let r = envoy.request("POST", "/v1/chat/completions", &h, &padded_chat("gpt-4o", 100));
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let usage = Usage {
             input: input.parse::<u64>().unwrap() - cached.parse::<u64>().unwrap(),

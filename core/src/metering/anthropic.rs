@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::count::Count;
 use super::estimate::TextLen;
 use super::{BodyUsage, Tally};
 use crate::usage::Usage;
@@ -19,19 +20,23 @@ use crate::usage::Usage;
 /// A messages `usage` object. Every field is optional: stream events carry subsets.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct MessageUsage {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
+    #[serde(default)]
+    cache_creation_input_tokens: Count,
+    #[serde(default)]
+    cache_read_input_tokens: Count,
 }
 
 impl MessageUsage {
     pub(crate) fn usage(&self) -> Usage {
         Usage {
-            input: self.input_tokens.unwrap_or(0),
-            cached_input: self.cache_read_input_tokens.unwrap_or(0),
-            cache_write: self.cache_creation_input_tokens.unwrap_or(0),
-            output: self.output_tokens.unwrap_or(0),
+            input: self.input_tokens.get(),
+            cached_input: self.cache_read_input_tokens.get(),
+            cache_write: self.cache_creation_input_tokens.get(),
+            output: self.output_tokens.get(),
             reasoning: 0,
         }
     }
@@ -40,7 +45,7 @@ impl MessageUsage {
     /// within one message only grow, so for a well-formed stream this is the latest value; a
     /// field repeated as `null` or `0` in a later event does not erase what was reported.
     fn merge_into(&self, into: &mut Usage) {
-        let keep = |slot: &mut u64, v: Option<u64>| *slot = (*slot).max(v.unwrap_or(0));
+        let keep = |slot: &mut u64, v: Count| *slot = (*slot).max(v.get());
         keep(&mut into.input, self.input_tokens);
         keep(&mut into.cached_input, self.cache_read_input_tokens);
         keep(&mut into.cache_write, self.cache_creation_input_tokens);
@@ -118,7 +123,8 @@ pub(crate) fn message_event(name: &[u8], data: &[u8], tally: &mut Tally) {
         }
         "content_block_delta" => {
             if let Some(d) = ev.delta {
-                tally.text_bytes += d.text.0 + d.thinking.0 + d.partial_json.0;
+                let bytes = d.text.0.saturating_add(d.thinking.0).saturating_add(d.partial_json.0);
+                tally.text_bytes = tally.text_bytes.saturating_add(bytes);
             }
         }
         "message_stop" => tally.done = true,

@@ -100,7 +100,7 @@ impl<'de, T: Deserialize<'de> + TextBytes> Deserialize<'de> for SeqText<T> {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut sum = 0;
                 while let Some(item) = seq.next_element::<T>()? {
-                    sum += item.text_bytes();
+                    sum = u64::saturating_add(sum, item.text_bytes());
                 }
                 Ok(SeqText(sum, PhantomData))
             }

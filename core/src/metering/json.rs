@@ -35,7 +35,7 @@ impl JsonBody {
     }
 
     pub(crate) fn feed(&mut self, chunk: &[u8]) {
-        self.seen += chunk.len() as u64;
+        self.seen = self.seen.saturating_add(chunk.len() as u64);
         if !self.overflow {
             if self.buf.len() + chunk.len() <= self.cap {
                 self.buf.extend_from_slice(chunk);

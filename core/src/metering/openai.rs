@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::count::Count;
 use super::estimate::{SeqText, TextBytes, TextLen};
 use super::{BodyUsage, Tally};
 use crate::usage::Usage;
@@ -18,8 +19,10 @@ use crate::usage::Usage;
 /// `prompt_tokens` (and `total_tokens`, equal to it), so they meter as input only.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct ChatUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens: Count,
+    #[serde(default)]
+    completion_tokens: Count,
     prompt_tokens_details: Option<InputDetails>,
     completion_tokens_details: Option<OutputDetails>,
 }
@@ -27,29 +30,33 @@ pub(crate) struct ChatUsage {
 /// `usage` of the responses API: the same overlaps under other names.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct ResponsesUsage {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
     input_tokens_details: Option<InputDetails>,
     output_tokens_details: Option<OutputDetails>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct InputDetails {
-    cached_tokens: Option<u64>,
+    #[serde(default)]
+    cached_tokens: Count,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct OutputDetails {
-    reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Count,
 }
 
 impl ChatUsage {
     pub(crate) fn usage(&self) -> Usage {
         Usage::from_openai(
-            self.prompt_tokens.unwrap_or(0),
-            self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
-            self.completion_tokens.unwrap_or(0),
-            self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            self.prompt_tokens.get(),
+            self.prompt_tokens_details.as_ref().map_or(0, |d| d.cached_tokens.get()),
+            self.completion_tokens.get(),
+            self.completion_tokens_details.as_ref().map_or(0, |d| d.reasoning_tokens.get()),
         )
     }
 }
@@ -57,10 +64,10 @@ impl ChatUsage {
 impl ResponsesUsage {
     pub(crate) fn usage(&self) -> Usage {
         Usage::from_openai(
-            self.input_tokens.unwrap_or(0),
-            self.input_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
-            self.output_tokens.unwrap_or(0),
-            self.output_tokens_details.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            self.input_tokens.get(),
+            self.input_tokens_details.as_ref().map_or(0, |d| d.cached_tokens.get()),
+            self.output_tokens.get(),
+            self.output_tokens_details.as_ref().map_or(0, |d| d.reasoning_tokens.get()),
         )
     }
 }
@@ -157,7 +164,7 @@ pub(crate) fn chat_event(data: &[u8], tally: &mut Tally) {
     }
     let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else { return };
     tally.see_model(chunk.model);
-    tally.text_bytes += chunk.choices.0;
+    tally.text_bytes = tally.text_bytes.saturating_add(chunk.choices.0);
     if let Some(u) = chunk.usage {
         tally.usage = Some(u.usage());
         tally.final_usage = true;
@@ -197,7 +204,7 @@ pub(crate) fn responses_event(name: &[u8], data: &[u8], tally: &mut Tally) {
     };
     let terminal = matches!(kind, "response.completed" | "response.incomplete" | "response.failed");
     if kind.ends_with(".delta") && kind != "response.audio.delta" {
-        tally.text_bytes += ev.delta.0;
+        tally.text_bytes = tally.text_bytes.saturating_add(ev.delta.0);
     }
     if let Some(r) = ev.response {
         tally.see_model(r.model);

@@ -303,3 +303,114 @@ fn paths_classify_to_endpoints() {
     assert_eq!(Api::Responses.provider(), Provider::OpenAi);
     assert_eq!(Api::Embeddings.path(), "/v1/embeddings");
 }
+
+/// Usage field values an upstream could send: any integer, negative, floats, huge exponents,
+/// strings, other JSON types.
+fn count_literal() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        Just(u64::MAX.to_string()),
+        Just("18446744073709551616".to_string()),
+        Just("99999999999999999999999999999".to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or inf", |f| f.is_finite())
+            .prop_map(|f| format!("{f:e}")),
+        Just("1e308".to_string()),
+        Just("1e400".to_string()),
+        Just("-1e400".to_string()),
+        Just("0.5".to_string()),
+        "[a-z0-9 .-]{0,12}".prop_map(|s| format!("\"{s}\"")),
+        Just("null".to_string()),
+        Just("true".to_string()),
+        Just("[1,2]".to_string()),
+        Just("{\"n\":1}".to_string()),
+    ]
+}
+
+/// Every usage parser (whole bodies, streams, the over-cap tail reader) fed `v` in each field.
+fn usage_bodies(v: &[String; 4]) -> Vec<(Api, bool, String)> {
+    let [a, b, c, d] = v;
+    let chat = format!(
+        r#""usage":{{"prompt_tokens":{a},"completion_tokens":{b},"prompt_tokens_details":{{"cached_tokens":{c}}},"completion_tokens_details":{{"reasoning_tokens":{d}}}}}"#
+    );
+    let responses = format!(
+        r#""usage":{{"input_tokens":{a},"output_tokens":{b},"input_tokens_details":{{"cached_tokens":{c}}},"output_tokens_details":{{"reasoning_tokens":{d}}}}}"#
+    );
+    let messages = format!(
+        r#""usage":{{"input_tokens":{a},"output_tokens":{b},"cache_read_input_tokens":{c},"cache_creation_input_tokens":{d}}}"#
+    );
+    vec![
+        (Api::ChatCompletions, false, format!(r#"{{"model":"m","choices":[],{chat}}}"#)),
+        (Api::Embeddings, false, format!(r#"{{"model":"m","data":[],{chat}}}"#)),
+        (
+            Api::ChatCompletions,
+            true,
+            format!("data: {{\"choices\":[],{chat}}}\n\ndata: [DONE]\n\n"),
+        ),
+        (Api::Responses, false, format!(r#"{{"model":"m","output":[],{responses}}}"#)),
+        (
+            Api::Responses,
+            true,
+            format!(
+                "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"m\",{responses}}}}}\n\n"
+            ),
+        ),
+        (Api::Messages, false, format!(r#"{{"model":"m","content":[],{messages}}}"#)),
+        (
+            Api::Messages,
+            true,
+            format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"model\":\"m\",{messages}}}}}\n\n\
+                 event: message_delta\ndata: {{\"type\":\"message_delta\",{messages}}}\n\n\
+                 event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
+            ),
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// No value in a usage field panics a parser or wraps a sum: every total is at least each of
+    /// its parts, and an integer count is read exactly.
+    #[test]
+    fn usage_parsers_take_any_number_without_panic_or_wrap(
+        v in [count_literal(), count_literal(), count_literal(), count_literal()],
+        cap in prop_oneof![Just(8usize << 20), 16usize..200],
+    ) {
+        for (api, streaming, body) in usage_bodies(&v) {
+            let limits = Limits { max_body_bytes: cap, ..Limits::default() };
+            let mut m = Meter::with_limits(api, streaming, limits);
+            m.feed(body.as_bytes());
+            let u = m.finish(7).usage;
+            prop_assert!(u.total_input() >= u.input.max(u.cached_input).max(u.cache_write));
+            prop_assert!(u.total_output() >= u.output.max(u.reasoning));
+            prop_assert!(u.total() >= u.total_input().max(u.total_output()));
+            if let Ok(n) = v[0].parse::<u64>() {
+                // Only a number the JSON parser itself rejects (1e400) falls back to an estimate.
+                if v.iter().all(|x| !x.contains("e400")) {
+                    prop_assert_eq!(u.total_input().max(n), u.total_input(), "{}", body);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nonsense_counts_read_as_absurd_not_as_zero() {
+    for bad in ["-5", "\"many\"", "true", "{}", "1e300", "18446744073709551615"] {
+        let v = ["10".to_string(), bad.to_string(), "0".to_string(), "0".to_string()];
+        for (api, streaming, body) in usage_bodies(&v) {
+            if api == Api::Embeddings {
+                continue;
+            }
+            let mut m = Meter::new(api, streaming);
+            m.feed(body.as_bytes());
+            let got = m.finish(0);
+            assert_eq!(got.source, UsageSource::Reported, "{body}");
+            assert_eq!(got.usage.total_output(), u64::MAX, "{bad} in {body}");
+            assert_eq!(got.usage.total(), u64::MAX, "{body}");
+        }
+    }
+}

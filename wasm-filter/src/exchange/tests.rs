@@ -152,7 +152,7 @@ fn budget_refuses_with_402_once_reservations_fill_it() {
     let p = plugin();
     let data = FakeShared::default();
     let budgets = Budgets::new(SharedStore::new(&data));
-    let req = body(json!({"model": "gpt-4o", "max_tokens": 1000, "messages": []}));
+    let req = body(json!({"model": "gpt-4o", "max_tokens": 900, "messages": []}));
     let mut outcomes = Vec::new();
     let mut open = Vec::new();
     for i in 0..4 {
@@ -177,7 +177,8 @@ fn budget_refuses_with_402_once_reservations_fill_it() {
             }
         }
     }
-    // Worst case ~ $0.01 each against $0.02.
+    // Worst case ~ $0.0093 each against $0.02: 900 output tokens ($0.009) and at most the
+    // body's bytes plus 64 input tokens ($0.0003).
     assert_eq!(outcomes, [200, 200, 402, 402]);
 }
 
@@ -403,4 +404,98 @@ fn bodies_that_need_no_usage_rewrite_are_left_alone() {
     }
     let ex = Exchange::start(&p, head("/v1/messages", "n5"), headers("bot", &[]), NOW).unwrap();
     assert!(!ex.may_rewrite_body());
+}
+
+/// gpt-4o with its documented limits, a $5.00 budget and a 1,000 tokens/min limit.
+const LIMITED: &str = r#"{
+  "filter": {"fail": "closed"},
+  "policy": {
+    "version": "v1",
+    "defaults": {"llm": "allow"},
+    "rules": [
+      {"id": "budgeted", "match": {"agent": "budget-bot"}, "effect": "allow",
+       "budgets": [{"id": "b", "scope": "agent", "period": "daily", "amount": "5.00"}]},
+      {"id": "tpm", "match": {"agent": "tpm-bot"}, "effect": "allow", "limits": {"tpm": 1000}}
+    ]
+  },
+  "pricing": {"models": {
+    "gpt-4o": {"provider": "openai", "input": "2.50", "output": "10.00", "max_output_tokens": 16384, "context_window": 128000}
+  }}
+}"#;
+
+/// Decides `req` for `budget-bot`, answers `response`, finishes; the event and the budget's
+/// (spent, reserved) before and after.
+fn run_limited(req: serde_json::Value, response: &[u8]) -> (UsageEvent, i64, (i64, i64)) {
+    let p = Plugin::from_document(LIMITED).unwrap();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap().clone();
+    let state = |budgets: &Budgets<_>| {
+        let s = budgets.status(&spec, "budget-bot", NOW.ms).unwrap();
+        (s.spent.nanos(), s.reserved.nanos())
+    };
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "x1"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    ex.decide(&p, &budgets, &body(req), NOW).unwrap();
+    let (_, reserved) = state(&budgets);
+    let _ = ex.response_headers(200);
+    ex.response_chunk(response, true);
+    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    (ev, reserved, state(&budgets))
+}
+
+#[test]
+fn without_max_tokens_the_model_output_limit_is_reserved() {
+    let req = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "write"}]});
+    let full = br#"{"model":"gpt-4o","usage":{"prompt_tokens":20,"completion_tokens":16384}}"#;
+    let (ev, reserved, (spent, still)) = run_limited(req, full);
+    // 16,384 output tokens at $10/M, plus at most the body's bytes and 64 input tokens.
+    assert!((163_840_000..164_200_000).contains(&reserved), "{reserved}");
+    assert_eq!((ev.usage_source, ev.overrun, ev.implausible), ("reported", Money::ZERO, None));
+    assert!(ev.cost_nano_usd <= reserved, "{} > {reserved}", ev.cost_nano_usd);
+    assert_eq!((spent, still), (ev.cost_nano_usd, 0));
+}
+
+#[test]
+fn implausible_usage_is_billed_at_the_reservation() {
+    let req = json!({"model": "gpt-4o", "max_tokens": 100, "messages": []});
+    let absurd = br#"{"model":"gpt-4o","usage":{"prompt_tokens":18446744073709551615,"completion_tokens":-1}}"#;
+    let (ev, reserved, (spent, still)) = run_limited(req, absurd);
+    assert_eq!(ev.usage_source, "implausible");
+    assert!(ev.implausible.is_some());
+    assert_eq!(ev.cost_nano_usd, reserved);
+    assert_eq!(ev.tokens.output, 100, "recorded as the bound");
+    assert!(reserved < 10_000_000, "cents, not billions: {reserved}");
+    assert_eq!((spent, still, ev.overrun), (reserved, 0, Money::ZERO));
+}
+
+#[test]
+fn plausible_usage_above_the_reservation_is_charged_and_reported_as_overrun() {
+    let req = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
+    let more = br#"{"model":"gpt-4o","usage":{"prompt_tokens":0,"completion_tokens":2000}}"#;
+    let (ev, reserved, (spent, _)) = run_limited(req, more);
+    assert_eq!((ev.usage_source, ev.implausible), ("reported", None));
+    assert_eq!((ev.cost_nano_usd, spent), (20_000_000, 20_000_000));
+    assert_eq!(ev.overrun, Money::from_nanos(20_000_000 - reserved));
+}
+
+#[test]
+fn max_tokens_of_u64_max_does_not_wrap_under_a_tokens_per_minute_limit() {
+    // With the model's limits known (the bound is 16,384 output tokens), and without (the bound
+    // saturates at u64::MAX instead of wrapping to a few tokens).
+    let unlimited =
+        LIMITED.replace(r#", "max_output_tokens": 16384, "context_window": 128000"#, "");
+    assert_ne!(unlimited, LIMITED);
+    for doc in [LIMITED, unlimited.as_str()] {
+        let p = Plugin::from_document(doc).unwrap();
+        let data = FakeShared::default();
+        let budgets = Budgets::new(SharedStore::new(&data));
+        let mut ex =
+            Exchange::start(&p, head("/v1/chat/completions", "t1"), headers("tpm-bot", &[]), NOW)
+                .unwrap();
+        let req = body(json!({"model": "gpt-4o", "max_tokens": u64::MAX, "messages": []}));
+        let d = ex.decide(&p, &budgets, &req, NOW).unwrap_err();
+        assert_eq!((d.class.status(), d.code.as_str()), (429, "rate_limited_tokens"));
+    }
 }
