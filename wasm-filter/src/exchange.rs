@@ -16,7 +16,7 @@
 use serde::Serialize;
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, UsageChunkFilter};
+use tollgate_core::metering::{Api, ContentEncoding, DecodeAbort, Meter, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::Cost;
@@ -138,6 +138,9 @@ pub struct UsageEvent {
     pub source: &'static str,
     #[serde(skip)]
     pub warnings: Vec<Warning>,
+    /// The compressed body could not be decoded for metering (counted by the glue).
+    #[serde(skip)]
+    pub decode_aborted: Option<DecodeAbort>,
 }
 
 impl Exchange {
@@ -451,6 +454,21 @@ impl Exchange {
         Some(&self.out)
     }
 
+    /// The response's `Content-Encoding` (its value, the lines joined with `,`), before its
+    /// body: the meter decodes a copy of what it is shown. A compressed body cannot have the
+    /// usage chunk removed (that would mean re-compressing it), so it then goes on as the
+    /// upstream sent it, usage chunk included.
+    pub fn response_encoding(&mut self, value: &str) {
+        if ContentEncoding::parse(value) == ContentEncoding::Identity {
+            return;
+        }
+        let Some(admitted) = self.admitted.as_mut() else { return };
+        if let Some(meter) = admitted.meter.as_mut() {
+            meter.set_encoding(value);
+        }
+        admitted.usage_filter = None;
+    }
+
     /// Marks the response complete when it had no body.
     pub fn response_ended(&mut self) {
         self.response_done = true;
@@ -467,9 +485,11 @@ impl Exchange {
         let a = self.admitted.take()?;
         let end = if self.response_done { End::Complete } else { End::Aborted };
         let ok = (200..300).contains(&self.status);
+        let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
             Some(meter) if ok || end == End::Aborted => {
                 let m = meter.finish(a.input_estimate);
+                decode_aborted = m.decode_aborted;
                 (m.usage, m.source, m.model)
             }
             _ => (Usage::default(), UsageSource::None, None),
@@ -528,6 +548,7 @@ impl Exchange {
             },
             source: "envoy",
             warnings,
+            decode_aborted,
         })
     }
 
