@@ -3,7 +3,7 @@
 //! codecs' own decoders (not Tollgate's) and compared with the plain answer. SSE stays a
 //! stream: every event can be decoded as soon as its frame arrives.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tollgate_e2e::mock::{header, MockUpstream};
+use tollgate_e2e::mock::{compress, header, MockUpstream};
 
 async fn post(
     mock: &MockUpstream,
@@ -30,30 +30,9 @@ async fn post(
     client.request(request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await.unwrap()
 }
 
-/// The plain bytes of a body in `coding`, decoded by the codec's reference decoder.
+/// The plain bytes of a body in `coding` (`None`: plain), by the codec's reference decoder.
 fn decode(coding: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match coding {
-        None => out.extend_from_slice(body),
-        Some("gzip") => {
-            flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out).unwrap();
-        }
-        Some("deflate") => {
-            flate2::read::ZlibDecoder::new(body).read_to_end(&mut out).unwrap();
-        }
-        Some("br") => {
-            brotli::Decompressor::new(body, 4096).read_to_end(&mut out).unwrap();
-        }
-        Some("zstd") => {
-            let mut input = body;
-            while !input.is_empty() {
-                let mut frame = ruzstd::decoding::StreamingDecoder::new(&mut input).unwrap();
-                frame.read_to_end(&mut out).unwrap();
-            }
-        }
-        Some(other) => panic!("unexpected coding {other}"),
-    }
-    out
+    coding.map_or_else(|| body.to_vec(), |c| compress::decode(c, body))
 }
 
 async fn answer(

@@ -3,40 +3,19 @@
 //! bytes unchanged and still streamed; a decompression bomb costs the proxy no memory and is
 //! metered as estimated and counted; an unknown coding is estimated and counted.
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 use tollgate_e2e::harness::{tags, Harness};
+use tollgate_e2e::mock::compress::decode;
 use tollgate_e2e::mock::header;
 
 fn with(agent: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut headers = tags(agent);
     headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     headers
-}
-
-fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match coding {
-        "br" => {
-            brotli::Decompressor::new(body, 4096).read_to_end(&mut out).unwrap();
-        }
-        "zstd" => {
-            let mut input = body;
-            while !input.is_empty() {
-                let mut frame = ruzstd::decoding::StreamingDecoder::new(&mut input).unwrap();
-                frame.read_to_end(&mut out).unwrap();
-            }
-        }
-        "gzip" => {
-            flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out).unwrap();
-        }
-        other => panic!("no decoder for {other}"),
-    }
-    out
 }
 
 fn requests() -> [(&'static str, Value); 6] {

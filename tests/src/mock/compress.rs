@@ -227,3 +227,34 @@ fn bomb(coding: Coding, mib: u64) -> Vec<Bytes> {
     }
     body.chunks(64 << 10).map(Bytes::copy_from_slice).collect()
 }
+
+/// The plain bytes of a body sent with `Content-Encoding: coding`, decoded by the codec's
+/// reference decoder (flate2, brotli, ruzstd), for tests to check what a client received.
+///
+/// # Panics
+/// On a coding it does not know or a body that does not decode.
+pub fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match Coding::parse(coding) {
+        Some(Coding::Gzip) => {
+            flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out).expect("gzip body");
+        }
+        Some(Coding::Deflate) => {
+            flate2::read::ZlibDecoder::new(body).read_to_end(&mut out).expect("deflate body");
+        }
+        Some(Coding::Brotli) => {
+            brotli::Decompressor::new(body, 4096).read_to_end(&mut out).expect("br body");
+        }
+        Some(Coding::Zstd) => {
+            let mut input = body;
+            while !input.is_empty() {
+                let mut frame =
+                    ruzstd::decoding::StreamingDecoder::new(&mut input).expect("zstd frame");
+                frame.read_to_end(&mut out).expect("zstd body");
+            }
+        }
+        None => panic!("no decoder for {coding:?}"),
+    }
+    out
+}
