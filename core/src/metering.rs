@@ -15,9 +15,18 @@
 //! is skipped) and a JSON body up to [`Limits::max_body_bytes`] (beyond that, a fixed head and
 //! tail window). Per chunk the meter allocates nothing in the steady state: lines are found with
 //! `memchr`, only `data:` payloads are parsed, into small borrowed structs that skip the rest.
+//!
+//! A compressed response (`Content-Encoding: gzip`, `deflate`, `br`, `zstd`) is metered from
+//! its plain bytes: the adapter names the encoding ([`Meter::with_encoding`] or
+//! [`Meter::set_encoding`]) and still feeds the bytes as they came from the upstream; the meter
+//! decodes a copy into a fixed buffer ([`decode`]), within [`DecodeLimits`]. When it cannot
+//! (an unknown or stacked encoding, a corrupt stream, or a bound passed), it stops decoding,
+//! reports `Estimated` usage and says why in [`Metered::decode_aborted`], so that adapters can
+//! count it.
 
 mod anthropic;
 mod count;
+pub mod decode;
 mod estimate;
 mod json;
 mod openai;
@@ -26,15 +35,19 @@ mod usage_filter;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_compressed;
 
 use std::borrow::Cow;
 
 use serde::Serialize;
 
+pub use decode::{ContentEncoding, DecodeAbort, DecodeLimits};
 pub use estimate::tokens_from_bytes;
 pub use usage_filter::UsageChunkFilter;
 
 use crate::usage::{Usage, UsageSource};
+use decode::Decoder;
 use json::JsonBody;
 use sse::{Event, SseParser};
 
@@ -140,6 +153,10 @@ pub struct Metered {
     /// The response reached its protocol end: `data: [DONE]`, `message_stop`, a terminal
     /// `response.*` event, or a whole JSON body that parsed. `false` means it was cut off.
     pub complete: bool,
+    /// The body was compressed and could not be decoded to its end (then `source` is
+    /// `Estimated`). `None` for a plain body or one decoded whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_aborted: Option<DecodeAbort>,
 }
 
 /// Model and usage read from a whole JSON body.
@@ -189,7 +206,7 @@ impl Tally {
                 UsageSource::Estimated,
             ),
         };
-        Metered { usage, source, model: self.model, complete: self.done }
+        Metered { usage, source, model: self.model, complete: self.done, decode_aborted: None }
     }
 }
 
@@ -213,6 +230,9 @@ pub struct Meter {
     limits: Limits,
     body: Body,
     tally: Tally,
+    /// Undoes the response's content-coding, when it has one.
+    decoder: Option<Box<Decoder>>,
+    decode_limits: DecodeLimits,
 }
 
 impl Meter {
@@ -227,15 +247,56 @@ impl Meter {
         } else {
             Body::Json(JsonBody::new(limits.max_body_bytes))
         };
-        Meter { api, limits, body, tally: Tally::default() }
+        Meter {
+            api,
+            limits,
+            body,
+            tally: Tally::default(),
+            decoder: None,
+            decode_limits: DecodeLimits::default(),
+        }
+    }
+
+    /// The meter for a body sent with this `Content-Encoding` header value (`None` or
+    /// `identity`: plain). See [`Meter::set_encoding`].
+    pub fn with_encoding(mut self, content_encoding: Option<&str>) -> Self {
+        if let Some(value) = content_encoding {
+            self.set_encoding(value);
+        }
+        self
+    }
+
+    /// Names the response's `Content-Encoding` (the header's value as sent, e.g. `gzip` or
+    /// `gzip, br`), before the first [`Meter::feed`]. The meter then decodes what it is fed;
+    /// the adapter keeps forwarding the upstream's bytes unchanged.
+    pub fn set_encoding(&mut self, content_encoding: &str) {
+        let encoding = ContentEncoding::parse(content_encoding);
+        self.decoder = Decoder::new(encoding, self.decode_limits).map(Box::new);
+    }
+
+    /// Changes the decoding bounds (before [`Meter::set_encoding`]).
+    pub fn with_decode_limits(mut self, limits: DecodeLimits) -> Self {
+        self.decode_limits = limits;
+        self
     }
 
     pub fn api(&self) -> Api {
         self.api
     }
 
-    /// Observes the next chunk of the response body, split anywhere.
+    /// Observes the next chunk of the response body, split anywhere, as the upstream sent it
+    /// (compressed when it was).
     pub fn feed(&mut self, chunk: &[u8]) {
+        match self.decoder.take() {
+            None => self.feed_plain(chunk),
+            Some(mut decoder) => {
+                decoder.feed(chunk, &mut |plain| self.feed_plain(plain));
+                self.decoder = Some(decoder);
+            }
+        }
+    }
+
+    fn feed_plain(&mut self, chunk: &[u8]) {
         let api = self.api;
         match &mut self.body {
             Body::Sse(sse) => sse.feed(chunk, &mut |ev| on_event(api, ev, &mut self.tally)),
@@ -271,14 +332,30 @@ impl Meter {
 
     /// Ends metering, at end of stream or when the stream was cut off. `input_estimate` (from
     /// request inspection) is the input count used when the response reported none.
-    pub fn finish(self, input_estimate: u64) -> Metered {
+    pub fn finish(mut self, input_estimate: u64) -> Metered {
+        let mut aborted = None;
+        if let Some(mut decoder) = self.decoder.take() {
+            decoder.finish(&mut |plain| self.feed_plain(plain));
+            aborted = decoder.aborted().map(|reason| (reason, decoder.compressed_bytes()));
+        }
         let Meter { api, mut tally, body, .. } = self;
         match body {
             Body::Sse(mut sse) => sse.finish(&mut |ev| on_event(api, ev, &mut tally)),
             Body::Json(json) => json.finish(api, &mut tally),
             Body::Sniff(_) => {}
         }
-        tally.into_metered(input_estimate)
+        let Some((reason, compressed)) = aborted else {
+            return tally.into_metered(input_estimate);
+        };
+        // What was decoded is not the whole answer: any usage read is not final, and every
+        // byte received counts as output text if that is more than the text decoded (an
+        // over-estimate, the safe side for a budget).
+        tally.final_usage = false;
+        tally.done = false;
+        if api != Api::Embeddings {
+            tally.text_bytes = tally.text_bytes.max(compressed);
+        }
+        Metered { decode_aborted: Some(reason), ..tally.into_metered(input_estimate) }
     }
 }
 

@@ -13,7 +13,7 @@ use tollgate_loadtest::stats::{ErrorKind, Summary};
 use tollgate_loadtest::target::tollgate_config;
 
 /// Every scenario that can run at a low rate (not the 1,000-stream one).
-const ALL: [&str; 4] = ["chat.yaml", "tools.yaml", "mix.yaml", "sse.yaml"];
+const ALL: [&str; 5] = ["chat.yaml", "chat-gzip.yaml", "tools.yaml", "mix.yaml", "sse.yaml"];
 
 fn scenario_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
@@ -82,7 +82,7 @@ fn every_scenario_file_parses() {
         names.push(s.name);
     }
     names.sort();
-    assert_eq!(names, ["chat", "mix", "sse", "sse-1000", "tools"]);
+    assert_eq!(names, ["chat", "chat-gzip", "mix", "sse", "sse-1000", "sse-gzip", "tools"]);
     assert_eq!(scenario("chat.yaml").requests[0].body.len(), 1024);
 }
 

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub projects: LabelCap,
     pub cost_centers: LabelCap,
     pub models: LabelCap,
+    /// Compressed responses the meter could not decode to their end, by reason.
+    pub meter_decode_aborted: IntCounterVec,
 }
 
 impl Metrics {
@@ -215,6 +217,19 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let meter_decode_aborted = IntCounterVec::new(
+            Opts::new(
+                "tollgate_meter_decode_aborted_total",
+                "Compressed responses metered as estimated because their body could not be \
+                 decoded (unsupported_encoding, corrupt, too_large, ratio)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        for reason in tollgate_core::metering::DecodeAbort::ALL {
+            meter_decode_aborted.with_label_values(&[reason.as_str()]);
+        }
+        registry.register(Box::new(meter_decode_aborted.clone())).expect("metric names are unique");
         Metrics {
             registry,
             requests,
@@ -240,6 +255,7 @@ impl Metrics {
             projects: LabelCap::new(max_label_values),
             cost_centers: LabelCap::new(max_label_values),
             models: LabelCap::new(max_label_values),
+            meter_decode_aborted,
         }
     }
 

@@ -23,7 +23,7 @@ use tollgate_core::attribution::Attribute;
 use tollgate_core::budget::{BudgetError, Reservation, Scope};
 use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
+use tollgate_core::metering::{Api, ContentEncoding, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::{Cost, PriceSource};
@@ -570,6 +570,7 @@ async fn handle(
 
     let (mut parts, body) = response.into_parts();
     settler.status = parts.status.as_u16();
+    settler.content_encoding(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     let h = &mut parts.headers;
     deny::put(h, "x-request-id", request_id);
@@ -645,6 +646,28 @@ struct Settler {
     admitted: Admitted,
 }
 
+impl Settler {
+    /// Tells the meter how the response body is compressed. A compressed body cannot have the
+    /// usage chunk removed (that would mean re-compressing it): it goes to the client as the
+    /// upstream sent it, usage chunk included.
+    fn content_encoding(&mut self, headers: &HeaderMap) {
+        let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+        let Some(first) = values.next() else { return };
+        let mut value = String::from_utf8_lossy(first.as_bytes()).into_owned();
+        for more in values {
+            value.push(',');
+            value.push_str(&String::from_utf8_lossy(more.as_bytes()));
+        }
+        if ContentEncoding::parse(&value) == ContentEncoding::Identity {
+            return;
+        }
+        if let Some(meter) = &mut self.meter {
+            meter.set_encoding(&value);
+        }
+        self.filter = None;
+    }
+}
+
 impl Observer for Settler {
     fn on_data(&mut self, chunk: &Bytes) -> Option<Bytes> {
         if let Some(meter) = &mut self.meter {
@@ -667,6 +690,11 @@ impl Observer for Settler {
         let (usage, source, reported_model) = match self.meter.take() {
             Some(meter) if ok => {
                 let metered = meter.finish(self.input_estimate);
+                if let Some(reason) = metered.decode_aborted {
+                    shared.metrics.meter_decode_aborted.with_label_values(&[reason.as_str()]).inc();
+                    tracing::warn!(request_id = %self.base.request_id, reason = reason.as_str(),
+                        "the compressed response could not be decoded for metering; usage estimated");
+                }
                 (metered.usage, metered.source, metered.model)
             }
             // No answer (502/504 of our own) or the upstream refused the request: providers do
@@ -847,6 +875,8 @@ fn upstream_request(
     }
     if body_rewritten {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        // The usage chunk is to be removed from the answer, which needs it uncompressed.
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     if let Some(authority) = base.authority() {
         if let Ok(v) = HeaderValue::from_str(authority.as_str()) {

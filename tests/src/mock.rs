@@ -10,6 +10,10 @@
 //! - `POST /mcp` (MCP JSON-RPC), any method on `/tools/...` (REST tools)
 //! - `GET /__mock/health` (not recorded)
 //!
+//! Responses are compressed like the providers' when the client offers it (`Accept-Encoding`),
+//! or when `x-mock-content-encoding` forces it; `x-mock-bomb` sends a decompression bomb
+//! (see [`compress`]).
+//!
 //! Usage is deterministic: input tokens = `ceil(body bytes / 4)`, output tokens = number of
 //! content events (5 by default, one short word each), unless a header says otherwise.
 //!
@@ -18,6 +22,7 @@
 mod anthropic;
 mod body;
 mod call;
+pub mod compress;
 mod openai;
 mod route;
 mod tools;
@@ -39,12 +44,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Names of the `x-mock-*` request headers that steer the mock; every value is a decimal
-/// integer except `x-mock-model`.
+/// integer except `x-mock-model` and `x-mock-content-encoding`.
 pub mod header {
     pub use super::call::{
         CACHED_TOKENS, CACHE_WRITE_TOKENS, DELAY_MS, EVENTS, EVENT_DELAY_MS, INPUT_TOKENS, MODEL,
         OUTPUT_TOKENS, REASONING_TOKENS, RESET_AFTER, STATUS,
     };
+    pub use super::compress::{BOMB, CONTENT_ENCODING_KNOB as CONTENT_ENCODING};
 }
 
 /// The model ids `GET /v1/models` lists, per provider shape.

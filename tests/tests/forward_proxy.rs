@@ -434,3 +434,43 @@ async fn official_sdks_work_unmodified_through_https_proxy() {
         .unwrap_or_else(|| panic!("no budget_exceeded counter:\n{metrics}"));
     assert!(refused.ends_with(" 1"), "one 402, not retried: {refused}");
 }
+
+/// HTTPS_PROXY mode: the SDKs' calls answered compressed (gzip as offered, deflate forced) are
+/// metered exactly as the same calls answered plain.
+#[tokio::test]
+async fn compressed_answers_are_metered_exactly_through_https_proxy() {
+    let f = Forward::start("version: v1\ndefaults: {llm: allow}\n", "").await;
+    let proxy = format!("http://{}", f.addr);
+    let mut runs = Vec::new();
+    for (agent, coding) in [("plain", "identity"), ("gzip", "offered"), ("deflate", "deflate")] {
+        let mut command = sdk::command("compressed.py");
+        command
+            .arg(agent)
+            .arg(coding)
+            .env("HTTPS_PROXY", &proxy)
+            .env("HTTP_PROXY", &proxy)
+            .env("SSL_CERT_FILE", &f.ca_cert);
+        for var in ["NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "http_proxy"] {
+            command.env_remove(var);
+        }
+        for var in ["OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "SSL_CERT_DIR"] {
+            command.env_remove(var);
+        }
+        runs.push(Checks::run(command).await);
+    }
+    let n = sdk::COMPRESSED_CALLS.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let ledger = loop {
+        let ledger = f.ledger().await;
+        if ledger.len() >= 3 * n || std::time::Instant::now() > deadline {
+            break ledger;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let of =
+        |agent: &str| -> Vec<&Value> { ledger.iter().filter(|r| r["agent"] == agent).collect() };
+    let plain = of("plain");
+    sdk::assert_metered_like_plain(&runs[0], &plain, &plain, None, true);
+    sdk::assert_metered_like_plain(&runs[1], &of("gzip"), &plain, Some("gzip"), false);
+    sdk::assert_metered_like_plain(&runs[2], &of("deflate"), &plain, Some("deflate"), true);
+}

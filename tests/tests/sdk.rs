@@ -89,3 +89,42 @@ async fn official_sdks_list_models_through_the_reverse_proxy_at_no_cost() {
         assert_eq!(record["price_source"], "free", "{record}");
     }
 }
+
+/// The SDKs offer gzip and deflate; the mock answers compressed (gzip when offered; deflate
+/// forced), JSON and SSE: every call is metered exactly as the same call answered plain.
+#[tokio::test]
+async fn compressed_answers_are_metered_exactly_through_the_reverse_proxy() {
+    let h = Harness::builder().start().await;
+    let mut runs = Vec::new();
+    for (agent, coding) in [("plain", "identity"), ("gzip", "offered"), ("deflate", "deflate")] {
+        let mut command = sdk::command("compressed.py");
+        command.arg(agent).arg(coding).arg(&h.proxy);
+        runs.push((agent, Checks::run(command).await));
+    }
+    let n = sdk::COMPRESSED_CALLS.len();
+    let ledger = h.ledger_until(3 * n).await;
+    let of = |agent: &str| -> Vec<&serde_json::Value> {
+        ledger.iter().filter(|r| r["agent"] == agent).collect()
+    };
+    let plain = of("plain");
+    for record in &plain {
+        assert!(record["cost_nano_usd"].as_i64().unwrap() > 0, "{record}");
+    }
+    sdk::assert_metered_like_plain(&runs[0].1, &plain, &plain, None, true);
+    sdk::assert_metered_like_plain(&runs[1].1, &of("gzip"), &plain, Some("gzip"), false);
+    sdk::assert_metered_like_plain(&runs[2].1, &of("deflate"), &plain, Some("deflate"), true);
+    // The SDK's own Accept-Encoding went upstream, except where the usage chunk is removed.
+    let offered: Vec<_> = h
+        .mock
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("accept-encoding").map(str::to_owned))
+        .collect();
+    assert!(offered.iter().any(|a| a.contains("gzip")), "{offered:?}");
+    assert_eq!(offered.iter().filter(|a| *a == "identity").count(), 3, "{offered:?}");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.lines().any(|l| l == "tollgate_meter_decode_aborted_total{reason=\"corrupt\"} 0"),
+        "{metrics}"
+    );
+}

@@ -24,6 +24,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
+use tollgate_core::metering::DecodeAbort;
 use tollgate_core::money::Money;
 use tollgate_core::policy::Snapshot;
 use tollgate_core::pricing::PriceSource;
@@ -720,6 +721,11 @@ impl HttpContext for Http {
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
             .unwrap_or(0);
+        if let Ok(Some(encoding)) =
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-encoding")
+        {
+            exchange.response_encoding(&String::from_utf8_lossy(&encoding));
+        }
         if exchange.rewrites_response() {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
         }
@@ -839,6 +845,9 @@ impl HttpContext for Http {
             );
             log(LogLevel::Warn, &message);
         }
+        if let Some(reason) = event.decode_aborted {
+            self.vm.count(decode_aborted_metric(reason), 1);
+        }
         if let Some(collector) = &plugin.filter.collector {
             event.event_id = self.vm.next_event_id();
             if let Ok(line) = serde_json::to_string(&event) {
@@ -852,5 +861,17 @@ impl HttpContext for Http {
                 events.push_back(line);
             }
         }
+    }
+}
+
+/// `tollgate_meter_decode_aborted_total{reason}` (the `reason` label comes from the name).
+fn decode_aborted_metric(reason: DecodeAbort) -> &'static str {
+    match reason {
+        DecodeAbort::UnsupportedEncoding => {
+            "tollgate_meter_decode_aborted_total.reason.unsupported_encoding"
+        }
+        DecodeAbort::Corrupt => "tollgate_meter_decode_aborted_total.reason.corrupt",
+        DecodeAbort::TooLarge => "tollgate_meter_decode_aborted_total.reason.too_large",
+        DecodeAbort::Ratio => "tollgate_meter_decode_aborted_total.reason.ratio",
     }
 }

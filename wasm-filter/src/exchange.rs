@@ -17,7 +17,9 @@ use serde::Serialize;
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
 use tollgate_core::endpoints::{self, Pricing};
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::metering::{Api, Meter, Provider, UsageChunkFilter};
+use tollgate_core::metering::{
+    Api, ContentEncoding, DecodeAbort, Meter, Provider, UsageChunkFilter,
+};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
@@ -153,6 +155,9 @@ pub struct UsageEvent {
     /// Why the reported usage was not believed (`tollgate_usage_implausible_total`).
     #[serde(skip)]
     pub implausible: Option<Implausible>,
+    /// The compressed body could not be decoded for metering (counted by the glue).
+    #[serde(skip)]
+    pub decode_aborted: Option<DecodeAbort>,
 }
 
 impl Exchange {
@@ -500,6 +505,21 @@ impl Exchange {
         Some(&self.out)
     }
 
+    /// The response's `Content-Encoding` (its value, the lines joined with `,`), before its
+    /// body: the meter decodes a copy of what it is shown. A compressed body cannot have the
+    /// usage chunk removed (that would mean re-compressing it), so it then goes on as the
+    /// upstream sent it, usage chunk included.
+    pub fn response_encoding(&mut self, value: &str) {
+        if ContentEncoding::parse(value) == ContentEncoding::Identity {
+            return;
+        }
+        let Some(admitted) = self.admitted.as_mut() else { return };
+        if let Some(meter) = admitted.meter.as_mut() {
+            meter.set_encoding(value);
+        }
+        admitted.usage_filter = None;
+    }
+
     /// Marks the response complete when it had no body.
     pub fn response_ended(&mut self) {
         self.response_done = true;
@@ -516,9 +536,11 @@ impl Exchange {
         let a = self.admitted.take()?;
         let end = if self.response_done { End::Complete } else { End::Aborted };
         let ok = (200..300).contains(&self.status);
+        let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
             Some(meter) if ok || end == End::Aborted => {
                 let m = meter.finish(a.input_estimate);
+                decode_aborted = m.decode_aborted;
                 (m.usage, m.source, m.model)
             }
             _ => (Usage::default(), UsageSource::None, None),
@@ -600,6 +622,7 @@ impl Exchange {
             warnings,
             overrun,
             implausible,
+            decode_aborted,
         })
     }
 

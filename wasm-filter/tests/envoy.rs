@@ -20,7 +20,7 @@ use tollgate_core::usage::Usage;
 use tollgate_e2e::decisions::{Outcome, Table};
 use tollgate_e2e::harness::Harness;
 use tollgate_e2e::metering::Corpus;
-use tollgate_e2e::mock::MockUpstream;
+use tollgate_e2e::mock::{compress, MockUpstream};
 
 const POLICY: &str = r#"{
   "version": "2026-11-22.7",
@@ -88,6 +88,7 @@ fn filter_in_real_envoy() {
     budget_is_not_overspent_by_concurrent_requests(&envoy);
     sse_chunks_are_not_held_back(&envoy, &collector);
     openai_stream_is_asked_for_usage_the_client_never_sees(&envoy, &mock, &collector);
+    compressed_answers_are_metered_exactly(&envoy, &collector);
     rate_limit_answers_429_with_retry_after(&envoy);
     upstream_statuses_and_free_listings_are_counted_once(&envoy, &mock);
     absurd_usage_is_billed_at_the_reservation(&envoy, &collector);
@@ -319,6 +320,48 @@ fn openai_stream_is_asked_for_usage_the_client_never_sees(
     assert_eq!(event["usage_source"], "reported", "{event}");
     assert_eq!(event["tokens"]["output"], 5, "{event}");
     assert!(event["tokens"]["input"].as_u64().unwrap() > 0, "{event}");
+}
+
+/// gzip and br answers (JSON and SSE) reach the client compressed and are metered from their
+/// plain bytes: the same tokens and nano-USD as the plain answer. A coding the meter does not
+/// know is estimated and counted.
+fn compressed_answers_are_metered_exactly(envoy: &Envoy, collector: &Collector) {
+    let stream = serde_json::to_vec(&json!({"model": "claude-sonnet-4-5", "max_tokens": 50,
+        "stream": true, "messages": [{"role": "user", "content": "Say hello."}]}))
+    .unwrap();
+    for (i, (path, body)) in
+        [("/v1/chat/completions", chat("gpt-4o", 50)), ("/v1/messages", stream)].iter().enumerate()
+    {
+        let mut plain: Option<(Value, Value)> = None;
+        for coding in ["identity", "gzip", "br"] {
+            let id = format!("req-coded-{i}-{coding}");
+            let mut h = WHO.to_vec();
+            h.extend([("x-request-id", id.as_str()), ("accept-encoding", coding)]);
+            let r = envoy.request("POST", path, &h, body);
+            assert_eq!(r.status, 200, "{path} {coding}");
+            if coding != "identity" {
+                assert_eq!(r.header("content-encoding"), Some(coding), "{path}");
+                let text = String::from_utf8(compress::decode(coding, &r.body)).unwrap();
+                assert!(text.contains("Hello"), "{path} {coding}: {text}");
+            }
+            let event = collector.wait_for(&id);
+            assert_eq!(event["usage_source"], "reported", "{path} {coding}: {event}");
+            assert!(event["cost_nano_usd"].as_i64().unwrap() > 0, "{event}");
+            let got = (event["tokens"].clone(), event["cost_nano_usd"].clone());
+            match &plain {
+                None => plain = Some(got),
+                Some(want) => assert_eq!(&got, want, "{path} {coding}"),
+            }
+        }
+    }
+    let mut h = WHO.to_vec();
+    h.extend([("x-request-id", "req-coded-odd"), ("x-mock-content-encoding", "snappy")]);
+    let r = envoy.request("POST", "/v1/chat/completions", &h, &chat("gpt-4o", 50));
+    assert_eq!(r.status, 200);
+    let event = collector.wait_for("req-coded-odd");
+    assert_eq!(event["usage_source"], "estimated", "{event}");
+    let series = r#"tollgate_meter_decode_aborted_total{reason="unsupported_encoding"}"#;
+    assert_eq!(envoy.wait_metric(series, 1), 1, "{}", envoy.prometheus());
 }
 
 fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {

@@ -9,12 +9,12 @@ use serde_json::Value;
 
 use super::*;
 
-struct Fixture {
-    name: String,
-    api: Api,
-    streaming: bool,
-    input_estimate: u64,
-    body: Vec<u8>,
+pub(super) struct Fixture {
+    pub(super) name: String,
+    pub(super) api: Api,
+    pub(super) streaming: bool,
+    pub(super) input_estimate: u64,
+    pub(super) body: Vec<u8>,
     expected: Value,
 }
 
@@ -28,7 +28,7 @@ fn api_named(name: &str) -> Api {
     all.into_iter().find(|a| a.as_str() == name).expect("known api")
 }
 
-fn fixtures() -> Vec<Fixture> {
+pub(super) fn fixtures() -> Vec<Fixture> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir()).expect("fixture dir") {
         let path = entry.expect("entry").path();
@@ -60,12 +60,12 @@ fn meter<'a>(fx: &Fixture, limits: Limits, chunks: impl IntoIterator<Item = &'a 
     m.finish(fx.input_estimate)
 }
 
-fn whole(fx: &Fixture) -> Metered {
+pub(super) fn whole(fx: &Fixture) -> Metered {
     meter(fx, Limits::default(), [fx.body.as_slice()])
 }
 
 /// Splits `body` at the (sorted, deduplicated) positions chosen by `cuts`.
-fn split<'a>(body: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+pub(super) fn split<'a>(body: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
     let mut at: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
     at.sort_unstable();
     let mut out = Vec::new();
@@ -275,6 +275,7 @@ fn empty_stream_is_estimated_input_only() {
         source: UsageSource::Estimated,
         model: None,
         complete: false,
+        decode_aborted: None,
     };
     assert_eq!(got, want);
 }

@@ -74,6 +74,50 @@ impl MockBody {
     }
 }
 
+impl MockBody {
+    /// A body sent as these frames, one after the other, as fast as the client reads.
+    pub fn chunks(chunks: Vec<Bytes>) -> MockBody {
+        MockBody::events(chunks, Duration::ZERO, None)
+    }
+
+    /// The same body with every frame replaced by `f(Some(frame))`, and `f(None)` sent after
+    /// the last one (when not empty): how a streaming compressor sits on a body. A body cut off
+    /// by `x-mock-reset-after` stays cut off, without the `f(None)` frame.
+    pub fn map_frames(
+        self,
+        mut f: impl FnMut(Option<Bytes>) -> Bytes + Send + 'static,
+    ) -> MockBody {
+        match self.kind {
+            Kind::Full(None) => self,
+            Kind::Full(Some(bytes)) => {
+                let mut out = f(Some(bytes)).to_vec();
+                out.extend_from_slice(&f(None));
+                MockBody::full(out)
+            }
+            Kind::Events(mut rx) => {
+                let (tx, out) = mpsc::channel(1);
+                tokio::spawn(async move {
+                    while let Some(frame) = rx.recv().await {
+                        let mapped = match frame {
+                            Ok(bytes) => Ok(f(Some(bytes))),
+                            Err(reset) => Err(reset),
+                        };
+                        let stop = mapped.is_err();
+                        if tx.send(mapped).await.is_err() || stop {
+                            return;
+                        }
+                    }
+                    let last = f(None);
+                    if !last.is_empty() {
+                        let _ = tx.send(Ok(last)).await;
+                    }
+                });
+                MockBody { kind: Kind::Events(out) }
+            }
+        }
+    }
+}
+
 impl Body for MockBody {
     type Data = Bytes;
     type Error = Reset;

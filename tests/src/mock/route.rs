@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::body::{self, MockBody};
 use super::call::{Call, Knobs};
-use super::{anthropic, openai, tools, Journal, RecordedRequest};
+use super::{anthropic, compress, openai, tools, Journal, RecordedRequest};
 
 /// Health check path; answered before recording so probes do not pollute the journal.
 const HEALTH: &str = "/__mock/health";
@@ -110,7 +110,7 @@ pub async fn handle(
     if let Ok(id) = HeaderValue::from_str(&format!("mock-{seq}")) {
         response.headers_mut().insert("x-request-id", id);
     }
-    Ok(response)
+    Ok(compress::apply(&parts.headers, response))
 }
 
 fn dispatch(
