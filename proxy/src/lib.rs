@@ -30,3 +30,4 @@ pub mod pipeline;
 pub mod reload;
 pub mod server;
 pub mod upstream;
+pub mod verify;

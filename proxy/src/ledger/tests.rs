@@ -17,6 +17,8 @@ fn settings(dir: &Path, interval_ms: u64, fault: Option<Arc<AtomicBool>>) -> Set
         fsync_interval: Duration::from_millis(interval_ms),
         segment_bytes: 64 * 1024 * 1024,
         fault,
+        hmac_key: None,
+        accept_corrupt: Vec::new(),
     }
 }
 
@@ -121,7 +123,7 @@ async fn a_torn_last_record_is_truncated_and_a_corrupt_one_refuses_to_open() {
     std::fs::write(&segment, edited).unwrap();
     let err = Ledger::open(settings(&dir, 5, None), || {}, NOW).err().expect("refused");
     assert!(
-        format!("{err:#}").contains("line 2: checksum mismatch: the ledger is corrupt"),
+        format!("{err:#}").contains("00000001.seg:2: checksum mismatch: the ledger is corrupt"),
         "{err:#}"
     );
     assert!(read_all(&dir).is_err());
