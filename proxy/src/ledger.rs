@@ -463,9 +463,8 @@ fn scan(
              budgets; the segment is left as it is"
         );
     }
-    if !accepted.is_empty() {
-        let lost: std::collections::HashSet<String> =
-            accepted.iter().map(|p| short(p.at())).collect();
+    let lost: std::collections::HashSet<String> = accepted.iter().map(|p| short(p.at())).collect();
+    if !lost.is_empty() {
         let mut keep = positions.iter().map(|p| !lost.contains(p));
         records.retain(|_| keep.next().unwrap_or(true));
     }
@@ -477,7 +476,12 @@ fn scan(
         );
     }
     if let Some(checkpoint) = checkpoint {
-        let at = walk.hashes_at.first().map(|(_, hash, _)| chain::hex(hash));
+        // A record accepted as lost cannot hash to what the head says: that is the corruption
+        // already accepted, not a rewrite.
+        let at = walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
+            true => checkpoint.ledger.last_hash.clone(),
+            false => chain::hex(hash),
+        });
         head::compare("the ledger", &checkpoint.ledger, walk.records, at.as_deref())
             .map_err(|e| refuse_head(dir, dir.parent().unwrap_or(dir), &e))?;
     }

@@ -246,9 +246,9 @@ pub enum Problem {
     /// The first record does not start the chain: records (or whole segments) before it were
     /// removed.
     Headless { at: Pos },
-    /// A record linked by SHA-256 after keyed ones, found with the key: the chain was recomputed
-    /// from here by someone without the key.
-    Unkeyed { at: Pos },
+    /// The record at `at` cannot be vouched for: the next one (`next`) is linked by SHA-256
+    /// after keyed ones (found with the key), so the chain was recomputed without the key.
+    Unkeyed { at: Pos, next: Pos },
 }
 
 impl Problem {
@@ -259,7 +259,7 @@ impl Problem {
             | Problem::Unlinked { at, .. }
             | Problem::Unchained { at }
             | Problem::Headless { at }
-            | Problem::Unkeyed { at } => at,
+            | Problem::Unkeyed { at, .. } => at,
         }
     }
 }
@@ -283,10 +283,13 @@ impl fmt::Display for Problem {
                 "{at}: the first record does not start the chain: records or segments before it \
                  were removed"
             ),
-            Problem::Unkeyed { at } => write!(
+            Problem::Unkeyed { at, next } => write!(
                 f,
-                "{at}: the record is linked by plain SHA-256 after HMAC-linked ones: the chain was \
-                 recomputed from here without the key"
+                "{at}: the record was changed, or records after it removed or reordered: the next \
+                 record ({}:{}) is linked by plain SHA-256 after HMAC-linked ones: the chain was \
+                 recomputed without the key",
+                next.segment.file_name().unwrap_or_default().to_string_lossy(),
+                next.line
             ),
         }
     }
@@ -392,11 +395,11 @@ pub fn walk(
                             if mode == Mode::Hmac {
                                 walk.keyed_from.get_or_insert_with(|| pos.clone());
                             }
-                            if mode == Mode::Sha256
-                                && linker.mac.is_some()
-                                && walk.keyed_from.is_some()
+                            if let (Mode::Sha256, Some(_), Some(_), Some(at)) =
+                                (mode, &linker.mac, &walk.keyed_from, &prev_pos)
                             {
-                                walk.problems.push(Problem::Unkeyed { at: pos.clone() });
+                                let next = pos.clone();
+                                walk.problems.push(Problem::Unkeyed { at: at.clone(), next });
                             }
                             walk.last_mode = Some(mode);
                             let expected = match &prev_pos {
