@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The head of the ledger and of the audit log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Head {
     pub ledger: Tip,
@@ -32,12 +32,6 @@ pub struct Tip {
 impl Default for Tip {
     fn default() -> Tip {
         Tip { records: 0, last_hash: super::chain::hex(&super::chain::GENESIS) }
-    }
-}
-
-impl Default for Head {
-    fn default() -> Head {
-        Head { ledger: Tip::default(), audit: Tip::default() }
     }
 }
 
