@@ -831,6 +831,26 @@ mod tests {
     }
 
     #[test]
+    fn the_ledger_key_and_accepted_corrupt_lines_are_checked() {
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let config = Config::from_str(&format!(
+            "{base}ledger: {{hmac_key_env: LEDGER_KEY, accept_corrupt: [\"00000003.seg:17\"]}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.ledger_hmac_key,
+            Some(crate::ledger::chain::KeySource::Env("LEDGER_KEY".into()))
+        );
+        assert_eq!(config.ledger_accept_corrupt, ["00000003.seg:17"]);
+        let text = format!(
+            "{base}ledger: {{hmac_key_env: K, hmac_key_file: /k, accept_corrupt: [\"3:17\"]}}\n"
+        );
+        let errors = Config::from_str(&text).err().expect("invalid").0;
+        let got: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(got, ["ledger.hmac_key_file", "ledger.accept_corrupt[0]"], "{errors:?}");
+    }
+
+    #[test]
     fn forward_proxy_errors_name_their_field_and_line() {
         let text =
             "version: 1\nroutes: []\nforward_proxy:\n  enabled: true\n  other_hosts: maybe\n\
