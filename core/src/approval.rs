@@ -1,4 +1,4 @@
-//! Human approvals (seed 000, "Automated Approval Decision Engine"): the life of one pending
+//! Human approvals (the automated approval decision): the life of one pending
 //! approval, from the `require_approval` answer to its single use.
 //!
 //! An approval is created *pending*, bound to one agent and one action digest (the action name

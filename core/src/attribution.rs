@@ -53,7 +53,7 @@ impl Attribute {
         Self::NAMES[self as usize]
     }
 
-    /// The shipped header, pattern and requiredness (product.md, seed 000).
+    /// The shipped header, pattern and requiredness (see the README's attribution section).
     pub fn default_spec(self) -> (&'static str, &'static str, bool) {
         match self {
             Attribute::Agent => ("x-agent-id", "^[a-z0-9-]+$", true),

@@ -1,7 +1,7 @@
-//! Autonomy modes (seed 002): may this agent run this action on its own, only propose it, only
+//! Autonomy modes: may this agent run this action on its own, only propose it, only
 //! run it after a human approves, or not at all?
 //!
-//! In Tollgate's terms the seed's *tenant* is the cost center, the *account* is the agent and the
+//! In Tollgate's terms a *tenant* is the cost center, the *account* is the agent and the
 //! *action type* is the tool or action name (`llm` for model calls). Accounts are keyed by agent
 //! id globally, not per tenant: an agent id is unique in a deployment, and an agent's override
 //! follows it whichever cost center it bills. A mode is resolved by precedence, first match wins:
@@ -191,7 +191,7 @@ impl Policy {
     }
 
     /// Resolves the mode, consumes one unit of the autonomy budget if it is `AUTO_EXECUTE`, and
-    /// returns the gate. The budget is consumed only for `AUTO_EXECUTE`, as in seed 002.
+    /// returns the gate. The budget is consumed only for `AUTO_EXECUTE`, as the autonomy model defines it.
     pub fn decide(
         &self,
         counters: &Counters,

@@ -13,7 +13,7 @@ use crate::autonomy;
 use crate::doc::{self, Cx, DocErrors, Field};
 use crate::guardrails::Guardrails;
 use crate::policy::Snapshot;
-use crate::pricing::RateCard;
+use crate::pricing::{RateCard, ReadFile};
 
 /// The sections of a configuration document the engine reads; each may be absent.
 #[derive(Default)]
@@ -22,12 +22,16 @@ pub struct EngineConfig<'a> {
     pub attribution: Option<Field<'a>>,
     /// `policy:` required.
     pub policy: Option<Field<'a>>,
-    /// `pricing:` a rate card merged over the built-in one; absent → the built-in card.
+    /// `pricing:` a rate card (and the LiteLLM file its `litellm_file` names) merged over the
+    /// built-in one; absent → the built-in card.
     pub pricing: Option<Field<'a>>,
     /// `autonomy:` absent → every action resolves to `APPROVAL_REQUIRED`.
     pub autonomy: Option<Field<'a>>,
-    /// `guardrails:` absent → the seed's default action policies.
+    /// `guardrails:` absent → the default action policies.
     pub guardrails: Option<Field<'a>>,
+    /// Reads the files a section names (`pricing.litellm_file`); `None` (an adapter that reads
+    /// no files, such as the Envoy filter) refuses such fields with an error naming them.
+    pub read_file: Option<ReadFile<'a>>,
 }
 
 /// Everything needed to decide and price a request. Cheap to clone (compiled tables are
@@ -70,7 +74,7 @@ impl EngineConfig<'_> {
             }
         };
         let rates = match &self.pricing {
-            Some(f) => RateCard::decode(cx, f).merged_over(&builtin),
+            Some(f) => RateCard::decode_section(cx, f, &builtin, self.read_file),
             None => builtin,
         };
         let autonomy = match &self.autonomy {
@@ -104,6 +108,7 @@ impl Engine {
             pricing: obj.get("pricing"),
             autonomy: obj.get("autonomy"),
             guardrails: obj.get("guardrails"),
+            read_file: None,
         }
         .compile(&mut cx);
         obj.finish(&mut cx, &["attribution", "policy", "pricing", "autonomy", "guardrails"]);
@@ -179,6 +184,42 @@ extra: 1
             assert!(lines.contains(&line), "no error on line {line}: {errors:?}");
         }
         assert!(errors.iter().any(|e| e.path == "extra"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_document_without_a_file_reader_refuses_litellm_file() {
+        let text = "policy: {version: v1}\npricing: {litellm_file: prices.json}\n";
+        let errors = Engine::from_document(text).expect_err("no file reader").0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 2));
+        assert!(errors[0].message.contains("reads no files"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn a_file_reader_layers_the_litellm_file_into_the_card() {
+        let read = |path: &str| match path {
+            "prices.json" => Ok(r#"{"my-model": {"input_cost_per_token": 1e-06,
+                "output_cost_per_token": 2e-06, "max_output_tokens": 4096}}"#
+                .to_string()),
+            other => Err(format!("no {other}")),
+        };
+        let node =
+            doc::parse("policy: {version: v1}\npricing: {litellm_file: prices.json}\n").unwrap();
+        let mut cx = Cx::new();
+        let root = Field::root(&node);
+        let mut obj = cx.object(&root).unwrap();
+        let engine = EngineConfig {
+            policy: obj.get("policy"),
+            pricing: obj.get("pricing"),
+            read_file: Some(&read),
+            ..EngineConfig::default()
+        }
+        .compile(&mut cx)
+        .expect("compiles");
+        obj.finish(&mut cx, &["policy", "pricing"]);
+        assert!(!cx.has_errors());
+        assert_eq!(engine.rates().limits("my-model").max_output_tokens, Some(4096));
+        assert!(engine.rates().resolve("gpt-5.4").is_some(), "over the built-in card");
     }
 
     #[test]

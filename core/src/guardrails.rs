@@ -1,15 +1,15 @@
-//! Guardrails (seed 001 §1.2): is this tool call allowed at all?
+//! Guardrails: is this tool call allowed at all?
 //!
 //! Every action (tool name) needs a policy: its category, risk level, whether it requires
 //! approval, forbidden argument patterns, a maximum cost per call and a rate limit per hour.
 //! **An action without a policy is blocked** (`unknown_action`). The checks run in this order,
 //! and the first violation wins: unknown action, forbidden pattern (or arguments nested too
 //! deeply), cost per call, rate per hour. The rate check comes last because it consumes a unit:
-//! a call blocked for another reason does not use up the agent's hourly allowance (the seed
+//! a call blocked for another reason does not use up the agent's hourly allowance (the guardrail model
 //! counts only allowed calls too). A call that passes is allowed, or needs approval when its
 //! policy says `requires_approval`.
 //!
-//! The seed's eight default policies ship as [`Guardrails::defaults`]; a config may add actions
+//! The eight default policies ship as [`Guardrails::defaults`]; a config may add actions
 //! and replace defaults by name. The runaway-agent protections live beside: [`loops`] (the same
 //! call repeated), [`breaker`] (an upstream that keeps failing) and [`escalation`] (an agent
 //! that keeps erring).
@@ -77,7 +77,7 @@ impl Category {
     }
 }
 
-/// The seed's risk classification of an action (also a violation's severity).
+/// The risk classification of an action (also a violation's severity).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RiskLevel {
@@ -159,7 +159,7 @@ impl Violation {
         }
     }
 
-    /// The seed's severity of the violation.
+    /// The severity of the violation.
     pub fn severity(&self) -> RiskLevel {
         match self {
             Violation::ForbiddenPattern { .. } => RiskLevel::Critical,
@@ -272,7 +272,7 @@ impl Default for Guardrails {
 }
 
 impl Guardrails {
-    /// The seed's default policies (seed 001 §1.2).
+    /// The default policies.
     pub fn defaults() -> Guardrails {
         use Category as C;
         use RiskLevel as R;

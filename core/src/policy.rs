@@ -120,7 +120,7 @@ impl RouteKind {
     }
 }
 
-/// Tool action categories (seed 001 §1.2); `category:` values must be one of these.
+/// Tool action categories (as the guardrails name them); `category:` values must be one of these.
 pub const CATEGORIES: [&str; 7] =
     ["read", "write", "execute", "deploy", "delete", "external_api", "database"];
 

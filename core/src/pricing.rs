@@ -15,8 +15,11 @@
 //!
 //! Cards come from YAML/JSON config ([`RateCard::from_config`]), from LiteLLM's
 //! `model_prices_and_context_window.json` ([`RateCard::from_litellm`]) or the embedded default
-//! card ([`RateCard::builtin`]), and are layered with [`RateCard::merged_over`]. Everything is
-//! indexed at load time; pricing a request does not allocate.
+//! card ([`RateCard::builtin`]), and are layered with [`RateCard::merged_over`]; a config's
+//! `pricing:` section layers its own models over the LiteLLM file its `litellm_file` names over
+//! the built-in card ([`RateCard::decode_section`]; the adapter reads the file). A card is written
+//! back as YAML with [`RateCard::to_config`]. Everything is indexed at load time; pricing a
+//! request does not allocate.
 
 mod config;
 mod litellm;
@@ -32,7 +35,8 @@ use serde::Serialize;
 use crate::money::{parse_scaled, Money, MoneyError};
 use crate::usage::Usage;
 
-pub use config::BUILTIN;
+pub use config::{ReadFile, BUILTIN};
+pub use litellm::{LiteLlmImport, Skipped};
 
 const TOKENS_PER_MILLION: u64 = 1_000_000;
 /// Bytes per GB for per-GB tool prices (decimal gigabytes, as cloud providers bill).

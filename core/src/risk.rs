@@ -1,10 +1,10 @@
-//! The risk score (seed 000, "Risk Scoring Engine" and "Automated Approval Decision Engine"):
+//! The risk score (risk scoring and the automated approval decision):
 //! how dangerous is an action, and who must agree before it runs?
 //!
 //! Five dimensions are each graded low / medium / high (10 / 50 / 90 points) and weighted: blast
 //! radius 30 %, reversibility 25 %, data sensitivity 20 %, cost impact 15 %, historical success
 //! 10 %. The weighted sum is kept in integer hundredths of a point (points × weight percent), so
-//! the seed's worked examples come out at exactly 22.00 and 90.00 and no float is involved. The
+//! the documented worked examples come out at exactly 22.00 and 90.00 and no float is involved. The
 //! score picks a band: below 30 the action is auto-approved; from 30 to below 70 it waits for a
 //! human and is approved if nobody answers within 15 minutes; from 70 it needs an explicit
 //! approval and is denied if nobody answers within 60 minutes.
@@ -46,7 +46,7 @@ impl Grade {
     }
 }
 
-/// The five dimensions, in the seed's order.
+/// The five dimensions, in their documented order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
@@ -221,7 +221,7 @@ pub struct Profile {
 impl Profile {
     /// Decodes `{blast_radius: high, reversibility: irreversible, data_sensitivity: pii, ...}`.
     /// Every dimension takes `low|medium|high` (risk grades, so `historical_success: low` means
-    /// a good track record); reversibility and data sensitivity also take their seed words.
+    /// a good track record); reversibility and data sensitivity also take their documented words.
     pub fn decode(cx: &mut Cx, field: &Field<'_>) -> Profile {
         let mut p = Profile::default();
         let Some(mut obj) = cx.object(field) else { return p };
@@ -366,7 +366,7 @@ pub enum OnTimeout {
     Deny,
 }
 
-/// Band limits and approval timeouts. Defaults are the seed's: 30, 70, 15 min, 60 min.
+/// Band limits and approval timeouts. Defaults: 30, 70, 15 min, 60 min.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Thresholds {
     /// Scores below this (hundredths) are auto-approved.

@@ -51,6 +51,13 @@ enum Cmd {
         /// target/wasm32-wasip1/wasm/tollgate_wasm.wasm).
         #[arg(long)]
         wasm: Option<PathBuf>,
+        /// Another build's `target/release` (with `tollgate`), run as the `tollgate-baseline` row
+        /// beside `tollgate` in the same interleaved rounds: before/after in one run.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Another build's filter module, run as the `envoy-tollgate-baseline` row.
+        #[arg(long)]
+        baseline_wasm: Option<PathBuf>,
         /// CPU for the generator and the mock upstream.
         #[arg(long, default_value_t = 0)]
         generator_cpu: usize,
@@ -177,6 +184,8 @@ fn real_main() -> anyhow::Result<()> {
             bin_dir,
             envoy,
             wasm,
+            baseline,
+            baseline_wasm,
             generator_cpu,
             proxy_cpu,
         } => {
@@ -204,6 +213,8 @@ fn real_main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| target_dir.join("wasm32-wasip1/wasm/tollgate_wasm.wasm")),
                 work_dir: target_dir.join("loadtest").join(format!("{}-{stamp}", scenario.name)),
                 bin_dir,
+                baseline_bin_dir: baseline,
+                baseline_wasm,
                 workspace,
             };
             let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

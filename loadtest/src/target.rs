@@ -32,16 +32,22 @@ pub enum Kind {
     TollgateHttpsProxy,
     EnvoyPlain,
     EnvoyTollgate,
+    /// `TollgateReverse` with the `tollgate` of `--baseline` (another build): before/after.
+    TollgateBaseline,
+    /// `EnvoyTollgate` with the module of `--baseline-wasm`.
+    EnvoyTollgateBaseline,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::TollgateReverse,
+        Kind::TollgateBaseline,
         Kind::TollgateNoLedger,
         Kind::TollgateHttpsProxy,
         Kind::EnvoyPlain,
         Kind::EnvoyTollgate,
+        Kind::EnvoyTollgateBaseline,
     ];
 
     pub fn label(self) -> &'static str {
@@ -52,6 +58,8 @@ impl Kind {
             Kind::TollgateHttpsProxy => "Tollgate HTTPS_PROXY mode",
             Kind::EnvoyPlain => "Envoy 1.40, no filter",
             Kind::EnvoyTollgate => "Envoy + Tollgate wasm filter",
+            Kind::TollgateBaseline => "Tollgate reverse, all on, baseline build",
+            Kind::EnvoyTollgateBaseline => "Envoy + Tollgate wasm filter, baseline build",
         }
     }
 
@@ -64,6 +72,8 @@ impl Kind {
             Kind::TollgateHttpsProxy => "tollgate-https-proxy",
             Kind::EnvoyPlain => "envoy",
             Kind::EnvoyTollgate => "envoy-tollgate",
+            Kind::TollgateBaseline => "tollgate-baseline",
+            Kind::EnvoyTollgateBaseline => "envoy-tollgate-baseline",
         }
     }
 
@@ -80,6 +90,10 @@ pub struct Paths {
     pub envoy: PathBuf,
     /// The built filter module for `envoy-tollgate`.
     pub wasm: PathBuf,
+    /// Another build's `target/release`, for `tollgate-baseline`.
+    pub baseline_bin_dir: Option<PathBuf>,
+    /// Another build's filter module, for `envoy-tollgate-baseline`.
+    pub baseline_wasm: Option<PathBuf>,
     /// The workspace root, to look for `wasm-filter/`.
     pub workspace: PathBuf,
     /// Generated configs, ledgers and logs of this run.
@@ -228,8 +242,19 @@ pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result
         Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
         Kind::TollgateHttpsProxy => start_tollgate(paths, mock, cpu, Mode::HttpsProxy),
-        Kind::EnvoyPlain => start_envoy(paths, mock, cpu, false),
-        Kind::EnvoyTollgate => start_envoy(paths, mock, cpu, true),
+        Kind::EnvoyPlain => start_envoy(paths, mock, cpu, None),
+        Kind::EnvoyTollgate => start_envoy(paths, mock, cpu, Some(&paths.wasm)),
+        Kind::TollgateBaseline => match &paths.baseline_bin_dir {
+            Some(dir) => {
+                let baseline = Paths { bin_dir: dir.clone(), ..paths.clone() };
+                start_tollgate(&baseline, mock, cpu, Mode::Baseline)
+            }
+            None => Err(anyhow::anyhow!("no baseline build: pass --baseline <target/release dir>")),
+        },
+        Kind::EnvoyTollgateBaseline => match &paths.baseline_wasm {
+            Some(wasm) => start_envoy(paths, mock, cpu, Some(wasm)),
+            None => Err(anyhow::anyhow!("no baseline module: pass --baseline-wasm <file>")),
+        },
     };
     started.map_err(|e| format!("failed to start: {e:#}"))
 }
@@ -292,6 +317,8 @@ enum Mode {
     /// address) and forwards to the mock over plain HTTP, exactly like reverse mode: the
     /// difference between the two rows is the interception alone.
     HttpsProxy,
+    /// Reverse mode run from the baseline build.
+    Baseline,
 }
 
 fn start_tollgate(
@@ -306,13 +333,14 @@ fn start_tollgate(
         Mode::Reverse => ("tollgate", Kind::TollgateReverse),
         Mode::NoLedger => ("tollgate-no-ledger", Kind::TollgateNoLedger),
         Mode::HttpsProxy => ("tollgate-https-proxy", Kind::TollgateHttpsProxy),
+        Mode::Baseline => ("tollgate-baseline", Kind::TollgateBaseline),
     };
     let data_dir = paths.work_dir.join(format!("{name}-data"));
     let config = paths.work_dir.join(format!("{name}.yaml"));
     let mut yaml = tollgate_config(port, admin, mock, &data_dir);
     let mut via = None;
     match mode {
-        Mode::Reverse => {}
+        Mode::Reverse | Mode::Baseline => {}
         Mode::NoLedger => yaml.push_str("ledger: {enabled: false}\n"),
         Mode::HttpsProxy => {
             let ca_dir = paths.work_dir.join("tollgate-ca");
@@ -392,11 +420,12 @@ const POLICY: &str = r#"policy:
       budgets: [{id: tools-daily, scope: agent, period: daily, amount: "100000000.00"}]
 "#;
 
+/// Envoy in front of the mock, with the filter module `wasm` when given.
 fn start_envoy(
     paths: &Paths,
     mock: SocketAddr,
     cpu: usize,
-    filter: bool,
+    wasm: Option<&Path>,
 ) -> anyhow::Result<Running> {
     if !paths.envoy.exists() {
         bail!(
@@ -404,17 +433,20 @@ fn start_envoy(
             paths.envoy.display()
         );
     }
-    if filter && !paths.wasm.exists() {
+    if let Some(wasm) = wasm.filter(|w| !w.exists()) {
         bail!(
             "no filter module at {} (build it with `cargo build -p tollgate-wasm --target \
              wasm32-wasip1 --profile wasm`, or pass --wasm)",
-            paths.wasm.display()
+            wasm.display()
         );
     }
     let (port, admin) = (free_port()?, free_port()?);
-    let name = if filter { "envoy-tollgate" } else { "envoy" };
+    let name = match wasm {
+        None => "envoy",
+        Some(w) if w == paths.wasm => "envoy-tollgate",
+        Some(_) => "envoy-tollgate-baseline",
+    };
     let config = paths.work_dir.join(format!("{name}.yaml"));
-    let wasm = filter.then_some(paths.wasm.as_path());
     std::fs::write(&config, envoy_config(port, admin, mock, wasm))?;
     let log = paths.work_dir.join(format!("{name}.log"));
     let args: Vec<String> = [
@@ -434,7 +466,11 @@ fn start_envoy(
     let mut process = Process::spawn(name, cpu, &paths.envoy, &args, &log, false)?;
     wait_ready(&mut process, &log, SocketAddr::from(([127, 0, 0, 1], admin)), "/ready")?;
     Ok(Running {
-        kind: if filter { Kind::EnvoyTollgate } else { Kind::EnvoyPlain },
+        kind: match name {
+            "envoy" => Kind::EnvoyPlain,
+            "envoy-tollgate" => Kind::EnvoyTollgate,
+            _ => Kind::EnvoyTollgateBaseline,
+        },
         base_url: format!("http://127.0.0.1:{port}"),
         process: Some(process),
         via: None,
@@ -550,6 +586,8 @@ mod tests {
             bin_dir: PathBuf::from("/nonexistent"),
             envoy: PathBuf::from("/nonexistent/envoy"),
             wasm: PathBuf::from("/nonexistent/tollgate_wasm.wasm"),
+            baseline_bin_dir: None,
+            baseline_wasm: None,
             workspace: PathBuf::from("/nonexistent"),
             work_dir: PathBuf::from("/nonexistent"),
         };
@@ -560,5 +598,12 @@ mod tests {
         assert!(filter.contains("no Envoy at /nonexistent/envoy"), "{filter}");
         let envoy = launch(Kind::EnvoyPlain, &paths, mock, 1).unwrap_err();
         assert!(envoy.contains("no Envoy at /nonexistent/envoy"), "{envoy}");
+        let baseline = launch(Kind::TollgateBaseline, &paths, mock, 1).unwrap_err();
+        assert!(baseline.contains("pass --baseline"), "{baseline}");
+        let with_dir = Paths { baseline_bin_dir: Some("/nonexistent/old".into()), ..paths.clone() };
+        let baseline = launch(Kind::TollgateBaseline, &with_dir, mock, 1).unwrap_err();
+        assert!(baseline.contains("/nonexistent/old/tollgate not found"), "{baseline}");
+        let module = launch(Kind::EnvoyTollgateBaseline, &paths, mock, 1).unwrap_err();
+        assert!(module.contains("pass --baseline-wasm"), "{module}");
     }
 }

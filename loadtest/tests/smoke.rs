@@ -233,6 +233,8 @@ async fn every_scenario_passes_through_envoy_with_the_tollgate_filter() {
         bin_dir: target.join("release"),
         envoy: target.join("envoy-venv/bin/envoy"),
         wasm: target.join("wasm32-wasip1/wasm/tollgate_wasm.wasm"),
+        baseline_bin_dir: None,
+        baseline_wasm: None,
         workspace: root,
         work_dir: work_dir.clone(),
     };

@@ -409,6 +409,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         pricing: obj.get("pricing"),
         autonomy: obj.get("autonomy"),
         guardrails: obj.get("guardrails"),
+        read_file: Some(&read_file),
     }
     .compile(cx);
     obj.finish(cx, TOP);
@@ -436,6 +437,12 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         autonomy_configured,
         engine: engine?,
     })
+}
+
+/// Reads a file the config names (`pricing.litellm_file`), relative to the working directory
+/// like the config's other paths.
+fn read_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
 }
 
 /// An `http://` or `https://` URL with a host.

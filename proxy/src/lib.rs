@@ -27,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oversight;
 pub mod pipeline;
+pub mod pricing_cli;
 pub mod reload;
 pub mod server;
 pub mod upstream;

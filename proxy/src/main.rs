@@ -1,6 +1,7 @@
 //! `tollgate`: the command line. `run` serves; `check` validates a config; `explain` prints the
 //! decision for a described request; `ca init` creates the HTTPS_PROXY mode's CA; `approvals`
-//! lists, approves and denies pending approvals.
+//! lists, approves and denies pending approvals; `pricing import` converts LiteLLM's price file to
+//! a rate card.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,11 @@ enum Command {
         /// Configuration (for admin.listen and admin.token_env).
         #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Rate cards: `import` converts LiteLLM's price file to a Tollgate rate card.
+    Pricing {
+        #[command(subcommand)]
+        command: tollgate::pricing_cli::PricingCommand,
     },
     /// The audit log.
     Audit {
@@ -241,6 +247,7 @@ fn main() -> ExitCode {
             let token = std::env::var(&config.admin_token_env).ok().filter(|t| !t.is_empty());
             tollgate::approvals_cli::run(tollgate::approvals_cli::Target { base, token }, command)
         }
+        Command::Pricing { command } => tollgate::pricing_cli::run(command),
         Command::Audit {
             command: AuditCommand::Verify { config, data_dir, head, hmac_key_file, hmac_key_env },
         } => {

@@ -57,7 +57,7 @@ pub use config::OversightConfig;
 /// The request header that carries a granted approval's id on a retry.
 pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
 
-/// The categories the autonomy metrics are split by: the seed's action categories, model calls,
+/// The categories the autonomy metrics are split by: the guardrail action categories, model calls,
 /// and tool calls of no known category.
 pub const CATEGORIES: [&str; 9] = [
     "read",

@@ -387,13 +387,18 @@ impl Drop for Harness {
 
 /// Reads a response to its end (at most 10 s).
 pub async fn read(response: Response<Incoming>) -> Reply {
+    try_read(response).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`read`], with a failed or slow body as an error (an upstream that cut its stream).
+pub async fn try_read(response: Response<Incoming>) -> Result<Reply, String> {
     let (parts, body) = response.into_parts();
     let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
         .await
-        .expect("body within 10 s")
-        .expect("body read")
+        .map_err(|_| "body not read within 10 s".to_string())?
+        .map_err(|e| format!("body read: {e}"))?
         .to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Ok(Reply { status: parts.status, headers: parts.headers, body })
 }
 
 /// Parses a ledger file: one JSON object per line (a missing file is an empty ledger).

@@ -9,7 +9,9 @@
 
 pub mod decisions;
 pub mod exposition;
+pub mod forward;
 pub mod harness;
+pub mod metering;
 pub mod mock;
 pub mod process;
 pub mod sdk;

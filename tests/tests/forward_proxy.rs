@@ -4,9 +4,6 @@
 //! running every request through the same pipeline as reverse mode; other hosts, loopback and
 //! metadata addresses are refused.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,141 +12,11 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tollgate_e2e::harness::{read_ledger, tags, temp_dir};
+use tokio::net::TcpStream;
+use tollgate_e2e::forward::{connect, tls_over, Forward};
+use tollgate_e2e::harness::{read_ledger, tags};
 use tollgate_e2e::mock::MockUpstream;
 use tollgate_e2e::sdk::{self, Checks};
-
-const HOSTS: [&str; 2] = ["api.openai.com", "api.anthropic.com"];
-
-/// The proxy in HTTPS_PROXY mode in front of a TLS mock that plays both providers.
-struct Forward {
-    running: tollgate::app::Running,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    data_dir: PathBuf,
-    /// Tollgate's CA certificate (PEM file), what clients trust.
-    ca_cert: PathBuf,
-    mock: MockUpstream,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Forward {
-    async fn start(policy: &str, forward_extra: &str) -> Forward {
-        let mock = MockUpstream::start_tls_for(&HOSTS).await;
-        let dir = temp_dir("fwd");
-        let mock_ca = dir.join("mock-ca.pem");
-        std::fs::write(&mock_ca, mock.ca_pem().unwrap()).unwrap();
-        let (ca_cert, ca_key) = tollgate::ca::init(&dir.join("ca"), false).expect("ca init");
-        let data_dir = dir.join("data");
-        let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
-        let overrides: String = HOSTS
-            .iter()
-            .map(|h| format!("    {h}: {{addr: \"{}\", ca_file: {}}}\n", mock.addr(), q(&mock_ca)))
-            .collect();
-        let policy: String = policy.lines().map(|l| format!("  {l}\n")).collect();
-        let yaml = format!(
-            "version: 1\nlisten: 127.0.0.1:0\n\
-             admin: {{listen: 127.0.0.1:0, token_env: TOLLGATE_E2E_FWD_UNUSED}}\n\
-             data_dir: {data}\n\
-             routes:\n\
-             \x20 - {{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"https://api.anthropic.com\"}}\n\
-             \x20 - {{name: openai, path_prefix: /v1/, kind: openai, upstream: \"https://api.openai.com\"}}\n\
-             upstream: {{connect_timeout: 2s, response_timeout: 10s, stream_idle_timeout: 10s}}\n\
-             forward_proxy:\n\
-             \x20 enabled: true\n\
-             \x20 ca_cert: {cert}\n\
-             \x20 ca_key: {key}\n\
-             {forward_extra}\
-             \x20 upstream_overrides:\n{overrides}\
-             pricing:\n\
-             \x20 models:\n\
-             \x20   gpt-4o: {{provider: openai, input: \"2.50\", output: \"10.00\"}}\n\
-             \x20   claude-sonnet-4-5: {{provider: anthropic, input: \"3.00\", output: \"15.00\"}}\n\
-             policy:\n{policy}",
-            data = q(&data_dir),
-            cert = q(&ca_cert),
-            key = q(&ca_key),
-        );
-        let config = tollgate::config::Config::from_str(&yaml)
-            .unwrap_or_else(|e| panic!("config does not load: {e}\n{yaml}"));
-        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tollgate::app::start(config, proxy, admin, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("start");
-        Forward {
-            addr: running.proxy_addr,
-            admin: running.admin_addr,
-            running,
-            data_dir,
-            ca_cert,
-            mock,
-            stop,
-        }
-    }
-
-    async fn ledger(&self) -> Vec<Value> {
-        self.running.shared.ledger.flush().await;
-        read_ledger(&self.data_dir)
-    }
-
-    async fn metrics(&self) -> String {
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build_http::<Full<Bytes>>();
-        let uri = format!("http://{}/metrics", self.admin);
-        let response = client.get(uri.parse().unwrap()).await.unwrap();
-        String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec())
-            .unwrap()
-    }
-}
-
-/// Sends `CONNECT host:port` and returns the connection and the response head.
-async fn connect(proxy: SocketAddr, authority: &str, extra: &str) -> (TcpStream, String) {
-    let mut tcp = TcpStream::connect(proxy).await.unwrap();
-    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut byte))
-            .await
-            .expect("CONNECT answered within 5 s")
-            .unwrap();
-        assert!(n == 1 && got.len() < 16384, "CONNECT response cut short: {got:?}");
-        got.push(byte[0]);
-    }
-    (tcp, String::from_utf8_lossy(&got).into_owned())
-}
-
-/// A TLS client over an accepted `CONNECT`, trusting only `ca_pem`, offering `alpn`.
-async fn tls_over(
-    tcp: TcpStream,
-    host: &str,
-    ca_pem: &Path,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the proxy")
-}
 
 fn chat_request(host: &str, headers: &[(String, String)], stream: bool) -> Request<Full<Bytes>> {
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],

@@ -131,6 +131,7 @@ impl Plugin {
             pricing: obj.get("pricing"),
             autonomy: obj.get("autonomy"),
             guardrails: obj.get("guardrails"),
+            read_file: None,
         }
         .compile(&mut cx);
         obj.finish(&mut cx, &SECTIONS);
@@ -427,6 +428,15 @@ mod tests {
             assert!(paths.iter().any(|p| p.starts_with(expected)), "{expected}: {errors:?}");
         }
         assert_eq!(errors.iter().find(|e| e.path == "filter.fail").map(|e| e.line), Some(2));
+    }
+
+    #[test]
+    fn a_litellm_file_is_refused_naming_the_field() {
+        let text = "policy:\n  version: v1\npricing:\n  litellm_file: /etc/prices.json\n";
+        let errors = Plugin::from_document(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("pricing.litellm_file", 4));
+        assert!(errors[0].message.contains("reads no files"), "{}", errors[0].message);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
 use tollgate_e2e::decisions::{Outcome, Table};
 use tollgate_e2e::harness::Harness;
+use tollgate_e2e::metering::Corpus;
 use tollgate_e2e::mock::MockUpstream;
 
 const POLICY: &str = r#"{
@@ -407,6 +408,46 @@ fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
     assert_eq!(mesh_records().len(), 3);
     let r = support::request(admin_port, "POST", "/v1/usage/events", &[], body);
     assert_eq!(r.status, 401, "the endpoint needs the admin token");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// The metering corpus (`tests/fixtures/metering.json`) through Envoy with the filter, the
+/// Tollgate proxy collecting its usage events: each case's record in the proxy's ledger must be
+/// the corpus's, as the sidecar's and HTTPS_PROXY mode's must (`tests/tests/metering_corpus.rs`).
+#[test]
+fn the_filter_meters_the_corpus_as_the_sidecar_does() {
+    let corpus = Corpus::load("envoy");
+    let rt = runtime();
+    let proxy = rt.block_on(Harness::builder().start());
+    let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
+    let plugin = json!({
+        "filter": {"tick": "100ms", "collector": {"cluster": "collector",
+            "path": "/v1/usage/events", "timeout": "2s",
+            "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
+        "policy": {"version": "corpus", "defaults": {"llm": "allow"}},
+        "pricing": corpus.pricing,
+    })
+    .to_string();
+    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), admin_port);
+    let mut statuses = Vec::new();
+    for case in &corpus.cases {
+        let headers: Vec<(&str, &str)> =
+            case.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let (head, mut reader) =
+            support::send(envoy.port, "POST", &case.path, &headers, &case.body).unwrap();
+        let read = support::read_body(&head, &mut reader, |_| {});
+        assert!(read.is_ok() || case.cut, "{}: {read:?}", case.name);
+        statuses.push(head.status);
+    }
+    let mesh = || -> Vec<Value> {
+        rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mesh().len() < corpus.cases.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failures = corpus.check(&statuses, &mesh());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(!envoy.log().contains("panicked"));
 }
 

@@ -1,4 +1,4 @@
-//! The autonomy budget (seed 002): how many actions an agent may run on its own per UTC day, in
+//! The autonomy budget: how many actions an agent may run on its own per UTC day, in
 //! total and per action type.
 //!
 //! A unit is consumed only after a mode resolves to `AUTO_EXECUTE`, with one atomic

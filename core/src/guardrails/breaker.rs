@@ -1,4 +1,4 @@
-//! The circuit breaker (seed 001 §1.4): stop sending calls to an upstream that keeps failing,
+//! The circuit breaker: stop sending calls to an upstream that keeps failing,
 //! and try it again carefully.
 //!
 //! Closed: calls pass; `failure_threshold` consecutive failures open the breaker (a success
@@ -15,7 +15,7 @@
 use crate::doc::{Cx, Field};
 use crate::time::UnixMillis;
 
-/// Breaker settings. Defaults are the seed's: 5 failures, 60 s.
+/// Breaker settings. Defaults: 5 failures, 60 s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BreakerConfig {
     pub failure_threshold: u32,

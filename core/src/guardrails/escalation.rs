@@ -1,4 +1,4 @@
-//! Error escalation (seed 001 §2.3, `error_based`): an agent whose calls keep failing is
+//! Error escalation (`error_based`): an agent whose calls keep failing is
 //! handed to a human, and past a point switched off.
 //!
 //! Consecutive errors per agent: from `review_at` (3) every action of the agent needs approval
@@ -15,7 +15,7 @@ use std::sync::{Mutex, PoisonError};
 use crate::autonomy::Effect;
 use crate::doc::{Cx, Field};
 
-/// Escalation thresholds. Defaults are the seed's: review at 3, disable at 5.
+/// Escalation thresholds. Defaults: review at 3, disable at 5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EscalationConfig {
     pub review_at: u32,

@@ -1,4 +1,4 @@
-//! Loop detection (seed 001 §3.2, "infinite_loop"): an agent sending the same call with the
+//! Loop detection ("infinite_loop"): an agent sending the same call with the
 //! same arguments over and over is stuck, and each repeat costs money.
 //!
 //! A call is identified by a deterministic 64-bit digest of (agent, action, arguments): FNV-1a
@@ -8,7 +8,7 @@
 //! computes the same digest.
 //!
 //! At most `max_repeats` identical calls are allowed in any sliding window of `window_ms`; the
-//! next one within the window is blocked with `loop_detected` (as in the seed, with
+//! next one within the window is blocked with `loop_detected` (with
 //! `MAX_RETRIES = 3` the fourth identical call is refused). Blocked calls are not counted, so a
 //! looping agent gets at most `max_repeats` calls per window through. A call at exactly
 //! `window_ms` after an earlier one no longer sees it. Memory is bounded: entries whose last
@@ -28,7 +28,7 @@ use crate::time::UnixMillis;
 /// Loop detection settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoopConfig {
-    /// Identical calls allowed per window (the seed's `MAX_RETRIES`, 3).
+    /// Identical calls allowed per window (`MAX_RETRIES`, 3 by default).
     pub max_repeats: u32,
     pub window_ms: u64,
     /// Distinct calls tracked at most.

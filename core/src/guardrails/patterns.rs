@@ -2,7 +2,7 @@
 //! a tool call's arguments.
 //!
 //! The arguments are walked recursively (objects and arrays, any depth up to
-//! [`MAX_DEPTH`]); object keys, numbers and booleans are not matched, as in seed 001 which checks
+//! [`MAX_DEPTH`]); object keys, numbers and booleans are not matched, as a guardrail that checks
 //! parameter values. A clean walk allocates nothing; a hit reports the JSON path of the offending
 //! value (`$.options.paths[2]`) and a short sanitised excerpt of the match, never the whole value
 //! (arguments may hold secrets or megabytes).

@@ -157,7 +157,7 @@ pub struct Outcome {
     /// The rule id, or `defaults.<route kind>`.
     pub clause: String,
     pub explanation: String,
-    /// The risk dimensions the rule declares (`risk:`), if any (seed 000).
+    /// The risk dimensions the rule declares (`risk:`), if any.
     pub risk: Option<crate::risk::Profile>,
 }
 

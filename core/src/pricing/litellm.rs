@@ -18,17 +18,56 @@
 //! `1.1428571428571428e-06`). Rejecting them would reject the whole file, so they are rounded
 //! up to the next 10⁻¹⁵ USD per token: at most one nano-USD per million tokens more, never less.
 //! The resulting card denies unknown models; layer it with [`RateCard::merged_over`].
+//! [`RateCard::import_litellm`] also selects providers and names every skipped entry with its
+//! reason, for `tollgate pricing import`.
 
 use crate::doc::{self, Cx, DocErrors, Field, Node, Value};
 
 use super::{ModelLimits, Rate, RateCard, RateError, Rates, UnknownModelPolicy};
 
+/// An entry of a LiteLLM price file that was not loaded, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The entry's name (the model).
+    pub name: String,
+    /// Its line in the file.
+    pub line: u32,
+    pub reason: &'static str,
+}
+
+/// What [`RateCard::import_litellm`] read from a LiteLLM price file.
+#[derive(Clone, Debug)]
+pub struct LiteLlmImport {
+    /// The token-priced entries of the selected providers; unknown models are denied.
+    pub card: RateCard,
+    /// Entries of the selected providers that are not priced per token, in file order.
+    pub skipped: Vec<Skipped>,
+    /// How many entries belong to other providers (left out by the filter, not checked).
+    pub other_providers: usize,
+}
+
+const NOT_PER_TOKEN: &str =
+    "no `input_cost_per_token`: not priced per token (per image, second, character or query)";
+const NO_OUTPUT_PRICE: &str = "no `output_cost_per_token`, and `mode` is not `embedding`";
+
 impl RateCard {
     /// Loads a card from LiteLLM's price file format (see the module docs).
     pub fn from_litellm(text: &str) -> Result<RateCard, DocErrors> {
+        RateCard::import_litellm(text, None).map(|import| import.card)
+    }
+
+    /// Loads the entries of a LiteLLM price file whose `litellm_provider` is one of `providers`
+    /// (every entry when `None`), and tells which of them were skipped and why. A malformed
+    /// price of a selected entry is an error with its path and line.
+    pub fn import_litellm(
+        text: &str,
+        providers: Option<&[&str]>,
+    ) -> Result<LiteLlmImport, DocErrors> {
         let doc = doc::parse(text)?;
         let mut cx = Cx::new();
         let mut card = RateCard::new(UnknownModelPolicy::Deny);
+        let mut skipped = Vec::new();
+        let mut other_providers = 0;
         for (name, entry) in Field::root(&doc).entries(&mut cx) {
             if name == "sample_spec" {
                 continue;
@@ -37,19 +76,35 @@ impl RateCard {
                 entry.error(&mut cx, "expected an object of model prices");
                 continue;
             }
+            let provider = get(&entry, "litellm_provider").and_then(|f| f.node.scalar());
+            let provider = provider.filter(|p| !p.is_empty());
+            if providers.is_some_and(|list| !provider.is_some_and(|p| list.contains(&p))) {
+                other_providers += 1;
+                continue;
+            }
             let price = |cx: &mut Cx, key: &str| get(&entry, key).and_then(|f| rate(cx, &f));
             let input = price(&mut cx, "input_cost_per_token");
             let output = price(&mut cx, "output_cost_per_token");
             let cache_read = price(&mut cx, "cache_read_input_token_cost");
             let cache_write = price(&mut cx, "cache_creation_input_token_cost");
             let reasoning = price(&mut cx, "output_cost_per_reasoning_token");
-            let provider = get(&entry, "litellm_provider").and_then(|f| f.node.scalar());
             let mode = get(&entry, "mode").and_then(|f| f.node.scalar());
-            let Some(input) = input else { continue };
+            let skip = |reason| Skipped { name: name.to_string(), line: entry.node.line, reason };
+            let has = |key| get(&entry, key).is_some();
+            let Some(input) = input else {
+                if !has("input_cost_per_token") {
+                    skipped.push(skip(NOT_PER_TOKEN));
+                }
+                continue;
+            };
             let output = match (output, mode) {
                 (Some(output), _) => output,
+                (None, _) if has("output_cost_per_token") => continue,
                 (None, Some("embedding")) => Rate::ZERO,
-                (None, _) => continue,
+                (None, _) => {
+                    skipped.push(skip(NO_OUTPUT_PRICE));
+                    continue;
+                }
             };
             let mut rates = Rates::new(input, output);
             rates.cached_input = cache_read.unwrap_or(input);
@@ -65,9 +120,9 @@ impl RateCard {
                 max_output_tokens: limit("max_output_tokens"),
                 context_window: limit("max_input_tokens"),
             };
-            card.insert_model_with_limits(name, provider.filter(|p| !p.is_empty()), rates, limits);
+            card.insert_model_with_limits(name, provider, rates, limits);
         }
-        cx.finish(card)
+        cx.finish(LiteLlmImport { card, skipped, other_providers })
     }
 }
 
@@ -284,6 +339,67 @@ mod tests {
         assert!(matches!(per_token_rounded_up("-1e-16"), Err(RateError::Negative(_))));
         assert!(matches!(per_token_rounded_up("1e-16x"), Err(RateError::NotDecimal(_))));
         assert!(matches!(per_token_rounded_up("1e30"), Err(RateError::TooLarge(_))));
+    }
+
+    #[test]
+    fn import_selects_providers_and_names_what_it_skips() {
+        let all = RateCard::import_litellm(FIXTURE, None).unwrap();
+        assert_eq!(all.card.models().len(), 11);
+        assert_eq!(all.other_providers, 0);
+        let skipped: Vec<(&str, u32, &str)> =
+            all.skipped.iter().map(|s| (s.name.as_str(), s.line, s.reason)).collect();
+        assert_eq!(
+            skipped,
+            vec![
+                ("standard/1024-x-1024/dall-e-3", 142, NOT_PER_TOKEN),
+                ("whisper-1", 148, NOT_PER_TOKEN)
+            ]
+        );
+        let openai = RateCard::import_litellm(FIXTURE, Some(&["openai"])).unwrap();
+        let names: Vec<&str> = openai.card.models().iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "gpt-4o",
+                "gpt-4o-mini",
+                "gpt-5-nano",
+                "gpt-4.1-nano",
+                "o3",
+                "o4-mini",
+                "text-embedding-3-small"
+            ]
+        );
+        assert_eq!(openai.skipped.len(), 2);
+        // azure, anthropic twice, gemini.
+        assert_eq!(openai.other_providers, 4);
+        let both = RateCard::import_litellm(FIXTURE, Some(&["openai", "anthropic"])).unwrap();
+        assert_eq!(both.card.models().len(), 9);
+        let none = RateCard::import_litellm(FIXTURE, Some(&["openia"])).unwrap();
+        assert_eq!((none.card.models().len(), none.other_providers), (0, 13));
+        // A chat entry without an output price is skipped with its reason, not priced at $0.
+        let text = "{\n\"m\": {\"input_cost_per_token\": 1e-06, \"mode\": \"chat\"}}";
+        let import = RateCard::import_litellm(text, None).unwrap();
+        assert!(import.card.models().is_empty());
+        assert_eq!(
+            import.skipped,
+            vec![Skipped { name: "m".into(), line: 2, reason: NO_OUTPUT_PRICE }]
+        );
+    }
+
+    #[test]
+    fn an_imported_card_written_as_yaml_reads_back_the_same() {
+        let card = fixture();
+        let yaml = card.to_config();
+        let back = RateCard::from_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(back.models(), card.models());
+        assert!(yaml.contains(
+            "\"gpt-4o\": {provider: \"openai\", input: \"2.50\", cached_input: \"1.25\", \
+             output: \"10.00\", max_output_tokens: 16384, context_window: 128000}"
+        ));
+        assert!(yaml.contains(
+            "\"text-embedding-3-small\": {provider: \"openai\", input: \"0.02\", output: \"0.00\", \
+             context_window: 8191}"
+        ));
     }
 
     #[test]

@@ -42,32 +42,61 @@ fn rates_are_exact_integers() {
 #[test]
 fn builtin_list_prices() {
     let card = builtin();
-    // (model, input, cached input, cache write, output) in USD per million tokens.
+    // (model, input, cached input, cache write, output) in USD per million tokens, as of the
+    // card's date (2026-12-02).
     let cases = [
+        ("gpt-6.1-sol", "2", "0.10", "2.50", "10"),
+        ("gpt-6.1-terra", "1", "0.05", "1.25", "5"),
+        ("gpt-6-sol", "2", "0.20", "2.50", "10"),
+        ("gpt-6-luna", "0.10", "0.01", "0.125", "0.50"),
+        ("gpt-6-astra", "10", "1", "12.50", "50"),
+        ("gpt-5.6", "4", "0.40", "5", "20"),
+        ("gpt-5.6-terra", "2", "0.20", "2.50", "12"),
+        ("gpt-5.5", "5", "0.50", "5", "30"),
+        ("gpt-5.5-pro", "30", "30", "30", "180"),
+        ("gpt-5.4", "2.50", "0.25", "2.50", "15"),
+        ("gpt-5.4-mini", "0.75", "0.075", "0.75", "4.50"),
+        ("gpt-5.4-nano", "0.20", "0.02", "0.20", "1.25"),
+        ("gpt-5.3-codex", "1.75", "0.175", "1.75", "14"),
+        ("gpt-5.2", "1.75", "0.175", "1.75", "14"),
+        ("gpt-5.2-pro", "21", "21", "21", "168"),
+        ("gpt-5.1", "1.25", "0.125", "1.25", "10"),
         ("gpt-5", "1.25", "0.125", "1.25", "10"),
         ("gpt-5-mini", "0.25", "0.025", "0.25", "2"),
         ("gpt-5-nano", "0.05", "0.005", "0.05", "0.40"),
+        ("gpt-5-pro", "15", "15", "15", "120"),
         ("gpt-4.1", "2", "0.50", "2", "8"),
         ("gpt-4.1-mini", "0.40", "0.10", "0.40", "1.60"),
-        ("gpt-4.1-nano", "0.10", "0.025", "0.10", "0.40"),
         ("gpt-4o", "2.50", "1.25", "2.50", "10"),
+        ("gpt-4o-2024-05-13", "5", "5", "5", "15"),
         ("gpt-4o-mini", "0.15", "0.075", "0.15", "0.60"),
         ("o3", "2", "0.50", "2", "8"),
+        ("o3-pro", "20", "20", "20", "80"),
         ("o4-mini", "1.10", "0.275", "1.10", "4.40"),
         ("o1", "15", "7.50", "15", "60"),
         ("text-embedding-3-small", "0.02", "0.02", "0.02", "0"),
         ("text-embedding-3-large", "0.13", "0.13", "0.13", "0"),
+        ("text-embedding-ada-002", "0.10", "0.10", "0.10", "0"),
+        ("claude-fable-5-1", "10", "0.25", "12.50", "50"),
+        ("claude-mythos-5", "10", "1", "12.50", "50"),
+        ("claude-opus-5-5", "4", "0.20", "5", "20"),
+        ("claude-opus-5", "5", "0.50", "6.25", "25"),
+        ("claude-sonnet-5-5", "2", "0.10", "2.50", "10"),
+        ("claude-sonnet-5", "2", "0.20", "2.50", "10"),
+        ("claude-haiku-5-5", "0.10", "0.01", "0.125", "0.50"),
+        ("claude-opus-4-8", "5", "0.50", "6.25", "25"),
+        ("claude-opus-4-7", "5", "0.50", "6.25", "25"),
+        ("claude-opus-4-6", "5", "0.50", "6.25", "25"),
+        ("claude-opus-4-5", "5", "0.50", "6.25", "25"),
+        ("claude-sonnet-4-6", "3", "0.30", "3.75", "15"),
+        ("claude-sonnet-4-5", "3", "0.30", "3.75", "15"),
+        ("claude-haiku-4-5", "1", "0.10", "1.25", "5"),
         ("claude-opus-4-1", "15", "1.50", "18.75", "75"),
         ("claude-opus-4", "15", "1.50", "18.75", "75"),
-        ("claude-opus-4-5", "5", "0.50", "6.25", "25"),
-        ("claude-sonnet-4-5", "3", "0.30", "3.75", "15"),
         ("claude-sonnet-4", "3", "0.30", "3.75", "15"),
-        ("claude-3-7-sonnet", "3", "0.30", "3.75", "15"),
-        ("claude-haiku-4-5", "1", "0.10", "1.25", "5"),
-        ("claude-3-5-haiku", "0.80", "0.08", "1", "4"),
     ];
     for (model, input, cached, write, output) in cases {
-        let (rates, source) = card.rates(model).unwrap();
+        let (rates, source) = card.rates(model).unwrap_or_else(|e| panic!("{e}"));
         let r = |t: &str| Rate::per_million(t).unwrap();
         assert_eq!(
             *rates,
@@ -83,6 +112,106 @@ fn builtin_list_prices() {
         );
         let RateSource::Listed(id) = source else { panic!("{model} not listed") };
         assert_eq!(card.model(id).map(|m| m.name.as_str()), Some(model));
+    }
+    // Retired long before the card's date: refused rather than priced.
+    for retired in ["claude-3-5-sonnet", "claude-3-opus", "claude-3-7-sonnet", "o1-mini"] {
+        assert!(card.resolve(retired).is_none(), "{retired}");
+    }
+}
+
+#[test]
+fn builtin_limits() {
+    let card = builtin();
+    // (model, max output tokens, context window)
+    let cases = [
+        ("gpt-6.1-sol", 128_000, 1_050_000),
+        ("gpt-5.5", 128_000, 1_050_000),
+        ("gpt-5.4-mini", 128_000, 400_000),
+        ("gpt-5", 128_000, 400_000),
+        ("gpt-5-pro", 272_000, 400_000),
+        ("gpt-4.1", 32_768, 1_047_576),
+        ("gpt-4o", 16_384, 128_000),
+        ("gpt-4o-2024-05-13", 4_096, 128_000),
+        ("o3", 100_000, 200_000),
+        ("text-embedding-3-large", 0, 8_191),
+        ("claude-opus-4-8", 128_000, 1_000_000),
+        ("claude-sonnet-4-6", 128_000, 1_000_000),
+        ("claude-opus-4-5", 64_000, 200_000),
+        ("claude-haiku-4-5", 64_000, 200_000),
+        ("claude-opus-4-1", 32_000, 200_000),
+    ];
+    for (model, max_output, context) in cases {
+        let want =
+            ModelLimits { max_output_tokens: Some(max_output), context_window: Some(context) };
+        assert_eq!(card.limits(model), want, "{model}");
+    }
+}
+
+#[test]
+fn every_builtin_model_has_both_limits() {
+    let card = builtin();
+    for m in card.models() {
+        let (Some(max_output), Some(context)) =
+            (m.limits.max_output_tokens, m.limits.context_window)
+        else {
+            panic!("{}: both max_output_tokens and context_window are required", m.name);
+        };
+        assert!(max_output < context, "{}: {max_output} output tokens in {context}", m.name);
+        let embedding = m.name.starts_with("text-embedding-");
+        assert_eq!(max_output == 0, embedding, "{}: only embeddings have no output", m.name);
+    }
+}
+
+#[test]
+fn every_builtin_model_resolves_by_name_snapshot_and_provider_prefix() {
+    let card = builtin();
+    let mut providers = std::collections::BTreeMap::new();
+    for m in card.models() {
+        let provider = m.provider.as_deref().unwrap_or_else(|| panic!("{}: no provider", m.name));
+        *providers.entry(provider).or_insert(0) += 1;
+        let name = |n: &str| card.resolve(n).and_then(|id| card.model(id)).map(|m| m.name.clone());
+        assert_eq!(name(&m.name).as_deref(), Some(m.name.as_str()));
+        assert_eq!(name(&format!("{provider}/{}", m.name)).as_deref(), Some(m.name.as_str()));
+        let other = if provider == "openai" { "anthropic" } else { "openai" };
+        assert_eq!(name(&format!("{other}/{}", m.name)), None, "{other}/{}", m.name);
+        if !m.name.ends_with("-latest") && !m.name.contains("-20") {
+            for snapshot in [format!("{}-2026-11-30", m.name), format!("{}-20261130", m.name)] {
+                assert_eq!(name(&snapshot).as_deref(), Some(m.name.as_str()), "{snapshot}");
+            }
+        }
+    }
+    assert_eq!(providers.keys().copied().collect::<Vec<_>>(), ["anthropic", "openai"]);
+    // Snapshot names the providers publish resolve to their base model's prices.
+    let snapshots = [
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-5.1-2025-11-13", "gpt-5.1"),
+        ("gpt-5.2-2025-12-11", "gpt-5.2"),
+        ("gpt-5.2-pro-2025-12-11", "gpt-5.2-pro"),
+        ("gpt-5.4-2026-03-05", "gpt-5.4"),
+        ("gpt-5.4-mini-2026-03-17", "gpt-5.4-mini"),
+        ("gpt-5.4-nano-2026-03-17", "gpt-5.4-nano"),
+        ("gpt-5.5-2026-04-23", "gpt-5.5"),
+        ("gpt-5.5-pro-2026-04-23", "gpt-5.5-pro"),
+        ("gpt-5-pro-2025-10-06", "gpt-5-pro"),
+        ("gpt-4.1-mini-2025-04-14", "gpt-4.1-mini"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("o3-2025-04-16", "o3"),
+        ("o3-pro-2025-06-10", "o3-pro"),
+        ("claude-opus-4-7-20260416", "claude-opus-4-7"),
+        ("claude-opus-4-6-20260205", "claude-opus-4-6"),
+        ("claude-opus-4-5-20251101", "claude-opus-4-5"),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("anthropic/claude-sonnet-4-6", "claude-sonnet-4-6"),
+    ];
+    for (snapshot, base) in snapshots {
+        let id = card.resolve(snapshot).unwrap_or_else(|| panic!("{snapshot} unknown"));
+        assert_eq!(card.model(id).map(|m| m.name.as_str()), Some(base), "{snapshot}");
+    }
+    // Names that extend a listed one but are other models stay unknown.
+    for other in ["gpt-5.4-mini-tts", "claude-sonnet-5-6", "gpt-6-sol-pro", "gpt-5.2-codex-max"] {
+        assert!(card.resolve(other).is_none(), "{other}");
     }
 }
 
