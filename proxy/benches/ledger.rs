@@ -59,6 +59,13 @@ fn main() {
         fsync_interval: std::time::Duration::from_millis(5),
         segment_bytes: 64 * 1024 * 1024,
         fault: None,
+        // TOLLGATE_BENCH_HMAC=1: links records by HMAC-SHA256 instead of SHA-256.
+        hmac_key: std::env::var_os("TOLLGATE_BENCH_HMAC").map(|_| {
+            tollgate::ledger::chain::KeySource::Env("TOLLGATE_BENCH_HMAC_KEY".into())
+                .load()
+                .unwrap_or_else(|_| panic!("set TOLLGATE_BENCH_HMAC_KEY (16+ bytes)"))
+        }),
+        accept_corrupt: Vec::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

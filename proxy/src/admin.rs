@@ -8,6 +8,8 @@
 //! - `GET  /admin/budgets`          every budget's state for the current period
 //! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
 //! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv`
+//! - `GET  /admin/ledger/head`       the ledger's and the audit log's record counts and last hashes
+//!   (after flushing what is queued), for `tollgate audit verify --head`
 //! - approvals, agents and autonomy metrics: see [`oversight`]
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //!
@@ -137,6 +139,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 (Method::GET, "/admin/budgets") => budgets(shared),
                 (Method::GET, "/admin/usage") => usage(shared, &query).await,
                 (Method::GET, "/admin/invoice") => invoice(shared, &query).await,
+                (Method::GET, "/admin/ledger/head") => {
+                    shared.ledger.flush().await;
+                    match shared.ledger.head() {
+                        Some(head) => Ok(json_response(StatusCode::OK, &json!(head))),
+                        None => Err(Failure {
+                            status: StatusCode::NOT_FOUND,
+                            message: "the ledger is disabled",
+                        }),
+                    }
+                }
                 _ => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
             }
         }

@@ -180,6 +180,11 @@ pub async fn start_with(
         fsync_interval: config.ledger_fsync_interval,
         segment_bytes: config.ledger_segment_bytes,
         fault: hooks.ledger_fault.clone(),
+        hmac_key: match &config.ledger_hmac_key {
+            Some(source) => Some(source.load()?),
+            None => None,
+        },
+        accept_corrupt: config.ledger_accept_corrupt.clone(),
     };
     let now = crate::pipeline::now();
     let (ledger, recovered) = if config.ledger_enabled {
@@ -191,6 +196,14 @@ pub async fn start_with(
     };
     if recovered.truncated_bytes > 0 {
         tracing::warn!(bytes = recovered.truncated_bytes, "repaired a torn tail left by a crash");
+    }
+    metrics.ledger_corrupt_records.set(recovered.corrupt_accepted as i64);
+    if recovered.corrupt_accepted > 0 {
+        tracing::error!(
+            records = recovered.corrupt_accepted,
+            "STARTED WITHOUT CORRUPT LEDGER RECORDS (ledger.accept_corrupt): their costs are \
+             missing from the budgets; `tollgate audit verify` names them"
+        );
     }
     let budgets = Budgets::new(MemoryStore::new());
     let rebuilt = rebuild_budgets(&budgets, config.engine.policy(), &recovered.records, now);

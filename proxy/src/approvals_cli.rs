@@ -142,7 +142,7 @@ pub fn run(target: Target, command: ApprovalsCommand) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn call(
+pub(crate) async fn call(
     method: Method,
     url: &str,
     token: &str,

@@ -194,6 +194,33 @@ impl Chain {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Records in the log and the hash of the last one ([`GENESIS`] when empty): its head.
+    pub fn head(&self) -> (u64, String) {
+        (self.next_seq - 1, self.prev.clone())
+    }
+}
+
+/// The `hash` of record number `n` (1-based, counting lines) of the log at `path`, if it has that
+/// many complete records; for comparing with a published head. `None` for `n == 0`.
+pub fn hash_of_record(path: &Path, n: u64) -> std::io::Result<Option<String>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    for _ in 0..n {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 || !line.ends_with(b"\n") {
+            return Ok(None);
+        }
+    }
+    Ok(serde_json::from_slice::<Record>(&line).ok().map(|r| r.hash))
 }
 
 /// The outcome of verifying a log.

@@ -163,6 +163,10 @@ pub struct Config {
     pub ledger_segment_bytes: u64,
     /// `false` only to measure what the ledger costs: nothing is recorded then.
     pub ledger_enabled: bool,
+    /// Where the key of the ledger's keyed chain comes from (`hmac_key_file` / `hmac_key_env`).
+    pub ledger_hmac_key: Option<crate::ledger::chain::KeySource>,
+    /// Corrupt ledger records accepted as lost (`00000003.seg:17`): the proxy starts without them.
+    pub ledger_accept_corrupt: Vec<String>,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
@@ -384,8 +388,13 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         None => 1000,
     };
     let policy_source = obj.get("policy_source").and_then(|f| policy_source(cx, &f));
-    let (ledger_fsync_interval, ledger_segment_bytes, ledger_enabled) =
-        ledger(cx, obj.get("ledger"));
+    let LedgerSection {
+        fsync_interval: ledger_fsync_interval,
+        segment_bytes: ledger_segment_bytes,
+        enabled: ledger_enabled,
+        hmac_key: ledger_hmac_key,
+        accept_corrupt: ledger_accept_corrupt,
+    } = ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let oversight = crate::oversight::OversightConfig::decode(cx, obj.get("oversight"));
@@ -415,6 +424,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_fsync_interval,
         ledger_segment_bytes,
         ledger_enabled,
+        ledger_hmac_key,
+        ledger_accept_corrupt,
         shared_costs,
         export,
         forward,
@@ -573,24 +584,75 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
     limits
 }
 
-fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> (Duration, u64, bool) {
-    let mut out = (Duration::from_millis(5), 64 * 1024 * 1024, true);
+struct LedgerSection {
+    fsync_interval: Duration,
+    segment_bytes: u64,
+    enabled: bool,
+    hmac_key: Option<crate::ledger::chain::KeySource>,
+    accept_corrupt: Vec<String>,
+}
+
+fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
+    use crate::ledger::chain::KeySource;
+    let mut out = LedgerSection {
+        fsync_interval: Duration::from_millis(5),
+        segment_bytes: 64 * 1024 * 1024,
+        enabled: true,
+        hmac_key: None,
+        accept_corrupt: Vec::new(),
+    };
     let Some(field) = field else { return out };
     let Some(mut o) = cx.object(&field) else { return out };
     if let Some(ms) = o.get("fsync_interval").and_then(|f| f.duration_ms(cx)) {
-        out.0 = Duration::from_millis(ms);
+        out.fsync_interval = Duration::from_millis(ms);
     }
     if let Some(f) = o.get("segment_bytes") {
         match f.u64(cx) {
-            Some(n) if n >= 4096 => out.1 = n,
+            Some(n) if n >= 4096 => out.segment_bytes = n,
             Some(_) => f.error(cx, "segment_bytes must be at least 4096"),
             None => {}
         }
     }
     if let Some(enabled) = o.get("enabled").and_then(|f| f.bool(cx)) {
-        out.2 = enabled;
+        out.enabled = enabled;
     }
-    o.finish(cx, &["fsync_interval", "segment_bytes", "enabled"]);
+    let file = o.get("hmac_key_file");
+    let env = o.get("hmac_key_env");
+    out.hmac_key = match (file, env) {
+        (Some(f), Some(_)) => {
+            f.error(cx, "give hmac_key_file or hmac_key_env, not both");
+            None
+        }
+        (Some(f), None) => f.non_empty_str(cx).map(|p| KeySource::File(p.into())),
+        (None, Some(f)) => f.non_empty_str(cx).map(|n| KeySource::Env(n.into())),
+        (None, None) => None,
+    };
+    if let Some(f) = o.get("accept_corrupt") {
+        for item in f.items(cx) {
+            let Some(text) = item.non_empty_str(cx) else { continue };
+            let valid = text.split_once(".seg:").is_some_and(|(n, line)| {
+                n.len() == 8
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                    && line.parse::<u64>().is_ok_and(|l| l > 0)
+            });
+            if valid {
+                out.accept_corrupt.push(text.to_string());
+            } else {
+                item.error(cx, "must name a ledger line as `00000003.seg:17`");
+            }
+        }
+    }
+    o.finish(
+        cx,
+        &[
+            "fsync_interval",
+            "segment_bytes",
+            "enabled",
+            "hmac_key_file",
+            "hmac_key_env",
+            "accept_corrupt",
+        ],
+    );
     out
 }
 
@@ -769,6 +831,26 @@ mod tests {
                 ("policy_source", 6),
             ]
         );
+    }
+
+    #[test]
+    fn the_ledger_key_and_accepted_corrupt_lines_are_checked() {
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let config = Config::from_str(&format!(
+            "{base}ledger: {{hmac_key_env: LEDGER_KEY, accept_corrupt: [\"00000003.seg:17\"]}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.ledger_hmac_key,
+            Some(crate::ledger::chain::KeySource::Env("LEDGER_KEY".into()))
+        );
+        assert_eq!(config.ledger_accept_corrupt, ["00000003.seg:17"]);
+        let text = format!(
+            "{base}ledger: {{hmac_key_env: K, hmac_key_file: /k, accept_corrupt: [\"3:17\"]}}\n"
+        );
+        let errors = Config::from_str(&text).err().expect("invalid").0;
+        let got: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(got, ["ledger.hmac_key_file", "ledger.accept_corrupt[0]"], "{errors:?}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
-//! record: `<crc32 hex> <json>\n`) and appends the decisions to the hash-chained audit log
+//! record: `<crc32 hex> <link> <json>\n`, each line linked to the one before it by its hash, see
+//! [`chain`]) and appends the decisions to the hash-chained audit log
 //! (`<data_dir>/audit.jsonl`, see [`crate::audit`]). A second thread fsyncs both at most every
 //! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
 //! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
@@ -11,17 +12,22 @@
 //! crash at most one fsync window more, and `SIGTERM` nothing ([`Ledger::flush`] waits for the
 //! sync).
 //!
-//! On open, every segment is scanned and every checksum verified: a torn last record (a crash
-//! mid-write) is truncated and reported; a bad record anywhere else is corruption and the ledger
-//! refuses to open. The records of the last 35 days are handed back so that budgets and open
-//! reservations can be rebuilt.
+//! On open, every segment is scanned, every checksum and every link verified, and the ledger and
+//! the audit log compared with the last published head (`head.json`, see [`head`]). Only an
+//! unterminated last line of the last segment is a torn write (a crash mid-write): it is cut off
+//! with a warning. Anything else that does not verify (a complete line with a bad checksum, a
+//! record that does not decode, a broken link, fewer records than the head) is corruption or
+//! tampering: the ledger refuses to open, names the segment and line and leaves the file as it
+//! is, unless the operator has accepted that record as lost (`ledger.accept_corrupt`). The
+//! records of the last 35 days are handed back so that budgets and open reservations can be
+//! rebuilt.
 //!
 //! When a write or a sync fails (disk full, I/O error) the writer truncates the segment back to
 //! its last good length, keeps the batch, marks the ledger unhealthy (the proxy then answers 503
 //! to new metered requests and `/readyz` fails) and retries every 100 ms; service resumes when
 //! the disk does. Nothing queued is dropped and no partial record survives.
 
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -37,6 +43,8 @@ use tollgate_core::usage::Usage;
 
 use crate::audit::{self, Chain};
 
+use chain::{Key, Linker, Pos, Problem};
+use head::{Head, Tip};
 use sync::{Durability, Syncer};
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
@@ -153,6 +161,11 @@ pub struct Settings {
     pub segment_bytes: u64,
     /// Fault injection for tests: while set, every write and sync fails like a full disk.
     pub fault: Option<Arc<AtomicBool>>,
+    /// Links records by HMAC-SHA256 under this key instead of SHA-256.
+    pub hmac_key: Option<Key>,
+    /// Corrupt records (`00000003.seg:17`) the operator has accepted as lost: the ledger opens
+    /// without them instead of refusing.
+    pub accept_corrupt: Vec<String>,
 }
 
 /// What opening the ledger found.
@@ -164,6 +177,8 @@ pub struct Recovered {
     /// Bytes of a torn last record removed from the ledger and the audit log.
     pub truncated_bytes: u64,
     pub audit_records: u64,
+    /// Corrupt records left out because `ledger.accept_corrupt` names them.
+    pub corrupt_accepted: usize,
 }
 
 /// A handle to the writer; cheap to clone.
@@ -177,6 +192,8 @@ pub struct Ledger {
     /// False while syncs fail.
     synced: Arc<AtomicBool>,
     dir: Arc<PathBuf>,
+    /// `None` when the ledger is disabled.
+    durability: Option<Arc<Durability>>,
 }
 
 impl Ledger {
@@ -189,23 +206,42 @@ impl Ledger {
         let dir = settings.data_dir.join("ledger");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let id = ledger_id(&dir)?;
-        let scan = scan(&dir, now_ms.saturating_sub(REPLAY_DAYS * 86_400_000))?;
-        let (chain, opened) = Chain::open(&settings.data_dir.join("audit.jsonl"))?;
+        let checkpoint = head::read_checkpoint(&settings.data_dir)?;
+        let linker = Linker::new(settings.hmac_key.as_ref());
+        let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
+        let scan = scan(&dir, &linker, replay_from, checkpoint.as_ref(), &settings.accept_corrupt)?;
+        let audit_path = settings.data_dir.join("audit.jsonl");
+        let (chain, opened) = Chain::open(&audit_path)?;
+        let (audit_records, audit_hash) = chain.head();
+        if let Some(checkpoint) = &checkpoint {
+            let at = audit::hash_of_record(&audit_path, checkpoint.audit.records)?;
+            head::compare("the audit log", &checkpoint.audit, audit_records, at.as_deref())
+                .map_err(|e| refuse_head(&audit_path, &settings.data_dir, &e))?;
+        }
+        let head = Head {
+            ledger: scan.head.clone(),
+            audit: Tip { records: audit_records, last_hash: audit_hash },
+        };
+        head::write_checkpoint(&head::checkpoint_path(&settings.data_dir), &head).with_context(
+            || format!("writing {}", head::checkpoint_path(&settings.data_dir).display()),
+        )?;
         let recovered = Recovered {
             records: scan.records,
             segments: scan.segments,
             truncated_bytes: scan.truncated_bytes + opened.truncated_bytes,
             audit_records: opened.records,
+            corrupt_accepted: scan.corrupt_accepted,
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let overflow = Overflow::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
-        let durability = Arc::new(Durability::new(vec![
-            Arc::new(scan.file.try_clone()?),
-            Arc::new(chain.sync_handle()?),
-        ]));
+        let durability = Arc::new(Durability::new(
+            vec![Arc::new(scan.file.try_clone()?), Arc::new(chain.sync_handle()?)],
+            head.clone(),
+        ));
         let syncer = Syncer {
+            checkpoint: head::checkpoint_path(&settings.data_dir),
             durability: durability.clone(),
             interval: settings.fsync_interval,
             fault: settings.fault.clone(),
@@ -224,11 +260,16 @@ impl Ledger {
             file: scan.file,
             good_len: scan.last_len,
             seq: scan.last_seq,
+            link: scan.next_link,
+            linker,
+            records: scan.head.records,
+            head,
+            batch_last: None,
             chain,
             settings,
             healthy: healthy.clone(),
             on_error,
-            durability,
+            durability: durability.clone(),
             overflow: overflow.clone(),
         };
         std::thread::Builder::new()
@@ -238,7 +279,15 @@ impl Ledger {
                 let _ = syncer.join();
             })
             .context("starting the ledger writer")?;
-        Ok((Ledger { tx: Some(tx), overflow, healthy, synced, dir: Arc::new(dir) }, recovered))
+        let ledger = Ledger {
+            tx: Some(tx),
+            overflow,
+            healthy,
+            synced,
+            dir: Arc::new(dir),
+            durability: Some(durability),
+        };
+        Ok((ledger, recovered))
     }
 
     /// Queues a record. Never blocks: if the queue is full the record waits in a detached
@@ -261,6 +310,7 @@ impl Ledger {
             healthy: Arc::new(AtomicBool::new(true)),
             synced: Arc::new(AtomicBool::new(true)),
             dir: Arc::new(data_dir.join("ledger")),
+            durability: None,
         }
     }
 
@@ -300,6 +350,12 @@ impl Ledger {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The head of what is synced (call [`Ledger::flush`] first for everything queued); `None`
+    /// when the ledger is disabled.
+    pub fn head(&self) -> Option<Head> {
+        self.durability.as_ref().map(|d| d.synced_head())
+    }
 }
 
 /// The ledger's stable identity, the prefix of every event id (`<id>-<seq>`).
@@ -321,15 +377,17 @@ struct Scan {
     records: Vec<serde_json::Value>,
     segments: usize,
     truncated_bytes: u64,
+    corrupt_accepted: usize,
     last_segment: u64,
     last_len: u64,
     last_seq: u64,
+    /// The link of the next record.
+    next_link: [u8; 32],
+    head: Tip,
     file: std::fs::File,
 }
 
-fn segment_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("{n:08}.seg"))
-}
+use chain::segment_path;
 
 /// The segment numbers in `dir`, in order.
 pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
@@ -345,76 +403,106 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// The JSON of one stored line (`<crc32 hex> <json>`, without the newline), if its checksum
-/// holds.
+/// The record of one stored line (`<crc32 hex> [<link> ]<record>`, without the newline), if its
+/// checksum holds.
 pub fn verified_json(line: &[u8]) -> Option<&[u8]> {
-    parse_line(line).ok()
+    chain::parse(line).ok().map(|line| line.record)
 }
 
-/// The JSON of one stored line (`<crc32 hex> <json>`), if its checksum holds.
-fn parse_line(line: &[u8]) -> Result<&[u8], &'static str> {
-    if line.len() < 10 || line[8] != b' ' {
-        return Err("malformed record");
-    }
-    let crc = std::str::from_utf8(&line[..8]).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
-    let json = &line[9..];
-    match crc {
-        Some(crc) if crc == crc32fast::hash(json) => Ok(json),
-        _ => Err("checksum mismatch"),
-    }
+/// A record's bytes as JSON (the one place that knows the record encoding).
+fn decode(record: &[u8]) -> Result<serde_json::Value, String> {
+    serde_json::from_slice(record).map_err(|e| format!("the record does not decode: {e}"))
 }
 
-fn scan(dir: &Path, replay_from_ms: u64) -> anyhow::Result<Scan> {
+/// `00000003.seg:17`: how `ledger.accept_corrupt` names a record.
+fn short(pos: &Pos) -> String {
+    format!("{}:{}", pos.segment.file_name().unwrap_or_default().to_string_lossy(), pos.line)
+}
+
+fn scan(
+    dir: &Path,
+    linker: &Linker,
+    replay_from_ms: u64,
+    checkpoint: Option<&Head>,
+    accept: &[String],
+) -> anyhow::Result<Scan> {
     let numbers = segments(dir)?;
     let mut records = Vec::new();
-    let mut truncated_bytes = 0;
+    // Where each replayed record is, when some may have to be left out.
+    let mut positions = Vec::new();
     let mut last_seq = 0;
-    let last = numbers.last().copied().unwrap_or(1);
-    for &n in &numbers {
-        let path = segment_path(dir, n);
-        let mut bytes = Vec::new();
-        std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
-        let mut offset = 0usize;
-        let mut line_no = 0;
-        while offset < bytes.len() {
-            line_no += 1;
-            let end = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i);
-            let verified = end.map(|e| parse_line(&bytes[offset..e]));
-            match verified {
-                Some(Ok(json)) => {
-                    let value: serde_json::Value = serde_json::from_slice(json)
-                        .with_context(|| format!("{} line {line_no}: not JSON", path.display()))?;
-                    last_seq = value["seq"].as_u64().unwrap_or(last_seq);
-                    if value["reserved_at_ms"].as_u64().unwrap_or(u64::MAX) >= replay_from_ms {
-                        records.push(value);
-                    }
-                    offset = end.unwrap_or(bytes.len()) + 1;
-                }
-                // The last record of the last segment, cut short by a crash: a torn tail.
-                _ if n == last && is_tail(&bytes, end) => {
-                    truncated_bytes = (bytes.len() - offset) as u64;
-                    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-                    file.set_len(offset as u64)?;
-                    file.sync_all()?;
-                    tracing::warn!(
-                        segment = %path.display(),
-                        line = line_no,
-                        bytes = truncated_bytes,
-                        "ledger: truncated a torn last record (crash during a write)"
-                    );
-                    break;
-                }
-                Some(Err(problem)) => anyhow::bail!(
-                    "{} line {line_no}: {problem}: the ledger is corrupt (this is not a torn \
-                     tail from a crash); refusing to start — inspect and move the segment aside",
-                    path.display()
-                ),
-                None => anyhow::bail!(
-                    "{} line {line_no}: incomplete record in a sealed segment; refusing to start",
-                    path.display()
-                ),
+    let hash_at: Vec<u64> = checkpoint.map(|h| h.ledger.records).into_iter().collect();
+    let walk = chain::walk(dir, &numbers, linker, &hash_at, |record, pos| {
+        let value = decode(record)?;
+        last_seq = value["seq"].as_u64().unwrap_or(last_seq);
+        if value["reserved_at_ms"].as_u64().unwrap_or(u64::MAX) >= replay_from_ms {
+            records.push(value);
+            if !accept.is_empty() {
+                positions.push(short(pos));
             }
         }
+        Ok(())
+    })?;
+    let (accepted, refused): (Vec<&Problem>, Vec<&Problem>) =
+        walk.problems.iter().partition(|p| accept.contains(&short(p.at())));
+    if let Some(problem) = refused.first() {
+        anyhow::bail!(
+            "{problem}: the ledger is corrupt or was tampered with (a complete record that does \
+             not verify is not a write torn by a crash); refusing to start, the file is left as \
+             it is{more}. Find out what changed it (`tollgate audit verify` reports the whole \
+             ledger), then restore the segment from a backup, or accept the record as lost with \
+             `ledger: {{accept_corrupt: [\"{at}\"]}}` (its cost is then missing from the budgets) \
+             and start again",
+            at = short(problem.at()),
+            more = match refused.len() {
+                1 => String::new(),
+                n => format!(" ({} more problems after it)", n - 1),
+            },
+        );
+    }
+    for problem in &accepted {
+        tracing::error!(
+            problem = %problem,
+            "ledger: a corrupt record, accepted as lost by ledger.accept_corrupt: left out of the \
+             budgets; the segment is left as it is"
+        );
+    }
+    let lost: std::collections::HashSet<String> = accepted.iter().map(|p| short(p.at())).collect();
+    if !lost.is_empty() {
+        let mut keep = positions.iter().map(|p| !lost.contains(p));
+        records.retain(|_| keep.next().unwrap_or(true));
+    }
+    if walk.last_mode == Some(chain::Mode::Hmac) && linker.mode() == chain::Mode::Sha256 {
+        tracing::warn!(
+            "ledger: its records are linked by HMAC but no key is configured (ledger.hmac_key_file \
+             or hmac_key_env): new records are linked by plain SHA-256, and `tollgate audit verify` \
+             with the key will report them"
+        );
+    }
+    if let Some(checkpoint) = checkpoint {
+        // A record accepted as lost cannot hash to what the head says: that is the corruption
+        // already accepted, not a rewrite.
+        let at = walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
+            true => checkpoint.ledger.last_hash.clone(),
+            false => chain::hex(hash),
+        });
+        head::compare("the ledger", &checkpoint.ledger, walk.records, at.as_deref())
+            .map_err(|e| refuse_head(dir, dir.parent().unwrap_or(dir), &e))?;
+    }
+    let last = numbers.last().copied().unwrap_or(1);
+    let mut truncated_bytes = 0;
+    if let Some(torn) = &walk.torn {
+        // The last record of the last segment, cut short by a crash: a torn tail.
+        truncated_bytes = torn.bytes;
+        let file = std::fs::OpenOptions::new().write(true).open(&torn.at.segment)?;
+        file.set_len(torn.offset)?;
+        file.sync_all()?;
+        tracing::warn!(
+            segment = %torn.at.segment.display(),
+            line = torn.at.line,
+            bytes = torn.bytes,
+            "ledger: truncated a torn last record (an unterminated line: a crash during a write)"
+        );
     }
     let path = segment_path(dir, last);
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
@@ -423,19 +511,24 @@ fn scan(dir: &Path, replay_from_ms: u64) -> anyhow::Result<Scan> {
         records,
         segments: numbers.len().max(1),
         truncated_bytes,
+        corrupt_accepted: accepted.len(),
         last_segment: last,
         last_len,
         last_seq,
+        next_link: walk.next_link,
+        head: Tip { records: walk.records, last_hash: chain::hex(&walk.last_hash) },
         file,
     })
 }
 
-/// Whether the bad line starting at `end`'s line is the last thing in the segment.
-fn is_tail(bytes: &[u8], end: Option<usize>) -> bool {
-    match end {
-        None => true,
-        Some(e) => e + 1 >= bytes.len(),
-    }
+/// The error for a ledger or audit log that no longer holds what its published head says.
+fn refuse_head(what: &Path, data_dir: &Path, problem: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {problem} (compared with {}); refusing to start, nothing is changed. If the data \
+         was restored from a backup on purpose, move head.json aside and start again",
+        what.display(),
+        head::checkpoint_path(data_dir).display()
+    )
 }
 
 struct Writer {
@@ -445,6 +538,14 @@ struct Writer {
     file: std::fs::File,
     good_len: u64,
     seq: u64,
+    /// The link the next record carries.
+    link: [u8; 32],
+    linker: Linker,
+    /// Records in the ledger (lines), and the head as of the last batch written.
+    records: u64,
+    head: Head,
+    /// The last ledger line of the batch being gathered.
+    batch_last: Option<std::ops::Range<usize>>,
     chain: Chain,
     settings: Settings,
     healthy: Arc<AtomicBool>,
@@ -475,9 +576,10 @@ impl Writer {
             }
             if !batch.is_empty() || !audit_batch.is_empty() {
                 self.write_until_ok(&batch, &audit_batch);
+                self.advance_head(&batch);
                 batch.clear();
                 audit_batch.clear();
-                let written = self.durability.wrote();
+                let written = self.durability.wrote(&self.head);
                 if self.settings.fsync_interval.is_zero() {
                     self.durability.wait_synced(written);
                 }
@@ -506,20 +608,37 @@ impl Writer {
                     event_id: format!("{}-{}", self.id, self.seq),
                     entry: &entry,
                 };
-                match serde_json::to_vec(&stored) {
-                    Ok(json) => {
-                        batch.extend_from_slice(
-                            format!("{:08x} ", crc32fast::hash(&json)).as_bytes(),
-                        );
-                        batch.extend_from_slice(&json);
-                        batch.push(b'\n');
+                let mut error = None;
+                let line = chain::frame(batch, self.linker.mode(), &self.link, |out| {
+                    serde_json::to_writer(&mut *out, &stored).map_err(|e| error = Some(e)).is_ok()
+                });
+                match line {
+                    Some(line) => {
+                        // The chain advances here, on the writer thread, never on a request's.
+                        self.link = self.linker.link_after(&batch[line.clone()]);
+                        self.records += 1;
+                        self.batch_last = Some(line);
                     }
-                    Err(e) => tracing::error!(error = %e, "serializing a ledger record"),
+                    None => tracing::error!(error = ?error, "serializing a ledger record"),
                 }
             }
             Msg::Audit(event) => self.chain.append_to(*event, audit_batch),
             Msg::Flush(done) => waiters.push(done),
         }
+    }
+
+    /// The head after `batch` (written): the ledger's count and the hash of its last line, and
+    /// the audit log's.
+    fn advance_head(&mut self, batch: &[u8]) {
+        if let Some(line) = self.batch_last.take() {
+            let hash = match self.linker.mode() {
+                chain::Mode::Sha256 => self.link,
+                chain::Mode::Hmac => chain::sha256(&batch[line]),
+            };
+            self.head.ledger = Tip { records: self.records, last_hash: chain::hex(&hash) };
+        }
+        let (records, last_hash) = self.chain.head();
+        self.head.audit = Tip { records, last_hash };
     }
 
     fn faulty(&self) -> io::Result<()> {
@@ -613,7 +732,9 @@ impl Writer {
 }
 
 /// Every record of the ledger in `data_dir`, verified, oldest first (for invoices, the usage
-/// API and tests). A torn last record is skipped; corruption elsewhere is an error.
+/// API and tests): checksums and unkeyed links (keyed links need the key: `tollgate audit
+/// verify` checks them). An unterminated last line (a torn write, or one being written) is
+/// skipped; any other line that does not verify is an error naming its segment and line.
 pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();
@@ -622,28 +743,55 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e.into()),
     };
-    let last = numbers.last().copied();
-    for n in numbers {
-        let path = segment_path(&dir, n);
-        let bytes = std::fs::read(&path)?;
-        let mut lines = bytes.split(|&b| b == b'\n').peekable();
-        let mut line_no = 0;
-        while let Some(line) = lines.next() {
-            line_no += 1;
-            let is_last = lines.peek().is_none();
-            if line.is_empty() && is_last {
-                break;
-            }
-            match parse_line(line) {
-                Ok(json) => out.push(serde_json::from_slice(json)?),
-                Err(_) if is_last && Some(n) == last => break,
-                Err(problem) => anyhow::bail!("{} line {line_no}: {problem}", path.display()),
-            }
-        }
+    let walk = chain::walk(&dir, &numbers, &Linker::new(None), &[], |record, _| {
+        out.push(decode(record)?);
+        Ok(())
+    })?;
+    if let Some(problem) = walk.problems.first() {
+        anyhow::bail!(
+            "{problem}: the ledger is corrupt or was tampered with (`tollgate audit verify` \
+             reports it whole)"
+        );
     }
     Ok(out)
 }
 
+/// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`);
+/// `hashes_at` asks for the hashes of those records (to compare with heads).
+pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Result<chain::Walk> {
+    let dir = data_dir.join("ledger");
+    let numbers = segments(&dir)?;
+    chain::walk(&dir, &numbers, &Linker::new(key), hashes_at, |record, _| {
+        serde_json::from_slice::<serde::de::IgnoredAny>(record)
+            .map(|_| ())
+            .map_err(|e| format!("the record does not decode: {e}"))
+    })
+}
+
+/// Fails unless `data_dir` holds a ledger (a directory with `ledger/*.seg`): a wrong path must not
+/// read as an empty ledger.
+pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("ledger");
+    if !data_dir.is_dir() {
+        anyhow::bail!("{}: no such directory (the proxy's data_dir)", data_dir.display());
+    }
+    match segments(&dir) {
+        Ok(numbers) if !numbers.is_empty() => Ok(()),
+        Ok(_) => anyhow::bail!(
+            "{}: no ledger segments (*.seg) here: not a Tollgate data_dir, or its ledger was removed",
+            dir.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+            "{}: no ledger here ({} is missing): not a Tollgate data_dir, or its ledger was removed",
+            data_dir.display(),
+            dir.display()
+        ),
+        Err(e) => anyhow::bail!("reading {}: {e}", dir.display()),
+    }
+}
+
+pub mod chain;
+pub mod head;
 mod sync;
 #[cfg(test)]
 mod tests;

@@ -31,3 +31,4 @@ pub mod pricing_cli;
 pub mod reload;
 pub mod server;
 pub mod upstream;
+pub mod verify;

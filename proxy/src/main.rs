@@ -103,12 +103,28 @@ enum CaCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chain: exit 0 if intact, 1 if tampered, 3 for a torn tail after a crash.
+    /// Verify the ledger (checksums, records, chain) and the audit log's hash chain, and compare
+    /// both with the checkpoint in the data directory and with --head. Exit 0 if everything
+    /// verifies, 1 if tampered or corrupt (first bad segment:line named), 2 if there is nothing to
+    /// verify (no such directory, no Tollgate data in it) or on an error, 3 for a torn last line
+    /// after a crash, 4 if intact as far as it could be checked (records from before chaining,
+    /// keyed links without the key).
     Verify {
         #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "TOLLGATE_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// A head published by the proxy, kept elsewhere: a file, the admin API's URL
+        /// (`http://127.0.0.1:9090/admin/ledger/head`, with the admin token) or the JSON itself.
+        #[arg(long)]
+        head: Option<String>,
+        /// The ledger's HMAC key, from a file (default: the config's ledger.hmac_key_file).
+        #[arg(long, conflicts_with = "hmac_key_env")]
+        hmac_key_file: Option<PathBuf>,
+        /// The ledger's HMAC key, from this environment variable (default: the config's
+        /// ledger.hmac_key_env).
+        #[arg(long)]
+        hmac_key_env: Option<String>,
     },
 }
 
@@ -180,6 +196,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let dir = data_dir.unwrap_or(config.data_dir.clone());
+            if let Err(e) = tollgate::ledger::require_data(&dir) {
+                eprintln!("tollgate invoice: {e:#}");
+                return ExitCode::FAILURE;
+            }
             let records = match tollgate::ledger::read_all(&dir) {
                 Ok(records) => records,
                 Err(e) => {
@@ -228,32 +248,37 @@ fn main() -> ExitCode {
             tollgate::approvals_cli::run(tollgate::approvals_cli::Target { base, token }, command)
         }
         Command::Pricing { command } => tollgate::pricing_cli::run(command),
-        Command::Audit { command: AuditCommand::Verify { config, data_dir } } => {
-            let dir = match (data_dir, config) {
-                (Some(dir), _) => dir,
-                (None, config) => match load(config.as_deref()) {
-                    Ok(config) => config.data_dir,
+        Command::Audit {
+            command: AuditCommand::Verify { config, data_dir, head, hmac_key_file, hmac_key_env },
+        } => {
+            // The config gives the data directory, the key and the admin token's variable,
+            // unless flags do.
+            let config = match (&data_dir, &config) {
+                (Some(_), None) => None,
+                (_, config) => match load(config.as_deref()) {
+                    Ok(config) => Some(config),
                     Err(e) => {
                         eprintln!("{e}");
                         return ExitCode::from(2);
                     }
                 },
             };
-            let path = dir.join("audit.jsonl");
-            match tollgate::audit::verify(&path) {
-                Ok(verdict) => {
-                    println!("{}: {verdict}", path.display());
-                    match verdict {
-                        tollgate::audit::Verdict::Ok { .. } => ExitCode::SUCCESS,
-                        tollgate::audit::Verdict::Tampered { .. } => ExitCode::from(1),
-                        tollgate::audit::Verdict::TornTail { .. } => ExitCode::from(3),
-                    }
-                }
-                Err(e) => {
-                    eprintln!("reading {}: {e}", path.display());
-                    ExitCode::from(2)
-                }
-            }
+            let key = match (hmac_key_file, hmac_key_env) {
+                (Some(file), _) => Some(tollgate::ledger::chain::KeySource::File(file)),
+                (None, Some(env)) => Some(tollgate::ledger::chain::KeySource::Env(env)),
+                (None, None) => config.as_ref().and_then(|c| c.ledger_hmac_key.clone()),
+            };
+            let Some(data_dir) = data_dir.or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
+            else {
+                return ExitCode::from(2);
+            };
+            tollgate::verify::run(tollgate::verify::Args {
+                data_dir,
+                key,
+                head,
+                token_env: config
+                    .map_or_else(|| "TOLLGATE_ADMIN_TOKEN".to_string(), |c| c.admin_token_env),
+            })
         }
     }
 }

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub policy_version: IntGaugeVec,
     pub policy_reload_failures: IntCounter,
     pub ledger_errors: IntCounter,
+    pub ledger_corrupt_records: IntGauge,
     pub in_flight: IntGauge,
     pub actions: IntCounterVec,
     pub autonomy_bp: IntGaugeVec,
@@ -149,6 +150,12 @@ impl Metrics {
         let ledger_errors =
             IntCounter::new("tollgate_ledger_errors_total", "Usage ledger write failures")
                 .expect("static metric definition");
+        let ledger_corrupt_records = IntGauge::new(
+            "tollgate_ledger_corrupt_records",
+            "Corrupt ledger records the proxy started without (accepted as lost by \
+             ledger.accept_corrupt)",
+        )
+        .expect("static metric definition");
         let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
             .expect("static metric definition");
         let actions = IntCounterVec::new(
@@ -213,6 +220,7 @@ impl Metrics {
             Box::new(policy_version.clone()),
             Box::new(policy_reload_failures.clone()),
             Box::new(ledger_errors.clone()),
+            Box::new(ledger_corrupt_records.clone()),
             Box::new(in_flight.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -244,6 +252,7 @@ impl Metrics {
             policy_version,
             policy_reload_failures,
             ledger_errors,
+            ledger_corrupt_records,
             in_flight,
             actions,
             autonomy_bp,

@@ -1,6 +1,7 @@
 //! `tollgate audit verify` on an audit log the proxy wrote: the untouched log exits 0; an edited,
 //! deleted or swapped record exits 1 naming it; a partial last line (a crash mid-write) exits 3
-//! and says it is not tampering; and the proxy refuses to append to a tampered log.
+//! and says it is not tampering; and the proxy refuses to append to a tampered log. (The ledger
+//! next to it: `ledger_tamper.rs`.)
 
 use std::path::{Path, PathBuf};
 
@@ -56,10 +57,16 @@ async fn write_log(dir: &Path, data_dir: &Path) -> PathBuf {
     config
 }
 
-/// `audit verify` on a copy of `lines` (joined with newlines, plus `tail`): exit code, stdout.
+/// `audit verify` on a copy of `lines` (joined with newlines, plus `tail`) next to a copy of the
+/// ledger: exit code, stdout.
 fn verify(dir: &Path, name: &str, lines: &[String], tail: &str) -> (Option<i32>, String) {
     let data = dir.join(name);
-    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(data.join("ledger")).unwrap();
+    let ledger = dir.join("data").join("ledger");
+    for entry in std::fs::read_dir(&ledger).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, data.join("ledger").join(path.file_name().unwrap())).unwrap();
+    }
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect::<String>() + tail;
     std::fs::write(data.join("audit.jsonl"), text).unwrap();
     let out = command(Path::new(BIN), &["audit", "verify", "--data-dir", data.to_str().unwrap()]);

@@ -3,12 +3,21 @@
 //! The writer counts the batches it writes ([`Durability::wrote`]); this thread fsyncs the
 //! current segment and the audit log at most every `fsync_interval` (at once when a flush is
 //! waiting or the writer has stopped) and answers the flushes whose batches are then durable.
-//! It never writes; while a sync fails it marks itself not ok and retries every 100 ms.
+//! It never writes the ledger; while a sync fails it marks itself not ok and retries every 100 ms.
+//! After a sync it publishes the head of what is now durable, and replaces the checkpoint
+//! (`head.json`) when a flush is waiting, when the writer stops, or when the last one is a second
+//! old.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use super::head::{self, Head};
+
+/// Longest age of the checkpoint while records are being written.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// What the writer has written and what the sync thread has made durable, by batch count.
 pub(super) struct Durability {
@@ -27,18 +36,27 @@ struct SyncState {
     waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
     /// The writer has stopped: sync what is left, then end.
     closing: bool,
+    /// Batches the checkpoint file covers.
+    checkpointed: u64,
+    /// The head after the last batch written, and after the last one synced.
+    head_written: Head,
+    head_synced: Head,
 }
 
 impl Durability {
-    /// Nothing written yet; `files` are the current segment and the audit log.
-    pub(super) fn new(files: Vec<Arc<std::fs::File>>) -> Durability {
+    /// Nothing written yet; `files` are the current segment and the audit log, `head` what they
+    /// hold.
+    pub(super) fn new(files: Vec<Arc<std::fs::File>>, head: Head) -> Durability {
         Durability {
             state: Mutex::new(SyncState {
                 written: 0,
                 synced: 0,
+                checkpointed: 0,
                 files,
                 waiters: Vec::new(),
                 closing: false,
+                head_written: head.clone(),
+                head_synced: head,
             }),
             changed: Condvar::new(),
         }
@@ -48,10 +66,11 @@ impl Durability {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a written batch; returns the count.
-    pub(super) fn wrote(&self) -> u64 {
+    /// Counts a written batch, after which the files hold `head`; returns the count.
+    pub(super) fn wrote(&self, head: &Head) -> u64 {
         let mut state = self.lock();
         state.written += 1;
+        state.head_written.clone_from(head);
         self.changed.notify_all();
         state.written
     }
@@ -64,7 +83,7 @@ impl Durability {
         let mut state = self.lock();
         let target = state.written;
         for done in waiters {
-            if state.synced >= target {
+            if state.checkpointed >= target {
                 let _ = done.send(());
             } else {
                 state.waiters.push((target, done));
@@ -86,6 +105,11 @@ impl Durability {
         self.lock().files[0] = Arc::new(file);
     }
 
+    /// The head of what is synced.
+    pub(super) fn synced_head(&self) -> Head {
+        self.lock().head_synced.clone()
+    }
+
     pub(super) fn close(&self) {
         self.lock().closing = true;
         self.changed.notify_all();
@@ -95,6 +119,8 @@ impl Durability {
 /// The sync thread: group commit of whatever the writer has written.
 pub(super) struct Syncer {
     pub(super) durability: Arc<Durability>,
+    /// `<data_dir>/head.json`.
+    pub(super) checkpoint: PathBuf,
     pub(super) interval: Duration,
     pub(super) fault: Option<Arc<AtomicBool>>,
     /// False while syncs fail.
@@ -106,18 +132,27 @@ impl Syncer {
     pub(super) fn run(self) {
         let d = &self.durability;
         let mut last_sync: Option<Instant> = None;
+        let mut last_checkpoint = Instant::now();
         loop {
-            let (target, files) = {
+            let (target, files, head) = {
                 let mut state = d.lock();
-                // Wait for something to sync, then for the group-commit deadline unless a
-                // flush (or the end) is waiting.
-                while state.written == state.synced {
+                // Wait for something to sync (or a flush whose batches are synced but not yet
+                // in the checkpoint), then for the group-commit deadline unless a flush (or the
+                // end) is waiting.
+                loop {
+                    let unpublished = state.checkpointed < state.synced;
+                    if state.written > state.synced
+                        || !state.waiters.is_empty()
+                        || (state.closing && unpublished)
+                    {
+                        break;
+                    }
                     if state.closing {
                         return;
                     }
                     state = d.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
                 }
-                loop {
+                while state.written > state.synced {
                     let due = last_sync.map(|t| self.interval.saturating_sub(t.elapsed()));
                     match due {
                         Some(wait)
@@ -132,21 +167,40 @@ impl Syncer {
                         _ => break,
                     }
                 }
-                (state.written, state.files.clone())
+                let files = (state.written > state.synced).then(|| state.files.clone());
+                (state.written, files, state.head_written.clone())
             };
-            last_sync = Some(Instant::now());
-            self.sync_until_ok(&files);
-            let mut state = d.lock();
-            state.synced = target;
-            let waiters = std::mem::take(&mut state.waiters);
-            for (at, done) in waiters {
-                if at <= target {
-                    let _ = done.send(());
-                } else {
-                    state.waiters.push((at, done));
-                }
+            if let Some(files) = files {
+                last_sync = Some(Instant::now());
+                self.sync_until_ok(&files);
             }
-            d.changed.notify_all();
+            let (answer, closing) = {
+                let mut state = d.lock();
+                state.synced = target;
+                state.head_synced.clone_from(&head);
+                let (answer, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut state.waiters)
+                    .into_iter()
+                    .partition(|(at, _)| *at <= target);
+                state.waiters = wait;
+                d.changed.notify_all();
+                (answer, state.closing)
+            };
+            // The checkpoint never claims more than is durable (it follows the sync), and a
+            // flush returns only once it is written.
+            if !answer.is_empty() || closing || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                if let Err(e) = head::write_checkpoint(&self.checkpoint, &head) {
+                    tracing::error!(
+                        error = %e,
+                        path = %self.checkpoint.display(),
+                        "writing the ledger head checkpoint"
+                    );
+                }
+                last_checkpoint = Instant::now();
+                d.lock().checkpointed = target;
+            }
+            for (_, done) in answer {
+                let _ = done.send(());
+            }
         }
     }
 

@@ -17,6 +17,8 @@ fn settings(dir: &Path, interval_ms: u64, fault: Option<Arc<AtomicBool>>) -> Set
         fsync_interval: Duration::from_millis(interval_ms),
         segment_bytes: 64 * 1024 * 1024,
         fault,
+        hmac_key: None,
+        accept_corrupt: Vec::new(),
     }
 }
 
@@ -121,7 +123,7 @@ async fn a_torn_last_record_is_truncated_and_a_corrupt_one_refuses_to_open() {
     std::fs::write(&segment, edited).unwrap();
     let err = Ledger::open(settings(&dir, 5, None), || {}, NOW).err().expect("refused");
     assert!(
-        format!("{err:#}").contains("line 2: checksum mismatch: the ledger is corrupt"),
+        format!("{err:#}").contains("00000001.seg:2: checksum mismatch: the ledger is corrupt"),
         "{err:#}"
     );
     assert!(read_all(&dir).is_err());
@@ -165,4 +167,72 @@ async fn a_failing_disk_makes_the_ledger_unhealthy_until_it_works_and_leaves_no_
         ids(&read_all(&dir).unwrap()),
         [(1, "r-1".into()), (2, "r-2".into()), (3, "r-3".into())]
     );
+}
+
+#[tokio::test]
+async fn a_complete_last_line_that_does_not_verify_is_not_cut_and_refuses_to_open() {
+    let dir = temp("complete-bad-last");
+    let (ledger, _) = open(settings(&dir, 5, None));
+    for i in 1..=3 {
+        ledger.append(reserve(i));
+    }
+    flush(&ledger).await;
+    drop(ledger);
+    let segment = dir.join("ledger").join("00000001.seg");
+    let text = std::fs::read_to_string(&segment).unwrap();
+    let corrupt = text.replacen("\"r-3\"", "\"r-8\"", 1);
+    assert_ne!(corrupt, text);
+    assert!(corrupt.ends_with('\n'), "the last line is complete");
+    std::fs::write(&segment, &corrupt).unwrap();
+    let err = Ledger::open(settings(&dir, 5, None), || {}, NOW).err().expect("refused");
+    assert!(format!("{err:#}").contains("00000001.seg:3: checksum mismatch"), "{err:#}");
+    assert_eq!(std::fs::read_to_string(&segment).unwrap(), corrupt, "left as it is");
+    let err = read_all(&dir).expect_err("read_all reports it too");
+    assert!(format!("{err:#}").contains("00000001.seg:3: checksum mismatch"), "{err:#}");
+
+    // Accepted as lost: opens without it, still leaves it, appends after it.
+    let accepting =
+        Settings { accept_corrupt: vec!["00000001.seg:3".into()], ..settings(&dir, 5, None) };
+    let (ledger, recovered) = open(accepting);
+    assert_eq!(recovered.corrupt_accepted, 1);
+    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    ledger.append(reserve(4));
+    flush(&ledger).await;
+    drop(ledger);
+    let after = std::fs::read_to_string(&segment).unwrap();
+    assert!(after.starts_with(&corrupt), "the corrupt line is kept");
+    assert_eq!(after.lines().count(), 4);
+}
+
+#[tokio::test]
+async fn a_keyed_ledger_verifies_with_its_key_only() {
+    let dir = temp("keyed");
+    let key_file = |name: &str, key: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        chain::KeySource::File(path).load()
+    };
+    let key = key_file("key", "a-key-of-at-least-16-bytes").unwrap();
+    let keyed = Settings { hmac_key: Some(key.clone()), ..settings(&dir, 5, None) };
+    let (ledger, _) = open(keyed.clone());
+    for i in 1..=3 {
+        ledger.append(reserve(i));
+    }
+    flush(&ledger).await;
+    drop(ledger);
+    let walk = verify(&dir, Some(&key), &[]).unwrap();
+    assert_eq!((walk.records, walk.problems.len(), walk.unchecked), (3, 0, 0));
+    assert_eq!(walk.last_mode, Some(chain::Mode::Hmac));
+    let head = Ledger::open(keyed, || {}, NOW).expect("reopens with its key").0.head().unwrap();
+    assert_eq!(head.ledger.records, 3);
+    assert_eq!(head.ledger.last_hash, chain::hex(&walk.last_hash));
+    // Without the key: links unchecked, not failed; with another key: the first link fails.
+    let walk = verify(&dir, None, &[]).unwrap();
+    assert_eq!((walk.problems.len(), walk.unchecked), (0, 2));
+    let other = key_file("other", "another-key-of-16-bytes").unwrap();
+    let walk = verify(&dir, Some(&other), &[]).unwrap();
+    assert!(matches!(&walk.problems[0], Problem::Unlinked { at, .. } if at.line == 1));
+    // A short key is refused, naming the file but not the key.
+    let err = key_file("short", "short-key").unwrap_err().to_string();
+    assert!(err.contains("short holds 9 bytes") && !err.contains("short-key"), "{err}");
 }
