@@ -214,8 +214,10 @@ pub struct Bill {
 
 /// Bills metered `usage` of a request bounded by `bound` whose reservation was `reserved`:
 /// `price` prices believable usage; an implausible report is billed `reserved` and recorded as
-/// the bound, marked [`UsageSource::Implausible`]. Usage from [`UsageSource::None`] (nothing was
-/// metered) is never judged.
+/// the bound, marked [`UsageSource::Implausible`]. An estimate (a stream cut short, a body that
+/// could not be decoded) is not a report to believe or not: each bucket is capped at the bound,
+/// so it is never billed above the reservation, and it stays [`UsageSource::Estimated`]. Usage
+/// from [`UsageSource::None`] (nothing was metered) is never judged.
 pub fn bill(
     usage: Usage,
     source: UsageSource,
@@ -223,7 +225,20 @@ pub fn bill(
     reserved: Cost,
     price: impl FnOnce(Usage) -> Cost,
 ) -> Bill {
-    if source != UsageSource::None {
+    if source == UsageSource::Estimated {
+        if judge(&usage, bound).is_err() {
+            let capped = Usage {
+                input: usage.input.min(bound.input),
+                output: usage.output.min(bound.output),
+                cached_input: usage.cached_input.min(bound.input),
+                cache_write: usage.cache_write.min(bound.input),
+                reasoning: usage.reasoning.min(bound.output),
+            };
+            let cost = price(capped);
+            let cost = if cost.total > reserved.total { reserved } else { cost };
+            return Bill { usage: capped, source, cost, implausible: None };
+        }
+    } else if source != UsageSource::None {
         if let Err(why) = judge(&usage, bound) {
             return Bill {
                 usage: bound.as_usage(),

@@ -251,7 +251,8 @@ fn parse(line: &[u8], now: UnixMillis) -> Result<MeshUsage, Invalid> {
     if v["decision"] != "allow" {
         return Err(invalid("decision", "must be `allow` (only admitted requests are billed)"));
     }
-    let usage_source = one_of(&v, "usage_source", &["reported", "estimated", "none"])?;
+    let usage_source =
+        one_of(&v, "usage_source", &["reported", "estimated", "implausible", "none"])?;
     let price_source = match v.get("price_source") {
         None | Some(Value::Null) => None,
         Some(p) => Some(p.as_str().and_then(PriceSource::parse).ok_or_else(|| {

@@ -152,12 +152,19 @@ async fn a_response_naming_an_unpriced_model_is_charged_never_free() {
     let tokens = [(header::INPUT_TOKENS, "1000"), (header::OUTPUT_TOKENS, "300")];
     let h = Harness::start(ALLOW_ALL).await;
     let renamed = with(tags("router-bot"), &[tokens[0], tokens[1], (header::MODEL, "mystery-7")]);
+    // A prompt long enough to hold the 1,000 input tokens the mock reports (a report above
+    // what the request could use would be billed at the reservation instead).
+    let prompt = "Route this to whichever model is cheapest today. ".repeat(25);
     for (path, body) in [
-        ("/v1/chat/completions", chat("gpt-4o")),
         (
             "/v1/chat/completions",
-            json!({"model": "gpt-4o", "stream": true, "max_tokens": 50,
-            "messages": [{"role": "user", "content": "hello"}]}),
+            json!({"model": "gpt-4o", "max_tokens": 400,
+            "messages": [{"role": "user", "content": prompt}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "stream": true, "max_tokens": 400,
+            "messages": [{"role": "user", "content": prompt}]}),
         ),
     ] {
         let reply = h.post(path, &renamed, &body).await;
@@ -183,7 +190,9 @@ async fn a_response_naming_an_unpriced_model_is_charged_never_free() {
         .extra("pricing: {unknown_model: {fallback: {input: \"10.00\", output: \"30.00\"}}}")
         .start()
         .await;
-    let reply = h.post("/v1/chat/completions", &renamed, &chat("in-house-llm")).await;
+    let body = json!({"model": "in-house-llm", "max_tokens": 400,
+        "messages": [{"role": "user", "content": prompt}]});
+    let reply = h.post("/v1/chat/completions", &renamed, &body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let r = &h.ledger_until(1).await[0];
     assert_eq!(

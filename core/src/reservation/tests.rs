@@ -220,9 +220,13 @@ fn implausible_usage_is_billed_at_the_reservation() {
     // $0.005 + $0.16384: the worst case, not $9.2 billion.
     assert_eq!(billed.cost.total, Money::from_nanos(168_840_000));
 
-    // Estimated usage (an Anthropic stream cut after message_start) is judged too.
+    // An estimate (a stream cut after message_start, a body that could not be decoded) is
+    // capped at the bound: never billed above the reservation, still marked estimated.
     let billed = bill(absurd, UsageSource::Estimated, &b, reserved, |u| rates().price(u));
-    assert_eq!(billed.source, UsageSource::Implausible);
+    assert_eq!(billed.source, UsageSource::Estimated);
+    assert!(billed.cost.total <= reserved.total);
+    assert_eq!(billed.usage.output, 16_384);
+    assert_eq!(billed.implausible, None);
 
     let fine = Usage { input: 1_000, output: 1_000, ..Usage::default() };
     let billed = bill(fine, UsageSource::Reported, &b, reserved, |u| rates().price(u));
