@@ -220,11 +220,10 @@ fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
 async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
     let mut period = now().to_string()[..7].to_string();
     let mut group_by = "cost_center".to_string();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "period" => period = v.to_string(),
-            "group_by" => group_by = v.to_string(),
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "period" => period = v.into_owned(),
+            "group_by" => group_by = v.into_owned(),
             _ => {}
         }
     }
@@ -306,12 +305,11 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
     let mut period = now().to_string()[..7].to_string();
     let mut group_by = "cost_center".to_string();
     let mut format = "json".to_string();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "period" => period = v.to_string(),
-            "group_by" => group_by = v.to_string(),
-            "format" => format = v.to_string(),
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "period" => period = v.into_owned(),
+            "group_by" => group_by = v.into_owned(),
+            "format" => format = v.into_owned(),
             _ => {}
         }
     }

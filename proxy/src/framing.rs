@@ -15,6 +15,25 @@
 //! (a length, or chunks). HTTP/2 connections (recognised by their preface) pass through
 //! untouched: HTTP/2 frames carry their own lengths, and so do the bytes after a `CONNECT`
 //! head (the forward proxy's tunnel).
+//!
+//! The guard also enforces the request-head deadline (`header_read_timeout`), because hyper's
+//! own timer neither covers a connection that never sends a byte nor spares an idle kept-alive
+//! one.
+//!
+//! Only what hyper does not do lives here; each part has an end-to-end test in
+//! `tests/tests/proxy_framing.rs` that fails without it (checked by disabling the part):
+//! - neutralising `Content-Length` with `Transfer-Encoding`:
+//!   `content_length_with_chunked_is_refused_and_nothing_is_smuggled`;
+//! - neutralising a repeated, equal `Content-Length` (hyper merges it):
+//!   `repeated_content_lengths_are_refused_even_when_equal`;
+//! - following each body to find the next head on a kept-alive connection:
+//!   `smuggling_behind_a_well_framed_request_on_a_kept_alive_connection_is_refused`;
+//! - the head deadline: `a_request_head_sent_too_slowly_is_cut_off` (and
+//!   `an_idle_kept_alive_connection_outlives_the_head_timeout` for what it spares).
+//!
+//! Two different `Content-Length`s and oversized heads are hyper's own 400 and 431;
+//! `two_different_content_lengths_are_refused` and `request_head_over_the_limit_answers_431`
+//! pin that behaviour.
 
 use std::future::Future;
 use std::io;

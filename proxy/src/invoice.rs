@@ -310,49 +310,54 @@ pub fn from_ledger(
     })
 }
 
-/// The invoices as CSV: one row per line item, then a `total` row per group, and `budget` and
-/// `remaining` rows for a group with a monthly budget.
+/// The invoices as CSV (RFC 4180, written by the `csv` crate): one row per line item, then a
+/// `total` row per group, and `budget` and `remaining` rows for a group with a monthly budget.
+///
+/// Names come from requests (a tool's name, an attribution header): one that starts like a
+/// spreadsheet formula (`=`, `+`, `-`, `@`, tab, CR) is written with a leading `'`, so that opening
+/// the file in a spreadsheet shows the name instead of running it.
 pub fn to_csv(invoices: &Invoices) -> String {
-    let mut out =
-        String::from("period,group_by,group,category,item,kind,quantity,unit,amount_usd\n");
-    let field = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
+    let mut out = csv::Writer::from_writer(Vec::new());
+    let (period, by) = (invoices.period.as_str(), invoices.group_by);
+    let header = ["period", "group_by", "group", "category", "item", "kind", "quantity", "unit"];
+    // Writing to a Vec cannot fail; the rows have the header's width.
+    let mut row = |fields: [&str; 9]| out.write_record(fields).expect("CSV into memory");
+    row([
+        header[0],
+        header[1],
+        header[2],
+        header[3],
+        header[4],
+        header[5],
+        header[6],
+        header[7],
+        "amount_usd",
+    ]);
     for inv in &invoices.invoices {
+        let group = inert(&inv.group);
         for l in &inv.lines {
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{}\n",
-                invoices.period,
-                invoices.group_by,
-                field(&inv.group),
-                l.category,
-                field(&l.item),
-                l.kind,
-                l.quantity,
-                l.unit,
-                l.amount
-            ));
+            let (quantity, amount) = (l.quantity.to_string(), l.amount.to_string());
+            let item = inert(&l.item);
+            row([period, by, &group, l.category, &item, l.kind, &quantity, l.unit, &amount]);
         }
-        out.push_str(&format!(
-            "{},{},{},total,,,{},requests,{}\n",
-            invoices.period,
-            invoices.group_by,
-            field(&inv.group),
-            inv.requests,
-            inv.total
-        ));
+        let (requests, total) = (inv.requests.to_string(), inv.total.to_string());
+        row([period, by, &group, "total", "", "", &requests, "requests", &total]);
         if let (Some(budget), Some(remaining)) = (inv.budget, inv.remaining) {
-            let group = field(&inv.group);
-            let (period, by) = (&invoices.period, invoices.group_by);
-            out.push_str(&format!("{period},{by},{group},budget,,,,,{budget}\n"));
-            out.push_str(&format!("{period},{by},{group},remaining,,,,,{remaining}\n"));
+            row([period, by, &group, "budget", "", "", "", "", &budget.to_string()]);
+            row([period, by, &group, "remaining", "", "", "", "", &remaining.to_string()]);
         }
     }
-    out
+    let bytes = out.into_inner().expect("CSV into memory");
+    String::from_utf8(bytes).expect("CSV of UTF-8 strings is UTF-8")
+}
+
+/// `name`, or `'name` if a spreadsheet would read it as a formula.
+fn inert(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{name}").into()
+    } else {
+        name.into()
+    }
 }
 
 #[cfg(test)]
@@ -486,5 +491,42 @@ mod tests {
              2026-11,cost_center,CC-1234,budget,,,,,5000.00\n\
              2026-11,cost_center,CC-1234,remaining,,,,,4999.9955\n"
         );
+    }
+
+    #[test]
+    fn csv_quotes_separators_and_defuses_formulas() {
+        let line = |item: &str| Line {
+            category: "tool",
+            item: item.to_owned(),
+            kind: "",
+            quantity: 1,
+            unit: "calls",
+            amount: Money::ZERO,
+        };
+        let inv = Invoices {
+            period: "2026-11".to_owned(),
+            group_by: "agent",
+            currency: "USD",
+            invoices: vec![Invoice {
+                group: "=HYPERLINK(\"http://x\")".to_owned(),
+                requests: 3,
+                lines: vec![line("a,b"), line("say \"hi\"\nbye"), line("@SUM(A1)")],
+                subtotal_llm: Money::ZERO,
+                subtotal_tools: Money::ZERO,
+                subtotal_shared: Money::ZERO,
+                total: Money::ZERO,
+                budget: None,
+                remaining: None,
+            }],
+            total: Money::ZERO,
+        };
+        let csv = to_csv(&inv);
+        let mut rows = csv::Reader::from_reader(csv.as_bytes());
+        let rows: Vec<csv::StringRecord> = rows.records().map(|r| r.unwrap()).collect();
+        assert_eq!(&rows[0][2], "'=HYPERLINK(\"http://x\")");
+        assert_eq!(&rows[0][4], "a,b");
+        assert_eq!(&rows[1][4], "say \"hi\"\nbye");
+        assert_eq!(&rows[2][4], "'@SUM(A1)");
+        assert_eq!(&rows[3][3], "total");
     }
 }

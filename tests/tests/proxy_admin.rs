@@ -98,6 +98,10 @@ async fn usage_totals_by_agent_match_the_ledger() {
         let input: u64 = records.iter().map(|r| r["tokens"]["input"].as_u64().unwrap()).sum();
         assert_eq!(Some(input), body["groups"][agent]["input_tokens"].as_u64());
     }
+    // Query strings are form-urlencoded: escapes decode to the same answer.
+    let escaped = period.replace('-', "%2D");
+    let reply = h.admin_get(&format!("/admin/usage?period={escaped}&group_by=%61gent"), true).await;
+    assert_eq!(reply.json()["groups"], body["groups"]);
     let bad = h.admin_get("/admin/usage?period=2026-13x&group_by=agent", true).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let bad = h.admin_get(&format!("/admin/usage?period={period}&group_by=model"), true).await;

@@ -99,9 +99,9 @@ async fn sweep(shared: &Arc<Shared>) {
 
 fn list(shared: &Arc<Shared>, query: &str) -> Result<http::Response<Body>, Failure> {
     let mut state = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        if let Some(("state", v)) = pair.split_once('=') {
-            match State::parse(v) {
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == "state" {
+            match State::parse(&v) {
                 Some(s) => state = Some(s),
                 None => {
                     return Ok(json_response(
