@@ -2,18 +2,18 @@
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
 //! queued usage events, policy polling).
 //!
-//! Rules learned in the real Envoy (`shared/docs/envoy-wasm-notes.md`), each applied here:
+//! Rules learned in the real Envoy, each applied here:
 //! request headers and response headers always `Continue` (a paused headers hook never sees its
-//! body, G2); the request body is buffered (`Pause` until end of stream) because the decision
+//! body); the request body is buffered (`Pause` until end of stream) because the decision
 //! needs the model, and may be replaced there (the usage rewrite), which is why the request's
 //! `content-length` is dropped in the headers hook when it may be; the response body is observed
 //! chunk by chunk and always `Continue`s, so no byte waits for the meter (only the usage-chunk
 //! filter may hold one incomplete SSE event); our own local reply re-enters the response hooks
-//! and is left alone (G1); headers are only set from headers hooks (G3); usage events, metric
-//! increments and policy polls go out from the root context on the timer, once per VM (G5),
+//! and is left alone; headers are only set from headers hooks; usage events, metric
+//! increments and policy polls go out from the root context on the timer, once per VM,
 //! because an HTTP context's own callouts are cancelled when its stream ends; host calls that
 //! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
-//! handled, since a panic kills the worker's VM (G4).
+//! handled, since a panic kills the worker's VM.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -68,7 +68,7 @@ fn unavailable(status: Status) -> StoreError {
     StoreError::Unavailable { reason: format!("shared data: {status:?}") }
 }
 
-/// Envoy counters (ids are per VM, names shared: G5). Request-labelled series are cached by
+/// Envoy counters (ids are per VM, names shared by all VMs). Request-labelled series are cached by
 /// [`Recorder`]; the few fixed-name health counters are cached here by name. Increments are
 /// summed in the VM and handed to Envoy once per tick ([`HostCounters::flush`]): every host call
 /// costs about a microsecond, and a request touches four or more counters.
@@ -149,7 +149,7 @@ enum Call {
     Policy,
 }
 
-/// This VM's policy polling state (timers and snapshots are per VM, G5).
+/// This VM's policy polling state (timers and snapshots are per VM).
 #[derive(Default)]
 struct PolicyPoll {
     /// Not before this time (ms).
@@ -224,7 +224,7 @@ struct Root {
 #[link(wasm_import_module = "env")]
 extern "C" {
     // The SDK's own import, declared again: `hostcalls::set_buffer` panics on any status other
-    // than `Ok`, which would kill the VM (G4).
+    // than `Ok`, which would kill the VM.
     fn proxy_set_buffer_bytes(
         buffer_type: BufferType,
         start: usize,
@@ -537,7 +537,7 @@ impl Root {
 struct Http {
     vm: Rc<Vm>,
     exchange: Option<Exchange>,
-    /// Our own reply is passing through the response hooks (G1): leave it alone.
+    /// Our own reply is passing through the response hooks: leave it alone.
     local_reply: bool,
     decided: bool,
     /// The request's `content-length` was removed so that its body may be rewritten.
@@ -650,7 +650,7 @@ impl HttpContext for Http {
         };
         match Exchange::start(&plugin, head, header, t) {
             Ok(exchange) => {
-                // Headers go upstream before the body is seen (G3): a body that may be
+                // Headers go upstream before the body is seen (a body hook cannot change them): a body that may be
                 // rewritten loses its length now.
                 let rewrite =
                     plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body();
@@ -669,7 +669,7 @@ impl HttpContext for Http {
                 if end_of_stream {
                     return self.decide(&plugin, &[]);
                 }
-                // The body decides; headers go on (pausing here would hide the body, G2).
+                // The body decides; headers go on (pausing here would hide the body).
                 Action::Continue
             }
             Err((denial, shape, id)) => {

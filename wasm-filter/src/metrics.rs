@@ -8,7 +8,7 @@
 //! (`max_label_values`, then `__other__`) so a flood of made-up agent ids cannot grow the stats
 //! without bound.
 //!
-//! A name is built and defined once per VM (ids are per VM, G5) and its id cached under the raw
+//! A name is built and defined once per VM (metric ids are per VM) and its id cached under the raw
 //! label values, so the common request costs one map lookup per metric group and no formatting.
 //! The caches are bounded: past [`CACHE_ENTRIES`] they are emptied and refilled. This module
 //! never talks to the host; [`Counters`] does.

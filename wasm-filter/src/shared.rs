@@ -6,7 +6,7 @@
 //! counter update here is a get → compute → CAS loop, which makes each [`Store`] method atomic
 //! across workers as the trait requires.
 //!
-//! One trap (G7 in the notes): a key that does not exist yet has no version, and a `set` without
+//! One trap: a key that does not exist yet has no version, and a `set` without
 //! one is unconditional, so two workers creating the same counter at once could lose one
 //! update. Counters are therefore created under a lock key (itself seeded in `on_configure`,
 //! before traffic): the creator takes the lock with a CAS, creates the key only if it is still
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn concurrent_workers_never_pass_the_limit_nor_lose_updates() {
         // Four "workers", each with its own VM-local store over one shared data, racing on keys
-        // that do not exist yet (the G7 case).
+        // that do not exist yet (the trap in the module docs).
         let data = Arc::new(FakeShared::default());
         seed(&*data).unwrap();
         let threads: Vec<_> = (0..4)
