@@ -12,6 +12,7 @@ pub mod doc;
 pub mod endpoints;
 pub mod engine;
 pub mod guardrails;
+pub mod head;
 pub mod inspect;
 pub mod metering;
 pub mod money;

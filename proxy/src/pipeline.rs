@@ -80,6 +80,7 @@ impl Proxy {
             }),
             None => Ok(()),
         };
+        let credited = credited.and_then(|()| strict_head(&req, target.is_some(), shared));
         let route = match target {
             Some(t) => shared.config.forward_route(&t.host, t.port, req.uri().path()).cloned(),
             None => shared.config.route(host_of(&req), req.uri().path()).cloned(),
@@ -136,7 +137,12 @@ impl Proxy {
                     reason = %denial.code,
                     "refused"
                 );
-                deny::response(&denial, shape, &request_id)
+                let mut response = deny::response(&denial, shape, &request_id);
+                if tollgate_core::head::CODES.contains(&denial.code.as_str()) {
+                    let close = HeaderValue::from_static("close");
+                    response.headers_mut().insert(header::CONNECTION, close);
+                }
+                response
             }
         };
         shared.metrics.in_flight.dec();
@@ -888,6 +894,19 @@ fn upstream_request(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)
+}
+
+/// The core's strict-head rules (`tollgate_core::head`) on an HTTP/1 request: a 400 naming what
+/// is wrong, before anything is read from the head.
+fn strict_head<B>(req: &Request<B>, forward: bool, shared: &Shared) -> Result<(), Denial> {
+    let line = tollgate_core::head::RequestLine {
+        http1: matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_11),
+        absolute_form: req.uri().scheme().is_some(),
+        forward,
+    };
+    let headers = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    tollgate_core::head::check(line, headers, shared.engine.attribution())
+        .map_err(|e| Denial::new(Class::BadRequest, e.code(), e.to_string()))
 }
 
 /// Refuses ambiguous message framing (request smuggling): both `Content-Length` and

@@ -22,6 +22,7 @@ fn chat_request(host: &str, headers: &[(String, String)], stream: bool) -> Reque
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
                       "max_tokens": 20, "stream": stream});
     let mut req = Request::post(format!("https://{host}/v1/chat/completions"))
+        .header("host", host)
         .header("content-type", "application/json")
         .header("authorization", "Bearer sk-test");
     for (k, v) in headers {

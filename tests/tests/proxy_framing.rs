@@ -217,3 +217,54 @@ async fn a_connect_without_the_forward_proxy_is_refused_and_the_connection_close
     assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     assert_eq!(h.mock.request_count(), 0);
 }
+
+/// Sends one request (`connection: close`) with `extra` head lines and returns the answer.
+async fn with_head(h: &Harness, request_line: &str, extra: &str) -> String {
+    let request = format!(
+        "{request_line}\r\n{TAGS}content-type: application/json\r\nconnection: close\r\n{extra}\
+         content-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    exchange(h, request.as_bytes()).await
+}
+
+#[tokio::test]
+async fn strict_heads_refuse_what_a_next_hop_could_read_differently() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let post = "POST /v1/chat/completions HTTP/1.1";
+    let cases = [
+        (post, "", "missing_host"),
+        (post, "host: a\r\nhost: b\r\n", "duplicate_host"),
+        (post, "host: user:pw@x\r\n", "host_userinfo"),
+        (post, "host: x\r\nx_cost_center: CC-0001\r\n", "underscore_header"),
+        (post, "host: x\r\nconnection: x-cost-center\r\n", "connection_nominates_header"),
+        (post, "host: x\r\nconnection: authorization\r\n", "connection_nominates_header"),
+        ("POST http://evil.example/v1/chat/completions HTTP/1.1", "host: x\r\n", "absolute_form"),
+    ];
+    for (line, extra, code) in cases {
+        let answer = with_head(&h, line, extra).await;
+        assert_eq!(status_of(&answer), Some(400), "{code}: {answer}");
+        assert!(answer.contains(&format!("\"{code}\"")), "{code}: {answer}");
+    }
+    // The underscore spelling is named in the message.
+    let answer = with_head(&h, post, "host: x\r\nx_cost_center: CC-0001\r\n").await;
+    assert!(answer.contains("x_cost_center"), "{answer}");
+    assert_eq!(h.mock.request_count(), 0, "{:#?}", h.mock.requests());
+
+    // The same head, well formed, is forwarded.
+    let answer = with_head(&h, post, "host: x\r\n").await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+}
+
+#[tokio::test]
+async fn two_transfer_encoding_lines_are_refused() {
+    let h = Harness::start(ALLOW_ALL).await;
+    let chunk = format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{TAGS}content-type: application/json\r\n\
+         transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n{chunk}"
+    );
+    let answer = exchange(&h, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(400), "{answer}");
+    assert_eq!(h.mock.request_count(), 0);
+}
