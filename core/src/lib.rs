@@ -14,6 +14,7 @@ pub mod engine;
 pub mod guardrails;
 pub mod inspect;
 pub mod metering;
+pub mod metrics;
 pub mod money;
 pub mod policy;
 pub mod pricing;

@@ -156,13 +156,13 @@ fn allowed_request_is_metered_in_stats_and_events(
     assert_eq!(event["end"], "complete");
     assert_eq!(event["source"], "envoy");
 
-    let who = r#"model="gpt-4o",cost_center="CC-1234",project="PROJ-ABC123",agent="bot-1""#;
+    let who = r#"agent="bot-1",project="PROJ-ABC123",cost_center="CC-1234""#;
     let stats = envoy.prometheus();
     for (kind, n) in [("input", 1034), ("cached_input", 200), ("output", 56)] {
-        let series = format!("tollgate_tokens_total{{kind=\"{kind}\",{who}}}");
+        let series = format!("tollgate_tokens_total{{model=\"gpt-4o\",kind=\"{kind}\",{who}}}");
         assert_eq!(support::metric(&stats, &series), n, "{series} in\n{stats}");
     }
-    let series = format!("tollgate_cost_nano_usd_total{{{who}}}");
+    let series = format!("tollgate_cost_nano_usd_total{{model=\"gpt-4o\",{who}}}");
     assert_eq!(support::metric(&stats, &series), cost.nanos() as u64, "{series}");
     let series = r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o",status="2xx"}"#;
     assert!(support::metric(&stats, series) >= 1, "{series} in\n{stats}");
