@@ -106,8 +106,9 @@ impl Metrics {
             g
         };
         let histograms = |m: &Metric, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(m.name, m.help).buckets(buckets), m.labels)
-                .expect("static metric definition");
+            let h =
+                HistogramVec::new(HistogramOpts::new(m.name, m.help).buckets(buckets), m.labels)
+                    .expect("static metric definition");
             register(Box::new(h.clone()));
             h
         };

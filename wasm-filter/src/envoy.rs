@@ -859,4 +859,3 @@ impl HttpContext for Http {
         }
     }
 }
-

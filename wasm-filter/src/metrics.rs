@@ -166,10 +166,9 @@ impl Recorder {
                 None => {
                     let [model, agent, project, cc] = &entry.who;
                     let name = match schema::TOKEN_KINDS.get(slot) {
-                        Some(kind) => schema::stat_name(
-                            &schema::TOKENS,
-                            &[model, kind, agent, project, cc],
-                        ),
+                        Some(kind) => {
+                            schema::stat_name(&schema::TOKENS, &[model, kind, agent, project, cc])
+                        }
                         None => schema::stat_name(&schema::COST, &[model, agent, project, cc]),
                     };
                     let Some(id) = c.define(&name) else { continue };

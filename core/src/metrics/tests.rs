@@ -67,12 +67,8 @@ fn envoy_tag_extraction_recovers_every_label_verbatim() {
                 (0..m.labels.len()).map(|i| tricky[(i + shift) % tricky.len()]).collect();
             let (name, tags) = envoy_extract(&stat_name(m, &values));
             assert_eq!(name, m.name);
-            let expected: BTreeMap<String, String> = m
-                .labels
-                .iter()
-                .zip(&values)
-                .map(|(l, v)| (l.to_string(), v.to_string()))
-                .collect();
+            let expected: BTreeMap<String, String> =
+                m.labels.iter().zip(&values).map(|(l, v)| (l.to_string(), v.to_string())).collect();
             assert_eq!(tags, expected, "{}", m.name);
         }
     }
@@ -90,7 +86,10 @@ fn stat_names_encode_each_label_in_order() {
         "tollgate_requests_total;decision=allow;reason=default_allow;model=gpt-4.1;status=2xx"
     );
     assert_eq!(stat_name(&FAIL_OPEN, &[]), "tollgate_fail_open_total");
-    assert_eq!(stat_name(&COST, &["m", "", "p", "c"]), "tollgate_cost_nano_usd_total;model=m;agent=-;project=p;cost_center=c");
+    assert_eq!(
+        stat_name(&COST, &["m", "", "p", "c"]),
+        "tollgate_cost_nano_usd_total;model=m;agent=-;project=p;cost_center=c"
+    );
 }
 
 #[test]
@@ -104,8 +103,17 @@ fn the_engines_split_is_explicit() {
     assert_eq!(
         filter_labels(),
         [
-            "decision", "reason", "model", "status", "kind", "agent", "project", "cost_center",
-            "budget", "threshold", "price_source"
+            "decision",
+            "reason",
+            "model",
+            "status",
+            "kind",
+            "agent",
+            "project",
+            "cost_center",
+            "budget",
+            "threshold",
+            "price_source"
         ]
     );
 }
