@@ -104,3 +104,37 @@ fn envoy_and_istio_stats_tags_match_the_metric_definitions() {
         .collect();
     assert_eq!(istio, expected, "istio/stats-tags.yaml stats_tags");
 }
+
+/// The README's metrics table is the metric definitions: every metric, its type, labels, which
+/// engine emits it and its help text.
+#[test]
+fn the_readme_metrics_table_matches_the_definitions() {
+    use tollgate_core::metrics::{Emitter, ALL};
+    let expected: String = ALL
+        .iter()
+        .map(|m| {
+            let labels: Vec<String> = m.labels.iter().map(|l| format!("`{l}`")).collect();
+            let by = match m.emitter {
+                Emitter::Both => "both",
+                Emitter::Sidecar => "sidecar",
+                Emitter::Filter => "Envoy filter",
+            };
+            format!(
+                "| `{}` | {} | {} | {by} | {} |\n",
+                m.name,
+                m.kind.as_str(),
+                if labels.is_empty() { "—".to_owned() } else { labels.join(", ") },
+                m.help
+            )
+        })
+        .collect();
+    let readme = read("README.md");
+    let header = "| metric | type | labels | emitted by | meaning |\n|---|---|---|---|---|\n";
+    let at = readme.find(header).unwrap_or_else(|| panic!("README.md: no metrics table"));
+    let rows: String = readme[at + header.len()..]
+        .lines()
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(rows == expected, "README.md's metrics table should read:\n{header}{expected}");
+}
