@@ -582,7 +582,12 @@ impl Http {
             // Counted when it ends (`on_log`), with the upstream's status.
             Ok(()) => Action::Continue,
             Err(denial) => {
-                let model = model_of(body).unwrap_or_else(|| "-".to_owned());
+                // As the sidecar: no model for a body that could not be inspected (a duplicated
+                // `model` is one, and which copy is the model is the question).
+                let model = (denial.code != "malformed_body")
+                    .then(|| model_of(body))
+                    .flatten()
+                    .unwrap_or_else(|| schema::NONE.to_owned());
                 let (shape, id) = (exchange.shape, exchange.request_id.clone());
                 self.reply(&denial, shape, &id, &model);
                 Action::Pause

@@ -737,6 +737,14 @@ fn the_filter_exports_the_sidecars_metrics() {
             200,
         ),
         ("GET", "/v1/models", who("parity-bot"), Vec::new(), 200),
+        // Malformed (`model` twice): no model, in both.
+        (
+            "POST",
+            "/v1/chat/completions",
+            who("parity-bot"),
+            br#"{"model": "gpt-4.1", "model": "o1", "messages": []}"#.to_vec(),
+            400,
+        ),
     ];
     for (method, path, headers, body, status) in &sent {
         let r = envoy.request(method, path, headers, body);
@@ -812,6 +820,8 @@ fn the_filter_exports_the_sidecars_metrics() {
         assert_eq!(has(e, "tollgate_requests_total", &unknown), 1.0, "{engine}");
         let untagged = [("reason", "attribution_rejected".to_owned()), model("-")];
         assert_eq!(has(e, "tollgate_requests_total", &untagged), 1.0, "{engine}");
+        let malformed = [("reason", "malformed_body".to_owned()), model("-")];
+        assert_eq!(has(e, "tollgate_requests_total", &malformed), 1.0, "{engine}");
         let listed = [model("-"), ("status", "2xx".into())];
         assert_eq!(has(e, "tollgate_requests_total", &listed), 1.0, "{engine}");
         let output = [model("gpt-4.1"), ("kind", "output".into()), ("agent", "parity-bot".into())];
