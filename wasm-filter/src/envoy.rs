@@ -791,7 +791,11 @@ impl HttpContext for Http {
         }
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
-        if let Some(source) = event.price_source.filter(|s| s.is_substitute()) {
+        // A response priced by something other than its own listing; an implausible report is
+        // billed at the reservation without being priced at all (counted on its own below), as
+        // in the sidecar.
+        let substitute = event.price_source.filter(|s| s.is_substitute());
+        if let Some(source) = substitute.filter(|_| event.implausible.is_none()) {
             let level = match source {
                 PriceSource::RequestedModel | PriceSource::Fallback => LogLevel::Warn,
                 _ => LogLevel::Error,

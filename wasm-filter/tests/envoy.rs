@@ -702,14 +702,14 @@ fn the_filter_exports_the_sidecars_metrics() {
         (
             "POST",
             "/v1/chat/completions",
-            with(who("parity-bot"), tokens("1000", "40")),
+            with(who("metered-bot"), tokens("1000", "40")),
             padded_chat("gpt-4.1", 100),
             200,
         ),
         (
             "POST",
             "/v1/chat/completions",
-            with(who("parity-bot"), tokens("1200", "60")),
+            with(who("metered-bot"), tokens("1200", "60")),
             padded_chat("gpt-4.1", 100),
             200,
         ),
@@ -737,6 +737,29 @@ fn the_filter_exports_the_sidecars_metrics() {
             200,
         ),
         ("GET", "/v1/models", who("parity-bot"), Vec::new(), 200),
+        // Answered by a model the rate card does not list; usage beyond the request's bound;
+        // a body in an encoding the meter cannot decode.
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(with(who("parity-bot"), tokens("5", "5")), vec![("x-mock-model", "mystery-7")]),
+            chat("gpt-4.1", 10),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("parity-bot"), tokens("5", "100000000")),
+            chat("gpt-4.1", 10),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("parity-bot"), vec![("x-mock-content-encoding", "snappy")]),
+            chat("gpt-4.1", 10),
+            200,
+        ),
         // Malformed (`model` twice): no model, in both.
         (
             "POST",
@@ -811,7 +834,7 @@ fn the_filter_exports_the_sidecars_metrics() {
     for (engine, e) in [("sidecar", &on_sidecar), ("envoy", &on_envoy)] {
         let allowed =
             [("decision", "allow".to_owned()), model("gpt-4.1"), ("status", "2xx".into())];
-        assert_eq!(has(e, "tollgate_requests_total", &allowed), 3.0, "{engine}");
+        assert_eq!(has(e, "tollgate_requests_total", &allowed), 6.0, "{engine}");
         let limited = [model("gpt-4.1"), ("status", "4xx".into())];
         assert_eq!(has(e, "tollgate_requests_total", &limited), 1.0, "{engine}");
         let banned = [("reason", "banned_model".to_owned()), model("o1")];
@@ -820,11 +843,16 @@ fn the_filter_exports_the_sidecars_metrics() {
         assert_eq!(has(e, "tollgate_requests_total", &unknown), 1.0, "{engine}");
         let untagged = [("reason", "attribution_rejected".to_owned()), model("-")];
         assert_eq!(has(e, "tollgate_requests_total", &untagged), 1.0, "{engine}");
+        let unlisted = [("price_source", "requested_model".to_owned())];
+        assert_eq!(has(e, "tollgate_unlisted_model_responses_total", &unlisted), 1.0, "{engine}");
+        assert_eq!(has(e, "tollgate_usage_implausible_total", &[]), 1.0, "{engine}");
+        let aborted = [("reason", "unsupported_encoding".to_owned())];
+        assert_eq!(has(e, "tollgate_meter_decode_aborted_total", &aborted), 1.0, "{engine}");
         let malformed = [("reason", "malformed_body".to_owned()), model("-")];
         assert_eq!(has(e, "tollgate_requests_total", &malformed), 1.0, "{engine}");
         let listed = [model("-"), ("status", "2xx".into())];
         assert_eq!(has(e, "tollgate_requests_total", &listed), 1.0, "{engine}");
-        let output = [model("gpt-4.1"), ("kind", "output".into()), ("agent", "parity-bot".into())];
+        let output = [model("gpt-4.1"), ("kind", "output".into()), ("agent", "metered-bot".into())];
         assert_eq!(has(e, "tollgate_tokens_total", &output), 100.0, "{engine}");
         assert!(has(e, "tollgate_cost_nano_usd_total", &[model("gpt-4.1")]) > 0.0, "{engine}");
         let warned = [("budget", "agent.daily".to_owned()), ("threshold", "80".into())];
