@@ -44,7 +44,7 @@ struct UsageIds {
     ids: [Option<u32>; 6],
 }
 
-/// Builds capped, sanitized metric names and caches their ids.
+/// Builds capped metric names ([`schema::stat_name`]) and caches their ids.
 #[derive(Debug)]
 pub struct Recorder {
     max: usize,
