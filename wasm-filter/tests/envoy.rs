@@ -890,5 +890,8 @@ fn the_filter_exports_the_sidecars_metrics() {
         unexpected.is_empty(),
         "promtool on Envoy's /stats/prometheus: {unexpected:#?}\n{envoy_text}"
     );
+    // It did read them: one such finding per family.
+    assert_eq!(findings.len(), on_envoy.types.len(), "{findings:#?}");
+    assert!(on_envoy.types.len() >= 7, "{envoy_text}");
     assert!(!envoy.log().contains("panicked"));
 }
