@@ -15,6 +15,7 @@ pub mod guardrails;
 pub mod head;
 pub mod inspect;
 pub mod metering;
+pub mod metrics;
 pub mod money;
 pub mod policy;
 pub mod pricing;

@@ -328,8 +328,7 @@ fn bad_request(code: &str, message: impl Into<String>) -> Denial {
 /// (after a refused `CONNECT` the client may not know where the next request begins).
 fn refuse(shared: &Arc<Shared>, denial: Denial) -> Response<Body> {
     let request_id = crate::pipeline::new_id();
-    let labels = [denial.class.decision(), &denial.code, "-", "none"];
-    shared.metrics.requests.with_label_values(&labels).inc();
+    shared.metrics.request(denial.class.decision(), &denial.code, None, "none");
     tracing::info!(request_id = %request_id, status = denial.class.status(), reason = %denial.code, "forward request refused");
     if denial.class != Class::UpstreamUnavailable {
         crate::pipeline::audit_refusal(

@@ -1,10 +1,12 @@
-//! Prometheus metrics, served as text on the admin port's `/metrics`.
+//! Prometheus metrics, served as text on the admin port's `/metrics`. Names, types, labels and
+//! help texts come from [`tollgate_core::metrics`], which the Envoy filter uses too.
 //!
 //! Label values that come from requests (agent, project, cost center, model) are capped: the
 //! first `max_label_values` distinct values of each label are kept and the rest are reported as
 //! `__other__`, so a flood of made-up agent ids cannot explode the series count. Money is
 //! exported in integer nano-USD (`*_nano_usd_total`), like the ledger.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
@@ -12,6 +14,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tollgate_core::metrics::{self as schema, Metric};
 
 /// The label value used once a label has reached its cap.
 pub const OTHER: &str = "__other__";
@@ -28,17 +31,19 @@ impl LabelCap {
         LabelCap { max, seen: Mutex::new(HashSet::new()) }
     }
 
-    /// `value` if it is already known or there is room for it, else [`OTHER`].
-    pub fn admit<'a>(&self, value: &'a str) -> &'a str {
-        let Ok(mut seen) = self.seen.lock() else { return OTHER };
-        if seen.contains(value) {
+    /// `value` as a label value ([`schema::label_value`]) if it is already known or there is
+    /// room for it, else [`OTHER`].
+    pub fn admit<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        let value = schema::label_value(value);
+        let Ok(mut seen) = self.seen.lock() else { return Cow::Borrowed(OTHER) };
+        if seen.contains(value.as_ref()) {
             return value;
         }
         if seen.len() < self.max {
             seen.insert(value.to_string());
             return value;
         }
-        OTHER
+        Cow::Borrowed(OTHER)
     }
 }
 
@@ -75,197 +80,92 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(max_label_values: usize) -> Self {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "tollgate_requests_total",
-                "Requests, each counted once when it ends: by decision effect, reason, route \
-                 (`-` when none matched) and upstream status class (`none`: no upstream answer)",
-            ),
-            &["decision", "reason", "route", "status"],
-        )
-        .expect("static metric definition");
-        let decision_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_decision_duration_seconds",
-                "Time to decide a request, by effect (allow, deny, require_approval): from the \
-                 policy step (or the request head, for a refusal before it) to the decision",
-            )
-            .buckets(vec![1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2]),
-            &["decision"],
-        )
-        .expect("static metric definition");
-        let upstream_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_upstream_duration_seconds",
-                "Time from forwarding to the upstream's response head",
-            )
-            .buckets(vec![0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
-            &["route"],
-        )
-        .expect("static metric definition");
-        let tokens = IntCounterVec::new(
-            Opts::new("tollgate_tokens_total", "Metered tokens by model, kind and attribution"),
-            &["model", "kind", "agent", "project", "cost_center"],
-        )
-        .expect("static metric definition");
-        let cost_nano_usd = IntCounterVec::new(
-            Opts::new("tollgate_cost_nano_usd_total", "Metered cost in nano-USD (1e-9 USD)"),
-            &["model", "agent", "project", "cost_center"],
-        )
-        .expect("static metric definition");
-        let budget_utilization_bp = IntGaugeVec::new(
-            Opts::new(
-                "tollgate_budget_utilization_basis_points",
-                "Spent and reserved share of a budget in basis points (10000 = 100%)",
-            ),
-            &["budget", "key"],
-        )
-        .expect("static metric definition");
-        let budget_warnings = IntCounterVec::new(
-            Opts::new("tollgate_budget_warnings_total", "Budget thresholds crossed (80, 95, 100)"),
-            &["budget", "threshold"],
-        )
-        .expect("static metric definition");
-        let budget_overrun_nano_usd = IntCounter::new(
-            "tollgate_budget_overrun_nanousd_total",
-            "Charged above the reservation, in nano-USD (the upstream reported more than the \
-             request's bound; the real cost is charged in full)",
-        )
-        .expect("static metric definition");
-        let usage_implausible = IntCounter::new(
-            "tollgate_usage_implausible_total",
-            "Usage reports above what the request could use, billed at the reservation",
-        )
-        .expect("static metric definition");
-        let policy_version = IntGaugeVec::new(
-            Opts::new("tollgate_policy_info", "The active policy version (value 1)"),
-            &["version"],
-        )
-        .expect("static metric definition");
-        let policy_reload_failures = IntCounter::new(
-            "tollgate_policy_reload_failures_total",
-            "Policy updates rejected (the last good snapshot kept serving)",
-        )
-        .expect("static metric definition");
-        let ledger_errors =
-            IntCounter::new("tollgate_ledger_errors_total", "Usage ledger write failures")
-                .expect("static metric definition");
-        let ledger_corrupt_records = IntGauge::new(
-            "tollgate_ledger_corrupt_records",
-            "Corrupt ledger records the proxy started without (accepted as lost by \
-             ledger.accept_corrupt)",
-        )
-        .expect("static metric definition");
-        let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served")
-            .expect("static metric definition");
-        let actions = IntCounterVec::new(
-            Opts::new(
-                "tollgate_actions_total",
-                "Actions at the oversight step by category and verdict (auto, approval_required, \
-                 denied, human_approved)",
-            ),
-            &["category", "verdict"],
-        )
-        .expect("static metric definition");
-        let autonomy_bp = IntGaugeVec::new(
-            Opts::new(
-                "tollgate_autonomy_basis_points",
-                "Auto-approved / total actions in basis points (10000 = all ran on their own), \
-                 by category and `all`",
-            ),
-            &["category"],
-        )
-        .expect("static metric definition");
-        let approval_reasons = IntCounterVec::new(
-            Opts::new("tollgate_approvals_requested_total", "Approval requests by reason"),
-            &["reason"],
-        )
-        .expect("static metric definition");
-        let approvals_pending =
-            IntGauge::new("tollgate_approvals_pending", "Approvals waiting for a human")
-                .expect("static metric definition");
-        let breaker_state = IntGaugeVec::new(
-            Opts::new(
-                "tollgate_circuit_breaker_state",
-                "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
-            ),
-            &["upstream"],
-        )
-        .expect("static metric definition");
-        let substitute_prices = IntCounterVec::new(
-            Opts::new(
-                "tollgate_unlisted_model_responses_total",
-                "Responses naming a model the rate card does not price, by what they were charged \
-                 at instead (requested_model, fallback, reservation)",
-            ),
-            &["price_source"],
-        )
-        .expect("static metric definition");
-        for c in [
-            Box::new(substitute_prices.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(actions.clone()),
-            Box::new(autonomy_bp.clone()),
-            Box::new(approval_reasons.clone()),
-            Box::new(approvals_pending.clone()),
-            Box::new(breaker_state.clone()),
-            Box::new(requests.clone()),
-            Box::new(decision_seconds.clone()),
-            Box::new(upstream_seconds.clone()),
-            Box::new(tokens.clone()),
-            Box::new(cost_nano_usd.clone()),
-            Box::new(budget_utilization_bp.clone()),
-            Box::new(budget_warnings.clone()),
-            Box::new(budget_overrun_nano_usd.clone()),
-            Box::new(usage_implausible.clone()),
-            Box::new(policy_version.clone()),
-            Box::new(policy_reload_failures.clone()),
-            Box::new(ledger_errors.clone()),
-            Box::new(ledger_corrupt_records.clone()),
-            Box::new(in_flight.clone()),
-        ] {
+        let register = |c: Box<dyn prometheus::core::Collector>| {
             registry.register(c).expect("metric names are unique");
-        }
-        let meter_decode_aborted = IntCounterVec::new(
-            Opts::new(
-                "tollgate_meter_decode_aborted_total",
-                "Compressed responses metered as estimated because their body could not be \
-                 decoded (unsupported_encoding, corrupt, too_large, ratio)",
-            ),
-            &["reason"],
-        )
-        .expect("static metric definition");
+        };
+        let counter = |m: &Metric| {
+            let c = IntCounter::new(m.name, m.help).expect("static metric definition");
+            register(Box::new(c.clone()));
+            c
+        };
+        let counters = |m: &Metric| {
+            let c = IntCounterVec::new(Opts::new(m.name, m.help), m.labels)
+                .expect("static metric definition");
+            register(Box::new(c.clone()));
+            c
+        };
+        let gauge = |m: &Metric| {
+            let g = IntGauge::new(m.name, m.help).expect("static metric definition");
+            register(Box::new(g.clone()));
+            g
+        };
+        let gauges = |m: &Metric| {
+            let g = IntGaugeVec::new(Opts::new(m.name, m.help), m.labels)
+                .expect("static metric definition");
+            register(Box::new(g.clone()));
+            g
+        };
+        let histograms = |m: &Metric, buckets: Vec<f64>| {
+            let h =
+                HistogramVec::new(HistogramOpts::new(m.name, m.help).buckets(buckets), m.labels)
+                    .expect("static metric definition");
+            register(Box::new(h.clone()));
+            h
+        };
+        let meter_decode_aborted = counters(&schema::METER_DECODE_ABORTED);
         for reason in tollgate_core::metering::DecodeAbort::ALL {
             meter_decode_aborted.with_label_values(&[reason.as_str()]);
         }
-        registry.register(Box::new(meter_decode_aborted.clone())).expect("metric names are unique");
         Metrics {
-            registry,
-            requests,
-            decision_seconds,
-            upstream_seconds,
-            tokens,
-            cost_nano_usd,
-            budget_utilization_bp,
-            budget_warnings,
-            budget_overrun_nano_usd,
-            usage_implausible,
-            policy_version,
-            policy_reload_failures,
-            ledger_errors,
-            ledger_corrupt_records,
-            in_flight,
-            actions,
-            autonomy_bp,
-            approval_reasons,
-            approvals_pending,
-            breaker_state,
-            substitute_prices,
+            requests: counters(&schema::REQUESTS),
+            decision_seconds: histograms(
+                &schema::DECISION_DURATION,
+                vec![1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2],
+            ),
+            upstream_seconds: histograms(
+                &schema::UPSTREAM_DURATION,
+                vec![0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0],
+            ),
+            tokens: counters(&schema::TOKENS),
+            cost_nano_usd: counters(&schema::COST),
+            budget_utilization_bp: gauges(&schema::BUDGET_UTILIZATION),
+            budget_warnings: counters(&schema::BUDGET_WARNINGS),
+            budget_overrun_nano_usd: counter(&schema::BUDGET_OVERRUN),
+            usage_implausible: counter(&schema::USAGE_IMPLAUSIBLE),
+            policy_version: gauges(&schema::POLICY_INFO),
+            policy_reload_failures: counter(&schema::POLICY_RELOAD_FAILURES),
+            ledger_errors: counter(&schema::LEDGER_ERRORS),
+            ledger_corrupt_records: gauge(&schema::LEDGER_CORRUPT_RECORDS),
+            in_flight: gauge(&schema::IN_FLIGHT),
+            actions: counters(&schema::ACTIONS),
+            autonomy_bp: gauges(&schema::AUTONOMY),
+            approval_reasons: counters(&schema::APPROVALS_REQUESTED),
+            approvals_pending: gauge(&schema::APPROVALS_PENDING),
+            breaker_state: gauges(&schema::CIRCUIT_BREAKER_STATE),
+            substitute_prices: counters(&schema::UNLISTED_MODEL_RESPONSES),
             agents: LabelCap::new(max_label_values),
             projects: LabelCap::new(max_label_values),
             cost_centers: LabelCap::new(max_label_values),
             models: LabelCap::new(max_label_values),
             meter_decode_aborted,
+            registry,
         }
+    }
+
+    /// Counts one request in `tollgate_requests_total`, once, when it ends (`model` is the
+    /// requested one, capped like every request-borne label; `status` from
+    /// [`tollgate_core::refusal::status_class`]).
+    pub fn request(&self, decision: &str, reason: &str, model: Option<&str>, status: &str) {
+        let model = self.models.admit(model.unwrap_or(schema::NONE));
+        let reason = schema::label_value(reason);
+        self.requests.with_label_values(&[decision, &*reason, &*model, status]).inc();
+    }
+
+    /// A budget crossed a warning threshold (`threshold_percent`: 80, 95 or 100).
+    pub fn budget_warning(&self, budget: &str, threshold_percent: u64) {
+        let budget = schema::label_value(budget);
+        let threshold = threshold_percent.to_string();
+        self.budget_warnings.with_label_values(&[&*budget, &threshold]).inc();
     }
 
     /// Adds `n` to a counter, stopping at `u64::MAX` instead of wrapping (prometheus' counters

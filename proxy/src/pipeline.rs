@@ -99,9 +99,11 @@ impl Proxy {
         .map(|name| req.headers().get(name).cloned());
         let route_name = route.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let mut deciding = Deciding::AtHead;
+        let mut model = None;
         let result = match credited {
             Ok(()) => {
-                let handled = handle(shared, req, route, &request_id, started, &mut deciding);
+                let handled =
+                    handle(shared, req, route, &request_id, started, &mut deciding, &mut model);
                 // Boxed: the request's state (a few KiB) is freed as soon as the response head
                 // is returned, instead of staying in hyper's per-connection slot for the whole
                 // stream.
@@ -116,9 +118,7 @@ impl Proxy {
                 // and the settler counted it already (status `none`).
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
                     let m = &shared.metrics;
-                    let route = if route_name.is_empty() { "-" } else { route_name.as_str() };
-                    let labels = [denial.class.decision(), &denial.code, route, "none"];
-                    m.requests.with_label_values(&labels).inc();
+                    m.request(denial.class.decision(), &denial.code, model.as_deref(), "none");
                     let since = match deciding {
                         Deciding::AtHead => Some(started),
                         Deciding::Since(t) => Some(t),
@@ -216,6 +216,8 @@ async fn handle(
     request_id: &str,
     started: Instant,
     deciding: &mut Deciding,
+    // The requested model, once the body is read: the refusal's `model` label.
+    requested_model: &mut Option<String>,
 ) -> Result<Response<Body>, Denial> {
     check_framing(req.headers())?;
     let Some(route) = route else {
@@ -266,6 +268,7 @@ async fn handle(
     } else {
         RequestInfo::default()
     };
+    requested_model.clone_from(&info.model);
     let (tool, kind) = route.classify(&info);
 
     // Decide, under the policy loaded once for this request.
@@ -777,12 +780,7 @@ impl Observer for Settler {
             match shared.budgets.settle(reservation, cost, now) {
                 Ok(settlement) => {
                     for w in &settlement.warnings {
-                        let threshold = (w.threshold_bp / 100).to_string();
-                        shared
-                            .metrics
-                            .budget_warnings
-                            .with_label_values(&[&w.budget_id, &threshold])
-                            .inc();
+                        shared.metrics.budget_warning(&w.budget_id, w.threshold_bp / 100);
                         tracing::warn!(
                             budget = %w.budget_id,
                             key = %w.key,
@@ -809,16 +807,17 @@ impl Observer for Settler {
             ("reasoning", usage.reasoning),
         ] {
             if n > 0 {
-                let counter = m.tokens.with_label_values(&[model_label, kind, agent, project, cc]);
+                let labels = [&*model_label, kind, &agent, &project, &cc];
+                let counter = m.tokens.with_label_values(&labels);
                 crate::metrics::Metrics::add_saturating(&counter, n);
             }
         }
         if cost.nanos() > 0 {
-            let counter = m.cost_nano_usd.with_label_values(&[model_label, agent, project, cc]);
+            let counter = m.cost_nano_usd.with_label_values(&[&model_label, &agent, &project, &cc]);
             crate::metrics::Metrics::add_saturating(&counter, cost.nanos().unsigned_abs());
         }
         let status = tollgate_core::refusal::status_class(self.answered.then_some(self.status));
-        m.requests.with_label_values(&["allow", &self.base.reason, &self.base.route, status]).inc();
+        m.request("allow", &self.base.reason, self.base.model.as_deref(), status);
         let base = &self.base;
         let record = Record {
             ts: now.to_string(),

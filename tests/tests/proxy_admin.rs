@@ -193,10 +193,11 @@ async fn metrics_are_valid_exposition_with_capped_attribution_labels() {
 }
 
 /// Every request is counted once in `tollgate_requests_total`, whatever path it took: with the
-/// route it matched (also when refused), the upstream's status class (429 and 500 are not plain
-/// allows), `none` when no upstream answered; and every effect is timed.
+/// model it asked for (also when refused after its body was read; `-` when refused before, or
+/// without a model), the upstream's status class (429 and 500 are not plain allows), `none` when
+/// no upstream answered; and every effect is timed.
 #[tokio::test]
-async fn each_request_is_counted_once_with_its_route_and_upstream_status() {
+async fn each_request_is_counted_once_with_its_model_and_upstream_status() {
     let policy = "version: v1\ndefaults: {llm: allow, tool: allow, other: deny}\nrules:\n\
                   \x20 - {id: gated, match: {model: gpt-4o-mini}, effect: require_approval}\n\
                   \x20 - {id: banned, match: {model: o1}, effect: deny, reason: banned_model}\n";
@@ -221,26 +222,27 @@ async fn each_request_is_counted_once_with_its_route_and_upstream_status() {
     let m = metrics(&h).await;
     let total: f64 = m.series("tollgate_requests_total").map(|s| s.value).sum();
     assert_eq!(total, sent.len() as f64, "each request once");
-    let count = |decision: &str, reason: &str, route: &str, status: &str| {
+    let count = |decision: &str, reason: &str, model: &str, status: &str| {
         let labels =
-            [("decision", decision), ("reason", reason), ("route", route), ("status", status)];
+            [("decision", decision), ("reason", reason), ("model", model), ("status", status)];
         m.value("tollgate_requests_total", &labels)
     };
-    assert_eq!(count("allow", "default_allow", "openai", "2xx"), Some(1.0));
-    assert_eq!(count("allow", "default_allow", "openai", "4xx"), Some(1.0));
-    assert_eq!(count("allow", "default_allow", "openai", "5xx"), Some(1.0));
-    assert_eq!(count("allow", "default_allow", "dead", "none"), Some(1.0), "the 502, once");
-    assert_eq!(count("deny", "attribution_rejected", "openai", "none"), Some(1.0));
-    assert_eq!(count("deny", "banned_model", "openai", "none"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "gpt-4o", "2xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "gpt-4o", "4xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "gpt-4o", "5xx"), Some(1.0));
+    assert_eq!(count("allow", "default_allow", "gpt-4o", "none"), Some(1.0), "the 502, once");
+    assert_eq!(count("deny", "attribution_rejected", "-", "none"), Some(1.0), "before the body");
+    assert_eq!(count("deny", "banned_model", "o1", "none"), Some(1.0));
     assert_eq!(
         m.value(
             "tollgate_requests_total",
-            &[("decision", "require_approval"), ("route", "openai")]
+            &[("decision", "require_approval"), ("model", "gpt-4o-mini")]
         ),
         Some(1.0)
     );
-    assert_eq!(count("deny", "no_route", "-", "none"), Some(1.0), "`-` only without a route");
-    assert_eq!(m.value("tollgate_requests_total", &[("route", "-")]), Some(1.0));
+    assert_eq!(count("deny", "no_route", "-", "none"), Some(1.0));
+    assert_eq!(m.value("tollgate_requests_total", &[("model", "-")]), Some(2.0));
+    assert!(m.series("tollgate_requests_total").all(|s| !s.labels.contains_key("route")));
     // Timed for every effect: four admitted, three refused after the policy step or at the
     // head, one held for approval.
     let timed =

@@ -24,7 +24,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
-use tollgate_core::metering::DecodeAbort;
+use tollgate_core::metrics::{self as schema, Metric};
 use tollgate_core::money::Money;
 use tollgate_core::policy::Snapshot;
 use tollgate_core::pricing::PriceSource;
@@ -188,8 +188,14 @@ impl Vm {
         }
         drop(events);
         if dropped > 0 {
-            self.count("tollgate_usage_events_dropped_total", dropped);
+            self.count(schema::USAGE_EVENTS_DROPPED.name, dropped);
         }
+    }
+
+    /// Adds one to the series of `metric` with label `values` (policy or fixed vocabularies).
+    fn count_labelled(&self, metric: &Metric, values: &[&str]) {
+        let mut counters = self.counters.borrow_mut();
+        self.recorder.borrow_mut().count(&mut *counters, metric, values, 1);
     }
 
     /// Counts one request in `tollgate_requests_total`, once, when it ends.
@@ -284,12 +290,12 @@ impl Context for Root {
                 let n = lines.len() as u64;
                 match status.as_deref() {
                     Some(s) if s.starts_with('2') => {
-                        self.vm.count("tollgate_usage_events_sent_total", n);
+                        self.vm.count(schema::USAGE_EVENTS_SENT.name, n);
                     }
                     // Refused for good (bad lines, or a bad token): sending again cannot help.
                     // The collector took the good lines of a 422.
                     Some(s) if s.starts_with('4') => {
-                        self.vm.count("tollgate_usage_events_rejected_total", n);
+                        self.vm.count(schema::USAGE_EVENTS_REJECTED.name, n);
                         log(
                             LogLevel::Warn,
                             &format!("tollgate: the collector refused {n} usage events with {s}"),
@@ -298,7 +304,7 @@ impl Context for Root {
                     // No answer (timeout, reset) or a 5xx: sent again on a later tick. The
                     // collector may have taken them already; it deduplicates by event id.
                     _ => {
-                        self.vm.count("tollgate_usage_events_failed_total", n);
+                        self.vm.count(schema::USAGE_EVENTS_FAILED.name, n);
                         let max = match &*self.vm.config.borrow() {
                             Config::Ready(p) => p.filter.collector.as_ref().map(|c| c.max_queued),
                             _ => None,
@@ -353,7 +359,7 @@ impl RootContext for Root {
                         fail.as_str()
                     ),
                 );
-                self.vm.count("tollgate_config_errors_total", 1);
+                self.vm.count(schema::CONFIG_ERRORS.name, 1);
                 self.vm.counters.borrow_mut().flush();
                 // The timer still flushes the counters of the requests that follow `fail`.
                 let _ = hostcalls::set_tick_period(Duration::from_millis(1000));
@@ -518,7 +524,7 @@ impl Root {
             Ok(policy) => {
                 let version = policy.version().to_owned();
                 *self.vm.config.borrow_mut() = Config::Ready(Rc::new(plugin.with_policy(policy)));
-                self.vm.count("tollgate_policy_reloads_total", 1);
+                self.vm.count(schema::POLICY_RELOADS.name, 1);
                 log(LogLevel::Info, &format!("tollgate: policy updated to version {version}"));
             }
             Err(errors) => self.policy_failed(&format!(
@@ -529,7 +535,7 @@ impl Root {
     }
 
     fn policy_failed(&self, why: &str) {
-        self.vm.count("tollgate_policy_reload_failures_total", 1);
+        self.vm.count(schema::POLICY_RELOAD_FAILURES.name, 1);
         log(LogLevel::Warn, &format!("tollgate: policy update rejected: {why}"));
     }
 }
@@ -576,7 +582,12 @@ impl Http {
             // Counted when it ends (`on_log`), with the upstream's status.
             Ok(()) => Action::Continue,
             Err(denial) => {
-                let model = model_of(body).unwrap_or_else(|| "-".to_owned());
+                // As the sidecar: no model for a body that could not be inspected (a duplicated
+                // `model` is one, and which copy is the model is the question).
+                let model = (denial.code != "malformed_body")
+                    .then(|| model_of(body))
+                    .flatten()
+                    .unwrap_or_else(|| schema::NONE.to_owned());
                 let (shape, id) = (exchange.shape, exchange.request_id.clone());
                 self.reply(&denial, shape, &id, &model);
                 Action::Pause
@@ -632,7 +643,7 @@ impl HttpContext for Http {
         let plugin = match self.plugin() {
             Ok(plugin) => plugin,
             Err(FailPolicy::Open) => {
-                self.vm.count("tollgate_fail_open_total", 1);
+                self.vm.count(schema::FAIL_OPEN.name, 1);
                 self.exchange = Some(Exchange::bypass(head, t));
                 self.decided = true;
                 return Action::Continue;
@@ -780,22 +791,16 @@ impl HttpContext for Http {
         }
         let Ok(plugin) = self.plugin() else { return };
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
-        if let Some(source) = event.price_source.filter(|s| s.is_substitute()) {
-            let (name, level) = match source {
-                PriceSource::RequestedModel => (
-                    "tollgate_unlisted_model_responses_total.price_source.requested_model",
-                    LogLevel::Warn,
-                ),
-                PriceSource::Fallback => (
-                    "tollgate_unlisted_model_responses_total.price_source.fallback",
-                    LogLevel::Warn,
-                ),
-                _ => (
-                    "tollgate_unlisted_model_responses_total.price_source.reservation",
-                    LogLevel::Error,
-                ),
+        // A response priced by something other than its own listing; an implausible report is
+        // billed at the reservation without being priced at all (counted on its own below), as
+        // in the sidecar.
+        let substitute = event.price_source.filter(|s| s.is_substitute());
+        if let Some(source) = substitute.filter(|_| event.implausible.is_none()) {
+            let level = match source {
+                PriceSource::RequestedModel | PriceSource::Fallback => LogLevel::Warn,
+                _ => LogLevel::Error,
             };
-            self.vm.count(name, 1);
+            self.vm.count_labelled(&schema::UNLISTED_MODEL_RESPONSES, &[source.as_str()]);
             log(
                 level,
                 &format!(
@@ -827,7 +832,7 @@ impl HttpContext for Http {
             }
         }
         if let Some(why) = &event.implausible {
-            self.vm.count("tollgate_usage_implausible_total", 1);
+            self.vm.count(schema::USAGE_IMPLAUSIBLE.name, 1);
             let message = format!(
                 "tollgate: request {}: implausible usage report, billed at the reservation \
                  (${}): {why}",
@@ -837,7 +842,7 @@ impl HttpContext for Http {
         }
         if event.overrun > Money::ZERO {
             let over = event.overrun;
-            self.vm.count("tollgate_budget_overrun_nanousd_total", over.nanos().unsigned_abs());
+            self.vm.count(schema::BUDGET_OVERRUN.name, over.nanos().unsigned_abs());
             let message = format!(
                 "tollgate: request {}: the upstream reported more than was reserved; charged \
                  ${} in full, ${over} over the reservation",
@@ -846,7 +851,7 @@ impl HttpContext for Http {
             log(LogLevel::Warn, &message);
         }
         if let Some(reason) = event.decode_aborted {
-            self.vm.count(decode_aborted_metric(reason), 1);
+            self.vm.count_labelled(&schema::METER_DECODE_ABORTED, &[reason.as_str()]);
         }
         if let Some(collector) = &plugin.filter.collector {
             event.event_id = self.vm.next_event_id();
@@ -855,23 +860,11 @@ impl HttpContext for Http {
                 if events.len() >= collector.max_queued {
                     events.pop_front();
                     drop(events);
-                    self.vm.count("tollgate_usage_events_dropped_total", 1);
+                    self.vm.count(schema::USAGE_EVENTS_DROPPED.name, 1);
                     events = self.vm.events.borrow_mut();
                 }
                 events.push_back(line);
             }
         }
-    }
-}
-
-/// `tollgate_meter_decode_aborted_total{reason}` (the `reason` label comes from the name).
-fn decode_aborted_metric(reason: DecodeAbort) -> &'static str {
-    match reason {
-        DecodeAbort::UnsupportedEncoding => {
-            "tollgate_meter_decode_aborted_total.reason.unsupported_encoding"
-        }
-        DecodeAbort::Corrupt => "tollgate_meter_decode_aborted_total.reason.corrupt",
-        DecodeAbort::TooLarge => "tollgate_meter_decode_aborted_total.reason.too_large",
-        DecodeAbort::Ratio => "tollgate_meter_decode_aborted_total.reason.ratio",
     }
 }

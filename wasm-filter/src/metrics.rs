@@ -1,10 +1,11 @@
-//! Envoy metric names for decisions, tokens, cost and filter health, and the per-VM cache of
-//! their ids.
+//! Envoy stats for decisions, tokens, cost and filter health, and the per-VM cache of their ids.
 //!
-//! proxy-wasm metrics have no labels; Envoy turns name segments into Prometheus labels with the
-//! bootstrap's `stats_tags` (one regex per label, see `envoy/`). So each series is a name such as
-//! `tollgate_tokens_total.kind.output.model.gpt-4o.cost_center.CC-1234.project.PROJ-ABC123.agent.bot`
-//! whose values never contain a dot. Label values from requests are capped per VM
+//! Names, label sets and help texts are [`tollgate_core::metrics`]'s, the sidecar's too.
+//! proxy-wasm metrics have no labels: each series is a stat name such as
+//! `tollgate_tokens_total;model=gpt-4.1;kind=output;agent=bot;project=P;cost_center=C`
+//! ([`schema::stat_name`]) and the bootstrap's `stats_tags` ([`schema::envoy_stats_tags`], see
+//! `envoy/envoy.yaml`) turn each `;label=value` segment into a Prometheus label, the value
+//! verbatim (`model="gpt-4.1"`). Label values from requests are capped per VM
 //! (`max_label_values`, then `__other__`) so a flood of made-up agent ids cannot grow the stats
 //! without bound.
 //!
@@ -15,26 +16,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use tollgate_core::metrics::{self as schema, Metric};
 use tollgate_core::money::Money;
 use tollgate_core::usage::Usage;
 
 /// The label value used once a label has seen `max_label_values` distinct values.
 pub const OTHER: &str = "__other__";
-
-/// Every label the filter emits, in the order they appear in names (for `stats_tags`).
-pub const LABELS: [&str; 11] = [
-    "decision",
-    "reason",
-    "kind",
-    "model",
-    "status",
-    "cost_center",
-    "project",
-    "agent",
-    "budget",
-    "price_source",
-    "pct",
-];
 
 /// Cached label combinations per metric group before the cache is emptied.
 pub const CACHE_ENTRIES: usize = 4096;
@@ -47,27 +34,27 @@ pub trait Counters {
     fn add(&mut self, id: u32, n: u64);
 }
 
-/// Token kinds in name order, then the cost series.
-const USAGE_SERIES: [&str; 6] =
-    ["input", "cached_input", "cache_write", "output", "reasoning", "cost"];
-
-/// The series of one (model, cost center, project, agent): the label part of their names and
-/// the ids defined so far (a series is defined when it first gets a non-zero value).
+/// The series of one (model, agent, project, cost center): its capped label values and the
+/// ids defined so far, one per token kind ([`schema::TOKEN_KINDS`]) then the cost (a series is
+/// defined when it first gets a non-zero value).
 #[derive(Debug)]
 struct UsageIds {
-    who: Box<str>,
+    /// model, agent, project, cost center.
+    who: [String; 4],
     ids: [Option<u32>; 6],
 }
 
-/// Builds capped, sanitized metric names and caches their ids.
+/// Builds capped metric names ([`schema::stat_name`]) and caches their ids.
 #[derive(Debug)]
 pub struct Recorder {
     max: usize,
     seen: [BTreeSet<String>; 4],
     /// `decision \0 reason \0 model \0 status` → id.
     decisions: HashMap<Box<str>, u32>,
-    /// `model \0 cost_center \0 project \0 agent` → ids.
+    /// `model \0 agent \0 project \0 cost_center` → ids.
     usage: HashMap<Box<str>, UsageIds>,
+    /// Stat name → id, for the rarer labelled series ([`Recorder::count`]).
+    named: HashMap<Box<str>, u32>,
     /// Reused for cache keys.
     key: String,
 }
@@ -98,12 +85,13 @@ impl Recorder {
             seen: Default::default(),
             decisions: HashMap::new(),
             usage: HashMap::new(),
+            named: HashMap::new(),
             key: String::new(),
         }
     }
 
     fn admit(&mut self, label: Capped, value: &str) -> String {
-        let value = sanitize(value);
+        let value = schema::label_value(value).into_owned();
         let seen = &mut self.seen[label as usize];
         if seen.contains(&value) {
             return value;
@@ -125,8 +113,7 @@ impl Recorder {
         }
     }
 
-    /// One request, counted once when it ends:
-    /// `tollgate_requests_total{decision,reason,model,status}`, `status` the upstream's class
+    /// One request, counted once when it ends ([`schema::REQUESTS`]), `status` the upstream's class
     /// (`2xx`, `4xx`, ...) or `none` ([`tollgate_core::refusal::status_class`]).
     pub fn decision(
         &mut self,
@@ -142,11 +129,7 @@ impl Recorder {
             return;
         }
         let model = self.admit(Capped::Model, model);
-        let name = format!(
-            "tollgate_requests_total.decision.{}.reason.{}.model.{model}.status.{status}",
-            sanitize(decision),
-            sanitize(reason)
-        );
+        let name = schema::stat_name(&schema::REQUESTS, &[decision, reason, &model, status]);
         let Some(id) = c.define(&name) else { return };
         if self.decisions.len() >= CACHE_ENTRIES {
             self.decisions.clear();
@@ -157,18 +140,18 @@ impl Recorder {
 
     /// Tokens by kind and cost of one finished request.
     pub fn usage(&mut self, c: &mut impl Counters, line: &UsageLine<'_>) {
-        self.set_key(&[line.model, line.cost_center, line.project, line.agent]);
+        self.set_key(&[line.model, line.agent, line.project, line.cost_center]);
         if !self.usage.contains_key(self.key.as_str()) {
-            let model = self.admit(Capped::Model, line.model);
-            let cc = self.admit(Capped::CostCenter, line.cost_center);
-            let project = self.admit(Capped::Project, line.project);
-            let agent = self.admit(Capped::Agent, line.agent);
-            let who = format!("model.{model}.cost_center.{cc}.project.{project}.agent.{agent}");
+            let who = [
+                self.admit(Capped::Model, line.model),
+                self.admit(Capped::Agent, line.agent),
+                self.admit(Capped::Project, line.project),
+                self.admit(Capped::CostCenter, line.cost_center),
+            ];
             if self.usage.len() >= CACHE_ENTRIES {
                 self.usage.clear();
             }
-            self.usage
-                .insert(self.key.as_str().into(), UsageIds { who: who.into(), ids: [None; 6] });
+            self.usage.insert(self.key.as_str().into(), UsageIds { who, ids: [None; 6] });
         }
         let Some(entry) = self.usage.get_mut(self.key.as_str()) else { return };
         let u = line.usage;
@@ -181,9 +164,12 @@ impl Recorder {
             let id = match entry.ids[slot] {
                 Some(id) => id,
                 None => {
-                    let name = match USAGE_SERIES[slot] {
-                        "cost" => format!("tollgate_cost_nano_usd_total.{}", entry.who),
-                        kind => format!("tollgate_tokens_total.kind.{kind}.{}", entry.who),
+                    let [model, agent, project, cc] = &entry.who;
+                    let name = match schema::TOKEN_KINDS.get(slot) {
+                        Some(kind) => {
+                            schema::stat_name(&schema::TOKENS, &[model, kind, agent, project, cc])
+                        }
+                        None => schema::stat_name(&schema::COST, &[model, agent, project, cc]),
                     };
                     let Some(id) = c.define(&name) else { continue };
                     entry.ids[slot] = Some(id);
@@ -194,25 +180,29 @@ impl Recorder {
         }
     }
 
-    /// A budget crossed a warning threshold (80, 95 or 100 %). Rare: defined on each use.
+    /// A budget crossed a warning threshold (80, 95 or 100 %).
     pub fn budget_warning(&mut self, c: &mut impl Counters, budget: &str, percent: u64) {
-        let name =
-            format!("tollgate_budget_warnings_total.budget.{}.pct.{percent}", sanitize(budget));
-        if let Some(id) = c.define(&name) {
-            c.add(id, 1);
-        }
+        let threshold = percent.to_string();
+        self.count(c, &schema::BUDGET_WARNINGS, &[budget, &threshold], 1);
     }
-}
 
-/// Keeps `[A-Za-z0-9_-]`, maps everything else (the dot above all) to `_`; empty becomes `-`.
-pub fn sanitize(value: &str) -> String {
-    if value.is_empty() {
-        return "-".to_owned();
+    /// Adds `n` to the series of `metric` with label `values` (in the metric's label order,
+    /// not capped: for labels from the policy or fixed vocabularies).
+    pub fn count(&mut self, c: &mut impl Counters, metric: &Metric, values: &[&str], n: u64) {
+        let name = schema::stat_name(metric, values);
+        let id = match self.named.get(name.as_str()) {
+            Some(id) => *id,
+            None => {
+                let Some(id) = c.define(&name) else { return };
+                if self.named.len() >= CACHE_ENTRIES {
+                    self.named.clear();
+                }
+                self.named.insert(name.into(), id);
+                id
+            }
+        };
+        c.add(id, n);
     }
-    value
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .collect()
 }
 
 #[cfg(test)]
@@ -234,10 +224,21 @@ mod tests {
     }
 
     #[test]
-    fn values_are_sanitized_and_dotless() {
-        assert_eq!(sanitize("gpt-4.1-mini"), "gpt-4_1-mini");
-        assert_eq!(sanitize("a b/c"), "a_b_c");
-        assert_eq!(sanitize(""), "-");
+    fn values_are_kept_verbatim_dots_included() {
+        let mut r = Recorder::new(10);
+        let mut m = Map::default();
+        r.decision(&mut m, "deny", "model_not_allowed", "gpt-4.1-mini", "none");
+        r.decision(&mut m, "allow", "default_allow", "", "2xx");
+        r.budget_warning(&mut m, "team.daily", 95);
+        let names: Vec<&str> = m.0.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "tollgate_budget_warnings_total;budget=team.daily;threshold=95",
+                "tollgate_requests_total;decision=allow;reason=default_allow;model=-;status=2xx",
+                "tollgate_requests_total;decision=deny;reason=model_not_allowed;model=gpt-4.1-mini;status=none",
+            ]
+        );
     }
 
     #[test]
@@ -256,11 +257,11 @@ mod tests {
                 cost: Money::from_nanos(75_000),
             },
         );
-        let who = "model.gpt-4o.cost_center.CC-1234.project.PROJ-ABC123.agent.bot";
+        let who = "agent=bot;project=PROJ-ABC123;cost_center=CC-1234";
         let expected: BTreeMap<String, u64> = [
-            (format!("tollgate_tokens_total.kind.input.{who}"), 10),
-            (format!("tollgate_tokens_total.kind.output.{who}"), 5),
-            (format!("tollgate_cost_nano_usd_total.{who}"), 75_000),
+            (format!("tollgate_tokens_total;model=gpt-4o;kind=input;{who}"), 10),
+            (format!("tollgate_tokens_total;model=gpt-4o;kind=output;{who}"), 5),
+            (format!("tollgate_cost_nano_usd_total;model=gpt-4o;{who}"), 75_000),
         ]
         .into_iter()
         .collect();
@@ -278,9 +279,9 @@ mod tests {
         assert_eq!(
             names,
             [
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.__other__.status.2xx", 1),
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.a.status.2xx", 2),
-                ("tollgate_requests_total.decision.allow.reason.default_allow.model.b.status.2xx", 1),
+                ("tollgate_requests_total;decision=allow;reason=default_allow;model=__other__;status=2xx", 1),
+                ("tollgate_requests_total;decision=allow;reason=default_allow;model=a;status=2xx", 2),
+                ("tollgate_requests_total;decision=allow;reason=default_allow;model=b;status=2xx", 1),
             ]
         );
     }
@@ -302,11 +303,11 @@ mod tests {
             r.usage(&mut m, &line(agent));
         }
         assert_eq!(m.1.len(), 1 + 3 * 2, "one decision series, three usage series per agent");
-        let who = "model.gpt-4o.cost_center.C.project.P.agent.a";
-        assert_eq!(m.0[&format!("tollgate_tokens_total.kind.input.{who}")], 9);
-        assert_eq!(m.0[&format!("tollgate_cost_nano_usd_total.{who}")], 21);
+        let who = "agent=a;project=P;cost_center=C";
+        assert_eq!(m.0[&format!("tollgate_tokens_total;model=gpt-4o;kind=input;{who}")], 9);
+        assert_eq!(m.0[&format!("tollgate_cost_nano_usd_total;model=gpt-4o;{who}")], 21);
         assert_eq!(
-            m.0["tollgate_requests_total.decision.allow.reason.default_allow.model.gpt-4o.status.2xx"],
+            m.0["tollgate_requests_total;decision=allow;reason=default_allow;model=gpt-4o;status=2xx"],
             4
         );
     }

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,11 +14,13 @@ use support::{Collector, Envoy, PolicyServer, Relay};
 use tollgate_core::engine::Engine;
 use tollgate_core::inspect;
 use tollgate_core::metering::Api;
+use tollgate_core::metrics;
 use tollgate_core::money::Money;
 use tollgate_core::reservation;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::Usage;
 use tollgate_e2e::decisions::{Outcome, Table};
+use tollgate_e2e::exposition;
 use tollgate_e2e::harness::Harness;
 use tollgate_e2e::metering::Corpus;
 use tollgate_e2e::mock::{compress, MockUpstream};
@@ -156,13 +159,13 @@ fn allowed_request_is_metered_in_stats_and_events(
     assert_eq!(event["end"], "complete");
     assert_eq!(event["source"], "envoy");
 
-    let who = r#"model="gpt-4o",cost_center="CC-1234",project="PROJ-ABC123",agent="bot-1""#;
+    let who = r#"agent="bot-1",project="PROJ-ABC123",cost_center="CC-1234""#;
     let stats = envoy.prometheus();
     for (kind, n) in [("input", 1034), ("cached_input", 200), ("output", 56)] {
-        let series = format!("tollgate_tokens_total{{kind=\"{kind}\",{who}}}");
+        let series = format!("tollgate_tokens_total{{model=\"gpt-4o\",kind=\"{kind}\",{who}}}");
         assert_eq!(support::metric(&stats, &series), n, "{series} in\n{stats}");
     }
-    let series = format!("tollgate_cost_nano_usd_total{{{who}}}");
+    let series = format!("tollgate_cost_nano_usd_total{{model=\"gpt-4o\",{who}}}");
     assert_eq!(support::metric(&stats, &series), cost.nanos() as u64, "{series}");
     let series = r#"tollgate_requests_total{decision="allow",reason="default_allow",model="gpt-4o",status="2xx"}"#;
     assert!(support::metric(&stats, series) >= 1, "{series} in\n{stats}");
@@ -660,4 +663,235 @@ fn policy_refresh_from_a_url_keeps_the_last_good_snapshot() {
         .iter()
         .all(|(sent, status, etag)| (*status == 304) == (sent.as_ref() == Some(etag))));
     assert!(!log.contains("panicked"), "the filter panicked:\n{log}");
+}
+
+/// The sidecar's `/metrics` and Envoy's `/stats/prometheus` after the same requests (the model
+/// `gpt-4.1` among them): every metric both engines emit ([`metrics::Emitter::Both`]) has the
+/// same series in both, same names, label names and values (verbatim: `model="gpt-4.1"`, not
+/// `gpt-4_1`) and counts; each engine's Tollgate families are the ones the shared definitions
+/// give it; and `promtool check metrics` accepts both scrapes (Envoy prints no `# HELP` for any
+/// stat, its own included, so that one finding is allowed on Envoy's side only).
+#[test]
+fn the_filter_exports_the_sidecars_metrics() {
+    let policy = json!({
+        "version": "parity-1",
+        "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
+        "rules": [
+            {"id": "no-o1", "match": {"model": "o1"}, "effect": "deny", "reason": "banned_model"},
+            {"id": "budgeted", "match": {"agent": "budget-bot"}, "effect": "allow",
+             "budgets": [{"id": "agent.daily", "scope": "agent", "period": "daily", "amount": "0.01"}]}
+        ]
+    });
+    let rt = runtime();
+    let sidecar = rt.block_on(Harness::builder().policy(&policy.to_string()).start());
+    let plugin = json!({"filter": {"fail": "closed", "tick": "100ms"}, "policy": policy});
+    let envoy = Envoy::start(&plugin.to_string(), sidecar.mock.addr().port(), support::free_port());
+
+    let tokens = |input: &'static str, output: &'static str| {
+        vec![("x-mock-input-tokens", input), ("x-mock-output-tokens", output)]
+    };
+    let with = |mut a: Vec<(&'static str, &'static str)>, b: Vec<(&'static str, &'static str)>| {
+        a.extend(b);
+        a
+    };
+    let who = |agent: &'static str| {
+        vec![("x-agent-id", agent), ("x-cost-center", "CC-1234"), ("x-project-id", "PROJ-ABC123")]
+    };
+    type Sent = (&'static str, &'static str, Vec<(&'static str, &'static str)>, Vec<u8>, u16);
+    let sent: Vec<Sent> = vec![
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("metered-bot"), tokens("1000", "40")),
+            padded_chat("gpt-4.1", 100),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("metered-bot"), tokens("1200", "60")),
+            padded_chat("gpt-4.1", 100),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("parity-bot"), vec![("x-mock-status", "429")]),
+            chat("gpt-4.1", 10),
+            429,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            vec![("x-cost-center", "CC-1234")],
+            chat("gpt-4.1", 10),
+            403,
+        ),
+        ("POST", "/v1/chat/completions", who("parity-bot"), chat("o1", 10), 403),
+        ("POST", "/v1/chat/completions", who("parity-bot"), chat("my-finetune", 10), 403),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("budget-bot"), tokens("5", "1000")),
+            chat("gpt-4.1", 1000),
+            200,
+        ),
+        ("GET", "/v1/models", who("parity-bot"), Vec::new(), 200),
+        // Answered by a model the rate card does not list; usage beyond the request's bound;
+        // a body in an encoding the meter cannot decode.
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(with(who("parity-bot"), tokens("5", "5")), vec![("x-mock-model", "mystery-7")]),
+            chat("gpt-4.1", 10),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("parity-bot"), tokens("5", "100000000")),
+            chat("gpt-4.1", 10),
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            with(who("parity-bot"), vec![("x-mock-content-encoding", "snappy")]),
+            chat("gpt-4.1", 10),
+            200,
+        ),
+        // Malformed (`model` twice): no model, in both.
+        (
+            "POST",
+            "/v1/chat/completions",
+            who("parity-bot"),
+            br#"{"model": "gpt-4.1", "model": "o1", "messages": []}"#.to_vec(),
+            400,
+        ),
+    ];
+    for (method, path, headers, body, status) in &sent {
+        let r = envoy.request(method, path, headers, body);
+        assert_eq!(r.status, *status, "Envoy {path}: {}", String::from_utf8_lossy(&r.body));
+        let owned: Vec<(String, String)> =
+            headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        let method = method.parse().unwrap();
+        let reply = rt.block_on(async {
+            let response = sidecar.send(method, path, &owned, body.clone()).await;
+            tollgate_e2e::harness::read(response).await
+        });
+        assert_eq!(reply.status.as_u16(), *status, "sidecar {path}: {}", reply.text());
+    }
+
+    // Envoy hands increments over on its tick: wait until every request is counted.
+    let requests = |text: &str| -> f64 {
+        exposition::parse(text).unwrap().series(metrics::REQUESTS.name).map(|s| s.value).sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests(&envoy.prometheus()) < sent.len() as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let envoy_text = support::tollgate_families(&envoy.prometheus());
+    let sidecar_text = rt.block_on(sidecar.metrics());
+    let on_envoy = exposition::parse(&envoy_text).unwrap_or_else(|e| panic!("{e}\n{envoy_text}"));
+    let on_sidecar = exposition::parse(&sidecar_text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(requests(&envoy_text), sent.len() as f64, "{envoy_text}");
+    assert_eq!(requests(&sidecar_text), sent.len() as f64, "{sidecar_text}");
+
+    // The same series, labels and counts for every metric both emit (a series at 0 is one the
+    // sidecar declares up front: not a difference).
+    type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
+    let series = |e: &exposition::Exposition, m: &metrics::Metric| -> Series {
+        e.series(m.name)
+            .filter(|s| s.value != 0.0)
+            .map(|s| {
+                let labels: Vec<_> = s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                ((s.name.clone(), labels), s.value)
+            })
+            .collect()
+    };
+    let mut differences = Vec::new();
+    for m in metrics::ALL.iter().filter(|m| m.emitter == metrics::Emitter::Both) {
+        let (a, b) = (series(&on_sidecar, m), series(&on_envoy, m));
+        if a != b {
+            differences.push(format!("{}:\n  sidecar {a:?}\n  envoy   {b:?}", m.name));
+        }
+        for ((_, labels), _) in a.iter().chain(&b) {
+            let names: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+            let mut expected = m.labels.to_vec();
+            expected.sort_unstable();
+            assert_eq!(names, expected, "{} carries exactly its labels", m.name);
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+
+    // What the requests above must have produced, in both.
+    let model = |m: &str| ("model", m.to_owned());
+    let has = |e: &exposition::Exposition, name: &str, labels: &[(&str, String)]| {
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        e.value(name, &labels).unwrap_or(0.0)
+    };
+    for (engine, e) in [("sidecar", &on_sidecar), ("envoy", &on_envoy)] {
+        let allowed =
+            [("decision", "allow".to_owned()), model("gpt-4.1"), ("status", "2xx".into())];
+        assert_eq!(has(e, "tollgate_requests_total", &allowed), 6.0, "{engine}");
+        let limited = [model("gpt-4.1"), ("status", "4xx".into())];
+        assert_eq!(has(e, "tollgate_requests_total", &limited), 1.0, "{engine}");
+        let banned = [("reason", "banned_model".to_owned()), model("o1")];
+        assert_eq!(has(e, "tollgate_requests_total", &banned), 1.0, "{engine}");
+        let unknown = [("reason", "unknown_model".to_owned()), model("my-finetune")];
+        assert_eq!(has(e, "tollgate_requests_total", &unknown), 1.0, "{engine}");
+        let untagged = [("reason", "attribution_rejected".to_owned()), model("-")];
+        assert_eq!(has(e, "tollgate_requests_total", &untagged), 1.0, "{engine}");
+        let unlisted = [("price_source", "requested_model".to_owned())];
+        assert_eq!(has(e, "tollgate_unlisted_model_responses_total", &unlisted), 1.0, "{engine}");
+        assert_eq!(has(e, "tollgate_usage_implausible_total", &[]), 1.0, "{engine}");
+        let aborted = [("reason", "unsupported_encoding".to_owned())];
+        assert_eq!(has(e, "tollgate_meter_decode_aborted_total", &aborted), 1.0, "{engine}");
+        let malformed = [("reason", "malformed_body".to_owned()), model("-")];
+        assert_eq!(has(e, "tollgate_requests_total", &malformed), 1.0, "{engine}");
+        let listed = [model("-"), ("status", "2xx".into())];
+        assert_eq!(has(e, "tollgate_requests_total", &listed), 1.0, "{engine}");
+        let output = [model("gpt-4.1"), ("kind", "output".into()), ("agent", "metered-bot".into())];
+        assert_eq!(has(e, "tollgate_tokens_total", &output), 100.0, "{engine}");
+        assert!(has(e, "tollgate_cost_nano_usd_total", &[model("gpt-4.1")]) > 0.0, "{engine}");
+        let warned = [("budget", "agent.daily".to_owned()), ("threshold", "80".into())];
+        assert_eq!(has(e, "tollgate_budget_warnings_total", &warned), 1.0, "{engine}");
+        let text = if engine == "envoy" { &envoy_text } else { &sidecar_text };
+        assert!(!text.contains("gpt-4_1"), "{engine} mangled the model name:\n{text}");
+    }
+
+    // Each engine's Tollgate families are the shared definitions' (a family shows once it has
+    // a series: Envoy's once the filter defined one, the sidecar's labelled ones once used).
+    for (engine, e, emits) in [
+        ("Envoy", &on_envoy, metrics::Emitter::filter as fn(metrics::Emitter) -> bool),
+        ("the sidecar", &on_sidecar, metrics::Emitter::sidecar),
+    ] {
+        for (family, kind) in e.types.iter().filter(|(f, _)| f.starts_with("tollgate_")) {
+            let m = metrics::by_name(family).unwrap_or_else(|| panic!("{family} is not defined"));
+            assert!(emits(m.emitter), "{engine} exports {family}, defined as {:?}", m.emitter);
+            assert_eq!(kind, m.kind.as_str(), "{engine}: {family}");
+        }
+    }
+
+    // promtool: the sidecar's whole scrape passes; Envoy's Tollgate families pass but for the
+    // HELP text Envoy never prints.
+    let (ok, findings) = support::promtool(&sidecar_text);
+    assert!(ok && findings.is_empty(), "promtool on the sidecar's /metrics: {findings:#?}");
+    let (_, findings) = support::promtool(&envoy_text);
+    let unexpected: Vec<&String> = findings
+        .iter()
+        .filter(|f| {
+            let help = f.strip_suffix(" no help text").and_then(metrics::by_name);
+            help.is_none()
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "promtool on Envoy's /stats/prometheus: {unexpected:#?}\n{envoy_text}"
+    );
+    // It did read them: one such finding per family.
+    assert_eq!(findings.len(), on_envoy.types.len(), "{findings:#?}");
+    assert!(on_envoy.types.len() >= 7, "{envoy_text}");
+    assert!(!envoy.log().contains("panicked"));
 }

@@ -63,3 +63,78 @@ fn istio_plugin_config_compiles() {
     assert_eq!(plugin.engine.policy().rules().len(), 2);
     assert!(plugin.engine.rates().resolve("my-finetune").is_some());
 }
+
+/// Envoy's `stats_tags` in `envoy/envoy.yaml` and in Istio's bootstrap override
+/// (`istio/stats-tags.yaml`) are the rules `tollgate_core::metrics` derives from the metric
+/// definitions: one per label the filter emits, none missing, none stale.
+#[test]
+fn envoy_and_istio_stats_tags_match_the_metric_definitions() {
+    let expected: Vec<(String, String)> = tollgate_core::metrics::envoy_stats_tags()
+        .into_iter()
+        .map(|(tag, regex)| (tag.to_owned(), regex))
+        .collect();
+    assert!(expected.iter().any(|(tag, _)| tag == "model"));
+
+    // envoy.yaml: `  - {tag_name: NAME, regex: 'REGEX'}` (single-quoted: backslashes verbatim).
+    let envoy: Vec<(String, String)> = read("envoy/envoy.yaml")
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("- {tag_name: ")?;
+            let (tag, rest) = rest.split_once(", regex: '")?;
+            Some((tag.to_owned(), rest.strip_suffix("'}")?.to_owned()))
+        })
+        .collect();
+    assert_eq!(envoy, expected, "envoy/envoy.yaml stats_tags");
+
+    // The ConfigMap's `custom_bootstrap.json` block.
+    let text = read("istio/stats-tags.yaml");
+    let block: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "custom_bootstrap.json: |")
+        .skip(1)
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let bootstrap: serde_json::Value =
+        serde_json::from_str(&block).unwrap_or_else(|e| panic!("{e}:\n{block}"));
+    let istio: Vec<(String, String)> = bootstrap["stats_config"]["stats_tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tag_name"].as_str().unwrap().into(), t["regex"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(istio, expected, "istio/stats-tags.yaml stats_tags");
+}
+
+/// The README's metrics table is the metric definitions: every metric, its type, labels, which
+/// engine emits it and its help text.
+#[test]
+fn the_readme_metrics_table_matches_the_definitions() {
+    use tollgate_core::metrics::{Emitter, ALL};
+    let expected: String = ALL
+        .iter()
+        .map(|m| {
+            let labels: Vec<String> = m.labels.iter().map(|l| format!("`{l}`")).collect();
+            let by = match m.emitter {
+                Emitter::Both => "both",
+                Emitter::Sidecar => "sidecar",
+                Emitter::Filter => "Envoy filter",
+            };
+            format!(
+                "| `{}` | {} | {} | {by} | {} |\n",
+                m.name,
+                m.kind.as_str(),
+                if labels.is_empty() { "—".to_owned() } else { labels.join(", ") },
+                m.help
+            )
+        })
+        .collect();
+    let readme = read("README.md");
+    let header = "| metric | type | labels | emitted by | meaning |\n|---|---|---|---|---|\n";
+    let at = readme.find(header).unwrap_or_else(|| panic!("README.md: no metrics table"));
+    let rows: String = readme[at + header.len()..]
+        .lines()
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(rows == expected, "README.md's metrics table should read:\n{header}{expected}");
+}

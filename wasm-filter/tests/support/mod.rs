@@ -497,3 +497,44 @@ impl Relay {
         Relay { port, sent, dropped }
     }
 }
+
+/// What `promtool check metrics` finds in an exposition (read on stdin): whether it accepted the
+/// text, and its findings, one per line. A missing `promtool` fails with the command to install
+/// it (`scripts/test` does); it never skips.
+pub fn promtool(exposition: &str) -> (bool, Vec<String>) {
+    let path =
+        std::env::var_os("TOLLGATE_PROMTOOL").map_or_else(|| "promtool".into(), PathBuf::from);
+    let child = Command::new(&path)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| {
+        panic!(
+            "promtool ({}) cannot run ({e}): install it with `apt-get install -y prometheus` \
+             (scripts/test does)",
+            path.display()
+        )
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(exposition.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let findings = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+    (out.status.success(), findings)
+}
+
+/// The lines of a Prometheus exposition that belong to the families named `tollgate_*`.
+pub fn tollgate_families(exposition: &str) -> String {
+    exposition
+        .lines()
+        .filter(|l| {
+            let l = l.strip_prefix("# TYPE ").or_else(|| l.strip_prefix("# HELP ")).unwrap_or(l);
+            l.starts_with("tollgate_")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
