@@ -17,6 +17,7 @@ pub mod metering;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod record;
 pub mod refusal;
 pub mod reservation;
 pub mod risk;
