@@ -32,9 +32,9 @@ pub struct UsageEvent {
     pub ts: Option<String>,
     /// The event time in Unix milliseconds (the period the cost lands in).
     pub ts_ms: u64,
-    /// The request's id; the event id when absent.
+    /// The request's id; the event id when absent or empty.
     #[serde(default)]
-    pub request_id: Option<String>,
+    pub request_id: String,
     #[serde(default)]
     pub agent: String,
     #[serde(default)]
@@ -157,7 +157,8 @@ impl UsageEvent {
         Ok(UsageRecord {
             ts,
             reserved_at_ms: self.ts_ms,
-            request_id: optional("request_id", self.request_id)?.unwrap_or_else(|| id.clone()),
+            request_id: optional("request_id", Some(self.request_id).filter(|r| !r.is_empty()))?
+                .unwrap_or_else(|| id.clone()),
             reservation_id: id.clone(),
             agent: text("agent", self.agent, MAX_VALUE)?,
             cost_center: text("cost_center", self.cost_center, MAX_VALUE)?,

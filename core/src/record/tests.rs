@@ -147,7 +147,7 @@ fn event() -> UsageEvent {
         event_id: "e-1".into(),
         ts: Some(UnixMillis(NOW.0 - 1000).to_string()),
         ts_ms: NOW.0 - 1000,
-        request_id: Some("req-1".into()),
+        request_id: "req-1".into(),
         agent: "bot-1".into(),
         cost_center: "CC-1234".into(),
         project: "PROJ-ABC123".into(),
@@ -205,7 +205,8 @@ fn an_event_round_trips_and_becomes_a_usage_record() {
 
 #[test]
 fn a_bad_event_names_its_field() {
-    let cases: [(fn(&mut UsageEvent), &str); 12] = [
+    type Spoil = fn(&mut UsageEvent);
+    let cases: [(Spoil, &str); 12] = [
         (|e| e.event_id = "has space".into(), "event_id"),
         (|e| e.ts_ms = NOW.0 - DEDUP_WINDOW_MS - 1, "ts_ms"),
         (|e| e.ts_ms = NOW.0 + MAX_SKEW_MS + 1, "ts_ms"),

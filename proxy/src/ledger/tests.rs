@@ -1,5 +1,6 @@
 use super::*;
 use std::time::Instant;
+use tollgate_core::money::Money;
 
 /// The clock the tests open the ledger at (records must be within the replay window).
 const NOW: u64 = 1_795_000_000_000;
@@ -27,7 +28,7 @@ fn open(settings: Settings) -> (Ledger, Recovered) {
 }
 
 fn reserve(i: u64) -> Entry {
-    Entry::Reserve(Box::new(Reserve {
+    Entry::Reserve(Box::new(ReserveRecord {
         ts: "2026-11-18T00:00:00.000Z".into(),
         reserved_at_ms: NOW,
         expires_at_ms: NOW + 60_000,
@@ -50,6 +51,16 @@ fn ids(records: &[serde_json::Value]) -> Vec<(u64, String)> {
     records
         .iter()
         .map(|r| (r["seq"].as_u64().unwrap(), r["request_id"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn stored_ids(records: &[Stored]) -> Vec<(u64, String)> {
+    records
+        .iter()
+        .map(|r| match &r.entry {
+            Entry::Reserve(reserve) => (r.seq, reserve.request_id.clone()),
+            other => panic!("not a reservation: {other:?}"),
+        })
         .collect()
 }
 
@@ -88,7 +99,7 @@ async fn reopening_hands_back_the_records_and_continues_the_sequence() {
     flush(&ledger).await;
     drop(ledger);
     let (ledger, recovered) = open(settings(&dir, 5, None));
-    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    assert_eq!(stored_ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
     assert_eq!(recovered.truncated_bytes, 0);
     ledger.append(reserve(3));
     flush(&ledger).await;
@@ -195,7 +206,7 @@ async fn a_complete_last_line_that_does_not_verify_is_not_cut_and_refuses_to_ope
         Settings { accept_corrupt: vec!["00000001.seg:3".into()], ..settings(&dir, 5, None) };
     let (ledger, recovered) = open(accepting);
     assert_eq!(recovered.corrupt_accepted, 1);
-    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    assert_eq!(stored_ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
     ledger.append(reserve(4));
     flush(&ledger).await;
     drop(ledger);
