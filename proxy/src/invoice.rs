@@ -478,4 +478,30 @@ mod tests {
              2026-11,cost_center,CC-1234,remaining,,,,,4999.9955\n"
         );
     }
+
+    #[test]
+    fn records_read_from_the_ledger_invoice_by_bucket_or_as_one_line_without_buckets() {
+        let lines = [
+            r#"{"seq":1,"event_id":"x-1","type":"reserve","ts":"2026-11-03T00:00:00.000Z","reserved_at_ms":1,"expires_at_ms":2,"request_id":"r","reservation_id":"r","agent":"a","cost_center":"CC-1","project":"p","amount":"9.00","budgets":[]}"#,
+            r#"{"seq":2,"event_id":"x-2","type":"usage","ts":"2026-11-03T00:00:00.000Z","reserved_at_ms":1,"request_id":"r","reservation_id":"r","agent":"a","cost_center":"CC-1","project":"p","route":"openai","provider":"openai","model":"gpt-4o","tokens":{"input":10,"cached_input":0,"cache_write":0,"output":2,"reasoning":0},"cost":{"input":"0.25","cached_input":"0.00","cache_write":"0.00","output":"0.50","reasoning":"0.00","per_call":"0.00","total":"0.75"},"cost_usd":"0.75","cost_nano_usd":750000000,"decision":"allow","reason":"default_allow","clause":"defaults.llm","policy_version":"v1","budgets":[],"status":200,"latency_ms":1,"usage_source":"reported","end":"complete"}"#,
+            r#"{"type":"usage","ts":"2026-11-04T00:00:00.000Z","reserved_at_ms":1,"request_id":"old","agent":"a","cost_center":"CC-1","project":"p","route":"openai","provider":"openai","model":"gpt-4o","tokens":{"input":1,"cached_input":0,"cache_write":0,"output":1,"reasoning":0},"cost_usd":"0.10","cost_nano_usd":100000000,"decision":"allow","reason":"default_allow","status":200,"latency_ms":1,"usage_source":"reported","end":"client_gone"}"#,
+            r#"{"seq":4,"event_id":"x-4","type":"marker"}"#,
+        ];
+        let stored: Vec<Stored> =
+            lines.iter().map(|l| Stored::decode(l.as_bytes()).unwrap()).collect();
+        let usage = stored.iter().filter_map(|s| s.entry.usage());
+        let inv = build(usage, "2026-11", GroupBy::CostCenter, &[], |_| None);
+        let i = &inv.invoices[0];
+        assert_eq!((i.requests, i.total), (2, Money::parse("0.85").unwrap()));
+        let got: Vec<(&str, u64, Money)> =
+            i.lines.iter().map(|l| (l.kind, l.quantity, l.amount)).collect();
+        assert_eq!(
+            got,
+            [
+                ("input", 10, Money::parse("0.25").unwrap()),
+                ("output", 2, Money::parse("0.50").unwrap()),
+                ("total", 1, Money::parse("0.10").unwrap()),
+            ]
+        );
+    }
 }
