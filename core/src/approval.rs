@@ -125,14 +125,15 @@ pub enum Transition {
 
 impl Transition {
     /// The audit event kind.
-    pub fn kind(self) -> &'static str {
+    pub fn kind(self) -> crate::record::AuditKind {
+        use crate::record::AuditKind;
         match self {
-            Transition::Granted => "approval_granted",
-            Transition::Denied => "approval_denied",
-            Transition::TimedOut(OnTimeout::Approve) => "approval_expired_approved",
-            Transition::TimedOut(OnTimeout::Deny) => "approval_expired_denied",
-            Transition::Lapsed => "approval_expired",
-            Transition::Used => "approval_used",
+            Transition::Granted => AuditKind::ApprovalGranted,
+            Transition::Denied => AuditKind::ApprovalDenied,
+            Transition::TimedOut(OnTimeout::Approve) => AuditKind::ApprovalExpiredApproved,
+            Transition::TimedOut(OnTimeout::Deny) => AuditKind::ApprovalExpiredDenied,
+            Transition::Lapsed => AuditKind::ApprovalExpired,
+            Transition::Used => AuditKind::ApprovalUsed,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod record;
 pub mod refusal;
 pub mod reservation;
 pub mod risk;

@@ -52,6 +52,7 @@ pub enum Effect {
 
 impl Effect {
     pub const NAMES: [&'static str; 3] = ["allow", "deny", "require_approval"];
+    pub const ALL: [Effect; 3] = [Effect::Allow, Effect::Deny, Effect::RequireApproval];
 
     pub fn parse(text: &str) -> Option<Effect> {
         Some(match text {

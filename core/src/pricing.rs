@@ -188,13 +188,20 @@ impl Rates {
 }
 
 /// The cost of one request by token kind; `total` is exactly the sum of the other fields.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+/// Read back, a missing bucket is zero; `total` is required.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct Cost {
+    #[serde(default)]
     pub input: Money,
+    #[serde(default)]
     pub cached_input: Money,
+    #[serde(default)]
     pub cache_write: Money,
+    #[serde(default)]
     pub output: Money,
+    #[serde(default)]
     pub reasoning: Money,
+    #[serde(default)]
     pub per_call: Money,
     pub total: Money,
 }

@@ -88,10 +88,16 @@ impl Class {
     /// The effect recorded in metrics, the ledger and the audit log for this answer (an upstream
     /// failure happens after the request was allowed).
     pub fn decision(self) -> &'static str {
+        self.effect().as_str()
+    }
+
+    /// [`Class::decision`] as the policy's effect (for the audit log).
+    pub fn effect(self) -> crate::policy::Effect {
+        use crate::policy::Effect;
         match self {
-            Class::ApprovalRequired => "require_approval",
-            Class::UpstreamUnavailable | Class::UpstreamTimeout => "allow",
-            _ => "deny",
+            Class::ApprovalRequired => Effect::RequireApproval,
+            Class::UpstreamUnavailable | Class::UpstreamTimeout => Effect::Allow,
+            _ => Effect::Deny,
         }
     }
 }

@@ -7,10 +7,11 @@
 //! the buckets below, which never overlap, so that pricing is a plain sum and nothing is counted
 //! twice.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Tokens of one request in disjoint buckets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+/// Tokens of one request in disjoint buckets (an absent bucket reads as 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Usage {
     /// Input tokens billed at the full input rate (not read from or written to a cache).
     pub input: u64,
@@ -80,7 +81,7 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
-/// Where a request's usage numbers came from.
+/// Where a request's usage numbers came from (read by name, see [`crate::record`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageSource {
@@ -100,6 +101,13 @@ pub enum UsageSource {
 }
 
 impl UsageSource {
+    pub const ALL: [UsageSource; 4] = [
+        UsageSource::Reported,
+        UsageSource::Estimated,
+        UsageSource::None,
+        UsageSource::Implausible,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             UsageSource::Reported => "reported",

@@ -8,9 +8,11 @@
 use std::time::Instant;
 
 use tollgate::audit;
-use tollgate::ledger::{Entry, Ledger, Record, Settings};
+use tollgate::ledger::{Entry, Ledger, Settings, UsageRecord as Record};
 use tollgate_core::money::Money;
+use tollgate_core::policy::Effect;
 use tollgate_core::pricing::Cost;
+use tollgate_core::record::{AuditKind, End, UsageSource};
 use tollgate_core::usage::Usage;
 
 const RECORDS: usize = 200_000;
@@ -36,19 +38,21 @@ fn record(i: usize) -> Record {
         model: Some("gpt-4o".into()),
         tool: None,
         tokens: Usage { input: 500, output: 5, ..Usage::default() },
-        cost,
+        cost: Some(cost),
         cost_usd: cost.total,
         cost_nano_usd: cost.total.nanos(),
-        decision: "allow",
+        decision: Effect::Allow,
         reason: "default_allow".into(),
         clause: "defaults.llm".into(),
         policy_version: "bench-1".into(),
         budgets: vec!["cc-monthly".into()],
         status: 200,
         latency_ms: 3,
-        usage_source: "reported",
+        usage_source: UsageSource::Reported,
         price_source: Some(tollgate_core::pricing::PriceSource::Listed),
-        end: "complete",
+        end: End::Complete,
+        source: None,
+        source_event_id: None,
     }
 }
 
@@ -75,10 +79,10 @@ fn main() {
         for (i, r) in records.into_iter().enumerate() {
             ledger.audit(audit::Event {
                 ts: r.ts.clone(),
-                kind: "decision".into(),
+                kind: AuditKind::Decision,
                 request_id: r.request_id.clone(),
                 agent: r.agent.clone(),
-                effect: "allow".into(),
+                effect: Effect::Allow,
                 reason: "default_allow".into(),
                 ..audit::Event::default()
             });

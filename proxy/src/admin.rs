@@ -251,20 +251,23 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         cost_usd: Money,
     }
     let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-    for v in records {
-        if v["type"] != "usage" || !v["ts"].as_str().is_some_and(|ts| ts.starts_with(&period)) {
+    for r in records.iter().filter_map(|s| s.entry.usage()) {
+        if !r.ts.starts_with(&period) {
             continue;
         }
-        let key = v[group_by.as_str()].as_str().unwrap_or("").to_string();
-        let t = groups.entry(key).or_default();
+        let key = match group_by.as_str() {
+            "agent" => &r.agent,
+            "project" => &r.project,
+            _ => &r.cost_center,
+        };
+        let t = groups.entry(key.clone()).or_default();
         t.requests += 1;
-        let tokens = &v["tokens"];
-        t.input_tokens += tokens["input"].as_u64().unwrap_or(0);
-        t.cached_input_tokens += tokens["cached_input"].as_u64().unwrap_or(0);
-        t.cache_write_tokens += tokens["cache_write"].as_u64().unwrap_or(0);
-        t.output_tokens += tokens["output"].as_u64().unwrap_or(0);
-        t.reasoning_tokens += tokens["reasoning"].as_u64().unwrap_or(0);
-        t.cost_usd += Money::from_nanos(v["cost_nano_usd"].as_i64().unwrap_or(0));
+        t.input_tokens += r.tokens.input;
+        t.cached_input_tokens += r.tokens.cached_input;
+        t.cache_write_tokens += r.tokens.cache_write;
+        t.output_tokens += r.tokens.output;
+        t.reasoning_tokens += r.tokens.reasoning;
+        t.cost_usd += r.cost_total();
     }
     Ok(json_response(
         StatusCode::OK,
@@ -284,10 +287,10 @@ fn check_period(period: &str) -> Result<(), Response<Body>> {
 }
 
 /// Every ledger record, after flushing what is queued (read off the async threads).
-async fn read_ledger(shared: &Shared) -> Result<Vec<serde_json::Value>, Failure> {
+async fn read_ledger(shared: &Shared) -> Result<Vec<crate::ledger::Stored>, Failure> {
     shared.ledger.flush().await;
     let dir = shared.config.data_dir.clone();
-    match tokio::task::spawn_blocking(move || crate::ledger::read_all(&dir)).await {
+    match tokio::task::spawn_blocking(move || crate::ledger::read_records(&dir)).await {
         Ok(Ok(records)) => Ok(records),
         Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), "reading the ledger");

@@ -349,16 +349,21 @@ async fn shutdown_signal() {
     }
 }
 
-/// A ledger record's value for a budget scope.
-fn scope_value(r: &serde_json::Value, scope: Scope) -> Option<&str> {
-    let field = match scope {
-        Scope::Agent => "agent",
-        Scope::Project => "project",
-        Scope::CostCenter => "cost_center",
-        Scope::BusinessUnit => "business_unit",
-        Scope::Global => return None,
-    };
-    r[field].as_str()
+/// The value of a budget scope in a record's attribution.
+fn scope_value<'a>(
+    agent: &'a str,
+    project: &'a str,
+    cost_center: &'a str,
+    business_unit: Option<&'a str>,
+    scope: Scope,
+) -> Option<&'a str> {
+    match scope {
+        Scope::Agent => Some(agent),
+        Scope::Project => Some(project),
+        Scope::CostCenter => Some(cost_center),
+        Scope::BusinessUnit => business_unit,
+        Scope::Global => None,
+    }
 }
 
 /// What [`rebuild_budgets`] did.
@@ -378,60 +383,60 @@ pub struct Rebuilt {
 pub fn rebuild_budgets(
     budgets: &Budgets<MemoryStore>,
     policy: &tollgate_core::policy::Snapshot,
-    records: &[serde_json::Value],
+    records: &[crate::ledger::Stored],
     now: tollgate_core::time::UnixMillis,
 ) -> Rebuilt {
-    use tollgate_core::money::Money;
+    use crate::ledger::{Entry, ReserveRecord};
     use tollgate_core::time::UnixMillis;
-    let specs = |r: &serde_json::Value| -> Vec<tollgate_core::budget::BudgetSpec> {
-        let ids: Vec<&str> = r["budgets"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        policy.all_budgets().filter(|b| ids.contains(&b.id.as_str())).cloned().collect()
+    let specs = |ids: &[String]| -> Vec<tollgate_core::budget::BudgetSpec> {
+        policy.all_budgets().filter(|b| ids.contains(&b.id)).cloned().collect()
     };
-    let mut open: std::collections::HashMap<String, &serde_json::Value> = Default::default();
+    let mut open: std::collections::HashMap<&str, &ReserveRecord> = Default::default();
     let mut rebuilt = Rebuilt::default();
-    for r in records {
+    for stored in records {
         // Reservations are keyed by their own unique id; old records only had the request id.
-        let id = r["reservation_id"]
-            .as_str()
-            .or(r["request_id"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        match r["type"].as_str() {
-            Some("reserve") => {
-                open.insert(id, r);
+        match &stored.entry {
+            Entry::Reserve(r) => {
+                open.insert(r.reservation_key(), r);
             }
-            Some("usage") => {
-                open.remove(&id);
-                let specs = specs(r);
+            Entry::Usage(r) => {
+                let id = r.reservation_key();
+                open.remove(id);
+                let specs = specs(&r.budgets);
                 if specs.is_empty() {
                     continue;
                 }
-                let values = |scope: Scope| scope_value(r, scope);
-                let cost = Money::from_nanos(r["cost_nano_usd"].as_i64().unwrap_or(0));
-                let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
-                if budgets.charge(specs.iter(), values, cost, &id, at).is_ok() {
+                let values = |scope: Scope| {
+                    scope_value(
+                        &r.agent,
+                        &r.project,
+                        &r.cost_center,
+                        r.business_unit.as_deref(),
+                        scope,
+                    )
+                };
+                let at = UnixMillis(r.reserved_at_ms);
+                if budgets.charge(specs.iter(), values, r.cost_total(), id, at).is_ok() {
                     rebuilt.settled += 1;
                     note_keys(&mut rebuilt.keys, &specs, values);
                 }
             }
-            _ => {}
+            Entry::Other => {}
         }
     }
     for (id, r) in open {
-        let expires = r["expires_at_ms"].as_u64().unwrap_or(0);
+        let expires = r.expires_at_ms;
         if expires <= now.0 {
             continue;
         }
-        let specs = specs(r);
-        let values = |scope: Scope| scope_value(r, scope);
-        let amount = r["amount"].as_str().and_then(|a| Money::parse(a).ok()).unwrap_or(Money::ZERO);
-        let at = UnixMillis(r["reserved_at_ms"].as_u64().unwrap_or(0));
+        let specs = specs(&r.budgets);
+        let values = |scope: Scope| {
+            scope_value(&r.agent, &r.project, &r.cost_center, r.business_unit.as_deref(), scope)
+        };
+        let at = UnixMillis(r.reserved_at_ms);
         // Held again, in the window it was made in, until its original expiry.
         if let Ok(reservation) =
-            budgets.reserve(specs.iter(), values, amount, &id, at, expires - at.0)
+            budgets.reserve(specs.iter(), values, r.amount, id, at, expires.saturating_sub(at.0))
         {
             // The hold stays in the store until `expire` gives it back.
             drop(reservation);

@@ -14,26 +14,28 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tollgate_core::policy::Effect;
+use tollgate_core::record::AuditKind;
 
 /// The `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What happened, as recorded. Everything but `seq`, `prev` and `hash` is filled by the caller.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     pub ts: String,
     /// `decision`, `approval_granted`, `approval_denied`, `approval_expired_approved`,
     /// `approval_expired_denied`, `approval_expired`, `approval_used`, `proposal`,
     /// `agent_disabled`, `agent_reenabled`.
-    pub kind: String,
+    pub kind: AuditKind,
     pub request_id: String,
     pub agent: String,
     pub cost_center: String,
     pub project: String,
     pub route: String,
     /// `allow`, `deny` or `require_approval`.
-    pub effect: String,
+    pub effect: Effect,
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clause: Option<String>,
@@ -52,6 +54,30 @@ pub struct Event {
     /// Who acted: an operator's name, `timeout`, or `proxy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+}
+
+/// A decision by default (denied): callers set the kind and effect they record.
+impl Default for Event {
+    fn default() -> Self {
+        Event {
+            ts: String::new(),
+            kind: AuditKind::Decision,
+            request_id: String::new(),
+            agent: String::new(),
+            cost_center: String::new(),
+            project: String::new(),
+            route: String::new(),
+            effect: Effect::Deny,
+            reason: String::new(),
+            clause: None,
+            policy_version: None,
+            model: None,
+            tool: None,
+            approval_id: None,
+            risk: None,
+            actor: None,
+        }
+    }
 }
 
 /// A record as stored: the event plus its place in the chain.
@@ -340,13 +366,13 @@ mod tests {
     fn event(i: u64) -> Event {
         Event {
             ts: format!("2026-11-22T10:00:{:02}.000Z", i % 60),
-            kind: "decision".into(),
+            kind: AuditKind::Decision,
             request_id: format!("req-{i}"),
             agent: "bot".into(),
             cost_center: "CC-1234".into(),
             project: "PROJ-ABC123".into(),
             route: "openai".into(),
-            effect: if i % 3 == 0 { "deny" } else { "allow" }.into(),
+            effect: if i % 3 == 0 { Effect::Deny } else { Effect::Allow },
             reason: "default_allow".into(),
             clause: Some("defaults.llm".into()),
             policy_version: Some("v1".into()),
@@ -415,7 +441,7 @@ mod tests {
         write_log(&path, 5);
         let mut l = lines(&path);
         let mut record: Record = serde_json::from_str(&l[1]).unwrap();
-        record.event.effect = "allow".into();
+        record.event.effect = Effect::Allow;
         record.event.reason = "forged".into();
         record.hash = hash_of(&record);
         l[1] = serde_json::to_string(&record).unwrap();

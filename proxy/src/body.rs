@@ -40,6 +40,18 @@ impl StreamEnd {
     }
 }
 
+impl From<StreamEnd> for tollgate_core::record::End {
+    fn from(end: StreamEnd) -> Self {
+        use tollgate_core::record::End;
+        match end {
+            StreamEnd::Complete => End::Complete,
+            StreamEnd::UpstreamError => End::UpstreamError,
+            StreamEnd::IdleTimeout => End::IdleTimeout,
+            StreamEnd::ClientGone => End::ClientGone,
+        }
+    }
+}
+
 /// Watches a response body.
 pub trait Observer: Send + Unpin + 'static {
     /// Sees a data frame; returns `Some(bytes)` to send those instead (possibly empty).

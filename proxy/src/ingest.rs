@@ -31,26 +31,17 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use tollgate_core::money::Money;
-use tollgate_core::pricing::{Cost, PriceSource};
+use tollgate_core::record::{Entry, Invalid, Stored, UsageEvent, UsageRecord};
 use tollgate_core::time::UnixMillis;
-use tollgate_core::usage::Usage;
 
 use crate::app::Shared;
 use crate::deny::full;
-use crate::ledger::{Entry, MeshUsage, Record};
 use crate::upstream::Body;
 
 /// How long event ids are remembered: the ledger's replay window.
-pub const DEDUP_WINDOW_MS: u64 = 35 * 86_400_000;
-/// Events from further in the future than this are refused (a sender with a broken clock).
-const MAX_SKEW_MS: u64 = 86_400_000;
+pub use tollgate_core::record::DEDUP_WINDOW_MS;
 /// Most errors listed in one answer.
 const MAX_ERRORS: usize = 100;
-/// Longest event id accepted.
-const MAX_ID: usize = 128;
-/// Longest attribution or label value accepted.
-const MAX_VALUE: usize = 256;
 /// Longest wait for the records of a batch to be written and synced before answering 503.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -89,11 +80,11 @@ pub struct Outcome {
 
 impl Ingest {
     /// Remembers the mesh event ids of the ledger's replayed records.
-    pub fn from_records(records: &[Value]) -> Ingest {
+    pub fn from_records(records: &[Stored]) -> Ingest {
         let mut seen = Seen::default();
-        for r in records {
-            if let Some(id) = r["source_event_id"].as_str() {
-                seen.ids.insert(id.to_owned(), r["reserved_at_ms"].as_u64().unwrap_or(0));
+        for r in records.iter().filter_map(|s| s.entry.usage()) {
+            if let Some(id) = &r.source_event_id {
+                seen.ids.insert(id.clone(), r.reserved_at_ms);
             }
         }
         Ingest { seen: Mutex::new(seen) }
@@ -111,8 +102,8 @@ impl Ingest {
                 continue;
             }
             match parse(line, now) {
-                Ok(event) => valid.push(event),
-                Err((field, error)) => {
+                Ok(record) => valid.push(record),
+                Err(Invalid { field, error }) => {
                     outcome.rejected += 1;
                     if outcome.errors.len() < MAX_ERRORS {
                         outcome.errors.push(LineError { line: i + 1, field, error });
@@ -124,14 +115,15 @@ impl Ingest {
         // written cannot slip in twice.
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         seen.prune(now.0);
-        for event in valid {
-            if seen.ids.contains_key(&event.source_event_id) {
+        for record in valid {
+            let id = record.source_event_id.clone().unwrap_or_default();
+            if seen.ids.contains_key(&id) {
                 outcome.duplicates += 1;
                 continue;
             }
-            seen.ids.insert(event.source_event_id.clone(), event.record.reserved_at_ms);
+            seen.ids.insert(id, record.reserved_at_ms);
             outcome.accepted += 1;
-            append(Entry::Mesh(Box::new(event)));
+            append(Entry::Usage(Box::new(record)));
         }
         outcome
     }
@@ -209,205 +201,46 @@ fn answer(status: StatusCode, value: &Value) -> Response<Body> {
     r
 }
 
-type Invalid = (String, String);
-
-fn invalid(field: &str, error: impl Into<String>) -> Invalid {
-    (field.to_owned(), error.into())
+/// One event line → the usage record to store, or the field at fault: the line is read as the
+/// core's [`UsageEvent`] (a value of the wrong type, a missing field or an unknown code is named
+/// by its path, such as `tokens.output`), then checked by [`UsageEvent::into_record`].
+fn parse(line: &[u8], now: UnixMillis) -> Result<UsageRecord, Invalid> {
+    if line.trim_ascii_start().first() != Some(&b'{') {
+        // A struct would also read from an array: refuse anything but an object first.
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+            Ok(_) => Invalid::new("", "not a JSON object"),
+            Err(e) => Invalid::new("", format!("not JSON: {e}")),
+        });
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    let event: UsageEvent = serde_path_to_error::deserialize(&mut de).map_err(read_error)?;
+    de.end().map_err(|e| Invalid::new("", format!("not JSON: {e}")))?;
+    event.into_record(now)
 }
 
-/// One event line → a ledger entry, or the field at fault.
-fn parse(line: &[u8], now: UnixMillis) -> Result<MeshUsage, Invalid> {
-    let v: Value =
-        serde_json::from_slice(line).map_err(|e| invalid("", format!("not JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(invalid("", "not a JSON object"));
+/// A line that does not read as an event: the field at fault (its path, `""` for the line).
+fn read_error(e: serde_path_to_error::Error<serde_json::Error>) -> Invalid {
+    let path = e.path().to_string();
+    let path = if path == "." { String::new() } else { path };
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return Invalid::new("", format!("not JSON: {inner}"));
     }
-    let id = text(&v, "event_id", MAX_ID)?;
-    if !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid("event_id", "must be printable ASCII without spaces"));
-    }
-    let ts_ms = v["ts_ms"]
-        .as_u64()
-        .ok_or_else(|| invalid("ts_ms", "required: the event time in Unix milliseconds"))?;
-    if ts_ms < now.0.saturating_sub(DEDUP_WINDOW_MS) {
-        return Err(invalid("ts_ms", "older than the 35-day deduplication window"));
-    }
-    if ts_ms > now.0.saturating_add(MAX_SKEW_MS) {
-        return Err(invalid("ts_ms", "more than a day in the future"));
-    }
-    let ts = UnixMillis(ts_ms).to_string();
-    if let Some(given) = v.get("ts") {
-        if given.as_str() != Some(ts.as_str()) {
-            return Err(invalid("ts", format!("does not match ts_ms ({ts})")));
-        }
-    }
-    let tokens = tokens(&v["tokens"])?;
-    let cost = cost(&v)?;
-    let status = v["status"]
-        .as_u64()
-        .and_then(|s| u16::try_from(s).ok())
-        .filter(|s| (100..=599).contains(s))
-        .ok_or_else(|| invalid("status", "required: an HTTP status (100-599)"))?;
-    if v["decision"] != "allow" {
-        return Err(invalid("decision", "must be `allow` (only admitted requests are billed)"));
-    }
-    let usage_source =
-        one_of(&v, "usage_source", &["reported", "estimated", "implausible", "none"])?;
-    let price_source = match v.get("price_source") {
-        None | Some(Value::Null) => None,
-        Some(p) => Some(p.as_str().and_then(PriceSource::parse).ok_or_else(|| {
-            invalid(
-                "price_source",
-                "must be one of listed, requested_model, fallback, reservation, free",
-            )
-        })?),
+    // serde_json appends the position; the line number is reported apart.
+    let message = inner.to_string();
+    let message = match message.rfind(" at line ") {
+        Some(at) => &message[..at],
+        None => message.as_str(),
     };
-    let end = one_of(
-        &v,
-        "end",
-        &["complete", "aborted", "client_gone", "upstream_error", "idle_timeout"],
-    )?;
-    let record = Record {
-        ts,
-        reserved_at_ms: ts_ms,
-        request_id: optional(&v, "request_id")?.unwrap_or_else(|| id.clone()),
-        reservation_id: id.clone(),
-        agent: text(&v, "agent", MAX_VALUE)?,
-        cost_center: text(&v, "cost_center", MAX_VALUE)?,
-        project: text(&v, "project", MAX_VALUE)?,
-        business_unit: optional(&v, "business_unit")?,
-        route: optional(&v, "route")?.unwrap_or_else(|| "mesh".to_owned()),
-        provider: text(&v, "provider", MAX_VALUE)?,
-        model: optional(&v, "model")?,
-        tool: optional(&v, "tool")?,
-        tokens,
-        cost_usd: cost.total,
-        cost_nano_usd: cost.total.nanos(),
-        cost,
-        decision: "allow",
-        reason: text(&v, "reason", MAX_VALUE)?,
-        clause: text(&v, "clause", MAX_VALUE)?,
-        policy_version: text(&v, "policy_version", MAX_VALUE)?,
-        budgets: Vec::new(),
-        status,
-        latency_ms: v["latency_ms"].as_u64().unwrap_or(0),
-        usage_source,
-        price_source,
-        end,
-    };
-    let source = optional(&v, "source")?.unwrap_or_else(|| "mesh".to_owned());
-    Ok(MeshUsage { record, source, source_event_id: id })
-}
-
-/// A required, non-empty string of at most `max` bytes.
-fn text(v: &Value, field: &str, max: usize) -> Result<String, Invalid> {
-    match v.get(field).and_then(Value::as_str) {
-        Some(s) if !s.is_empty() && s.len() <= max => Ok(s.to_owned()),
-        Some(s) if !s.is_empty() => Err(invalid(field, format!("longer than {max} bytes"))),
-        _ => Err(invalid(field, "required: a non-empty string")),
+    if let Some(missing) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`'))
+    {
+        let field = if path.is_empty() { missing.to_owned() } else { format!("{path}.{missing}") };
+        return Invalid::new(&field, UsageEvent::required(&field));
     }
-}
-
-/// An optional string (absent or `null` → `None`).
-fn optional(v: &Value, field: &str) -> Result<Option<String>, Invalid> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_VALUE => Ok(Some(s.clone())),
-        Some(Value::String(_)) => Err(invalid(field, format!("longer than {MAX_VALUE} bytes"))),
-        Some(_) => Err(invalid(field, "must be a string")),
+    if path.is_empty() {
+        return Invalid::new("", format!("not a JSON object ({message})"));
     }
-}
-
-fn one_of(v: &Value, field: &str, allowed: &[&'static str]) -> Result<&'static str, Invalid> {
-    let given = v.get(field).and_then(Value::as_str);
-    allowed
-        .iter()
-        .find(|a| Some(**a) == given)
-        .copied()
-        .ok_or_else(|| invalid(field, format!("must be one of: {}", allowed.join(", "))))
-}
-
-fn tokens(v: &Value) -> Result<Usage, Invalid> {
-    if !v.is_object() {
-        return Err(invalid("tokens", "required: an object of token counts"));
-    }
-    let n = |kind: &str| match v.get(kind) {
-        None | Some(Value::Null) => Ok(0),
-        Some(n) => n
-            .as_u64()
-            .ok_or_else(|| invalid(&format!("tokens.{kind}"), "must be a non-negative integer")),
-    };
-    Ok(Usage {
-        input: n("input")?,
-        cached_input: n("cached_input")?,
-        cache_write: n("cache_write")?,
-        output: n("output")?,
-        reasoning: n("reasoning")?,
-    })
-}
-
-/// The cost buckets, which must add up to `total`, which must equal `cost_usd` and
-/// `cost_nano_usd` when those are given.
-fn cost(v: &Value) -> Result<Cost, Invalid> {
-    let c = &v["cost"];
-    if !c.is_object() {
-        return Err(invalid("cost", "required: the cost by bucket (decimal USD strings)"));
-    }
-    let money = |bucket: &str| -> Result<Money, Invalid> {
-        let field = format!("cost.{bucket}");
-        let amount = match c.get(bucket) {
-            None | Some(Value::Null) if bucket != "total" => return Ok(Money::ZERO),
-            Some(Value::String(s)) => {
-                Money::parse(s).map_err(|e| invalid(&field, format!("not an amount: {e}")))?
-            }
-            _ => return Err(invalid(&field, "required: a decimal USD string such as \"0.0125\"")),
-        };
-        if amount.is_negative() {
-            return Err(invalid(&field, "must not be negative"));
-        }
-        Ok(amount)
-    };
-    let cost = Cost {
-        input: money("input")?,
-        cached_input: money("cached_input")?,
-        cache_write: money("cache_write")?,
-        output: money("output")?,
-        reasoning: money("reasoning")?,
-        per_call: money("per_call")?,
-        total: money("total")?,
-    };
-    let sum: i128 = [
-        cost.input,
-        cost.cached_input,
-        cost.cache_write,
-        cost.output,
-        cost.reasoning,
-        cost.per_call,
-    ]
-    .iter()
-    .map(|m| i128::from(m.nanos()))
-    .sum();
-    if sum != i128::from(cost.total.nanos()) {
-        return Err(invalid(
-            "cost.total",
-            format!("{} is not the sum of the buckets ({sum} nano-USD)", cost.total),
-        ));
-    }
-    if let Some(usd) = v.get("cost_usd") {
-        let given = usd.as_str().and_then(|s| Money::parse(s).ok());
-        if given != Some(cost.total) {
-            return Err(invalid("cost_usd", format!("does not equal cost.total ({})", cost.total)));
-        }
-    }
-    if let Some(nanos) = v.get("cost_nano_usd") {
-        if nanos.as_i64() != Some(cost.total.nanos()) {
-            return Err(invalid(
-                "cost_nano_usd",
-                format!("does not equal cost.total ({} nano-USD)", cost.total.nanos()),
-            ));
-        }
-    }
-    Ok(cost)
+    Invalid::new(&path, message)
 }
 
 #[cfg(test)]

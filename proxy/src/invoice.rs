@@ -9,9 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use tollgate_core::money::Money;
+use tollgate_core::record::{Entry, Stored, UsageRecord};
 
 /// What to group invoices by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,43 +46,6 @@ impl GroupBy {
 pub struct SharedCost {
     pub name: String,
     pub amount: Money,
-}
-
-/// The per-bucket costs of one ledger record.
-#[derive(Clone, Copy, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct CostBuckets {
-    pub input: Money,
-    pub cached_input: Money,
-    pub cache_write: Money,
-    pub output: Money,
-    pub reasoning: Money,
-    pub per_call: Money,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Tokens {
-    pub input: u64,
-    pub cached_input: u64,
-    pub cache_write: u64,
-    pub output: u64,
-    pub reasoning: u64,
-}
-
-/// The fields of a ledger record an invoice needs.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Usage {
-    pub ts: String,
-    pub agent: String,
-    pub cost_center: String,
-    pub project: String,
-    pub model: Option<String>,
-    pub tool: Option<String>,
-    pub tokens: Tokens,
-    pub cost: Option<CostBuckets>,
-    pub cost_nano_usd: i64,
 }
 
 /// One line of an invoice.
@@ -135,8 +99,8 @@ struct Acc {
 
 /// Builds the invoices of `period` (`YYYY-MM`, or `YYYY-MM-DD` for a day) from ledger records.
 /// `budget_of` gives a group's budget for the period, if it has one.
-pub fn build<'a>(
-    records: impl IntoIterator<Item = Usage>,
+pub fn build<'a, 'r>(
+    records: impl IntoIterator<Item = &'r UsageRecord>,
     period: &str,
     group_by: GroupBy,
     shared: &[SharedCost],
@@ -163,7 +127,7 @@ pub fn build<'a>(
             e.1 += amount;
         };
         match (&r.tool, &r.model, r.cost) {
-            (Some(tool), _, _) => add(1, tool, "", 1, Money::from_nanos(r.cost_nano_usd)),
+            (Some(tool), _, _) => add(1, tool, "", 1, r.cost_total()),
             (None, model, Some(c)) => {
                 let model = model.as_deref().unwrap_or("unknown");
                 let t = r.tokens;
@@ -175,13 +139,9 @@ pub fn build<'a>(
                 add(0, model, "per_call", u64::from(!c.per_call.is_zero()), c.per_call);
             }
             // A record without its buckets (older ledgers): one line for the whole request.
-            (None, model, None) => add(
-                0,
-                model.as_deref().unwrap_or("unknown"),
-                "total",
-                1,
-                Money::from_nanos(r.cost_nano_usd),
-            ),
+            (None, model, None) => {
+                add(0, model.as_deref().unwrap_or("unknown"), "total", 1, r.cost_total())
+            }
         }
     }
 
@@ -281,7 +241,7 @@ pub fn apportion(amount: Money, counts: &[(String, u64)]) -> Vec<(String, Money)
 /// policy: a monthly budget of the grouped scope, for that key or for every key. Shared costs
 /// are monthly and appear on monthly invoices only (not on a day's).
 pub fn from_ledger(
-    records: &[serde_json::Value],
+    records: &[Stored],
     period: &str,
     group_by: GroupBy,
     shared: &[SharedCost],
@@ -294,10 +254,10 @@ pub fn from_ledger(
         GroupBy::Project => Scope::Project,
         GroupBy::Agent => Scope::Agent,
     };
-    let usage = records
-        .iter()
-        .filter(|r| r["type"] == "usage")
-        .filter_map(|r| serde_json::from_value::<Usage>(r.clone()).ok());
+    let usage = records.iter().filter_map(|r| match &r.entry {
+        Entry::Usage(r) => Some(&**r),
+        _ => None,
+    });
     // Shared costs are monthly amounts: they are allocated on monthly invoices only.
     let shared = if period.len() == 7 { shared } else { &[] };
     build(usage, period, group_by, shared, |group| {
@@ -364,45 +324,80 @@ fn inert(name: &str) -> std::borrow::Cow<'_, str> {
 mod tests {
     use super::*;
 
-    fn usage(i: u64) -> Usage {
-        let n = |k: u64| Money::from_nanos(((i * 7919 + k * 104_729) % 1_000_003) as i64);
-        let cost = CostBuckets {
-            input: n(1),
-            cached_input: n(2),
-            cache_write: if i % 5 == 0 { n(3) } else { Money::ZERO },
-            output: n(4),
-            reasoning: if i % 3 == 0 { n(5) } else { Money::ZERO },
-            per_call: Money::ZERO,
-        };
-        let tool = (i % 11 == 0).then(|| format!("tool-{}", i % 4));
-        let total = if tool.is_some() {
-            Money::from_nanos(10_000_000)
-        } else {
-            cost.input + cost.cached_input + cost.cache_write + cost.output + cost.reasoning
-        };
-        Usage {
-            ts: format!("2026-11-{:02}T10:00:00.000Z", 1 + i % 28),
-            agent: format!("agent-{}", i % 37),
-            cost_center: format!("CC-{:04}", 1000 + i % 13),
-            project: format!("PROJ-{:06}", i % 17),
-            model: Some(["gpt-4o", "claude-sonnet-4-5", "o3"][(i % 3) as usize].into()),
-            tool,
-            tokens: Tokens {
-                input: i % 1000,
-                cached_input: i % 500,
-                cache_write: 1,
-                output: i % 300,
-                reasoning: i % 3,
-            },
-            cost: Some(cost),
+    use tollgate_core::pricing::Cost;
+    use tollgate_core::record::{Decision, End, UsageSource};
+    use tollgate_core::usage::Usage;
+
+    /// A usage record with what an invoice reads.
+    fn record(ts: &str, cost_center: &str, cost: Option<Cost>, total: Money) -> UsageRecord {
+        UsageRecord {
+            ts: ts.into(),
+            reserved_at_ms: 0,
+            request_id: "req".into(),
+            reservation_id: "res".into(),
+            agent: String::new(),
+            cost_center: cost_center.into(),
+            project: String::new(),
+            business_unit: None,
+            route: "openai".into(),
+            provider: "openai".into(),
+            model: None,
+            tool: None,
+            tokens: Usage::default(),
+            cost,
+            cost_usd: total,
             cost_nano_usd: total.nanos(),
+            decision: Decision::Allow,
+            reason: "default_allow".into(),
+            clause: "defaults.llm".into(),
+            policy_version: "v1".into(),
+            budgets: Vec::new(),
+            status: 200,
+            latency_ms: 1,
+            usage_source: UsageSource::Reported,
+            price_source: None,
+            end: End::Complete,
+            source: None,
+            source_event_id: None,
         }
+    }
+
+    fn usage(i: u64) -> UsageRecord {
+        let n = |k: u64| Money::from_nanos(((i * 7919 + k * 104_729) % 1_000_003) as i64);
+        let cost = Cost::from_buckets(
+            n(1),
+            n(2),
+            if i % 5 == 0 { n(3) } else { Money::ZERO },
+            n(4),
+            if i % 3 == 0 { n(5) } else { Money::ZERO },
+            Money::ZERO,
+        );
+        let tool = (i % 11 == 0).then(|| format!("tool-{}", i % 4));
+        let total = if tool.is_some() { Money::from_nanos(10_000_000) } else { cost.total };
+        let mut r = record(
+            &format!("2026-11-{:02}T10:00:00.000Z", 1 + i % 28),
+            &format!("CC-{:04}", 1000 + i % 13),
+            Some(cost),
+            total,
+        );
+        r.agent = format!("agent-{}", i % 37);
+        r.project = format!("PROJ-{:06}", i % 17);
+        r.model = Some(["gpt-4o", "claude-sonnet-4-5", "o3"][(i % 3) as usize].into());
+        r.tool = tool;
+        r.tokens = Usage {
+            input: i % 1000,
+            cached_input: i % 500,
+            cache_write: 1,
+            output: i % 300,
+            reasoning: i % 3,
+        };
+        r
     }
 
     #[test]
     fn line_items_add_up_to_the_totals_exactly_over_100000_records() {
-        let records: Vec<Usage> = (0..100_000).map(usage).collect();
-        let ledger_total: Money = records.iter().map(|r| Money::from_nanos(r.cost_nano_usd)).sum();
+        let records: Vec<UsageRecord> = (0..100_000).map(usage).collect();
+        let ledger_total: Money = records.iter().map(UsageRecord::cost_total).sum();
         let shared = [
             SharedCost {
                 name: "proxy fleet".into(),
@@ -411,7 +406,7 @@ mod tests {
             SharedCost { name: "observability".into(), amount: Money::parse("99.99").unwrap() },
         ];
         for group_by in [GroupBy::CostCenter, GroupBy::Project, GroupBy::Agent] {
-            let inv = build(records.iter().cloned(), "2026-11", group_by, &shared, |_| None);
+            let inv = build(&records, "2026-11", group_by, &shared, |_| None);
             let mut lines_sum = Money::ZERO;
             let mut shared_sum = Money::ZERO;
             let mut requests = 0;
@@ -453,28 +448,24 @@ mod tests {
 
     #[test]
     fn an_invoice_shows_budget_remaining_and_csv_rows() {
-        let records = vec![
-            Usage {
-                ts: "2026-11-03T00:00:00Z".into(),
-                cost_center: "CC-1234".into(),
-                model: Some("gpt-4o".into()),
-                tokens: Tokens { input: 1000, output: 200, ..Tokens::default() },
-                cost: Some(CostBuckets {
-                    input: Money::parse("0.0025").unwrap(),
-                    output: Money::parse("0.002").unwrap(),
-                    ..CostBuckets::default()
-                }),
-                cost_nano_usd: 4_500_000,
-                ..Usage::default()
-            },
-            Usage {
-                ts: "2026-10-31T23:59:59Z".into(),
-                cost_center: "CC-1234".into(),
-                cost_nano_usd: 1,
-                ..Usage::default()
-            },
-        ];
-        let inv = build(records, "2026-11", GroupBy::CostCenter, &[], |g| {
+        let mut first = record(
+            "2026-11-03T00:00:00Z",
+            "CC-1234",
+            Some(Cost::from_buckets(
+                Money::parse("0.0025").unwrap(),
+                Money::ZERO,
+                Money::ZERO,
+                Money::parse("0.002").unwrap(),
+                Money::ZERO,
+                Money::ZERO,
+            )),
+            Money::from_nanos(4_500_000),
+        );
+        first.model = Some("gpt-4o".into());
+        first.tokens = Usage { input: 1000, output: 200, ..Usage::default() };
+        let records =
+            vec![first, record("2026-10-31T23:59:59Z", "CC-1234", None, Money::from_nanos(1))];
+        let inv = build(&records, "2026-11", GroupBy::CostCenter, &[], |g| {
             (g == "CC-1234").then(|| Money::from_usd(5000))
         });
         assert_eq!(inv.invoices.len(), 1);
@@ -528,5 +519,31 @@ mod tests {
         assert_eq!(&rows[1][4], "say \"hi\"\nbye");
         assert_eq!(&rows[2][4], "'@SUM(A1)");
         assert_eq!(&rows[3][3], "total");
+    }
+
+    #[test]
+    fn records_read_from_the_ledger_invoice_by_bucket_or_as_one_line_without_buckets() {
+        let lines = [
+            r#"{"seq":1,"event_id":"x-1","type":"reserve","ts":"2026-11-03T00:00:00.000Z","reserved_at_ms":1,"expires_at_ms":2,"request_id":"r","reservation_id":"r","agent":"a","cost_center":"CC-1","project":"p","amount":"9.00","budgets":[]}"#,
+            r#"{"seq":2,"event_id":"x-2","type":"usage","ts":"2026-11-03T00:00:00.000Z","reserved_at_ms":1,"request_id":"r","reservation_id":"r","agent":"a","cost_center":"CC-1","project":"p","route":"openai","provider":"openai","model":"gpt-4o","tokens":{"input":10,"cached_input":0,"cache_write":0,"output":2,"reasoning":0},"cost":{"input":"0.25","cached_input":"0.00","cache_write":"0.00","output":"0.50","reasoning":"0.00","per_call":"0.00","total":"0.75"},"cost_usd":"0.75","cost_nano_usd":750000000,"decision":"allow","reason":"default_allow","clause":"defaults.llm","policy_version":"v1","budgets":[],"status":200,"latency_ms":1,"usage_source":"reported","end":"complete"}"#,
+            r#"{"type":"usage","ts":"2026-11-04T00:00:00.000Z","reserved_at_ms":1,"request_id":"old","agent":"a","cost_center":"CC-1","project":"p","route":"openai","provider":"openai","model":"gpt-4o","tokens":{"input":1,"cached_input":0,"cache_write":0,"output":1,"reasoning":0},"cost_usd":"0.10","cost_nano_usd":100000000,"decision":"allow","reason":"default_allow","status":200,"latency_ms":1,"usage_source":"reported","end":"client_gone"}"#,
+            r#"{"seq":4,"event_id":"x-4","type":"marker"}"#,
+        ];
+        let stored: Vec<Stored> =
+            lines.iter().map(|l| Stored::decode(l.as_bytes()).unwrap()).collect();
+        let usage = stored.iter().filter_map(|s| s.entry.usage());
+        let inv = build(usage, "2026-11", GroupBy::CostCenter, &[], |_| None);
+        let i = &inv.invoices[0];
+        assert_eq!((i.requests, i.total), (2, Money::parse("0.85").unwrap()));
+        let got: Vec<(&str, u64, Money)> =
+            i.lines.iter().map(|l| (l.kind, l.quantity, l.amount)).collect();
+        assert_eq!(
+            got,
+            [
+                ("input", 10, Money::parse("0.25").unwrap()),
+                ("output", 2, Money::parse("0.50").unwrap()),
+                ("total", 1, Money::parse("0.10").unwrap()),
+            ]
+        );
     }
 }

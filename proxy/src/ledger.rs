@@ -34,14 +34,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use anyhow::Context;
-use serde::Serialize;
-
-use tollgate_core::money::Money;
-use tollgate_core::pricing::Cost;
-use tollgate_core::usage::Usage;
-
 use crate::audit::{self, Chain};
+use anyhow::Context;
 
 use chain::{Key, Linker, Pos, Problem};
 use head::{Head, Tip};
@@ -55,96 +49,8 @@ const LINGER: Duration = Duration::from_millis(1);
 /// detached senders and the ledger reports pressure.
 const QUEUE: usize = 16 * 1024;
 
-/// One metered request, as recorded at its end.
-#[derive(Clone, Debug, Serialize)]
-pub struct Record {
-    pub ts: String,
-    /// When the budget reservation was made (the period the cost lands in).
-    pub reserved_at_ms: u64,
-    pub request_id: String,
-    /// The budget reservation's own unique id (the caller's request id is not trusted to be).
-    pub reservation_id: String,
-    pub agent: String,
-    pub cost_center: String,
-    pub project: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub business_unit: Option<String>,
-    pub route: String,
-    pub provider: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool: Option<String>,
-    pub tokens: Usage,
-    /// Cost by bucket (exact decimal strings); `total` equals `cost_usd`.
-    pub cost: Cost,
-    /// Total cost as an exact decimal string in USD.
-    pub cost_usd: Money,
-    pub cost_nano_usd: i64,
-    pub decision: &'static str,
-    pub reason: String,
-    pub clause: String,
-    pub policy_version: String,
-    /// The budgets the request was reserved against (by id).
-    pub budgets: Vec<String>,
-    pub status: u16,
-    pub latency_ms: u64,
-    pub usage_source: &'static str,
-    /// Where the price came from (`listed`, `requested_model`, `fallback`, `reservation`,
-    /// `free`); absent when nothing was priced (no usage, a tool call).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_source: Option<tollgate_core::pricing::PriceSource>,
-    /// How the response ended: `complete`, `client_gone`, `upstream_error`, `idle_timeout`.
-    pub end: &'static str,
-}
-
-/// A budget reservation, recorded when it is made so that it can be rebuilt after a crash.
-#[derive(Clone, Debug, Serialize)]
-pub struct Reserve {
-    pub ts: String,
-    pub reserved_at_ms: u64,
-    pub expires_at_ms: u64,
-    pub request_id: String,
-    pub reservation_id: String,
-    pub agent: String,
-    pub cost_center: String,
-    pub project: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub business_unit: Option<String>,
-    pub amount: Money,
-    pub budgets: Vec<String>,
-}
-
-/// A usage record that arrived as an event from elsewhere (the Envoy filter, see
-/// [`crate::ingest`]): stored as a `usage` record plus where it came from and the sender's
-/// event id (the key that makes a resent event a duplicate).
-#[derive(Clone, Debug, Serialize)]
-pub struct MeshUsage {
-    #[serde(flatten)]
-    pub record: Record,
-    /// Who metered it (`envoy`).
-    pub source: String,
-    pub source_event_id: String,
-}
-
-/// What the writer stores.
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Entry {
-    Usage(Box<Record>),
-    Reserve(Box<Reserve>),
-    /// Stored as `"type": "usage"`, so invoices, usage totals and the export treat it as one.
-    #[serde(rename = "usage")]
-    Mesh(Box<MeshUsage>),
-}
-
-#[derive(Serialize)]
-struct Stored<'a> {
-    seq: u64,
-    event_id: String,
-    #[serde(flatten)]
-    entry: &'a Entry,
-}
+/// What the writer stores: the typed records of [`tollgate_core::record`].
+pub use tollgate_core::record::{Entry, ReserveRecord, Stored, UsageRecord};
 
 enum Msg {
     Entry(Entry),
@@ -172,7 +78,7 @@ pub struct Settings {
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Ledger records of the last 35 days, oldest first.
-    pub records: Vec<serde_json::Value>,
+    pub records: Vec<Stored>,
     pub segments: usize,
     /// Bytes of a torn last record removed from the ledger and the audit log.
     pub truncated_bytes: u64,
@@ -374,7 +280,7 @@ fn ledger_id(dir: &Path) -> anyhow::Result<String> {
 }
 
 struct Scan {
-    records: Vec<serde_json::Value>,
+    records: Vec<Stored>,
     segments: usize,
     truncated_bytes: u64,
     corrupt_accepted: usize,
@@ -409,9 +315,9 @@ pub fn verified_json(line: &[u8]) -> Option<&[u8]> {
     chain::parse(line).ok().map(|line| line.record)
 }
 
-/// A record's bytes as JSON (the one place that knows the record encoding).
-fn decode(record: &[u8]) -> Result<serde_json::Value, String> {
-    serde_json::from_slice(record).map_err(|e| format!("the record does not decode: {e}"))
+/// A record's bytes as the typed record (the one place that knows the record encoding).
+fn decode(record: &[u8]) -> Result<Stored, String> {
+    Stored::decode(record).map_err(|e| format!("the record does not decode: {e}"))
 }
 
 /// `00000003.seg:17`: how `ledger.accept_corrupt` names a record.
@@ -433,10 +339,12 @@ fn scan(
     let mut last_seq = 0;
     let hash_at: Vec<u64> = checkpoint.map(|h| h.ledger.records).into_iter().collect();
     let walk = chain::walk(dir, &numbers, linker, &hash_at, |record, pos| {
-        let value = decode(record)?;
-        last_seq = value["seq"].as_u64().unwrap_or(last_seq);
-        if value["reserved_at_ms"].as_u64().unwrap_or(u64::MAX) >= replay_from_ms {
-            records.push(value);
+        let stored = decode(record)?;
+        if stored.seq != 0 {
+            last_seq = stored.seq;
+        }
+        if stored.entry.reserved_at_ms().unwrap_or(u64::MAX) >= replay_from_ms {
+            records.push(stored);
             if !accept.is_empty() {
                 positions.push(short(pos));
             }
@@ -603,7 +511,7 @@ impl Writer {
         match msg {
             Msg::Entry(entry) => {
                 self.seq += 1;
-                let stored = Stored {
+                let stored: Stored<&Entry> = Stored {
                     seq: self.seq,
                     event_id: format!("{}-{}", self.id, self.seq),
                     entry: &entry,
@@ -731,11 +639,28 @@ impl Writer {
     }
 }
 
-/// Every record of the ledger in `data_dir`, verified, oldest first (for invoices, the usage
-/// API and tests): checksums and unkeyed links (keyed links need the key: `tollgate audit
+/// Every record of the ledger in `data_dir`, verified and typed, oldest first (for invoices
+/// and the usage API): checksums and unkeyed links (keyed links need the key: `tollgate audit
 /// verify` checks them). An unterminated last line (a torn write, or one being written) is
-/// skipped; any other line that does not verify is an error naming its segment and line.
+/// skipped; any other line that does not verify or does not decode is an error naming its
+/// segment and line.
+pub fn read_records(data_dir: &Path) -> anyhow::Result<Vec<Stored>> {
+    read_with(data_dir, decode)
+}
+
+/// [`read_records`] as JSON, every field as written (for tests and tools); each record is
+/// decoded typed as well, so both read the same ledgers.
 pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    read_with(data_dir, |record| {
+        decode(record)?;
+        serde_json::from_slice(record).map_err(|e| format!("the record does not decode: {e}"))
+    })
+}
+
+fn read_with<T>(
+    data_dir: &Path,
+    decode: impl Fn(&[u8]) -> Result<T, String>,
+) -> anyhow::Result<Vec<T>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();
     let numbers = match segments(&dir) {
@@ -761,11 +686,7 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
 pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Result<chain::Walk> {
     let dir = data_dir.join("ledger");
     let numbers = segments(&dir)?;
-    chain::walk(&dir, &numbers, &Linker::new(key), hashes_at, |record, _| {
-        serde_json::from_slice::<serde::de::IgnoredAny>(record)
-            .map(|_| ())
-            .map_err(|e| format!("the record does not decode: {e}"))
-    })
+    chain::walk(&dir, &numbers, &Linker::new(key), hashes_at, |record, _| decode(record).map(drop))
 }
 
 /// Fails unless `data_dir` holds a ledger (a directory with `ledger/*.seg`): a wrong path must not

@@ -200,7 +200,7 @@ fn main() -> ExitCode {
                 eprintln!("tollgate invoice: {e:#}");
                 return ExitCode::FAILURE;
             }
-            let records = match tollgate::ledger::read_all(&dir) {
+            let records = match tollgate::ledger::read_records(&dir) {
                 Ok(records) => records,
                 Err(e) => {
                     eprintln!("reading the ledger in {}: {e:#}", dir.display());

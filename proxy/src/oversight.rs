@@ -42,6 +42,7 @@ use tollgate_core::guardrails::loops::{self, LoopDetector, Repeat};
 use tollgate_core::guardrails::Category;
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Decision, Effect};
+use tollgate_core::record::AuditKind;
 use tollgate_core::risk::{self, Assessment, OnTimeout, Profile};
 use tollgate_core::time::UnixMillis;
 
@@ -415,9 +416,9 @@ impl Oversight {
                 }
                 shared.ledger.audit(audit::Event {
                     ts: now.to_string(),
-                    kind: "agent_disabled".into(),
+                    kind: AuditKind::AgentDisabled,
                     agent: agent.to_string(),
-                    effect: "deny".into(),
+                    effect: Effect::Deny,
                     reason: "agent_disabled".into(),
                     tool: Some(action.to_string()),
                     actor: Some("proxy".into()),
@@ -451,19 +452,19 @@ fn outcome_key(agent: &str, action: &str) -> String {
 /// Records an approval's change in the audit log.
 pub fn audit_approval(shared: &Shared, a: &Approval, t: Transition, actor: Option<&str>) {
     let effect = match a.state {
-        State::Approved | State::Used => "allow",
-        State::Denied | State::Expired => "deny",
-        State::Pending => "require_approval",
+        State::Approved | State::Used => Effect::Allow,
+        State::Denied | State::Expired => Effect::Deny,
+        State::Pending => Effect::RequireApproval,
     };
     shared.ledger.audit(audit::Event {
         ts: now().to_string(),
-        kind: t.kind().into(),
+        kind: t.kind(),
         request_id: a.used_by_request.clone().unwrap_or_else(|| a.request_id.clone()),
         agent: a.agent.clone(),
         cost_center: a.cost_center.clone(),
         project: a.project.clone(),
         route: a.route.clone(),
-        effect: effect.into(),
+        effect,
         reason: a.reason.clone(),
         tool: Some(a.action.clone()),
         approval_id: Some(a.id.clone()),
@@ -529,13 +530,13 @@ async fn gate(
         if r.mode == Mode::ProposeOnly {
             shared.ledger.audit(audit::Event {
                 ts: now.to_string(),
-                kind: "proposal".into(),
+                kind: AuditKind::Proposal,
                 request_id: action.request_id.to_string(),
                 agent: action.agent.to_string(),
                 cost_center: action.cost_center.to_string(),
                 project: action.project.to_string(),
                 route: action.route.name.clone(),
-                effect: "deny".into(),
+                effect: Effect::Deny,
                 reason: gate.reason.code().into(),
                 tool: Some(action.name.to_string()),
                 ..Default::default()

@@ -27,6 +27,7 @@ use tollgate_core::metering::{Api, ContentEncoding, Meter, Provider, UsageChunkF
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::{Cost, PriceSource};
+use tollgate_core::record::AuditKind;
 use tollgate_core::reservation::{self, Bound};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
@@ -36,7 +37,7 @@ use crate::audit;
 use crate::body::{MeteredBody, Observer, StreamEnd};
 use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
-use crate::ledger::{Entry, Record, Reserve};
+use crate::ledger::{Entry, ReserveRecord, UsageRecord};
 use crate::limits::Limited as RateLimited;
 use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
@@ -191,13 +192,13 @@ pub(crate) fn audit_refusal(
     };
     shared.ledger.audit(audit::Event {
         ts: now().to_string(),
-        kind: "decision".into(),
+        kind: AuditKind::Decision,
         request_id: request_id.to_string(),
         agent: claimed(&who[0]),
         cost_center: claimed(&who[1]),
         project: claimed(&who[2]),
         route,
-        effect: denial.class.decision().into(),
+        effect: denial.class.effect(),
         reason: denial.code.clone(),
         clause: denial.clause.clone(),
         policy_version: denial.policy_version.clone(),
@@ -424,7 +425,7 @@ async fn handle(
                     shared.saw(b.scope, &b.key);
                 }
                 if !r.budgets().is_empty() {
-                    shared.ledger.append(Entry::Reserve(Box::new(Reserve {
+                    shared.ledger.append(Entry::Reserve(Box::new(ReserveRecord {
                         ts: now.to_string(),
                         reserved_at_ms: now.0,
                         expires_at_ms: r.expires_at().0,
@@ -500,13 +501,13 @@ async fn handle(
     };
     shared.ledger.audit(audit::Event {
         ts: now.to_string(),
-        kind: "decision".into(),
+        kind: AuditKind::Decision,
         request_id: request_id.to_string(),
         agent: record.agent.clone(),
         cost_center: record.cost_center.clone(),
         project: record.project.clone(),
         route: record.route.clone(),
-        effect: "allow".into(),
+        effect: Effect::Allow,
         reason: record.reason.clone(),
         clause: Some(record.clause.clone()),
         policy_version: Some(record.policy_version.clone()),
@@ -819,7 +820,7 @@ impl Observer for Settler {
         let status = tollgate_core::refusal::status_class(self.answered.then_some(self.status));
         m.request("allow", &self.base.reason, self.base.model.as_deref(), status);
         let base = &self.base;
-        let record = Record {
+        let record = UsageRecord {
             ts: now.to_string(),
             reserved_at_ms: base.reserved_at_ms,
             request_id: base.request_id.clone(),
@@ -833,19 +834,21 @@ impl Observer for Settler {
             model,
             tool: base.tool.clone(),
             tokens: usage,
-            cost: breakdown,
+            cost: Some(breakdown),
             cost_usd: cost,
             cost_nano_usd: cost.nanos(),
-            decision: "allow",
+            decision: Effect::Allow,
             reason: base.reason.clone(),
             clause: base.clause.clone(),
             policy_version: base.policy_version.clone(),
             budgets: base.budgets.clone(),
             status: self.status,
             latency_ms: self.started.elapsed().as_millis() as u64,
-            usage_source: source.as_str(),
+            usage_source: source,
             price_source,
-            end: end.as_str(),
+            end: end.into(),
+            source: None,
+            source_event_id: None,
         };
         shared.ledger.append(Entry::Usage(Box::new(record)));
     }

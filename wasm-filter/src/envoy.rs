@@ -808,7 +808,7 @@ impl HttpContext for Http {
                      {} at price_source {}",
                     event.request_id,
                     event.model.as_deref().unwrap_or("-"),
-                    event.cost_usd,
+                    event.cost.total,
                     source.as_str()
                 ),
             );
@@ -824,7 +824,7 @@ impl HttpContext for Http {
                     project: &event.project,
                     cost_center: &event.cost_center,
                     usage: event.tokens,
-                    cost: event.cost_usd,
+                    cost: event.cost.total,
                 },
             );
             for w in &event.warnings {
@@ -836,7 +836,7 @@ impl HttpContext for Http {
             let message = format!(
                 "tollgate: request {}: implausible usage report, billed at the reservation \
                  (${}): {why}",
-                event.request_id, event.cost_usd
+                event.request_id, event.cost.total
             );
             log(LogLevel::Warn, &message);
         }
@@ -846,7 +846,7 @@ impl HttpContext for Http {
             let message = format!(
                 "tollgate: request {}: the upstream reported more than was reserved; charged \
                  ${} in full, ${over} over the reservation",
-                event.request_id, event.cost_usd
+                event.request_id, event.cost.total
             );
             log(LogLevel::Warn, &message);
         }
@@ -855,7 +855,7 @@ impl HttpContext for Http {
         }
         if let Some(collector) = &plugin.filter.collector {
             event.event_id = self.vm.next_event_id();
-            if let Ok(line) = serde_json::to_string(&event) {
+            if let Ok(line) = serde_json::to_string(&event.event) {
                 let mut events = self.vm.events.borrow_mut();
                 if events.len() >= collector.max_queued {
                     events.pop_front();

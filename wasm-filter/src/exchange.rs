@@ -23,6 +23,7 @@ use tollgate_core::metering::{
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
+use tollgate_core::record::{Decision, End, UsageEvent};
 use tollgate_core::reservation::{self, Bound, Implausible};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
@@ -82,15 +83,6 @@ struct Admitted {
     tool_cost: Option<Money>,
 }
 
-/// How a request ended, for the usage event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
-    /// The response body reached its end.
-    Complete,
-    /// The stream ended early (client gone, upstream reset).
-    Aborted,
-}
-
 /// One request in flight.
 #[derive(Debug)]
 pub struct Exchange {
@@ -112,52 +104,31 @@ pub struct Exchange {
     out: Vec<u8>,
 }
 
-/// A finished request: its usage event and what to count. The wire format of the collector
-/// (`proxy/src/ingest.rs` reads it): one JSON object per line.
-#[derive(Debug, Serialize)]
-pub struct UsageEvent {
-    /// Unique per event (set by the glue, see `envoy.rs`): a collector deduplicates a resent
-    /// batch by it.
-    pub event_id: String,
-    pub ts: String,
-    pub ts_ms: u64,
-    pub request_id: String,
-    pub agent: String,
-    pub cost_center: String,
-    pub project: String,
-    pub business_unit: Option<String>,
-    pub provider: &'static str,
-    pub model: Option<String>,
-    pub tool: Option<String>,
-    pub tokens: Usage,
-    /// By bucket; `total` equals `cost_usd`.
-    pub cost: Cost,
-    pub cost_usd: Money,
-    pub cost_nano_usd: i64,
-    pub decision: &'static str,
-    pub reason: String,
-    pub clause: String,
-    pub policy_version: String,
-    pub status: u32,
-    pub latency_ms: u64,
-    pub usage_source: &'static str,
-    /// Where the price came from (`listed`, `requested_model`, `fallback`, `reservation`,
-    /// `free`); absent when nothing was priced.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_source: Option<PriceSource>,
-    pub end: &'static str,
-    pub source: &'static str,
-    #[serde(skip)]
+/// A finished request: its usage event (the collector's wire format, one JSON object per line:
+/// [`tollgate_core::record::UsageEvent`], which the collector reads back) and what to count.
+#[derive(Debug)]
+pub struct Finished {
+    pub event: UsageEvent,
     pub warnings: Vec<Warning>,
     /// Charged above the reservation (`tollgate_budget_overrun_nanousd_total`).
-    #[serde(skip)]
     pub overrun: Money,
     /// Why the reported usage was not believed (`tollgate_usage_implausible_total`).
-    #[serde(skip)]
     pub implausible: Option<Implausible>,
     /// The compressed body could not be decoded for metering (counted by the glue).
-    #[serde(skip)]
     pub decode_aborted: Option<DecodeAbort>,
+}
+
+impl std::ops::Deref for Finished {
+    type Target = UsageEvent;
+    fn deref(&self) -> &UsageEvent {
+        &self.event
+    }
+}
+
+impl std::ops::DerefMut for Finished {
+    fn deref_mut(&mut self) -> &mut UsageEvent {
+        &mut self.event
+    }
 }
 
 impl Exchange {
@@ -532,8 +503,9 @@ impl Exchange {
         plugin: &Plugin,
         budgets: &Budgets<SharedStore<D>>,
         now: Now,
-    ) -> Option<UsageEvent> {
+    ) -> Option<Finished> {
         let a = self.admitted.take()?;
+        // The filter cannot tell a client gone from an upstream reset.
         let end = if self.response_done { End::Complete } else { End::Aborted };
         let ok = (200..300).contains(&self.status);
         let mut decode_aborted = None;
@@ -586,44 +558,40 @@ impl Exchange {
         };
         let who = &self.who;
         let s = |v: &Option<String>| v.clone().unwrap_or_default();
-        Some(UsageEvent {
+        let event = UsageEvent {
             event_id: String::new(),
-            ts: now.ms.to_string(),
+            ts: Some(now.ms.to_string()),
             ts_ms: now.ms.0,
             request_id: self.request_id.clone(),
             agent: s(&who.agent),
             cost_center: s(&who.cost_center),
             project: s(&who.project),
             business_unit: who.business_unit.clone(),
+            route: None,
             provider: match (self.api.map(Api::provider).or(self.free), self.mcp) {
                 (Some(p), _) => p.as_str(),
                 (None, true) => "mcp",
                 (None, false) => "other",
-            },
+            }
+            .to_owned(),
             model,
             tool: a.tool,
             tokens: usage,
-            cost_usd: cost.total,
-            cost_nano_usd: cost.total.nanos(),
+            cost_usd: Some(cost.total),
+            cost_nano_usd: Some(cost.total.nanos()),
             cost,
-            decision: "allow",
+            decision: Decision::Allow,
             reason: a.reason,
             clause: a.clause,
             policy_version: a.policy_version,
             status: self.status,
             latency_ms: now.ms.since(self.started),
-            usage_source: source.as_str(),
+            usage_source: source,
             price_source,
-            end: match end {
-                End::Complete => "complete",
-                End::Aborted => "aborted",
-            },
-            source: "envoy",
-            warnings,
-            overrun,
-            implausible,
-            decode_aborted,
-        })
+            end,
+            source: Some("envoy".to_owned()),
+        };
+        Some(Finished { event, warnings, overrun, implausible, decode_aborted })
     }
 
     /// The requested model, once decided (for the decision metric).

@@ -34,6 +34,14 @@ pub enum PriceSource {
 }
 
 impl PriceSource {
+    pub const ALL: [PriceSource; 5] = [
+        PriceSource::Listed,
+        PriceSource::RequestedModel,
+        PriceSource::Fallback,
+        PriceSource::Reservation,
+        PriceSource::Free,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PriceSource::Listed => "listed",

@@ -70,9 +70,9 @@ pub(super) async fn route(
             if was_disabled {
                 shared.ledger.audit(crate::audit::Event {
                     ts: now().to_string(),
-                    kind: "agent_reenabled".into(),
+                    kind: tollgate_core::record::AuditKind::AgentReenabled,
                     agent: agent.to_string(),
-                    effect: "allow".into(),
+                    effect: tollgate_core::policy::Effect::Allow,
                     reason: "operator_reenabled".into(),
                     actor: Some("admin".into()),
                     ..Default::default()

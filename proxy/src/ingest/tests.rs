@@ -69,7 +69,9 @@ fn a_resent_event_is_a_duplicate_in_the_same_and_in_a_later_batch() {
 #[test]
 fn ids_written_before_a_restart_stay_duplicates() {
     let (_, entries) = take(&Ingest::default(), &ndjson(&[event("e-1")]));
-    let restarted = Ingest::from_records(&entries);
+    let stored: Vec<Stored> =
+        entries.into_iter().map(|e| serde_json::from_value(e).unwrap()).collect();
+    let restarted = Ingest::from_records(&stored);
     let (outcome, _) = take(&restarted, &ndjson(&[event("e-1"), event("e-2")]));
     assert_eq!((outcome.accepted, outcome.duplicates), (1, 1));
 }
@@ -122,4 +124,62 @@ fn a_refused_line_does_not_reserve_its_id() {
     assert_eq!(outcome.rejected, 1);
     let (outcome, _) = take(&ingest, &ndjson(&[event("e-1")]));
     assert_eq!(outcome.accepted, 1, "the corrected event is taken");
+}
+
+#[test]
+fn a_value_of_the_wrong_kind_or_a_missing_field_is_named_by_its_path() {
+    let mut end = event("e-1");
+    end["end"] = json!("halted");
+    let mut no_tokens = event("e-2");
+    no_tokens.as_object_mut().unwrap().remove("tokens");
+    let mut no_total = event("e-3");
+    no_total["cost"].as_object_mut().unwrap().remove("total");
+    let mut status = event("e-4");
+    status["status"] = json!("200");
+    let mut source = event("e-5");
+    source["usage_source"] = json!(null);
+    let mut body = ndjson(&[end, no_tokens, no_total, status, source]);
+    body.extend_from_slice(b"[1, 2]\n{\"event_id\": \"e-6\", \n");
+    let mut bare = event("e-7");
+    for optional in
+        ["ts", "request_id", "model", "cost_usd", "cost_nano_usd", "latency_ms", "source"]
+    {
+        bare.as_object_mut().unwrap().remove(optional);
+    }
+    for bucket in ["cached_input", "cache_write", "reasoning", "per_call"] {
+        bare["cost"].as_object_mut().unwrap().remove(bucket);
+        bare["tokens"].as_object_mut().unwrap().remove(bucket);
+    }
+    bare["cost"]["total"] = json!("0.003145");
+    body.extend(ndjson(&[bare]));
+    let (outcome, entries) = take(&Ingest::default(), &body);
+    let got: Vec<(usize, &str)> =
+        outcome.errors.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (1, "end"),
+            (2, "tokens"),
+            (3, "cost.total"),
+            (4, "status"),
+            (5, "usage_source"),
+            (6, ""),
+            (7, "")
+        ]
+    );
+    let errors: Vec<&str> = outcome.errors.iter().map(|e| e.error.as_str()).collect();
+    assert!(errors[0].contains("`halted` is not an end (expected one of complete,"), "{errors:?}");
+    assert_eq!(errors[1], "required: an object of token counts");
+    assert!(errors[2].starts_with("required: a decimal USD string"), "{errors:?}");
+    assert!(errors[3].contains("expected u32"), "{errors:?}");
+    assert!(errors[4].contains("usage_source (one of reported"), "{errors:?}");
+    assert!(errors[5].starts_with("not a JSON object"), "{errors:?}");
+    assert!(errors[6].starts_with("not JSON"), "{errors:?}");
+    assert_eq!(outcome.accepted, 1, "the optional fields may be left out: {outcome:?}");
+    let r = &entries[0];
+    assert_eq!((r["request_id"].as_str(), r["source"].as_str()), (Some("e-7"), Some("mesh")));
+    assert_eq!(
+        (r["cost_nano_usd"].as_i64(), r["tokens"]["cached_input"].as_u64()),
+        (Some(3_145_000), Some(0))
+    );
 }

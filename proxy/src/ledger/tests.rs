@@ -1,5 +1,6 @@
 use super::*;
 use std::time::Instant;
+use tollgate_core::money::Money;
 
 /// The clock the tests open the ledger at (records must be within the replay window).
 const NOW: u64 = 1_795_000_000_000;
@@ -27,7 +28,7 @@ fn open(settings: Settings) -> (Ledger, Recovered) {
 }
 
 fn reserve(i: u64) -> Entry {
-    Entry::Reserve(Box::new(Reserve {
+    Entry::Reserve(Box::new(ReserveRecord {
         ts: "2026-11-18T00:00:00.000Z".into(),
         reserved_at_ms: NOW,
         expires_at_ms: NOW + 60_000,
@@ -50,6 +51,16 @@ fn ids(records: &[serde_json::Value]) -> Vec<(u64, String)> {
     records
         .iter()
         .map(|r| (r["seq"].as_u64().unwrap(), r["request_id"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn stored_ids(records: &[Stored]) -> Vec<(u64, String)> {
+    records
+        .iter()
+        .map(|r| match &r.entry {
+            Entry::Reserve(reserve) => (r.seq, reserve.request_id.clone()),
+            other => panic!("not a reservation: {other:?}"),
+        })
         .collect()
 }
 
@@ -88,7 +99,7 @@ async fn reopening_hands_back_the_records_and_continues_the_sequence() {
     flush(&ledger).await;
     drop(ledger);
     let (ledger, recovered) = open(settings(&dir, 5, None));
-    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    assert_eq!(stored_ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
     assert_eq!(recovered.truncated_bytes, 0);
     ledger.append(reserve(3));
     flush(&ledger).await;
@@ -195,7 +206,7 @@ async fn a_complete_last_line_that_does_not_verify_is_not_cut_and_refuses_to_ope
         Settings { accept_corrupt: vec!["00000001.seg:3".into()], ..settings(&dir, 5, None) };
     let (ledger, recovered) = open(accepting);
     assert_eq!(recovered.corrupt_accepted, 1);
-    assert_eq!(ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
+    assert_eq!(stored_ids(&recovered.records), [(1, "r-1".into()), (2, "r-2".into())]);
     ledger.append(reserve(4));
     flush(&ledger).await;
     drop(ledger);
@@ -235,4 +246,44 @@ async fn a_keyed_ledger_verifies_with_its_key_only() {
     // A short key is refused, naming the file but not the key.
     let err = key_file("short", "short-key").unwrap_err().to_string();
     assert!(err.contains("short holds 9 bytes") && !err.contains("short-key"), "{err}");
+}
+
+#[tokio::test]
+async fn a_verified_record_with_a_value_no_version_writes_is_refused_naming_the_field() {
+    let dir = temp("unknown-code");
+    let (ledger, _) = open(settings(&dir, 0, None));
+    ledger.append(reserve(1));
+    flush(&ledger).await;
+    drop(ledger);
+    // A well-formed line (checksum and link hold) whose `end` is no known value.
+    let seg = dir.join("ledger").join("00000001.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let first = bytes.len() - 1;
+    let link = Linker::new(None).link_after(&bytes[..first]);
+    let json = r#"{"seq":2,"event_id":"x-2","type":"usage","ts":"2026-11-18T00:00:00.000Z","reserved_at_ms":1795000000000,"request_id":"r-2","reservation_id":"res-2","agent":"a","cost_center":"CC-1234","project":"PROJ-ABC123","route":"openai","provider":"openai","tokens":{},"cost_usd":"0.00","cost_nano_usd":0,"decision":"allow","reason":"default_allow","status":200,"latency_ms":1,"usage_source":"none","end":"halted"}"#;
+    chain::frame(&mut bytes, chain::Mode::Sha256, &link, |out| {
+        out.extend_from_slice(json.as_bytes());
+        true
+    })
+    .unwrap();
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = read_records(&dir).expect_err("the record does not decode");
+    let err = format!("{err:#}");
+    assert!(err.contains("00000001.seg:2") && err.contains("`halted` is not an end"), "{err}");
+    let err = Ledger::open(settings(&dir, 0, None), || {}, NOW).err().expect("refused");
+    assert!(format!("{err:#}").contains("`halted` is not an end"), "{err:#}");
+    // The same line with a known value reads.
+    std::fs::write(&seg, &bytes[..first + 1]).unwrap();
+    let json = json.replace("halted", "idle_timeout");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    chain::frame(&mut bytes, chain::Mode::Sha256, &link, |out| {
+        out.extend_from_slice(json.as_bytes());
+        true
+    })
+    .unwrap();
+    std::fs::write(&seg, &bytes).unwrap();
+    let records = read_records(&dir).unwrap();
+    let usage = records[1].entry.usage().expect("a usage record");
+    assert_eq!((usage.end, usage.cost), (tollgate_core::record::End::IdleTimeout, None));
+    let _ = std::fs::remove_dir_all(&dir);
 }

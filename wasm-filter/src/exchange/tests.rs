@@ -88,13 +88,24 @@ fn allowed_call_is_metered_priced_and_settled() {
     let usage = Usage { input: 100, output: 7, ..Usage::default() };
     let cost = p.engine.rates().price("gpt-4o-2024-08-06", usage).unwrap().cost.total;
     assert_eq!(
-        (ev.tokens, ev.cost_usd, ev.end, ev.usage_source),
-        (usage, cost, "complete", "reported")
+        (ev.tokens, ev.cost.total, ev.end, ev.usage_source),
+        (usage, cost, End::Complete, UsageSource::Reported)
     );
     assert_eq!(ev.model.as_deref(), Some("gpt-4o-2024-08-06"));
     assert_eq!(ev.price_source, Some(PriceSource::Listed));
     assert_eq!((ev.agent.as_str(), ev.clause.as_str(), ev.status), ("bot", "defaults.llm", 200));
     assert!(ex.finish(&p, &budgets, NOW).is_none(), "settled once");
+    // What the filter sends is what the collector takes: the same core type, both ways.
+    let mut sent = ev.event.clone();
+    sent.event_id = "vm-1".into();
+    let line = serde_json::to_string(&sent).unwrap();
+    let received: UsageEvent = serde_json::from_str(&line).unwrap();
+    assert_eq!(received, sent);
+    let record = received.into_record(NOW.ms).expect("the collector accepts it");
+    assert_eq!(
+        (record.cost_total(), record.end, record.source.as_deref()),
+        (cost, End::Complete, Some("envoy"))
+    );
 }
 
 #[test]
@@ -114,10 +125,10 @@ fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
     let cost = p.engine.rates().price("gpt-4o", usage).unwrap().cost.total;
     assert!(cost > Money::ZERO);
     assert_eq!(
-        (ev.model.as_deref(), ev.cost_usd, ev.price_source),
+        (ev.model.as_deref(), ev.cost.total, ev.price_source),
         (Some("mystery-7"), cost, Some(PriceSource::RequestedModel))
     );
-    let line = serde_json::to_value(&ev).unwrap();
+    let line = serde_json::to_value(&ev.event).unwrap();
     assert_eq!(line["price_source"], "requested_model", "{line}");
 }
 
@@ -139,12 +150,12 @@ fn client_gone_mid_stream_is_charged_from_what_was_seen() {
         false,
     );
     let ev = ex.finish(&p, &budgets, NOW).unwrap();
-    assert_eq!((ev.end, ev.usage_source), ("aborted", "estimated"));
-    assert!(ev.tokens.output > 0 && ev.cost_nano_usd > 0, "{ev:?}");
+    assert_eq!((ev.end, ev.usage_source), (End::Aborted, UsageSource::Estimated));
+    assert!(ev.tokens.output > 0 && ev.cost.total.nanos() > 0, "{ev:?}");
     // The reservation was replaced by the actual cost on the shared counter.
     let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap();
     let status = budgets.status(spec, "budget-bot", NOW.ms).unwrap();
-    assert_eq!((status.spent.nanos(), status.reserved.nanos()), (ev.cost_nano_usd, 0));
+    assert_eq!((status.spent.nanos(), status.reserved.nanos()), (ev.cost.total.nanos(), 0));
 }
 
 #[test]
@@ -246,7 +257,7 @@ fn model_listings_are_free_missing_models_are_400_and_mcp_session_methods_are_to
         ex.response_chunk(br#"{"object":"list","data":[]}"#, true);
         let ev = ex.finish(&p, &budgets, NOW).unwrap();
         assert_eq!(
-            (ev.provider, ev.cost_usd, ev.price_source, ev.agent.as_str()),
+            (ev.provider.as_str(), ev.cost.total, ev.price_source, ev.agent.as_str()),
             (provider, Money::ZERO, Some(PriceSource::Free), "lister")
         );
     }
@@ -317,7 +328,7 @@ fn upstream_error_is_not_charged() {
     let _ = ex.response_headers(500);
     ex.response_chunk(br#"{"error":{"message":"boom"}}"#, true);
     let ev = ex.finish(&p, &budgets, NOW).unwrap();
-    assert_eq!((ev.cost_nano_usd, ev.usage_source, ev.status), (0, "none", 500));
+    assert_eq!((ev.cost.total.nanos(), ev.usage_source, ev.status), (0, UsageSource::None, 500));
 }
 
 #[test]
@@ -372,7 +383,7 @@ fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_aga
     );
     assert_eq!(String::from_utf8(client).unwrap(), expected);
     let ev = ex.finish(&p, &budgets, NOW).unwrap();
-    assert_eq!((ev.tokens.input, ev.tokens.output, ev.usage_source), (9, 4, "reported"));
+    assert_eq!((ev.tokens.input, ev.tokens.output, ev.usage_source), (9, 4, UsageSource::Reported));
 }
 
 #[test]
@@ -425,7 +436,7 @@ const LIMITED: &str = r#"{
 
 /// Decides `req` for `budget-bot`, answers `response`, finishes; the event and the budget's
 /// (spent, reserved) before and after.
-fn run_limited(req: serde_json::Value, response: &[u8]) -> (UsageEvent, i64, (i64, i64)) {
+fn run_limited(req: serde_json::Value, response: &[u8]) -> (Finished, i64, (i64, i64)) {
     let p = Plugin::from_document(LIMITED).unwrap();
     let data = FakeShared::default();
     let budgets = Budgets::new(SharedStore::new(&data));
@@ -452,9 +463,12 @@ fn without_max_tokens_the_model_output_limit_is_reserved() {
     let (ev, reserved, (spent, still)) = run_limited(req, full);
     // 16,384 output tokens at $10/M, plus at most the body's bytes and 64 input tokens.
     assert!((163_840_000..164_200_000).contains(&reserved), "{reserved}");
-    assert_eq!((ev.usage_source, ev.overrun, ev.implausible), ("reported", Money::ZERO, None));
-    assert!(ev.cost_nano_usd <= reserved, "{} > {reserved}", ev.cost_nano_usd);
-    assert_eq!((spent, still), (ev.cost_nano_usd, 0));
+    assert_eq!(
+        (ev.usage_source, ev.overrun, ev.implausible),
+        (UsageSource::Reported, Money::ZERO, None)
+    );
+    assert!(ev.cost.total.nanos() <= reserved, "{} > {reserved}", ev.cost.total.nanos());
+    assert_eq!((spent, still), (ev.cost.total.nanos(), 0));
 }
 
 #[test]
@@ -462,9 +476,9 @@ fn implausible_usage_is_billed_at_the_reservation() {
     let req = json!({"model": "gpt-4o", "max_tokens": 100, "messages": []});
     let absurd = br#"{"model":"gpt-4o","usage":{"prompt_tokens":18446744073709551615,"completion_tokens":-1}}"#;
     let (ev, reserved, (spent, still)) = run_limited(req, absurd);
-    assert_eq!(ev.usage_source, "implausible");
+    assert_eq!(ev.usage_source, UsageSource::Implausible);
     assert!(ev.implausible.is_some());
-    assert_eq!(ev.cost_nano_usd, reserved);
+    assert_eq!(ev.cost.total.nanos(), reserved);
     assert_eq!(ev.tokens.output, 100, "recorded as the bound");
     assert!(reserved < 10_000_000, "cents, not billions: {reserved}");
     assert_eq!((spent, still, ev.overrun), (reserved, 0, Money::ZERO));
@@ -475,8 +489,8 @@ fn plausible_usage_above_the_reservation_is_charged_and_reported_as_overrun() {
     let req = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
     let more = br#"{"model":"gpt-4o","usage":{"prompt_tokens":0,"completion_tokens":2000}}"#;
     let (ev, reserved, (spent, _)) = run_limited(req, more);
-    assert_eq!((ev.usage_source, ev.implausible), ("reported", None));
-    assert_eq!((ev.cost_nano_usd, spent), (20_000_000, 20_000_000));
+    assert_eq!((ev.usage_source, ev.implausible), (UsageSource::Reported, None));
+    assert_eq!((ev.cost.total.nanos(), spent), (20_000_000, 20_000_000));
     assert_eq!(ev.overrun, Money::from_nanos(20_000_000 - reserved));
 }
 
