@@ -190,6 +190,13 @@ pub const LEDGER_CORRUPT_RECORDS: Metric = gauge(
 );
 pub const IN_FLIGHT: Metric =
     gauge("tollgate_in_flight_requests", &[], "Requests being served", Emitter::Sidecar);
+pub const SHED: Metric = counter(
+    "tollgate_shed_total",
+    &["reason"],
+    "Work refused at once because a limit was reached: `connections` (limits.max_connections) \
+     or `requests_in_flight` (limits.max_requests_in_flight)",
+    Emitter::Sidecar,
+);
 pub const ACTIONS: Metric = counter(
     "tollgate_actions_total",
     &["category", "verdict"],
@@ -265,7 +272,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 28] = [
+pub const ALL: [&Metric; 29] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -282,6 +289,7 @@ pub const ALL: [&Metric; 28] = [
     &LEDGER_ERRORS,
     &LEDGER_CORRUPT_RECORDS,
     &IN_FLIGHT,
+    &SHED,
     &ACTIONS,
     &AUTONOMY,
     &APPROVALS_REQUESTED,

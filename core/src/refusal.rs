@@ -34,6 +34,8 @@ pub enum Class {
     BadRequest,
     /// The request body is larger than allowed.
     TooLarge,
+    /// The request body stalled (no bytes for `limits.body_idle_timeout`).
+    RequestTimeout,
     /// No route matches the request.
     NoRoute,
     /// The upstream could not be reached or failed.
@@ -54,6 +56,7 @@ impl Class {
             Class::BudgetExhausted => 402,
             Class::BadRequest => 400,
             Class::TooLarge => 413,
+            Class::RequestTimeout => 408,
             Class::NoRoute => 404,
             Class::UpstreamUnavailable => 502,
             Class::UpstreamTimeout => 504,
@@ -68,6 +71,7 @@ impl Class {
             Class::RateLimited => "rate_limit_error",
             Class::BudgetExhausted => "insufficient_quota",
             Class::BadRequest | Class::TooLarge | Class::NoRoute => "invalid_request_error",
+            Class::RequestTimeout => "invalid_request_error",
             Class::UpstreamUnavailable | Class::UpstreamTimeout | Class::Unavailable => "api_error",
         }
     }
@@ -80,6 +84,7 @@ impl Class {
             Class::BudgetExhausted => "billing_error",
             Class::BadRequest | Class::TooLarge => "invalid_request_error",
             Class::NoRoute => "not_found_error",
+            Class::RequestTimeout => "timeout_error",
             Class::UpstreamUnavailable | Class::UpstreamTimeout => "api_error",
             Class::Unavailable => "overloaded_error",
         }
@@ -252,6 +257,7 @@ mod tests {
             (Class::BudgetExhausted, 402, "deny"),
             (Class::BadRequest, 400, "deny"),
             (Class::TooLarge, 413, "deny"),
+            (Class::RequestTimeout, 408, "deny"),
             (Class::NoRoute, 404, "deny"),
             (Class::UpstreamUnavailable, 502, "allow"),
             (Class::UpstreamTimeout, 504, "allow"),

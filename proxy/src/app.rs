@@ -164,6 +164,8 @@ pub async fn start_with(
         max_headers: config.limits.max_headers,
         header_read_timeout: config.limits.header_read_timeout,
         drain: config.shutdown_drain,
+        max_connections: config.limits.max_connections,
+        shed: None,
     };
     let forward = match (&config.forward, &config.forward.ca_cert, &config.forward.ca_key) {
         (f, Some(cert), Some(key)) if f.enabled => {
@@ -271,13 +273,17 @@ pub async fn start_with(
     let proxy_task = tokio::spawn(server::serve(
         proxy,
         crate::pipeline::Proxy::new(shared.clone()),
-        conn_limits.clone(),
+        ConnLimits {
+            shed: Some(shared.metrics.shed.with_label_values(&["connections"])),
+            ..conn_limits.clone()
+        },
         stopped(stop_rx.clone()),
     ));
     let admin_task = tokio::spawn(server::serve(
         admin,
         crate::admin::Admin::new(shared.clone()),
-        ConnLimits { drain: Duration::from_secs(1), ..conn_limits },
+        // The admin API: a few operators and one scraper.
+        ConnLimits { drain: Duration::from_secs(1), max_connections: 64, ..conn_limits },
         stopped(stop_rx.clone()),
     ));
     let export =

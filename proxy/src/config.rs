@@ -140,6 +140,12 @@ pub struct RequestLimits {
     pub max_headers: usize,
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
+    /// Longest silence between two pieces of a request body (then 408 and close).
+    pub body_idle_timeout: Duration,
+    /// Connections served at once on the proxy listener; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Requests being served at once; more are answered 503 `overloaded` with `Retry-After`.
+    pub max_requests_in_flight: usize,
 }
 
 /// The whole configuration, validated.
@@ -372,7 +378,6 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         .unwrap_or_else(|| PathBuf::from("tollgate-data"));
     let routes = obj.require(cx, "routes").map(|f| routes(cx, &f)).unwrap_or_default();
     let upstream = upstream_settings(cx, obj.get("upstream"));
-    let limits = request_limits(cx, obj.get("limits"));
     let shutdown_drain = obj
         .get("shutdown_drain")
         .and_then(|f| f.duration_ms(cx))
@@ -397,6 +402,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     } = ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
+    let limits = request_limits(cx, obj.get("limits"), forward.enabled);
     let oversight = crate::oversight::OversightConfig::decode(cx, obj.get("oversight"));
     let autonomy_configured = obj.get("autonomy").is_some();
     let engine = EngineConfig {
@@ -536,7 +542,7 @@ fn upstream_settings(cx: &mut Cx, field: Option<Field<'_>>) -> UpstreamSettings 
     let mut settings = UpstreamSettings {
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(120),
-        stream_idle_timeout: Duration::from_secs(300),
+        stream_idle_timeout: Duration::from_secs(120),
         extra_ca_file: None,
     };
     let Some(field) = field else { return settings };
@@ -559,12 +565,17 @@ fn upstream_settings(cx: &mut Cx, field: Option<Field<'_>>) -> UpstreamSettings 
     settings
 }
 
-fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
+/// The `limits` section. Connection and in-flight defaults are sized for a sidecar (one agent's
+/// traffic) or, with the forward proxy on, for a shared HTTPS_PROXY (many agents).
+fn request_limits(cx: &mut Cx, field: Option<Field<'_>>, shared_proxy: bool) -> RequestLimits {
     let mut limits = RequestLimits {
         max_head_bytes: 64 * 1024,
         max_headers: 100,
         max_body_bytes: 16 * 1024 * 1024,
         header_read_timeout: Duration::from_secs(10),
+        body_idle_timeout: Duration::from_secs(30),
+        max_connections: if shared_proxy { 16_384 } else { 4_096 },
+        max_requests_in_flight: if shared_proxy { 8_192 } else { 2_048 },
     };
     let Some(field) = field else { return limits };
     let Some(mut o) = cx.object(&field) else { return limits };
@@ -580,7 +591,27 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>) -> RequestLimits {
     if let Some(d) = o.get("header_read_timeout").and_then(|f| f.duration_ms(cx)) {
         limits.header_read_timeout = Duration::from_millis(d);
     }
-    o.finish(cx, &["max_head_bytes", "max_headers", "max_body_bytes", "header_read_timeout"]);
+    if let Some(d) = o.get("body_idle_timeout").and_then(|f| f.duration_ms(cx)) {
+        limits.body_idle_timeout = Duration::from_millis(d);
+    }
+    if let Some(n) = o.get("max_connections").and_then(|f| f.u64(cx)) {
+        limits.max_connections = n.clamp(1, u32::MAX as u64) as usize;
+    }
+    if let Some(n) = o.get("max_requests_in_flight").and_then(|f| f.u64(cx)) {
+        limits.max_requests_in_flight = n.clamp(1, u32::MAX as u64) as usize;
+    }
+    o.finish(
+        cx,
+        &[
+            "max_head_bytes",
+            "max_headers",
+            "max_body_bytes",
+            "header_read_timeout",
+            "body_idle_timeout",
+            "max_connections",
+            "max_requests_in_flight",
+        ],
+    );
     limits
 }
 
@@ -799,6 +830,24 @@ mod tests {
         assert_eq!(anthropic.kind, UpstreamKind::Anthropic);
         assert!(config.route(None, "/other").is_none());
         assert!(config.engine.rates().resolve("claude-sonnet-4-5").is_some());
+    }
+
+    #[test]
+    fn limits_default_for_a_sidecar_or_a_shared_forward_proxy() {
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let sidecar = Config::from_str(base).expect("valid");
+        let l = &sidecar.limits;
+        assert_eq!((l.max_connections, l.max_requests_in_flight), (4_096, 2_048));
+        assert_eq!(l.body_idle_timeout, Duration::from_secs(30));
+        assert_eq!(sidecar.upstream.stream_idle_timeout, Duration::from_secs(120));
+        let shared =
+            format!("{base}forward_proxy: {{enabled: true, ca_cert: c.pem, ca_key: k.pem}}\n");
+        let shared = Config::from_str(&shared).expect("valid");
+        let l = &shared.limits;
+        assert_eq!((l.max_connections, l.max_requests_in_flight), (16_384, 8_192));
+        let set = format!("{base}limits: {{max_connections: 10, max_requests_in_flight: 0}}\n");
+        let l = Config::from_str(&set).expect("valid").limits;
+        assert_eq!((l.max_connections, l.max_requests_in_flight), (10, 1));
     }
 
     #[test]

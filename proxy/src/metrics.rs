@@ -63,6 +63,8 @@ pub struct Metrics {
     pub ledger_errors: IntCounter,
     pub ledger_corrupt_records: IntGauge,
     pub in_flight: IntGauge,
+    /// `tollgate_shed_total` by reason (`connections`, `requests_in_flight`).
+    pub shed: IntCounterVec,
     pub actions: IntCounterVec,
     pub autonomy_bp: IntGaugeVec,
     pub approval_reasons: IntCounterVec,
@@ -116,7 +118,12 @@ impl Metrics {
         for reason in tollgate_core::metering::DecodeAbort::ALL {
             meter_decode_aborted.with_label_values(&[reason.as_str()]);
         }
+        let shed = counters(&schema::SHED);
+        for reason in ["connections", "requests_in_flight"] {
+            shed.with_label_values(&[reason]);
+        }
         Metrics {
+            shed,
             requests: counters(&schema::REQUESTS),
             decision_seconds: histograms(
                 &schema::DECISION_DURATION,

@@ -72,6 +72,10 @@ impl Proxy {
         target: Option<&crate::forward::Target>,
     ) -> Response<Body> {
         let shared = &self.shared;
+        // Checked before counting this request: a few requests over the limit can pass when
+        // they arrive on several threads at once, never an unbounded number.
+        let limit = shared.config.limits.max_requests_in_flight;
+        let overloaded = shared.metrics.in_flight.get() >= limit as i64;
         shared.metrics.in_flight.inc();
         let request_id = request_id(req.headers());
         let started = Instant::now();
@@ -90,6 +94,21 @@ impl Proxy {
             Some(UpstreamKind::Anthropic) => Shape::Anthropic,
             _ => Shape::OpenAi,
         };
+        if overloaded {
+            // Shed at once: counted, not audited (an overload must stay cheap to refuse).
+            shared.metrics.in_flight.dec();
+            shared.metrics.shed.with_label_values(&["requests_in_flight"]).inc();
+            shared.metrics.request("deny", "overloaded", None, "none");
+            let denial = Denial {
+                retry_after_secs: Some(1),
+                ..Denial::new(
+                    Class::Unavailable,
+                    "overloaded",
+                    format!("too many requests in flight (limits.max_requests_in_flight: {limit})"),
+                )
+            };
+            return deny::response(&denial, shape, &request_id);
+        }
         // Kept for the audit record of a refusal (cloning a header value does not copy it).
         let names = shared.engine.attribution();
         let who = [
@@ -139,7 +158,8 @@ impl Proxy {
                     "refused"
                 );
                 let mut response = deny::response(&denial, shape, &request_id);
-                if tollgate_core::head::CODES.contains(&denial.code.as_str()) {
+                let stalled = denial.class == Class::RequestTimeout;
+                if stalled || tollgate_core::head::CODES.contains(&denial.code.as_str()) {
                     let close = HeaderValue::from_static("close");
                     response.headers_mut().insert(header::CONNECTION, close);
                 }
@@ -244,21 +264,7 @@ async fn handle(
     if content_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
         return Err(too_large(max_body));
     }
-    let body = Limited::new(body, max_body)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                too_large(max_body)
-            } else {
-                Denial::new(
-                    Class::BadRequest,
-                    "body_read_failed",
-                    "the request body could not be read",
-                )
-            }
-        })?
-        .to_bytes();
+    let body = read_body(body, max_body, shared.config.limits.body_idle_timeout).await?;
 
     // Classify.
     let api = route.kind.is_llm().then(|| Api::from_path(parts.uri.path())).flatten();
@@ -958,6 +964,52 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// Reads a request body of at most `max` bytes, allowing at most `idle` between two of its
+/// pieces: a body that stalls is a 408 (and the connection is closed), never a request held open.
+async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Bytes, Denial> {
+    let mut body = Limited::new(body, max);
+    // A body in one piece (the usual case) is kept as it came, without a copy.
+    let mut first = Bytes::new();
+    let mut more = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(Denial::new(
+                    Class::RequestTimeout,
+                    "body_timeout",
+                    format!(
+                        "the request body stalled: nothing for {} ms (limits.body_idle_timeout)",
+                        idle.as_millis()
+                    ),
+                ))
+            }
+            Ok(None) if more.is_empty() => return Ok(first),
+            Ok(None) => return Ok(more.freeze()),
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                return Err(if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    too_large(max)
+                } else {
+                    Denial::new(
+                        Class::BadRequest,
+                        "body_read_failed",
+                        "the request body could not be read",
+                    )
+                })
+            }
+        };
+        let Ok(chunk) = frame.into_data() else { continue };
+        if first.is_empty() && more.is_empty() {
+            first = chunk;
+        } else {
+            if more.is_empty() {
+                more.extend_from_slice(&first);
+            }
+            more.extend_from_slice(&chunk);
+        }
+    }
 }
 
 fn too_large(max: usize) -> Denial {

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -43,6 +44,10 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after shutdown begins.
     pub drain: Duration,
+    /// Connections served at once; beyond, a new connection gets [`OVERLOADED`] and is closed.
+    pub max_connections: usize,
+    /// Counts connections shed at `max_connections`.
+    pub shed: Option<prometheus::IntCounter>,
 }
 
 impl Default for ConnLimits {
@@ -52,6 +57,8 @@ impl Default for ConnLimits {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(30),
+            max_connections: 4096,
+            shed: None,
         }
     }
 }
@@ -82,6 +89,27 @@ pub fn builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The answer to a connection beyond `max_connections`, written before anything is read (the
+/// OpenAI error shape, which the Anthropic SDKs also read as a retryable 503).
+pub const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+x-tollgate-decision: deny\r\n\
+x-tollgate-reason: overloaded\r\n\
+connection: close\r\n\
+content-length: 121\r\n\r\n\
+{\"error\":{\"code\":\"overloaded\",\"message\":\"too many connections (limits.max_connections)\",\"param\":null,\"type\":\"api_error\"}}";
+
+/// Answers a connection beyond the limit and closes it, spending at most a second on it.
+async fn shed(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        stream.write_all(OVERLOADED).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
@@ -91,6 +119,7 @@ pub async fn serve<H: Handler>(
 ) {
     let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -105,6 +134,13 @@ pub async fn serve<H: Handler>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    if let Some(shed) = &limits.shed {
+                        shed.inc();
+                    }
+                    tokio::spawn(shed(stream));
+                    continue;
+                };
                 let handler = handler.clone();
                 let service = service_fn(move |req| {
                     let handler = handler.clone();
@@ -117,6 +153,7 @@ pub async fn serve<H: Handler>(
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             () = &mut shutdown => break,

@@ -106,6 +106,25 @@ impl Tollgate {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory now (`VmRSS`), in KiB.
+    ///
+    /// # Panics
+    /// If `/proc/<pid>/status` cannot be read.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     /// Sends a signal (`TERM`, `KILL`, ...) with `kill(1)`.
     ///
     /// # Panics
