@@ -19,7 +19,10 @@ const INCLUDE_USAGE: &[u8] = br#"{"include_usage":true}"#;
 /// nothing to do: not a JSON object, `stream` is not `true`, or usage is already included.
 /// Other `stream_options` members (e.g. `include_obfuscation`) are kept.
 pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    serde_json::from_slice::<IgnoredAny>(body).ok()?;
+    // Skipping strings does not check their UTF-8, so the text is checked first: a body that
+    // is not JSON is never rewritten into something that looks like it (found by fuzzing).
+    let text = std::str::from_utf8(body).ok()?;
+    serde_json::from_str::<IgnoredAny>(text).ok()?;
     let (open, members) = members(body)?;
     let value = |m: &Member| &body[m.value.clone()];
     let streams = members.iter().rev().find(|m| m.is(body, "stream")).map(value);

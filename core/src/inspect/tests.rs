@@ -186,8 +186,10 @@ fn include_usage_false_is_turned_on_keeping_other_options() {
 
 #[test]
 fn include_usage_rewrite_is_skipped_when_not_needed() {
-    let cases: [&[u8]; 7] = [
+    let cases: [&[u8]; 8] = [
         br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+        // Not UTF-8 inside a key: not JSON, so not rewritten (found by fuzzing).
+        b"{\"stream\": true, \"x\x80\x80\": 1}",
         br#"{"stream":false,"messages":[]}"#,
         br#"{"stream":"true"}"#,
         br#"{"messages":[]}"#,
