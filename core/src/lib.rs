@@ -13,6 +13,7 @@ pub mod endpoints;
 pub mod engine;
 pub mod guardrails;
 pub mod inspect;
+pub mod lifecycle;
 pub mod metering;
 pub mod money;
 pub mod policy;
