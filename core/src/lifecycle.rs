@@ -320,10 +320,9 @@ pub struct Pending<'p> {
     /// Why: a reason code and a human explanation.
     pub reason: String,
     pub why: String,
-    /// The action's risk (scored with the default profile when nothing declared one).
+    /// The action's risk (scored with the default profile when nothing declared one); it goes
+    /// on the response of a retry that uses a granted approval.
     pub assessment: Assessment,
-    /// Whether a risk profile was declared (the score then also goes on the response).
-    pub declared_risk: bool,
     /// The digest the approval binds to ([`Request::digest`]).
     pub digest: u64,
 }
@@ -439,7 +438,7 @@ impl<'p> Pending<'p> {
         now: UnixMillis,
     ) -> Result<Admitted<'p>, Refusal> {
         let decision = self.decision;
-        let assessment = self.declared_risk.then_some(self.assessment);
+        let assessment = Some(self.assessment);
         let oversaw =
             finish_oversight(&rules.oversight, stores, assessment, true, now).map_err(|d| {
                 Refusal {
@@ -609,7 +608,6 @@ fn oversee<'p, S: Stores>(
         }
     }
     let Some((reason, why)) = ask else { return Ok(Overseen::Pass(assessment)) };
-    let declared_risk = assessment.is_some();
     let assessment = match assessment {
         Some(a) => a,
         None => assess(stores, profile.unwrap_or_default()),
@@ -621,7 +619,6 @@ fn oversee<'p, S: Stores>(
         reason,
         why,
         assessment,
-        declared_risk,
         digest,
     })))
 }
