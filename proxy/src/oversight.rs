@@ -21,9 +21,8 @@
 //! The decisions are the core's (`lifecycle`, `autonomy`, `risk`, `approval`,
 //! `guardrails::{loops, breaker, escalation}`); this module holds their state, reads the clock,
 //! writes the approvals journal and the audit records, and counts what the autonomy metrics
-//! report. Without `autonomy:` or
-//! `oversight:` guards, an allowed request with no declared risk returns at the first check
-//! after one atomic increment.
+//! report. Without `autonomy:` or `oversight:` guards, an allowed request with no declared risk
+//! passes the oversight step on the lifecycle's fast path, with one atomic increment here.
 
 pub mod agents;
 pub mod approvals;
