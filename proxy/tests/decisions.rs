@@ -27,7 +27,10 @@ async fn the_binary_decides_the_shared_table_as_expected() {
             "{{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"{}\"}}",
             mock.base_url()
         ),
-        format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{}\"}}", mock.base_url()),
+        format!(
+            "{{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: \"{}\"}}",
+            mock.base_url()
+        ),
     ];
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
@@ -87,7 +90,9 @@ fn explain_predicts_the_shared_table() {
         format!(
             "{{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"{upstream}\"}}"
         ),
-        format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{upstream}\"}}"),
+        format!(
+            "{{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: \"{upstream}\"}}"
+        ),
     ];
     let yaml = ConfigFile {
         upstream,
