@@ -3,10 +3,10 @@
 //! error in any section is reported together, with its path and line.
 //!
 //! The request lifecycle is the same in the sidecar, the forward proxy and the Envoy filter:
-//! *on request*: attribute ([`Engine::attribution`]), classify (`crate::inspect`), decide
-//! ([`crate::policy::Snapshot::evaluate`]), price the worst case ([`Engine::rates`]), check
-//! limits, reserve budgets (`crate::budget`); *on response end*: meter (`crate::metering`),
-//! price, settle. The adapters own the I/O and the state stores; this module owns no state.
+//! *on request*: attribute ([`Engine::attribution`]), classify (`crate::inspect`), then admit
+//! ([`crate::lifecycle::decide`]: policy, worst case, cost cap, rate limits, oversight, budget
+//! reservation); *on response end*: meter (`crate::metering`), price, settle. The adapters own
+//! the I/O and the state stores; this module owns no state.
 
 use crate::attribution::Attribution;
 use crate::autonomy;

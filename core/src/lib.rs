@@ -14,6 +14,7 @@ pub mod engine;
 pub mod guardrails;
 pub mod head;
 pub mod inspect;
+pub mod lifecycle;
 pub mod metering;
 pub mod metrics;
 pub mod money;

@@ -1,10 +1,16 @@
-//! `tollgate explain`: the decision the proxy would make for a described request, without
-//! sending anything anywhere.
+//! `tollgate explain`: the answer the proxy would give a described request, without sending
+//! anything anywhere.
 //!
 //! The request is described by flags (`--header x-agent-id=bot --path /v1/chat/completions
 //! --model gpt-4o`) or as JSON (`--json '{"headers":{...},"path":"...","body":{...}}'`, or `-`
-//! to read it from stdin). It runs the same steps as the proxy up to the decision: route,
-//! attribution, classification, policy, worst-case cost.
+//! to read it from stdin; `body_text` gives a raw body instead). It runs the proxy's own steps:
+//! route, attribution, classification, then the core's admission phase
+//! (`tollgate_core::lifecycle::decide`: policy, worst-case cost, cost cap, rate limits,
+//! oversight, budgets) against the given configuration, with a store ([`Assumed`]) that answers
+//! from the configuration what it can and lists the live state it had to assume (rate-limit
+//! counters, budget spend, escalation standings, breakers, pending approvals, ...). So every
+//! refusal that depends only on the configuration and the request is predicted, with the
+//! proxy's status and reason; the live checks it could not evaluate are printed.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -13,10 +19,17 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Deserialize;
 
-use tollgate_core::endpoints::{self, Pricing};
-use tollgate_core::inspect;
+use tollgate_core::autonomy::{self, BudgetOutcome};
+use tollgate_core::budget::{BudgetError, Budgets as BudgetEngine, MemoryStore, Reservation};
+use tollgate_core::guardrails::escalation::Standing;
+use tollgate_core::guardrails::loops::Repeat;
+use tollgate_core::inspect::{self, RequestInfo};
+use tollgate_core::lifecycle::{self, Admission, BreakerOpen, Call, Guards, RateLimited, Stores};
 use tollgate_core::metering::{Api, Provider};
-use tollgate_core::policy::Facts;
+use tollgate_core::money::Money;
+use tollgate_core::policy::{Budgets, Facts};
+use tollgate_core::refusal::Denial;
+use tollgate_core::time::UnixMillis;
 
 use crate::config::{Config, UpstreamKind};
 
@@ -58,6 +71,8 @@ struct Described {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     body: Option<serde_json::Value>,
+    /// The body as raw text (e.g. one that is not JSON), in place of `body`.
+    body_text: Option<String>,
 }
 
 pub fn run(args: ExplainArgs) -> ExitCode {
@@ -102,21 +117,38 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     let method = d.method.clone().unwrap_or(args.method.clone());
     let path = d.path.clone().unwrap_or(args.path.clone());
     let host = d.host.clone().or(args.host.clone());
-    let mut body = d.body.clone().unwrap_or_else(|| serde_json::json!({}));
-    if let Some(model) = &args.model {
-        body["model"] = model.clone().into();
-    }
-    if let Some(n) = args.max_tokens {
-        body["max_tokens"] = n.into();
-    }
+    let body_bytes = match &d.body_text {
+        Some(text) => {
+            if args.model.is_some() || args.max_tokens.is_some() {
+                anyhow::bail!("--model and --max-tokens cannot change a `body_text`");
+            }
+            text.clone().into_bytes()
+        }
+        None => {
+            let mut body = d.body.clone().unwrap_or_else(|| serde_json::json!({}));
+            if let Some(model) = &args.model {
+                body["model"] = model.clone().into();
+            }
+            if let Some(n) = args.max_tokens {
+                body["max_tokens"] = n.into();
+            }
+            serde_json::to_vec(&body)?
+        }
+    };
     let headers: std::collections::BTreeMap<String, String> =
         d.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
 
     let mut out = serde_json::Map::new();
     let mut lines = Vec::new();
     let Some(route) = config.route(host.as_deref(), &path) else {
+        let denial = Denial::new(
+            tollgate_core::refusal::Class::NoRoute,
+            "no_route",
+            format!("no route for {} {path}", host.as_deref().unwrap_or("-")),
+        );
         lines.push(format!("route:          none for {path} (the proxy answers 404 no_route)"));
-        return Ok((lines.join("\n"), false));
+        outcome(&mut lines, &mut out, Err(&denial));
+        return Ok((render(&args, lines, out), false));
     };
     lines.push(format!(
         "route:          {} ({} → {})",
@@ -132,6 +164,12 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
             Err(e) => {
                 lines.push(format!("attribution:    REJECTED (403): {e}"));
                 out.insert("attribution".into(), serde_json::to_value(&e)?);
+                let denial = Denial::new(
+                    tollgate_core::refusal::Class::Attribution,
+                    "attribution_rejected",
+                    e.to_string(),
+                );
+                outcome(&mut lines, &mut out, Err(&denial));
                 return Ok((render(&args, lines, out), false));
             }
         };
@@ -141,62 +179,296 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         identity.cost_center.unwrap_or("-"),
         identity.project.unwrap_or("-")
     ));
+    // Classify as the proxy does: the body is inspected when it is JSON (a model or MCP route,
+    // or a JSON content type) and not empty.
     let api = route.kind.is_llm().then(|| Api::from_path(&path)).flatten();
-    let body_bytes = serde_json::to_vec(&body)?;
-    let info = inspect::inspect(api, &body_bytes)?;
-    let (tool, kind) = route.classify(&info);
-    let facts = Facts {
-        provider: Some(route.kind.provider()),
-        model: info.model.as_deref(),
-        tool,
-        category: route.category.as_deref(),
-        host: host.as_deref(),
-        method: Some(&method),
-        path: Some(&path),
-        ..Facts::from_identity(&identity, kind)
-    };
-    let policy = config.engine.policy();
-    let decision = policy.evaluate(&facts);
-    lines.push(decision.to_string().trim_end().to_string());
-    out.insert("decision".into(), serde_json::to_value(decision)?);
-    if route.kind.is_llm() {
-        let provider = match route.kind {
-            UpstreamKind::Anthropic => Provider::Anthropic,
-            _ => Provider::OpenAi,
-        };
-        let model =
-            match endpoints::llm_pricing(Some(provider), &method, &path, info.model.as_deref()) {
-                Ok(Pricing::Free(endpoint)) => {
-                    lines.push(format!("worst case:     $0 ({endpoint} is free)"));
-                    out.insert("worst_case_usd".into(), "0".into());
-                    let allowed = decision.effect == tollgate_core::policy::Effect::Allow;
-                    return Ok((render(&args, lines, out), allowed));
-                }
-                Ok(Pricing::Model(model)) => model,
-                Err(e) => {
-                    lines
-                        .push(format!("worst case:     {e} (the proxy answers 400 missing_model)"));
-                    return Ok((render(&args, lines, out), false));
-                }
-            };
-        let bound =
-            tollgate_core::reservation::bound(api, &info, config.engine.rates().limits(model));
-        match config.engine.rates().worst_case(model, bound.input, bound.output) {
-            Ok(priced) => {
-                lines.push(format!(
-                    "worst case:     ${} ({} input tokens at most, {} output tokens max)",
-                    priced.cost.total, bound.input, bound.output
-                ));
-                out.insert("worst_case_usd".into(), priced.cost.total.to_string().into());
-            }
+    let json = headers.get("content-type").is_some_and(|v| v.starts_with("application/json"))
+        || api.is_some()
+        || route.kind == UpstreamKind::Mcp;
+    let info = if json && !body_bytes.is_empty() {
+        match inspect::inspect(api, &body_bytes) {
+            Ok(info) => info,
             Err(e) => {
-                lines.push(format!("worst case:     {e} (the proxy answers 403 unknown_model)"));
+                let denial = Denial::new(
+                    tollgate_core::refusal::Class::BadRequest,
+                    "malformed_body",
+                    e.to_string(),
+                );
+                outcome(&mut lines, &mut out, Err(&denial));
                 return Ok((render(&args, lines, out), false));
             }
         }
+    } else {
+        RequestInfo::default()
+    };
+    let (tool, kind) = route.classify(&info);
+    let llm = route.kind.is_llm();
+    let host = host.as_deref().map(|h| {
+        h.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(h, |(h, _)| h)
+    });
+    let req = lifecycle::Request {
+        facts: Facts {
+            provider: Some(route.kind.provider()),
+            model: info.model.as_deref(),
+            tool,
+            category: route.category.as_deref(),
+            host,
+            method: Some(&method),
+            path: Some(path.split(['?', '#']).next().unwrap_or(&path)),
+            ..Facts::from_identity(&identity, kind)
+        },
+        call: if llm {
+            Call::Llm(Some(if route.kind == UpstreamKind::Anthropic {
+                Provider::Anthropic
+            } else {
+                Provider::OpenAi
+            }))
+        } else {
+            Call::Other
+        },
+        api,
+        info: &info,
+        body: &body_bytes,
+        action: tool.unwrap_or(if llm { "llm" } else { route.name.as_str() }),
+        is_tool: tool.is_some(),
+        risk: route.risk,
+    };
+    let policy = config.engine.policy();
+    let o = &config.oversight;
+    let rules = lifecycle::Rules {
+        engine: &config.engine,
+        policy,
+        oversight: Guards {
+            autonomy: config.autonomy_configured,
+            loops: o.loops.is_some(),
+            breakers: o.breaker.is_some() && !config.routes.is_empty(),
+            escalation: o.escalation.is_some(),
+            thresholds: o.thresholds,
+        },
+    };
+    let decision = policy.evaluate(&req.facts);
+    // The policy's own effect; the proxy's answer is the `outcome` line below.
+    let text = decision.to_string();
+    lines.push(text.trim_end().replacen("effect:         ", "policy effect:  ", 1));
+    out.insert("decision".into(), serde_json::to_value(decision)?);
+    match lifecycle::price(&config.engine, &req) {
+        Ok(priced) if priced.free => {
+            let provider = match req.call {
+                Call::Llm(provider) => provider,
+                Call::Other => None,
+            };
+            let path = req.facts.path.unwrap_or_default();
+            let endpoint = tollgate_core::endpoints::free_endpoint(provider, &method, path);
+            lines.push(format!("worst case:     $0 ({} is free)", endpoint.unwrap_or(path)));
+            out.insert("worst_case_usd".into(), "0".into());
+        }
+        Ok(priced) => {
+            let total = priced.worst_case();
+            let text = match priced.bound {
+                Some(b) => format!(
+                    "worst case:     ${total} ({} input tokens at most, {} output tokens max)",
+                    b.input, b.output
+                ),
+                None => format!("worst case:     ${total}"),
+            };
+            lines.push(text);
+            out.insert("worst_case_usd".into(), total.to_string().into());
+        }
+        Err(d) => lines.push(format!(
+            "worst case:     {} (the proxy answers {} {})",
+            d.message,
+            d.class.status(),
+            d.code
+        )),
     }
-    let allowed = decision.effect == tollgate_core::policy::Effect::Allow;
+    let mut assumed = Assumed::new();
+    let now = crate::pipeline::now();
+    let approval = headers.get(crate::oversight::APPROVAL_HEADER);
+    let result = match lifecycle::decide(&rules, &req, &mut assumed, now) {
+        Ok(Admission::Admitted(_)) => Ok(()),
+        Ok(Admission::NeedsApproval(pending)) => {
+            let d = pending.decision;
+            match approval {
+                Some(id) => {
+                    assumed.note(format!(
+                        "approval {id}: whether it is granted for this request (assumed granted)"
+                    ));
+                    pending
+                        .granted(&rules, &req, &mut assumed, now)
+                        .map(drop)
+                        .map_err(|r| *r.denial)
+                }
+                None => {
+                    assumed.note(
+                        "a granted approval sent as x-tollgate-approval would let the request on"
+                            .into(),
+                    );
+                    Err(Denial::new(
+                        tollgate_core::refusal::Class::ApprovalRequired,
+                        pending.reason,
+                        pending.why,
+                    )
+                    .with_decision(d.clause, d.policy_version))
+                }
+            }
+        }
+        Err(refusal) => Err(*refusal.denial),
+    };
+    let allowed = result.is_ok();
+    outcome(&mut lines, &mut out, result.as_ref().map(|_| &decision));
+    if !assumed.notes.is_empty() {
+        lines.push("not evaluated (live state, assumed):".into());
+        for note in &assumed.notes {
+            lines.push(format!("  - {note}"));
+        }
+    }
+    out.insert("not_evaluated".into(), assumed.notes.clone().into());
     Ok((render(&args, lines, out), allowed))
+}
+
+/// Prints the proxy's answer: allow, or the refusal with its status and reason.
+fn outcome(
+    lines: &mut Vec<String>,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    result: Result<&tollgate_core::policy::Decision<'_>, &Denial>,
+) {
+    let value = match result {
+        Ok(d) => {
+            lines.push("outcome:        allow".into());
+            serde_json::json!({
+                "effect": "allow",
+                "status": 200,
+                "reason": d.reason,
+                "clause": d.clause,
+                "policy_version": d.policy_version,
+            })
+        }
+        Err(d) => {
+            lines.push(format!(
+                "outcome:        {} ({} {}){}: {}",
+                d.class.decision(),
+                d.class.status(),
+                d.code,
+                d.clause.as_deref().map(|c| format!(" by {c}")).unwrap_or_default(),
+                d.message
+            ));
+            serde_json::json!({
+                "effect": d.class.decision(),
+                "status": d.class.status(),
+                "reason": d.code,
+                "clause": d.clause,
+                "policy_version": d.policy_version,
+                "message": d.message,
+            })
+        }
+    };
+    out.insert("outcome".into(), value);
+}
+
+/// The lifecycle's live state as far as a configuration can tell: limits and budgets are judged
+/// as if nothing had been counted or spent yet (so a request over a whole minute's tokens or a
+/// whole budget is still refused), everything else is assumed to pass, and each assumption is
+/// noted.
+struct Assumed {
+    notes: Vec<String>,
+    budgets: BudgetEngine<MemoryStore>,
+}
+
+impl Assumed {
+    fn new() -> Self {
+        Assumed { notes: Vec::new(), budgets: BudgetEngine::new(MemoryStore::default()) }
+    }
+
+    fn note(&mut self, text: String) {
+        self.notes.push(text);
+    }
+}
+
+impl Stores for Assumed {
+    fn take_rate(
+        &mut self,
+        clause: &str,
+        agent: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        _now: UnixMillis,
+    ) -> Result<(), RateLimited> {
+        // More tokens than a whole minute allows is refused whatever was counted before.
+        if let Some(limit) = tpm.filter(|&l| l > 0 && tokens > l) {
+            return Err(RateLimited::Tokens { limit, retry_after_secs: 60 });
+        }
+        let limits = tollgate_core::policy::Limits { rpm, tpm, max_cost_per_request: None };
+        self.note(format!(
+            "rate limits ({limits}) for agent {agent} under {clause}: what the last minute used \
+             (this request takes 1 request and {tokens} tokens)"
+        ));
+        Ok(())
+    }
+
+    fn recordable(&mut self) -> bool {
+        self.note("the ledger is writable (assumed)".into());
+        true
+    }
+
+    fn standing(&mut self, agent: &str) -> Standing {
+        self.note(format!("escalation standing of agent {agent} (assumed normal)"));
+        Standing::Normal { consecutive_errors: 0 }
+    }
+
+    fn observe_call(&mut self, _digest: u64, _now: UnixMillis) -> Repeat {
+        self.note("loop detector: identical calls already made (assumed none)".into());
+        Repeat::Fresh { count: 1 }
+    }
+
+    fn consume_autonomy(
+        &mut self,
+        _limits: autonomy::Limits,
+        agent: &str,
+        action: &str,
+        _now: UnixMillis,
+    ) -> BudgetOutcome {
+        self.note(format!(
+            "autonomy budget of agent {agent} for {action}: units used today (assumed none)"
+        ));
+        BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None }
+    }
+
+    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
+        let note = format!("success history of agent {agent} for {action} (risk scored without)");
+        if !self.notes.contains(&note) {
+            self.note(note);
+        }
+        None
+    }
+
+    fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
+        self.note("the upstream's circuit breaker (assumed closed)".into());
+        Ok(())
+    }
+
+    fn reserve(
+        &mut self,
+        budgets: &Budgets<'_>,
+        facts: &Facts<'_>,
+        amount: Money,
+        now: UnixMillis,
+    ) -> Result<Option<Reservation>, BudgetError> {
+        let ids: Vec<&str> = budgets.iter().map(|b| b.id.as_str()).collect();
+        self.note(format!("spend so far in budget(s) {} (assumed $0)", ids.join(", ")));
+        self.budgets
+            .reserve(
+                budgets.iter(),
+                |s| lifecycle::scope_value(facts, s),
+                amount,
+                "explain",
+                now,
+                60_000,
+            )
+            .map(Some)
+    }
 }
 
 fn render(

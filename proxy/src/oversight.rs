@@ -1,9 +1,11 @@
 //! Human oversight on the request path (seeds 000, 001, 002): approvals, risk scores, autonomy
 //! modes and budgets, and the runaway-agent guards (loops, circuit breakers, error escalation).
 //!
-//! The pipeline calls [`admit`] once, after the policy decision and the cost checks, and
-//! [`Oversight::settle`] once when the response ends. `admit` answers with a pass or one
-//! [`Denial`], in this order, first refusal wins:
+//! The order of the checks is the core's (`tollgate_core::lifecycle::decide`, which the pipeline
+//! runs through [`admit`]); this module is its live state ([`Live`], the lifecycle's `Stores`
+//! port), the approvals it waits on, and [`Oversight::settle`], called once when the response
+//! ends. The oversight step answers with a pass or one [`Denial`], in this order, first refusal
+//! wins:
 //!
 //! 1. a disabled agent (error escalation) → deny `agent_disabled`;
 //! 2. autonomy `DISABLED` / `PROPOSE_ONLY` → deny (a proposal is recorded);
@@ -16,11 +18,11 @@
 //!    created and its id returned in the provider-shaped 403;
 //! 5. the upstream's circuit breaker is open → fast 503 `circuit_open`.
 //!
-//! The decisions are the core's (`autonomy`, `risk`, `approval`, `guardrails::{loops, breaker,
-//! escalation}`); this module holds their state, reads the clock, writes the approvals journal
-//! and the audit records, and counts what the autonomy metrics report. Without `autonomy:` or
-//! `oversight:` guards, an allowed request with no declared risk returns at the first check
-//! after one atomic increment.
+//! The decisions are the core's (`lifecycle`, `autonomy`, `risk`, `approval`,
+//! `guardrails::{loops, breaker, escalation}`); this module holds their state, reads the clock,
+//! writes the approvals journal and the audit records, and counts what the autonomy metrics
+//! report. Without `autonomy:` or `oversight:` guards, an allowed request with no declared risk
+//! passes the oversight step on the lifecycle's fast path, with one atomic increment here.
 
 pub mod agents;
 pub mod approvals;
@@ -31,19 +33,18 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
-use serde_json::Value;
-
 use tollgate_core::approval::{self, Approval, RedeemError, State, Transition};
-use tollgate_core::autonomy::{self, Mode};
+use tollgate_core::autonomy::{self, BudgetOutcome};
+use tollgate_core::budget::{BudgetError, Reservation};
 use tollgate_core::guardrails::breaker::{Admission, Breaker};
 use tollgate_core::guardrails::escalation::{Escalation, Outcome, Standing};
-use tollgate_core::guardrails::loops::{self, LoopDetector, Repeat};
+use tollgate_core::guardrails::loops::{LoopDetector, Repeat};
 use tollgate_core::guardrails::Category;
+use tollgate_core::lifecycle::{self, BreakerOpen, Guards, Pending, RateLimited, Step, Stores};
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Decision, Effect};
+use tollgate_core::policy::{Budgets, Decision, Effect, Facts};
 use tollgate_core::record::AuditKind;
-use tollgate_core::risk::{self, Assessment, OnTimeout, Profile};
+use tollgate_core::risk::{self, Assessment, OnTimeout};
 use tollgate_core::time::UnixMillis;
 
 use crate::app::Shared;
@@ -128,7 +129,7 @@ impl Counts {
     }
 }
 
-/// A request as the oversight step sees it.
+/// A request as the approvals and the audit records name it.
 pub struct Action<'a> {
     pub request_id: &'a str,
     pub agent: &'a str,
@@ -137,34 +138,10 @@ pub struct Action<'a> {
     pub route: &'a Route,
     /// The tool name, or `llm` for model calls (the autonomy action type).
     pub name: &'a str,
-    pub is_tool: bool,
     /// An index into [`CATEGORIES`].
     pub category: usize,
-    /// The tool call's arguments when the body had them parsed (MCP).
-    pub arguments: Option<&'a Value>,
-    /// The request body (the arguments of REST tool and model calls).
-    pub body: &'a Bytes,
-    /// The worst-case cost (the risk's cost impact).
-    pub cost: Money,
     /// The `x-tollgate-approval` header.
     pub approval: Option<&'a str>,
-}
-
-impl Action<'_> {
-    /// The digest approvals and the loop detector bind to: agent, action and arguments.
-    fn digest(&self) -> u64 {
-        match self.arguments {
-            Some(args) => loops::digest(self.agent, self.name, args),
-            None => match serde_json::from_slice::<Value>(self.body) {
-                Ok(args) => loops::digest(self.agent, self.name, &args),
-                Err(_) => loops::digest(
-                    self.agent,
-                    self.name,
-                    &Value::String(String::from_utf8_lossy(self.body).into_owned()),
-                ),
-            },
-        }
-    }
 }
 
 /// What a passed request carries to [`Oversight::settle`].
@@ -256,12 +233,15 @@ impl Oversight {
         &self.config
     }
 
-    /// Whether anything beyond the policy's own effect can gate a request.
-    fn guards(&self) -> bool {
-        self.autonomy
-            || self.loops.is_some()
-            || !self.breakers.is_empty()
-            || self.escalation.is_some()
+    /// The guards the lifecycle's oversight step runs.
+    pub fn guards(&self) -> Guards {
+        Guards {
+            autonomy: self.autonomy,
+            loops: self.loops.is_some(),
+            breakers: !self.breakers.is_empty(),
+            escalation: self.escalation.is_some(),
+            thresholds: self.config.thresholds,
+        }
     }
 
     /// The metrics category of a request.
@@ -362,13 +342,6 @@ impl Oversight {
         let key = outcome_key(agent, action);
         let outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
         outcomes.get(key.as_str()).copied().filter(|(_, total)| *total > 0)
-    }
-
-    /// Scores an action: declared grades, cost impact from its worst-case cost, historical
-    /// success from this proxy's outcome counts for the agent and action.
-    fn assess(&self, action: &Action<'_>, profile: Profile) -> Assessment {
-        let history = self.history(action.agent, action.name);
-        risk::assess(&profile.factors(Some(action.cost), history), &self.config.thresholds)
     }
 
     /// Reports how an admitted request ended: the upstream's status (0 when it could not be
@@ -474,172 +447,221 @@ pub fn audit_approval(shared: &Shared, a: &Approval, t: Transition, actor: Optio
     });
 }
 
-/// The oversight step of one request: a pass, or the refusal. See the module doc for the order.
-pub async fn admit(
-    shared: &Arc<Shared>,
-    action: &Action<'_>,
-    decision: &Decision<'_>,
-) -> Result<Admitted, Denial> {
-    let o = &shared.oversight;
-    let route_risk = action.route.risk;
-    let profile = match (decision.risk, route_risk) {
-        (Some(rule), Some(route)) => Some(rule.over(route)),
-        (rule, route) => rule.or(route),
-    };
-    // The common path: nothing but the policy's allow applies.
-    if decision.effect == Effect::Allow && profile.is_none() && !o.guards() {
-        o.count(action.category, Verdict::Auto);
-        return Ok(Admitted::default());
-    }
-    let result = gate(shared, action, decision, profile).await;
-    let verdict = match &result {
-        Ok((_, true)) => Verdict::Approved,
-        Ok((_, false)) => Verdict::Auto,
-        Err(d) if d.class == Class::ApprovalRequired => Verdict::Approval,
-        Err(_) => Verdict::Denied,
-    };
-    o.count(action.category, verdict);
-    result.map(|(admitted, _)| admitted)
+/// The live state of one request's lifecycle (the core's `Stores` port) over the proxy's
+/// in-process stores: rate limiters, the ledger's health, the oversight state and the budgets.
+pub struct Live<'a> {
+    pub shared: &'a Shared,
+    pub route: &'a Route,
+    /// The id the budget reservation is made under.
+    pub reservation_id: &'a str,
+    /// How long a reservation is held before the budget gets it back by itself.
+    pub reservation_ttl_ms: u64,
+    /// The breaker that admitted the call (an index), set when it was asked.
+    breaker: Option<usize>,
 }
 
-/// [`admit`] past the fast path; `true` when a granted approval was used.
-async fn gate(
+impl<'a> Live<'a> {
+    pub fn new(
+        shared: &'a Shared,
+        route: &'a Route,
+        reservation_id: &'a str,
+        reservation_ttl_ms: u64,
+    ) -> Self {
+        Live { shared, route, reservation_id, reservation_ttl_ms, breaker: None }
+    }
+}
+
+impl Stores for Live<'_> {
+    fn take_rate(
+        &mut self,
+        clause: &str,
+        agent: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        _now: UnixMillis,
+    ) -> Result<(), RateLimited> {
+        let key = format!("{clause}\u{0}{agent}");
+        self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
+            crate::limits::Limited::Requests { limit, retry_after } => {
+                RateLimited::Requests { limit, retry_after_secs: retry_after.as_secs().max(1) }
+            }
+            crate::limits::Limited::Tokens { limit, retry_after } => {
+                RateLimited::Tokens { limit, retry_after_secs: retry_after.as_secs().max(1) }
+            }
+        })
+    }
+
+    fn recordable(&mut self) -> bool {
+        self.shared.ledger.is_healthy()
+    }
+
+    fn standing(&mut self, agent: &str) -> Standing {
+        self.shared.oversight.standing(agent)
+    }
+
+    fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat {
+        match &self.shared.oversight.loops {
+            Some(detector) => detector.observe_digest(digest, now),
+            None => Repeat::Fresh { count: 1 },
+        }
+    }
+
+    fn consume_autonomy(
+        &mut self,
+        limits: autonomy::Limits,
+        agent: &str,
+        action: &str,
+        now: UnixMillis,
+    ) -> BudgetOutcome {
+        self.shared.oversight.budget.consume(limits, agent, action, now)
+    }
+
+    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
+        self.shared.oversight.history(agent, action)
+    }
+
+    fn breaker(&mut self, now: UnixMillis) -> Result<(), BreakerOpen> {
+        let o = &self.shared.oversight;
+        let Some(i) = o.breaker_index.get(self.route.name.as_str()).copied() else {
+            return Ok(());
+        };
+        self.breaker = Some(i);
+        let admission = o.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner).allow(now);
+        match admission {
+            Admission::Permit => Ok(()),
+            Admission::Rejected { retry_after_ms } => {
+                Err(BreakerOpen { upstream: o.breakers[i].0.clone(), retry_after_ms })
+            }
+        }
+    }
+
+    fn reserve(
+        &mut self,
+        budgets: &Budgets<'_>,
+        facts: &Facts<'_>,
+        amount: Money,
+        now: UnixMillis,
+    ) -> Result<Option<Reservation>, BudgetError> {
+        let reserved = self.shared.budgets.reserve(
+            budgets.iter(),
+            |scope| lifecycle::scope_value(facts, scope),
+            amount,
+            self.reservation_id,
+            now,
+            self.reservation_ttl_ms,
+        );
+        if let Err(e) = &reserved {
+            if !matches!(e, BudgetError::Exceeded { .. }) {
+                tracing::error!(error = %e, "budget store");
+            }
+        }
+        reserved.map(Some)
+    }
+}
+
+/// Runs the lifecycle's admission phase (`tollgate_core::lifecycle::decide`) and acts on what
+/// waits on I/O: a proposal is audited, an approval is redeemed (the lifecycle then goes on) or
+/// requested (the request is refused with its id). Counts the oversight verdict for the
+/// autonomy metrics. On a pass, also returns what [`Oversight::settle`] needs.
+pub async fn admit<'p>(
     shared: &Arc<Shared>,
     action: &Action<'_>,
-    decision: &Decision<'_>,
-    profile: Option<Profile>,
-) -> Result<(Admitted, bool), Denial> {
-    let o = &shared.oversight;
-    let now = now();
-    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-
-    // 1. A disabled agent stays out until an operator re-enables it.
-    let standing = o.standing(action.agent);
-    if let (Standing::Disabled { .. }, Some(reason), Some(why)) =
-        (standing, standing.reason(), standing.explanation())
-    {
-        return Err(with_decision(Denial::new(Class::Policy, reason, why)));
-    }
-
-    // 2. Autonomy modes that forbid execution.
-    let resolution = o
-        .autonomy
-        .then(|| shared.engine.autonomy().resolve(action.cost_center, action.agent, action.name));
-    if let Some(r) = resolution.filter(|r| matches!(r.mode, Mode::Disabled | Mode::ProposeOnly)) {
-        let gate = autonomy::gate(r, None);
-        if r.mode == Mode::ProposeOnly {
-            shared.ledger.audit(audit::Event {
-                ts: now.to_string(),
-                kind: AuditKind::Proposal,
-                request_id: action.request_id.to_string(),
-                agent: action.agent.to_string(),
-                cost_center: action.cost_center.to_string(),
-                project: action.project.to_string(),
-                route: action.route.name.clone(),
-                effect: Effect::Deny,
-                reason: gate.reason.code().into(),
-                tool: Some(action.name.to_string()),
-                ..Default::default()
-            });
+    rules: &lifecycle::Rules<'p>,
+    req: &lifecycle::Request<'_>,
+    live: &mut Live<'_>,
+    now: UnixMillis,
+) -> Result<(lifecycle::Admitted<'p>, Admitted), Denial> {
+    let (result, verdict) = match lifecycle::decide(rules, req, live, now) {
+        Ok(lifecycle::Admission::Admitted(a)) => (Ok(a), Some(Verdict::Auto)),
+        Ok(lifecycle::Admission::NeedsApproval(pending)) => {
+            approve(shared, action, *pending, rules, req, live, now).await
         }
-        return Err(with_decision(Denial::new(
-            Class::Policy,
-            gate.reason.code(),
-            gate.explanation(),
-        )));
-    }
-
-    // 3. The same call again and again. The digest (which may parse the body) is computed only
-    // for tool calls under the loop detector and for approvals.
-    let mut digest = None;
-    if let (Some(detector), true) = (&o.loops, action.is_tool) {
-        let d = *digest.get_or_insert_with(|| action.digest());
-        let repeat = detector.observe_digest(d, now);
-        if let Repeat::Loop { retry_after_ms, .. } = repeat {
-            let why = repeat.explanation(action.name).unwrap_or_default();
-            let mut denial = with_decision(Denial::new(Class::Policy, Repeat::REASON, why));
-            denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000));
-            return Err(denial);
-        }
-    }
-
-    // 4. Does a human have to approve?
-    let mut assessment = profile.map(|p| o.assess(action, p));
-    let mut ask: Option<(String, String)> = None;
-    if decision.effect == Effect::RequireApproval {
-        ask = Some((decision.reason.to_string(), decision.explanation.to_string()));
-    }
-    if let (None, Some(a)) = (&ask, &assessment) {
-        if a.band != risk::Band::Low {
-            ask = Some((a.band.reason().to_string(), "the action's risk needs a human".into()));
-        }
-    }
-    if let (None, Standing::Review { .. }) = (&ask, standing) {
-        let reason = standing.reason().unwrap_or("error_escalation");
-        ask = Some((reason.to_string(), standing.explanation().unwrap_or_default()));
-    }
-    if let (None, Some(r)) = (&ask, resolution) {
-        let gate = match r.mode {
-            Mode::AutoExecute => {
-                let limits = shared.engine.autonomy().limits(action.agent, action.name);
-                let outcome = o.budget.consume(limits, action.agent, action.name, now);
-                autonomy::gate(r, Some(outcome))
+        Err(refusal) => {
+            if refusal.step == Step::Proposal {
+                shared.ledger.audit(audit::Event {
+                    ts: now.to_string(),
+                    kind: AuditKind::Proposal,
+                    request_id: action.request_id.to_string(),
+                    agent: action.agent.to_string(),
+                    cost_center: action.cost_center.to_string(),
+                    project: action.project.to_string(),
+                    route: action.route.name.clone(),
+                    effect: Effect::Deny,
+                    reason: refusal.denial.code.clone(),
+                    tool: Some(action.name.to_string()),
+                    ..Default::default()
+                });
             }
-            _ => autonomy::gate(r, None),
-        };
-        if gate.effect != autonomy::Effect::Allow {
-            ask = Some((gate.reason.code().to_string(), gate.explanation()));
+            let verdict = match refusal.step {
+                s if s == Step::Policy || s.is_oversight() => Some(Verdict::Denied),
+                // Refused after the oversight step let it through on its own.
+                s if s.after_oversight() => Some(Verdict::Auto),
+                _ => None,
+            };
+            (Err(*refusal.denial), verdict)
         }
-    }
-
-    let mut used_approval = false;
-    if let Some((reason, why)) = ask {
-        let a = *assessment.get_or_insert_with(|| o.assess(action, profile.unwrap_or_default()));
-        let digest = approval::digest_hex(digest.unwrap_or_else(|| action.digest()));
-        match action.approval {
-            Some(id) => {
-                redeem(shared, action, id, &digest, now, decision).await?;
-                used_approval = true;
-            }
-            None => {
-                let approval = request(shared, action, &reason, &why, a, digest, now).await?;
-                let mut denial = with_decision(Denial::new(
-                    Class::ApprovalRequired,
-                    &reason,
-                    approval_message(&why, &a, &approval),
-                ));
-                denial.approval_id = Some(approval.id);
-                return Err(denial);
-            }
-        }
-    }
-
-    // 5. The upstream's breaker, last: a refusal above must not take the half-open probe.
-    let breaker = if o.breakers.is_empty() {
-        None
-    } else {
-        o.breaker_index.get(action.route.name.as_str()).copied()
     };
-    if let Some(i) = breaker {
-        let key = &o.breakers[i].0;
-        let admission = o.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner).allow(now);
-        if let Admission::Rejected { retry_after_ms } = admission {
-            let mut denial = with_decision(Denial::new(
-                Class::Unavailable,
-                Admission::REASON,
-                format!(
-                    "the upstream {key} keeps failing: its circuit breaker is open; retry in {}s",
-                    retry_after_ms.div_ceil(1000)
-                ),
-            ));
-            denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000));
-            return Err(denial);
+    if let Some(verdict) = verdict {
+        shared.oversight.count(action.category, verdict);
+    }
+    let admitted = result?;
+    let o = &admitted.oversaw;
+    let settle = Admitted {
+        breaker: live.breaker.filter(|_| o.breaker),
+        track: o.track.then(|| (action.agent.into(), action.name.into())),
+        risk: o.assessment.map(|a| a.score.to_string()),
+    };
+    Ok((admitted, settle))
+}
+
+/// A human has to approve: a retry carrying a granted approval id passes once (and the
+/// lifecycle goes on to the breaker and the budgets); otherwise a pending approval is created
+/// and its id returned in the refusal.
+async fn approve<'p>(
+    shared: &Arc<Shared>,
+    action: &Action<'_>,
+    pending: Pending<'p>,
+    rules: &lifecycle::Rules<'p>,
+    req: &lifecycle::Request<'_>,
+    live: &mut Live<'_>,
+    now: UnixMillis,
+) -> (Result<lifecycle::Admitted<'p>, Denial>, Option<Verdict>) {
+    let digest = approval::digest_hex(pending.digest);
+    let decision = pending.decision;
+    let refused = |d: Denial| {
+        let verdict =
+            if d.class == Class::ApprovalRequired { Verdict::Approval } else { Verdict::Denied };
+        (Err(d), Some(verdict))
+    };
+    match action.approval {
+        Some(id) => {
+            if let Err(d) = redeem(shared, action, id, &digest, now, &decision).await {
+                return refused(d);
+            }
+            match pending.granted(rules, req, live, now) {
+                Ok(admitted) => (Ok(admitted), Some(Verdict::Approved)),
+                Err(r) if r.step.after_oversight() => (Err(*r.denial), Some(Verdict::Approved)),
+                Err(r) => refused(*r.denial),
+            }
+        }
+        None => {
+            let a = pending.assessment;
+            match request(shared, action, &pending.reason, &pending.why, a, digest, now).await {
+                Ok(approval) => {
+                    let mut denial = Denial::new(
+                        Class::ApprovalRequired,
+                        &pending.reason,
+                        approval_message(&pending.why, &a, &approval),
+                    )
+                    .with_decision(decision.clause, decision.policy_version);
+                    denial.approval_id = Some(approval.id);
+                    refused(denial)
+                }
+                Err(d) => refused(d),
+            }
         }
     }
-    let track = (o.escalation.is_some() || assessment.is_some() || used_approval)
-        .then(|| (action.agent.into(), action.name.into()));
-    let risk = assessment.map(|a| a.score.to_string());
-    Ok((Admitted { breaker, track, risk }, used_approval))
 }
 
 fn approval_message(why: &str, a: &Assessment, approval: &Approval) -> String {

@@ -1,8 +1,9 @@
 //! The request path, in the order a request lives it:
 //!
-//! request id → framing checks → route → attribution → body (bounded) → classify → decision →
-//! cost cap → rate limits → oversight (approvals, risk, autonomy, runaway guards) → budget
-//! reservation → forward → meter the response → settle → ledger, metrics.
+//! request id → framing checks → route → attribution → body (bounded) → classify → the core's
+//! admission phase (`tollgate_core::lifecycle::decide`: decision → worst-case cost → cost cap →
+//! rate limits → ledger writable → oversight (approvals, risk, autonomy, runaway guards) →
+//! budget reservation) → forward → meter the response → settle → ledger, metrics.
 //!
 //! Each step either passes the request on or answers with a [`Denial`] in the provider's error
 //! shape. Everything after "forward" happens in [`Settler`], the observer of the response body,
@@ -20,9 +21,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use tollgate_core::attribution::Attribute;
-use tollgate_core::budget::{BudgetError, Reservation, Scope};
-use tollgate_core::endpoints::{self, Pricing};
+use tollgate_core::budget::Reservation;
 use tollgate_core::inspect::{self, RequestInfo};
+use tollgate_core::lifecycle;
 use tollgate_core::metering::{Api, ContentEncoding, Meter, Provider, UsageChunkFilter};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Effect, Facts};
@@ -38,7 +39,6 @@ use crate::body::{MeteredBody, Observer, StreamEnd};
 use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
 use crate::ledger::{Entry, ReserveRecord, UsageRecord};
-use crate::limits::Limited as RateLimited;
 use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
 use crate::upstream::{Body, BoxError};
@@ -278,195 +278,83 @@ async fn handle(
     requested_model.clone_from(&info.model);
     let (tool, kind) = route.classify(&info);
 
-    // Decide, under the policy loaded once for this request.
+    // Decide, under the policy loaded once for this request: the core's lifecycle (policy →
+    // worst-case cost → cost cap → rate limits → ledger writable → oversight → budgets) over
+    // this proxy's live state.
     let decision_started = Instant::now();
     *deciding = Deciding::Since(decision_started);
     let policy = shared.policy.load_full();
     let host = host_of_parts(&parts);
-    let facts = Facts {
-        provider: Some(route.kind.provider()),
-        model: info.model.as_deref(),
-        tool,
-        category: route.category.as_deref(),
-        host,
-        method: Some(parts.method.as_str()),
-        path: Some(parts.uri.path()),
-        ..Facts::from_identity(&identity, kind)
-    };
-    let decision = policy.evaluate(&facts);
-    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-    let category = Oversight::category(&route, tool, engine.guardrails());
-    if decision.effect == Effect::Deny {
-        shared.oversight.count(category, oversight::Verdict::Denied);
-        return Err(Denial::for_decision(&decision, request_id)
-            .unwrap_or_else(|| Denial::new(Class::Policy, decision.reason, decision.explanation)));
-    }
-
-    // Worst-case cost: the request's upper bound in tokens (`tollgate_core::reservation`) at
-    // the model's dearest rates.
-    let input_estimate = info.input_estimate_tokens;
-    let mut free = false;
-    let mut bound = None;
-    let (reserved, model) = if route.kind.is_llm() {
-        let model = info.model.clone();
-        let provider = Some(if route.kind == UpstreamKind::Anthropic {
+    let llm = route.kind.is_llm();
+    let call = if llm {
+        lifecycle::Call::Llm(Some(if route.kind == UpstreamKind::Anthropic {
             Provider::Anthropic
         } else {
             Provider::OpenAi
-        });
-        let pricing = endpoints::llm_pricing(
-            provider,
-            parts.method.as_str(),
-            parts.uri.path(),
-            model.as_deref(),
-        )
-        .map_err(|e| {
-            with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
-        })?;
-        match pricing {
-            Pricing::Free(_) => {
-                free = true;
-                (Cost::ZERO, model)
-            }
-            Pricing::Model(name) => {
-                let b = reservation::bound(api, &info, engine.rates().limits(name));
-                let priced = engine.rates().worst_case(name, b.input, b.output).map_err(|e| {
-                    with_decision(Denial::new(Class::Policy, "unknown_model", e.to_string()))
-                })?;
-                bound = Some(b);
-                (priced.cost, model)
-            }
-        }
+        }))
     } else {
-        let cost = tool
-            .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
-            .map(|c| c.total)
-            .unwrap_or(Money::ZERO);
-        (Cost { per_call: cost, total: cost, ..Cost::ZERO }, None)
+        lifecycle::Call::Other
     };
-    let worst_case = reserved.total;
-    if let Some(cap) = decision.limits.max_cost_per_request {
-        if worst_case > cap {
-            return Err(with_decision(Denial::new(
-                Class::Policy,
-                "cost_limit_exceeded",
-                format!(
-                    "the request may cost up to ${worst_case}, over the ${cap} per-request limit \
-                     (lower max_tokens or ask for a higher limit)"
-                ),
-            )));
-        }
-    }
-
-    // Rate limits, per agent under the clause that decided.
-    let limit_key = format!("{}\u{0}{}", decision.clause, identity.agent.unwrap_or("-"));
-    let tokens = bound.as_ref().map_or(0, Bound::tokens);
-    if let Err(limited) =
-        shared.rate_limits.check(&limit_key, decision.limits.rpm, decision.limits.tpm, tokens)
-    {
-        let (what, limit, retry) = match limited {
-            RateLimited::Requests { limit, retry_after } => ("requests", limit, retry_after),
-            RateLimited::Tokens { limit, retry_after } => ("tokens", limit, retry_after),
-        };
-        let mut denial = with_decision(Denial::new(
-            Class::RateLimited,
-            if what == "requests" { "rate_limited_requests" } else { "rate_limited_tokens" },
-            format!("more than {limit} {what} per minute; retry in {} s", retry.as_secs().max(1)),
-        ));
-        denial.retry_after_secs = Some(retry.as_secs().max(1));
-        return Err(denial);
-    }
-
-    // Nothing is served unrecorded: while the ledger cannot be written, refuse.
-    if !shared.ledger.is_healthy() {
-        let mut denial = with_decision(Denial::new(
-            Class::Unavailable,
-            "ledger_unavailable",
-            "usage cannot be recorded right now (the ledger is not writable); retry shortly",
-        ));
-        denial.retry_after_secs = Some(1);
-        return Err(denial);
-    }
-
-    // Oversight: approvals, risk, autonomy modes and budgets, loops, breakers, escalation.
+    let action_name = tool.unwrap_or(if llm { "llm" } else { route.name.as_str() });
+    let req = lifecycle::Request {
+        facts: Facts {
+            provider: Some(route.kind.provider()),
+            model: info.model.as_deref(),
+            tool,
+            category: route.category.as_deref(),
+            host,
+            method: Some(parts.method.as_str()),
+            path: Some(parts.uri.path()),
+            ..Facts::from_identity(&identity, kind)
+        },
+        call,
+        api,
+        info: &info,
+        body: &body,
+        action: action_name,
+        is_tool: tool.is_some(),
+        risk: route.risk,
+    };
+    let rules = lifecycle::Rules { engine, policy: &policy, oversight: shared.oversight.guards() };
     let action = oversight::Action {
         request_id,
         agent: identity.agent.unwrap_or_default(),
         cost_center: identity.cost_center.unwrap_or_default(),
         project: identity.project.unwrap_or_default(),
         route: &route,
-        name: tool.unwrap_or(if route.kind.is_llm() { "llm" } else { route.name.as_str() }),
-        is_tool: tool.is_some(),
-        category,
-        arguments: info.tool_calls().next().map(|t| &t.arguments),
-        body: &body,
-        cost: worst_case,
+        name: action_name,
+        category: Oversight::category(&route, tool, engine.guardrails()),
         approval: parts.headers.get(oversight::APPROVAL_HEADER).and_then(|v| v.to_str().ok()),
     };
-    let admitted = oversight::admit(shared, &action, &decision).await?;
-
-    // Budgets: reserve the worst case against every budget that applies, all or nothing.
     let now = now();
     let reservation_id = new_id();
-    let values = |scope: Scope| match scope {
-        Scope::Agent => identity.agent,
-        Scope::Project => identity.project,
-        Scope::CostCenter => identity.cost_center,
-        Scope::BusinessUnit => identity.business_unit,
-        Scope::Global => None,
-    };
-    let reservation = if decision.budgets.is_empty() {
-        None
-    } else {
-        match shared.budgets.reserve(
-            decision.budgets.iter(),
-            values,
-            worst_case,
-            &reservation_id,
-            now,
-            RESERVATION_TTL_MS,
-        ) {
-            Ok(r) => {
-                for b in r.budgets() {
-                    shared.saw(b.scope, &b.key);
-                }
-                if !r.budgets().is_empty() {
-                    shared.ledger.append(Entry::Reserve(Box::new(ReserveRecord {
-                        ts: now.to_string(),
-                        reserved_at_ms: now.0,
-                        expires_at_ms: r.expires_at().0,
-                        request_id: request_id.to_string(),
-                        reservation_id: reservation_id.clone(),
-                        agent: identity.agent.unwrap_or_default().to_string(),
-                        cost_center: identity.cost_center.unwrap_or_default().to_string(),
-                        project: identity.project.unwrap_or_default().to_string(),
-                        business_unit: identity.business_unit.map(str::to_string),
-                        amount: r.amount(),
-                        budgets: r.budgets().iter().map(|b| b.budget_id.clone()).collect(),
-                    })));
-                }
-                Some(r)
-            }
-            Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
-                return Err(with_decision(Denial::new(
-                    Class::BudgetExhausted,
-                    "budget_exceeded",
-                    format!(
-                        "budget `{budget_id}` ({period}) would be exceeded: ${spent_and_reserved} of \
-                         ${limit} spent or reserved, this request may cost up to ${worst_case}"
-                    ),
-                )))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "budget store");
-                return Err(Denial::new(
-                    Class::Unavailable,
-                    "budget_store_unavailable",
-                    "budgets cannot be checked right now",
-                ));
-            }
+    let mut live = oversight::Live::new(shared, &route, &reservation_id, RESERVATION_TTL_MS);
+    let (lifecycle::Admitted { decision, priced, reservation, .. }, admitted) =
+        oversight::admit(shared, &action, &rules, &req, &mut live, now).await?;
+    let input_estimate = info.input_estimate_tokens;
+    let (reserved, bound, free) = (priced.reserved, priced.bound, priced.free);
+    let worst_case = reserved.total;
+    let model = if llm { info.model.clone() } else { None };
+    if let Some(r) = &reservation {
+        for b in r.budgets() {
+            shared.saw(b.scope, &b.key);
         }
-    };
+        if !r.budgets().is_empty() {
+            shared.ledger.append(Entry::Reserve(Box::new(ReserveRecord {
+                ts: now.to_string(),
+                reserved_at_ms: now.0,
+                expires_at_ms: r.expires_at().0,
+                request_id: request_id.to_string(),
+                reservation_id: reservation_id.clone(),
+                agent: identity.agent.unwrap_or_default().to_string(),
+                cost_center: identity.cost_center.unwrap_or_default().to_string(),
+                project: identity.project.unwrap_or_default().to_string(),
+                business_unit: identity.business_unit.map(str::to_string),
+                amount: r.amount(),
+                budgets: r.budgets().iter().map(|b| b.budget_id.clone()).collect(),
+            })));
+        }
+    }
     let decided = decision_started.elapsed();
     shared.metrics.decision_seconds.with_label_values(&["allow"]).observe(decided.as_secs_f64());
     *deciding = Deciding::Observed;

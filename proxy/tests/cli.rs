@@ -140,7 +140,7 @@ fn explain_prints_the_decision_and_worst_case() {
     for line in [
         "route:          openai (openai → https://api.openai.com/)",
         "attribution:    agent=a cost_center=CC-1234 project=PROJ-ABC123",
-        "effect:         allow",
+        "policy effect:  allow",
         "reason:         default_allow",
         "clause:         defaults.llm",
         "policy_version: default-1",
@@ -150,6 +150,10 @@ fn explain_prints_the_decision_and_worst_case() {
     // 100 output tokens × $10/M = $0.001, plus the input estimate at $2.50/M.
     let worst = stdout.lines().find(|l| l.starts_with("worst case:")).expect("worst case line");
     assert!(worst.contains("100 output tokens max"), "{worst}");
+    assert!(stdout.lines().any(|l| l == "outcome:        allow"), "{stdout}");
+    // The rate limits are live state: named as not evaluated.
+    assert!(stdout.contains("not evaluated (live state, assumed):"), "{stdout}");
+    assert!(stdout.contains("rate limits (rpm=600 tpm=2000000) for agent a"), "{stdout}");
 
     // Like the proxy: the model list is free, a priced request without a model is a 400.
     let tags =
@@ -160,12 +164,22 @@ fn explain_prints_the_decision_and_worst_case() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("worst case:     $0 (GET /v1/models is free)"), "{stdout}");
     let out = tollgate(&[&["explain"][..], &tags].concat());
+    assert_eq!(out.status.code(), Some(3));
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("POST /v1/chat/completions names no model")
-            && stdout.contains("400 missing_model"),
+            && stdout.contains("outcome:        deny (400 missing_model) by defaults.llm"),
         "{stdout}"
     );
+    // A model the rate card does not know: refused as the proxy refuses it, not allowed.
+    let out = tollgate(&[&["explain", "--model", "no-such-model"][..], &tags].concat());
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("outcome:        deny (403 unknown_model) by defaults.llm"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("outcome:        allow"), "{stdout}");
 
     // Untagged: refused, exit 3, naming the bad headers.
     let out = tollgate(&["explain", "-H", "x-agent-id=a"]);

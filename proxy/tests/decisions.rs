@@ -2,6 +2,7 @@
 //! itself (`tollgate run` as a process, in front of the mock upstream): every case must get the
 //! table's status and decision headers. The same table runs in-process in
 //! `tests/tests/decisions.rs` and through the Envoy filter in `wasm-filter/tests/envoy.rs`.
+//! `tollgate explain` must predict each case's answer from the same configuration.
 
 use std::path::Path;
 
@@ -26,7 +27,10 @@ async fn the_binary_decides_the_shared_table_as_expected() {
             "{{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"{}\"}}",
             mock.base_url()
         ),
-        format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{}\"}}", mock.base_url()),
+        format!(
+            "{{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: \"{}\"}}",
+            mock.base_url()
+        ),
     ];
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
@@ -71,5 +75,83 @@ async fn the_binary_decides_the_shared_table_as_expected() {
     assert!(table.cases.len() >= 10, "the table has its cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `tollgate explain`, given the binary's configuration, predicts every case of the table: the
+/// same status, effect, reason, clause and policy version the sidecar answers, and exit code 0
+/// exactly for the allowed ones.
+#[test]
+fn explain_predicts_the_shared_table() {
+    let table = Table::load();
+    let dir = temp_dir("decisions-explain");
+    let upstream = "http://127.0.0.1:9";
+    let routes = [
+        format!(
+            "{{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"{upstream}\"}}"
+        ),
+        format!(
+            "{{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: \"{upstream}\"}}"
+        ),
+    ];
+    let yaml = ConfigFile {
+        upstream,
+        data_dir: &dir.join("data"),
+        token_env: "TOLLGATE_DECISIONS_TEST_TOKEN",
+        more_routes: &routes,
+        extra: "",
+        policy: &serde_json::to_string(&table.policy).unwrap(),
+    }
+    .yaml();
+    let config = dir.join("tollgate.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut failures = Vec::new();
+    for case in &table.cases {
+        let mut headers: serde_json::Map<String, serde_json::Value> =
+            case.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+        headers.insert("content-type".into(), "application/json".into());
+        let described = serde_json::json!({
+            "method": "POST",
+            "path": case.path,
+            "headers": headers,
+            "body_text": String::from_utf8(case.body.clone()).unwrap(),
+        });
+        let out = std::process::Command::new(BIN)
+            .args(["explain", "--output-json", "--config"])
+            .arg(&config)
+            .args(["--json", &described.to_string()])
+            .output()
+            .expect("run tollgate explain");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&stdout) else {
+            failures.push(format!(
+                "{}: not JSON ({:?}): {stdout}{}",
+                case.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            continue;
+        };
+        let o = &json["outcome"];
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        let got = Outcome {
+            status: o["status"].as_u64().and_then(|s| u16::try_from(s).ok()).unwrap_or(0),
+            decision: text(&o["effect"]),
+            reason: text(&o["reason"]),
+            clause: text(&o["clause"]),
+            policy_version: text(&o["policy_version"]),
+        };
+        let code = if case.expect.status == 200 { 0 } else { 3 };
+        if got != case.expect || out.status.code() != Some(code) {
+            failures.push(format!(
+                "{}: explain predicted {got:?} (exit {:?}), the sidecar answers {:?} (exit {code})",
+                case.name,
+                out.status.code(),
+                case.expect
+            ));
+        }
+    }
+    assert!(table.cases.len() >= 10, "the table has its cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,9 @@ async fn the_sidecar_decides_the_shared_table_as_expected() {
     let policy = serde_json::to_string(&table.policy).unwrap();
     let proxy = Harness::builder()
         .policy(&policy)
-        .route(r#"{name: mcp, path_prefix: /mcp, kind: mcp, upstream: "{upstream}"}"#)
+        .route(
+            r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
+        )
         .start()
         .await;
     let mut failures = Vec::new();

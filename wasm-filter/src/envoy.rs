@@ -207,16 +207,17 @@ impl Vm {
 
 impl Default for Vm {
     fn default() -> Self {
+        let prefix = random_u64();
         Vm {
             config: RefCell::new(Config::Pending),
-            budgets: Budgets::new(SharedStore::new(HostShared)),
+            budgets: Budgets::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
             events: RefCell::new(VecDeque::new()),
             sending: Cell::new(false),
             in_flight_calls: RefCell::new(HashMap::new()),
             poll: RefCell::new(PolicyPoll::default()),
-            event_prefix: random_u64(),
+            event_prefix: prefix,
             event_seq: Cell::new(0),
         }
     }

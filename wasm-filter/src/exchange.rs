@@ -2,8 +2,9 @@
 //! the sidecar's pipeline (`proxy/src/pipeline.rs`), in proxy-wasm's hook order.
 //!
 //! *request headers*: attribution (a bad header is refused before anything is sent upstream) →
-//! *request body* (or the headers, for a bodyless request): classify, decide, cost cap, rate
-//! limits, budget reservation, and for an OpenAI stream without `stream_options.include_usage`
+//! *request body* (or the headers, for a bodyless request): classify, then the core's admission
+//! phase (`tollgate_core::lifecycle::decide`: decide, cost cap, rate limits, budget reservation,
+//! in the sidecar's order), and for an OpenAI stream without `stream_options.include_usage`
 //! the body asking for it ([`Exchange::usage_rewrite`]) → *response headers*: decision headers,
 //! status → *response body*: every chunk fed to the core's meter as it passes, never held (only
 //! the usage chunk the filter asked for is cut out again, which may hold back one incomplete SSE
@@ -14,14 +15,18 @@
 //! here is tested natively against the fake shared data.
 
 use serde::Serialize;
-use tollgate_core::budget::{BudgetError, Budgets, Reservation, Scope, Warning};
-use tollgate_core::endpoints::{self, Pricing};
+use tollgate_core::autonomy::{self, BudgetOutcome};
+use tollgate_core::budget::{BudgetError, Budgets, Reservation, Warning};
+use tollgate_core::endpoints;
+use tollgate_core::guardrails::escalation::Standing;
+use tollgate_core::guardrails::loops::Repeat;
 use tollgate_core::inspect::{self, RequestInfo};
+use tollgate_core::lifecycle::{self, Admission, BreakerOpen, Call, Guards, RateLimited, Stores};
 use tollgate_core::metering::{
     Api, ContentEncoding, DecodeAbort, Meter, Provider, UsageChunkFilter,
 };
 use tollgate_core::money::Money;
-use tollgate_core::policy::{Facts, RouteKind};
+use tollgate_core::policy::{Effect, Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::record::{Decision, End, UsageEvent};
 use tollgate_core::reservation::{self, Bound, Implausible};
@@ -250,8 +255,10 @@ impl Exchange {
         self.bypass
     }
 
-    /// Decides on the whole request body (empty for a bodyless request) and reserves budget.
-    /// `Err` is the refusal. A budget store failure follows the plugin's fail policy.
+    /// Decides on the whole request body (empty for a bodyless request) and reserves budget,
+    /// with the core's lifecycle (`tollgate_core::lifecycle::decide`, the sidecar's order) over
+    /// this VM's shared data. `Err` is the refusal. A store failure follows the plugin's fail
+    /// policy.
     pub fn decide<D: SharedData>(
         &mut self,
         plugin: &Plugin,
@@ -259,7 +266,6 @@ impl Exchange {
         body: &[u8],
         now: Now,
     ) -> Result<(), Denial> {
-        let engine = &plugin.engine;
         let llm = self.api.is_some() || self.free.is_some();
         let info = if (llm || self.mcp) && !body.is_empty() {
             inspect::inspect(self.api, body)
@@ -267,169 +273,177 @@ impl Exchange {
         } else {
             RequestInfo::default()
         };
-        let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.clone()) } else { None };
+        let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.as_str()) } else { None };
         let kind = RouteKind::of_upstream(llm, self.mcp);
-        let provider = match (self.api.map(Api::provider).or(self.free), self.mcp) {
-            (Some(p), _) => Some(p.as_str()),
-            (None, true) => Some("mcp"),
-            (None, false) => None,
-        };
+        let provider = self.api.map(Api::provider).or(self.free);
         let who = &self.who;
-        let host = self.head.authority.as_deref().map(strip_port);
-        let facts = Facts {
-            route: kind,
-            agent: who.agent.as_deref(),
-            tier: who.tier.as_deref(),
-            cost_center: who.cost_center.as_deref(),
-            project: who.project.as_deref(),
-            business_unit: who.business_unit.as_deref(),
-            provider,
-            model: info.model.as_deref(),
-            tool: tool.as_deref(),
-            category: None,
-            host,
-            method: Some(self.head.method.as_str()),
-            path: Some(path_only(&self.head.path)),
+        let req = lifecycle::Request {
+            facts: Facts {
+                route: kind,
+                agent: who.agent.as_deref(),
+                tier: who.tier.as_deref(),
+                cost_center: who.cost_center.as_deref(),
+                project: who.project.as_deref(),
+                business_unit: who.business_unit.as_deref(),
+                provider: match (provider, self.mcp) {
+                    (Some(p), _) => Some(p.as_str()),
+                    (None, true) => Some("mcp"),
+                    (None, false) => None,
+                },
+                model: info.model.as_deref(),
+                tool,
+                category: if self.mcp { plugin.filter.mcp_category.as_deref() } else { None },
+                host: self.head.authority.as_deref().map(strip_port),
+                method: Some(self.head.method.as_str()),
+                path: Some(path_only(&self.head.path)),
+            },
+            call: if llm { Call::Llm(provider) } else { Call::Other },
+            api: self.api,
+            info: &info,
+            body,
+            action: tool.unwrap_or(if llm { "llm" } else { "other" }),
+            is_tool: tool.is_some(),
+            risk: None,
         };
-        let decision = plugin.policy.evaluate(&facts);
-        let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-        if let Some(d) = Denial::for_decision(&decision, &self.request_id) {
-            return Err(d);
-        }
-
-        // The request's upper bound in tokens (`tollgate_core::reservation`), as the sidecar.
-        let input_estimate = info.input_estimate_tokens;
-        let mut bound = None;
-        let reserved = if llm {
-            let provider = self.api.map(Api::provider).or(self.free);
-            let path = path_only(&self.head.path);
-            match endpoints::llm_pricing(provider, &self.head.method, path, info.model.as_deref())
-                .map_err(|e| {
-                with_decision(Denial::new(Class::BadRequest, "missing_model", e.to_string()))
-            })? {
-                Pricing::Free(_) => Cost::ZERO,
-                Pricing::Model(model) => {
-                    let b = reservation::bound(self.api, &info, engine.rates().limits(model));
-                    let cost = engine
-                        .rates()
-                        .worst_case(model, b.input, b.output)
-                        .map_err(|e| {
-                            with_decision(Denial::new(
-                                Class::Policy,
-                                "unknown_model",
-                                e.to_string(),
-                            ))
-                        })?
-                        .cost;
-                    bound = Some(b);
-                    cost
-                }
-            }
-        } else {
-            let total = tool
-                .as_deref()
-                .and_then(|t| engine.rates().price_tool(t, 1, body.len() as u64).ok())
-                .map_or(Money::ZERO, |c| c.total);
-            Cost { per_call: total, total, ..Cost::ZERO }
+        // The filter runs no oversight guards (`autonomy:` and `oversight:` are the sidecar's;
+        // the plugin configuration refuses them).
+        let rules = lifecycle::Rules {
+            engine: &plugin.engine,
+            policy: &plugin.policy,
+            oversight: Guards::default(),
         };
-        let worst_case = reserved.total;
-        if let Some(cap) = decision.limits.max_cost_per_request {
-            if worst_case > cap {
-                return Err(with_decision(Denial::new(
-                    Class::Policy,
-                    "cost_limit_exceeded",
-                    format!(
-                        "the request may cost up to ${worst_case}, over the ${cap} per-request \
-                         limit (lower max_tokens or ask for a higher limit)"
-                    ),
-                )));
+        let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
+        let admitted = match lifecycle::decide(&rules, &req, &mut stores, now.ms) {
+            Ok(Admission::Admitted(a)) => a,
+            // Nothing here records approvals: the policy's own ask names `apr_<request id>`,
+            // as before; a risk-based one answers with the reason.
+            Ok(Admission::NeedsApproval(p)) => {
+                return Err(Denial::for_decision(&p.decision, &self.request_id)
+                    .filter(|_| p.decision.effect == Effect::RequireApproval)
+                    .unwrap_or_else(|| {
+                        Denial::new(Class::ApprovalRequired, p.reason, p.why)
+                            .with_decision(p.decision.clause, p.decision.policy_version)
+                    }))
             }
-        }
-
-        let store = budgets.store();
-        let tokens = bound.as_ref().map_or(0, Bound::tokens);
-        for (what, limit, cost) in
-            [("requests", decision.limits.rpm, 1), ("tokens", decision.limits.tpm, tokens)]
-        {
-            let Some(limit) = limit else { continue };
-            let agent = who.agent.as_deref().unwrap_or("-");
-            let key = format!("tollgate:rl:{what}:{limit}:{}\u{0}{agent}", decision.clause);
-            match store.take_rate(&key, limit, cost.max(1), now.ns) {
-                Ok(Ok(())) => {}
-                Ok(Err(retry_ms)) => {
-                    let secs = retry_ms.div_ceil(1000).max(1);
-                    let mut d = with_decision(Denial::new(
-                        Class::RateLimited,
-                        format!("rate_limited_{what}"),
-                        format!("more than {limit} {what} per minute; retry in {secs} s"),
-                    ));
-                    d.retry_after_secs = Some(secs);
-                    return Err(d);
-                }
-                Err(_) => store_failed(plugin)?,
-            }
-        }
-
-        let values = |scope: Scope| match scope {
-            Scope::Agent => who.agent.as_deref(),
-            Scope::Project => who.project.as_deref(),
-            Scope::CostCenter => who.cost_center.as_deref(),
-            Scope::BusinessUnit => who.business_unit.as_deref(),
-            Scope::Global => None,
+            Err(refusal) => return Err(*refusal.denial),
         };
-        let mut reservation = None;
-        if !decision.budgets.is_empty() {
-            let ttl = plugin.filter.reservation_ttl_ms;
-            let id = store.reservation_id(&self.request_id);
-            match budgets.reserve(decision.budgets.iter(), values, worst_case, &id, now.ms, ttl) {
-                Ok(r) => reservation = Some(r),
-                Err(BudgetError::Exceeded {
-                    budget_id, limit, spent_and_reserved, period, ..
-                }) => {
-                    return Err(with_decision(Denial::new(
-                        Class::BudgetExhausted,
-                        "budget_exceeded",
-                        format!(
-                            "budget `{budget_id}` ({period}) would be exceeded: \
-                             ${spent_and_reserved} of ${limit} spent or reserved, this request \
-                             may cost up to ${worst_case}"
-                        ),
-                    )))
-                }
-                Err(_) => store_failed(plugin)?,
-            }
-        }
-
+        let decision = admitted.decision;
+        let priced = admitted.priced;
         self.admitted = Some(Admitted {
             reason: decision.reason.to_owned(),
             clause: decision.clause.to_owned(),
             policy_version: decision.policy_version.to_owned(),
-            reservation,
+            reservation: admitted.reservation,
             meter: self.api.map(|api| Meter::new(api, info.stream)),
             wants_usage: info.stream
                 && !info.include_usage
                 && matches!(self.api, Some(Api::ChatCompletions | Api::Completions)),
             usage_filter: None,
-            input_estimate,
-            bound,
-            reserved,
+            input_estimate: info.input_estimate_tokens,
+            bound: priced.bound,
+            reserved: priced.reserved,
             model: info.model.clone(),
-            tool,
-            tool_cost: (!llm).then_some(worst_case),
+            tool: tool.map(str::to_owned),
+            tool_cost: (!llm).then_some(priced.worst_case()),
         });
         Ok(())
     }
 }
 
-/// A budget store failure: refused when failing closed, let through unreserved when open.
-fn store_failed(plugin: &Plugin) -> Result<(), Denial> {
-    match plugin.filter.fail {
-        FailPolicy::Closed => Err(Denial::new(
-            Class::Unavailable,
-            "budget_store_unavailable",
-            "budgets cannot be checked right now",
-        )),
-        FailPolicy::Open => Ok(()),
+/// The lifecycle's live state in the filter: rate limits and budgets in Envoy shared data
+/// (shared by every worker); a store failure follows the plugin's fail policy.
+struct Shared<'a, D: SharedData> {
+    plugin: &'a Plugin,
+    budgets: &'a Budgets<SharedStore<D>>,
+    request_id: &'a str,
+    now_ns: u64,
+}
+
+impl<D: SharedData> Shared<'_, D> {
+    fn fail_closed(&self) -> bool {
+        self.plugin.filter.fail == FailPolicy::Closed
+    }
+}
+
+impl<D: SharedData> Stores for Shared<'_, D> {
+    fn take_rate(
+        &mut self,
+        clause: &str,
+        agent: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        _now: UnixMillis,
+    ) -> Result<(), RateLimited> {
+        let store = self.budgets.store();
+        for (what, limit, cost) in [("requests", rpm, 1), ("tokens", tpm, tokens)] {
+            let Some(limit) = limit else { continue };
+            let key = format!("tollgate:rl:{what}:{limit}:{clause}\u{0}{agent}");
+            match store.take_rate(&key, limit, cost.max(1), self.now_ns) {
+                Ok(Ok(())) => {}
+                Ok(Err(retry_ms)) => {
+                    let retry_after_secs = retry_ms.div_ceil(1000).max(1);
+                    return Err(if what == "requests" {
+                        RateLimited::Requests { limit, retry_after_secs }
+                    } else {
+                        RateLimited::Tokens { limit, retry_after_secs }
+                    });
+                }
+                Err(_) if self.fail_closed() => return Err(RateLimited::Unavailable),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Usage events are queued in the VM and sent on: nothing to refuse for.
+    fn recordable(&mut self) -> bool {
+        true
+    }
+
+    fn standing(&mut self, _agent: &str) -> Standing {
+        Standing::Normal { consecutive_errors: 0 }
+    }
+
+    fn observe_call(&mut self, _digest: u64, _now: UnixMillis) -> Repeat {
+        Repeat::Fresh { count: 1 }
+    }
+
+    fn consume_autonomy(
+        &mut self,
+        _limits: autonomy::Limits,
+        _agent: &str,
+        _action: &str,
+        _now: UnixMillis,
+    ) -> BudgetOutcome {
+        // Never asked: the filter runs without `autonomy:`.
+        BudgetOutcome::Exhausted { limit: autonomy::BudgetLimit::Capacity, used: 0, max: 0 }
+    }
+
+    fn history(&mut self, _agent: &str, _action: &str) -> Option<(u64, u64)> {
+        None
+    }
+
+    fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
+        Ok(())
+    }
+
+    fn reserve(
+        &mut self,
+        budgets: &tollgate_core::policy::Budgets<'_>,
+        facts: &Facts<'_>,
+        amount: Money,
+        now: UnixMillis,
+    ) -> Result<Option<Reservation>, BudgetError> {
+        let ttl = self.plugin.filter.reservation_ttl_ms;
+        let id = self.budgets.store().reservation_id(self.request_id);
+        let values = |scope| lifecycle::scope_value(facts, scope);
+        match self.budgets.reserve(budgets.iter(), values, amount, &id, now, ttl) {
+            Ok(r) => Ok(Some(r)),
+            Err(e @ BudgetError::Exceeded { .. }) => Err(e),
+            Err(e) if self.fail_closed() => Err(e),
+            Err(_) => Ok(None),
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The plugin configuration: the engine document the sidecar also reads (`attribution`,
-//! `policy`, `pricing`, `autonomy`, `guardrails`) plus a `filter` section for what only the
-//! Envoy filter has (fail policy, collector cluster, policy source, label caps), compiled once
-//! per `on_configure`.
+//! `policy`, `pricing`) plus a `filter` section for what only the Envoy filter has (fail policy,
+//! collector cluster, policy source, label caps, the MCP path and category), compiled once per
+//! `on_configure`. `autonomy` and `guardrails`, which the filter cannot run, are refused with an
+//! error naming them.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
 //! with its field path and line. This module never talks to the host.
@@ -13,6 +14,13 @@ use tollgate_core::policy::Snapshot;
 /// Sections of the plugin configuration document.
 const SECTIONS: [&str; 6] =
     ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails"];
+
+/// Sections of the sidecar's configuration the filter accepts only to refuse them: the
+/// oversight step that runs them needs the sidecar's state and approvals journal.
+const UNSUPPORTED: [(&str, &str); 2] = [
+    ("autonomy", "autonomy modes and budgets run in the sidecar's oversight step"),
+    ("guardrails", "tool-action guardrails run in the sidecar's oversight step"),
+];
 
 /// What the filter does when it cannot decide (bad configuration, budget store failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +82,9 @@ pub struct FilterSettings {
     pub policy_url: Option<PolicyUrl>,
     /// Requests under this path prefix are MCP JSON-RPC tool calls.
     pub mcp_path_prefix: String,
+    /// The guardrail action category of those tool calls (the policy's `category` fact), as a
+    /// sidecar route's `category:`.
+    pub mcp_category: Option<String>,
     /// Keep the attribution headers on the upstream request (default: removed).
     pub forward_attribution: bool,
     /// Ask OpenAI streams for usage on the client's behalf (and remove that chunk again). Costs
@@ -95,6 +106,7 @@ impl Default for FilterSettings {
             collector: None,
             policy_url: None,
             mcp_path_prefix: "/mcp".into(),
+            mcp_category: None,
             forward_attribution: false,
             include_usage: true,
             max_label_values: 1000,
@@ -125,12 +137,18 @@ impl Plugin {
             Some(f) => decode_filter(&mut cx, &f),
             None => FilterSettings::default(),
         };
+        // Sections the filter cannot honour are refused, naming them, rather than ignored.
+        for (name, why) in UNSUPPORTED {
+            if let Some(f) = obj.get(name) {
+                f.error(&mut cx, format!("the Envoy filter cannot honour `{name}:` ({why}); remove it from the plugin configuration or run the sidecar"));
+            }
+        }
         let engine = EngineConfig {
             attribution: obj.get("attribution"),
             policy: obj.get("policy"),
             pricing: obj.get("pricing"),
-            autonomy: obj.get("autonomy"),
-            guardrails: obj.get("guardrails"),
+            autonomy: None,
+            guardrails: None,
             read_file: None,
         }
         .compile(&mut cx);
@@ -192,6 +210,10 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
     if let Some(p) = obj.get("mcp_path_prefix").and_then(|f| f.non_empty_str(cx)) {
         settings.mcp_path_prefix = p.to_owned();
     }
+    if let Some(f) = obj.get("mcp_category") {
+        let names = tollgate_core::policy::CATEGORIES;
+        settings.mcp_category = f.one_of(cx, &names).map(str::to_owned);
+    }
     if let Some(b) = obj.get("forward_attribution").and_then(|f| f.bool(cx)) {
         settings.forward_attribution = b;
     }
@@ -218,6 +240,7 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
             "collector",
             "policy_url",
             "mcp_path_prefix",
+            "mcp_category",
             "forward_attribution",
             "include_usage",
             "max_label_values",
@@ -428,6 +451,21 @@ mod tests {
             assert!(paths.iter().any(|p| p.starts_with(expected)), "{expected}: {errors:?}");
         }
         assert_eq!(errors.iter().find(|e| e.path == "filter.fail").map(|e| e.line), Some(2));
+    }
+
+    #[test]
+    fn sections_the_filter_cannot_honour_are_refused_naming_them() {
+        let doc = r#"{"policy": {"version": "v", "defaults": {"llm": "allow"}},
+                      "autonomy": {"default": "AUTO_EXECUTE"},
+                      "guardrails": {}}"#;
+        let errors = Plugin::from_document(doc).expect_err("refused").0;
+        for section in ["autonomy", "guardrails"] {
+            let e = errors
+                .iter()
+                .find(|e| e.path == section)
+                .unwrap_or_else(|| panic!("no error for `{section}`: {errors:?}"));
+            assert!(e.message.contains(&format!("cannot honour `{section}:`")), "{}", e.message);
+        }
     }
 
     #[test]

@@ -20,8 +20,9 @@
 //!
 //! Settle markers are bounded: the core keeps one per request for a day, which in a VM serving
 //! thousands of requests a second would grow without bound. Here each reservation gets an id
-//! unique in its VM ([`SharedStore::reservation_id`], so a client reusing an `x-request-id`
-//! cannot collide with an earlier request), and the filter settles each reservation once, so
+//! unique across VMs ([`SharedStore::reservation_id`]: a random per-VM prefix and a sequence, so
+//! a client reusing an `x-request-id`, on one worker or several, cannot collide with an earlier
+//! request), and the filter settles each reservation once, so
 //! a marker is never looked up again after its request: the newest [`MARKERS_KEPT`] are kept.
 //!
 //! Counters never expire from shared data (it cannot delete): one small key per budget, scope
@@ -72,6 +73,9 @@ pub struct SharedStore<D> {
     data: D,
     local: RefCell<Local>,
     sequence: Cell<u64>,
+    /// Makes this VM's reservation ids unique among every worker's (see
+    /// [`SharedStore::with_id_prefix`]).
+    id_prefix: u64,
 }
 
 #[derive(Default)]
@@ -85,14 +89,28 @@ struct Local {
 
 impl<D: SharedData> SharedStore<D> {
     pub fn new(data: D) -> Self {
-        SharedStore { data, local: RefCell::new(Local::default()), sequence: Cell::new(0) }
+        SharedStore {
+            data,
+            local: RefCell::new(Local::default()),
+            sequence: Cell::new(0),
+            id_prefix: 0,
+        }
     }
 
-    /// The budget reservation id of a request: its id plus a sequence number unique in this VM.
+    /// The store with `prefix` in its reservation ids: a random number per VM, so that two
+    /// workers (each its own VM, with its own sequence) never make the same id for a request id
+    /// they both see (a caller's `x-request-id`, a retry).
+    pub fn with_id_prefix(mut self, prefix: u64) -> Self {
+        self.id_prefix = prefix;
+        self
+    }
+
+    /// The budget reservation id of a request: its id, this VM's prefix and a sequence number
+    /// unique in this VM.
     pub fn reservation_id(&self, request_id: &str) -> String {
         let n = self.sequence.get().wrapping_add(1);
         self.sequence.set(n);
-        format!("{request_id}#{n}")
+        format!("{request_id}#{:016x}-{n}", self.id_prefix)
     }
 
     pub fn data(&self) -> &D {
@@ -455,9 +473,13 @@ mod tests {
     #[test]
     fn reservation_ids_are_unique_per_store_even_for_a_reused_request_id() {
         let data = FakeShared::default();
-        let s = SharedStore::new(&data);
-        assert_eq!(s.reservation_id("req"), "req#1");
-        assert_eq!(s.reservation_id("req"), "req#2");
+        let s = SharedStore::new(&data).with_id_prefix(0xab);
+        assert_eq!(s.reservation_id("req"), "req#00000000000000ab-1");
+        assert_eq!(s.reservation_id("req"), "req#00000000000000ab-2");
+        // Another worker (its own VM, its own sequence) sees the same request id: its own
+        // prefix keeps the two reservations apart in the shared budget.
+        let other = SharedStore::new(&data).with_id_prefix(0xcd);
+        assert_ne!(other.reservation_id("req"), "req#00000000000000ab-1");
     }
 
     #[test]

@@ -386,7 +386,10 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
     let table = Table::load();
     let rt = runtime();
     let mock = rt.block_on(MockUpstream::start());
-    let plugin = json!({"filter": {"fail": "closed"}, "policy": table.policy}).to_string();
+    // The MCP route's category, as the sidecar's route has it (`category: read`).
+    let plugin =
+        json!({"filter": {"fail": "closed", "mcp_category": "read"}, "policy": table.policy})
+            .to_string();
     let envoy = Envoy::start(&plugin, mock.addr().port(), support::free_port());
     let mut failures = Vec::new();
     for case in &table.cases {

@@ -513,3 +513,48 @@ fn max_tokens_of_u64_max_does_not_wrap_under_a_tokens_per_minute_limit() {
         assert_eq!((d.class.status(), d.code.as_str()), (429, "rate_limited_tokens"));
     }
 }
+
+#[test]
+fn policy_rules_on_category_match_mcp_calls_of_the_configured_category() {
+    let doc = r#"{
+      "filter": {"mcp_category": "read"},
+      "policy": {"version": "c1", "defaults": {"llm": "allow", "tool": "require_approval"},
+                 "rules": [{"id": "reads", "match": {"category": "read"}, "effect": "allow",
+                            "reason": "reads_are_fine"}]}
+    }"#;
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let call = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": "list_files", "arguments": {}}}));
+    let p = Plugin::from_document(doc).unwrap();
+    let mut ex = Exchange::start(&p, head("/mcp", "c1"), headers("bot", &[]), NOW).unwrap();
+    ex.decide(&p, &budgets, &call, NOW).unwrap();
+    assert_eq!(ex.reason(), Some("reads_are_fine"));
+    // Without the category the rule does not hold: the tool default asks for an approval.
+    let p = Plugin::from_document(&doc.replace(r#""mcp_category": "read""#, "")).unwrap();
+    let mut ex = Exchange::start(&p, head("/mcp", "c2"), headers("bot", &[]), NOW).unwrap();
+    let d = ex.decide(&p, &budgets, &call, NOW).unwrap_err();
+    assert_eq!(
+        (d.code.as_str(), d.approval_id.as_deref()),
+        ("default_require_approval", Some("apr_c2"))
+    );
+}
+
+#[test]
+fn the_cost_cap_is_checked_before_an_approval_is_asked_for_as_in_the_sidecar() {
+    let doc = r#"{
+      "policy": {"version": "o1", "defaults": {"llm": "require_approval"},
+                 "limits": {"max_cost_per_request": "0.001"}}
+    }"#;
+    let p = Plugin::from_document(doc).unwrap();
+    let data = FakeShared::default();
+    let budgets = Budgets::new(SharedStore::new(&data));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "o1"), headers("bot", &[]), NOW).unwrap();
+    let big = body(json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}));
+    let d = ex.decide(&p, &budgets, &big, NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (403, "cost_limit_exceeded"));
+    let small = body(json!({"model": "gpt-4o", "max_tokens": 5, "messages": []}));
+    let d = ex.decide(&p, &budgets, &small, NOW).unwrap_err();
+    assert_eq!((d.class, d.code.as_str()), (Class::ApprovalRequired, "default_require_approval"));
+}

@@ -1,0 +1,695 @@
+//! The admission phase of a request's lifecycle, named once for every adapter (the sidecar and
+//! forward proxy, the Envoy filter, `tollgate explain`).
+//!
+//! [`decide`] takes a classified request ([`Request`]: its policy [`Facts`], what the body said,
+//! what the oversight step needs) and runs, in this fixed order, first refusal wins:
+//!
+//! 1. **policy**: the snapshot's decision; `deny` refuses (`require_approval` goes on, to be
+//!    asked at step 6);
+//! 2. **worst-case cost**: the request's upper bound in tokens at the model's dearest rates
+//!    (`missing_model` 400 for a model call naming no model, `unknown_model` 403 for a model the
+//!    rate card does not know); a tool call at its tool rate;
+//! 3. **cost cap**: the decision's `max_cost_per_request` (`cost_limit_exceeded`);
+//! 4. **rate limits**: requests and tokens per minute, per agent under the clause that decided;
+//! 5. **recording**: nothing is served unrecorded (`ledger_unavailable` while the ledger cannot
+//!    be written);
+//! 6. **oversight**: a disabled agent (`agent_disabled`) → autonomy `DISABLED` /
+//!    `PROPOSE_ONLY` → the same tool call again and again (`loop_detected`) → does a human have
+//!    to approve? (the policy said so, the risk score is medium or high, the agent is under
+//!    review, autonomy asks, or `AUTO_EXECUTE` found its budget used up) → the upstream's
+//!    circuit breaker (`circuit_open`, last, so that a refusal above never takes the half-open
+//!    probe);
+//! 7. **budgets**: the worst case reserved against every budget that applies, all or nothing
+//!    (`budget_exceeded`).
+//!
+//! The live state those steps read and change (rate-limit counters, the ledger's health,
+//! escalation standings, the loop detector, autonomy budgets, outcome history, breakers,
+//! budgets) is behind the [`Stores`] port: in-process maps in the proxy, Envoy shared data in
+//! the filter, and for `explain` a store that answers what it can from the configuration and
+//! says which live state it had to assume.
+//!
+//! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
+//! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
+//! [`Pending::granted`], which runs the breaker and the budgets) or records a new one and
+//! refuses. The core reads no clock: `now` is a parameter.
+//!
+//! The allow path of a request without oversight guards allocates nothing here.
+
+use serde_json::Value;
+
+use crate::autonomy::{self, BudgetOutcome, Mode};
+use crate::budget::{BudgetError, Reservation, Scope};
+use crate::endpoints::{self, Pricing};
+use crate::engine::Engine;
+use crate::guardrails::escalation::Standing;
+use crate::guardrails::loops::{self, Repeat};
+use crate::inspect::RequestInfo;
+use crate::metering::{Api, Provider};
+use crate::money::Money;
+use crate::policy::{Budgets, Decision, Effect, Facts, Snapshot};
+use crate::pricing::Cost;
+use crate::refusal::{Class, Denial};
+use crate::reservation::{self, Bound};
+use crate::risk::{self, Assessment, Profile, Thresholds};
+use crate::time::UnixMillis;
+
+/// What the adapter decides with: the compiled configuration and which oversight guards are on.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules<'a> {
+    /// Rates (worst case, tool prices) and autonomy modes.
+    pub engine: &'a Engine,
+    /// The policy snapshot the request is decided under (the adapter may hot-reload it, so it is
+    /// passed apart from the engine).
+    pub policy: &'a Snapshot,
+    pub oversight: Guards,
+}
+
+/// The oversight configuration `decide` needs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guards {
+    /// The configuration has an `autonomy:` section (without one, no action is gated by mode).
+    pub autonomy: bool,
+    /// The loop detector is on.
+    pub loops: bool,
+    /// Upstreams have circuit breakers.
+    pub breakers: bool,
+    /// Consecutive-error escalation is on.
+    pub escalation: bool,
+    /// Risk bands and approval timeouts.
+    pub thresholds: Thresholds,
+}
+
+impl Guards {
+    /// Whether anything beyond the policy's own effect can gate a request.
+    pub fn any(&self) -> bool {
+        self.autonomy || self.loops || self.breakers || self.escalation
+    }
+}
+
+/// How a request is priced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// A model API call of this provider (`None`: the provider is not known from the route).
+    Llm(Option<Provider>),
+    /// A tool or other call, priced by its tool's rate if it names one.
+    Other,
+}
+
+/// A classified request, all borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The policy facts; `method` and `path` (without the query) also select free endpoints.
+    pub facts: Facts<'a>,
+    pub call: Call,
+    /// The model API endpoint, for the token bound.
+    pub api: Option<Api>,
+    /// What the body said.
+    pub info: &'a RequestInfo,
+    /// The request body (a tool call's price by size; the arguments of a REST call).
+    pub body: &'a [u8],
+    /// The autonomy action type: the tool name, `llm` for model calls, else the route's name.
+    pub action: &'a str,
+    /// A tool call (the loop detector watches those).
+    pub is_tool: bool,
+    /// The route's declared risk dimensions (the matched rule's override them).
+    pub risk: Option<Profile>,
+}
+
+impl Request<'_> {
+    fn agent(&self) -> &str {
+        self.facts.agent.unwrap_or_default()
+    }
+
+    /// The digest approvals and the loop detector bind to: agent, action and arguments (the
+    /// first MCP tool call's, else the body as JSON, else the body as text).
+    pub fn digest(&self) -> u64 {
+        let (agent, name) = (self.agent(), self.action);
+        match self.info.tool_calls().next() {
+            Some(call) => loops::digest(agent, name, &call.arguments),
+            None => match serde_json::from_slice::<Value>(self.body) {
+                Ok(args) => loops::digest(agent, name, &args),
+                Err(_) => loops::digest(
+                    agent,
+                    name,
+                    &Value::String(String::from_utf8_lossy(self.body).into_owned()),
+                ),
+            },
+        }
+    }
+}
+
+/// A rate limit that refused, as the store measured it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimited {
+    Requests {
+        limit: u64,
+        retry_after_secs: u64,
+    },
+    Tokens {
+        limit: u64,
+        retry_after_secs: u64,
+    },
+    /// The counters cannot be read (a store that fails open answers `Ok` instead).
+    Unavailable,
+}
+
+/// An open circuit breaker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerOpen {
+    /// The upstream, for the message.
+    pub upstream: String,
+    pub retry_after_ms: u64,
+}
+
+/// The live state of the lifecycle: the port each adapter implements over its own stores.
+/// A store is made per request, so it knows the request's route, identity and reservation id.
+pub trait Stores {
+    /// Takes one request and `tokens` tokens from the allowances of `agent` under `clause`.
+    /// Called only when the decision sets `rpm` or `tpm`.
+    fn take_rate(
+        &mut self,
+        clause: &str,
+        agent: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        now: UnixMillis,
+    ) -> Result<(), RateLimited>;
+
+    /// Whether what is served can be recorded right now.
+    fn recordable(&mut self) -> bool;
+
+    /// The agent's escalation standing (called only with escalation on).
+    fn standing(&mut self, agent: &str) -> Standing;
+
+    /// Counts one tool call by its digest (called only with the loop detector on).
+    fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat;
+
+    /// Consumes one autonomy budget unit (called only for `AUTO_EXECUTE` when nothing else
+    /// asked for a human).
+    fn consume_autonomy(
+        &mut self,
+        limits: autonomy::Limits,
+        agent: &str,
+        action: &str,
+        now: UnixMillis,
+    ) -> BudgetOutcome;
+
+    /// (successes, total) of the agent's earlier `action`s, for the risk score.
+    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)>;
+
+    /// Asks the route's upstream circuit breaker to let the call through (called only with
+    /// breakers on).
+    fn breaker(&mut self, now: UnixMillis) -> Result<(), BreakerOpen>;
+
+    /// Reserves `amount` against every budget in `budgets` (never empty) for the request whose
+    /// attribution is `facts`. `Ok(None)`: let through without a reservation (a store that
+    /// fails open).
+    fn reserve(
+        &mut self,
+        budgets: &Budgets<'_>,
+        facts: &Facts<'_>,
+        amount: Money,
+        now: UnixMillis,
+    ) -> Result<Option<Reservation>, BudgetError>;
+}
+
+/// The budget scope values of a request's attribution.
+pub fn scope_value<'a>(facts: &Facts<'a>, scope: Scope) -> Option<&'a str> {
+    match scope {
+        Scope::Agent => facts.agent,
+        Scope::Project => facts.project,
+        Scope::CostCenter => facts.cost_center,
+        Scope::BusinessUnit => facts.business_unit,
+        Scope::Global => None,
+    }
+}
+
+/// The step of the lifecycle that refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The policy denied it.
+    Policy,
+    /// A model call naming no model, or a model the rate card does not know.
+    Pricing,
+    /// Over the per-request cost cap.
+    CostCap,
+    RateLimit,
+    /// Usage cannot be recorded right now.
+    Recording,
+    /// The agent is disabled (error escalation).
+    Disabled,
+    /// Autonomy `DISABLED`.
+    AutonomyDisabled,
+    /// Autonomy `PROPOSE_ONLY`: the adapter records the proposal.
+    Proposal,
+    Loop,
+    Breaker,
+    Budget,
+}
+
+impl Step {
+    /// Refused by the oversight step itself (after its fast path).
+    pub fn is_oversight(self) -> bool {
+        matches!(
+            self,
+            Step::Disabled | Step::AutonomyDisabled | Step::Proposal | Step::Loop | Step::Breaker
+        )
+    }
+
+    /// Refused after the oversight step let the request through.
+    pub fn after_oversight(self) -> bool {
+        self == Step::Budget
+    }
+}
+
+/// A refusal and the step that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub step: Step,
+    /// Boxed: a refusal is rare, and the `Ok` path stays small.
+    pub denial: Box<Denial>,
+}
+
+/// What the decision priced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priced {
+    /// The worst case: what is reserved, and what an implausible report is billed.
+    pub reserved: Cost,
+    /// The request's token bound (priced model calls).
+    pub bound: Option<Bound>,
+    /// A free endpoint (a model listing): $0, nothing reserved.
+    pub free: bool,
+}
+
+impl Priced {
+    pub fn worst_case(&self) -> Money {
+        self.reserved.total
+    }
+}
+
+/// What the oversight step made of an admitted request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Oversaw {
+    /// Passed through the route's breaker (its outcome must be reported).
+    pub breaker: bool,
+    /// The outcome is to be counted for the (agent, action) and fed to escalation.
+    pub track: bool,
+    /// The risk score, when one was computed.
+    pub assessment: Option<Assessment>,
+    /// A granted approval was used.
+    pub approved: bool,
+    /// Nothing but the policy's allow applied (the oversight fast path).
+    pub fast: bool,
+}
+
+/// An admitted request.
+#[derive(Debug)]
+pub struct Admitted<'p> {
+    pub decision: Decision<'p>,
+    pub priced: Priced,
+    pub oversaw: Oversaw,
+    pub reservation: Option<Reservation>,
+}
+
+/// A request a human has to approve first.
+#[derive(Debug)]
+pub struct Pending<'p> {
+    pub decision: Decision<'p>,
+    pub priced: Priced,
+    /// Why: a reason code and a human explanation.
+    pub reason: String,
+    pub why: String,
+    /// The action's risk (scored with the default profile when nothing declared one); it goes
+    /// on the response of a retry that uses a granted approval.
+    pub assessment: Assessment,
+    /// The digest the approval binds to ([`Request::digest`]).
+    pub digest: u64,
+}
+
+/// What [`decide`] let through.
+// Not boxed: `Admitted` is the allow path, which must not allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Admission<'p> {
+    Admitted(Admitted<'p>),
+    /// Boxed: the approval path is rare, and the allow path stays small.
+    NeedsApproval(Box<Pending<'p>>),
+}
+
+/// The admission phase of one request; see the module doc for the order.
+pub fn decide<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    now: UnixMillis,
+) -> Result<Admission<'p>, Refusal> {
+    // 1. Policy.
+    let decision = rules.policy.evaluate(&req.facts);
+    if decision.effect == Effect::Deny {
+        let denial = Denial::for_decision(&decision, "")
+            .unwrap_or_else(|| Denial::new(Class::Policy, decision.reason, decision.explanation));
+        return Err(Refusal { step: Step::Policy, denial: Box::new(denial) });
+    }
+    let refuse = |step: Step, denial: Denial| Refusal {
+        step,
+        denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
+    };
+
+    // 2. The worst case.
+    let priced = price(rules.engine, req).map_err(|d| refuse(Step::Pricing, *d))?;
+    let worst_case = priced.worst_case();
+
+    // 3. The per-request cost cap.
+    if let Some(cap) = decision.limits.max_cost_per_request {
+        if worst_case > cap {
+            return Err(refuse(
+                Step::CostCap,
+                Denial::new(
+                    Class::Policy,
+                    "cost_limit_exceeded",
+                    format!(
+                        "the request may cost up to ${worst_case}, over the ${cap} per-request \
+                         limit (lower max_tokens or ask for a higher limit)"
+                    ),
+                ),
+            ));
+        }
+    }
+
+    // 4. Rate limits, per agent under the clause that decided.
+    let limits = decision.limits;
+    if limits.rpm.is_some() || limits.tpm.is_some() {
+        let tokens = priced.bound.as_ref().map_or(0, Bound::tokens);
+        let agent = req.facts.agent.unwrap_or("-");
+        if let Err(limited) =
+            stores.take_rate(decision.clause, agent, limits.rpm, limits.tpm, tokens, now)
+        {
+            let denial = rate_denial(limited);
+            // A store that cannot count is not the decision's doing: no clause, as for budgets.
+            if limited == RateLimited::Unavailable {
+                return Err(Refusal { step: Step::RateLimit, denial: Box::new(denial) });
+            }
+            return Err(refuse(Step::RateLimit, denial));
+        }
+    }
+
+    // 5. Nothing is served unrecorded.
+    if !stores.recordable() {
+        let mut denial = Denial::new(
+            Class::Unavailable,
+            "ledger_unavailable",
+            "usage cannot be recorded right now (the ledger is not writable); retry shortly",
+        );
+        denial.retry_after_secs = Some(1);
+        return Err(refuse(Step::Recording, denial));
+    }
+
+    // 6. Oversight.
+    let profile = match (decision.risk, req.risk) {
+        (Some(rule), Some(route)) => Some(rule.over(route)),
+        (rule, route) => rule.or(route),
+    };
+    let guards = rules.oversight;
+    if decision.effect == Effect::Allow && profile.is_none() && !guards.any() {
+        let oversaw = Oversaw { fast: true, ..Oversaw::default() };
+        let reservation = reserve(&decision, req, stores, worst_case, now)?;
+        return Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }));
+    }
+    match oversee(rules, req, stores, &decision, priced, profile, now)? {
+        Overseen::Ask(pending) => Ok(Admission::NeedsApproval(pending)),
+        Overseen::Pass(assessment) => {
+            let oversaw = finish_oversight(&guards, stores, assessment, false, now)
+                .map_err(|d| refuse(Step::Breaker, *d))?;
+            let reservation = reserve(&decision, req, stores, worst_case, now)?;
+            Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }))
+        }
+    }
+}
+
+impl<'p> Pending<'p> {
+    /// Goes on after the adapter redeemed a granted approval for this request: the breaker,
+    /// then the budgets.
+    pub fn granted(
+        self,
+        rules: &Rules<'p>,
+        req: &Request<'_>,
+        stores: &mut impl Stores,
+        now: UnixMillis,
+    ) -> Result<Admitted<'p>, Refusal> {
+        let decision = self.decision;
+        let assessment = Some(self.assessment);
+        let oversaw =
+            finish_oversight(&rules.oversight, stores, assessment, true, now).map_err(|d| {
+                Refusal {
+                    step: Step::Breaker,
+                    denial: Box::new((*d).with_decision(decision.clause, decision.policy_version)),
+                }
+            })?;
+        let reservation = reserve(&decision, req, stores, self.priced.worst_case(), now)?;
+        Ok(Admitted { decision, priced: self.priced, oversaw, reservation })
+    }
+}
+
+/// The request's worst case: a model call at the model's dearest rates over its token bound, a
+/// tool call at its tool's rate.
+pub fn price(engine: &Engine, req: &Request<'_>) -> Result<Priced, Box<Denial>> {
+    let rates = engine.rates();
+    match req.call {
+        Call::Llm(provider) => {
+            let method = req.facts.method.unwrap_or_default();
+            let path = req.facts.path.unwrap_or_default();
+            let pricing = endpoints::llm_pricing(provider, method, path, req.info.model.as_deref())
+                .map_err(|e| Denial::new(Class::BadRequest, "missing_model", e.to_string()))
+                .map_err(Box::new)?;
+            match pricing {
+                Pricing::Free(_) => Ok(Priced { reserved: Cost::ZERO, bound: None, free: true }),
+                Pricing::Model(name) => {
+                    let b = reservation::bound(req.api, req.info, rates.limits(name));
+                    let priced = rates
+                        .worst_case(name, b.input, b.output)
+                        .map_err(|e| Denial::new(Class::Policy, "unknown_model", e.to_string()))
+                        .map_err(Box::new)?;
+                    Ok(Priced { reserved: priced.cost, bound: Some(b), free: false })
+                }
+            }
+        }
+        Call::Other => {
+            let cost = req
+                .facts
+                .tool
+                .and_then(|t| rates.price_tool(t, 1, req.body.len() as u64).ok())
+                .map_or(Money::ZERO, |c| c.total);
+            let reserved = Cost { per_call: cost, total: cost, ..Cost::ZERO };
+            Ok(Priced { reserved, bound: None, free: false })
+        }
+    }
+}
+
+fn rate_denial(limited: RateLimited) -> Denial {
+    let (what, code, limit, secs) = match limited {
+        RateLimited::Requests { limit, retry_after_secs } => {
+            ("requests", "rate_limited_requests", limit, retry_after_secs)
+        }
+        RateLimited::Tokens { limit, retry_after_secs } => {
+            ("tokens", "rate_limited_tokens", limit, retry_after_secs)
+        }
+        RateLimited::Unavailable => {
+            return Denial::new(
+                Class::Unavailable,
+                "budget_store_unavailable",
+                "budgets cannot be checked right now",
+            )
+        }
+    };
+    let secs = secs.max(1);
+    let mut denial = Denial::new(
+        Class::RateLimited,
+        code,
+        format!("more than {limit} {what} per minute; retry in {secs} s"),
+    );
+    denial.retry_after_secs = Some(secs);
+    denial
+}
+
+enum Overseen<'p> {
+    /// No human needed; the risk score if one was computed.
+    Pass(Option<Assessment>),
+    Ask(Box<Pending<'p>>),
+}
+
+/// Oversight steps 1–4 (disabled, autonomy mode, loops, approval).
+fn oversee<'p, S: Stores>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut S,
+    decision: &Decision<'p>,
+    priced: Priced,
+    profile: Option<Profile>,
+    now: UnixMillis,
+) -> Result<Overseen<'p>, Refusal> {
+    let guards = rules.oversight;
+    let refuse = |step: Step, denial: Denial| Refusal {
+        step,
+        denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
+    };
+    let agent = req.agent();
+    let action = req.action;
+
+    // 1. A disabled agent stays out until an operator re-enables it.
+    let standing = if guards.escalation {
+        stores.standing(agent)
+    } else {
+        Standing::Normal { consecutive_errors: 0 }
+    };
+    if let (Standing::Disabled { .. }, Some(reason), Some(why)) =
+        (standing, standing.reason(), standing.explanation())
+    {
+        return Err(refuse(Step::Disabled, Denial::new(Class::Policy, reason, why)));
+    }
+
+    // 2. Autonomy modes that forbid execution.
+    let cost_center = req.facts.cost_center.unwrap_or_default();
+    let resolution =
+        guards.autonomy.then(|| rules.engine.autonomy().resolve(cost_center, agent, action));
+    if let Some(r) = resolution.filter(|r| matches!(r.mode, Mode::Disabled | Mode::ProposeOnly)) {
+        let gate = autonomy::gate(r, None);
+        let step =
+            if r.mode == Mode::ProposeOnly { Step::Proposal } else { Step::AutonomyDisabled };
+        return Err(refuse(
+            step,
+            Denial::new(Class::Policy, gate.reason.code(), gate.explanation()),
+        ));
+    }
+
+    // 3. The same call again and again. The digest (which may parse the body) is computed only
+    // for tool calls under the loop detector and for approvals.
+    let mut digest = None;
+    if guards.loops && req.is_tool {
+        let d = *digest.get_or_insert_with(|| req.digest());
+        let repeat = stores.observe_call(d, now);
+        if let Repeat::Loop { retry_after_ms, .. } = repeat {
+            let why = repeat.explanation(action).unwrap_or_default();
+            let mut denial = Denial::new(Class::Policy, Repeat::REASON, why);
+            denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000));
+            return Err(refuse(Step::Loop, denial));
+        }
+    }
+
+    // 4. Does a human have to approve?
+    let cost = Some(priced.worst_case());
+    let assess = |stores: &mut S, p: Profile| {
+        risk::assess(&p.factors(cost, stores.history(agent, action)), &guards.thresholds)
+    };
+    let assessment = profile.map(|p| assess(stores, p));
+    let mut ask: Option<(String, String)> = None;
+    if decision.effect == Effect::RequireApproval {
+        ask = Some((decision.reason.to_string(), decision.explanation.to_string()));
+    }
+    if let (None, Some(a)) = (&ask, &assessment) {
+        if a.band != risk::Band::Low {
+            ask = Some((a.band.reason().to_string(), "the action's risk needs a human".into()));
+        }
+    }
+    if let (None, Standing::Review { .. }) = (&ask, standing) {
+        let reason = standing.reason().unwrap_or("error_escalation");
+        ask = Some((reason.to_string(), standing.explanation().unwrap_or_default()));
+    }
+    if let (None, Some(r)) = (&ask, resolution) {
+        let gate = match r.mode {
+            Mode::AutoExecute => {
+                let limits = rules.engine.autonomy().limits(agent, action);
+                autonomy::gate(r, Some(stores.consume_autonomy(limits, agent, action, now)))
+            }
+            _ => autonomy::gate(r, None),
+        };
+        if gate.effect != autonomy::Effect::Allow {
+            ask = Some((gate.reason.code().to_string(), gate.explanation()));
+        }
+    }
+    let Some((reason, why)) = ask else { return Ok(Overseen::Pass(assessment)) };
+    let assessment = match assessment {
+        Some(a) => a,
+        None => assess(stores, profile.unwrap_or_default()),
+    };
+    let digest = digest.unwrap_or_else(|| req.digest());
+    Ok(Overseen::Ask(Box::new(Pending {
+        decision: *decision,
+        priced,
+        reason,
+        why,
+        assessment,
+        digest,
+    })))
+}
+
+/// Oversight step 5, the upstream's breaker, and what the adapter reports when it ends.
+fn finish_oversight(
+    guards: &Guards,
+    stores: &mut impl Stores,
+    assessment: Option<Assessment>,
+    approved: bool,
+    now: UnixMillis,
+) -> Result<Oversaw, Box<Denial>> {
+    let breaker = guards.breakers;
+    if breaker {
+        if let Err(open) = stores.breaker(now) {
+            let secs = open.retry_after_ms.div_ceil(1000);
+            let mut denial = Denial::new(
+                Class::Unavailable,
+                crate::guardrails::breaker::Admission::REASON,
+                format!(
+                    "the upstream {} keeps failing: its circuit breaker is open; retry in {secs}s",
+                    open.upstream
+                ),
+            );
+            denial.retry_after_secs = Some(secs);
+            return Err(Box::new(denial));
+        }
+    }
+    let track = guards.escalation || assessment.is_some() || approved;
+    Ok(Oversaw { breaker, track, assessment, approved, fast: false })
+}
+
+/// Step 7: the worst case reserved against every budget that applies, all or nothing.
+fn reserve(
+    decision: &Decision<'_>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    worst_case: Money,
+    now: UnixMillis,
+) -> Result<Option<Reservation>, Refusal> {
+    if decision.budgets.is_empty() {
+        return Ok(None);
+    }
+    let refuse = |denial: Denial| Refusal {
+        step: Step::Budget,
+        denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
+    };
+    match stores.reserve(&decision.budgets, &req.facts, worst_case, now) {
+        Ok(r) => Ok(r),
+        Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
+            Err(refuse(Denial::new(
+                Class::BudgetExhausted,
+                "budget_exceeded",
+                format!(
+                    "budget `{budget_id}` ({period}) would be exceeded: ${spent_and_reserved} of \
+                     ${limit} spent or reserved, this request may cost up to ${worst_case}"
+                ),
+            )))
+        }
+        // The proxy refuses these without the decision's clause (a store failure is not the
+        // decision's doing).
+        Err(_) => Err(Refusal {
+            step: Step::Budget,
+            denial: Box::new(Denial::new(
+                Class::Unavailable,
+                "budget_store_unavailable",
+                "budgets cannot be checked right now",
+            )),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

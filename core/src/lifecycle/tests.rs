@@ -1,0 +1,402 @@
+use super::*;
+use crate::budget::{Budgets as BudgetEngine, MemoryStore};
+use crate::inspect;
+use crate::policy::RouteKind;
+
+const NOW: UnixMillis = UnixMillis(1_790_000_000_000);
+
+const DOC: &str = r#"
+policy:
+  version: v-test
+  defaults: {llm: allow, tool: require_approval, other: deny}
+  rules:
+    - {id: no-shell, match: {tool: shell}, effect: deny, reason: shell_forbidden}
+    - {id: reads, match: {category: read}, effect: allow, reason: reads_are_fine}
+    - {id: ask, match: {agent: ask-bot}, effect: require_approval, reason: ask_first}
+    - {id: capped, match: {agent: capped-bot}, effect: allow, limits: {max_cost_per_request: "0.001", rpm: 5}}
+    - {id: limited, match: {agent: limited-bot}, effect: allow, limits: {rpm: 5, tpm: 100000}}
+    - {id: broke, match: {agent: broke-bot}, effect: allow,
+       budgets: [{id: broke-daily, scope: agent, period: daily, amount: "0.000001"}]}
+    - {id: funded, match: {agent: funded-bot}, effect: allow,
+       budgets: [{id: funded-daily, scope: agent, period: daily, amount: "100"}]}
+autonomy:
+  default: AUTO_EXECUTE
+  accounts:
+    off-bot: {default: DISABLED}
+    propose-bot: {default: PROPOSE_ONLY}
+    careful-bot: {default: APPROVAL_REQUIRED}
+"#;
+
+fn engine() -> Engine {
+    Engine::from_document(DOC).expect("the test document compiles")
+}
+
+/// A store that answers as told and logs what it was asked, in order.
+struct Fake {
+    calls: Vec<&'static str>,
+    rate: Result<(), RateLimited>,
+    recordable: bool,
+    standing: Standing,
+    repeat: Repeat,
+    autonomy: BudgetOutcome,
+    breaker: Result<(), BreakerOpen>,
+    budgets: BudgetEngine<MemoryStore>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Fake {
+            calls: Vec::new(),
+            rate: Ok(()),
+            recordable: true,
+            standing: Standing::Normal { consecutive_errors: 0 },
+            repeat: Repeat::Fresh { count: 1 },
+            autonomy: BudgetOutcome::Consumed {
+                used: 1,
+                limit: None,
+                action_used: 1,
+                action_limit: None,
+            },
+            breaker: Ok(()),
+            budgets: BudgetEngine::new(MemoryStore::default()),
+        }
+    }
+}
+
+impl Stores for Fake {
+    fn take_rate(
+        &mut self,
+        _: &str,
+        _: &str,
+        _: Option<u64>,
+        _: Option<u64>,
+        _: u64,
+        _: UnixMillis,
+    ) -> Result<(), RateLimited> {
+        self.calls.push("rate");
+        self.rate
+    }
+    fn recordable(&mut self) -> bool {
+        self.calls.push("recordable");
+        self.recordable
+    }
+    fn standing(&mut self, _: &str) -> Standing {
+        self.calls.push("standing");
+        self.standing
+    }
+    fn observe_call(&mut self, _: u64, _: UnixMillis) -> Repeat {
+        self.calls.push("loops");
+        self.repeat
+    }
+    fn consume_autonomy(
+        &mut self,
+        _: autonomy::Limits,
+        _: &str,
+        _: &str,
+        _: UnixMillis,
+    ) -> BudgetOutcome {
+        self.calls.push("autonomy_budget");
+        self.autonomy
+    }
+    fn history(&mut self, _: &str, _: &str) -> Option<(u64, u64)> {
+        self.calls.push("history");
+        None
+    }
+    fn breaker(&mut self, _: UnixMillis) -> Result<(), BreakerOpen> {
+        self.calls.push("breaker");
+        self.breaker.clone()
+    }
+    fn reserve(
+        &mut self,
+        budgets: &Budgets<'_>,
+        facts: &Facts<'_>,
+        amount: Money,
+        now: UnixMillis,
+    ) -> Result<Option<Reservation>, BudgetError> {
+        self.calls.push("reserve");
+        self.budgets
+            .reserve(budgets.iter(), |s| scope_value(facts, s), amount, "r-1", now, 60_000)
+            .map(Some)
+    }
+}
+
+/// A model call (`gpt-4o`, `max_tokens`) or an MCP tool call (`tool`) by `agent`.
+struct Ask {
+    agent: &'static str,
+    model: Option<&'static str>,
+    max_tokens: u64,
+    tool: Option<&'static str>,
+    category: Option<&'static str>,
+}
+
+fn llm(agent: &'static str) -> Ask {
+    Ask { agent, model: Some("gpt-4o"), max_tokens: 10, tool: None, category: None }
+}
+
+fn tool(agent: &'static str, name: &'static str) -> Ask {
+    Ask { agent, model: None, max_tokens: 0, tool: Some(name), category: None }
+}
+
+fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<String, Refusal> {
+    let body = match ask.tool {
+        Some(t) => serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                      "params": {"name": t, "arguments": {"q": 1}}}),
+        None => serde_json::json!({"model": ask.model, "max_tokens": ask.max_tokens,
+                                   "messages": [{"role": "user", "content": "hi"}]}),
+    };
+    let body = serde_json::to_vec(&body).unwrap();
+    let api = ask.tool.is_none().then_some(Api::ChatCompletions);
+    let info = inspect::inspect(api, &body).unwrap();
+    let route = if ask.tool.is_some() { RouteKind::Tool } else { RouteKind::Llm };
+    let req = Request {
+        facts: Facts {
+            route,
+            agent: Some(ask.agent),
+            cost_center: Some("CC-1"),
+            model: info.model.as_deref(),
+            tool: ask.tool,
+            category: ask.category,
+            method: Some("POST"),
+            path: Some(if ask.tool.is_some() { "/mcp" } else { "/v1/chat/completions" }),
+            ..Facts::default()
+        },
+        call: if ask.tool.is_some() { Call::Other } else { Call::Llm(Some(Provider::OpenAi)) },
+        api,
+        info: &info,
+        body: &body,
+        action: ask.tool.unwrap_or("llm"),
+        is_tool: ask.tool.is_some(),
+        risk: None,
+    };
+    let rules = Rules { engine, policy: engine.policy(), oversight: guards };
+    let outcome = decide(&rules, &req, stores, NOW).map(|a| match a {
+        Admission::Admitted(a) => format!(
+            "admitted {} {} fast={} reserved={}",
+            a.decision.clause,
+            a.decision.reason,
+            a.oversaw.fast,
+            a.reservation.is_some()
+        ),
+        Admission::NeedsApproval(p) => {
+            let digest = p.digest;
+            let granted = p.granted(&rules, &req, stores, NOW);
+            assert_eq!(digest, req.digest(), "the approval binds to the request's digest");
+            format!(
+                "approval asked then {}",
+                match granted {
+                    Ok(a) => format!("admitted approved={}", a.oversaw.approved),
+                    Err(r) => format!("refused {}", r.denial.code),
+                }
+            )
+        }
+    });
+    outcome
+}
+
+fn all_guards() -> Guards {
+    Guards { autonomy: true, loops: true, breakers: true, escalation: true, ..Guards::default() }
+}
+
+fn code(r: &Result<String, Refusal>) -> (&str, Option<Step>, Option<u16>) {
+    match r {
+        Ok(text) => (text.as_str(), None, None),
+        Err(r) => (r.denial.code.as_str(), Some(r.step), Some(r.denial.class.status())),
+    }
+}
+
+#[test]
+fn an_allowed_call_without_guards_takes_the_fast_path_and_asks_only_the_ledger() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let r = run(&engine, Guards::default(), &llm("bot"), &mut s);
+    assert_eq!(r.unwrap(), "admitted defaults.llm default_allow fast=true reserved=false");
+    assert_eq!(s.calls, ["recordable"]);
+}
+
+#[test]
+fn a_policy_deny_refuses_before_any_store_is_asked() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let r = run(&engine, all_guards(), &tool("bot", "shell"), &mut s);
+    assert_eq!(code(&r), ("shell_forbidden", Some(Step::Policy), Some(403)));
+    let d = r.unwrap_err().denial;
+    assert_eq!(
+        (d.clause.as_deref(), d.policy_version.as_deref()),
+        (Some("no-shell"), Some("v-test"))
+    );
+    assert!(s.calls.is_empty(), "{:?}", s.calls);
+}
+
+#[test]
+fn category_facts_reach_the_policy() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let mut ask = tool("bot", "list_files");
+    ask.category = Some("read");
+    let r = run(&engine, Guards::default(), &ask, &mut s);
+    assert_eq!(r.unwrap(), "admitted reads reads_are_fine fast=true reserved=false");
+}
+
+#[test]
+fn a_model_call_without_a_model_or_with_an_unknown_one_is_refused_at_pricing() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let mut ask = llm("bot");
+    ask.model = None;
+    let r = run(&engine, Guards::default(), &ask, &mut s);
+    assert_eq!(code(&r), ("missing_model", Some(Step::Pricing), Some(400)));
+    ask.model = Some("no-such-model");
+    let r = run(&engine, Guards::default(), &ask, &mut s);
+    assert_eq!(code(&r), ("unknown_model", Some(Step::Pricing), Some(403)));
+    assert_eq!(r.unwrap_err().denial.clause.as_deref(), Some("defaults.llm"));
+    assert!(s.calls.is_empty());
+}
+
+#[test]
+fn the_cost_cap_comes_before_the_rate_limits() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let mut ask = llm("capped-bot");
+    ask.max_tokens = 4000;
+    let r = run(&engine, Guards::default(), &ask, &mut s);
+    assert_eq!(code(&r), ("cost_limit_exceeded", Some(Step::CostCap), Some(403)));
+    assert!(s.calls.is_empty(), "the rate limits were not charged: {:?}", s.calls);
+    ask.max_tokens = 10;
+    let r = run(&engine, Guards::default(), &ask, &mut s);
+    assert_eq!(r.unwrap(), "admitted capped rule_allow fast=true reserved=false");
+    assert_eq!(s.calls, ["rate", "recordable"]);
+}
+
+#[test]
+fn rate_limits_refuse_before_the_ledger_check_with_a_retry_after() {
+    let engine = engine();
+    let mut s = Fake {
+        rate: Err(RateLimited::Tokens { limit: 100, retry_after_secs: 0 }),
+        ..Fake::default()
+    };
+    let r = run(&engine, all_guards(), &llm("limited-bot"), &mut s);
+    assert_eq!(code(&r), ("rate_limited_tokens", Some(Step::RateLimit), Some(429)));
+    let d = r.unwrap_err().denial;
+    assert_eq!(d.retry_after_secs, Some(1));
+    assert_eq!(d.message, "more than 100 tokens per minute; retry in 1 s");
+    assert_eq!(d.clause.as_deref(), Some("limited"));
+    assert_eq!(s.calls, ["rate"]);
+    // A store that cannot count: no clause (not the decision's doing).
+    let mut s = Fake { rate: Err(RateLimited::Unavailable), ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("limited-bot"), &mut s);
+    assert_eq!(code(&r), ("budget_store_unavailable", Some(Step::RateLimit), Some(503)));
+    assert_eq!(r.unwrap_err().denial.clause, None);
+}
+
+#[test]
+fn an_unwritable_ledger_refuses_before_oversight() {
+    let engine = engine();
+    let mut s = Fake { recordable: false, ..Fake::default() };
+    let r = run(&engine, all_guards(), &tool("bot", "search"), &mut s);
+    assert_eq!(code(&r), ("ledger_unavailable", Some(Step::Recording), Some(503)));
+    assert_eq!(s.calls, ["recordable"]);
+}
+
+#[test]
+fn a_disabled_agent_is_refused_before_its_autonomy_mode_is_looked_at() {
+    let engine = engine();
+    let mut s = Fake { standing: Standing::Disabled { consecutive_errors: 5 }, ..Fake::default() };
+    // `off-bot` is DISABLED by autonomy too: the standing wins.
+    let r = run(&engine, all_guards(), &llm("off-bot"), &mut s);
+    assert_eq!(code(&r), ("agent_disabled", Some(Step::Disabled), Some(403)));
+    assert_eq!(s.calls, ["recordable", "standing"]);
+}
+
+#[test]
+fn autonomy_disabled_and_propose_only_refuse_before_the_loop_detector() {
+    let engine = engine();
+    for (agent, reason, step) in [
+        ("off-bot", "autonomy_disabled", Step::AutonomyDisabled),
+        ("propose-bot", "autonomy_propose_only", Step::Proposal),
+    ] {
+        let mut s =
+            Fake { repeat: Repeat::Loop { count: 3, retry_after_ms: 1 }, ..Fake::default() };
+        let r = run(&engine, all_guards(), &tool(agent, "search"), &mut s);
+        assert_eq!(code(&r), (reason, Some(step), Some(403)), "{agent}");
+        assert_eq!(s.calls, ["recordable", "standing"]);
+    }
+}
+
+#[test]
+fn a_loop_is_refused_before_an_approval_is_asked_for() {
+    let engine = engine();
+    let mut s = Fake { repeat: Repeat::Loop { count: 3, retry_after_ms: 1500 }, ..Fake::default() };
+    // The tool default is require_approval: the loop still comes first.
+    let r = run(&engine, all_guards(), &tool("bot", "fetch_url"), &mut s);
+    assert_eq!(code(&r), ("loop_detected", Some(Step::Loop), Some(403)));
+    assert_eq!(r.unwrap_err().denial.retry_after_secs, Some(2));
+    assert_eq!(s.calls, ["recordable", "standing", "loops"]);
+    // Model calls are not watched.
+    let mut s = Fake { repeat: Repeat::Loop { count: 3, retry_after_ms: 1500 }, ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("bot"), &mut s);
+    assert!(r.is_ok());
+    assert!(!s.calls.contains(&"loops"));
+}
+
+#[test]
+fn an_approval_is_asked_before_the_breaker_which_comes_before_the_budgets() {
+    let engine = engine();
+    let open = BreakerOpen { upstream: "up:1".into(), retry_after_ms: 2000 };
+    // The policy asks: the breaker is not consulted until the approval is granted.
+    let mut s = Fake { breaker: Err(open.clone()), ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("ask-bot"), &mut s);
+    assert_eq!(r.unwrap(), "approval asked then refused circuit_open");
+    assert_eq!(s.calls, ["recordable", "standing", "history", "breaker"]);
+    // Without an approval to ask for, an open breaker refuses, and no budget is reserved.
+    let mut s = Fake { breaker: Err(open), ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("funded-bot"), &mut s);
+    assert_eq!(code(&r), ("circuit_open", Some(Step::Breaker), Some(503)));
+    assert_eq!(r.as_ref().unwrap_err().denial.retry_after_secs, Some(2));
+    assert_eq!(s.calls, ["recordable", "standing", "autonomy_budget", "breaker"]);
+}
+
+#[test]
+fn a_granted_approval_goes_on_to_the_breaker_and_the_budgets() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let r = run(&engine, all_guards(), &llm("careful-bot"), &mut s);
+    assert_eq!(r.unwrap(), "approval asked then admitted approved=true");
+    // APPROVAL_REQUIRED asks without consuming an autonomy budget unit.
+    assert_eq!(s.calls, ["recordable", "standing", "history", "breaker"]);
+}
+
+#[test]
+fn an_exhausted_autonomy_budget_asks_a_human_and_one_consumed_lets_through() {
+    let engine = engine();
+    let mut s = Fake {
+        autonomy: BudgetOutcome::Exhausted {
+            limit: autonomy::BudgetLimit::PerDay,
+            used: 3,
+            max: 3,
+        },
+        ..Fake::default()
+    };
+    let r = run(&engine, all_guards(), &llm("bot"), &mut s);
+    assert!(r.unwrap().starts_with("approval asked"));
+    let mut s = Fake::default();
+    let r = run(&engine, all_guards(), &llm("bot"), &mut s);
+    assert_eq!(r.unwrap(), "admitted defaults.llm default_allow fast=false reserved=false");
+    // The policy asking spends no autonomy unit.
+    let mut s = Fake::default();
+    let _ = run(&engine, all_guards(), &llm("ask-bot"), &mut s);
+    assert!(!s.calls.contains(&"autonomy_budget"));
+}
+
+#[test]
+fn budgets_are_reserved_last_and_refuse_with_402() {
+    let engine = engine();
+    let mut s = Fake::default();
+    let r = run(&engine, Guards::default(), &llm("broke-bot"), &mut s);
+    assert_eq!(code(&r), ("budget_exceeded", Some(Step::Budget), Some(402)));
+    assert_eq!(r.unwrap_err().denial.clause.as_deref(), Some("broke"));
+    assert_eq!(s.calls, ["recordable", "reserve"]);
+    let mut s = Fake::default();
+    let r = run(&engine, all_guards(), &llm("funded-bot"), &mut s);
+    assert_eq!(r.unwrap(), "admitted funded rule_allow fast=false reserved=true");
+    assert_eq!(s.calls, ["recordable", "standing", "autonomy_budget", "breaker", "reserve"]);
+}
