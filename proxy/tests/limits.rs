@@ -1,6 +1,7 @@
-//! The proxy's limits at the socket, through the real binary: a stalled request body is a 408
-//! and a closed connection, connections and requests beyond their limits are shed at once with
-//! a 503 and `Retry-After` (and counted), and a slow-POST flood leaves memory bounded.
+//! The proxy's edge at the socket, through the real binary: strict request heads are a 400 and a
+//! closed connection, a stalled request body is a 408 and a closed connection, connections and
+//! requests beyond their limits are shed at once with a 503 and `Retry-After` (and counted), and
+//! a slow-POST flood leaves memory bounded.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -191,5 +192,43 @@ async fn a_slow_post_flood_is_shed_and_memory_stays_bounded() {
     let grown_mib = (peak.saturating_sub(before)) / 1024;
     eprintln!("slow-POST flood: {shed} of 1,500 shed, RSS {before} KiB → peak {peak} KiB");
     assert!(grown_mib < 48, "RSS grew {grown_mib} MiB ({before} KiB → {peak} KiB)");
+    assert_eq!(mock.request_count(), 0);
+}
+
+/// The strict-head refusals, byte for byte through the binary: each is a 400 naming the
+/// problem, nothing reaches the upstream, and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_heads_are_refused_by_the_binary() {
+    let mock = MockUpstream::start().await;
+    let proxy = tokio::task::block_in_place(|| start(&mock.base_url(), "{}"));
+    let post = "POST /v1/chat/completions HTTP/1.1";
+    let chunked = format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    let cases = [
+        (post, "".to_owned(), "missing_host"),
+        (post, "host: a\r\nhost: b\r\n".to_owned(), "duplicate_host"),
+        (post, "host: user:pw@x\r\n".to_owned(), "host_userinfo"),
+        (post, "host: x\r\nx_cost_center: CC-0001\r\n".to_owned(), "underscore_header"),
+        (post, "host: x\r\nconnection: x-cost-center\r\n".to_owned(), "connection_nominates_header"),
+        ("POST http://evil.example/v1/chat/completions HTTP/1.1", "host: x\r\n".to_owned(), "absolute_form"),
+        (post, format!("host: x\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n{chunked}"), "ambiguous_framing"),
+    ];
+    tokio::task::block_in_place(|| {
+        for (line, extra, code) in cases {
+            let mut s = TcpStream::connect(proxy.proxy).unwrap();
+            let request = if code == "ambiguous_framing" {
+                format!("{line}\r\n{TAGS}content-type: application/json\r\n{extra}")
+            } else {
+                format!(
+                    "{line}\r\n{TAGS}content-type: application/json\r\n{extra}content-length: {}\r\n\r\n{BODY}",
+                    BODY.len()
+                )
+            };
+            let _ = s.write_all(request.as_bytes());
+            let answer = read_to_close(&mut s, Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("{code}: the connection stayed open"));
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{code}: {answer}");
+            assert!(answer.contains(&format!("\"{code}\"")), "{code}: {answer}");
+        }
+    });
     assert_eq!(mock.request_count(), 0);
 }
