@@ -471,6 +471,12 @@ impl<'a> Live<'a> {
     }
 }
 
+/// A wait in whole seconds for `Retry-After`, rounded up (at least 1), as the Envoy filter does:
+/// a client that waits the advertised time is let through.
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 impl Stores for Live<'_> {
     fn take_rate(
         &mut self,
@@ -484,10 +490,10 @@ impl Stores for Live<'_> {
         let key = format!("{clause}\u{0}{agent}");
         self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
             crate::limits::Limited::Requests { limit, retry_after } => {
-                RateLimited::Requests { limit, retry_after_secs: retry_after.as_secs().max(1) }
+                RateLimited::Requests { limit, retry_after_secs: whole_seconds(retry_after) }
             }
             crate::limits::Limited::Tokens { limit, retry_after } => {
-                RateLimited::Tokens { limit, retry_after_secs: retry_after.as_secs().max(1) }
+                RateLimited::Tokens { limit, retry_after_secs: whole_seconds(retry_after) }
             }
         })
     }
@@ -808,4 +814,18 @@ fn new_approval_id() -> String {
         h.finish()
     };
     format!("apr_{:016x}{:016x}", word(), word())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_rounds_up_like_the_filter() {
+        let secs = |ms| super::whole_seconds(Duration::from_millis(ms));
+        assert_eq!(
+            [secs(0), secs(1), secs(999), secs(1000), secs(1001), secs(59_100)],
+            [1, 1, 1, 1, 2, 60]
+        );
+    }
 }
