@@ -65,6 +65,15 @@ impl Target {
     }
 }
 
+/// The case's usage record and metric changes since `before`, against the table's.
+async fn check(table: &Table, case: &Case, target: &Target, before: &Exposition) -> Vec<String> {
+    let mode = target.mode();
+    let after = target.metrics().await;
+    let mut found = case.check_ledger(mode, &target.ledger().await);
+    found.extend(case.check_metrics(table, mode, before, &after));
+    found
+}
+
 /// Sends every case and checks its answer, its usage record and its metric changes; returns
 /// one line per difference.
 async fn run(table: &Table, target: &Target) -> Vec<String> {
@@ -82,12 +91,15 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
                 reply.text()
             ));
         }
-        // The record and the counters follow the answer; wait until they match or time is up.
+        // The record and the counters follow the answer: wait until they match or time is up,
+        // and until they still match a moment later (nothing left for the next case).
         let deadline = Instant::now() + SETTLE;
         let found = loop {
-            let after = target.metrics().await;
-            let mut found = case.check_ledger(mode, &target.ledger().await);
-            found.extend(case.check_metrics(table, mode, &before, &after));
+            let mut found = check(table, case, target, &before).await;
+            if found.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                found = check(table, case, target, &before).await;
+            }
             if found.is_empty() || Instant::now() > deadline {
                 break found;
             }
