@@ -18,8 +18,8 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 /// The proxy a table runs against.
 enum Target {
-    Sidecar(Harness),
-    HttpsProxy(Forward),
+    Sidecar(Box<Harness>),
+    HttpsProxy(Box<Forward>),
 }
 
 impl Target {
@@ -130,7 +130,7 @@ async fn the_sidecar_decides_the_shared_table_as_expected() {
         )
         .start()
         .await;
-    let failures = run(&table, &Target::Sidecar(proxy)).await;
+    let failures = run(&table, &Target::Sidecar(Box::new(proxy))).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -140,6 +140,6 @@ async fn https_proxy_mode_decides_the_shared_table_as_expected() {
     let policy = serde_json::to_string(&table.policy).unwrap();
     let mcp = r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "https://api.openai.com"}"#;
     let f = Forward::start_with_routes(&policy, "", &table.pricing_yaml(), &[mcp]).await;
-    let failures = run(&table, &Target::HttpsProxy(f)).await;
+    let failures = run(&table, &Target::HttpsProxy(Box::new(f))).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
