@@ -1,7 +1,8 @@
 //! The shared decision table (`tests/fixtures/decisions.json`): one list of requests and the
 //! outcome each must get, run against the sidecar (`proxy/tests/decisions.rs`: the `tollgate`
-//! binary; `tests/tests/decisions.rs`: the proxy in process) and against the Envoy filter
-//! (`wasm-filter/tests/envoy.rs`), so the two are shown to decide alike on the same requests.
+//! binary and `tollgate explain`; `tests/tests/decisions.rs`: the proxy in process and in
+//! HTTPS_PROXY mode) and against the Envoy filter (`wasm-filter/tests/envoy.rs`), so they are
+//! shown to decide alike on the same requests.
 //! Each case also names the usage record it leaves in the ledger and the metric series it
 //! changes; [`Case::check_ledger`] and [`Case::check_metrics`] compare what a mode produced with
 //! that, so the sidecar, HTTPS_PROXY mode and Envoy with the filter are shown to meter and count
