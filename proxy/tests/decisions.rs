@@ -1,7 +1,9 @@
 //! The shared decision table (`tests/fixtures/decisions.json`) against the `tollgate` binary
 //! itself (`tollgate run` as a process, in front of the mock upstream): every case must get the
 //! table's status and decision headers. The same table runs in-process in
-//! `tests/tests/decisions.rs` and through the Envoy filter in `wasm-filter/tests/envoy.rs`.
+//! `tests/tests/decisions.rs` (the sidecar and HTTPS_PROXY mode, where each case's usage record
+//! and metric changes are checked too) and through the Envoy filter in
+//! `wasm-filter/tests/envoy.rs`.
 //! `tollgate explain` must predict each case's answer from the same configuration.
 
 use std::path::Path;
@@ -37,7 +39,7 @@ async fn the_binary_decides_the_shared_table_as_expected() {
         data_dir: &dir.join("data"),
         token_env: "TOLLGATE_DECISIONS_TEST_TOKEN",
         more_routes: &routes,
-        extra: "",
+        extra: &table.pricing_yaml(),
         policy: &serde_json::to_string(&table.policy).unwrap(),
     }
     .yaml();
@@ -50,9 +52,8 @@ async fn the_binary_decides_the_shared_table_as_expected() {
     let mut failures = Vec::new();
     for case in &table.cases {
         let mut request = hyper::Request::post(format!("http://{}{}", proxy.proxy, case.path))
-            .header("content-type", "application/json")
-            .header("x-mock-output-tokens", "1");
-        for (name, value) in &case.headers {
+            .header("content-type", "application/json");
+        for (name, value) in &case.sent_headers("binary") {
             request = request.header(name.as_str(), value.as_str());
         }
         let response = client
@@ -99,7 +100,7 @@ fn explain_predicts_the_shared_table() {
         data_dir: &dir.join("data"),
         token_env: "TOLLGATE_DECISIONS_TEST_TOKEN",
         more_routes: &routes,
-        extra: "",
+        extra: &table.pricing_yaml(),
         policy: &serde_json::to_string(&table.policy).unwrap(),
     }
     .yaml();

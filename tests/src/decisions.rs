@@ -1,22 +1,37 @@
 //! The shared decision table (`tests/fixtures/decisions.json`): one list of requests and the
 //! outcome each must get, run against the sidecar (`proxy/tests/decisions.rs`: the `tollgate`
-//! binary; `tests/tests/decisions.rs`: the proxy in process) and against the Envoy filter
-//! (`wasm-filter/tests/envoy.rs`), so the two are shown to decide alike on the same requests.
-//! This module only reads the table; each side sends the requests its own way.
+//! binary and `tollgate explain`; `tests/tests/decisions.rs`: the proxy in process and in
+//! HTTPS_PROXY mode) and against the Envoy filter (`wasm-filter/tests/envoy.rs`), so they are
+//! shown to decide alike on the same requests.
+//! Each case also names the usage record it leaves in the ledger and the metric series it
+//! changes; [`Case::check_ledger`] and [`Case::check_metrics`] compare what a mode produced with
+//! that, so the sidecar, HTTPS_PROXY mode and Envoy with the filter are shown to meter and count
+//! alike. This module only reads the table; each side sends the requests its own way.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+
+use crate::exposition::Exposition;
+use crate::metering::FIELDS;
+
+/// The modes whose ledger records and metrics the table pins, as its `modes` name them.
+pub const MODES: [&str; 3] = ["sidecar", "https_proxy", "envoy"];
 
 /// The fixture's path.
 pub fn path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/decisions.json")
 }
 
-/// The table: a policy and its cases.
+/// The table: a policy, a rate card and its cases.
 pub struct Table {
     /// The `policy:` document both sides run (JSON).
     pub policy: Value,
+    /// The `pricing:` section every mode runs (JSON).
+    pub pricing: Value,
+    /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
+    pub compared: BTreeMap<String, Vec<String>>,
     pub cases: Vec<Case>,
 }
 
@@ -28,8 +43,30 @@ pub struct Case {
     /// Request headers, the table's defaults merged with the case's own.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The `x-mock-*` headers that make the mock upstream answer (the table's defaults merged
+    /// with the case's own).
+    pub mock: Vec<(String, String)>,
     pub expect: Outcome,
+    /// The case's position: part of its request id.
+    pub index: usize,
+    /// The usage record's pinned fields ([`FIELDS`]), or `None`: no usage record.
+    pub ledger: Option<Value>,
+    /// Every series the request changes.
+    pub metrics: Vec<Delta>,
 }
+
+/// One series a request changes, and by how much.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub delta: f64,
+    /// The modes that produce it (every mode unless the fixture says otherwise).
+    pub modes: Vec<String>,
+}
+
+/// A series: its name and labels.
+type Key = (String, BTreeMap<String, String>);
 
 /// The status and decision headers of an answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,11 +102,29 @@ impl Table {
         let doc: Value = serde_json::from_str(&text).expect("decisions.json is JSON");
         let version = doc["policy"]["version"].as_str().expect("policy.version").to_owned();
         let defaults = doc["default_headers"].as_object().expect("default_headers");
+        let default_mock = doc["default_mock"].as_object().expect("default_mock");
+        let compared: BTreeMap<String, Vec<String>> =
+            serde_json::from_value(doc["metrics_compared"].clone()).expect("metrics_compared");
+        for mode in compared.keys() {
+            assert!(mode == "all" || MODES.contains(&mode.as_str()), "unknown mode {mode}");
+        }
+        let compared_in = |name: &str| -> Vec<String> {
+            let all = compared.get("all").is_some_and(|m| m.iter().any(|n| n == name));
+            MODES
+                .iter()
+                .filter(|mode| {
+                    all || compared.get(**mode).is_some_and(|m| m.iter().any(|n| n == name))
+                })
+                .map(|m| (*m).to_owned())
+                .collect()
+        };
         let cases = doc["cases"]
             .as_array()
             .expect("cases")
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(index, c)| {
+                let name = c["name"].as_str().expect("name").to_owned();
                 let mut headers: Vec<(String, String)> = defaults
                     .iter()
                     .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
@@ -89,8 +144,65 @@ impl Table {
                 // A decision made by the policy names its version; attribution and body
                 // refusals come before any policy.
                 let decided = !e["clause"].is_null();
+                let mut mock: Vec<(String, String)> = default_mock
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().expect("mock values are text").into()))
+                    .collect();
+                for (k, v) in c["mock"].as_object().into_iter().flatten() {
+                    mock.retain(|(n, _)| n != k);
+                    mock.push((k.clone(), v.as_str().expect("mock values are text").into()));
+                }
+                let ledger = match &c["ledger"] {
+                    Value::Null => {
+                        assert!(c.get("ledger").is_some(), "{name}: `ledger` is missing");
+                        None
+                    }
+                    record => {
+                        for field in FIELDS {
+                            assert!(
+                                record.get(field).is_some(),
+                                "{name}: ledger.{field} is missing"
+                            );
+                        }
+                        let sum = record["cost"].as_str().expect("ledger.cost");
+                        assert_eq!(
+                            Some(sum_of(sum)),
+                            record["cost_nano_usd"].as_i64(),
+                            "{name}: ledger.cost_nano_usd is not {sum}"
+                        );
+                        Some(record.clone())
+                    }
+                };
+                let metrics: Vec<Delta> = c["metrics"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{name}: `metrics` is missing"))
+                    .iter()
+                    .map(|m| {
+                        let series = m["name"].as_str().expect("metrics[].name").to_owned();
+                        let compared = compared_in(&series);
+                        let modes: Vec<String> = match m.get("modes") {
+                            None => MODES.iter().map(|m| (*m).to_owned()).collect(),
+                            Some(modes) => {
+                                serde_json::from_value(modes.clone()).expect("metrics[].modes")
+                            }
+                        };
+                        // Never checked silently nowhere: the modes a series is listed for are
+                        // exactly the modes that compare it.
+                        assert_eq!(
+                            modes, compared,
+                            "{name}: {series} is listed for {modes:?} but compared in {compared:?}"
+                        );
+                        Delta {
+                            name: series,
+                            labels: serde_json::from_value(m["labels"].clone())
+                                .expect("metrics[].labels"),
+                            delta: m["delta"].as_f64().expect("metrics[].delta"),
+                            modes,
+                        }
+                    })
+                    .collect();
                 Case {
-                    name: c["name"].as_str().expect("name").to_owned(),
+                    name,
                     path: c["path"].as_str().expect("path").to_owned(),
                     headers,
                     body,
@@ -101,9 +213,139 @@ impl Table {
                         clause: text(&e["clause"]),
                         policy_version: decided.then(|| version.clone()),
                     },
+                    mock,
+                    index,
+                    ledger,
+                    metrics,
                 }
             })
             .collect();
-        Table { policy: doc["policy"].clone(), cases }
+        Table { policy: doc["policy"].clone(), pricing: doc["pricing"].clone(), compared, cases }
     }
+
+    /// The `pricing:` section as a config line (JSON is YAML).
+    pub fn pricing_yaml(&self) -> String {
+        format!("pricing: {}\n", self.pricing)
+    }
+
+    /// The metric series names compared in `mode`.
+    pub fn compared(&self, mode: &str) -> Vec<&str> {
+        ["all", mode]
+            .iter()
+            .filter_map(|m| self.compared.get(*m))
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+impl Case {
+    /// The `x-request-id` the case is sent with in `mode`: how its record is found.
+    pub fn request_id(&self, mode: &str) -> String {
+        format!("table-{mode}-{}", self.index)
+    }
+
+    /// Everything to send in `mode`: the attribution headers, the mock's and the request id.
+    pub fn sent_headers(&self, mode: &str) -> Vec<(String, String)> {
+        let mut headers = self.headers.clone();
+        headers.extend(self.mock.iter().cloned());
+        headers.push(("x-request-id".into(), self.request_id(mode)));
+        headers
+    }
+
+    /// Compares the case's usage record in `mode` (found by request id among `records`) with
+    /// the table's; one line per difference.
+    pub fn check_ledger(&self, mode: &str, records: &[Value]) -> Vec<String> {
+        let id = self.request_id(mode);
+        let found: Vec<&Value> =
+            records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
+        let shown = || found.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n  ");
+        match (&self.ledger, &found[..]) {
+            (None, []) => Vec::new(),
+            (None, _) => vec![format!("{}: a usage record, want none:\n  {}", self.name, shown())],
+            (Some(_), [record]) => FIELDS
+                .iter()
+                .filter(|field| {
+                    record[**field] != self.ledger.as_ref().unwrap_or(&Value::Null)[**field]
+                })
+                .map(|field| {
+                    let want = self.ledger.as_ref().map_or(&Value::Null, |l| &l[*field]);
+                    format!("{}: ledger {field} is {}, want {want}", self.name, record[*field])
+                })
+                .collect(),
+            (Some(_), _) => {
+                vec![format!(
+                    "{}: {} usage records, want 1:\n  {}",
+                    self.name,
+                    found.len(),
+                    shown()
+                )]
+            }
+        }
+    }
+
+    /// Compares the series the request changed in `mode` between two scrapes (`before` and
+    /// `after` it) with the table's: every compared series that changed must be listed with its
+    /// increase, and every listed one must have changed by it. One line per difference.
+    pub fn check_metrics(
+        &self,
+        table: &Table,
+        mode: &str,
+        before: &Exposition,
+        after: &Exposition,
+    ) -> Vec<String> {
+        let value = |e: &Exposition, key: &Key| -> f64 {
+            e.samples.iter().find(|s| s.name == key.0 && s.labels == key.1).map_or(0.0, |s| s.value)
+        };
+        let mut keys: BTreeSet<Key> = BTreeSet::new();
+        for name in table.compared(mode) {
+            for s in before.series(name).chain(after.series(name)) {
+                keys.insert((s.name.clone(), s.labels.clone()));
+            }
+        }
+        let got: BTreeMap<Key, f64> = keys
+            .into_iter()
+            .map(|k| {
+                let delta = value(after, &k) - value(before, &k);
+                (k, delta)
+            })
+            .filter(|(_, d)| *d != 0.0)
+            .collect();
+        let want: BTreeMap<Key, f64> = self
+            .metrics
+            .iter()
+            .filter(|m| m.modes.iter().any(|m| m == mode))
+            .map(|m| ((m.name.clone(), m.labels.clone()), m.delta))
+            .collect();
+        let mut failures = Vec::new();
+        for (key, delta) in &want {
+            let changed = got.get(key).copied().unwrap_or(0.0);
+            if changed != *delta {
+                failures.push(format!(
+                    "{}: {} {:?} rose by {changed}, want {delta}",
+                    self.name, key.0, key.1
+                ));
+            }
+        }
+        for (key, delta) in got.iter().filter(|(k, _)| !want.contains_key(*k)) {
+            failures.push(format!(
+                "{}: {} {:?} rose by {delta}, want no change",
+                self.name, key.0, key.1
+            ));
+        }
+        failures
+    }
+}
+
+/// The value of `a x b + c x d + ...` (or a plain number): a ledger record's cost spelled out.
+fn sum_of(text: &str) -> i64 {
+    text.split('+')
+        .map(|term| {
+            term.split('x')
+                .map(|n| {
+                    n.trim().parse::<i64>().unwrap_or_else(|_| panic!("not a number in {text:?}"))
+                })
+                .product::<i64>()
+        })
+        .sum()
 }

@@ -48,6 +48,17 @@ impl Forward {
 
     /// [`Forward::start`] with another top-level `pricing:` section (YAML).
     pub async fn start_with(policy: &str, forward_extra: &str, pricing: &str) -> Forward {
+        Forward::start_with_routes(policy, forward_extra, pricing, &[]).await
+    }
+
+    /// [`Forward::start_with`] with more routes (YAML flow mappings) before the two providers';
+    /// their upstream must be one of [`HOSTS`] (`https://api.openai.com`), which the mock plays.
+    pub async fn start_with_routes(
+        policy: &str,
+        forward_extra: &str,
+        pricing: &str,
+        more_routes: &[&str],
+    ) -> Forward {
         let mock = MockUpstream::start_tls_for(&HOSTS).await;
         let dir = temp_dir("fwd");
         let mock_ca = dir.join("mock-ca.pem");
@@ -60,6 +71,7 @@ impl Forward {
             .map(|h| format!("    {h}: {{addr: \"{}\", ca_file: {}}}\n", mock.addr(), q(&mock_ca)))
             .collect();
         let policy: String = policy.lines().map(|l| format!("  {l}\n")).collect();
+        let more_routes: String = more_routes.iter().map(|r| format!("  - {r}\n")).collect();
         let mut pricing = pricing.to_string();
         if !pricing.ends_with('\n') {
             pricing.push('\n');
@@ -68,7 +80,7 @@ impl Forward {
             "version: 1\nlisten: 127.0.0.1:0\n\
              admin: {{listen: 127.0.0.1:0, token_env: TOLLGATE_E2E_FWD_UNUSED}}\n\
              data_dir: {data}\n\
-             routes:\n\
+             routes:\n{more_routes}\
              \x20 - {{name: anthropic, path_prefix: /v1/messages, kind: anthropic, upstream: \"https://api.anthropic.com\"}}\n\
              \x20 - {{name: openai, path_prefix: /v1/, kind: openai, upstream: \"https://api.openai.com\"}}\n\
              upstream: {{connect_timeout: 2s, response_timeout: 10s, stream_idle_timeout: 10s}}\n\

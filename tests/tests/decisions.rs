@@ -1,28 +1,87 @@
-//! The shared decision table (`tests/fixtures/decisions.json`) against the sidecar: every case
-//! sent to the proxy on a real port must get the table's status and decision headers. The same
-//! table runs through the Envoy filter in `wasm-filter/tests/envoy.rs`.
+//! The shared decision table (`tests/fixtures/decisions.json`) against the sidecar and against
+//! HTTPS_PROXY mode: every case sent to the proxy on a real port must get the table's status and
+//! decision headers, leave the table's usage record in the ledger (or none) and change exactly
+//! the table's metric series by the table's amounts. The same table runs through the Envoy
+//! filter in `wasm-filter/tests/envoy.rs`.
+
+use std::time::{Duration, Instant};
 
 use hyper::Method;
-use tollgate_e2e::decisions::{Outcome, Table};
-use tollgate_e2e::harness::{read, Harness};
+use serde_json::Value;
+use tollgate_e2e::decisions::{Case, Outcome, Table};
+use tollgate_e2e::exposition::{self, Exposition};
+use tollgate_e2e::forward::Forward;
+use tollgate_e2e::harness::{read, Harness, Reply};
 
-#[tokio::test]
-async fn the_sidecar_decides_the_shared_table_as_expected() {
-    let table = Table::load();
-    let policy = serde_json::to_string(&table.policy).unwrap();
-    let proxy = Harness::builder()
-        .policy(&policy)
-        .route(
-            r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
-        )
-        .start()
-        .await;
+/// How long a case's record and metrics may take to show after its answer.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// The proxy a table runs against.
+enum Target {
+    Sidecar(Box<Harness>),
+    HttpsProxy(Box<Forward>),
+}
+
+impl Target {
+    fn mode(&self) -> &'static str {
+        match self {
+            Target::Sidecar(_) => "sidecar",
+            Target::HttpsProxy(_) => "https_proxy",
+        }
+    }
+
+    async fn send(&self, case: &Case) -> Reply {
+        let headers = case.sent_headers(self.mode());
+        match self {
+            Target::Sidecar(proxy) => {
+                read(proxy.send(Method::POST, &case.path, &headers, case.body.clone()).await).await
+            }
+            Target::HttpsProxy(f) => {
+                let host = if case.path.starts_with("/v1/messages") {
+                    "api.anthropic.com"
+                } else {
+                    "api.openai.com"
+                };
+                f.send(host, Method::POST, &case.path, &headers, case.body.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", case.name))
+            }
+        }
+    }
+
+    async fn metrics(&self) -> Exposition {
+        let text = match self {
+            Target::Sidecar(proxy) => proxy.metrics().await,
+            Target::HttpsProxy(f) => f.metrics().await,
+        };
+        exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    async fn ledger(&self) -> Vec<Value> {
+        match self {
+            Target::Sidecar(proxy) => proxy.ledger().await,
+            Target::HttpsProxy(f) => f.ledger().await,
+        }
+    }
+}
+
+/// The case's usage record and metric changes since `before`, against the table's.
+async fn check(table: &Table, case: &Case, target: &Target, before: &Exposition) -> Vec<String> {
+    let mode = target.mode();
+    let after = target.metrics().await;
+    let mut found = case.check_ledger(mode, &target.ledger().await);
+    found.extend(case.check_metrics(table, mode, before, &after));
+    found
+}
+
+/// Sends every case and checks its answer, its usage record and its metric changes; returns
+/// one line per difference.
+async fn run(table: &Table, target: &Target) -> Vec<String> {
+    let mode = target.mode();
     let mut failures = Vec::new();
     for case in &table.cases {
-        let mut headers = case.headers.clone();
-        headers.push(("x-mock-output-tokens".into(), "1".into()));
-        let reply =
-            read(proxy.send(Method::POST, &case.path, &headers, case.body.clone()).await).await;
+        let before = target.metrics().await;
+        let reply = target.send(case).await;
         let got = Outcome::of(reply.status.as_u16(), |n| reply.header(n));
         if got != case.expect {
             failures.push(format!(
@@ -32,7 +91,55 @@ async fn the_sidecar_decides_the_shared_table_as_expected() {
                 reply.text()
             ));
         }
+        // The record and the counters follow the answer: wait until they match or time is up,
+        // and until they still match a moment later (nothing left for the next case).
+        let deadline = Instant::now() + SETTLE;
+        let found = loop {
+            let mut found = check(table, case, target, &before).await;
+            if found.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                found = check(table, case, target, &before).await;
+            }
+            if found.is_empty() || Instant::now() > deadline {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        failures.extend(found);
+    }
+    // A record that came late is still one too many (or wrong).
+    let records = target.ledger().await;
+    for case in &table.cases {
+        failures.extend(
+            case.check_ledger(mode, &records).into_iter().map(|f| format!("at the end: {f}")),
+        );
     }
     assert!(table.cases.len() >= 10, "the table has its cases");
+    failures
+}
+
+#[tokio::test]
+async fn the_sidecar_decides_the_shared_table_as_expected() {
+    let table = Table::load();
+    let policy = serde_json::to_string(&table.policy).unwrap();
+    let proxy = Harness::builder()
+        .policy(&policy)
+        .extra(&table.pricing_yaml())
+        .route(
+            r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
+        )
+        .start()
+        .await;
+    let failures = run(&table, &Target::Sidecar(Box::new(proxy))).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn https_proxy_mode_decides_the_shared_table_as_expected() {
+    let table = Table::load();
+    let policy = serde_json::to_string(&table.policy).unwrap();
+    let mcp = r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "https://api.openai.com"}"#;
+    let f = Forward::start_with_routes(&policy, "", &table.pricing_yaml(), &[mcp]).await;
+    let failures = run(&table, &Target::HttpsProxy(Box::new(f))).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -379,23 +379,67 @@ fn rate_limit_answers_429_with_retry_after(envoy: &Envoy) {
 }
 
 /// The shared decision table (`tests/fixtures/decisions.json`) through the filter in Envoy:
-/// every case must get the table's status and decision headers, as the sidecar must in
-/// `tests/tests/decisions.rs`.
+/// every case must get the table's status and decision headers, leave the table's usage record
+/// (the filter's event, in the ledger of a Tollgate proxy acting as its collector) and change
+/// exactly the table's metric series in `/stats/prometheus`, as the sidecar and HTTPS_PROXY mode
+/// must in `tests/tests/decisions.rs`.
 #[test]
 fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
+    const MODE: &str = "envoy";
     let table = Table::load();
+    // The families the table compares are the shared definitions': `all` exactly those both
+    // engines emit, each mode's own only that engine's.
+    let mut both: Vec<&str> = metrics::ALL
+        .iter()
+        .filter(|m| m.emitter == metrics::Emitter::Both)
+        .map(|m| m.name)
+        .collect();
+    both.sort_unstable();
+    let mut all: Vec<&str> = table.compared["all"].iter().map(String::as_str).collect();
+    all.sort_unstable();
+    assert_eq!(all, both, "metrics_compared.all is every metric both engines emit");
+    for (mode, emitter) in [
+        ("sidecar", metrics::Emitter::Sidecar),
+        ("https_proxy", metrics::Emitter::Sidecar),
+        ("envoy", metrics::Emitter::Filter),
+    ] {
+        for name in table.compared.get(mode).into_iter().flatten() {
+            let family = ["_count", "_sum", "_bucket"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| metrics::by_name(f).is_some()))
+                .unwrap_or(name);
+            let m = metrics::by_name(family).unwrap_or_else(|| panic!("{name} is not defined"));
+            assert_eq!(m.emitter, emitter, "metrics_compared.{mode}: {name}");
+        }
+    }
+
     let rt = runtime();
-    let mock = rt.block_on(MockUpstream::start());
+    let proxy = rt.block_on(Harness::builder().start());
+    let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     // The MCP route's category, as the sidecar's route has it (`category: read`).
-    let plugin =
-        json!({"filter": {"fail": "closed", "mcp_category": "read"}, "policy": table.policy})
-            .to_string();
-    let envoy = Envoy::start(&plugin, mock.addr().port(), support::free_port());
+    let plugin = json!({
+        "filter": {"fail": "closed", "mcp_category": "read", "tick": "100ms",
+            "collector": {"cluster": "collector", "path": "/v1/usage/events", "timeout": "2s",
+                "flush": "100ms",
+                "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
+        "policy": table.policy,
+        "pricing": table.pricing,
+    })
+    .to_string();
+    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), admin_port);
+    let scrape = || {
+        let text = support::tollgate_families(&envoy.prometheus());
+        exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
+    let mesh = || -> Vec<Value> {
+        rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
+    };
     let mut failures = Vec::new();
     for case in &table.cases {
-        let mut headers: Vec<(&str, &str)> =
-            case.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        headers.push(("x-mock-output-tokens", "1"));
+        let before = scrape();
+        let sent = case.sent_headers(MODE);
+        let headers: Vec<(&str, &str)> =
+            sent.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let r = envoy.request("POST", &case.path, &headers, &case.body);
         let got = Outcome::of(r.status, |n| r.header(n));
         if got != case.expect {
@@ -406,6 +450,33 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
                 String::from_utf8_lossy(&r.body)
             ));
         }
+        // Envoy hands the counters over on its tick and the event reaches the collector on
+        // the next flush: wait until both match or time is up, and until they still match
+        // after another tick (so that nothing the case changes is left for the next one).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let check = || {
+            let mut found = case.check_ledger(MODE, &mesh());
+            found.extend(case.check_metrics(&table, MODE, &before, &scrape()));
+            found
+        };
+        let found = loop {
+            let mut found = check();
+            if found.is_empty() {
+                std::thread::sleep(Duration::from_millis(250));
+                found = check();
+            }
+            if found.is_empty() || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        failures.extend(found);
+    }
+    // A record that came late is still one too many (or wrong).
+    let records = mesh();
+    for case in &table.cases {
+        let late = case.check_ledger(MODE, &records);
+        failures.extend(late.into_iter().map(|f| format!("at the end: {f}")));
     }
     assert!(table.cases.len() >= 10, "the table has its cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
