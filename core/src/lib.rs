@@ -11,6 +11,7 @@ pub mod budget;
 pub mod doc;
 pub mod endpoints;
 pub mod engine;
+pub mod framing;
 pub mod guardrails;
 pub mod head;
 pub mod inspect;
