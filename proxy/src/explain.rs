@@ -68,11 +68,19 @@ struct Described {
     method: Option<String>,
     path: Option<String>,
     host: Option<String>,
+    /// A header's value, or a list of values for a header sent on several lines.
     #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
+    headers: std::collections::BTreeMap<String, HeaderValues>,
     body: Option<serde_json::Value>,
     /// The body as raw text (e.g. one that is not JSON), in place of `body`.
     body_text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HeaderValues {
+    One(String),
+    Lines(Vec<String>),
 }
 
 pub fn run(args: ExplainArgs) -> ExitCode {
@@ -98,7 +106,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         Some(path) => Config::load(path)?,
         None => Config::from_str(crate::config::DEFAULT_YAML)?,
     };
-    let mut d = match args.json.as_deref() {
+    let d = match args.json.as_deref() {
         Some("-") => {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;
@@ -107,12 +115,30 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         Some(text) => serde_json::from_str::<Described>(text)?,
         None => Described::default(),
     };
+    // Every header line, in order: the JSON's, then the flags' (a flag replaces the JSON's
+    // lines of its name; the same flag given twice is a header sent twice).
+    let mut header_lines: Vec<(String, String)> = Vec::new();
+    for (name, values) in &d.headers {
+        let name = name.to_ascii_lowercase();
+        match values {
+            HeaderValues::One(v) => header_lines.push((name, v.clone())),
+            HeaderValues::Lines(vs) => {
+                header_lines.extend(vs.iter().map(|v| (name.clone(), v.clone())));
+            }
+        }
+    }
+    let mut flagged: Vec<String> = Vec::new();
     for h in &args.headers {
         let (name, value) = h
             .split_once('=')
             .or_else(|| h.split_once(':'))
             .ok_or_else(|| anyhow::anyhow!("--header `{h}` is not name=value"))?;
-        d.headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        let name = name.trim().to_ascii_lowercase();
+        if !flagged.contains(&name) {
+            header_lines.retain(|(n, _)| *n != name);
+            flagged.push(name.clone());
+        }
+        header_lines.push((name, value.trim().to_string()));
     }
     let method = d.method.clone().unwrap_or(args.method.clone());
     let path = d.path.clone().unwrap_or(args.path.clone());
@@ -135,8 +161,11 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
             serde_json::to_vec(&body)?
         }
     };
-    let headers: std::collections::BTreeMap<String, String> =
-        d.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    // The first value of each header, for the lookups that read one.
+    let mut headers: std::collections::BTreeMap<String, String> = Default::default();
+    for (name, value) in &header_lines {
+        headers.entry(name.clone()).or_insert_with(|| value.clone());
+    }
 
     let mut out = serde_json::Map::new();
     let mut lines = Vec::new();
@@ -158,21 +187,22 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     ));
     out.insert("route".into(), route.name.clone().into());
 
-    let identity =
-        match config.engine.attribution().check(|name| headers.get(name).map(String::as_bytes)) {
-            Ok(identity) => identity,
-            Err(e) => {
-                lines.push(format!("attribution:    REJECTED (403): {e}"));
-                out.insert("attribution".into(), serde_json::to_value(&e)?);
-                let denial = Denial::new(
-                    tollgate_core::refusal::Class::Attribution,
-                    "attribution_rejected",
-                    e.to_string(),
-                );
-                outcome(&mut lines, &mut out, Err(&denial));
-                return Ok((render(&args, lines, out), false));
-            }
-        };
+    // Over every line, as the proxy checks: a header sent twice is refused.
+    let pairs = header_lines.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    let identity = match config.engine.attribution().check_pairs(pairs) {
+        Ok(identity) => identity,
+        Err(e) => {
+            lines.push(format!("attribution:    REJECTED (403): {e}"));
+            out.insert("attribution".into(), serde_json::to_value(&e)?);
+            let denial = Denial::new(
+                tollgate_core::refusal::Class::Attribution,
+                "attribution_rejected",
+                e.to_string(),
+            );
+            outcome(&mut lines, &mut out, Err(&denial));
+            return Ok((render(&args, lines, out), false));
+        }
+    };
     lines.push(format!(
         "attribution:    agent={} cost_center={} project={}",
         identity.agent.unwrap_or("-"),

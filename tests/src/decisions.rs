@@ -129,11 +129,14 @@ impl Table {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
                     .collect();
+                // A string replaces the default, `null` removes it, a list sends one line each.
                 for (k, v) in c["headers"].as_object().into_iter().flatten() {
                     headers.retain(|(n, _)| n != k);
-                    if let Some(v) = v.as_str() {
-                        headers.push((k.clone(), v.to_owned()));
-                    }
+                    let lines = match v {
+                        Value::Array(lines) => lines.iter().filter_map(Value::as_str).collect(),
+                        v => v.as_str().into_iter().collect::<Vec<_>>(),
+                    };
+                    headers.extend(lines.into_iter().map(|v| (k.clone(), v.to_owned())));
                 }
                 let body = match c["body_text"].as_str() {
                     Some(text) => text.as_bytes().to_vec(),

@@ -660,10 +660,10 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         };
-        match Exchange::start(&plugin, head, header, t) {
+        match Exchange::start_lines(&plugin, head, &headers, t) {
             Ok(exchange) => {
-                // Headers go upstream before the body is seen (a body hook cannot change them): a body that may be
-                // rewritten loses its length now.
+                // Headers go upstream before the body is seen (a body hook cannot change them):
+                // a body that may be rewritten loses its length now.
                 let rewrite =
                     plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body();
                 let attribution = plugin.engine.attribution();

@@ -137,6 +137,33 @@ impl std::ops::DerefMut for Finished {
 }
 
 impl Exchange {
+    /// [`Exchange::start`] over the request's header lines as the host hands them out (every
+    /// line, repeats included): an attribution header sent twice is refused naming it, as the
+    /// sidecar does, instead of billing whichever value came first. A value that is not UTF-8
+    /// reads as absent.
+    pub fn start_lines(
+        plugin: &Plugin,
+        head: Head,
+        lines: &[(String, Vec<u8>)],
+        now: Now,
+    ) -> Result<Exchange, (Denial, Shape, String)> {
+        let header = |name: &str| {
+            lines
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+        };
+        let exchange = Exchange::start(plugin, head, header, now)?;
+        let pairs = lines.iter().map(|(n, v)| (n.as_bytes(), v.as_slice()));
+        match plugin.engine.attribution().check_pairs(pairs) {
+            Ok(_) => Ok(exchange),
+            Err(e) => {
+                let d = Denial::new(Class::Attribution, "attribution_rejected", e.to_string());
+                Err((d, exchange.shape, exchange.request_id))
+            }
+        }
+    }
+
     /// Checks attribution from the request headers. `header` returns a request header's value
     /// by lower-case name. `Err` is the refusal to send as a local reply.
     pub fn start(

@@ -558,3 +558,25 @@ fn the_cost_cap_is_checked_before_an_approval_is_asked_for_as_in_the_sidecar() {
     let d = ex.decide(&p, &budgets, &small, NOW).unwrap_err();
     assert_eq!((d.class, d.code.as_str()), (Class::ApprovalRequired, "default_require_approval"));
 }
+
+#[test]
+fn an_attribution_header_sent_twice_is_refused_naming_it() {
+    let p = plugin();
+    let line = |n: &str, v: &str| (n.to_owned(), v.as_bytes().to_vec());
+    let twice = [
+        line("x-agent-id", "alice"),
+        line("x-agent-id", "mallory"),
+        line("x-cost-center", "CC-1234"),
+        line("x-project-id", "PROJ-ABC123"),
+    ];
+    let (d, _, id) =
+        Exchange::start_lines(&p, head("/v1/chat/completions", "dup"), &twice, NOW).unwrap_err();
+    assert_eq!(
+        (d.class, d.code.as_str(), id.as_str()),
+        (Class::Attribution, "attribution_rejected", "dup")
+    );
+    assert!(d.message.contains("x-agent-id"), "{}", d.message);
+    // Each once: admitted.
+    let once = [&twice[0], &twice[2], &twice[3]].map(Clone::clone);
+    assert!(Exchange::start_lines(&p, head("/v1/chat/completions", "ok"), &once, NOW).is_ok());
+}
