@@ -79,13 +79,6 @@ impl Proxy {
         shared.metrics.in_flight.inc();
         let request_id = request_id(req.headers());
         let started = Instant::now();
-        let credited = match target {
-            Some(t) => t.credentials.apply(req.headers_mut()).map_err(|(name, given, pinned)| {
-                crate::forward::contradiction(&name, &given, &pinned)
-            }),
-            None => Ok(()),
-        };
-        let credited = credited.and_then(|()| strict_head(&req, target.is_some(), shared));
         let route = match target {
             Some(t) => shared.config.forward_route(&t.host, t.port, req.uri().path()).cloned(),
             None => shared.config.route(host_of(&req), req.uri().path()).cloned(),
@@ -109,6 +102,13 @@ impl Proxy {
             };
             return deny::response(&denial, shape, &request_id);
         }
+        let credited = match target {
+            Some(t) => t.credentials.apply(req.headers_mut()).map_err(|(name, given, pinned)| {
+                crate::forward::contradiction(&name, &given, &pinned)
+            }),
+            None => Ok(()),
+        };
+        let credited = credited.and_then(|()| strict_head(&req, target.is_some(), shared));
         // Kept for the audit record of a refusal (cloning a header value does not copy it).
         let names = shared.engine.attribution();
         let who = [
