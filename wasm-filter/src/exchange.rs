@@ -15,6 +15,7 @@
 //! here is tested natively against the fake shared data.
 
 use serde::Serialize;
+use tollgate_core::attribution::{Attribution, AttributionError, Identity};
 use tollgate_core::autonomy::{self, BudgetOutcome};
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, Warning};
 use tollgate_core::endpoints;
@@ -56,6 +57,19 @@ pub struct Who {
     pub project: Option<String>,
     pub business_unit: Option<String>,
     pub tier: Option<String>,
+}
+
+impl Who {
+    fn of(identity: Identity<'_>) -> Who {
+        let own = |v: Option<&str>| v.map(str::to_owned);
+        Who {
+            agent: own(identity.agent),
+            cost_center: own(identity.cost_center),
+            project: own(identity.project),
+            business_unit: own(identity.business_unit),
+            tier: own(identity.tier),
+        }
+    }
 }
 
 /// Wall-clock time, read by the glue.
@@ -153,15 +167,11 @@ impl Exchange {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
         };
-        let exchange = Exchange::start(plugin, head, header, now)?;
-        let pairs = lines.iter().map(|(n, v)| (n.as_bytes(), v.as_slice()));
-        match plugin.engine.attribution().check_pairs(pairs) {
-            Ok(_) => Ok(exchange),
-            Err(e) => {
-                let d = Denial::new(Class::Attribution, "attribution_rejected", e.to_string());
-                Err((d, exchange.shape, exchange.request_id))
-            }
-        }
+        let identify = |attribution: &Attribution| {
+            let pairs = lines.iter().map(|(n, v)| (n.as_bytes(), v.as_slice()));
+            attribution.check_pairs(pairs).map(Who::of)
+        };
+        Exchange::begin(plugin, head, header, now, identify)
     }
 
     /// Checks attribution from the request headers. `header` returns a request header's value
@@ -171,6 +181,26 @@ impl Exchange {
         head: Head,
         header: impl Fn(&str) -> Option<String>,
         now: Now,
+    ) -> Result<Exchange, (Denial, Shape, String)> {
+        let identify = |attribution: &Attribution| {
+            let values: Vec<(String, String)> = attribution
+                .header_names()
+                .filter_map(|name| header(name).map(|v| (name.to_owned(), v)))
+                .collect();
+            attribution
+                .check(|name| values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()))
+                .map(Who::of)
+        };
+        Exchange::begin(plugin, head, &header, now, identify)
+    }
+
+    /// The request's start, with attribution checked by `identify`.
+    fn begin(
+        plugin: &Plugin,
+        head: Head,
+        header: impl Fn(&str) -> Option<String>,
+        now: Now,
+        identify: impl FnOnce(&Attribution) -> Result<Who, AttributionError>,
     ) -> Result<Exchange, (Denial, Shape, String)> {
         let api = Api::from_path(&head.path);
         // `GET /v1/models` is the same path on both providers: Anthropic's clients send
@@ -193,27 +223,12 @@ impl Exchange {
             _ => Shape::OpenAi,
         };
         let request_id = head.request_id.clone().unwrap_or_else(|| format!("tg-{}", now.ns));
-        let attribution = plugin.engine.attribution();
-        let values: Vec<(String, String)> = attribution
-            .header_names()
-            .filter_map(|name| header(name).map(|v| (name.to_owned(), v)))
-            .collect();
-        let identity = match attribution
-            .check(|name| values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()))
-        {
-            Ok(identity) => identity,
+        let who = match identify(plugin.engine.attribution()) {
+            Ok(who) => who,
             Err(e) => {
                 let d = Denial::new(Class::Attribution, "attribution_rejected", e.to_string());
                 return Err((d, shape, request_id));
             }
-        };
-        let own = |v: Option<&str>| v.map(str::to_owned);
-        let who = Who {
-            agent: own(identity.agent),
-            cost_center: own(identity.cost_center),
-            project: own(identity.project),
-            business_unit: own(identity.business_unit),
-            tier: own(identity.tier),
         };
         let mcp = api.is_none()
             && free.is_none()
