@@ -16,10 +16,10 @@ mod tests;
 
 pub use engine::{
     BudgetError, BudgetStatus, Budgets, Reservation, ReservedBudget, SettleOutcome, Settlement,
-    Warning, GLOBAL_VALUE, RETENTION_MS, WARNING_THRESHOLDS_BP,
+    Warning, GLOBAL_VALUE, LAPSE_RETENTION_MS, RETENTION_MS, WARNING_THRESHOLDS_BP,
 };
 pub use memory::MemoryStore;
-pub use store::{AddOutcome, Hold, HoldEntry, Store, StoreError};
+pub use store::{AddOutcome, Hold, HoldEntry, Store, StoreError, Taken};
 
 use crate::money::Money;
 use crate::time::Period;

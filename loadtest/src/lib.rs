@@ -8,6 +8,7 @@
 //! - [`procfs`]: CPU time and peak RSS of the proxy process.
 //! - [`target`]: starting the mock upstream, Tollgate and Envoy, pinned to CPUs.
 //! - [`compare`], [`report`]: interleaved rounds and the markdown table.
+//! - [`soak`]: one target for millions of requests, RSS and throughput over time.
 
 pub mod compare;
 pub mod load;
@@ -15,6 +16,7 @@ pub mod procfs;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
+pub mod soak;
 pub mod sse;
 pub mod stats;
 pub mod target;

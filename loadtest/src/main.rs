@@ -13,11 +13,14 @@ use tollgate_loadtest::compare::{self, Settings};
 use tollgate_loadtest::load::{self, Mode, Plan};
 use tollgate_loadtest::report::{self, Measured, Row};
 use tollgate_loadtest::scenario::Scenario;
+use tollgate_loadtest::soak;
 use tollgate_loadtest::stats::Summary;
-use tollgate_loadtest::target::{Kind, Paths};
+use tollgate_loadtest::target::{self, Kind, Paths};
 
 /// Longest run the command line accepts, so that every run stops by itself.
 const MAX_DURATION: Duration = Duration::from_secs(600);
+/// Longest soak the command line accepts.
+const MAX_SOAK: Duration = Duration::from_secs(2 * 3600);
 
 #[derive(Parser)]
 #[command(name = "tollgate-load", about = "Load tests for Tollgate")]
@@ -58,6 +61,39 @@ enum Cmd {
         /// Another build's filter module, run as the `envoy-tollgate-baseline` row.
         #[arg(long)]
         baseline_wasm: Option<PathBuf>,
+        /// CPU for the generator and the mock upstream.
+        #[arg(long, default_value_t = 0)]
+        generator_cpu: usize,
+        /// CPU for the proxy under test.
+        #[arg(long, default_value_t = 1)]
+        proxy_cpu: usize,
+    },
+    /// One target for millions of requests: samples the proxy's RSS and req/s after every
+    /// slice (`--duration` each) and prints the samples, the RSS slope and the throughput change.
+    Soak {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// The target (one with a process): tollgate, tollgate-https-proxy, envoy-tollgate, ...
+        #[arg(long, default_value = "tollgate")]
+        target: String,
+        /// Stop after this many requests in all...
+        #[arg(long, default_value_t = 10_000_000)]
+        requests: u64,
+        /// ...or after this long, whichever comes first (at most 2h).
+        #[arg(long, default_value = "30m")]
+        max_time: String,
+        /// The baseline is the first sample after this many requests (the process warm).
+        #[arg(long, default_value_t = 1_000_000)]
+        warm: u64,
+        /// Directory with the release `tollgate` and `mock-upstream` (default: next to this binary).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Envoy binary (default: target/envoy-venv/bin/envoy).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// The filter module for `envoy-tollgate`.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
         /// CPU for the generator and the mock upstream.
         #[arg(long, default_value_t = 0)]
         generator_cpu: usize,
@@ -194,29 +230,7 @@ fn real_main() -> anyhow::Result<()> {
                 .split(',')
                 .map(|k| Kind::from_key(k.trim()).with_context(|| format!("unknown target {k:?}")))
                 .collect::<anyhow::Result<Vec<Kind>>>()?;
-            let bin_dir = match bin_dir {
-                Some(dir) => dir,
-                None => std::env::current_exe()?
-                    .parent()
-                    .context("the binary has no directory")?
-                    .to_path_buf(),
-            };
-            let target_dir = bin_dir.parent().map(PathBuf::from).unwrap_or_else(|| bin_dir.clone());
-            let workspace =
-                target_dir.parent().map(PathBuf::from).unwrap_or_else(|| target_dir.clone());
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let paths = Paths {
-                envoy: envoy.unwrap_or_else(|| target_dir.join("envoy-venv/bin/envoy")),
-                wasm: wasm
-                    .unwrap_or_else(|| target_dir.join("wasm32-wasip1/wasm/tollgate_wasm.wasm")),
-                work_dir: target_dir.join("loadtest").join(format!("{}-{stamp}", scenario.name)),
-                bin_dir,
-                baseline_bin_dir: baseline,
-                baseline_wasm,
-                workspace,
-            };
+            let paths = paths(bin_dir, envoy, wasm, baseline, baseline_wasm, &scenario.name)?;
             let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
             let settings = Settings {
                 cores,
@@ -234,6 +248,40 @@ fn real_main() -> anyhow::Result<()> {
             };
             let markdown = runtime()?.block_on(compare::compare(&settings))?;
             println!("{markdown}");
+        }
+        Cmd::Soak {
+            load,
+            target,
+            requests,
+            max_time,
+            warm,
+            bin_dir,
+            envoy,
+            wasm,
+            generator_cpu,
+            proxy_cpu,
+        } => {
+            let (scenario, slice) = plan(&load)?;
+            let kind = Kind::from_key(target.trim())
+                .with_context(|| format!("unknown target {target:?}"))?;
+            let max_time = duration(&max_time, "--max-time")?;
+            anyhow::ensure!(max_time <= MAX_SOAK, "--max-time is at most {MAX_SOAK:?}");
+            let paths =
+                paths(bin_dir, envoy, wasm, None, None, &format!("soak-{}", scenario.name))?;
+            std::fs::create_dir_all(&paths.work_dir)?;
+            pin_self(generator_cpu);
+            let (mock, mock_addr) = target::start_mock(&paths, generator_cpu)?;
+            let running = target::launch(kind, &paths, mock_addr, proxy_cpu)
+                .map_err(|reason| anyhow::anyhow!("{}: {reason}", kind.label()))?;
+            let client = running.client(load.connections())?;
+            let soak = soak::Soak { requests, max_time, warm, slice };
+            let samples = runtime()?.block_on(soak::run(&running, &client, &scenario, &soak))?;
+            drop(running);
+            drop(mock);
+            println!(
+                "{}",
+                soak::report(kind.label(), &shown_command(&command), &samples, warm, 20)
+            );
         }
         Cmd::Run { load, url } => {
             let (scenario, plan) = plan(&load)?;
@@ -273,6 +321,37 @@ fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the binaries, Envoy, the filter and this run's work directory are.
+fn paths(
+    bin_dir: Option<PathBuf>,
+    envoy: Option<PathBuf>,
+    wasm: Option<PathBuf>,
+    baseline: Option<PathBuf>,
+    baseline_wasm: Option<PathBuf>,
+    name: &str,
+) -> anyhow::Result<Paths> {
+    let bin_dir = match bin_dir {
+        Some(dir) => dir,
+        None => {
+            std::env::current_exe()?.parent().context("the binary has no directory")?.to_path_buf()
+        }
+    };
+    let target_dir = bin_dir.parent().map(PathBuf::from).unwrap_or_else(|| bin_dir.clone());
+    let workspace = target_dir.parent().map(PathBuf::from).unwrap_or_else(|| target_dir.clone());
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Paths {
+        envoy: envoy.unwrap_or_else(|| target_dir.join("envoy-venv/bin/envoy")),
+        wasm: wasm.unwrap_or_else(|| target_dir.join("wasm32-wasip1/wasm/tollgate_wasm.wasm")),
+        work_dir: target_dir.join("loadtest").join(format!("{name}-{stamp}")),
+        bin_dir,
+        baseline_bin_dir: baseline,
+        baseline_wasm,
+        workspace,
+    })
 }
 
 /// The command as a user would type it (the binary by its file name).

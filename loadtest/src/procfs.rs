@@ -71,6 +71,12 @@ pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     Ok(parse_status_bytes(&status, "VmHWM")?)
 }
 
+/// A process's current resident set (bytes).
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(parse_status_bytes(&status, "VmRSS")?)
+}
+
 /// Resets `VmHWM` to the current resident set (`echo 5 > /proc/<pid>/clear_refs`), so that
 /// each round reports its own peak. Returns false where the kernel does not allow it.
 pub fn reset_peak_rss(pid: u32) -> bool {

@@ -390,6 +390,7 @@ routes:
   - {{name: openai, path_prefix: /v1/, kind: openai, upstream: "http://{mock}"}}
   - {{name: tools, path_prefix: /mcp, kind: mcp, upstream: "http://{mock}", forward_attribution: true}}
 upstream: {{connect_timeout: 5s, response_timeout: 60s, stream_idle_timeout: 60s}}
+oversight: {{loops: {{max_repeats: 1000000000, window: 1m}}}}
 {policy}"#,
         data_dir = data_dir.display(),
         policy = POLICY,

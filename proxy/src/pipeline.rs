@@ -672,7 +672,7 @@ impl Observer for Settler {
                     "the upstream reported more than was reserved; charged in full"
                 );
             }
-            match shared.budgets.settle(reservation, cost, now) {
+            match shared.budgets.settle(reservation, cost) {
                 Ok(settlement) => {
                     for w in &settlement.warnings {
                         shared.metrics.budget_warning(&w.budget_id, w.threshold_bp / 100);

@@ -607,7 +607,7 @@ impl Exchange {
             Some(r) => {
                 let overrun = reservation::overrun(r.amount(), cost.total);
                 let warnings =
-                    budgets.settle(r, cost.total, now.ms).map(|s| s.warnings).unwrap_or_default();
+                    budgets.settle(r, cost.total).map(|s| s.warnings).unwrap_or_default();
                 (warnings, overrun)
             }
             None => (Vec::new(), Money::ZERO),

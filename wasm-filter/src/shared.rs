@@ -13,17 +13,16 @@
 //! absent, and releases the lock. Creation happens once per counter per period; every other
 //! update is a plain CAS on the existing key.
 //!
-//! Holds (open reservations) and settle markers stay in the VM that made them: a request lives
-//! in one worker from headers to `on_log`, so nobody else needs them, and shared data has no way
-//! to list or drop keys. If a VM dies, its holds are lost and the money they held stays reserved
-//! until the budget's period ends (documented in the README).
+//! Holds (open reservations) and their lapse marks stay in the VM that made them: a request
+//! lives in one worker from headers to `on_log`, so nobody else needs them, and shared data has
+//! no way to list or drop keys. If a VM dies, its holds are lost and the money they held stays
+//! reserved until the budget's period ends (documented in the README). Settling takes the hold,
+//! so a settled request leaves nothing behind; each reservation gets an id unique across VMs
+//! ([`SharedStore::reservation_id`]: a random per-VM prefix and a sequence, so a client reusing
+//! an `x-request-id`, on one worker or several, cannot collide with an earlier request).
 //!
-//! Settle markers are bounded: the core keeps one per request for a day, which in a VM serving
-//! thousands of requests a second would grow without bound. Here each reservation gets an id
-//! unique across VMs ([`SharedStore::reservation_id`]: a random per-VM prefix and a sequence, so
-//! a client reusing an `x-request-id`, on one worker or several, cannot collide with an earlier
-//! request), and the filter settles each reservation once, so
-//! a marker is never looked up again after its request: the newest [`MARKERS_KEPT`] are kept.
+//! Set-once markers (the core uses them only when charging without a reservation, which the
+//! filter never does) are bounded by count: the newest [`MARKERS_KEPT`] are kept.
 //!
 //! Counters never expire from shared data (it cannot delete): one small key per budget, scope
 //! value and period window stays until Envoy restarts.
@@ -31,12 +30,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use tollgate_core::budget::{AddOutcome, Hold, Store, StoreError};
+use tollgate_core::budget::{AddOutcome, Hold, Store, StoreError, Taken};
 use tollgate_core::time::UnixMillis;
 
 /// The lock under which counters are created.
 pub const CREATE_LOCK_KEY: &str = "tollgate:create-lock";
-/// Settle markers kept per VM (oldest dropped first).
+/// Set-once markers kept per VM (oldest dropped first).
 pub const MARKERS_KEPT: usize = 4096;
 /// How many times an update retries after losing a CAS race before giving up.
 const MAX_ATTEMPTS: u32 = 10_000;
@@ -85,6 +84,8 @@ struct Local {
     marker_order: VecDeque<String>,
     holds: BTreeMap<String, Hold>,
     hold_expiry: BTreeSet<(UnixMillis, String)>,
+    /// Lapse marks of holds the expiry sweep took: request id → kept until.
+    lapsed: BTreeMap<String, UnixMillis>,
 }
 
 impl<D: SharedData> SharedStore<D> {
@@ -261,21 +262,30 @@ impl<D: SharedData> Store for SharedStore<D> {
         if local.holds.contains_key(&hold.request_id) {
             return Ok(false);
         }
+        local.lapsed.remove(&hold.request_id);
         local.hold_expiry.insert((hold.expires_at, hold.request_id.clone()));
         local.holds.insert(hold.request_id.clone(), hold.clone());
         Ok(true)
     }
 
-    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError> {
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
         let mut local = self.local.borrow_mut();
-        let hold = local.holds.remove(request_id);
-        if let Some(h) = &hold {
+        if let Some(h) = local.holds.remove(request_id) {
             local.hold_expiry.remove(&(h.expires_at, h.request_id.clone()));
+            return Ok(Taken::Open(h));
         }
-        Ok(hold)
+        Ok(match local.lapsed.remove(request_id) {
+            Some(_) => Taken::Lapsed,
+            None => Taken::Absent,
+        })
     }
 
-    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError> {
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
         let mut local = self.local.borrow_mut();
         let mut taken = Vec::new();
         while taken.len() < max {
@@ -285,15 +295,20 @@ impl<D: SharedData> Store for SharedStore<D> {
             }
             let Some((_, id)) = local.hold_expiry.pop_first() else { break };
             if let Some(hold) = local.holds.remove(&id) {
+                local.lapsed.insert(id, lapse_until);
                 taken.push(hold);
             }
         }
         Ok(taken)
     }
 
-    fn prune(&self, _now: UnixMillis) -> Result<usize, StoreError> {
-        // Markers are bounded by count (see the module documentation), not by time.
-        Ok(0)
+    fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        // Markers are bounded by count (see the module documentation), not by time; lapse marks
+        // by time.
+        let mut local = self.local.borrow_mut();
+        let before = local.lapsed.len();
+        local.lapsed.retain(|_, until| *until > now);
+        Ok(before - local.lapsed.len())
     }
 }
 
@@ -450,9 +465,13 @@ mod tests {
         assert_eq!(s.put_hold(&hold("a", 30)), Ok(true));
         assert_eq!(s.put_hold(&hold("b", 10)), Ok(true));
         assert_eq!(s.put_hold(&hold("a", 99)), Ok(false));
-        assert_eq!(s.take_expired_holds(UnixMillis(20), 10), Ok(vec![hold("b", 10)]));
-        assert_eq!(s.take_hold("a"), Ok(Some(hold("a", 30))));
-        assert_eq!(s.take_hold("a"), Ok(None));
+        let lapse_until = UnixMillis(100);
+        assert_eq!(s.take_expired_holds(UnixMillis(20), 10, lapse_until), Ok(vec![hold("b", 10)]));
+        assert_eq!(s.take_hold("a"), Ok(Taken::Open(hold("a", 30))));
+        assert_eq!(s.take_hold("a"), Ok(Taken::Absent));
+        assert_eq!(s.prune(UnixMillis(99)), Ok(0));
+        assert_eq!(s.take_hold("b"), Ok(Taken::Lapsed), "the sweep left a lapse mark");
+        assert_eq!(s.take_hold("b"), Ok(Taken::Absent), "seen once");
         assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(true));
         assert_eq!(s.insert_if_absent("m", UnixMillis(50)), Ok(false));
     }

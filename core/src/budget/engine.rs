@@ -14,7 +14,7 @@
 //! request (the caller passes the amount), never reads a clock (`now` is a parameter) and never
 //! runs anything in the background: the owner calls [`Budgets::expire`] periodically.
 
-use super::store::{AddOutcome, Hold, HoldEntry, Store, StoreError};
+use super::store::{AddOutcome, Hold, HoldEntry, Store, StoreError, Taken};
 use super::{BudgetSpec, Scope};
 use crate::money::Money;
 use crate::time::{Period, UnixMillis, Window};
@@ -27,10 +27,14 @@ pub const WARNING_THRESHOLDS_BP: [u64; 3] = [8_000, 9_500, 10_000];
 /// short enough for memory to be reclaimed.
 pub const RETENTION_MS: u64 = 24 * 3_600_000;
 
-/// How long a settle marker outlives its reservation's expiry. One marker exists per settled
-/// request, so this bounds the store's memory at (reservation TTL + this) × request rate; a
-/// duplicate settlement can only come from the adapter itself, within moments.
+/// How long a replay marker ([`Budgets::charge`]) is kept: charges without a reservation come
+/// from replaying a ledger at start, and a duplicate can only come from the same replay.
 pub const MARKER_RETENTION_MS: u64 = 10 * 60_000;
+
+/// How long a lapsed reservation stays settleable after its expiry: a request that outlives
+/// its reservation by up to this long is still charged (once) when it finishes. Only lapsed
+/// reservations leave a mark, so this costs memory in proportion to lapses, not requests.
+pub const LAPSE_RETENTION_MS: u64 = RETENTION_MS;
 
 /// The scope value a [`Scope::Global`] budget without a fixed key is counted and reported under.
 pub const GLOBAL_VALUE: &str = "*";
@@ -282,7 +286,8 @@ impl<S: Store> Budgets<S> {
     ///
     /// `actual` may exceed the reserved amount (the provider reported more output than the
     /// estimate allowed for): the real cost is recorded in full. If the reservation had already
-    /// expired, the actual cost is still charged ([`SettleOutcome::SettledAfterExpiry`]).
+    /// expired, the actual cost is still charged ([`SettleOutcome::SettledAfterExpiry`]) if the
+    /// settlement comes within [`LAPSE_RETENTION_MS`] of the expiry sweep that gave it back.
     /// Idempotent by request id: a second settlement (or one after [`Budgets::release`])
     /// changes nothing and returns [`SettleOutcome::Duplicate`].
     ///
@@ -293,10 +298,9 @@ impl<S: Store> Budgets<S> {
         &self,
         reservation: Reservation,
         actual: Money,
-        now: UnixMillis,
     ) -> Result<Settlement, StoreError> {
         let actual = actual.max(Money::ZERO);
-        let Reservation { request_id, expires_at, budgets, .. } = reservation;
+        let Reservation { request_id, budgets, .. } = reservation;
         if budgets.is_empty() {
             return Ok(Settlement {
                 outcome: SettleOutcome::Settled,
@@ -304,12 +308,13 @@ impl<S: Store> Budgets<S> {
                 warnings: vec![],
             });
         }
-        // The marker first: whatever fails afterwards, this request is never charged twice.
-        let marker_until = now.max(expires_at).saturating_add_ms(MARKER_RETENTION_MS);
-        if !self.store.insert_if_absent(&marker_key(&request_id), marker_until)? {
-            return Ok(Settlement::duplicate());
-        }
-        let hold = self.store.take_hold(&request_id)?;
+        // Taking the hold is the idempotency step: exactly one settlement (or release) obtains
+        // it, or the lapse mark the expiry sweep left in its place; a repeat finds neither.
+        let (hold, outcome) = match self.store.take_hold(&request_id)? {
+            Taken::Open(hold) => (Some(hold), SettleOutcome::Settled),
+            Taken::Lapsed => (None, SettleOutcome::SettledAfterExpiry),
+            Taken::Absent => return Ok(Settlement::duplicate()),
+        };
         let mut warnings = Vec::new();
         for budget in &budgets {
             let held = hold
@@ -318,10 +323,6 @@ impl<S: Store> Budgets<S> {
                 .map_or(0, |e| e.amount);
             budget.charge(&self.store, actual, held, &mut warnings)?;
         }
-        let outcome = match hold {
-            Some(_) => SettleOutcome::Settled,
-            None => SettleOutcome::SettledAfterExpiry,
-        };
         Ok(Settlement { outcome, charged: actual, warnings })
     }
 
@@ -332,13 +333,13 @@ impl<S: Store> Budgets<S> {
         if reservation.budgets.is_empty() {
             return Ok(false);
         }
-        let marker_until = reservation.expires_at.saturating_add_ms(MARKER_RETENTION_MS);
-        if !self.store.insert_if_absent(&marker_key(&reservation.request_id), marker_until)? {
-            return Ok(false);
+        match self.store.take_hold(&reservation.request_id)? {
+            Taken::Open(hold) => {
+                self.give_back(&hold)?;
+                Ok(true)
+            }
+            Taken::Lapsed | Taken::Absent => Ok(false),
         }
-        let Some(hold) = self.store.take_hold(&reservation.request_id)? else { return Ok(false) };
-        self.give_back(&hold)?;
-        Ok(true)
     }
 
     /// Records `actual` against every applicable budget without a reservation (metering only,
@@ -381,7 +382,8 @@ impl<S: Store> Budgets<S> {
     pub fn expire(&self, now: UnixMillis) -> Result<Vec<Hold>, StoreError> {
         let mut released = Vec::new();
         loop {
-            let batch = self.store.take_expired_holds(now, EXPIRE_BATCH)?;
+            let lapse_until = now.saturating_add_ms(LAPSE_RETENTION_MS);
+            let batch = self.store.take_expired_holds(now, EXPIRE_BATCH, lapse_until)?;
             let full = batch.len() >= EXPIRE_BATCH;
             let mut batch = batch.into_iter();
             while let Some(hold) = batch.next() {

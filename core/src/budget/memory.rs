@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
-use super::store::{AddOutcome, Hold, Store, StoreError};
+use super::store::{AddOutcome, Hold, Store, StoreError, Taken};
 use crate::time::UnixMillis;
 
 const SHARDS: usize = 16;
@@ -30,6 +30,8 @@ struct Shard {
     holds: BTreeMap<String, Hold>,
     /// `(expires_at, request_id)` of every entry in `holds`, for the expiry sweep.
     hold_expiry: BTreeSet<(UnixMillis, String)>,
+    /// Lapse marks: request id → kept until.
+    lapsed: BTreeMap<String, UnixMillis>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +63,11 @@ impl MemoryStore {
     /// How many reservations are open.
     pub fn open_holds(&self) -> usize {
         self.shards.iter().map(|s| lock(s).holds.len()).sum()
+    }
+
+    /// How many lapse marks are kept.
+    pub fn lapse_marks(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).lapsed.len()).sum()
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
@@ -142,21 +149,30 @@ impl Store for MemoryStore {
         if shard.holds.contains_key(&hold.request_id) {
             return Ok(false);
         }
+        shard.lapsed.remove(&hold.request_id);
         shard.hold_expiry.insert((hold.expires_at, hold.request_id.clone()));
         shard.holds.insert(hold.request_id.clone(), hold.clone());
         Ok(true)
     }
 
-    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError> {
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
         let mut shard = self.shard(request_id);
-        let hold = shard.holds.remove(request_id);
-        if let Some(hold) = &hold {
+        if let Some(hold) = shard.holds.remove(request_id) {
             shard.hold_expiry.remove(&(hold.expires_at, hold.request_id.clone()));
+            return Ok(Taken::Open(hold));
         }
-        Ok(hold)
+        Ok(match shard.lapsed.remove(request_id) {
+            Some(_) => Taken::Lapsed,
+            None => Taken::Absent,
+        })
     }
 
-    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError> {
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
@@ -167,6 +183,7 @@ impl Store for MemoryStore {
                 }
                 let Some((_, request_id)) = shard.hold_expiry.pop_first() else { break };
                 if let Some(hold) = shard.holds.remove(&request_id) {
+                    shard.lapsed.insert(request_id, lapse_until);
                     taken.push(hold);
                 }
             }
@@ -179,9 +196,10 @@ impl Store for MemoryStore {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
-            let before = shard.slots.len();
+            let before = shard.slots.len() + shard.lapsed.len();
             shard.slots.retain(|_, slot| slot.expires_at > now);
-            dropped += before - shard.slots.len();
+            shard.lapsed.retain(|_, until| *until > now);
+            dropped += before - shard.slots.len() - shard.lapsed.len();
         }
         Ok(dropped)
     }
@@ -267,15 +285,37 @@ mod tests {
             assert_eq!(s.put_hold(&hold(id, at)), Ok(true));
         }
         assert_eq!(s.put_hold(&hold("a", 99)), Ok(false));
-        assert_eq!(s.take_hold("c"), Ok(Some(hold("c", 20))));
-        assert_eq!(s.take_hold("c"), Ok(None));
-        let expired = s.take_expired_holds(UnixMillis(30), 10).unwrap();
+        assert_eq!(s.take_hold("c"), Ok(Taken::Open(hold("c", 20))));
+        assert_eq!(s.take_hold("c"), Ok(Taken::Absent));
+        let expired = s.take_expired_holds(UnixMillis(30), 10, UnixMillis(500)).unwrap();
         let ids: Vec<_> = expired.iter().map(|h| h.request_id.as_str()).collect();
         assert_eq!(ids, ["b", "a"]);
-        assert_eq!(s.take_hold("a"), Ok(None));
+        assert_eq!(s.take_hold("a"), Ok(Taken::Lapsed), "a lapsed hold leaves a mark");
+        assert_eq!(s.take_hold("a"), Ok(Taken::Absent), "seen once");
         assert_eq!(s.open_holds(), 1);
-        assert_eq!(s.take_expired_holds(UnixMillis(100), 0), Ok(vec![]));
-        assert_eq!(s.take_expired_holds(UnixMillis(100), 10), Ok(vec![hold("d", 40)]));
+        assert_eq!(s.take_expired_holds(UnixMillis(100), 0, UnixMillis(500)), Ok(vec![]));
+        let d = s.take_expired_holds(UnixMillis(100), 10, UnixMillis(500));
+        assert_eq!(d, Ok(vec![hold("d", 40)]));
+        assert_eq!(s.lapse_marks(), 2, "b and d");
+        assert_eq!(s.put_hold(&hold("d", 600)), Ok(true), "a put hold replaces the mark");
+        assert_eq!(s.lapse_marks(), 1);
+        assert_eq!(s.prune(UnixMillis(499)), Ok(0));
+        assert_eq!(s.prune(UnixMillis(500)), Ok(1));
+        assert_eq!(s.take_hold("b"), Ok(Taken::Absent), "its mark was pruned");
+        assert_eq!(s.take_hold("d"), Ok(Taken::Open(hold("d", 600))));
+    }
+
+    #[test]
+    fn a_settled_request_leaves_nothing_behind() {
+        let s = MemoryStore::new();
+        for i in 0..1_000 {
+            let id = format!("r{i}");
+            s.put_hold(&hold(&id, 10)).unwrap();
+            assert!(matches!(s.take_hold(&id), Ok(Taken::Open(_))));
+        }
+        assert_eq!((s.open_holds(), s.lapse_marks(), s.len()), (0, 0, 0));
+        let shard_sizes: usize = s.shards.iter().map(|sh| lock(sh).hold_expiry.len()).sum();
+        assert_eq!(shard_sizes, 0);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! deliberately small: signed integer counters keyed by string, an "add unless it would pass
 //! the limit" step for reservations, a set-once marker for idempotency, and a table of open
 //! reservations ("holds") with their expiry so that money held by a crashed or forgotten request
-//! comes back.
+//! comes back. Settling takes the hold, which is what makes it idempotent: nothing per request
+//! stays in the store after it settles (only a hold that lapsed leaves a mark, so that its late
+//! settlement is still charged once).
 //!
 //! This module decides nothing about budgets and never reads a clock: every expiry is an
 //! instant passed in by the caller. A backend may drop a key or hold at any time after its
@@ -60,6 +62,18 @@ pub struct HoldEntry {
     pub amount: i64,
 }
 
+/// What [`Store::take_hold`] found under a request id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// The open reservation, now removed: the caller alone settles or gives back its amounts.
+    Open(Hold),
+    /// The reservation lapsed: [`Store::take_expired_holds`] took it and its amounts were given
+    /// back. The lapse mark is now removed, so of concurrent callers exactly one sees it.
+    Lapsed,
+    /// Neither: already settled or released, or never reserved.
+    Absent,
+}
+
 /// Atomic counters, set-once markers and open reservations.
 ///
 /// Counters, markers and holds are three namespaces; counters and markers may share one
@@ -104,24 +118,34 @@ pub trait Store {
     fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError>;
 
     /// Records an open reservation under its request id. Returns `false` and changes nothing if
-    /// that request id already holds one.
+    /// that request id already holds one. A lapse mark of the same request id (see
+    /// [`Store::take_expired_holds`]) is dropped: the hold replaces it.
     ///
     /// Atomicity: insert-if-absent on the request id, and the hold becomes visible to
     /// [`Store::take_expired_holds`] in the same step (Redis: `HSETNX` + `ZADD` in one script).
     fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError>;
 
-    /// Removes and returns the open reservation of `request_id`, if any.
+    /// Removes and returns the open reservation of `request_id`, or removes its lapse mark.
     ///
     /// Atomicity: of concurrent `take_hold` / `take_expired_holds` calls, exactly one obtains a
-    /// given hold; that caller alone gives its amounts back.
-    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError>;
+    /// given hold, and exactly one `take_hold` sees a given lapse mark.
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError>;
 
-    /// Removes and returns up to `max` holds whose `expires_at <= now`, earliest first.
+    /// Removes and returns up to `max` holds whose `expires_at <= now`, earliest first, leaving
+    /// for each a lapse mark kept until `lapse_until` (the next [`Store::take_hold`] of that
+    /// request id reports [`Taken::Lapsed`]).
     ///
-    /// Atomicity: as [`Store::take_hold`], per hold.
-    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError>;
+    /// Atomicity: as [`Store::take_hold`], per hold; the hold becomes a lapse mark in one step
+    /// (Redis: one script), so a settlement racing the sweep finds one or the other.
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError>;
 
-    /// Drops counters and markers whose `expires_at <= now` and returns how many it dropped.
+    /// Drops counters, markers and lapse marks whose `expires_at <= now` and returns how many
+    /// it dropped.
     /// Backends with native expiry (Redis) do nothing here and return 0.
     fn prune(&self, now: UnixMillis) -> Result<usize, StoreError>;
 }
@@ -148,11 +172,16 @@ impl<S: Store + ?Sized> Store for &S {
     fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
         (**self).put_hold(hold)
     }
-    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError> {
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
         (**self).take_hold(request_id)
     }
-    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError> {
-        (**self).take_expired_holds(now, max)
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
+        (**self).take_expired_holds(now, max, lapse_until)
     }
     fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
         (**self).prune(now)

@@ -68,7 +68,7 @@ fn periods_roll_over_at_utc_boundaries() {
         let b = engine();
         let specs = [spec("b", Scope::Agent, None, period, "1.00")];
         let r = b.reserve(&specs, attr(AGENT_A), usd("1"), "r1", first, TTL).unwrap();
-        b.settle(r, usd("1"), first).unwrap();
+        b.settle(r, usd("1")).unwrap();
         let again = b.reserve(&specs, attr(AGENT_A), usd("1"), "r2", second, TTL);
         assert_eq!(again.is_ok(), new_window, "{period} {first} → {second}: {again:?}");
         let status = b.status(&specs[0], "a", second).unwrap();
@@ -85,7 +85,7 @@ fn settlement_lands_in_the_window_of_its_reservation() {
     let after_midnight = at(2026, 11, 23, 0, 0, 30, 0);
     let r = b.reserve(&specs, attr(AGENT_A), usd("2"), "r", before_midnight, TTL).unwrap();
     assert_eq!(r.budgets()[0].period_key, "2026-11-22");
-    let s = b.settle(r, usd("1.5"), after_midnight).unwrap();
+    let s = b.settle(r, usd("1.5")).unwrap();
     assert_eq!(s.outcome, SettleOutcome::Settled);
     let old = b.status(&specs[0], "a", before_midnight).unwrap();
     assert_eq!((old.spent, old.reserved), (usd("1.5"), Money::ZERO));
@@ -160,7 +160,7 @@ fn a_refusal_rolls_back_every_budget_already_reserved() {
     let values = [(Scope::Agent, "a"), (Scope::Project, "p"), (Scope::CostCenter, "c")];
     // Spend $1 of the agent's $3 (and of every other budget).
     let r = b.reserve(&specs, attr(&values), usd("1"), "first", noon(), TTL).unwrap();
-    b.settle(r, usd("1"), noon()).unwrap();
+    b.settle(r, usd("1")).unwrap();
 
     let refused = b.reserve(&specs, attr(&values), usd("2.5"), "second", noon(), TTL);
     assert_eq!(
@@ -219,7 +219,7 @@ fn warnings_fire_once_at_80_95_and_100_percent() {
         let r = b.reserve(&specs, attr(AGENT_A), usd(actual), &format!("r{i}"), noon(), TTL);
         // At 100 % the last reservation is refused; the spend is still recorded with `charge`.
         let s = match r {
-            Ok(r) => b.settle(r, usd(actual), noon()).unwrap(),
+            Ok(r) => b.settle(r, usd(actual)).unwrap(),
             Err(_) => {
                 b.charge(&specs, attr(AGENT_A), usd(actual), &format!("r{i}"), noon()).unwrap()
             }
@@ -235,7 +235,7 @@ fn one_settlement_can_cross_every_threshold() {
     let b = engine();
     let specs = [spec("agent", Scope::Agent, None, Period::Daily, "10")];
     let r = b.reserve(&specs, attr(AGENT_A), usd("8"), "r", noon(), TTL).unwrap();
-    let s = b.settle(r, usd("12"), noon()).unwrap();
+    let s = b.settle(r, usd("12")).unwrap();
     let w = |threshold_bp| Warning {
         budget_id: "agent".into(),
         scope: Scope::Agent,
@@ -255,7 +255,7 @@ fn actual_above_the_reservation_is_recorded_and_stops_further_reservations() {
     let b = engine();
     let specs = [spec("agent", Scope::Agent, None, Period::Daily, "10")];
     let r = b.reserve(&specs, attr(AGENT_A), usd("8"), "r", noon(), TTL).unwrap();
-    b.settle(r, usd("12"), noon()).unwrap();
+    b.settle(r, usd("12")).unwrap();
     let s = b.status(&specs[0], "a", noon()).unwrap();
     assert_eq!(
         (s.spent, s.reserved, s.remaining, s.utilization_bp),
@@ -275,18 +275,52 @@ fn settle_is_idempotent_by_request_id() {
     let specs = [spec("agent", Scope::Agent, None, Period::Daily, "10")];
     let r = b.reserve(&specs, attr(AGENT_A), usd("4"), "req-1", noon(), TTL).unwrap();
     let copy = r.clone();
-    let first = b.settle(r, usd("3"), noon()).unwrap();
+    let first = b.settle(r, usd("3")).unwrap();
     assert_eq!((first.outcome, first.charged), (SettleOutcome::Settled, usd("3")));
-    let second = b.settle(copy.clone(), usd("3"), noon()).unwrap();
+    let second = b.settle(copy.clone(), usd("3")).unwrap();
     assert_eq!(
         second,
         Settlement { outcome: SettleOutcome::Duplicate, charged: Money::ZERO, warnings: vec![] }
     );
     assert!(!b.release(copy).unwrap());
-    let again = b.charge(&specs, attr(AGENT_A), usd("3"), "req-1", noon()).unwrap();
-    assert_eq!(again.outcome, SettleOutcome::Duplicate);
     let s = b.status(&specs[0], "a", noon()).unwrap();
     assert_eq!((s.spent, s.reserved), (usd("3"), Money::ZERO));
+    // Settling leaves nothing per request behind: idempotency is the hold being taken once.
+    assert_eq!((b.store().len(), b.store().open_holds(), b.store().lapse_marks()), (2, 0, 0));
+}
+
+#[test]
+fn charge_is_idempotent_by_request_id() {
+    let b = engine();
+    let specs = [spec("agent", Scope::Agent, None, Period::Daily, "10")];
+    let first = b.charge(&specs, attr(AGENT_A), usd("3"), "req-1", noon()).unwrap();
+    assert_eq!(first.outcome, SettleOutcome::Settled);
+    let again = b.charge(&specs, attr(AGENT_A), usd("3"), "req-1", noon()).unwrap();
+    assert_eq!(again.outcome, SettleOutcome::Duplicate);
+    assert_eq!(b.status(&specs[0], "a", noon()).unwrap().spent, usd("3"));
+}
+
+#[test]
+fn a_lapsed_reservation_settles_once_and_its_mark_is_pruned() {
+    let b = engine();
+    let specs = [spec("agent", Scope::Agent, None, Period::Daily, "10")];
+    let t0 = noon();
+    let r = b.reserve(&specs, attr(AGENT_A), usd("4"), "slow", t0, 1_000).unwrap();
+    let copy = r.clone();
+    b.expire(t0.saturating_add_ms(1_000)).unwrap();
+    assert_eq!(b.store().lapse_marks(), 1);
+    let late = b.settle(r, usd("2")).unwrap();
+    assert_eq!(late.outcome, SettleOutcome::SettledAfterExpiry);
+    assert_eq!(b.settle(copy, usd("2")).unwrap().outcome, SettleOutcome::Duplicate);
+    assert_eq!(b.status(&specs[0], "a", t0).unwrap().spent, usd("2"));
+
+    let never = b.reserve(&specs, attr(AGENT_A), usd("1"), "never", t0, 1_000).unwrap();
+    b.expire(t0.saturating_add_ms(1_000)).unwrap();
+    assert_eq!(b.store().lapse_marks(), 1);
+    b.expire(t0.saturating_add_ms(1_000 + LAPSE_RETENTION_MS)).unwrap();
+    assert_eq!(b.store().lapse_marks(), 0, "pruned after its retention");
+    let too_late = b.settle(never, usd("1"));
+    assert_eq!(too_late.unwrap().outcome, SettleOutcome::Duplicate);
 }
 
 #[test]
@@ -304,7 +338,7 @@ fn release_gives_everything_back_and_ends_the_reservation() {
         let s = b.status(spec, "a", noon()).unwrap();
         assert_eq!((s.spent, s.reserved, s.remaining), (Money::ZERO, Money::ZERO, usd("10")));
     }
-    assert_eq!(b.settle(copy, usd("7"), noon()).unwrap().outcome, SettleOutcome::Duplicate);
+    assert_eq!(b.settle(copy, usd("7")).unwrap().outcome, SettleOutcome::Duplicate);
     assert_eq!(b.store().open_holds(), 0);
 }
 
@@ -324,11 +358,11 @@ fn expiry_gives_back_unsettled_reservations_and_a_late_settle_still_charges() {
     assert_eq!(b.status(&specs[0], "a", t0).unwrap().reserved, Money::ZERO);
 
     let next = b.reserve(&specs, attr(AGENT_A), usd("3"), "next", t0, TTL).unwrap();
-    let late = b.settle(forgotten, usd("2"), t0.saturating_add_ms(40_000)).unwrap();
+    let late = b.settle(forgotten, usd("2")).unwrap();
     assert_eq!((late.outcome, late.charged), (SettleOutcome::SettledAfterExpiry, usd("2")));
     let s = b.status(&specs[0], "a", t0).unwrap();
     assert_eq!((s.spent, s.reserved), (usd("2"), usd("3")));
-    assert_eq!(b.settle(next, usd("3"), t0).unwrap().outcome, SettleOutcome::Settled);
+    assert_eq!(b.settle(next, usd("3")).unwrap().outcome, SettleOutcome::Settled);
     assert_eq!(b.status(&specs[0], "a", t0).unwrap().spent, usd("5"));
 }
 
@@ -340,7 +374,7 @@ fn a_request_id_holds_one_reservation_at_a_time() {
     let dup = b.reserve(&specs, attr(AGENT_A), usd("3"), "same", noon(), TTL);
     assert_eq!(dup, Err(BudgetError::DuplicateRequest { request_id: "same".into() }));
     assert_eq!(b.status(&specs[0], "a", noon()).unwrap().reserved, usd("2"));
-    b.settle(r, usd("2"), noon()).unwrap();
+    b.settle(r, usd("2")).unwrap();
 }
 
 #[test]
@@ -349,7 +383,7 @@ fn no_applicable_budget_stores_nothing() {
     let specs = [spec("p", Scope::Project, None, Period::Daily, "1")];
     let r = b.reserve(&specs, attr(AGENT_A), usd("5"), "r", noon(), TTL).unwrap();
     assert!(r.budgets().is_empty());
-    let s = b.settle(r, usd("5"), noon()).unwrap();
+    let s = b.settle(r, usd("5")).unwrap();
     assert_eq!((s.outcome, s.warnings.len()), (SettleOutcome::Settled, 0));
     assert!(b.store().is_empty());
     assert_eq!(b.store().open_holds(), 0);
@@ -361,7 +395,7 @@ fn status_reports_the_current_window() {
     let specs = [spec("cc", Scope::CostCenter, Some("CC-1"), Period::Monthly, "200")];
     let values = [(Scope::CostCenter, "CC-1")];
     let r = b.reserve(&specs, attr(&values), usd("30"), "1", noon(), TTL).unwrap();
-    b.settle(r, usd("150.5"), noon()).unwrap();
+    b.settle(r, usd("150.5")).unwrap();
     let _open = b.reserve(&specs, attr(&values), usd("20"), "2", noon(), TTL).unwrap();
     // The value is ignored for a fixed-key budget.
     let s = b.status(&specs[0], "ignored", noon()).unwrap();
@@ -396,13 +430,12 @@ fn expire_prunes_counters_of_past_periods() {
     for hour in 0..100u64 {
         let now = start.saturating_add_ms(hour * 3_600_000);
         let r = b.reserve(&specs, attr(AGENT_A), usd("1"), &format!("r{hour}"), now, TTL).unwrap();
-        b.settle(r, usd("1"), now).unwrap();
+        b.settle(r, usd("1")).unwrap();
     }
-    assert_eq!(b.store().len(), 300);
+    assert_eq!(b.store().len(), 200);
     b.expire(start.saturating_add_ms(100 * 3_600_000)).unwrap();
-    // Windows 76..=99 are within retention (window end + 24 h): two counters each. Settle
-    // markers live only until their reservation's expiry + MARKER_RETENTION_MS (11 min here),
-    // so none is left an hour later.
+    // Windows 76..=99 are within retention (window end + 24 h): two counters each. Settling
+    // leaves no per-request key behind.
     assert_eq!(b.store().len(), 48);
     b.expire(start.saturating_add_ms(200 * 3_600_000)).unwrap();
     assert!(b.store().is_empty());
@@ -458,12 +491,17 @@ impl Store for Flaky<'_> {
         self.check(&hold.request_id)?;
         self.inner.put_hold(hold)
     }
-    fn take_hold(&self, request_id: &str) -> Result<Option<Hold>, StoreError> {
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
         self.check(request_id)?;
         self.inner.take_hold(request_id)
     }
-    fn take_expired_holds(&self, now: UnixMillis, max: usize) -> Result<Vec<Hold>, StoreError> {
-        self.inner.take_expired_holds(now, max)
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
+        self.inner.take_expired_holds(now, max, lapse_until)
     }
     fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
         self.inner.prune(now)
@@ -526,7 +564,7 @@ fn sixty_four_threads_cannot_overspend_ten_dollars() {
                     Ok(r) => {
                         // Actual costs at or below the estimate: 0.50 .. 1.00.
                         let actual = usd("0.5") + Money::from_nanos(i * 7_812_500);
-                        b.settle(r, actual, noon()).map(|s| s.outcome == SettleOutcome::Settled)
+                        b.settle(r, actual).map(|s| s.outcome == SettleOutcome::Settled)
                     }
                     Err(BudgetError::Exceeded { .. }) => Ok(false),
                     Err(e) => panic!("{e}"),

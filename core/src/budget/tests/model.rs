@@ -68,7 +68,7 @@ proptest! {
                 Op::Settle { slot, cents: c } if slot < open.len() => {
                     let (r, agent, amount, held) = open.swap_remove(slot);
                     let held_amount = if held { amount } else { 0 };
-                    let s = b.settle(r, cents(c), now).unwrap();
+                    let s = b.settle(r, cents(c)).unwrap();
                     let expected = if held { SettleOutcome::Settled } else { SettleOutcome::SettledAfterExpiry };
                     prop_assert_eq!(s.outcome, expected);
                     for i in [0, agent + 1] {
@@ -134,7 +134,7 @@ proptest! {
             let Ok(r) = reserved.reserve(&specs, attr(&values), cents(estimate), &id, noon(), TTL) else {
                 continue;
             };
-            let a = reserved.settle(r, cents(actual), noon()).unwrap();
+            let a = reserved.settle(r, cents(actual)).unwrap();
             let b = charged.charge(&specs, attr(&values), cents(actual), &id, noon()).unwrap();
             prop_assert_eq!(a, b);
         }
