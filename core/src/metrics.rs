@@ -188,6 +188,12 @@ pub const LEDGER_CORRUPT_RECORDS: Metric = gauge(
      ledger.accept_corrupt)",
     Emitter::Sidecar,
 );
+pub const CONFIG_RELOAD_FAILURES: Metric = counter(
+    "tollgate_config_reload_failures_total",
+    &[],
+    "Config file updates rejected (the running config kept serving)",
+    Emitter::Sidecar,
+);
 pub const IN_FLIGHT: Metric =
     gauge("tollgate_in_flight_requests", &[], "Requests being served", Emitter::Sidecar);
 pub const SHED: Metric = counter(
@@ -272,7 +278,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 29] = [
+pub const ALL: [&Metric; 30] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -290,6 +296,7 @@ pub const ALL: [&Metric; 29] = [
     &LEDGER_CORRUPT_RECORDS,
     &IN_FLIGHT,
     &SHED,
+    &CONFIG_RELOAD_FAILURES,
     &ACTIONS,
     &AUTONOMY,
     &APPROVALS_REQUESTED,

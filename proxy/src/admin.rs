@@ -29,10 +29,10 @@ use serde_json::json;
 use tollgate_core::budget::{BudgetStatus, Scope};
 use tollgate_core::money::Money;
 
-use crate::app::Shared;
+use crate::clock::now;
 use crate::deny::full;
-use crate::pipeline::now;
 use crate::server::Handler;
+use crate::state::Shared;
 use crate::upstream::Body;
 
 mod oversight;
@@ -110,13 +110,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }
             match (method, path.as_str()) {
                 (Method::GET, "/admin/policy") => {
-                    let policy = shared.policy.load();
+                    let policy = shared.current().policy.clone();
                     Ok(json_response(
                         StatusCode::OK,
                         &json!({
                             "version": policy.version(),
                             "rules": policy.rules().len(),
-                            "source": shared.config.policy_source.as_ref().map(|s| format!("{s:?}")),
+                            "source": shared.current().config.policy_source.as_ref().map(|s| format!("{s:?}")),
                         }),
                     ))
                 }
@@ -131,7 +131,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                             &json!({
                                 "reloaded": false,
                                 "error": e.to_string(),
-                                "version": shared.policy.load().version(),
+                                "version": shared.current().policy.version(),
                             }),
                         )),
                     }
@@ -179,7 +179,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The state of every budget the active policy declares, for each scope value seen in the
 /// ledger's current period (global and fixed-key budgets have one state each).
 fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
-    let policy = shared.policy.load();
+    let policy = shared.current().policy.clone();
     let now = now();
     let values = shared.seen_values();
     let mut out: Vec<BudgetStatus> = Vec::new();
@@ -289,7 +289,7 @@ fn check_period(period: &str) -> Result<(), Response<Body>> {
 /// Every ledger record, after flushing what is queued (read off the async threads).
 async fn read_ledger(shared: &Shared) -> Result<Vec<crate::ledger::Stored>, Failure> {
     shared.ledger.flush().await;
-    let dir = shared.config.data_dir.clone();
+    let dir = shared.current().config.data_dir.clone();
     match tokio::task::spawn_blocking(move || crate::ledger::read_records(&dir)).await {
         Ok(Ok(records)) => Ok(records),
         Ok(Err(e)) => {
@@ -332,9 +332,14 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
         ));
     }
     let records = read_ledger(shared).await?;
-    let policy = shared.policy.load_full();
-    let invoices =
-        crate::invoice::from_ledger(&records, &period, group, &shared.config.shared_costs, &policy);
+    let policy = shared.current().policy.clone();
+    let invoices = crate::invoice::from_ledger(
+        &records,
+        &period,
+        group,
+        &shared.current().config.shared_costs,
+        &policy,
+    );
     if format == "csv" {
         let mut r = Response::new(full(Bytes::from(crate::invoice::to_csv(&invoices))));
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));

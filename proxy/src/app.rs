@@ -15,15 +15,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use tollgate_core::budget::{Budgets, MemoryStore, Scope};
-use tollgate_core::engine::Engine;
-use tollgate_core::policy::Snapshot;
 
 use crate::config::Config;
 use crate::ledger::{self, Ledger};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 use crate::server::{self, ConnLimits};
-use crate::upstream::{self, ClientSettings, UpstreamClient};
+use crate::state::{Current, Shared};
+use crate::upstream::{self, ClientSettings};
 
 /// Command-line overrides of the config file.
 #[derive(Clone, Debug, Default)]
@@ -31,57 +30,6 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
-}
-
-/// Everything a request needs, shared by all connections.
-pub struct Shared {
-    pub config: Config,
-    pub engine: Engine,
-    /// The policy in force; swapped whole on reload, loaded once per request.
-    pub policy: ArcSwap<Snapshot>,
-    pub client: UpstreamClient,
-    /// HTTPS_PROXY mode, when `forward_proxy.enabled`.
-    pub forward: Option<Arc<crate::forward::Forward>>,
-    pub metrics: Metrics,
-    pub ledger: Ledger,
-    /// Usage events from the mesh (`POST /v1/usage/events`) and the ids already written.
-    pub ingest: crate::ingest::Ingest,
-    pub budgets: Budgets<MemoryStore>,
-    pub rate_limits: RateLimits,
-    pub admin_token: Option<String>,
-    pub started: std::time::Instant,
-    pub policy_source_state: tokio::sync::Mutex<crate::reload::SourceState>,
-    /// Scope values seen in budgeted requests (bounded), for listing budget states.
-    pub seen: dashmap::DashMap<(Scope, String), ()>,
-    /// True while draining: `/readyz` fails so load balancers stop sending traffic.
-    pub draining: std::sync::atomic::AtomicBool,
-    /// Approvals, autonomy budgets and the runaway-agent guards.
-    pub oversight: crate::oversight::Oversight,
-}
-
-/// Most distinct scope values remembered for the admin budget listing.
-const MAX_SEEN: usize = 100_000;
-
-impl Shared {
-    /// Remembers that `value` of `scope` has a budget state (bounded).
-    pub fn saw(&self, scope: Scope, value: &str) {
-        if self.seen.len() < MAX_SEEN && !self.seen.contains_key(&(scope, value.to_string())) {
-            self.seen.insert((scope, value.to_string()), ());
-        }
-    }
-
-    /// The remembered scope values, by scope.
-    pub fn seen_values(
-        &self,
-    ) -> std::collections::BTreeMap<Scope, std::collections::BTreeSet<String>> {
-        let mut out: std::collections::BTreeMap<Scope, std::collections::BTreeSet<String>> =
-            Default::default();
-        for entry in self.seen.iter() {
-            let (scope, value) = entry.key();
-            out.entry(*scope).or_default().insert(value.clone());
-        }
-        out
-    }
 }
 
 /// Handles to a started proxy (tests use the addresses; `run` waits on `done`).
@@ -188,7 +136,7 @@ pub async fn start_with(
         },
         accept_corrupt: config.ledger_accept_corrupt.clone(),
     };
-    let now = crate::pipeline::now();
+    let now = crate::clock::now();
     let (ledger, recovered) = if config.ledger_enabled {
         Ledger::open(settings, move || ledger_errors.inc(), now.0)
             .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?
@@ -239,12 +187,9 @@ pub async fn start_with(
         skipped = approvals.skipped,
         "approvals replayed"
     );
-    let policy = config.engine.policy().clone();
-    metrics.set_policy_version(policy.version());
-    let engine = config.engine.clone();
+    metrics.set_policy_version(config.engine.policy().version());
     let shared = Arc::new(Shared {
-        engine,
-        policy: ArcSwap::from_pointee(policy),
+        current: ArcSwap::from_pointee(Current::new(config)),
         client,
         forward,
         metrics,
@@ -255,10 +200,9 @@ pub async fn start_with(
         admin_token,
         started: std::time::Instant::now(),
         draining: std::sync::atomic::AtomicBool::new(false),
-        policy_source_state: Default::default(),
+        reload_state: Default::default(),
         seen: Default::default(),
         oversight,
-        config,
     });
     for (scope, value) in &rebuilt.keys {
         shared.saw(*scope, value);
@@ -287,7 +231,7 @@ pub async fn start_with(
         stopped(stop_rx.clone()),
     ));
     let export =
-        shared.config.export.clone().map(|export| {
+        shared.current().config.export.clone().map(|export| {
             tokio::spawn(crate::export::run(shared.clone(), export, stop_rx.clone()))
         });
     let sweeper = tokio::spawn(sweep_approvals(shared.clone(), stop_rx.clone()));
@@ -303,7 +247,7 @@ pub async fn start_with(
             // Intercepted HTTPS_PROXY connections drain alongside the listener's own.
             let intercepted = async {
                 if let Some(forward) = &shared.forward {
-                    forward.drain(shared.config.shutdown_drain).await;
+                    forward.drain(shared.current().config.shutdown_drain).await;
                 }
             };
             let _ = tokio::join!(proxy_task, intercepted);
@@ -322,7 +266,7 @@ pub async fn start_with(
 /// Settles timed-out approvals every `oversight.sweep_interval` until shutdown (lookups apply
 /// timeouts too, so this only bounds how late the audit log learns of one).
 async fn sweep_approvals(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(shared.config.oversight.sweep_interval);
+    let mut tick = tokio::time::interval(shared.current().config.oversight.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

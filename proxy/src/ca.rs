@@ -115,7 +115,7 @@ impl Ca {
         // Strict verifiers (OpenSSL's X509_STRICT, Python 3.13's default) want the AKI.
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(self.serial()?);
-        let today = crate::pipeline::now().date().to_days();
+        let today = crate::clock::now().date().to_days();
         validity(&mut params, today - 1, today + LEAF_DAYS);
         let cert = params.signed_by(&self.leaf_key, &self.issuer).context("signing a leaf")?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
@@ -191,7 +191,7 @@ pub fn init(dir: &Path, force: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let today = crate::pipeline::now().date().to_days();
+    let today = crate::clock::now().date().to_days();
     validity(&mut params, today - 1, today + 10 * 365);
     let cert = params.self_signed(&key).context("signing the CA certificate")?;
     // The key first, created 0600 before a byte is written; the certificate only once the key

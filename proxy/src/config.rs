@@ -184,6 +184,9 @@ pub struct Config {
     /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
     pub autonomy_configured: bool,
     pub engine: Engine,
+    /// The file this config was read from (`None`: the embedded default or a string); the
+    /// running proxy watches it and reloads what it can.
+    pub source: Option<PathBuf>,
 }
 
 /// What the forward proxy does with a host that is no route's upstream.
@@ -291,7 +294,49 @@ impl Config {
     pub fn load(path: &std::path::Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Config::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let mut config =
+            Config::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Carries over from `running` every setting that takes effect only at start, and returns
+    /// the names of those this config changed (they need a restart). What remains new applies
+    /// to the next request: routes, attribution, prices, the inline policy, autonomy,
+    /// guardrails, body limits, upstream response and stream timeouts, shared costs.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($name:literal, $($field:tt)+) => {
+                if format!("{:?}", self.$($field)+) != format!("{:?}", running.$($field)+) {
+                    changed.push($name);
+                }
+                self.$($field)+ = running.$($field)+.clone();
+            };
+        }
+        keep!("listen", listen);
+        keep!("admin.listen", admin_listen);
+        keep!("admin.token_env", admin_token_env);
+        keep!("data_dir", data_dir);
+        keep!("upstream.connect_timeout", upstream.connect_timeout);
+        keep!("upstream.extra_ca_file", upstream.extra_ca_file);
+        keep!("limits.max_head_bytes", limits.max_head_bytes);
+        keep!("limits.max_headers", limits.max_headers);
+        keep!("limits.header_read_timeout", limits.header_read_timeout);
+        keep!("limits.max_connections", limits.max_connections);
+        keep!("shutdown_drain", shutdown_drain);
+        keep!("metrics.max_label_values", max_label_values);
+        keep!("policy_source", policy_source);
+        keep!("ledger.fsync_interval", ledger_fsync_interval);
+        keep!("ledger.segment_bytes", ledger_segment_bytes);
+        keep!("ledger.enabled", ledger_enabled);
+        keep!("ledger.hmac_key", ledger_hmac_key);
+        keep!("ledger.accept_corrupt", ledger_accept_corrupt);
+        keep!("export", export);
+        keep!("forward_proxy", forward);
+        keep!("oversight", oversight);
+        keep!("autonomy (added or removed)", autonomy_configured);
+        changed
     }
 
     /// Pins attribution headers to this sidecar's identity from `TOLLGATE_PIN_<HEADER>`
@@ -421,6 +466,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         admin_token_env,
         data_dir,
         forward_routes: routes.iter().map(Route::for_forward).collect(),
+        source: None,
         routes,
         upstream,
         limits,

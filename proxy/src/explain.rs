@@ -314,7 +314,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         )),
     }
     let mut assumed = Assumed::new();
-    let now = crate::pipeline::now();
+    let now = crate::clock::now();
     let approval = headers.get(crate::oversight::APPROVAL_HEADER);
     let result = match lifecycle::decide(&rules, &req, &mut assumed, now) {
         Ok(Admission::Admitted(_)) => Ok(()),

@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::app::Shared;
 use crate::config::Export;
+use crate::state::Shared;
 
 /// Where the export has got to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,7 +97,7 @@ pub fn read_batch(
 
 /// Ships records until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<bool>) {
-    let data_dir = shared.config.data_dir.clone();
+    let data_dir = shared.current().config.data_dir.clone();
     let mut cursor = load_cursor(&data_dir);
     let mut backoff = export.interval;
     loop {

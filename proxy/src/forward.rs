@@ -33,13 +33,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 
-use crate::app::Shared;
 use crate::ca::Ca;
 use crate::config::OtherHosts;
 use crate::deny::{self, Class, Denial, Shape};
 use crate::framing::FramingGuard;
 use crate::pipeline::Proxy;
 use crate::server::ConnLimits;
+use crate::state::Shared;
 use crate::upstream::{Body, BoxError};
 
 pub use target::Credentials;
@@ -122,7 +122,7 @@ async fn connect(
     else {
         return refuse(shared, bad_request("bad_connect_target", "CONNECT needs host:port"));
     };
-    if shared.config.intercepts(&host, port) {
+    if shared.current().config.intercepts(&host, port) {
         let credentials = match credentials(shared, req.headers()) {
             Ok(c) => c,
             Err(denial) => return refuse(shared, denial),
@@ -155,7 +155,7 @@ async fn connect(
         Err(denial) => return refuse(shared, denial),
     };
     let upgrade = hyper::upgrade::on(&mut req);
-    let idle = shared.config.forward.tunnel_idle_timeout;
+    let idle = shared.current().config.forward.tunnel_idle_timeout;
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         tunnel::relay(TokioIo::new(upgraded), tunnel, idle).await;
@@ -215,7 +215,7 @@ async fn absolute(proxy: &Proxy, mut req: Request<Incoming>) -> Response<Body> {
     }
     let host = req.uri().host().unwrap_or_default().to_ascii_lowercase();
     let port = req.uri().port_u16().unwrap_or(80);
-    if shared.config.routes.iter().any(|r| r.upstream_is(&host, None)) {
+    if shared.current().config.routes.iter().any(|r| r.upstream_is(&host, None)) {
         let credentials = match credentials(shared, req.headers()) {
             Ok(c) => c,
             Err(denial) => return refuse(shared, denial),
@@ -256,7 +256,7 @@ async fn other_host(
     host: &str,
     port: u16,
 ) -> Result<tokio::net::TcpStream, Denial> {
-    let settings = &shared.config.forward;
+    let settings = &shared.current().config.forward;
     let forbidden = |ip| target::forbidden(ip, settings.allow_loopback);
     if let Some(why) = target::ip_literal(host).and_then(forbidden) {
         return Err(forbidden_target(host, why));
@@ -271,7 +271,7 @@ async fn other_host(
             ),
         ));
     }
-    let timeout = shared.config.upstream.connect_timeout;
+    let timeout = shared.current().config.upstream.connect_timeout;
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(
         timeout,
         tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port)),
@@ -299,7 +299,7 @@ async fn other_host(
 /// The attribution in a request's proxy credentials. Read only for hosts Tollgate meters: a
 /// tunnel to another host ignores them (and never forwards them).
 fn credentials(shared: &Shared, headers: &http::HeaderMap) -> Result<Credentials, Denial> {
-    Credentials::from_headers(headers, shared.engine.attribution())
+    Credentials::from_headers(headers, shared.current().engine().attribution())
         .map_err(|e| bad_request("bad_proxy_authorization", e.to_string()))
 }
 

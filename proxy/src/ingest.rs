@@ -34,8 +34,8 @@ use serde_json::{json, Value};
 use tollgate_core::record::{Entry, Invalid, Stored, UsageEvent, UsageRecord};
 use tollgate_core::time::UnixMillis;
 
-use crate::app::Shared;
 use crate::deny::full;
+use crate::state::Shared;
 use crate::upstream::Body;
 
 /// How long event ids are remembered: the ledger's replay window.
@@ -153,7 +153,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
-    let limit = shared.config.limits.max_body_bytes;
+    let limit = shared.current().config.limits.max_body_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -166,7 +166,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             return answer(StatusCode::BAD_REQUEST, &json!({"error": "the request body broke off"}))
         }
     };
-    let now = crate::pipeline::now();
+    let now = crate::clock::now();
     let outcome = shared.ingest.take(&body, now, |entry| shared.ledger.append(entry));
     // Duplicates wait too: the batch they duplicate may still be on its way to the disk.
     if outcome.accepted + outcome.duplicates > 0

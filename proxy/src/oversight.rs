@@ -47,11 +47,11 @@ use tollgate_core::record::AuditKind;
 use tollgate_core::risk::{self, Assessment, OnTimeout};
 use tollgate_core::time::UnixMillis;
 
-use crate::app::Shared;
 use crate::audit;
+use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
-use crate::pipeline::now;
+use crate::state::Shared;
 
 pub use approvals::{Approvals, StoreError};
 pub use config::OversightConfig;

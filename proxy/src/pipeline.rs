@@ -30,17 +30,17 @@ use tollgate_core::policy::{Effect, Facts};
 use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::record::AuditKind;
 use tollgate_core::reservation::{self, Bound};
-use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
-use crate::app::Shared;
 use crate::audit;
 use crate::body::{MeteredBody, Observer, StreamEnd};
+use crate::clock::now;
 use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
 use crate::ledger::{Entry, ReserveRecord, UsageRecord};
 use crate::oversight::{self, Admitted, Oversight};
 use crate::server::Handler;
+use crate::state::{Current, Shared};
 use crate::upstream::{Body, BoxError};
 
 /// How long a reservation is held before the budget gets it back by itself.
@@ -72,16 +72,19 @@ impl Proxy {
         target: Option<&crate::forward::Target>,
     ) -> Response<Body> {
         let shared = &self.shared;
+        // The config and policy this request lives under, from its head to its settlement.
+        let current = shared.current();
+        let config = &current.config;
         // Checked before counting this request: a few requests over the limit can pass when
         // they arrive on several threads at once, never an unbounded number.
-        let limit = shared.config.limits.max_requests_in_flight;
+        let limit = config.limits.max_requests_in_flight;
         let overloaded = shared.metrics.in_flight.get() >= limit as i64;
         shared.metrics.in_flight.inc();
         let request_id = request_id(req.headers());
         let started = Instant::now();
         let route = match target {
-            Some(t) => shared.config.forward_route(&t.host, t.port, req.uri().path()).cloned(),
-            None => shared.config.route(host_of(&req), req.uri().path()).cloned(),
+            Some(t) => config.forward_route(&t.host, t.port, req.uri().path()).cloned(),
+            None => config.route(host_of(&req), req.uri().path()).cloned(),
         };
         let shape = match route.as_ref().map(|r| r.kind) {
             Some(UpstreamKind::Anthropic) => Shape::Anthropic,
@@ -108,9 +111,9 @@ impl Proxy {
             }),
             None => Ok(()),
         };
-        let credited = credited.and_then(|()| strict_head(&req, target.is_some(), shared));
+        let credited = credited.and_then(|()| strict_head(&req, target.is_some(), &current));
         // Kept for the audit record of a refusal (cloning a header value does not copy it).
-        let names = shared.engine.attribution();
+        let names = current.engine().attribution();
         let who = [
             names.header_name(Attribute::Agent),
             names.header_name(Attribute::CostCenter),
@@ -122,8 +125,16 @@ impl Proxy {
         let mut model = None;
         let result = match credited {
             Ok(()) => {
-                let handled =
-                    handle(shared, req, route, &request_id, started, &mut deciding, &mut model);
+                let handled = handle(
+                    shared,
+                    &current,
+                    req,
+                    route,
+                    &request_id,
+                    started,
+                    &mut deciding,
+                    &mut model,
+                );
                 // Boxed: the request's state (a few KiB) is freed as soon as the response head
                 // is returned, instead of staying in hyper's per-connection slot for the whole
                 // stream.
@@ -230,8 +241,10 @@ pub(crate) fn audit_refusal(
     });
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     shared: &Arc<Shared>,
+    current: &Arc<Current>,
     req: Request<Incoming>,
     route: Option<Route>,
     request_id: &str,
@@ -253,18 +266,19 @@ async fn handle(
     // Attribution: every bad header is named at once. Checked over every header line, not
     // `get` (the first value only), so that a header sent twice is refused instead of billing
     // whichever value came first.
-    let engine = &shared.engine;
+    let engine = current.engine();
+    let config = &current.config;
     let identity = engine
         .attribution()
         .check_pairs(parts.headers.iter())
         .map_err(|e| Denial::new(Class::Attribution, "attribution_rejected", e.to_string()))?;
 
     // The body, bounded: answers 413 beyond the limit without reading further.
-    let max_body = shared.config.limits.max_body_bytes;
+    let max_body = config.limits.max_body_bytes;
     if content_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
         return Err(too_large(max_body));
     }
-    let body = read_body(body, max_body, shared.config.limits.body_idle_timeout).await?;
+    let body = read_body(body, max_body, config.limits.body_idle_timeout).await?;
 
     // Classify.
     let api = route.kind.is_llm().then(|| Api::from_path(parts.uri.path())).flatten();
@@ -283,7 +297,7 @@ async fn handle(
     // this proxy's live state.
     let decision_started = Instant::now();
     *deciding = Deciding::Since(decision_started);
-    let policy = shared.policy.load_full();
+    let policy = &current.policy;
     let host = host_of_parts(&parts);
     let llm = route.kind.is_llm();
     let call = if llm {
@@ -315,7 +329,7 @@ async fn handle(
         is_tool: tool.is_some(),
         risk: route.risk,
     };
-    let rules = lifecycle::Rules { engine, policy: &policy, oversight: shared.oversight.guards() };
+    let rules = lifecycle::Rules { engine, policy, oversight: shared.oversight.guards() };
     let action = oversight::Action {
         request_id,
         agent: identity.agent.unwrap_or_default(),
@@ -410,16 +424,14 @@ async fn handle(
         risk: admitted.risk.clone(),
         ..Default::default()
     });
-    drop(policy);
     let upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
     let sent = Instant::now();
-    let result = tokio::time::timeout(
-        shared.config.upstream.response_timeout,
-        shared.client.request(upstream_req),
-    )
-    .await;
+    let result =
+        tokio::time::timeout(config.upstream.response_timeout, shared.client.request(upstream_req))
+            .await;
     let mut settler = Settler {
         shared: shared.clone(),
+        current: current.clone(),
         base: record,
         reservation,
         meter: api.map(|api| Meter::new(api, streaming)),
@@ -460,7 +472,7 @@ async fn handle(
                 "upstream_timeout",
                 format!(
                     "the upstream sent no response within {:?}",
-                    shared.config.upstream.response_timeout
+                    config.upstream.response_timeout
                 ),
             )
             .with_decision(&settler.base.clause, &settler.base.policy_version));
@@ -488,7 +500,7 @@ async fn handle(
     if strip_usage {
         h.remove(header::CONTENT_LENGTH);
     }
-    let idle = shared.config.upstream.stream_idle_timeout;
+    let idle = config.upstream.stream_idle_timeout;
     let body = MeteredBody::new(body, settler, idle).map_err(BoxError::from).boxed();
     Ok(Response::from_parts(parts, body))
 }
@@ -527,6 +539,8 @@ struct RecordBase {
 /// Meters the response as it passes and settles the request when it ends.
 struct Settler {
     shared: Arc<Shared>,
+    /// The config the request was admitted under: its rate card prices the answer.
+    current: Arc<Current>,
     base: RecordBase,
     reservation: Option<Reservation>,
     meter: Option<Meter>,
@@ -611,7 +625,7 @@ impl Observer for Settler {
             if usage.is_empty() || self.free {
                 return Cost::ZERO;
             }
-            let priced = shared.engine.rates().price_response(
+            let priced = self.current.engine().rates().price_response(
                 reported_model.as_deref(),
                 requested,
                 usage,
@@ -794,14 +808,14 @@ fn upstream_request(
 
 /// The core's strict-head rules (`tollgate_core::head`) on an HTTP/1 request: a 400 naming what
 /// is wrong, before anything is read from the head.
-fn strict_head<B>(req: &Request<B>, forward: bool, shared: &Shared) -> Result<(), Denial> {
+fn strict_head<B>(req: &Request<B>, forward: bool, current: &Current) -> Result<(), Denial> {
     let line = tollgate_core::head::RequestLine {
         http1: matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_11),
         absolute_form: req.uri().scheme().is_some(),
         forward,
     };
     let headers = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
-    tollgate_core::head::check(line, headers, shared.engine.attribution())
+    tollgate_core::head::check(line, headers, current.engine().attribution())
         .map_err(|e| Denial::new(Class::BadRequest, e.code(), e.to_string()))
 }
 
@@ -953,12 +967,4 @@ pub(crate) fn new_id() -> String {
     static BOOT: std::sync::OnceLock<(u64, u32)> = std::sync::OnceLock::new();
     let (boot, pid) = *BOOT.get_or_init(|| (now().0, std::process::id()));
     format!("tg-{boot:x}-{pid:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Wall-clock time for the core, which never reads a clock itself.
-pub fn now() -> UnixMillis {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    UnixMillis(since.as_millis() as u64)
 }

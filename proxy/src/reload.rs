@@ -1,4 +1,15 @@
-//! Background work: policy updates, expired budget reservations, idle rate-limit keys.
+//! Background work: config and policy updates, expired budget reservations, idle rate-limit
+//! keys.
+//!
+//! The config file the proxy was started with is polled every [`CONFIG_POLL`] (by content, so
+//! a Kubernetes ConfigMap's symlink swap is seen). A changed file is parsed and compiled
+//! completely before anything is replaced; if anything is wrong the errors (each naming its
+//! field and line) are logged, `tollgate_config_reload_failures_total` counts it, and the
+//! running config keeps serving. What applies only at start (listeners, data directory,
+//! ledger, export, forward proxy, oversight, connection limits, ...) is kept as it was and the
+//! log names what needs a restart; everything else (routes, attribution, prices, the inline
+//! policy, autonomy, guardrails, body limits, upstream timeouts) applies to the next request.
+//! A request in flight finishes under the config it started with.
 //!
 //! Policy updates come from a file (polled for changes: it is usually a Kubernetes ConfigMap,
 //! whose symlink swaps inotify handles badly) or an HTTP URL (polled with `If-None-Match`). A new
@@ -15,9 +26,12 @@ use tokio::sync::watch;
 
 use tollgate_core::policy::Snapshot;
 
-use crate::app::Shared;
-use crate::config::PolicySource;
-use crate::pipeline::now;
+use crate::clock::now;
+use crate::config::{Config, PolicySource};
+use crate::state::{Current, Shared};
+
+/// How often the config file is read for changes.
+pub const CONFIG_POLL: Duration = Duration::from_secs(5);
 
 /// Why a policy update was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -32,29 +46,54 @@ pub enum ReloadError {
     Status { url: String, status: u16 },
     #[error("the new policy is invalid, keeping version {kept}: {errors}")]
     Invalid { kept: String, errors: tollgate_core::doc::DocErrors },
+    #[error("{path} is invalid, keeping the running config: {error}")]
+    InvalidConfig { path: String, error: String },
 }
 
-/// What was last seen at the policy source, to skip unchanged documents.
+/// What was last seen at the config file and the policy source, to skip unchanged documents.
+/// Held (locked) for the whole of a reload, so that reloads never interleave.
 #[derive(Default)]
 pub struct SourceState {
     last_text: Option<Bytes>,
     etag: Option<String>,
+    config_text: Option<Bytes>,
 }
 
 /// Runs the periodic tasks until `stop` turns true.
 pub async fn background(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let poll = match &shared.config.policy_source {
+    let current = shared.current();
+    let poll = match &current.config.policy_source {
         Some(PolicySource::File { poll, .. } | PolicySource::Url { poll, .. }) => Some(*poll),
         None => None,
     };
+    let config_file = current.config.source.clone();
+    drop(current);
+    if let Some(path) = &config_file {
+        // What the proxy started with: the first poll reloads only if it changed since.
+        shared.reload_state.lock().await.config_text =
+            tokio::fs::read(path).await.ok().map(Bytes::from);
+    }
+    let mut config_tick = tokio::time::interval(CONFIG_POLL);
     let mut policy_tick = tokio::time::interval(poll.unwrap_or(Duration::from_secs(3600)));
     let mut expire_tick = tokio::time::interval(Duration::from_secs(1));
     let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
-    for t in [&mut policy_tick, &mut expire_tick, &mut prune_tick] {
+    for t in [&mut config_tick, &mut policy_tick, &mut expire_tick, &mut prune_tick] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
         tokio::select! {
+            _ = config_tick.tick(), if config_file.is_some() => {
+                match check_config(&shared).await {
+                    Ok(Some(restart)) if restart.is_empty() => tracing::info!("config reloaded"),
+                    Ok(Some(restart)) => tracing::warn!(
+                        needs_restart = ?restart,
+                        "config reloaded; these settings changed but apply only at start, and \
+                         keep their running values until a restart"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "config update rejected"),
+                }
+            }
             _ = policy_tick.tick(), if poll.is_some() => {
                 match check_source(&shared).await {
                     Ok(Some(version)) => tracing::info!(%version, "policy updated"),
@@ -81,22 +120,77 @@ pub async fn background(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Reloads from the source now (admin API), even if it looks unchanged.
+/// Reloads the config file and the policy source now (admin API), even if they look
+/// unchanged. Returns the policy version in force.
 pub async fn reload_now(shared: &Shared) -> Result<String, ReloadError> {
+    let current = shared.current();
+    let (file, source) = (current.config.source.is_some(), current.config.policy_source.is_some());
+    drop(current);
+    if !file && !source {
+        return Err(ReloadError::NoSource);
+    }
     {
-        let mut st = shared.policy_source_state.lock().await;
+        let mut st = shared.reload_state.lock().await;
         st.last_text = None;
         st.etag = None;
+        st.config_text = None;
     }
-    check_source(shared).await?;
-    Ok(shared.policy.load().version().to_string())
+    if file {
+        check_config(shared).await?;
+    }
+    if source {
+        check_source(shared).await?;
+    }
+    Ok(shared.current().policy.version().to_string())
+}
+
+/// Reads the config file; applies it if it changed. `Ok(Some(needs_restart))` when a new
+/// config was stored, with the names of the settings that keep their running values.
+async fn check_config(shared: &Shared) -> Result<Option<Vec<&'static str>>, ReloadError> {
+    let running = shared.current();
+    let Some(path) = running.config.source.clone() else { return Err(ReloadError::NoSource) };
+    let mut st = shared.reload_state.lock().await;
+    let failed = |e: ReloadError| {
+        shared.metrics.config_reload_failures.inc();
+        e
+    };
+    let display = path.display().to_string();
+    let text = tokio::fs::read(&path)
+        .await
+        .map_err(|error| failed(ReloadError::Read { path: display.clone(), error }))?;
+    let text = Bytes::from(text);
+    if st.config_text.as_ref() == Some(&text) {
+        return Ok(None);
+    }
+    // Remembered either way: a bad document is reported once, not every poll.
+    st.config_text = Some(text.clone());
+    let invalid =
+        |error: String| failed(ReloadError::InvalidConfig { path: display.clone(), error });
+    let text =
+        std::str::from_utf8(&text).map_err(|_| invalid("the file is not UTF-8 text".into()))?;
+    let mut config = Config::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    config.pin_from_env(std::env::vars()).map_err(|e| invalid(format!("{e:#}")))?;
+    config.source = Some(path);
+    let restart = config.keep_restart_only(&running.config);
+    // A policy from `policy_source` stays in force; otherwise the file's own policy does.
+    let policy = match &running.config.policy_source {
+        Some(_) => running.policy.clone(),
+        None => Arc::new(config.engine.policy().clone()),
+    };
+    if policy.version() != running.policy.version() {
+        shared.metrics.set_policy_version(policy.version());
+    }
+    shared.current.store(Arc::new(Current { config: Arc::new(config), policy }));
+    Ok(Some(restart))
 }
 
 /// Fetches the source; applies it if it changed. `Ok(Some(version))` when a new snapshot was
 /// stored.
 async fn check_source(shared: &Shared) -> Result<Option<String>, ReloadError> {
-    let Some(source) = &shared.config.policy_source else { return Err(ReloadError::NoSource) };
-    let mut st = shared.policy_source_state.lock().await;
+    let Some(source) = &shared.current().config.policy_source else {
+        return Err(ReloadError::NoSource);
+    };
+    let mut st = shared.reload_state.lock().await;
     let text = match source {
         PolicySource::File { path, .. } => {
             let bytes = tokio::fs::read(path).await.map_err(|error| {
@@ -173,11 +267,12 @@ async fn check_source(shared: &Shared) -> Result<Option<String>, ReloadError> {
         Ok(snapshot) => {
             let version = snapshot.version().to_string();
             shared.metrics.set_policy_version(&version);
-            shared.policy.store(Arc::new(snapshot));
+            let config = shared.current().config.clone();
+            shared.current.store(Arc::new(Current { config, policy: Arc::new(snapshot) }));
             Ok(Some(version))
         }
         Err(errors) => {
-            let kept = shared.policy.load().version().to_string();
+            let kept = shared.current().policy.version().to_string();
             Err(fail(shared, ReloadError::Invalid { kept, errors }))
         }
     }

@@ -276,7 +276,7 @@ impl Harness {
     }
 
     /// The proxy's shared state (for flushing the ledger).
-    pub fn shared(&self) -> &std::sync::Arc<tollgate::app::Shared> {
+    pub fn shared(&self) -> &std::sync::Arc<tollgate::state::Shared> {
         &self.running.as_ref().expect("running until stopped").shared
     }
 

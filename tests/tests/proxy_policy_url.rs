@@ -135,5 +135,5 @@ async fn policy_polled_from_a_url_updates_and_keeps_the_last_good_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(admin_policy(admin, "url-secret").await["version"], "url-2", "last good snapshot");
-    assert_eq!(running.shared.policy.load().version(), "url-2");
+    assert_eq!(running.shared.current().policy.version(), "url-2");
 }

@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 use tollgate_core::approval::State;
 
 use super::{json_response, Failure};
-use crate::app::Shared;
+use crate::clock::now;
 use crate::oversight::{audit_approval, StoreError};
-use crate::pipeline::now;
+use crate::state::Shared;
 use crate::upstream::Body;
 
 /// Answers an oversight path, or `None` when `path` is not one.
