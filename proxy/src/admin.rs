@@ -73,7 +73,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let method = req.method().clone();
     match (method, req.uri().path()) {
         (Method::GET, "/metrics") => {
-            shared.metrics.observe_oversight(&shared.oversight);
+            shared.oversight.observe_into(&shared.metrics);
             let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,

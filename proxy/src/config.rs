@@ -180,7 +180,7 @@ pub struct Config {
     /// HTTP_PROXY / HTTPS_PROXY mode (`forward_proxy:`).
     pub forward: ForwardProxy,
     /// Approvals and the runaway-agent guards (`oversight:`).
-    pub oversight: crate::oversight::OversightConfig,
+    pub oversight: crate::oversight::config::OversightConfig,
     /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
     pub autonomy_configured: bool,
     pub engine: Engine,
@@ -448,7 +448,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let limits = request_limits(cx, obj.get("limits"), forward.enabled);
-    let oversight = crate::oversight::OversightConfig::decode(cx, obj.get("oversight"));
+    let oversight = crate::oversight::config::OversightConfig::decode(cx, obj.get("oversight"));
     let autonomy_configured = obj.get("autonomy").is_some();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),

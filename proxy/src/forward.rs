@@ -16,79 +16,30 @@
 //! Attribution may come with each inner request's headers or once per connection as proxy
 //! credentials ([`target::Credentials`]); `Proxy-Authorization` itself is never forwarded.
 
+pub mod intercepted;
 pub mod target;
 mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::TokioIo;
 
-use crate::ca::Ca;
 use crate::config::OtherHosts;
 use crate::deny::{self, Class, Denial, Shape};
 use crate::framing::FramingGuard;
 use crate::pipeline::Proxy;
-use crate::server::ConnLimits;
 use crate::state::Shared;
 use crate::upstream::{Body, BoxError};
 
-pub use target::Credentials;
-
-/// The forward proxy's state: the CA, how inner connections are served, and their drain.
-pub struct Forward {
-    pub ca: Ca,
-    builder: auto::Builder<TokioExecutor>,
-    limits: ConnLimits,
-    /// Intercepted connections outlive the `CONNECT` request the listener's drain waits for,
-    /// so they are drained here; `None` once shutdown began.
-    graceful: Mutex<Option<GracefulShutdown>>,
-}
-
-impl Forward {
-    pub fn new(ca: Ca, limits: ConnLimits) -> Forward {
-        Forward {
-            ca,
-            builder: crate::server::builder(&limits),
-            limits,
-            graceful: Mutex::new(Some(GracefulShutdown::new())),
-        }
-    }
-
-    fn watcher(&self) -> Option<Watcher> {
-        self.graceful.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|g| g.watcher())
-    }
-
-    /// Lets in-flight requests on intercepted connections finish (for at most `limit`), and
-    /// closes those connections; new ones are refused from now on.
-    pub async fn drain(&self, limit: Duration) {
-        let graceful = self.graceful.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(graceful) = graceful {
-            if tokio::time::timeout(limit, graceful.shutdown()).await.is_err() {
-                tracing::warn!(drain = ?limit, "intercepted connections did not finish in time");
-            }
-        }
-    }
-}
-
-/// Where a forwarded request is going: the `CONNECT` authority (or the absolute URI's host),
-/// and the attribution its connection brought.
-#[derive(Debug)]
-pub struct Target {
-    pub host: String,
-    /// The `CONNECT` port; `None` for absolute-form requests (any port of the host matches).
-    pub port: Option<u16>,
-    pub credentials: Credentials,
-}
+pub use intercepted::Forward;
+pub use target::{contradiction, Credentials, Target};
 
 /// Whether `req` is a forward-proxy request (a `CONNECT`, or an HTTP/1 absolute-form request;
 /// HTTP/2 requests always carry an authority, so they are never taken for one).
@@ -342,13 +293,4 @@ fn refuse(shared: &Arc<Shared>, denial: Denial) -> Response<Body> {
     let mut response = deny::response(&denial, Shape::OpenAi, &request_id);
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
-}
-
-/// The refusal of a request whose connection's credentials contradict its own headers.
-pub fn contradiction(name: &str, given: &str, credential: &str) -> Denial {
-    Denial::new(
-        Class::Attribution,
-        "attribution_rejected",
-        format!("{name}: `{given}` contradicts the proxy credentials of this connection (`{credential}`)"),
-    )
 }

@@ -20,6 +20,7 @@ pub mod explain;
 pub mod export;
 pub mod forward;
 pub mod framing;
+pub mod front;
 pub mod ingest;
 pub mod invoice;
 pub mod ledger;

@@ -189,48 +189,6 @@ impl Metrics {
         self.policy_version.with_label_values(&[version]).set(1);
     }
 
-    /// Copies the oversight step's counts into the registry (at scrape time: the request path
-    /// only bumps atomics).
-    pub fn observe_oversight(&self, o: &crate::oversight::Oversight) {
-        fn catch_up(c: &IntCounter, value: u64) {
-            let have = c.get();
-            if value > have {
-                c.inc_by(value - have);
-            }
-        }
-        let (overall, by) = o.counts();
-        for (category, counts) in &by {
-            for (verdict, n) in [
-                ("auto", counts.auto),
-                ("approval_required", counts.approval_required),
-                ("denied", counts.denied),
-                ("human_approved", counts.human_approved),
-            ] {
-                if n > 0 {
-                    catch_up(&self.actions.with_label_values(&[category, verdict]), n);
-                }
-            }
-            if let Some(bp) = counts.autonomy_bp() {
-                self.autonomy_bp.with_label_values(&[category]).set(bp as i64);
-            }
-        }
-        if let Some(bp) = overall.autonomy_bp() {
-            self.autonomy_bp.with_label_values(&["all"]).set(bp as i64);
-        }
-        for (reason, n) in o.top_reasons(usize::MAX) {
-            catch_up(&self.approval_reasons.with_label_values(&[&reason]), n);
-        }
-        self.approvals_pending.set(o.approvals.pending() as i64);
-        for (upstream, state, _) in o.breakers() {
-            let v = match state {
-                "closed" => 0,
-                "half_open" => 1,
-                _ => 2,
-            };
-            self.breaker_state.with_label_values(&[&upstream]).set(v);
-        }
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -51,6 +51,7 @@ use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
+use crate::metrics::Metrics;
 use crate::state::Shared;
 
 pub use approvals::{Approvals, StoreError};
@@ -177,6 +178,49 @@ pub struct Oversight {
 const MAX_OUTCOME_KEYS: usize = 100_000;
 
 impl Oversight {
+    /// Copies the oversight step's counts into the registry (at scrape time: the request path
+    /// only bumps atomics).
+    pub fn observe_into(&self, m: &Metrics) {
+        let o = self;
+        fn catch_up(c: &prometheus::IntCounter, value: u64) {
+            let have = c.get();
+            if value > have {
+                c.inc_by(value - have);
+            }
+        }
+        let (overall, by) = o.counts();
+        for (category, counts) in &by {
+            for (verdict, n) in [
+                ("auto", counts.auto),
+                ("approval_required", counts.approval_required),
+                ("denied", counts.denied),
+                ("human_approved", counts.human_approved),
+            ] {
+                if n > 0 {
+                    catch_up(&m.actions.with_label_values(&[category, verdict]), n);
+                }
+            }
+            if let Some(bp) = counts.autonomy_bp() {
+                m.autonomy_bp.with_label_values(&[category]).set(bp as i64);
+            }
+        }
+        if let Some(bp) = overall.autonomy_bp() {
+            m.autonomy_bp.with_label_values(&["all"]).set(bp as i64);
+        }
+        for (reason, n) in o.top_reasons(usize::MAX) {
+            catch_up(&m.approval_reasons.with_label_values(&[&reason]), n);
+        }
+        m.approvals_pending.set(o.approvals.pending() as i64);
+        for (upstream, state, _) in o.breakers() {
+            let v = match state {
+                "closed" => 0,
+                "half_open" => 1,
+                _ => 2,
+            };
+            m.breaker_state.with_label_values(&[&upstream]).set(v);
+        }
+    }
+
     /// The state for `routes`, with approvals replayed from `data_dir`. `autonomy` is whether
     /// the config has an `autonomy:` section (without one, no action is gated by mode).
     pub fn open(

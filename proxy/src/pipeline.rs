@@ -9,7 +9,6 @@
 //! shape. Everything after "forward" happens in [`Settler`], the observer of the response body,
 //! so that a stream is metered as it passes and settled however it ends.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +38,6 @@ use crate::config::{Route, UpstreamKind};
 use crate::deny::{self, Class, Denial, Shape};
 use crate::ledger::{Entry, ReserveRecord, UsageRecord};
 use crate::oversight::{self, Admitted, Oversight};
-use crate::server::Handler;
 use crate::state::{Current, Shared};
 use crate::upstream::{Body, BoxError};
 
@@ -69,7 +67,7 @@ impl Proxy {
     pub async fn serve(
         &self,
         mut req: Request<Incoming>,
-        target: Option<&crate::forward::Target>,
+        target: Option<&crate::forward::target::Target>,
     ) -> Response<Body> {
         let shared = &self.shared;
         // The config and policy this request lives under, from its head to its settlement.
@@ -107,7 +105,7 @@ impl Proxy {
         }
         let credited = match target {
             Some(t) => t.credentials.apply(req.headers_mut()).map_err(|(name, given, pinned)| {
-                crate::forward::contradiction(&name, &given, &pinned)
+                crate::forward::target::contradiction(&name, &given, &pinned)
             }),
             None => Ok(()),
         };
@@ -178,25 +176,6 @@ impl Proxy {
             }
         };
         shared.metrics.in_flight.dec();
-        response
-    }
-}
-
-impl Handler for Proxy {
-    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
-        if let Some(forward) = &self.shared.forward {
-            if crate::forward::is_forward(&req) {
-                // Boxed like `handle`: the slot hyper keeps per connection stays small.
-                return Box::pin(crate::forward::handle(self, forward, req)).await;
-            }
-        }
-        let connect = req.method() == http::Method::CONNECT;
-        let mut response = self.serve(req, None).await;
-        if connect {
-            // Without the forward proxy a CONNECT is just refused; the connection is closed
-            // because the framing guard stops following a connection after a CONNECT head.
-            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
         response
     }
 }

@@ -50,15 +50,6 @@ pub enum ReloadError {
     InvalidConfig { path: String, error: String },
 }
 
-/// What was last seen at the config file and the policy source, to skip unchanged documents.
-/// Held (locked) for the whole of a reload, so that reloads never interleave.
-#[derive(Default)]
-pub struct SourceState {
-    last_text: Option<Bytes>,
-    etag: Option<String>,
-    config_text: Option<Bytes>,
-}
-
 /// Runs the periodic tasks until `stop` turns true.
 pub async fn background(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let current = shared.current();

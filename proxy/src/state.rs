@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 
 use tollgate_core::budget::{Budgets, MemoryStore, Scope};
 use tollgate_core::policy::Snapshot;
@@ -44,7 +45,7 @@ pub struct Shared {
     pub current: ArcSwap<Current>,
     pub client: UpstreamClient,
     /// HTTPS_PROXY mode, when `forward_proxy.enabled`.
-    pub forward: Option<Arc<crate::forward::Forward>>,
+    pub forward: Option<Arc<crate::forward::intercepted::Forward>>,
     pub metrics: Metrics,
     pub ledger: Ledger,
     /// Usage events from the mesh (`POST /v1/usage/events`) and the ids already written.
@@ -54,7 +55,7 @@ pub struct Shared {
     pub admin_token: Option<String>,
     pub started: std::time::Instant,
     /// What the reload task last read from the config file and the policy source.
-    pub reload_state: tokio::sync::Mutex<crate::reload::SourceState>,
+    pub reload_state: tokio::sync::Mutex<SourceState>,
     /// Scope values seen in budgeted requests (bounded), for listing budget states.
     pub seen: dashmap::DashMap<(Scope, String), ()>,
     /// True while draining: `/readyz` fails so load balancers stop sending traffic.
@@ -91,4 +92,13 @@ impl Shared {
         }
         out
     }
+}
+
+/// What [`crate::reload`] last saw at the config file and the policy source, to skip unchanged
+/// documents. Held (locked) for the whole of a reload, so that reloads never interleave.
+#[derive(Default)]
+pub struct SourceState {
+    pub(crate) last_text: Option<Bytes>,
+    pub(crate) etag: Option<String>,
+    pub(crate) config_text: Option<Bytes>,
 }

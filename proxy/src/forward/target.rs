@@ -3,12 +3,15 @@
 //! IPv4-mapped, IPv4-compatible or NAT64 IPv6 included), and the attribution a client may give
 //! as proxy credentials.
 //!
-//! Pure functions; the sockets are in the parent module.
+//! Pure functions and the request's destination ([`Target`]); the sockets are in the parent
+//! module.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
 use tollgate_core::attribution::{Attribute, Attribution};
+
+use crate::deny::{Class, Denial};
 
 /// Why an address may not be connected to, or `None` when it may.
 pub fn forbidden(ip: IpAddr, allow_loopback: bool) -> Option<&'static str> {
@@ -186,6 +189,25 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     STANDARD.decode(text).ok()
+}
+
+/// Where a forwarded request is going: the `CONNECT` authority (or the absolute URI's host),
+/// and the attribution its connection brought.
+#[derive(Debug)]
+pub struct Target {
+    pub host: String,
+    /// The `CONNECT` port; `None` for absolute-form requests (any port of the host matches).
+    pub port: Option<u16>,
+    pub credentials: Credentials,
+}
+
+/// The refusal of a request whose connection's credentials contradict its own headers.
+pub fn contradiction(name: &str, given: &str, credential: &str) -> Denial {
+    Denial::new(
+        Class::Attribution,
+        "attribution_rejected",
+        format!("{name}: `{given}` contradicts the proxy credentials of this connection (`{credential}`)"),
+    )
 }
 
 #[cfg(test)]
