@@ -9,6 +9,7 @@
 //! ([`Period::window`]). Nothing here prices a request or reads a clock.
 
 mod engine;
+mod holds;
 mod memory;
 mod store;
 #[cfg(test)]
@@ -18,6 +19,7 @@ pub use engine::{
     BudgetError, BudgetStatus, Budgets, Reservation, ReservedBudget, SettleOutcome, Settlement,
     Warning, GLOBAL_VALUE, LAPSE_RETENTION_MS, RETENTION_MS, WARNING_THRESHOLDS_BP,
 };
+pub use holds::HoldTable;
 pub use memory::MemoryStore;
 pub use store::{AddOutcome, Hold, HoldEntry, Store, StoreError, Taken};
 

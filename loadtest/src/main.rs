@@ -44,16 +44,8 @@ enum Cmd {
         /// Comma-separated targets: direct, tollgate, tollgate-https-proxy, envoy, envoy-tollgate.
         #[arg(long, default_value = "direct,tollgate,tollgate-https-proxy,envoy,envoy-tollgate")]
         targets: String,
-        /// Directory with the release `tollgate` and `mock-upstream` (default: next to this binary).
-        #[arg(long)]
-        bin_dir: Option<PathBuf>,
-        /// Envoy binary (default: target/envoy-venv/bin/envoy).
-        #[arg(long)]
-        envoy: Option<PathBuf>,
-        /// The filter module for `envoy-tollgate` (default:
-        /// target/wasm32-wasip1/wasm/tollgate_wasm.wasm).
-        #[arg(long)]
-        wasm: Option<PathBuf>,
+        #[command(flatten)]
+        setup: Setup,
         /// Another build's `target/release` (with `tollgate`), run as the `tollgate-baseline` row
         /// beside `tollgate` in the same interleaved rounds: before/after in one run.
         #[arg(long)]
@@ -61,12 +53,6 @@ enum Cmd {
         /// Another build's filter module, run as the `envoy-tollgate-baseline` row.
         #[arg(long)]
         baseline_wasm: Option<PathBuf>,
-        /// CPU for the generator and the mock upstream.
-        #[arg(long, default_value_t = 0)]
-        generator_cpu: usize,
-        /// CPU for the proxy under test.
-        #[arg(long, default_value_t = 1)]
-        proxy_cpu: usize,
     },
     /// One target for millions of requests: samples the proxy's RSS and req/s after every
     /// slice (`--duration` each) and prints the samples, the RSS slope and the throughput change.
@@ -85,21 +71,8 @@ enum Cmd {
         /// The baseline is the first sample after this many requests (the process warm).
         #[arg(long, default_value_t = 1_000_000)]
         warm: u64,
-        /// Directory with the release `tollgate` and `mock-upstream` (default: next to this binary).
-        #[arg(long)]
-        bin_dir: Option<PathBuf>,
-        /// Envoy binary (default: target/envoy-venv/bin/envoy).
-        #[arg(long)]
-        envoy: Option<PathBuf>,
-        /// The filter module for `envoy-tollgate`.
-        #[arg(long)]
-        wasm: Option<PathBuf>,
-        /// CPU for the generator and the mock upstream.
-        #[arg(long, default_value_t = 0)]
-        generator_cpu: usize,
-        /// CPU for the proxy under test.
-        #[arg(long, default_value_t = 1)]
-        proxy_cpu: usize,
+        #[command(flatten)]
+        setup: Setup,
     },
     /// Load one base URL (e.g. a running proxy) and print its numbers.
     Run {
@@ -109,6 +82,27 @@ enum Cmd {
         #[arg(long)]
         url: String,
     },
+}
+
+/// Where the programs under test are and which CPUs they run on.
+#[derive(Args)]
+struct Setup {
+    /// Directory with the release `tollgate` and `mock-upstream` (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Envoy binary (default: target/envoy-venv/bin/envoy).
+    #[arg(long)]
+    envoy: Option<PathBuf>,
+    /// The filter module for `envoy-tollgate` (default:
+    /// target/wasm32-wasip1/wasm/tollgate_wasm.wasm).
+    #[arg(long)]
+    wasm: Option<PathBuf>,
+    /// CPU for the generator and the mock upstream.
+    #[arg(long, default_value_t = 0)]
+    generator_cpu: usize,
+    /// CPU for the proxy under test.
+    #[arg(long, default_value_t = 1)]
+    proxy_cpu: usize,
 }
 
 #[derive(Args)]
@@ -217,13 +211,9 @@ fn real_main() -> anyhow::Result<()> {
             rounds,
             warmup,
             targets,
-            bin_dir,
-            envoy,
-            wasm,
+            setup: Setup { bin_dir, envoy, wasm, generator_cpu, proxy_cpu },
             baseline,
             baseline_wasm,
-            generator_cpu,
-            proxy_cpu,
         } => {
             let (scenario, plan) = plan(&load)?;
             let targets = targets
@@ -255,11 +245,7 @@ fn real_main() -> anyhow::Result<()> {
             requests,
             max_time,
             warm,
-            bin_dir,
-            envoy,
-            wasm,
-            generator_cpu,
-            proxy_cpu,
+            setup: Setup { bin_dir, envoy, wasm, generator_cpu, proxy_cpu },
         } => {
             let (scenario, slice) = plan(&load)?;
             let kind = Kind::from_key(target.trim())

@@ -73,15 +73,6 @@ fn whole_post(addr: SocketAddr) -> String {
     read_to_close(&mut s, Duration::from_secs(5)).expect("an answer and a close")
 }
 
-fn metric(proxy: &Tollgate, series: &str) -> u64 {
-    let mut s = TcpStream::connect(proxy.admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-    let text = read_to_close(&mut s, Duration::from_secs(5)).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{series} not in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_is_answered_408_and_closed() {
     let mock = MockUpstream::start().await;
@@ -116,7 +107,7 @@ async fn connections_beyond_the_limit_are_shed_with_a_503() {
             assert!(answer.contains("retry-after: 1"), "{answer}");
             assert!(answer.contains("\"overloaded\""), "{answer}");
         }
-        assert_eq!(metric(&proxy, "tollgate_shed_total{reason=\"connections\"}"), 3);
+        assert_eq!(proxy.metric("tollgate_shed_total{reason=\"connections\"}"), 3);
         // Room again once the held connections go.
         drop(held);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -145,7 +136,7 @@ async fn requests_beyond_the_in_flight_limit_are_shed_with_a_503() {
         assert!(answer.contains("retry-after: 1"), "{answer}");
         assert!(answer.contains("\"overloaded\""), "{answer}");
         assert!(answer.contains("max_requests_in_flight"), "{answer}");
-        assert_eq!(metric(&proxy, "tollgate_shed_total{reason=\"requests_in_flight\"}"), 1);
+        assert_eq!(proxy.metric("tollgate_shed_total{reason=\"requests_in_flight\"}"), 1);
         drop(held);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !whole_post(proxy.proxy).starts_with("HTTP/1.1 200 ") {
@@ -188,7 +179,7 @@ async fn a_slow_post_flood_is_shed_and_memory_stays_bounded() {
         (shed, peak.max(proxy.rss_kib()))
     });
     assert!(shed >= 1200, "{shed} of 1,500 shed");
-    assert_eq!(metric(&proxy, "tollgate_shed_total{reason=\"connections\"}"), shed);
+    assert_eq!(proxy.metric("tollgate_shed_total{reason=\"connections\"}"), shed);
     let grown_mib = (peak.saturating_sub(before)) / 1024;
     eprintln!("slow-POST flood: {shed} of 1,500 shed, RSS {before} KiB → peak {peak} KiB");
     assert!(grown_mib < 48, "RSS grew {grown_mib} MiB ({before} KiB → {peak} KiB)");

@@ -48,16 +48,6 @@ fn post(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, answer)
 }
 
-fn metric(proxy: &Tollgate, series: &str) -> u64 {
-    let mut s = TcpStream::connect(proxy.admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{series} not in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_config_file_applies_to_the_next_request_and_a_broken_one_is_refused() {
     let mock = MockUpstream::start().await;
@@ -101,7 +91,7 @@ async fn a_changed_config_file_applies_to_the_next_request_and_a_broken_one_is_r
         let error = rejected["fields"]["error"].as_str().unwrap_or_default().to_string();
         assert!(error.contains("limits.max_body_bytes"), "{error}");
         assert!(error.contains(&format!("line {line}")), "line {line}: {error}");
-        assert_eq!(metric(&proxy, "tollgate_config_reload_failures_total"), 1);
+        assert_eq!(proxy.metric("tollgate_config_reload_failures_total"), 1);
         let (status, answer) = post(proxy.proxy, "/v1/chat/completions");
         assert_eq!(status, 403, "the last good config keeps serving: {answer}");
         assert_eq!(mock.request_count(), served_before, "nothing forwarded under the bad file");
@@ -120,6 +110,6 @@ async fn a_changed_config_file_applies_to_the_next_request_and_a_broken_one_is_r
         assert!(!needs.contains("routes"), "{needs}");
         let (status, answer) = post(proxy.proxy, "/v1/chat/completions");
         assert_eq!(status, 200, "allowed again under r1, on the same listener: {answer}");
-        assert_eq!(metric(&proxy, "tollgate_config_reload_failures_total"), 1);
+        assert_eq!(proxy.metric("tollgate_config_reload_failures_total"), 1);
     });
 }

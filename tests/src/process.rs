@@ -106,6 +106,24 @@ impl Tollgate {
         }
     }
 
+    /// The value of one series on the admin `/metrics` (e.g. `tollgate_shed_total{reason="connections"}`).
+    ///
+    /// # Panics
+    /// If the scrape fails or the series is not exposed.
+    pub fn metric(&self, series: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(self.admin).expect("connect to the admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("set a read timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .expect("send the scrape");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read the scrape");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} not in /metrics"))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

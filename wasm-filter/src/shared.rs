@@ -28,9 +28,9 @@
 //! value and period window stays until Envoy restarts.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
-use tollgate_core::budget::{AddOutcome, Hold, Store, StoreError, Taken};
+use tollgate_core::budget::{AddOutcome, Hold, HoldTable, Store, StoreError, Taken};
 use tollgate_core::time::UnixMillis;
 
 /// The lock under which counters are created.
@@ -82,10 +82,7 @@ struct Local {
     markers: BTreeSet<String>,
     /// Markers in insertion order, for dropping the oldest.
     marker_order: VecDeque<String>,
-    holds: BTreeMap<String, Hold>,
-    hold_expiry: BTreeSet<(UnixMillis, String)>,
-    /// Lapse marks of holds the expiry sweep took: request id → kept until.
-    lapsed: BTreeMap<String, UnixMillis>,
+    holds: HoldTable,
 }
 
 impl<D: SharedData> SharedStore<D> {
@@ -258,26 +255,11 @@ impl<D: SharedData> Store for SharedStore<D> {
     }
 
     fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
-        let mut local = self.local.borrow_mut();
-        if local.holds.contains_key(&hold.request_id) {
-            return Ok(false);
-        }
-        local.lapsed.remove(&hold.request_id);
-        local.hold_expiry.insert((hold.expires_at, hold.request_id.clone()));
-        local.holds.insert(hold.request_id.clone(), hold.clone());
-        Ok(true)
+        Ok(self.local.borrow_mut().holds.put(hold))
     }
 
     fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
-        let mut local = self.local.borrow_mut();
-        if let Some(h) = local.holds.remove(request_id) {
-            local.hold_expiry.remove(&(h.expires_at, h.request_id.clone()));
-            return Ok(Taken::Open(h));
-        }
-        Ok(match local.lapsed.remove(request_id) {
-            Some(_) => Taken::Lapsed,
-            None => Taken::Absent,
-        })
+        Ok(self.local.borrow_mut().holds.take(request_id))
     }
 
     fn take_expired_holds(
@@ -286,29 +268,15 @@ impl<D: SharedData> Store for SharedStore<D> {
         max: usize,
         lapse_until: UnixMillis,
     ) -> Result<Vec<Hold>, StoreError> {
-        let mut local = self.local.borrow_mut();
         let mut taken = Vec::new();
-        while taken.len() < max {
-            match local.hold_expiry.first() {
-                Some((at, _)) if *at <= now => {}
-                _ => break,
-            }
-            let Some((_, id)) = local.hold_expiry.pop_first() else { break };
-            if let Some(hold) = local.holds.remove(&id) {
-                local.lapsed.insert(id, lapse_until);
-                taken.push(hold);
-            }
-        }
+        self.local.borrow_mut().holds.take_expired(now, max, lapse_until, &mut taken);
         Ok(taken)
     }
 
     fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
         // Markers are bounded by count (see the module documentation), not by time; lapse marks
         // by time.
-        let mut local = self.local.borrow_mut();
-        let before = local.lapsed.len();
-        local.lapsed.retain(|_, until| *until > now);
-        Ok(before - local.lapsed.len())
+        Ok(self.local.borrow_mut().holds.prune(now))
     }
 }
 

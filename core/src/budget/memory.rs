@@ -9,9 +9,10 @@
 //! Nothing here reads a clock or runs in the background: memory is reclaimed when the owner
 //! calls [`Store::prune`] (the engine's `expire` does), which drops the counters of past periods.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
+use super::holds::HoldTable;
 use super::store::{AddOutcome, Hold, Store, StoreError, Taken};
 use crate::time::UnixMillis;
 
@@ -27,11 +28,7 @@ pub struct MemoryStore {
 struct Shard {
     /// Counters and markers (a marker is a slot whose value is never read).
     slots: BTreeMap<String, Slot>,
-    holds: BTreeMap<String, Hold>,
-    /// `(expires_at, request_id)` of every entry in `holds`, for the expiry sweep.
-    hold_expiry: BTreeSet<(UnixMillis, String)>,
-    /// Lapse marks: request id → kept until.
-    lapsed: BTreeMap<String, UnixMillis>,
+    holds: HoldTable,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -62,12 +59,12 @@ impl MemoryStore {
 
     /// How many reservations are open.
     pub fn open_holds(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).holds.len()).sum()
+        self.shards.iter().map(|s| lock(s).holds.open()).sum()
     }
 
     /// How many lapse marks are kept.
     pub fn lapse_marks(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).lapsed.len()).sum()
+        self.shards.iter().map(|s| lock(s).holds.lapse_marks()).sum()
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
@@ -145,26 +142,11 @@ impl Store for MemoryStore {
     }
 
     fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
-        let mut shard = self.shard(&hold.request_id);
-        if shard.holds.contains_key(&hold.request_id) {
-            return Ok(false);
-        }
-        shard.lapsed.remove(&hold.request_id);
-        shard.hold_expiry.insert((hold.expires_at, hold.request_id.clone()));
-        shard.holds.insert(hold.request_id.clone(), hold.clone());
-        Ok(true)
+        Ok(self.shard(&hold.request_id).holds.put(hold))
     }
 
     fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
-        let mut shard = self.shard(request_id);
-        if let Some(hold) = shard.holds.remove(request_id) {
-            shard.hold_expiry.remove(&(hold.expires_at, hold.request_id.clone()));
-            return Ok(Taken::Open(hold));
-        }
-        Ok(match shard.lapsed.remove(request_id) {
-            Some(_) => Taken::Lapsed,
-            None => Taken::Absent,
-        })
+        Ok(self.shard(request_id).holds.take(request_id))
     }
 
     fn take_expired_holds(
@@ -175,18 +157,7 @@ impl Store for MemoryStore {
     ) -> Result<Vec<Hold>, StoreError> {
         let mut taken = Vec::new();
         for shard in self.shards.iter() {
-            let mut shard = lock(shard);
-            while taken.len() < max {
-                let Some((expires_at, _)) = shard.hold_expiry.first() else { break };
-                if *expires_at > now {
-                    break;
-                }
-                let Some((_, request_id)) = shard.hold_expiry.pop_first() else { break };
-                if let Some(hold) = shard.holds.remove(&request_id) {
-                    shard.lapsed.insert(request_id, lapse_until);
-                    taken.push(hold);
-                }
-            }
+            lock(shard).holds.take_expired(now, max, lapse_until, &mut taken);
         }
         taken.sort_by_key(|h| h.expires_at);
         Ok(taken)
@@ -196,10 +167,9 @@ impl Store for MemoryStore {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
-            let before = shard.slots.len() + shard.lapsed.len();
+            let before = shard.slots.len();
             shard.slots.retain(|_, slot| slot.expires_at > now);
-            shard.lapsed.retain(|_, until| *until > now);
-            dropped += before - shard.slots.len() - shard.lapsed.len();
+            dropped += before - shard.slots.len() + shard.holds.prune(now);
         }
         Ok(dropped)
     }
@@ -207,6 +177,8 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::budget::store::HoldEntry;
 
@@ -314,8 +286,6 @@ mod tests {
             assert!(matches!(s.take_hold(&id), Ok(Taken::Open(_))));
         }
         assert_eq!((s.open_holds(), s.lapse_marks(), s.len()), (0, 0, 0));
-        let shard_sizes: usize = s.shards.iter().map(|sh| lock(sh).hold_expiry.len()).sum();
-        assert_eq!(shard_sizes, 0);
     }
 
     #[test]
