@@ -13,8 +13,15 @@ use tollgate_loadtest::stats::{ErrorKind, Summary};
 use tollgate_loadtest::target::tollgate_config;
 
 /// Every scenario that can run at a low rate (not the 1,000-stream one).
-const ALL: [&str; 6] =
-    ["chat.yaml", "chat-gzip.yaml", "tools.yaml", "mix.yaml", "sse.yaml", "sse-gzip.yaml"];
+const ALL: [&str; 7] = [
+    "chat.yaml",
+    "chat-gzip.yaml",
+    "tools.yaml",
+    "mix.yaml",
+    "sse.yaml",
+    "sse-burst.yaml",
+    "sse-gzip.yaml",
+];
 /// Requests each scenario sends in `assert_every_request_passes` (40/s for 500 ms).
 const PER_SCENARIO: u64 = 20;
 
@@ -85,7 +92,9 @@ fn every_scenario_file_parses() {
         names.push(s.name);
     }
     names.sort();
-    assert_eq!(names, ["chat", "chat-gzip", "mix", "sse", "sse-1000", "sse-gzip", "tools"]);
+    let expected =
+        ["chat", "chat-gzip", "mix", "sse", "sse-1000", "sse-burst", "sse-gzip", "tools"];
+    assert_eq!(names, expected);
     assert_eq!(scenario("chat.yaml").requests[0].body.len(), 1024);
 }
 
