@@ -1,0 +1,343 @@
+//! The filter at the edge, in the real Envoy from the shipped bootstrap (`envoy/envoy.yaml`) and
+//! in the same bootstrap with Envoy's buffer filter before or after it: nothing reaches the
+//! upstream before an allow, the sidecar's edge refusals (413 from `Content-Length`, `CONNECT`)
+//! and header hygiene (proxy and hop-by-hop headers removed), the client's request id kept, how
+//! an unfinished response ends, and refused usage events kept in the outbox.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{Collector, Envoy, Relay};
+use tollgate_e2e::harness::Harness;
+use tollgate_e2e::mock::MockUpstream;
+
+const POLICY: &str =
+    r#"{"version": "edge-1", "defaults": {"llm": "allow", "tool": "deny", "other": "deny"}}"#;
+
+/// Smaller than the sidecar's default so that an over-limit body is cheap to send.
+const MAX_BODY: usize = 4096;
+
+fn plugin(hold_headers: bool, collector: bool) -> String {
+    let collector = if collector {
+        r#""collector": {"cluster": "collector", "flush": "100ms", "retry_refused": "300ms"},"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"filter": {{{collector} "fail": "closed", "tick": "100ms",
+            "hold_headers": {hold_headers}, "max_body_bytes": {MAX_BODY}}}, "policy": {POLICY}}}"#
+    )
+}
+
+const BUFFER: &str = "          - name: envoy.filters.http.buffer\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer, max_request_bytes: 17825792}\n";
+const WASM_ENTRY: &str = "          - name: envoy.filters.http.wasm\n";
+const ROUTER_ENTRY: &str = "          - name: envoy.filters.http.router\n";
+
+/// The filter chains the filter must hold requests in.
+#[derive(Clone, Copy, Debug)]
+enum Chain {
+    /// `envoy/envoy.yaml` as shipped: the filter, then the router.
+    Shipped,
+    /// Envoy's buffer filter first: the filter gets the head and the whole body at once.
+    BufferBefore,
+    /// Envoy's buffer filter between the filter and the router.
+    BufferAfter,
+    /// Where `allow_on_headers_stop_iteration` cannot be set (Istio's `WasmPlugin`):
+    /// `hold_headers: false`, and Envoy's buffer filter after the filter holds the headers.
+    NoHoldBufferAfter,
+}
+
+impl Chain {
+    fn edit(self, yaml: &str) -> String {
+        assert!(yaml.contains(WASM_ENTRY) && yaml.contains(ROUTER_ENTRY), "{yaml}");
+        match self {
+            Chain::Shipped => yaml.to_owned(),
+            Chain::BufferBefore => yaml.replace(WASM_ENTRY, &format!("{BUFFER}{WASM_ENTRY}")),
+            Chain::BufferAfter => yaml.replace(ROUTER_ENTRY, &format!("{BUFFER}{ROUTER_ENTRY}")),
+            Chain::NoHoldBufferAfter => {
+                yaml.replace(ROUTER_ENTRY, &format!("{BUFFER}{ROUTER_ENTRY}")).replace(
+                    "allow_on_headers_stop_iteration: true",
+                    "allow_on_headers_stop_iteration: false",
+                )
+            }
+        }
+    }
+
+    fn holds(self) -> bool {
+        !matches!(self, Chain::NoHoldBufferAfter)
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+fn who(request_id: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("x-agent-id", "edge-bot"),
+        ("x-cost-center", "CC-1234"),
+        ("x-project-id", "PROJ-ABC123"),
+        ("x-request-id", request_id),
+    ]
+}
+
+/// What reached the upstream with `request_id`: in the mock's journal (a head whose body broke
+/// off included) or in the raw bytes the relay in front of it passed on.
+fn reached(mock: &MockUpstream, relay: &Relay, request_id: &str) -> Vec<String> {
+    let mut found: Vec<String> = mock
+        .requests()
+        .iter()
+        .filter(|r| r.header("x-request-id") == Some(request_id))
+        .map(|r| format!("{} {} complete={}", r.method, r.path, r.complete))
+        .collect();
+    for bytes in relay.sent.lock().unwrap().iter() {
+        if String::from_utf8_lossy(bytes).contains(request_id) {
+            found.push(format!("raw: {}", String::from_utf8_lossy(bytes)));
+        }
+    }
+    found
+}
+
+/// A chunked POST whose body comes in `pieces`, a moment apart (so Envoy sees the head first).
+fn chunked(port: u16, path: &str, headers: &[(&str, &str)], pieces: &[&[u8]]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n"
+    );
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    for piece in pieces {
+        std::thread::sleep(Duration::from_millis(150));
+        let _ = stream.write_all(format!("{:x}\r\n", piece.len()).as_bytes());
+        let _ = stream.write_all(piece);
+        let _ = stream.write_all(b"\r\n");
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// In every chain: a body refused on its content, or for its size, leaves nothing upstream, not
+/// even its head; an allowed one arrives whole, with an exact `content-length` after the usage
+/// rewrite, without the proxy and hop-by-hop headers, with the client's request id.
+#[test]
+fn nothing_reaches_the_upstream_before_an_allow_in_any_chain() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let relay = Relay::start(mock.addr().port(), 0);
+    for chain in [Chain::Shipped, Chain::BufferBefore, Chain::BufferAfter, Chain::NoHoldBufferAfter]
+    {
+        let envoy = Envoy::start_edited(
+            &plugin(chain.holds(), false),
+            relay.port,
+            support::free_port(),
+            support::free_port(),
+            |yaml| chain.edit(yaml),
+        );
+
+        // A malformed body, sent in pieces after its head: 400, and nothing upstream.
+        let bad = format!("edge-bad-{chain:?}");
+        let answer = chunked(
+            envoy.port,
+            "/v1/chat/completions",
+            &who(&bad),
+            &[b"{\"model\": \"gpt-4o\", ", b"{not json"],
+        );
+        assert_eq!(status_of(&answer), 400, "{chain:?}: {answer}");
+        assert!(answer.contains("malformed_body"), "{chain:?}: {answer}");
+
+        // A body over `max_body_bytes` without a length: the sidecar's 413, nothing upstream.
+        let big = format!("edge-big-{chain:?}");
+        let piece = vec![b' '; MAX_BODY / 2 + 1];
+        let answer = chunked(
+            envoy.port,
+            "/v1/chat/completions",
+            &who(&big),
+            &[b"{\"model\": \"gpt-4o\", \"messages\": []", &piece, &piece],
+        );
+        assert_eq!(status_of(&answer), 413, "{chain:?}: {answer}");
+        assert!(answer.contains("body_too_large"), "{chain:?}: {answer}");
+
+        // An allowed stream, with proxy and hop-by-hop headers: the body arrives rewritten to
+        // ask for usage, with its exact length; the headers do not.
+        let good = format!("edge-ok-{chain:?}");
+        let mut headers = who(&good);
+        headers.extend([
+            ("proxy-authorization", "Basic dXNlcjpwYXNz"),
+            ("proxy-authenticate", "Basic realm=x"),
+            ("trailer", "x-checksum"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        let body = br#"{"model": "gpt-4o", "max_tokens": 5, "stream": true, "messages": []}"#;
+        let answer = chunked(envoy.port, "/v1/chat/completions", &headers, &[body]);
+        assert_eq!(status_of(&answer), 200, "{chain:?}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains(&format!("x-request-id: {good}").to_lowercase()),
+            "the client's request id answers: {answer}"
+        );
+
+        std::thread::sleep(Duration::from_millis(300));
+        for id in [&bad, &big] {
+            let found = reached(&mock, &relay, id);
+            assert!(found.is_empty(), "{chain:?}: {id} reached the upstream: {found:?}");
+        }
+        let arrived: Vec<_> = mock
+            .requests()
+            .into_iter()
+            .filter(|r| r.header("x-request-id") == Some(good.as_str()))
+            .collect();
+        assert_eq!(arrived.len(), 1, "{chain:?}");
+        let r = &arrived[0];
+        assert!(r.complete);
+        for name in ["proxy-authorization", "proxy-authenticate", "trailer", "keep-alive"] {
+            assert_eq!(r.header(name), None, "{chain:?}: {name} went upstream");
+        }
+        assert_eq!(r.json().unwrap()["stream_options"]["include_usage"], true, "{chain:?}");
+        assert_eq!(
+            r.header("content-length"),
+            Some(r.body.len().to_string().as_str()),
+            "{chain:?}: the rewritten body's own length"
+        );
+        let log = envoy.log();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+/// The edge refusals answered as the sidecar answers them: a body announced over the limit is
+/// refused from its `Content-Length` before any of it is sent, and a `CONNECT` at once, its
+/// connection closed; a header spelled with `_` is refused by Envoy.
+#[test]
+fn edge_refusals_match_the_sidecars() {
+    let rt = runtime();
+    let sidecar = rt.block_on(
+        Harness::builder().extra(&format!("limits: {{max_body_bytes: {MAX_BODY}}}\n")).start(),
+    );
+    let sidecar_port = sidecar.proxy_addr.port();
+    let envoy =
+        Envoy::start(&plugin(true, false), sidecar.mock.addr().port(), support::free_port());
+    let tags = "x-agent-id: edge-bot\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n";
+    let early = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n{tags}x-request-id: edge-413\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        MAX_BODY + 1
+    );
+    let connect = "CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\nx-request-id: edge-connect\r\n\r\n";
+    for (what, raw) in [("early 413", early.as_str()), ("CONNECT", connect)] {
+        let from_envoy = support::raw(envoy.port, raw.as_bytes());
+        let from_sidecar = support::raw(sidecar_port, raw.as_bytes());
+        let json_of = |answer: &str| -> Value {
+            let at = answer.find("\r\n\r\n").map_or(answer.len(), |i| i + 4);
+            serde_json::from_str(&answer[at..]).unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            status_of(&from_envoy),
+            status_of(&from_sidecar),
+            "{what}:\n{from_envoy}\n{from_sidecar}"
+        );
+        assert_eq!(json_of(&from_envoy)["error"], json_of(&from_sidecar)["error"], "{what}");
+        let reason = |a: &str| {
+            a.lines().find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("x-tollgate-reason: ").map(str::to_owned)
+            })
+        };
+        assert_eq!(reason(&from_envoy), reason(&from_sidecar), "{what}");
+        assert!(reason(&from_envoy).is_some(), "{what}: {from_envoy}");
+    }
+    let from_envoy = support::raw(envoy.port, connect.as_bytes());
+    assert_eq!(status_of(&from_envoy), 404, "{from_envoy}");
+    assert!(from_envoy.to_ascii_lowercase().contains("connection: close"), "{from_envoy}");
+    let underscore = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n{tags}x_cost_center: CC-9\r\n\
+         content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    assert_eq!(status_of(&support::raw(envoy.port, underscore.as_bytes())), 400);
+    std::thread::sleep(Duration::from_millis(200));
+    let upstream: Vec<_> = sidecar
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.header("x-cost-center").is_some() || r.path.contains("completions"))
+        .collect();
+    assert!(upstream.is_empty(), "nothing was sent upstream: {upstream:?}");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// A response that does not complete is recorded as the sidecar records it: `client_gone` when
+/// the client hangs up, `upstream_error` when the upstream resets the stream.
+#[test]
+fn an_unfinished_response_ends_as_in_the_sidecar() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let collector = Collector::start();
+    let envoy = Envoy::start(&plugin(true, true), mock.addr().port(), collector.port);
+    let body = serde_json::to_vec(&json!({"model": "gpt-4o", "max_tokens": 50, "stream": true,
+        "messages": [{"role": "user", "content": "Say hello."}]}))
+    .unwrap();
+
+    let mut headers = who("edge-gone");
+    headers.extend([("x-mock-events", "40"), ("x-mock-event-delay-ms", "100")]);
+    let (head, mut reader) =
+        support::send(envoy.port, "POST", "/v1/chat/completions", &headers, &body).unwrap();
+    assert_eq!(head.status, 200);
+    let mut first = [0u8; 64];
+    let _ = reader.read(&mut first).unwrap();
+    drop(reader);
+    let gone = collector.wait_for("edge-gone");
+    assert_eq!(gone["end"], "client_gone", "{gone}");
+
+    let mut headers = who("edge-reset");
+    headers.push(("x-mock-reset-after", "2"));
+    let (head, mut reader) =
+        support::send(envoy.port, "POST", "/v1/chat/completions", &headers, &body).unwrap();
+    assert_eq!(head.status, 200);
+    let _ = support::read_body(&head, &mut reader, |_| {});
+    let reset = collector.wait_for("edge-reset");
+    assert_eq!(reset["end"], "upstream_error", "{reset}");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// An event the collector refuses stays in the outbox (`tollgate_usage_events_held`), is
+/// logged with why and counted per event, and reaches the collector once it takes it.
+#[test]
+fn a_refused_usage_event_stays_in_the_outbox_until_taken() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let collector = Collector::refusing(1);
+    let envoy = Envoy::start(&plugin(true, true), mock.addr().port(), collector.port);
+    let body = br#"{"model": "gpt-4o", "max_tokens": 5, "messages": []}"#;
+    let r = envoy.request("POST", "/v1/chat/completions", &who("edge-held"), body);
+    assert_eq!(r.status, 200);
+    assert_eq!(envoy.wait_metric("tollgate_usage_events_rejected_total", 1), 1);
+    let event = collector.wait_for("edge-held");
+    assert_eq!(event["request_id"], "edge-held");
+    let offered = collector.offered.lock().unwrap().len();
+    assert_eq!(offered, 2, "refused once, then taken");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy.metric("tollgate_usage_events_held") != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(envoy.metric("tollgate_usage_events_held"), 0, "released once taken");
+    assert_eq!(envoy.wait_metric("tollgate_usage_events_sent_total", 1), 1);
+    let log = envoy.log();
+    assert!(
+        log.contains("refused usage event") && log.contains("ts_ms: more than a day in the future"),
+        "the log names why: {log}"
+    );
+    assert!(!log.contains("panicked"));
+}
