@@ -426,7 +426,10 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "pricing": table.pricing,
     })
     .to_string();
-    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), admin_port);
+    // A relay in front of the mock records every byte that reaches the upstream, a head
+    // whose body never came included.
+    let relay = Relay::start(proxy.mock.addr().port(), 0);
+    let envoy = Envoy::start(&plugin, relay.port, admin_port);
     let scrape = || {
         let text = support::tollgate_families(&envoy.prometheus());
         exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
@@ -450,6 +453,14 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
                 String::from_utf8_lossy(&r.body)
             ));
         }
+        let id = case.request_id(MODE);
+        if r.header("x-request-id") != Some(id.as_str()) {
+            failures.push(format!(
+                "{}: answered with x-request-id {:?}, want {id}",
+                case.name,
+                r.header("x-request-id")
+            ));
+        }
         // Envoy hands the counters over on its tick and the event reaches the collector on
         // the next flush: wait until both match or time is up, and until they still match
         // after another tick (so that nothing the case changes is left for the next one).
@@ -457,6 +468,8 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         let check = || {
             let mut found = case.check_ledger(MODE, &mesh());
             found.extend(case.check_metrics(&table, MODE, &before, &scrape()));
+            let raw = relay.sent.lock().unwrap().clone();
+            found.extend(case.check_upstream(MODE, &proxy.mock.requests(), &raw));
             found
         };
         let found = loop {
