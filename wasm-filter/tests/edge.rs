@@ -17,8 +17,8 @@ use support::{Collector, Envoy, Relay};
 use tollgate_e2e::harness::Harness;
 use tollgate_e2e::mock::MockUpstream;
 
-const POLICY: &str =
-    r#"{"version": "edge-1", "defaults": {"llm": "allow", "tool": "deny", "other": "deny"}}"#;
+const POLICY: &str = r#"{"version": "edge-1", "defaults": {"llm": "allow", "tool": "deny", "other": "deny"},
+  "rules": [{"id": "limited", "match": {"agent": "rpm-bot"}, "effect": "allow", "limits": {"rpm": 1}}]}"#;
 
 /// Smaller than the sidecar's default so that an over-limit body is cheap to send.
 const MAX_BODY: usize = 4096;
@@ -221,12 +221,16 @@ fn nothing_reaches_the_upstream_before_an_allow_in_any_chain() {
 
 /// The edge refusals answered as the sidecar answers them: a body announced over the limit is
 /// refused from its `Content-Length` before any of it is sent, and a `CONNECT` at once, its
-/// connection closed; a header spelled with `_` is refused by Envoy.
+/// connection closed; a rate limit says the same `Retry-After` for the same window (both round
+/// up); a header spelled with `_` is refused by Envoy.
 #[test]
 fn edge_refusals_match_the_sidecars() {
     let rt = runtime();
     let sidecar = rt.block_on(
-        Harness::builder().extra(&format!("limits: {{max_body_bytes: {MAX_BODY}}}\n")).start(),
+        Harness::builder()
+            .policy(POLICY)
+            .extra(&format!("limits: {{max_body_bytes: {MAX_BODY}}}\n"))
+            .start(),
     );
     let sidecar_port = sidecar.proxy_addr.port();
     let envoy =
@@ -259,6 +263,23 @@ fn edge_refusals_match_the_sidecars() {
         assert_eq!(reason(&from_envoy), reason(&from_sidecar), "{what}");
         assert!(reason(&from_envoy).is_some(), "{what}: {from_envoy}");
     }
+    // One request a minute: the second, right after the first, waits the rest of the minute.
+    let limited = "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nx-agent-id: rpm-bot\r\n\
+         x-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\ncontent-type: application/json\r\n\
+         content-length: 52\r\nconnection: close\r\n\r\n{\"model\": \"gpt-4o\", \"max_tokens\": 5, \"messages\": []}";
+    let retry_after = |port: u16| -> Option<String> {
+        let first = support::raw(port, limited.as_bytes());
+        assert_eq!(status_of(&first), 200, "{first}");
+        let second = support::raw(port, limited.as_bytes());
+        assert_eq!(status_of(&second), 429, "{second}");
+        second.lines().find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("retry-after: ").map(|v| v.trim().to_owned())
+        })
+    };
+    let (envoy_wait, sidecar_wait) = (retry_after(envoy.port), retry_after(sidecar_port));
+    assert_eq!(envoy_wait, sidecar_wait, "the same window, the same Retry-After");
+    assert_eq!(envoy_wait.as_deref(), Some("60"), "a minute less a few ms, rounded up");
+
     let from_envoy = support::raw(envoy.port, connect.as_bytes());
     assert_eq!(status_of(&from_envoy), 404, "{from_envoy}");
     assert!(from_envoy.to_ascii_lowercase().contains("connection: close"), "{from_envoy}");
@@ -272,9 +293,9 @@ fn edge_refusals_match_the_sidecars() {
         .mock
         .requests()
         .into_iter()
-        .filter(|r| r.header("x-cost-center").is_some() || r.path.contains("completions"))
+        .filter(|r| r.header("x-request-id").is_some_and(|id| id.starts_with("edge-")))
         .collect();
-    assert!(upstream.is_empty(), "nothing was sent upstream: {upstream:?}");
+    assert!(upstream.is_empty(), "nothing refused was sent upstream: {upstream:?}");
     assert!(!envoy.log().contains("panicked"));
 }
 
@@ -340,4 +361,45 @@ fn a_refused_usage_event_stays_in_the_outbox_until_taken() {
         "the log names why: {log}"
     );
     assert!(!log.contains("panicked"));
+}
+
+/// `filter.collector.flush` is the interval at which each VM sends its outbox, on its own timer:
+/// with a 100 ms tick and a 1 s flush, no VM (told apart by the event id's prefix) sends two
+/// batches less than a flush apart, however many requests end in between.
+#[test]
+fn each_vm_sends_its_outbox_every_flush_interval() {
+    let rt = runtime();
+    let mock = rt.block_on(MockUpstream::start());
+    let collector = Collector::start();
+    let plugin = format!(
+        r#"{{"filter": {{"collector": {{"cluster": "collector", "flush": "1s"}}, "tick": "100ms"}},
+            "policy": {POLICY}}}"#
+    );
+    let envoy = Envoy::start(&plugin, mock.addr().port(), collector.port);
+    let body = br#"{"model": "gpt-4o", "max_tokens": 5, "messages": []}"#;
+    let sent = 12;
+    for i in 0..sent {
+        let r =
+            envoy.request("POST", "/v1/chat/completions", &who(&format!("edge-flush-{i}")), body);
+        assert_eq!(r.status, 200);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for i in 0..sent {
+        collector.wait_for(&format!("edge-flush-{i}"));
+    }
+    let batches = collector.batches.lock().unwrap().clone();
+    let mut by_vm: std::collections::BTreeMap<String, Vec<Instant>> = Default::default();
+    for (at, ids) in &batches {
+        let vm = ids[0].split('-').next().unwrap().to_owned();
+        assert!(ids.iter().all(|id| id.starts_with(&vm)), "one VM per batch: {ids:?}");
+        by_vm.entry(vm).or_default().push(*at);
+    }
+    assert!(batches.len() < sent, "events were batched: {batches:?}");
+    for (vm, times) in &by_vm {
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= Duration::from_millis(900), "VM {vm} sent twice within {gap:?}");
+        }
+    }
+    assert!(!envoy.log().contains("panicked"));
 }

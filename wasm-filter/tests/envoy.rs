@@ -44,7 +44,8 @@ const POLICY: &str = r#"{
 
 fn plugin(fail: &str, collector: bool) -> String {
     let collector = if collector {
-        r#""collector": {"cluster": "collector", "flush": "100ms"}, "tick": "100ms","#
+        // The flush interval sets each VM's timer (metrics are handed over on it too).
+        r#""collector": {"cluster": "collector", "flush": "100ms"},"#
     } else {
         ""
     };
@@ -418,7 +419,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     // The MCP route's category, as the sidecar's route has it (`category: read`).
     let plugin = json!({
-        "filter": {"fail": "closed", "mcp_category": "read", "tick": "100ms",
+        "filter": {"fail": "closed", "mcp_category": "read",
             "collector": {"cluster": "collector", "path": "/v1/usage/events", "timeout": "2s",
                 "flush": "100ms",
                 "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
@@ -508,7 +509,7 @@ fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     let relay = Relay::start(admin_port, 1);
     let plugin = format!(
-        r#"{{"filter": {{"tick": "100ms", "collector": {{"cluster": "collector",
+        r#"{{"filter": {{"collector": {{"cluster": "collector", "flush": "100ms",
             "path": "/v1/usage/events", "timeout": "2s",
             "headers": {{"authorization": "Bearer {}"}}}}}}, "policy": {POLICY}}}"#,
         proxy.token
@@ -618,7 +619,7 @@ fn the_filter_meters_the_corpus_as_the_sidecar_does() {
     let proxy = rt.block_on(Harness::builder().start());
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     let plugin = json!({
-        "filter": {"tick": "100ms", "collector": {"cluster": "collector",
+        "filter": {"collector": {"cluster": "collector", "flush": "100ms",
             "path": "/v1/usage/events", "timeout": "2s",
             "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
         "policy": {"version": "corpus", "defaults": {"llm": "allow"}},

@@ -307,7 +307,12 @@ pub struct Collector {
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Every line offered, taken or not.
     pub offered: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// When each batch arrived, with the event ids in it.
+    pub batches: Arc<Mutex<Vec<Batch>>>,
 }
+
+/// When a batch of usage events arrived, and the event ids in it.
+pub type Batch = (Instant, Vec<String>);
 
 impl Collector {
     pub fn start() -> Collector {
@@ -322,14 +327,16 @@ impl Collector {
         let events = Arc::new(Mutex::new(Vec::new()));
         let offered = Arc::new(Mutex::new(Vec::new()));
         let refuse = Arc::new(std::sync::atomic::AtomicUsize::new(batches));
-        let (sink, seen) = (events.clone(), offered.clone());
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen, log) = (events.clone(), offered.clone(), batches.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (sink, seen, refuse) = (sink.clone(), seen.clone(), refuse.clone());
-                std::thread::spawn(move || serve_collector(stream, &sink, &seen, &refuse));
+                let (sink, seen, refuse, log) =
+                    (sink.clone(), seen.clone(), refuse.clone(), log.clone());
+                std::thread::spawn(move || serve_collector(stream, &sink, &seen, &refuse, &log));
             }
         });
-        Collector { port, events, offered }
+        Collector { port, events, offered, batches }
     }
 
     /// Waits until an event with `request_id` arrived and returns it.
@@ -352,6 +359,7 @@ fn serve_collector(
     sink: &Mutex<Vec<serde_json::Value>>,
     seen: &Mutex<Vec<serde_json::Value>>,
     refuse: &std::sync::atomic::AtomicUsize,
+    batches: &Mutex<Vec<Batch>>,
 ) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -382,10 +390,12 @@ fn serve_collector(
         let refused =
             refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         let mut results = Vec::new();
+        let mut ids = Vec::new();
         for l in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
                 seen.lock().unwrap().push(v.clone());
                 let id = v["event_id"].clone();
+                ids.push(id.as_str().unwrap_or_default().to_owned());
                 if refused {
                     results.push(serde_json::json!({"event_id": id, "result": "refused",
                         "field": "ts_ms", "error": "more than a day in the future"}));
@@ -395,6 +405,7 @@ fn serve_collector(
                 }
             }
         }
+        batches.lock().unwrap().push((Instant::now(), ids));
         let answer = serde_json::json!({"results": results}).to_string();
         let status = if refused { "422 Unprocessable Entity" } else { "200 OK" };
         let reply = format!(
