@@ -40,7 +40,9 @@ use crate::shared::{self, SharedData, SharedStore};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, vm: Rc::default() })
+    });
 }}
 
 /// Envoy's shared data through the host calls.
@@ -164,6 +166,8 @@ struct Vm {
     next_flush_ms: Cell<u64>,
     /// When the held events are next offered again.
     next_held_ms: Cell<u64>,
+    /// Requests whose body is awaited, by HTTP context id.
+    awaited: RefCell<HashMap<u32, Rc<Awaited>>>,
     in_flight_calls: RefCell<HashMap<u32, Call>>,
     poll: RefCell<PolicyPoll>,
     /// Usage event ids: a random per-VM prefix and a sequence number.
@@ -369,6 +373,7 @@ impl Default for Vm {
             sending: Cell::new(false),
             next_flush_ms: Cell::new(0),
             next_held_ms: Cell::new(0),
+            awaited: RefCell::new(HashMap::new()),
             in_flight_calls: RefCell::new(HashMap::new()),
             poll: RefCell::new(PolicyPoll::default()),
             event_prefix: prefix,
@@ -377,9 +382,18 @@ impl Default for Vm {
     }
 }
 
-#[derive(Default)]
 struct Root {
+    context_id: u32,
     vm: Rc<Vm>,
+}
+
+/// A request whose body the filter is waiting for: when a piece of it last came, and whether the
+/// root's timer refused it for stalling (`filter.body_idle_timeout`).
+struct Awaited {
+    last_ms: Cell<u64>,
+    timed_out: Cell<bool>,
+    shape: Shape,
+    request_id: String,
 }
 
 #[link(wasm_import_module = "env")]
@@ -539,10 +553,13 @@ impl RootContext for Root {
         }
         self.flush_events(t.ms.0);
         self.poll_policy(t.ms.0);
+        self.refuse_stalled(t.ms.0);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            context_id,
+            awaited: None,
             vm: self.vm.clone(),
             exchange: None,
             local_reply: false,
@@ -559,6 +576,45 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// Answers `408 body_timeout` (and closes the connection), as the sidecar does, to every
+    /// request whose body has been silent for longer than `filter.body_idle_timeout`. A stream
+    /// has no timer of its own in proxy-wasm: the root's timer answers in the stream's context,
+    /// then makes its own context the effective one again (a callout made from a stream's
+    /// context would die with the stream).
+    fn refuse_stalled(&self, now_ms: u64) {
+        let timeout = match &*self.vm.config.borrow() {
+            Config::Ready(p) => p.filter.body_idle_timeout_ms,
+            _ => return,
+        };
+        let stalled: Vec<(u32, Rc<Awaited>)> = self
+            .vm
+            .awaited
+            .borrow()
+            .iter()
+            .filter(|(_, a)| now_ms.saturating_sub(a.last_ms.get()) > timeout)
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        if stalled.is_empty() {
+            return;
+        }
+        let denial = exchange::body_stalled(timeout);
+        for (id, awaited) in stalled {
+            self.vm.awaited.borrow_mut().remove(&id);
+            awaited.timed_out.set(true);
+            if hostcalls::set_effective_context(id).is_err() {
+                continue;
+            }
+            let reply = denial.render(awaited.shape, &awaited.request_id);
+            let mut headers: Vec<(&str, &str)> =
+                reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            headers.push(("connection", "close"));
+            self.vm.decision(denial.class.decision(), &denial.code, "-", "none");
+            let _ =
+                hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
     /// Sends the outbox as one NDJSON POST to the collector cluster when this VM's flush is due
     /// (`filter.collector.flush`), with the held events when their retry is due.
     fn flush_events(&mut self, now_ms: u64) {
@@ -764,6 +820,9 @@ impl Root {
 }
 
 struct Http {
+    context_id: u32,
+    /// Set while the body is awaited (see [`Root::refuse_stalled`]).
+    awaited: Option<Rc<Awaited>>,
     vm: Rc<Vm>,
     exchange: Option<Exchange>,
     /// Our own reply is passing through the response hooks: leave it alone.
@@ -782,6 +841,30 @@ struct Http {
 impl Context for Http {}
 
 impl Http {
+    /// Starts waiting for the body (see [`Root::refuse_stalled`]).
+    fn await_body(&mut self, shape: Shape, request_id: &str, now_ms: u64) {
+        let awaited = Rc::new(Awaited {
+            last_ms: Cell::new(now_ms),
+            timed_out: Cell::new(false),
+            shape,
+            request_id: request_id.to_owned(),
+        });
+        self.vm.awaited.borrow_mut().insert(self.context_id, awaited.clone());
+        self.awaited = Some(awaited);
+    }
+
+    /// The body is complete, refused or gone: no longer waited for.
+    fn stop_awaiting(&mut self) {
+        if self.awaited.take().is_some() {
+            self.vm.awaited.borrow_mut().remove(&self.context_id);
+        }
+    }
+
+    /// The root's timer answered this request for its stalled body.
+    fn timed_out(&self) -> bool {
+        self.awaited.as_ref().is_some_and(|a| a.timed_out.get())
+    }
+
     fn reply(&mut self, denial: &Denial, shape: Shape, request_id: &str, model: &str) {
         self.reply_with(denial, shape, request_id, model, &[]);
     }
@@ -814,6 +897,7 @@ impl Http {
     /// Decides on the complete request body; replies on a refusal.
     fn decide(&mut self, plugin: &Plugin, body: &[u8]) -> Action {
         self.decided = true;
+        self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
@@ -871,6 +955,7 @@ impl Http {
         };
         self.decided = true;
         self.exchange = None;
+        self.stop_awaiting();
         self.reply(&exchange::too_large(plugin.filter.max_body_bytes), shape, &id, "-");
         Action::Pause
     }
@@ -970,10 +1055,12 @@ impl HttpContext for Http {
                 self.may_rewrite = rewrite;
                 self.held = hold;
                 self.arrived = t;
-                self.exchange = Some(exchange);
                 if end_of_stream {
+                    self.exchange = Some(exchange);
                     return self.decide(&plugin, &[]);
                 }
+                self.await_body(exchange.shape, &exchange.request_id, t.ms.0);
+                self.exchange = Some(exchange);
                 if hold {
                     // Nothing goes upstream before the decision: Envoy holds these headers
                     // while the body hooks see the body (`allow_on_headers_stop_iteration`),
@@ -993,8 +1080,14 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply || self.decided {
             return Action::Continue;
+        }
+        if let Some(awaited) = &self.awaited {
+            awaited.last_ms.set(now().ms.0);
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
         // A body without (or beyond) its announced length: refused once it passes the limit.
@@ -1014,6 +1107,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         // A body ending in trailers never had `end_of_stream` on its last chunk.
         if self.local_reply || self.decided {
             return Action::Continue;
@@ -1029,6 +1125,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply {
             return Action::Continue;
         }
@@ -1056,6 +1155,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply {
             return Action::Continue;
         }
@@ -1086,7 +1188,13 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        // A client gone while its body was awaited leaves nothing waiting.
+        let timed_out = self.timed_out();
+        self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return };
+        if timed_out {
+            return;
+        }
         // Each request counted once: refusals when refused, the rest here, with the upstream's
         // status class.
         let status = status_class(exchange.upstream_status());

@@ -710,6 +710,15 @@ pub fn too_large(max: u64) -> Denial {
     )
 }
 
+/// The sidecar's `408 body_timeout`: the request body was silent for longer than `idle_ms`.
+pub fn body_stalled(idle_ms: u64) -> Denial {
+    Denial::new(
+        Class::RequestTimeout,
+        "body_timeout",
+        format!("the request body stalled: nothing for {idle_ms} ms (filter.body_idle_timeout)"),
+    )
+}
+
 /// The sidecar's answer to a `CONNECT` when it is not a forward proxy (neither is the filter):
 /// no route serves it (`404 no_route`); the connection is closed after it.
 pub fn connect_refused(authority: Option<&str>) -> Denial {

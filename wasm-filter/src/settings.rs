@@ -110,6 +110,10 @@ pub struct FilterSettings {
     /// Largest request body (bytes): `413 body_too_large` beyond it, from `Content-Length`
     /// before anything is read, as the sidecar's `limits.max_body_bytes` (default 16 MiB).
     pub max_body_bytes: u64,
+    /// Longest silence inside a request body the filter waits for: `408 body_timeout` and the
+    /// connection closed beyond it, as the sidecar's `limits.body_idle_timeout` (default 30 s;
+    /// checked on each VM's timer, so up to one `tick` later).
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for FilterSettings {
@@ -127,6 +131,7 @@ impl Default for FilterSettings {
             tick_ms: 1000,
             hold_headers: true,
             max_body_bytes: 16 * 1024 * 1024,
+            body_idle_timeout_ms: 30_000,
         }
     }
 }
@@ -252,6 +257,13 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
             None => {}
         }
     }
+    if let Some(f) = obj.get("body_idle_timeout") {
+        match f.duration_ms(cx) {
+            Some(0) => f.error(cx, "must be longer than 0"),
+            Some(ms) => settings.body_idle_timeout_ms = ms,
+            None => {}
+        }
+    }
     if let Some(f) = obj.get("tick") {
         match f.duration_ms(cx) {
             Some(0) => f.error(cx, "must be longer than 0"),
@@ -274,6 +286,7 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
             "tick",
             "hold_headers",
             "max_body_bytes",
+            "body_idle_timeout",
         ],
     );
     settings
@@ -425,12 +438,14 @@ mod tests {
     fn the_flush_interval_sets_the_tick_and_the_edge_settings_are_read() {
         let text = format!(
             r#"{{"filter": {{"tick": "5s", "hold_headers": false, "max_body_bytes": 1024,
+                "body_idle_timeout": "2s",
                 "collector": {{"cluster": "c", "flush": "300ms"}}}}, {POLICY}}}"#
         );
         let plugin = Plugin::from_document(&text).unwrap();
         assert_eq!(plugin.tick_ms(), 300, "each VM ticks at least as often as it flushes");
         assert!(!plugin.filter.hold_headers);
         assert_eq!(plugin.filter.max_body_bytes, 1024);
+        assert_eq!(plugin.filter.body_idle_timeout_ms, 2000);
         let defaults = FilterSettings::default();
         assert!(defaults.hold_headers, "nothing goes upstream before an allow by default");
         assert_eq!(

@@ -403,3 +403,49 @@ fn each_vm_sends_its_outbox_every_flush_interval() {
     }
     assert!(!envoy.log().contains("panicked"));
 }
+
+/// A request body that stalls is answered `408 body_timeout` and its connection closed after
+/// `filter.body_idle_timeout`, as the sidecar does after `limits.body_idle_timeout` (Envoy's own
+/// stream idle timeout, 120 s, would wait much longer); nothing reaches the upstream.
+#[test]
+fn a_stalled_body_is_answered_as_in_the_sidecar() {
+    let rt = runtime();
+    let sidecar = rt.block_on(
+        Harness::builder().policy(POLICY).extra("limits: {body_idle_timeout: 1s}\n").start(),
+    );
+    let plugin = format!(
+        r#"{{"filter": {{"tick": "100ms", "body_idle_timeout": "1s"}}, "policy": {POLICY}}}"#
+    );
+    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), support::free_port());
+    let stall = |port: u16| -> (String, Duration) {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n\
+                    x-agent-id: edge-bot\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n\
+                    x-request-id: edge-stalled\r\ncontent-type: application/json\r\n\
+                    content-length: 100\r\n\r\n{\"model\": \"gpt-4o\", ";
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+    };
+    let (from_envoy, waited) = stall(envoy.port);
+    let (from_sidecar, _) = stall(sidecar.proxy_addr.port());
+    assert_eq!(status_of(&from_envoy), 408, "{from_envoy}");
+    assert_eq!(status_of(&from_sidecar), 408, "{from_sidecar}");
+    for answer in [&from_envoy, &from_sidecar] {
+        assert!(answer.contains("body_timeout"), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    }
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "{waited:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let reached: Vec<_> = sidecar
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.header("x-request-id") == Some("edge-stalled"))
+        .collect();
+    assert!(reached.is_empty(), "{reached:?}");
+    assert!(!envoy.log().contains("panicked"));
+}
