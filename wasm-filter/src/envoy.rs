@@ -392,6 +392,10 @@ struct Root {
 struct Awaited {
     last_ms: Cell<u64>,
     timed_out: Cell<bool>,
+    /// A body hook has run for it.
+    body_seen: Cell<bool>,
+    /// Its headers are held (the headers hook paused).
+    held: bool,
     shape: Shape,
     request_id: String,
 }
@@ -601,6 +605,21 @@ impl Root {
         for (id, awaited) in stalled {
             self.vm.awaited.borrow_mut().remove(&id);
             awaited.timed_out.set(true);
+            if awaited.held && !awaited.body_seen.get() {
+                // Either the client never sent its body, or Envoy never ran the body hooks of a
+                // request whose headers the filter holds: what a missing
+                // `allow_on_headers_stop_iteration` does to every request with a body.
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: request {}: no request body seen within {timeout} ms while \
+                         its headers were held; if every request with a body ends so, the Wasm \
+                         plugin lacks `allow_on_headers_stop_iteration: true` (or set \
+                         `filter.hold_headers: false` and put Envoy's buffer filter after this one)",
+                        awaited.request_id
+                    ),
+                );
+            }
             if hostcalls::set_effective_context(id).is_err() {
                 continue;
             }
@@ -846,6 +865,8 @@ impl Http {
         let awaited = Rc::new(Awaited {
             last_ms: Cell::new(now_ms),
             timed_out: Cell::new(false),
+            body_seen: Cell::new(false),
+            held: self.held,
             shape,
             request_id: request_id.to_owned(),
         });
@@ -1088,6 +1109,7 @@ impl HttpContext for Http {
         }
         if let Some(awaited) = &self.awaited {
             awaited.last_ms.set(now().ms.0);
+            awaited.body_seen.set(true);
         }
         let Ok(plugin) = self.plugin() else { return Action::Continue };
         // A body without (or beyond) its announced length: refused once it passes the limit.

@@ -449,3 +449,99 @@ fn a_stalled_body_is_answered_as_in_the_sidecar() {
     assert!(reached.is_empty(), "{reached:?}");
     assert!(!envoy.log().contains("panicked"));
 }
+
+/// Absurd usage reaches the collector's invoice: a request whose upstream claims 2^64-1 tokens
+/// each way is billed at its bound by the filter and its event taken by the Tollgate collector;
+/// an event whose cost does not add up (as an overflowing price would make it) is taken too,
+/// marked implausible at the most it claims, never refused. Both are on the agent's invoice.
+#[test]
+fn absurd_usage_reaches_the_collectors_invoice() {
+    use tollgate_core::engine::Engine;
+    use tollgate_core::metering::Api;
+    use tollgate_core::money::Money;
+    use tollgate_core::{inspect, reservation};
+
+    let rt = runtime();
+    let proxy = rt.block_on(Harness::builder().start());
+    let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
+    let plugin = json!({
+        "filter": {"collector": {"cluster": "collector", "flush": "100ms",
+            "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
+        "policy": serde_json::from_str::<Value>(POLICY).unwrap(),
+    })
+    .to_string();
+    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), admin_port);
+
+    let body = br#"{"model": "gpt-4o", "max_tokens": 100, "messages": []}"#;
+    let absurd = u64::MAX.to_string();
+    let mut headers = vec![
+        ("x-agent-id", "absurd-bot"),
+        ("x-cost-center", "CC-1234"),
+        ("x-project-id", "PROJ-ABC123"),
+        ("x-request-id", "edge-absurd"),
+    ];
+    headers.extend([("x-mock-input-tokens", absurd.as_str()), ("x-mock-output-tokens", &absurd)]);
+    let r = envoy.request("POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();
+    let info = inspect::inspect(Some(Api::ChatCompletions), body).unwrap();
+    let bound =
+        reservation::bound(Some(Api::ChatCompletions), &info, engine.rates().limits("gpt-4o"));
+    let worst = engine.rates().worst_case("gpt-4o", bound.input, bound.output).unwrap().cost.total;
+
+    // An event as a broken sender would send it: buckets that miss the total.
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64;
+    let event = json!({
+        "event_id": "edge-direct-1", "ts_ms": now, "request_id": "edge-direct",
+        "agent": "absurd-bot", "cost_center": "CC-1234", "project": "PROJ-ABC123",
+        "provider": "openai", "model": "gpt-4o",
+        "tokens": {"input": 10, "output": 10},
+        "cost": {"input": "0.001", "output": "0.002", "total": "0.001"},
+        "decision": "allow", "status": 200, "usage_source": "reported", "end": "complete"
+    });
+    let auth = format!("Bearer {}", proxy.token);
+    let answer = support::request(
+        admin_port,
+        "POST",
+        "/v1/usage/events",
+        &[("authorization", &auth)],
+        format!("{event}\n").as_bytes(),
+    );
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let answer = answer.json();
+    assert_eq!(answer["results"][0]["result"], "accepted", "{answer}");
+    assert_eq!(answer["results"][0]["implausible"], true, "{answer}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let records = loop {
+        let records: Vec<Value> = rt
+            .block_on(proxy.ledger())
+            .into_iter()
+            .filter(|r| r["agent"] == "absurd-bot")
+            .collect();
+        if records.len() == 2 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!(r["usage_source"], "implausible", "{r}");
+    }
+    let from_envoy = records.iter().find(|r| r["request_id"] == "edge-absurd").unwrap();
+    assert_eq!(from_envoy["cost_nano_usd"], worst.nanos(), "billed at the bound: {from_envoy}");
+
+    let period = &tollgate_core::time::UnixMillis(now).to_string()[..7];
+    let path = format!("/admin/invoice?period={period}&group_by=agent&format=json");
+    let reply = rt.block_on(proxy.admin_get(&path, true));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let all = reply.json();
+    let invoice =
+        all["invoices"].as_array().unwrap().iter().find(|i| i["group"] == "absurd-bot").unwrap();
+    assert_eq!(invoice["requests"], 2, "{invoice}");
+    let total = Money::parse(invoice["total"].as_str().unwrap()).unwrap();
+    assert_eq!(total, worst + Money::parse("0.003").unwrap(), "{invoice}");
+    assert!(!envoy.log().contains("panicked"));
+}
