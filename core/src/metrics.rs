@@ -286,7 +286,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 30] = [
+pub const ALL: [&Metric; 31] = [
     &REQUESTS,
     &TOKENS,
     &COST,
