@@ -1,19 +1,23 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
-//! queued usage events, policy polling).
+//! the usage-event outbox, requests whose body is awaited, policy polling).
 //!
 //! Rules learned in the real Envoy, each applied here:
-//! request headers and response headers always `Continue` (a paused headers hook never sees its
-//! body); the request body is buffered (`Pause` until end of stream) because the decision
-//! needs the model, and may be replaced there (the usage rewrite), which is why the request's
-//! `content-length` is dropped in the headers hook when it may be; the response body is observed
-//! chunk by chunk and always `Continue`s, so no byte waits for the meter (only the usage-chunk
-//! filter may hold one incomplete SSE event); our own local reply re-enters the response hooks
-//! and is left alone; headers are only set from headers hooks; usage events, metric
-//! increments and policy polls go out from the root context on the timer, once per VM,
-//! because an HTTP context's own callouts are cancelled when its stream ends; host calls that
-//! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
-//! handled, since a panic kills the worker's VM.
+//! the request headers are held (`Pause`) until the decision, which Envoy allows while still
+//! running the body hooks only with `allow_on_headers_stop_iteration` (otherwise a paused
+//! headers hook never sees its body: `filter.hold_headers: false` then lets them go on, and
+//! drops the `content-length` of a body that may be rewritten); the request body is buffered
+//! (`Pause` until end of stream) because the decision needs the model, and may be replaced
+//! there (the usage rewrite), the held headers' `content-length` set to match; the response
+//! headers always `Continue` (a paused response headers hook never sees its body); the response
+//! body is observed chunk by chunk and always `Continue`s, so no byte waits for the meter (only
+//! the usage-chunk filter may hold one incomplete SSE event); our own local reply re-enters the
+//! response hooks and is left alone; response headers are only set from their headers hook;
+//! usage events, metric increments, policy polls and the stalled-body timeout run from the root
+//! context on its timer, once per VM, because an HTTP context has no timer and its own callouts
+//! are cancelled when its stream ends; host calls that can fail are made through `hostcalls` (or
+//! the raw import, for buffer writes) and their errors handled, since a panic kills the
+//! worker's VM.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
