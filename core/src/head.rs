@@ -32,6 +32,22 @@ pub const READ_HEADERS: [&str; 8] = [
     "x-tollgate-approval",
 ];
 
+/// Request headers never forwarded upstream, by either engine: the ones that describe one
+/// connection, not the message (RFC 9110 §7.6.1), and the client's credentials for a proxy
+/// (`Proxy-Authorization`, and `Proxy-Authenticate`, which has no business in a request), plus
+/// whatever `Connection` names.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
+
 /// A request head refused before anything is read from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadError {

@@ -249,7 +249,15 @@ pub const USAGE_EVENTS_FAILED: Metric = counter(
 pub const USAGE_EVENTS_REJECTED: Metric = counter(
     "tollgate_usage_events_rejected_total",
     &[],
-    "Usage events the collector answered 4xx (not sent again)",
+    "Usage events the collector refused (each refusal of each event; the event stays in the \
+     outbox and is offered again)",
+    Emitter::Filter,
+);
+pub const USAGE_EVENTS_HELD: Metric = gauge(
+    "tollgate_usage_events_held",
+    &[],
+    "Usage events the collector refused that wait in the outbox to be offered again (never \
+     dropped for being refused)",
     Emitter::Filter,
 );
 pub const USAGE_EVENTS_DROPPED: Metric = counter(
@@ -278,7 +286,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 30] = [
+pub const ALL: [&Metric; 31] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -305,6 +313,7 @@ pub const ALL: [&Metric; 30] = [
     &USAGE_EVENTS_SENT,
     &USAGE_EVENTS_FAILED,
     &USAGE_EVENTS_REJECTED,
+    &USAGE_EVENTS_HELD,
     &USAGE_EVENTS_DROPPED,
     &CONFIG_ERRORS,
     &POLICY_RELOADS,

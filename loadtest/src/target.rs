@@ -492,6 +492,8 @@ fn wasm_filter(wasm: &Path) -> String {
               config:
                 name: tollgate
                 root_id: tollgate
+                # The filter holds the request headers until it has decided on the body.
+                allow_on_headers_stop_iteration: true
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: |

@@ -3,9 +3,13 @@
 //!
 //! `POST /v1/usage/events` on the admin listener (bearer token, like the admin API) takes NDJSON,
 //! one usage event per line, as the filter's `collector` sends it. Each line is checked on its
-//! own: a good line is written to the ledger as a `usage` record, a bad one is reported by line
-//! number and field and never loses the good ones (the answer is then `422` with both counts, so
-//! the sender learns that a line will never be accepted and does not resend it). Events are
+//! own and answered on its own (`results`, one per line, by line number and `event_id`), so a
+//! sender accounts for every event rather than for the batch. Every well-formed event is
+//! written to the ledger as a `usage` record: one whose cost does not add up is written as
+//! implausible rather than refused (see [`UsageEvent::accept`]), because refusing it would lose
+//! usage that was incurred. Only a line that cannot be stored safely is refused (not an event,
+//! no usable id, outside the deduplication window, not an `allow`), named by line and field,
+//! never losing the good ones; the answer is then `422`. Events are
 //! idempotent by `event_id`: a sender that resends a batch after a timeout gets the events it
 //! already delivered counted as `duplicates`, never billed twice. Event ids are remembered for
 //! the ledger's replay window (35 days), rebuilt from the ledger on start; an event older than
@@ -68,14 +72,54 @@ pub struct LineError {
     pub error: String,
 }
 
+/// What became of one line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Written to the ledger.
+    Accepted,
+    /// Already written (resent): not written again.
+    Duplicate,
+    /// Not written; sending it again as it is cannot help.
+    Refused,
+}
+
+/// The answer for one line.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct LineResult {
+    /// 1-based line number in the request body.
+    pub line: usize,
+    /// The line's `event_id`, when it has a readable one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    pub result: Verdict,
+    /// Why it was refused, or why it was written as implausible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Written with `usage_source: implausible` (its cost did not add up).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub implausible: bool,
+}
+
 /// The outcome of one batch.
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Outcome {
     pub accepted: usize,
     pub duplicates: usize,
     pub rejected: usize,
+    /// Of the accepted, those written as implausible.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub implausible: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<LineError>,
+    /// One per non-blank line, in order.
+    pub results: Vec<LineResult>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Ingest {
@@ -101,10 +145,38 @@ impl Ingest {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            let event_id = event_id_of(line);
             match parse(line, now) {
-                Ok(record) => valid.push(record),
+                Ok((record, note)) => {
+                    if let Some(why) = &note {
+                        tracing::warn!(
+                            line = i + 1,
+                            event_id = ?event_id,
+                            why = %why,
+                            "usage event with an impossible cost written as implausible"
+                        );
+                    }
+                    let (field, error) = note.map(|n| (n.field, n.error)).unzip();
+                    outcome.results.push(LineResult {
+                        line: i + 1,
+                        event_id,
+                        result: Verdict::Accepted,
+                        implausible: field.is_some(),
+                        field,
+                        error,
+                    });
+                    valid.push((outcome.results.len() - 1, record));
+                }
                 Err(Invalid { field, error }) => {
                     outcome.rejected += 1;
+                    outcome.results.push(LineResult {
+                        line: i + 1,
+                        event_id,
+                        result: Verdict::Refused,
+                        field: Some(field.clone()),
+                        error: Some(error.clone()),
+                        implausible: false,
+                    });
                     if outcome.errors.len() < MAX_ERRORS {
                         outcome.errors.push(LineError { line: i + 1, field, error });
                     }
@@ -115,14 +187,18 @@ impl Ingest {
         // written cannot slip in twice.
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         seen.prune(now.0);
-        for record in valid {
+        for (at, record) in valid {
             let id = record.source_event_id.clone().unwrap_or_default();
             if seen.ids.contains_key(&id) {
                 outcome.duplicates += 1;
+                outcome.results[at].result = Verdict::Duplicate;
                 continue;
             }
             seen.ids.insert(id, record.reserved_at_ms);
             outcome.accepted += 1;
+            if outcome.results[at].implausible {
+                outcome.implausible += 1;
+            }
             append(Entry::Usage(Box::new(record)));
         }
         outcome
@@ -140,8 +216,9 @@ impl Seen {
     }
 }
 
-/// `POST /v1/usage/events` (already authorized): `200` when every line was taken (new or
-/// duplicate), `422` when some lines were refused (the others are taken), `413` over
+/// `POST /v1/usage/events` (already authorized): `200` when every line was taken (new,
+/// duplicate or implausible), `422` when some lines were refused (the others are taken); the
+/// body answers each line (`results`), `413` over
 /// `limits.max_body_bytes`, `503` while the ledger cannot be written (or the records are not
 /// synced within 5 s). Answers after the records are written and synced.
 pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
@@ -204,7 +281,7 @@ fn answer(status: StatusCode, value: &Value) -> Response<Body> {
 /// One event line → the usage record to store, or the field at fault: the line is read as the
 /// core's [`UsageEvent`] (a value of the wrong type, a missing field or an unknown code is named
 /// by its path, such as `tokens.output`), then checked by [`UsageEvent::into_record`].
-fn parse(line: &[u8], now: UnixMillis) -> Result<UsageRecord, Invalid> {
+fn parse(line: &[u8], now: UnixMillis) -> Result<(UsageRecord, Option<Invalid>), Invalid> {
     if line.trim_ascii_start().first() != Some(&b'{') {
         // A struct would also read from an array: refuse anything but an object first.
         return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
@@ -215,7 +292,16 @@ fn parse(line: &[u8], now: UnixMillis) -> Result<UsageRecord, Invalid> {
     let mut de = serde_json::Deserializer::from_slice(line);
     let event: UsageEvent = serde_path_to_error::deserialize(&mut de).map_err(read_error)?;
     de.end().map_err(|e| Invalid::new("", format!("not JSON: {e}")))?;
-    event.into_record(now)
+    event.accept(now)
+}
+
+/// The `event_id` of a line, if it is an object with a string one (for the per-line answer).
+fn event_id_of(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        event_id: Option<String>,
+    }
+    serde_json::from_slice::<Id>(line).ok()?.event_id.filter(|id| !id.is_empty())
 }
 
 /// A line that does not read as an event: the field at fault (its path, `""` for the line).

@@ -819,7 +819,8 @@ fn check_framing(headers: &HeaderMap) -> Result<(), Denial> {
     Ok(())
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones that
+/// Headers that describe one connection, not the message, or carry proxy credentials
+/// (`tollgate_core::head::HOP_BY_HOP`, which the Envoy filter removes too), plus the ones that
 /// `Connection` names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -832,19 +833,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in tollgate_core::head::HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// Reads a request body of at most `max` bytes, allowing at most `idle` between two of its

@@ -73,6 +73,11 @@ async fn the_binary_decides_the_shared_table_as_expected() {
             ));
         }
     }
+    // What reached the upstream, once everything has been answered.
+    let seen = mock.requests();
+    for case in &table.cases {
+        failures.extend(case.check_upstream("binary", &seen, &[]));
+    }
     assert!(table.cases.len() >= 10, "the table has its cases");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(proxy);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::exposition::Exposition;
 use crate::metering::FIELDS;
+use crate::mock::RecordedRequest;
 
 /// The modes whose ledger records and metrics the table pins, as its `modes` name them.
 pub const MODES: [&str; 3] = ["sidecar", "https_proxy", "envoy"];
@@ -53,6 +54,18 @@ pub struct Case {
     pub ledger: Option<Value>,
     /// Every series the request changes.
     pub metrics: Vec<Delta>,
+    /// What the upstream must receive, when the case says.
+    pub upstream: Option<Upstream>,
+}
+
+/// What reaches the upstream for a case (`upstream` in the table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// `null`: nothing, not even the request's head (a refusal decided on the body included).
+    Nothing,
+    /// The request, once and whole, with the client's `x-request-id` and without
+    /// `absent_headers`.
+    Arrived { absent_headers: Vec<String> },
 }
 
 /// One series a request changes, and by how much.
@@ -204,8 +217,17 @@ impl Table {
                         }
                     })
                     .collect();
+                let upstream = match c.get("upstream") {
+                    None => None,
+                    Some(Value::Null) => Some(Upstream::Nothing),
+                    Some(u) => Some(Upstream::Arrived {
+                        absent_headers: serde_json::from_value(u["absent_headers"].clone())
+                            .expect("upstream.absent_headers"),
+                    }),
+                };
                 Case {
                     name,
+                    upstream,
                     path: c["path"].as_str().expect("path").to_owned(),
                     headers,
                     body,
@@ -254,6 +276,46 @@ impl Case {
         headers.extend(self.mock.iter().cloned());
         headers.push(("x-request-id".into(), self.request_id(mode)));
         headers
+    }
+
+    /// Compares what reached the upstream for the case in `mode` with the table's `upstream`:
+    /// `seen` is what the mock recorded (a head whose body broke off included), `raw` the
+    /// bytes that reached it, per connection, where a mode can tell (empty otherwise).
+    pub fn check_upstream(
+        &self,
+        mode: &str,
+        seen: &[RecordedRequest],
+        raw: &[Vec<u8>],
+    ) -> Vec<String> {
+        let id = self.request_id(mode);
+        let mine: Vec<&RecordedRequest> =
+            seen.iter().filter(|r| r.header("x-request-id") == Some(id.as_str())).collect();
+        match &self.upstream {
+            None => Vec::new(),
+            Some(Upstream::Nothing) => {
+                let mut found: Vec<String> = mine
+                    .iter()
+                    .map(|r| format!("{}: {} {} reached the upstream", self.name, r.method, r.path))
+                    .collect();
+                if raw.iter().any(|bytes| String::from_utf8_lossy(bytes).contains(&id)) {
+                    found.push(format!("{}: bytes of the request reached the upstream", self.name));
+                }
+                found
+            }
+            Some(Upstream::Arrived { absent_headers }) => match &mine[..] {
+                [r] if r.complete => absent_headers
+                    .iter()
+                    .filter(|h| r.headers.contains_key(h.as_str()))
+                    .map(|h| format!("{}: {h} reached the upstream", self.name))
+                    .collect(),
+                _ => vec![format!(
+                    "{}: {} requests with x-request-id {id} upstream (complete: {:?}), want 1",
+                    self.name,
+                    mine.len(),
+                    mine.iter().map(|r| r.complete).collect::<Vec<_>>()
+                )],
+            },
+        }
     }
 
     /// Compares the case's usage record in `mode` (found by request id among `records`) with

@@ -75,6 +75,10 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// HTTP/1.1 or HTTP/2, as negotiated with the client.
     pub version: hyper::Version,
+    /// The whole body arrived. `false`: the head came and the body broke off (a sender that
+    /// reset the request after its head): recorded all the same, since the head alone already
+    /// reached the upstream.
+    pub complete: bool,
 }
 
 impl RecordedRequest {

@@ -57,6 +57,13 @@ impl Target {
         exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
+    fn upstream(&self) -> Vec<tollgate_e2e::mock::RecordedRequest> {
+        match self {
+            Target::Sidecar(proxy) => proxy.mock.requests(),
+            Target::HttpsProxy(f) => f.mock.requests(),
+        }
+    }
+
     async fn ledger(&self) -> Vec<Value> {
         match self {
             Target::Sidecar(proxy) => proxy.ledger().await,
@@ -65,12 +72,14 @@ impl Target {
     }
 }
 
-/// The case's usage record and metric changes since `before`, against the table's.
+/// The case's usage record, metric changes since `before` and what reached the upstream,
+/// against the table's.
 async fn check(table: &Table, case: &Case, target: &Target, before: &Exposition) -> Vec<String> {
     let mode = target.mode();
     let after = target.metrics().await;
     let mut found = case.check_ledger(mode, &target.ledger().await);
     found.extend(case.check_metrics(table, mode, before, &after));
+    found.extend(case.check_upstream(mode, &target.upstream(), &[]));
     found
 }
 
@@ -89,6 +98,14 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
                 case.name,
                 case.expect,
                 reply.text()
+            ));
+        }
+        let id = case.request_id(mode);
+        if reply.header("x-request-id") != Some(id.as_str()) {
+            failures.push(format!(
+                "{}: answered with x-request-id {:?}, want {id}",
+                case.name,
+                reply.header("x-request-id")
             ));
         }
         // The record and the counters follow the answer: wait until they match or time is up,

@@ -1,6 +1,7 @@
 //! `POST /v1/usage/events` on the admin port: usage events from the Envoy filter into the
-//! ledger, each line checked on its own, idempotent by event id (also across a restart), and
-//! refused with 503 while the ledger cannot be written.
+//! ledger, each line checked and answered on its own (an impossible cost written as
+//! implausible, never refused), idempotent by event id (also across a restart), and refused
+//! with 503 while the ledger cannot be written.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -45,6 +46,12 @@ async fn post(h: &Harness, body: String, auth: bool) -> Reply {
     read(response).await
 }
 
+/// The counts of an answer (its per-line `results` aside).
+fn counts(answer: &Value) -> Value {
+    json!({"accepted": answer["accepted"], "duplicates": answer["duplicates"],
+        "rejected": answer["rejected"]})
+}
+
 fn mesh(records: &[Value]) -> Vec<&str> {
     records
         .iter()
@@ -70,22 +77,39 @@ async fn events_are_checked_line_by_line_written_once_and_need_the_token() {
     let r = post(&h, body.clone(), true).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text());
     let answer = r.json();
-    assert_eq!((answer["accepted"].as_u64(), answer["rejected"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(counts(&answer), json!({"accepted": 3, "duplicates": 0, "rejected": 1}));
+    assert_eq!(answer["implausible"], 1, "{answer}");
     let errors: Vec<(u64, &str)> = answer["errors"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| (e["line"].as_u64().unwrap(), e["field"].as_str().unwrap()))
         .collect();
-    assert_eq!(errors, [(2, "cost.total"), (3, "")]);
-    assert_eq!(mesh(&h.ledger().await), ["e-1", "e-3"], "the good lines are kept");
+    assert_eq!(errors, [(3, "")], "only the line that is not an event");
+    let results: Vec<(&str, &str)> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["event_id"].as_str().unwrap_or("-"), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [("e-1", "accepted"), ("e-2", "accepted"), ("-", "refused"), ("e-3", "accepted")]
+    );
+    assert_eq!(mesh(&h.ledger().await), ["e-1", "e-2", "e-3"], "every event is kept");
+    let e2 = h.ledger().await.into_iter().find(|r| r["source_event_id"] == "e-2").unwrap();
+    assert_eq!(
+        (e2["usage_source"].as_str(), e2["cost_nano_usd"].as_i64()),
+        (Some("implausible"), Some(3_600_000)),
+        "an impossible cost is written as implausible, at the most it claims"
+    );
 
     // Sent again (a lost answer): nothing new, nothing billed twice.
     let again = post(&h, ndjson(&[event("e-1", "mesh-bot"), event("e-3", "mesh-bot")]), true).await;
     assert_eq!(again.status, StatusCode::OK);
-    assert_eq!(again.json(), json!({"accepted": 0, "duplicates": 2, "rejected": 0}));
+    assert_eq!(counts(&again.json()), json!({"accepted": 0, "duplicates": 2, "rejected": 0}));
     let records = h.ledger().await;
-    assert_eq!(mesh(&records), ["e-1", "e-3"]);
+    assert_eq!(mesh(&records), ["e-1", "e-2", "e-3"]);
     let e1 = records.iter().find(|r| r["source_event_id"] == "e-1").unwrap();
     assert_eq!(
         (e1["type"].as_str(), e1["cost_nano_usd"].as_i64()),
@@ -95,8 +119,8 @@ async fn events_are_checked_line_by_line_written_once_and_need_the_token() {
 
     // The usage API counts them like the proxy's own requests.
     let usage = h.admin_get("/admin/usage?group_by=agent", true).await.json();
-    assert_eq!(usage["groups"]["mesh-bot"]["requests"], 2, "{usage}");
-    assert_eq!(usage["groups"]["mesh-bot"]["cost_usd"], "0.007");
+    assert_eq!(usage["groups"]["mesh-bot"]["requests"], 3, "{usage}");
+    assert_eq!(usage["groups"]["mesh-bot"]["cost_usd"], "0.0106");
 
     let big = ndjson(&vec![event("e-9", "mesh-bot"); 20]);
     assert_eq!(post(&h, big, true).await.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -110,7 +134,7 @@ async fn a_restarted_proxy_still_knows_the_event_ids_it_wrote() {
     h.stop().await;
     let h = Harness::builder().data_dir(&dir).start().await;
     let r = post(&h, ndjson(&[event("r-1", "mesh-bot"), event("r-2", "mesh-bot")]), true).await;
-    assert_eq!(r.json(), json!({"accepted": 1, "duplicates": 1, "rejected": 0}));
+    assert_eq!(counts(&r.json()), json!({"accepted": 1, "duplicates": 1, "rejected": 0}));
     assert_eq!(mesh(&h.ledger().await), ["r-1", "r-2"]);
     h.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -144,6 +168,6 @@ async fn events_wait_with_503_while_the_ledger_cannot_be_written() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = post(&h, ndjson(&[event("d-1", "mesh-bot")]), true).await;
-    assert_eq!(r.json(), json!({"accepted": 1, "duplicates": 0, "rejected": 0}));
+    assert_eq!(counts(&r.json()), json!({"accepted": 1, "duplicates": 0, "rejected": 0}));
     assert_eq!(mesh(&h.ledger().await), ["d-1"]);
 }

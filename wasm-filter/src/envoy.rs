@@ -1,19 +1,23 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
-//! queued usage events, policy polling).
+//! the usage-event outbox, requests whose body is awaited, policy polling).
 //!
 //! Rules learned in the real Envoy, each applied here:
-//! request headers and response headers always `Continue` (a paused headers hook never sees its
-//! body); the request body is buffered (`Pause` until end of stream) because the decision
-//! needs the model, and may be replaced there (the usage rewrite), which is why the request's
-//! `content-length` is dropped in the headers hook when it may be; the response body is observed
-//! chunk by chunk and always `Continue`s, so no byte waits for the meter (only the usage-chunk
-//! filter may hold one incomplete SSE event); our own local reply re-enters the response hooks
-//! and is left alone; headers are only set from headers hooks; usage events, metric
-//! increments and policy polls go out from the root context on the timer, once per VM,
-//! because an HTTP context's own callouts are cancelled when its stream ends; host calls that
-//! can fail are made through `hostcalls` (or the raw import, for buffer writes) and their errors
-//! handled, since a panic kills the worker's VM.
+//! the request headers are held (`Pause`) until the decision, which Envoy allows while still
+//! running the body hooks only with `allow_on_headers_stop_iteration` (otherwise a paused
+//! headers hook never sees its body: `filter.hold_headers: false` then lets them go on, and
+//! drops the `content-length` of a body that may be rewritten); the request body is buffered
+//! (`Pause` until end of stream) because the decision needs the model, and may be replaced
+//! there (the usage rewrite), the held headers' `content-length` set to match; the response
+//! headers always `Continue` (a paused response headers hook never sees its body); the response
+//! body is observed chunk by chunk and always `Continue`s, so no byte waits for the meter (only
+//! the usage-chunk filter may hold one incomplete SSE event); our own local reply re-enters the
+//! response hooks and is left alone; response headers are only set from their headers hook;
+//! usage events, metric increments, policy polls and the stalled-body timeout run from the root
+//! context on its timer, once per VM, because an HTTP context has no timer and its own callouts
+//! are cancelled when its stream ends; host calls that can fail are made through `hostcalls` (or
+//! the raw import, for buffer writes) and their errors handled, since a panic kills the
+//! worker's VM.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -24,6 +28,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::budget::{Budgets, StoreError};
+use tollgate_core::head::HOP_BY_HOP;
 use tollgate_core::metrics::{self as schema, Metric};
 use tollgate_core::money::Money;
 use tollgate_core::policy::Snapshot;
@@ -31,7 +36,7 @@ use tollgate_core::pricing::PriceSource;
 use tollgate_core::refusal::status_class;
 use tollgate_core::time::UnixMillis;
 
-use crate::exchange::{Exchange, Head, Now};
+use crate::exchange::{self, Exchange, Head, Now};
 use crate::metrics::{Counters, Recorder, UsageLine};
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{fail_policy_of, FailPolicy, Plugin};
@@ -39,7 +44,9 @@ use crate::shared::{self, SharedData, SharedStore};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, vm: Rc::default() })
+    });
 }}
 
 /// Envoy's shared data through the host calls.
@@ -77,6 +84,10 @@ struct HostCounters {
     named: HashMap<&'static str, u32>,
     /// Increments not yet given to Envoy, by metric id.
     pending: HashMap<u32, u64>,
+    /// Gauge ids by name, and their changes not yet given to Envoy (every VM adds its own
+    /// share to the one stat, so a gauge moves by deltas, never by `set`).
+    gauges: HashMap<&'static str, u32>,
+    pending_gauges: HashMap<u32, i64>,
 }
 
 impl Counters for HostCounters {
@@ -105,10 +116,30 @@ impl HostCounters {
         self.add(id, n);
     }
 
+    /// Moves a gauge by `delta`.
+    fn gauge(&mut self, name: &'static str, delta: i64) {
+        let id = match self.gauges.get(name) {
+            Some(id) => *id,
+            None => match hostcalls::define_metric(MetricType::Gauge, name) {
+                Ok(id) => {
+                    self.gauges.insert(name, id);
+                    id
+                }
+                Err(_) => return,
+            },
+        };
+        *self.pending_gauges.entry(id).or_default() += delta;
+    }
+
     /// Hands the summed increments to Envoy.
     fn flush(&mut self) {
         for (id, n) in self.pending.drain() {
             let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for (id, delta) in self.pending_gauges.drain() {
+            if delta != 0 {
+                let _ = hostcalls::increment_metric(id, delta);
+            }
         }
     }
 }
@@ -128,9 +159,19 @@ struct Vm {
     budgets: Budgets<SharedStore<HostShared>>,
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
-    events: RefCell<VecDeque<String>>,
+    /// The outbox: usage events not yet taken by the collector, oldest first.
+    events: RefCell<VecDeque<Queued>>,
+    /// Events the collector refused: kept (never dropped for being refused), offered again
+    /// every `filter.collector.retry_refused`, counted in `tollgate_usage_events_held`.
+    held: RefCell<VecDeque<Held>>,
     /// A batch of usage events is on its way (one at a time per VM).
     sending: Cell<bool>,
+    /// When this VM next sends its outbox (`filter.collector.flush`; each VM has its own timer).
+    next_flush_ms: Cell<u64>,
+    /// When the held events are next offered again.
+    next_held_ms: Cell<u64>,
+    /// Requests whose body is awaited, by HTTP context id.
+    awaited: RefCell<HashMap<u32, Rc<Awaited>>>,
     in_flight_calls: RefCell<HashMap<u32, Call>>,
     poll: RefCell<PolicyPoll>,
     /// Usage event ids: a random per-VM prefix and a sequence number.
@@ -141,10 +182,40 @@ struct Vm {
 /// Most usage events in one POST.
 const MAX_BATCH: usize = 1000;
 
+/// One usage event in the outbox: its id (how the collector's answer names it) and its line.
+#[derive(Clone)]
+struct Queued {
+    id: String,
+    line: String,
+}
+
+/// An event the collector refused, and why.
+struct Held {
+    event: Queued,
+    why: String,
+}
+
+/// A batch on its way: new events (put back if the collector did not answer) and the ids of
+/// held events offered again.
+struct Batch {
+    fresh: Vec<Queued>,
+    retried: Vec<String>,
+}
+
+/// What the collector said about one event of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Taken (new or a duplicate of one taken before).
+    Taken,
+    /// Refused, and why.
+    Refused(String),
+    /// No answer for it: send it again.
+    Unanswered,
+}
+
 /// What an outgoing `dispatch_http_call` was for.
 enum Call {
-    /// A batch of usage events (the lines, to put back if the collector did not take them).
-    Events(Vec<String>),
+    Events(Batch),
     /// A policy poll.
     Policy,
 }
@@ -176,7 +247,7 @@ impl Vm {
 
     /// Puts the lines of a batch the collector did not take back in front of the queue
     /// (bounded: the oldest beyond `max_queued` are dropped and counted).
-    fn requeue(&self, lines: Vec<String>, max_queued: usize) {
+    fn requeue(&self, lines: Vec<Queued>, max_queued: usize) {
         let mut events = self.events.borrow_mut();
         for line in lines.into_iter().rev() {
             events.push_front(line);
@@ -189,6 +260,94 @@ impl Vm {
         drop(events);
         if dropped > 0 {
             self.count(schema::USAGE_EVENTS_DROPPED.name, dropped);
+        }
+    }
+
+    /// Keeps an event the collector refused (bounded by `max_queued` like the outbox: beyond
+    /// it the oldest held event is dropped and counted), with a log line naming why.
+    fn hold(&self, event: Queued, why: String, max_queued: usize, retry_ms: u64) {
+        log(
+            LogLevel::Warn,
+            &format!(
+                "tollgate: the collector refused usage event {}: {why}; kept in the outbox and \
+                 offered again: {}",
+                event.id, event.line
+            ),
+        );
+        let mut held = self.held.borrow_mut();
+        if held.is_empty() {
+            self.next_held_ms.set(now().ms.0.saturating_add(retry_ms));
+        }
+        held.push_back(Held { event, why });
+        let mut dropped = 0i64;
+        while held.len() > max_queued.max(1) {
+            held.pop_front();
+            dropped += 1;
+        }
+        drop(held);
+        let mut counters = self.counters.borrow_mut();
+        counters.gauge(schema::USAGE_EVENTS_HELD.name, 1 - dropped);
+        if dropped > 0 {
+            counters.count(schema::USAGE_EVENTS_DROPPED.name, dropped.unsigned_abs());
+        }
+    }
+
+    /// Accounts for a batch's answer, event by event.
+    fn settle_batch(
+        &self,
+        batch: Batch,
+        verdict: impl Fn(&str) -> Verdict,
+        (max_queued, retry_ms): (usize, u64),
+    ) {
+        let (mut sent, mut refused, mut failed) = (0u64, 0u64, 0u64);
+        let mut again = Vec::new();
+        for event in batch.fresh {
+            match verdict(&event.id) {
+                Verdict::Taken => sent += 1,
+                Verdict::Refused(why) => {
+                    refused += 1;
+                    self.hold(event, why, max_queued, retry_ms);
+                }
+                Verdict::Unanswered => {
+                    failed += 1;
+                    again.push(event);
+                }
+            }
+        }
+        let mut released = 0i64;
+        for id in batch.retried {
+            match verdict(&id) {
+                Verdict::Taken => {
+                    sent += 1;
+                    let mut held = self.held.borrow_mut();
+                    let before = held.len();
+                    held.retain(|h| h.event.id != id);
+                    released += i64::try_from(before - held.len()).unwrap_or(0);
+                }
+                Verdict::Refused(why) => {
+                    refused += 1;
+                    if let Some(h) = self.held.borrow_mut().iter_mut().find(|h| h.event.id == id) {
+                        h.why = why;
+                    }
+                }
+                Verdict::Unanswered => failed += 1,
+            }
+        }
+        if !again.is_empty() {
+            self.requeue(again, max_queued);
+        }
+        let mut counters = self.counters.borrow_mut();
+        for (metric, n) in [
+            (&schema::USAGE_EVENTS_SENT, sent),
+            (&schema::USAGE_EVENTS_REJECTED, refused),
+            (&schema::USAGE_EVENTS_FAILED, failed),
+        ] {
+            if n > 0 {
+                counters.count(metric.name, n);
+            }
+        }
+        if released > 0 {
+            counters.gauge(schema::USAGE_EVENTS_HELD.name, -released);
         }
     }
 
@@ -214,7 +373,11 @@ impl Default for Vm {
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
             events: RefCell::new(VecDeque::new()),
+            held: RefCell::new(VecDeque::new()),
             sending: Cell::new(false),
+            next_flush_ms: Cell::new(0),
+            next_held_ms: Cell::new(0),
+            awaited: RefCell::new(HashMap::new()),
             in_flight_calls: RefCell::new(HashMap::new()),
             poll: RefCell::new(PolicyPoll::default()),
             event_prefix: prefix,
@@ -223,9 +386,22 @@ impl Default for Vm {
     }
 }
 
-#[derive(Default)]
 struct Root {
+    context_id: u32,
     vm: Rc<Vm>,
+}
+
+/// A request whose body the filter is waiting for: when a piece of it last came, and whether the
+/// root's timer refused it for stalling (`filter.body_idle_timeout`).
+struct Awaited {
+    last_ms: Cell<u64>,
+    timed_out: Cell<bool>,
+    /// A body hook has run for it.
+    body_seen: Cell<bool>,
+    /// Its headers are held (the headers hook paused).
+    held: bool,
+    shape: Shape,
+    request_id: String,
 }
 
 #[link(wasm_import_module = "env")]
@@ -286,33 +462,37 @@ impl Context for Root {
             .flatten()
             .and_then(|s| String::from_utf8(s).ok());
         match call {
-            Some(Call::Events(lines)) => {
+            Some(Call::Events(batch)) => {
                 self.vm.sending.set(false);
-                let n = lines.len() as u64;
-                match status.as_deref() {
-                    Some(s) if s.starts_with('2') => {
-                        self.vm.count(schema::USAGE_EVENTS_SENT.name, n);
+                let limits = match &*self.vm.config.borrow() {
+                    Config::Ready(p) => p
+                        .filter
+                        .collector
+                        .as_ref()
+                        .map_or((0, 60_000), |c| (c.max_queued, c.retry_refused_ms)),
+                    _ => (0, 60_000),
+                };
+                let body = match status.as_deref() {
+                    Some(s) if s.starts_with('2') || s.starts_with('4') => {
+                        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default()
                     }
-                    // Refused for good (bad lines, or a bad token): sending again cannot help.
-                    // The collector took the good lines of a 422.
-                    Some(s) if s.starts_with('4') => {
-                        self.vm.count(schema::USAGE_EVENTS_REJECTED.name, n);
-                        log(
-                            LogLevel::Warn,
-                            &format!("tollgate: the collector refused {n} usage events with {s}"),
-                        );
-                    }
-                    // No answer (timeout, reset) or a 5xx: sent again on a later tick. The
-                    // collector may have taken them already; it deduplicates by event id.
-                    _ => {
-                        self.vm.count(schema::USAGE_EVENTS_FAILED.name, n);
-                        let max = match &*self.vm.config.borrow() {
-                            Config::Ready(p) => p.filter.collector.as_ref().map(|c| c.max_queued),
-                            _ => None,
-                        };
-                        self.vm.requeue(lines, max.unwrap_or(0));
-                    }
+                    _ => Vec::new(),
+                };
+                let answers = verdicts(status.as_deref(), &body);
+                if let Some(s) = status.as_deref().filter(|s| !s.starts_with('2')) {
+                    log(
+                        LogLevel::Warn,
+                        &format!(
+                            "tollgate: the collector answered {s} to {} usage events: {}",
+                            batch.fresh.len() + batch.retried.len(),
+                            String::from_utf8_lossy(&body[..body.len().min(512)])
+                        ),
+                    );
                 }
+                self.vm.settle_batch(batch, answers, limits);
             }
             Some(Call::Policy) => {
                 self.vm.poll.borrow_mut().in_flight = false;
@@ -379,17 +559,21 @@ impl RootContext for Root {
         if let Err(e) = self.vm.budgets.expire(t.ms) {
             log(LogLevel::Warn, &format!("tollgate: expiring reservations: {e}"));
         }
-        self.flush_events();
+        self.flush_events(t.ms.0);
         self.poll_policy(t.ms.0);
+        self.refuse_stalled(t.ms.0);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            context_id,
+            awaited: None,
             vm: self.vm.clone(),
             exchange: None,
             local_reply: false,
             decided: false,
             may_rewrite: false,
+            held: false,
             arrived: Now { ms: UnixMillis(0), ns: 0 },
         }))
     }
@@ -400,25 +584,94 @@ impl RootContext for Root {
 }
 
 impl Root {
-    /// Sends the queued usage events as one NDJSON POST to the collector cluster.
-    fn flush_events(&mut self) {
+    /// Answers `408 body_timeout` (and closes the connection), as the sidecar does, to every
+    /// request whose body has been silent for longer than `filter.body_idle_timeout`. A stream
+    /// has no timer of its own in proxy-wasm: the root's timer answers in the stream's context,
+    /// then makes its own context the effective one again (a callout made from a stream's
+    /// context would die with the stream).
+    fn refuse_stalled(&self, now_ms: u64) {
+        let timeout = match &*self.vm.config.borrow() {
+            Config::Ready(p) => p.filter.body_idle_timeout_ms,
+            _ => return,
+        };
+        let stalled: Vec<(u32, Rc<Awaited>)> = self
+            .vm
+            .awaited
+            .borrow()
+            .iter()
+            .filter(|(_, a)| now_ms.saturating_sub(a.last_ms.get()) > timeout)
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        if stalled.is_empty() {
+            return;
+        }
+        let denial = exchange::body_stalled(timeout);
+        for (id, awaited) in stalled {
+            self.vm.awaited.borrow_mut().remove(&id);
+            awaited.timed_out.set(true);
+            if awaited.held && !awaited.body_seen.get() {
+                // Either the client never sent its body, or Envoy never ran the body hooks of a
+                // request whose headers the filter holds: what a missing
+                // `allow_on_headers_stop_iteration` does to every request with a body.
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: request {}: no request body seen within {timeout} ms while \
+                         its headers were held; if every request with a body ends so, the Wasm \
+                         plugin lacks `allow_on_headers_stop_iteration: true` (or set \
+                         `filter.hold_headers: false` and put Envoy's buffer filter after this one)",
+                        awaited.request_id
+                    ),
+                );
+            }
+            if hostcalls::set_effective_context(id).is_err() {
+                continue;
+            }
+            let reply = denial.render(awaited.shape, &awaited.request_id);
+            let mut headers: Vec<(&str, &str)> =
+                reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            headers.push(("connection", "close"));
+            self.vm.decision(denial.class.decision(), &denial.code, "-", "none");
+            let _ =
+                hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
+    /// Sends the outbox as one NDJSON POST to the collector cluster when this VM's flush is due
+    /// (`filter.collector.flush`), with the held events when their retry is due.
+    fn flush_events(&mut self, now_ms: u64) {
         let plugin = match &*self.vm.config.borrow() {
             Config::Ready(p) => p.clone(),
             _ => return,
         };
         let Some(collector) = &plugin.filter.collector else { return };
-        if self.vm.sending.get() {
+        if self.vm.sending.get() || now_ms < self.vm.next_flush_ms.get() {
             return;
         }
+        self.vm.next_flush_ms.set(now_ms.saturating_add(collector.flush_ms));
+        let retry_held = now_ms >= self.vm.next_held_ms.get() && !self.vm.held.borrow().is_empty();
         let mut events = self.vm.events.borrow_mut();
-        if events.is_empty() {
+        if events.is_empty() && !retry_held {
             return;
         }
         let n = events.len().min(MAX_BATCH);
         let mut body = String::new();
         for e in events.iter().take(n) {
-            body.push_str(e);
+            body.push_str(&e.line);
             body.push('\n');
+        }
+        let mut retried = Vec::new();
+        if retry_held {
+            self.vm.next_held_ms.set(now_ms.saturating_add(collector.retry_refused_ms));
+            for h in self.vm.held.borrow().iter().take(MAX_BATCH.saturating_sub(n)) {
+                body.push_str(&h.event.line);
+                body.push('\n');
+                retried.push(h.event.id.clone());
+            }
+        }
+        if body.is_empty() {
+            return;
         }
         let mut headers = vec![
             (":method", "POST"),
@@ -436,14 +689,62 @@ impl Root {
         );
         match call {
             Ok(token) => {
-                let lines: Vec<String> = events.drain(..n).collect();
+                let fresh: Vec<Queued> = events.drain(..n).collect();
                 self.vm.sending.set(true);
-                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Events(lines));
+                let batch = Batch { fresh, retried };
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Events(batch));
             }
             Err(status) => {
                 log(LogLevel::Warn, &format!("tollgate: collector call failed: {status:?}"));
             }
         }
+    }
+}
+
+/// The collector's answer to a batch, per event id. The Tollgate collector answers each line
+/// (`results`: `event_id` and `result`: `accepted`, `duplicate` or `refused`, with `field` and
+/// `error`); any other `2xx` took everything; a `4xx` without results refused everything
+/// (a bad token, a batch too large), naming the status; no answer or a `5xx`: send again. An
+/// event the answer does not mention is sent again (the collector deduplicates by id).
+fn verdicts(status: Option<&str>, body: &[u8]) -> impl Fn(&str) -> Verdict {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<LineResult>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LineResult {
+        event_id: Option<String>,
+        result: String,
+        field: Option<String>,
+        error: Option<String>,
+    }
+    let per_event: Option<HashMap<String, Verdict>> =
+        serde_json::from_slice::<Answer>(body).ok().map(|a| {
+            a.results
+                .into_iter()
+                .filter_map(|r| {
+                    let verdict = match r.result.as_str() {
+                        "accepted" | "duplicate" => Verdict::Taken,
+                        "refused" => Verdict::Refused(match (r.field.as_deref(), r.error) {
+                            (Some(f), Some(e)) if !f.is_empty() => format!("{f}: {e}"),
+                            (_, Some(e)) => e,
+                            _ => "refused".to_owned(),
+                        }),
+                        _ => Verdict::Unanswered,
+                    };
+                    Some((r.event_id?, verdict))
+                })
+                .collect()
+        });
+    let status = status.unwrap_or("").to_owned();
+    let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+    move |id: &str| match (&per_event, status.as_bytes().first()) {
+        (Some(map), Some(b'2' | b'4')) => map.get(id).cloned().unwrap_or(Verdict::Unanswered),
+        (None, Some(b'2')) => Verdict::Taken,
+        (None, Some(b'4')) => {
+            Verdict::Refused(format!("the batch was answered {status}: {excerpt}"))
+        }
+        _ => Verdict::Unanswered,
     }
 }
 
@@ -542,13 +843,19 @@ impl Root {
 }
 
 struct Http {
+    context_id: u32,
+    /// Set while the body is awaited (see [`Root::refuse_stalled`]).
+    awaited: Option<Rc<Awaited>>,
     vm: Rc<Vm>,
     exchange: Option<Exchange>,
     /// Our own reply is passing through the response hooks: leave it alone.
     local_reply: bool,
     decided: bool,
-    /// The request's `content-length` was removed so that its body may be rewritten.
+    /// The request's body may be rewritten (the usage rewrite).
     may_rewrite: bool,
+    /// The request headers are held (the headers hook paused) until the decision: its
+    /// `content-length` is set again when the body is rewritten.
+    held: bool,
     /// When the request headers arrived: the time its decision is made at (one clock read
     /// fewer per request; the body follows within the request's own upload time).
     arrived: Now,
@@ -557,10 +864,48 @@ struct Http {
 impl Context for Http {}
 
 impl Http {
+    /// Starts waiting for the body (see [`Root::refuse_stalled`]).
+    fn await_body(&mut self, shape: Shape, request_id: &str, now_ms: u64) {
+        let awaited = Rc::new(Awaited {
+            last_ms: Cell::new(now_ms),
+            timed_out: Cell::new(false),
+            body_seen: Cell::new(false),
+            held: self.held,
+            shape,
+            request_id: request_id.to_owned(),
+        });
+        self.vm.awaited.borrow_mut().insert(self.context_id, awaited.clone());
+        self.awaited = Some(awaited);
+    }
+
+    /// The body is complete, refused or gone: no longer waited for.
+    fn stop_awaiting(&mut self) {
+        if self.awaited.take().is_some() {
+            self.vm.awaited.borrow_mut().remove(&self.context_id);
+        }
+    }
+
+    /// The root's timer answered this request for its stalled body.
+    fn timed_out(&self) -> bool {
+        self.awaited.as_ref().is_some_and(|a| a.timed_out.get())
+    }
+
     fn reply(&mut self, denial: &Denial, shape: Shape, request_id: &str, model: &str) {
+        self.reply_with(denial, shape, request_id, model, &[]);
+    }
+
+    fn reply_with(
+        &mut self,
+        denial: &Denial,
+        shape: Shape,
+        request_id: &str,
+        model: &str,
+        extra: &[(&str, &str)],
+    ) {
         let reply = denial.render(shape, request_id);
-        let headers: Vec<(&str, &str)> =
+        let mut headers: Vec<(&str, &str)> =
             reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        headers.extend_from_slice(extra);
         self.local_reply = true;
         self.vm.decision(denial.class.decision(), &denial.code, model, "none");
         let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
@@ -577,6 +922,7 @@ impl Http {
     /// Decides on the complete request body; replies on a refusal.
     fn decide(&mut self, plugin: &Plugin, body: &[u8]) -> Action {
         self.decided = true;
+        self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
@@ -602,7 +948,9 @@ impl Http {
 }
 
 impl Http {
-    /// Asks an admitted OpenAI stream for usage (see [`Exchange::usage_rewrite`]).
+    /// Asks an admitted OpenAI stream for usage (see [`Exchange::usage_rewrite`]). With the
+    /// headers held, their `content-length` is set to the new body's; otherwise it was removed
+    /// when they went on.
     fn rewrite_body(&mut self, body: &[u8], body_size: usize) {
         if !self.may_rewrite || self.local_reply {
             return;
@@ -611,8 +959,30 @@ impl Http {
         if let Some(rewritten) = exchange.usage_rewrite(body) {
             if !set_buffer(BufferType::HttpRequestBody, 0, body_size, &rewritten) {
                 log(LogLevel::Warn, "tollgate: cannot rewrite the request body for usage");
+                return;
+            }
+            if self.held {
+                let length = rewritten.len().to_string();
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "content-length",
+                    Some(&length),
+                );
             }
         }
+    }
+
+    /// The body so far is over `filter.max_body_bytes`: the sidecar's 413.
+    fn too_large(&mut self, plugin: &Plugin) -> Action {
+        let (shape, id) = match &self.exchange {
+            Some(e) => (e.shape, e.request_id.clone()),
+            None => (Shape::OpenAi, String::new()),
+        };
+        self.decided = true;
+        self.exchange = None;
+        self.stop_awaiting();
+        self.reply(&exchange::too_large(plugin.filter.max_body_bytes), shape, &id, "-");
+        Action::Pause
     }
 }
 
@@ -660,29 +1030,72 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         };
+        if head.method.eq_ignore_ascii_case("CONNECT") {
+            // Neither the sidecar without its forward proxy nor the filter serves a tunnel:
+            // refused at once (never held open waiting for a body), the connection closed.
+            let id = head.request_id.clone().unwrap_or_default();
+            let denial = exchange::connect_refused(head.authority.as_deref());
+            self.reply_with(&denial, Shape::OpenAi, &id, "-", &[("connection", "close")]);
+            return Action::Pause;
+        }
         match Exchange::start_lines(&plugin, head, &headers, t) {
             Ok(exchange) => {
-                // Headers go upstream before the body is seen (a body hook cannot change them):
-                // a body that may be rewritten loses its length now.
+                // As the sidecar: attribution first, then a body announced over the limit is
+                // refused before any of it is read.
+                let length = header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                if length.is_some_and(|n| n > plugin.filter.max_body_bytes) {
+                    self.exchange = Some(exchange);
+                    return self.too_large(&plugin);
+                }
+                let hold = plugin.filter.hold_headers && !end_of_stream;
                 let rewrite =
                     plugin.filter.include_usage && !end_of_stream && exchange.may_rewrite_body();
                 let attribution = plugin.engine.attribution();
+                // What `Connection` names goes too (Envoy usually removed `Connection` itself).
+                let nominated: Vec<String> = headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+                    .flat_map(|(_, v)| {
+                        String::from_utf8_lossy(v)
+                            .split(',')
+                            .map(|n| n.trim().to_ascii_lowercase())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
                 let dropped = |name: &str| {
                     (!plugin.filter.forward_attribution
                         && attribution.header_names().any(|a| name.eq_ignore_ascii_case(a)))
-                        || (rewrite && name.eq_ignore_ascii_case("content-length"))
+                        // The sidecar's hop-by-hop and proxy headers; Envoy's codec owns the
+                        // framing (`transfer-encoding`) and the connection itself.
+                        || (HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+                            && !name.eq_ignore_ascii_case("transfer-encoding")
+                            && !name.eq_ignore_ascii_case("connection"))
+                        || nominated.iter().any(|n| name.eq_ignore_ascii_case(n))
+                        // Headers that go on before the body is seen cannot follow its rewrite.
+                        || (rewrite && !hold && name.eq_ignore_ascii_case("content-length"))
                 };
                 for (name, _) in headers.iter().filter(|(n, _)| dropped(n)) {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
                 self.may_rewrite = rewrite;
+                self.held = hold;
                 self.arrived = t;
-                self.exchange = Some(exchange);
                 if end_of_stream {
+                    self.exchange = Some(exchange);
                     return self.decide(&plugin, &[]);
                 }
-                // The body decides; headers go on (pausing here would hide the body).
-                Action::Continue
+                self.await_body(exchange.shape, &exchange.request_id, t.ms.0);
+                self.exchange = Some(exchange);
+                if hold {
+                    // Nothing goes upstream before the decision: Envoy holds these headers
+                    // while the body hooks see the body (`allow_on_headers_stop_iteration`),
+                    // and sends both on when the body hook continues.
+                    Action::Pause
+                } else {
+                    // The body decides; the headers go on to the next filter (Envoy's buffer
+                    // filter holds them there).
+                    Action::Continue
+                }
             }
             Err((denial, shape, id)) => {
                 self.reply(&denial, shape, &id, "-");
@@ -692,13 +1105,24 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply || self.decided {
             return Action::Continue;
+        }
+        if let Some(awaited) = &self.awaited {
+            awaited.last_ms.set(now().ms.0);
+            awaited.body_seen.set(true);
+        }
+        let Ok(plugin) = self.plugin() else { return Action::Continue };
+        // A body without (or beyond) its announced length: refused once it passes the limit.
+        if body_size as u64 > plugin.filter.max_body_bytes {
+            return self.too_large(&plugin);
         }
         if !end_of_stream {
             return Action::Pause;
         }
-        let Ok(plugin) = self.plugin() else { return Action::Continue };
         let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
             .ok()
             .flatten()
@@ -709,6 +1133,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         // A body ending in trailers never had `end_of_stream` on its last chunk.
         if self.local_reply || self.decided {
             return Action::Continue;
@@ -724,6 +1151,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply {
             return Action::Continue;
         }
@@ -751,6 +1181,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.timed_out() {
+            self.local_reply = true;
+        }
         if self.local_reply {
             return Action::Continue;
         }
@@ -781,7 +1214,13 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        // A client gone while its body was awaited leaves nothing waiting.
+        let timed_out = self.timed_out();
+        self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return };
+        if timed_out {
+            return;
+        }
         // Each request counted once: refusals when refused, the rest here, with the upstream's
         // status class.
         let status = status_class(exchange.upstream_status());
@@ -791,7 +1230,16 @@ impl HttpContext for Http {
             self.vm.decision("allow", reason, exchange.model().unwrap_or("-"), status);
         }
         let Ok(plugin) = self.plugin() else { return };
-        let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now()) else { return };
+        // How a response that did not complete ended, from Envoy's response flags.
+        let flags = hostcalls::get_property(vec!["response", "flags"])
+            .ok()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let broken = exchange::end_of(flags);
+        let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now(), broken) else {
+            return;
+        };
         // A response priced by something other than its own listing; an implausible report is
         // billed at the reservation without being priced at all (counted on its own below), as
         // in the sidecar.
@@ -857,14 +1305,17 @@ impl HttpContext for Http {
         if let Some(collector) = &plugin.filter.collector {
             event.event_id = self.vm.next_event_id();
             if let Ok(line) = serde_json::to_string(&event.event) {
+                let queued = Queued { id: event.event_id.clone(), line };
                 let mut events = self.vm.events.borrow_mut();
-                if events.len() >= collector.max_queued {
+                let full = events.len() >= collector.max_queued;
+                if full {
                     events.pop_front();
-                    drop(events);
-                    self.vm.count(schema::USAGE_EVENTS_DROPPED.name, 1);
-                    events = self.vm.events.borrow_mut();
                 }
-                events.push_back(line);
+                events.push_back(queued);
+                drop(events);
+                if full {
+                    self.vm.count(schema::USAGE_EVENTS_DROPPED.name, 1);
+                }
             }
         }
     }

@@ -552,21 +552,22 @@ impl Exchange {
         self.response_done = true;
     }
 
-    /// Finishes metering, prices the request and settles its reservation. `None` for a request
-    /// that was never admitted (refused, or bypassed).
+    /// Finishes metering, prices the request and settles its reservation. `broken` is how the
+    /// response ended if it did not complete (the glue reads it from Envoy's response flags,
+    /// [`end_of`]). `None` for a request that was never admitted (refused, or bypassed).
     pub fn finish<D: SharedData>(
         &mut self,
         plugin: &Plugin,
         budgets: &Budgets<SharedStore<D>>,
         now: Now,
+        broken: End,
     ) -> Option<Finished> {
         let a = self.admitted.take()?;
-        // The filter cannot tell a client gone from an upstream reset.
-        let end = if self.response_done { End::Complete } else { End::Aborted };
+        let end = if self.response_done { End::Complete } else { broken };
         let ok = (200..300).contains(&self.status);
         let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
-            Some(meter) if ok || end == End::Aborted => {
+            Some(meter) if ok || end != End::Complete => {
                 let m = meter.finish(a.input_estimate);
                 decode_aborted = m.decode_aborted;
                 (m.usage, m.source, m.model)
@@ -664,6 +665,68 @@ impl Exchange {
     pub fn reason(&self) -> Option<&str> {
         self.admitted.as_ref().map(|a| a.reason.as_str())
     }
+}
+
+/// How a response that did not complete ended, from Envoy's response flags (the
+/// `response.flags` property, a bit set): `idle_timeout` for the stream idle timeout (`SI`),
+/// `client_gone` for the downstream going away (`DC`), `upstream_error` for an upstream reset,
+/// failure, timeout or protocol error (`UR`, `UF`, `UC`, `UT`, `UMSDR`, `UPE`, `LR`), as the
+/// sidecar records them. A stream that ended early with no flag set is the client's doing (the
+/// upstream's failures are flagged).
+pub fn end_of(flags: u64) -> End {
+    const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
+    const LOCAL_RESET: u64 = 0x8;
+    const UPSTREAM_REMOTE_RESET: u64 = 0x10;
+    const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
+    const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
+    const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
+    const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
+    const UPSTREAM_MAX_STREAM_DURATION: u64 = 0x80000;
+    const UPSTREAM_PROTOCOL_ERROR: u64 = 0x80_0000;
+    const UPSTREAM: u64 = UPSTREAM_REQUEST_TIMEOUT
+        | LOCAL_RESET
+        | UPSTREAM_REMOTE_RESET
+        | UPSTREAM_CONNECTION_FAILURE
+        | UPSTREAM_CONNECTION_TERMINATION
+        | UPSTREAM_MAX_STREAM_DURATION
+        | UPSTREAM_PROTOCOL_ERROR;
+    if flags & STREAM_IDLE_TIMEOUT != 0 {
+        End::IdleTimeout
+    } else if flags & DOWNSTREAM_CONNECTION_TERMINATION != 0 {
+        End::ClientGone
+    } else if flags & UPSTREAM != 0 {
+        End::UpstreamError
+    } else {
+        End::ClientGone
+    }
+}
+
+/// The sidecar's `413 body_too_large`.
+pub fn too_large(max: u64) -> Denial {
+    Denial::new(
+        Class::TooLarge,
+        "body_too_large",
+        format!("the request body is larger than {max} bytes"),
+    )
+}
+
+/// The sidecar's `408 body_timeout`: the request body was silent for longer than `idle_ms`.
+pub fn body_stalled(idle_ms: u64) -> Denial {
+    Denial::new(
+        Class::RequestTimeout,
+        "body_timeout",
+        format!("the request body stalled: nothing for {idle_ms} ms (filter.body_idle_timeout)"),
+    )
+}
+
+/// The sidecar's answer to a `CONNECT` when it is not a forward proxy (neither is the filter):
+/// no route serves it (`404 no_route`); the connection is closed after it.
+pub fn connect_refused(authority: Option<&str>) -> Denial {
+    Denial::new(
+        Class::NoRoute,
+        "no_route",
+        format!("no route for {} ", authority.map_or("-", strip_port)),
+    )
 }
 
 fn path_only(path: &str) -> &str {

@@ -53,6 +53,9 @@ pub struct Collector {
     /// Events kept per VM while the collector is slow or down; older ones are dropped (and
     /// counted) beyond this.
     pub max_queued: usize,
+    /// How often events the collector refused are offered to it again (they stay in the
+    /// outbox: the collector may be fixed, or its clock).
+    pub retry_refused_ms: u64,
     /// Extra request headers, e.g. `authorization` for the Tollgate proxy's ingest endpoint:
     /// `headers` as given, plus `authorization: Bearer <token>` from the environment variable
     /// named by `token_env` (read once per configuration; Envoy passes it in with
@@ -95,8 +98,22 @@ pub struct FilterSettings {
     pub max_label_values: usize,
     /// How long a reservation is held before it is given back without a settlement.
     pub reservation_ttl_ms: u64,
-    /// Timer period for expiring reservations and flushing events.
+    /// Timer period for expiring reservations (each VM has its own timer; see
+    /// [`Plugin::tick_ms`]).
     pub tick_ms: u64,
+    /// Hold the request headers until the decision (`Pause` from the headers hook), so that
+    /// nothing reaches the upstream before an allow. Needs Envoy's
+    /// `allow_on_headers_stop_iteration: true` on the plugin, without which a paused headers
+    /// hook never sees its body; `false` only where the host cannot set it (Istio's
+    /// `WasmPlugin`), with Envoy's buffer filter placed after this one to hold the headers.
+    pub hold_headers: bool,
+    /// Largest request body (bytes): `413 body_too_large` beyond it, from `Content-Length`
+    /// before anything is read, as the sidecar's `limits.max_body_bytes` (default 16 MiB).
+    pub max_body_bytes: u64,
+    /// Longest silence inside a request body the filter waits for: `408 body_timeout` and the
+    /// connection closed beyond it, as the sidecar's `limits.body_idle_timeout` (default 30 s;
+    /// checked on each VM's timer, so up to one `tick` later).
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for FilterSettings {
@@ -112,6 +129,9 @@ impl Default for FilterSettings {
             max_label_values: 1000,
             reservation_ttl_ms: 15 * 60 * 1000,
             tick_ms: 1000,
+            hold_headers: true,
+            max_body_bytes: 16 * 1024 * 1024,
+            body_idle_timeout_ms: 30_000,
         }
     }
 }
@@ -167,12 +187,13 @@ impl Plugin {
         Plugin { engine: self.engine.clone(), filter: self.filter.clone(), policy }
     }
 
-    /// The tick period: the configured one, shorter if the policy poll needs it.
+    /// The tick period: the configured one, shorter if the collector's flush interval or the
+    /// policy poll needs it. Every VM (Envoy's main thread and each worker) runs its own timer
+    /// and flushes its own outbox on it.
     pub fn tick_ms(&self) -> u64 {
-        match &self.filter.policy_url {
-            Some(p) => self.filter.tick_ms.min(p.interval_ms),
-            None => self.filter.tick_ms,
-        }
+        let flush = self.filter.collector.as_ref().map_or(u64::MAX, |c| c.flush_ms);
+        let poll = self.filter.policy_url.as_ref().map_or(u64::MAX, |p| p.interval_ms);
+        self.filter.tick_ms.min(flush).min(poll).max(1)
     }
 }
 
@@ -226,6 +247,23 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
     if let Some(ms) = obj.get("reservation_ttl").and_then(|f| f.duration_ms(cx)) {
         settings.reservation_ttl_ms = ms;
     }
+    if let Some(b) = obj.get("hold_headers").and_then(|f| f.bool(cx)) {
+        settings.hold_headers = b;
+    }
+    if let Some(f) = obj.get("max_body_bytes") {
+        match f.u64(cx) {
+            Some(0) => f.error(cx, "must be more than 0"),
+            Some(n) => settings.max_body_bytes = n,
+            None => {}
+        }
+    }
+    if let Some(f) = obj.get("body_idle_timeout") {
+        match f.duration_ms(cx) {
+            Some(0) => f.error(cx, "must be longer than 0"),
+            Some(ms) => settings.body_idle_timeout_ms = ms,
+            None => {}
+        }
+    }
     if let Some(f) = obj.get("tick") {
         match f.duration_ms(cx) {
             Some(0) => f.error(cx, "must be longer than 0"),
@@ -246,6 +284,9 @@ fn decode_filter(cx: &mut Cx, field: &Field<'_>) -> FilterSettings {
             "max_label_values",
             "reservation_ttl",
             "tick",
+            "hold_headers",
+            "max_body_bytes",
+            "body_idle_timeout",
         ],
     );
     settings
@@ -256,9 +297,19 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
     let cluster = obj.require(cx, "cluster").and_then(|f| f.non_empty_str(cx));
     let authority = obj.get("authority").and_then(|f| f.non_empty_str(cx));
     let path = obj.get("path").and_then(|f| f.non_empty_str(cx));
-    let flush_ms = obj.get("flush").and_then(|f| f.duration_ms(cx));
+    let flush_ms = match obj.get("flush") {
+        Some(f) => match f.duration_ms(cx) {
+            Some(0) => {
+                f.error(cx, "must be longer than 0");
+                None
+            }
+            ms => ms,
+        },
+        None => None,
+    };
     let timeout_ms = obj.get("timeout").and_then(|f| f.duration_ms(cx));
     let max_queued = obj.get("max_queued").and_then(|f| f.u64(cx));
+    let retry_refused_ms = obj.get("retry_refused").and_then(|f| f.duration_ms(cx));
     let mut headers = Vec::new();
     if let Some(f) = obj.get("headers") {
         {
@@ -285,7 +336,17 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
     }
     obj.finish(
         cx,
-        &["cluster", "authority", "path", "flush", "timeout", "max_queued", "headers", "token_env"],
+        &[
+            "cluster",
+            "authority",
+            "path",
+            "flush",
+            "timeout",
+            "max_queued",
+            "retry_refused",
+            "headers",
+            "token_env",
+        ],
     );
     let cluster = cluster?.to_owned();
     Some(Collector {
@@ -296,6 +357,7 @@ fn decode_collector(cx: &mut Cx, field: &Field<'_>) -> Option<Collector> {
         flush_ms: flush_ms.unwrap_or(1000),
         timeout_ms: timeout_ms.unwrap_or(5000),
         max_queued: max_queued.map_or(10_000, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        retry_refused_ms: retry_refused_ms.unwrap_or(60_000).max(1),
     })
 }
 
@@ -366,9 +428,38 @@ mod tests {
                 flush_ms: 2000,
                 timeout_ms: 5000,
                 max_queued: 10_000,
+                retry_refused_ms: 60_000,
                 headers: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn the_flush_interval_sets_the_tick_and_the_edge_settings_are_read() {
+        let text = format!(
+            r#"{{"filter": {{"tick": "5s", "hold_headers": false, "max_body_bytes": 1024,
+                "body_idle_timeout": "2s",
+                "collector": {{"cluster": "c", "flush": "300ms"}}}}, {POLICY}}}"#
+        );
+        let plugin = Plugin::from_document(&text).unwrap();
+        assert_eq!(plugin.tick_ms(), 300, "each VM ticks at least as often as it flushes");
+        assert!(!plugin.filter.hold_headers);
+        assert_eq!(plugin.filter.max_body_bytes, 1024);
+        assert_eq!(plugin.filter.body_idle_timeout_ms, 2000);
+        let defaults = FilterSettings::default();
+        assert!(defaults.hold_headers, "nothing goes upstream before an allow by default");
+        assert_eq!(
+            defaults.max_body_bytes,
+            16 * 1024 * 1024,
+            "the sidecar's limits.max_body_bytes"
+        );
+        let text = format!(
+            r#"{{"filter": {{"max_body_bytes": 0, "collector": {{"cluster": "c", "flush": "0s"}}}},
+                {POLICY}}}"#
+        );
+        let errors = Plugin::from_document(&text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["filter.max_body_bytes", "filter.collector.flush"]);
     }
 
     #[test]

@@ -44,7 +44,8 @@ const POLICY: &str = r#"{
 
 fn plugin(fail: &str, collector: bool) -> String {
     let collector = if collector {
-        r#""collector": {"cluster": "collector", "flush": "100ms"}, "tick": "100ms","#
+        // The flush interval sets each VM's timer (metrics are handed over on it too).
+        r#""collector": {"cluster": "collector", "flush": "100ms"},"#
     } else {
         ""
     };
@@ -418,7 +419,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     // The MCP route's category, as the sidecar's route has it (`category: read`).
     let plugin = json!({
-        "filter": {"fail": "closed", "mcp_category": "read", "tick": "100ms",
+        "filter": {"fail": "closed", "mcp_category": "read",
             "collector": {"cluster": "collector", "path": "/v1/usage/events", "timeout": "2s",
                 "flush": "100ms",
                 "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
@@ -426,7 +427,10 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "pricing": table.pricing,
     })
     .to_string();
-    let envoy = Envoy::start(&plugin, proxy.mock.addr().port(), admin_port);
+    // A relay in front of the mock records every byte that reaches the upstream, a head
+    // whose body never came included.
+    let relay = Relay::start(proxy.mock.addr().port(), 0);
+    let envoy = Envoy::start(&plugin, relay.port, admin_port);
     let scrape = || {
         let text = support::tollgate_families(&envoy.prometheus());
         exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
@@ -450,6 +454,14 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
                 String::from_utf8_lossy(&r.body)
             ));
         }
+        let id = case.request_id(MODE);
+        if r.header("x-request-id") != Some(id.as_str()) {
+            failures.push(format!(
+                "{}: answered with x-request-id {:?}, want {id}",
+                case.name,
+                r.header("x-request-id")
+            ));
+        }
         // Envoy hands the counters over on its tick and the event reaches the collector on
         // the next flush: wait until both match or time is up, and until they still match
         // after another tick (so that nothing the case changes is left for the next one).
@@ -457,6 +469,8 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         let check = || {
             let mut found = case.check_ledger(MODE, &mesh());
             found.extend(case.check_metrics(&table, MODE, &before, &scrape()));
+            let raw = relay.sent.lock().unwrap().clone();
+            found.extend(case.check_upstream(MODE, &proxy.mock.requests(), &raw));
             found
         };
         let found = loop {
@@ -495,7 +509,7 @@ fn usage_events_reach_the_tollgate_proxy_ledger_and_invoice_once() {
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     let relay = Relay::start(admin_port, 1);
     let plugin = format!(
-        r#"{{"filter": {{"tick": "100ms", "collector": {{"cluster": "collector",
+        r#"{{"filter": {{"collector": {{"cluster": "collector", "flush": "100ms",
             "path": "/v1/usage/events", "timeout": "2s",
             "headers": {{"authorization": "Bearer {}"}}}}}}, "policy": {POLICY}}}"#,
         proxy.token
@@ -605,7 +619,7 @@ fn the_filter_meters_the_corpus_as_the_sidecar_does() {
     let proxy = rt.block_on(Harness::builder().start());
     let admin_port: u16 = proxy.admin.rsplit(':').next().unwrap().parse().unwrap();
     let plugin = json!({
-        "filter": {"tick": "100ms", "collector": {"cluster": "collector",
+        "filter": {"collector": {"cluster": "collector", "flush": "100ms",
             "path": "/v1/usage/events", "timeout": "2s",
             "headers": {"authorization": format!("Bearer {}", proxy.token)}}},
         "policy": {"version": "corpus", "defaults": {"llm": "allow"}},

@@ -62,6 +62,37 @@ fn istio_plugin_config_compiles() {
     assert_eq!(plugin.filter.max_label_values, 500);
     assert_eq!(plugin.engine.policy().rules().len(), 2);
     assert!(plugin.engine.rates().resolve("my-finetune").is_some());
+    assert!(!plugin.filter.hold_headers, "a WasmPlugin cannot let the filter hold headers");
+    assert_eq!(plugin.filter.max_body_bytes, 16 * 1024 * 1024);
+}
+
+/// The edge options of `envoy/envoy.yaml` and `istio/edge.yaml` are the same lines (the
+/// EnvoyFilter merges them into the sidecars' connection manager), and the buffer that holds a
+/// body is larger than the filter's body limit in both, so that the filter's 413 answers.
+#[test]
+fn envoy_and_istio_set_the_same_edge_options() {
+    let envoy = read("envoy/envoy.yaml");
+    let istio = read("istio/edge.yaml");
+    let has = |text: &str, line: &str| text.lines().any(|l| l.trim() == line);
+    for line in [
+        "preserve_external_request_id: true",
+        "headers_with_underscores_action: REJECT_REQUEST",
+        "max_headers_count: 100",
+        "max_request_headers_kb: 64",
+        "request_headers_timeout: 10s",
+        "stream_idle_timeout: 120s",
+    ] {
+        assert!(has(&envoy, line), "envoy/envoy.yaml lacks `{line}`");
+        assert!(has(&istio, line), "istio/edge.yaml lacks `{line}`");
+    }
+    assert!(has(&envoy, "allow_on_headers_stop_iteration: true"));
+    let number = |text: &str, key: &str| -> u64 {
+        let line = text.lines().find_map(|l| l.trim().strip_prefix(key)).unwrap();
+        line.trim().parse().unwrap()
+    };
+    let limit = tollgate_wasm::settings::FilterSettings::default().max_body_bytes;
+    assert!(number(&envoy, "per_connection_buffer_limit_bytes:") > limit);
+    assert!(number(&istio, "max_request_bytes:") > limit);
 }
 
 /// Envoy's `stats_tags` in `envoy/envoy.yaml` and in Istio's bootstrap override

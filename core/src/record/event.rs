@@ -122,12 +122,31 @@ impl UsageEvent {
         }
     }
 
-    /// Checks the event as received at `now` and makes it the usage record to store: the
-    /// cost is taken as reported (the sender's rate card is what its traffic was charged by)
-    /// once its buckets add up; a mesh record carries no budget ids (the sender enforces its
-    /// own budgets).
+    /// [`UsageEvent::accept`] without the note on an implausible cost.
     pub fn into_record(self, now: UnixMillis) -> Result<UsageRecord, Invalid> {
+        self.accept(now).map(|(record, _)| record)
+    }
+
+    /// Checks the event as received at `now` and makes it the usage record to store. `Err` is
+    /// an event that cannot be stored safely: not an event (bad id), outside the deduplication
+    /// window (it could be billed twice), or not a billed request (`decision` other than
+    /// `allow`). Everything else well-formed is stored, because refusing it would lose usage
+    /// that was incurred:
+    /// - the cost is taken as reported (the sender's rate card is what its traffic was charged
+    ///   by) when its buckets add up;
+    /// - a cost that does not add up (a negative bucket, buckets that miss the total, a
+    ///   `cost_usd` or `cost_nano_usd` that contradicts it: an overflowing price, a bug) is
+    ///   stored as implausible (`usage_source: implausible`) at the largest amount the event
+    ///   claims, a negative one counting as zero, without buckets; the second value names why;
+    /// - attribution left empty is stored empty, as the sidecar records an attribute a request
+    ///   did not carry, and status `0` means no response head arrived.
+    ///
+    /// A mesh record carries no budget ids (the sender enforces its own budgets).
+    pub fn accept(self, now: UnixMillis) -> Result<(UsageRecord, Option<Invalid>), Invalid> {
         let id = text("event_id", self.event_id, MAX_ID)?;
+        if id.is_empty() {
+            return Err(Invalid::new("event_id", "required: a non-empty string"));
+        }
         if !id.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Invalid::new("event_id", "must be printable ASCII without spaces"));
         }
@@ -143,18 +162,27 @@ impl UsageEvent {
                 return Err(Invalid::new("ts", format!("does not match ts_ms ({ts})")));
             }
         }
-        check_cost(&self.cost, self.cost_usd, self.cost_nano_usd)?;
         let status = u16::try_from(self.status)
             .ok()
-            .filter(|s| (100..=599).contains(s))
-            .ok_or_else(|| Invalid::new("status", "required: an HTTP status (100-599)"))?;
+            .filter(|s| *s == 0 || (100..=599).contains(s))
+            .ok_or_else(|| {
+                Invalid::new("status", "an HTTP status (100-599), or 0 for no response")
+            })?;
         if self.decision != Decision::Allow {
             return Err(Invalid::new(
                 "decision",
                 "must be `allow` (only admitted requests are billed)",
             ));
         }
-        Ok(UsageRecord {
+        let (cost, total, usage_source, implausible) =
+            match check_cost(&self.cost, self.cost_usd, self.cost_nano_usd) {
+                Ok(()) => (Some(self.cost), self.cost.total, self.usage_source, None),
+                Err(why) => {
+                    let claimed = claimed_total(&self.cost, self.cost_usd, self.cost_nano_usd);
+                    (None, claimed, UsageSource::Implausible, Some(why))
+                }
+            };
+        let record = UsageRecord {
             ts,
             reserved_at_ms: self.ts_ms,
             request_id: optional("request_id", Some(self.request_id).filter(|r| !r.is_empty()))?
@@ -169,9 +197,9 @@ impl UsageEvent {
             model: optional("model", self.model)?,
             tool: optional("tool", self.tool)?,
             tokens: self.tokens,
-            cost_usd: self.cost.total,
-            cost_nano_usd: self.cost.total.nanos(),
-            cost: Some(self.cost),
+            cost_usd: total,
+            cost_nano_usd: total.nanos(),
+            cost,
             decision: Decision::Allow,
             reason: text("reason", self.reason, MAX_VALUE)?,
             clause: text("clause", self.clause, MAX_VALUE)?,
@@ -179,19 +207,38 @@ impl UsageEvent {
             budgets: Vec::new(),
             status,
             latency_ms: self.latency_ms,
-            usage_source: self.usage_source,
+            usage_source,
             price_source: self.price_source,
             end: self.end,
             source: Some(optional("source", self.source)?.unwrap_or_else(|| "mesh".to_owned())),
             source_event_id: Some(id),
-        })
+        };
+        Ok((record, implausible))
     }
 }
 
-/// A required, non-empty string of at most `max` bytes.
+/// The largest amount an event with an inconsistent cost claims (its total, the sum of its
+/// buckets, `cost_usd`, `cost_nano_usd`), negative amounts counting as zero: an implausible
+/// cost is never billed below what the sender said, and never credited.
+fn claimed_total(cost: &Cost, usd: Option<Money>, nanos: Option<i64>) -> Money {
+    let buckets = [
+        cost.input,
+        cost.cached_input,
+        cost.cache_write,
+        cost.output,
+        cost.reasoning,
+        cost.per_call,
+    ];
+    let sum = buckets.iter().fold(Money::ZERO, |sum, m| sum + (*m).max(Money::ZERO));
+    [Some(cost.total), Some(sum), usd, nanos.map(Money::from_nanos)]
+        .into_iter()
+        .flatten()
+        .fold(Money::ZERO, Money::max)
+}
+
+/// A string of at most `max` bytes (empty when the request did not carry it).
 fn text(field: &str, value: String, max: usize) -> Result<String, Invalid> {
     match value.len() {
-        0 => Err(Invalid::new(field, "required: a non-empty string")),
         n if n > max => Err(Invalid::new(field, format!("longer than {max} bytes"))),
         _ => Ok(value),
     }

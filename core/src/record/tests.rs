@@ -206,18 +206,14 @@ fn an_event_round_trips_and_becomes_a_usage_record() {
 #[test]
 fn a_bad_event_names_its_field() {
     type Spoil = fn(&mut UsageEvent);
-    let cases: [(Spoil, &str); 12] = [
+    let cases: [(Spoil, &str); 8] = [
         (|e| e.event_id = "has space".into(), "event_id"),
+        (|e| e.event_id.clear(), "event_id"),
         (|e| e.ts_ms = NOW.0 - DEDUP_WINDOW_MS - 1, "ts_ms"),
         (|e| e.ts_ms = NOW.0 + MAX_SKEW_MS + 1, "ts_ms"),
         (|e| e.ts = Some("2020-01-01T00:00:00.000Z".into()), "ts"),
-        (|e| e.cost.total = Money::from_nanos(1), "cost.total"),
-        (|e| e.cost.output = Money::from_nanos(-1), "cost.output"),
-        (|e| e.cost_usd = Some(Money::ZERO), "cost_usd"),
-        (|e| e.cost_nano_usd = Some(1), "cost_nano_usd"),
-        (|e| e.status = 0, "status"),
+        (|e| e.status = 99, "status"),
         (|e| e.decision = Decision::Deny, "decision"),
-        (|e| e.agent.clear(), "agent"),
         (|e| e.model = Some("m".repeat(MAX_VALUE + 1)), "model"),
     ];
     for (spoil, field) in cases {
@@ -227,4 +223,47 @@ fn a_bad_event_names_its_field() {
         assert_eq!(err.field, field, "{err}");
         assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
     }
+}
+
+#[test]
+fn an_impossible_cost_is_stored_as_implausible_at_the_most_it_claims() {
+    type Spoil = fn(&mut UsageEvent);
+    let cases: [(Spoil, &str, i64); 5] = [
+        (|e| e.cost.total = Money::from_nanos(1), "cost.total", 3_395_000),
+        (|e| e.cost.output = Money::from_nanos(-1), "cost.output", 3_395_000),
+        (|e| e.cost_usd = Some(Money::from_nanos(9_000_000)), "cost_usd", 9_000_000),
+        (|e| e.cost_nano_usd = Some(1), "cost_nano_usd", 3_395_000),
+        // A price that overflowed: each bucket at the largest amount, the total saturated.
+        (
+            |e| {
+                e.cost.input = Money::MAX;
+                e.cost.output = Money::MAX;
+                e.cost.total = Money::MAX;
+                e.cost_usd = Some(Money::MAX);
+                e.cost_nano_usd = Some(i64::MAX);
+            },
+            "cost.total",
+            i64::MAX,
+        ),
+    ];
+    for (spoil, field, billed) in cases {
+        let mut e = event();
+        spoil(&mut e);
+        let (record, why) = e.accept(NOW).unwrap();
+        assert_eq!(why.map(|w| w.field), Some(field.to_owned()));
+        assert_eq!(record.usage_source, UsageSource::Implausible, "{field}");
+        assert_eq!(record.cost_nano_usd, billed, "{field}");
+        assert_eq!(record.cost, None, "no buckets that do not add up");
+    }
+    let (record, why) = event().accept(NOW).unwrap();
+    assert_eq!((why, record.usage_source), (None, UsageSource::Reported));
+}
+
+#[test]
+fn what_the_sidecar_would_record_is_taken() {
+    let mut e = event();
+    e.agent.clear();
+    e.status = 0;
+    let record = e.into_record(NOW).unwrap();
+    assert_eq!((record.agent.as_str(), record.status), ("", 0), "no attribute, no response head");
 }

@@ -95,31 +95,64 @@ fn bad_lines_are_named_by_line_and_field_and_the_good_ones_kept() {
     body.extend_from_slice(b"{not json\n\n");
     body.extend(ndjson(&[bad_total, negative, nanos, stale, denied, event("e-8")]));
     let (outcome, entries) = take(&Ingest::default(), &body);
-    assert_eq!((outcome.accepted, outcome.rejected), (2, 7));
+    assert_eq!((outcome.accepted, outcome.implausible, outcome.rejected), (5, 2, 4));
     let got: Vec<(usize, &str)> =
         outcome.errors.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(got, [(3, ""), (6, "tokens.output"), (8, "ts_ms"), (9, "decision")]);
+    let ids: Vec<&str> = entries.iter().map(|e| e["source_event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["e-1", "e-2", "e-3", "e-5", "e-8"], "every well-formed event is written");
     assert_eq!(
-        got,
+        entries[1]["agent"], "",
+        "an absent attribute is recorded empty, as the sidecar does"
+    );
+    assert_eq!(entries[2]["usage_source"], "implausible");
+    assert_eq!(entries[2]["cost_nano_usd"], 3_396_000, "the most the event claims");
+}
+
+#[test]
+fn every_line_is_answered_by_its_event_id() {
+    let mut absurd = event("e-2");
+    absurd["cost"]["output"] = json!("9223372036.854775807");
+    absurd["cost"]["total"] = json!("9223372036.854775807");
+    absurd["cost_usd"] = json!("9223372036.854775807");
+    absurd["cost_nano_usd"] = json!(i64::MAX);
+    let mut stale = event("e-3");
+    stale["ts_ms"] = json!(NOW.0 - DEDUP_WINDOW_MS - 1);
+    stale.as_object_mut().unwrap().remove("ts");
+    let ingest = Ingest::default();
+    take(&ingest, &ndjson(&[event("e-4")]));
+    let mut body = ndjson(&[event("e-1"), absurd, stale, event("e-4")]);
+    body.extend_from_slice(b"[1]\n");
+    let (outcome, entries) = take(&ingest, &body);
+    let answer = serde_json::to_value(&outcome).unwrap();
+    let results: Vec<(Value, Value, Value)> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].clone(), r["event_id"].clone(), r["result"].clone()))
+        .collect();
+    assert_eq!(
+        results,
         [
-            (2, "agent"),
-            (3, ""),
-            (5, "cost.total"),
-            (6, "tokens.output"),
-            (7, "cost_nano_usd"),
-            (8, "ts_ms"),
-            (9, "decision")
+            (json!(1), json!("e-1"), json!("accepted")),
+            (json!(2), json!("e-2"), json!("accepted")),
+            (json!(3), json!("e-3"), json!("refused")),
+            (json!(4), json!("e-4"), json!("duplicate")),
+            (json!(5), Value::Null, json!("refused")),
         ]
     );
-    assert!(outcome.errors[2].error.contains("sum of the buckets"), "{:?}", outcome.errors[2]);
-    let ids: Vec<&str> = entries.iter().map(|e| e["source_event_id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["e-1", "e-8"]);
+    assert_eq!(answer["results"][1]["implausible"], true);
+    assert_eq!(answer["results"][1]["field"], "cost.total");
+    assert_eq!(answer["results"][2]["field"], "ts_ms");
+    assert_eq!(entries[1]["usage_source"], "implausible");
+    assert_eq!(entries[1]["cost_nano_usd"], i64::MAX, "on the invoice as claimed");
 }
 
 #[test]
 fn a_refused_line_does_not_reserve_its_id() {
     let ingest = Ingest::default();
     let mut bad = event("e-1");
-    bad["status"] = json!(0);
+    bad["status"] = json!(99);
     let (outcome, _) = take(&ingest, &ndjson(&[bad]));
     assert_eq!(outcome.rejected, 1);
     let (outcome, _) = take(&ingest, &ndjson(&[event("e-1")]));

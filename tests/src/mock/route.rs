@@ -70,23 +70,25 @@ pub async fn handle(
     let (parts, incoming) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let dialect = Dialect::of(&path);
-    let bytes = match incoming.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            let message = format!("cannot read request body: {e}");
-            return Ok(dialect.error(StatusCode::BAD_REQUEST, &message));
-        }
-    };
+    let collected = incoming.collect().await.map(http_body_util::Collected::to_bytes);
     if let Some(journal) = &state.journal {
         journal.record(RecordedRequest {
             method: parts.method.clone(),
             path: path.clone(),
             query: parts.uri.query().map(str::to_owned),
             headers: parts.headers.clone(),
-            body: bytes.clone(),
+            body: collected.as_ref().cloned().unwrap_or_default(),
             version: parts.version,
+            complete: collected.is_ok(),
         });
     }
+    let bytes = match collected {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let message = format!("cannot read request body: {e}");
+            return Ok(dialect.error(StatusCode::BAD_REQUEST, &message));
+        }
+    };
     let mut response = match Knobs::from_headers(&parts.headers) {
         Err(e) => dialect.error(StatusCode::BAD_REQUEST, &e.to_string()),
         Ok(knobs) => {

@@ -84,7 +84,7 @@ fn allowed_call_is_metered_priced_and_settled() {
     // Split anywhere: the meter sees chunks exactly as Envoy hands them over.
     ex.response_chunk(&response[..13], false);
     ex.response_chunk(&response[13..], true);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     let usage = Usage { input: 100, output: 7, ..Usage::default() };
     let cost = p.engine.rates().price("gpt-4o-2024-08-06", usage).unwrap().cost.total;
     assert_eq!(
@@ -94,7 +94,7 @@ fn allowed_call_is_metered_priced_and_settled() {
     assert_eq!(ev.model.as_deref(), Some("gpt-4o-2024-08-06"));
     assert_eq!(ev.price_source, Some(PriceSource::Listed));
     assert_eq!((ev.agent.as_str(), ev.clause.as_str(), ev.status), ("bot", "defaults.llm", 200));
-    assert!(ex.finish(&p, &budgets, NOW).is_none(), "settled once");
+    assert!(ex.finish(&p, &budgets, NOW, End::ClientGone).is_none(), "settled once");
     // What the filter sends is what the collector takes: the same core type, both ways.
     let mut sent = ev.event.clone();
     sent.event_id = "vm-1".into();
@@ -120,7 +120,7 @@ fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
     ex.response_headers(200);
     let response = br#"{"model":"mystery-7","usage":{"prompt_tokens":100,"completion_tokens":7}}"#;
     ex.response_chunk(response, true);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     let usage = Usage { input: 100, output: 7, ..Usage::default() };
     let cost = p.engine.rates().price("gpt-4o", usage).unwrap().cost.total;
     assert!(cost > Money::ZERO);
@@ -149,8 +149,8 @@ fn client_gone_mid_stream_is_charged_from_what_was_seen() {
         b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello world\"}}]}\n\n",
         false,
     );
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
-    assert_eq!((ev.end, ev.usage_source), (End::Aborted, UsageSource::Estimated));
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
+    assert_eq!((ev.end, ev.usage_source), (End::ClientGone, UsageSource::Estimated));
     assert!(ev.tokens.output > 0 && ev.cost.total.nanos() > 0, "{ev:?}");
     // The reservation was replaced by the actual cost on the shared counter.
     let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap();
@@ -255,7 +255,7 @@ fn model_listings_are_free_missing_models_are_400_and_mcp_session_methods_are_to
         ex.decide(&p, &budgets, b"", NOW).unwrap();
         assert!(ex.response_headers(200).contains(&("x-tollgate-clause", "defaults.llm")));
         ex.response_chunk(br#"{"object":"list","data":[]}"#, true);
-        let ev = ex.finish(&p, &budgets, NOW).unwrap();
+        let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
         assert_eq!(
             (ev.provider.as_str(), ev.cost.total, ev.price_source, ev.agent.as_str()),
             (provider, Money::ZERO, Some(PriceSource::Free), "lister")
@@ -312,7 +312,7 @@ fn store_failure_follows_the_fail_policy() {
     ex.decide(&p, &budgets, &req, NOW).unwrap();
     let _ = ex.response_headers(200);
     ex.response_chunk(br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#, true);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     assert_eq!(ev.tokens.output, 2, "still metered without a reservation");
 }
 
@@ -327,7 +327,7 @@ fn upstream_error_is_not_charged() {
     ex.decide(&p, &budgets, &body(json!({"model": "gpt-4o", "max_tokens": 10})), NOW).unwrap();
     let _ = ex.response_headers(500);
     ex.response_chunk(br#"{"error":{"message":"boom"}}"#, true);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     assert_eq!((ev.cost.total.nanos(), ev.usage_source, ev.status), (0, UsageSource::None, 500));
 }
 
@@ -340,7 +340,7 @@ fn bypassed_exchange_marks_its_headers_and_emits_no_event() {
     assert!(ex.is_bypass());
     let h = ex.response_headers(200);
     assert!(h.contains(&("x-tollgate-decision", "bypass")));
-    assert!(ex.finish(&p, &budgets, NOW).is_none());
+    assert!(ex.finish(&p, &budgets, NOW, End::ClientGone).is_none());
 }
 
 #[test]
@@ -382,7 +382,7 @@ fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_aga
         "data: [DONE]\n\n"
     );
     assert_eq!(String::from_utf8(client).unwrap(), expected);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     assert_eq!((ev.tokens.input, ev.tokens.output, ev.usage_source), (9, 4, UsageSource::Reported));
 }
 
@@ -452,7 +452,7 @@ fn run_limited(req: serde_json::Value, response: &[u8]) -> (Finished, i64, (i64,
     let (_, reserved) = state(&budgets);
     let _ = ex.response_headers(200);
     ex.response_chunk(response, true);
-    let ev = ex.finish(&p, &budgets, NOW).unwrap();
+    let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
     (ev, reserved, state(&budgets))
 }
 
@@ -579,4 +579,24 @@ fn an_attribution_header_sent_twice_is_refused_naming_it() {
     // Each once: admitted.
     let once = [&twice[0], &twice[2], &twice[3]].map(Clone::clone);
     assert!(Exchange::start_lines(&p, head("/v1/chat/completions", "ok"), &once, NOW).is_ok());
+}
+
+#[test]
+fn an_unfinished_response_ends_as_the_sidecar_records_it() {
+    assert_eq!(end_of(0x4000), End::ClientGone, "DC: the downstream went away");
+    assert_eq!(end_of(0x10), End::UpstreamError, "UR: the upstream reset the stream");
+    assert_eq!(end_of(0x40), End::UpstreamError, "UC: the upstream connection ended");
+    assert_eq!(end_of(0x4), End::UpstreamError, "UT: the upstream timed out");
+    assert_eq!(end_of(0x10000), End::IdleTimeout, "SI: the stream idle timeout");
+    assert_eq!(end_of(0x10 | 0x4000), End::ClientGone, "the client left first");
+    assert_eq!(end_of(0), End::ClientGone);
+}
+
+#[test]
+fn the_edge_refusals_are_the_sidecars() {
+    let r = too_large(1024).render(Shape::OpenAi, "r1");
+    assert_eq!(r.status, 413);
+    assert!(String::from_utf8_lossy(&r.body).contains("larger than 1024 bytes"));
+    let r = connect_refused(Some("api.openai.com:443")).render(Shape::OpenAi, "r2");
+    assert_eq!((r.status, r.header("x-tollgate-reason")), (404, Some("no_route")));
 }

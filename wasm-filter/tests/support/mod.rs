@@ -3,6 +3,9 @@
 //! collector, all on 127.0.0.1. Nothing is built here: `scripts/test` builds the module and
 //! installs Envoy first, and a missing one fails the test with the command to run.
 
+// Shared by several test crates (`envoy.rs`, `edge.rs`), each using part of it.
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -60,6 +63,18 @@ impl Envoy {
 
     /// [`Envoy::start`] with the `policy` cluster pointing at `policy`.
     pub fn start_with(plugin: &str, upstream: u16, collector: u16, policy: u16) -> Envoy {
+        Envoy::start_edited(plugin, upstream, collector, policy, |yaml| yaml.to_owned())
+    }
+
+    /// [`Envoy::start_with`] on the shipped bootstrap as `edit` changes it (another filter
+    /// chain, say).
+    pub fn start_edited(
+        plugin: &str,
+        upstream: u16,
+        collector: u16,
+        policy: u16,
+        edit: impl Fn(&str) -> String,
+    ) -> Envoy {
         let (port, admin) = (free_port(), free_port());
         let dir =
             std::env::temp_dir().join(format!("tollgate-envoy-{}-{port}", std::process::id()));
@@ -77,7 +92,8 @@ impl Envoy {
             .output()
             .unwrap();
         assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
-        std::fs::write(dir.join("envoy.yaml"), &rendered.stdout).unwrap();
+        let rendered = edit(&String::from_utf8(rendered.stdout).unwrap());
+        std::fs::write(dir.join("envoy.yaml"), rendered).unwrap();
         let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
         let child = Command::new(envoy_path())
             .args(["-c", "envoy.yaml", "--concurrency", "2", "--disable-hot-restart"])
@@ -202,6 +218,17 @@ fn try_request(
     Ok(Response { body, ..head })
 }
 
+/// Sends `raw` bytes as they are on a new connection and returns everything answered until the
+/// connection closes (or 10 s pass).
+pub fn raw(port: u16, raw: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(raw).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Sends a request and reads the response head; the body is left in the reader.
 pub fn send(
     port: u16,
@@ -273,25 +300,43 @@ pub fn read_body(
     Ok(body)
 }
 
-/// A usage-event collector: accepts POSTs of NDJSON and keeps every line.
+/// A usage-event collector: accepts POSTs of NDJSON and keeps every line it takes, answering
+/// each line by its `event_id` as the Tollgate collector does.
 pub struct Collector {
     pub port: u16,
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Every line offered, taken or not.
+    pub offered: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// When each batch arrived, with the event ids in it.
+    pub batches: Arc<Mutex<Vec<Batch>>>,
 }
+
+/// When a batch of usage events arrived, and the event ids in it.
+pub type Batch = (Instant, Vec<String>);
 
 impl Collector {
     pub fn start() -> Collector {
+        Collector::refusing(0)
+    }
+
+    /// A collector that refuses every event of its first `batches` batches (`422`, each line
+    /// `refused` naming a field), then takes everything.
+    pub fn refusing(batches: usize) -> Collector {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
+        let offered = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(std::sync::atomic::AtomicUsize::new(batches));
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen, log) = (events.clone(), offered.clone(), batches.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let sink = sink.clone();
-                std::thread::spawn(move || serve_collector(stream, &sink));
+                let (sink, seen, refuse, log) =
+                    (sink.clone(), seen.clone(), refuse.clone(), log.clone());
+                std::thread::spawn(move || serve_collector(stream, &sink, &seen, &refuse, &log));
             }
         });
-        Collector { port, events }
+        Collector { port, events, offered, batches }
     }
 
     /// Waits until an event with `request_id` arrived and returns it.
@@ -309,7 +354,13 @@ impl Collector {
     }
 }
 
-fn serve_collector(stream: TcpStream, sink: &Mutex<Vec<serde_json::Value>>) {
+fn serve_collector(
+    stream: TcpStream,
+    sink: &Mutex<Vec<serde_json::Value>>,
+    seen: &Mutex<Vec<serde_json::Value>>,
+    refuse: &std::sync::atomic::AtomicUsize,
+    batches: &Mutex<Vec<Batch>>,
+) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -335,12 +386,33 @@ fn serve_collector(stream: TcpStream, sink: &Mutex<Vec<serde_json::Value>>) {
             }
         }
         let Ok(body) = read_body(&head, &mut reader, |_| {}) else { return };
+        use std::sync::atomic::Ordering;
+        let refused =
+            refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let mut results = Vec::new();
+        let mut ids = Vec::new();
         for l in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(v) = serde_json::from_slice(l) {
-                sink.lock().unwrap().push(v);
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
+                seen.lock().unwrap().push(v.clone());
+                let id = v["event_id"].clone();
+                ids.push(id.as_str().unwrap_or_default().to_owned());
+                if refused {
+                    results.push(serde_json::json!({"event_id": id, "result": "refused",
+                        "field": "ts_ms", "error": "more than a day in the future"}));
+                } else {
+                    sink.lock().unwrap().push(v);
+                    results.push(serde_json::json!({"event_id": id, "result": "accepted"}));
+                }
             }
         }
-        if writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+        batches.lock().unwrap().push((Instant::now(), ids));
+        let answer = serde_json::json!({"results": results}).to_string();
+        let status = if refused { "422 Unprocessable Entity" } else { "200 OK" };
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if writer.write_all(reply.as_bytes()).is_err() {
             return;
         }
     }
