@@ -446,5 +446,22 @@ async fn the_focus_export_has_the_mandatory_columns_and_adds_up_to_the_ledger_to
         let row = rows.iter().find(|r| r["SkuId"] == sku).unwrap_or_else(|| panic!("{sku}"));
         assert_eq!(row["SkuMeter"], meter);
     }
+
+    // One day: its rows, in the month's billing period, add up to that day's records.
+    let day = records[0]["ts"].as_str().unwrap()[..10].to_string();
+    let out = command(
+        Path::new(BIN),
+        &["invoice", "--period", &day, "--format", "focus", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let day_rows = check_focus(&csv, &period);
+    assert!(day_rows.iter().all(|r| r["ChargePeriodStart"] == format!("{day}T00:00:00Z")));
+    let day_total: i64 = records
+        .iter()
+        .filter(|r| r["ts"].as_str().unwrap().starts_with(&day))
+        .map(|r| r["cost_nano_usd"].as_i64().unwrap())
+        .sum();
+    assert_eq!(day_rows.iter().map(|r| nanos(&r["BilledCost"])).sum::<i64>(), day_total);
     let _ = std::fs::remove_dir_all(dir);
 }
