@@ -7,7 +7,7 @@
 //! - `POST /admin/policy/reload`    re-read the policy source now
 //! - `GET  /admin/budgets`          every budget's state for the current period
 //! - `GET  /admin/usage?period=YYYY-MM[-DD]&group_by=agent|project|cost_center`
-//! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv`
+//! - `GET  /admin/invoice?period=YYYY-MM&group_by=cost_center|project|agent&format=json|csv|focus`
 //! - `GET  /admin/ledger/head`       the ledger's and the audit log's record counts and last hashes
 //!   (after flushing what is queued), for `tollgate audit verify --head`
 //! - approvals, agents and autonomy metrics: see [`oversight`]
@@ -303,7 +303,8 @@ async fn read_ledger(shared: &Shared) -> Result<Vec<crate::ledger::Stored>, Fail
     }
 }
 
-/// `GET /admin/invoice?period=2026-11&group_by=cost_center&format=csv|json`.
+/// `GET /admin/invoice?period=2026-11&group_by=cost_center&format=csv|json|focus` (`focus`:
+/// FinOps FOCUS cost-and-usage rows as CSV, see [`crate::focus`]).
 async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
     let mut period = now().to_string()[..7].to_string();
     let mut group_by = "cost_center".to_string();
@@ -325,13 +326,23 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
     if let Err(bad) = check_period(&period) {
         return Ok(bad);
     }
-    if !matches!(format.as_str(), "csv" | "json") {
+    if !matches!(format.as_str(), "csv" | "json" | "focus") {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,
-            &json!({"error": "format must be csv or json"}),
+            &json!({"error": "format must be csv, json or focus"}),
         ));
     }
     let records = read_ledger(shared).await?;
+    if format == "focus" {
+        let current = shared.current();
+        let Ok(csv) = crate::focus::from_ledger(&records, &period, current.config.engine.rates())
+        else {
+            return Err(Failure { status: StatusCode::BAD_REQUEST, message: "bad period" });
+        };
+        let mut r = Response::new(full(Bytes::from(csv)));
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+        return Ok(r);
+    }
     let policy = shared.current().policy.clone();
     let invoices = crate::invoice::from_ledger(
         &records,

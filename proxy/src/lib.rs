@@ -18,6 +18,7 @@ pub mod config;
 pub mod deny;
 pub mod explain;
 pub mod export;
+pub mod focus;
 pub mod forward;
 pub mod framing;
 pub mod front;

@@ -51,7 +51,8 @@ enum Command {
         period: String,
         #[arg(long, default_value = "cost_center", value_parser = ["cost_center", "project", "agent"])]
         group_by: String,
-        #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
+        /// `focus`: FinOps FOCUS 1.2 cost-and-usage rows (CSV; `--group-by` does not apply).
+        #[arg(long, default_value = "json", value_parser = ["json", "csv", "focus"])]
         format: String,
         /// Configuration (for budgets, shared costs and the data directory).
         #[arg(long, env = "TOLLGATE_CONFIG")]
@@ -207,6 +208,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if format == "focus" {
+                let rates = config.engine.rates();
+                match tollgate::focus::from_ledger(&records, &period, rates) {
+                    Ok(csv) => print!("{csv}"),
+                    Err(e) => {
+                        eprintln!("--period: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+                return ExitCode::SUCCESS;
+            }
             let group = tollgate::invoice::GroupBy::parse(&group_by)
                 .unwrap_or(tollgate::invoice::GroupBy::CostCenter);
             let invoices = tollgate::invoice::from_ledger(
