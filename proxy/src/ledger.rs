@@ -3,8 +3,8 @@
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
 //! record: `<crc32 hex> <link> <json>\n`, each line linked to the one before it by its hash, see
-//! [`chain`]) and appends the decisions to the hash-chained audit log
-//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]). A second thread fsyncs both at most every
+//! [`chain`]) and appends the decisions to the segments of the chained audit log
+//! (`<data_dir>/audit/`, see [`crate::audit`]). A second thread fsyncs both at most every
 //! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
 //! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
 //! milliseconds on a busy machine) must not keep records in memory, where a `SIGKILL` loses
@@ -116,11 +116,12 @@ impl Ledger {
         let linker = Linker::new(settings.hmac_key.as_ref());
         let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
         let scan = scan(&dir, &linker, replay_from, checkpoint.as_ref(), &settings.accept_corrupt)?;
-        let audit_path = settings.data_dir.join("audit.jsonl");
-        let (chain, opened) = Chain::open(&audit_path)?;
+        let audit_path = audit::dir(&settings.data_dir);
+        let (chain, opened) =
+            Chain::open(&settings.data_dir, linker.clone(), settings.segment_bytes)?;
         let (audit_records, audit_hash) = chain.head();
         if let Some(checkpoint) = &checkpoint {
-            let at = audit::hash_of_record(&audit_path, checkpoint.audit.records)?;
+            let at = audit::hash_of_record(&settings.data_dir, checkpoint.audit.records)?;
             head::compare("the audit log", &checkpoint.audit, audit_records, at.as_deref())
                 .map_err(|e| refuse_head(&audit_path, &settings.data_dir, &e))?;
         }
@@ -585,6 +586,9 @@ impl Writer {
                     if self.good_len >= self.settings.segment_bytes {
                         self.rotate();
                     }
+                    if let Some(handle) = self.chain.rotate_if_full() {
+                        self.durability.set_file(1, handle);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -623,7 +627,7 @@ impl Writer {
         {
             Ok(file) => {
                 match file.try_clone() {
-                    Ok(handle) => self.durability.set_segment(handle),
+                    Ok(handle) => self.durability.set_file(0, handle),
                     // The syncer keeps syncing the old (already synced) segment; stay on it.
                     Err(e) => {
                         tracing::error!(error = %e, "opening a new ledger segment");

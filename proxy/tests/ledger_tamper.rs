@@ -298,7 +298,9 @@ async fn a_complete_last_line_with_a_bad_checksum_is_kept_and_named_by_run_invoi
     }
     bytes.extend_from_slice(&intact[5][..40]);
     std::fs::write(segment(&torn, 1), &bytes).unwrap();
-    std::fs::copy(w.data.join("audit.jsonl"), torn.join("audit.jsonl")).unwrap();
+    std::fs::create_dir_all(torn.join("audit")).unwrap();
+    let audit = w.data.join("audit").join("00000001.seg");
+    std::fs::copy(&audit, torn.join("audit").join("00000001.seg")).unwrap();
     let (code, out, _) = verify(&torn, &[]);
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&format!("{}:6 is a torn tail", segment(&torn, 1).display())), "{out}");
@@ -481,7 +483,7 @@ async fn records_cut_from_the_end_are_found_against_the_head() {
     let seg = segment(&w.data, 1);
     let l = lines(&seg);
     write_lines(&seg, &l[..4]);
-    let audit = w.data.join("audit.jsonl");
+    let audit = w.data.join("audit").join("00000001.seg");
     let a = lines(&audit);
     write_lines(&audit, &a[..2]);
     let checkpoint_text = std::fs::read(w.data.join("head.json")).unwrap();

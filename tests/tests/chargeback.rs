@@ -112,10 +112,11 @@ async fn a_full_disk_refuses_metered_requests_with_503_until_it_recovers_and_cor
     assert_eq!(nanos(budgets["budgets"][0]["spent"].as_str().unwrap()), spent, "{budgets}");
 
     // The audit chain holds all four decisions (the refusal too) and verifies.
-    let audit = h.audit_path();
+    let data_dir = h.data_dir.clone();
     h.stop().await;
-    let verdict = tollgate::audit::verify(&audit).unwrap();
-    assert!(matches!(verdict, tollgate::audit::Verdict::Ok { records: 4, .. }), "{verdict}");
+    let report = tollgate::audit::verify(&data_dir, None, &[]).unwrap();
+    assert!(report.walk.problems.is_empty(), "{:?}", report.walk.problems);
+    assert_eq!(report.records(), 4);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -345,12 +345,25 @@ pub fn walk(
     segments: &[u64],
     linker: &Linker,
     hashes_at: &[u64],
+    record: impl FnMut(&[u8], &Pos) -> Result<(), String>,
+) -> std::io::Result<Walk> {
+    walk_from(dir, segments, linker, hashes_at, GENESIS, record)
+}
+
+/// [`walk`] over a chain whose first record links to `start` instead of [`GENESIS`] (the audit
+/// log after the single-file log it continues).
+pub fn walk_from(
+    dir: &Path,
+    segments: &[u64],
+    linker: &Linker,
+    hashes_at: &[u64],
+    start: [u8; 32],
     mut record: impl FnMut(&[u8], &Pos) -> Result<(), String>,
 ) -> std::io::Result<Walk> {
     let mut walk = Walk {
         segments: segments.to_vec(),
         last_hash: GENESIS,
-        next_link: GENESIS,
+        next_link: start,
         ..Walk::default()
     };
     // The previous complete line, as written (kept across segments).
@@ -403,7 +416,7 @@ pub fn walk(
                             }
                             walk.last_mode = Some(mode);
                             let expected = match &prev_pos {
-                                None => Some(GENESIS),
+                                None => Some(start),
                                 Some(_) => linker.link_in(mode, &prev),
                             };
                             match expected {
