@@ -187,6 +187,7 @@ pub async fn start_with(
             None => None,
         },
         accept_corrupt: config.ledger_accept_corrupt.clone(),
+        encoding: config.ledger_encoding,
     };
     let now = crate::pipeline::now();
     let (ledger, recovered) = if config.ledger_enabled {

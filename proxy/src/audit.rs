@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
 
-use crate::ledger::chain::{self, Linker, Walk};
+use crate::ledger::chain::{self, Body, Encoding, Linker, Walk};
+use tollgate_core::record::compact::{self, Encoder};
 
 pub use legacy::{Tampering, Verdict};
 
@@ -102,15 +103,90 @@ pub fn legacy_path(data_dir: &Path) -> PathBuf {
     data_dir.join("audit.jsonl")
 }
 
-/// A record's bytes as the event.
-fn decode(record: &[u8]) -> Result<Event, String> {
-    serde_json::from_slice(record).map_err(|e| format!("the audit record does not decode: {e}"))
+/// The tag of a compact audit record (version 1 of its fields).
+const TAG_EVENT: u8 = 1;
+
+/// A record as the event, from either encoding.
+fn decode(body: Body<'_>) -> Result<Event, String> {
+    match body {
+        Body::Json(json) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Body::Compact(fields, ctx) => {
+            decode_compact(compact::Reader::new(ctx, fields)).map_err(|e| e.to_string())
+        }
+    }
+    .map_err(|e| format!("the audit record does not decode: {e}"))
+}
+
+/// The compact fields of an event: flags for the optional fields, the time relative to the record
+/// before, interned strings and ids.
+fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
+    let mut f = enc.record();
+    f.byte(TAG_EVENT);
+    let options =
+        [&e.clause, &e.policy_version, &e.model, &e.tool, &e.approval_id, &e.risk, &e.actor];
+    let flags = options.iter().enumerate().fold(0u64, |f, (i, o)| f | u64::from(o.is_some()) << i);
+    f.varint(flags);
+    f.ts_chained(&e.ts);
+    f.byte(compact::code(&AuditKind::ALL, e.kind));
+    f.id(&e.request_id);
+    f.str(&e.agent);
+    f.str(&e.cost_center);
+    f.str(&e.project);
+    f.str(&e.route);
+    f.byte(compact::code(&Effect::ALL, e.effect));
+    f.str(&e.reason);
+    for (i, o) in options.iter().enumerate() {
+        match (i, o) {
+            (_, None) => {}
+            (4, Some(id)) => f.id(id),
+            (_, Some(s)) => f.str(s),
+        }
+    }
+    f.finish(out);
+    true
+}
+
+fn decode_compact(mut r: compact::Reader<'_>) -> Result<Event, compact::Error> {
+    if r.byte()? != TAG_EVENT {
+        return Err(compact::Error::Malformed("audit record (an unknown version)"));
+    }
+    let flags = r.varint()?;
+    let mut e = Event {
+        ts: r.ts_chained()?,
+        kind: r.code(&AuditKind::ALL, "an audit kind")?,
+        request_id: r.id()?,
+        agent: r.str()?,
+        cost_center: r.str()?,
+        project: r.str()?,
+        route: r.str()?,
+        effect: r.code(&Effect::ALL, "an effect")?,
+        reason: r.str()?,
+        ..Event::default()
+    };
+    let mut next = |i: u32| -> Result<Option<String>, compact::Error> {
+        match flags >> i & 1 {
+            0 => Ok(None),
+            _ if i == 4 => r.id().map(Some),
+            _ => r.str().map(Some),
+        }
+    };
+    e.clause = next(0)?;
+    e.policy_version = next(1)?;
+    e.model = next(2)?;
+    e.tool = next(3)?;
+    e.approval_id = next(4)?;
+    e.risk = next(5)?;
+    e.actor = next(6)?;
+    r.end()?;
+    Ok(e)
 }
 
 /// Appends chained records to the segments. Not shared: the ledger's writer thread owns it.
 pub struct Chain {
     dir: PathBuf,
     linker: Linker,
+    encoding: Encoding,
+    encoder: Encoder,
     segment: u64,
     segment_bytes: u64,
     file: std::fs::File,
@@ -163,6 +239,7 @@ impl Chain {
         data_dir: &Path,
         linker: Linker,
         segment_bytes: u64,
+        encoding: Encoding,
     ) -> anyhow::Result<(Chain, Opened)> {
         let dir = dir(data_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -198,15 +275,16 @@ impl Chain {
             file.set_len(torn.offset)?;
             file.sync_all()?;
         }
-        let path = chain::segment_path(&dir, last);
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        let good_len = file.metadata()?.len();
+        let (segment, file, good_len, encoder) =
+            crate::ledger::continue_segment(&dir, last, encoding, walk.context)?;
         let records = start.records + walk.records;
         let last_hash = if walk.records > 0 { walk.last_hash } else { start.hash };
         let chain = Chain {
             dir,
             linker,
-            segment: last,
+            encoding,
+            encoder,
+            segment,
             segment_bytes,
             file,
             good_len,
@@ -221,9 +299,14 @@ impl Chain {
     /// writes `out` with [`Chain::write`], batching several records per write.
     pub fn append_to(&mut self, event: Event, out: &mut Vec<u8>) {
         let mode = self.linker.mode();
-        let line = chain::frame(out, mode, &self.link, |out| {
-            serde_json::to_writer(&mut *out, &event).is_ok()
-        });
+        let line = match self.encoding {
+            Encoding::Compact => chain::frame_compact(out, mode, &self.link, |out| {
+                encode(&mut self.encoder, &event, out)
+            }),
+            Encoding::Json => chain::frame(out, mode, &self.link, |out| {
+                serde_json::to_writer(&mut *out, &event).is_ok()
+            }),
+        };
         if let Some(line) = line {
             let line = &out[line];
             self.link = self.linker.link_after(line);
@@ -265,12 +348,21 @@ impl Chain {
             .create(true)
             .append(true)
             .open(chain::segment_path(&self.dir, next))
-            .and_then(|file| Ok((file.try_clone()?, file)));
+            .and_then(|mut file| {
+                if self.encoding == Encoding::Compact {
+                    file.write_all(chain::MAGIC)?;
+                }
+                Ok((file.try_clone()?, file))
+            });
         match opened {
             Ok((handle, file)) => {
                 self.file = file;
                 self.segment = next;
-                self.good_len = 0;
+                self.good_len = match self.encoding {
+                    Encoding::Compact => chain::MAGIC.len() as u64,
+                    Encoding::Json => 0,
+                };
+                self.encoder.reset();
                 Some(handle)
             }
             Err(e) => {

@@ -173,6 +173,8 @@ pub struct Config {
     pub ledger_hmac_key: Option<crate::ledger::chain::KeySource>,
     /// Corrupt ledger records accepted as lost (`00000003.seg:17`): the proxy starts without them.
     pub ledger_accept_corrupt: Vec<String>,
+    /// How the ledger and the audit log write new records (`compact` unless `json`).
+    pub ledger_encoding: crate::ledger::chain::Encoding,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
@@ -399,6 +401,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         enabled: ledger_enabled,
         hmac_key: ledger_hmac_key,
         accept_corrupt: ledger_accept_corrupt,
+        encoding: ledger_encoding,
     } = ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
@@ -432,6 +435,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_enabled,
         ledger_hmac_key,
         ledger_accept_corrupt,
+        ledger_encoding,
         shared_costs,
         export,
         forward,
@@ -621,6 +625,7 @@ struct LedgerSection {
     enabled: bool,
     hmac_key: Option<crate::ledger::chain::KeySource>,
     accept_corrupt: Vec<String>,
+    encoding: crate::ledger::chain::Encoding,
 }
 
 fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
@@ -631,6 +636,7 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
         enabled: true,
         hmac_key: None,
         accept_corrupt: Vec::new(),
+        encoding: crate::ledger::chain::Encoding::Compact,
     };
     let Some(field) = field else { return out };
     let Some(mut o) = cx.object(&field) else { return out };
@@ -646,6 +652,14 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
     }
     if let Some(enabled) = o.get("enabled").and_then(|f| f.bool(cx)) {
         out.enabled = enabled;
+    }
+    if let Some(f) = o.get("encoding") {
+        if let Some(name) = f.one_of(cx, &["compact", "json"]) {
+            out.encoding = match name {
+                "json" => crate::ledger::chain::Encoding::Json,
+                _ => crate::ledger::chain::Encoding::Compact,
+            };
+        }
     }
     let file = o.get("hmac_key_file");
     let env = o.get("hmac_key_env");
@@ -682,6 +696,7 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
             "hmac_key_file",
             "hmac_key_env",
             "accept_corrupt",
+            "encoding",
         ],
     );
     out

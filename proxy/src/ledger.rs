@@ -37,9 +37,10 @@ use std::time::Duration;
 use crate::audit::{self, Chain};
 use anyhow::Context;
 
-use chain::{Key, Linker, Pos, Problem};
+use chain::{Body, Encoding, Key, Linker, Pos, Problem};
 use head::{Head, Tip};
 use sync::{Durability, Syncer};
+use tollgate_core::record::compact::{self, Encoder};
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
@@ -72,6 +73,8 @@ pub struct Settings {
     /// Corrupt records (`00000003.seg:17`) the operator has accepted as lost: the ledger opens
     /// without them instead of refusing.
     pub accept_corrupt: Vec<String>,
+    /// How new records are written (both encodings are always read).
+    pub encoding: Encoding,
 }
 
 /// What opening the ledger found.
@@ -115,10 +118,21 @@ impl Ledger {
         let checkpoint = head::read_checkpoint(&settings.data_dir)?;
         let linker = Linker::new(settings.hmac_key.as_ref());
         let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
-        let scan = scan(&dir, &linker, replay_from, checkpoint.as_ref(), &settings.accept_corrupt)?;
+        let scan = scan(
+            &dir,
+            &linker,
+            replay_from,
+            checkpoint.as_ref(),
+            &settings.accept_corrupt,
+            settings.encoding,
+        )?;
         let audit_path = audit::dir(&settings.data_dir);
-        let (chain, opened) =
-            Chain::open(&settings.data_dir, linker.clone(), settings.segment_bytes)?;
+        let (chain, opened) = Chain::open(
+            &settings.data_dir,
+            linker.clone(),
+            settings.segment_bytes,
+            settings.encoding,
+        )?;
         let (audit_records, audit_hash) = chain.head();
         if let Some(checkpoint) = &checkpoint {
             let at = audit::hash_of_record(&settings.data_dir, checkpoint.audit.records)?;
@@ -168,6 +182,7 @@ impl Ledger {
             good_len: scan.last_len,
             seq: scan.last_seq,
             link: scan.next_link,
+            encoder: scan.encoder,
             linker,
             records: scan.head.records,
             head,
@@ -292,6 +307,7 @@ struct Scan {
     next_link: [u8; 32],
     head: Tip,
     file: std::fs::File,
+    encoder: Encoder,
 }
 
 use chain::segment_path;
@@ -310,15 +326,15 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// The record of one stored line (`<crc32 hex> [<link> ]<record>`, without the newline), if its
-/// checksum holds.
-pub fn verified_json(line: &[u8]) -> Option<&[u8]> {
-    chain::parse(line).ok().map(|line| line.record)
-}
-
-/// A record's bytes as the typed record (the one place that knows the record encoding).
-fn decode(record: &[u8]) -> Result<Stored, String> {
-    Stored::decode(record).map_err(|e| format!("the record does not decode: {e}"))
+/// A record as the typed record, from either encoding (the one place that knows them).
+pub fn decode(body: Body<'_>) -> Result<Stored, String> {
+    match body {
+        Body::Json(json) => Stored::decode(json).map_err(|e| e.to_string()),
+        Body::Compact(fields, ctx) => {
+            compact::Reader::new(ctx, fields).stored().map_err(|e| e.to_string())
+        }
+    }
+    .map_err(|e| format!("the record does not decode: {e}"))
 }
 
 /// `00000003.seg:17`: how `ledger.accept_corrupt` names a record.
@@ -332,6 +348,7 @@ fn scan(
     replay_from_ms: u64,
     checkpoint: Option<&Head>,
     accept: &[String],
+    encoding: Encoding,
 ) -> anyhow::Result<Scan> {
     let numbers = segments(dir)?;
     let mut records = Vec::new();
@@ -413,9 +430,7 @@ fn scan(
             "ledger: truncated a torn last record (an unterminated line: a crash during a write)"
         );
     }
-    let path = segment_path(dir, last);
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    let last_len = file.metadata()?.len();
+    let (last, file, last_len, encoder) = continue_segment(dir, last, encoding, walk.context)?;
     Ok(Scan {
         records,
         segments: numbers.len().max(1),
@@ -427,7 +442,42 @@ fn scan(
         next_link: walk.next_link,
         head: Tip { records: walk.records, last_hash: chain::hex(&walk.last_hash) },
         file,
+        encoder,
     })
+}
+
+/// Opens segment `last` of `dir` (its torn tail already cut) to append `encoding` records: the
+/// same segment when it is empty or holds that encoding (JSON lines, or compact records whose
+/// strings `ctx` holds), else a new one, so a segment never mixes encodings. A new or empty
+/// compact segment gets its [`chain::MAGIC`]. Returns the segment, its file, its length and the
+/// encoder to continue with.
+pub(crate) fn continue_segment(
+    dir: &Path,
+    last: u64,
+    encoding: Encoding,
+    ctx: compact::Context,
+) -> io::Result<(u64, std::fs::File, u64, Encoder)> {
+    let path = segment_path(dir, last);
+    let mut head = Vec::new();
+    if let Ok(file) = std::fs::File::open(&path) {
+        use std::io::Read;
+        file.take(chain::MAGIC.len() as u64).read_to_end(&mut head)?;
+    }
+    // The torn tail (a cut-off magic too) is already gone.
+    let same = head.is_empty() || Encoding::of(&head) == encoding;
+    let (segment, encoder) = match same {
+        true => (last, Encoder::continuing(ctx)),
+        false => (last + 1, Encoder::default()),
+    };
+    let path = segment_path(dir, segment);
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut len = file.metadata()?.len();
+    if len == 0 && encoding == Encoding::Compact {
+        file.write_all(chain::MAGIC)?;
+        file.sync_data()?;
+        len = chain::MAGIC.len() as u64;
+    }
+    Ok((segment, file, len, encoder))
 }
 
 /// The error for a ledger or audit log that no longer holds what its published head says.
@@ -450,6 +500,8 @@ struct Writer {
     /// The link the next record carries.
     link: [u8; 32],
     linker: Linker,
+    /// The current segment's strings (compact encoding).
+    encoder: Encoder,
     /// Records in the ledger (lines), and the head as of the last batch written.
     records: u64,
     head: Head,
@@ -518,9 +570,17 @@ impl Writer {
                     entry: &entry,
                 };
                 let mut error = None;
-                let line = chain::frame(batch, self.linker.mode(), &self.link, |out| {
-                    serde_json::to_writer(&mut *out, &stored).map_err(|e| error = Some(e)).is_ok()
-                });
+                let mode = self.linker.mode();
+                let line = match self.settings.encoding {
+                    Encoding::Compact => chain::frame_compact(batch, mode, &self.link, |out| {
+                        self.encoder.stored(&stored, out)
+                    }),
+                    Encoding::Json => chain::frame(batch, mode, &self.link, |out| {
+                        serde_json::to_writer(&mut *out, &stored)
+                            .map_err(|e| error = Some(e))
+                            .is_ok()
+                    }),
+                };
                 match line {
                     Some(line) => {
                         // The chain advances here, on the writer thread, never on a request's.
@@ -620,11 +680,17 @@ impl Writer {
             return; // try again after the next batch
         }
         let next = self.segment + 1;
-        match std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(segment_path(&self.dir, next))
-        {
+            .and_then(|mut file| {
+                if self.settings.encoding == Encoding::Compact {
+                    file.write_all(chain::MAGIC)?;
+                }
+                Ok(file)
+            });
+        match opened {
             Ok(file) => {
                 match file.try_clone() {
                     Ok(handle) => self.durability.set_file(0, handle),
@@ -636,7 +702,11 @@ impl Writer {
                 }
                 self.file = file;
                 self.segment = next;
-                self.good_len = 0;
+                self.good_len = match self.settings.encoding {
+                    Encoding::Compact => chain::MAGIC.len() as u64,
+                    Encoding::Json => 0,
+                };
+                self.encoder.reset();
             }
             Err(e) => tracing::error!(error = %e, "opening a new ledger segment"),
         }
@@ -652,18 +722,28 @@ pub fn read_records(data_dir: &Path) -> anyhow::Result<Vec<Stored>> {
     read_with(data_dir, decode)
 }
 
-/// [`read_records`] as JSON, every field as written (for tests and tools); each record is
-/// decoded typed as well, so both read the same ledgers.
+/// [`read_records`] as JSON (for tests and tools): a JSON line's fields as written, a compact
+/// record as the JSON line it stands for; each record is decoded typed as well, so both read the
+/// same ledgers.
 pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
-    read_with(data_dir, |record| {
-        decode(record)?;
-        serde_json::from_slice(record).map_err(|e| format!("the record does not decode: {e}"))
+    read_with(data_dir, |body| match body {
+        Body::Json(json) => {
+            decode(Body::Json(json))?;
+            serde_json::from_slice(json).map_err(|e| format!("the record does not decode: {e}"))
+        }
+        compact => to_json(&decode(compact)?),
     })
+}
+
+/// A record as the JSON the ledger's JSON lines hold.
+pub fn to_json(stored: &Stored) -> Result<serde_json::Value, String> {
+    let view = Stored { seq: stored.seq, event_id: stored.event_id.clone(), entry: &stored.entry };
+    serde_json::to_value(&view).map_err(|e| e.to_string())
 }
 
 fn read_with<T>(
     data_dir: &Path,
-    decode: impl Fn(&[u8]) -> Result<T, String>,
+    mut decode: impl FnMut(Body<'_>) -> Result<T, String>,
 ) -> anyhow::Result<Vec<T>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();

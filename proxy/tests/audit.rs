@@ -25,7 +25,8 @@ async fn write_log(dir: &Path, data_dir: &Path) -> PathBuf {
         data_dir,
         token_env: "TOLLGATE_AUDIT_TEST_UNSET_TOKEN",
         more_routes: &[],
-        extra: "",
+        // The test edits the audit records as text.
+        extra: "ledger: {encoding: json}\n",
         policy: "version: audit-1\ndefaults: {llm: allow}\n",
     }
     .yaml();

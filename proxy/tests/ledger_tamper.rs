@@ -46,6 +46,12 @@ async fn write(label: &str, extra: &str, requests: usize) -> Written {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
     let extra = extra.replace("KEY_FILE", &key_file.display().to_string());
+    // These tests edit records as text: the ledger writes JSON lines (the compact encoding's
+    // own tamper tests are in the ledger's unit tests).
+    let extra = match extra.contains("ledger: {") {
+        true => extra.replace("ledger: {", "ledger: {encoding: json, "),
+        false => format!("ledger: {{encoding: json}}\n{extra}"),
+    };
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
         data_dir: &data,
@@ -272,7 +278,7 @@ async fn a_complete_last_line_with_a_bad_checksum_is_kept_and_named_by_run_invoi
     let accepting = w.dir.join("accepting.yaml");
     std::fs::write(
         &accepting,
-        config.replace("policy:\n", "ledger: {accept_corrupt: [\"00000001.seg:6\"]}\npolicy:\n"),
+        config.replace("ledger: {", "ledger: {accept_corrupt: [\"00000001.seg:6\"], "),
     )
     .unwrap();
     let mut proxy = start(&accepting);

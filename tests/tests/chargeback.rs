@@ -98,9 +98,9 @@ async fn a_full_disk_refuses_metered_requests_with_503_until_it_recovers_and_cor
         .map(|r| r["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(reserved, ["before", "during-served", "after"]);
-    let segment = std::fs::read(h.data_dir.join("ledger").join("00000001.seg")).unwrap();
-    assert_eq!(segment.last(), Some(&b'\n'));
-    assert_eq!(segment.iter().filter(|&&b| b == b'\n').count(), entries.len());
+    let walk = tollgate::ledger::verify(&h.data_dir, None, &[]).unwrap();
+    assert!(walk.torn.is_none() && walk.problems.is_empty(), "{walk:?}");
+    assert_eq!(walk.records, entries.len() as u64);
     let seqs: Vec<u64> = entries.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=entries.len() as u64).collect::<Vec<_>>());
     let spent: i64 = entries

@@ -26,9 +26,21 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
-/// Appends records `from..=to`, one write each (so that small segments rotate between them).
+/// Appends records `from..=to` as JSON lines, one write each (so that small segments rotate
+/// between them).
 fn append(data_dir: &Path, segment_bytes: u64, from: u64, to: u64) -> (u64, String) {
-    let (mut chain, opened) = Chain::open(data_dir, Linker::new(None), segment_bytes).unwrap();
+    append_as(Encoding::Json, data_dir, segment_bytes, from, to)
+}
+
+fn append_as(
+    encoding: Encoding,
+    data_dir: &Path,
+    segment_bytes: u64,
+    from: u64,
+    to: u64,
+) -> (u64, String) {
+    let (mut chain, opened) =
+        Chain::open(data_dir, Linker::new(None), segment_bytes, encoding).unwrap();
     assert_eq!(opened.records, from - 1);
     for i in from..=to {
         let mut batch = Vec::new();
@@ -84,7 +96,7 @@ fn a_changed_middle_segment_is_found_and_not_appended_to() {
         }
         other => panic!("expected one broken link, got {other:?}"),
     }
-    let err = Chain::open(&data, Linker::new(None), 600).err().expect("refused");
+    let err = Chain::open(&data, Linker::new(None), 600, Encoding::Json).err().expect("refused");
     assert!(err.to_string().contains("refusing to append"), "{err}");
     // A whole middle segment removed: the first record after the gap links to nothing left.
     let data = temp("removed-segment");
@@ -109,7 +121,7 @@ fn a_torn_tail_is_cut_off_on_open() {
     bytes.extend_from_slice(b"0123abcd s00");
     std::fs::write(&path, &bytes).unwrap();
     assert!(verify(&data, None, &[]).unwrap().walk.torn.is_some());
-    let (_, opened) = Chain::open(&data, Linker::new(None), 1 << 20).unwrap();
+    let (_, opened) = Chain::open(&data, Linker::new(None), 1 << 20, Encoding::Json).unwrap();
     assert_eq!(opened, Opened { records: 4, truncated_bytes: bytes.len() as u64 - intact });
     let report = verify(&data, None, &[]).unwrap();
     assert!(report.walk.torn.is_none() && report.walk.problems.is_empty());
@@ -156,4 +168,57 @@ fn a_log_written_before_segmentation_starts_the_chain() {
         "{:?}",
         report.walk.problems
     );
+}
+
+#[test]
+fn compact_records_read_back_as_written_and_a_changed_middle_segment_is_found() {
+    let data = temp("compact");
+    let mut odd = event(7);
+    odd.ts = "yesterday".into();
+    odd.approval_id = Some("tg-18c2f0a1-3e1-2a".into());
+    odd.risk = Some("78.5".into());
+    odd.actor = Some("alice".into());
+    odd.tool = Some("deploy".into());
+    odd.kind = AuditKind::ApprovalGranted;
+    odd.effect = Effect::RequireApproval;
+    let (mut chain, _) = Chain::open(&data, Linker::new(None), 200, Encoding::Compact).unwrap();
+    let events: Vec<Event> = (1..=6).map(event).chain([odd]).chain((8..=12).map(event)).collect();
+    for e in &events {
+        let mut batch = Vec::new();
+        chain.append_to(e.clone(), &mut batch);
+        chain.write(&batch, true).unwrap();
+        chain.rotate_if_full();
+    }
+    drop(chain);
+    let segments = crate::ledger::segments(&dir(&data)).unwrap();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let all = read_all(&data).unwrap();
+    let read: Vec<Event> = all
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("seq");
+            serde_json::from_value(v).unwrap()
+        })
+        .collect();
+    assert_eq!(read, events);
+    // Reopened, it continues the last segment.
+    let head = append_as(Encoding::Compact, &data, 200, 13, 13);
+    assert_eq!(head.0, 13);
+    assert!(verify(&data, None, &[]).unwrap().walk.problems.is_empty());
+    // One bit of a middle segment's record changed: found there, and refused.
+    let middle = segment(&data, segments[1]);
+    let mut bytes = std::fs::read(&middle).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&middle, &bytes).unwrap();
+    let report = verify(&data, None, &[]).unwrap();
+    match report.walk.problems.as_slice() {
+        [Problem::Corrupt { at, what }] => {
+            assert_eq!(at.segment, middle);
+            assert_eq!(what, "checksum mismatch");
+        }
+        other => panic!("expected one corrupt record, got {other:?}"),
+    }
+    assert!(Chain::open(&data, Linker::new(None), 200, Encoding::Compact).is_err());
 }

@@ -1,0 +1,175 @@
+//! A data directory written by the version before the compact encoding (`fixtures/data-json`: a
+//! JSON-lines ledger and the single-file `audit.jsonl`, written by that version's binary for 4
+//! allowed requests and 1 refused one) reads with every tool as it is, and the proxy continues it
+//! in compact segments: one chain over both, `invoice` and `audit verify` over both, and the new
+//! records cost at most 300 bytes per request (ledger and audit log together).
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tollgate_e2e::harness::temp_dir;
+use tollgate_e2e::mock::MockUpstream;
+use tollgate_e2e::process::{command, ConfigFile, Tollgate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join("data-json")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        match path.is_dir() {
+            true => copy_dir(&path, &target),
+            false => drop(std::fs::copy(&path, &target).unwrap()),
+        }
+    }
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = command(Path::new(BIN), args);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// The invoice of December 2026 by cost center: (requests, total) of CC-1234.
+fn invoice(config: &Path, data: &Path) -> (u64, String) {
+    let (code, out) = run(&[
+        "invoice",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--period",
+        "2026-12",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let inv = &v["invoices"][0];
+    assert_eq!(inv["group"], "CC-1234", "{v}");
+    (inv["requests"].as_u64().unwrap(), inv["total"].as_str().unwrap().to_string())
+}
+
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_data_directory_reads_as_it_is_and_continues_compact() {
+    let dir = temp_dir("storage-json");
+    let data = dir.join("data");
+    copy_dir(&fixture(), &data);
+    let mock = MockUpstream::start().await;
+    let yaml = ConfigFile {
+        upstream: &mock.base_url(),
+        data_dir: &data,
+        token_env: "TOLLGATE_STORAGE_TEST_UNSET_TOKEN",
+        more_routes: &[],
+        extra: "",
+        policy: "version: fixture-1\ndefaults: {llm: allow}\nbudgets:\n  - {id: cc, scope: cost_center, period: monthly, amount: \"1000.00\"}\n",
+    }
+    .yaml();
+    let config = dir.join("tollgate.yaml");
+    std::fs::write(&config, yaml).unwrap();
+
+    // As written: every reader takes it.
+    let (code, out) = run(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("OK: 8 records in 1 segment, chain intact (SHA-256)"), "{out}");
+    assert!(out.contains("audit.jsonl: OK: 5 records, chain intact"), "{out}");
+    assert!(
+        out.contains("OK: the ledger still holds its 8 records and the audit log its 5"),
+        "{out}"
+    );
+    let (requests, total) = invoice(&config, &data);
+    assert_eq!(requests, 4);
+    let old = tollgate::ledger::read_all(&data).unwrap();
+    assert_eq!(old.len(), 8);
+    let old_audit = tollgate::audit::read_all(&data).unwrap();
+    assert_eq!(old_audit.len(), 5);
+    assert_eq!(old_audit[4]["effect"], "deny");
+
+    // The proxy replays it at start and continues in compact segments.
+    let mut proxy = tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config, &[]));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({"model": "gpt-4o", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    const NEW: u64 = 20;
+    for _ in 0..NEW {
+        let request = hyper::Request::post(format!("http://{}/v1/chat/completions", proxy.proxy))
+            .header("content-type", "application/json")
+            .header("x-agent-id", "bot-1")
+            .header("x-cost-center", "CC-1234")
+            .header("x-project-id", "PROJ-ABC123")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+
+    // The old files are as they were; the new records are in new, compact segments.
+    for file in ["ledger/00000001.seg", "audit.jsonl"] {
+        assert_eq!(
+            std::fs::read(data.join(file)).unwrap(),
+            std::fs::read(fixture().join(file)).unwrap(),
+            "{file} is never rewritten"
+        );
+    }
+    let ledger_new = data.join("ledger").join("00000002.seg");
+    let audit_new = data.join("audit").join("00000001.seg");
+    for seg in [&ledger_new, &audit_new] {
+        assert!(std::fs::read(seg).unwrap().starts_with(tollgate::ledger::chain::MAGIC));
+    }
+    let (code, out) = run(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    let ledger_records = 8 + 2 * NEW;
+    assert!(
+        out.contains(&format!("OK: {ledger_records} records in 2 segments, chain intact")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("audit: OK: {NEW} records in 1 segment")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "OK: the ledger still holds its {ledger_records} records and the audit log its {}",
+            5 + NEW
+        )),
+        "{out}"
+    );
+    let all = tollgate::ledger::read_all(&data).unwrap();
+    assert_eq!(all[..8], old[..], "the old records read the same");
+    assert_eq!(all.len() as u64, ledger_records);
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=ledger_records).collect::<Vec<_>>(), "one sequence over both");
+    assert_eq!(all[9]["type"], "usage");
+    assert_eq!(all[9]["cost_center"], "CC-1234");
+    let audit = tollgate::audit::read_all(&data).unwrap();
+    assert_eq!(audit.len() as u64, 5 + NEW);
+    assert_eq!(audit[5]["agent"], "bot-1");
+    let (requests, new_total) = invoice(&config, &data);
+    assert_eq!(requests, 4 + NEW);
+    assert_ne!(new_total, total);
+
+    // What a request costs on disk now: its reservation, its usage record and its audit record.
+    let bytes = size(&ledger_new) + size(&audit_new) - 2 * 4;
+    let per_request = bytes / NEW;
+    eprintln!("{per_request} bytes per request ({bytes} for {NEW} requests)");
+    assert!(per_request <= 300, "{per_request} bytes per request ({bytes} for {NEW})");
+    let old_per_request =
+        (size(&fixture().join("ledger/00000001.seg")) + size(&fixture().join("audit.jsonl"))) / 5;
+    assert!(per_request * 4 < old_per_request, "{per_request} vs {old_per_request} as JSON");
+    let _ = std::fs::remove_dir_all(dir);
+}
