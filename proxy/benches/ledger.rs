@@ -71,6 +71,8 @@ fn main() {
         }),
         accept_corrupt: Vec::new(),
         encoding: tollgate::ledger::chain::Encoding::Compact,
+        retention: None,
+        acknowledge: false,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

@@ -236,8 +236,8 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             &json!({"error": "group_by must be one of agent, project, cost_center"}),
         ));
     }
-    let records = match read_ledger(shared).await {
-        Ok(records) => records,
+    let (records, retired) = match read_ledger(shared).await {
+        Ok(read) => read,
         Err(failure) => return Err(failure),
     };
     #[derive(Default, serde::Serialize)]
@@ -251,7 +251,11 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         cost_usd: Money,
     }
     let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-    for r in records.iter().filter_map(|s| s.entry.usage()) {
+    // Retired days by their totals, then the records kept.
+    let totals: Vec<(tollgate_core::record::UsageRecord, u64)> =
+        retired.iter().enumerate().map(|(i, g)| (g.as_record(i), g.requests)).collect();
+    let kept = records.iter().filter_map(|s| s.entry.usage()).map(|r| (r, 1));
+    for (r, requests) in totals.iter().map(|(r, n)| (r, *n)).chain(kept) {
         if !r.ts.starts_with(&period) {
             continue;
         }
@@ -261,7 +265,7 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             _ => &r.cost_center,
         };
         let t = groups.entry(key.clone()).or_default();
-        t.requests += 1;
+        t.requests += requests;
         t.input_tokens += r.tokens.input;
         t.cached_input_tokens += r.tokens.cached_input;
         t.cache_write_tokens += r.tokens.cache_write;
@@ -286,11 +290,17 @@ fn check_period(period: &str) -> Result<(), Response<Body>> {
     }
 }
 
-/// Every ledger record, after flushing what is queued (read off the async threads).
-async fn read_ledger(shared: &Shared) -> Result<Vec<crate::ledger::Stored>, Failure> {
+/// Every ledger record kept and the totals of the retired ones, after flushing what is queued
+/// (read off the async threads).
+async fn read_ledger(
+    shared: &Shared,
+) -> Result<(Vec<crate::ledger::Stored>, Vec<crate::ledger::retire::Group>), Failure> {
     shared.ledger.flush().await;
     let dir = shared.config.data_dir.clone();
-    match tokio::task::spawn_blocking(move || crate::ledger::read_records(&dir)).await {
+    let read = move || -> anyhow::Result<_> {
+        Ok((crate::ledger::read_records(&dir)?, crate::ledger::read_retired(&dir)?))
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(records)) => Ok(records),
         Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), "reading the ledger");
@@ -331,10 +341,16 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
             &json!({"error": "format must be csv or json"}),
         ));
     }
-    let records = read_ledger(shared).await?;
+    let (records, retired) = read_ledger(shared).await?;
     let policy = shared.policy.load_full();
-    let invoices =
-        crate::invoice::from_ledger(&records, &period, group, &shared.config.shared_costs, &policy);
+    let invoices = crate::invoice::from_ledger(
+        &records,
+        &retired,
+        &period,
+        group,
+        &shared.config.shared_costs,
+        &policy,
+    );
     if format == "csv" {
         let mut r = Response::new(full(Bytes::from(crate::invoice::to_csv(&invoices))));
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));

@@ -188,6 +188,8 @@ pub async fn start_with(
         },
         accept_corrupt: config.ledger_accept_corrupt.clone(),
         encoding: config.ledger_encoding,
+        retention: config.ledger_retention,
+        acknowledge: config.export.is_some(),
     };
     let now = crate::pipeline::now();
     let (ledger, recovered) = if config.ledger_enabled {

@@ -117,6 +117,11 @@ fn decode(body: Body<'_>) -> Result<Event, String> {
     .map_err(|e| format!("the audit record does not decode: {e}"))
 }
 
+/// The `ts` of a record (for retention).
+pub(crate) fn decode_ts(body: Body<'_>) -> Result<String, String> {
+    decode(body).map(|e| e.ts)
+}
+
 /// The compact fields of an event: flags for the optional fields, the time relative to the record
 /// before, interned strings and ids.
 fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
@@ -207,29 +212,65 @@ pub struct Opened {
     pub truncated_bytes: u64,
 }
 
-/// The start of the segmented chain: the legacy log's records and last hash.
+/// Where the segments that are kept start: after the legacy log's records and the retired
+/// segments' (see [`crate::ledger::retire`]).
 struct Start {
+    /// Records before the kept segments.
     records: u64,
+    legacy_records: u64,
+    retired: Option<crate::ledger::retire::Retired>,
+    /// The link the first kept record carries.
     hash: [u8; 32],
+    /// The link after the legacy log.
+    legacy_hash: [u8; 32],
 }
 
-/// Verifies the legacy log, if there is one: where the segmented chain starts.
+impl Start {
+    /// The kept segments of `dir` (after the retired ones).
+    fn kept(&self, dir: &Path) -> std::io::Result<Vec<u64>> {
+        let through = self.retired.as_ref().map_or(0, |r| r.through_segment);
+        match crate::ledger::segments(dir) {
+            Ok(n) => Ok(n.into_iter().filter(|&n| n > through).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The link after the legacy log (its last `hash`), or [`chain::GENESIS`].
+pub(crate) fn legacy_start(data_dir: &Path) -> std::io::Result<[u8; 32]> {
+    Ok(start(data_dir)?.1.legacy_hash)
+}
+
+/// Verifies the legacy log, if there is one, and reads the retirement checkpoint: where the
+/// kept segments start.
 fn start(data_dir: &Path) -> std::io::Result<(Option<Verdict>, Start)> {
     let path = legacy_path(data_dir);
-    if !path.exists() {
-        return Ok((None, Start { records: 0, hash: chain::GENESIS }));
-    }
-    let verdict = legacy::verify(&path)?;
-    let start = match &verdict {
-        Verdict::Ok { records, last_hash, .. } | Verdict::TornTail { records, last_hash, .. } => {
-            Start {
-                records: *records,
-                hash: chain::unhex(last_hash.as_bytes()).unwrap_or_default(),
-            }
-        }
-        Verdict::Tampered { .. } => Start { records: 0, hash: chain::GENESIS },
+    let verdict = match path.exists() {
+        true => Some(legacy::verify(&path)?),
+        false => None,
     };
-    Ok((Some(verdict), start))
+    let (legacy_records, hash) = match &verdict {
+        Some(
+            Verdict::Ok { records, last_hash, .. } | Verdict::TornTail { records, last_hash, .. },
+        ) => (*records, chain::unhex(last_hash.as_bytes()).unwrap_or_default()),
+        _ => (0, chain::GENESIS),
+    };
+    let retired = crate::ledger::retire::read(data_dir, None)
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?
+        .map(|c| c.audit)
+        .filter(|r| r.records > 0);
+    let start = match &retired {
+        Some(r) => Start {
+            records: legacy_records + r.records,
+            legacy_records,
+            hash: r.start(),
+            legacy_hash: hash,
+            retired,
+        },
+        None => Start { records: legacy_records, legacy_records, hash, legacy_hash: hash, retired },
+    };
+    Ok((verdict, start))
 }
 
 impl Chain {
@@ -257,7 +298,10 @@ impl Chain {
             ),
             _ => {}
         }
-        let numbers = crate::ledger::segments(&dir)?;
+        if let Some(r) = &start.retired {
+            crate::ledger::retire::remove_covered(&dir, r.through_segment)?;
+        }
+        let numbers = start.kept(&dir)?;
         let walk =
             chain::walk_from(&dir, &numbers, &linker, &[], start.hash, |r, _| decode(r).map(drop))?;
         if let Some(problem) = walk.problems.first() {
@@ -267,7 +311,8 @@ impl Chain {
                 dir.display()
             );
         }
-        let last = numbers.last().copied().unwrap_or(1);
+        let first = start.retired.as_ref().map_or(1, |r| r.through_segment + 1);
+        let last = numbers.last().copied().unwrap_or(first);
         let mut truncated_bytes = 0;
         if let Some(torn) = &walk.torn {
             truncated_bytes = torn.bytes;
@@ -372,6 +417,11 @@ impl Chain {
         }
     }
 
+    /// The segment being written.
+    pub fn segment(&self) -> u64 {
+        self.segment
+    }
+
     /// A second handle to the current segment, for syncing from another thread.
     pub fn sync_handle(&self) -> std::io::Result<std::fs::File> {
         self.file.try_clone()
@@ -391,12 +441,14 @@ pub struct Report {
     pub walk: Walk,
     /// Records in the legacy file (intact ones).
     pub legacy_records: u64,
+    /// Records in retired segments (by the retirement checkpoint).
+    pub retired_records: u64,
 }
 
 impl Report {
-    /// Every record of the log (legacy and segmented) that was read.
+    /// Every record of the log: legacy, retired and in the kept segments.
     pub fn records(&self) -> u64 {
-        self.legacy_records + self.walk.records
+        self.legacy_records + self.retired_records + self.walk.records
     }
 }
 
@@ -409,11 +461,7 @@ pub fn verify(
 ) -> std::io::Result<Report> {
     let (legacy, start) = start(data_dir)?;
     let dir = dir(data_dir);
-    let numbers = match crate::ledger::segments(&dir) {
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
-    };
+    let numbers = start.kept(&dir)?;
     let at: Vec<u64> =
         hashes_at.iter().filter(|&&n| n > start.records).map(|n| n - start.records).collect();
     let mut walk = chain::walk_from(&dir, &numbers, &Linker::new(key), &at, start.hash, |r, _| {
@@ -422,7 +470,12 @@ pub fn verify(
     for (n, _, _) in &mut walk.hashes_at {
         *n += start.records;
     }
-    Ok(Report { legacy, walk, legacy_records: start.records })
+    Ok(Report {
+        legacy,
+        walk,
+        legacy_records: start.legacy_records,
+        retired_records: start.records - start.legacy_records,
+    })
 }
 
 /// Whether `data_dir` holds an audit log (either layout).
@@ -450,6 +503,11 @@ pub fn hash_of_record(data_dir: &Path, n: u64) -> std::io::Result<Option<String>
     if n <= legacy_records {
         return legacy::hash_of_record(&path, n);
     }
+    let (_, start) = start(data_dir)?;
+    if n <= start.records {
+        // Retired: only the last retired record's hash is kept.
+        return Ok(start.retired.filter(|_| n == start.records).map(|r| r.last_hash));
+    }
     let report = verify(data_dir, None, &[n])?;
     Ok(report.walk.hashes_at.first().map(|(_, hash, _)| chain::hex(hash)))
 }
@@ -474,11 +532,7 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     }
     let (_, start) = start(data_dir)?;
     let dir = dir(data_dir);
-    let numbers = match crate::ledger::segments(&dir) {
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let numbers = start.kept(&dir)?;
     let mut seq = start.records;
     let walk = chain::walk_from(&dir, &numbers, &Linker::new(None), &[], start.hash, |r, _| {
         let event = decode(r)?;

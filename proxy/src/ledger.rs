@@ -29,7 +29,7 @@
 
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -75,6 +75,12 @@ pub struct Settings {
     pub accept_corrupt: Vec<String>,
     /// How new records are written (both encodings are always read).
     pub encoding: Encoding,
+    /// Sealed segments older than this (settled, and acknowledged when `acknowledge`) are
+    /// retired ([`retire`]); `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Records are shipped (`chargeback.export`): a segment retires only once the export's
+    /// cursor is past it.
+    pub acknowledge: bool,
 }
 
 /// What opening the ledger found.
@@ -117,6 +123,9 @@ impl Ledger {
         let id = ledger_id(&dir)?;
         let checkpoint = head::read_checkpoint(&settings.data_dir)?;
         let linker = Linker::new(settings.hmac_key.as_ref());
+        let retired = retire::read(&settings.data_dir, Some(&linker))?.unwrap_or_default();
+        // A retirement cut short by a crash: its files are covered by the checkpoint.
+        retire::remove_covered(&dir, retired.ledger.through_segment)?;
         let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
         let scan = scan(
             &dir,
@@ -125,6 +134,7 @@ impl Ledger {
             checkpoint.as_ref(),
             &settings.accept_corrupt,
             settings.encoding,
+            &retired,
         )?;
         let audit_path = audit::dir(&settings.data_dir);
         let (chain, opened) = Chain::open(
@@ -146,8 +156,22 @@ impl Ledger {
         head::write_checkpoint(&head::checkpoint_path(&settings.data_dir), &head).with_context(
             || format!("writing {}", head::checkpoint_path(&settings.data_dir).display()),
         )?;
+        // The usage of retired days within the replay window, as one record per group, so that
+        // budgets are rebuilt with it.
+        let mut records: Vec<Stored> = retired
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.reserved_day_ms + 86_400_000 > replay_from && !g.budgets.is_empty())
+            .map(|(i, g)| Stored {
+                seq: 0,
+                event_id: String::new(),
+                entry: Entry::Usage(Box::new(g.as_record(i))),
+            })
+            .collect();
+        records.extend(scan.records);
         let recovered = Recovered {
-            records: scan.records,
+            records,
             segments: scan.segments,
             truncated_bytes: scan.truncated_bytes + opened.truncated_bytes,
             audit_records: opened.records,
@@ -170,6 +194,23 @@ impl Ledger {
             on_error: on_error.clone(),
         };
         let synced = syncer.ok.clone();
+        let ledger_segment = Arc::new(AtomicU64::new(scan.last_segment));
+        let audit_segment = Arc::new(AtomicU64::new(chain.segment()));
+        if let Some(retention) = settings.retention {
+            let retirer = Retirer {
+                data_dir: settings.data_dir.clone(),
+                linker: linker.clone(),
+                retention,
+                acknowledge: settings.acknowledge,
+                ledger_segment: ledger_segment.clone(),
+                audit_segment: audit_segment.clone(),
+                alive: Arc::downgrade(&healthy),
+            };
+            std::thread::Builder::new()
+                .name("tollgate-retire".into())
+                .spawn(move || retirer.run())
+                .context("starting the retention thread")?;
+        }
         let syncer = std::thread::Builder::new()
             .name("tollgate-ledger-sync".into())
             .spawn(move || syncer.run())
@@ -193,6 +234,8 @@ impl Ledger {
             on_error,
             durability: durability.clone(),
             overflow: overflow.clone(),
+            ledger_segment,
+            audit_segment,
         };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
@@ -349,26 +392,34 @@ fn scan(
     checkpoint: Option<&Head>,
     accept: &[String],
     encoding: Encoding,
+    checkpoint_retired: &retire::Checkpoint,
 ) -> anyhow::Result<Scan> {
-    let numbers = segments(dir)?;
+    let retired = &checkpoint_retired.ledger;
+    let numbers = kept(dir, retired)?;
     let mut records = Vec::new();
     // Where each replayed record is, when some may have to be left out.
     let mut positions = Vec::new();
     let mut last_seq = 0;
-    let hash_at: Vec<u64> = checkpoint.map(|h| h.ledger.records).into_iter().collect();
-    let walk = chain::walk(dir, &numbers, linker, &hash_at, |record, pos| {
-        let stored = decode(record)?;
-        if stored.seq != 0 {
-            last_seq = stored.seq;
-        }
-        if stored.entry.reserved_at_ms().unwrap_or(u64::MAX) >= replay_from_ms {
-            records.push(stored);
-            if !accept.is_empty() {
-                positions.push(short(pos));
+    let hash_at: Vec<u64> = checkpoint
+        .map(|h| h.ledger.records)
+        .filter(|&n| n > retired.records)
+        .map(|n| n - retired.records)
+        .into_iter()
+        .collect();
+    let walk =
+        chain::walk_from(dir, &numbers, linker, &hash_at, retired.start(), |record, pos| {
+            let stored = decode(record)?;
+            if stored.seq != 0 {
+                last_seq = stored.seq;
             }
-        }
-        Ok(())
-    })?;
+            if stored.entry.reserved_at_ms().unwrap_or(u64::MAX) >= replay_from_ms {
+                records.push(stored);
+                if !accept.is_empty() {
+                    positions.push(short(pos));
+                }
+            }
+            Ok(())
+        })?;
     let (accepted, refused): (Vec<&Problem>, Vec<&Problem>) =
         walk.problems.iter().partition(|p| accept.contains(&short(p.at())));
     if let Some(problem) = refused.first() {
@@ -405,17 +456,26 @@ fn scan(
              with the key will report them"
         );
     }
+    let records_total = retired.records + walk.records;
     if let Some(checkpoint) = checkpoint {
         // A record accepted as lost cannot hash to what the head says: that is the corruption
-        // already accepted, not a rewrite.
-        let at = walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
-            true => checkpoint.ledger.last_hash.clone(),
-            false => chain::hex(hash),
-        });
-        head::compare("the ledger", &checkpoint.ledger, walk.records, at.as_deref())
+        // already accepted, not a rewrite. A retired record is vouched for by the retirement
+        // checkpoint.
+        let at = match checkpoint.ledger.records <= retired.records {
+            true => Some(checkpoint.ledger.last_hash.clone())
+                .filter(|_| checkpoint.ledger.records < retired.records)
+                .or(Some(retired.last_hash.clone())),
+            false => {
+                walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
+                    true => checkpoint.ledger.last_hash.clone(),
+                    false => chain::hex(hash),
+                })
+            }
+        };
+        head::compare("the ledger", &checkpoint.ledger, records_total, at.as_deref())
             .map_err(|e| refuse_head(dir, dir.parent().unwrap_or(dir), &e))?;
     }
-    let last = numbers.last().copied().unwrap_or(1);
+    let last = numbers.last().copied().unwrap_or(retired.through_segment + 1);
     let mut truncated_bytes = 0;
     if let Some(torn) = &walk.torn {
         // The last record of the last segment, cut short by a crash: a torn tail.
@@ -438,12 +498,23 @@ fn scan(
         corrupt_accepted: accepted.len(),
         last_segment: last,
         last_len,
-        last_seq,
+        last_seq: last_seq.max(checkpoint_retired.last_seq),
         next_link: walk.next_link,
-        head: Tip { records: walk.records, last_hash: chain::hex(&walk.last_hash) },
+        head: Tip {
+            records: records_total,
+            last_hash: match walk.records {
+                0 => retired.last_hash.clone(),
+                _ => chain::hex(&walk.last_hash),
+            },
+        },
         file,
         encoder,
     })
+}
+
+/// The segments of `dir` after the retired ones.
+fn kept(dir: &Path, retired: &retire::Retired) -> io::Result<Vec<u64>> {
+    Ok(segments(dir)?.into_iter().filter(|&n| n > retired.through_segment).collect())
 }
 
 /// Opens segment `last` of `dir` (its torn tail already cut) to append `encoding` records: the
@@ -513,6 +584,51 @@ struct Writer {
     on_error: Arc<dyn Fn() + Send + Sync>,
     durability: Arc<Durability>,
     overflow: Overflow,
+    /// The segments being written, for the retention thread (which never retires them).
+    ledger_segment: Arc<AtomicU64>,
+    audit_segment: Arc<AtomicU64>,
+}
+
+/// The retention thread: a pass over the sealed segments every so often ([`retire::run`]).
+struct Retirer {
+    data_dir: PathBuf,
+    linker: Linker,
+    retention: Duration,
+    acknowledge: bool,
+    ledger_segment: Arc<AtomicU64>,
+    audit_segment: Arc<AtomicU64>,
+    /// Gone once the ledger is dropped: the thread ends.
+    alive: std::sync::Weak<AtomicBool>,
+}
+
+impl Retirer {
+    fn run(self) {
+        // Often enough that a short retention keeps the disk flat, never more than once a second.
+        let every = (self.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            std::thread::sleep(every);
+            if self.alive.upgrade().is_none() {
+                return;
+            }
+            let policy = retire::Policy {
+                retention_ms: self.retention.as_millis() as u64,
+                now_ms: crate::pipeline::now().0,
+                ledger_current: self.ledger_segment.load(Ordering::Relaxed),
+                audit_current: self.audit_segment.load(Ordering::Relaxed),
+                acknowledged: self.acknowledge.then(|| crate::export::load_cursor(&self.data_dir)),
+            };
+            match retire::run(&self.data_dir, &self.linker, &policy) {
+                Ok(o) if o.ledger_segments + o.audit_segments > 0 => tracing::info!(
+                    ledger_segments = o.ledger_segments,
+                    audit_segments = o.audit_segments,
+                    bytes = o.bytes,
+                    "retired segments past the retention"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "retiring ledger segments"),
+            }
+        }
+    }
 }
 
 /// Messages that found the queue full: kept here (never dropped, never a thread each) and
@@ -648,6 +764,7 @@ impl Writer {
                     }
                     if let Some(handle) = self.chain.rotate_if_full() {
                         self.durability.set_file(1, handle);
+                        self.audit_segment.store(self.chain.segment(), Ordering::Relaxed);
                     }
                     return;
                 }
@@ -702,6 +819,7 @@ impl Writer {
                 }
                 self.file = file;
                 self.segment = next;
+                self.ledger_segment.store(next, Ordering::Relaxed);
                 self.good_len = match self.settings.encoding {
                     Encoding::Compact => chain::MAGIC.len() as u64,
                     Encoding::Json => 0,
@@ -747,15 +865,17 @@ fn read_with<T>(
 ) -> anyhow::Result<Vec<T>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();
-    let numbers = match segments(&dir) {
+    let retired = retire::read(data_dir, None)?.unwrap_or_default().ledger;
+    let numbers = match kept(&dir, &retired) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e.into()),
     };
-    let walk = chain::walk(&dir, &numbers, &Linker::new(None), &[], |record, _| {
-        out.push(decode(record)?);
-        Ok(())
-    })?;
+    let walk =
+        chain::walk_from(&dir, &numbers, &Linker::new(None), &[], retired.start(), |record, _| {
+            out.push(decode(record)?);
+            Ok(())
+        })?;
     if let Some(problem) = walk.problems.first() {
         anyhow::bail!(
             "{problem}: the ledger is corrupt or was tampered with (`tollgate audit verify` \
@@ -765,12 +885,41 @@ fn read_with<T>(
     Ok(out)
 }
 
-/// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`);
-/// `hashes_at` asks for the hashes of those records (to compare with heads).
+/// The usage totals of retired segments (for invoices and usage over retired days).
+pub fn read_retired(data_dir: &Path) -> anyhow::Result<Vec<retire::Group>> {
+    Ok(retire::read(data_dir, None)?.map(|c| c.groups).unwrap_or_default())
+}
+
+/// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`)
+/// after the retired segments, counting their records; `hashes_at` asks for the hashes of those
+/// records (to compare with heads; the last retired one's is the checkpoint's).
 pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Result<chain::Walk> {
     let dir = data_dir.join("ledger");
-    let numbers = segments(&dir)?;
-    chain::walk(&dir, &numbers, &Linker::new(key), hashes_at, |record, _| decode(record).map(drop))
+    let retired = retire::read(data_dir, None)
+        .map_err(|e| io::Error::other(format!("{e:#}")))?
+        .unwrap_or_default()
+        .ledger;
+    let numbers = kept(&dir, &retired)?;
+    let at: Vec<u64> =
+        hashes_at.iter().filter(|&&n| n > retired.records).map(|n| n - retired.records).collect();
+    let mut walk =
+        chain::walk_from(&dir, &numbers, &Linker::new(key), &at, retired.start(), |record, _| {
+            decode(record).map(drop)
+        })?;
+    walk.records += retired.records;
+    for (n, _, _) in &mut walk.hashes_at {
+        *n += retired.records;
+    }
+    if retired.records > 0 && hashes_at.contains(&retired.records) {
+        let at = Pos { segment: retire::path(data_dir), line: 0 };
+        let hash = chain::unhex(retired.last_hash.as_bytes()).unwrap_or_default();
+        walk.hashes_at.push((retired.records, hash, at));
+    }
+    if walk.records == retired.records {
+        walk.last_hash = chain::unhex(retired.last_hash.as_bytes()).unwrap_or_default();
+    }
+    walk.retired = retired.records;
+    Ok(walk)
 }
 
 /// Fails unless `data_dir` holds a ledger (a directory with `ledger/*.seg`): a wrong path must not
@@ -797,6 +946,7 @@ pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
 
 pub mod chain;
 pub mod head;
+pub mod retire;
 mod sync;
 #[cfg(test)]
 mod tests;

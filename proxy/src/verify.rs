@@ -104,6 +104,12 @@ pub fn run(args: Args) -> ExitCode {
     }
 
     let mut worst = Severity::Ok;
+    // The retirement checkpoint: with the key, its HMAC must hold.
+    let linker = chain::Linker::new(key.as_ref());
+    if let Err(e) = crate::ledger::retire::read(dir, Some(&linker)) {
+        println!("TAMPERED: {e:#}");
+        worst = worst.max(Severity::Tampered);
+    }
     // The ledger.
     let wanted: Vec<u64> = heads.iter().map(|(_, h)| h.ledger.records).collect();
     let walk = if segments.is_empty() {
@@ -154,7 +160,10 @@ pub fn run(args: Args) -> ExitCode {
             worst = worst.max(severity);
         }
         if audit_dir.is_dir() {
-            let (line, severity) = ledger_report(&audit_dir, &report.walk, key.is_some());
+            let mut walk = report.walk.clone();
+            walk.records += report.retired_records;
+            walk.retired = report.retired_records;
+            let (line, severity) = ledger_report(&audit_dir, &walk, key.is_some());
             println!("{line}");
             worst = worst.max(severity);
         }
@@ -202,6 +211,12 @@ fn ledger_report(dir: &Path, walk: &Walk, keyed: bool) -> (String, Severity) {
         walk.records,
         if segments == 1 { "" } else { "s" }
     );
+    if walk.retired > 0 {
+        line.push_str(&format!(
+            " (the first {} in retired segments, vouched for by ledger/retired.json)",
+            walk.retired
+        ));
+    }
     let mut severity = Severity::Ok;
     match walk.last_mode {
         Some(Mode::Hmac) if walk.unchecked == 0 => line.push_str(", chain intact (HMAC-SHA256)"),
@@ -294,8 +309,8 @@ fn audit_hash_at(
     if n == 0 {
         return Ok(None);
     }
-    if n <= report.legacy_records {
-        return audit::legacy::hash_of_record(&audit::legacy_path(data_dir), n);
+    if n <= report.legacy_records + report.retired_records {
+        return audit::hash_of_record(data_dir, n);
     }
     Ok(report
         .walk

@@ -706,7 +706,7 @@ fn split_id(id: &str) -> Option<(&str, u64)> {
 }
 
 /// Milliseconds of an RFC 3339 timestamp in exactly the form [`UnixMillis`] displays.
-fn parse_ts(ts: &str) -> Option<u64> {
+pub fn parse_ts(ts: &str) -> Option<u64> {
     let b = ts.as_bytes();
     if b.len() != 24 || &b[10..11] != b"T" || &b[23..] != b"Z" {
         return None;

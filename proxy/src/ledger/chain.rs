@@ -317,7 +317,7 @@ pub struct Torn {
 }
 
 /// What a walk over the segments found.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Walk {
     /// Segment numbers, in order.
     pub segments: Vec<u64>,
@@ -343,6 +343,9 @@ pub struct Walk {
     pub hashes_at: Vec<(u64, [u8; 32], Pos)>,
     /// How the last segment is encoded, and (compact) what its records defined.
     pub last_encoding: Option<Encoding>,
+    /// Records before the walked segments, retired (counted in `records` by
+    /// [`crate::ledger::verify`]).
+    pub retired: u64,
     pub context: Context,
 }
 

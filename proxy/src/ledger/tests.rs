@@ -21,6 +21,8 @@ fn settings(dir: &Path, interval_ms: u64, fault: Option<Arc<AtomicBool>>) -> Set
         hmac_key: None,
         accept_corrupt: Vec::new(),
         encoding: Encoding::Compact,
+        retention: None,
+        acknowledge: false,
     }
 }
 
