@@ -188,6 +188,25 @@ pub const LEDGER_CORRUPT_RECORDS: Metric = gauge(
      ledger.accept_corrupt)",
     Emitter::Sidecar,
 );
+pub const DATA_BYTES: Metric = gauge(
+    "tollgate_data_bytes",
+    &[],
+    "Bytes the ledger, the audit log and their checkpoints take in the data directory",
+    Emitter::Sidecar,
+);
+pub const DATA_FREE_BYTES: Metric = gauge(
+    "tollgate_data_free_bytes",
+    &[],
+    "Bytes free for the data directory on its volume",
+    Emitter::Sidecar,
+);
+pub const DATA_SECONDS_UNTIL_FULL: Metric = gauge(
+    "tollgate_data_seconds_until_full",
+    &[],
+    "Projected time until the data volume is full, at the data directory's growth over the last \
+     hour (+Inf while it is not growing)",
+    Emitter::Sidecar,
+);
 pub const IN_FLIGHT: Metric =
     gauge("tollgate_in_flight_requests", &[], "Requests being served", Emitter::Sidecar);
 pub const SHED: Metric = counter(
@@ -272,7 +291,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 29] = [
+pub const ALL: [&Metric; 32] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -288,6 +307,9 @@ pub const ALL: [&Metric; 29] = [
     &POLICY_INFO,
     &LEDGER_ERRORS,
     &LEDGER_CORRUPT_RECORDS,
+    &DATA_BYTES,
+    &DATA_FREE_BYTES,
+    &DATA_SECONDS_UNTIL_FULL,
     &IN_FLIGHT,
     &SHED,
     &ACTIONS,

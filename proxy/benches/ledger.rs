@@ -73,6 +73,7 @@ fn main() {
         encoding: tollgate::ledger::chain::Encoding::Compact,
         retention: None,
         acknowledge: false,
+        volume_bytes: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

@@ -69,11 +69,48 @@ impl Handler for Admin {
     }
 }
 
+/// `200 ready`, with a warning (logged at most once a minute) while the data volume has less
+/// free space than `ledger.warn_free_bytes`: still serving, but the hard `503` (nothing can be
+/// written) is near.
+fn ready(shared: &Shared) -> Response<Body> {
+    let warn_below = shared.config.ledger_warn_free_bytes;
+    if warn_below == 0 {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let s = shared.ledger.storage();
+    if s.free_bytes >= warn_below {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let full_in = match s.hours_until_full {
+        h if h.is_finite() => format!("full in {h:.1} h at the last hour's growth"),
+        _ => "not growing".to_string(),
+    };
+    if shared.ledger.warn_low_space_now() {
+        tracing::warn!(
+            free_bytes = s.free_bytes,
+            data_bytes = s.data_bytes,
+            warn_free_bytes = warn_below,
+            hours_until_full = s.hours_until_full,
+            "the data volume is low on space: metered requests get 503 once the ledger cannot be \
+             written (shorten ledger.retention or give the volume more space)"
+        );
+    }
+    let body = format!(
+        "ready; warning: {} bytes free on the data volume, below ledger.warn_free_bytes ({}); \
+         {full_in}\n",
+        s.free_bytes, warn_below
+    );
+    let mut r = Response::new(full(Bytes::from(body)));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Failure> {
     let method = req.method().clone();
     match (method, req.uri().path()) {
         (Method::GET, "/metrics") => {
             shared.metrics.observe_oversight(&shared.oversight);
+            shared.metrics.observe_storage(&shared.ledger.storage());
             let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -88,7 +125,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             } else if !shared.ledger.is_healthy() {
                 Ok(text(StatusCode::SERVICE_UNAVAILABLE, "ledger not writable\n"))
             } else {
-                Ok(text(StatusCode::OK, "ready\n"))
+                Ok(ready(shared))
             }
         }
         (Method::POST, "/v1/usage/events") => {

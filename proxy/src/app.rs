@@ -190,6 +190,7 @@ pub async fn start_with(
         encoding: config.ledger_encoding,
         retention: config.ledger_retention,
         acknowledge: config.export.is_some(),
+        volume_bytes: config.ledger_volume_bytes,
     };
     let now = crate::pipeline::now();
     let (ledger, recovered) = if config.ledger_enabled {

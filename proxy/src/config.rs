@@ -178,6 +178,10 @@ pub struct Config {
     /// How long sealed segments are kept (`ledger.retention`): 7 days when records are shipped
     /// (`chargeback.export`), else unbounded (`None`).
     pub ledger_retention: Option<Duration>,
+    /// `/readyz` warns (and logs) while the data volume has less free space (0: never).
+    pub ledger_warn_free_bytes: u64,
+    /// The data volume's size when smaller than its filesystem (`ledger.volume_bytes`).
+    pub ledger_volume_bytes: Option<u64>,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
@@ -406,6 +410,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         accept_corrupt: ledger_accept_corrupt,
         encoding: ledger_encoding,
         retention: ledger_retention,
+        warn_free_bytes: ledger_warn_free_bytes,
+        volume_bytes: ledger_volume_bytes,
     } = ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
     let ledger_retention = match ledger_retention {
@@ -446,6 +452,8 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_accept_corrupt,
         ledger_encoding,
         ledger_retention,
+        ledger_warn_free_bytes,
+        ledger_volume_bytes,
         shared_costs,
         export,
         forward,
@@ -637,6 +645,8 @@ struct LedgerSection {
     accept_corrupt: Vec<String>,
     encoding: crate::ledger::chain::Encoding,
     retention: Retention,
+    warn_free_bytes: u64,
+    volume_bytes: Option<u64>,
 }
 
 /// `ledger.retention`: a duration, `unbounded`, or (absent) by role.
@@ -656,6 +666,8 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
         accept_corrupt: Vec::new(),
         encoding: crate::ledger::chain::Encoding::Compact,
         retention: Retention::Default,
+        warn_free_bytes: 256 * 1024 * 1024,
+        volume_bytes: None,
     };
     let Some(field) = field else { return out };
     let Some(mut o) = cx.object(&field) else { return out };
@@ -682,6 +694,10 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
             }
         }
     }
+    if let Some(n) = o.get("warn_free_bytes").and_then(|f| f.u64(cx)) {
+        out.warn_free_bytes = n;
+    }
+    out.volume_bytes = o.get("volume_bytes").and_then(|f| f.u64(cx));
     if let Some(f) = o.get("encoding") {
         if let Some(name) = f.one_of(cx, &["compact", "json"]) {
             out.encoding = match name {
@@ -727,6 +743,8 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
             "accept_corrupt",
             "encoding",
             "retention",
+            "warn_free_bytes",
+            "volume_bytes",
         ],
     );
     out

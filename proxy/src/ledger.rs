@@ -81,6 +81,8 @@ pub struct Settings {
     /// Records are shipped (`chargeback.export`): a segment retires only once the export's
     /// cursor is past it.
     pub acknowledge: bool,
+    /// The data volume's size, when smaller than its filesystem (an `emptyDir` limit).
+    pub volume_bytes: Option<u64>,
 }
 
 /// What opening the ledger found.
@@ -109,6 +111,8 @@ pub struct Ledger {
     dir: Arc<PathBuf>,
     /// `None` when the ledger is disabled.
     durability: Option<Arc<Durability>>,
+    /// The data directory's size and free space.
+    storage: Arc<storage::Monitor>,
 }
 
 impl Ledger {
@@ -215,6 +219,8 @@ impl Ledger {
             .name("tollgate-ledger-sync".into())
             .spawn(move || syncer.run())
             .context("starting the ledger sync thread")?;
+        let settings_dir = settings.data_dir.clone();
+        let volume_bytes = settings.volume_bytes;
         let writer = Writer {
             dir: dir.clone(),
             id,
@@ -251,6 +257,7 @@ impl Ledger {
             synced,
             dir: Arc::new(dir),
             durability: Some(durability),
+            storage: Arc::new(storage::Monitor::new(&settings_dir, volume_bytes)),
         };
         Ok((ledger, recovered))
     }
@@ -276,6 +283,7 @@ impl Ledger {
             synced: Arc::new(AtomicBool::new(true)),
             dir: Arc::new(data_dir.join("ledger")),
             durability: None,
+            storage: Arc::new(storage::Monitor::new(data_dir, None)),
         }
     }
 
@@ -309,6 +317,16 @@ impl Ledger {
     /// then.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The data directory's size, free space and when it will be full.
+    pub fn storage(&self) -> storage::Reading {
+        self.storage.read()
+    }
+
+    /// Whether to log a low-space warning now (at most once a minute).
+    pub fn warn_low_space_now(&self) -> bool {
+        self.storage.warn_now()
     }
 
     /// The directory of the segments.
@@ -947,6 +965,7 @@ pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
 pub mod chain;
 pub mod head;
 pub mod retire;
+pub mod storage;
 mod sync;
 #[cfg(test)]
 mod tests;

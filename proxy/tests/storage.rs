@@ -173,3 +173,87 @@ async fn a_json_data_directory_reads_as_it_is_and_continues_compact() {
     assert!(per_request * 4 < old_per_request, "{per_request} vs {old_per_request} as JSON");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `promtool check metrics` on `text`: its findings (none when it is clean).
+fn promtool(text: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install -y prometheus)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_data_size_and_free_space_and_readyz_warns_when_it_runs_low() {
+    let dir = temp_dir("storage-metrics");
+    let data = dir.join("data");
+    let mock = MockUpstream::start().await;
+    let config = |warn: u64| {
+        let yaml = ConfigFile {
+            upstream: &mock.base_url(),
+            data_dir: &data,
+            token_env: "TOLLGATE_STORAGE_TEST_UNSET_TOKEN",
+            more_routes: &[],
+            extra: &format!("ledger: {{warn_free_bytes: {warn}}}\n"),
+            policy: "version: m-1\ndefaults: {llm: allow}\n",
+        }
+        .yaml();
+        let path = dir.join(format!("tollgate-{warn}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let request = hyper::Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    // Plenty of room: ready, and the gauges are there (and pass promtool's lint).
+    let mut proxy = tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config(1), &[]));
+    let (status, body) = get(format!("http://{}/readyz", proxy.admin)).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (_, metrics) = get(format!("http://{}/metrics", proxy.admin)).await;
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        line[name.len() + 1..].parse().unwrap()
+    };
+    assert!(value("tollgate_data_bytes") > 0.0, "{metrics}");
+    assert!(value("tollgate_data_free_bytes") > 0.0, "{metrics}");
+    assert_eq!(value("tollgate_data_seconds_until_full"), f64::INFINITY, "no history yet");
+    assert!(metrics.contains("# TYPE tollgate_data_seconds_until_full gauge"), "{metrics}");
+    assert_eq!(promtool(&metrics).trim(), "", "promtool findings");
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+
+    // Below the threshold: still ready (metered requests are still written), with a warning.
+    let mut proxy =
+        tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config(u64::MAX / 2), &[]));
+    let (status, body) = get(format!("http://{}/readyz", proxy.admin)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("ready; warning: ") && body.contains("below ledger.warn_free_bytes"),
+        "{body}"
+    );
+    let logged = tokio::task::block_in_place(|| {
+        proxy.wait_for(
+            "the data volume is low on space: metered requests get 503 once the ledger cannot be \
+             written (shorten ledger.retention or give the volume more space)",
+        )
+    });
+    assert!(logged["fields"]["free_bytes"].as_u64().is_some(), "{logged}");
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -23,6 +23,7 @@ fn settings(dir: &Path, interval_ms: u64, fault: Option<Arc<AtomicBool>>) -> Set
         encoding: Encoding::Compact,
         retention: None,
         acknowledge: false,
+        volume_bytes: None,
     }
 }
 

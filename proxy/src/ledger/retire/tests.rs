@@ -25,6 +25,7 @@ fn settings(dir: &Path, key: Option<chain::Key>) -> Settings {
         encoding: chain::Encoding::Compact,
         retention: None,
         acknowledge: false,
+        volume_bytes: None,
     }
 }
 
