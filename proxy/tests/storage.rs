@@ -257,3 +257,111 @@ async fn metrics_show_the_data_size_and_free_space_and_readyz_warns_when_it_runs
     assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sends `n` chat completions through `proxy`.
+async fn chats(proxy: &Tollgate, n: usize) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({"model": "gpt-4o", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    for _ in 0..n {
+        let request = hyper::Request::post(format!("http://{}/v1/chat/completions", proxy.proxy))
+            .header("content-type", "application/json")
+            .header("x-agent-id", "bot-1")
+            .header("x-cost-center", "CC-1234")
+            .header("x-project-id", "PROJ-ABC123")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_proxy_retires_old_segments_and_verify_invoice_and_heads_still_hold() {
+    let dir = temp_dir("storage-retire");
+    let data = dir.join("data");
+    let mock = MockUpstream::start().await;
+    let yaml = ConfigFile {
+        upstream: &mock.base_url(),
+        data_dir: &data,
+        token_env: "TOLLGATE_STORAGE_TEST_UNSET_TOKEN",
+        more_routes: &[],
+        extra: "ledger: {segment_bytes: 4096, retention: 1s}\n",
+        policy: "version: r-1\ndefaults: {llm: allow}\nbudgets:\n  - {id: cc, scope: cost_center, period: monthly, amount: \"1000.00\"}\n",
+    }
+    .yaml();
+    let config = dir.join("tollgate.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut proxy = tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config, &[]));
+    // A head kept early (head.json is replaced at most once a second while records are written),
+    // inside what will be retired.
+    let early = dir.join("early-head.json");
+    let head_records = || -> u64 {
+        let text = std::fs::read_to_string(data.join("head.json")).unwrap_or_default();
+        serde_json::from_str::<Value>(&text)
+            .map_or(0, |h| h["ledger"]["records"].as_u64().unwrap_or(0))
+    };
+    let mut sent = 0;
+    while head_records() < 2 {
+        assert!(sent < 40, "no head after {sent} requests");
+        chats(&proxy, 1).await;
+        sent += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::fs::copy(data.join("head.json"), &early).unwrap();
+    chats(&proxy, 65 - sent).await;
+    // Past the retention, a pass retires the sealed segments (one runs every second).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let checkpoint = data.join("ledger").join("retired.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !checkpoint.exists() {
+        assert!(std::time::Instant::now() < deadline, "nothing retired after 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+    let kept = tollgate::ledger::read_all(&data).unwrap();
+    assert!(kept.len() < 130, "some records retired: {} kept", kept.len());
+    assert!(!data.join("ledger").join("00000001.seg").exists());
+
+    let (code, out) = run(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("OK: 130 records in") && out.contains("in retired segments"), "{out}");
+    assert!(
+        out.contains("the ledger still holds its 130 records and the audit log its 65"),
+        "{out}"
+    );
+    let (code, out) = run(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--head",
+        early.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "a head inside the retired records still holds: {out}");
+    // The invoice still counts every request, and the proxy starts again on what is left.
+    let out = command(
+        Path::new(BIN),
+        &[
+            "invoice",
+            "--config",
+            config.to_str().unwrap(),
+            "--period",
+            &kept[0]["ts"].as_str().unwrap()[..7],
+            "--format",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["invoices"][0]["requests"], 65, "{v}");
+    let mut proxy = tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config, &[]));
+    chats(&proxy, 1).await;
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+    let last = tollgate::ledger::read_all(&data).unwrap().pop().unwrap();
+    assert_eq!(last["seq"], 132, "the sequence continues after retired records");
+    let _ = std::fs::remove_dir_all(dir);
+}
