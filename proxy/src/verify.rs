@@ -106,9 +106,20 @@ pub fn run(args: Args) -> ExitCode {
     let mut worst = Severity::Ok;
     // The retirement checkpoint: with the key, its HMAC must hold.
     let linker = chain::Linker::new(key.as_ref());
-    if let Err(e) = crate::ledger::retire::read(dir, Some(&linker)) {
-        println!("TAMPERED: {e:#}");
-        worst = worst.max(Severity::Tampered);
+    match crate::ledger::retire::read(dir, Some(&linker)) {
+        Err(e) => {
+            println!("TAMPERED: {e:#}");
+            worst = worst.max(Severity::Tampered);
+        }
+        Ok(Some(c)) if key.is_some() && c.mac.is_empty() => {
+            println!(
+                "{}: NOT KEYED: the retirement checkpoint carries no HMAC (written before the key \
+                 was configured): its counts cannot be vouched for",
+                crate::ledger::retire::path(dir).display()
+            );
+            worst = worst.max(Severity::Unverifiable);
+        }
+        Ok(_) => {}
     }
     // The ledger.
     let wanted: Vec<u64> = heads.iter().map(|(_, h)| h.ledger.records).collect();
