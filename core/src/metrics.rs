@@ -194,6 +194,25 @@ pub const CONFIG_RELOAD_FAILURES: Metric = counter(
     "Config file updates rejected (the running config kept serving)",
     Emitter::Sidecar,
 );
+pub const DATA_BYTES: Metric = gauge(
+    "tollgate_data_bytes",
+    &[],
+    "Bytes the ledger, the audit log and their checkpoints take in the data directory",
+    Emitter::Sidecar,
+);
+pub const DATA_FREE_BYTES: Metric = gauge(
+    "tollgate_data_free_bytes",
+    &[],
+    "Bytes free for the data directory on its volume",
+    Emitter::Sidecar,
+);
+pub const DATA_SECONDS_UNTIL_FULL: Metric = gauge(
+    "tollgate_data_seconds_until_full",
+    &[],
+    "Projected time until the data volume is full, at the data directory's growth over the last \
+     hour (+Inf while it is not growing)",
+    Emitter::Sidecar,
+);
 pub const IN_FLIGHT: Metric =
     gauge("tollgate_in_flight_requests", &[], "Requests being served", Emitter::Sidecar);
 pub const SHED: Metric = counter(
@@ -286,7 +305,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 31] = [
+pub const ALL: [&Metric; 34] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -302,6 +321,9 @@ pub const ALL: [&Metric; 31] = [
     &POLICY_INFO,
     &LEDGER_ERRORS,
     &LEDGER_CORRUPT_RECORDS,
+    &DATA_BYTES,
+    &DATA_FREE_BYTES,
+    &DATA_SECONDS_UNTIL_FULL,
     &IN_FLIGHT,
     &SHED,
     &CONFIG_RELOAD_FAILURES,

@@ -8,6 +8,9 @@
 //! finished request as a [`UsageEvent`]; the collector checks it ([`UsageEvent::into_record`])
 //! and stores it as a usage record.
 //!
+//! On disk a record is either a JSON line or, in segments written since, the same record in the
+//! compact encoding of [`compact`] (a sixth of the bytes); both decode to these types.
+//!
 //! The field names and values are the JSON the ledger has always held, so every ledger on disk
 //! still reads: fields added since the first ledger (`reservation_id`, `price_source`, the cost
 //! buckets, `clause`, `policy_version`, `budgets`, `seq`, `event_id`) may be absent, an unknown
@@ -26,6 +29,7 @@ pub use crate::pricing::PriceSource;
 pub use crate::usage::UsageSource;
 pub use event::{Invalid, UsageEvent, DEDUP_WINDOW_MS, MAX_ID, MAX_SKEW_MS, MAX_VALUE};
 
+pub mod compact;
 mod event;
 
 /// How a response ended.

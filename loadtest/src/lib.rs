@@ -6,11 +6,13 @@
 //! - [`load`]: the generator (open loop at a constant rate, closed loop for saturation).
 //! - [`sse`], [`stats`]: event boundaries, HDR histograms, error counts.
 //! - [`procfs`]: CPU time and peak RSS of the proxy process.
+//! - [`disk`]: the proxy's data directory during a run (the storage soak).
 //! - [`target`]: starting the mock upstream, Tollgate and Envoy, pinned to CPUs.
 //! - [`compare`], [`report`]: interleaved rounds and the markdown table.
 //! - [`soak`]: one target for millions of requests, RSS and throughput over time.
 
 pub mod compare;
+pub mod disk;
 pub mod load;
 pub mod procfs;
 pub mod report;

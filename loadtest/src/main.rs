@@ -81,6 +81,10 @@ enum Cmd {
         /// Base URL, e.g. http://127.0.0.1:8080
         #[arg(long)]
         url: String,
+        /// The data directory of the proxy under load: reports the bytes its ledger and audit
+        /// log wrote per request, and its size on disk over the run (the storage soak).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -269,14 +273,22 @@ fn real_main() -> anyhow::Result<()> {
                 soak::report(kind.label(), &shown_command(&command), &samples, warm, 20)
             );
         }
-        Cmd::Run { load, url } => {
+        Cmd::Run { load, url, data_dir } => {
             let (scenario, plan) = plan(&load)?;
+            let watch =
+                data_dir.map(|dir| tollgate_loadtest::disk::watch(dir, Duration::from_secs(1)));
             let outcome = runtime()?.block_on(load::run(
                 &load::client(load.connections()),
                 &url,
                 &scenario,
                 &plan,
             ))?;
+            if let Some(watch) = watch {
+                // The last records reach the disk within the ledger's sync window.
+                std::thread::sleep(Duration::from_secs(2));
+                let samples = watch.finish();
+                print!("{}", tollgate_loadtest::disk::report(&samples, outcome.recorder.ok));
+            }
             let r = &outcome.recorder;
             let row = Row {
                 label: url,

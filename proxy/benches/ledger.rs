@@ -70,6 +70,10 @@ fn main() {
                 .unwrap_or_else(|_| panic!("set TOLLGATE_BENCH_HMAC_KEY (16+ bytes)"))
         }),
         accept_corrupt: Vec::new(),
+        encoding: tollgate::ledger::chain::Encoding::Compact,
+        retention: None,
+        acknowledge: false,
+        volume_bytes: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

@@ -69,11 +69,48 @@ impl Handler for Admin {
     }
 }
 
+/// `200 ready`, with a warning (logged at most once a minute) while the data volume has less
+/// free space than `ledger.warn_free_bytes`: still serving, but the hard `503` (nothing can be
+/// written) is near.
+fn ready(shared: &Shared) -> Response<Body> {
+    let warn_below = shared.current().config.ledger_warn_free_bytes;
+    if warn_below == 0 {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let s = shared.ledger.storage();
+    if s.free_bytes >= warn_below {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let full_in = match s.hours_until_full {
+        h if h.is_finite() => format!("full in {h:.1} h at the last hour's growth"),
+        _ => "not growing".to_string(),
+    };
+    if shared.ledger.warn_low_space_now() {
+        tracing::warn!(
+            free_bytes = s.free_bytes,
+            data_bytes = s.data_bytes,
+            warn_free_bytes = warn_below,
+            hours_until_full = s.hours_until_full,
+            "the data volume is low on space: metered requests get 503 once the ledger cannot be \
+             written (shorten ledger.retention or give the volume more space)"
+        );
+    }
+    let body = format!(
+        "ready; warning: {} bytes free on the data volume, below ledger.warn_free_bytes ({}); \
+         {full_in}\n",
+        s.free_bytes, warn_below
+    );
+    let mut r = Response::new(full(Bytes::from(body)));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Failure> {
     let method = req.method().clone();
     match (method, req.uri().path()) {
         (Method::GET, "/metrics") => {
             shared.oversight.observe_into(&shared.metrics);
+            shared.metrics.observe_storage(&shared.ledger.storage());
             let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -88,7 +125,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             } else if !shared.ledger.is_healthy() {
                 Ok(text(StatusCode::SERVICE_UNAVAILABLE, "ledger not writable\n"))
             } else {
-                Ok(text(StatusCode::OK, "ready\n"))
+                Ok(ready(shared))
             }
         }
         (Method::POST, "/v1/usage/events") => {
@@ -236,8 +273,8 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             &json!({"error": "group_by must be one of agent, project, cost_center"}),
         ));
     }
-    let records = match read_ledger(shared).await {
-        Ok(records) => records,
+    let (records, retired) = match read_ledger(shared).await {
+        Ok(read) => read,
         Err(failure) => return Err(failure),
     };
     #[derive(Default, serde::Serialize)]
@@ -251,7 +288,11 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
         cost_usd: Money,
     }
     let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-    for r in records.iter().filter_map(|s| s.entry.usage()) {
+    // Retired days by their totals, then the records kept.
+    let totals: Vec<(tollgate_core::record::UsageRecord, u64)> =
+        retired.iter().enumerate().map(|(i, g)| (g.as_record(i), g.requests)).collect();
+    let kept = records.iter().filter_map(|s| s.entry.usage()).map(|r| (r, 1));
+    for (r, requests) in totals.iter().map(|(r, n)| (r, *n)).chain(kept) {
         if !r.ts.starts_with(&period) {
             continue;
         }
@@ -261,7 +302,7 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
             _ => &r.cost_center,
         };
         let t = groups.entry(key.clone()).or_default();
-        t.requests += 1;
+        t.requests += requests;
         t.input_tokens += r.tokens.input;
         t.cached_input_tokens += r.tokens.cached_input;
         t.cache_write_tokens += r.tokens.cache_write;
@@ -286,11 +327,17 @@ fn check_period(period: &str) -> Result<(), Response<Body>> {
     }
 }
 
-/// Every ledger record, after flushing what is queued (read off the async threads).
-async fn read_ledger(shared: &Shared) -> Result<Vec<crate::ledger::Stored>, Failure> {
+/// Every ledger record kept and the totals of the retired ones, after flushing what is queued
+/// (read off the async threads).
+async fn read_ledger(
+    shared: &Shared,
+) -> Result<(Vec<crate::ledger::Stored>, Vec<crate::ledger::retire::Group>), Failure> {
     shared.ledger.flush().await;
     let dir = shared.current().config.data_dir.clone();
-    match tokio::task::spawn_blocking(move || crate::ledger::read_records(&dir)).await {
+    let read = move || -> anyhow::Result<_> {
+        Ok((crate::ledger::read_records(&dir)?, crate::ledger::read_retired(&dir)?))
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(records)) => Ok(records),
         Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), "reading the ledger");
@@ -332,7 +379,7 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
             &json!({"error": "format must be csv, json or focus"}),
         ));
     }
-    let records = read_ledger(shared).await?;
+    let (records, retired) = read_ledger(shared).await?;
     if format == "focus" {
         let current = shared.current();
         let Ok(csv) = crate::focus::from_ledger(&records, &period, current.config.engine.rates())
@@ -346,6 +393,7 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
     let policy = shared.current().policy.clone();
     let invoices = crate::invoice::from_ledger(
         &records,
+        &retired,
         &period,
         group,
         &shared.current().config.shared_costs,

@@ -135,6 +135,10 @@ pub async fn start_with(
             None => None,
         },
         accept_corrupt: config.ledger_accept_corrupt.clone(),
+        encoding: config.ledger_encoding,
+        retention: config.ledger_retention,
+        acknowledge: config.export.is_some(),
+        volume_bytes: config.ledger_volume_bytes,
     };
     let now = crate::clock::now();
     let (ledger, recovered) = if config.ledger_enabled {

@@ -1,24 +1,37 @@
-//! The audit log: every decision as a hash-chained JSON line, so that an edited, removed or
-//! reordered record is detected by `tollgate audit verify`.
+//! The audit log: every decision as a chained record, so that an edited, removed or reordered
+//! record is detected by `tollgate audit verify`.
 //!
-//! Each record carries its sequence number, the hash of the record before it (`prev`) and its
-//! own `hash` = SHA-256 of the record's JSON without the `hash` field. Changing any value breaks
-//! that record's hash; recomputing the hash breaks the next record's `prev`; removing or
-//! reordering records breaks the sequence. A last line cut short by a crash (no newline, does not
-//! parse) is a *torn tail*, reported apart from tampering, and truncated when the log is opened
-//! for writing again. Records hold ids, attribution and decision codes, never header values or
-//! secrets.
+//! The log is segmented like the ledger and framed and chained by the same code
+//! ([`crate::ledger::chain`]): `<data_dir>/audit/00000001.seg`, `00000002.seg`, … (a new segment
+//! once one holds `ledger.segment_bytes`), each record carrying the link of the one before it,
+//! the first record of a segment linking to the last record of the segment before, so one chain
+//! runs across all segments. Keyed like the ledger (HMAC-SHA256) when the ledger has a key.
+//!
+//! A log written before segmentation (`<data_dir>/audit.jsonl`, see [`legacy`]) is the start of
+//! the chain: it is only read, and the first segmented record links to its last `hash`.
+//!
+//! Only an unterminated last record of the last segment is a torn write (cut off when the log is
+//! opened for writing); anything else that does not verify is refused, because appending to a
+//! tampered chain would hide the tampering. Records hold ids, attribution and decision codes,
+//! never header values or secrets.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
 
-/// The `prev` of the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+use crate::ledger::chain::{self, Body, Encoding, Linker, Walk};
+use tollgate_core::record::compact::{self, Encoder};
+
+pub use legacy::{Tampering, Verdict};
+
+pub mod legacy;
+
+/// The head hash of an empty log.
+pub const GENESIS: &str = legacy::GENESIS;
 
 /// What happened, as recorded. Everything but `seq`, `prev` and `hash` is filled by the caller.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,43 +93,115 @@ impl Default for Event {
     }
 }
 
-/// A record as stored: the event plus its place in the chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Record {
-    seq: u64,
-    prev: String,
-    #[serde(flatten)]
-    event: Event,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    hash: String,
+/// `<data_dir>/audit`: the segments.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit")
 }
 
-fn hash_of(record: &Record) -> String {
-    let mut unhashed = record.clone();
-    unhashed.hash.clear();
-    let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-    hex(&Sha256::digest(&bytes))
+/// `<data_dir>/audit.jsonl`: the log as written before segmentation.
+pub fn legacy_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit.jsonl")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
+/// The tag of a compact audit record (version 1 of its fields).
+const TAG_EVENT: u8 = 1;
+
+/// A record as the event, from either encoding.
+fn decode(body: Body<'_>) -> Result<Event, String> {
+    match body {
+        Body::Json(json) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Body::Compact(fields, ctx) => {
+            decode_compact(compact::Reader::new(ctx, fields)).map_err(|e| e.to_string())
+        }
     }
-    s
+    .map_err(|e| format!("the audit record does not decode: {e}"))
 }
 
-/// Appends chained records to one file. Not shared: the proxy's audit writer task owns it.
+/// The `ts` of a record (for retention).
+pub(crate) fn decode_ts(body: Body<'_>) -> Result<String, String> {
+    decode(body).map(|e| e.ts)
+}
+
+/// The compact fields of an event: flags for the optional fields, the time relative to the record
+/// before, interned strings and ids.
+fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
+    let mut f = enc.record();
+    f.byte(TAG_EVENT);
+    let options =
+        [&e.clause, &e.policy_version, &e.model, &e.tool, &e.approval_id, &e.risk, &e.actor];
+    let flags = options.iter().enumerate().fold(0u64, |f, (i, o)| f | u64::from(o.is_some()) << i);
+    f.varint(flags);
+    f.ts_chained(&e.ts);
+    f.byte(compact::code(&AuditKind::ALL, e.kind));
+    f.id(&e.request_id);
+    f.str(&e.agent);
+    f.str(&e.cost_center);
+    f.str(&e.project);
+    f.str(&e.route);
+    f.byte(compact::code(&Effect::ALL, e.effect));
+    f.str(&e.reason);
+    for (i, o) in options.iter().enumerate() {
+        match (i, o) {
+            (_, None) => {}
+            (4, Some(id)) => f.id(id),
+            (_, Some(s)) => f.str(s),
+        }
+    }
+    f.finish(out);
+    true
+}
+
+fn decode_compact(mut r: compact::Reader<'_>) -> Result<Event, compact::Error> {
+    if r.byte()? != TAG_EVENT {
+        return Err(compact::Error::Malformed("audit record (an unknown version)"));
+    }
+    let flags = r.varint()?;
+    let mut e = Event {
+        ts: r.ts_chained()?,
+        kind: r.code(&AuditKind::ALL, "an audit kind")?,
+        request_id: r.id()?,
+        agent: r.str()?,
+        cost_center: r.str()?,
+        project: r.str()?,
+        route: r.str()?,
+        effect: r.code(&Effect::ALL, "an effect")?,
+        reason: r.str()?,
+        ..Event::default()
+    };
+    let mut next = |i: u32| -> Result<Option<String>, compact::Error> {
+        match flags >> i & 1 {
+            0 => Ok(None),
+            _ if i == 4 => r.id().map(Some),
+            _ => r.str().map(Some),
+        }
+    };
+    e.clause = next(0)?;
+    e.policy_version = next(1)?;
+    e.model = next(2)?;
+    e.tool = next(3)?;
+    e.approval_id = next(4)?;
+    e.risk = next(5)?;
+    e.actor = next(6)?;
+    r.end()?;
+    Ok(e)
+}
+
+/// Appends chained records to the segments. Not shared: the ledger's writer thread owns it.
 pub struct Chain {
+    dir: PathBuf,
+    linker: Linker,
+    encoding: Encoding,
+    encoder: Encoder,
+    segment: u64,
+    segment_bytes: u64,
     file: std::fs::File,
-    path: PathBuf,
-    /// Length of the file up to the last complete write.
+    /// Length of the current segment up to the last complete write.
     good_len: u64,
-    next_seq: u64,
-    prev: String,
+    /// The link the next record carries.
+    link: [u8; 32],
+    records: u64,
+    /// SHA-256 of the last record as written, or the legacy log's last `hash`.
+    last_hash: [u8; 32],
 }
 
 /// What opening found.
@@ -127,70 +212,155 @@ pub struct Opened {
     pub truncated_bytes: u64,
 }
 
-impl Chain {
-    /// Opens (creating) the log, verifies it, truncates a torn tail, and continues the chain.
-    /// A log that fails verification for any other reason is refused: appending to a tampered
-    /// chain would hide the tampering.
-    pub fn open(path: &Path) -> anyhow::Result<(Chain, Opened)> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+/// Where the segments that are kept start: after the legacy log's records and the retired
+/// segments' (see [`crate::ledger::retire`]).
+struct Start {
+    /// Records before the kept segments.
+    records: u64,
+    legacy_records: u64,
+    retired: Option<crate::ledger::retire::Retired>,
+    /// The link the first kept record carries.
+    hash: [u8; 32],
+    /// The link after the legacy log.
+    legacy_hash: [u8; 32],
+}
+
+impl Start {
+    /// The kept segments of `dir` (after the retired ones).
+    fn kept(&self, dir: &Path) -> std::io::Result<Vec<u64>> {
+        let through = self.retired.as_ref().map_or(0, |r| r.through_segment);
+        match crate::ledger::segments(dir) {
+            Ok(n) => Ok(n.into_iter().filter(|&n| n > through).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
         }
-        let report = verify(path)?;
-        let (records, last_hash, valid_len) = match &report {
-            Verdict::Ok { records, last_hash, bytes } => (*records, last_hash.clone(), *bytes),
-            Verdict::TornTail { records, last_hash, valid_bytes, .. } => {
-                (*records, last_hash.clone(), *valid_bytes)
-            }
-            Verdict::Tampered { .. } => anyhow::bail!(
-                "audit log {} failed verification: {report}; refusing to append",
-                path.display()
+    }
+}
+
+/// The link after the legacy log (its last `hash`), or [`chain::GENESIS`].
+pub(crate) fn legacy_start(data_dir: &Path) -> std::io::Result<[u8; 32]> {
+    Ok(start(data_dir)?.1.legacy_hash)
+}
+
+/// Verifies the legacy log, if there is one, and reads the retirement checkpoint: where the
+/// kept segments start.
+fn start(data_dir: &Path) -> std::io::Result<(Option<Verdict>, Start)> {
+    let path = legacy_path(data_dir);
+    let verdict = match path.exists() {
+        true => Some(legacy::verify(&path)?),
+        false => None,
+    };
+    let (legacy_records, hash) = match &verdict {
+        Some(
+            Verdict::Ok { records, last_hash, .. } | Verdict::TornTail { records, last_hash, .. },
+        ) => (*records, chain::unhex(last_hash.as_bytes()).unwrap_or_default()),
+        _ => (0, chain::GENESIS),
+    };
+    let retired = crate::ledger::retire::read(data_dir, None)
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?
+        .map(|c| c.audit)
+        .filter(|r| r.records > 0);
+    let start = match &retired {
+        Some(r) => Start {
+            records: legacy_records + r.records,
+            legacy_records,
+            hash: r.start(),
+            legacy_hash: hash,
+            retired,
+        },
+        None => Start { records: legacy_records, legacy_records, hash, legacy_hash: hash, retired },
+    };
+    Ok((verdict, start))
+}
+
+impl Chain {
+    /// Opens (creating) the log in `data_dir`, verifies it, truncates a torn tail, and
+    /// continues the chain. A log that fails verification for any other reason is refused.
+    pub fn open(
+        data_dir: &Path,
+        linker: Linker,
+        segment_bytes: u64,
+        encoding: Encoding,
+    ) -> anyhow::Result<(Chain, Opened)> {
+        let dir = dir(data_dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (legacy, start) = start(data_dir)?;
+        let legacy_path = legacy_path(data_dir);
+        match &legacy {
+            Some(v @ Verdict::Tampered { .. }) => anyhow::bail!(
+                "audit log {} failed verification: {v}; refusing to append",
+                legacy_path.display()
             ),
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)?;
-        let len = file.metadata()?.len();
-        let truncated_bytes = len.saturating_sub(valid_len);
-        if truncated_bytes > 0 {
-            file.set_len(valid_len)?;
+            Some(v @ Verdict::TornTail { .. }) => anyhow::bail!(
+                "audit log {} failed verification: {v}; it is no longer written, so a torn \
+                 line there is not a crash of this version; refusing to append",
+                legacy_path.display()
+            ),
+            _ => {}
+        }
+        if let Some(r) = &start.retired {
+            crate::ledger::retire::remove_covered(&dir, r.through_segment)?;
+        }
+        let numbers = start.kept(&dir)?;
+        let walk =
+            chain::walk_from(&dir, &numbers, &linker, &[], start.hash, |r, _| decode(r).map(drop))?;
+        if let Some(problem) = walk.problems.first() {
+            anyhow::bail!(
+                "audit log {} failed verification: {problem}; refusing to append (`tollgate audit \
+                 verify` reports the whole log)",
+                dir.display()
+            );
+        }
+        let first = start.retired.as_ref().map_or(1, |r| r.through_segment + 1);
+        let last = numbers.last().copied().unwrap_or(first);
+        let mut truncated_bytes = 0;
+        if let Some(torn) = &walk.torn {
+            truncated_bytes = torn.bytes;
+            let file = std::fs::OpenOptions::new().write(true).open(&torn.at.segment)?;
+            file.set_len(torn.offset)?;
             file.sync_all()?;
         }
-        let mut file = file;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::End(0))?;
+        let (segment, file, good_len, encoder) =
+            crate::ledger::continue_segment(&dir, last, encoding, walk.context)?;
+        let records = start.records + walk.records;
+        let last_hash = if walk.records > 0 { walk.last_hash } else { start.hash };
         let chain = Chain {
+            dir,
+            linker,
+            encoding,
+            encoder,
+            segment,
+            segment_bytes,
             file,
-            path: path.to_path_buf(),
-            good_len: valid_len,
-            next_seq: records + 1,
-            prev: last_hash,
+            good_len,
+            link: walk.next_link,
+            records,
+            last_hash,
         };
         Ok((chain, Opened { records, truncated_bytes }))
     }
 
-    /// Serialises `event` as the next record into `out` (one line) and advances the chain.
-    /// The caller writes `out` with [`Chain::write`], batching several records per write.
+    /// Serialises `event` as the next record into `out` and advances the chain. The caller
+    /// writes `out` with [`Chain::write`], batching several records per write.
     pub fn append_to(&mut self, event: Event, out: &mut Vec<u8>) {
-        let record =
-            Record { seq: self.next_seq, prev: self.prev.clone(), event, hash: String::new() };
-        // Serialised once: the hash covers the record without `hash` (which is last and empty,
-        // so skipped), and the line is that same JSON with `"hash"` appended — exactly what
-        // serialising the hashed record gives, which is what `verify` recomputes.
-        let start = out.len();
-        if serde_json::to_writer(&mut *out, &record).is_err() || out.last() != Some(&b'}') {
-            out.truncate(start);
-            return;
+        let mode = self.linker.mode();
+        let line = match self.encoding {
+            Encoding::Compact => chain::frame_compact(out, mode, &self.link, |out| {
+                encode(&mut self.encoder, &event, out)
+            }),
+            Encoding::Json => chain::frame(out, mode, &self.link, |out| {
+                serde_json::to_writer(&mut *out, &event).is_ok()
+            }),
+        };
+        if let Some(line) = line {
+            let line = &out[line];
+            self.link = self.linker.link_after(line);
+            self.last_hash = match mode {
+                chain::Mode::Sha256 => self.link,
+                chain::Mode::Hmac => chain::sha256(line),
+            };
+            self.records += 1;
         }
-        let hash = hex(&Sha256::digest(&out[start..]));
-        out.pop();
-        out.extend_from_slice(b",\"hash\":\"");
-        out.extend_from_slice(hash.as_bytes());
-        out.extend_from_slice(b"\"}\n");
-        self.next_seq += 1;
-        self.prev = hash;
     }
 
     /// Writes a batch of serialised records; `sync` also flushes them to stable storage.
@@ -212,302 +382,173 @@ impl Chain {
         Ok(())
     }
 
-    /// A second handle to the log's file, for syncing from another thread.
+    /// Starts the next segment once the current one is full (after syncing it, since the sync
+    /// thread then syncs only the new one); returns a handle to the new segment for that thread.
+    pub fn rotate_if_full(&mut self) -> Option<std::fs::File> {
+        if self.good_len < self.segment_bytes || self.file.sync_data().is_err() {
+            return None;
+        }
+        let next = self.segment + 1;
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(chain::segment_path(&self.dir, next))
+            .and_then(|mut file| {
+                if self.encoding == Encoding::Compact {
+                    file.write_all(chain::MAGIC)?;
+                }
+                Ok((file.try_clone()?, file))
+            });
+        match opened {
+            Ok((handle, file)) => {
+                self.file = file;
+                self.segment = next;
+                self.good_len = match self.encoding {
+                    Encoding::Compact => chain::MAGIC.len() as u64,
+                    Encoding::Json => 0,
+                };
+                self.encoder.reset();
+                Some(handle)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "opening a new audit segment");
+                None
+            }
+        }
+    }
+
+    /// The segment being written.
+    pub fn segment(&self) -> u64 {
+        self.segment
+    }
+
+    /// A second handle to the current segment, for syncing from another thread.
     pub fn sync_handle(&self) -> std::io::Result<std::fs::File> {
         self.file.try_clone()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Records in the log and the hash of the last one ([`GENESIS`] when empty): its head.
     pub fn head(&self) -> (u64, String) {
-        (self.next_seq - 1, self.prev.clone())
+        (self.records, chain::hex(&self.last_hash))
     }
 }
 
-/// The `hash` of record number `n` (1-based, counting lines) of the log at `path`, if it has that
-/// many complete records; for comparing with a published head. `None` for `n == 0`.
-pub fn hash_of_record(path: &Path, n: u64) -> std::io::Result<Option<String>> {
+/// What verifying the whole log found: the legacy file's verdict, if there is one, and the
+/// walk over the segments.
+#[derive(Debug)]
+pub struct Report {
+    pub legacy: Option<Verdict>,
+    pub walk: Walk,
+    /// Records in the legacy file (intact ones).
+    pub legacy_records: u64,
+    /// Records in retired segments (by the retirement checkpoint).
+    pub retired_records: u64,
+}
+
+impl Report {
+    /// Every record of the log: legacy, retired and in the kept segments.
+    pub fn records(&self) -> u64 {
+        self.legacy_records + self.retired_records + self.walk.records
+    }
+}
+
+/// Verifies the whole log in `data_dir` (keyed links with `key`); `hashes_at` asks for the
+/// hashes of those record numbers that lie in the segments (counting the legacy records).
+pub fn verify(
+    data_dir: &Path,
+    key: Option<&chain::Key>,
+    hashes_at: &[u64],
+) -> std::io::Result<Report> {
+    let (legacy, start) = start(data_dir)?;
+    let dir = dir(data_dir);
+    let numbers = start.kept(&dir)?;
+    let at: Vec<u64> =
+        hashes_at.iter().filter(|&&n| n > start.records).map(|n| n - start.records).collect();
+    let mut walk = chain::walk_from(&dir, &numbers, &Linker::new(key), &at, start.hash, |r, _| {
+        decode(r).map(drop)
+    })?;
+    for (n, _, _) in &mut walk.hashes_at {
+        *n += start.records;
+    }
+    Ok(Report {
+        legacy,
+        walk,
+        legacy_records: start.legacy_records,
+        retired_records: start.records - start.legacy_records,
+    })
+}
+
+/// Whether `data_dir` holds an audit log (either layout).
+pub fn exists(data_dir: &Path) -> bool {
+    legacy_path(data_dir).exists() || dir(data_dir).is_dir()
+}
+
+/// The hash of record number `n` (1-based) of the log in `data_dir`, if it has that many
+/// complete records: the legacy record's `hash`, or the SHA-256 of the segmented record as
+/// written. For comparing with a published head; `None` for `n == 0`.
+pub fn hash_of_record(data_dir: &Path, n: u64) -> std::io::Result<Option<String>> {
     if n == 0 {
         return Ok(None);
     }
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let path = legacy_path(data_dir);
+    let legacy = if path.exists() {
+        legacy::verify(&path)?
+    } else {
+        legacy::Verdict::Ok { records: 0, last_hash: GENESIS.into(), bytes: 0 }
     };
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = Vec::new();
-    for _ in 0..n {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 || !line.ends_with(b"\n") {
-            return Ok(None);
-        }
-    }
-    Ok(serde_json::from_slice::<Record>(&line).ok().map(|r| r.hash))
-}
-
-/// The outcome of verifying a log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every record is intact and in order.
-    Ok { records: u64, last_hash: String, bytes: u64 },
-    /// Intact up to a last record that was cut short (a crash while writing, not tampering).
-    TornTail { records: u64, last_hash: String, valid_bytes: u64, line: u64 },
-    /// The first sign of tampering.
-    Tampered { line: u64, problem: Tampering },
-}
-
-/// How the chain was broken.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Tampering {
-    /// Record `seq`'s content was changed.
-    Edited { seq: u64 },
-    /// Records `from..=to` are missing at this point (removed, or moved later).
-    Removed { from: u64, to: u64 },
-    /// Record `seq` appears where `expected` should be: records were reordered or duplicated.
-    OutOfOrder { seq: u64, expected: u64 },
-    /// A line in the middle of the log is not a record.
-    Corrupt,
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Verdict::Ok { records, .. } => write!(f, "OK: {records} records, chain intact"),
-            Verdict::TornTail { records, line, .. } => write!(
-                f,
-                "OK up to record {records}; line {line} is a torn tail (a write cut short by a \
-                 crash, not tampering)"
-            ),
-            Verdict::Tampered { line, problem } => {
-                write!(f, "TAMPERED at line {line}: ")?;
-                match problem {
-                    Tampering::Edited { seq } => write!(f, "record {seq} was edited"),
-                    Tampering::Removed { from, to } if from == to => {
-                        write!(f, "record {from} is missing here (removed or moved)")
-                    }
-                    Tampering::Removed { from, to } => {
-                        write!(f, "records {from}..={to} are missing here (removed or moved)")
-                    }
-                    Tampering::OutOfOrder { seq, expected } => write!(
-                        f,
-                        "record {seq} appears where record {expected} belongs (reordered or duplicated)"
-                    ),
-                    Tampering::Corrupt => write!(f, "the line is not an audit record"),
-                }
-            }
-        }
-    }
-}
-
-/// Verifies the whole log at `path` (a missing file is an empty, intact log).
-pub fn verify(path: &Path) -> std::io::Result<Verdict> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Verdict::Ok { records: 0, last_hash: GENESIS.into(), bytes: 0 })
-        }
-        Err(e) => return Err(e),
+    let legacy_records = match legacy {
+        Verdict::Ok { records, .. } | Verdict::TornTail { records, .. } => records,
+        Verdict::Tampered { .. } => 0,
     };
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = Vec::new();
-    let mut expected_seq = 1u64;
-    let mut prev = GENESIS.to_string();
-    let mut offset = 0u64;
-    let mut line_no = 0u64;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Ok(Verdict::Ok { records: expected_seq - 1, last_hash: prev, bytes: offset });
-        }
-        line_no += 1;
-        let complete = line.ends_with(b"\n");
-        let record = match serde_json::from_slice::<Record>(&line) {
-            Ok(record) if complete => record,
-            Ok(_) | Err(_) if !complete => {
-                return Ok(Verdict::TornTail {
-                    records: expected_seq - 1,
-                    last_hash: prev,
-                    valid_bytes: offset,
-                    line: line_no,
-                })
-            }
-            _ => return Ok(Verdict::Tampered { line: line_no, problem: Tampering::Corrupt }),
-        };
-        let problem = if record.seq > expected_seq {
-            Some(Tampering::Removed { from: expected_seq, to: record.seq - 1 })
-        } else if record.seq < expected_seq {
-            Some(Tampering::OutOfOrder { seq: record.seq, expected: expected_seq })
-        } else if hash_of(&record) != record.hash {
-            Some(Tampering::Edited { seq: record.seq })
-        } else if record.prev != prev {
-            // This record is intact, so the one before it was changed (and re-hashed).
-            Some(Tampering::Edited { seq: record.seq.saturating_sub(1) })
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Ok(Verdict::Tampered { line: line_no, problem });
-        }
-        prev = record.hash;
-        expected_seq += 1;
-        offset += n as u64;
+    if n <= legacy_records {
+        return legacy::hash_of_record(&path, n);
     }
+    let (_, start) = start(data_dir)?;
+    if n <= start.records {
+        // Retired: only the last retired record's hash is kept.
+        return Ok(start.retired.filter(|_| n == start.records).map(|r| r.last_hash));
+    }
+    let report = verify(data_dir, None, &[n])?;
+    Ok(report.walk.hashes_at.first().map(|(_, hash, _)| chain::hex(hash)))
+}
+
+/// Every record of the log in `data_dir` as JSON, oldest first (for tests and tools); checked
+/// like [`verify`] does without a key. An unterminated last record is skipped; any other problem
+/// is an error naming where it is.
+pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    let path = legacy_path(data_dir);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)?;
+        for line in text.lines() {
+            let mut value: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}: not an audit record", path.display()))?;
+            if let Some(o) = value.as_object_mut() {
+                o.remove("prev");
+                o.remove("hash");
+            }
+            out.push(value);
+        }
+    }
+    let (_, start) = start(data_dir)?;
+    let dir = dir(data_dir);
+    let numbers = start.kept(&dir)?;
+    let mut seq = start.records;
+    let walk = chain::walk_from(&dir, &numbers, &Linker::new(None), &[], start.hash, |r, _| {
+        let event = decode(r)?;
+        seq += 1;
+        let mut value = serde_json::to_value(&event).map_err(|e| e.to_string())?;
+        if let Some(o) = value.as_object_mut() {
+            o.insert("seq".into(), seq.into());
+        }
+        out.push(value);
+        Ok(())
+    })?;
+    if let Some(problem) = walk.problems.first() {
+        anyhow::bail!("{problem}: the audit log is corrupt or was tampered with");
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(i: u64) -> Event {
-        Event {
-            ts: format!("2026-11-22T10:00:{:02}.000Z", i % 60),
-            kind: AuditKind::Decision,
-            request_id: format!("req-{i}"),
-            agent: "bot".into(),
-            cost_center: "CC-1234".into(),
-            project: "PROJ-ABC123".into(),
-            route: "openai".into(),
-            effect: if i % 3 == 0 { Effect::Deny } else { Effect::Allow },
-            reason: "default_allow".into(),
-            clause: Some("defaults.llm".into()),
-            policy_version: Some("v1".into()),
-            model: Some("gpt-4o".into()),
-            tool: None,
-            ..Default::default()
-        }
-    }
-
-    fn write_log(path: &Path, n: u64) {
-        let (mut chain, opened) = Chain::open(path).expect("open");
-        assert_eq!(opened.records, 0);
-        let mut batch = Vec::new();
-        for i in 1..=n {
-            chain.append_to(event(i), &mut batch);
-        }
-        chain.write(&batch, true).expect("write");
-    }
-
-    fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).expect("read").lines().map(str::to_string).collect()
-    }
-
-    fn rewrite(path: &Path, lines: &[String]) {
-        std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>())
-            .expect("write");
-    }
-
-    fn temp(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-audit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        dir.join("audit.jsonl")
-    }
-
-    #[test]
-    fn an_intact_chain_verifies_and_continues_after_reopening() {
-        let path = temp("intact");
-        write_log(&path, 5);
-        assert!(matches!(verify(&path).unwrap(), Verdict::Ok { records: 5, .. }));
-        let (mut chain, opened) = Chain::open(&path).expect("reopen");
-        assert_eq!(opened, Opened { records: 5, truncated_bytes: 0 });
-        let mut batch = Vec::new();
-        chain.append_to(event(6), &mut batch);
-        chain.write(&batch, true).unwrap();
-        assert!(matches!(verify(&path).unwrap(), Verdict::Ok { records: 6, .. }));
-    }
-
-    #[test]
-    fn an_edited_value_is_detected_at_its_record() {
-        let path = temp("edited");
-        write_log(&path, 5);
-        let mut l = lines(&path);
-        l[2] = l[2].replace("\"agent\":\"bot\"", "\"agent\":\"other-bot\"");
-        rewrite(&path, &l);
-        assert_eq!(
-            verify(&path).unwrap(),
-            Verdict::Tampered { line: 3, problem: Tampering::Edited { seq: 3 } }
-        );
-    }
-
-    #[test]
-    fn an_edit_with_a_recomputed_hash_is_caught_by_the_next_record() {
-        let path = temp("rehashed");
-        write_log(&path, 5);
-        let mut l = lines(&path);
-        let mut record: Record = serde_json::from_str(&l[1]).unwrap();
-        record.event.effect = Effect::Allow;
-        record.event.reason = "forged".into();
-        record.hash = hash_of(&record);
-        l[1] = serde_json::to_string(&record).unwrap();
-        rewrite(&path, &l);
-        assert_eq!(
-            verify(&path).unwrap(),
-            Verdict::Tampered { line: 3, problem: Tampering::Edited { seq: 2 } }
-        );
-    }
-
-    #[test]
-    fn removed_and_reordered_records_are_detected() {
-        let path = temp("removed");
-        write_log(&path, 6);
-        let mut l = lines(&path);
-        l.remove(3);
-        rewrite(&path, &l);
-        assert_eq!(
-            verify(&path).unwrap(),
-            Verdict::Tampered { line: 4, problem: Tampering::Removed { from: 4, to: 4 } }
-        );
-
-        let path = temp("reordered");
-        write_log(&path, 6);
-        let mut l = lines(&path);
-        l.swap(1, 2);
-        rewrite(&path, &l);
-        assert_eq!(
-            verify(&path).unwrap(),
-            Verdict::Tampered { line: 2, problem: Tampering::Removed { from: 2, to: 2 } }
-        );
-
-        let path = temp("tail-removed-then-duplicated");
-        write_log(&path, 3);
-        let mut l = lines(&path);
-        let first = l[0].clone();
-        l.push(first);
-        rewrite(&path, &l);
-        assert_eq!(
-            verify(&path).unwrap(),
-            Verdict::Tampered { line: 4, problem: Tampering::OutOfOrder { seq: 1, expected: 4 } }
-        );
-    }
-
-    #[test]
-    fn a_torn_tail_is_not_tampering_and_is_truncated_on_open() {
-        let path = temp("torn");
-        write_log(&path, 4);
-        let intact = std::fs::metadata(&path).unwrap().len();
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes.extend_from_slice(b"{\"seq\":5,\"prev\":\"ab");
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(verify(&path).unwrap(), Verdict::TornTail { records: 4, line: 5, .. }));
-        let (_, opened) = Chain::open(&path).expect("open repairs the tail");
-        assert_eq!(opened, Opened { records: 4, truncated_bytes: bytes.len() as u64 - intact });
-        assert!(matches!(verify(&path).unwrap(), Verdict::Ok { records: 4, .. }));
-    }
-
-    #[test]
-    fn a_tampered_log_is_not_appended_to() {
-        let path = temp("refuse");
-        write_log(&path, 3);
-        let mut l = lines(&path);
-        l[0] = l[0].replace("\"agent\":\"bot\"", "\"agent\":\"bob\"");
-        rewrite(&path, &l);
-        let err = Chain::open(&path).err().expect("refused");
-        assert!(err.to_string().contains("TAMPERED"), "{err}");
-    }
-}
+mod tests;

@@ -173,6 +173,15 @@ pub struct Config {
     pub ledger_hmac_key: Option<crate::ledger::chain::KeySource>,
     /// Corrupt ledger records accepted as lost (`00000003.seg:17`): the proxy starts without them.
     pub ledger_accept_corrupt: Vec<String>,
+    /// How the ledger and the audit log write new records (`compact` unless `json`).
+    pub ledger_encoding: crate::ledger::chain::Encoding,
+    /// How long sealed segments are kept (`ledger.retention`): 7 days when records are shipped
+    /// (`chargeback.export`), else unbounded (`None`).
+    pub ledger_retention: Option<Duration>,
+    /// `/readyz` warns (and logs) while the data volume has less free space (0: never).
+    pub ledger_warn_free_bytes: u64,
+    /// The data volume's size when smaller than its filesystem (`ledger.volume_bytes`).
+    pub ledger_volume_bytes: Option<u64>,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
     pub shared_costs: Vec<crate::invoice::SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
@@ -332,6 +341,10 @@ impl Config {
         keep!("ledger.enabled", ledger_enabled);
         keep!("ledger.hmac_key", ledger_hmac_key);
         keep!("ledger.accept_corrupt", ledger_accept_corrupt);
+        keep!("ledger.encoding", ledger_encoding);
+        keep!("ledger.retention", ledger_retention);
+        keep!("ledger.warn_free_bytes", ledger_warn_free_bytes);
+        keep!("ledger.volume_bytes", ledger_volume_bytes);
         keep!("export", export);
         keep!("forward_proxy", forward);
         keep!("oversight", oversight);
@@ -444,8 +457,17 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         enabled: ledger_enabled,
         hmac_key: ledger_hmac_key,
         accept_corrupt: ledger_accept_corrupt,
+        encoding: ledger_encoding,
+        retention: ledger_retention,
+        warn_free_bytes: ledger_warn_free_bytes,
+        volume_bytes: ledger_volume_bytes,
     } = ledger(cx, obj.get("ledger"));
     let (shared_costs, export) = chargeback(cx, obj.get("chargeback"));
+    let ledger_retention = match ledger_retention {
+        Retention::Default if export.is_some() => Some(Duration::from_secs(7 * 86_400)),
+        Retention::Default | Retention::Unbounded => None,
+        Retention::For(d) => Some(d),
+    };
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let limits = request_limits(cx, obj.get("limits"), forward.enabled);
     let oversight = crate::oversight::config::OversightConfig::decode(cx, obj.get("oversight"));
@@ -478,6 +500,10 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         ledger_enabled,
         ledger_hmac_key,
         ledger_accept_corrupt,
+        ledger_encoding,
+        ledger_retention,
+        ledger_warn_free_bytes,
+        ledger_volume_bytes,
         shared_costs,
         export,
         forward,
@@ -667,6 +693,17 @@ struct LedgerSection {
     enabled: bool,
     hmac_key: Option<crate::ledger::chain::KeySource>,
     accept_corrupt: Vec<String>,
+    encoding: crate::ledger::chain::Encoding,
+    retention: Retention,
+    warn_free_bytes: u64,
+    volume_bytes: Option<u64>,
+}
+
+/// `ledger.retention`: a duration, `unbounded`, or (absent) by role.
+enum Retention {
+    Default,
+    Unbounded,
+    For(Duration),
 }
 
 fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
@@ -677,6 +714,10 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
         enabled: true,
         hmac_key: None,
         accept_corrupt: Vec::new(),
+        encoding: crate::ledger::chain::Encoding::Compact,
+        retention: Retention::Default,
+        warn_free_bytes: 256 * 1024 * 1024,
+        volume_bytes: None,
     };
     let Some(field) = field else { return out };
     let Some(mut o) = cx.object(&field) else { return out };
@@ -692,6 +733,28 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
     }
     if let Some(enabled) = o.get("enabled").and_then(|f| f.bool(cx)) {
         out.enabled = enabled;
+    }
+    if let Some(f) = o.get("retention") {
+        if f.node.scalar() == Some("unbounded") {
+            out.retention = Retention::Unbounded;
+        } else if let Some(ms) = f.duration_ms(cx) {
+            match ms {
+                0 => f.error(cx, "retention must be a duration over 0 or `unbounded`"),
+                ms => out.retention = Retention::For(Duration::from_millis(ms)),
+            }
+        }
+    }
+    if let Some(n) = o.get("warn_free_bytes").and_then(|f| f.u64(cx)) {
+        out.warn_free_bytes = n;
+    }
+    out.volume_bytes = o.get("volume_bytes").and_then(|f| f.u64(cx));
+    if let Some(f) = o.get("encoding") {
+        if let Some(name) = f.one_of(cx, &["compact", "json"]) {
+            out.encoding = match name {
+                "json" => crate::ledger::chain::Encoding::Json,
+                _ => crate::ledger::chain::Encoding::Compact,
+            };
+        }
     }
     let file = o.get("hmac_key_file");
     let env = o.get("hmac_key_env");
@@ -728,6 +791,10 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
             "hmac_key_file",
             "hmac_key_env",
             "accept_corrupt",
+            "encoding",
+            "retention",
+            "warn_free_bytes",
+            "volume_bytes",
         ],
     );
     out
@@ -894,6 +961,21 @@ mod tests {
         let set = format!("{base}limits: {{max_connections: 10, max_requests_in_flight: 0}}\n");
         let l = Config::from_str(&set).expect("valid").limits;
         assert_eq!((l.max_connections, l.max_requests_in_flight), (10, 1));
+    }
+
+    #[test]
+    fn retention_is_a_week_for_a_sidecar_that_ships_and_unbounded_otherwise() {
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let ships = "chargeback: {export: {url: \"http://collector:8000/ingest\"}}\n";
+        let retention =
+            |extra: &str| Config::from_str(&format!("{base}{extra}")).unwrap().ledger_retention;
+        assert_eq!(retention(""), None);
+        assert_eq!(retention(ships), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(retention(&format!("{ships}ledger: {{retention: unbounded}}\n")), None);
+        assert_eq!(retention("ledger: {retention: 36h}\n"), Some(Duration::from_secs(36 * 3600)));
+        let errors =
+            Config::from_str(&format!("{base}ledger: {{retention: 0s}}\n")).err().unwrap().0;
+        assert_eq!(errors[0].path, "ledger.retention");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! byte offset), posts up to `batch` records as NDJSON (each carries its unique `event_id`,
 //! `<ledger id>-<seq>`), and advances the cursor only after a 2xx answer, so a crash or a failed
 //! post re-sends rather than loses; collectors deduplicate by `event_id`. Only complete,
-//! checksummed lines are shipped. Failures back off up to 30 s.
+//! checksummed records are shipped, always as JSON lines (a compact record as the JSON line it
+//! stands for), whatever the segment's encoding. Failures back off up to 30 s.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::config::Export;
+use crate::ledger::chain::{self, Context, Encoding};
 use crate::state::Shared;
 
 /// Where the export has got to.
@@ -49,11 +51,21 @@ fn save_cursor(data_dir: &Path, cursor: Cursor) -> std::io::Result<()> {
     std::fs::rename(&tmp, &path)
 }
 
-/// Up to `max` complete records after `cursor`, as NDJSON, and the cursor after them.
+/// What a reader of the export knows of the segment it is in: the strings its compact records
+/// defined up to the cursor, so that the next batch continues without decoding the segment from
+/// its start again.
+#[derive(Default)]
+pub struct Reader {
+    at: Option<(Cursor, Context)>,
+}
+
+/// Up to `max` complete records after `cursor`, as NDJSON (a compact record as the JSON line it
+/// stands for), and the cursor after them.
 pub fn read_batch(
     data_dir: &Path,
     cursor: Cursor,
     max: usize,
+    reader: &mut Reader,
 ) -> std::io::Result<(Vec<u8>, usize, Cursor)> {
     let dir = data_dir.join("ledger");
     let segments = crate::ledger::segments(&dir)?;
@@ -68,26 +80,70 @@ pub fn read_batch(
         if seg > cursor.segment {
             cursor = Cursor { segment: seg, offset: 0 };
         }
-        let bytes = std::fs::read(dir.join(format!("{seg:08}.seg")))?;
-        let mut offset = cursor.offset as usize;
+        let bytes = std::fs::read(chain::segment_path(&dir, seg))?;
+        let encoding = Encoding::of(&bytes);
+        let (mut offset, mut ctx) = match (encoding, reader.at.take()) {
+            (Encoding::Json, _) => (cursor.offset as usize, Context::default()),
+            (Encoding::Compact, Some((at, ctx))) if at == cursor && at.offset > 0 => {
+                (at.offset as usize, ctx)
+            }
+            (Encoding::Compact, _) => (chain::MAGIC.len().min(bytes.len()), Context::default()),
+        };
         while n < max && offset < bytes.len() {
-            let Some(end) = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i)
-            else {
-                break; // being written
+            let next = match encoding {
+                Encoding::Json => chain::next_line(&bytes[offset..]),
+                Encoding::Compact => chain::next_frame(&bytes[offset..]),
             };
-            match crate::ledger::verified_json(&bytes[offset..end]) {
-                Some(json) => {
-                    out.extend_from_slice(json);
+            let (len, parsed) = match next {
+                chain::Next::Record { len, parsed, .. } => (len, parsed),
+                chain::Next::Incomplete => break, // being written
+                chain::Next::Unreadable(what) => {
+                    tracing::error!(
+                        segment = seg,
+                        offset,
+                        what,
+                        "export: an unreadable ledger record"
+                    );
+                    break;
+                }
+            };
+            // Records before the cursor (a compact segment is read from its start for the
+            // strings they define).
+            let shipped = offset as u64 >= cursor.offset;
+            match (parsed, encoding) {
+                (Ok(line), Encoding::Json) => {
+                    out.extend_from_slice(line.record);
                     out.push(b'\n');
                     n += 1;
                 }
-                None => {
+                (Ok(line), Encoding::Compact) => {
+                    let record =
+                        ctx.define(line.record).map_err(|e| e.to_string()).and_then(|fields| {
+                            crate::ledger::decode(chain::Body::Compact(fields, &mut ctx))
+                        });
+                    match record.and_then(|r| crate::ledger::to_json(&r)) {
+                        Ok(json) if shipped => {
+                            let _ = serde_json::to_writer(&mut out, &json);
+                            out.push(b'\n');
+                            n += 1;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(segment = seg, offset, error = %e, "export: skipping a ledger record that does not decode")
+                        }
+                    }
+                }
+                (Err(_), _) if shipped => {
                     tracing::error!(segment = seg, offset, "export: skipping a corrupt ledger line")
                 }
+                (Err(_), _) => {}
             }
-            offset = end + 1;
+            offset += len;
         }
         cursor.offset = offset as u64;
+        if encoding == Encoding::Compact {
+            reader.at = Some((cursor, ctx));
+        }
         if n >= max || offset < bytes.len() {
             break;
         }
@@ -100,10 +156,15 @@ pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<
     let data_dir = shared.current().config.data_dir.clone();
     let mut cursor = load_cursor(&data_dir);
     let mut backoff = export.interval;
+    let reader = Arc::new(std::sync::Mutex::new(Reader::default()));
     loop {
         let dir = data_dir.clone();
-        let batch =
-            tokio::task::spawn_blocking(move || read_batch(&dir, cursor, export.batch)).await;
+        let reader = reader.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            let mut reader = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            read_batch(&dir, cursor, export.batch, &mut reader)
+        })
+        .await;
         let mut wait = export.interval;
         match batch {
             Ok(Ok((body, n, next))) if n > 0 => match post(&shared, &export, body).await {

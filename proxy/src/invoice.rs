@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use tollgate_core::money::Money;
-use tollgate_core::record::{Entry, Stored, UsageRecord};
+use tollgate_core::record::{Stored, UsageRecord};
+
+use crate::ledger::retire::Group;
 
 /// What to group invoices by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,8 +108,24 @@ pub fn build<'a, 'r>(
     shared: &[SharedCost],
     budget_of: impl Fn(&str) -> Option<Money> + 'a,
 ) -> Invoices {
+    let one = |r: &'r UsageRecord| {
+        let per_call = r.cost.is_some_and(|c| !c.per_call.is_zero());
+        (r, 1, u64::from(per_call))
+    };
+    build_weighted(records.into_iter().map(one), period, group_by, shared, budget_of)
+}
+
+/// [`build`] over records that each stand for `requests` requests, `per_call` of them with a
+/// per-call price (the totals of retired segments, [`Group`]).
+fn build_weighted<'a, 'r>(
+    records: impl IntoIterator<Item = (&'r UsageRecord, u64, u64)>,
+    period: &str,
+    group_by: GroupBy,
+    shared: &[SharedCost],
+    budget_of: impl Fn(&str) -> Option<Money> + 'a,
+) -> Invoices {
     let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
-    for r in records {
+    for (r, requests, per_call) in records {
         if !r.ts.starts_with(period) {
             continue;
         }
@@ -117,7 +135,7 @@ pub fn build<'a, 'r>(
             GroupBy::Agent => r.agent.clone(),
         };
         let acc = groups.entry(group).or_default();
-        acc.requests += 1;
+        acc.requests += requests;
         let mut add = |category: u8, item: &str, kind: &'static str, qty: u64, amount: Money| {
             if qty == 0 && amount.is_zero() {
                 return;
@@ -127,7 +145,7 @@ pub fn build<'a, 'r>(
             e.1 += amount;
         };
         match (&r.tool, &r.model, r.cost) {
-            (Some(tool), _, _) => add(1, tool, "", 1, r.cost_total()),
+            (Some(tool), _, _) => add(1, tool, "", requests, r.cost_total()),
             (None, model, Some(c)) => {
                 let model = model.as_deref().unwrap_or("unknown");
                 let t = r.tokens;
@@ -136,11 +154,11 @@ pub fn build<'a, 'r>(
                 add(0, model, "cache_write", t.cache_write, c.cache_write);
                 add(0, model, "output", t.output, c.output);
                 add(0, model, "reasoning", t.reasoning, c.reasoning);
-                add(0, model, "per_call", u64::from(!c.per_call.is_zero()), c.per_call);
+                add(0, model, "per_call", per_call, c.per_call);
             }
             // A record without its buckets (older ledgers): one line for the whole request.
             (None, model, None) => {
-                add(0, model.as_deref().unwrap_or("unknown"), "total", 1, r.cost_total())
+                add(0, model.as_deref().unwrap_or("unknown"), "total", requests, r.cost_total())
             }
         }
     }
@@ -242,6 +260,7 @@ pub fn apportion(amount: Money, counts: &[(String, u64)]) -> Vec<(String, Money)
 /// are monthly and appear on monthly invoices only (not on a day's).
 pub fn from_ledger(
     records: &[Stored],
+    retired: &[Group],
     period: &str,
     group_by: GroupBy,
     shared: &[SharedCost],
@@ -254,13 +273,22 @@ pub fn from_ledger(
         GroupBy::Project => Scope::Project,
         GroupBy::Agent => Scope::Agent,
     };
-    let usage = records.iter().filter_map(|r| match &r.entry {
-        Entry::Usage(r) => Some(&**r),
-        _ => None,
-    });
+    fn one(r: &Stored) -> Option<(&UsageRecord, u64, u64)> {
+        let r = r.entry.usage()?;
+        Some((r, 1, u64::from(r.cost.is_some_and(|c| !c.per_call.is_zero()))))
+    }
+    let totals: Vec<(UsageRecord, u64, u64)> = retired
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.as_record(i), g.requests, g.per_call_requests))
+        .collect();
+    let usage = totals
+        .iter()
+        .map(|(r, requests, per_call)| (r, *requests, *per_call))
+        .chain(records.iter().filter_map(one));
     // Shared costs are monthly amounts: they are allocated on monthly invoices only.
     let shared = if period.len() == 7 { shared } else { &[] };
-    build(usage, period, group_by, shared, |group| {
+    build_weighted(usage, period, group_by, shared, |group| {
         let monthly =
             || policy.all_budgets().filter(|b| b.scope == scope && b.period == Period::Monthly);
         monthly()

@@ -3,8 +3,8 @@
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
 //! record: `<crc32 hex> <link> <json>\n`, each line linked to the one before it by its hash, see
-//! [`chain`]) and appends the decisions to the hash-chained audit log
-//! (`<data_dir>/audit.jsonl`, see [`crate::audit`]). A second thread fsyncs both at most every
+//! [`chain`]) and appends the decisions to the segments of the chained audit log
+//! (`<data_dir>/audit/`, see [`crate::audit`]). A second thread fsyncs both at most every
 //! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
 //! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
 //! milliseconds on a busy machine) must not keep records in memory, where a `SIGKILL` loses
@@ -29,7 +29,7 @@
 
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -37,9 +37,10 @@ use std::time::Duration;
 use crate::audit::{self, Chain};
 use anyhow::Context;
 
-use chain::{Key, Linker, Pos, Problem};
+use chain::{Body, Encoding, Key, Linker, Pos, Problem};
 use head::{Head, Tip};
 use sync::{Durability, Syncer};
+use tollgate_core::record::compact::{self, Encoder};
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
@@ -72,6 +73,16 @@ pub struct Settings {
     /// Corrupt records (`00000003.seg:17`) the operator has accepted as lost: the ledger opens
     /// without them instead of refusing.
     pub accept_corrupt: Vec<String>,
+    /// How new records are written (both encodings are always read).
+    pub encoding: Encoding,
+    /// Sealed segments older than this (settled, and acknowledged when `acknowledge`) are
+    /// retired ([`retire`]); `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Records are shipped (`chargeback.export`): a segment retires only once the export's
+    /// cursor is past it.
+    pub acknowledge: bool,
+    /// The data volume's size, when smaller than its filesystem (an `emptyDir` limit).
+    pub volume_bytes: Option<u64>,
 }
 
 /// What opening the ledger found.
@@ -100,6 +111,8 @@ pub struct Ledger {
     dir: Arc<PathBuf>,
     /// `None` when the ledger is disabled.
     durability: Option<Arc<Durability>>,
+    /// The data directory's size and free space.
+    storage: Arc<storage::Monitor>,
 }
 
 impl Ledger {
@@ -114,13 +127,29 @@ impl Ledger {
         let id = ledger_id(&dir)?;
         let checkpoint = head::read_checkpoint(&settings.data_dir)?;
         let linker = Linker::new(settings.hmac_key.as_ref());
+        let retired = retire::read(&settings.data_dir, Some(&linker))?.unwrap_or_default();
+        // A retirement cut short by a crash: its files are covered by the checkpoint.
+        retire::remove_covered(&dir, retired.ledger.through_segment)?;
         let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
-        let scan = scan(&dir, &linker, replay_from, checkpoint.as_ref(), &settings.accept_corrupt)?;
-        let audit_path = settings.data_dir.join("audit.jsonl");
-        let (chain, opened) = Chain::open(&audit_path)?;
+        let scan = scan(
+            &dir,
+            &linker,
+            replay_from,
+            checkpoint.as_ref(),
+            &settings.accept_corrupt,
+            settings.encoding,
+            &retired,
+        )?;
+        let audit_path = audit::dir(&settings.data_dir);
+        let (chain, opened) = Chain::open(
+            &settings.data_dir,
+            linker.clone(),
+            settings.segment_bytes,
+            settings.encoding,
+        )?;
         let (audit_records, audit_hash) = chain.head();
         if let Some(checkpoint) = &checkpoint {
-            let at = audit::hash_of_record(&audit_path, checkpoint.audit.records)?;
+            let at = audit::hash_of_record(&settings.data_dir, checkpoint.audit.records)?;
             head::compare("the audit log", &checkpoint.audit, audit_records, at.as_deref())
                 .map_err(|e| refuse_head(&audit_path, &settings.data_dir, &e))?;
         }
@@ -131,8 +160,22 @@ impl Ledger {
         head::write_checkpoint(&head::checkpoint_path(&settings.data_dir), &head).with_context(
             || format!("writing {}", head::checkpoint_path(&settings.data_dir).display()),
         )?;
+        // The usage of retired days within the replay window, as one record per group, so that
+        // budgets are rebuilt with it.
+        let mut records: Vec<Stored> = retired
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.reserved_day_ms + 86_400_000 > replay_from && !g.budgets.is_empty())
+            .map(|(i, g)| Stored {
+                seq: 0,
+                event_id: String::new(),
+                entry: Entry::Usage(Box::new(g.as_record(i))),
+            })
+            .collect();
+        records.extend(scan.records);
         let recovered = Recovered {
-            records: scan.records,
+            records,
             segments: scan.segments,
             truncated_bytes: scan.truncated_bytes + opened.truncated_bytes,
             audit_records: opened.records,
@@ -155,10 +198,29 @@ impl Ledger {
             on_error: on_error.clone(),
         };
         let synced = syncer.ok.clone();
+        let ledger_segment = Arc::new(AtomicU64::new(scan.last_segment));
+        let audit_segment = Arc::new(AtomicU64::new(chain.segment()));
+        if let Some(retention) = settings.retention {
+            let retirer = Retirer {
+                data_dir: settings.data_dir.clone(),
+                linker: linker.clone(),
+                retention,
+                acknowledge: settings.acknowledge,
+                ledger_segment: ledger_segment.clone(),
+                audit_segment: audit_segment.clone(),
+                alive: Arc::downgrade(&healthy),
+            };
+            std::thread::Builder::new()
+                .name("tollgate-retire".into())
+                .spawn(move || retirer.run())
+                .context("starting the retention thread")?;
+        }
         let syncer = std::thread::Builder::new()
             .name("tollgate-ledger-sync".into())
             .spawn(move || syncer.run())
             .context("starting the ledger sync thread")?;
+        let settings_dir = settings.data_dir.clone();
+        let volume_bytes = settings.volume_bytes;
         let writer = Writer {
             dir: dir.clone(),
             id,
@@ -167,6 +229,7 @@ impl Ledger {
             good_len: scan.last_len,
             seq: scan.last_seq,
             link: scan.next_link,
+            encoder: scan.encoder,
             linker,
             records: scan.head.records,
             head,
@@ -177,6 +240,8 @@ impl Ledger {
             on_error,
             durability: durability.clone(),
             overflow: overflow.clone(),
+            ledger_segment,
+            audit_segment,
         };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
@@ -192,6 +257,7 @@ impl Ledger {
             synced,
             dir: Arc::new(dir),
             durability: Some(durability),
+            storage: Arc::new(storage::Monitor::new(&settings_dir, volume_bytes)),
         };
         Ok((ledger, recovered))
     }
@@ -217,6 +283,7 @@ impl Ledger {
             synced: Arc::new(AtomicBool::new(true)),
             dir: Arc::new(data_dir.join("ledger")),
             durability: None,
+            storage: Arc::new(storage::Monitor::new(data_dir, None)),
         }
     }
 
@@ -250,6 +317,16 @@ impl Ledger {
     /// then.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The data directory's size, free space and when it will be full.
+    pub fn storage(&self) -> storage::Reading {
+        self.storage.read()
+    }
+
+    /// Whether to log a low-space warning now (at most once a minute).
+    pub fn warn_low_space_now(&self) -> bool {
+        self.storage.warn_now()
     }
 
     /// The directory of the segments.
@@ -291,6 +368,7 @@ struct Scan {
     next_link: [u8; 32],
     head: Tip,
     file: std::fs::File,
+    encoder: Encoder,
 }
 
 use chain::segment_path;
@@ -309,15 +387,15 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// The record of one stored line (`<crc32 hex> [<link> ]<record>`, without the newline), if its
-/// checksum holds.
-pub fn verified_json(line: &[u8]) -> Option<&[u8]> {
-    chain::parse(line).ok().map(|line| line.record)
-}
-
-/// A record's bytes as the typed record (the one place that knows the record encoding).
-fn decode(record: &[u8]) -> Result<Stored, String> {
-    Stored::decode(record).map_err(|e| format!("the record does not decode: {e}"))
+/// A record as the typed record, from either encoding (the one place that knows them).
+pub fn decode(body: Body<'_>) -> Result<Stored, String> {
+    match body {
+        Body::Json(json) => Stored::decode(json).map_err(|e| e.to_string()),
+        Body::Compact(fields, ctx) => {
+            compact::Reader::new(ctx, fields).stored().map_err(|e| e.to_string())
+        }
+    }
+    .map_err(|e| format!("the record does not decode: {e}"))
 }
 
 /// `00000003.seg:17`: how `ledger.accept_corrupt` names a record.
@@ -331,26 +409,35 @@ fn scan(
     replay_from_ms: u64,
     checkpoint: Option<&Head>,
     accept: &[String],
+    encoding: Encoding,
+    checkpoint_retired: &retire::Checkpoint,
 ) -> anyhow::Result<Scan> {
-    let numbers = segments(dir)?;
+    let retired = &checkpoint_retired.ledger;
+    let numbers = kept(dir, retired)?;
     let mut records = Vec::new();
     // Where each replayed record is, when some may have to be left out.
     let mut positions = Vec::new();
     let mut last_seq = 0;
-    let hash_at: Vec<u64> = checkpoint.map(|h| h.ledger.records).into_iter().collect();
-    let walk = chain::walk(dir, &numbers, linker, &hash_at, |record, pos| {
-        let stored = decode(record)?;
-        if stored.seq != 0 {
-            last_seq = stored.seq;
-        }
-        if stored.entry.reserved_at_ms().unwrap_or(u64::MAX) >= replay_from_ms {
-            records.push(stored);
-            if !accept.is_empty() {
-                positions.push(short(pos));
+    let hash_at: Vec<u64> = checkpoint
+        .map(|h| h.ledger.records)
+        .filter(|&n| n > retired.records)
+        .map(|n| n - retired.records)
+        .into_iter()
+        .collect();
+    let walk =
+        chain::walk_from(dir, &numbers, linker, &hash_at, retired.start(), |record, pos| {
+            let stored = decode(record)?;
+            if stored.seq != 0 {
+                last_seq = stored.seq;
             }
-        }
-        Ok(())
-    })?;
+            if stored.entry.reserved_at_ms().unwrap_or(u64::MAX) >= replay_from_ms {
+                records.push(stored);
+                if !accept.is_empty() {
+                    positions.push(short(pos));
+                }
+            }
+            Ok(())
+        })?;
     let (accepted, refused): (Vec<&Problem>, Vec<&Problem>) =
         walk.problems.iter().partition(|p| accept.contains(&short(p.at())));
     if let Some(problem) = refused.first() {
@@ -387,17 +474,26 @@ fn scan(
              with the key will report them"
         );
     }
+    let records_total = retired.records + walk.records;
     if let Some(checkpoint) = checkpoint {
         // A record accepted as lost cannot hash to what the head says: that is the corruption
-        // already accepted, not a rewrite.
-        let at = walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
-            true => checkpoint.ledger.last_hash.clone(),
-            false => chain::hex(hash),
-        });
-        head::compare("the ledger", &checkpoint.ledger, walk.records, at.as_deref())
+        // already accepted, not a rewrite. A retired record is vouched for by the retirement
+        // checkpoint.
+        let at = match checkpoint.ledger.records <= retired.records {
+            true => Some(checkpoint.ledger.last_hash.clone())
+                .filter(|_| checkpoint.ledger.records < retired.records)
+                .or(Some(retired.last_hash.clone())),
+            false => {
+                walk.hashes_at.first().map(|(_, hash, pos)| match lost.contains(&short(pos)) {
+                    true => checkpoint.ledger.last_hash.clone(),
+                    false => chain::hex(hash),
+                })
+            }
+        };
+        head::compare("the ledger", &checkpoint.ledger, records_total, at.as_deref())
             .map_err(|e| refuse_head(dir, dir.parent().unwrap_or(dir), &e))?;
     }
-    let last = numbers.last().copied().unwrap_or(1);
+    let last = numbers.last().copied().unwrap_or(retired.through_segment + 1);
     let mut truncated_bytes = 0;
     if let Some(torn) = &walk.torn {
         // The last record of the last segment, cut short by a crash: a torn tail.
@@ -412,9 +508,7 @@ fn scan(
             "ledger: truncated a torn last record (an unterminated line: a crash during a write)"
         );
     }
-    let path = segment_path(dir, last);
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    let last_len = file.metadata()?.len();
+    let (last, file, last_len, encoder) = continue_segment(dir, last, encoding, walk.context)?;
     Ok(Scan {
         records,
         segments: numbers.len().max(1),
@@ -422,11 +516,57 @@ fn scan(
         corrupt_accepted: accepted.len(),
         last_segment: last,
         last_len,
-        last_seq,
+        last_seq: last_seq.max(checkpoint_retired.last_seq),
         next_link: walk.next_link,
-        head: Tip { records: walk.records, last_hash: chain::hex(&walk.last_hash) },
+        head: Tip {
+            records: records_total,
+            last_hash: match walk.records {
+                0 => retired.last_hash.clone(),
+                _ => chain::hex(&walk.last_hash),
+            },
+        },
         file,
+        encoder,
     })
+}
+
+/// The segments of `dir` after the retired ones.
+fn kept(dir: &Path, retired: &retire::Retired) -> io::Result<Vec<u64>> {
+    Ok(segments(dir)?.into_iter().filter(|&n| n > retired.through_segment).collect())
+}
+
+/// Opens segment `last` of `dir` (its torn tail already cut) to append `encoding` records: the
+/// same segment when it is empty or holds that encoding (JSON lines, or compact records whose
+/// strings `ctx` holds), else a new one, so a segment never mixes encodings. A new or empty
+/// compact segment gets its [`chain::MAGIC`]. Returns the segment, its file, its length and the
+/// encoder to continue with.
+pub(crate) fn continue_segment(
+    dir: &Path,
+    last: u64,
+    encoding: Encoding,
+    ctx: compact::Context,
+) -> io::Result<(u64, std::fs::File, u64, Encoder)> {
+    let path = segment_path(dir, last);
+    let mut head = Vec::new();
+    if let Ok(file) = std::fs::File::open(&path) {
+        use std::io::Read;
+        file.take(chain::MAGIC.len() as u64).read_to_end(&mut head)?;
+    }
+    // The torn tail (a cut-off magic too) is already gone.
+    let same = head.is_empty() || Encoding::of(&head) == encoding;
+    let (segment, encoder) = match same {
+        true => (last, Encoder::continuing(ctx)),
+        false => (last + 1, Encoder::default()),
+    };
+    let path = segment_path(dir, segment);
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut len = file.metadata()?.len();
+    if len == 0 && encoding == Encoding::Compact {
+        file.write_all(chain::MAGIC)?;
+        file.sync_data()?;
+        len = chain::MAGIC.len() as u64;
+    }
+    Ok((segment, file, len, encoder))
 }
 
 /// The error for a ledger or audit log that no longer holds what its published head says.
@@ -449,6 +589,8 @@ struct Writer {
     /// The link the next record carries.
     link: [u8; 32],
     linker: Linker,
+    /// The current segment's strings (compact encoding).
+    encoder: Encoder,
     /// Records in the ledger (lines), and the head as of the last batch written.
     records: u64,
     head: Head,
@@ -460,6 +602,51 @@ struct Writer {
     on_error: Arc<dyn Fn() + Send + Sync>,
     durability: Arc<Durability>,
     overflow: Overflow,
+    /// The segments being written, for the retention thread (which never retires them).
+    ledger_segment: Arc<AtomicU64>,
+    audit_segment: Arc<AtomicU64>,
+}
+
+/// The retention thread: a pass over the sealed segments every so often ([`retire::run`]).
+struct Retirer {
+    data_dir: PathBuf,
+    linker: Linker,
+    retention: Duration,
+    acknowledge: bool,
+    ledger_segment: Arc<AtomicU64>,
+    audit_segment: Arc<AtomicU64>,
+    /// Gone once the ledger is dropped: the thread ends.
+    alive: std::sync::Weak<AtomicBool>,
+}
+
+impl Retirer {
+    fn run(self) {
+        // Often enough that a short retention keeps the disk flat, never more than once a second.
+        let every = (self.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            std::thread::sleep(every);
+            if self.alive.upgrade().is_none() {
+                return;
+            }
+            let policy = retire::Policy {
+                retention_ms: self.retention.as_millis() as u64,
+                now_ms: crate::clock::now().0,
+                ledger_current: self.ledger_segment.load(Ordering::Relaxed),
+                audit_current: self.audit_segment.load(Ordering::Relaxed),
+                acknowledged: self.acknowledge.then(|| crate::export::load_cursor(&self.data_dir)),
+            };
+            match retire::run(&self.data_dir, &self.linker, &policy) {
+                Ok(o) if o.ledger_segments + o.audit_segments > 0 => tracing::info!(
+                    ledger_segments = o.ledger_segments,
+                    audit_segments = o.audit_segments,
+                    bytes = o.bytes,
+                    "retired segments past the retention"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "retiring ledger segments"),
+            }
+        }
+    }
 }
 
 /// Messages that found the queue full: kept here (never dropped, never a thread each) and
@@ -517,9 +704,17 @@ impl Writer {
                     entry: &entry,
                 };
                 let mut error = None;
-                let line = chain::frame(batch, self.linker.mode(), &self.link, |out| {
-                    serde_json::to_writer(&mut *out, &stored).map_err(|e| error = Some(e)).is_ok()
-                });
+                let mode = self.linker.mode();
+                let line = match self.settings.encoding {
+                    Encoding::Compact => chain::frame_compact(batch, mode, &self.link, |out| {
+                        self.encoder.stored(&stored, out)
+                    }),
+                    Encoding::Json => chain::frame(batch, mode, &self.link, |out| {
+                        serde_json::to_writer(&mut *out, &stored)
+                            .map_err(|e| error = Some(e))
+                            .is_ok()
+                    }),
+                };
                 match line {
                     Some(line) => {
                         // The chain advances here, on the writer thread, never on a request's.
@@ -585,6 +780,10 @@ impl Writer {
                     if self.good_len >= self.settings.segment_bytes {
                         self.rotate();
                     }
+                    if let Some(handle) = self.chain.rotate_if_full() {
+                        self.durability.set_file(1, handle);
+                        self.audit_segment.store(self.chain.segment(), Ordering::Relaxed);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -616,14 +815,20 @@ impl Writer {
             return; // try again after the next batch
         }
         let next = self.segment + 1;
-        match std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(segment_path(&self.dir, next))
-        {
+            .and_then(|mut file| {
+                if self.settings.encoding == Encoding::Compact {
+                    file.write_all(chain::MAGIC)?;
+                }
+                Ok(file)
+            });
+        match opened {
             Ok(file) => {
                 match file.try_clone() {
-                    Ok(handle) => self.durability.set_segment(handle),
+                    Ok(handle) => self.durability.set_file(0, handle),
                     // The syncer keeps syncing the old (already synced) segment; stay on it.
                     Err(e) => {
                         tracing::error!(error = %e, "opening a new ledger segment");
@@ -632,7 +837,12 @@ impl Writer {
                 }
                 self.file = file;
                 self.segment = next;
-                self.good_len = 0;
+                self.ledger_segment.store(next, Ordering::Relaxed);
+                self.good_len = match self.settings.encoding {
+                    Encoding::Compact => chain::MAGIC.len() as u64,
+                    Encoding::Json => 0,
+                };
+                self.encoder.reset();
             }
             Err(e) => tracing::error!(error = %e, "opening a new ledger segment"),
         }
@@ -648,30 +858,42 @@ pub fn read_records(data_dir: &Path) -> anyhow::Result<Vec<Stored>> {
     read_with(data_dir, decode)
 }
 
-/// [`read_records`] as JSON, every field as written (for tests and tools); each record is
-/// decoded typed as well, so both read the same ledgers.
+/// [`read_records`] as JSON (for tests and tools): a JSON line's fields as written, a compact
+/// record as the JSON line it stands for; each record is decoded typed as well, so both read the
+/// same ledgers.
 pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
-    read_with(data_dir, |record| {
-        decode(record)?;
-        serde_json::from_slice(record).map_err(|e| format!("the record does not decode: {e}"))
+    read_with(data_dir, |body| match body {
+        Body::Json(json) => {
+            decode(Body::Json(json))?;
+            serde_json::from_slice(json).map_err(|e| format!("the record does not decode: {e}"))
+        }
+        compact => to_json(&decode(compact)?),
     })
+}
+
+/// A record as the JSON the ledger's JSON lines hold.
+pub fn to_json(stored: &Stored) -> Result<serde_json::Value, String> {
+    let view = Stored { seq: stored.seq, event_id: stored.event_id.clone(), entry: &stored.entry };
+    serde_json::to_value(&view).map_err(|e| e.to_string())
 }
 
 fn read_with<T>(
     data_dir: &Path,
-    decode: impl Fn(&[u8]) -> Result<T, String>,
+    mut decode: impl FnMut(Body<'_>) -> Result<T, String>,
 ) -> anyhow::Result<Vec<T>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();
-    let numbers = match segments(&dir) {
+    let retired = retire::read(data_dir, None)?.unwrap_or_default().ledger;
+    let numbers = match kept(&dir, &retired) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e.into()),
     };
-    let walk = chain::walk(&dir, &numbers, &Linker::new(None), &[], |record, _| {
-        out.push(decode(record)?);
-        Ok(())
-    })?;
+    let walk =
+        chain::walk_from(&dir, &numbers, &Linker::new(None), &[], retired.start(), |record, _| {
+            out.push(decode(record)?);
+            Ok(())
+        })?;
     if let Some(problem) = walk.problems.first() {
         anyhow::bail!(
             "{problem}: the ledger is corrupt or was tampered with (`tollgate audit verify` \
@@ -681,12 +903,41 @@ fn read_with<T>(
     Ok(out)
 }
 
-/// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`);
-/// `hashes_at` asks for the hashes of those records (to compare with heads).
+/// The usage totals of retired segments (for invoices and usage over retired days).
+pub fn read_retired(data_dir: &Path) -> anyhow::Result<Vec<retire::Group>> {
+    Ok(retire::read(data_dir, None)?.map(|c| c.groups).unwrap_or_default())
+}
+
+/// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`)
+/// after the retired segments, counting their records; `hashes_at` asks for the hashes of those
+/// records (to compare with heads; the last retired one's is the checkpoint's).
 pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Result<chain::Walk> {
     let dir = data_dir.join("ledger");
-    let numbers = segments(&dir)?;
-    chain::walk(&dir, &numbers, &Linker::new(key), hashes_at, |record, _| decode(record).map(drop))
+    let retired = retire::read(data_dir, None)
+        .map_err(|e| io::Error::other(format!("{e:#}")))?
+        .unwrap_or_default()
+        .ledger;
+    let numbers = kept(&dir, &retired)?;
+    let at: Vec<u64> =
+        hashes_at.iter().filter(|&&n| n > retired.records).map(|n| n - retired.records).collect();
+    let mut walk =
+        chain::walk_from(&dir, &numbers, &Linker::new(key), &at, retired.start(), |record, _| {
+            decode(record).map(drop)
+        })?;
+    walk.records += retired.records;
+    for (n, _, _) in &mut walk.hashes_at {
+        *n += retired.records;
+    }
+    if retired.records > 0 && hashes_at.contains(&retired.records) {
+        let at = Pos { segment: retire::path(data_dir), line: 0 };
+        let hash = chain::unhex(retired.last_hash.as_bytes()).unwrap_or_default();
+        walk.hashes_at.push((retired.records, hash, at));
+    }
+    if walk.records == retired.records {
+        walk.last_hash = chain::unhex(retired.last_hash.as_bytes()).unwrap_or_default();
+    }
+    walk.retired = retired.records;
+    Ok(walk)
 }
 
 /// Fails unless `data_dir` holds a ledger (a directory with `ledger/*.seg`): a wrong path must not
@@ -713,6 +964,8 @@ pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
 
 pub mod chain;
 pub mod head;
+pub mod retire;
+pub mod storage;
 mod sync;
 #[cfg(test)]
 mod tests;

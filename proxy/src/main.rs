@@ -201,8 +201,10 @@ fn main() -> ExitCode {
                 eprintln!("tollgate invoice: {e:#}");
                 return ExitCode::FAILURE;
             }
-            let records = match tollgate::ledger::read_records(&dir) {
-                Ok(records) => records,
+            let read = tollgate::ledger::read_records(&dir)
+                .and_then(|r| Ok((r, tollgate::ledger::read_retired(&dir)?)));
+            let (records, retired) = match read {
+                Ok(read) => read,
                 Err(e) => {
                     eprintln!("reading the ledger in {}: {e:#}", dir.display());
                     return ExitCode::FAILURE;
@@ -223,6 +225,7 @@ fn main() -> ExitCode {
                 .unwrap_or(tollgate::invoice::GroupBy::CostCenter);
             let invoices = tollgate::invoice::from_ledger(
                 &records,
+                &retired,
                 &period,
                 group,
                 &config.shared_costs,

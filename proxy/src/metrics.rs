@@ -63,6 +63,9 @@ pub struct Metrics {
     pub config_reload_failures: IntCounter,
     pub ledger_errors: IntCounter,
     pub ledger_corrupt_records: IntGauge,
+    pub data_bytes: IntGauge,
+    pub data_free_bytes: IntGauge,
+    pub data_seconds_until_full: prometheus::Gauge,
     pub in_flight: IntGauge,
     /// `tollgate_shed_total` by reason (`connections`, `requests_in_flight`).
     pub shed: IntCounterVec,
@@ -145,6 +148,15 @@ impl Metrics {
             config_reload_failures: counter(&schema::CONFIG_RELOAD_FAILURES),
             ledger_errors: counter(&schema::LEDGER_ERRORS),
             ledger_corrupt_records: gauge(&schema::LEDGER_CORRUPT_RECORDS),
+            data_bytes: gauge(&schema::DATA_BYTES),
+            data_free_bytes: gauge(&schema::DATA_FREE_BYTES),
+            data_seconds_until_full: {
+                let m = &schema::DATA_SECONDS_UNTIL_FULL;
+                let g = prometheus::Gauge::new(m.name, m.help).expect("static metric definition");
+                register(Box::new(g.clone()));
+                g.set(f64::INFINITY);
+                g
+            },
             in_flight: gauge(&schema::IN_FLIGHT),
             actions: counters(&schema::ACTIONS),
             autonomy_bp: gauges(&schema::AUTONOMY),
@@ -187,6 +199,13 @@ impl Metrics {
     pub fn set_policy_version(&self, version: &str) {
         self.policy_version.reset();
         self.policy_version.with_label_values(&[version]).set(1);
+    }
+
+    /// The data directory's size, the free space and the projection.
+    pub fn observe_storage(&self, s: &crate::ledger::storage::Reading) {
+        self.data_bytes.set(i64::try_from(s.data_bytes).unwrap_or(i64::MAX));
+        self.data_free_bytes.set(i64::try_from(s.free_bytes).unwrap_or(i64::MAX));
+        self.data_seconds_until_full.set(s.hours_until_full * 3600.0);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,7 +1,8 @@
 //! `tollgate audit verify`: the ledger, the audit log and published heads, in one report.
 //!
 //! The ledger: every checksum, every record, every link (keyed links with the key), naming the
-//! first bad `segment:line`. The audit log: its hash chain ([`crate::audit::verify`]). The heads:
+//! first bad `segment:line`. The audit log: the same over its segments, after the single-file log
+//! of older versions where there is one ([`crate::audit::verify`]). The heads:
 //! the checkpoint the proxy keeps in the data directory (`head.json`) and, with `--head`, one kept
 //! elsewhere (a file, the admin API's URL, or the JSON itself); each must still be covered (the
 //! record counts reached, the records at those counts unchanged), so records removed from the end
@@ -54,7 +55,8 @@ impl Severity {
 pub fn run(args: Args) -> ExitCode {
     let dir = &args.data_dir;
     let ledger_dir = dir.join("ledger");
-    let audit_path = dir.join("audit.jsonl");
+    let audit_dir = audit::dir(dir);
+    let legacy_path = audit::legacy_path(dir);
     if !dir.is_dir() {
         eprintln!("{}: no such directory (the proxy's data_dir): nothing to verify", dir.display());
         return ExitCode::from(2);
@@ -67,9 +69,9 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if segments.is_empty() && !audit_path.exists() {
+    if segments.is_empty() && !audit::exists(dir) {
         eprintln!(
-            "{}: no Tollgate data here (no ledger/*.seg, no audit.jsonl): wrong --data-dir, or \
+            "{}: no Tollgate data here (no ledger/*.seg, no audit log): wrong --data-dir, or \
              everything was removed; nothing to verify",
             dir.display()
         );
@@ -102,6 +104,23 @@ pub fn run(args: Args) -> ExitCode {
     }
 
     let mut worst = Severity::Ok;
+    // The retirement checkpoint: with the key, its HMAC must hold.
+    let linker = chain::Linker::new(key.as_ref());
+    match crate::ledger::retire::read(dir, Some(&linker)) {
+        Err(e) => {
+            println!("TAMPERED: {e:#}");
+            worst = worst.max(Severity::Tampered);
+        }
+        Ok(Some(c)) if key.is_some() && c.mac.is_empty() => {
+            println!(
+                "{}: NOT KEYED: the retirement checkpoint carries no HMAC (written before the key \
+                 was configured): its counts cannot be vouched for",
+                crate::ledger::retire::path(dir).display()
+            );
+            worst = worst.max(Severity::Unverifiable);
+        }
+        Ok(_) => {}
+    }
     // The ledger.
     let wanted: Vec<u64> = heads.iter().map(|(_, h)| h.ledger.records).collect();
     let walk = if segments.is_empty() {
@@ -128,34 +147,57 @@ pub fn run(args: Args) -> ExitCode {
     };
     // The audit log.
     let mut audit_records = None;
-    if audit_path.exists() {
-        match audit::verify(&audit_path) {
-            Ok(verdict) => {
-                println!("{}: {verdict}", audit_path.display());
-                if let Verdict::Ok { records, .. } | Verdict::TornTail { records, .. } = &verdict {
-                    audit_records = Some(*records);
-                }
-                worst = worst.max(match verdict {
-                    Verdict::Ok { .. } => Severity::Ok,
-                    Verdict::Tampered { .. } => Severity::Tampered,
-                    Verdict::TornTail { .. } => Severity::Torn,
-                });
-            }
+    let mut audit_report = None;
+    if audit::exists(dir) {
+        let wanted: Vec<u64> = heads.iter().map(|(_, h)| h.audit.records).collect();
+        let report = match audit::verify(dir, key.as_ref(), &wanted) {
+            Ok(report) => report,
             Err(e) => {
-                eprintln!("reading {}: {e}", audit_path.display());
+                eprintln!("reading the audit log in {}: {e}", dir.display());
                 return ExitCode::from(2);
             }
+        };
+        let mut intact = report.walk.problems.is_empty();
+        if let Some(verdict) = &report.legacy {
+            println!("{}: {verdict}", legacy_path.display());
+            let severity = match verdict {
+                Verdict::Ok { .. } => Severity::Ok,
+                // The single-file log is no longer written: the segments continue it.
+                Verdict::TornTail { .. } if report.walk.records > 0 => Severity::Tampered,
+                Verdict::TornTail { .. } => Severity::Torn,
+                Verdict::Tampered { .. } => Severity::Tampered,
+            };
+            intact &= severity != Severity::Tampered;
+            worst = worst.max(severity);
         }
+        if audit_dir.is_dir() {
+            let mut walk = report.walk.clone();
+            walk.records += report.retired_records;
+            walk.retired = report.retired_records;
+            let (line, severity) = ledger_report(&audit_dir, &walk, key.is_some());
+            println!("{line}");
+            worst = worst.max(severity);
+        }
+        if intact {
+            audit_records = Some(report.records());
+        }
+        audit_report = Some(report);
     } else {
         println!(
             "{}: MISSING, although the ledger is there (the proxy creates both): removed",
-            audit_path.display()
+            audit_dir.display()
         );
         worst = worst.max(Severity::Tampered);
     }
     // The heads.
     for (name, h) in &heads {
-        let (line, severity) = head_report(name, h, walk.as_ref(), &audit_path, audit_records);
+        let audit_at = audit_report.as_ref().map(|r| {
+            let n = h.audit.records;
+            let retired = n > r.legacy_records && n < r.legacy_records + r.retired_records;
+            audit_hash_at(dir, r, n)
+                .map(|at| at.or_else(|| retired.then(|| h.audit.last_hash.clone())))
+        });
+        let (line, severity) = head_report(name, h, walk.as_ref(), audit_at, audit_records);
         println!("{line}");
         worst = worst.max(severity);
     }
@@ -185,6 +227,12 @@ fn ledger_report(dir: &Path, walk: &Walk, keyed: bool) -> (String, Severity) {
         walk.records,
         if segments == 1 { "" } else { "s" }
     );
+    if walk.retired > 0 {
+        line.push_str(&format!(
+            " (the first {} in retired segments, vouched for by ledger/retired.json)",
+            walk.retired
+        ));
+    }
     let mut severity = Severity::Ok;
     match walk.last_mode {
         Some(Mode::Hmac) if walk.unchecked == 0 => line.push_str(", chain intact (HMAC-SHA256)"),
@@ -231,7 +279,7 @@ fn head_report(
     name: &str,
     h: &Head,
     walk: Option<&Walk>,
-    audit_path: &Path,
+    audit_at: Option<std::io::Result<Option<String>>>,
     audit_records: Option<u64>,
 ) -> (String, Severity) {
     let mut problems = Vec::new();
@@ -240,12 +288,15 @@ fn head_report(
             .hashes_at
             .iter()
             .find(|(n, _, _)| *n == h.ledger.records)
-            .map(|(_, hash, _)| chain::hex(hash));
+            .map(|(_, hash, _)| chain::hex(hash))
+            // Inside the retired records: vouched for by the retirement checkpoint (only the last
+            // retired record's hash is kept).
+            .or_else(|| (h.ledger.records < walk.retired).then(|| h.ledger.last_hash.clone()));
         if let Err(e) = head::compare("the ledger", &h.ledger, walk.records, at.as_deref()) {
             problems.push(e);
         }
     }
-    match audit::hash_of_record(audit_path, h.audit.records) {
+    match audit_at.unwrap_or(Ok(None)) {
         Ok(at) => {
             // A tampered log has no trustworthy count: whether it reaches the head is enough.
             let reached = if at.is_some() { h.audit.records } else { 0 };
@@ -254,7 +305,7 @@ fn head_report(
                 problems.push(e);
             }
         }
-        Err(e) => problems.push(format!("reading {}: {e}", audit_path.display())),
+        Err(e) => problems.push(format!("reading the audit log: {e}")),
     }
     if problems.is_empty() {
         let line = format!(
@@ -265,6 +316,27 @@ fn head_report(
     } else {
         (format!("head {name}: TAMPERED: {}", problems.join("; ")), Severity::Tampered)
     }
+}
+
+/// The hash of the audit log's record `n`: from the walk over the segments, or from the
+/// single-file log before them.
+fn audit_hash_at(
+    data_dir: &Path,
+    report: &audit::Report,
+    n: u64,
+) -> std::io::Result<Option<String>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    if n <= report.legacy_records + report.retired_records {
+        return audit::hash_of_record(data_dir, n);
+    }
+    Ok(report
+        .walk
+        .hashes_at
+        .iter()
+        .find(|(at, _, _)| *at == n)
+        .map(|(_, hash, _)| chain::hex(hash)))
 }
 
 /// A head from a file, a URL (with the admin token) or its JSON.

@@ -46,6 +46,12 @@ async fn write(label: &str, extra: &str, requests: usize) -> Written {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
     let extra = extra.replace("KEY_FILE", &key_file.display().to_string());
+    // These tests edit records as text: the ledger writes JSON lines (the compact encoding's
+    // own tamper tests are in the ledger's unit tests).
+    let extra = match extra.contains("ledger: {") {
+        true => extra.replace("ledger: {", "ledger: {encoding: json, "),
+        false => format!("ledger: {{encoding: json}}\n{extra}"),
+    };
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
         data_dir: &data,
@@ -272,7 +278,7 @@ async fn a_complete_last_line_with_a_bad_checksum_is_kept_and_named_by_run_invoi
     let accepting = w.dir.join("accepting.yaml");
     std::fs::write(
         &accepting,
-        config.replace("policy:\n", "ledger: {accept_corrupt: [\"00000001.seg:6\"]}\npolicy:\n"),
+        config.replace("ledger: {", "ledger: {accept_corrupt: [\"00000001.seg:6\"], "),
     )
     .unwrap();
     let mut proxy = start(&accepting);
@@ -298,7 +304,9 @@ async fn a_complete_last_line_with_a_bad_checksum_is_kept_and_named_by_run_invoi
     }
     bytes.extend_from_slice(&intact[5][..40]);
     std::fs::write(segment(&torn, 1), &bytes).unwrap();
-    std::fs::copy(w.data.join("audit.jsonl"), torn.join("audit.jsonl")).unwrap();
+    std::fs::create_dir_all(torn.join("audit")).unwrap();
+    let audit = w.data.join("audit").join("00000001.seg");
+    std::fs::copy(&audit, torn.join("audit").join("00000001.seg")).unwrap();
     let (code, out, _) = verify(&torn, &[]);
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&format!("{}:6 is a torn tail", segment(&torn, 1).display())), "{out}");
@@ -481,7 +489,7 @@ async fn records_cut_from_the_end_are_found_against_the_head() {
     let seg = segment(&w.data, 1);
     let l = lines(&seg);
     write_lines(&seg, &l[..4]);
-    let audit = w.data.join("audit.jsonl");
+    let audit = w.data.join("audit").join("00000001.seg");
     let a = lines(&audit);
     write_lines(&audit, &a[..2]);
     let checkpoint_text = std::fs::read(w.data.join("head.json")).unwrap();

@@ -334,9 +334,12 @@ impl Harness {
         reply.text()
     }
 
-    /// The audit log of this proxy.
-    pub fn audit_path(&self) -> PathBuf {
-        self.data_dir.join("audit.jsonl")
+    /// Every audit record written so far, as JSON (after flushing what is queued).
+    pub async fn audit(&self) -> Vec<Value> {
+        self.shared().ledger.flush().await;
+        tollgate::audit::read_all(&self.data_dir).unwrap_or_else(|e| {
+            panic!("reading the audit log in {}: {e:#}", self.data_dir.display())
+        })
     }
 
     /// Every ledger record written so far (after flushing what is queued).

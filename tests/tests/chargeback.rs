@@ -98,9 +98,9 @@ async fn a_full_disk_refuses_metered_requests_with_503_until_it_recovers_and_cor
         .map(|r| r["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(reserved, ["before", "during-served", "after"]);
-    let segment = std::fs::read(h.data_dir.join("ledger").join("00000001.seg")).unwrap();
-    assert_eq!(segment.last(), Some(&b'\n'));
-    assert_eq!(segment.iter().filter(|&&b| b == b'\n').count(), entries.len());
+    let walk = tollgate::ledger::verify(&h.data_dir, None, &[]).unwrap();
+    assert!(walk.torn.is_none() && walk.problems.is_empty(), "{walk:?}");
+    assert_eq!(walk.records, entries.len() as u64);
     let seqs: Vec<u64> = entries.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=entries.len() as u64).collect::<Vec<_>>());
     let spent: i64 = entries
@@ -112,10 +112,11 @@ async fn a_full_disk_refuses_metered_requests_with_503_until_it_recovers_and_cor
     assert_eq!(nanos(budgets["budgets"][0]["spent"].as_str().unwrap()), spent, "{budgets}");
 
     // The audit chain holds all four decisions (the refusal too) and verifies.
-    let audit = h.audit_path();
+    let data_dir = h.data_dir.clone();
     h.stop().await;
-    let verdict = tollgate::audit::verify(&audit).unwrap();
-    assert!(matches!(verdict, tollgate::audit::Verdict::Ok { records: 4, .. }), "{verdict}");
+    let report = tollgate::audit::verify(&data_dir, None, &[]).unwrap();
+    assert!(report.walk.problems.is_empty(), "{:?}", report.walk.problems);
+    assert_eq!(report.records(), 4);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -50,11 +50,10 @@ async fn until_decided(h: &Harness, id: &str) -> Value {
     }
 }
 
-fn audit_kinds(h: &Harness, id: &str) -> Vec<String> {
-    std::fs::read_to_string(h.audit_path())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+async fn audit_kinds(h: &Harness, id: &str) -> Vec<String> {
+    h.audit()
+        .await
+        .into_iter()
         .filter(|r| r["approval_id"] == id)
         .map(|r| r["kind"].as_str().unwrap_or_default().to_string())
         .collect()
@@ -65,7 +64,7 @@ async fn audit_until(h: &Harness, id: &str, kinds: &[&str]) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         h.shared().ledger.flush().await;
-        let got = audit_kinds(h, id);
+        let got = audit_kinds(h, id).await;
         if kinds.iter().all(|k| got.iter().any(|g| g == k)) {
             return got;
         }
@@ -328,13 +327,8 @@ async fn autonomy_modes_gate_execution() {
     let auto = h.post("/v1/chat/completions", &tags("free-bot"), &chat()).await;
     assert_eq!(auto.status, StatusCode::OK);
     assert_eq!(h.mock.request_count(), 1);
-    h.shared().ledger.flush().await;
-    let proposal = std::fs::read_to_string(h.audit_path())
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|r| r["kind"] == "proposal")
-        .expect("a proposal record");
+    let proposal =
+        h.audit().await.into_iter().find(|r| r["kind"] == "proposal").expect("a proposal record");
     assert_eq!(
         (proposal["agent"].as_str(), proposal["request_id"].as_str()),
         (Some("idea-bot"), Some("idea-1"))

@@ -1,23 +1,33 @@
-//! How ledger lines are framed and chained, and the one walk over the segments that every reader
-//! shares (`tollgate run` on start, `tollgate invoice`, the admin API, `tollgate audit verify`).
+//! How ledger records are framed and chained, and the one walk over the segments that every
+//! reader shares (`tollgate run` on start, `tollgate invoice`, the admin API, `tollgate audit
+//! verify`, the export). The audit log uses the same framing and chain.
 //!
-//! A line is `<crc32 hex> <link> <record>\n`: `<link>` is a mode letter (`s` for SHA-256, `h` for
-//! HMAC-SHA256) and 64 hex digits, and the checksum covers everything after its space. The link is
-//! the hash of the previous line's bytes as written (without its newline, checksum included):
-//! SHA-256, or HMAC-SHA256 under the ledger's key. The first line of a ledger links to
-//! [`GENESIS`]; the first line of a segment links to the last line of the segment before it, so
-//! the chain runs across segments. The record itself is opaque here (the chain hashes bytes, not
-//! fields), so the record encoding can change without touching the chain. Lines written before
-//! chaining existed (`<crc32 hex> <json>`) are still read; they are reported as unchained.
+//! A segment is encoded one of two ways ([`Encoding`]); a reader takes both, in any mix:
 //!
-//! Only an unterminated last line of the last segment is a torn write (a crash mid-write). Any
-//! complete line that does not verify is corruption, reported with its segment and line number.
+//! - **Compact** (written by default): the segment starts with [`MAGIC`], then one frame per
+//!   record, `<body length varint> <crc32, 4 bytes LE> <mode> <link, 32 bytes> <body>`; the body
+//!   is the compact record ([`tollgate_core::record::compact`]).
+//! - **JSON lines** (every version before, and `ledger.encoding: json`): `<crc32 hex> <link>
+//!   <record>\n`, the link a mode letter and 64 hex digits.
+//!
+//! In both the checksum covers everything after it, the mode is `s` (SHA-256) or `h`
+//! (HMAC-SHA256), and the link is the hash of the previous record's bytes as written (a line
+//! without its newline, checksum included; a whole frame): SHA-256, or HMAC-SHA256 under the
+//! ledger's key. The first record of a ledger links to [`GENESIS`]; the first record of a segment
+//! links to the last record of the segment before it, so the chain runs across segments and
+//! encodings. The chain hashes bytes, not fields. Lines written before chaining existed
+//! (`<crc32 hex> <json>`) are still read; they are reported as unchained.
+//!
+//! Only an incomplete last record of the last segment is a torn write (a crash mid-write). Any
+//! complete record that does not verify is corruption, reported with its segment and record
+//! number (`00000003.seg:17`: the line number of a JSON segment).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+pub use tollgate_core::record::compact::{Context, MAGIC};
 
 /// The link of the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -25,6 +35,8 @@ pub const GENESIS: [u8; 32] = [0; 32];
 const CRC: usize = 9;
 /// `<mode><64 hex> `: the link and its space.
 const LINK: usize = 66;
+/// Longest compact record body accepted (a longer length is damage).
+const MAX_BODY: u64 = 1 << 20;
 /// Shortest HMAC key accepted, in bytes.
 const MIN_KEY: usize = 16;
 
@@ -305,7 +317,7 @@ pub struct Torn {
 }
 
 /// What a walk over the segments found.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Walk {
     /// Segment numbers, in order.
     pub segments: Vec<u64>,
@@ -329,31 +341,80 @@ pub struct Walk {
     pub torn: Option<Torn>,
     /// Record number (1-based), SHA-256 and position of each record asked for that is present.
     pub hashes_at: Vec<(u64, [u8; 32], Pos)>,
+    /// How the last segment is encoded, and (compact) what its records defined.
+    pub last_encoding: Option<Encoding>,
+    /// Records before the walked segments, retired (counted in `records` by
+    /// [`crate::ledger::verify`]).
+    pub retired: u64,
+    pub context: Context,
+}
+
+/// How a segment's records are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// Compact frames ([`tollgate_core::record::compact`]) after [`MAGIC`].
+    #[default]
+    Compact,
+    /// JSON lines (`<crc32 hex> <link> <json>`), as every version before the compact encoding
+    /// wrote.
+    Json,
+}
+
+impl Encoding {
+    /// The encoding of a segment that starts with `bytes` (an empty one is compact).
+    pub fn of(bytes: &[u8]) -> Encoding {
+        let n = bytes.len().min(MAGIC.len());
+        match bytes[..n] == MAGIC[..n] {
+            true => Encoding::Compact,
+            false => Encoding::Json,
+        }
+    }
 }
 
 pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:08}.seg"))
 }
 
-/// Walks every line of every segment in `dir` (`segments`, in order), checking checksums and
+/// A verified record's bytes, as its segment encodes it.
+pub enum Body<'a> {
+    /// A JSON line's record.
+    Json(&'a [u8]),
+    /// A compact record's fields (its new strings already defined in the context).
+    Compact(&'a [u8], &'a mut Context),
+}
+
+/// Walks every record of every segment in `dir` (`segments`, in order), checking checksums and
 /// links; `record` is called with each verified record (and its position), and an error it returns
-/// makes the line corrupt. Problems are collected, not fatal: the chain goes on over the bytes as
-/// written, so one changed line is one problem. `hashes_at` asks for the hashes of those record
-/// numbers (for comparing with heads).
+/// makes the record corrupt. Problems are collected, not fatal: the chain goes on over the bytes
+/// as written, so one changed record is one problem. `hashes_at` asks for the hashes of those
+/// record numbers (for comparing with heads).
 pub fn walk(
     dir: &Path,
     segments: &[u64],
     linker: &Linker,
     hashes_at: &[u64],
-    mut record: impl FnMut(&[u8], &Pos) -> Result<(), String>,
+    record: impl FnMut(Body<'_>, &Pos) -> Result<(), String>,
+) -> std::io::Result<Walk> {
+    walk_from(dir, segments, linker, hashes_at, GENESIS, record)
+}
+
+/// [`walk`] over a chain whose first record links to `start` instead of [`GENESIS`] (the audit
+/// log after the single-file log it continues).
+pub fn walk_from(
+    dir: &Path,
+    segments: &[u64],
+    linker: &Linker,
+    hashes_at: &[u64],
+    start: [u8; 32],
+    mut record: impl FnMut(Body<'_>, &Pos) -> Result<(), String>,
 ) -> std::io::Result<Walk> {
     let mut walk = Walk {
         segments: segments.to_vec(),
         last_hash: GENESIS,
-        next_link: GENESIS,
+        next_link: start,
         ..Walk::default()
     };
-    // The previous complete line, as written (kept across segments).
+    // The previous complete record, as written (kept across segments).
     let mut prev: Vec<u8> = Vec::new();
     let mut prev_pos: Option<Pos> = None;
     let mut prev_corrupt = false;
@@ -361,26 +422,56 @@ pub fn walk(
     for &n in segments {
         let path = segment_path(dir, n);
         let bytes = std::fs::read(&path)?;
-        let mut offset = 0usize;
+        let is_last = Some(n) == last;
+        let encoding = Encoding::of(&bytes);
+        let mut offset = match encoding {
+            Encoding::Compact => MAGIC.len().min(bytes.len()),
+            Encoding::Json => 0,
+        };
+        let mut ctx = Context::default();
         let mut line_no = 0u64;
+        if encoding == Encoding::Compact && bytes.len() < MAGIC.len() && !bytes.is_empty() {
+            // The segment's first bytes, cut short by a crash.
+            let pos = Pos { segment: path.clone(), line: 1 };
+            match is_last {
+                true => walk.torn = Some(Torn { at: pos, offset: 0, bytes: bytes.len() as u64 }),
+                false => walk.problems.push(Problem::Corrupt {
+                    at: pos,
+                    what: "incomplete record in a sealed segment".into(),
+                }),
+            }
+        }
         while offset < bytes.len() {
             line_no += 1;
             let pos = Pos { segment: path.clone(), line: line_no };
-            let Some(end) = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i)
-            else {
-                if Some(n) == last {
+            let next = match encoding {
+                Encoding::Json => next_line(&bytes[offset..]),
+                Encoding::Compact => next_frame(&bytes[offset..]),
+            };
+            let (len, parsed) = match next {
+                Next::Incomplete if is_last => {
                     let bytes = (bytes.len() - offset) as u64;
                     walk.torn = Some(Torn { at: pos, offset: offset as u64, bytes });
-                } else {
+                    break;
+                }
+                Next::Incomplete => {
                     let what = "incomplete record in a sealed segment".to_string();
                     walk.problems.push(Problem::Corrupt { at: pos, what });
+                    break;
                 }
-                break;
+                Next::Unreadable(what) => {
+                    walk.records += 1;
+                    let what = format!("{what} (the rest of the segment cannot be read)");
+                    walk.problems.push(Problem::Corrupt { at: pos, what });
+                    break;
+                }
+                Next::Record { len, stored, parsed } => (len, (stored, parsed)),
             };
-            let line = &bytes[offset..end];
+            let (stored, parsed) = parsed;
+            let line = &bytes[offset..offset + stored];
             walk.records += 1;
             let problems_before = walk.problems.len();
-            match parse(line) {
+            match parsed {
                 Err(what) => {
                     walk.problems.push(Problem::Corrupt { at: pos.clone(), what: what.into() })
                 }
@@ -403,13 +494,13 @@ pub fn walk(
                             }
                             walk.last_mode = Some(mode);
                             let expected = match &prev_pos {
-                                None => Some(GENESIS),
+                                None => Some(start),
                                 Some(_) => linker.link_in(mode, &prev),
                             };
                             match expected {
                                 None => walk.unchecked += 1,
                                 Some(expected) if expected == link => {}
-                                // A corrupt line's successor does not link to it either: one
+                                // A corrupt record's successor does not link to it either: one
                                 // problem, not two.
                                 Some(_) if prev_corrupt => {}
                                 Some(_) => walk.problems.push(match &prev_pos {
@@ -421,7 +512,14 @@ pub fn walk(
                             }
                         }
                     }
-                    if let Err(what) = record(parsed.record, &pos) {
+                    let body = match encoding {
+                        Encoding::Json => Ok(Body::Json(parsed.record)),
+                        Encoding::Compact => match ctx.define(parsed.record) {
+                            Ok(fields) => Ok(Body::Compact(fields, &mut ctx)),
+                            Err(e) => Err(format!("the record does not decode: {e}")),
+                        },
+                    };
+                    if let Err(what) = body.and_then(|body| record(body, &pos)) {
                         walk.problems.push(Problem::Corrupt { at: pos.clone(), what });
                     }
                 }
@@ -435,7 +533,11 @@ pub fn walk(
             prev.clear();
             prev.extend_from_slice(line);
             prev_pos = Some(pos);
-            offset = end + 1;
+            offset += len;
+        }
+        if is_last {
+            walk.last_encoding = Some(encoding);
+            walk.context = ctx;
         }
     }
     if prev_pos.is_some() {
@@ -443,6 +545,87 @@ pub fn walk(
         walk.next_link = linker.link_after(&prev);
     }
     Ok(walk)
+}
+
+/// The next record of a segment.
+pub enum Next<'a> {
+    /// A complete record: the bytes it takes (with its newline, for a line), the bytes of it
+    /// that are chained (without the newline), and its parts if its checksum holds.
+    Record { len: usize, stored: usize, parsed: Result<Line<'a>, &'static str> },
+    /// The record goes past the end of the bytes (a torn write in the last segment).
+    Incomplete,
+    /// Its length cannot be read: nothing after it can be.
+    Unreadable(&'static str),
+}
+
+/// The next JSON line of `bytes`.
+pub fn next_line(bytes: &[u8]) -> Next<'_> {
+    match bytes.iter().position(|&b| b == b'\n') {
+        Some(end) => Next::Record { len: end + 1, stored: end, parsed: parse(&bytes[..end]) },
+        None => Next::Incomplete,
+    }
+}
+
+/// The next compact frame of `bytes`: `<length varint> <crc32 LE> <mode> <link> <body>`, the
+/// checksum covering everything after it.
+pub fn next_frame(bytes: &[u8]) -> Next<'_> {
+    let Some((body_len, head)) = tollgate_core::record::compact::get_varint(bytes) else {
+        return match bytes.len() < 10 {
+            true => Next::Incomplete,
+            false => Next::Unreadable("malformed record length"),
+        };
+    };
+    if body_len > MAX_BODY {
+        return Next::Unreadable("malformed record length");
+    }
+    let len = head + 4 + 33 + body_len as usize;
+    if bytes.len() < len {
+        return Next::Incomplete;
+    }
+    let crc = u32::from_le_bytes([bytes[head], bytes[head + 1], bytes[head + 2], bytes[head + 3]]);
+    let rest = &bytes[head + 4..len];
+    let parsed = if crc != crc32fast::hash(rest) {
+        Err("checksum mismatch")
+    } else {
+        let mode = match rest[0] {
+            b's' => Ok(Mode::Sha256),
+            b'h' => Ok(Mode::Hmac),
+            _ => Err("malformed link"),
+        };
+        mode.map(|mode| {
+            let mut link = [0u8; 32];
+            link.copy_from_slice(&rest[1..33]);
+            Line { link: Some((mode, link)), record: &rest[33..] }
+        })
+    };
+    Next::Record { len, stored: len, parsed }
+}
+
+/// Appends one compact frame to `out` (see [`next_frame`]): `record` writes the body (returning
+/// false when it could not, which leaves `out` as it was). Returns the range of the frame, all
+/// of which is chained.
+pub fn frame_compact(
+    out: &mut Vec<u8>,
+    mode: Mode,
+    link: &[u8; 32],
+    record: impl FnOnce(&mut Vec<u8>) -> bool,
+) -> Option<std::ops::Range<usize>> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(mode.letter());
+    out.extend_from_slice(link);
+    let body = out.len();
+    if !record(out) {
+        out.truncate(start);
+        return None;
+    }
+    let body_len = (out.len() - body) as u64;
+    let crc = crc32fast::hash(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    let mut head = Vec::with_capacity(3);
+    tollgate_core::record::compact::put_varint(&mut head, body_len);
+    out.splice(start..start, head);
+    Some(start..out.len())
 }
 
 #[cfg(test)]

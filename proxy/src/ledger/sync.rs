@@ -100,9 +100,10 @@ impl Durability {
         }
     }
 
-    /// The writer moved to a new segment (the old one is synced).
-    pub(super) fn set_segment(&self, file: std::fs::File) {
-        self.lock().files[0] = Arc::new(file);
+    /// The writer moved to a new segment of the ledger (`0`) or the audit log (`1`); the old one
+    /// is synced.
+    pub(super) fn set_file(&self, which: usize, file: std::fs::File) {
+        self.lock().files[which] = Arc::new(file);
     }
 
     /// The head of what is synced.

@@ -1,0 +1,446 @@
+//! Retention: retiring old segments of the ledger and the audit log so that the data directory
+//! stops growing, without losing what budgets, invoices and `audit verify` need.
+//!
+//! A sealed ledger segment (never the one being written) is retired only when every record in it
+//! is settled (a reservation has its usage record, or has expired and been released), has been
+//! acknowledged by the collector when records are shipped (the export's cursor is past it), and
+//! is older than `ledger.retention`; segments retire oldest first, so what is kept is always the
+//! end of the chain. An audit segment retires when it is sealed and every record in it is older
+//! than the retention.
+//!
+//! Retiring first replaces the checkpoint `<data_dir>/ledger/retired.json` (written aside, synced,
+//! renamed over), then removes the files; a crash between the two leaves files the checkpoint
+//! already covers, which are removed on the next start. The checkpoint keeps, for the ledger and
+//! the audit log, how many records were retired, the hash of the last one, the link the first
+//! kept record carries (so the chain over what is kept still starts where it must) and, for the
+//! ledger, the last sequence number and the usage totals by day, attribution, model, tool and
+//! budgets ([`Group`]): invoices and `/admin/usage` over retired days add them, and the budget
+//! rebuild at start charges them. With a ledger key the checkpoint carries an HMAC of its
+//! contents, so it cannot be rewritten to hide more removed records without the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+#[cfg(test)]
+use tollgate_core::money::Money;
+use tollgate_core::pricing::Cost;
+use tollgate_core::record::{Entry, Stored, UsageRecord};
+use tollgate_core::usage::Usage;
+
+use super::chain::{self, Linker};
+
+/// What has been retired.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub ledger: Retired,
+    pub audit: Retired,
+    /// The last sequence number retired (the next record continues after it).
+    #[serde(default)]
+    pub last_seq: u64,
+    /// Usage totals of the retired ledger records.
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    /// `h` and the HMAC-SHA256 of the checkpoint without this field, when the ledger is keyed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+}
+
+/// The retired start of one chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retired {
+    /// Segments up to this number are retired.
+    pub through_segment: u64,
+    pub records: u64,
+    /// SHA-256 of the last retired record as written.
+    pub last_hash: String,
+    /// The link the first kept record carries (64 hex digits).
+    pub next_link: String,
+}
+
+impl Default for Retired {
+    fn default() -> Retired {
+        let zero = chain::hex(&chain::GENESIS);
+        Retired { through_segment: 0, records: 0, last_hash: zero.clone(), next_link: zero }
+    }
+}
+
+impl Retired {
+    /// The link the first kept record carries.
+    pub fn start(&self) -> [u8; 32] {
+        chain::unhex(self.next_link.as_bytes()).unwrap_or(chain::GENESIS)
+    }
+}
+
+/// The usage totals of retired records that share a day, attribution, model, tool and budgets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// The day of the records' `ts` (what invoices select by).
+    pub day: String,
+    /// The day their reservations were made (what budgets are charged by), in Unix ms.
+    pub reserved_day_ms: u64,
+    pub agent: String,
+    pub cost_center: String,
+    pub project: String,
+    pub business_unit: Option<String>,
+    pub model: Option<String>,
+    pub tool: Option<String>,
+    pub budgets: Vec<String>,
+    /// Whether the records carry cost buckets (all do but the oldest).
+    pub bucketed: bool,
+    pub requests: u64,
+    /// Requests with a per-call price.
+    pub per_call_requests: u64,
+    pub tokens: Usage,
+    pub cost: Cost,
+}
+
+impl Group {
+    /// The totals as one usage record (for invoices and the budget rebuild); `n` makes its ids
+    /// unique.
+    pub fn as_record(&self, n: usize) -> UsageRecord {
+        let id = format!("retired-{}-{n}", self.day);
+        UsageRecord {
+            ts: format!("{}T00:00:00.000Z", self.day),
+            reserved_at_ms: self.reserved_day_ms,
+            request_id: id.clone(),
+            reservation_id: id,
+            agent: self.agent.clone(),
+            cost_center: self.cost_center.clone(),
+            project: self.project.clone(),
+            business_unit: self.business_unit.clone(),
+            route: String::new(),
+            provider: String::new(),
+            model: self.model.clone(),
+            tool: self.tool.clone(),
+            tokens: self.tokens,
+            cost: self.bucketed.then_some(self.cost),
+            cost_usd: self.cost.total,
+            cost_nano_usd: self.cost.total.nanos(),
+            decision: tollgate_core::record::Decision::Allow,
+            reason: String::new(),
+            clause: String::new(),
+            policy_version: String::new(),
+            budgets: self.budgets.clone(),
+            status: 200,
+            latency_ms: 0,
+            usage_source: tollgate_core::record::UsageSource::Reported,
+            price_source: None,
+            end: tollgate_core::record::End::Complete,
+            source: None,
+            source_event_id: None,
+        }
+    }
+}
+
+type Key = (
+    String,
+    u64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Vec<String>,
+    bool,
+);
+
+fn add(groups: &mut BTreeMap<Key, Group>, r: &UsageRecord) {
+    let day = r.ts.get(..10).unwrap_or(&r.ts).to_string();
+    let reserved_day_ms = r.reserved_at_ms / 86_400_000 * 86_400_000;
+    let key = (
+        day.clone(),
+        reserved_day_ms,
+        r.agent.clone(),
+        r.cost_center.clone(),
+        r.project.clone(),
+        r.business_unit.clone(),
+        r.model.clone(),
+        r.tool.clone(),
+        r.budgets.clone(),
+        r.cost.is_some(),
+    );
+    let g = groups.entry(key).or_insert_with(|| Group {
+        day,
+        reserved_day_ms,
+        agent: r.agent.clone(),
+        cost_center: r.cost_center.clone(),
+        project: r.project.clone(),
+        business_unit: r.business_unit.clone(),
+        model: r.model.clone(),
+        tool: r.tool.clone(),
+        budgets: r.budgets.clone(),
+        bucketed: r.cost.is_some(),
+        requests: 0,
+        per_call_requests: 0,
+        tokens: Usage::default(),
+        cost: Cost::default(),
+    });
+    g.requests += 1;
+    let t = &mut g.tokens;
+    t.input += r.tokens.input;
+    t.cached_input += r.tokens.cached_input;
+    t.cache_write += r.tokens.cache_write;
+    t.output += r.tokens.output;
+    t.reasoning += r.tokens.reasoning;
+    let c = &mut g.cost;
+    if let Some(b) = r.cost {
+        g.per_call_requests += u64::from(!b.per_call.is_zero());
+        c.input += b.input;
+        c.cached_input += b.cached_input;
+        c.cache_write += b.cache_write;
+        c.output += b.output;
+        c.reasoning += b.reasoning;
+        c.per_call += b.per_call;
+    }
+    c.total += r.cost_total();
+}
+
+/// `<data_dir>/ledger/retired.json`.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("ledger").join("retired.json")
+}
+
+/// The checkpoint, if anything was retired. With `linker` keyed, its HMAC must hold.
+pub fn read(data_dir: &Path, linker: Option<&Linker>) -> anyhow::Result<Option<Checkpoint>> {
+    let path = path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+    };
+    let checkpoint: Checkpoint = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not a retirement checkpoint: {e}", path.display()))?;
+    if let Some(linker) = linker.filter(|l| l.mode() == chain::Mode::Hmac) {
+        if checkpoint.mac.is_empty() {
+            // Written before the key was configured (like records linked before it): it cannot be
+            // vouched for, and `audit verify` says so; the next retirement signs it.
+            tracing::warn!(
+                path = %path.display(),
+                "the retirement checkpoint carries no HMAC (written before the ledger key was \
+                 configured)"
+            );
+        } else if checkpoint.mac != mac(&checkpoint, linker) {
+            anyhow::bail!(
+                "{}: its HMAC does not hold: the checkpoint was changed (or written under \
+                 another key)",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(checkpoint))
+}
+
+fn mac(checkpoint: &Checkpoint, linker: &Linker) -> String {
+    let unsigned = Checkpoint { mac: String::new(), ..checkpoint.clone() };
+    let bytes = serde_json::to_vec(&unsigned).unwrap_or_default();
+    format!("h{}", chain::hex(&linker.link_after(&bytes)))
+}
+
+fn write(data_dir: &Path, checkpoint: &Checkpoint, linker: &Linker) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut checkpoint = checkpoint.clone();
+    checkpoint.mac = match linker.mode() {
+        chain::Mode::Hmac => mac(&checkpoint, linker),
+        chain::Mode::Sha256 => String::new(),
+    };
+    let path = path(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(&mut file, &checkpoint)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes segment files of `dir` the checkpoint already covers (a retirement cut short).
+pub fn remove_covered(dir: &Path, through: u64) -> std::io::Result<()> {
+    for n in super::segments(dir)?.into_iter().filter(|&n| n <= through) {
+        std::fs::remove_file(chain::segment_path(dir, n))?;
+    }
+    Ok(())
+}
+
+/// When a segment may retire.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub retention_ms: u64,
+    pub now_ms: u64,
+    /// The segment being written (never retired), for the ledger and the audit log.
+    pub ledger_current: u64,
+    pub audit_current: u64,
+    /// The export's cursor, when records are shipped: a segment retires once it is past.
+    pub acknowledged: Option<crate::export::Cursor>,
+}
+
+/// What a retirement pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub ledger_segments: usize,
+    pub audit_segments: usize,
+    pub bytes: u64,
+}
+
+/// Retires what `policy` allows, oldest segment first. Errors leave everything as it was.
+pub fn run(data_dir: &Path, linker: &Linker, policy: &Policy) -> anyhow::Result<Outcome> {
+    let mut checkpoint = read(data_dir, Some(linker))?.unwrap_or_default();
+    let mut outcome = Outcome::default();
+    let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
+    for g in std::mem::take(&mut checkpoint.groups) {
+        let key = (
+            g.day.clone(),
+            g.reserved_day_ms,
+            g.agent.clone(),
+            g.cost_center.clone(),
+            g.project.clone(),
+            g.business_unit.clone(),
+            g.model.clone(),
+            g.tool.clone(),
+            g.budgets.clone(),
+            g.bucketed,
+        );
+        groups.insert(key, g);
+    }
+    let mut ledger_files = Vec::new();
+    let dir = data_dir.join("ledger");
+    let segments: Vec<u64> = super::segments(&dir)?
+        .into_iter()
+        .filter(|&n| n > checkpoint.ledger.through_segment)
+        .collect();
+    for (i, &n) in segments.iter().enumerate() {
+        if n >= policy.ledger_current {
+            break;
+        }
+        let path = chain::segment_path(&dir, n);
+        let len = std::fs::metadata(&path)?.len();
+        if let Some(cursor) = policy.acknowledged {
+            let past = cursor.segment > n || (cursor.segment == n && cursor.offset >= len);
+            if !past {
+                break;
+            }
+        }
+        let mut records: Vec<Stored> = Vec::new();
+        let walk = chain::walk_from(&dir, &[n], linker, &[], checkpoint.ledger.start(), |b, _| {
+            records.push(super::decode(b)?);
+            Ok(())
+        })?;
+        if !walk.problems.is_empty() || walk.torn.is_some() {
+            anyhow::bail!(
+                "{}: does not verify ({}); not retired",
+                path.display(),
+                walk.problems.first().map_or("torn".to_string(), |p| p.to_string())
+            );
+        }
+        let newest = records.iter().filter_map(|r| r.entry.reserved_at_ms()).max().unwrap_or(0);
+        if newest.saturating_add(policy.retention_ms) > policy.now_ms {
+            break;
+        }
+        if !settled(&dir, &segments[i..], &records, policy.now_ms)? {
+            break;
+        }
+        for r in records.iter().filter_map(|s| s.entry.usage()) {
+            add(&mut groups, r);
+        }
+        checkpoint.last_seq =
+            records.iter().map(|r| r.seq).max().unwrap_or(0).max(checkpoint.last_seq);
+        checkpoint.ledger = Retired {
+            through_segment: n,
+            records: checkpoint.ledger.records + walk.records,
+            last_hash: chain::hex(&walk.last_hash),
+            next_link: chain::hex(&walk.next_link),
+        };
+        outcome.ledger_segments += 1;
+        outcome.bytes += len;
+        ledger_files.push(path);
+    }
+    // The audit log: sealed segments whose every record is older than the retention.
+    let mut audit_files = Vec::new();
+    let adir = crate::audit::dir(data_dir);
+    let asegments: Vec<u64> = match super::segments(&adir) {
+        Ok(s) => s.into_iter().filter(|&n| n > checkpoint.audit.through_segment).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let legacy = crate::audit::legacy_start(data_dir)?;
+    for &n in &asegments {
+        if n >= policy.audit_current {
+            break;
+        }
+        let path = chain::segment_path(&adir, n);
+        let start = match checkpoint.audit.records {
+            0 => legacy,
+            _ => checkpoint.audit.start(),
+        };
+        let mut newest = 0u64;
+        let walk = chain::walk_from(&adir, &[n], linker, &[], start, |b, _| {
+            let ts = crate::audit::decode_ts(b)?;
+            newest = newest.max(tollgate_core::record::compact::parse_ts(&ts).unwrap_or(u64::MAX));
+            Ok(())
+        })?;
+        if !walk.problems.is_empty() || walk.torn.is_some() {
+            anyhow::bail!("{}: does not verify; not retired", path.display());
+        }
+        if newest.saturating_add(policy.retention_ms) > policy.now_ms {
+            break;
+        }
+        checkpoint.audit = Retired {
+            through_segment: n,
+            records: checkpoint.audit.records + walk.records,
+            last_hash: chain::hex(&walk.last_hash),
+            next_link: chain::hex(&walk.next_link),
+        };
+        outcome.audit_segments += 1;
+        outcome.bytes += std::fs::metadata(&path)?.len();
+        audit_files.push(path);
+    }
+    if ledger_files.is_empty() && audit_files.is_empty() {
+        return Ok(outcome);
+    }
+    checkpoint.groups = groups.into_values().collect();
+    write(data_dir, &checkpoint, linker)?;
+    for file in ledger_files.iter().chain(&audit_files) {
+        std::fs::remove_file(file)?;
+    }
+    Ok(outcome)
+}
+
+/// Whether every reservation in `records` (of `segments[0]`) is settled by a usage record there
+/// or in a later segment, or has expired (and so been released).
+fn settled(dir: &Path, segments: &[u64], records: &[Stored], now_ms: u64) -> anyhow::Result<bool> {
+    let used: std::collections::HashSet<&str> =
+        records.iter().filter_map(|s| s.entry.usage()).map(UsageRecord::reservation_key).collect();
+    let mut open: std::collections::HashSet<String> = records
+        .iter()
+        .filter_map(|s| match &s.entry {
+            Entry::Reserve(r) if r.expires_at_ms > now_ms => Some(r),
+            _ => None,
+        })
+        .filter(|r| !used.contains(r.reservation_key()))
+        .map(|r| r.reservation_key().to_string())
+        .collect();
+    for &n in &segments[1..] {
+        if open.is_empty() {
+            break;
+        }
+        chain::walk(dir, &[n], &Linker::new(None), &[], |b, _| {
+            if let Entry::Usage(r) = super::decode(b)?.entry {
+                open.remove(r.reservation_key());
+            }
+            Ok(())
+        })?;
+    }
+    Ok(open.is_empty())
+}
+
+#[cfg(test)]
+mod tests;
