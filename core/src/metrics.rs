@@ -150,6 +150,15 @@ pub const METER_DECODE_ABORTED: Metric = counter(
     Emitter::Both,
 );
 
+pub const GUARDRAIL_VIOLATIONS: Metric = counter(
+    "tollgate_guardrail_violations_total",
+    &["reason"],
+    "Tool calls the guardrails refused, by violation (unknown_action, forbidden_pattern, \
+     resource_not_allowed, arguments_too_deep, arguments_too_large, cost_limit_exceeded, \
+     rate_limit_exceeded)",
+    Emitter::Both,
+);
+
 // The sidecar only.
 
 pub const DECISION_DURATION: Metric = Metric {
@@ -296,6 +305,7 @@ pub const ALL: [&Metric; 31] = [
     &POLICY_RELOAD_FAILURES,
     &UNLISTED_MODEL_RESPONSES,
     &METER_DECODE_ABORTED,
+    &GUARDRAIL_VIOLATIONS,
     &DECISION_DURATION,
     &UPSTREAM_DURATION,
     &BUDGET_UTILIZATION,

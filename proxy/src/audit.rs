@@ -54,6 +54,15 @@ pub struct Event {
     /// Who acted: an operator's name, `timeout`, or `proxy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// A guardrail refusal: the JSON path of the argument at fault (`$.cmd`, `$query.q`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argument: Option<String>,
+    /// A guardrail refusal: the forbidden pattern that matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// A guardrail refusal: a short excerpt of the offending value (never the whole value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excerpt: Option<String>,
 }
 
 /// A decision by default (denied): callers set the kind and effect they record.
@@ -76,6 +85,9 @@ impl Default for Event {
             approval_id: None,
             risk: None,
             actor: None,
+            argument: None,
+            pattern: None,
+            excerpt: None,
         }
     }
 }

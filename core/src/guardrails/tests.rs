@@ -37,7 +37,7 @@ fn defaults_are_the_seeds_policies() {
         ("write_file", Category::Write, RiskLevel::Medium, true, 3, None, Some(100)),
         ("run_command", Category::Execute, RiskLevel::High, true, 6, None, Some(50)),
         ("database_query", Category::Database, RiskLevel::Medium, false, 0, None, Some(1000)),
-        ("database_mutation", Category::Database, RiskLevel::High, true, 4, None, Some(100)),
+        ("database_mutation", Category::Database, RiskLevel::High, true, 5, None, Some(100)),
         ("deploy_to_production", Category::Deploy, RiskLevel::Critical, true, 0, None, Some(10)),
         ("delete_resource", Category::Delete, RiskLevel::Critical, true, 0, None, Some(20)),
         (
@@ -67,7 +67,14 @@ fn defaults_are_the_seeds_policies() {
     }
     assert_eq!(
         g.policy("run_command").unwrap().forbidden.as_ref().unwrap().sources(),
-        [r"rm\s+-rf\s+/", r"dd\s+if=", r"mkfs", r"shutdown", r"reboot", r"killall"]
+        [
+            r"\brm\s+-(rf|fr)\s+/",
+            r"\bdd\s+if=",
+            r"\bmkfs\b",
+            r"\bshutdown\b",
+            r"\breboot\b",
+            r"\bkillall\b",
+        ]
     );
 }
 
@@ -90,6 +97,38 @@ fn seed_examples_are_blocked_or_allowed() {
             Some("forbidden_pattern"),
         ),
         ("database_mutation", json!({"sql": "DELETE FROM t WHERE id=1"}), "0", None),
+        // Each default pattern's example is blocked, and its near-miss passes.
+        ("read_file", json!({"path": "/app/server.pem"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/password.txt"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/secrets.yaml"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/.env.example"}), "0", None),
+        ("read_file", json!({"path": "/app/src/environment.rs"}), "0", None),
+        ("read_file", json!({"path": "/app/id_rsa.pub"}), "0", None),
+        ("write_file", json!({"path": "/root/.bashrc"}), "0", Some("forbidden_pattern")),
+        ("write_file", json!({"path": "/repo/.git/config"}), "0", Some("forbidden_pattern")),
+        ("write_file", json!({"path": "/repo/etc/app.conf"}), "0", None),
+        ("write_file", json!({"path": "/repo/.git/config.bak"}), "0", None),
+        ("run_command", json!({"command": "rm -fr /var"}), "0", Some("forbidden_pattern")),
+        (
+            "run_command",
+            json!({"command": "dd if=/dev/zero of=/dev/sda"}),
+            "0",
+            Some("forbidden_pattern"),
+        ),
+        ("run_command", json!({"command": "mkfs.ext4 /dev/sdb1"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "sudo shutdown -h now"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "reboot"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "killall node"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "cat ./shutdown_notes.txt"}), "0", None),
+        ("run_command", json!({"command": "git add if=x"}), "0", None),
+        ("run_command", json!({"command": "pkill -f myserver"}), "0", None),
+        ("database_mutation", json!({"sql": "DROP DATABASE prod"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "TRUNCATE orders"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "DELETE FROM users"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "delete from users;"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "UPDATE t SET truncated_at = now()"}), "0", None),
+        ("database_mutation", json!({"sql": "DROP INDEX idx_users"}), "0", None),
+        ("database_query", json!({"sql": "SELECT * FROM secrets_rotation"}), "0", None),
         ("write_file", json!({"path": "/etc/passwd"}), "0", Some("forbidden_pattern")),
         (
             "external_api_call",
@@ -120,7 +159,7 @@ fn violations_carry_details_and_a_sanitised_explanation() {
         violation,
         Violation::ForbiddenPattern {
             path: "$.opts.argv[1]".into(),
-            pattern: r"rm\s+-rf\s+/".into(),
+            pattern: r"\brm\s+-(rf|fr)\s+/".into(),
             excerpt: "rm -rf /".into(),
         }
     );
@@ -128,7 +167,7 @@ fn violations_carry_details_and_a_sanitised_explanation() {
     let text = violation.explanation("run_command");
     assert_eq!(
         text,
-        r#"argument $.opts.argv[1] of `run_command` matches forbidden pattern `rm\s+-rf\s+/` (at "rm -rf /")"#
+        r#"argument $.opts.argv[1] of `run_command` matches forbidden pattern `\brm\s+-(rf|fr)\s+/` (at "rm -rf /")"#
     );
     let cost = g.check("external_api_call", &json!({}), usd("2.00")).unwrap_err();
     assert_eq!(cost, Violation::CostLimitExceeded { estimated: usd("2.00"), max: usd("1.00") });
