@@ -294,3 +294,35 @@ fn config_errors_name_every_bad_field() {
     assert!(errors[1].message.starts_with("invalid pattern:"), "{}", errors[1].message);
     assert!(errors[2].message.contains("missing required field `category`"));
 }
+
+#[test]
+fn a_configured_default_keeps_the_fields_it_does_not_set_and_new_actions_need_category_and_risk() {
+    let text = "guardrails:\n  actions:\n    run_command: {requires_approval: false}\n    \
+                read_file: {allowed_resources: [/w/], forbidden_patterns: [token]}\n    \
+                search: {category: read, risk_level: safe}\n";
+    let g = Guardrails::from_yaml(text).expect("compiles");
+    let run = g.policy("run_command").unwrap();
+    assert!(!run.requires_approval);
+    assert_eq!(
+        (run.category, run.risk_level, run.rate_limit_per_hour),
+        (Category::Execute, RiskLevel::High, Some(50))
+    );
+    assert_eq!(run.forbidden.as_ref().map(Patterns::len), Some(6), "the default patterns stay");
+    let read = g.policy("read_file").unwrap();
+    assert_eq!(read.allowed_resources, vec!["/w/".to_string()]);
+    assert_eq!(read.forbidden.as_ref().unwrap().sources(), ["token"], "listed patterns replace");
+    let search = g.policy("search").unwrap();
+    assert!(search.requires_approval, "a new action needs approval unless it says otherwise");
+
+    let errors = Guardrails::from_yaml(
+        "guardrails:\n  actions:\n    fresh: {risk_level: low}\n    read_file: {allowed_resources: [\"\"]}\n",
+    )
+    .unwrap_err()
+    .0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.iter().any(|p| p.starts_with("guardrails.actions.fresh")), "{errors:?}");
+    assert!(
+        paths.iter().any(|p| p.starts_with("guardrails.actions.read_file.allowed_resources")),
+        "{errors:?}"
+    );
+}
