@@ -295,7 +295,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 31] = [
+pub const ALL: [&Metric; 32] = [
     &REQUESTS,
     &TOKENS,
     &COST,
