@@ -33,9 +33,9 @@
 //!
 //! The live state those steps read and change (rate-limit counters, the ledger's health,
 //! escalation standings, the loop detector, autonomy budgets, outcome history, breakers,
-//! budgets, the guardrails' hourly action counts) is behind the [`Stores`] port: in-process maps in the proxy, Envoy shared data in
-//! the filter, and for `explain` a store that answers what it can from the configuration and
-//! says which live state it had to assume.
+//! budgets, the guardrails' hourly action counts) is behind the [`Stores`] port: in-process
+//! maps in the proxy, Envoy shared data in the filter, and for `explain` a store that answers
+//! what it can from the configuration and says which live state it had to assume.
 //!
 //! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
 //! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
@@ -404,7 +404,7 @@ pub fn decide<'p>(
             guard(g, req, stores, worst_case, now).map_err(|d| refuse(Step::Guardrail, *d))?;
     }
 
-    // 3. The per-request cost cap.
+    // 4. The per-request cost cap.
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(refuse(
@@ -421,7 +421,7 @@ pub fn decide<'p>(
         }
     }
 
-    // 4. Rate limits, per agent under the clause that decided.
+    // 5. Rate limits, per agent under the clause that decided.
     let limits = decision.limits;
     if limits.rpm.is_some() || limits.tpm.is_some() {
         let tokens = priced.bound.as_ref().map_or(0, Bound::tokens);
@@ -438,7 +438,7 @@ pub fn decide<'p>(
         }
     }
 
-    // 5. Nothing is served unrecorded.
+    // 6. Nothing is served unrecorded.
     if !stores.recordable() {
         let mut denial = Denial::new(
             Class::Unavailable,
@@ -449,7 +449,7 @@ pub fn decide<'p>(
         return Err(refuse(Step::Recording, denial));
     }
 
-    // 6. Oversight.
+    // 7. Oversight.
     let profile = match (decision.risk, req.risk) {
         (Some(rule), Some(route)) => Some(rule.over(route)),
         (rule, route) => rule.or(route),
@@ -799,7 +799,7 @@ fn finish_oversight(
     Ok(Oversaw { breaker, track, assessment, approved, fast: false })
 }
 
-/// Step 7: the worst case reserved against every budget that applies, all or nothing.
+/// Step 8: the worst case reserved against every budget that applies, all or nothing.
 fn reserve(
     decision: &Decision<'_>,
     req: &Request<'_>,
