@@ -27,7 +27,8 @@ pub struct EngineConfig<'a> {
     pub pricing: Option<Field<'a>>,
     /// `autonomy:` absent → every action resolves to `APPROVAL_REQUIRED`.
     pub autonomy: Option<Field<'a>>,
-    /// `guardrails:` absent → the default action policies.
+    /// `guardrails:` absent → no tool action is checked by guardrails (the default action
+    /// policies still name the categories); present → every tool action is checked against it.
     pub guardrails: Option<Field<'a>>,
     /// Reads the files a section names (`pricing.litellm_file`); `None` (an adapter that reads
     /// no files, such as the Envoy filter) refuses such fields with an error naming them.
@@ -43,6 +44,8 @@ pub struct Engine {
     rates: RateCard,
     autonomy: autonomy::Policy,
     guardrails: Guardrails,
+    /// The configuration has a `guardrails:` section: tool actions are checked against it.
+    guardrails_on: bool,
 }
 
 impl EngineConfig<'_> {
@@ -81,11 +84,19 @@ impl EngineConfig<'_> {
             Some(f) => autonomy::Policy::decode(cx, f),
             None => autonomy::Policy::default(),
         };
+        let guardrails_on = self.guardrails.is_some();
         let guardrails = match &self.guardrails {
             Some(f) => Guardrails::decode(cx, f),
             None => Guardrails::defaults(),
         };
-        Some(Engine { attribution: attribution?, policy: policy?, rates, autonomy, guardrails })
+        Some(Engine {
+            attribution: attribution?,
+            policy: policy?,
+            rates,
+            autonomy,
+            guardrails,
+            guardrails_on,
+        })
     }
 }
 
@@ -138,6 +149,12 @@ impl Engine {
 
     pub fn guardrails(&self) -> &Guardrails {
         &self.guardrails
+    }
+
+    /// The guardrails tool actions are checked against: `None` without a `guardrails:`
+    /// section.
+    pub fn enforced_guardrails(&self) -> Option<&Guardrails> {
+        self.guardrails_on.then_some(&self.guardrails)
     }
 
     /// Pins the sidecar's own identity (from its environment) so that a request claiming to be

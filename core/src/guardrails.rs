@@ -16,6 +16,7 @@
 //!
 //! This module decides; it never records violations, logs or notifies.
 
+pub mod args;
 pub mod breaker;
 pub mod counter;
 pub mod escalation;
@@ -32,7 +33,7 @@ use crate::money::Money;
 use crate::time::{Period, UnixMillis};
 
 use counter::{Take, WindowCounters};
-use patterns::{Finding, Patterns};
+use patterns::Patterns;
 
 /// What kind of thing an action does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -117,6 +118,9 @@ pub struct ActionPolicy {
     pub forbidden: Option<Patterns>,
     pub max_cost_per_call: Option<Money>,
     pub rate_limit_per_hour: Option<u32>,
+    /// Path or URL prefixes the arguments that name a resource ([`args::RESOURCE_KEYS`]) must
+    /// lie under; empty: any resource.
+    pub allowed_resources: Vec<String>,
 }
 
 impl ActionPolicy {
@@ -128,6 +132,7 @@ impl ActionPolicy {
             forbidden: None,
             max_cost_per_call: None,
             rate_limit_per_hour: None,
+            allowed_resources: Vec::new(),
         }
     }
 }
@@ -141,6 +146,10 @@ pub enum Violation {
     ForbiddenPattern { path: String, pattern: String, excerpt: String },
     /// The arguments nest deeper than [`patterns::MAX_DEPTH`]; they cannot be fully checked.
     ArgumentsTooDeep { path: String },
+    /// The arguments carry more than [`args::MAX_ARGUMENT_BYTES`] of strings.
+    ArgumentsTooLarge { max_bytes: usize },
+    /// An argument naming a resource lies outside the action's `allowed_resources`.
+    ResourceNotAllowed { path: String, excerpt: String },
     /// The call's estimated cost is above the action's maximum per call.
     CostLimitExceeded { estimated: Money, max: Money },
     /// The agent used the action's hourly allowance (`used` of `limit` this UTC hour).
@@ -154,6 +163,8 @@ impl Violation {
             Violation::UnknownAction => "unknown_action",
             Violation::ForbiddenPattern { .. } => "forbidden_pattern",
             Violation::ArgumentsTooDeep { .. } => "arguments_too_deep",
+            Violation::ArgumentsTooLarge { .. } => "arguments_too_large",
+            Violation::ResourceNotAllowed { .. } => "resource_not_allowed",
             Violation::CostLimitExceeded { .. } => "cost_limit_exceeded",
             Violation::RateLimitExceeded { .. } => "rate_limit_exceeded",
         }
@@ -164,6 +175,39 @@ impl Violation {
         match self {
             Violation::ForbiddenPattern { .. } => RiskLevel::Critical,
             _ => RiskLevel::High,
+        }
+    }
+
+    /// Every reason code, for metrics that are zero until the first violation.
+    pub const CODES: [&'static str; 7] = [
+        "unknown_action",
+        "forbidden_pattern",
+        "arguments_too_deep",
+        "arguments_too_large",
+        "resource_not_allowed",
+        "cost_limit_exceeded",
+        "rate_limit_exceeded",
+    ];
+
+    /// What the audit record and the refusal carry about this violation of `action`.
+    pub fn breach(&self, action: &str) -> Breach {
+        let (argument, pattern, excerpt) = match self {
+            Violation::ForbiddenPattern { path, pattern, excerpt } => {
+                (Some(path.clone()), Some(pattern.clone()), Some(excerpt.clone()))
+            }
+            Violation::ResourceNotAllowed { path, excerpt } => {
+                (Some(path.clone()), None, Some(excerpt.clone()))
+            }
+            Violation::ArgumentsTooDeep { path } => (Some(path.clone()), None, None),
+            _ => (None, None, None),
+        };
+        Breach {
+            action: patterns::excerpt(action),
+            reason: self.code(),
+            argument,
+            pattern,
+            excerpt,
+            rpc_id: None,
         }
     }
 
@@ -181,6 +225,14 @@ impl Violation {
                 "arguments of `{action}` nest deeper than {} levels at {path}: they cannot be checked",
                 patterns::MAX_DEPTH
             ),
+            Violation::ArgumentsTooLarge { max_bytes } => format!(
+                "arguments of `{action}` carry more than {max_bytes} bytes of text: they cannot \
+                 be checked"
+            ),
+            Violation::ResourceNotAllowed { path, excerpt } => format!(
+                "argument {path} of `{action}` names a resource outside its allowed resources \
+                 (\"{excerpt}\")"
+            ),
             Violation::CostLimitExceeded { estimated, max } => format!(
                 "estimated cost ${estimated} of `{action}` is above its limit of ${max} per call"
             ),
@@ -190,6 +242,19 @@ impl Violation {
             ),
         }
     }
+}
+
+/// A guardrail violation as recorded and answered: the action, the reason code, the argument's
+/// JSON path, the pattern, a short excerpt of the offending value (never the whole value), and
+/// for an MCP call its JSON-RPC `id` (the refusal is then a JSON-RPC error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breach {
+    pub action: String,
+    pub reason: &'static str,
+    pub argument: Option<String>,
+    pub pattern: Option<String>,
+    pub excerpt: Option<String>,
+    pub rpc_id: Option<Value>,
 }
 
 /// The guardrail verdict on one call.
@@ -304,14 +369,27 @@ impl Guardrails {
         add(
             "run_command",
             ActionPolicy::new(C::Execute, R::High, true),
-            &[r"rm\s+-rf\s+/", r"dd\s+if=", r"mkfs", r"shutdown", r"reboot", r"killall"],
+            &[
+                r"\brm\s+-(rf|fr)\s+/",
+                r"\bdd\s+if=",
+                r"\bmkfs\b",
+                r"\bshutdown\b",
+                r"\breboot\b",
+                r"\bkillall\b",
+            ],
             Some(50),
         );
         add("database_query", ActionPolicy::new(C::Database, R::Medium, false), &[], Some(1000));
         add(
             "database_mutation",
             ActionPolicy::new(C::Database, R::High, true),
-            &[r"DROP\s+DATABASE", r"DROP\s+TABLE", r"TRUNCATE", r"DELETE\s+FROM.*WHERE\s+1=1"],
+            &[
+                r"DROP\s+DATABASE",
+                r"DROP\s+TABLE",
+                r"\bTRUNCATE\b",
+                r"DELETE\s+FROM\s+[^\s;]+\s*(;|\z)",
+                r"DELETE\s+FROM\s+[^\s;]+\s+WHERE\s+(1\s*=\s*1|true)\s*(;|\z)",
+            ],
             Some(100),
         );
         add("deploy_to_production", ActionPolicy::new(C::Deploy, R::Critical, true), &[], Some(10));
@@ -352,8 +430,9 @@ impl Guardrails {
             out.actions.clear();
         }
         if let Some(actions) = obj.get("actions") {
+            let defaults = Guardrails::defaults();
             for (name, f) in actions.entries(cx) {
-                if let Some(p) = decode_action(cx, &f) {
+                if let Some(p) = decode_action(cx, &f, defaults.policy(name)) {
                     out.actions.insert(name.into(), p);
                 }
             }
@@ -381,14 +460,20 @@ impl Guardrails {
         args: &Value,
         estimated_cost: Money,
     ) -> Result<&ActionPolicy, Violation> {
+        self.check_parts(action, &[args::Part { root: "$", value: args }], estimated_cost)
+    }
+
+    /// [`Guardrails::check`] over several argument parts (a tool route's JSON body at `$` and
+    /// its query parameters at `$query`), walked once with one size budget.
+    pub fn check_parts(
+        &self,
+        action: &str,
+        parts: &[args::Part<'_>],
+        estimated_cost: Money,
+    ) -> Result<&ActionPolicy, Violation> {
         let policy = self.policy(action).ok_or(Violation::UnknownAction)?;
-        if let Some(found) = policy.forbidden.as_ref().and_then(|p| p.scan(args)) {
-            return Err(match found {
-                Finding::Pattern { path, pattern, excerpt } => {
-                    Violation::ForbiddenPattern { path, pattern, excerpt }
-                }
-                Finding::TooDeep { path } => Violation::ArgumentsTooDeep { path },
-            });
+        if let Some(v) = args::check(policy, parts) {
+            return Err(v);
         }
         if let Some(max) = policy.max_cost_per_call {
             if estimated_cost > max {
@@ -423,20 +508,38 @@ impl Guardrails {
     }
 }
 
-fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
+/// Decodes one action's policy. An action named like a default (`base`) keeps the default's
+/// value of every field it does not set; any other action must set `category` and
+/// `risk_level`.
+fn decode_action(
+    cx: &mut Cx,
+    field: &Field<'_>,
+    base: Option<&ActionPolicy>,
+) -> Option<ActionPolicy> {
     let mut obj = cx.object(field)?;
-    let category = obj
-        .require(cx, "category")
+    let mut field_or_base = |cx: &mut Cx, name: &str, has_base: bool| {
+        if has_base {
+            obj.get(name)
+        } else {
+            obj.require(cx, name)
+        }
+    };
+    let category = field_or_base(cx, "category", base.is_some())
         .and_then(|f| f.one_of(cx, &Category::NAMES))
-        .and_then(Category::parse);
-    let risk_level = obj
-        .require(cx, "risk_level")
+        .and_then(Category::parse)
+        .or(base.map(|b| b.category));
+    let risk_level = field_or_base(cx, "risk_level", base.is_some())
         .and_then(|f| f.one_of(cx, &RiskLevel::NAMES))
-        .and_then(RiskLevel::parse);
-    let requires_approval = obj.get("requires_approval").and_then(|f| f.bool(cx)).unwrap_or(true);
-    let mut forbidden = None;
+        .and_then(RiskLevel::parse)
+        .or(base.map(|b| b.risk_level));
+    let requires_approval = obj
+        .get("requires_approval")
+        .and_then(|f| f.bool(cx))
+        .unwrap_or(base.is_none_or(|b| b.requires_approval));
+    let mut forbidden = base.and_then(|b| b.forbidden.clone());
     let mut ok = true;
     if let Some(f) = obj.get("forbidden_patterns") {
+        forbidden = None;
         let items = f.items(cx);
         let mut sources = Vec::with_capacity(items.len());
         for item in &items {
@@ -464,15 +567,37 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
             }
         }
     }
-    let max_cost_per_call = obj.get("max_cost_per_call").and_then(|f| f.money(cx));
-    let rate_limit_per_hour = obj.get("rate_limit_per_hour").and_then(|f| {
-        let n = f.u64(cx)?;
-        let n = u32::try_from(n).ok();
-        if n.is_none() {
-            f.error(cx, format!("must be at most {}", u32::MAX));
+    let max_cost_per_call = match obj.get("max_cost_per_call") {
+        Some(f) => f.money(cx),
+        None => base.and_then(|b| b.max_cost_per_call),
+    };
+    let rate_limit_per_hour = match obj.get("rate_limit_per_hour") {
+        Some(f) => f.u64(cx).and_then(|n| {
+            let n = u32::try_from(n).ok();
+            if n.is_none() {
+                f.error(cx, format!("must be at most {}", u32::MAX));
+            }
+            n
+        }),
+        None => base.and_then(|b| b.rate_limit_per_hour),
+    };
+    let allowed_resources = match obj.get("allowed_resources") {
+        Some(f) => {
+            let mut out = Vec::new();
+            for item in f.items(cx) {
+                match item.str(cx) {
+                    Some("") => {
+                        item.error(cx, "an empty prefix would allow every resource");
+                        ok = false;
+                    }
+                    Some(s) => out.push(s.to_owned()),
+                    None => ok = false,
+                }
+            }
+            out
         }
-        n
-    });
+        None => base.map(|b| b.allowed_resources.clone()).unwrap_or_default(),
+    };
     obj.finish(
         cx,
         &[
@@ -482,6 +607,7 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
             "forbidden_patterns",
             "max_cost_per_call",
             "rate_limit_per_hour",
+            "allowed_resources",
         ],
     );
     let (category, risk_level) = (category?, risk_level?);
@@ -492,6 +618,7 @@ fn decode_action(cx: &mut Cx, field: &Field<'_>) -> Option<ActionPolicy> {
         forbidden,
         max_cost_per_call,
         rate_limit_per_hour,
+        allowed_resources,
     })
 }
 

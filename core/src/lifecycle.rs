@@ -5,28 +5,37 @@
 //! what the oversight step needs) and runs, in this fixed order, first refusal wins:
 //!
 //! 1. **policy**: the snapshot's decision; `deny` refuses (`require_approval` goes on, to be
-//!    asked at step 6);
+//!    asked at step 7);
 //! 2. **worst-case cost**: the request's upper bound in tokens at the model's dearest rates
 //!    (`missing_model` 400 for a model call naming no model, `unknown_model` 403 for a model the
 //!    rate card does not know); a tool call at its tool rate;
-//! 3. **cost cap**: the decision's `max_cost_per_request` (`cost_limit_exceeded`);
-//! 4. **rate limits**: requests and tokens per minute, per agent under the clause that decided;
-//! 5. **recording**: nothing is served unrecorded (`ledger_unavailable` while the ledger cannot
+//! 3. **guardrails** (with a `guardrails:` section, for tool actions: each MCP `tools/call`,
+//!    or a tool route's call): the action needs a policy (`unknown_action`); its arguments (every
+//!    string, at any depth: the JSON body and query parameters of a tool route) must match none
+//!    of its forbidden patterns (`forbidden_pattern`), name only resources under its
+//!    `allowed_resources` (`resource_not_allowed`) and stay within the bounds
+//!    (`arguments_too_deep`, `arguments_too_large`); the worst case must stay under its
+//!    `max_cost_per_call` (`cost_limit_exceeded`); then one call of the agent's hourly allowance
+//!    for the action is taken (`rate_limit_exceeded`). A policy that `requires_approval` asks a
+//!    human at step 7;
+//! 4. **cost cap**: the decision's `max_cost_per_request` (`cost_limit_exceeded`);
+//! 5. **rate limits**: requests and tokens per minute, per agent under the clause that decided;
+//! 6. **recording**: nothing is served unrecorded (`ledger_unavailable` while the ledger cannot
 //!    be written);
-//! 6. **oversight**: a disabled agent (`agent_disabled`) → autonomy `DISABLED` /
+//! 7. **oversight**: a disabled agent (`agent_disabled`) → autonomy `DISABLED` /
 //!    `PROPOSE_ONLY` → the same tool call again and again (`loop_detected`) → does a human have
 //!    to approve? (the policy said so, the risk score is medium or high, the agent is under
 //!    review, autonomy asks, or `AUTO_EXECUTE` found its budget used up) → the upstream's
 //!    circuit breaker (`circuit_open`, last, so that a refusal above never takes the half-open
 //!    probe);
-//! 7. **budgets**: the worst case reserved against every budget that applies, all or nothing
+//! 8. **budgets**: the worst case reserved against every budget that applies, all or nothing
 //!    (`budget_exceeded`).
 //!
 //! The live state those steps read and change (rate-limit counters, the ledger's health,
 //! escalation standings, the loop detector, autonomy budgets, outcome history, breakers,
-//! budgets) is behind the [`Stores`] port: in-process maps in the proxy, Envoy shared data in
-//! the filter, and for `explain` a store that answers what it can from the configuration and
-//! says which live state it had to assume.
+//! budgets, the guardrails' hourly action counts) is behind the [`Stores`] port: in-process
+//! maps in the proxy, Envoy shared data in the filter, and for `explain` a store that answers
+//! what it can from the configuration and says which live state it had to assume.
 //!
 //! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
 //! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
@@ -43,6 +52,7 @@ use crate::endpoints::{self, Pricing};
 use crate::engine::Engine;
 use crate::guardrails::escalation::Standing;
 use crate::guardrails::loops::{self, Repeat};
+use crate::guardrails::Violation;
 use crate::inspect::RequestInfo;
 use crate::metering::{Api, Provider};
 use crate::money::Money;
@@ -107,6 +117,8 @@ pub struct Request<'a> {
     pub info: &'a RequestInfo,
     /// The request body (a tool call's price by size; the arguments of a REST call).
     pub body: &'a [u8],
+    /// The query string (without `?`): a tool route's call has its parameters checked too.
+    pub query: Option<&'a str>,
     /// The autonomy action type: the tool name, `llm` for model calls, else the route's name.
     pub action: &'a str,
     /// A tool call (the loop detector watches those).
@@ -153,6 +165,17 @@ pub enum RateLimited {
     Unavailable,
 }
 
+/// What taking one call from an (agent, action) hourly allowance found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionRate {
+    /// Taken: the calls this hour, this one included.
+    Taken(u32),
+    /// The allowance is used up (`used` calls this hour); nothing was taken.
+    Full { used: u32, retry_after_ms: u64 },
+    /// The counters cannot be read (a store that fails open answers `Taken` instead).
+    Unavailable,
+}
+
 /// An open circuit breaker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakerOpen {
@@ -175,6 +198,17 @@ pub trait Stores {
         tokens: u64,
         now: UnixMillis,
     ) -> Result<(), RateLimited>;
+
+    /// Takes one call of `action` by `agent` from its hourly allowance of `limit` calls (the
+    /// UTC hour of `now`; a shared store keys it by [`crate::guardrails::rate_key`]). Called
+    /// only for a guardrail policy with `rate_limit_per_hour`.
+    fn take_action_rate(
+        &mut self,
+        agent: &str,
+        action: &str,
+        limit: u32,
+        now: UnixMillis,
+    ) -> ActionRate;
 
     /// Whether what is served can be recorded right now.
     fn recordable(&mut self) -> bool;
@@ -232,6 +266,9 @@ pub enum Step {
     Policy,
     /// A model call naming no model, or a model the rate card does not know.
     Pricing,
+    /// A guardrail: an unknown action, a forbidden argument, a resource not allowed, the
+    /// action's cost per call or hourly rate.
+    Guardrail,
     /// Over the per-request cost cap.
     CostCap,
     RateLimit,
@@ -360,7 +397,14 @@ pub fn decide<'p>(
     let priced = price(rules.engine, req).map_err(|d| refuse(Step::Pricing, *d))?;
     let worst_case = priced.worst_case();
 
-    // 3. The per-request cost cap.
+    // 3. Guardrails on tool actions.
+    let mut guard_ask = None;
+    if let (true, Some(g)) = (req.is_tool, rules.engine.enforced_guardrails()) {
+        guard_ask =
+            guard(g, req, stores, worst_case, now).map_err(|d| refuse(Step::Guardrail, *d))?;
+    }
+
+    // 4. The per-request cost cap.
     if let Some(cap) = decision.limits.max_cost_per_request {
         if worst_case > cap {
             return Err(refuse(
@@ -377,7 +421,7 @@ pub fn decide<'p>(
         }
     }
 
-    // 4. Rate limits, per agent under the clause that decided.
+    // 5. Rate limits, per agent under the clause that decided.
     let limits = decision.limits;
     if limits.rpm.is_some() || limits.tpm.is_some() {
         let tokens = priced.bound.as_ref().map_or(0, Bound::tokens);
@@ -394,7 +438,7 @@ pub fn decide<'p>(
         }
     }
 
-    // 5. Nothing is served unrecorded.
+    // 6. Nothing is served unrecorded.
     if !stores.recordable() {
         let mut denial = Denial::new(
             Class::Unavailable,
@@ -405,18 +449,19 @@ pub fn decide<'p>(
         return Err(refuse(Step::Recording, denial));
     }
 
-    // 6. Oversight.
+    // 7. Oversight.
     let profile = match (decision.risk, req.risk) {
         (Some(rule), Some(route)) => Some(rule.over(route)),
         (rule, route) => rule.or(route),
     };
     let guards = rules.oversight;
-    if decision.effect == Effect::Allow && profile.is_none() && !guards.any() {
+    if decision.effect == Effect::Allow && profile.is_none() && !guards.any() && guard_ask.is_none()
+    {
         let oversaw = Oversaw { fast: true, ..Oversaw::default() };
         let reservation = reserve(&decision, req, stores, worst_case, now)?;
         return Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }));
     }
-    match oversee(rules, req, stores, &decision, priced, profile, now)? {
+    match oversee(rules, req, stores, &decision, priced, profile, guard_ask, now)? {
         Overseen::Ask(pending) => Ok(Admission::NeedsApproval(pending)),
         Overseen::Pass(assessment) => {
             let oversaw = finish_oversight(&guards, stores, assessment, false, now)
@@ -486,6 +531,103 @@ pub fn price(engine: &Engine, req: &Request<'_>) -> Result<Priced, Box<Denial>> 
     }
 }
 
+/// The reason code when a guardrail policy asks for a human.
+pub const GUARDRAIL_APPROVAL: &str = "guardrail_requires_approval";
+
+/// Step 3: every tool call of the request against the guardrails. `Ok(Some(..))`: a policy
+/// requires approval (reason, explanation).
+fn guard(
+    g: &crate::guardrails::Guardrails,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    worst_case: Money,
+    now: UnixMillis,
+) -> Result<Option<(String, String)>, Box<Denial>> {
+    use crate::guardrails::args::{query_object, Part};
+    let agent = req.facts.agent.unwrap_or("-");
+    let mut ask = None;
+    let mut one =
+        |action: &str, parts: &[Part<'_>], rpc_id: Option<&Value>| -> Result<(), Box<Denial>> {
+            let violation = match g.check_parts(action, parts, worst_case) {
+                Ok(policy) => {
+                    let taken = match policy.rate_limit_per_hour {
+                        Some(limit) => match stores.take_action_rate(agent, action, limit, now) {
+                            ActionRate::Taken(_) => Ok(()),
+                            ActionRate::Full { used, retry_after_ms } => {
+                                Err(Violation::RateLimitExceeded { used, limit, retry_after_ms })
+                            }
+                            ActionRate::Unavailable => {
+                                return Err(Box::new(Denial::new(
+                                    Class::Unavailable,
+                                    "budget_store_unavailable",
+                                    "the guardrails' hourly action counts cannot be read right now",
+                                )))
+                            }
+                        },
+                        None => Ok(()),
+                    };
+                    match taken {
+                        Ok(()) => {
+                            if policy.requires_approval && ask.is_none() {
+                                ask = Some((
+                                    GUARDRAIL_APPROVAL.to_string(),
+                                    format!(
+                                        "the guardrails require a human approval for `{}` ({}, {} \
+                                     risk)",
+                                        crate::guardrails::patterns::excerpt(action),
+                                        policy.category.as_str(),
+                                        policy.risk_level.as_str()
+                                    ),
+                                ));
+                            }
+                            return Ok(());
+                        }
+                        Err(v) => v,
+                    }
+                }
+                Err(v) => v,
+            };
+            let class = match violation {
+                Violation::RateLimitExceeded { .. } => Class::RateLimited,
+                _ => Class::Policy,
+            };
+            let mut denial = Denial::new(class, violation.code(), violation.explanation(action));
+            if let Violation::RateLimitExceeded { retry_after_ms, .. } = violation {
+                denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000).max(1));
+            }
+            let mut breach = violation.breach(action);
+            breach.rpc_id = rpc_id.cloned();
+            denial.guardrail = Some(Box::new(breach));
+            Err(Box::new(denial))
+        };
+    if !req.info.rpc.is_empty() {
+        for call in &req.info.rpc {
+            let Some(tool) = &call.tool else { continue };
+            let id = call.id.clone().unwrap_or(Value::Null);
+            one(&tool.name, &[Part { root: "$", value: &tool.arguments }], Some(&id))?;
+        }
+    } else {
+        let body = if req.body.is_empty() {
+            None
+        } else {
+            Some(match serde_json::from_slice::<Value>(req.body) {
+                Ok(v) => v,
+                Err(_) => Value::String(String::from_utf8_lossy(req.body).into_owned()),
+            })
+        };
+        let query = req.query.filter(|q| !q.is_empty()).map(query_object);
+        let mut parts = Vec::with_capacity(2);
+        if let Some(v) = &body {
+            parts.push(Part { root: "$", value: v });
+        }
+        if let Some(v) = &query {
+            parts.push(Part { root: "$query", value: v });
+        }
+        one(req.action, &parts, None)?;
+    }
+    Ok(ask)
+}
+
 fn rate_denial(limited: RateLimited) -> Denial {
     let (what, code, limit, secs) = match limited {
         RateLimited::Requests { limit, retry_after_secs } => {
@@ -518,7 +660,9 @@ enum Overseen<'p> {
     Ask(Box<Pending<'p>>),
 }
 
-/// Oversight steps 1–4 (disabled, autonomy mode, loops, approval).
+/// Oversight steps 1–4 (disabled, autonomy mode, loops, approval). `guard_ask`: a guardrail
+/// policy asks for a human.
+#[allow(clippy::too_many_arguments)]
 fn oversee<'p, S: Stores>(
     rules: &Rules<'p>,
     req: &Request<'_>,
@@ -526,6 +670,7 @@ fn oversee<'p, S: Stores>(
     decision: &Decision<'p>,
     priced: Priced,
     profile: Option<Profile>,
+    guard_ask: Option<(String, String)>,
     now: UnixMillis,
 ) -> Result<Overseen<'p>, Refusal> {
     let guards = rules.oversight;
@@ -585,6 +730,9 @@ fn oversee<'p, S: Stores>(
     let mut ask: Option<(String, String)> = None;
     if decision.effect == Effect::RequireApproval {
         ask = Some((decision.reason.to_string(), decision.explanation.to_string()));
+    }
+    if ask.is_none() {
+        ask = guard_ask;
     }
     if let (None, Some(a)) = (&ask, &assessment) {
         if a.band != risk::Band::Low {
@@ -651,7 +799,7 @@ fn finish_oversight(
     Ok(Oversaw { breaker, track, assessment, approved, fast: false })
 }
 
-/// Step 7: the worst case reserved against every budget that applies, all or nothing.
+/// Step 8: the worst case reserved against every budget that applies, all or nothing.
 fn reserve(
     decision: &Decision<'_>,
     req: &Request<'_>,

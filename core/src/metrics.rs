@@ -150,6 +150,15 @@ pub const METER_DECODE_ABORTED: Metric = counter(
     Emitter::Both,
 );
 
+pub const GUARDRAIL_VIOLATIONS: Metric = counter(
+    "tollgate_guardrail_violations_total",
+    &["reason"],
+    "Tool calls the guardrails refused, by violation (unknown_action, forbidden_pattern, \
+     resource_not_allowed, arguments_too_deep, arguments_too_large, cost_limit_exceeded, \
+     rate_limit_exceeded)",
+    Emitter::Both,
+);
+
 // The sidecar only.
 
 pub const DECISION_DURATION: Metric = Metric {
@@ -305,7 +314,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 34] = [
+pub const ALL: [&Metric; 35] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -315,6 +324,7 @@ pub const ALL: [&Metric; 34] = [
     &POLICY_RELOAD_FAILURES,
     &UNLISTED_MODEL_RESPONSES,
     &METER_DECODE_ABORTED,
+    &GUARDRAIL_VIOLATIONS,
     &DECISION_DURATION,
     &UPSTREAM_DURATION,
     &BUDGET_UTILIZATION,

@@ -118,7 +118,14 @@ pub struct Denial {
     pub policy_version: Option<String>,
     pub retry_after_secs: Option<u64>,
     pub approval_id: Option<String>,
+    /// What a guardrail found, when one refused the call (for the audit log and the metric).
+    /// Boxed: rare, and the struct stays small.
+    pub guardrail: Option<Box<crate::guardrails::Breach>>,
 }
+
+/// The JSON-RPC error code of a tool call a guardrail refused (in the range JSON-RPC leaves to
+/// servers).
+pub const JSON_RPC_REFUSED: i64 = -32001;
 
 /// A rendered reply: status, headers and body, for the adapter to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +151,7 @@ impl Denial {
             policy_version: None,
             retry_after_secs: None,
             approval_id: None,
+            guardrail: None,
         }
     }
 
@@ -173,10 +181,32 @@ impl Denial {
         self
     }
 
-    /// The reply in `shape`, with the decision headers and the request id.
+    /// The reply in `shape`, with the decision headers and the request id. A guardrail refusal
+    /// of an MCP call answers in the JSON-RPC error shape instead (the tool call's `id`, code
+    /// -32001, the reason and the argument in `data`), whatever `shape` says.
     pub fn render(&self, shape: Shape, request_id: &str) -> Reply {
-        let body = match shape {
-            Shape::OpenAi => {
+        let rpc = self.guardrail.as_deref().and_then(|g| g.rpc_id.as_ref().map(|id| (g, id)));
+        let body = match (rpc, shape) {
+            (Some((g, id)), _) => {
+                let mut data = json!({
+                    "type": self.class.openai_type(),
+                    "code": self.code,
+                    "action": g.action,
+                    "request_id": request_id,
+                });
+                if let Some(argument) = &g.argument {
+                    data["argument"] = argument.clone().into();
+                }
+                if let Some(pattern) = &g.pattern {
+                    data["pattern"] = pattern.clone().into();
+                }
+                json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": {"code": JSON_RPC_REFUSED, "message": self.message, "data": data},
+                })
+            }
+            (None, Shape::OpenAi) => {
                 let mut error = json!({
                     "message": self.message,
                     "type": self.class.openai_type(),
@@ -188,7 +218,7 @@ impl Denial {
                 }
                 json!({ "error": error })
             }
-            Shape::Anthropic => {
+            (None, Shape::Anthropic) => {
                 let mut error = json!({
                     "type": self.class.anthropic_type(),
                     "message": self.message,

@@ -67,6 +67,15 @@ pub struct Event {
     /// Who acted: an operator's name, `timeout`, or `proxy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// A guardrail refusal: the JSON path of the argument at fault (`$.cmd`, `$query.q`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argument: Option<String>,
+    /// A guardrail refusal: the forbidden pattern that matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// A guardrail refusal: a short excerpt of the offending value (never the whole value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excerpt: Option<String>,
 }
 
 /// A decision by default (denied): callers set the kind and effect they record.
@@ -89,6 +98,9 @@ impl Default for Event {
             approval_id: None,
             risk: None,
             actor: None,
+            argument: None,
+            pattern: None,
+            excerpt: None,
         }
     }
 }
@@ -127,8 +139,19 @@ pub(crate) fn decode_ts(body: Body<'_>) -> Result<String, String> {
 fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
     let mut f = enc.record();
     f.byte(TAG_EVENT);
-    let options =
-        [&e.clause, &e.policy_version, &e.model, &e.tool, &e.approval_id, &e.risk, &e.actor];
+    // Bits 7.. were added later (guardrail refusals): a record without them decodes as before.
+    let options = [
+        &e.clause,
+        &e.policy_version,
+        &e.model,
+        &e.tool,
+        &e.approval_id,
+        &e.risk,
+        &e.actor,
+        &e.argument,
+        &e.pattern,
+        &e.excerpt,
+    ];
     let flags = options.iter().enumerate().fold(0u64, |f, (i, o)| f | u64::from(o.is_some()) << i);
     f.varint(flags);
     f.ts_chained(&e.ts);
@@ -182,6 +205,9 @@ fn decode_compact(mut r: compact::Reader<'_>) -> Result<Event, compact::Error> {
     e.approval_id = next(4)?;
     e.risk = next(5)?;
     e.actor = next(6)?;
+    e.argument = next(7)?;
+    e.pattern = next(8)?;
+    e.excerpt = next(9)?;
     r.end()?;
     Ok(e)
 }

@@ -24,7 +24,9 @@ use tollgate_core::budget::{BudgetError, Budgets as BudgetEngine, MemoryStore, R
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::Repeat;
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::lifecycle::{self, Admission, BreakerOpen, Call, Guards, RateLimited, Stores};
+use tollgate_core::lifecycle::{
+    self, ActionRate, Admission, BreakerOpen, Call, Guards, RateLimited, Stores,
+};
 use tollgate_core::metering::{Api, Provider};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Budgets, Facts};
@@ -261,6 +263,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
         api,
         info: &info,
         body: &body_bytes,
+        query: path.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or(q)),
         action: tool.unwrap_or(if llm { "llm" } else { route.name.as_str() }),
         is_tool: tool.is_some(),
         risk: route.risk,
@@ -384,14 +387,32 @@ fn outcome(
                 d.clause.as_deref().map(|c| format!(" by {c}")).unwrap_or_default(),
                 d.message
             ));
-            serde_json::json!({
+            let mut value = serde_json::json!({
                 "effect": d.class.decision(),
                 "status": d.class.status(),
                 "reason": d.code,
                 "clause": d.clause,
                 "policy_version": d.policy_version,
                 "message": d.message,
-            })
+            });
+            if let Some(g) = &d.guardrail {
+                lines.push(format!(
+                    "guardrail:      {} on `{}`{}{}{}",
+                    g.reason,
+                    g.action,
+                    g.argument.as_deref().map(|a| format!(", argument {a}")).unwrap_or_default(),
+                    g.pattern.as_deref().map(|p| format!(", pattern `{p}`")).unwrap_or_default(),
+                    g.excerpt.as_deref().map(|e| format!(", at \"{e}\"")).unwrap_or_default(),
+                ));
+                value["guardrail"] = serde_json::json!({
+                    "reason": g.reason,
+                    "action": g.action,
+                    "argument": g.argument,
+                    "pattern": g.pattern,
+                    "excerpt": g.excerpt,
+                });
+            }
+            value
         }
     };
     out.insert("outcome".into(), value);
@@ -436,6 +457,23 @@ impl Stores for Assumed {
              (this request takes 1 request and {tokens} tokens)"
         ));
         Ok(())
+    }
+
+    fn take_action_rate(
+        &mut self,
+        agent: &str,
+        action: &str,
+        limit: u32,
+        _now: UnixMillis,
+    ) -> ActionRate {
+        if limit == 0 {
+            return ActionRate::Full { used: 0, retry_after_ms: 3_600_000 };
+        }
+        self.note(format!(
+            "guardrail rate of agent {agent} for {action}: calls this hour, of {limit} (assumed \
+             none)"
+        ));
+        ActionRate::Taken(1)
     }
 
     fn recordable(&mut self) -> bool {

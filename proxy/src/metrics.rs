@@ -81,6 +81,8 @@ pub struct Metrics {
     pub models: LabelCap,
     /// Compressed responses the meter could not decode to their end, by reason.
     pub meter_decode_aborted: IntCounterVec,
+    /// Tool calls the guardrails refused, by violation.
+    pub guardrail_violations: IntCounterVec,
 }
 
 impl Metrics {
@@ -121,6 +123,10 @@ impl Metrics {
         let meter_decode_aborted = counters(&schema::METER_DECODE_ABORTED);
         for reason in tollgate_core::metering::DecodeAbort::ALL {
             meter_decode_aborted.with_label_values(&[reason.as_str()]);
+        }
+        let guardrail_violations = counters(&schema::GUARDRAIL_VIOLATIONS);
+        for reason in tollgate_core::guardrails::Violation::CODES {
+            guardrail_violations.with_label_values(&[reason]);
         }
         let shed = counters(&schema::SHED);
         for reason in ["connections", "requests_in_flight"] {
@@ -169,6 +175,7 @@ impl Metrics {
             cost_centers: LabelCap::new(max_label_values),
             models: LabelCap::new(max_label_values),
             meter_decode_aborted,
+            guardrail_violations,
             registry,
         }
     }

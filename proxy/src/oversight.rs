@@ -39,8 +39,10 @@ use tollgate_core::budget::{BudgetError, Reservation};
 use tollgate_core::guardrails::breaker::{Admission, Breaker};
 use tollgate_core::guardrails::escalation::{Escalation, Outcome, Standing};
 use tollgate_core::guardrails::loops::{LoopDetector, Repeat};
-use tollgate_core::guardrails::Category;
-use tollgate_core::lifecycle::{self, BreakerOpen, Guards, Pending, RateLimited, Step, Stores};
+use tollgate_core::guardrails::{Category, RateCounters, Violation};
+use tollgate_core::lifecycle::{
+    self, ActionRate, BreakerOpen, Guards, Pending, RateLimited, Step, Stores,
+};
 use tollgate_core::money::Money;
 use tollgate_core::policy::{Budgets, Decision, Effect, Facts};
 use tollgate_core::record::AuditKind;
@@ -171,6 +173,8 @@ pub struct Oversight {
     disabled: Arc<agents::DisabledAgents>,
     /// (successes, total) per `agent\0action`, for the historical-success risk dimension.
     outcomes: Mutex<HashMap<Box<str>, (u64, u64)>>,
+    /// The guardrails' calls per agent and action in the current UTC hour.
+    action_rates: RateCounters,
     stats: Stats,
 }
 
@@ -268,6 +272,7 @@ impl Oversight {
             breakers,
             breaker_index,
             outcomes: Mutex::new(HashMap::new()),
+            action_rates: RateCounters::default(),
             stats: Stats::default(),
         };
         Ok((oversight, replayed))
@@ -542,6 +547,22 @@ impl Stores for Live<'_> {
         })
     }
 
+    fn take_action_rate(
+        &mut self,
+        agent: &str,
+        action: &str,
+        limit: u32,
+        now: UnixMillis,
+    ) -> ActionRate {
+        match self.shared.oversight.action_rates.take(agent, action, Some(limit), now) {
+            Ok(used) => ActionRate::Taken(used),
+            Err(Violation::RateLimitExceeded { used, retry_after_ms, .. }) => {
+                ActionRate::Full { used, retry_after_ms }
+            }
+            Err(_) => ActionRate::Unavailable,
+        }
+    }
+
     fn recordable(&mut self) -> bool {
         self.shared.ledger.is_healthy()
     }
@@ -644,7 +665,9 @@ pub async fn admit<'p>(
                 });
             }
             let verdict = match refusal.step {
-                s if s == Step::Policy || s.is_oversight() => Some(Verdict::Denied),
+                s if s == Step::Policy || s == Step::Guardrail || s.is_oversight() => {
+                    Some(Verdict::Denied)
+                }
                 // Refused after the oversight step let it through on its own.
                 s if s.after_oversight() => Some(Verdict::Auto),
                 _ => None,

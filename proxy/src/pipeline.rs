@@ -148,6 +148,9 @@ impl Proxy {
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
                     let m = &shared.metrics;
                     m.request(denial.class.decision(), &denial.code, model.as_deref(), "none");
+                    if let Some(g) = &denial.guardrail {
+                        m.guardrail_violations.with_label_values(&[g.reason]).inc();
+                    }
                     let since = match deciding {
                         Deciding::AtHead => Some(started),
                         Deciding::Since(t) => Some(t),
@@ -200,6 +203,7 @@ pub(crate) fn audit_refusal(
             })
             .unwrap_or_default()
     };
+    let guardrail = denial.guardrail.as_deref();
     shared.ledger.audit(audit::Event {
         ts: now().to_string(),
         kind: AuditKind::Decision,
@@ -213,10 +217,13 @@ pub(crate) fn audit_refusal(
         clause: denial.clause.clone(),
         policy_version: denial.policy_version.clone(),
         model: None,
-        tool: None,
+        tool: guardrail.map(|g| g.action.clone()),
         approval_id: denial.approval_id.clone(),
         risk: None,
         actor: None,
+        argument: guardrail.and_then(|g| g.argument.clone()),
+        pattern: guardrail.and_then(|g| g.pattern.clone()),
+        excerpt: guardrail.and_then(|g| g.excerpt.clone()),
     });
 }
 
@@ -304,6 +311,7 @@ async fn handle(
         api,
         info: &info,
         body: &body,
+        query: parts.uri.query(),
         action: action_name,
         is_tool: tool.is_some(),
         risk: route.risk,

@@ -39,7 +39,7 @@ async fn the_binary_decides_the_shared_table_as_expected() {
         data_dir: &dir.join("data"),
         token_env: "TOLLGATE_DECISIONS_TEST_TOKEN",
         more_routes: &routes,
-        extra: &table.pricing_yaml(),
+        extra: &table.sections_yaml(),
         policy: &serde_json::to_string(&table.policy).unwrap(),
     }
     .yaml();
@@ -105,7 +105,7 @@ fn explain_predicts_the_shared_table() {
         data_dir: &dir.join("data"),
         token_env: "TOLLGATE_DECISIONS_TEST_TOKEN",
         more_routes: &routes,
-        extra: &table.pricing_yaml(),
+        extra: &table.sections_yaml(),
         policy: &serde_json::to_string(&table.policy).unwrap(),
     }
     .yaml();

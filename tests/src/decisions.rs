@@ -31,6 +31,8 @@ pub struct Table {
     pub policy: Value,
     /// The `pricing:` section every mode runs (JSON).
     pub pricing: Value,
+    /// The `guardrails:` section every mode runs (JSON).
+    pub guardrails: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
     pub cases: Vec<Case>,
@@ -245,12 +247,18 @@ impl Table {
                 }
             })
             .collect();
-        Table { policy: doc["policy"].clone(), pricing: doc["pricing"].clone(), compared, cases }
+        Table {
+            policy: doc["policy"].clone(),
+            pricing: doc["pricing"].clone(),
+            guardrails: doc["guardrails"].clone(),
+            compared,
+            cases,
+        }
     }
 
-    /// The `pricing:` section as a config line (JSON is YAML).
-    pub fn pricing_yaml(&self) -> String {
-        format!("pricing: {}\n", self.pricing)
+    /// The `pricing:` and `guardrails:` sections as config lines (JSON is YAML).
+    pub fn sections_yaml(&self) -> String {
+        format!("pricing: {}\nguardrails: {}\n", self.pricing, self.guardrails)
     }
 
     /// The metric series names compared in `mode`.

@@ -141,7 +141,7 @@ async fn the_sidecar_decides_the_shared_table_as_expected() {
     let policy = serde_json::to_string(&table.policy).unwrap();
     let proxy = Harness::builder()
         .policy(&policy)
-        .extra(&table.pricing_yaml())
+        .extra(&table.sections_yaml())
         .route(
             r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
         )
@@ -156,7 +156,7 @@ async fn https_proxy_mode_decides_the_shared_table_as_expected() {
     let table = Table::load();
     let policy = serde_json::to_string(&table.policy).unwrap();
     let mcp = r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "https://api.openai.com"}"#;
-    let f = Forward::start_with_routes(&policy, "", &table.pricing_yaml(), &[mcp]).await;
+    let f = Forward::start_with_routes(&policy, "", &table.sections_yaml(), &[mcp]).await;
     let failures = run(&table, &Target::HttpsProxy(Box::new(f))).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

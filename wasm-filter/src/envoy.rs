@@ -936,6 +936,10 @@ impl Http {
                     .flatten()
                     .unwrap_or_else(|| schema::NONE.to_owned());
                 let (shape, id) = (exchange.shape, exchange.request_id.clone());
+                if let Some(g) = &denial.guardrail {
+                    self.vm.count_labelled(&schema::GUARDRAIL_VIOLATIONS, &[g.reason]);
+                    log(LogLevel::Warn, &guardrail_line(&id, g));
+                }
                 self.reply(&denial, shape, &id, &model);
                 Action::Pause
             }
@@ -984,6 +988,20 @@ impl Http {
         self.reply(&exchange::too_large(plugin.filter.max_body_bytes), shape, &id, "-");
         Action::Pause
     }
+}
+
+/// The log line of a guardrail refusal (the filter keeps no audit log of its own): request,
+/// action, reason, argument path, pattern and a short excerpt, as JSON.
+fn guardrail_line(request_id: &str, g: &tollgate_core::guardrails::Breach) -> String {
+    let record = serde_json::json!({
+        "request_id": request_id,
+        "tool": g.action,
+        "reason": g.reason,
+        "argument": g.argument,
+        "pattern": g.pattern,
+        "excerpt": g.excerpt,
+    });
+    format!("tollgate: guardrail refusal {record}")
 }
 
 /// The model named by a refused request body, for the decision metric.

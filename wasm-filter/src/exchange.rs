@@ -22,7 +22,9 @@ use tollgate_core::endpoints;
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::Repeat;
 use tollgate_core::inspect::{self, RequestInfo};
-use tollgate_core::lifecycle::{self, Admission, BreakerOpen, Call, Guards, RateLimited, Stores};
+use tollgate_core::lifecycle::{
+    self, ActionRate, Admission, BreakerOpen, Call, Guards, RateLimited, Stores,
+};
 use tollgate_core::metering::{
     Api, ContentEncoding, DecodeAbort, Meter, Provider, UsageChunkFilter,
 };
@@ -343,6 +345,7 @@ impl Exchange {
             api: self.api,
             info: &info,
             body,
+            query: self.head.path.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or(q)),
             action: tool.unwrap_or(if llm { "llm" } else { "other" }),
             is_tool: tool.is_some(),
             risk: None,
@@ -436,6 +439,32 @@ impl<D: SharedData> Stores for Shared<'_, D> {
             }
         }
         Ok(())
+    }
+
+    /// One shared counter per agent, action and UTC hour (`guardrails::rate_key`), taken with
+    /// a compare-and-swap so every worker counts against the same allowance.
+    fn take_action_rate(
+        &mut self,
+        agent: &str,
+        action: &str,
+        limit: u32,
+        now: UnixMillis,
+    ) -> ActionRate {
+        use tollgate_core::budget::{AddOutcome, Store};
+        let key = tollgate_core::guardrails::rate_key(agent, action, now);
+        let window = tollgate_core::time::Period::Hourly.window(now);
+        let retry_after_ms = window.end.since(now);
+        match self.budgets.store().add_if_within(&key, 1, i64::from(limit), window.end) {
+            Ok(AddOutcome::Applied { total }) => {
+                ActionRate::Taken(u32::try_from(total).unwrap_or(u32::MAX))
+            }
+            Ok(AddOutcome::Refused { current }) => ActionRate::Full {
+                used: u32::try_from(current).unwrap_or(u32::MAX),
+                retry_after_ms,
+            },
+            Err(_) if self.fail_closed() => ActionRate::Unavailable,
+            Err(_) => ActionRate::Taken(0),
+        }
     }
 
     /// Usage events are queued in the VM and sent on: nothing to refuse for.

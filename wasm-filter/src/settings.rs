@@ -1,8 +1,9 @@
 //! The plugin configuration: the engine document the sidecar also reads (`attribution`,
 //! `policy`, `pricing`) plus a `filter` section for what only the Envoy filter has (fail policy,
 //! collector cluster, policy source, label caps, the MCP path and category), compiled once per
-//! `on_configure`. `autonomy` and `guardrails`, which the filter cannot run, are refused with an
-//! error naming them.
+//! `on_configure`. `guardrails` checks MCP tool calls here as in the sidecar (hourly rates in
+//! Envoy shared data); `autonomy`, which the filter cannot run, is refused with an error naming
+//! it.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
 //! with its field path and line. This module never talks to the host.
@@ -17,10 +18,8 @@ const SECTIONS: [&str; 6] =
 
 /// Sections of the sidecar's configuration the filter accepts only to refuse them: the
 /// oversight step that runs them needs the sidecar's state and approvals journal.
-const UNSUPPORTED: [(&str, &str); 2] = [
-    ("autonomy", "autonomy modes and budgets run in the sidecar's oversight step"),
-    ("guardrails", "tool-action guardrails run in the sidecar's oversight step"),
-];
+const UNSUPPORTED: [(&str, &str); 1] =
+    [("autonomy", "autonomy modes and budgets run in the sidecar's oversight step")];
 
 /// What the filter does when it cannot decide (bad configuration, budget store failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,7 +167,7 @@ impl Plugin {
             policy: obj.get("policy"),
             pricing: obj.get("pricing"),
             autonomy: None,
-            guardrails: None,
+            guardrails: obj.get("guardrails"),
             read_file: None,
         }
         .compile(&mut cx);
@@ -545,18 +544,23 @@ mod tests {
     }
 
     #[test]
-    fn sections_the_filter_cannot_honour_are_refused_naming_them() {
+    fn autonomy_is_refused_naming_it_and_guardrails_are_honoured() {
         let doc = r#"{"policy": {"version": "v", "defaults": {"llm": "allow"}},
                       "autonomy": {"default": "AUTO_EXECUTE"},
                       "guardrails": {}}"#;
         let errors = Plugin::from_document(doc).expect_err("refused").0;
-        for section in ["autonomy", "guardrails"] {
-            let e = errors
-                .iter()
-                .find(|e| e.path == section)
-                .unwrap_or_else(|| panic!("no error for `{section}`: {errors:?}"));
-            assert!(e.message.contains(&format!("cannot honour `{section}:`")), "{}", e.message);
-        }
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "autonomy");
+        assert!(errors[0].message.contains("cannot honour `autonomy:`"), "{}", errors[0].message);
+        // Guardrails are honoured: the plugin compiles with them and enforces them.
+        let doc = r#"{"policy": {"version": "v", "defaults": {"llm": "allow"}},
+                      "guardrails": {"actions": {"read_file": {"allowed_resources": ["/w/"]}}}}"#;
+        let plugin = Plugin::from_document(doc).expect("guardrails are supported");
+        let g = plugin.engine.enforced_guardrails().expect("enforced");
+        assert_eq!(
+            g.policy("read_file").map(|p| p.allowed_resources.clone()),
+            Some(vec!["/w/".to_string()])
+        );
     }
 
     #[test]

@@ -81,6 +81,27 @@ impl Patterns {
         self.sources.is_empty()
     }
 
+    /// The index of the first pattern `text` matches, if any: one pass of the compiled set.
+    pub fn first_match(&self, text: &str) -> Option<usize> {
+        let c = self.compiled();
+        if !c.set.is_match(text) {
+            return None;
+        }
+        c.set.matches(text).iter().next()
+    }
+
+    /// The source of pattern `index` and a short excerpt of its match in `text`.
+    pub fn describe(&self, index: usize, text: &str) -> (String, String) {
+        let excerpt = self
+            .compiled()
+            .each
+            .get(index)
+            .and_then(|r| r.find(text))
+            .map(|m| excerpt(m.as_str()))
+            .unwrap_or_default();
+        (self.sources.get(index).cloned().unwrap_or_default(), excerpt)
+    }
+
     /// The first string in `args` that matches a pattern, or arguments nested too deeply.
     pub fn scan(&self, args: &Value) -> Option<Finding> {
         if self.is_empty() {
@@ -168,7 +189,7 @@ enum Seg<'v> {
     Key(&'v str),
 }
 
-fn push_key(path: &mut String, key: &str) {
+pub(crate) fn push_key(path: &mut String, key: &str) {
     let plain = !key.is_empty()
         && key.len() <= MAX_KEY_CHARS
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');

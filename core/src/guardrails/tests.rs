@@ -37,7 +37,7 @@ fn defaults_are_the_seeds_policies() {
         ("write_file", Category::Write, RiskLevel::Medium, true, 3, None, Some(100)),
         ("run_command", Category::Execute, RiskLevel::High, true, 6, None, Some(50)),
         ("database_query", Category::Database, RiskLevel::Medium, false, 0, None, Some(1000)),
-        ("database_mutation", Category::Database, RiskLevel::High, true, 4, None, Some(100)),
+        ("database_mutation", Category::Database, RiskLevel::High, true, 5, None, Some(100)),
         ("deploy_to_production", Category::Deploy, RiskLevel::Critical, true, 0, None, Some(10)),
         ("delete_resource", Category::Delete, RiskLevel::Critical, true, 0, None, Some(20)),
         (
@@ -67,7 +67,14 @@ fn defaults_are_the_seeds_policies() {
     }
     assert_eq!(
         g.policy("run_command").unwrap().forbidden.as_ref().unwrap().sources(),
-        [r"rm\s+-rf\s+/", r"dd\s+if=", r"mkfs", r"shutdown", r"reboot", r"killall"]
+        [
+            r"\brm\s+-(rf|fr)\s+/",
+            r"\bdd\s+if=",
+            r"\bmkfs\b",
+            r"\bshutdown\b",
+            r"\breboot\b",
+            r"\bkillall\b",
+        ]
     );
 }
 
@@ -90,6 +97,38 @@ fn seed_examples_are_blocked_or_allowed() {
             Some("forbidden_pattern"),
         ),
         ("database_mutation", json!({"sql": "DELETE FROM t WHERE id=1"}), "0", None),
+        // Each default pattern's example is blocked, and its near-miss passes.
+        ("read_file", json!({"path": "/app/server.pem"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/password.txt"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/secrets.yaml"}), "0", Some("forbidden_pattern")),
+        ("read_file", json!({"path": "/app/.env.example"}), "0", None),
+        ("read_file", json!({"path": "/app/src/environment.rs"}), "0", None),
+        ("read_file", json!({"path": "/app/id_rsa.pub"}), "0", None),
+        ("write_file", json!({"path": "/root/.bashrc"}), "0", Some("forbidden_pattern")),
+        ("write_file", json!({"path": "/repo/.git/config"}), "0", Some("forbidden_pattern")),
+        ("write_file", json!({"path": "/repo/etc/app.conf"}), "0", None),
+        ("write_file", json!({"path": "/repo/.git/config.bak"}), "0", None),
+        ("run_command", json!({"command": "rm -fr /var"}), "0", Some("forbidden_pattern")),
+        (
+            "run_command",
+            json!({"command": "dd if=/dev/zero of=/dev/sda"}),
+            "0",
+            Some("forbidden_pattern"),
+        ),
+        ("run_command", json!({"command": "mkfs.ext4 /dev/sdb1"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "sudo shutdown -h now"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "reboot"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "killall node"}), "0", Some("forbidden_pattern")),
+        ("run_command", json!({"command": "cat ./shutdown_notes.txt"}), "0", None),
+        ("run_command", json!({"command": "git add if=x"}), "0", None),
+        ("run_command", json!({"command": "pkill -f myserver"}), "0", None),
+        ("database_mutation", json!({"sql": "DROP DATABASE prod"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "TRUNCATE orders"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "DELETE FROM users"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "delete from users;"}), "0", Some("forbidden_pattern")),
+        ("database_mutation", json!({"sql": "UPDATE t SET truncated_at = now()"}), "0", None),
+        ("database_mutation", json!({"sql": "DROP INDEX idx_users"}), "0", None),
+        ("database_query", json!({"sql": "SELECT * FROM secrets_rotation"}), "0", None),
         ("write_file", json!({"path": "/etc/passwd"}), "0", Some("forbidden_pattern")),
         (
             "external_api_call",
@@ -120,7 +159,7 @@ fn violations_carry_details_and_a_sanitised_explanation() {
         violation,
         Violation::ForbiddenPattern {
             path: "$.opts.argv[1]".into(),
-            pattern: r"rm\s+-rf\s+/".into(),
+            pattern: r"\brm\s+-(rf|fr)\s+/".into(),
             excerpt: "rm -rf /".into(),
         }
     );
@@ -128,7 +167,7 @@ fn violations_carry_details_and_a_sanitised_explanation() {
     let text = violation.explanation("run_command");
     assert_eq!(
         text,
-        r#"argument $.opts.argv[1] of `run_command` matches forbidden pattern `rm\s+-rf\s+/` (at "rm -rf /")"#
+        r#"argument $.opts.argv[1] of `run_command` matches forbidden pattern `\brm\s+-(rf|fr)\s+/` (at "rm -rf /")"#
     );
     let cost = g.check("external_api_call", &json!({}), usd("2.00")).unwrap_err();
     assert_eq!(cost, Violation::CostLimitExceeded { estimated: usd("2.00"), max: usd("1.00") });
@@ -254,4 +293,36 @@ fn config_errors_name_every_bad_field() {
     );
     assert!(errors[1].message.starts_with("invalid pattern:"), "{}", errors[1].message);
     assert!(errors[2].message.contains("missing required field `category`"));
+}
+
+#[test]
+fn a_configured_default_keeps_the_fields_it_does_not_set_and_new_actions_need_category_and_risk() {
+    let text = "guardrails:\n  actions:\n    run_command: {requires_approval: false}\n    \
+                read_file: {allowed_resources: [/w/], forbidden_patterns: [token]}\n    \
+                search: {category: read, risk_level: safe}\n";
+    let g = Guardrails::from_yaml(text).expect("compiles");
+    let run = g.policy("run_command").unwrap();
+    assert!(!run.requires_approval);
+    assert_eq!(
+        (run.category, run.risk_level, run.rate_limit_per_hour),
+        (Category::Execute, RiskLevel::High, Some(50))
+    );
+    assert_eq!(run.forbidden.as_ref().map(Patterns::len), Some(6), "the default patterns stay");
+    let read = g.policy("read_file").unwrap();
+    assert_eq!(read.allowed_resources, vec!["/w/".to_string()]);
+    assert_eq!(read.forbidden.as_ref().unwrap().sources(), ["token"], "listed patterns replace");
+    let search = g.policy("search").unwrap();
+    assert!(search.requires_approval, "a new action needs approval unless it says otherwise");
+
+    let errors = Guardrails::from_yaml(
+        "guardrails:\n  actions:\n    fresh: {risk_level: low}\n    read_file: {allowed_resources: [\"\"]}\n",
+    )
+    .unwrap_err()
+    .0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.iter().any(|p| p.starts_with("guardrails.actions.fresh")), "{errors:?}");
+    assert!(
+        paths.iter().any(|p| p.starts_with("guardrails.actions.read_file.allowed_resources")),
+        "{errors:?}"
+    );
 }

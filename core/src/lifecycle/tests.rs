@@ -41,6 +41,7 @@ struct Fake {
     autonomy: BudgetOutcome,
     breaker: Result<(), BreakerOpen>,
     budgets: BudgetEngine<MemoryStore>,
+    action_rate: ActionRate,
 }
 
 impl Default for Fake {
@@ -59,6 +60,7 @@ impl Default for Fake {
             },
             breaker: Ok(()),
             budgets: BudgetEngine::new(MemoryStore::default()),
+            action_rate: ActionRate::Taken(1),
         }
     }
 }
@@ -75,6 +77,10 @@ impl Stores for Fake {
     ) -> Result<(), RateLimited> {
         self.calls.push("rate");
         self.rate
+    }
+    fn take_action_rate(&mut self, _: &str, _: &str, _: u32, _: UnixMillis) -> ActionRate {
+        self.calls.push("action_rate");
+        self.action_rate
     }
     fn recordable(&mut self) -> bool {
         self.calls.push("recordable");
@@ -164,6 +170,7 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
         api,
         info: &info,
         body: &body,
+        query: None,
         action: ask.tool.unwrap_or("llm"),
         is_tool: ask.tool.is_some(),
         risk: None,
@@ -399,4 +406,219 @@ fn budgets_are_reserved_last_and_refuse_with_402() {
     let r = run(&engine, all_guards(), &llm("funded-bot"), &mut s);
     assert_eq!(r.unwrap(), "admitted funded rule_allow fast=false reserved=true");
     assert_eq!(s.calls, ["recordable", "standing", "autonomy_budget", "breaker", "reserve"]);
+}
+
+const GUARDED: &str = r#"
+policy:
+  version: v-guard
+  defaults: {llm: allow, tool: allow, other: deny}
+  rules:
+    - {id: no-shell, match: {tool: shell}, effect: deny, reason: shell_forbidden}
+guardrails:
+  actions:
+    read_file: {allowed_resources: [/workspace/]}
+    run_command: {requires_approval: false}
+"#;
+
+/// An MCP call of `name` with `arguments` (or a tool route's call with `body` and `query` when
+/// `mcp` is false) under the guarded engine.
+fn guarded(
+    name: &str,
+    args: serde_json::Value,
+    query: Option<&str>,
+    mcp: bool,
+    stores: &mut Fake,
+) -> Result<String, Refusal> {
+    let engine = Engine::from_document(GUARDED).expect("compiles");
+    let body = if mcp {
+        serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                           "params": {"name": name, "arguments": args}})
+    } else {
+        args
+    };
+    let body = serde_json::to_vec(&body).unwrap();
+    let info = if mcp { inspect::inspect(None, &body).unwrap() } else { Default::default() };
+    let req = Request {
+        facts: Facts {
+            route: RouteKind::Tool,
+            agent: Some("bot"),
+            tool: Some(name),
+            method: Some("POST"),
+            path: Some("/mcp"),
+            ..Facts::default()
+        },
+        call: Call::Other,
+        api: None,
+        info: &info,
+        body: &body,
+        query,
+        action: name,
+        is_tool: true,
+        risk: None,
+    };
+    let rules = Rules { engine: &engine, policy: engine.policy(), oversight: Guards::default() };
+    decide(&rules, &req, stores, NOW).map(|a| match a {
+        Admission::Admitted(a) => format!("admitted fast={}", a.oversaw.fast),
+        Admission::NeedsApproval(p) => format!("asked {}", p.reason),
+    })
+}
+
+fn breach(r: &Result<String, Refusal>) -> (String, Option<String>, Option<String>, Option<u16>) {
+    match r {
+        Ok(s) => (s.clone(), None, None, None),
+        Err(r) => {
+            assert_eq!(r.step, Step::Guardrail, "{r:?}");
+            let g = r.denial.guardrail.as_deref().expect("a guardrail refusal names its breach");
+            (
+                r.denial.code.clone(),
+                g.argument.clone(),
+                g.pattern.clone(),
+                Some(r.denial.class.status()),
+            )
+        }
+    }
+}
+
+#[test]
+fn guardrails_refuse_forbidden_arguments_unknown_actions_and_outside_resources() {
+    use serde_json::json;
+    let cases = [
+        ("run_command", json!({"cmd": "rm -rf /"}), "forbidden_pattern", Some("$.cmd")),
+        (
+            "run_command",
+            json!({"opts": {"argv": ["x", "sudo mkfs.ext4 /dev/sda"]}}),
+            "forbidden_pattern",
+            Some("$.opts.argv[1]"),
+        ),
+        ("run_command", json!({"cmd": "rm -rf ./build"}), "admitted fast=true", None),
+        (
+            "database_mutation",
+            json!({"sql": "DROP TABLE users"}),
+            "asked guardrail_requires_approval",
+            None,
+        ),
+        ("read_file", json!({"path": "/etc/passwd"}), "resource_not_allowed", Some("$.path")),
+        (
+            "read_file",
+            json!({"path": "/workspace/../etc/x"}),
+            "resource_not_allowed",
+            Some("$.path"),
+        ),
+        ("read_file", json!({"path": "/workspace/app/.env"}), "forbidden_pattern", Some("$.path")),
+        ("read_file", json!({"path": "/workspace/notes.txt"}), "admitted fast=true", None),
+        ("launch_rocket", json!({}), "unknown_action", None),
+    ];
+    for (name, args, want, path) in cases {
+        let mut stores = Fake::default();
+        let got = breach(&guarded(name, args.clone(), None, true, &mut stores));
+        if want.starts_with("admitted") || want.starts_with("asked") {
+            // database_mutation's DROP TABLE is refused; its approval flag shows on a clean call.
+            if name == "database_mutation" {
+                assert_eq!(got.0, "forbidden_pattern", "{args}");
+                let mut stores = Fake::default();
+                let clean = guarded(
+                    name,
+                    json!({"sql": "UPDATE t SET a = 1 WHERE id = 2"}),
+                    None,
+                    true,
+                    &mut stores,
+                );
+                assert_eq!(clean.unwrap(), want);
+                continue;
+            }
+            assert_eq!(got.0, want, "{name} {args}");
+            continue;
+        }
+        assert_eq!(
+            (got.0.as_str(), got.1.as_deref(), got.3),
+            (want, path, Some(403)),
+            "{name} {args}"
+        );
+        assert!(!stores.calls.contains(&"reserve"), "nothing reserved on a refusal");
+    }
+}
+
+#[test]
+fn a_guardrail_refusal_of_an_mcp_call_answers_in_json_rpc() {
+    let mut stores = Fake::default();
+    let refusal = guarded(
+        "run_command",
+        serde_json::json!({"cmd": "shutdown -h now"}),
+        None,
+        true,
+        &mut stores,
+    )
+    .unwrap_err();
+    let reply = refusal.denial.render(crate::refusal::Shape::OpenAi, "req-1");
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(reply.status, 403);
+    assert_eq!(body["jsonrpc"], "2.0");
+    assert_eq!(body["id"], 7);
+    assert_eq!(body["error"]["code"], crate::refusal::JSON_RPC_REFUSED);
+    assert_eq!(body["error"]["data"]["code"], "forbidden_pattern");
+    assert_eq!(body["error"]["data"]["argument"], "$.cmd");
+    assert_eq!(reply.header("x-tollgate-reason"), Some("forbidden_pattern"));
+}
+
+#[test]
+fn tool_routes_have_their_body_and_query_checked() {
+    use serde_json::json;
+    let mut stores = Fake::default();
+    let r =
+        guarded("run_command", json!({"cmd": "ls"}), Some("then=rm+-rf+%2F"), false, &mut stores);
+    assert_eq!(breach(&r).1.as_deref(), Some("$query.then"));
+    let r = guarded("run_command", json!({"cmd": "ls"}), Some("dir=build"), false, &mut stores);
+    assert_eq!(r.unwrap(), "admitted fast=true");
+    // No JSON-RPC on a tool route: the error is in the provider shape.
+    let r = guarded("run_command", json!({"cmd": "killall -9 node"}), None, false, &mut stores);
+    let reply = r.unwrap_err().denial.render(crate::refusal::Shape::OpenAi, "q");
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"]["code"], "forbidden_pattern");
+}
+
+#[test]
+fn the_hourly_rate_is_taken_through_the_store_after_every_other_check() {
+    use serde_json::json;
+    let mut stores = Fake::default();
+    let _ = guarded("run_command", json!({"cmd": "reboot"}), None, true, &mut stores);
+    assert!(!stores.calls.contains(&"action_rate"), "a refused call takes no unit");
+    let mut stores = Fake {
+        action_rate: ActionRate::Full { used: 50, retry_after_ms: 1500 },
+        ..Fake::default()
+    };
+    let r = guarded("run_command", json!({"cmd": "ls"}), None, true, &mut stores).unwrap_err();
+    assert_eq!(
+        (r.denial.code.as_str(), r.denial.class.status(), r.denial.retry_after_secs),
+        ("rate_limit_exceeded", 429, Some(2))
+    );
+    let mut stores = Fake { action_rate: ActionRate::Unavailable, ..Fake::default() };
+    let r = guarded("run_command", json!({"cmd": "ls"}), None, true, &mut stores).unwrap_err();
+    assert_eq!(r.denial.class.status(), 503);
+}
+
+#[test]
+fn arguments_over_the_bounds_are_refused_not_skipped() {
+    use serde_json::json;
+    let mut stores = Fake::default();
+    let big = "a".repeat(crate::guardrails::args::MAX_ARGUMENT_BYTES + 1);
+    let r = guarded("run_command", json!({"cmd": big}), None, false, &mut stores);
+    assert_eq!(breach(&r).0, "arguments_too_large");
+    let mut deep = json!("x");
+    for _ in 0..(crate::guardrails::patterns::MAX_DEPTH + 2) {
+        deep = json!({"a": deep});
+    }
+    let body = serde_json::to_vec(&deep).unwrap();
+    // serde_json stops at 128 levels; the walk refuses what it does get past the bound.
+    if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
+        let r = guarded("run_command", deep, None, false, &mut stores);
+        assert_eq!(breach(&r).0, "arguments_too_deep");
+    }
+}
+
+#[test]
+fn without_a_guardrails_section_nothing_is_checked() {
+    let mut stores = Fake::default();
+    let r = run(&engine(), Guards::default(), &tool("bot", "launch_rocket"), &mut stores);
+    assert!(r.is_ok(), "{r:?}");
+    assert!(!stores.calls.contains(&"action_rate"));
 }

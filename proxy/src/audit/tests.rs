@@ -181,8 +181,14 @@ fn compact_records_read_back_as_written_and_a_changed_middle_segment_is_found() 
     odd.tool = Some("deploy".into());
     odd.kind = AuditKind::ApprovalGranted;
     odd.effect = Effect::RequireApproval;
+    let mut refused = event(8);
+    refused.reason = "forbidden_pattern".into();
+    refused.argument = Some("$.steps[1].run".into());
+    refused.pattern = Some("rm -rf /".into());
+    refused.excerpt = Some("sudo rm -rf / --no-preserve-root".into());
     let (mut chain, _) = Chain::open(&data, Linker::new(None), 200, Encoding::Compact).unwrap();
-    let events: Vec<Event> = (1..=6).map(event).chain([odd]).chain((8..=12).map(event)).collect();
+    let events: Vec<Event> =
+        (1..=6).map(event).chain([odd, refused]).chain((9..=12).map(event)).collect();
     for e in &events {
         let mut batch = Vec::new();
         chain.append_to(e.clone(), &mut batch);
