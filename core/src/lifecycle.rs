@@ -200,7 +200,8 @@ pub trait Stores {
     ) -> Result<(), RateLimited>;
 
     /// Takes one call of `action` by `agent` from its hourly allowance of `limit` calls (the
-    /// UTC hour of `now`; a shared store keys it by [`crate::guardrails::rate_key`]). Called
+    /// UTC hour of `now`; a store that can expire keys uses [`crate::guardrails::rate_key`],
+    /// one that cannot keeps the hour beside the count in one key per agent and action). Called
     /// only for a guardrail policy with `rate_limit_per_hour`.
     fn take_action_rate(
         &mut self,

@@ -441,8 +441,8 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         Ok(())
     }
 
-    /// One shared counter per agent, action and UTC hour (`guardrails::rate_key`), taken with
-    /// a compare-and-swap so every worker counts against the same allowance.
+    /// One shared counter per agent and action holding the current UTC hour and its count,
+    /// taken with a compare-and-swap so every worker counts against the same allowance.
     fn take_action_rate(
         &mut self,
         agent: &str,
@@ -450,18 +450,14 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         limit: u32,
         now: UnixMillis,
     ) -> ActionRate {
-        use tollgate_core::budget::{AddOutcome, Store};
-        let key = tollgate_core::guardrails::rate_key(agent, action, now);
         let window = tollgate_core::time::Period::Hourly.window(now);
         let retry_after_ms = window.end.since(now);
-        match self.budgets.store().add_if_within(&key, 1, i64::from(limit), window.end) {
-            Ok(AddOutcome::Applied { total }) => {
-                ActionRate::Taken(u32::try_from(total).unwrap_or(u32::MAX))
-            }
-            Ok(AddOutcome::Refused { current }) => ActionRate::Full {
-                used: u32::try_from(current).unwrap_or(u32::MAX),
-                retry_after_ms,
-            },
+        // One key per agent and action, reused hour after hour (shared data cannot delete).
+        let key = format!("guardrail:{agent}\u{0}{action}");
+        let hour = u32::try_from(now.0 / 3_600_000).unwrap_or(u32::MAX);
+        match self.budgets.store().take_in_window(&key, hour, limit) {
+            Ok(Ok(used)) => ActionRate::Taken(used),
+            Ok(Err(used)) => ActionRate::Full { used, retry_after_ms },
             Err(_) if self.fail_closed() => ActionRate::Unavailable,
             Err(_) => ActionRate::Taken(0),
         }

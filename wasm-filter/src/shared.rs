@@ -165,6 +165,30 @@ impl<D: SharedData> SharedStore<D> {
         Err(StoreError::Contended { key: CREATE_LOCK_KEY.to_owned(), attempts: MAX_ATTEMPTS })
     }
 
+    /// One fixed-window counter in one key: the window's number in the high 32 bits, the count
+    /// in the low 32. A call in a newer window starts the count again, so the key is reused
+    /// window after window instead of one key per window piling up in shared data (which
+    /// cannot delete). `Ok(used)` after taking one, `Err(used)` when `limit` is reached.
+    pub fn take_in_window(
+        &self,
+        key: &str,
+        window: u32,
+        limit: u32,
+    ) -> Result<Result<u32, u32>, StoreError> {
+        let mut used = 0u32;
+        let (_, applied) = self.update(key, |packed| {
+            let (stored_window, count) = ((packed >> 32) as u32, packed as u32);
+            // A worker whose clock is behind counts against the newer window.
+            let current = window.max(stored_window);
+            used = if stored_window == current { count } else { 0 };
+            (used < limit).then(|| (i64::from(current) << 32) | i64::from(used + 1))
+        })?;
+        Ok(match applied {
+            Some(_) => Ok(used + 1),
+            None => Err(used),
+        })
+    }
+
     /// A GCRA rate limit over shared data: `cost` units against `per_minute`, with a burst of
     /// one minute's allowance (the sidecar's governor quota). `Err(retry_after_ms)` when
     /// refused; a cost above the whole allowance is refused with a minute.
@@ -455,6 +479,18 @@ mod tests {
         let newest = format!("m{}", MARKERS_KEPT + 4);
         assert_eq!(s.insert_if_absent(&newest, UnixMillis(1)), Ok(false), "newest kept");
         assert_eq!(s.insert_if_absent("m0", UnixMillis(1)), Ok(true), "oldest dropped");
+    }
+
+    #[test]
+    fn a_window_counter_reuses_its_key_and_starts_again_in_the_next_window() {
+        let data = FakeShared::default();
+        let s = SharedStore::new(&data);
+        assert_eq!(s.take_in_window("g", 7, 2), Ok(Ok(1)));
+        assert_eq!(s.take_in_window("g", 7, 2), Ok(Ok(2)));
+        assert_eq!(s.take_in_window("g", 7, 2), Ok(Err(2)));
+        assert_eq!(s.take_in_window("g", 8, 2), Ok(Ok(1)), "a new window");
+        assert_eq!(s.take_in_window("g", 7, 2), Ok(Ok(2)), "a late clock counts in the newer one");
+        assert_eq!(s.take_in_window("g", 8, 2), Ok(Err(2)));
     }
 
     #[test]
