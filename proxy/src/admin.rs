@@ -130,7 +130,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         (Method::POST, "/v1/usage/events") => {
             authorize(shared, &req)?;
-            Ok(crate::ingest::handle(shared, req).await)
+            let limit = shared.current().config.limits.max_body_bytes;
+            Ok(crate::ingest::handle(&shared.ingest, &shared.ledger, limit, req).await)
         }
         (method, path) if path.starts_with("/admin/") => {
             authorize(shared, &req)?;

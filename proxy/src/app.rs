@@ -234,10 +234,14 @@ pub async fn start_with(
         ConnLimits { drain: Duration::from_secs(1), max_connections: 64, ..conn_limits },
         stopped(stop_rx.clone()),
     ));
-    let export =
-        shared.current().config.export.clone().map(|export| {
-            tokio::spawn(crate::export::run(shared.clone(), export, stop_rx.clone()))
-        });
+    let export = shared.current().config.export.clone().map(|export| {
+        tokio::spawn(crate::export::run(
+            shared.client.clone(),
+            shared.current().config.data_dir.clone(),
+            export,
+            stop_rx.clone(),
+        ))
+    });
     let sweeper = tokio::spawn(sweep_approvals(shared.clone(), stop_rx.clone()));
     let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
 
@@ -278,7 +282,7 @@ async fn sweep_approvals(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|stop| *stop) => return,
         }
         let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s)).await;
+        let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s.ledger)).await;
     }
 }
 

@@ -183,7 +183,7 @@ pub struct Config {
     /// The data volume's size when smaller than its filesystem (`ledger.volume_bytes`).
     pub ledger_volume_bytes: Option<u64>,
     /// Costs shared by every request of a month (e.g. the proxy fleet), allocated on invoices.
-    pub shared_costs: Vec<crate::invoice::SharedCost>,
+    pub shared_costs: Vec<SharedCost>,
     /// Where ledger records are shipped (at least once), if anywhere.
     pub export: Option<Export>,
     /// HTTP_PROXY / HTTPS_PROXY mode (`forward_proxy:`).
@@ -254,6 +254,13 @@ pub struct Export {
     pub url: http::Uri,
     pub batch: usize,
     pub interval: Duration,
+}
+
+/// A shared cost to allocate over the period's requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedCost {
+    pub name: String,
+    pub amount: tollgate_core::money::Money,
 }
 
 /// Where policy updates come from.
@@ -800,10 +807,7 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
     out
 }
 
-fn chargeback(
-    cx: &mut Cx,
-    field: Option<Field<'_>>,
-) -> (Vec<crate::invoice::SharedCost>, Option<Export>) {
+fn chargeback(cx: &mut Cx, field: Option<Field<'_>>) -> (Vec<SharedCost>, Option<Export>) {
     let Some(field) = field else { return (Vec::new(), None) };
     let Some(mut o) = cx.object(&field) else { return (Vec::new(), None) };
     let mut shared = Vec::new();
@@ -813,7 +817,7 @@ fn chargeback(
         let amount = c.require(cx, "monthly").and_then(|f| f.money(cx));
         c.finish(cx, &["name", "monthly"]);
         if let (Some(name), Some(amount)) = (name, amount) {
-            shared.push(crate::invoice::SharedCost { name, amount });
+            shared.push(SharedCost { name, amount });
         }
     }
     let export = o.get("export").and_then(|f| {

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::Export;
 use crate::ledger::chain::{self, Context, Encoding};
-use crate::state::Shared;
+use crate::upstream::UpstreamClient;
 
 /// Where the export has got to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,8 +152,12 @@ pub fn read_batch(
 }
 
 /// Ships records until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<bool>) {
-    let data_dir = shared.current().config.data_dir.clone();
+pub async fn run(
+    client: UpstreamClient,
+    data_dir: PathBuf,
+    export: Export,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut cursor = load_cursor(&data_dir);
     let mut backoff = export.interval;
     let reader = Arc::new(std::sync::Mutex::new(Reader::default()));
@@ -167,7 +171,7 @@ pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<
         .await;
         let mut wait = export.interval;
         match batch {
-            Ok(Ok((body, n, next))) if n > 0 => match post(&shared, &export, body).await {
+            Ok(Ok((body, n, next))) if n > 0 => match post(&client, &export, body).await {
                 Ok(()) => {
                     cursor = next;
                     if let Err(e) = save_cursor(&data_dir, cursor) {
@@ -197,12 +201,12 @@ pub async fn run(shared: Arc<Shared>, export: Export, mut stop: watch::Receiver<
     }
 }
 
-async fn post(shared: &Shared, export: &Export, body: Vec<u8>) -> Result<(), String> {
+async fn post(client: &UpstreamClient, export: &Export, body: Vec<u8>) -> Result<(), String> {
     let req = http::Request::post(export.url.clone())
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
         .body(crate::deny::full(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), shared.client.request(req))
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;

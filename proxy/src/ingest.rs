@@ -39,7 +39,7 @@ use tollgate_core::record::{Entry, Invalid, Stored, UsageEvent, UsageRecord};
 use tollgate_core::time::UnixMillis;
 
 use crate::deny::full;
-use crate::state::Shared;
+use crate::ledger::Ledger;
 use crate::upstream::Body;
 
 /// How long event ids are remembered: the ledger's replay window.
@@ -221,8 +221,13 @@ impl Seen {
 /// body answers each line (`results`), `413` over
 /// `limits.max_body_bytes`, `503` while the ledger cannot be written (or the records are not
 /// synced within 5 s). Answers after the records are written and synced.
-pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    if !shared.ledger.is_healthy() {
+pub async fn handle(
+    ingest: &Ingest,
+    ledger: &Ledger,
+    limit: usize,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if !ledger.is_healthy() {
         let mut r = answer(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"error": "the ledger cannot be written right now; retry later"}),
@@ -230,7 +235,6 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
-    let limit = shared.current().config.limits.max_body_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -244,10 +248,10 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let now = crate::clock::now();
-    let outcome = shared.ingest.take(&body, now, |entry| shared.ledger.append(entry));
+    let outcome = ingest.take(&body, now, |entry| ledger.append(entry));
     // Duplicates wait too: the batch they duplicate may still be on its way to the disk.
     if outcome.accepted + outcome.duplicates > 0
-        && tokio::time::timeout(FLUSH_WAIT, shared.ledger.flush()).await.is_err()
+        && tokio::time::timeout(FLUSH_WAIT, ledger.flush()).await.is_err()
     {
         // Queued, not yet durable (the disk stopped taking writes): the sender keeps its events
         // and sends them again; they are duplicates then, answered once they are written.

@@ -43,12 +43,7 @@ impl GroupBy {
     }
 }
 
-/// A shared cost to allocate over the period's requests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedCost {
-    pub name: String,
-    pub amount: Money,
-}
+pub use crate::config::SharedCost;
 
 /// One line of an invoice.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod approvals_cli;
 pub mod audit;

@@ -29,32 +29,27 @@ pub mod approvals;
 pub mod config;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tollgate_core::approval::{self, Approval, RedeemError, State, Transition};
-use tollgate_core::autonomy::{self, BudgetOutcome};
-use tollgate_core::budget::{BudgetError, Reservation};
-use tollgate_core::guardrails::breaker::{Admission, Breaker};
+use tollgate_core::approval::{Approval, State, Transition};
+use tollgate_core::autonomy::{self};
+use tollgate_core::guardrails::breaker::Breaker;
 use tollgate_core::guardrails::escalation::{Escalation, Outcome, Standing};
-use tollgate_core::guardrails::loops::{LoopDetector, Repeat};
-use tollgate_core::guardrails::{Category, RateCounters, Violation};
-use tollgate_core::lifecycle::{
-    self, ActionRate, BreakerOpen, Guards, Pending, RateLimited, Step, Stores,
-};
-use tollgate_core::money::Money;
-use tollgate_core::policy::{Budgets, Decision, Effect, Facts};
+use tollgate_core::guardrails::loops::LoopDetector;
+use tollgate_core::guardrails::{Category, RateCounters};
+use tollgate_core::lifecycle::Guards;
+use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
-use tollgate_core::risk::{self, Assessment, OnTimeout};
+use tollgate_core::risk::{self};
 use tollgate_core::time::UnixMillis;
 
 use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
-use crate::deny::{Class, Denial};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::state::Shared;
 
 pub use approvals::{Approvals, StoreError};
 pub use config::OversightConfig;
@@ -108,10 +103,10 @@ impl Verdict {
 
 /// Lock-free counts per category and verdict.
 #[derive(Default)]
-struct Stats {
+pub(crate) struct Stats {
     counts: [[AtomicU64; 4]; CATEGORIES.len()],
     /// Approval requests by reason code (codes come from config and code, so few).
-    reasons: Mutex<HashMap<String, u64>>,
+    pub(crate) reasons: Mutex<HashMap<String, u64>>,
 }
 
 /// A category's counts.
@@ -151,31 +146,31 @@ pub struct Action<'a> {
 #[derive(Debug, Default)]
 pub struct Admitted {
     /// The breaker that admitted the call (an index), whose outcome must be reported.
-    breaker: Option<usize>,
+    pub(crate) breaker: Option<usize>,
     /// Outcomes are counted for this (agent, action) and fed to error escalation.
-    track: Option<(Box<str>, Box<str>)>,
+    pub(crate) track: Option<(Box<str>, Box<str>)>,
     /// The risk score, when one was computed (the `x-tollgate-risk` header).
     pub risk: Option<String>,
 }
 
 /// The oversight state shared by every request.
 pub struct Oversight {
-    config: OversightConfig,
+    pub(crate) config: OversightConfig,
     pub approvals: Arc<Approvals>,
     autonomy: bool,
-    budget: autonomy::Counters,
-    loops: Option<LoopDetector>,
-    breakers: Vec<(String, Mutex<Breaker>)>,
+    pub(crate) budget: autonomy::Counters,
+    pub(crate) loops: Option<LoopDetector>,
+    pub(crate) breakers: Vec<(String, Mutex<Breaker>)>,
     /// Route name → index into `breakers`.
-    breaker_index: HashMap<String, usize>,
+    pub(crate) breaker_index: HashMap<String, usize>,
     escalation: Option<Escalation>,
     /// The disabled agents on disk, so that a restart does not re-enable them.
     disabled: Arc<agents::DisabledAgents>,
     /// (successes, total) per `agent\0action`, for the historical-success risk dimension.
     outcomes: Mutex<HashMap<Box<str>, (u64, u64)>>,
     /// The guardrails' calls per agent and action in the current UTC hour.
-    action_rates: RateCounters,
-    stats: Stats,
+    pub(crate) action_rates: RateCounters,
+    pub(crate) stats: Stats,
 }
 
 /// Most (agent, action) pairs whose outcomes are counted.
@@ -387,7 +382,7 @@ impl Oversight {
         Ok(true)
     }
 
-    fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
+    pub(crate) fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
         let key = outcome_key(agent, action);
         let outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
         outcomes.get(key.as_str()).copied().filter(|(_, total)| *total > 0)
@@ -397,7 +392,7 @@ impl Oversight {
     /// reached). Provider errors (5xx, 429, 408, unreachable) feed the upstream's breaker only;
     /// the agent's own errors (other 4xx) feed escalation; any non-2xx counts as a failed
     /// outcome for the action's success history.
-    pub fn settle(&self, shared: &Shared, admitted: &Admitted, status: u16) {
+    pub fn settle(&self, ledger: &Ledger, admitted: &Admitted, status: u16) {
         if admitted.breaker.is_none() && admitted.track.is_none() {
             return;
         }
@@ -436,7 +431,7 @@ impl Oversight {
                     Ok(rt) => drop(rt.spawn_blocking(write)),
                     Err(_) => write(),
                 }
-                shared.ledger.audit(audit::Event {
+                ledger.audit(audit::Event {
                     ts: now.to_string(),
                     kind: AuditKind::AgentDisabled,
                     agent: agent.to_string(),
@@ -451,11 +446,11 @@ impl Oversight {
     }
 
     /// Applies approval timeouts and records each in the audit log. Run on the blocking pool.
-    pub fn sweep(&self, shared: &Shared) {
+    pub fn sweep(&self, ledger: &Ledger) {
         match self.approvals.sweep(now()) {
             Ok(changed) => {
                 for (a, t) in changed {
-                    audit_approval(shared, &a, t, a.decided_by.as_deref());
+                    audit_approval(ledger, &a, t, a.decided_by.as_deref());
                 }
             }
             Err(e) => tracing::error!(error = %e, "sweeping approvals"),
@@ -472,13 +467,13 @@ fn outcome_key(agent: &str, action: &str) -> String {
 }
 
 /// Records an approval's change in the audit log.
-pub fn audit_approval(shared: &Shared, a: &Approval, t: Transition, actor: Option<&str>) {
+pub fn audit_approval(ledger: &Ledger, a: &Approval, t: Transition, actor: Option<&str>) {
     let effect = match a.state {
         State::Approved | State::Used => Effect::Allow,
         State::Denied | State::Expired => Effect::Deny,
         State::Pending => Effect::RequireApproval,
     };
-    shared.ledger.audit(audit::Event {
+    ledger.audit(audit::Event {
         ts: now().to_string(),
         kind: t.kind(),
         request_id: a.used_by_request.clone().unwrap_or_else(|| a.request_id.clone()),
@@ -496,400 +491,13 @@ pub fn audit_approval(shared: &Shared, a: &Approval, t: Transition, actor: Optio
     });
 }
 
-/// The live state of one request's lifecycle (the core's `Stores` port) over the proxy's
-/// in-process stores: rate limiters, the ledger's health, the oversight state and the budgets.
-pub struct Live<'a> {
-    pub shared: &'a Shared,
-    pub route: &'a Route,
-    /// The id the budget reservation is made under.
-    pub reservation_id: &'a str,
-    /// How long a reservation is held before the budget gets it back by itself.
-    pub reservation_ttl_ms: u64,
-    /// The breaker that admitted the call (an index), set when it was asked.
-    breaker: Option<usize>,
-}
-
-impl<'a> Live<'a> {
-    pub fn new(
-        shared: &'a Shared,
-        route: &'a Route,
-        reservation_id: &'a str,
-        reservation_ttl_ms: u64,
-    ) -> Self {
-        Live { shared, route, reservation_id, reservation_ttl_ms, breaker: None }
-    }
-}
-
-/// A wait in whole seconds for `Retry-After`, rounded up (at least 1), as the Envoy filter does:
-/// a client that waits the advertised time is let through.
-fn whole_seconds(wait: std::time::Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
-
-impl Stores for Live<'_> {
-    fn take_rate(
-        &mut self,
-        clause: &str,
-        agent: &str,
-        rpm: Option<u64>,
-        tpm: Option<u64>,
-        tokens: u64,
-        _now: UnixMillis,
-    ) -> Result<(), RateLimited> {
-        let key = format!("{clause}\u{0}{agent}");
-        self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
-            crate::limits::Limited::Requests { limit, retry_after } => {
-                RateLimited::Requests { limit, retry_after_secs: whole_seconds(retry_after) }
-            }
-            crate::limits::Limited::Tokens { limit, retry_after } => {
-                RateLimited::Tokens { limit, retry_after_secs: whole_seconds(retry_after) }
-            }
-        })
-    }
-
-    fn take_action_rate(
-        &mut self,
-        agent: &str,
-        action: &str,
-        limit: u32,
-        now: UnixMillis,
-    ) -> ActionRate {
-        match self.shared.oversight.action_rates.take(agent, action, Some(limit), now) {
-            Ok(used) => ActionRate::Taken(used),
-            Err(Violation::RateLimitExceeded { used, retry_after_ms, .. }) => {
-                ActionRate::Full { used, retry_after_ms }
-            }
-            Err(_) => ActionRate::Unavailable,
-        }
-    }
-
-    fn recordable(&mut self) -> bool {
-        self.shared.ledger.is_healthy()
-    }
-
-    fn standing(&mut self, agent: &str) -> Standing {
-        self.shared.oversight.standing(agent)
-    }
-
-    fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat {
-        match &self.shared.oversight.loops {
-            Some(detector) => detector.observe_digest(digest, now),
-            None => Repeat::Fresh { count: 1 },
-        }
-    }
-
-    fn consume_autonomy(
-        &mut self,
-        limits: autonomy::Limits,
-        agent: &str,
-        action: &str,
-        now: UnixMillis,
-    ) -> BudgetOutcome {
-        self.shared.oversight.budget.consume(limits, agent, action, now)
-    }
-
-    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
-        self.shared.oversight.history(agent, action)
-    }
-
-    fn breaker(&mut self, now: UnixMillis) -> Result<(), BreakerOpen> {
-        let o = &self.shared.oversight;
-        let Some(i) = o.breaker_index.get(self.route.name.as_str()).copied() else {
-            return Ok(());
-        };
-        self.breaker = Some(i);
-        let admission = o.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner).allow(now);
-        match admission {
-            Admission::Permit => Ok(()),
-            Admission::Rejected { retry_after_ms } => {
-                Err(BreakerOpen { upstream: o.breakers[i].0.clone(), retry_after_ms })
-            }
-        }
-    }
-
-    fn reserve(
-        &mut self,
-        budgets: &Budgets<'_>,
-        facts: &Facts<'_>,
-        amount: Money,
-        now: UnixMillis,
-    ) -> Result<Option<Reservation>, BudgetError> {
-        let reserved = self.shared.budgets.reserve(
-            budgets.iter(),
-            |scope| lifecycle::scope_value(facts, scope),
-            amount,
-            self.reservation_id,
-            now,
-            self.reservation_ttl_ms,
-        );
-        if let Err(e) = &reserved {
-            if !matches!(e, BudgetError::Exceeded { .. }) {
-                tracing::error!(error = %e, "budget store");
-            }
-        }
-        reserved.map(Some)
-    }
-}
-
-/// Runs the lifecycle's admission phase (`tollgate_core::lifecycle::decide`) and acts on what
-/// waits on I/O: a proposal is audited, an approval is redeemed (the lifecycle then goes on) or
-/// requested (the request is refused with its id). Counts the oversight verdict for the
-/// autonomy metrics. On a pass, also returns what [`Oversight::settle`] needs.
-pub async fn admit<'p>(
-    shared: &Arc<Shared>,
-    action: &Action<'_>,
-    rules: &lifecycle::Rules<'p>,
-    req: &lifecycle::Request<'_>,
-    live: &mut Live<'_>,
-    now: UnixMillis,
-) -> Result<(lifecycle::Admitted<'p>, Admitted), Denial> {
-    let (result, verdict) = match lifecycle::decide(rules, req, live, now) {
-        Ok(lifecycle::Admission::Admitted(a)) => (Ok(a), Some(Verdict::Auto)),
-        Ok(lifecycle::Admission::NeedsApproval(pending)) => {
-            approve(shared, action, *pending, rules, req, live, now).await
-        }
-        Err(refusal) => {
-            if refusal.step == Step::Proposal {
-                shared.ledger.audit(audit::Event {
-                    ts: now.to_string(),
-                    kind: AuditKind::Proposal,
-                    request_id: action.request_id.to_string(),
-                    agent: action.agent.to_string(),
-                    cost_center: action.cost_center.to_string(),
-                    project: action.project.to_string(),
-                    route: action.route.name.clone(),
-                    effect: Effect::Deny,
-                    reason: refusal.denial.code.clone(),
-                    tool: Some(action.name.to_string()),
-                    ..Default::default()
-                });
-            }
-            let verdict = match refusal.step {
-                s if s == Step::Policy || s == Step::Guardrail || s.is_oversight() => {
-                    Some(Verdict::Denied)
-                }
-                // Refused after the oversight step let it through on its own.
-                s if s.after_oversight() => Some(Verdict::Auto),
-                _ => None,
-            };
-            (Err(*refusal.denial), verdict)
-        }
-    };
-    if let Some(verdict) = verdict {
-        shared.oversight.count(action.category, verdict);
-    }
-    let admitted = result?;
-    let o = &admitted.oversaw;
-    let settle = Admitted {
-        breaker: live.breaker.filter(|_| o.breaker),
-        track: o.track.then(|| (action.agent.into(), action.name.into())),
-        risk: o.assessment.map(|a| a.score.to_string()),
-    };
-    Ok((admitted, settle))
-}
-
-/// A human has to approve: a retry carrying a granted approval id passes once (and the
-/// lifecycle goes on to the breaker and the budgets); otherwise a pending approval is created
-/// and its id returned in the refusal.
-async fn approve<'p>(
-    shared: &Arc<Shared>,
-    action: &Action<'_>,
-    pending: Pending<'p>,
-    rules: &lifecycle::Rules<'p>,
-    req: &lifecycle::Request<'_>,
-    live: &mut Live<'_>,
-    now: UnixMillis,
-) -> (Result<lifecycle::Admitted<'p>, Denial>, Option<Verdict>) {
-    let digest = approval::digest_hex(pending.digest);
-    let decision = pending.decision;
-    let refused = |d: Denial| {
-        let verdict =
-            if d.class == Class::ApprovalRequired { Verdict::Approval } else { Verdict::Denied };
-        (Err(d), Some(verdict))
-    };
-    match action.approval {
-        Some(id) => {
-            if let Err(d) = redeem(shared, action, id, &digest, now, &decision).await {
-                return refused(d);
-            }
-            match pending.granted(rules, req, live, now) {
-                Ok(admitted) => (Ok(admitted), Some(Verdict::Approved)),
-                Err(r) if r.step.after_oversight() => (Err(*r.denial), Some(Verdict::Approved)),
-                Err(r) => refused(*r.denial),
-            }
-        }
-        None => {
-            let a = pending.assessment;
-            match request(shared, action, &pending.reason, &pending.why, a, digest, now).await {
-                Ok(approval) => {
-                    let mut denial = Denial::new(
-                        Class::ApprovalRequired,
-                        &pending.reason,
-                        approval_message(&pending.why, &a, &approval),
-                    )
-                    .with_decision(decision.clause, decision.policy_version);
-                    denial.approval_id = Some(approval.id);
-                    refused(denial)
-                }
-                Err(d) => refused(d),
-            }
-        }
-    }
-}
-
-fn approval_message(why: &str, a: &Assessment, approval: &Approval) -> String {
-    let then = match approval.on_timeout {
-        OnTimeout::Approve => "approved",
-        OnTimeout::Deny => "denied",
-    };
-    format!(
-        "{why}. {}. Approval {} is pending; if nobody answers by {} it is {then}. Retry with \
-         header {APPROVAL_HEADER}: {} once it is granted.",
-        a.explanation(),
-        approval.id,
-        UnixMillis(approval.expires_at_ms),
-        approval.id
-    )
-}
-
-/// Creates (or finds the same pending) approval and audits the request.
-async fn request(
-    shared: &Arc<Shared>,
-    action: &Action<'_>,
-    reason: &str,
-    why: &str,
-    a: Assessment,
-    digest: String,
-    now: UnixMillis,
-) -> Result<Approval, Denial> {
-    let o = &shared.oversight;
-    let (on_timeout, timeout_ms) = match (a.on_timeout, a.timeout_ms) {
-        (Some(on), Some(ms)) => (on, ms),
-        // A low score that still needs a human (the policy or autonomy asked): at most as
-        // risky as medium, so it is approved if nobody objects in the medium timeout.
-        _ => (OnTimeout::Approve, o.config.thresholds.medium_timeout_ms),
-    };
-    let approval = Approval {
-        id: new_approval_id(),
-        request_id: action.request_id.to_string(),
-        created_at_ms: now.as_millis(),
-        expires_at_ms: now.as_millis().saturating_add(timeout_ms),
-        on_timeout,
-        use_within_ms: o.config.use_within.as_millis() as u64,
-        agent: action.agent.to_string(),
-        cost_center: action.cost_center.to_string(),
-        project: action.project.to_string(),
-        route: action.route.name.clone(),
-        action: action.name.to_string(),
-        digest,
-        risk_score: a.score.hundredths(),
-        risk_band: a.band.as_str().to_string(),
-        reason: reason.to_string(),
-        explanation: format!("{why}; {}", a.explanation()),
-        state: State::Pending,
-        decided_by: None,
-        decided_at_ms: None,
-        note: None,
-        used_by_request: None,
-    };
-    let created = o.approvals.blocking(move |store| store.create(approval, now)).await;
-    match created {
-        Ok(approval) => {
-            let mut reasons = o.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
-            if reasons.len() < 1000 || reasons.contains_key(reason) {
-                *reasons.entry(reason.to_string()).or_default() += 1;
-            }
-            Ok(approval)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "creating an approval");
-            Err(Denial::new(
-                Class::Unavailable,
-                "approvals_unavailable",
-                "the approval cannot be recorded right now; retry shortly",
-            ))
-        }
-    }
-}
-
-/// Uses a granted approval for this retry, or says why not.
-async fn redeem(
-    shared: &Arc<Shared>,
-    action: &Action<'_>,
-    id: &str,
-    digest: &str,
-    now: UnixMillis,
-    decision: &Decision<'_>,
-) -> Result<(), Denial> {
-    let (id_owned, agent, digest_owned, request_id) = (
-        id.to_string(),
-        action.agent.to_string(),
-        digest.to_string(),
-        action.request_id.to_string(),
-    );
-    let redeemed = shared
-        .oversight
-        .approvals
-        .blocking(move |store| store.redeem(&id_owned, &agent, &digest_owned, &request_id, now))
-        .await;
-    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
-    match redeemed {
-        Ok(approval) => {
-            audit_approval(shared, &approval, Transition::Used, Some(action.agent));
-            Ok(())
-        }
-        Err(StoreError::Redeem(RedeemError::Pending)) => {
-            let mut denial = with_decision(Denial::new(
-                Class::ApprovalRequired,
-                RedeemError::Pending.code(),
-                format!("approval {id} is still waiting for a human"),
-            ));
-            denial.approval_id = Some(id.to_string());
-            Err(denial)
-        }
-        Err(StoreError::Redeem(e)) => Err(with_decision(Denial::new(
-            Class::Policy,
-            e.code(),
-            format!("approval {} cannot be used: {e}", short(id)),
-        ))),
-        Err(StoreError::Unknown) => Err(with_decision(Denial::new(
-            Class::Policy,
-            "approval_unknown",
-            format!("there is no approval {}", short(id)),
-        ))),
-        Err(e) => {
-            tracing::error!(error = %e, "using an approval");
-            Err(Denial::new(
-                Class::Unavailable,
-                "approvals_unavailable",
-                "the approval cannot be checked right now; retry shortly",
-            ))
-        }
-    }
-}
-
-/// A caller-supplied id, cut and made printable for messages.
-fn short(id: &str) -> String {
-    id.chars().take(64).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
-}
-
-/// `apr_` and 128 random bits (from the standard library's per-process random hasher keys).
-fn new_approval_id() -> String {
-    let word = || {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(now().as_millis());
-        h.finish()
-    };
-    format!("apr_{:016x}{:016x}", word(), word())
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     #[test]
     fn retry_after_rounds_up_like_the_filter() {
-        let secs = |ms| super::whole_seconds(Duration::from_millis(ms));
+        let secs = |ms| crate::admission::whole_seconds(Duration::from_millis(ms));
         assert_eq!(
             [secs(0), secs(1), secs(999), secs(1000), secs(1001), secs(59_100)],
             [1, 1, 1, 1, 2, 60]

@@ -329,9 +329,9 @@ async fn handle(
     };
     let now = now();
     let reservation_id = new_id();
-    let mut live = oversight::Live::new(shared, &route, &reservation_id, RESERVATION_TTL_MS);
+    let mut live = crate::admission::Live::new(shared, &route, &reservation_id, RESERVATION_TTL_MS);
     let (lifecycle::Admitted { decision, priced, reservation, .. }, admitted) =
-        oversight::admit(shared, &action, &rules, &req, &mut live, now).await?;
+        crate::admission::admit(shared, &action, &rules, &req, &mut live, now).await?;
     let input_estimate = info.input_estimate_tokens;
     let (reserved, bound, free) = (priced.reserved, priced.bound, priced.free);
     let worst_case = reserved.total;
@@ -590,7 +590,7 @@ impl Observer for Settler {
 
     fn on_end(&mut self, end: StreamEnd) {
         let shared = &self.shared;
-        shared.oversight.settle(shared, &self.admitted, self.status);
+        shared.oversight.settle(&shared.ledger, &self.admitted, self.status);
         let ok = (200..300).contains(&self.status);
         let (usage, source, reported_model) = match self.meter.take() {
             Some(meter) if ok => {

@@ -94,7 +94,7 @@ fn not_found() -> http::Response<Body> {
 /// Timeouts are applied before anything is shown or decided.
 async fn sweep(shared: &Arc<Shared>) {
     let s = shared.clone();
-    let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s)).await;
+    let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s.ledger)).await;
 }
 
 fn list(shared: &Arc<Shared>, query: &str) -> Result<http::Response<Body>, Failure> {
@@ -145,7 +145,7 @@ async fn decide(
         .await;
     match result {
         Ok((approval, transition)) => {
-            audit_approval(shared, &approval, transition, approval.decided_by.as_deref());
+            audit_approval(&shared.ledger, &approval, transition, approval.decided_by.as_deref());
             Ok(json_response(StatusCode::OK, &json!(approval)))
         }
         Err(StoreError::Unknown) => Ok(not_found()),
