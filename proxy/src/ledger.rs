@@ -633,7 +633,7 @@ impl Retirer {
                 now_ms: crate::clock::now().0,
                 ledger_current: self.ledger_segment.load(Ordering::Relaxed),
                 audit_current: self.audit_segment.load(Ordering::Relaxed),
-                acknowledged: self.acknowledge.then(|| crate::export::load_cursor(&self.data_dir)),
+                acknowledged: self.acknowledge.then(|| cursor::load_cursor(&self.data_dir)),
             };
             match retire::run(&self.data_dir, &self.linker, &policy) {
                 Ok(o) if o.ledger_segments + o.audit_segments > 0 => tracing::info!(
@@ -963,6 +963,7 @@ pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub mod chain;
+pub mod cursor;
 pub mod head;
 pub mod retire;
 pub mod storage;

@@ -190,28 +190,9 @@ pub fn verify(path: &Path) -> std::io::Result<Verdict> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::tests::event;
     use std::path::PathBuf;
     use tollgate_core::policy::Effect;
-    use tollgate_core::record::AuditKind;
-
-    pub(crate) fn event(i: u64) -> Event {
-        Event {
-            ts: format!("2026-11-22T10:00:{:02}.000Z", i % 60),
-            kind: AuditKind::Decision,
-            request_id: format!("req-{i}"),
-            agent: "bot".into(),
-            cost_center: "CC-1234".into(),
-            project: "PROJ-ABC123".into(),
-            route: "openai".into(),
-            effect: if i % 3 == 0 { Effect::Deny } else { Effect::Allow },
-            reason: "default_allow".into(),
-            clause: Some("defaults.llm".into()),
-            policy_version: Some("v1".into()),
-            model: Some("gpt-4o".into()),
-            tool: None,
-            ..Default::default()
-        }
-    }
 
     fn write_log(path: &Path, n: u64) {
         let mut batch = Vec::new();

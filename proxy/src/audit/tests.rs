@@ -1,7 +1,7 @@
 use super::*;
 use crate::ledger::chain::Problem;
 
-fn event(i: u64) -> Event {
+pub(crate) fn event(i: u64) -> Event {
     Event {
         ts: format!("2026-11-22T10:00:{:02}.000Z", i % 60),
         kind: AuditKind::Decision,

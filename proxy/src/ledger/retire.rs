@@ -280,7 +280,7 @@ pub struct Policy {
     pub ledger_current: u64,
     pub audit_current: u64,
     /// The export's cursor, when records are shipped: a segment retires once it is past.
-    pub acknowledged: Option<crate::export::Cursor>,
+    pub acknowledged: Option<super::cursor::Cursor>,
 }
 
 /// What a retirement pass did.

@@ -196,7 +196,7 @@ async fn unacknowledged_or_unsettled_segments_stay() {
     write(&dir, None, 60, 0).await;
     let segments = crate::ledger::segments(&dir.join("ledger")).unwrap();
     // The collector has acknowledged only the first segment.
-    let acked = crate::export::Cursor { segment: segments[1], offset: 0 };
+    let acked = crate::ledger::cursor::Cursor { segment: segments[1], offset: 0 };
     let p = Policy { acknowledged: Some(acked), ..policy(T0 + 30 * DAY, &dir) };
     let done = run(&dir, &Linker::new(None), &p).unwrap();
     assert_eq!(done.ledger_segments, 1);
