@@ -40,14 +40,16 @@
 //! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
 //! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
 //! [`Pending::granted`], which runs the breaker and the budgets) or records a new one and
-//! refuses. The core reads no clock: `now` is a parameter.
+//! refuses. Likewise a budget store that serves a budget from a local share (a fleet lease)
+//! and must first fetch more from its backend answers [`Admission::Short`]; the adapter
+//! fetches, then calls [`Short::resume`]. The core reads no clock: `now` is a parameter.
 //!
 //! The allow path of a request without oversight guards allocates nothing here.
 
 use serde_json::Value;
 
 use crate::autonomy::{self, BudgetOutcome, Mode};
-use crate::budget::{BudgetError, Reservation, Scope};
+use crate::budget::{BudgetError, Refill, Reservation, Scope, StoreError};
 use crate::endpoints::{self, Pricing};
 use crate::engine::Engine;
 use crate::guardrails::escalation::Standing;
@@ -373,6 +375,67 @@ pub enum Admission<'p> {
     Admitted(Admitted<'p>),
     /// Boxed: the approval path is rare, and the allow path stays small.
     NeedsApproval(Box<Pending<'p>>),
+    /// Everything passed but the budget store must first refill a local share from its
+    /// backend (a fleet store's lease): the adapter fetches [`Short::refill`], then calls
+    /// [`Short::resume`], which tries the budgets again. Nothing is reserved meanwhile.
+    Short(Box<Short<'p>>),
+}
+
+/// An admitted request waiting for its budget store to refill (see [`Admission::Short`]).
+#[derive(Debug)]
+pub struct Short<'p> {
+    admitted: Admitted<'p>,
+    worst_case: Money,
+    /// What the store needs from its backend.
+    pub refill: Refill,
+}
+
+impl<'p> Short<'p> {
+    /// Tries the budgets again, after the adapter refilled the store. May be short again (a
+    /// concurrent request took the refill first); never asks for an approval.
+    pub fn resume(
+        self,
+        req: &Request<'_>,
+        stores: &mut impl Stores,
+        now: UnixMillis,
+    ) -> Result<Admission<'p>, Refusal> {
+        let Short { mut admitted, worst_case, .. } = self;
+        match reserve(&admitted.decision, req, stores, worst_case, now)? {
+            Reserved::Done(reservation) => {
+                admitted.reservation = reservation;
+                Ok(Admission::Admitted(admitted))
+            }
+            Reserved::Short(refill) => {
+                Ok(Admission::Short(Box::new(Short { admitted, worst_case, refill })))
+            }
+        }
+    }
+}
+
+/// The last step's outcome: a reservation (none when no budget applies), or a store that must
+/// refill first.
+enum Reserved {
+    Done(Option<Reservation>),
+    Short(Refill),
+}
+
+/// The admission of a request that passed every step before the budgets.
+fn admission<'p>(
+    decision: Decision<'p>,
+    priced: Priced,
+    oversaw: Oversaw,
+    reserved: Reserved,
+) -> Admission<'p> {
+    match reserved {
+        Reserved::Done(reservation) => {
+            Admission::Admitted(Admitted { decision, priced, oversaw, reservation })
+        }
+        Reserved::Short(refill) => Admission::Short(Box::new(Short {
+            worst_case: priced.worst_case(),
+            admitted: Admitted { decision, priced, oversaw, reservation: None },
+            refill,
+        })),
+    }
 }
 
 /// The admission phase of one request; see the module doc for the order.
@@ -459,30 +522,31 @@ pub fn decide<'p>(
     if decision.effect == Effect::Allow && profile.is_none() && !guards.any() && guard_ask.is_none()
     {
         let oversaw = Oversaw { fast: true, ..Oversaw::default() };
-        let reservation = reserve(&decision, req, stores, worst_case, now)?;
-        return Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }));
+        let reserved = reserve(&decision, req, stores, worst_case, now)?;
+        return Ok(admission(decision, priced, oversaw, reserved));
     }
     match oversee(rules, req, stores, &decision, priced, profile, guard_ask, now)? {
         Overseen::Ask(pending) => Ok(Admission::NeedsApproval(pending)),
         Overseen::Pass(assessment) => {
             let oversaw = finish_oversight(&guards, stores, assessment, false, now)
                 .map_err(|d| refuse(Step::Breaker, *d))?;
-            let reservation = reserve(&decision, req, stores, worst_case, now)?;
-            Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }))
+            let reserved = reserve(&decision, req, stores, worst_case, now)?;
+            Ok(admission(decision, priced, oversaw, reserved))
         }
     }
 }
 
 impl<'p> Pending<'p> {
     /// Goes on after the adapter redeemed a granted approval for this request: the breaker,
-    /// then the budgets.
+    /// then the budgets. Answers [`Admission::Admitted`] or [`Admission::Short`], never
+    /// another approval.
     pub fn granted(
         self,
         rules: &Rules<'p>,
         req: &Request<'_>,
         stores: &mut impl Stores,
         now: UnixMillis,
-    ) -> Result<Admitted<'p>, Refusal> {
+    ) -> Result<Admission<'p>, Refusal> {
         let decision = self.decision;
         let assessment = Some(self.assessment);
         let oversaw =
@@ -492,8 +556,8 @@ impl<'p> Pending<'p> {
                     denial: Box::new((*d).with_decision(decision.clause, decision.policy_version)),
                 }
             })?;
-        let reservation = reserve(&decision, req, stores, self.priced.worst_case(), now)?;
-        Ok(Admitted { decision, priced: self.priced, oversaw, reservation })
+        let reserved = reserve(&decision, req, stores, self.priced.worst_case(), now)?;
+        Ok(admission(decision, self.priced, oversaw, reserved))
     }
 }
 
@@ -807,16 +871,17 @@ fn reserve(
     stores: &mut impl Stores,
     worst_case: Money,
     now: UnixMillis,
-) -> Result<Option<Reservation>, Refusal> {
+) -> Result<Reserved, Refusal> {
     if decision.budgets.is_empty() {
-        return Ok(None);
+        return Ok(Reserved::Done(None));
     }
     let refuse = |denial: Denial| Refusal {
         step: Step::Budget,
         denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
     };
     match stores.reserve(&decision.budgets, &req.facts, worst_case, now) {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok(Reserved::Done(r)),
+        Err(BudgetError::Store(StoreError::Short(refill))) => Ok(Reserved::Short(*refill)),
         Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
             Err(refuse(Denial::new(
                 Class::BudgetExhausted,

@@ -174,8 +174,10 @@ pub async fn admit<'p>(
     live: &mut Live<'_>,
     now: UnixMillis,
 ) -> Result<(lifecycle::Admitted<'p>, Admitted), Denial> {
-    let (result, verdict) = match lifecycle::decide(rules, req, live, now) {
+    let decided = refilled(shared, lifecycle::decide(rules, req, live, now), req, live, now).await;
+    let (result, verdict) = match decided {
         Ok(lifecycle::Admission::Admitted(a)) => (Ok(a), Some(Verdict::Auto)),
+        Ok(lifecycle::Admission::Short(_)) => unreachable!("refilled answers no Short"),
         Ok(lifecycle::Admission::NeedsApproval(pending)) => {
             approve(shared, action, *pending, rules, req, live, now).await
         }
@@ -219,6 +221,51 @@ pub async fn admit<'p>(
     Ok((admitted, settle))
 }
 
+/// How many times a request waits for the fleet store to refill before it is refused (each
+/// wait ends with enough for it, unless a concurrent request of this proxy took it first).
+const MAX_REFILLS: usize = 32;
+
+/// Waits for the budget store while the lifecycle is short of a fleet lease, then lets it go on.
+/// Never answers [`lifecycle::Admission::Short`]: when Redis cannot be reached the request is
+/// refused 503 (`on_store_error: fail_closed`).
+async fn refilled<'p>(
+    shared: &Shared,
+    mut decided: Result<lifecycle::Admission<'p>, lifecycle::Refusal>,
+    req: &lifecycle::Request<'_>,
+    live: &mut Live<'_>,
+    now: UnixMillis,
+) -> Result<lifecycle::Admission<'p>, lifecycle::Refusal> {
+    let unavailable = |why: String| {
+        let mut denial = Denial::new(
+            Class::Unavailable,
+            "budget_store_unavailable",
+            format!("budgets cannot be checked right now: {why}; retry shortly"),
+        );
+        denial.retry_after_secs = Some(1);
+        lifecycle::Refusal { step: Step::Budget, denial: Box::new(denial) }
+    };
+    for _ in 0..MAX_REFILLS {
+        let short = match decided {
+            Ok(lifecycle::Admission::Short(short)) => short,
+            other => return other,
+        };
+        let Some(fleet) = shared.budgets.store().fleet() else {
+            return Err(unavailable("the budget store asked for a refill it cannot get".into()));
+        };
+        if let Err(e) = fleet.refill(&short.refill).await {
+            tracing::warn!(error = %e, "fleet budget store");
+            return Err(unavailable("the fleet store (Redis) does not answer".into()));
+        }
+        decided = short.resume(req, live, now);
+    }
+    match decided {
+        Ok(lifecycle::Admission::Short(_)) => {
+            Err(unavailable("the fleet lease ran dry again and again".into()))
+        }
+        other => other,
+    }
+}
+
 /// A human has to approve: a retry carrying a granted approval id passes once (and the
 /// lifecycle goes on to the breaker and the budgets); otherwise a pending approval is created
 /// and its id returned in the refusal.
@@ -243,8 +290,11 @@ async fn approve<'p>(
             if let Err(d) = redeem(shared, action, id, &digest, now, &decision).await {
                 return refused(d);
             }
-            match pending.granted(rules, req, live, now) {
-                Ok(admitted) => (Ok(admitted), Some(Verdict::Approved)),
+            match refilled(shared, pending.granted(rules, req, live, now), req, live, now).await {
+                Ok(lifecycle::Admission::Admitted(admitted)) => {
+                    (Ok(admitted), Some(Verdict::Approved))
+                }
+                Ok(_) => unreachable!("a granted approval is admitted or refused"),
                 Err(r) if r.step.after_oversight() => (Err(*r.denial), Some(Verdict::Approved)),
                 Err(r) => refused(*r.denial),
             }

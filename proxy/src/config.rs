@@ -192,6 +192,8 @@ pub struct Config {
     pub oversight: crate::oversight::config::OversightConfig,
     /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
     pub autonomy_configured: bool,
+    /// Where budgets are counted (`store:`): this process (`None`) or Redis, shared by the fleet.
+    pub store: Option<crate::fleet::StoreConfig>,
     pub engine: Engine,
     /// The file this config was read from (`None`: the embedded default or a string); the
     /// running proxy watches it and reloads what it can.
@@ -290,6 +292,7 @@ const TOP: &[&str] = &[
     "autonomy",
     "guardrails",
     "oversight",
+    "store",
 ];
 
 impl Config {
@@ -356,6 +359,7 @@ impl Config {
         keep!("forward_proxy", forward);
         keep!("oversight", oversight);
         keep!("autonomy (added or removed)", autonomy_configured);
+        keep!("store", store);
         changed
     }
 
@@ -479,6 +483,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let limits = request_limits(cx, obj.get("limits"), forward.enabled);
     let oversight = crate::oversight::config::OversightConfig::decode(cx, obj.get("oversight"));
     let autonomy_configured = obj.get("autonomy").is_some();
+    let store = crate::fleet::StoreConfig::decode(cx, obj.get("store"));
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -516,6 +521,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         forward,
         oversight,
         autonomy_configured,
+        store,
         engine: engine?,
     })
 }
