@@ -256,6 +256,9 @@ pub struct Export {
     pub url: http::Uri,
     pub batch: usize,
     pub interval: Duration,
+    /// The environment variable holding the bearer token sent to the collector (a Tollgate
+    /// collector's admin token), if any.
+    pub token_env: Option<String>,
 }
 
 /// A shared cost to allocate over the period's requests.
@@ -850,8 +853,9 @@ fn chargeback(cx: &mut Cx, field: Option<Field<'_>>) -> (Vec<SharedCost>, Option
             .and_then(|f| f.duration_ms(cx))
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
-        e.finish(cx, &["url", "batch", "interval"]);
-        Some(Export { url: url?, batch, interval })
+        let token_env = e.get("token_env").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        e.finish(cx, &["url", "batch", "interval", "token_env"]);
+        Some(Export { url: url?, batch, interval, token_env })
     });
     o.finish(cx, &["shared_costs", "export"]);
     (shared, export)

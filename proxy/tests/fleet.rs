@@ -98,6 +98,17 @@ fn leases(hash: &[(String, String)]) -> i64 {
 
 /// One proxy of the fleet: a monthly $5.00 budget per cost center, the `echo` tool at $0.10.
 fn proxy(redis: &Redis, upstream: &str, store: &str) -> (Tollgate, PathBuf) {
+    proxy_shipping(redis, upstream, store, None)
+}
+
+/// A proxy that also ships its usage records to the collector at `collector` (its admin
+/// listener).
+fn proxy_shipping(
+    redis: &Redis,
+    upstream: &str,
+    store: &str,
+    collector: Option<SocketAddr>,
+) -> (Tollgate, PathBuf) {
     let dir = temp_dir("fleet");
     let config = dir.join("tollgate.yaml");
     let yaml = ConfigFile {
@@ -107,8 +118,12 @@ fn proxy(redis: &Redis, upstream: &str, store: &str) -> (Tollgate, PathBuf) {
         more_routes: &[format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{upstream}\"}}")],
         extra: &format!(
             "pricing:\n  tools:\n    echo: {{per_call: \"0.10\"}}\n\
-             store:\n  redis: {{url: \"{}\", {store}}}\n",
-            redis.url()
+             store:\n  redis: {{url: \"{}\", {store}}}\n{}",
+            redis.url(),
+            collector.map_or(String::new(), |c| format!(
+                "chargeback:\n  export: {{url: \"http://{c}/v1/usage/events\", interval: 100ms, \
+                 token_env: {TOKEN_ENV}}}\n"
+            )),
         ),
         policy: "version: fleet\n\
                  defaults: {llm: allow, tool: allow, other: deny}\n\
@@ -146,6 +161,9 @@ async fn call(
             v["error"]["data"]["code"].as_str().or(v["error"]["code"].as_str()).map(str::to_string)
         })
         .unwrap_or_default();
+    if status == 503 {
+        eprintln!("503: {}", String::from_utf8_lossy(&bytes));
+    }
     (status, code)
 }
 
@@ -170,8 +188,33 @@ fn spent_in_ledger(data: &Path, cc: &str) -> (usize, i64) {
 async fn three_proxies_never_spend_more_than_the_budget_together() {
     let mock = MockUpstream::start().await;
     let redis = Redis::start();
-    let fleet: Vec<(Tollgate, PathBuf)> =
-        (0..3).map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms")).collect();
+    // The collector: a proxy whose admin listener takes the fleet's usage records.
+    let collector_dir = temp_dir("collector");
+    std::fs::write(
+        collector_dir.join("tollgate.yaml"),
+        ConfigFile {
+            upstream: &mock.base_url(),
+            data_dir: &collector_dir.join("data"),
+            token_env: TOKEN_ENV,
+            more_routes: &[],
+            extra: "",
+            policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
+        }
+        .yaml(),
+    )
+    .unwrap();
+    let collector =
+        Tollgate::run(Path::new(BIN), &collector_dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")]);
+    let fleet: Vec<(Tollgate, PathBuf)> = (0..3)
+        .map(|_| {
+            proxy_shipping(
+                &redis,
+                &mock.base_url(),
+                "sync_interval: 20ms, timeout: 2s",
+                Some(collector.admin),
+            )
+        })
+        .collect();
     let client = client();
     for round in 0..3 {
         let cc = format!("CC-100{round}");
@@ -221,6 +264,48 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
             .fold((0, 0), |(n, t), (dn, dt)| (n + dn, t + dt));
         assert_eq!((count, total), (50, 50 * DIME), "round {round}: the ledgers' usage");
     }
+    // One invoice for the fleet: the collector's, from the records every proxy shipped.
+    let period = read_ledger(&dirs[0])
+        .iter()
+        .find_map(|r| r["ts"].as_str().map(|ts| ts[..7].to_string()))
+        .expect("a usage record");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let invoice = invoice(collector.admin, &period).await;
+        let totals: Vec<(String, i64, u64)> = invoice["invoices"]
+            .as_array()
+            .expect("invoices")
+            .iter()
+            .map(|inv| {
+                let total = tollgate_e2e::harness::nanos(inv["total"].as_str().unwrap());
+                (
+                    inv["group"].as_str().unwrap().to_string(),
+                    total,
+                    inv["requests"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, i64, u64)> =
+            (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
+        if totals == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The collector's invoice by cost center for `period`, as JSON.
+async fn invoice(admin: SocketAddr, period: &str) -> Value {
+    let req = Request::get(format!(
+        "http://{admin}/admin/invoice?period={period}&group_by=cost_center&format=json"
+    ))
+    .header("authorization", "Bearer t")
+    .body(Full::new(bytes::Bytes::new()))
+    .unwrap();
+    let response = client().request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
