@@ -201,6 +201,12 @@ pub async fn start_with(
         &config.routes,
         &config.data_dir,
         now,
+        match &config.store {
+            Some(store) => {
+                Some(Arc::new(crate::fleet::oversight::SharedOversight::new(&store.redis)?))
+            }
+            None => None,
+        },
     )
     .with_context(|| format!("opening the approvals journal in {}", config.data_dir.display()))?;
     tracing::info!(
@@ -308,7 +314,11 @@ async fn sweep_approvals(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|stop| *stop) => return,
         }
         let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s.ledger)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            s.oversight.sweep(&s.ledger);
+            s.oversight.sync_disabled();
+        })
+        .await;
     }
 }
 

@@ -36,6 +36,8 @@ use tollgate_core::time::UnixMillis;
 
 use crate::clock::now;
 
+pub mod oversight;
+
 /// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,
 /// exact up to 2^53 ($9,007,199.25).
 pub const MAX_BUDGET_NANOS: i64 = 1 << 53;

@@ -109,6 +109,17 @@ fn proxy_shipping(
     store: &str,
     collector: Option<SocketAddr>,
 ) -> (Tollgate, PathBuf) {
+    proxy_with(redis, upstream, store, collector, "")
+}
+
+/// A proxy of the fleet with `more` config (oversight, say).
+fn proxy_with(
+    redis: &Redis,
+    upstream: &str,
+    store: &str,
+    collector: Option<SocketAddr>,
+    more: &str,
+) -> (Tollgate, PathBuf) {
     let dir = temp_dir("fleet");
     let config = dir.join("tollgate.yaml");
     let yaml = ConfigFile {
@@ -117,8 +128,8 @@ fn proxy_shipping(
         token_env: TOKEN_ENV,
         more_routes: &[format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{upstream}\"}}")],
         extra: &format!(
-            "pricing:\n  tools:\n    echo: {{per_call: \"0.10\"}}\n\
-             store:\n  redis: {{url: \"{}\", {store}}}\n{}",
+            "pricing:\n  tools:\n    echo: {{per_call: \"0.10\"}}\n    deploy: {{per_call: \"0.10\"}}\n\
+             store:\n  redis: {{url: \"{}\", {store}}}\n{more}{}",
             redis.url(),
             collector.map_or(String::new(), |c| format!(
                 "chargeback:\n  export: {{url: \"http://{c}/v1/usage/events\", interval: 100ms, \
@@ -127,7 +138,8 @@ fn proxy_shipping(
         ),
         policy: "version: fleet\n\
                  defaults: {llm: allow, tool: allow, other: deny}\n\
-                 budgets:\n  - {id: cc-monthly, scope: cost_center, period: monthly, amount: \"5.00\"}\n",
+                 budgets:\n  - {id: cc-monthly, scope: cost_center, period: monthly, amount: \"5.00\"}\n\
+                 rules:\n  - {id: ask-deploys, match: {tool: deploy}, effect: require_approval}\n",
     }
     .yaml();
     std::fs::write(&config, yaml).unwrap();
@@ -140,20 +152,37 @@ async fn call(
     addr: SocketAddr,
     cc: &str,
 ) -> (u16, String) {
+    let (status, code, _) = call_as(client, addr, cc, "echo", "fleet-agent", &[]).await;
+    (status, code)
+}
+
+/// One call of `tool` by `agent` with extra headers: status, refusal code, approval id.
+async fn call_as(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+    addr: SocketAddr,
+    cc: &str,
+    tool: &str,
+    agent: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Option<String>) {
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                      "params": {"name": "echo", "arguments": {"text": "hi"}}});
-    let req = Request::post(format!("http://{addr}/mcp"))
+                      "params": {"name": tool, "arguments": {"text": "hi"}}});
+    let mut req = Request::post(format!("http://{addr}/mcp"))
         .header("content-type", "application/json")
-        .header("x-agent-id", "fleet-agent")
+        .header("x-agent-id", agent)
         .header("x-cost-center", cc)
-        .header("x-project-id", "PROJ-ABC123")
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .unwrap();
+        .header("x-project-id", "PROJ-ABC123");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(20), client.request(req))
         .await
         .expect("an answer within 20 s")
         .expect("a response");
     let status = response.status().as_u16();
+    let approval =
+        response.headers().get("x-tollgate-approval-id").map(|v| v.to_str().unwrap().to_string());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let code = serde_json::from_slice::<Value>(&bytes)
         .ok()
@@ -164,7 +193,7 @@ async fn call(
     if status == 503 {
         eprintln!("503: {}", String::from_utf8_lossy(&bytes));
     }
-    (status, code)
+    (status, code, approval)
 }
 
 fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>> {
@@ -403,5 +432,105 @@ async fn a_redis_outage_refuses_budgeted_calls_at_once_and_recovers() {
         }
         assert!(Instant::now() < deadline, "Redis holds {perm}, {served} calls were served");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An admin call with the test token: status and JSON body.
+async fn admin(method: &str, addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("authorization", "Bearer t")
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client().request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_raised_through_one_proxy_is_granted_through_another_and_used_once() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let fleet: Vec<Tollgate> =
+        (0..3).map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms").0).collect();
+    let (a, b, c) = (&fleet[0], &fleet[1], &fleet[2]);
+    let client = client();
+    let cc = "CC-4001";
+    let (status, code, id) = call_as(&client, a.proxy, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!((status, code.as_str()), (403, "rule_require_approval"));
+    let id = id.expect("an approval id");
+    // The same action asked through another proxy waits on the same approval.
+    let (_, _, again) = call_as(&client, c.proxy, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!(again.as_deref(), Some(id.as_str()), "one approval for the fleet");
+    // Every proxy lists it; b's operator grants it.
+    let (status, pending) =
+        admin("GET", c.admin, "/admin/approvals?state=pending", Value::Null).await;
+    assert_eq!(status, 200);
+    assert!(pending.to_string().contains(&id), "{pending}");
+    let (status, granted) = admin(
+        "POST",
+        b.admin,
+        &format!("/admin/approvals/{id}/approve"),
+        json!({"by": "alice", "note": "release window"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{granted}");
+    // Used once, through c; a second use through a is refused.
+    let header = [("x-tollgate-approval", id.as_str())];
+    let used = call_as(&client, c.proxy, cc, "deploy", "release-bot", &header).await;
+    assert_eq!(used.0, 200, "{used:?}");
+    let twice = call_as(&client, a.proxy, cc, "deploy", "release-bot", &header).await;
+    assert_eq!((twice.0, twice.1.as_str()), (403, "approval_used"));
+    let (_, one) = admin("GET", a.admin, &format!("/admin/approvals/{id}"), Value::Null).await;
+    assert_eq!(one["state"], "used", "{one}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_disabled_through_one_proxy_is_refused_by_all_until_reenabled() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let oversight =
+        "oversight: {sweep_interval: 100ms, escalation: {review_at: 1, disable_at: 1}}\n";
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, oversight).0)
+        .collect();
+    let client = client();
+    let cc = "CC-5001";
+    // The upstream refuses the agent's call as bad: disabled at once (disable_at: 1), through a.
+    let failing = [("x-mock-status", "422")];
+    let first = call_as(&client, fleet[0].proxy, cc, "echo", "flaky-bot", &failing).await;
+    assert_eq!(first.0, 422, "{first:?}");
+    // Every proxy refuses it within a sweep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for p in &fleet {
+        loop {
+            let (status, code, _) = call_as(&client, p.proxy, cc, "echo", "flaky-bot", &[]).await;
+            if (status, code.as_str()) == (403, "agent_disabled") {
+                break;
+            }
+            assert_eq!(status, 200, "{code}");
+            assert!(
+                Instant::now() < deadline,
+                "{} did not learn that flaky-bot is disabled",
+                p.proxy
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Another agent is not affected.
+    assert_eq!(call_as(&client, fleet[1].proxy, cc, "echo", "steady-bot", &[]).await.0, 200);
+    // Re-enabled through c: every proxy lets it through again.
+    let (status, enabled) =
+        admin("POST", fleet[2].admin, "/admin/agents/flaky-bot/enable", Value::Null).await;
+    assert_eq!((status, &enabled["was_disabled"]), (200, &json!(true)), "{enabled}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for p in &fleet {
+        while call_as(&client, p.proxy, cc, "echo", "flaky-bot", &[]).await.0 != 200 {
+            assert!(Instant::now() < deadline, "{} did not learn of the re-enable", p.proxy);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
