@@ -153,7 +153,7 @@ impl Request<'_> {
 }
 
 /// A rate limit that refused, as the store measured it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RateLimited {
     Requests {
         limit: u64,
@@ -165,6 +165,9 @@ pub enum RateLimited {
     },
     /// The counters cannot be read (a store that fails open answers `Ok` instead).
     Unavailable,
+    /// The store serves the allowance from a local share it must refill first (a fleet lease):
+    /// nothing was taken. The lifecycle hands it back as [`Admission::Short`].
+    Short(Box<Refill>),
 }
 
 /// What taking one call from an (agent, action) hourly allowance found.
@@ -381,32 +384,47 @@ pub enum Admission<'p> {
     Short(Box<Short<'p>>),
 }
 
-/// An admitted request waiting for its budget store to refill (see [`Admission::Short`]).
+/// A request waiting for a store to refill a local share (see [`Admission::Short`]): at the
+/// rate limits (nothing after step 4 has run) or at the budgets (everything else has).
 #[derive(Debug)]
 pub struct Short<'p> {
-    admitted: Admitted<'p>,
-    worst_case: Money,
     /// What the store needs from its backend.
     pub refill: Refill,
+    at: Resume<'p>,
+}
+
+#[derive(Debug)]
+enum Resume<'p> {
+    Rate { decision: Decision<'p>, priced: Priced, guard_ask: Option<(String, String)> },
+    Budget { admitted: Admitted<'p>, worst_case: Money },
 }
 
 impl<'p> Short<'p> {
-    /// Tries the budgets again, after the adapter refilled the store. May be short again (a
-    /// concurrent request took the refill first); never asks for an approval.
+    /// Goes on from the step that was short, after the adapter refilled the store. May be short
+    /// again (a concurrent request took the refill first). From the rate limits it runs every
+    /// later step, and may ask for an approval; from the budgets it only reserves.
     pub fn resume(
         self,
+        rules: &Rules<'p>,
         req: &Request<'_>,
         stores: &mut impl Stores,
         now: UnixMillis,
     ) -> Result<Admission<'p>, Refusal> {
-        let Short { mut admitted, worst_case, .. } = self;
-        match reserve(&admitted.decision, req, stores, worst_case, now)? {
-            Reserved::Done(reservation) => {
-                admitted.reservation = reservation;
-                Ok(Admission::Admitted(admitted))
+        match self.at {
+            Resume::Rate { decision, priced, guard_ask } => {
+                from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
             }
-            Reserved::Short(refill) => {
-                Ok(Admission::Short(Box::new(Short { admitted, worst_case, refill })))
+            Resume::Budget { mut admitted, worst_case } => {
+                match reserve(&admitted.decision, req, stores, worst_case, now)? {
+                    Reserved::Done(reservation) => {
+                        admitted.reservation = reservation;
+                        Ok(Admission::Admitted(admitted))
+                    }
+                    Reserved::Short(refill) => Ok(Admission::Short(Box::new(Short {
+                        refill,
+                        at: Resume::Budget { admitted, worst_case },
+                    }))),
+                }
             }
         }
     }
@@ -431,9 +449,11 @@ fn admission<'p>(
             Admission::Admitted(Admitted { decision, priced, oversaw, reservation })
         }
         Reserved::Short(refill) => Admission::Short(Box::new(Short {
-            worst_case: priced.worst_case(),
-            admitted: Admitted { decision, priced, oversaw, reservation: None },
             refill,
+            at: Resume::Budget {
+                worst_case: priced.worst_case(),
+                admitted: Admitted { decision, priced, oversaw, reservation: None },
+            },
         })),
     }
 }
@@ -485,20 +505,44 @@ pub fn decide<'p>(
         }
     }
 
+    from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
+}
+
+/// Steps 5 to 8: from the rate limits on.
+fn from_rate_limits<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    decision: Decision<'p>,
+    priced: Priced,
+    guard_ask: Option<(String, String)>,
+    now: UnixMillis,
+) -> Result<Admission<'p>, Refusal> {
+    let worst_case = priced.worst_case();
+    let refuse = |step: Step, denial: Denial| Refusal {
+        step,
+        denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
+    };
+
     // 5. Rate limits, per agent under the clause that decided.
     let limits = decision.limits;
     if limits.rpm.is_some() || limits.tpm.is_some() {
         let tokens = priced.bound.as_ref().map_or(0, Bound::tokens);
         let agent = req.facts.agent.unwrap_or("-");
-        if let Err(limited) =
-            stores.take_rate(decision.clause, agent, limits.rpm, limits.tpm, tokens, now)
-        {
-            let denial = rate_denial(limited);
+        match stores.take_rate(decision.clause, agent, limits.rpm, limits.tpm, tokens, now) {
+            Ok(()) => {}
+            Err(RateLimited::Short(refill)) => {
+                return Ok(Admission::Short(Box::new(Short {
+                    refill: *refill,
+                    at: Resume::Rate { decision, priced, guard_ask },
+                })));
+            }
             // A store that cannot count is not the decision's doing: no clause, as for budgets.
-            if limited == RateLimited::Unavailable {
+            Err(RateLimited::Unavailable) => {
+                let denial = rate_denial(RateLimited::Unavailable);
                 return Err(Refusal { step: Step::RateLimit, denial: Box::new(denial) });
             }
-            return Err(refuse(Step::RateLimit, denial));
+            Err(limited) => return Err(refuse(Step::RateLimit, rate_denial(limited))),
         }
     }
 
@@ -701,7 +745,7 @@ fn rate_denial(limited: RateLimited) -> Denial {
         RateLimited::Tokens { limit, retry_after_secs } => {
             ("tokens", "rate_limited_tokens", limit, retry_after_secs)
         }
-        RateLimited::Unavailable => {
+        RateLimited::Unavailable | RateLimited::Short(_) => {
             return Denial::new(
                 Class::Unavailable,
                 "budget_store_unavailable",

@@ -23,6 +23,7 @@ use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
+use crate::fleet::RateRefused;
 
 use crate::oversight::{audit_approval, Action, Admitted, StoreError, Verdict, APPROVAL_HEADER};
 use crate::state::Shared;
@@ -65,8 +66,21 @@ impl Stores for Live<'_> {
         rpm: Option<u64>,
         tpm: Option<u64>,
         tokens: u64,
-        _now: UnixMillis,
+        now: UnixMillis,
     ) -> Result<(), RateLimited> {
+        if let Some(fleet) = self.shared.budgets.store().fleet() {
+            let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
+            return fleet.take_rate(&who, rpm, tpm, tokens, now).map_err(|r| match r {
+                RateRefused::Full { limit, retry_after_ms, tokens: false } => {
+                    RateLimited::Requests { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
+                }
+                RateRefused::Full { limit, retry_after_ms, tokens: true } => {
+                    RateLimited::Tokens { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
+                }
+                RateRefused::Short(refill) => RateLimited::Short(refill),
+                RateRefused::Unavailable => RateLimited::Unavailable,
+            });
+        }
         let key = format!("{clause}\u{0}{agent}");
         self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
             crate::limits::Limited::Requests { limit, retry_after } => {
@@ -174,7 +188,8 @@ pub async fn admit<'p>(
     live: &mut Live<'_>,
     now: UnixMillis,
 ) -> Result<(lifecycle::Admitted<'p>, Admitted), Denial> {
-    let decided = refilled(shared, lifecycle::decide(rules, req, live, now), req, live, now).await;
+    let decided =
+        refilled(shared, lifecycle::decide(rules, req, live, now), rules, req, live, now).await;
     let (result, verdict) = match decided {
         Ok(lifecycle::Admission::Admitted(a)) => (Ok(a), Some(Verdict::Auto)),
         Ok(lifecycle::Admission::Short(_)) => unreachable!("refilled answers no Short"),
@@ -231,6 +246,7 @@ const MAX_REFILLS: usize = 32;
 async fn refilled<'p>(
     shared: &Shared,
     mut decided: Result<lifecycle::Admission<'p>, lifecycle::Refusal>,
+    rules: &lifecycle::Rules<'p>,
     req: &lifecycle::Request<'_>,
     live: &mut Live<'_>,
     now: UnixMillis,
@@ -256,7 +272,7 @@ async fn refilled<'p>(
             tracing::warn!(error = %e, "fleet budget store");
             return Err(unavailable("the fleet store (Redis) does not answer".into()));
         }
-        decided = short.resume(req, live, now);
+        decided = short.resume(rules, req, live, now);
     }
     match decided {
         Ok(lifecycle::Admission::Short(_)) => {
@@ -290,7 +306,9 @@ async fn approve<'p>(
             if let Err(d) = redeem(shared, action, id, &digest, now, &decision).await {
                 return refused(d);
             }
-            match refilled(shared, pending.granted(rules, req, live, now), req, live, now).await {
+            match refilled(shared, pending.granted(rules, req, live, now), rules, req, live, now)
+                .await
+            {
                 Ok(lifecycle::Admission::Admitted(admitted)) => {
                     (Ok(admitted), Some(Verdict::Approved))
                 }

@@ -305,6 +305,10 @@ impl Pool {
     }
 }
 
+/// The prefix of the rate-limit allowances' counters (one per clause, agent and minute); their
+/// base keeps it, so that their Redis keys cannot meet a budget's.
+const RATE: &str = "rate/";
+
 /// What a counter key is to the fleet store.
 enum Counter<'k> {
     Committed(&'k str),
@@ -314,6 +318,8 @@ enum Counter<'k> {
 
 fn counter(key: &str) -> Counter<'_> {
     if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/committed")) {
+        Counter::Committed(base)
+    } else if let Some(base) = key.strip_prefix(RATE).and(key.strip_suffix("/committed")) {
         Counter::Committed(base)
     } else if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/spent")) {
         Counter::Spent(base)
@@ -421,15 +427,11 @@ impl FleetStore {
         pool.lock().waiting += refill.amount;
         let result = async {
             let _io = pool.io.lock().await;
-            let free = {
+            let covered = {
                 let st = pool.lock();
-                if st.usable_until > now() {
-                    st.free().max(0)
-                } else {
-                    0
-                }
+                !st.returning && st.usable_until > now() && st.free() >= refill.amount
             };
-            if free >= refill.amount {
+            if covered {
                 return Ok(());
             }
             self.sync_locked(base, &pool, refill.amount, refill.limit, refill.expires_at, false)
@@ -476,7 +478,11 @@ impl FleetStore {
                 "a budget of {limit} nano-USD is above what the fleet store counts exactly ({MAX_BUDGET_NANOS})"
             )));
         }
-        let wmax = if want > 0 {
+        // A rate allowance is spent by the request that takes it and comes back unused only
+        // when idle: a lease of a quarter of what is left serves a burst without a round trip.
+        let wmax = if want > 0 && base.starts_with(RATE) {
+            limit
+        } else if want > 0 {
             want.max(
                 i64::try_from(u128::from(limit.max(0) as u64) * u128::from(cfg.slice_bp) / 10_000)
                     .unwrap_or(i64::MAX),
@@ -679,7 +685,8 @@ impl Store for FleetStore {
         let mut st = pool.lock();
         st.limit = limit;
         st.expires_at = st.expires_at.max(expires_at);
-        if !st.returning && st.usable_until > t && st.free() >= delta {
+        // Nothing to take (a free call): nothing to lease either.
+        if delta <= 0 || (!st.returning && st.usable_until > t && st.free() >= delta) {
             st.used += delta;
             st.last_use = t;
             return Ok(AddOutcome::Applied { total: st.fleet_committed - st.free().max(0) });
@@ -719,15 +726,66 @@ impl Store for FleetStore {
     }
 
     fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        // Past its counter's expiry nothing can settle on a pool any more (a rate window has
+        // ended, a budget's retention is over), and Redis drops the key then too.
         self.inner.pools.retain(|_, p| {
             let st = p.lock();
-            st.lease != 0
-                || st.used != 0
-                || st.unflushed != 0
-                || st.pending.is_some()
-                || st.expires_at > now
+            st.expires_at > now || st.expires_at.0 == 0
         });
         self.inner.local.prune(now)
+    }
+}
+
+/// Why [`FleetStore::take_rate`] did not take.
+pub enum RateRefused {
+    /// The allowance is used up until the window ends.
+    Full {
+        limit: u64,
+        retry_after_ms: u64,
+        tokens: bool,
+    },
+    Short(Box<Refill>),
+    Unavailable,
+}
+
+impl FleetStore {
+    /// Takes one request and `tokens` tokens from the fleet's allowances of `who` (a clause and
+    /// an agent) in the minute of `now`: counted together by every proxy, in fixed minute
+    /// windows. Both or neither are taken.
+    pub fn take_rate(
+        &self,
+        who: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        now: UnixMillis,
+    ) -> Result<(), RateRefused> {
+        let minute = now.0 / 60_000;
+        let window_end = UnixMillis((minute + 1) * 60_000);
+        let retry_after_ms = window_end.0.saturating_sub(now.0);
+        let mut taken: Option<String> = None;
+        for (limit, amount, kind) in [(rpm, 1, "rpm"), (tpm, tokens.max(1), "tpm")] {
+            let Some(limit) = limit else { continue };
+            let key = format!("{RATE}{kind}/{who}/{minute}/committed");
+            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+            let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+            let refused = match self.add_if_within(&key, amount, limit_i, window_end) {
+                Ok(AddOutcome::Applied { .. }) => {
+                    taken = Some(key);
+                    continue;
+                }
+                Ok(AddOutcome::Refused { .. }) => {
+                    RateRefused::Full { limit, retry_after_ms, tokens: kind == "tpm" }
+                }
+                Err(StoreError::Short(refill)) => RateRefused::Short(refill),
+                Err(_) => RateRefused::Unavailable,
+            };
+            if let Some(key) = taken {
+                let _ = self.add(&key, -1, window_end);
+            }
+            return Err(refused);
+        }
+        Ok(())
     }
 }
 

@@ -139,7 +139,8 @@ fn proxy_with(
         policy: "version: fleet\n\
                  defaults: {llm: allow, tool: allow, other: deny}\n\
                  budgets:\n  - {id: cc-monthly, scope: cost_center, period: monthly, amount: \"5.00\"}\n\
-                 rules:\n  - {id: ask-deploys, match: {tool: deploy}, effect: require_approval}\n",
+                 rules:\n  - {id: ask-deploys, match: {tool: deploy}, effect: require_approval}\n\
+                 \x20 - {id: metered, match: {agent: metered-bot}, effect: allow, limits: {rpm: 60}}\n",
     }
     .yaml();
     std::fs::write(&config, yaml).unwrap();
@@ -533,4 +534,32 @@ async fn an_agent_disabled_through_one_proxy_is_refused_by_all_until_reenabled()
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpm_limit_counts_the_whole_fleet() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let fleet: Vec<Tollgate> =
+        (0..3).map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms").0).collect();
+    let client = client();
+    // One minute window for the whole test: start early in a minute.
+    let into_minute =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            % 60_000;
+    if into_minute > 40_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into_minute as u64 + 100)).await;
+    }
+    let (mut served, mut limited) = (0, 0);
+    for i in 0..180 {
+        let p = &fleet[i % 3];
+        match call_as(&client, p.proxy, "CC-6001", "lookup", "metered-bot", &[]).await {
+            (200, _, _) => served += 1,
+            (429, code, _) if code == "rate_limited_requests" => limited += 1,
+            other => {
+                panic!("call {i}: unexpected {other:?} after {served} served, {limited} limited")
+            }
+        }
+    }
+    assert_eq!((served, limited), (60, 120), "60 per minute across the fleet, not 180");
 }

@@ -44,6 +44,8 @@ struct Fake {
     action_rate: ActionRate,
     /// How many more times `reserve` answers that the store must refill first.
     short: u32,
+    /// Likewise for `take_rate`.
+    rate_short: u32,
 }
 
 impl Default for Fake {
@@ -64,6 +66,7 @@ impl Default for Fake {
             budgets: BudgetEngine::new(MemoryStore::default()),
             action_rate: ActionRate::Taken(1),
             short: 0,
+            rate_short: 0,
         }
     }
 }
@@ -79,7 +82,16 @@ impl Stores for Fake {
         _: UnixMillis,
     ) -> Result<(), RateLimited> {
         self.calls.push("rate");
-        self.rate
+        if self.rate_short > 0 {
+            self.rate_short -= 1;
+            return Err(RateLimited::Short(Box::new(crate::budget::Refill {
+                key: "rate".into(),
+                amount: 1,
+                limit: 0,
+                expires_at: UnixMillis(0),
+            })));
+        }
+        self.rate.clone()
     }
     fn take_action_rate(&mut self, _: &str, _: &str, _: u32, _: UnixMillis) -> ActionRate {
         self.calls.push("action_rate");
@@ -200,12 +212,12 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
         ),
         Admission::Short(short) => {
             let mut refills = 1;
-            let mut next = short.resume(&req, stores, NOW);
+            let mut next = short.resume(&rules, &req, stores, NOW);
             loop {
                 match next {
                     Ok(Admission::Short(short)) => {
                         refills += 1;
-                        next = short.resume(&req, stores, NOW);
+                        next = short.resume(&rules, &req, stores, NOW);
                     }
                     Ok(Admission::Admitted(a)) => {
                         break format!(
@@ -671,4 +683,16 @@ fn a_store_short_of_its_lease_hands_the_wait_back_and_resumes_at_the_budgets_onl
     assert_eq!(s.calls.iter().filter(|c| **c == "reserve").count(), 3);
     assert_eq!(s.calls.iter().filter(|c| **c == "recordable").count(), 1);
     assert_eq!(s.calls.iter().filter(|c| **c == "breaker").count(), 1);
+}
+
+#[test]
+fn a_rate_limit_short_of_its_lease_resumes_from_the_rate_limits_without_running_the_guardrails_again(
+) {
+    let engine = engine();
+    let mut s = Fake { rate_short: 1, ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("limited-bot"), &mut s);
+    assert_eq!(r.unwrap(), "short 1 then admitted limited reserved=false");
+    // Taken once more after the refill; every later step ran once.
+    let count = |name: &str| s.calls.iter().filter(|c| **c == name).count();
+    assert_eq!((count("rate"), count("recordable"), count("breaker")), (2, 1, 1), "{:?}", s.calls);
 }
