@@ -165,7 +165,29 @@ fn legend_labels(legend: &str) -> Vec<String> {
 fn dashboard_json_is_well_formed() {
     let d = dashboard();
     let panels = panels(&d);
-    assert!(panels.len() >= 19, "{} panels", panels.len());
+    // The panels the dashboard is for, each found by its metric.
+    let exprs: Vec<String> = targets(&d).into_iter().map(|(_, _, e, _)| e).collect();
+    for metric in [
+        "tollgate_cost_nano_usd_total",
+        "tollgate_tokens_total",
+        "tollgate_requests_total",
+        "tollgate_budget_warnings_total",
+        "histogram_quantile(0.5, sum by (le, decision) (rate(tollgate_decision_duration_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le, decision) (rate(tollgate_decision_duration_seconds_bucket",
+        "histogram_quantile(0.5, sum by (le, route) (rate(tollgate_upstream_duration_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le, route) (rate(tollgate_upstream_duration_seconds_bucket",
+        "tollgate_approvals_pending",
+        "tollgate_approvals_requested_total",
+        "tollgate_autonomy_basis_points) / 10000",
+        "tollgate_budget_utilization_basis_points) / 10000",
+        "tollgate_circuit_breaker_state",
+        "tollgate_guardrail_violations_total",
+        "tollgate_shed_total",
+        "tollgate_data_free_bytes",
+        "tollgate_data_seconds_until_full",
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(metric)), "no panel queries {metric}");
+    }
     let variables = query_variables(&d);
     let list = d["templating"]["list"].as_array().expect("templating list");
     assert!(
