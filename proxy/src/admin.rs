@@ -111,6 +111,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (Method::GET, "/metrics") => {
             shared.oversight.observe_into(&shared.metrics);
             shared.metrics.observe_storage(&shared.ledger.storage());
+            // The utilisation gauge is computed at scrape time, like the storage gauges.
+            let _ = budget_states(shared, &shared.current().policy);
             if let Some(fleet) = shared.budgets.store().fleet() {
                 shared.metrics.store_down.set(i64::from(fleet.down()));
                 let errors = fleet.errors();
@@ -224,6 +226,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// ledger's current period (global and fixed-key budgets have one state each).
 fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
     let policy = shared.current().policy.clone();
+    let out = budget_states(shared, &policy)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "policy_version": policy.version(), "budgets": out }),
+    ))
+}
+
+/// Every budget's state now (and `tollgate_budget_utilization_basis_points` set from it).
+fn budget_states(
+    shared: &Shared,
+    policy: &tollgate_core::policy::Snapshot,
+) -> Result<Vec<BudgetStatus>, Failure> {
     let now = now();
     let values = shared.seen_values();
     let mut out: Vec<BudgetStatus> = Vec::new();
@@ -253,10 +267,7 @@ fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
             }
         }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "policy_version": policy.version(), "budgets": out }),
-    ))
+    Ok(out)
 }
 
 /// Usage totals from the ledger for a period (`2026-11` or `2026-11-22`, default this month),
