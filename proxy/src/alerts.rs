@@ -46,7 +46,7 @@ const QUEUE: usize = 4096;
 const MAX_IN_FLIGHT: usize = 16;
 
 enum Msg {
-    Raise(Event),
+    Raise(Box<Event>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -98,7 +98,7 @@ impl Alerts {
         let Some(tx) = &self.tx else { return };
         let at = now();
         let event = Event { id: new_event_id(), time: at.to_string(), time_ms: at.0, detail };
-        match tx.try_send(Msg::Raise(event)) {
+        match tx.try_send(Msg::Raise(Box::new(event))) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Raise(e))) => {
                 tracing::error!(event_id = %e.id, event = kind.as_str(),
@@ -235,7 +235,7 @@ fn write_loop(
                             deliveries.push(Delivery {
                                 id: format!("{}.{n}", event.id),
                                 receiver: key.clone(),
-                                event: event.clone(),
+                                event: (*event).clone(),
                             });
                         }
                     }
@@ -394,10 +394,9 @@ impl Delivering {
         }
     }
 
-    /// Marks a delivery done in the outbox and counts it under `counter`.
+    /// Marks a delivery done in the outbox, then counts it under `counter` (so that a pending
+    /// gauge at 0 means the `done` lines are written).
     async fn finish(&self, d: &Delivery, counter: &IntCounterVec) {
-        counter.with_label_values(&[d.event.detail.kind().as_str()]).inc();
-        self.counters.pending.dec();
         let (outbox, id) = (self.outbox.clone(), d.id.clone());
         let marked = tokio::task::spawn_blocking(move || {
             outbox.lock().unwrap_or_else(PoisonError::into_inner).done(&id)
@@ -406,6 +405,8 @@ impl Delivering {
         if let Ok(Err(e)) = marked {
             tracing::error!(error = %e, "alerts outbox: marking a delivery done");
         }
+        counter.with_label_values(&[d.event.detail.kind().as_str()]).inc();
+        self.counters.pending.dec();
     }
 }
 

@@ -36,7 +36,7 @@ pub struct Delivery {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line {
-    Add(Delivery),
+    Add(Box<Delivery>),
     Done(String),
 }
 
@@ -80,7 +80,7 @@ impl Outbox {
                             if let Some(old) = index.insert(d.id.clone(), next) {
                                 pending.remove(&old);
                             }
-                            pending.insert(next, d);
+                            pending.insert(next, *d);
                             next += 1;
                         }
                         Ok(Line::Done(id)) => {
@@ -108,7 +108,7 @@ impl Outbox {
         }
         let mut buf = Vec::with_capacity(512 * deliveries.len());
         for d in deliveries {
-            line(&mut buf, &Line::Add(d.clone()))?;
+            line(&mut buf, &Line::Add(Box::new(d.clone())))?;
         }
         self.file.write_all(&buf)?;
         self.file.sync_data()?;
@@ -156,7 +156,7 @@ fn rewrite<'a>(dir: &Path, pending: impl Iterator<Item = &'a Delivery>) -> io::R
         let mut buf = Vec::new();
         for d in pending {
             buf.clear();
-            line(&mut buf, &Line::Add(d.clone()))?;
+            line(&mut buf, &Line::Add(Box::new(d.clone())))?;
             out.write_all(&buf)?;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
