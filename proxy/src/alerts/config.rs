@@ -9,7 +9,7 @@
 //!       events: [budget_threshold, approval_pending, agent_disabled, circuit_open]  # default: all
 //!   initial_backoff: 1s         # first retry; doubles per failed attempt, with jitter
 //!   max_backoff: 5m
-//!   max_attempts: 20            # then the delivery is dropped (logged and counted)
+//!   max_attempts: 50            # then the delivery is dropped (logged and counted)
 //!   max_age: 24h                # or once the event is this old
 //!   timeout: 10s                # per attempt
 //! ```
@@ -96,7 +96,7 @@ impl Default for AlertsConfig {
             webhooks: Vec::new(),
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
-            max_attempts: 20,
+            max_attempts: 50,
             max_age: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(10),
         }
