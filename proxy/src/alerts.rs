@@ -294,9 +294,10 @@ impl Delivering {
                     );
                     let id = id.clone();
                     attempts.spawn(async move { (id, post.await) });
-                } else {
+                } else if slot.next_at > now_at {
                     next_due = Some(next_due.map_or(slot.next_at, |d| d.min(slot.next_at)));
                 }
+                // Due but over MAX_IN_FLIGHT: taken when an attempt ends (which wakes the loop).
             }
             let sleep = async {
                 match next_due {

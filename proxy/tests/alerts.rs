@@ -473,3 +473,56 @@ async fn an_opening_breaker_and_a_disabled_agent_raise_alerts() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.got().len(), 2, "one alert each");
 }
+
+/// A delivery that keeps failing is dropped after `max_attempts`, logged and counted; one whose
+/// receiver left the config is dropped at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_are_dropped_after_max_attempts_or_when_their_receiver_is_gone() {
+    let mock = MockUpstream::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let receiver = Receiver::start(listener, &[500; 10]).await;
+    let dir = temp_dir("alerts-drop");
+    let alerts = format!(
+        "  webhooks:\n\
+         \x20   - {{url: \"http://{hook}/failing\", secret_env: {KEY_ENV}}}\n\
+         \x20 initial_backoff: 50ms\n  max_attempts: 3\n"
+    );
+    let path = config(&dir, &mock, &alerts, "", APPROVAL_POLICY);
+    let mut proxy = start(&path);
+    let (status, _) = chat(&client(), proxy.proxy, "asker", "gpt-4o-mini", &[]).await;
+    assert_eq!(status, 403);
+    let dropped =
+        proxy.wait_for("alert dropped: not delivered within alerts.max_attempts / max_age");
+    assert_eq!(dropped["fields"]["attempts"], 3, "{dropped}");
+    assert_eq!(receiver.got().len(), 3);
+    assert_eq!(proxy.metric("tollgate_alerts_failed_total{event=\"approval_pending\"}"), 3);
+    assert_eq!(proxy.metric("tollgate_alerts_dropped_total{event=\"approval_pending\"}"), 1);
+    assert_eq!(proxy.metric("tollgate_alerts_sent_total{event=\"approval_pending\"}"), 0);
+    assert_eq!(proxy.metric("tollgate_alerts_pending"), 0);
+
+    // Raised while the receiver's port is closed, then the receiver leaves the config.
+    drop(receiver);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = chat(&client(), proxy.proxy, "asker-2", "gpt-4o-mini", &[]).await;
+    assert_eq!(status, 403);
+    proxy.wait_for("alert delivery failed; will retry");
+    proxy.signal("TERM");
+    assert_eq!(tokio::task::block_in_place(|| proxy.exit_code()), Some(0));
+    drop(proxy);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = listener.local_addr().unwrap();
+    let receiver = Receiver::start(listener, &[]).await;
+    let alerts =
+        format!("  webhooks:\n    - {{url: \"http://{other}/new\", secret_env: {KEY_ENV}}}\n");
+    let path = config(&dir, &mock, &alerts, "", APPROVAL_POLICY);
+    let proxy = start(&path);
+    // (Logged as `alert dropped: its webhook is no longer configured`, before it listens.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("tollgate_alerts_dropped_total{event=\"approval_pending\"}") != 1 {
+        assert!(Instant::now() < deadline, "dropped at start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.metric("tollgate_alerts_pending"), 0);
+    assert!(receiver.got().is_empty(), "not sent to another receiver");
+}
