@@ -125,14 +125,14 @@ impl Alerts {
 }
 
 /// A receiver with its signing key.
-struct Receiver_ {
+struct Target {
     hook: Webhook,
     secret: Vec<u8>,
 }
 
 /// The delivery task, to spawn with [`Delivering::run`].
 pub struct Delivering {
-    receivers: Arc<Vec<Receiver_>>,
+    receivers: Arc<Vec<Target>>,
     config: AlertsConfig,
     outbox: Arc<Mutex<Outbox>>,
     initial: Vec<Delivery>,
@@ -161,7 +161,7 @@ pub fn open(
                 hook.secret_env
             )
         })?;
-        receivers.push(Receiver_ { hook: hook.clone(), secret: secret.into_bytes() });
+        receivers.push(Target { hook: hook.clone(), secret: secret.into_bytes() });
     }
     let dir = data_dir.join("alerts");
     let (outbox, opened) = Outbox::open(&dir)
