@@ -274,6 +274,34 @@ pub const CIRCUIT_BREAKER_STATE: Metric = gauge(
     Emitter::Sidecar,
 );
 
+pub const ALERTS_SENT: Metric = counter(
+    "tollgate_alerts_sent_total",
+    &["event"],
+    "Alert deliveries a webhook receiver acknowledged with a 2xx, by event type \
+     (budget_threshold, approval_pending, agent_disabled, circuit_open)",
+    Emitter::Sidecar,
+);
+pub const ALERTS_FAILED: Metric = counter(
+    "tollgate_alerts_failed_total",
+    &["event"],
+    "Alert delivery attempts that failed (no answer, or not a 2xx), by event type; each is \
+     retried with backoff until it is delivered or dropped",
+    Emitter::Sidecar,
+);
+pub const ALERTS_DROPPED: Metric = counter(
+    "tollgate_alerts_dropped_total",
+    &["event"],
+    "Alert deliveries given up (alerts.max_attempts or alerts.max_age reached, the receiver no \
+     longer configured, or the outbox queue full), by event type",
+    Emitter::Sidecar,
+);
+pub const ALERTS_PENDING: Metric = gauge(
+    "tollgate_alerts_pending",
+    &[],
+    "Alert deliveries in the outbox waiting for a receiver's 2xx",
+    Emitter::Sidecar,
+);
+
 // The Envoy filter only.
 
 pub const USAGE_EVENTS_SENT: Metric = counter(
@@ -328,7 +356,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 37] = [
+pub const ALL: [&Metric; 41] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -358,6 +386,10 @@ pub const ALL: [&Metric; 37] = [
     &APPROVALS_REQUESTED,
     &APPROVALS_PENDING,
     &CIRCUIT_BREAKER_STATE,
+    &ALERTS_SENT,
+    &ALERTS_FAILED,
+    &ALERTS_DROPPED,
+    &ALERTS_PENDING,
     &USAGE_EVENTS_SENT,
     &USAGE_EVENTS_FAILED,
     &USAGE_EVENTS_REJECTED,

@@ -391,9 +391,14 @@ async fn request(
         note: None,
         used_by_request: None,
     };
+    let id = approval.id.clone();
     let created = o.approvals.blocking(move |store| store.create(approval, now)).await;
     match created {
         Ok(approval) => {
+            // A new approval (not the one already pending for the same agent and action).
+            if approval.id == id {
+                shared.alerts.raise(crate::alerts::approval_pending(&approval));
+            }
             let mut reasons = o.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
             if reasons.len() < 1000 || reasons.contains_key(reason) {
                 *reasons.entry(reason.to_string()).or_default() += 1;

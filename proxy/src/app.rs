@@ -215,6 +215,7 @@ pub async fn start_with(
         skipped = approvals.skipped,
         "approvals replayed"
     );
+    let (alerts, delivering) = crate::alerts::open(&config.alerts, &config.data_dir, &metrics)?;
     metrics.set_policy_version(config.engine.policy().version());
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Current::new(config)),
@@ -231,6 +232,7 @@ pub async fn start_with(
         reload_state: Default::default(),
         seen: Default::default(),
         oversight,
+        alerts,
     });
     for (scope, value) in &rebuilt.keys {
         shared.saw(*scope, value);
@@ -266,6 +268,8 @@ pub async fn start_with(
             stop_rx.clone(),
         ))
     });
+    let delivering =
+        delivering.map(|d| tokio::spawn(d.run(shared.client.clone(), stop_rx.clone())));
     let sweeper = tokio::spawn(sweep_approvals(shared.clone(), stop_rx.clone()));
     let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
     // The fleet store reports spend until the last request has settled, then gives its leases
@@ -297,6 +301,11 @@ pub async fn start_with(
             if let Some(export) = export {
                 let _ = export.await;
             }
+            if let Some(delivering) = delivering {
+                let _ = delivering.await;
+            }
+            // Alerts raised while draining are on disk, delivered after the next start.
+            shared.alerts.flush().await;
             shared.ledger.flush().await;
         })
     };

@@ -190,6 +190,8 @@ pub struct Config {
     pub forward: ForwardProxy,
     /// Approvals and the runaway-agent guards (`oversight:`).
     pub oversight: crate::oversight::config::OversightConfig,
+    /// Webhook receivers of alerts (`alerts:`).
+    pub alerts: crate::alerts::config::AlertsConfig,
     /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
     pub autonomy_configured: bool,
     /// Where budgets are counted (`store:`): this process (`None`) or Redis, shared by the fleet.
@@ -296,6 +298,7 @@ const TOP: &[&str] = &[
     "guardrails",
     "oversight",
     "store",
+    "alerts",
 ];
 
 impl Config {
@@ -361,6 +364,7 @@ impl Config {
         keep!("export", export);
         keep!("forward_proxy", forward);
         keep!("oversight", oversight);
+        keep!("alerts", alerts);
         keep!("autonomy (added or removed)", autonomy_configured);
         keep!("store", store);
         changed
@@ -485,6 +489,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let forward = obj.get("forward_proxy").map(|f| forward_proxy(cx, &f)).unwrap_or_default();
     let limits = request_limits(cx, obj.get("limits"), forward.enabled);
     let oversight = crate::oversight::config::OversightConfig::decode(cx, obj.get("oversight"));
+    let alerts = crate::alerts::config::AlertsConfig::decode(cx, obj.get("alerts"));
     let autonomy_configured = obj.get("autonomy").is_some();
     let store = crate::fleet::StoreConfig::decode(cx, obj.get("store"));
     let engine = EngineConfig {
@@ -537,6 +542,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         export,
         forward,
         oversight,
+        alerts,
         autonomy_configured,
         store,
         engine: engine?,
@@ -1151,6 +1157,55 @@ mod tests {
             .pin_from_env([("TOLLGATE_PIN_X_COST_CENTER".to_string(), "cc-1".to_string())])
             .expect_err("invalid value");
         assert!(err.to_string().contains("TOLLGATE_PIN_X_COST_CENTER"), "{err}");
+    }
+
+    #[test]
+    fn alerts_webhooks_are_checked_and_default_to_every_event() {
+        use crate::alerts::config::{Format, Kind};
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let ok = format!(
+            "{base}alerts:\n  webhooks:\n\
+             \x20   - {{url: \"http://127.0.0.1:9/a\", secret_env: K}}\n\
+             \x20   - {{url: \"https://hooks.example.com/b\", format: slack, secret_env: K, \
+             events: [approval_pending, circuit_open]}}\n\
+             \x20 initial_backoff: 50ms\n  max_attempts: 3\n"
+        );
+        let config = Config::from_str(&ok).expect("valid");
+        let a = &config.alerts;
+        assert_eq!(a.webhooks.len(), 2);
+        assert_eq!((a.webhooks[0].format, a.webhooks[0].events.len()), (Format::Json, 4));
+        assert_eq!(a.webhooks[1].format, Format::Slack);
+        assert_eq!(a.webhooks[1].events, [Kind::ApprovalPending, Kind::CircuitOpen]);
+        assert_eq!((a.initial_backoff, a.max_attempts), (Duration::from_millis(50), 3));
+        assert!(!Config::from_str(base).unwrap().alerts.enabled(), "off without the section");
+        let bad = format!(
+            "{base}alerts:\n  webhooks:\n\
+             \x20   - {{url: \"ftp://x\", format: xml, events: [budget_threshold, nope], extra: 1}}\n\
+             \x20   - {{url: \"http://a/\", secret_env: K}}\n\
+             \x20   - {{url: \"http://a/\", secret_env: K}}\n\
+             \x20 max_attempts: 0\n  bogus: 1\n"
+        );
+        let errors = Config::from_str(&bad).err().expect("invalid").0;
+        assert!(errors[0].message.contains("secret_env"), "{}", errors[0].message);
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("alerts.webhooks[0]", 6),
+                ("alerts.webhooks[0].url", 6),
+                ("alerts.webhooks[0].format", 6),
+                ("alerts.webhooks[0].events[1]", 6),
+                ("alerts.webhooks[0].extra", 6),
+                ("alerts.webhooks[2]", 8),
+                ("alerts.max_attempts", 9),
+                ("alerts.bogus", 10),
+            ],
+            "{errors:?}"
+        );
+        // A restart-only section: a reload keeps the running receivers and says so.
+        let mut reloaded = Config::from_str(base).unwrap();
+        assert_eq!(reloaded.keep_restart_only(&config), ["alerts"]);
+        assert_eq!(reloaded.alerts, config.alerts);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod app;
 pub mod approvals_cli;
 pub mod audit;

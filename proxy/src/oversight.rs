@@ -412,14 +412,33 @@ impl Oversight {
     /// reached). Provider errors (5xx, 429, 408, unreachable) feed the upstream's breaker only;
     /// the agent's own errors (other 4xx) feed escalation; any non-2xx counts as a failed
     /// outcome for the action's success history.
-    pub fn settle(&self, ledger: &Ledger, admitted: &Admitted, status: u16) {
+    /// Raises an alert when the outcome opens the breaker or disables the agent.
+    pub fn settle(
+        &self,
+        ledger: &Ledger,
+        alerts: &crate::alerts::Alerts,
+        admitted: &Admitted,
+        status: u16,
+    ) {
         if admitted.breaker.is_none() && admitted.track.is_none() {
             return;
         }
         let now = now();
         if let Some(i) = admitted.breaker {
-            let mut b = self.breakers[i].1.lock().unwrap_or_else(PoisonError::into_inner);
-            b.on_outcome(Outcome::of_status(status), now);
+            let (key, breaker) = &self.breakers[i];
+            let mut b = breaker.lock().unwrap_or_else(PoisonError::into_inner);
+            if b.on_outcome(Outcome::of_status(status), now) {
+                let open_for_ms = b.open_for_ms();
+                drop(b);
+                tracing::warn!(upstream = %key, "circuit breaker opened");
+                alerts.raise(crate::alerts::Detail::CircuitOpen(
+                    crate::alerts::event::CircuitOpen {
+                        upstream: key.clone(),
+                        open_for_ms,
+                        retry_at: UnixMillis(now.0.saturating_add(open_for_ms)).to_string(),
+                    },
+                ));
+            }
         }
         let Some((agent, action)) = &admitted.track else { return };
         let ok = (200..300).contains(&status);
@@ -439,6 +458,13 @@ impl Oversight {
                 && !matches!(before, Standing::Disabled { .. })
             {
                 tracing::warn!(agent = %agent, "agent disabled after consecutive errors");
+                alerts.raise(crate::alerts::Detail::AgentDisabled(
+                    crate::alerts::event::AgentDisabled {
+                        agent: agent.to_string(),
+                        action: action.to_string(),
+                        status,
+                    },
+                ));
                 // Off the request path; a failure is logged (the agent stays disabled in memory).
                 let (store, snapshot) =
                     (self.disabled.clone(), self.disabled.snapshot(e.disabled()));

@@ -590,7 +590,7 @@ impl Observer for Settler {
 
     fn on_end(&mut self, end: StreamEnd) {
         let shared = &self.shared;
-        shared.oversight.settle(&shared.ledger, &self.admitted, self.status);
+        shared.oversight.settle(&shared.ledger, &shared.alerts, &self.admitted, self.status);
         let ok = (200..300).contains(&self.status);
         let (usage, source, reported_model) = match self.meter.take() {
             Some(meter) if ok => {
@@ -677,6 +677,13 @@ impl Observer for Settler {
                 Ok(settlement) => {
                     for w in &settlement.warnings {
                         shared.metrics.budget_warning(&w.budget_id, w.threshold_bp / 100);
+                        if shared.alerts.wants(crate::alerts::config::Kind::BudgetThreshold) {
+                            shared.alerts.raise(crate::alerts::budget_threshold(
+                                w,
+                                &self.base.request_id,
+                                &self.base.agent,
+                            ));
+                        }
                         tracing::warn!(
                             budget = %w.budget_id,
                             key = %w.key,

@@ -63,6 +63,8 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// Approvals, autonomy budgets and the runaway-agent guards.
     pub oversight: crate::oversight::Oversight,
+    /// Webhook alerts (queued to the durable outbox; see [`crate::alerts`]).
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// Most distinct scope values remembered for the admin budget listing.

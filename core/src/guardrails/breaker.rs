@@ -144,31 +144,42 @@ impl Breaker {
     }
 
     /// Reports an admitted call's failure: counts towards opening while closed, reopens from
-    /// half-open. A late failure while open does not extend the open period.
-    pub fn on_failure(&mut self, now: UnixMillis) {
+    /// half-open. A late failure while open does not extend the open period. Returns whether
+    /// this failure opened the breaker (from closed or half-open): the moment to alert on.
+    pub fn on_failure(&mut self, now: UnixMillis) -> bool {
         let until = now.as_millis().saturating_add(self.config.open_for_ms);
         match self.inner {
             Inner::Closed { failures } => {
                 let failures = failures.saturating_add(1);
-                self.inner = if failures >= self.config.failure_threshold.max(1) {
-                    Inner::Open { until }
-                } else {
-                    Inner::Closed { failures }
-                };
+                let opens = failures >= self.config.failure_threshold.max(1);
+                self.inner = if opens { Inner::Open { until } } else { Inner::Closed { failures } };
+                opens
             }
-            Inner::HalfOpen { .. } => self.inner = Inner::Open { until },
-            Inner::Open { .. } => {}
+            Inner::HalfOpen { .. } => {
+                self.inner = Inner::Open { until };
+                true
+            }
+            Inner::Open { .. } => false,
         }
     }
 
     /// Reports an admitted call's result: a provider error (5xx, 429, 408, no answer; see
     /// [`Outcome::of_status`]) is a failure, anything else (a 4xx that is the caller's doing
-    /// included: the upstream answered) a success.
-    pub fn on_outcome(&mut self, outcome: Outcome, now: UnixMillis) {
+    /// included: the upstream answered) a success. Returns whether it opened the breaker
+    /// ([`Breaker::on_failure`]).
+    pub fn on_outcome(&mut self, outcome: Outcome, now: UnixMillis) -> bool {
         match outcome {
             Outcome::ProviderError => self.on_failure(now),
-            Outcome::Success | Outcome::AgentError => self.on_success(now),
+            Outcome::Success | Outcome::AgentError => {
+                self.on_success(now);
+                false
+            }
         }
+    }
+
+    /// How long an opening keeps the breaker open (`open_for`).
+    pub fn open_for_ms(&self) -> u64 {
+        self.config.open_for_ms
     }
 
     /// Closes the breaker by hand (an operator's reset).
@@ -190,11 +201,17 @@ mod tests {
     #[test]
     fn provider_errors_open_it_and_the_callers_errors_do_not() {
         let mut b = Breaker::new(BreakerConfig { failure_threshold: 3, open_for_ms: 1000 });
+        let mut opened = Vec::new();
         for (i, status) in [429u16, 529, 0].into_iter().enumerate() {
             assert_eq!(b.allow(t(i as u64)), Admission::Permit);
-            b.on_outcome(Outcome::of_status(status), t(i as u64));
+            opened.push(b.on_outcome(Outcome::of_status(status), t(i as u64)));
         }
         assert_eq!(b.state(), State::Open);
+        assert_eq!(opened, [false, false, true], "only the failure that opens it says so");
+        assert!(!b.on_failure(t(3)), "a late failure while open is no new opening");
+        // The half-open probe's failure opens it again: a second opening.
+        assert_eq!(b.allow(t(1002)), Admission::Permit);
+        assert!(b.on_outcome(Outcome::of_status(503), t(1002)));
         let mut b = Breaker::new(BreakerConfig { failure_threshold: 3, open_for_ms: 1000 });
         for (i, status) in [500u16, 503, 400, 404, 422, 401].into_iter().enumerate() {
             b.on_outcome(Outcome::of_status(status), t(i as u64));
