@@ -172,7 +172,8 @@ pub async fn start_with(
         Some(store) => {
             let fleet = crate::fleet::FleetStore::new(store.redis.clone())?;
             tracing::info!(
-                redis = %crate::fleet::redact(&store.redis.url),
+                redis = %crate::fleet::redact(&store.redis.nodes[0]),
+                cluster = store.redis.cluster,
                 id = fleet.id(),
                 "budgets shared by the fleet through Redis (fleet mode)"
             );

@@ -51,8 +51,11 @@ pub struct StoreConfig {
 /// `store.redis`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db` (never logged: it may carry a password).
-    pub url: String,
+    /// `redis://[user:password@]host:port/db`: one server (`url`), or the seed nodes of a Redis
+    /// Cluster (`cluster`). Never logged as written: a URL may carry a password.
+    pub nodes: Vec<String>,
+    /// Whether `nodes` are a Redis Cluster's.
+    pub cluster: bool,
     /// Prepended to every key (no braces: keys carry their own hash tags).
     pub key_prefix: String,
     /// Longest wait for one Redis call.
@@ -68,7 +71,8 @@ pub struct RedisConfig {
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact(&self.url))
+            .field("nodes", &self.nodes.iter().map(|u| redact(u)).collect::<Vec<_>>())
+            .field("cluster", &self.cluster)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("lease_ttl", &self.lease_ttl)
@@ -94,14 +98,34 @@ impl StoreConfig {
         let mut obj = cx.object(&field)?;
         let redis = obj.require(cx, "redis").and_then(|f| {
             let mut r = cx.object(&f)?;
-            let url = r.require(cx, "url").and_then(|f| {
+            let redis_url = |cx: &mut Cx, f: &Field<'_>| {
                 let url = f.non_empty_str(cx)?;
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
                     return None;
                 }
                 Some(url.to_string())
-            });
+            };
+            let (nodes, cluster) = match (r.get("url"), r.get("cluster")) {
+                (Some(f), None) => (redis_url(cx, &f).map(|u| vec![u]), false),
+                (None, Some(f)) => {
+                    let nodes: Vec<Option<String>> =
+                        f.items(cx).iter().map(|n| redis_url(cx, n)).collect();
+                    if nodes.is_empty() {
+                        f.error(cx, "name at least one node of the cluster");
+                    }
+                    (nodes.into_iter().collect::<Option<Vec<_>>>(), true)
+                }
+                (Some(f), Some(_)) => {
+                    f.error(cx, "give `url` (one server) or `cluster` (its nodes), not both");
+                    (None, false)
+                }
+                (None, None) => {
+                    f.error(cx, "`url` (one server) or `cluster` (the nodes of a Redis Cluster) is required");
+                    (None, false)
+                }
+            };
+            let nodes = nodes.filter(|n| !n.is_empty());
             let key_prefix = match r.get("key_prefix") {
                 Some(f) => f.str(cx).and_then(|p| {
                     if p.contains(['{', '}']) {
@@ -153,10 +177,19 @@ impl StoreConfig {
             };
             r.finish(
                 cx,
-                &["url", "key_prefix", "timeout", "lease_ttl", "sync_interval", "slice_percent"],
+                &[
+                    "url",
+                    "cluster",
+                    "key_prefix",
+                    "timeout",
+                    "lease_ttl",
+                    "sync_interval",
+                    "slice_percent",
+                ],
             );
             Some(RedisConfig {
-                url: url?,
+                nodes: nodes?,
+                cluster,
                 key_prefix: key_prefix?,
                 timeout: Duration::from_millis(timeout),
                 lease_ttl: Duration::from_millis(lease_ttl),
@@ -328,6 +361,13 @@ fn counter(key: &str) -> Counter<'_> {
     }
 }
 
+/// A connection to one Redis server (multiplexed, reconnecting) or to a Redis Cluster (routed
+/// by key slot). Both are cheap to clone.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
 /// The budget store of a proxy in fleet mode (see the module doc).
 #[derive(Clone)]
 pub struct FleetStore {
@@ -340,8 +380,7 @@ struct Inner {
     id: String,
     local: MemoryStore,
     pools: DashMap<String, Arc<Pool>>,
-    conn: tokio::sync::OnceCell<ConnectionManager>,
-    client: redis::Client,
+    conn: tokio::sync::OnceCell<Conn>,
     script: redis::Script,
     seq: AtomicU64,
     /// Until when (unix ms) Redis is taken as down after a failed call.
@@ -363,8 +402,10 @@ fn unavailable(reason: impl std::fmt::Display) -> StoreError {
 impl FleetStore {
     /// A store over `config`; it connects on first use (and reconnects by itself).
     pub fn new(config: RedisConfig) -> anyhow::Result<FleetStore> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| anyhow::anyhow!("store.redis.url: {e}"))?;
+        for url in &config.nodes {
+            redis::Client::open(url.as_str())
+                .map_err(|e| anyhow::anyhow!("store.redis: `{}`: {e}", redact(url)))?;
+        }
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".into());
         let nonce = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
@@ -378,7 +419,6 @@ impl FleetStore {
                 local: MemoryStore::new(),
                 pools: DashMap::new(),
                 conn: tokio::sync::OnceCell::new(),
-                client,
                 script: redis::Script::new(SCRIPT),
                 seq: AtomicU64::new(0),
                 down_until: AtomicU64::new(0),
@@ -505,9 +545,15 @@ impl FleetStore {
             .arg(expires_at.0)
             .arg(need);
         let answer: Result<(i64, i64, i64, i64, i64), StoreError> = async {
-            let conn = self.connection().await?;
-            let mut conn = conn.clone();
-            match tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut conn)).await {
+            let called = match self.connection().await? {
+                Conn::Single(c) => {
+                    tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut c.clone())).await
+                }
+                Conn::Cluster(c) => {
+                    tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut c.clone())).await
+                }
+            };
+            match called {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(unavailable(e)),
                 Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
@@ -544,20 +590,33 @@ impl FleetStore {
         }
     }
 
-    async fn connection(&self) -> Result<&ConnectionManager, StoreError> {
+    async fn connection(&self) -> Result<&Conn, StoreError> {
         let cfg = &self.inner.config;
+        let failed = |e: redis::RedisError| {
+            unavailable(format!("connecting to {}: {e}", redact(&cfg.nodes[0])))
+        };
         self.inner
             .conn
             .get_or_try_init(|| async {
+                if cfg.cluster {
+                    let client = redis::cluster::ClusterClient::builder(cfg.nodes.clone())
+                        .connection_timeout(cfg.timeout)
+                        .response_timeout(cfg.timeout)
+                        .retries(1)
+                        .build()
+                        .map_err(failed)?;
+                    return client.get_async_connection().await.map(Conn::Cluster).map_err(failed);
+                }
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(cfg.timeout))
                     .set_response_timeout(Some(cfg.timeout))
                     .set_number_of_retries(1);
-                self.inner
-                    .client
+                let client = redis::Client::open(cfg.nodes[0].as_str()).map_err(failed)?;
+                client
                     .get_connection_manager_with_config(config)
                     .await
-                    .map_err(|e| unavailable(format!("connecting to {}: {e}", redact(&cfg.url))))
+                    .map(Conn::Single)
+                    .map_err(failed)
             })
             .await
     }

@@ -27,13 +27,20 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Extra `redis-server` arguments.
+    args: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = temp_dir("redis");
-        let mut redis = Redis { child: None, port, dir };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut redis = Redis { child: None, port, dir, args };
         redis.restart();
         redis
     }
@@ -43,6 +50,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--appendonly", "yes", "--save", "", "--dir"])
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -82,6 +90,74 @@ impl Redis {
     }
 }
 
+/// Where the proxies find Redis: `url: ...` or `cluster: [...]`.
+trait Store {
+    fn spec(&self) -> String;
+}
+
+impl Store for Redis {
+    fn spec(&self) -> String {
+        format!("url: \"{}\"", self.url())
+    }
+}
+
+/// A Redis Cluster of three masters on loopback ports, made with `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let nodes: Vec<Redis> =
+            (0..3).map(|_| Redis::start_with(&["--cluster-enabled", "yes"])).collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Debian's redis-tools"));
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        // Wait until every node agrees the cluster is up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not come up");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Cluster { nodes }
+    }
+
+    /// `HGETALL` of the budget counter whose key contains `needle`, from whichever node has it.
+    async fn budget_hash(&self, needle: &str) -> Vec<(String, String)> {
+        for n in &self.nodes {
+            let client = redis::Client::open(n.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await.unwrap();
+            if let Some(key) = keys.first() {
+                return redis::cmd("HGETALL").arg(key).query_async(&mut conn).await.unwrap();
+            }
+        }
+        panic!("no node holds a budget counter for {needle}");
+    }
+}
+
+impl Store for Cluster {
+    fn spec(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
+        format!("cluster: [{}]", urls.join(", "))
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
@@ -97,14 +173,14 @@ fn leases(hash: &[(String, String)]) -> i64 {
 }
 
 /// One proxy of the fleet: a monthly $5.00 budget per cost center, the `echo` tool at $0.10.
-fn proxy(redis: &Redis, upstream: &str, store: &str) -> (Tollgate, PathBuf) {
+fn proxy(redis: &impl Store, upstream: &str, store: &str) -> (Tollgate, PathBuf) {
     proxy_shipping(redis, upstream, store, None)
 }
 
 /// A proxy that also ships its usage records to the collector at `collector` (its admin
 /// listener).
 fn proxy_shipping(
-    redis: &Redis,
+    redis: &impl Store,
     upstream: &str,
     store: &str,
     collector: Option<SocketAddr>,
@@ -114,7 +190,7 @@ fn proxy_shipping(
 
 /// A proxy of the fleet with `more` config (oversight, say).
 fn proxy_with(
-    redis: &Redis,
+    redis: &impl Store,
     upstream: &str,
     store: &str,
     collector: Option<SocketAddr>,
@@ -129,8 +205,8 @@ fn proxy_with(
         more_routes: &[format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{upstream}\"}}")],
         extra: &format!(
             "pricing:\n  tools:\n    echo: {{per_call: \"0.10\"}}\n    deploy: {{per_call: \"0.10\"}}\n\
-             store:\n  redis: {{url: \"{}\", {store}}}\n{more}{}",
-            redis.url(),
+             store:\n  redis: {{{}, {store}}}\n{more}{}",
+            redis.spec(),
             collector.map_or(String::new(), |c| format!(
                 "chargeback:\n  export: {{url: \"http://{c}/v1/usage/events\", interval: 100ms, \
                  token_env: {TOKEN_ENV}}}\n"
@@ -562,4 +638,48 @@ async fn an_rpm_limit_counts_the_whole_fleet() {
         }
     }
     assert_eq!((served, limited), (60, 120), "60 per minute across the fleet, not 180");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_three_proxies_never_spend_more_than_the_budget_either() {
+    let mock = MockUpstream::start().await;
+    let cluster = Cluster::start();
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| proxy(&cluster, &mock.base_url(), "sync_interval: 20ms, timeout: 2s").0)
+        .collect();
+    let client = client();
+    let cc = "CC-7001";
+    let calls: Vec<_> = (0..1000)
+        .map(|i| {
+            let (client, addr) = (client.clone(), fleet[i % 3].proxy);
+            tokio::spawn(async move { call(&client, addr, cc).await })
+        })
+        .collect();
+    let mut served = 0;
+    for answer in calls {
+        match answer.await.unwrap() {
+            (200, _) => served += 1,
+            (402, code) if code == "budget_exceeded" => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(served, 50, "$5.00 at $0.10 a call, across the cluster");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&cluster.budget_hash(cc).await, "perm") != 50 * DIME {
+        assert!(Instant::now() < deadline, "the spend reaches the cluster");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Approvals work on the cluster too: raised through one proxy, used once through another.
+    let (_, _, id) = call_as(&client, fleet[0].proxy, cc, "deploy", "release-bot", &[]).await;
+    let id = id.expect("an approval id");
+    let (status, _) =
+        admin("POST", fleet[1].admin, &format!("/admin/approvals/{id}/approve"), json!({})).await;
+    assert_eq!(status, 200);
+    let header = [("x-tollgate-approval", id.as_str())];
+    assert_eq!(
+        call_as(&client, fleet[2].proxy, "CC-7002", "deploy", "release-bot", &header).await.0,
+        200
+    );
+    let twice = call_as(&client, fleet[0].proxy, "CC-7002", "deploy", "release-bot", &header).await;
+    assert_eq!((twice.0, twice.1.as_str()), (403, "approval_used"));
 }
