@@ -467,6 +467,10 @@ impl FleetStore {
         pool.lock().waiting += refill.amount;
         let result = async {
             let _io = pool.io.lock().await;
+            // Queued behind a call that failed: fail at once too, never one timeout each.
+            if self.down() {
+                return Err(unavailable("redis did not answer a moment ago"));
+            }
             let covered = {
                 let st = pool.lock();
                 !st.returning && st.usable_until > now() && st.free() >= refill.amount
@@ -544,22 +548,19 @@ impl FleetStore {
             .arg(cfg.lease_ttl.as_millis() as u64)
             .arg(expires_at.0)
             .arg(need);
-        let answer: Result<(i64, i64, i64, i64, i64), StoreError> = async {
-            let called = match self.connection().await? {
-                Conn::Single(c) => {
-                    tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut c.clone())).await
-                }
-                Conn::Cluster(c) => {
-                    tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut c.clone())).await
-                }
-            };
-            match called {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(unavailable(e)),
-                Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
+        // One timeout over connecting and calling: a sync never waits longer.
+        let call = async {
+            match self.connection().await? {
+                Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
+                Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
             }
-        }
-        .await;
+            .map_err(unavailable)
+        };
+        let answer: Result<(i64, i64, i64, i64, i64), StoreError> =
+            match tokio::time::timeout(cfg.timeout, call).await {
+                Ok(answer) => answer,
+                Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
+            };
         let mut st = pool.lock();
         st.returning = false;
         match answer {

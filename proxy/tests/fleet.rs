@@ -683,3 +683,82 @@ async fn on_a_redis_cluster_three_proxies_never_spend_more_than_the_budget_eithe
     let twice = call_as(&client, fleet[0].proxy, "CC-7002", "deploy", "release-bot", &header).await;
     assert_eq!((twice.0, twice.1.as_str()), (403, "approval_used"));
 }
+
+/// `n` concurrent calls for `cc` spread over `proxies`; their (status, code) in any order. Each
+/// must answer within 3 s: nothing hangs on Redis.
+async fn wave(proxies: [SocketAddr; 2], cc: &'static str, n: usize) -> Vec<(u16, String)> {
+    let client = client();
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, addr) = (client.clone(), proxies[i % proxies.len()]);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let answer = call(&client, addr, cc).await;
+                assert!(started.elapsed() < Duration::from_secs(3), "a call hung: {answer:?}");
+                answer
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_mid_load_and_restarted_loses_no_spend_and_never_overspends() {
+    let mock = MockUpstream::start().await;
+    // Every write on disk before Redis answers: a SIGKILL loses nothing acknowledged.
+    let mut redis = Redis::start_with(&["--appendfsync", "always"]);
+    let store = "timeout: 300ms, sync_interval: 20ms";
+    let (a, a_data) = proxy(&redis, &mock.base_url(), store);
+    let (b, b_data) = proxy(&redis, &mock.base_url(), store);
+    let proxies = [a.proxy, b.proxy];
+    let cc = "CC-8001";
+    let count =
+        |answers: &[(u16, String)], status: u16| answers.iter().filter(|r| r.0 == status).count();
+    let mut served = 0;
+    let first = wave(proxies, cc, 20).await;
+    served += count(&first, 200);
+    assert_eq!(served, 20, "{first:?}");
+    // Redis dies mid-load: calls the leases cannot cover are refused at once, none hangs.
+    let load = tokio::spawn(wave(proxies, cc, 60));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    redis.kill();
+    let during = load.await.unwrap();
+    for (status, code) in &during {
+        assert!(
+            *status == 200
+                || (*status == 503 && code == "budget_store_unavailable")
+                || *status == 402,
+            "{status} {code}"
+        );
+    }
+    served += count(&during, 200);
+    let refused = count(&during, 503);
+    assert!(refused > 0, "some calls needed Redis while it was down: {during:?}");
+    assert!(served <= 50);
+    // Back with its AOF: the rest of the budget, and not a cent more, is spendable.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served < 50 {
+        let after = wave(proxies, cc, 40).await;
+        served += count(&after, 200);
+        assert!(served <= 50, "overspent: {served} calls of $0.10 against $5.00");
+        assert!(Instant::now() < deadline, "the budget was not spendable again ({served} served)");
+        if count(&after, 402) > 0 {
+            break;
+        }
+    }
+    assert_eq!(served, 50, "the whole budget once Redis is back");
+    // Counts reconcile: Redis, the two ledgers and the calls served say the same.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&redis.budget_hash(cc).await, "perm") != 50 * DIME {
+        assert!(Instant::now() < deadline, "Redis: {:?}", redis.budget_hash(cc).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (na, ta) = spent_in_ledger(&a_data, cc);
+    let (nb, tb) = spent_in_ledger(&b_data, cc);
+    assert_eq!((na + nb, ta + tb), (50, 50 * DIME), "the ledgers");
+}
