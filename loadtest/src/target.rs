@@ -27,6 +27,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Kind {
     Direct,
     TollgateReverse,
+    /// `TollgateReverse` with budgets and rate limits in Redis (`store.redis`): what fleet mode
+    /// costs.
+    TollgateFleet,
     /// Tollgate with `ledger: {enabled: false}`: what the ledger costs.
     TollgateNoLedger,
     TollgateHttpsProxy,
@@ -39,9 +42,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::TollgateReverse,
+        Kind::TollgateFleet,
         Kind::TollgateBaseline,
         Kind::TollgateNoLedger,
         Kind::TollgateHttpsProxy,
@@ -54,6 +58,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct (no proxy)",
             Kind::TollgateReverse => "Tollgate reverse, all on",
+            Kind::TollgateFleet => "Tollgate reverse, all on, fleet mode (Redis)",
             Kind::TollgateNoLedger => "Tollgate reverse, ledger off",
             Kind::TollgateHttpsProxy => "Tollgate HTTPS_PROXY mode",
             Kind::EnvoyPlain => "Envoy 1.40, no filter",
@@ -68,6 +73,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::TollgateReverse => "tollgate",
+            Kind::TollgateFleet => "tollgate-fleet",
             Kind::TollgateNoLedger => "tollgate-no-ledger",
             Kind::TollgateHttpsProxy => "tollgate-https-proxy",
             Kind::EnvoyPlain => "envoy",
@@ -190,6 +196,8 @@ pub struct Running {
     /// Set when requests go through an HTTP proxy (HTTPS_PROXY mode) rather than to
     /// `base_url`'s host directly.
     pub via: Option<Via>,
+    /// Processes the target needs (Redis for fleet mode), stopped with it.
+    pub helpers: Vec<Process>,
 }
 
 /// How to reach a target through a forward proxy.
@@ -237,9 +245,16 @@ pub fn start_mock(paths: &Paths, cpu: usize) -> anyhow::Result<(Process, SocketA
 pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result<Running, String> {
     let started = match kind {
         Kind::Direct => {
-            Ok(Running { kind, base_url: format!("http://{mock}"), process: None, via: None })
+            Ok(Running {
+                kind,
+                base_url: format!("http://{mock}"),
+                process: None,
+                via: None,
+                helpers: Vec::new(),
+            })
         }
         Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
+        Kind::TollgateFleet => start_tollgate(paths, mock, cpu, Mode::Fleet),
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
         Kind::TollgateHttpsProxy => start_tollgate(paths, mock, cpu, Mode::HttpsProxy),
         Kind::EnvoyPlain => start_envoy(paths, mock, cpu, None),
@@ -319,6 +334,8 @@ enum Mode {
     HttpsProxy,
     /// Reverse mode run from the baseline build.
     Baseline,
+    /// Reverse mode with budgets and rate limits in a local `redis-server` (fleet mode).
+    Fleet,
 }
 
 fn start_tollgate(
@@ -334,13 +351,42 @@ fn start_tollgate(
         Mode::NoLedger => ("tollgate-no-ledger", Kind::TollgateNoLedger),
         Mode::HttpsProxy => ("tollgate-https-proxy", Kind::TollgateHttpsProxy),
         Mode::Baseline => ("tollgate-baseline", Kind::TollgateBaseline),
+        Mode::Fleet => ("tollgate-fleet", Kind::TollgateFleet),
     };
     let data_dir = paths.work_dir.join(format!("{name}-data"));
     let config = paths.work_dir.join(format!("{name}.yaml"));
     let mut yaml = tollgate_config(port, admin, mock, &data_dir);
     let mut via = None;
+    let mut redis = None;
     match mode {
         Mode::Reverse | Mode::Baseline => {}
+        Mode::Fleet => {
+            // Redis on the generator's side of the machine: the proxy's CPU stays its own.
+            let redis_port = free_port()?;
+            let redis_dir = paths.work_dir.join("redis");
+            std::fs::create_dir_all(&redis_dir)?;
+            let args: Vec<String> = [
+                "--bind", "127.0.0.1", "--port", &redis_port.to_string(), "--save", "",
+                "--appendonly", "no", "--dir", &redis_dir.display().to_string(),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            let program = which("redis-server")
+                .context("redis-server not found: install Debian's redis-server package")?;
+            let log = paths.work_dir.join("redis.log");
+            let other = usize::from(cpu == 0);
+            let process = Process::spawn("redis-server", other, &program, &args, &log, false)?;
+            let until = Instant::now() + READY_TIMEOUT;
+            while TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
+                anyhow::ensure!(Instant::now() < until, "redis-server did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            redis = Some(process);
+            // The same policy, with budgets within what the fleet store counts exactly.
+            yaml = yaml.replace("\"100000000.00\"", "\"9000000.00\"");
+            yaml.push_str(&format!("store: {{redis: {{url: \"redis://127.0.0.1:{redis_port}/0\"}}}}\n"));
+        }
         Mode::NoLedger => yaml.push_str("ledger: {enabled: false}\n"),
         Mode::HttpsProxy => {
             let ca_dir = paths.work_dir.join("tollgate-ca");
@@ -372,7 +418,7 @@ fn start_tollgate(
         Mode::HttpsProxy => format!("https://{mock}"),
         _ => format!("http://127.0.0.1:{port}"),
     };
-    Ok(Running { kind, base_url, process: Some(process), via })
+    Ok(Running { kind, base_url, process: Some(process), via, helpers: redis.into_iter().collect() })
 }
 
 /// Tollgate with everything on: attribution (default headers, required), a policy with rules
@@ -475,6 +521,7 @@ fn start_envoy(
         base_url: format!("http://127.0.0.1:{port}"),
         process: Some(process),
         via: None,
+        helpers: Vec::new(),
     })
 }
 
@@ -609,4 +656,13 @@ mod tests {
         let module = launch(Kind::EnvoyTollgateBaseline, &paths, mock, 1).unwrap_err();
         assert!(module.contains("pass --baseline-wasm"), "{module}");
     }
+}
+
+/// `name` on the `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
 }
