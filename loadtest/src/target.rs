@@ -244,15 +244,13 @@ pub fn start_mock(paths: &Paths, cpu: usize) -> anyhow::Result<(Process, SocketA
 /// Starts `kind` in front of the mock on `cpu`, or says why it cannot run in this build.
 pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result<Running, String> {
     let started = match kind {
-        Kind::Direct => {
-            Ok(Running {
-                kind,
-                base_url: format!("http://{mock}"),
-                process: None,
-                via: None,
-                helpers: Vec::new(),
-            })
-        }
+        Kind::Direct => Ok(Running {
+            kind,
+            base_url: format!("http://{mock}"),
+            process: None,
+            via: None,
+            helpers: Vec::new(),
+        }),
         Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
         Kind::TollgateFleet => start_tollgate(paths, mock, cpu, Mode::Fleet),
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
@@ -366,8 +364,16 @@ fn start_tollgate(
             let redis_dir = paths.work_dir.join("redis");
             std::fs::create_dir_all(&redis_dir)?;
             let args: Vec<String> = [
-                "--bind", "127.0.0.1", "--port", &redis_port.to_string(), "--save", "",
-                "--appendonly", "no", "--dir", &redis_dir.display().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &redis_port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &redis_dir.display().to_string(),
             ]
             .iter()
             .map(|a| a.to_string())
@@ -385,7 +391,9 @@ fn start_tollgate(
             redis = Some(process);
             // The same policy, with budgets within what the fleet store counts exactly.
             yaml = yaml.replace("\"100000000.00\"", "\"9000000.00\"");
-            yaml.push_str(&format!("store: {{redis: {{url: \"redis://127.0.0.1:{redis_port}/0\"}}}}\n"));
+            yaml.push_str(&format!(
+                "store: {{redis: {{url: \"redis://127.0.0.1:{redis_port}/0\"}}}}\n"
+            ));
         }
         Mode::NoLedger => yaml.push_str("ledger: {enabled: false}\n"),
         Mode::HttpsProxy => {
@@ -418,7 +426,13 @@ fn start_tollgate(
         Mode::HttpsProxy => format!("https://{mock}"),
         _ => format!("http://127.0.0.1:{port}"),
     };
-    Ok(Running { kind, base_url, process: Some(process), via, helpers: redis.into_iter().collect() })
+    Ok(Running {
+        kind,
+        base_url,
+        process: Some(process),
+        via,
+        helpers: redis.into_iter().collect(),
+    })
 }
 
 /// Tollgate with everything on: attribution (default headers, required), a policy with rules

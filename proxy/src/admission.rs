@@ -68,7 +68,7 @@ impl Stores for Live<'_> {
         tokens: u64,
         now: UnixMillis,
     ) -> Result<(), RateLimited> {
-        if let Some(fleet) = self.shared.budgets.store().fleet() {
+        if let Some(fleet) = self.shared.budgets.store().fleet().filter(|f| !f.rates_local()) {
             let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
             return fleet.take_rate(&who, rpm, tpm, tokens, now).map_err(|r| match r {
                 RateRefused::Full { limit, retry_after_ms, tokens: false } => {

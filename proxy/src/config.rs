@@ -1023,6 +1023,20 @@ mod tests {
             error("store: {redis: {url: \"redis://x\"}, on_store_error: local_allowance}\n").0,
             "store.on_store_error"
         );
+        assert_eq!(
+            error("store: {redis: {url: \"redis://x\"}, local_allowance: \"1\"}\n").0,
+            "store.local_allowance",
+            "an allowance without its policy"
+        );
+        let allowed = store(
+            "store: {redis: {url: \"redis://x\"}, on_store_error: local_allowance, \
+             local_allowance: \"2.50\"}\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            allowed.store.unwrap().redis.on_error,
+            crate::fleet::OnStoreError::LocalAllowance(2_500_000_000)
+        );
         let big = "version: 1\nroutes: []\nstore: {redis: {url: \"redis://x\"}}\npolicy:\n  \
                    version: v1\n  budgets: [{id: huge, scope: global, period: monthly, \
                    amount: \"10000000\"}]\n";

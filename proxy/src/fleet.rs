@@ -48,6 +48,17 @@ pub struct StoreConfig {
     pub redis: RedisConfig,
 }
 
+/// What a proxy does when Redis cannot be reached and its lease cannot cover a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Refuse the request (503 `budget_store_unavailable`).
+    #[default]
+    FailClosed,
+    /// Serve up to this many nano-USD per budget counter from this proxy alone, counted into
+    /// Redis when it answers again; rate limits fall back to this proxy's own limiter.
+    LocalAllowance(i64),
+}
+
 /// `store.redis`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -66,6 +77,8 @@ pub struct RedisConfig {
     pub sync_interval: Duration,
     /// The lease a proxy asks for, in basis points of the budget (at least the request).
     pub slice_bp: u64,
+    /// `store.on_store_error`.
+    pub on_error: OnStoreError,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -78,6 +91,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("sync_interval", &self.sync_interval)
             .field("slice_bp", &self.slice_bp)
+            .field("on_error", &self.on_error)
             .finish()
     }
 }
@@ -195,22 +209,49 @@ impl StoreConfig {
                 lease_ttl: Duration::from_millis(lease_ttl),
                 sync_interval: Duration::from_millis(sync_interval),
                 slice_bp: slice_bp?,
+                on_error: OnStoreError::FailClosed,
             })
         });
-        if let Some(f) = obj.get("on_store_error") {
-            match f.str(cx) {
-                Some("fail_closed") | None => {}
-                Some(other) => f.error(
-                    cx,
-                    format!(
-                        "`{other}` is not supported: `fail_closed` (refuse budgeted requests with \
-                         503 while Redis cannot be reached) is the only outage policy"
-                    ),
-                ),
-            }
+        let allowance = obj.get("local_allowance");
+        let on_error = match obj.get("on_store_error") {
+            None => Some(OnStoreError::FailClosed),
+            Some(f) => match f.str(cx) {
+                Some("fail_closed") => Some(OnStoreError::FailClosed),
+                Some("local_allowance") => match &allowance {
+                    Some(a) => a.money(cx).and_then(|m| {
+                        if m.nanos() > 0 {
+                            Some(OnStoreError::LocalAllowance(m.nanos()))
+                        } else {
+                            a.error(cx, "must be more than 0");
+                            None
+                        }
+                    }),
+                    None => {
+                        f.error(
+                            cx,
+                            "`local_allowance` needs `store.local_allowance`: the USD each proxy \
+                             may spend per budget while Redis cannot be reached",
+                        );
+                        None
+                    }
+                },
+                Some(other) => {
+                    f.error(
+                        cx,
+                        format!("expected `fail_closed` or `local_allowance`, found `{other}`"),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        if let (Some(a), Some(OnStoreError::FailClosed)) = (&allowance, on_error) {
+            a.error(cx, "applies only with `on_store_error: local_allowance`");
         }
-        obj.finish(cx, &["redis", "on_store_error"]);
-        Some(StoreConfig { redis: redis? })
+        obj.finish(cx, &["redis", "on_store_error", "local_allowance"]);
+        let mut redis = redis?;
+        redis.on_error = on_error?;
+        Some(StoreConfig { redis })
     }
 }
 
@@ -306,6 +347,10 @@ struct PoolState {
     returning: bool,
     /// What the requests waiting for a refill of this pool need together.
     waiting: i64,
+    /// Spent from the local allowance since Redis last answered (`on_store_error:
+    /// local_allowance`); it is in `lease` and `used` like any reservation, and reaches Redis
+    /// with the next report.
+    borrowed: i64,
     limit: i64,
     expires_at: UnixMillis,
     /// The fleet's committed total and reported spend at the last sync.
@@ -460,16 +505,16 @@ impl FleetStore {
         let Counter::Committed(base) = counter(&refill.key) else {
             return Ok(());
         };
-        if self.down() {
-            return Err(unavailable("redis did not answer a moment ago"));
-        }
         let pool = self.pool(base);
+        if self.down() {
+            return self.borrow(&pool, refill.amount, "redis did not answer a moment ago");
+        }
         pool.lock().waiting += refill.amount;
         let result = async {
             let _io = pool.io.lock().await;
             // Queued behind a call that failed: fail at once too, never one timeout each.
             if self.down() {
-                return Err(unavailable("redis did not answer a moment ago"));
+                return self.borrow(&pool, refill.amount, "redis did not answer a moment ago");
             }
             let covered = {
                 let st = pool.lock();
@@ -478,12 +523,53 @@ impl FleetStore {
             if covered {
                 return Ok(());
             }
-            self.sync_locked(base, &pool, refill.amount, refill.limit, refill.expires_at, false)
+            match self
+                .sync_locked(base, &pool, refill.amount, refill.limit, refill.expires_at, false)
                 .await
+            {
+                Err(StoreError::Unavailable { reason }) => {
+                    self.borrow(&pool, refill.amount, &reason)
+                }
+                other => other,
+            }
         }
         .await;
         pool.lock().waiting -= refill.amount;
         result
+    }
+
+    /// Redis cannot be reached: with a local allowance left for this budget, adds `amount` to
+    /// the lease (it is reserved at once by the request that asked); otherwise `Unavailable`.
+    fn borrow(&self, pool: &Pool, amount: i64, reason: &str) -> Result<(), StoreError> {
+        let OnStoreError::LocalAllowance(allowance) = self.inner.config.on_error else {
+            return Err(unavailable(reason));
+        };
+        let mut st = pool.lock();
+        if st.borrowed.saturating_add(amount) > allowance {
+            return Err(unavailable(format!("{reason}, and the local allowance is spent")));
+        }
+        let t = now();
+        if st.usable_until <= t {
+            // The lease was not renewed in time: Redis may have given its free part to others.
+            // Only the allowance is this proxy's own.
+            st.lease = st.used.max(0);
+            st.usable_until = t.saturating_add_ms(1_000);
+        }
+        st.borrowed += amount;
+        st.lease += amount;
+        tracing::warn!(
+            amount,
+            borrowed = st.borrowed,
+            allowance,
+            "serving from the local allowance while Redis cannot be reached"
+        );
+        Ok(())
+    }
+
+    /// Whether rate limits should fall back to this proxy's own limiter (Redis cannot be
+    /// reached and the outage policy is a local allowance).
+    pub fn rates_local(&self) -> bool {
+        matches!(self.inner.config.on_error, OnStoreError::LocalAllowance(_)) && self.down()
     }
 
     /// One run of the script for `base`, under the pool's io lock.
@@ -574,6 +660,8 @@ impl FleetStore {
                     tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
                 }
                 st.lease = lease;
+                // What was borrowed is in `used`, so in this report's `inuse`: Redis has it now.
+                st.borrowed = 0;
                 st.fleet_committed = committed;
                 st.fleet_spent = perm;
                 st.last_sync = started;

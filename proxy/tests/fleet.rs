@@ -762,3 +762,44 @@ async fn redis_killed_mid_load_and_restarted_loses_no_spend_and_never_overspends
     let (nb, tb) = spent_in_ledger(&b_data, cc);
     assert_eq!((na + nb, ta + tb), (50, 50 * DIME), "the ledgers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_local_allowance_a_redis_outage_serves_that_much_and_counts_it_once_back() {
+    let mock = MockUpstream::start().await;
+    let mut redis = Redis::start_with(&["--appendfsync", "always"]);
+    let (p, data) =
+        proxy_with(&redis, &mock.base_url(), "timeout: 200ms, sync_interval: 20ms", None, "");
+    drop(p);
+    // The same proxy, with a $0.30 allowance per budget for outages.
+    let config = data.parent().unwrap().join("tollgate.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "store:\n",
+        "store:\n  on_store_error: local_allowance\n  local_allowance: \"0.30\"\n",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let p = Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, "t")]);
+    let client = client();
+    let cc = "CC-9001";
+    for _ in 0..2 {
+        assert_eq!(call(&client, p.proxy, cc).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // the idle lease goes back
+    redis.kill();
+    let mut during = Vec::new();
+    for _ in 0..5 {
+        during.push(call(&client, p.proxy, cc).await);
+    }
+    let served = during.iter().filter(|a| a.0 == 200).count();
+    assert_eq!(served, 3, "$0.30 of allowance at $0.10 a call: {during:?}");
+    assert!(during[3..].iter().all(|a| a.0 == 503 && a.1 == "budget_store_unavailable"));
+    // Back: what was served from the allowance reaches Redis once.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while field(&redis.budget_hash(cc).await, "perm") != 5 * DIME {
+        assert!(Instant::now() < deadline, "Redis: {:?}", redis.budget_hash(cc).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(spent_in_ledger(&data, cc), (5, 5 * DIME));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(field(&redis.budget_hash(cc).await, "perm"), 5 * DIME, "counted once");
+}
