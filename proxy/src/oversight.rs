@@ -368,6 +368,12 @@ impl Oversight {
         }
     }
 
+    /// The agents disabled after consecutive errors, sorted (none without
+    /// `oversight.escalation`).
+    pub fn disabled_agents(&self) -> Vec<String> {
+        self.escalation.as_ref().map(Escalation::disabled).unwrap_or_default()
+    }
+
     /// An operator re-enables a disabled agent; true if it was disabled. Answers once the
     /// change is on disk.
     pub async fn reenable(&self, agent: &str) -> std::io::Result<bool> {
