@@ -493,6 +493,10 @@ pub fn audit_approval(ledger: &Ledger, a: &Approval, t: Transition, actor: Optio
         approval_id: Some(a.id.clone()),
         risk: Some(risk::Score(a.risk_score).to_string()),
         actor: actor.map(str::to_string),
+        // The operator's note, on the operator's decision only.
+        note: matches!(t, Transition::Granted | Transition::Denied)
+            .then(|| a.note.clone())
+            .flatten(),
         ..Default::default()
     });
 }

@@ -269,7 +269,7 @@ async fn dashboard(
         csrf_field(csrf)
     );
     if let Some(message) = flash {
-        let _ = write!(out, "<p class=\"flash\" id=\"flash\">{}</p>\n", esc(message));
+        let _ = writeln!(out, "<p class=\"flash\" id=\"flash\">{}</p>", esc(message));
     }
     let pending = approvals(shared, Some(State::Pending)).await;
     approvals_section(&mut out, &pending, csrf);
@@ -294,9 +294,9 @@ fn csrf_field(csrf: &str) -> String {
 }
 
 fn approvals_section(out: &mut String, pending: &[Approval], csrf: &str) {
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<section id=\"approvals\"><h2>Pending approvals <span class=\"count\">{}</span></h2>\n",
+        "<section id=\"approvals\"><h2>Pending approvals <span class=\"count\">{}</span></h2>",
         pending.len()
     );
     if pending.is_empty() {
@@ -353,7 +353,7 @@ fn approvals_section(out: &mut String, pending: &[Approval], csrf: &str) {
                  </tr></tfoot></table>"
             );
         }
-        let _ = write!(
+        let _ = writeln!(
             out,
             "<p class=\"explanation\">{}</p>\
              <form method=\"post\" action=\"/console/approvals/decide\" class=\"decide\">{}\
@@ -362,7 +362,7 @@ fn approvals_section(out: &mut String, pending: &[Approval], csrf: &str) {
              placeholder=\"recorded in the audit log\"></label>\
              <button type=\"submit\" name=\"decision\" value=\"approve\" class=\"approve\">Approve</button>\
              <button type=\"submit\" name=\"decision\" value=\"deny\" class=\"deny\">Deny</button>\
-             </form></article>\n",
+             </form></article>",
             esc(&a.explanation),
             csrf_field(csrf),
             esc(&a.id),
