@@ -183,12 +183,25 @@ async fn text_of(browser: &Browser, css: &str) -> String {
     }
 }
 
+/// Clicks the button `css` and waits (at most 10 s) until the page it submits to replaced the
+/// current one (a form answered with a redirect to the same URL, too).
+async fn submit(browser: &Browser, css: &str) {
+    let before = browser.find(Locator::Css("html")).await.expect("a page");
+    let button = browser.find(Locator::Css(css)).await;
+    button.unwrap_or_else(|e| panic!("no button `{css}`: {e}")).click().await.expect("click");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while before.tag_name().await.is_ok() {
+        assert!(Instant::now() < deadline, "clicking `{css}` loaded no page in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Signs in with the form: the person's name and `token`.
 async fn sign_in(browser: &Browser, admin: SocketAddr, name: &str, token: &str) {
     browser.goto(&format!("http://{admin}/console/sign-in")).await.expect("open the sign-in page");
     browser.find(Locator::Css("input[name=name]")).await.unwrap().send_keys(name).await.unwrap();
     browser.find(Locator::Css("input[name=token]")).await.unwrap().send_keys(token).await.unwrap();
-    browser.find(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
+    submit(browser, "form button[type=submit]").await;
 }
 
 /// The audit records (flushed by the proxy within its fsync window) until `found` holds.
@@ -390,13 +403,7 @@ async fn a_person_approves_in_the_browser_and_the_agent_retry_passes_with_the_au
         .send_keys(REASON)
         .await
         .unwrap();
-    browser
-        .find(Locator::Css(&format!("{card} button[value=approve]")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit(&browser, &format!("{card} button[value=approve]")).await;
     let flash = text_of(&browser, "#flash").await;
     assert!(flash.contains(&id) && flash.contains("approved"), "{flash}");
     assert!(browser.find_all(Locator::Css(&card)).await.unwrap().is_empty(), "no longer pending");
@@ -422,8 +429,31 @@ async fn a_person_approves_in_the_browser_and_the_agent_retry_passes_with_the_au
     assert_eq!(granted["note"], REASON, "{granted}");
     assert_eq!(granted["agent"], "bot-a", "{granted}");
 
+    // Deny the hostile agent's deploy with a reason: recorded the same way.
+    let hostile_form = format!("article[data-id=\"{hostile_id}\"]");
+    browser
+        .find(Locator::Css(&format!("{hostile_form} input[name=reason]")))
+        .await
+        .unwrap()
+        .send_keys("unknown agent <b>name</b>")
+        .await
+        .unwrap();
+    submit(&browser, &format!("{hostile_form} button[value=deny]")).await;
+    let flash = text_of(&browser, "#flash").await;
+    assert!(flash.contains(&hostile_id) && flash.contains("denied"), "{flash}");
+    assert!(flash.contains(HOSTILE), "the hostile name is text in the message too: {flash}");
+    let denied = audit_until(&data_dir, "approval_denied", |r| {
+        r["kind"] == "approval_denied" && r["approval_id"] == hostile_id.as_str()
+    })
+    .await;
+    assert_eq!(
+        (&denied["actor"], &denied["note"]),
+        (&json!(PERSON), &json!("unknown agent <b>name</b>"))
+    );
+    assert!(text_of(&browser, "#approvals").await.contains("Nothing is waiting for a human"));
+
     // Re-enable the hostile agent with its button; it may call again.
-    browser.find(Locator::Css("#disabled li button")).await.unwrap().click().await.unwrap();
+    submit(&browser, "#disabled li button").await;
     let flash = text_of(&browser, "#flash").await;
     assert_eq!(flash, format!("{HOSTILE} is enabled again."));
     assert!(text_of(&browser, "#disabled").await.contains("No agent is disabled"));
@@ -436,7 +466,7 @@ async fn a_person_approves_in_the_browser_and_the_agent_retry_passes_with_the_au
     assert_eq!((&reenabled["agent"], &reenabled["actor"]), (&json!(HOSTILE), &json!(PERSON)));
 
     // Sign out: the session is gone, the console asks to sign in again.
-    browser.find(Locator::Css("header form button")).await.unwrap().click().await.unwrap();
+    submit(&browser, "header form button").await;
     assert_eq!(browser.current_url().await.unwrap().path(), "/console/sign-in");
     let after = send(&client, "GET", &console, &[("cookie", &session)], String::new()).await;
     assert_eq!(after.status, 303, "the old session id no longer signs in");
