@@ -104,7 +104,12 @@ pub(super) async fn handle(
                 Err(status) => return error_page(status, "The form could not be read."),
             };
             if path == "/console/sign-in" {
-                return sign_in(shared, sessions, &form, secure, now);
+                let answer = sign_in(shared, sessions, &form, secure, now);
+                // A new sign-in replaces the browser's session, if it had one.
+                if let (Some((old, _)), true) = (&signed_in, answer.status().is_redirection()) {
+                    sessions.remove(old);
+                }
+                return answer;
             }
             let Some((id, session)) = signed_in else { return redirect("/console/sign-in") };
             let given = form.get("csrf").map(String::as_str).unwrap_or("");
@@ -146,7 +151,7 @@ pub(super) async fn handle(
 /// Whether the request reached the console over TLS: an `https` request URI, or a
 /// TLS-terminating proxy in front that says so with `X-Forwarded-Proto: https` (the admin
 /// listener itself speaks plain HTTP).
-fn over_tls(req: &Request<Incoming>) -> bool {
+fn over_tls<B>(req: &Request<B>) -> bool {
     req.uri().scheme_str() == Some("https")
         || req
             .headers()
@@ -157,7 +162,7 @@ fn over_tls(req: &Request<Incoming>) -> bool {
 
 /// Whether a `POST` comes from a page of the console's own origin: its `Origin` (or, when a
 /// browser sends none, its `Referer`) names the scheme and host the request was sent to.
-fn same_origin(req: &Request<Incoming>, secure: bool) -> bool {
+fn same_origin<B>(req: &Request<B>, secure: bool) -> bool {
     let host = req
         .headers()
         .get(HOST)
@@ -201,6 +206,7 @@ fn sign_in(
     };
     let token = form.get("token").map(String::as_str).unwrap_or("");
     if !constant_time_eq(token.as_bytes(), expected.as_bytes()) {
+        tracing::warn!("console sign-in with a wrong admin token");
         return sign_in_page(
             StatusCode::UNAUTHORIZED,
             Some("Wrong admin token: you are not signed in. Use the admin API's token (admin.token_env)."),
@@ -622,6 +628,40 @@ fn put_cookie(r: &mut Response<Body>, cookie: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request<()> {
+        let mut r = Request::post("/console/approvals/decide");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn posts_must_come_from_the_consoles_own_origin() {
+        let host = ("host", "127.0.0.1:9090");
+        let ok = |h: &[(&str, &str)]| same_origin(&post(h), over_tls(&post(h)));
+        assert!(ok(&[host, ("origin", "http://127.0.0.1:9090")]));
+        assert!(ok(&[host, ("origin", "HTTP://127.0.0.1:9090")]), "case does not matter");
+        assert!(!ok(&[host, ("origin", "http://127.0.0.1:9091")]), "another port");
+        assert!(!ok(&[host, ("origin", "http://evil.example")]));
+        assert!(!ok(&[host, ("origin", "null")]));
+        assert!(!ok(&[host, ("origin", "https://127.0.0.1:9090")]), "another scheme");
+        assert!(
+            ok(&[host, ("referer", "http://127.0.0.1:9090/console")]),
+            "Referer without Origin"
+        );
+        assert!(!ok(&[host, ("referer", "http://127.0.0.1:9090.evil.example/console")]));
+        assert!(!ok(&[host, ("referer", "http://127.0.0.1:9090")]), "no path: not a page of it");
+        assert!(!ok(&[host]), "neither Origin nor Referer");
+        assert!(!ok(&[("origin", "http://127.0.0.1:9090")]), "no host");
+        // Behind a TLS-terminating proxy: the origin is https, and the cookie is Secure.
+        let tls = [("host", "console.example"), ("x-forwarded-proto", "https")];
+        assert!(over_tls(&post(&tls)));
+        assert!(ok(&[tls[0], tls[1], ("origin", "https://console.example")]));
+        assert!(!ok(&[tls[0], tls[1], ("origin", "http://console.example")]));
+        assert!(!over_tls(&post(&[host])));
+    }
 
     #[test]
     fn risk_parts_are_read_from_the_core_explanation() {
