@@ -56,7 +56,7 @@ pub(super) async fn route(
                 Err(e) => {
                     return Some(Ok(json_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        &json!({"error": e.to_string()}),
+                        &json!({"error": e}),
                     )));
                 }
             };
