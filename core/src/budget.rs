@@ -21,7 +21,7 @@ pub use engine::{
 };
 pub use holds::HoldTable;
 pub use memory::MemoryStore;
-pub use store::{AddOutcome, Hold, HoldEntry, Store, StoreError, Taken};
+pub use store::{AddOutcome, Hold, HoldEntry, Refill, Store, StoreError, Taken};
 
 use crate::money::Money;
 use crate::time::Period;

@@ -40,14 +40,16 @@
 //! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
 //! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
 //! [`Pending::granted`], which runs the breaker and the budgets) or records a new one and
-//! refuses. The core reads no clock: `now` is a parameter.
+//! refuses. Likewise a budget store that serves a budget from a local share (a fleet lease)
+//! and must first fetch more from its backend answers [`Admission::Short`]; the adapter
+//! fetches, then calls [`Short::resume`]. The core reads no clock: `now` is a parameter.
 //!
 //! The allow path of a request without oversight guards allocates nothing here.
 
 use serde_json::Value;
 
 use crate::autonomy::{self, BudgetOutcome, Mode};
-use crate::budget::{BudgetError, Reservation, Scope};
+use crate::budget::{BudgetError, Refill, Reservation, Scope, StoreError};
 use crate::endpoints::{self, Pricing};
 use crate::engine::Engine;
 use crate::guardrails::escalation::Standing;
@@ -151,7 +153,7 @@ impl Request<'_> {
 }
 
 /// A rate limit that refused, as the store measured it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RateLimited {
     Requests {
         limit: u64,
@@ -163,6 +165,9 @@ pub enum RateLimited {
     },
     /// The counters cannot be read (a store that fails open answers `Ok` instead).
     Unavailable,
+    /// The store serves the allowance from a local share it must refill first (a fleet lease):
+    /// nothing was taken. The lifecycle hands it back as [`Admission::Short`].
+    Short(Box<Refill>),
 }
 
 /// What taking one call from an (agent, action) hourly allowance found.
@@ -373,6 +378,84 @@ pub enum Admission<'p> {
     Admitted(Admitted<'p>),
     /// Boxed: the approval path is rare, and the allow path stays small.
     NeedsApproval(Box<Pending<'p>>),
+    /// Everything passed but the budget store must first refill a local share from its
+    /// backend (a fleet store's lease): the adapter fetches [`Short::refill`], then calls
+    /// [`Short::resume`], which tries the budgets again. Nothing is reserved meanwhile.
+    Short(Box<Short<'p>>),
+}
+
+/// A request waiting for a store to refill a local share (see [`Admission::Short`]): at the
+/// rate limits (nothing after step 4 has run) or at the budgets (everything else has).
+#[derive(Debug)]
+pub struct Short<'p> {
+    /// What the store needs from its backend.
+    pub refill: Refill,
+    at: Resume<'p>,
+}
+
+#[derive(Debug)]
+enum Resume<'p> {
+    Rate { decision: Decision<'p>, priced: Priced, guard_ask: Option<(String, String)> },
+    Budget { admitted: Admitted<'p>, worst_case: Money },
+}
+
+impl<'p> Short<'p> {
+    /// Goes on from the step that was short, after the adapter refilled the store. May be short
+    /// again (a concurrent request took the refill first). From the rate limits it runs every
+    /// later step, and may ask for an approval; from the budgets it only reserves.
+    pub fn resume(
+        self,
+        rules: &Rules<'p>,
+        req: &Request<'_>,
+        stores: &mut impl Stores,
+        now: UnixMillis,
+    ) -> Result<Admission<'p>, Refusal> {
+        match self.at {
+            Resume::Rate { decision, priced, guard_ask } => {
+                from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
+            }
+            Resume::Budget { mut admitted, worst_case } => {
+                match reserve(&admitted.decision, req, stores, worst_case, now)? {
+                    Reserved::Done(reservation) => {
+                        admitted.reservation = reservation;
+                        Ok(Admission::Admitted(admitted))
+                    }
+                    Reserved::Short(refill) => Ok(Admission::Short(Box::new(Short {
+                        refill,
+                        at: Resume::Budget { admitted, worst_case },
+                    }))),
+                }
+            }
+        }
+    }
+}
+
+/// The last step's outcome: a reservation (none when no budget applies), or a store that must
+/// refill first.
+enum Reserved {
+    Done(Option<Reservation>),
+    Short(Refill),
+}
+
+/// The admission of a request that passed every step before the budgets.
+fn admission<'p>(
+    decision: Decision<'p>,
+    priced: Priced,
+    oversaw: Oversaw,
+    reserved: Reserved,
+) -> Admission<'p> {
+    match reserved {
+        Reserved::Done(reservation) => {
+            Admission::Admitted(Admitted { decision, priced, oversaw, reservation })
+        }
+        Reserved::Short(refill) => Admission::Short(Box::new(Short {
+            refill,
+            at: Resume::Budget {
+                worst_case: priced.worst_case(),
+                admitted: Admitted { decision, priced, oversaw, reservation: None },
+            },
+        })),
+    }
 }
 
 /// The admission phase of one request; see the module doc for the order.
@@ -422,20 +505,44 @@ pub fn decide<'p>(
         }
     }
 
+    from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
+}
+
+/// Steps 5 to 8: from the rate limits on.
+fn from_rate_limits<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    decision: Decision<'p>,
+    priced: Priced,
+    guard_ask: Option<(String, String)>,
+    now: UnixMillis,
+) -> Result<Admission<'p>, Refusal> {
+    let worst_case = priced.worst_case();
+    let refuse = |step: Step, denial: Denial| Refusal {
+        step,
+        denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
+    };
+
     // 5. Rate limits, per agent under the clause that decided.
     let limits = decision.limits;
     if limits.rpm.is_some() || limits.tpm.is_some() {
         let tokens = priced.bound.as_ref().map_or(0, Bound::tokens);
         let agent = req.facts.agent.unwrap_or("-");
-        if let Err(limited) =
-            stores.take_rate(decision.clause, agent, limits.rpm, limits.tpm, tokens, now)
-        {
-            let denial = rate_denial(limited);
+        match stores.take_rate(decision.clause, agent, limits.rpm, limits.tpm, tokens, now) {
+            Ok(()) => {}
+            Err(RateLimited::Short(refill)) => {
+                return Ok(Admission::Short(Box::new(Short {
+                    refill: *refill,
+                    at: Resume::Rate { decision, priced, guard_ask },
+                })));
+            }
             // A store that cannot count is not the decision's doing: no clause, as for budgets.
-            if limited == RateLimited::Unavailable {
+            Err(RateLimited::Unavailable) => {
+                let denial = rate_denial(RateLimited::Unavailable);
                 return Err(Refusal { step: Step::RateLimit, denial: Box::new(denial) });
             }
-            return Err(refuse(Step::RateLimit, denial));
+            Err(limited) => return Err(refuse(Step::RateLimit, rate_denial(limited))),
         }
     }
 
@@ -459,30 +566,31 @@ pub fn decide<'p>(
     if decision.effect == Effect::Allow && profile.is_none() && !guards.any() && guard_ask.is_none()
     {
         let oversaw = Oversaw { fast: true, ..Oversaw::default() };
-        let reservation = reserve(&decision, req, stores, worst_case, now)?;
-        return Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }));
+        let reserved = reserve(&decision, req, stores, worst_case, now)?;
+        return Ok(admission(decision, priced, oversaw, reserved));
     }
     match oversee(rules, req, stores, &decision, priced, profile, guard_ask, now)? {
         Overseen::Ask(pending) => Ok(Admission::NeedsApproval(pending)),
         Overseen::Pass(assessment) => {
             let oversaw = finish_oversight(&guards, stores, assessment, false, now)
                 .map_err(|d| refuse(Step::Breaker, *d))?;
-            let reservation = reserve(&decision, req, stores, worst_case, now)?;
-            Ok(Admission::Admitted(Admitted { decision, priced, oversaw, reservation }))
+            let reserved = reserve(&decision, req, stores, worst_case, now)?;
+            Ok(admission(decision, priced, oversaw, reserved))
         }
     }
 }
 
 impl<'p> Pending<'p> {
     /// Goes on after the adapter redeemed a granted approval for this request: the breaker,
-    /// then the budgets.
+    /// then the budgets. Answers [`Admission::Admitted`] or [`Admission::Short`], never
+    /// another approval.
     pub fn granted(
         self,
         rules: &Rules<'p>,
         req: &Request<'_>,
         stores: &mut impl Stores,
         now: UnixMillis,
-    ) -> Result<Admitted<'p>, Refusal> {
+    ) -> Result<Admission<'p>, Refusal> {
         let decision = self.decision;
         let assessment = Some(self.assessment);
         let oversaw =
@@ -492,8 +600,8 @@ impl<'p> Pending<'p> {
                     denial: Box::new((*d).with_decision(decision.clause, decision.policy_version)),
                 }
             })?;
-        let reservation = reserve(&decision, req, stores, self.priced.worst_case(), now)?;
-        Ok(Admitted { decision, priced: self.priced, oversaw, reservation })
+        let reserved = reserve(&decision, req, stores, self.priced.worst_case(), now)?;
+        Ok(admission(decision, self.priced, oversaw, reserved))
     }
 }
 
@@ -637,7 +745,7 @@ fn rate_denial(limited: RateLimited) -> Denial {
         RateLimited::Tokens { limit, retry_after_secs } => {
             ("tokens", "rate_limited_tokens", limit, retry_after_secs)
         }
-        RateLimited::Unavailable => {
+        RateLimited::Unavailable | RateLimited::Short(_) => {
             return Denial::new(
                 Class::Unavailable,
                 "budget_store_unavailable",
@@ -807,16 +915,17 @@ fn reserve(
     stores: &mut impl Stores,
     worst_case: Money,
     now: UnixMillis,
-) -> Result<Option<Reservation>, Refusal> {
+) -> Result<Reserved, Refusal> {
     if decision.budgets.is_empty() {
-        return Ok(None);
+        return Ok(Reserved::Done(None));
     }
     let refuse = |denial: Denial| Refusal {
         step: Step::Budget,
         denial: Box::new(denial.with_decision(decision.clause, decision.policy_version)),
     };
     match stores.reserve(&decision.budgets, &req.facts, worst_case, now) {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok(Reserved::Done(r)),
+        Err(BudgetError::Store(StoreError::Short(refill))) => Ok(Reserved::Short(*refill)),
         Err(BudgetError::Exceeded { budget_id, limit, spent_and_reserved, period, .. }) => {
             Err(refuse(Denial::new(
                 Class::BudgetExhausted,

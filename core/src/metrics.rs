@@ -203,6 +203,20 @@ pub const CONFIG_RELOAD_FAILURES: Metric = counter(
     "Config file updates rejected (the running config kept serving)",
     Emitter::Sidecar,
 );
+pub const STORE_ERRORS: Metric = counter(
+    "tollgate_store_errors_total",
+    &[],
+    "Fleet store (Redis) calls that failed or timed out (budgeted requests that needed one were \
+     refused 503)",
+    Emitter::Sidecar,
+);
+pub const STORE_DOWN: Metric = gauge(
+    "tollgate_store_down",
+    &[],
+    "1 for a second after a fleet store (Redis) call failed (budgeted requests that need Redis are \
+     refused 503 meanwhile), else 0",
+    Emitter::Sidecar,
+);
 pub const DATA_BYTES: Metric = gauge(
     "tollgate_data_bytes",
     &[],
@@ -314,7 +328,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 35] = [
+pub const ALL: [&Metric; 37] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -337,6 +351,8 @@ pub const ALL: [&Metric; 35] = [
     &IN_FLIGHT,
     &SHED,
     &CONFIG_RELOAD_FAILURES,
+    &STORE_ERRORS,
+    &STORE_DOWN,
     &ACTIONS,
     &AUTONOMY,
     &APPROVALS_REQUESTED,

@@ -120,6 +120,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (Method::GET, "/metrics") => {
             shared.oversight.observe_into(&shared.metrics);
             shared.metrics.observe_storage(&shared.ledger.storage());
+            // The utilisation gauge is computed at scrape time, like the storage gauges.
+            let _ = budget_states(shared);
+            if let Some(fleet) = shared.budgets.store().fleet() {
+                shared.metrics.store_down.set(i64::from(fleet.down()));
+                let errors = fleet.errors();
+                let seen = shared.metrics.store_errors.get();
+                shared.metrics.store_errors.inc_by(errors.saturating_sub(seen));
+            }
             let mut r = Response::new(full(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,

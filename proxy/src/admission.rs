@@ -23,6 +23,7 @@ use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
+use crate::fleet::RateRefused;
 
 use crate::oversight::{audit_approval, Action, Admitted, StoreError, Verdict, APPROVAL_HEADER};
 use crate::state::Shared;
@@ -65,8 +66,21 @@ impl Stores for Live<'_> {
         rpm: Option<u64>,
         tpm: Option<u64>,
         tokens: u64,
-        _now: UnixMillis,
+        now: UnixMillis,
     ) -> Result<(), RateLimited> {
+        if let Some(fleet) = self.shared.budgets.store().fleet() {
+            let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
+            return fleet.take_rate(&who, rpm, tpm, tokens, now).map_err(|r| match r {
+                RateRefused::Full { limit, retry_after_ms, tokens: false } => {
+                    RateLimited::Requests { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
+                }
+                RateRefused::Full { limit, retry_after_ms, tokens: true } => {
+                    RateLimited::Tokens { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
+                }
+                RateRefused::Short(refill) => RateLimited::Short(refill),
+                RateRefused::Unavailable => RateLimited::Unavailable,
+            });
+        }
         let key = format!("{clause}\u{0}{agent}");
         self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
             crate::limits::Limited::Requests { limit, retry_after } => {
@@ -174,8 +188,11 @@ pub async fn admit<'p>(
     live: &mut Live<'_>,
     now: UnixMillis,
 ) -> Result<(lifecycle::Admitted<'p>, Admitted), Denial> {
-    let (result, verdict) = match lifecycle::decide(rules, req, live, now) {
+    let decided =
+        refilled(shared, lifecycle::decide(rules, req, live, now), rules, req, live, now).await;
+    let (result, verdict) = match decided {
         Ok(lifecycle::Admission::Admitted(a)) => (Ok(a), Some(Verdict::Auto)),
+        Ok(lifecycle::Admission::Short(_)) => unreachable!("refilled answers no Short"),
         Ok(lifecycle::Admission::NeedsApproval(pending)) => {
             approve(shared, action, *pending, rules, req, live, now).await
         }
@@ -219,6 +236,52 @@ pub async fn admit<'p>(
     Ok((admitted, settle))
 }
 
+/// How many times a request waits for the fleet store to refill before it is refused (each
+/// wait ends with enough for it, unless a concurrent request of this proxy took it first).
+const MAX_REFILLS: usize = 32;
+
+/// Waits for the budget store while the lifecycle is short of a fleet lease, then lets it go on.
+/// Never answers [`lifecycle::Admission::Short`]: when Redis cannot be reached the request is
+/// refused 503 (`on_store_error: fail_closed`).
+async fn refilled<'p>(
+    shared: &Shared,
+    mut decided: Result<lifecycle::Admission<'p>, lifecycle::Refusal>,
+    rules: &lifecycle::Rules<'p>,
+    req: &lifecycle::Request<'_>,
+    live: &mut Live<'_>,
+    now: UnixMillis,
+) -> Result<lifecycle::Admission<'p>, lifecycle::Refusal> {
+    let unavailable = |why: String| {
+        let mut denial = Denial::new(
+            Class::Unavailable,
+            "budget_store_unavailable",
+            format!("budgets cannot be checked right now: {why}; retry shortly"),
+        );
+        denial.retry_after_secs = Some(1);
+        lifecycle::Refusal { step: Step::Budget, denial: Box::new(denial) }
+    };
+    for _ in 0..MAX_REFILLS {
+        let short = match decided {
+            Ok(lifecycle::Admission::Short(short)) => short,
+            other => return other,
+        };
+        let Some(fleet) = shared.budgets.store().fleet() else {
+            return Err(unavailable("the budget store asked for a refill it cannot get".into()));
+        };
+        if let Err(e) = fleet.refill(&short.refill).await {
+            tracing::warn!(error = %e, "fleet budget store");
+            return Err(unavailable("the fleet store (Redis) does not answer".into()));
+        }
+        decided = short.resume(rules, req, live, now);
+    }
+    match decided {
+        Ok(lifecycle::Admission::Short(_)) => {
+            Err(unavailable("the fleet lease ran dry again and again".into()))
+        }
+        other => other,
+    }
+}
+
 /// A human has to approve: a retry carrying a granted approval id passes once (and the
 /// lifecycle goes on to the breaker and the budgets); otherwise a pending approval is created
 /// and its id returned in the refusal.
@@ -243,8 +306,13 @@ async fn approve<'p>(
             if let Err(d) = redeem(shared, action, id, &digest, now, &decision).await {
                 return refused(d);
             }
-            match pending.granted(rules, req, live, now) {
-                Ok(admitted) => (Ok(admitted), Some(Verdict::Approved)),
+            match refilled(shared, pending.granted(rules, req, live, now), rules, req, live, now)
+                .await
+            {
+                Ok(lifecycle::Admission::Admitted(admitted)) => {
+                    (Ok(admitted), Some(Verdict::Approved))
+                }
+                Ok(_) => unreachable!("a granted approval is admitted or refused"),
                 Err(r) if r.step.after_oversight() => (Err(*r.denial), Some(Verdict::Approved)),
                 Err(r) => refused(*r.denial),
             }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tollgate_core::budget::{Budgets, MemoryStore, Scope};
 
 use crate::config::Config;
+use crate::fleet::BudgetStore;
 use crate::ledger::{self, Ledger};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
@@ -159,8 +160,25 @@ pub async fn start_with(
              missing from the budgets; `tollgate audit verify` names them"
         );
     }
-    let budgets = Budgets::new(MemoryStore::new());
-    let rebuilt = rebuild_budgets(&budgets, config.engine.policy(), &recovered.records, now);
+    let (budgets, rebuilt) = match &config.store {
+        None => {
+            let budgets = Budgets::new(BudgetStore::Local(MemoryStore::new()));
+            let rebuilt =
+                rebuild_budgets(&budgets, config.engine.policy(), &recovered.records, now);
+            (budgets, rebuilt)
+        }
+        // Redis keeps the fleet's budgets across restarts: replaying this proxy's ledger into
+        // them would count its spend twice.
+        Some(store) => {
+            let fleet = crate::fleet::FleetStore::new(store.redis.clone())?;
+            tracing::info!(
+                redis = %crate::fleet::redact(&store.redis.url),
+                id = fleet.id(),
+                "budgets shared by the fleet through Redis (fleet mode)"
+            );
+            (Budgets::new(BudgetStore::Fleet(fleet)), Rebuilt::default())
+        }
+    };
     tracing::info!(
         segments = recovered.segments,
         replayed = recovered.records.len(),
@@ -183,6 +201,12 @@ pub async fn start_with(
         &config.routes,
         &config.data_dir,
         now,
+        match &config.store {
+            Some(store) => {
+                Some(Arc::new(crate::fleet::oversight::SharedOversight::new(&store.redis)?))
+            }
+            None => None,
+        },
     )
     .with_context(|| format!("opening the approvals journal in {}", config.data_dir.display()))?;
     tracing::info!(
@@ -244,6 +268,10 @@ pub async fn start_with(
     });
     let sweeper = tokio::spawn(sweep_approvals(shared.clone(), stop_rx.clone()));
     let background = tokio::spawn(crate::reload::background(shared.clone(), stop_rx));
+    // The fleet store reports spend until the last request has settled, then gives its leases
+    // back: it stops after the listeners have drained.
+    let (fleet_stop, fleet_stop_rx) = watch::channel(false);
+    let fleet = shared.budgets.store().fleet().cloned().map(|f| tokio::spawn(f.run(fleet_stop_rx)));
 
     let done = {
         let shared = shared.clone();
@@ -259,6 +287,10 @@ pub async fn start_with(
                 }
             };
             let _ = tokio::join!(proxy_task, intercepted);
+            let _ = fleet_stop.send(true);
+            if let Some(fleet) = fleet {
+                let _ = fleet.await;
+            }
             let _ = admin_task.await;
             let _ = background.await;
             let _ = sweeper.await;
@@ -282,7 +314,11 @@ async fn sweep_approvals(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|stop| *stop) => return,
         }
         let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || s.oversight.sweep(&s.ledger)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            s.oversight.sweep(&s.ledger);
+            s.oversight.sync_disabled();
+        })
+        .await;
     }
 }
 
@@ -339,7 +375,7 @@ pub struct Rebuilt {
 /// requests died with it, but may have cost money upstream) are held again until they expire.
 /// Budgets are looked up by id in the current policy; ids it no longer has are skipped.
 pub fn rebuild_budgets(
-    budgets: &Budgets<MemoryStore>,
+    budgets: &Budgets<BudgetStore>,
     policy: &tollgate_core::policy::Snapshot,
     records: &[crate::ledger::Stored],
     now: tollgate_core::time::UnixMillis,

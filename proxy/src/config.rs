@@ -192,6 +192,8 @@ pub struct Config {
     pub oversight: crate::oversight::config::OversightConfig,
     /// Whether an `autonomy:` section gates actions by mode (without one, none is gated).
     pub autonomy_configured: bool,
+    /// Where budgets are counted (`store:`): this process (`None`) or Redis, shared by the fleet.
+    pub store: Option<crate::fleet::StoreConfig>,
     pub engine: Engine,
     /// The file this config was read from (`None`: the embedded default or a string); the
     /// running proxy watches it and reloads what it can.
@@ -254,6 +256,9 @@ pub struct Export {
     pub url: http::Uri,
     pub batch: usize,
     pub interval: Duration,
+    /// The environment variable holding the bearer token sent to the collector (a Tollgate
+    /// collector's admin token), if any.
+    pub token_env: Option<String>,
 }
 
 /// A shared cost to allocate over the period's requests.
@@ -290,6 +295,7 @@ const TOP: &[&str] = &[
     "autonomy",
     "guardrails",
     "oversight",
+    "store",
 ];
 
 impl Config {
@@ -356,6 +362,7 @@ impl Config {
         keep!("forward_proxy", forward);
         keep!("oversight", oversight);
         keep!("autonomy (added or removed)", autonomy_configured);
+        keep!("store", store);
         changed
     }
 
@@ -479,6 +486,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let limits = request_limits(cx, obj.get("limits"), forward.enabled);
     let oversight = crate::oversight::config::OversightConfig::decode(cx, obj.get("oversight"));
     let autonomy_configured = obj.get("autonomy").is_some();
+    let store = crate::fleet::StoreConfig::decode(cx, obj.get("store"));
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -488,6 +496,20 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         read_file: Some(&read_file),
     }
     .compile(cx);
+    if let (Some(_), Some(engine), Some(f)) = (&store, &engine, obj.get("store")) {
+        for b in engine.policy().all_budgets() {
+            if b.amount.nanos() > crate::fleet::MAX_BUDGET_NANOS {
+                f.error(
+                    cx,
+                    format!(
+                        "budget `{}` ({} USD) is above what the fleet store counts exactly \
+                         ($9,007,199.25 per counter)",
+                        b.id, b.amount
+                    ),
+                );
+            }
+        }
+    }
     obj.finish(cx, TOP);
     Some(Config {
         listen,
@@ -516,6 +538,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         forward,
         oversight,
         autonomy_configured,
+        store,
         engine: engine?,
     })
 }
@@ -830,8 +853,9 @@ fn chargeback(cx: &mut Cx, field: Option<Field<'_>>) -> (Vec<SharedCost>, Option
             .and_then(|f| f.duration_ms(cx))
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
-        e.finish(cx, &["url", "batch", "interval"]);
-        Some(Export { url: url?, batch, interval })
+        let token_env = e.get("token_env").and_then(|f| f.non_empty_str(cx).map(str::to_string));
+        e.finish(cx, &["url", "batch", "interval", "token_env"]);
+        Some(Export { url: url?, batch, interval, token_env })
     });
     o.finish(cx, &["shared_costs", "export"]);
     (shared, export)
@@ -965,6 +989,40 @@ mod tests {
         let set = format!("{base}limits: {{max_connections: 10, max_requests_in_flight: 0}}\n");
         let l = Config::from_str(&set).expect("valid").limits;
         assert_eq!((l.max_connections, l.max_requests_in_flight), (10, 1));
+    }
+
+    #[test]
+    fn the_fleet_store_section_has_defaults_and_names_its_errors() {
+        let base = "version: 1\nroutes: []\npolicy: {version: v1}\n";
+        let store = |yaml: &str| Config::from_str(&format!("{base}{yaml}"));
+        let r = store("store: {redis: {url: \"redis://:pw@127.0.0.1:6379/0\"}}\n")
+            .expect("valid")
+            .store
+            .expect("a store")
+            .redis;
+        assert_eq!(r.key_prefix, "tollgate:");
+        assert_eq!((r.timeout, r.lease_ttl), (Duration::from_millis(250), Duration::from_secs(10)));
+        assert_eq!((r.sync_interval, r.slice_bp), (Duration::from_millis(50), 100));
+        assert!(!format!("{r:?}").contains("pw"), "the password stays out of logs: {r:?}");
+        let error = |yaml: &str| {
+            let errors = store(yaml).err().expect("refused").0;
+            (errors[0].path.clone(), errors[0].message.clone())
+        };
+        assert_eq!(error("store: {redis: {url: \"http://x\"}}\n").0, "store.redis.url");
+        assert_eq!(
+            error("store: {redis: {url: \"redis://x\", sync_interval: 5s}}\n").0,
+            "store.redis.sync_interval"
+        );
+        assert_eq!(
+            error("store: {redis: {url: \"redis://x\"}, on_store_error: local_allowance}\n").0,
+            "store.on_store_error"
+        );
+        let big = "version: 1\nroutes: []\nstore: {redis: {url: \"redis://x\"}}\npolicy:\n  \
+                   version: v1\n  budgets: [{id: huge, scope: global, period: monthly, \
+                   amount: \"10000000\"}]\n";
+        let errors = Config::from_str(big).err().expect("refused").0;
+        assert_eq!(errors[0].path, "store");
+        assert!(errors[0].message.contains("huge"), "{}", errors[0].message);
     }
 
     #[test]

@@ -321,6 +321,8 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
     let approval = headers.get(crate::oversight::APPROVAL_HEADER);
     let result = match lifecycle::decide(&rules, &req, &mut assumed, now) {
         Ok(Admission::Admitted(_)) => Ok(()),
+        // `explain` counts budgets in memory, which is never short.
+        Ok(Admission::Short(_)) => Ok(()),
         Ok(Admission::NeedsApproval(pending)) => {
             let d = pending.decision;
             match approval {

@@ -171,10 +171,17 @@ pub async fn run(
 }
 
 async fn post(client: &UpstreamClient, export: &Export, body: Vec<u8>) -> Result<(), String> {
-    let req = http::Request::post(export.url.clone())
-        .header(http::header::CONTENT_TYPE, "application/x-ndjson")
-        .body(crate::deny::full(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+    let mut req = http::Request::post(export.url.clone())
+        .header(http::header::CONTENT_TYPE, "application/x-ndjson");
+    if let Some(name) = &export.token_env {
+        // Read at each post, so that a rotated Secret applies without a restart.
+        let token = std::env::var(name)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("chargeback.export.token_env: ${name} is not set"))?;
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(crate::deny::full(Bytes::from(body))).map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .map_err(|_| "timed out".to_string())?

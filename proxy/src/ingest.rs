@@ -82,6 +82,8 @@ pub enum Verdict {
     Duplicate,
     /// Not written; sending it again as it is cannot help.
     Refused,
+    /// Not usage (a sidecar's exported `reserve` record): nothing to write, nothing to resend.
+    Ignored,
 }
 
 /// The answer for one line.
@@ -147,7 +149,15 @@ impl Ingest {
             }
             let event_id = event_id_of(line);
             match parse(line, now) {
-                Ok((record, note)) => {
+                Ok(None) => outcome.results.push(LineResult {
+                    line: i + 1,
+                    event_id,
+                    result: Verdict::Ignored,
+                    field: None,
+                    error: None,
+                    implausible: false,
+                }),
+                Ok(Some((record, note))) => {
                     if let Some(why) = &note {
                         tracing::warn!(
                             line = i + 1,
@@ -285,7 +295,12 @@ fn answer(status: StatusCode, value: &Value) -> Response<Body> {
 /// One event line → the usage record to store, or the field at fault: the line is read as the
 /// core's [`UsageEvent`] (a value of the wrong type, a missing field or an unknown code is named
 /// by its path, such as `tokens.output`), then checked by [`UsageEvent::into_record`].
-fn parse(line: &[u8], now: UnixMillis) -> Result<(UsageRecord, Option<Invalid>), Invalid> {
+///
+/// A line with a `type` is a record a sidecar exported from its ledger (`chargeback.export`):
+/// a `usage` record is taken as it is (its `event_id` becomes `source_event_id`, `source` is
+/// `sidecar` unless it came from further away), a `reserve` record is ignored (`Ok(None)`).
+#[allow(clippy::type_complexity)]
+fn parse(line: &[u8], now: UnixMillis) -> Result<Option<(UsageRecord, Option<Invalid>)>, Invalid> {
     if line.trim_ascii_start().first() != Some(&b'{') {
         // A struct would also read from an array: refuse anything but an object first.
         return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
@@ -293,10 +308,44 @@ fn parse(line: &[u8], now: UnixMillis) -> Result<(UsageRecord, Option<Invalid>),
             Err(e) => Invalid::new("", format!("not JSON: {e}")),
         });
     }
+    match record_type(line).as_deref() {
+        None => {}
+        Some("usage") => return exported(line).map(|r| Some((r, None))),
+        Some("reserve") => return Ok(None),
+        Some(other) => {
+            return Err(Invalid::new("type", format!("`{other}` records are not usage")));
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(line);
     let event: UsageEvent = serde_path_to_error::deserialize(&mut de).map_err(read_error)?;
     de.end().map_err(|e| Invalid::new("", format!("not JSON: {e}")))?;
-    event.accept(now)
+    event.accept(now).map(Some)
+}
+
+/// The `type` of an exported ledger record, `None` for a mesh usage event.
+fn record_type(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    serde_json::from_slice::<Kind>(line).ok()?.kind
+}
+
+/// A sidecar's exported `usage` record, as its ledger wrote it (its `event_id` beside it).
+fn exported(line: &[u8]) -> Result<UsageRecord, Invalid> {
+    let event_id = event_id_of(line).unwrap_or_default();
+    let mut de = serde_json::Deserializer::from_slice(line);
+    let mut record: UsageRecord = serde_path_to_error::deserialize(&mut de).map_err(read_error)?;
+    if event_id.is_empty() || event_id.len() > 128 {
+        return Err(Invalid::new("event_id", "required: a non-empty string of at most 128 bytes"));
+    }
+    if record.cost_usd != record.cost_total() {
+        return Err(Invalid::new("cost_usd", "does not match cost_nano_usd"));
+    }
+    record.source.get_or_insert_with(|| "sidecar".into());
+    record.source_event_id = Some(event_id);
+    Ok(record)
 }
 
 /// The `event_id` of a line, if it is an object with a string one (for the per-line answer).

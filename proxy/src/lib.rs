@@ -19,6 +19,7 @@ pub mod config;
 pub mod deny;
 pub mod explain;
 pub mod export;
+pub mod fleet;
 pub mod focus;
 pub mod forward;
 pub mod framing;

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub policy_version: IntGaugeVec,
     pub policy_reload_failures: IntCounter,
     pub config_reload_failures: IntCounter,
+    /// Fleet mode only (`store.redis`).
+    pub store_errors: IntCounter,
+    pub store_down: IntGauge,
     pub ledger_errors: IntCounter,
     pub ledger_corrupt_records: IntGauge,
     pub data_bytes: IntGauge,
@@ -152,6 +155,8 @@ impl Metrics {
             policy_version: gauges(&schema::POLICY_INFO),
             policy_reload_failures: counter(&schema::POLICY_RELOAD_FAILURES),
             config_reload_failures: counter(&schema::CONFIG_RELOAD_FAILURES),
+            store_errors: counter(&schema::STORE_ERRORS),
+            store_down: gauge(&schema::STORE_DOWN),
             ledger_errors: counter(&schema::LEDGER_ERRORS),
             ledger_corrupt_records: gauge(&schema::LEDGER_CORRUPT_RECORDS),
             data_bytes: gauge(&schema::DATA_BYTES),

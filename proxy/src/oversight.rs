@@ -48,6 +48,7 @@ use tollgate_core::time::UnixMillis;
 use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
+use crate::fleet::oversight::SharedOversight;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 
@@ -171,6 +172,11 @@ pub struct Oversight {
     /// The guardrails' calls per agent and action in the current UTC hour.
     pub(crate) action_rates: RateCounters,
     pub(crate) stats: Stats,
+    /// Fleet mode: approvals and disabled agents shared through Redis.
+    fleet: Option<Arc<SharedOversight>>,
+    /// The fleet's disabled agents as last read (to tell a re-enable elsewhere from a disable
+    /// here that is still on its way to Redis).
+    fleet_disabled: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Most (agent, action) pairs whose outcomes are counted.
@@ -228,8 +234,13 @@ impl Oversight {
         routes: &[Route],
         data_dir: &std::path::Path,
         now: UnixMillis,
+        fleet: Option<Arc<SharedOversight>>,
     ) -> std::io::Result<(Oversight, approvals::Replayed)> {
         let (approvals, replayed) = Approvals::open(data_dir, now)?;
+        let approvals = match &fleet {
+            Some(f) => approvals.shared(f.clone()),
+            None => approvals,
+        };
         let (disabled, disabled_agents) = agents::DisabledAgents::open(data_dir)?;
         let escalation = config.escalation.map(Escalation::new);
         match &escalation {
@@ -269,6 +280,8 @@ impl Oversight {
             outcomes: Mutex::new(HashMap::new()),
             action_rates: RateCounters::default(),
             stats: Stats::default(),
+            fleet,
+            fleet_disabled: Mutex::new(Default::default()),
         };
         Ok((oversight, replayed))
     }
@@ -382,9 +395,16 @@ impl Oversight {
             return Ok(false);
         }
         let (store, snapshot) = (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
-        tokio::task::spawn_blocking(move || store.write(snapshot))
-            .await
-            .map_err(std::io::Error::other)??;
+        let fleet = self.fleet.clone();
+        let agent = agent.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Some(fleet) = fleet {
+                fleet.set_disabled(&agent, false).map_err(std::io::Error::other)?;
+            }
+            store.write(snapshot)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(true)
     }
 
@@ -428,7 +448,13 @@ impl Oversight {
                 // Off the request path; a failure is logged (the agent stays disabled in memory).
                 let (store, snapshot) =
                     (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
+                let (fleet, disabled) = (self.fleet.clone(), agent.to_string());
                 let write = move || {
+                    if let Some(fleet) = fleet {
+                        if let Err(err) = fleet.set_disabled(&disabled, true) {
+                            tracing::error!(error = %err, "disabling the agent in the fleet store");
+                        }
+                    }
                     if let Err(err) = store.write(snapshot) {
                         tracing::error!(error = %err, "persisting the disabled agents");
                     }
@@ -449,6 +475,33 @@ impl Oversight {
                 });
             }
         }
+    }
+
+    /// Fleet mode: takes in the agents disabled or re-enabled through other proxies. Run on the
+    /// blocking pool.
+    pub fn sync_disabled(&self) {
+        let (Some(fleet), Some(e)) = (&self.fleet, &self.escalation) else { return };
+        let now_disabled: std::collections::HashSet<String> = match fleet.disabled() {
+            Ok(agents) => agents.into_iter().collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the fleet's disabled agents");
+                return;
+            }
+        };
+        let mut before = self.fleet_disabled.lock().unwrap_or_else(PoisonError::into_inner);
+        for agent in &now_disabled {
+            if !matches!(e.standing(agent), Standing::Disabled { .. }) {
+                tracing::warn!(agent = %agent, "agent disabled by another proxy of the fleet");
+                e.restore_disabled(agent);
+            }
+        }
+        // Gone from the fleet's set since the last read: an operator re-enabled it elsewhere.
+        for agent in before.difference(&now_disabled) {
+            if e.reenable(agent) {
+                tracing::info!(agent = %agent, "agent re-enabled through another proxy of the fleet");
+            }
+        }
+        *before = now_disabled;
     }
 
     /// Applies approval timeouts and records each in the audit log. Run on the blocking pool.

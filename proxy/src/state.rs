@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use tollgate_core::budget::{Budgets, MemoryStore, Scope};
+use tollgate_core::budget::{Budgets, Scope};
 use tollgate_core::policy::Snapshot;
 
 use crate::config::Config;
@@ -50,7 +50,8 @@ pub struct Shared {
     pub ledger: Ledger,
     /// Usage events from the mesh (`POST /v1/usage/events`) and the ids already written.
     pub ingest: crate::ingest::Ingest,
-    pub budgets: Budgets<MemoryStore>,
+    /// Budgets, counted in this process or, in fleet mode, through Redis.
+    pub budgets: Budgets<crate::fleet::BudgetStore>,
     pub rate_limits: RateLimits,
     pub admin_token: Option<String>,
     pub started: std::time::Instant,

@@ -362,6 +362,14 @@ impl Exchange {
             Ok(Admission::Admitted(a)) => a,
             // Nothing here records approvals: the policy's own ask names `apr_<request id>`,
             // as before; a risk-based one answers with the reason.
+            // Envoy's shared data answers every budget step at once: never short of a lease.
+            Ok(Admission::Short(short)) => {
+                return Err(Denial::new(
+                    Class::Unavailable,
+                    "budget_store_unavailable",
+                    format!("budget store asked to refill `{}`", short.refill.key),
+                ))
+            }
             Ok(Admission::NeedsApproval(p)) => {
                 return Err(Denial::for_decision(&p.decision, &self.request_id)
                     .filter(|_| p.decision.effect == Effect::RequireApproval)

@@ -40,6 +40,24 @@ pub enum StoreError {
     /// A compare-and-swap backend lost the race too many times in a row.
     #[error("budget store key `{key}` still contended after {attempts} attempts")]
     Contended { key: String, attempts: u32 },
+    /// The store serves this counter from a share it holds locally (a lease of a budget kept
+    /// elsewhere), and the share cannot cover `amount`: nothing was changed. The owner fetches
+    /// more from its backend ([`Refill`]) and the caller tries again; the lifecycle hands this
+    /// back as [`Admission::Short`](crate::lifecycle::Admission::Short) so that the wait
+    /// happens outside the decision.
+    #[error("budget store must refill `{}` before it can add {}", .0.key, .0.amount)]
+    Short(Box<Refill>),
+}
+
+/// What a store that serves counters from a local share needs from its backend before an
+/// [`Store::add_if_within`] can be answered: at least `amount` more on `key` under `limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refill {
+    pub key: String,
+    pub amount: i64,
+    pub limit: i64,
+    /// The counter's expiry, as passed to `add_if_within`.
+    pub expires_at: UnixMillis,
 }
 
 /// An open reservation: the request that holds it, when it lapses, and how much it holds on

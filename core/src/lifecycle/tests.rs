@@ -42,6 +42,10 @@ struct Fake {
     breaker: Result<(), BreakerOpen>,
     budgets: BudgetEngine<MemoryStore>,
     action_rate: ActionRate,
+    /// How many more times `reserve` answers that the store must refill first.
+    short: u32,
+    /// Likewise for `take_rate`.
+    rate_short: u32,
 }
 
 impl Default for Fake {
@@ -61,6 +65,8 @@ impl Default for Fake {
             breaker: Ok(()),
             budgets: BudgetEngine::new(MemoryStore::default()),
             action_rate: ActionRate::Taken(1),
+            short: 0,
+            rate_short: 0,
         }
     }
 }
@@ -76,7 +82,16 @@ impl Stores for Fake {
         _: UnixMillis,
     ) -> Result<(), RateLimited> {
         self.calls.push("rate");
-        self.rate
+        if self.rate_short > 0 {
+            self.rate_short -= 1;
+            return Err(RateLimited::Short(Box::new(crate::budget::Refill {
+                key: "rate".into(),
+                amount: 1,
+                limit: 0,
+                expires_at: UnixMillis(0),
+            })));
+        }
+        self.rate.clone()
     }
     fn take_action_rate(&mut self, _: &str, _: &str, _: u32, _: UnixMillis) -> ActionRate {
         self.calls.push("action_rate");
@@ -120,6 +135,17 @@ impl Stores for Fake {
         now: UnixMillis,
     ) -> Result<Option<Reservation>, BudgetError> {
         self.calls.push("reserve");
+        if self.short > 0 {
+            self.short -= 1;
+            return Err(BudgetError::Store(crate::budget::StoreError::Short(Box::new(
+                crate::budget::Refill {
+                    key: "lease".into(),
+                    amount: amount.nanos(),
+                    limit: 0,
+                    expires_at: now,
+                },
+            ))));
+        }
         self.budgets
             .reserve(budgets.iter(), |s| scope_value(facts, s), amount, "r-1", now, 60_000)
             .map(Some)
@@ -184,6 +210,27 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
             a.oversaw.fast,
             a.reservation.is_some()
         ),
+        Admission::Short(short) => {
+            let mut refills = 1;
+            let mut next = short.resume(&rules, &req, stores, NOW);
+            loop {
+                match next {
+                    Ok(Admission::Short(short)) => {
+                        refills += 1;
+                        next = short.resume(&rules, &req, stores, NOW);
+                    }
+                    Ok(Admission::Admitted(a)) => {
+                        break format!(
+                            "short {refills} then admitted {} reserved={}",
+                            a.decision.clause,
+                            a.reservation.is_some()
+                        )
+                    }
+                    Ok(Admission::NeedsApproval(_)) => break "short then asked".to_string(),
+                    Err(r) => break format!("short {refills} then refused {}", r.denial.code),
+                }
+            }
+        }
         Admission::NeedsApproval(p) => {
             let digest = p.digest;
             let granted = p.granted(&rules, &req, stores, NOW);
@@ -191,7 +238,9 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
             format!(
                 "approval asked then {}",
                 match granted {
-                    Ok(a) => format!("admitted approved={}", a.oversaw.approved),
+                    Ok(Admission::Admitted(a)) =>
+                        format!("admitted approved={}", a.oversaw.approved),
+                    Ok(_) => "neither admitted nor refused".to_string(),
                     Err(r) => format!("refused {}", r.denial.code),
                 }
             )
@@ -460,6 +509,7 @@ fn guarded(
     decide(&rules, &req, stores, NOW).map(|a| match a {
         Admission::Admitted(a) => format!("admitted fast={}", a.oversaw.fast),
         Admission::NeedsApproval(p) => format!("asked {}", p.reason),
+        Admission::Short(s) => format!("short {}", s.refill.key),
     })
 }
 
@@ -621,4 +671,28 @@ fn without_a_guardrails_section_nothing_is_checked() {
     let r = run(&engine(), Guards::default(), &tool("bot", "launch_rocket"), &mut stores);
     assert!(r.is_ok(), "{r:?}");
     assert!(!stores.calls.contains(&"action_rate"));
+}
+
+#[test]
+fn a_store_short_of_its_lease_hands_the_wait_back_and_resumes_at_the_budgets_only() {
+    let engine = engine();
+    let mut s = Fake { short: 2, ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("funded-bot"), &mut s);
+    assert_eq!(r.unwrap(), "short 2 then admitted funded reserved=true");
+    // The oversight steps ran once; only the budgets were asked again.
+    assert_eq!(s.calls.iter().filter(|c| **c == "reserve").count(), 3);
+    assert_eq!(s.calls.iter().filter(|c| **c == "recordable").count(), 1);
+    assert_eq!(s.calls.iter().filter(|c| **c == "breaker").count(), 1);
+}
+
+#[test]
+fn a_rate_limit_short_of_its_lease_resumes_from_the_rate_limits_without_running_the_guardrails_again(
+) {
+    let engine = engine();
+    let mut s = Fake { rate_short: 1, ..Fake::default() };
+    let r = run(&engine, all_guards(), &llm("limited-bot"), &mut s);
+    assert_eq!(r.unwrap(), "short 1 then admitted limited reserved=false");
+    // Taken once more after the refill; every later step ran once.
+    let count = |name: &str| s.calls.iter().filter(|c| **c == name).count();
+    assert_eq!((count("rate"), count("recordable"), count("breaker")), (2, 1, 1), "{:?}", s.calls);
 }

@@ -216,3 +216,59 @@ fn a_value_of_the_wrong_kind_or_a_missing_field_is_named_by_its_path() {
         (Some(3_145_000), Some(0))
     );
 }
+
+/// A usage record as a sidecar's export ships it: the ledger's JSON line with its `event_id`.
+fn exported(id: &str) -> Value {
+    json!({
+        "type": "usage", "event_id": id, "ts": UnixMillis(NOW.0 - 2000).to_string(),
+        "reserved_at_ms": NOW.0 - 2500, "request_id": "req-9", "reservation_id": "res-9",
+        "agent": "bot-2", "cost_center": "CC-1234", "project": "PROJ-ABC123", "route": "mcp",
+        "provider": "mcp", "tool": "echo",
+        "tokens": {"input": 0, "cached_input": 0, "cache_write": 0, "output": 0, "reasoning": 0},
+        "cost_usd": "0.1", "cost_nano_usd": 100_000_000, "decision": "allow",
+        "reason": "default_allow", "clause": "defaults.tool", "policy_version": "v1",
+        "budgets": ["cc-monthly"], "status": 200, "latency_ms": 3, "usage_source": "none",
+        "end": "complete"
+    })
+}
+
+#[test]
+fn a_sidecars_exported_usage_is_taken_as_written_and_its_reservations_ignored() {
+    let ingest = Ingest::default();
+    let reserve = json!({"type": "reserve", "event_id": "L1-1", "request_id": "req-9"});
+    let mut mismatched = exported("L1-4");
+    mismatched["cost_usd"] = json!("0.2");
+    let mut audit = exported("L1-5");
+    audit["type"] = json!("audit");
+    let body = ndjson(&[reserve, exported("L1-2"), exported("L1-2"), mismatched, audit]);
+    let (outcome, entries) = take(&ingest, &body);
+    let verdicts: Vec<Verdict> = outcome.results.iter().map(|r| r.result).collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Ignored,
+            Verdict::Accepted,
+            Verdict::Duplicate,
+            Verdict::Refused,
+            Verdict::Refused
+        ],
+        "{:?}",
+        outcome.errors
+    );
+    assert_eq!(outcome.errors[0].field, "cost_usd", "{:?}", outcome.errors);
+    assert_eq!(outcome.errors[1].field, "type");
+    assert_eq!(entries.len(), 1);
+    let r = &entries[0];
+    assert_eq!(
+        (r["source"].as_str(), r["source_event_id"].as_str()),
+        (Some("sidecar"), Some("L1-2"))
+    );
+    assert_eq!(
+        (r["cost_nano_usd"].as_i64(), r["tool"].as_str()),
+        (Some(100_000_000), Some("echo"))
+    );
+    assert_eq!(r["reservation_id"], "res-9", "the record as the sidecar wrote it");
+    // Sent again in a later batch: still a duplicate.
+    let (again, entries) = take(&ingest, &ndjson(&[exported("L1-2")]));
+    assert_eq!((again.duplicates, entries.len()), (1, 0));
+}

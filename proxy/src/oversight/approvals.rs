@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tollgate_core::approval::{Approval, DecideError, RedeemError, State, Transition};
 use tollgate_core::time::UnixMillis;
 
+use crate::fleet::oversight::SharedOversight;
+
 /// Decided approvals are kept (listed, journalled) this long after their decision.
 const RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// Most approvals held; past it new ones are refused rather than memory growing.
@@ -45,10 +47,11 @@ struct Inner {
     journal: File,
 }
 
-/// Every approval, journalled.
+/// Every approval, journalled; or, in fleet mode, kept in Redis for the whole fleet.
 pub struct Approvals {
     inner: Mutex<Inner>,
     path: PathBuf,
+    fleet: Option<Arc<SharedOversight>>,
 }
 
 /// What opening found.
@@ -105,7 +108,19 @@ impl Approvals {
             .collect();
         replayed.total = map.len();
         replayed.pending = map.values().filter(|a| a.state == State::Pending).count();
-        Ok((Approvals { inner: Mutex::new(Inner { map, waiting, journal }), path }, replayed))
+        let inner = Mutex::new(Inner { map, waiting, journal });
+        Ok((Approvals { inner, path, fleet: None }, replayed))
+    }
+
+    /// Keeps every approval in the fleet store instead (the journal is then not used).
+    pub fn shared(mut self, fleet: Arc<SharedOversight>) -> Approvals {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// Whether approvals live in the fleet store.
+    pub fn is_shared(&self) -> bool {
+        self.fleet.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -130,6 +145,9 @@ impl Approvals {
     /// Stores a new pending approval, or returns the pending one already waiting for the same
     /// agent and action (a retrying agent does not flood operators with copies).
     pub fn create(&self, approval: Approval, now: UnixMillis) -> Result<Approval, StoreError> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.create(approval, now);
+        }
         let mut inner = self.lock();
         let key = waiting_key(&approval);
         let existing = inner.waiting.get(&key).and_then(|id| inner.map.get(id));
@@ -157,6 +175,9 @@ impl Approvals {
         note: Option<&str>,
         now: UnixMillis,
     ) -> Result<(Approval, Transition), StoreError> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.decide(id, approve, by, note, now);
+        }
         let mut inner = self.lock();
         let Inner { map, journal, .. } = &mut *inner;
         let a = map.get_mut(id).ok_or(StoreError::Unknown)?;
@@ -179,6 +200,9 @@ impl Approvals {
         request_id: &str,
         now: UnixMillis,
     ) -> Result<Approval, StoreError> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.redeem(id, agent, digest, request_id, now);
+        }
         let mut inner = self.lock();
         let Inner { map, journal, .. } = &mut *inner;
         let a = map.get_mut(id).ok_or(StoreError::Unknown)?;
@@ -196,6 +220,9 @@ impl Approvals {
 
     /// Applies timeouts; returns what changed. Old decided approvals leave memory.
     pub fn sweep(&self, now: UnixMillis) -> Result<Vec<(Approval, Transition)>, StoreError> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.sweep(now);
+        }
         let mut inner = self.lock();
         let Inner { map, journal, waiting } = &mut *inner;
         let mut changed = Vec::new();
@@ -218,11 +245,17 @@ impl Approvals {
     /// One approval (its state as of its last change; call [`Approvals::sweep`] first for
     /// timeouts).
     pub fn get(&self, id: &str) -> Option<Approval> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.get(id);
+        }
         self.lock().map.get(id).cloned()
     }
 
     /// Every approval in `state` (all when `None`), oldest first.
     pub fn list(&self, state: Option<State>) -> Vec<Approval> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.list(state);
+        }
         let mut out: Vec<Approval> = self
             .lock()
             .map
@@ -235,6 +268,9 @@ impl Approvals {
     }
 
     pub fn pending(&self) -> usize {
+        if let Some(fleet) = &self.fleet {
+            return fleet.list(Some(State::Pending)).len();
+        }
         self.lock().map.values().filter(|a| a.state == State::Pending).count()
     }
 }

@@ -1,0 +1,874 @@
+//! Fleet mode: budgets shared by every proxy through Redis, spent from leases held in memory.
+//!
+//! Each budget counter (a budget, scope value and period) is one Redis hash. It holds `perm`,
+//! the spend the fleet has reported, and one lease per proxy (`l:<proxy>`, with its expiry
+//! `e:<proxy>`): money a proxy may reserve from without asking. The budget's committed total is
+//! `perm` plus every live lease, and a lease is only ever granted (or grown) by one Lua script
+//! that checks that total against the limit, so the fleet together can never commit more than
+//! the budget. A request is served from its proxy's lease in memory; it waits for Redis only
+//! when the lease cannot cover it ([`Admission::Short`](tollgate_core::lifecycle::Admission)).
+//!
+//! The same script reports, every `sync_interval`, what the proxy spent since (added to `perm`
+//! once: each report carries a sequence number) and how much of its lease is still in use, which
+//! renews the lease. Free lease the proxy has not touched for a second goes back; all of it goes
+//! back on shutdown. A proxy that dies stops renewing: its lease lapses after `lease_ttl` and the
+//! next script run on that budget gives the money back to the fleet. Near the limit, leases
+//! shrink to a quarter of what is left and finally to the one request that asks, so the last
+//! dollar is spendable exactly.
+//!
+//! What a lease does not cover: spend a proxy settled but had not reported when it was killed
+//! (at most one `sync_interval`) is missing from Redis (it is in the proxy's ledger); and a
+//! proxy that could not reach Redis for longer than `lease_ttl` while serving keeps charging its
+//! in-flight requests when it comes back, even if that passes the limit (the money was spent).
+//!
+//! Holds (one per request) and settle markers stay in the proxy's memory: a request settles
+//! where it was reserved.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::aio::ConnectionManager;
+use tollgate_core::budget::{AddOutcome, Hold, MemoryStore, Refill, Store, StoreError, Taken};
+use tollgate_core::doc::{Cx, Field};
+use tollgate_core::time::UnixMillis;
+
+use crate::clock::now;
+
+pub mod oversight;
+
+/// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,
+/// exact up to 2^53 ($9,007,199.25).
+pub const MAX_BUDGET_NANOS: i64 = 1 << 53;
+
+/// The `store:` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub redis: RedisConfig,
+}
+
+/// `store.redis`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` (never logged: it may carry a password).
+    pub url: String,
+    /// Prepended to every key (no braces: keys carry their own hash tags).
+    pub key_prefix: String,
+    /// Longest wait for one Redis call.
+    pub timeout: Duration,
+    /// How long a lease lives without being renewed.
+    pub lease_ttl: Duration,
+    /// How often spend is reported and leases renewed.
+    pub sync_interval: Duration,
+    /// The lease a proxy asks for, in basis points of the budget (at least the request).
+    pub slice_bp: u64,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("sync_interval", &self.sync_interval)
+            .field("slice_bp", &self.slice_bp)
+            .finish()
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl StoreConfig {
+    pub fn decode(cx: &mut Cx, field: Option<Field<'_>>) -> Option<StoreConfig> {
+        let field = field?;
+        let mut obj = cx.object(&field)?;
+        let redis = obj.require(cx, "redis").and_then(|f| {
+            let mut r = cx.object(&f)?;
+            let url = r.require(cx, "url").and_then(|f| {
+                let url = f.non_empty_str(cx)?;
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
+                    return None;
+                }
+                Some(url.to_string())
+            });
+            let key_prefix = match r.get("key_prefix") {
+                Some(f) => f.str(cx).and_then(|p| {
+                    if p.contains(['{', '}']) {
+                        f.error(cx, "the key prefix may not contain `{` or `}` (hash tags)");
+                        None
+                    } else {
+                        Some(p.to_string())
+                    }
+                }),
+                None => Some("tollgate:".to_string()),
+            };
+            let ms = |r: &mut tollgate_core::doc::Obj<'_>,
+                      cx: &mut Cx,
+                      name: &str,
+                      default: u64| {
+                match r.get(name) {
+                    Some(f) => match f.duration_ms(cx) {
+                        Some(0) => {
+                            f.error(cx, "must be more than 0");
+                            default
+                        }
+                        Some(v) => v,
+                        None => default,
+                    },
+                    None => default,
+                }
+            };
+            let timeout = ms(&mut r, cx, "timeout", 250);
+            let lease_ttl = ms(&mut r, cx, "lease_ttl", 10_000);
+            let sync_interval = ms(&mut r, cx, "sync_interval", 50);
+            if sync_interval.saturating_mul(4) > lease_ttl {
+                if let Some(f) = r.get("sync_interval") {
+                    f.error(
+                        cx,
+                        "must be at most a quarter of lease_ttl (leases are renewed at each sync)",
+                    );
+                }
+            }
+            let slice_bp = match r.get("slice_percent") {
+                Some(f) => f.u64(cx).and_then(|p| {
+                    if (1..=100).contains(&p) {
+                        Some(p * 100)
+                    } else {
+                        f.error(cx, "expected a percent from 1 to 100");
+                        None
+                    }
+                }),
+                None => Some(100),
+            };
+            r.finish(
+                cx,
+                &["url", "key_prefix", "timeout", "lease_ttl", "sync_interval", "slice_percent"],
+            );
+            Some(RedisConfig {
+                url: url?,
+                key_prefix: key_prefix?,
+                timeout: Duration::from_millis(timeout),
+                lease_ttl: Duration::from_millis(lease_ttl),
+                sync_interval: Duration::from_millis(sync_interval),
+                slice_bp: slice_bp?,
+            })
+        });
+        if let Some(f) = obj.get("on_store_error") {
+            match f.str(cx) {
+                Some("fail_closed") | None => {}
+                Some(other) => f.error(
+                    cx,
+                    format!(
+                        "`{other}` is not supported: `fail_closed` (refuse budgeted requests with \
+                         503 while Redis cannot be reached) is the only outage policy"
+                    ),
+                ),
+            }
+        }
+        obj.finish(cx, &["redis", "on_store_error"]);
+        Some(StoreConfig { redis: redis? })
+    }
+}
+
+/// The lease script: reports spend, sets this proxy's lease to what it still uses (plus what it
+/// keeps free), gives lapsed leases back, and grants more if asked and the limit allows.
+///
+/// KEYS[1] the budget counter's hash. ARGV: proxy id, report sequence (0: none), spent to add,
+/// in use, free to keep, least to grant (0: none), slice (the most to grant unless more are
+/// waiting), limit, lease ttl ms, key expiry (unix ms), what the requests waiting here need.
+/// Grants a quarter of what is left, at most a slice, at least what the waiting requests need,
+/// never more than what is left. Returns {lease, granted, committed (perm + live leases), perm,
+/// lapsed (0/1)}.
+const SCRIPT: &str = r#"
+local key = KEYS[1]
+local me = ARGV[1]
+local seq, spent = tonumber(ARGV[2]), tonumber(ARGV[3])
+local inuse, keep = tonumber(ARGV[4]), tonumber(ARGV[5])
+local wmin, wmax, limit = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local wneed = tonumber(ARGV[11])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if seq > 0 and spent ~= 0 then
+  local last = tonumber(redis.call('HGET', key, 'q:' .. me) or '0')
+  if seq > last then
+    redis.call('HINCRBY', key, 'perm', spent)
+    redis.call('HSET', key, 'q:' .. me, seq)
+  end
+end
+local h = redis.call('HGETALL', key)
+local perm, leases, exp = 0, {}, {}
+for i = 1, #h, 2 do
+  local f, v = h[i], h[i + 1]
+  if f == 'perm' then perm = tonumber(v)
+  elseif string.sub(f, 1, 2) == 'l:' then leases[string.sub(f, 3)] = tonumber(v)
+  elseif string.sub(f, 1, 2) == 'e:' then exp[string.sub(f, 3)] = tonumber(v) end
+end
+local others, lapsed = 0, 0
+for p, amount in pairs(leases) do
+  if p == me then
+    if (exp[p] or 0) <= now then lapsed = 1 end
+  elseif (exp[p] or 0) <= now then
+    redis.call('HDEL', key, 'l:' .. p, 'e:' .. p)
+  else
+    others = others + amount
+  end
+end
+if lapsed == 1 or leases[me] == nil then keep = 0 end
+local granted = 0
+if wmin > 0 then
+  local avail = limit - perm - others - inuse - keep
+  if avail >= wmin then
+    granted = math.floor(avail / 4)
+    if granted > wmax then granted = wmax end
+    if granted < wneed then granted = wneed end
+    if granted < wmin then granted = wmin end
+    if granted > avail then granted = avail end
+  end
+end
+local lease = inuse + keep + granted
+if lease > 0 then
+  redis.call('HSET', key, 'l:' .. me, lease, 'e:' .. me, now + ttl)
+else
+  redis.call('HDEL', key, 'l:' .. me, 'e:' .. me)
+end
+redis.call('PEXPIREAT', key, ARGV[10], 'NX')
+redis.call('PEXPIREAT', key, ARGV[10], 'GT')
+return {lease, granted, perm + others + lease, perm, lapsed}
+"#;
+
+/// How long an untouched free lease stays with the proxy before it goes back.
+const IDLE_RETURN_MS: u64 = 1_000;
+
+/// After a failed Redis call, how long requests that need Redis are refused at once instead of
+/// each waiting for the timeout.
+const DOWN_FOR_MS: u64 = 1_000;
+
+/// How long an exhausted answer from Redis is trusted before asking again.
+const REFUSED_FOR_MS: u64 = 50;
+
+/// One budget counter's share in this proxy.
+#[derive(Debug, Default)]
+struct PoolState {
+    /// What Redis holds for this proxy (as of the last sync).
+    lease: i64,
+    /// Reserved from the lease: in-flight reservations plus settled spend not yet confirmed.
+    used: i64,
+    /// Settled spend not yet sent to Redis.
+    unflushed: i64,
+    /// Spend sent and not yet confirmed: (sequence, amount).
+    pending: Option<(u64, i64)>,
+    /// A sync is giving the free lease back: nothing is reserved from it meanwhile.
+    returning: bool,
+    /// What the requests waiting for a refill of this pool need together.
+    waiting: i64,
+    limit: i64,
+    expires_at: UnixMillis,
+    /// The fleet's committed total and reported spend at the last sync.
+    fleet_committed: i64,
+    fleet_spent: i64,
+    /// The lease may be reserved from until then (renewed by each sync).
+    usable_until: UnixMillis,
+    last_use: UnixMillis,
+    last_sync: UnixMillis,
+    /// Redis said the budget is exhausted (until, committed total then).
+    refused: Option<(UnixMillis, i64)>,
+}
+
+impl PoolState {
+    fn free(&self) -> i64 {
+        self.lease - self.used
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Serializes this pool's syncs (a sync writes the lease absolutely).
+    io: tokio::sync::Mutex<()>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The prefix of the rate-limit allowances' counters (one per clause, agent and minute); their
+/// base keeps it, so that their Redis keys cannot meet a budget's.
+const RATE: &str = "rate/";
+
+/// What a counter key is to the fleet store.
+enum Counter<'k> {
+    Committed(&'k str),
+    Spent(&'k str),
+    Other,
+}
+
+fn counter(key: &str) -> Counter<'_> {
+    if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/committed")) {
+        Counter::Committed(base)
+    } else if let Some(base) = key.strip_prefix(RATE).and(key.strip_suffix("/committed")) {
+        Counter::Committed(base)
+    } else if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/spent")) {
+        Counter::Spent(base)
+    } else {
+        Counter::Other
+    }
+}
+
+/// The budget store of a proxy in fleet mode (see the module doc).
+#[derive(Clone)]
+pub struct FleetStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    /// This process's id in lease fields: unique per start.
+    id: String,
+    local: MemoryStore,
+    pools: DashMap<String, Arc<Pool>>,
+    conn: tokio::sync::OnceCell<ConnectionManager>,
+    client: redis::Client,
+    script: redis::Script,
+    seq: AtomicU64,
+    /// Until when (unix ms) Redis is taken as down after a failed call.
+    down_until: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl std::fmt::Debug for FleetStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetStore").field("id", &self.inner.id).finish_non_exhaustive()
+    }
+}
+
+/// Why Redis could not be used.
+fn unavailable(reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { reason: reason.to_string() }
+}
+
+impl FleetStore {
+    /// A store over `config`; it connects on first use (and reconnects by itself).
+    pub fn new(config: RedisConfig) -> anyhow::Result<FleetStore> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| anyhow::anyhow!("store.redis.url: {e}"))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".into());
+        let nonce = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            now().0,
+        );
+        let id = format!("{host}-{}-{:08x}", std::process::id(), nonce as u32);
+        Ok(FleetStore {
+            inner: Arc::new(Inner {
+                config,
+                id,
+                local: MemoryStore::new(),
+                pools: DashMap::new(),
+                conn: tokio::sync::OnceCell::new(),
+                client,
+                script: redis::Script::new(SCRIPT),
+                seq: AtomicU64::new(0),
+                down_until: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// This process's id in the lease fields.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Failed Redis calls since start.
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last Redis call failed less than a second ago.
+    pub fn down(&self) -> bool {
+        self.inner.down_until.load(Ordering::Relaxed) > now().0
+    }
+
+    fn pool(&self, base: &str) -> Arc<Pool> {
+        if let Some(p) = self.inner.pools.get(base) {
+            return p.clone();
+        }
+        self.inner.pools.entry(base.to_string()).or_default().clone()
+    }
+
+    fn key(&self, base: &str) -> String {
+        format!("{}{{{base}}}", self.inner.config.key_prefix)
+    }
+
+    /// Gets more lease for `refill` from Redis. `Ok` when the pool can now cover it or Redis
+    /// said the budget is exhausted (the retried reservation is then refused with the fleet's
+    /// total); `Err` when Redis cannot be reached.
+    pub async fn refill(&self, refill: &Refill) -> Result<(), StoreError> {
+        let Counter::Committed(base) = counter(&refill.key) else {
+            return Ok(());
+        };
+        if self.down() {
+            return Err(unavailable("redis did not answer a moment ago"));
+        }
+        let pool = self.pool(base);
+        pool.lock().waiting += refill.amount;
+        let result = async {
+            let _io = pool.io.lock().await;
+            let covered = {
+                let st = pool.lock();
+                !st.returning && st.usable_until > now() && st.free() >= refill.amount
+            };
+            if covered {
+                return Ok(());
+            }
+            self.sync_locked(base, &pool, refill.amount, refill.limit, refill.expires_at, false)
+                .await
+        }
+        .await;
+        pool.lock().waiting -= refill.amount;
+        result
+    }
+
+    /// One run of the script for `base`, under the pool's io lock.
+    async fn sync_locked(
+        &self,
+        base: &str,
+        pool: &Pool,
+        want: i64,
+        limit: i64,
+        expires_at: UnixMillis,
+        give_back: bool,
+    ) -> Result<(), StoreError> {
+        let cfg = &self.inner.config;
+        let started = now();
+        let (seq, spent, inuse, keep, limit, expires_at, need, want) = {
+            let mut st = pool.lock();
+            if st.pending.is_none() && st.unflushed != 0 {
+                let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                st.pending = Some((seq, st.unflushed));
+                st.unflushed = 0;
+            }
+            let (seq, spent) = st.pending.unwrap_or((0, 0));
+            st.limit = st.limit.max(limit);
+            st.expires_at = st.expires_at.max(expires_at);
+            let inuse = st.used - spent;
+            let keep = if give_back || st.usable_until <= started { 0 } else { st.free().max(0) };
+            st.returning = give_back;
+            // The free lease kept counts towards what the waiting requests need.
+            let want = if want > 0 { (want - keep).max(1) } else { 0 };
+            let need = if want > 0 { (st.waiting - keep).max(want) } else { 0 };
+            (seq, spent, inuse, keep, st.limit, st.expires_at, need, want)
+        };
+        if limit > MAX_BUDGET_NANOS {
+            pool.lock().returning = false;
+            return Err(unavailable(format!(
+                "a budget of {limit} nano-USD is above what the fleet store counts exactly ({MAX_BUDGET_NANOS})"
+            )));
+        }
+        // A rate allowance is spent by the request that takes it and comes back unused only
+        // when idle: a lease of a quarter of what is left serves a burst without a round trip.
+        let wmax = if want > 0 && base.starts_with(RATE) {
+            limit
+        } else if want > 0 {
+            want.max(
+                i64::try_from(u128::from(limit.max(0) as u64) * u128::from(cfg.slice_bp) / 10_000)
+                    .unwrap_or(i64::MAX),
+            )
+        } else {
+            0
+        };
+        let mut invocation = self.inner.script.prepare_invoke();
+        invocation
+            .key(self.key(base))
+            .arg(&self.inner.id)
+            .arg(seq)
+            .arg(spent)
+            .arg(inuse.max(0))
+            .arg(keep)
+            .arg(want.max(0))
+            .arg(wmax)
+            .arg(limit)
+            .arg(cfg.lease_ttl.as_millis() as u64)
+            .arg(expires_at.0)
+            .arg(need);
+        let answer: Result<(i64, i64, i64, i64, i64), StoreError> = async {
+            let conn = self.connection().await?;
+            let mut conn = conn.clone();
+            match tokio::time::timeout(cfg.timeout, invocation.invoke_async(&mut conn)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
+            }
+        }
+        .await;
+        let mut st = pool.lock();
+        st.returning = false;
+        match answer {
+            Ok((lease, granted, committed, perm, lapsed)) => {
+                self.inner.down_until.store(0, Ordering::Relaxed);
+                if st.pending.is_some_and(|(s, _)| s == seq) {
+                    st.pending = None;
+                    st.used -= spent;
+                }
+                if lapsed == 1 {
+                    tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
+                }
+                st.lease = lease;
+                st.fleet_committed = committed;
+                st.fleet_spent = perm;
+                st.last_sync = started;
+                st.usable_until = started
+                    .saturating_add_ms((cfg.lease_ttl.as_millis() as u64).saturating_mul(3) / 4);
+                st.refused = (want > 0 && granted == 0)
+                    .then(|| (started.saturating_add_ms(REFUSED_FOR_MS), committed));
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.errors.fetch_add(1, Ordering::Relaxed);
+                self.inner.down_until.store(now().0 + DOWN_FOR_MS, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<&ConnectionManager, StoreError> {
+        let cfg = &self.inner.config;
+        self.inner
+            .conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(cfg.timeout))
+                    .set_response_timeout(Some(cfg.timeout))
+                    .set_number_of_retries(1);
+                self.inner
+                    .client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map_err(|e| unavailable(format!("connecting to {}: {e}", redact(&cfg.url))))
+            })
+            .await
+    }
+
+    /// Reports spend, renews leases and gives idle ones back, once. Returns the Redis calls that
+    /// failed.
+    pub async fn sync_all(&self, give_back: bool) -> usize {
+        let t = now();
+        let renew_after = self.inner.config.lease_ttl.as_millis() as u64 / 3;
+        let due: Vec<(String, Arc<Pool>, bool)> = self
+            .inner
+            .pools
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().lock();
+                let idle = st.free() > 0 && t.0.saturating_sub(st.last_use.0) >= IDLE_RETURN_MS;
+                let due = st.unflushed != 0
+                    || st.pending.is_some()
+                    || st.free() < 0
+                    || (st.lease > 0 && t.0.saturating_sub(st.last_sync.0) >= renew_after)
+                    || idle
+                    || (give_back && st.lease > 0);
+                due.then(|| (e.key().clone(), e.value().clone(), give_back || idle))
+            })
+            .collect();
+        let mut failed = 0;
+        for chunk in due.chunks(64) {
+            let mut runs = tokio::task::JoinSet::new();
+            for (base, pool, back) in chunk.iter().cloned() {
+                let store = self.clone();
+                runs.spawn(async move {
+                    let _io = pool.io.lock().await;
+                    store.sync_locked(&base, &pool, 0, 0, UnixMillis(0), back).await
+                });
+            }
+            while let Some(r) = runs.join_next().await {
+                if let Ok(Err(e)) = r {
+                    failed += 1;
+                    tracing::warn!(error = %e, "fleet store sync");
+                }
+            }
+        }
+        failed
+    }
+
+    /// Syncs every `sync_interval` until `stop`; then reports what is left and gives every
+    /// lease back.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.inner.config.sync_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            self.sync_all(false).await;
+        }
+        self.shutdown().await;
+    }
+
+    /// Reports what is left and gives every free lease back (bounded in time by the timeout).
+    pub async fn shutdown(&self) {
+        for _ in 0..3 {
+            if self.sync_all(true).await == 0 {
+                break;
+            }
+        }
+    }
+
+    /// The budget's committed total and spend as this proxy sees them (for the admin listing).
+    fn estimate(&self, base: &str, spent: bool) -> i64 {
+        let Some(pool) = self.inner.pools.get(base).map(|p| p.clone()) else { return 0 };
+        let st = pool.lock();
+        if spent {
+            st.fleet_spent + st.pending.map_or(0, |(_, s)| s) + st.unflushed
+        } else {
+            st.fleet_committed - st.free().max(0)
+        }
+    }
+}
+
+impl Store for FleetStore {
+    fn get(&self, key: &str) -> Result<i64, StoreError> {
+        match counter(key) {
+            Counter::Committed(base) => Ok(self.estimate(base, false)),
+            Counter::Spent(base) => Ok(self.estimate(base, true)),
+            Counter::Other => self.inner.local.get(key),
+        }
+    }
+
+    fn add(&self, key: &str, delta: i64, expires_at: UnixMillis) -> Result<i64, StoreError> {
+        match counter(key) {
+            Counter::Committed(base) => {
+                let pool = self.pool(base);
+                let mut st = pool.lock();
+                st.used = st.used.saturating_add(delta);
+                st.expires_at = st.expires_at.max(expires_at);
+                Ok(st.fleet_committed - st.free().max(0))
+            }
+            Counter::Spent(base) => {
+                let pool = self.pool(base);
+                let mut st = pool.lock();
+                st.unflushed = st.unflushed.saturating_add(delta);
+                Ok(st.fleet_spent + st.pending.map_or(0, |(_, s)| s) + st.unflushed)
+            }
+            Counter::Other => self.inner.local.add(key, delta, expires_at),
+        }
+    }
+
+    fn add_if_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+        expires_at: UnixMillis,
+    ) -> Result<AddOutcome, StoreError> {
+        let Counter::Committed(base) = counter(key) else {
+            return self.inner.local.add_if_within(key, delta, limit, expires_at);
+        };
+        let pool = self.pool(base);
+        let t = now();
+        let mut st = pool.lock();
+        st.limit = limit;
+        st.expires_at = st.expires_at.max(expires_at);
+        // Nothing to take (a free call): nothing to lease either.
+        if delta <= 0 || (!st.returning && st.usable_until > t && st.free() >= delta) {
+            st.used += delta;
+            st.last_use = t;
+            return Ok(AddOutcome::Applied { total: st.fleet_committed - st.free().max(0) });
+        }
+        if let Some((until, current)) = st.refused {
+            if until > t {
+                return Ok(AddOutcome::Refused { current });
+            }
+        }
+        Err(StoreError::Short(Box::new(Refill {
+            key: key.to_string(),
+            amount: delta,
+            limit,
+            expires_at,
+        })))
+    }
+
+    fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {
+        self.inner.local.insert_if_absent(key, expires_at)
+    }
+
+    fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
+        self.inner.local.put_hold(hold)
+    }
+
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
+        self.inner.local.take_hold(request_id)
+    }
+
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
+        self.inner.local.take_expired_holds(now, max, lapse_until)
+    }
+
+    fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        // Past its counter's expiry nothing can settle on a pool any more (a rate window has
+        // ended, a budget's retention is over), and Redis drops the key then too.
+        self.inner.pools.retain(|_, p| {
+            let st = p.lock();
+            st.expires_at > now || st.expires_at.0 == 0
+        });
+        self.inner.local.prune(now)
+    }
+}
+
+/// Why [`FleetStore::take_rate`] did not take.
+pub enum RateRefused {
+    /// The allowance is used up until the window ends.
+    Full {
+        limit: u64,
+        retry_after_ms: u64,
+        tokens: bool,
+    },
+    Short(Box<Refill>),
+    Unavailable,
+}
+
+impl FleetStore {
+    /// Takes one request and `tokens` tokens from the fleet's allowances of `who` (a clause and
+    /// an agent) in the minute of `now`: counted together by every proxy, in fixed minute
+    /// windows. Both or neither are taken.
+    pub fn take_rate(
+        &self,
+        who: &str,
+        rpm: Option<u64>,
+        tpm: Option<u64>,
+        tokens: u64,
+        now: UnixMillis,
+    ) -> Result<(), RateRefused> {
+        let minute = now.0 / 60_000;
+        let window_end = UnixMillis((minute + 1) * 60_000);
+        let retry_after_ms = window_end.0.saturating_sub(now.0);
+        let mut taken: Option<String> = None;
+        for (limit, amount, kind) in [(rpm, 1, "rpm"), (tpm, tokens.max(1), "tpm")] {
+            let Some(limit) = limit else { continue };
+            let key = format!("{RATE}{kind}/{who}/{minute}/committed");
+            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+            let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+            let refused = match self.add_if_within(&key, amount, limit_i, window_end) {
+                Ok(AddOutcome::Applied { .. }) => {
+                    taken = Some(key);
+                    continue;
+                }
+                Ok(AddOutcome::Refused { .. }) => {
+                    RateRefused::Full { limit, retry_after_ms, tokens: kind == "tpm" }
+                }
+                Err(StoreError::Short(refill)) => RateRefused::Short(refill),
+                Err(_) => RateRefused::Unavailable,
+            };
+            if let Some(key) = taken {
+                let _ = self.add(&key, -1, window_end);
+            }
+            return Err(refused);
+        }
+        Ok(())
+    }
+}
+
+/// The proxy's budget store: in memory (one process), or shared by the fleet through Redis.
+#[derive(Debug)]
+pub enum BudgetStore {
+    Local(MemoryStore),
+    Fleet(FleetStore),
+}
+
+impl BudgetStore {
+    pub fn fleet(&self) -> Option<&FleetStore> {
+        match self {
+            BudgetStore::Fleet(f) => Some(f),
+            BudgetStore::Local(_) => None,
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            BudgetStore::Local($s) => $e,
+            BudgetStore::Fleet($s) => $e,
+        }
+    };
+}
+
+impl Store for BudgetStore {
+    fn get(&self, key: &str) -> Result<i64, StoreError> {
+        both!(self, s => s.get(key))
+    }
+    fn add(&self, key: &str, delta: i64, expires_at: UnixMillis) -> Result<i64, StoreError> {
+        both!(self, s => s.add(key, delta, expires_at))
+    }
+    fn add_if_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+        expires_at: UnixMillis,
+    ) -> Result<AddOutcome, StoreError> {
+        both!(self, s => s.add_if_within(key, delta, limit, expires_at))
+    }
+    fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {
+        both!(self, s => s.insert_if_absent(key, expires_at))
+    }
+    fn put_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
+        both!(self, s => s.put_hold(hold))
+    }
+    fn take_hold(&self, request_id: &str) -> Result<Taken, StoreError> {
+        both!(self, s => s.take_hold(request_id))
+    }
+    fn take_expired_holds(
+        &self,
+        now: UnixMillis,
+        max: usize,
+        lapse_until: UnixMillis,
+    ) -> Result<Vec<Hold>, StoreError> {
+        both!(self, s => s.take_expired_holds(now, max, lapse_until))
+    }
+    fn prune(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        both!(self, s => s.prune(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_recognised_by_their_engine_keys() {
+        assert!(matches!(
+            counter("budget/2:cc/3:eng/2026-12/committed"),
+            Counter::Committed("2:cc/3:eng/2026-12")
+        ));
+        assert!(matches!(counter("budget/2:cc/3:eng/2026-12/spent"), Counter::Spent(_)));
+        assert!(matches!(counter("budget-settled/r1"), Counter::Other));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://user:secret@10.0.0.1:6379/0"), "redis://***@10.0.0.1:6379/0");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

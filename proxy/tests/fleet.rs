@@ -1,0 +1,565 @@
+//! Fleet mode through real processes and a real Redis (Debian's `redis-server`, started here on a
+//! loopback port): several `tollgate` processes share one budget and together never spend more
+//! than it, a budget's last dollar is spendable after a proxy holding a lease was killed, and a
+//! Redis outage refuses budgeted requests at once (503) until Redis is back.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tollgate_e2e::harness::{read_ledger, temp_dir};
+use tollgate_e2e::mock::MockUpstream;
+use tollgate_e2e::process::{ConfigFile, Tollgate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const TOKEN_ENV: &str = "TOLLGATE_FLEET_TEST_TOKEN";
+/// $0.10 in nano-USD: the price of one call of the `echo` tool below.
+const DIME: i64 = 100_000_000;
+
+/// A `redis-server` child on a loopback port, with AOF on in its own directory.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = temp_dir("redis");
+        let mut redis = Redis { child: None, port, dir };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--appendonly", "yes", "--save", "", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): install Debian's redis-server package \
+                     (scripts/test does)"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `HGETALL` of the budget counter whose key contains `needle`.
+    async fn budget_hash(&self, needle: &str) -> Vec<(String, String)> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await.unwrap();
+        assert_eq!(keys.len(), 1, "one budget counter for {needle}: {keys:?}");
+        redis::cmd("HGETALL").arg(&keys[0]).query_async(&mut conn).await.unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field(hash: &[(String, String)], name: &str) -> i64 {
+    hash.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| v.parse().unwrap())
+}
+
+fn leases(hash: &[(String, String)]) -> i64 {
+    hash.iter().filter(|(k, _)| k.starts_with("l:")).map(|(_, v)| v.parse::<i64>().unwrap()).sum()
+}
+
+/// One proxy of the fleet: a monthly $5.00 budget per cost center, the `echo` tool at $0.10.
+fn proxy(redis: &Redis, upstream: &str, store: &str) -> (Tollgate, PathBuf) {
+    proxy_shipping(redis, upstream, store, None)
+}
+
+/// A proxy that also ships its usage records to the collector at `collector` (its admin
+/// listener).
+fn proxy_shipping(
+    redis: &Redis,
+    upstream: &str,
+    store: &str,
+    collector: Option<SocketAddr>,
+) -> (Tollgate, PathBuf) {
+    proxy_with(redis, upstream, store, collector, "")
+}
+
+/// A proxy of the fleet with `more` config (oversight, say).
+fn proxy_with(
+    redis: &Redis,
+    upstream: &str,
+    store: &str,
+    collector: Option<SocketAddr>,
+    more: &str,
+) -> (Tollgate, PathBuf) {
+    let dir = temp_dir("fleet");
+    let config = dir.join("tollgate.yaml");
+    let yaml = ConfigFile {
+        upstream,
+        data_dir: &dir.join("data"),
+        token_env: TOKEN_ENV,
+        more_routes: &[format!("{{name: mcp, path_prefix: /mcp, kind: mcp, upstream: \"{upstream}\"}}")],
+        extra: &format!(
+            "pricing:\n  tools:\n    echo: {{per_call: \"0.10\"}}\n    deploy: {{per_call: \"0.10\"}}\n\
+             store:\n  redis: {{url: \"{}\", {store}}}\n{more}{}",
+            redis.url(),
+            collector.map_or(String::new(), |c| format!(
+                "chargeback:\n  export: {{url: \"http://{c}/v1/usage/events\", interval: 100ms, \
+                 token_env: {TOKEN_ENV}}}\n"
+            )),
+        ),
+        policy: "version: fleet\n\
+                 defaults: {llm: allow, tool: allow, other: deny}\n\
+                 budgets:\n  - {id: cc-monthly, scope: cost_center, period: monthly, amount: \"5.00\"}\n\
+                 rules:\n  - {id: ask-deploys, match: {tool: deploy}, effect: require_approval}\n\
+                 \x20 - {id: metered, match: {agent: metered-bot}, effect: allow, limits: {rpm: 60}}\n",
+    }
+    .yaml();
+    std::fs::write(&config, yaml).unwrap();
+    (Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, "t")]), dir.join("data"))
+}
+
+/// One `echo` call for cost center `cc`; its status and the refusal code, if any.
+async fn call(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+    addr: SocketAddr,
+    cc: &str,
+) -> (u16, String) {
+    let (status, code, _) = call_as(client, addr, cc, "echo", "fleet-agent", &[]).await;
+    (status, code)
+}
+
+/// One call of `tool` by `agent` with extra headers: status, refusal code, approval id.
+async fn call_as(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+    addr: SocketAddr,
+    cc: &str,
+    tool: &str,
+    agent: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Option<String>) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": tool, "arguments": {"text": "hi"}}});
+    let mut req = Request::post(format!("http://{addr}/mcp"))
+        .header("content-type", "application/json")
+        .header("x-agent-id", agent)
+        .header("x-cost-center", cc)
+        .header("x-project-id", "PROJ-ABC123");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("an answer within 20 s")
+        .expect("a response");
+    let status = response.status().as_u16();
+    let approval =
+        response.headers().get("x-tollgate-approval-id").map(|v| v.to_str().unwrap().to_string());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let code = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| {
+            v["error"]["data"]["code"].as_str().or(v["error"]["code"].as_str()).map(str::to_string)
+        })
+        .unwrap_or_default();
+    if status == 503 {
+        eprintln!("503: {}", String::from_utf8_lossy(&bytes));
+    }
+    (status, code, approval)
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// The usage records of cost center `cc` in a proxy's ledger: (count, nano-USD).
+fn spent_in_ledger(data: &Path, cc: &str) -> (usize, i64) {
+    let records: Vec<Value> = read_ledger(data)
+        .into_iter()
+        .filter(|r| r["type"] == "usage" && r["cost_center"] == cc)
+        .collect();
+    let total = records
+        .iter()
+        .map(|r| tollgate_e2e::harness::nanos(r["cost"]["total"].as_str().unwrap()))
+        .sum();
+    (records.len(), total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_proxies_never_spend_more_than_the_budget_together() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    // The collector: a proxy whose admin listener takes the fleet's usage records.
+    let collector_dir = temp_dir("collector");
+    std::fs::write(
+        collector_dir.join("tollgate.yaml"),
+        ConfigFile {
+            upstream: &mock.base_url(),
+            data_dir: &collector_dir.join("data"),
+            token_env: TOKEN_ENV,
+            more_routes: &[],
+            extra: "",
+            policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
+        }
+        .yaml(),
+    )
+    .unwrap();
+    let collector =
+        Tollgate::run(Path::new(BIN), &collector_dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")]);
+    let fleet: Vec<(Tollgate, PathBuf)> = (0..3)
+        .map(|_| {
+            proxy_shipping(
+                &redis,
+                &mock.base_url(),
+                "sync_interval: 20ms, timeout: 2s",
+                Some(collector.admin),
+            )
+        })
+        .collect();
+    let client = client();
+    for round in 0..3 {
+        let cc = format!("CC-100{round}");
+        let calls: Vec<_> = (0..1000)
+            .map(|i| {
+                let (client, addr, cc) = (client.clone(), fleet[i % 3].0.proxy, cc.clone());
+                tokio::spawn(async move { call(&client, addr, &cc).await })
+            })
+            .collect();
+        let mut served = 0;
+        let mut refused = 0;
+        for answer in calls {
+            match answer.await.unwrap() {
+                (200, _) => served += 1,
+                (402, code) if code == "budget_exceeded" => refused += 1,
+                other => panic!("round {round}: unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!((served, refused), (50, 950), "round {round}: $5.00 at $0.10 a call");
+        // Every proxy reports its spend within a sync interval.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let hash = redis.budget_hash(&cc).await;
+            if field(&hash, "perm") == 50 * DIME {
+                assert!(leases(&hash) >= 0);
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: Redis holds {hash:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Stopped, the proxies give their leases back; their ledgers hold exactly what Redis does.
+    let mut dirs = Vec::new();
+    for (mut proxy, data) in fleet {
+        proxy.signal("TERM");
+        assert_eq!(proxy.exit_code(), Some(0), "a clean stop");
+        dirs.push(data);
+    }
+    for round in 0..3 {
+        let cc = format!("CC-100{round}");
+        let hash = redis.budget_hash(&cc).await;
+        assert_eq!(field(&hash, "perm"), 50 * DIME, "round {round}");
+        assert_eq!(leases(&hash), 0, "round {round}: every lease given back: {hash:?}");
+        let (count, total) = dirs
+            .iter()
+            .map(|d| spent_in_ledger(d, &cc))
+            .fold((0, 0), |(n, t), (dn, dt)| (n + dn, t + dt));
+        assert_eq!((count, total), (50, 50 * DIME), "round {round}: the ledgers' usage");
+    }
+    // One invoice for the fleet: the collector's, from the records every proxy shipped.
+    let period = read_ledger(&dirs[0])
+        .iter()
+        .find_map(|r| r["ts"].as_str().map(|ts| ts[..7].to_string()))
+        .expect("a usage record");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let invoice = invoice(collector.admin, &period).await;
+        let totals: Vec<(String, i64, u64)> = invoice["invoices"]
+            .as_array()
+            .expect("invoices")
+            .iter()
+            .map(|inv| {
+                let total = tollgate_e2e::harness::nanos(inv["total"].as_str().unwrap());
+                (
+                    inv["group"].as_str().unwrap().to_string(),
+                    total,
+                    inv["requests"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, i64, u64)> =
+            (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
+        if totals == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The collector's invoice by cost center for `period`, as JSON.
+async fn invoice(admin: SocketAddr, period: &str) -> Value {
+    let req = Request::get(format!(
+        "http://{admin}/admin/invoice?period={period}&group_by=cost_center&format=json"
+    ))
+    .header("authorization", "Bearer t")
+    .body(Full::new(bytes::Bytes::new()))
+    .unwrap();
+    let response = client().request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxys_lease_comes_back_after_its_ttl() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    // Big slices: the first proxy takes a quarter of the budget at its first call.
+    let store = "lease_ttl: 1s, sync_interval: 50ms, slice_percent: 100";
+    let (a, _) = proxy(&redis, &mock.base_url(), store);
+    let (b, b_data) = proxy(&redis, &mock.base_url(), store);
+    let client = client();
+    let cc = "CC-2001";
+    assert_eq!(call(&client, a.proxy, cc).await.0, 200);
+    // Its spend is reported, its lease (the rest of its slice) still held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hash = redis.budget_hash(cc).await;
+    assert_eq!(field(&hash, "perm"), DIME);
+    let held_by_a = leases(&hash);
+    assert!(held_by_a > 0, "a holds a lease: {hash:?}");
+    a.signal("KILL");
+    let killed_at = Instant::now();
+    // While a's lease lives, b can spend only what a does not hold.
+    let mut before = 0;
+    loop {
+        let (status, _) = call(&client, b.proxy, cc).await;
+        if status != 200 {
+            assert_eq!(status, 402);
+            break;
+        }
+        before += 1;
+        assert!(before < 50, "b spent the budget while a's lease should still hold part of it");
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(1), "b ran out within the ttl");
+    let left_to_b = 50 * DIME - DIME - held_by_a;
+    assert!(
+        (0..DIME).contains(&(left_to_b - i64::from(before) * DIME)),
+        "b spent {before} calls of the {left_to_b} nano-USD a did not hold"
+    );
+    // After the ttl the lease lapses back to the budget: b spends the last dollar exactly.
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(killed_at.elapsed())).await;
+    let mut after = 0;
+    while call(&client, b.proxy, cc).await.0 == 200 {
+        after += 1;
+        assert!(after <= 50, "never more than the budget");
+    }
+    assert_eq!(1 + before + after, 50, "the whole budget and not a cent more");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&redis.budget_hash(cc).await, "perm") != 50 * DIME {
+        assert!(Instant::now() < deadline, "b reports its spend");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(b);
+    assert_eq!(spent_in_ledger(&b_data, cc).0, 49);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_refuses_budgeted_calls_at_once_and_recovers() {
+    let mock = MockUpstream::start().await;
+    let mut redis = Redis::start();
+    let (p, _) = proxy(&redis, &mock.base_url(), "timeout: 200ms, sync_interval: 20ms");
+    let client = client();
+    let cc = "CC-3001";
+    for _ in 0..3 {
+        assert_eq!(call(&client, p.proxy, cc).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+    let mut refused = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, code) = call(&client, p.proxy, cc).await;
+        // A slice left over may still serve a call; after that, every call is refused fast.
+        if status == 200 {
+            continue;
+        }
+        assert_eq!((status, code.as_str()), (503, "budget_store_unavailable"));
+        assert!(started.elapsed() < Duration::from_secs(1), "refused within the timeout");
+        refused += 1;
+    }
+    assert!(refused >= 4, "calls are refused while Redis is down");
+    assert!(p.metric("tollgate_store_errors_total") >= 1);
+    // Back (with its AOF): the fleet's spend so far is kept, and calls pass again.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&client, p.proxy, cc).await.0 != 200 {
+        assert!(Instant::now() < deadline, "calls pass again once Redis is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let perm = field(&redis.budget_hash(cc).await, "perm");
+        let served = 3 + 5 - refused + 1;
+        if perm == i64::from(served) * DIME {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis holds {perm}, {served} calls were served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An admin call with the test token: status and JSON body.
+async fn admin(method: &str, addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("authorization", "Bearer t")
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client().request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_raised_through_one_proxy_is_granted_through_another_and_used_once() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let fleet: Vec<Tollgate> =
+        (0..3).map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms").0).collect();
+    let (a, b, c) = (&fleet[0], &fleet[1], &fleet[2]);
+    let client = client();
+    let cc = "CC-4001";
+    let (status, code, id) = call_as(&client, a.proxy, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!((status, code.as_str()), (403, "rule_require_approval"));
+    let id = id.expect("an approval id");
+    // The same action asked through another proxy waits on the same approval.
+    let (_, _, again) = call_as(&client, c.proxy, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!(again.as_deref(), Some(id.as_str()), "one approval for the fleet");
+    // Every proxy lists it; b's operator grants it.
+    let (status, pending) =
+        admin("GET", c.admin, "/admin/approvals?state=pending", Value::Null).await;
+    assert_eq!(status, 200);
+    assert!(pending.to_string().contains(&id), "{pending}");
+    let (status, granted) = admin(
+        "POST",
+        b.admin,
+        &format!("/admin/approvals/{id}/approve"),
+        json!({"by": "alice", "note": "release window"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{granted}");
+    // Used once, through c; a second use through a is refused.
+    let header = [("x-tollgate-approval", id.as_str())];
+    let used = call_as(&client, c.proxy, cc, "deploy", "release-bot", &header).await;
+    assert_eq!(used.0, 200, "{used:?}");
+    let twice = call_as(&client, a.proxy, cc, "deploy", "release-bot", &header).await;
+    assert_eq!((twice.0, twice.1.as_str()), (403, "approval_used"));
+    let (_, one) = admin("GET", a.admin, &format!("/admin/approvals/{id}"), Value::Null).await;
+    assert_eq!(one["state"], "used", "{one}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_disabled_through_one_proxy_is_refused_by_all_until_reenabled() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let oversight =
+        "oversight: {sweep_interval: 100ms, escalation: {review_at: 1, disable_at: 1}}\n";
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, oversight).0)
+        .collect();
+    let client = client();
+    let cc = "CC-5001";
+    // The upstream refuses the agent's call as bad: disabled at once (disable_at: 1), through a.
+    let failing = [("x-mock-status", "422")];
+    let first = call_as(&client, fleet[0].proxy, cc, "echo", "flaky-bot", &failing).await;
+    assert_eq!(first.0, 422, "{first:?}");
+    // Every proxy refuses it within a sweep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for p in &fleet {
+        loop {
+            let (status, code, _) = call_as(&client, p.proxy, cc, "echo", "flaky-bot", &[]).await;
+            if (status, code.as_str()) == (403, "agent_disabled") {
+                break;
+            }
+            assert_eq!(status, 200, "{code}");
+            assert!(
+                Instant::now() < deadline,
+                "{} did not learn that flaky-bot is disabled",
+                p.proxy
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Another agent is not affected.
+    assert_eq!(call_as(&client, fleet[1].proxy, cc, "echo", "steady-bot", &[]).await.0, 200);
+    // Re-enabled through c: every proxy lets it through again.
+    let (status, enabled) =
+        admin("POST", fleet[2].admin, "/admin/agents/flaky-bot/enable", Value::Null).await;
+    assert_eq!((status, &enabled["was_disabled"]), (200, &json!(true)), "{enabled}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for p in &fleet {
+        while call_as(&client, p.proxy, cc, "echo", "flaky-bot", &[]).await.0 != 200 {
+            assert!(Instant::now() < deadline, "{} did not learn of the re-enable", p.proxy);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpm_limit_counts_the_whole_fleet() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let fleet: Vec<Tollgate> =
+        (0..3).map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms").0).collect();
+    let client = client();
+    // One minute window for the whole test: start early in a minute.
+    let into_minute =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            % 60_000;
+    if into_minute > 40_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into_minute as u64 + 100)).await;
+    }
+    let (mut served, mut limited) = (0, 0);
+    for i in 0..180 {
+        let p = &fleet[i % 3];
+        match call_as(&client, p.proxy, "CC-6001", "lookup", "metered-bot", &[]).await {
+            (200, _, _) => served += 1,
+            (429, code, _) if code == "rate_limited_requests" => limited += 1,
+            other => {
+                panic!("call {i}: unexpected {other:?} after {served} served, {limited} limited")
+            }
+        }
+    }
+    assert_eq!((served, limited), (60, 120), "60 per minute across the fleet, not 180");
+}
