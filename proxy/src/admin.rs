@@ -13,6 +13,9 @@
 //! - approvals, agents and autonomy metrics: see [`oversight`]
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //!
+//! The console (`/console`, [`console`]): web pages over the same functions, signed in with the
+//! admin token.
+//!
 //! A failing handler answers 500 with a fixed body and logs the cause; internals never leak.
 
 use std::collections::BTreeMap;
@@ -35,16 +38,19 @@ use crate::server::Handler;
 use crate::state::Shared;
 use crate::upstream::Body;
 
+mod console;
 mod oversight;
 
 #[derive(Clone)]
 pub struct Admin {
     shared: Arc<Shared>,
+    /// The console's sign-in sessions (in memory).
+    sessions: Arc<console::Sessions>,
 }
 
 impl Admin {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Admin { shared }
+        Admin { shared, sessions: Arc::default() }
     }
 }
 
@@ -57,6 +63,9 @@ struct Failure {
 impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path().to_string();
+        if path == "/console" || path.starts_with("/console/") {
+            return console::handle(&self.shared, &self.sessions, req).await;
+        }
         match route(&self.shared, req).await {
             Ok(response) => response,
             Err(Failure { status, message }) => {
@@ -112,7 +121,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             shared.oversight.observe_into(&shared.metrics);
             shared.metrics.observe_storage(&shared.ledger.storage());
             // The utilisation gauge is computed at scrape time, like the storage gauges.
-            let _ = budget_states(shared, &shared.current().policy);
+            let _ = budget_states(shared);
             if let Some(fleet) = shared.budgets.store().fleet() {
                 shared.metrics.store_down.set(i64::from(fleet.down()));
                 let errors = fleet.errors();
@@ -223,21 +232,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The state of every budget the active policy declares, for each scope value seen in the
-/// ledger's current period (global and fixed-key budgets have one state each).
-fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
+/// ledger's current period (global and fixed-key budgets have one state each), with the policy
+/// version: what `GET /admin/budgets` answers and the console shows.
+fn budget_states(shared: &Shared) -> Result<(String, Vec<BudgetStatus>), Failure> {
     let policy = shared.current().policy.clone();
-    let out = budget_states(shared, &policy)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "policy_version": policy.version(), "budgets": out }),
-    ))
-}
-
-/// Every budget's state now (and `tollgate_budget_utilization_basis_points` set from it).
-fn budget_states(
-    shared: &Shared,
-    policy: &tollgate_core::policy::Snapshot,
-) -> Result<Vec<BudgetStatus>, Failure> {
     let now = now();
     let values = shared.seen_values();
     let mut out: Vec<BudgetStatus> = Vec::new();
@@ -267,13 +265,18 @@ fn budget_states(
             }
         }
     }
-    Ok(out)
+    Ok((policy.version().to_string(), out))
+}
+
+fn budgets(shared: &Shared) -> Result<Response<Body>, Failure> {
+    let (version, out) = budget_states(shared)?;
+    Ok(json_response(StatusCode::OK, &json!({ "policy_version": version, "budgets": out })))
 }
 
 /// Usage totals from the ledger for a period (`2026-11` or `2026-11-22`, default this month),
 /// grouped by agent, project or cost center.
 async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
-    let mut period = now().to_string()[..7].to_string();
+    let mut period = this_month();
     let mut group_by = "cost_center".to_string();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
@@ -285,53 +288,89 @@ async fn usage(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> 
     if let Err(bad) = check_period(&period) {
         return Ok(bad);
     }
-    if !matches!(group_by.as_str(), "agent" | "project" | "cost_center") {
+    let Some(group) = UsageGroup::parse(&group_by) else {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,
             &json!({"error": "group_by must be one of agent, project, cost_center"}),
         ));
-    }
-    let (records, retired) = match read_ledger(shared).await {
-        Ok(read) => read,
-        Err(failure) => return Err(failure),
     };
-    #[derive(Default, serde::Serialize)]
-    struct Totals {
-        requests: u64,
-        input_tokens: u64,
-        cached_input_tokens: u64,
-        cache_write_tokens: u64,
-        output_tokens: u64,
-        reasoning_tokens: u64,
-        cost_usd: Money,
-    }
-    let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-    // Retired days by their totals, then the records kept.
-    let totals: Vec<(tollgate_core::record::UsageRecord, u64)> =
-        retired.iter().enumerate().map(|(i, g)| (g.as_record(i), g.requests)).collect();
-    let kept = records.iter().filter_map(|s| s.entry.usage()).map(|r| (r, 1));
-    for (r, requests) in totals.iter().map(|(r, n)| (r, *n)).chain(kept) {
-        if !r.ts.starts_with(&period) {
-            continue;
-        }
-        let key = match group_by.as_str() {
-            "agent" => &r.agent,
-            "project" => &r.project,
-            _ => &r.cost_center,
-        };
-        let t = groups.entry(key.clone()).or_default();
-        t.requests += requests;
-        t.input_tokens += r.tokens.input;
-        t.cached_input_tokens += r.tokens.cached_input;
-        t.cache_write_tokens += r.tokens.cache_write;
-        t.output_tokens += r.tokens.output;
-        t.reasoning_tokens += r.tokens.reasoning;
-        t.cost_usd += r.cost_total();
-    }
+    let [groups] = usage_totals(shared, &period, [group]).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "period": period, "group_by": group_by, "groups": groups }),
     ))
+}
+
+/// The current month, `2026-11`: the default report period.
+fn this_month() -> String {
+    now().to_string()[..7].to_string()
+}
+
+/// What usage totals are grouped by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UsageGroup {
+    Agent,
+    Project,
+    CostCenter,
+}
+
+impl UsageGroup {
+    fn parse(text: &str) -> Option<UsageGroup> {
+        match text {
+            "agent" => Some(UsageGroup::Agent),
+            "project" => Some(UsageGroup::Project),
+            "cost_center" => Some(UsageGroup::CostCenter),
+            _ => None,
+        }
+    }
+}
+
+/// One group's usage totals for a period.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Totals {
+    requests: u64,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    cache_write_tokens: u64,
+    output_tokens: u64,
+    reasoning_tokens: u64,
+    cost_usd: Money,
+}
+
+/// Usage totals in `period` (checked by [`check_period`]) from one read of the ledger (retired
+/// days by their totals, then the records kept), grouped each way of `groups`: what
+/// `GET /admin/usage` answers and the console shows.
+async fn usage_totals<const N: usize>(
+    shared: &Shared,
+    period: &str,
+    groups: [UsageGroup; N],
+) -> Result<[BTreeMap<String, Totals>; N], Failure> {
+    let (records, retired) = read_ledger(shared).await?;
+    let mut out: [BTreeMap<String, Totals>; N] = std::array::from_fn(|_| BTreeMap::new());
+    let totals: Vec<(tollgate_core::record::UsageRecord, u64)> =
+        retired.iter().enumerate().map(|(i, g)| (g.as_record(i), g.requests)).collect();
+    let kept = records.iter().filter_map(|s| s.entry.usage()).map(|r| (r, 1));
+    for (r, requests) in totals.iter().map(|(r, n)| (r, *n)).chain(kept) {
+        if !r.ts.starts_with(period) {
+            continue;
+        }
+        for (group, into) in groups.iter().zip(out.iter_mut()) {
+            let key = match group {
+                UsageGroup::Agent => &r.agent,
+                UsageGroup::Project => &r.project,
+                UsageGroup::CostCenter => &r.cost_center,
+            };
+            let t = into.entry(key.clone()).or_default();
+            t.requests += requests;
+            t.input_tokens += r.tokens.input;
+            t.cached_input_tokens += r.tokens.cached_input;
+            t.cache_write_tokens += r.tokens.cache_write;
+            t.output_tokens += r.tokens.output;
+            t.reasoning_tokens += r.tokens.reasoning;
+            t.cost_usd += r.cost_total();
+        }
+    }
+    Ok(out)
 }
 
 /// The `period` query parameter, checked by the core's one parser: `Err` is the 400 naming it.
@@ -371,7 +410,7 @@ async fn read_ledger(
 /// `GET /admin/invoice?period=2026-11&group_by=cost_center&format=csv|json|focus` (`focus`:
 /// FinOps FOCUS cost-and-usage rows as CSV, see [`crate::focus`]).
 async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure> {
-    let mut period = now().to_string()[..7].to_string();
+    let mut period = this_month();
     let mut group_by = "cost_center".to_string();
     let mut format = "json".to_string();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {

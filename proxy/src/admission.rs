@@ -168,7 +168,13 @@ impl Stores for Live<'_> {
             self.reservation_ttl_ms,
         );
         if let Err(e) = &reserved {
-            if !matches!(e, BudgetError::Exceeded { .. }) {
+            // A fleet lease to refill is the normal way to more budget, not an error.
+            let normal = matches!(
+                e,
+                BudgetError::Exceeded { .. }
+                    | BudgetError::Store(tollgate_core::budget::StoreError::Short(_))
+            );
+            if !normal {
                 tracing::error!(error = %e, "budget store");
             }
         }

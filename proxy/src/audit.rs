@@ -76,6 +76,10 @@ pub struct Event {
     /// A guardrail refusal: a short excerpt of the offending value (never the whole value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub excerpt: Option<String>,
+    /// An operator's note on an approval they granted or denied (the reason given in the
+    /// console, or the API's `note`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A decision by default (denied): callers set the kind and effect they record.
@@ -101,6 +105,7 @@ impl Default for Event {
             argument: None,
             pattern: None,
             excerpt: None,
+            note: None,
         }
     }
 }
@@ -139,7 +144,8 @@ pub(crate) fn decode_ts(body: Body<'_>) -> Result<String, String> {
 fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
     let mut f = enc.record();
     f.byte(TAG_EVENT);
-    // Bits 7.. were added later (guardrail refusals): a record without them decodes as before.
+    // Bits 7.. were added later (guardrail refusals, then the operator's note): a record without
+    // them decodes as before.
     let options = [
         &e.clause,
         &e.policy_version,
@@ -151,6 +157,7 @@ fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
         &e.argument,
         &e.pattern,
         &e.excerpt,
+        &e.note,
     ];
     let flags = options.iter().enumerate().fold(0u64, |f, (i, o)| f | u64::from(o.is_some()) << i);
     f.varint(flags);
@@ -208,6 +215,7 @@ fn decode_compact(mut r: compact::Reader<'_>) -> Result<Event, compact::Error> {
     e.argument = next(7)?;
     e.pattern = next(8)?;
     e.excerpt = next(9)?;
+    e.note = next(10)?;
     r.end()?;
     Ok(e)
 }

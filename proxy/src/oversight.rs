@@ -381,6 +381,12 @@ impl Oversight {
         }
     }
 
+    /// The agents disabled after consecutive errors, sorted (none without
+    /// `oversight.escalation`).
+    pub fn disabled_agents(&self) -> Vec<String> {
+        self.escalation.as_ref().map(Escalation::disabled).unwrap_or_default()
+    }
+
     /// An operator re-enables a disabled agent; true if it was disabled. Answers once the
     /// change is on disk.
     pub async fn reenable(&self, agent: &str) -> std::io::Result<bool> {
@@ -566,6 +572,10 @@ pub fn audit_approval(ledger: &Ledger, a: &Approval, t: Transition, actor: Optio
         approval_id: Some(a.id.clone()),
         risk: Some(risk::Score(a.risk_score).to_string()),
         actor: actor.map(str::to_string),
+        // The operator's note, on the operator's decision only.
+        note: matches!(t, Transition::Granted | Transition::Denied)
+            .then(|| a.note.clone())
+            .flatten(),
         ..Default::default()
     });
 }

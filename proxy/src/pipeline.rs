@@ -224,6 +224,7 @@ pub(crate) fn audit_refusal(
         argument: guardrail.and_then(|g| g.argument.clone()),
         pattern: guardrail.and_then(|g| g.pattern.clone()),
         excerpt: guardrail.and_then(|g| g.excerpt.clone()),
+        note: None,
     });
 }
 

@@ -178,6 +178,7 @@ fn compact_records_read_back_as_written_and_a_changed_middle_segment_is_found() 
     odd.approval_id = Some("tg-18c2f0a1-3e1-2a".into());
     odd.risk = Some("78.5".into());
     odd.actor = Some("alice".into());
+    odd.note = Some("release 1.2, checked with <ops> & \"on-call\"".into());
     odd.tool = Some("deploy".into());
     odd.kind = AuditKind::ApprovalGranted;
     odd.effect = Effect::RequireApproval;
