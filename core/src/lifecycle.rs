@@ -395,8 +395,13 @@ pub struct Short<'p> {
 
 #[derive(Debug)]
 enum Resume<'p> {
-    Rate { decision: Decision<'p>, priced: Priced, guard_ask: Option<(String, String)> },
-    Budget { admitted: Admitted<'p>, worst_case: Money },
+    Rate {
+        decision: Decision<'p>,
+        priced: Priced,
+        guard_ask: Option<(String, String)>,
+    },
+    /// Everything but the reservation is done.
+    Budget(Admitted<'p>),
 }
 
 impl<'p> Short<'p> {
@@ -414,17 +419,9 @@ impl<'p> Short<'p> {
             Resume::Rate { decision, priced, guard_ask } => {
                 from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
             }
-            Resume::Budget { mut admitted, worst_case } => {
-                match reserve(&admitted.decision, req, stores, worst_case, now)? {
-                    Reserved::Done(reservation) => {
-                        admitted.reservation = reservation;
-                        Ok(Admission::Admitted(admitted))
-                    }
-                    Reserved::Short(refill) => Ok(Admission::Short(Box::new(Short {
-                        refill,
-                        at: Resume::Budget { admitted, worst_case },
-                    }))),
-                }
+            Resume::Budget(Admitted { decision, priced, oversaw, .. }) => {
+                let reserved = reserve(&decision, req, stores, priced.worst_case(), now)?;
+                Ok(admission(decision, priced, oversaw, reserved))
             }
         }
     }
@@ -450,10 +447,7 @@ fn admission<'p>(
         }
         Reserved::Short(refill) => Admission::Short(Box::new(Short {
             refill,
-            at: Resume::Budget {
-                worst_case: priced.worst_case(),
-                admitted: Admitted { decision, priced, oversaw, reservation: None },
-            },
+            at: Resume::Budget(Admitted { decision, priced, oversaw, reservation: None }),
         })),
     }
 }

@@ -615,6 +615,15 @@ static_resources:
     )
 }
 
+/// `name` on the `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,13 +679,4 @@ mod tests {
         let module = launch(Kind::EnvoyTollgateBaseline, &paths, mock, 1).unwrap_err();
         assert!(module.contains("pass --baseline-wasm"), "{module}");
     }
-}
-
-/// `name` on the `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
 }
