@@ -261,12 +261,14 @@ pub async fn start_with(
         ConnLimits { drain: Duration::from_secs(1), max_connections: 64, ..conn_limits },
         stopped(stop_rx.clone()),
     ));
+    // The export ships what the drain adds too: it stops after the ledger's last flush.
+    let (export_stop, export_stop_rx) = watch::channel(false);
     let export = shared.current().config.export.clone().map(|export| {
         tokio::spawn(crate::export::run(
             shared.client.clone(),
             shared.current().config.data_dir.clone(),
             export,
-            stop_rx.clone(),
+            export_stop_rx,
         ))
     });
     let delivering =
@@ -299,15 +301,16 @@ pub async fn start_with(
             let _ = admin_task.await;
             let _ = background.await;
             let _ = sweeper.await;
-            if let Some(export) = export {
-                let _ = export.await;
-            }
             if let Some(delivering) = delivering {
                 let _ = delivering.await;
             }
             // Alerts raised while draining are on disk, delivered after the next start.
             shared.alerts.flush().await;
             shared.ledger.flush().await;
+            let _ = export_stop.send(true);
+            if let Some(export) = export {
+                let _ = export.await;
+            }
         })
     };
     Ok(Running { proxy_addr, admin_addr, shared, done })

@@ -121,6 +121,9 @@ pub fn read_batch(
 }
 
 /// Ships records until `stop` turns true.
+/// How long the export goes on shipping after it is told to stop.
+const FINAL_PASS: Duration = Duration::from_secs(5);
+
 pub async fn run(
     client: UpstreamClient,
     data_dir: PathBuf,
@@ -130,6 +133,9 @@ pub async fn run(
     let mut cursor = load_cursor(&data_dir);
     let mut backoff = export.interval;
     let reader = Arc::new(std::sync::Mutex::new(Reader::default()));
+    // Once told to stop, it ships what is left (the drain's records) and stops when nothing is
+    // left, a post fails, or `FINAL_PASS` is over: what is not shipped then is the next start's.
+    let mut stopping: Option<tokio::time::Instant> = None;
     loop {
         let dir = data_dir.clone();
         let reader = reader.clone();
@@ -155,15 +161,22 @@ pub async fn run(
                     wait = backoff;
                 }
             },
+            Ok(Ok(_)) if stopping.is_some() => break,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "export: reading the ledger"),
             Err(e) => tracing::error!(error = %e, "export: reader task"),
+        }
+        if let Some(since) = stopping {
+            if wait > Duration::ZERO || since.elapsed() > FINAL_PASS {
+                break;
+            }
+            continue;
         }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
-                    break;
+                    stopping = Some(tokio::time::Instant::now());
                 }
             }
         }
@@ -174,7 +187,7 @@ async fn post(client: &UpstreamClient, export: &Export, body: Vec<u8>) -> Result
     let mut req = http::Request::post(export.url.clone())
         .header(http::header::CONTENT_TYPE, "application/x-ndjson");
     if let Some(name) = &export.token_env {
-        // Read at each post, so that a rotated Secret applies without a restart.
+        // Read at each post, so that a missing variable is logged with the failed post.
         let token = std::env::var(name)
             .ok()
             .filter(|t| !t.is_empty())

@@ -114,7 +114,15 @@ impl StoreConfig {
             let mut r = cx.object(&f)?;
             let redis_url = |cx: &mut Cx, f: &Field<'_>| {
                 let url = f.non_empty_str(cx)?;
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                if url.starts_with("rediss://") {
+                    f.error(
+                        cx,
+                        "TLS to Redis (rediss://) is not built in: reach Redis over a private \
+                         network or through a TLS-terminating sidecar, with a redis:// URL",
+                    );
+                    return None;
+                }
+                if !url.starts_with("redis://") {
                     f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
                     return None;
                 }
@@ -362,6 +370,9 @@ struct PoolState {
     last_sync: UnixMillis,
     /// Redis said the budget is exhausted (until, committed total then).
     refused: Option<(UnixMillis, i64)>,
+    /// The last sync failed: it may have been applied without this proxy learning of it (a
+    /// grant it never saw), so the next tick writes the lease again.
+    resync: bool,
 }
 
 impl PoolState {
@@ -662,6 +673,7 @@ impl FleetStore {
                 st.lease = lease;
                 // What was borrowed is in `used`, so in this report's `inuse`: Redis has it now.
                 st.borrowed = 0;
+                st.resync = false;
                 st.fleet_committed = committed;
                 st.fleet_spent = perm;
                 st.last_sync = started;
@@ -672,6 +684,7 @@ impl FleetStore {
                 Ok(())
             }
             Err(e) => {
+                st.resync = true;
                 self.inner.errors.fetch_add(1, Ordering::Relaxed);
                 self.inner.down_until.store(now().0 + DOWN_FOR_MS, Ordering::Relaxed);
                 Err(e)
@@ -723,6 +736,7 @@ impl FleetStore {
                 let st = e.value().lock();
                 let idle = st.free() > 0 && t.0.saturating_sub(st.last_use.0) >= IDLE_RETURN_MS;
                 let due = st.unflushed != 0
+                    || st.resync
                     || st.pending.is_some()
                     || st.free() < 0
                     || (st.lease > 0 && t.0.saturating_sub(st.last_sync.0) >= renew_after)

@@ -742,16 +742,21 @@ async fn redis_killed_mid_load_and_restarted_loses_no_spend_and_never_overspends
     // Back with its AOF: the rest of the budget, and not a cent more, is spendable.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
+    // (A grant Redis applied while its answer timed out is stranded until the proxy's next
+    // sync writes its lease again: a refusal meanwhile is allowed, for a moment.)
     while served < 50 {
         let after = wave(proxies, cc, 40).await;
         served += count(&after, 200);
         assert!(served <= 50, "overspent: {served} calls of $0.10 against $5.00");
-        assert!(Instant::now() < deadline, "the budget was not spendable again ({served} served)");
-        if count(&after, 402) > 0 {
-            break;
-        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget was not spendable again ({served} served): {:?}",
+            redis.budget_hash(cc).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(served, 50, "the whole budget once Redis is back");
+    // Spent: every further call is refused as over budget.
+    assert!(wave(proxies, cc, 10).await.iter().all(|a| a.0 == 402));
     // Counts reconcile: Redis, the two ledgers and the calls served say the same.
     let deadline = Instant::now() + Duration::from_secs(5);
     while field(&redis.budget_hash(cc).await, "perm") != 50 * DIME {
@@ -802,4 +807,48 @@ async fn with_a_local_allowance_a_redis_outage_serves_that_much_and_counts_it_on
     assert_eq!(spent_in_ledger(&data, cc), (5, 5 * DIME));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(field(&redis.budget_hash(cc).await, "perm"), 5 * DIME, "counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_ends_during_the_shutdown_drain_still_reaches_the_collector() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector_dir = temp_dir("collector-drain");
+    std::fs::write(
+        collector_dir.join("tollgate.yaml"),
+        ConfigFile {
+            upstream: &mock.base_url(),
+            data_dir: &collector_dir.join("data"),
+            token_env: TOKEN_ENV,
+            more_routes: &[],
+            extra: "",
+            policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
+        }
+        .yaml(),
+    )
+    .unwrap();
+    let collector =
+        Tollgate::run(Path::new(BIN), &collector_dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")]);
+    let (mut p, _) =
+        proxy_shipping(&redis, &mock.base_url(), "sync_interval: 20ms", Some(collector.admin));
+    // A call the upstream answers only after 1.5 s; the proxy is told to stop meanwhile.
+    let client = client();
+    let addr = p.proxy;
+    let slow = tokio::spawn(async move {
+        call_as(&client, addr, "CC-9101", "echo", "late-bot", &[("x-mock-delay-ms", "1500")]).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.signal("TERM");
+    assert_eq!(slow.await.unwrap().0, 200, "the drain lets it finish");
+    assert_eq!(tokio::task::block_in_place(|| p.exit_code()), Some(0));
+    let period = {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        tollgate_core::time::UnixMillis(now.as_millis() as u64).to_string()[..7].to_string()
+    };
+    let invoice = invoice(collector.admin, &period).await;
+    let groups = invoice["invoices"].as_array().expect("invoices");
+    assert!(
+        groups.iter().any(|g| g["group"] == "CC-9101" && g["requests"] == 1),
+        "the drained call was shipped before the proxy stopped: {invoice}"
+    );
 }
