@@ -192,6 +192,8 @@ pub async fn start_with(
         "approvals replayed"
     );
     metrics.set_policy_version(config.engine.policy().version());
+    let traces = crate::traces::Traces::start(&config.traces, client.clone())
+        .context("starting the traces exporter (traces:)")?;
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Current::new(config)),
         client,
@@ -207,6 +209,7 @@ pub async fn start_with(
         reload_state: Default::default(),
         seen: Default::default(),
         oversight,
+        traces,
     });
     for (scope, value) in &rebuilt.keys {
         shared.saw(*scope, value);
@@ -266,6 +269,7 @@ pub async fn start_with(
                 let _ = export.await;
             }
             shared.ledger.flush().await;
+            shared.traces.shutdown(Duration::from_secs(5)).await;
         })
     };
     Ok(Running { proxy_addr, admin_addr, shared, done })

@@ -62,6 +62,8 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// Approvals, autonomy budgets and the runaway-agent guards.
     pub oversight: crate::oversight::Oversight,
+    /// OpenTelemetry spans of proxied calls (`traces:`), when on.
+    pub traces: crate::traces::Traces,
 }
 
 /// Most distinct scope values remembered for the admin budget listing.
