@@ -122,7 +122,7 @@ impl Traces {
             .span_builder("tollgate")
             .with_kind(SpanKind::Client)
             .start_with_context(&on.tracer, &parent);
-        Some(CallSpan { span })
+        Some(CallSpan { span, named: false })
     }
 
     /// Sends the spans still queued (at shutdown), waiting at most `timeout`.
@@ -170,6 +170,8 @@ impl ShouldSample for Live {
 /// [`CallSpan::refused`] still ends it (the SDK ends a dropped span).
 pub struct CallSpan {
     span: opentelemetry_sdk::trace::Span,
+    /// [`CallSpan::request`] named it (the body was read).
+    named: bool,
 }
 
 /// Attribute names (GenAI semantic conventions, then Tollgate's own).
@@ -299,6 +301,7 @@ impl CallSpan {
         attrs.push(KeyValue::new(key::REQUEST_ID, request_id.to_string()));
         s.update_name(name);
         s.set_attributes(attrs);
+        self.named = true;
     }
 
     /// Ends the span of an admitted call with what the ledger records of it. `answered`: the
@@ -401,6 +404,11 @@ impl CallSpan {
         ];
         if !route.is_empty() {
             attrs.push(KeyValue::new(key::ROUTE, route.to_string()));
+        }
+        if !self.named {
+            // Refused from the request head (attribution, no route, too large): no operation
+            // or model is known.
+            self.span.update_name(if route.is_empty() { "tollgate" } else { route }.to_string());
         }
         if let Some(clause) = &denial.clause {
             attrs.push(KeyValue::new(key::CLAUSE, clause.clone()));

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tollgate_e2e::harness::{read_ledger, temp_dir};
 use tollgate_e2e::mock::{header, MockUpstream, RecordedRequest};
-use tollgate_e2e::process::{ConfigFile, Tollgate};
+use tollgate_e2e::process::{command, ConfigFile, Tollgate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const TOKEN_ENV: &str = "TOLLGATE_TRACES_TEST_TOKEN";
@@ -146,6 +146,19 @@ async fn send(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Sends `request` as bytes on a new connection to `to` and reads the answer to its end.
+async fn raw(to: SocketAddr, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(to).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Waits (at most 10 s) until `n` spans arrived.
 async fn spans(received: &Received, n: usize) -> Vec<(String, Span)> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -231,12 +244,19 @@ async fn every_proxied_call_is_one_span_with_the_gen_ai_and_tollgate_attributes(
     let (collector, received) = collector().await;
     let mock = MockUpstream::start().await;
     let dir = temp_dir("traces-on");
+    // HTTPS_PROXY mode on too: its requests go through the same pipeline, and get spans too.
+    let ca = dir.join("ca");
+    let made = command(Path::new(BIN), &["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let extra = format!(
         "traces:\n\
          \x20 enabled: true\n\
          \x20 endpoint: \"http://{collector}/v1/traces\"\n\
          \x20 service_name: tollgate-under-test\n\
-         \x20 export_interval: 100ms\n"
+         \x20 export_interval: 100ms\n\
+         forward_proxy: {{enabled: true, ca_cert: {cert:?}, ca_key: {key:?}}}\n",
+        cert = ca.join("ca.pem").display().to_string(),
+        key = ca.join("ca-key.pem").display().to_string(),
     );
     let (mut proxy, data_dir) = start(&dir, &mock, &extra);
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
@@ -307,10 +327,24 @@ async fn every_proxied_call_is_one_span_with_the_gen_ai_and_tollgate_attributes(
         send(&client, proxy.proxy, "/mcp", call, &[("x-request-id", "tool-1")]).await;
     assert_eq!(status, 200, "{body}");
 
-    let got = spans(&received, 5).await;
+    // 6. Through the forward proxy: an absolute-form request to the upstream's own URL.
+    let body =
+        json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let head = format!(
+        "POST http://{mock}/v1/chat/completions HTTP/1.1\r\nhost: {mock}\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\n\
+         x-agent-id: trace-agent\r\nx-cost-center: CC-1234\r\nx-project-id: PROJ-ABC123\r\n\
+         x-request-id: forward-1\r\ntraceparent: {parent}\r\nconnection: close\r\n\r\n",
+        mock = mock.addr(),
+        len = body.len(),
+    );
+    let answer = raw(proxy.proxy, format!("{head}{body}")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let got = spans(&received, 6).await;
     assert_eq!(
         got.len(),
-        5,
+        6,
         "one span per call: {:?}",
         got.iter().map(|s| &s.1.name).collect::<Vec<_>>()
     );
@@ -412,6 +446,16 @@ async fn every_proxied_call_is_one_span_with_the_gen_ai_and_tollgate_attributes(
     assert_eq!(text(span, "gen_ai.tool.name"), "echo");
     assert_eq!(text(span, "mcp.method.name"), "tools/call");
     assert!(attr(span, "gen_ai.usage.input_tokens").is_none());
+
+    // 6: HTTPS_PROXY mode's call, under the caller's trace, passed on.
+    let span = span_by_request(&got, "forward-1");
+    assert_eq!(span.name, "chat gpt-4.1");
+    assert_eq!(hex(&span.parent_span_id), PARENT_ID);
+    assert_eq!(text(span, "tollgate.decision"), "allow");
+    assert!(int(span, "gen_ai.usage.input_tokens") > 0);
+    let sent = upstream_request(&upstream, "forward-1");
+    let (trace, parent_id, _) = traceparent(sent.header("traceparent").expect("traceparent"));
+    assert_eq!((trace.as_str(), parent_id), (TRACE_ID, hex(&span.span_id)));
     let _ = std::fs::remove_dir_all(dir);
 }
 
