@@ -72,6 +72,7 @@ impl Traces {
             client,
             runtime: tokio::runtime::Handle::current(),
             timeout: config.export_timeout,
+            failing: Arc::default(),
         };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -432,6 +433,9 @@ pub struct Transport {
     client: UpstreamClient,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    /// The last export failed: logged once when exports start failing and once when they work
+    /// again, not at every batch.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -464,6 +468,22 @@ impl HttpClient for Transport {
                 Err(_) => Err(format!("no answer from the collector within {timeout:?}").into()),
             }
         });
-        sent.await?
+        let answer = sent.await?;
+        let ok = answer.as_ref().is_ok_and(|r| r.status().is_success());
+        if ok == self.failing.swap(!ok, std::sync::atomic::Ordering::Relaxed) {
+            match &answer {
+                Ok(r) if ok => {
+                    tracing::info!(status = r.status().as_u16(), "exporting traces works again")
+                }
+                Ok(r) => tracing::warn!(
+                    status = r.status().as_u16(),
+                    "the traces collector refused a batch; spans are dropped while it does"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "exporting traces failed; spans are dropped while it does")
+                }
+            }
+        }
+        answer
     }
 }

@@ -507,3 +507,36 @@ async fn traces_off_send_nothing_and_add_no_traceparent() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_cannot_be_reached_is_logged_and_calls_still_pass() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = closed.local_addr().expect("address");
+    drop(closed);
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("traces-down");
+    let extra = format!(
+        "traces: {{enabled: true, endpoint: \"http://{endpoint}/v1/traces\", export_interval: 50ms}}\n"
+    );
+    let (proxy, _) = start(&dir, &mock, &extra);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let chat = json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]});
+    for i in 0..3 {
+        let id = format!("down-{i}");
+        let (status, body) = send(
+            &client,
+            proxy.proxy,
+            "/v1/chat/completions",
+            chat.clone(),
+            &[("x-request-id", &id)],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = tokio::task::block_in_place(|| {
+        proxy.wait_for("exporting traces failed; spans are dropped while it does")
+    });
+    assert!(line["fields"]["error"].is_string(), "{line}");
+    let _ = std::fs::remove_dir_all(dir);
+}
