@@ -28,6 +28,7 @@ mod anthropic;
 mod count;
 pub mod decode;
 mod estimate;
+mod finish;
 mod json;
 mod openai;
 mod sse;
@@ -157,6 +158,10 @@ pub struct Metered {
     /// `Estimated`). `None` for a plain body or one decoded whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode_aborted: Option<DecodeAbort>,
+    /// Why the response ended, as the provider said (`stop`, `length`, `end_turn`, ...), once
+    /// each, in order; only when asked for ([`Meter::with_finish_reasons`]), else empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub finish_reasons: Vec<String>,
 }
 
 /// Model and usage read from a whole JSON body.
@@ -176,6 +181,8 @@ pub(crate) struct Tally {
     /// Decoded UTF-8 bytes of output text seen, for the estimate.
     pub text_bytes: u64,
     pub done: bool,
+    /// The finish reasons seen, when the adapter asked for them (`None`: not read at all).
+    pub finish_reasons: Option<Vec<String>>,
 }
 
 impl Tally {
@@ -206,7 +213,14 @@ impl Tally {
                 UsageSource::Estimated,
             ),
         };
-        Metered { usage, source, model: self.model, complete: self.done, decode_aborted: None }
+        Metered {
+            usage,
+            source,
+            model: self.model,
+            complete: self.done,
+            decode_aborted: None,
+            finish_reasons: self.finish_reasons.unwrap_or_default(),
+        }
     }
 }
 
@@ -277,6 +291,13 @@ impl Meter {
     /// Changes the decoding bounds (before [`Meter::set_encoding`]).
     pub fn with_decode_limits(mut self, limits: DecodeLimits) -> Self {
         self.decode_limits = limits;
+        self
+    }
+
+    /// Also reads why the response ended ([`Metered::finish_reasons`]): a second small parse
+    /// of the events and bodies that say it, for adapters that report it (traces).
+    pub fn with_finish_reasons(mut self) -> Self {
+        self.tally.finish_reasons = Some(Vec::new());
         self
     }
 
@@ -360,6 +381,14 @@ impl Meter {
 }
 
 fn on_event(api: Api, ev: Event<'_>, tally: &mut Tally) {
+    if let Some(out) = &mut tally.finish_reasons {
+        match api {
+            Api::ChatCompletions | Api::Completions => finish::choices(ev.data, out),
+            Api::Responses => finish::response_event(ev.data, out),
+            Api::Messages => finish::message_delta(ev.data, out),
+            Api::Embeddings => {}
+        }
+    }
     match api {
         Api::ChatCompletions | Api::Completions | Api::Embeddings => {
             openai::chat_event(ev.data, tally)

@@ -218,6 +218,8 @@ pub async fn start_with(
     );
     let (alerts, delivering) = crate::alerts::open(&config.alerts, &config.data_dir, &metrics)?;
     metrics.set_policy_version(config.engine.policy().version());
+    let traces = crate::traces::Traces::start(&config.traces, client.clone())
+        .context("starting the traces exporter (traces:)")?;
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Current::new(config)),
         client,
@@ -234,6 +236,7 @@ pub async fn start_with(
         seen: Default::default(),
         oversight,
         alerts,
+        traces,
     });
     for (scope, value) in &rebuilt.keys {
         shared.saw(*scope, value);
@@ -311,6 +314,7 @@ pub async fn start_with(
             if let Some(export) = export {
                 let _ = export.await;
             }
+            shared.traces.shutdown(Duration::from_secs(5)).await;
         })
     };
     Ok(Running { proxy_addr, admin_addr, shared, done })

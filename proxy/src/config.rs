@@ -196,6 +196,8 @@ pub struct Config {
     pub autonomy_configured: bool,
     /// Where budgets are counted (`store:`): this process (`None`) or Redis, shared by the fleet.
     pub store: Option<crate::fleet::StoreConfig>,
+    /// OpenTelemetry traces of proxied calls (`traces:`), off by default.
+    pub traces: Traces,
     pub engine: Engine,
     /// The file this config was read from (`None`: the embedded default or a string); the
     /// running proxy watches it and reloads what it can.
@@ -252,6 +254,50 @@ pub struct UpstreamOverride {
     pub ca_file: Option<PathBuf>,
 }
 
+/// The `traces:` section: one OpenTelemetry span per proxied call, exported as OTLP over HTTP
+/// (protobuf). Everything but the sampling takes effect at start only.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Traces {
+    pub enabled: bool,
+    /// The OTLP/HTTP traces URL (`http://127.0.0.1:4318/v1/traces` by default).
+    pub endpoint: http::Uri,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// How long one export may take (then that batch is dropped).
+    pub export_timeout: Duration,
+    /// Longest wait of a finished span before its batch is sent.
+    pub export_interval: Duration,
+    /// Finished spans held for export at most; more are dropped (counted by the SDK, never
+    /// blocking a request).
+    pub max_queue: usize,
+    /// Which calls are recorded; applies to the next request after a reload.
+    pub sampling: Sampling,
+}
+
+/// `traces.sample_ratio` and `traces.parent_based`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// The share of new traces recorded, 0 to 1 (by trace id, so every service that samples
+    /// by ratio keeps the same traces).
+    pub ratio: f64,
+    /// A caller's `traceparent` decides instead: its sampled flag is followed.
+    pub parent_based: bool,
+}
+
+impl Default for Traces {
+    fn default() -> Self {
+        Traces {
+            enabled: false,
+            endpoint: http::Uri::from_static("http://127.0.0.1:4318/v1/traces"),
+            service_name: "tollgate".into(),
+            export_timeout: Duration::from_secs(10),
+            export_interval: Duration::from_secs(5),
+            max_queue: 2048,
+            sampling: Sampling { ratio: 1.0, parent_based: true },
+        }
+    }
+}
+
 /// Shipping ledger records to a collector.
 #[derive(Clone, Debug)]
 pub struct Export {
@@ -299,6 +345,7 @@ const TOP: &[&str] = &[
     "oversight",
     "store",
     "alerts",
+    "traces",
 ];
 
 impl Config {
@@ -367,6 +414,12 @@ impl Config {
         keep!("alerts", alerts);
         keep!("autonomy (added or removed)", autonomy_configured);
         keep!("store", store);
+        keep!("traces.enabled", traces.enabled);
+        keep!("traces.endpoint", traces.endpoint);
+        keep!("traces.service_name", traces.service_name);
+        keep!("traces.export_timeout", traces.export_timeout);
+        keep!("traces.export_interval", traces.export_interval);
+        keep!("traces.max_queue", traces.max_queue);
         changed
     }
 
@@ -492,6 +545,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
     let alerts = crate::alerts::config::AlertsConfig::decode(cx, obj.get("alerts"));
     let autonomy_configured = obj.get("autonomy").is_some();
     let store = crate::fleet::StoreConfig::decode(cx, obj.get("store"));
+    let traces = obj.get("traces").map(|f| traces(cx, &f)).unwrap_or_default();
     let engine = EngineConfig {
         attribution: obj.get("attribution"),
         policy: obj.get("policy"),
@@ -545,6 +599,7 @@ fn decode(cx: &mut Cx, root: &Field<'_>) -> Option<Config> {
         alerts,
         autonomy_configured,
         store,
+        traces,
         engine: engine?,
     })
 }
@@ -865,6 +920,53 @@ fn chargeback(cx: &mut Cx, field: Option<Field<'_>>) -> (Vec<SharedCost>, Option
     });
     o.finish(cx, &["shared_costs", "export"]);
     (shared, export)
+}
+
+fn traces(cx: &mut Cx, field: &Field<'_>) -> Traces {
+    let mut out = Traces::default();
+    let Some(mut o) = cx.object(field) else { return out };
+    if let Some(enabled) = o.get("enabled").and_then(|f| f.bool(cx)) {
+        out.enabled = enabled;
+    }
+    if let Some(url) = o.get("endpoint").and_then(|f| http_url(cx, &f)) {
+        out.endpoint = url;
+    }
+    if let Some(name) = o.get("service_name").and_then(|f| f.non_empty_str(cx)) {
+        out.service_name = name.to_string();
+    }
+    if let Some(ms) = o.get("export_timeout").and_then(|f| f.duration_ms(cx)) {
+        out.export_timeout = Duration::from_millis(ms.max(1));
+    }
+    if let Some(ms) = o.get("export_interval").and_then(|f| f.duration_ms(cx)) {
+        out.export_interval = Duration::from_millis(ms.max(1));
+    }
+    if let Some(n) = o.get("max_queue").and_then(|f| f.u64(cx)) {
+        out.max_queue = n.clamp(1, 1 << 20) as usize;
+    }
+    if let Some(f) = o.get("sample_ratio") {
+        // A probability, not money: the SDK's ratio sampler takes it as a float.
+        match f.node.scalar().map(str::parse::<f64>) {
+            Some(Ok(r)) if (0.0..=1.0).contains(&r) => out.sampling.ratio = r,
+            _ => f.error(cx, "sample_ratio must be a number from 0 to 1"),
+        }
+    }
+    if let Some(b) = o.get("parent_based").and_then(|f| f.bool(cx)) {
+        out.sampling.parent_based = b;
+    }
+    o.finish(
+        cx,
+        &[
+            "enabled",
+            "endpoint",
+            "service_name",
+            "export_timeout",
+            "export_interval",
+            "max_queue",
+            "sample_ratio",
+            "parent_based",
+        ],
+    );
+    out
 }
 
 fn forward_proxy(cx: &mut Cx, field: &Field<'_>) -> ForwardProxy {
@@ -1250,5 +1352,51 @@ mod tests {
         assert_eq!(config.oversight.breaker, Some(Default::default()));
         assert_eq!(config.oversight.escalation.map(|e| e.review_at), Some(2));
         assert!(config.oversight.loops.is_none() && !config.autonomy_configured);
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_errors_name_their_field_and_line() {
+        let off = Config::from_str("version: 1\nroutes: []\npolicy: {version: v1}\n").unwrap();
+        assert_eq!(off.traces, Traces::default());
+        assert!(!off.traces.enabled);
+        assert_eq!(off.traces.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(off.traces.sampling, Sampling { ratio: 1.0, parent_based: true });
+        let on = "version: 1\nroutes: []\n\
+                  traces: {enabled: true, endpoint: \"https://otel.example:4318/v1/traces\", \
+                  sample_ratio: 0.25, parent_based: false, service_name: gw, export_timeout: 2s}\n\
+                  policy: {version: v1}\n";
+        let t = Config::from_str(on).expect("valid").traces;
+        assert!(t.enabled);
+        assert_eq!(t.endpoint.to_string(), "https://otel.example:4318/v1/traces");
+        assert_eq!(t.sampling, Sampling { ratio: 0.25, parent_based: false });
+        assert_eq!((t.service_name.as_str(), t.export_timeout), ("gw", Duration::from_secs(2)));
+        let text = "version: 1\nroutes: []\ntraces:\n  endpoint: \"udp://x\"\n\
+                    \x20 sample_ratio: 1.5\n  enabled: yes please\n  bogus: 1\npolicy: {version: v1}\n";
+        let errors = Config::from_str(text).err().expect("invalid").0;
+        let got: Vec<(&str, u32)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("traces.endpoint", 4),
+                ("traces.sample_ratio", 5),
+                ("traces.enabled", 6),
+                ("traces.bogus", 7),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_traces_exporter_needs_a_restart_and_the_sampling_does_not() {
+        let text = |endpoint: &str, ratio: &str| {
+            format!(
+                "version: 1\nroutes: []\ntraces: {{enabled: true, endpoint: \"{endpoint}\", \
+                 sample_ratio: {ratio}}}\npolicy: {{version: v1}}\n"
+            )
+        };
+        let running = Config::from_str(&text("http://a:4318/v1/traces", "1")).unwrap();
+        let mut next = Config::from_str(&text("http://b:4318/v1/traces", "0.5")).unwrap();
+        assert_eq!(next.keep_restart_only(&running), vec!["traces.endpoint"]);
+        assert_eq!(next.traces.endpoint, running.traces.endpoint, "kept until a restart");
+        assert_eq!(next.traces.sampling.ratio, 0.5, "applies to the next request");
     }
 }

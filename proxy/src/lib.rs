@@ -37,5 +37,6 @@ pub mod pricing_cli;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod traces;
 pub mod upstream;
 pub mod verify;

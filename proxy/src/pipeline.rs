@@ -39,6 +39,7 @@ use crate::deny::{self, Class, Denial, Shape};
 use crate::ledger::{Entry, ReserveRecord, UsageRecord};
 use crate::oversight::{self, Admitted, Oversight};
 use crate::state::{Current, Shared};
+use crate::traces::CallSpan;
 use crate::upstream::{Body, BoxError};
 
 /// How long a reservation is held before the budget gets it back by itself.
@@ -103,6 +104,8 @@ impl Proxy {
             };
             return deny::response(&denial, shape, &request_id);
         }
+        // `None` unless traces are on (then the span starts here, under the caller's trace).
+        let mut span = shared.traces.begin(req.headers());
         let credited = match target {
             Some(t) => t.credentials.apply(req.headers_mut()).map_err(|(name, given, pinned)| {
                 crate::forward::target::contradiction(&name, &given, &pinned)
@@ -132,6 +135,7 @@ impl Proxy {
                     started,
                     &mut deciding,
                     &mut model,
+                    &mut span,
                 );
                 // Boxed: the request's state (a few KiB) is freed as soon as the response head
                 // is returned, instead of staying in hyper's per-connection slot for the whole
@@ -143,6 +147,11 @@ impl Proxy {
         let response = match result {
             Ok(response) => response,
             Err(denial) => {
+                // Refused before an upstream was asked (an upstream failure ended the span in
+                // the settler already).
+                if let Some(span) = span.take() {
+                    span.refused(&denial, who.each_ref().map(claimed), &route_name, &request_id);
+                }
                 // An upstream that could not be reached or timed out: the request was admitted,
                 // and the settler counted it already (status `none`).
                 if !matches!(denial.class, Class::UpstreamUnavailable | Class::UpstreamTimeout) {
@@ -192,17 +201,6 @@ pub(crate) fn audit_refusal(
     route: String,
     denial: &Denial,
 ) {
-    let claimed = |v: &Option<HeaderValue>| -> String {
-        v.as_ref()
-            .map(|v| {
-                v.as_bytes()
-                    .iter()
-                    .take(64)
-                    .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let guardrail = denial.guardrail.as_deref();
     shared.ledger.audit(audit::Event {
         ts: now().to_string(),
@@ -228,6 +226,20 @@ pub(crate) fn audit_refusal(
     });
 }
 
+/// An attribution header's value as the request claimed it, sanitised for a refusal's audit
+/// record and span: printable ASCII, at most 64 characters.
+fn claimed(v: &Option<HeaderValue>) -> String {
+    v.as_ref()
+        .map(|v| {
+            v.as_bytes()
+                .iter()
+                .take(64)
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     shared: &Arc<Shared>,
@@ -239,6 +251,8 @@ async fn handle(
     deciding: &mut Deciding,
     // The requested model, once the body is read: the refusal's `model` label.
     requested_model: &mut Option<String>,
+    // The call's span (traces on): named here, handed to the settler once forwarded.
+    span: &mut Option<CallSpan>,
 ) -> Result<Response<Body>, Denial> {
     check_framing(req.headers())?;
     let Some(route) = route else {
@@ -278,6 +292,9 @@ async fn handle(
     };
     requested_model.clone_from(&info.model);
     let (tool, kind) = route.classify(&info);
+    if let Some(span) = span.as_mut() {
+        span.request(&route, api, &info, tool, request_id);
+    }
 
     // Decide, under the policy loaded once for this request: the core's lifecycle (policy →
     // worst-case cost → cost cap → rate limits → ledger writable → oversight → budgets) over
@@ -412,7 +429,13 @@ async fn handle(
         risk: admitted.risk.clone(),
         ..Default::default()
     });
-    let upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
+    let mut upstream_req = upstream_request(&route, parts, upstream_body, engine, strip_usage)?;
+    if let Some(span) = span.as_ref() {
+        span.inject(upstream_req.headers_mut());
+    }
+    let span = span.take();
+    // Finish reasons are read only for a span that records them.
+    let finish_reasons = span.as_ref().is_some_and(CallSpan::recording);
     let sent = Instant::now();
     let result =
         tokio::time::timeout(config.upstream.response_timeout, shared.client.request(upstream_req))
@@ -422,7 +445,14 @@ async fn handle(
         current: current.clone(),
         base: record,
         reservation,
-        meter: api.map(|api| Meter::new(api, streaming)),
+        meter: api.map(|api| {
+            let meter = Meter::new(api, streaming);
+            if finish_reasons {
+                meter.with_finish_reasons()
+            } else {
+                meter
+            }
+        }),
         filter: strip_usage.then(UsageChunkFilter::new),
         out: Vec::new(),
         input_estimate,
@@ -435,6 +465,7 @@ async fn handle(
         free,
         answered: false,
         admitted,
+        span,
     };
     let response = match result {
         Ok(Ok(response)) => {
@@ -550,6 +581,8 @@ struct Settler {
     answered: bool,
     /// What the oversight step needs to hear about the outcome.
     admitted: Admitted,
+    /// The call's span, ended with the ledger record (traces on).
+    span: Option<CallSpan>,
 }
 
 impl Settler {
@@ -593,6 +626,7 @@ impl Observer for Settler {
         let shared = &self.shared;
         shared.oversight.settle(&shared.ledger, &shared.alerts, &self.admitted, self.status);
         let ok = (200..300).contains(&self.status);
+        let mut finish_reasons = Vec::new();
         let (usage, source, reported_model) = match self.meter.take() {
             Some(meter) if ok => {
                 let metered = meter.finish(self.input_estimate);
@@ -601,6 +635,7 @@ impl Observer for Settler {
                     tracing::warn!(request_id = %self.base.request_id, reason = reason.as_str(),
                         "the compressed response could not be decoded for metering; usage estimated");
                 }
+                finish_reasons = metered.finish_reasons;
                 (metered.usage, metered.source, metered.model)
             }
             // No answer (502/504 of our own) or the upstream refused the request: providers do
@@ -657,6 +692,8 @@ impl Observer for Settler {
         } else {
             Cost::ZERO
         };
+        // The model the upstream named, for the span (copied only when there is one).
+        let response_model = self.span.as_ref().and(reported_model.clone());
         let model = reported_model.or_else(|| self.base.model.clone());
         let breakdown = cost;
         let cost = breakdown.total;
@@ -753,6 +790,10 @@ impl Observer for Settler {
             source: None,
             source_event_id: None,
         };
+        if let Some(span) = self.span.take() {
+            let (answered, llm) = (self.answered, self.route_is_llm);
+            span.settled(&record, response_model.as_deref(), finish_reasons, answered, end, llm);
+        }
         shared.ledger.append(Entry::Usage(Box::new(record)));
     }
 }

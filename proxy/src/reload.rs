@@ -171,6 +171,7 @@ async fn check_config(shared: &Shared) -> Result<Option<Vec<&'static str>>, Relo
     if policy.version() != running.policy.version() {
         shared.metrics.set_policy_version(policy.version());
     }
+    shared.traces.set_sampling(config.traces.sampling);
     shared.current.store(Arc::new(Current { config: Arc::new(config), policy }));
     Ok(Some(restart))
 }

@@ -65,6 +65,8 @@ pub struct Shared {
     pub oversight: crate::oversight::Oversight,
     /// Webhook alerts (queued to the durable outbox; see [`crate::alerts`]).
     pub alerts: crate::alerts::Alerts,
+    /// OpenTelemetry spans of proxied calls (`traces:`), when on.
+    pub traces: crate::traces::Traces,
 }
 
 /// Most distinct scope values remembered for the admin budget listing.

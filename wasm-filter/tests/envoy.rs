@@ -123,6 +123,9 @@ fn untagged_request_is_refused_naming_the_header(envoy: &Envoy, mock: &MockUpstr
     assert_eq!(mock.request_count(), before, "refused requests never reach the upstream");
 }
 
+/// A caller's W3C trace context.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 fn allowed_request_is_metered_in_stats_and_events(
     envoy: &Envoy,
     mock: &MockUpstream,
@@ -134,6 +137,8 @@ fn allowed_request_is_metered_in_stats_and_events(
         ("x-mock-input-tokens", "1234"),
         ("x-mock-output-tokens", "56"),
         ("x-mock-cached-tokens", "200"),
+        ("traceparent", TRACEPARENT),
+        ("tracestate", "vendor=abc"),
     ]);
     let r = envoy.request("POST", "/v1/chat/completions", &headers, &padded_chat("gpt-4o", 100));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -143,6 +148,10 @@ fn allowed_request_is_metered_in_stats_and_events(
     assert_eq!(r.header("x-tollgate-policy-version"), Some("2026-11-22.7"));
     let upstream = mock.requests().into_iter().last().unwrap();
     assert_eq!(upstream.header("x-agent-id"), None, "attribution headers are not forwarded");
+    // The filter cannot make spans; it leaves the caller's trace context as it came (the
+    // shipped bootstrap runs no tracer of Envoy's own that would replace it).
+    assert_eq!(upstream.header("traceparent"), Some(TRACEPARENT));
+    assert_eq!(upstream.header("tracestate"), Some("vendor=abc"));
 
     let usage = Usage { input: 1034, cached_input: 200, output: 56, ..Usage::default() };
     let engine = Engine::from_document(&format!(r#"{{"policy": {POLICY}}}"#)).unwrap();

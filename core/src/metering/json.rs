@@ -11,7 +11,7 @@ use memchr::memmem;
 use serde::Deserialize;
 
 use super::estimate::body_text_bytes;
-use super::{anthropic, openai, Api, BodyUsage, Tally};
+use super::{anthropic, finish, openai, Api, BodyUsage, Tally};
 use crate::usage::Usage;
 
 /// Bytes kept from the start of an over-cap body, to find `model`.
@@ -80,6 +80,14 @@ impl JsonBody {
                 tally.text_bytes = self.unread_text_bytes(api);
             }
             return;
+        }
+        if let Some(out) = &mut tally.finish_reasons {
+            match api {
+                Api::ChatCompletions | Api::Completions => finish::choices(&self.buf, out),
+                Api::Responses => finish::response(&self.buf, out),
+                Api::Messages => finish::message(&self.buf, out),
+                Api::Embeddings => {}
+            }
         }
         let parsed = match api {
             Api::ChatCompletions | Api::Completions | Api::Embeddings => {

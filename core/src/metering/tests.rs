@@ -276,6 +276,7 @@ fn empty_stream_is_estimated_input_only() {
         model: None,
         complete: false,
         decode_aborted: None,
+        finish_reasons: Vec::new(),
     };
     assert_eq!(got, want);
 }
@@ -413,5 +414,45 @@ fn nonsense_counts_read_as_absurd_not_as_zero() {
             assert_eq!(got.usage.total_output(), u64::MAX, "{bad} in {body}");
             assert_eq!(got.usage.total(), u64::MAX, "{body}");
         }
+    }
+}
+
+#[test]
+fn finish_reasons_are_read_only_when_asked_for() {
+    let chat_stream = "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n\
+        data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"},{\"index\":1,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+        data: {\"model\":\"m\",\"choices\":[{\"index\":2,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+        data: [DONE]\n\n";
+    let anthropic_stream = "event: message_delta\n\
+        data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":3}}\n\n";
+    let cases: [(Api, bool, &str, &[&str]); 5] = [
+        (Api::ChatCompletions, true, chat_stream, &["length", "stop"]),
+        (
+            Api::ChatCompletions,
+            false,
+            r#"{"model":"m","choices":[{"index":0,"message":{},"finish_reason":"tool_calls"}]}"#,
+            &["tool_calls"],
+        ),
+        (Api::Messages, true, anthropic_stream, &["end_turn"]),
+        (
+            Api::Messages,
+            false,
+            r#"{"model":"c","stop_reason":"max_tokens","usage":{}}"#,
+            &["max_tokens"],
+        ),
+        (
+            Api::Responses,
+            false,
+            r#"{"model":"m","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"}}"#,
+            &["max_output_tokens"],
+        ),
+    ];
+    for (api, streaming, body, want) in cases {
+        let mut asked = Meter::new(api, streaming).with_finish_reasons();
+        asked.feed(body.as_bytes());
+        assert_eq!(asked.finish(0).finish_reasons, want, "{api:?} {body}");
+        let mut plain = Meter::new(api, streaming);
+        plain.feed(body.as_bytes());
+        assert!(plain.finish(0).finish_reasons.is_empty(), "{api:?}: read without asking");
     }
 }
