@@ -389,7 +389,9 @@ fn the_redis_and_collector_addresses_name_services_that_exist() {
     let (_, _, sidecar) = configs.iter().find(|(_, name, _)| name == "tollgate-config").unwrap();
     let sidecar = tollgate::config::Config::from_str(sidecar).unwrap();
 
-    let (host, port) = host_port(&sidecar.store.as_ref().expect("fleet mode").redis.url);
+    let redis = &sidecar.store.as_ref().expect("fleet mode").redis;
+    assert!(!redis.cluster && redis.nodes.len() == 1, "one Redis, by `url`");
+    let (host, port) = host_port(&redis.nodes[0]);
     assert!(exists(&host, port), "store.redis.url: no Service {host}:{port} in {services:?}");
     let export = sidecar.export.as_ref().expect("chargeback.export");
     let (host, port) = host_port(&export.url.to_string());
