@@ -82,34 +82,41 @@ impl Handler for Admin {
 /// free space than `ledger.warn_free_bytes`: still serving, but the hard `503` (nothing can be
 /// written) is near.
 fn ready(shared: &Shared) -> Response<Body> {
-    let warn_below = shared.current().config.ledger_warn_free_bytes;
-    if warn_below == 0 {
-        return text(StatusCode::OK, "ready\n");
-    }
-    let s = shared.ledger.storage();
-    if s.free_bytes >= warn_below {
-        return text(StatusCode::OK, "ready\n");
-    }
-    let full_in = match s.hours_until_full {
-        h if h.is_finite() => format!("full in {h:.1} h at the last hour's growth"),
-        _ => "not growing".to_string(),
-    };
-    if shared.ledger.warn_low_space_now() {
-        tracing::warn!(
-            free_bytes = s.free_bytes,
-            data_bytes = s.data_bytes,
-            warn_free_bytes = warn_below,
-            hours_until_full = s.hours_until_full,
-            "the data volume is low on space: metered requests get 503 once the ledger cannot be \
-             written (shorten ledger.retention or give the volume more space)"
+    let mut warnings = Vec::new();
+    if shared.budgets.store().fleet().is_some_and(|f| f.down()) {
+        warnings.push(
+            "the fleet store (Redis) did not answer in the last second: budgeted requests the \
+             proxy's leases cannot cover are refused (store.on_store_error)"
+                .to_string(),
         );
     }
-    let body = format!(
-        "ready; warning: {} bytes free on the data volume, below ledger.warn_free_bytes ({}); \
-         {full_in}\n",
-        s.free_bytes, warn_below
-    );
-    let mut r = Response::new(full(Bytes::from(body)));
+    let warn_below = shared.current().config.ledger_warn_free_bytes;
+    let s = shared.ledger.storage();
+    if warn_below > 0 && s.free_bytes < warn_below {
+        let full_in = match s.hours_until_full {
+            h if h.is_finite() => format!("full in {h:.1} h at the last hour's growth"),
+            _ => "not growing".to_string(),
+        };
+        if shared.ledger.warn_low_space_now() {
+            tracing::warn!(
+                free_bytes = s.free_bytes,
+                data_bytes = s.data_bytes,
+                warn_free_bytes = warn_below,
+                hours_until_full = s.hours_until_full,
+                "the data volume is low on space: metered requests get 503 once the ledger cannot \
+                 be written (shorten ledger.retention or give the volume more space)"
+            );
+        }
+        warnings.push(format!(
+            "{} bytes free on the data volume, below ledger.warn_free_bytes ({}); {full_in}",
+            s.free_bytes, warn_below
+        ));
+    }
+    if warnings.is_empty() {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let body: String = warnings.iter().map(|w| format!("; warning: {w}")).collect();
+    let mut r = Response::new(full(Bytes::from(format!("ready{body}\n"))));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }

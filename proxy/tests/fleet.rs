@@ -493,6 +493,9 @@ async fn a_redis_outage_refuses_budgeted_calls_at_once_and_recovers() {
     }
     assert!(refused >= 4, "calls are refused while Redis is down");
     assert!(p.metric("tollgate_store_errors_total") >= 1);
+    assert_eq!(p.metric("tollgate_store_down"), 1);
+    let ready = readyz(p.admin).await;
+    assert!(ready.starts_with("ready; warning: the fleet store (Redis)"), "{ready}");
     // Back (with its AOF): the fleet's spend so far is kept, and calls pass again.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -851,4 +854,14 @@ async fn a_call_that_ends_during_the_shutdown_drain_still_reaches_the_collector(
         groups.iter().any(|g| g["group"] == "CC-9101" && g["requests"] == 1),
         "the drained call was shipped before the proxy stopped: {invoice}"
     );
+}
+
+/// `/readyz`'s body (it answers 200 with warnings).
+async fn readyz(admin: SocketAddr) -> String {
+    let req = Request::get(format!("http://{admin}/readyz"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = client().request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
