@@ -446,7 +446,8 @@ async fn invoice(shared: &Shared, query: &str) -> Result<Response<Body>, Failure
     let (records, retired) = read_ledger(shared).await?;
     if format == "focus" {
         let current = shared.current();
-        let Ok(csv) = crate::focus::from_ledger(&records, &period, current.config.engine.rates())
+        let Ok(csv) =
+            crate::focus::from_ledger(&records, &retired, &period, current.config.engine.rates())
         else {
             return Err(Failure { status: StatusCode::BAD_REQUEST, message: "bad period" });
         };

@@ -172,6 +172,22 @@ pub fn build<'r>(
     period: ReportPeriod,
     rates: &RateCard,
 ) -> Vec<Row> {
+    build_weighted(records.into_iter().map(weight_one), period, rates)
+}
+
+/// One request's record, as [`build_weighted`] counts it.
+fn weight_one(r: &UsageRecord) -> (&UsageRecord, u64, u64) {
+    let per_call = r.cost.is_some_and(|c| !c.per_call.is_zero());
+    (r, 1, u64::from(per_call))
+}
+
+/// [`build`] over records that may each stand for several requests (`requests`, of which
+/// `per_call` paid a per-call price): the totals of retired ledger segments.
+pub fn build_weighted<'r>(
+    records: impl IntoIterator<Item = (&'r UsageRecord, u64, u64)>,
+    period: ReportPeriod,
+    rates: &RateCard,
+) -> Vec<Row> {
     let prefix = period.to_string();
     let first_day = match period {
         ReportPeriod::Month { year, month } => Date { year, month, day: 1 },
@@ -179,7 +195,7 @@ pub fn build<'r>(
     };
     // (quantity, billed)
     let mut acc: BTreeMap<Key, (u64, Money)> = BTreeMap::new();
-    for r in records {
+    for (r, requests, per_call_requests) in records {
         if !r.ts.starts_with(&prefix) {
             continue;
         }
@@ -207,7 +223,8 @@ pub fn build<'r>(
         let model = r.model.as_deref().unwrap_or("unknown");
         match (&r.tool, r.cost) {
             (Some(tool), _) => {
-                add(key(&r.route, Item::Tool { tool: tool.clone() }, None), 1, r.cost_total())
+                let item = Item::Tool { tool: tool.clone() };
+                add(key(&r.route, item, None), requests, r.cost_total())
             }
             (None, Some(c)) => {
                 let card = rates.rates(model).ok().map(|(rates, _)| *rates);
@@ -226,11 +243,12 @@ pub fn build<'r>(
                     add(key(&r.provider, item, rate), tokens, cost);
                 }
                 let item = Item::Model { model: model.to_string(), kind: "per_call" };
-                add(key(&r.provider, item, None), u64::from(!c.per_call.is_zero()), c.per_call);
+                let paid = if c.per_call.is_zero() { 0 } else { per_call_requests };
+                add(key(&r.provider, item, None), paid, c.per_call);
             }
             (None, None) => {
                 let item = Item::Model { model: model.to_string(), kind: "total" };
-                add(key(&r.provider, item, None), 1, r.cost_total());
+                add(key(&r.provider, item, None), requests, r.cost_total());
             }
         }
     }
@@ -295,18 +313,35 @@ fn average_price(quantity: u64, billed: Money) -> Vec<(u64, Money, Decimal)> {
     vec![(quantity - rem, money(u, quantity - rem), at(u)), (rem, money(u + 1, rem), at(u + 1))]
 }
 
-/// The FOCUS CSV of `period` (`YYYY-MM` or `YYYY-MM-DD`) from ledger records.
+/// The FOCUS CSV of `period` (`YYYY-MM` or `YYYY-MM-DD`) from ledger records and the totals of
+/// retired segments (as the invoice counts them). A retired total keeps no provider or route:
+/// its rows name the provider `unknown`.
 pub fn from_ledger(
     records: &[Stored],
+    retired: &[crate::ledger::retire::Group],
     period: &str,
     rates: &RateCard,
 ) -> Result<String, ReportPeriodError> {
     let period = ReportPeriod::parse(period)?;
+    let totals: Vec<(UsageRecord, u64, u64)> = retired
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let mut r = g.as_record(i);
+            for unknown in [&mut r.provider, &mut r.route] {
+                if unknown.is_empty() {
+                    *unknown = "unknown".into();
+                }
+            }
+            (r, g.requests, g.per_call_requests)
+        })
+        .collect();
     let usage = records.iter().filter_map(|r| match &r.entry {
         Entry::Usage(r) => Some(&**r),
         _ => None,
     });
-    Ok(to_csv(&build(usage, period, rates), period))
+    let items = totals.iter().map(|(r, n, p)| (r, *n, *p)).chain(usage.map(weight_one));
+    Ok(to_csv(&build_weighted(items, period, rates), period))
 }
 
 /// `YYYY-MM-DDT00:00:00Z`.

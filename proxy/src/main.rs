@@ -212,7 +212,7 @@ fn main() -> ExitCode {
             };
             if format == "focus" {
                 let rates = config.engine.rates();
-                match tollgate::focus::from_ledger(&records, &period, rates) {
+                match tollgate::focus::from_ledger(&records, &retired, &period, rates) {
                     Ok(csv) => print!("{csv}"),
                     Err(e) => {
                         eprintln!("--period: {e}");

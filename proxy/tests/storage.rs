@@ -351,6 +351,21 @@ async fn a_running_proxy_retires_old_segments_and_verify_invoice_and_heads_still
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["invoices"][0]["requests"], 65, "{v}");
+    // FOCUS counts the retired records too: its billed total is the invoice's.
+    let out = command(
+        Path::new(BIN),
+        &["invoice", "--config", config.to_str().unwrap(), "--period", &month, "--format", "focus"],
+    );
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split(',').collect();
+    let billed = header.iter().position(|c| *c == "BilledCost").expect("BilledCost");
+    let total: i64 = lines
+        .map(|l| tollgate_e2e::harness::nanos(l.split(',').nth(billed).expect("a BilledCost cell")))
+        .sum();
+    let invoiced = tollgate_e2e::harness::nanos(v["invoices"][0]["total"].as_str().unwrap());
+    assert!(invoiced > 0);
+    assert_eq!(total, invoiced, "FOCUS BilledCost against the invoice: {csv}");
     let mut proxy = tokio::task::block_in_place(|| Tollgate::run(Path::new(BIN), &config, &[]));
     chats(&proxy, 1).await;
     proxy.signal("TERM");

@@ -366,7 +366,7 @@ fn names_that_look_like_formulas_are_defused_outside_the_json_tags() {
 
 #[test]
 fn from_ledger_refuses_a_bad_period() {
-    assert!(from_ledger(&[], "2026-13", &card()).is_err());
-    let csv = from_ledger(&[], "2026-11-30", &card()).unwrap();
+    assert!(from_ledger(&[], &[], "2026-13", &card()).is_err());
+    let csv = from_ledger(&[], &[], "2026-11-30", &card()).unwrap();
     assert_eq!(csv.lines().count(), 1, "a header only");
 }
