@@ -20,7 +20,7 @@ use tollgate_core::approval::{Approval, State, Transition};
 use tollgate_core::time::UnixMillis;
 
 use super::RedisConfig;
-use crate::oversight::approvals::StoreError;
+use crate::oversight::approvals::error::StoreError;
 
 /// Decided approvals are kept this long after their decision (as in a single proxy).
 const RETENTION_MS: u64 = 24 * 3600 * 1000;

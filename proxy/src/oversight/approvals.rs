@@ -14,30 +14,18 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tollgate_core::approval::{Approval, DecideError, RedeemError, State, Transition};
+use tollgate_core::approval::{Approval, State, Transition};
 use tollgate_core::time::UnixMillis;
 
 use crate::fleet::oversight::SharedOversight;
+
+pub mod error;
+pub use error::StoreError;
 
 /// Decided approvals are kept (listed, journalled) this long after their decision.
 const RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// Most approvals held; past it new ones are refused rather than memory growing.
 pub const MAX_APPROVALS: usize = 100_000;
-
-/// Why an approval operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("no approval with this id")]
-    Unknown,
-    #[error(transparent)]
-    Decide(#[from] DecideError),
-    #[error(transparent)]
-    Redeem(#[from] RedeemError),
-    #[error("too many approvals are open ({MAX_APPROVALS})")]
-    Full,
-    #[error("the approvals journal cannot be written: {0}")]
-    Io(#[from] std::io::Error),
-}
 
 struct Inner {
     map: HashMap<String, Approval>,
@@ -298,6 +286,7 @@ fn write(journal: &mut File, a: &Approval) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_core::approval::RedeemError;
     use tollgate_core::risk::OnTimeout;
 
     fn approval(id: &str, agent: &str, digest: &str) -> Approval {
