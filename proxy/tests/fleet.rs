@@ -223,6 +223,23 @@ fn proxy_with(
     (Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, "t")]), dir.join("data"))
 }
 
+/// A collector: a `tollgate` whose admin listener takes the fleet's usage records (it serves no
+/// calls itself).
+fn collector(mock: &MockUpstream) -> Tollgate {
+    let dir = temp_dir("collector");
+    let yaml = ConfigFile {
+        upstream: &mock.base_url(),
+        data_dir: &dir.join("data"),
+        token_env: TOKEN_ENV,
+        more_routes: &[],
+        extra: "",
+        policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
+    }
+    .yaml();
+    std::fs::write(dir.join("tollgate.yaml"), yaml).unwrap();
+    Tollgate::run(Path::new(BIN), &dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")])
+}
+
 /// One `echo` call for cost center `cc`; its status and the refusal code, if any.
 async fn call(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
@@ -295,22 +312,7 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
     let mock = MockUpstream::start().await;
     let redis = Redis::start();
     // The collector: a proxy whose admin listener takes the fleet's usage records.
-    let collector_dir = temp_dir("collector");
-    std::fs::write(
-        collector_dir.join("tollgate.yaml"),
-        ConfigFile {
-            upstream: &mock.base_url(),
-            data_dir: &collector_dir.join("data"),
-            token_env: TOKEN_ENV,
-            more_routes: &[],
-            extra: "",
-            policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
-        }
-        .yaml(),
-    )
-    .unwrap();
-    let collector =
-        Tollgate::run(Path::new(BIN), &collector_dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")]);
+    let collector = collector(&mock);
     let fleet: Vec<(Tollgate, PathBuf)> = (0..3)
         .map(|_| {
             proxy_shipping(
@@ -816,22 +818,7 @@ async fn with_a_local_allowance_a_redis_outage_serves_that_much_and_counts_it_on
 async fn a_call_that_ends_during_the_shutdown_drain_still_reaches_the_collector() {
     let mock = MockUpstream::start().await;
     let redis = Redis::start();
-    let collector_dir = temp_dir("collector-drain");
-    std::fs::write(
-        collector_dir.join("tollgate.yaml"),
-        ConfigFile {
-            upstream: &mock.base_url(),
-            data_dir: &collector_dir.join("data"),
-            token_env: TOKEN_ENV,
-            more_routes: &[],
-            extra: "",
-            policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
-        }
-        .yaml(),
-    )
-    .unwrap();
-    let collector =
-        Tollgate::run(Path::new(BIN), &collector_dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")]);
+    let collector = collector(&mock);
     let (mut p, _) =
         proxy_shipping(&redis, &mock.base_url(), "sync_interval: 20ms", Some(collector.admin));
     // A call the upstream answers only after 1.5 s; the proxy is told to stop meanwhile.
