@@ -10,6 +10,7 @@
 
 mod engine;
 mod holds;
+pub mod lease;
 mod memory;
 mod store;
 #[cfg(test)]

@@ -427,6 +427,103 @@ impl<'p> Short<'p> {
     }
 }
 
+impl Short<'_> {
+    /// This continuation without borrows, for an adapter that waits for the refill across
+    /// callbacks (the Envoy filter's call to the collector). The policy's decision is evaluated
+    /// again on [`Parked::resume`]: it is pure, so the same snapshot and facts give the same
+    /// decision.
+    pub fn park(self) -> Parked {
+        let at = match self.at {
+            Resume::Rate { priced, guard_ask, .. } => ParkedAt::Rate { priced, guard_ask },
+            Resume::Budget(Admitted { priced, oversaw, .. }) => {
+                ParkedAt::Budget { priced, oversaw }
+            }
+        };
+        Parked { refill: self.refill, at }
+    }
+}
+
+/// A [`Short`] that owns its state (see [`Short::park`]).
+#[derive(Debug)]
+pub struct Parked {
+    /// What the store needs from its backend.
+    pub refill: Refill,
+    at: ParkedAt,
+}
+
+#[derive(Debug)]
+enum ParkedAt {
+    Rate { priced: Priced, guard_ask: Option<(String, String)> },
+    Budget { priced: Priced, oversaw: Oversaw },
+}
+
+impl Parked {
+    /// [`Short::resume`] for a parked continuation: `rules` and `req` must be the ones it was
+    /// decided under.
+    pub fn resume<'p>(
+        self,
+        rules: &Rules<'p>,
+        req: &Request<'_>,
+        stores: &mut impl Stores,
+        now: UnixMillis,
+    ) -> Result<Admission<'p>, Refusal> {
+        let decision = rules.policy.evaluate(&req.facts);
+        let at = match self.at {
+            ParkedAt::Rate { priced, guard_ask } => Resume::Rate { decision, priced, guard_ask },
+            ParkedAt::Budget { priced, oversaw } => {
+                Resume::Budget(Admitted { decision, priced, oversaw, reservation: None })
+            }
+        };
+        Short { refill: self.refill, at }.resume(rules, req, stores, now)
+    }
+}
+
+impl Pending<'_> {
+    /// This request without borrows, for an adapter that asks its approval store across
+    /// callbacks; [`ParkedPending::granted`] evaluates the policy's decision again.
+    pub fn park(self) -> ParkedPending {
+        ParkedPending {
+            priced: self.priced,
+            reason: self.reason,
+            why: self.why,
+            assessment: self.assessment,
+            digest: self.digest,
+        }
+    }
+}
+
+/// A [`Pending`] that owns its state (see [`Pending::park`]).
+#[derive(Debug)]
+pub struct ParkedPending {
+    pub priced: Priced,
+    pub reason: String,
+    pub why: String,
+    pub assessment: Assessment,
+    pub digest: u64,
+}
+
+impl ParkedPending {
+    /// [`Pending::granted`] for a parked request: `rules` and `req` must be the ones it was
+    /// decided under.
+    pub fn granted<'p>(
+        self,
+        rules: &Rules<'p>,
+        req: &Request<'_>,
+        stores: &mut impl Stores,
+        now: UnixMillis,
+    ) -> Result<Admission<'p>, Refusal> {
+        let pending = Pending {
+            decision: rules.policy.evaluate(&req.facts),
+            priced: self.priced,
+            reason: self.reason,
+            why: self.why,
+            assessment: self.assessment,
+            digest: self.digest,
+        };
+        pending.granted(rules, req, stores, now)
+    }
+}
+
 /// The last step's outcome: a reservation (none when no budget applies), or a store that must
 /// refill first.
 enum Reserved {

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use redis::aio::ConnectionManager;
+use tollgate_core::budget::lease::{self, Lease, Shortfall, SyncAnswer, SyncArgs};
 use tollgate_core::budget::{AddOutcome, Hold, MemoryStore, Refill, Store, StoreError, Taken};
 use tollgate_core::doc::{Cx, Field};
 use tollgate_core::time::UnixMillis;
@@ -40,7 +41,7 @@ pub mod oversight;
 
 /// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,
 /// exact up to 2^53 ($9,007,199.25).
-pub const MAX_BUDGET_NANOS: i64 = 1 << 53;
+pub const MAX_BUDGET_NANOS: i64 = lease::MAX_LIMIT;
 
 /// The `store:` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -330,66 +331,19 @@ redis.call('PEXPIREAT', key, ARGV[10], 'GT')
 return {lease, granted, perm + others + lease, perm, lapsed}
 "#;
 
-/// How long an untouched free lease stays with the proxy before it goes back.
-const IDLE_RETURN_MS: u64 = 1_000;
-
 /// After a failed Redis call, how long requests that need Redis are refused at once instead of
 /// each waiting for the timeout.
 const DOWN_FOR_MS: u64 = 1_000;
 
-/// How long an exhausted answer from Redis is trusted before asking again.
-const REFUSED_FOR_MS: u64 = 50;
-
-/// One budget counter's share in this proxy.
-#[derive(Debug, Default)]
-struct PoolState {
-    /// What Redis holds for this proxy (as of the last sync).
-    lease: i64,
-    /// Reserved from the lease: in-flight reservations plus settled spend not yet confirmed.
-    used: i64,
-    /// Settled spend not yet sent to Redis.
-    unflushed: i64,
-    /// Spend sent and not yet confirmed: (sequence, amount).
-    pending: Option<(u64, i64)>,
-    /// A sync is giving the free lease back: nothing is reserved from it meanwhile.
-    returning: bool,
-    /// What the requests waiting for a refill of this pool need together.
-    waiting: i64,
-    /// Spent from the local allowance since Redis last answered (`on_store_error:
-    /// local_allowance`); it is in `lease` and `used` like any reservation, and reaches Redis
-    /// with the next report.
-    borrowed: i64,
-    limit: i64,
-    expires_at: UnixMillis,
-    /// The fleet's committed total and reported spend at the last sync.
-    fleet_committed: i64,
-    fleet_spent: i64,
-    /// The lease may be reserved from until then (renewed by each sync).
-    usable_until: UnixMillis,
-    last_use: UnixMillis,
-    last_sync: UnixMillis,
-    /// Redis said the budget is exhausted (until, committed total then).
-    refused: Option<(UnixMillis, i64)>,
-    /// The last sync failed: it may have been applied without this proxy learning of it (a
-    /// grant it never saw), so the next tick writes the lease again.
-    resync: bool,
-}
-
-impl PoolState {
-    fn free(&self) -> i64 {
-        self.lease - self.used
-    }
-}
-
 #[derive(Debug, Default)]
 struct Pool {
-    state: Mutex<PoolState>,
+    state: Mutex<Lease>,
     /// Serializes this pool's syncs (a sync writes the lease absolutely).
     io: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lease> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -527,11 +481,7 @@ impl FleetStore {
             if self.down() {
                 return self.borrow(&pool, refill.amount, "redis did not answer a moment ago");
             }
-            let covered = {
-                let st = pool.lock();
-                !st.returning && st.usable_until > now() && st.free() >= refill.amount
-            };
-            if covered {
+            if pool.lock().covers(refill.amount, now()) {
                 return Ok(());
             }
             match self
@@ -556,18 +506,9 @@ impl FleetStore {
             return Err(unavailable(reason));
         };
         let mut st = pool.lock();
-        if st.borrowed.saturating_add(amount) > allowance {
+        if !st.borrow(amount, allowance, now()) {
             return Err(unavailable(format!("{reason}, and the local allowance is spent")));
         }
-        let t = now();
-        if st.usable_until <= t {
-            // The lease was not renewed in time: Redis may have given its free part to others.
-            // Only the allowance is this proxy's own.
-            st.lease = st.used.max(0);
-            st.usable_until = t.saturating_add_ms(1_000);
-        }
-        st.borrowed += amount;
-        st.lease += amount;
         tracing::warn!(
             amount,
             borrowed = st.borrowed,
@@ -595,57 +536,63 @@ impl FleetStore {
     ) -> Result<(), StoreError> {
         let cfg = &self.inner.config;
         let started = now();
-        let (seq, spent, inuse, keep, limit, expires_at, need, want) = {
-            let mut st = pool.lock();
-            if st.pending.is_none() && st.unflushed != 0 {
-                let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
-                st.pending = Some((seq, st.unflushed));
-                st.unflushed = 0;
+        let args = pool.lock().prepare(
+            want,
+            limit,
+            expires_at,
+            give_back,
+            cfg.slice_bp,
+            base.starts_with(RATE),
+            started,
+            || self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        );
+        let answer = self.exchange(&self.inner.id, base, &args).await;
+        let mut st = pool.lock();
+        match answer {
+            Ok(answer) => {
+                if answer.lapsed {
+                    tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
+                }
+                st.applied(&args, answer, started, cfg.lease_ttl.as_millis() as u64);
+                Ok(())
             }
-            let (seq, spent) = st.pending.unwrap_or((0, 0));
-            st.limit = st.limit.max(limit);
-            st.expires_at = st.expires_at.max(expires_at);
-            let inuse = st.used - spent;
-            let keep = if give_back || st.usable_until <= started { 0 } else { st.free().max(0) };
-            st.returning = give_back;
-            // The free lease kept counts towards what the waiting requests need.
-            let want = if want > 0 { (want - keep).max(1) } else { 0 };
-            let need = if want > 0 { (st.waiting - keep).max(want) } else { 0 };
-            (seq, spent, inuse, keep, st.limit, st.expires_at, need, want)
-        };
-        if limit > MAX_BUDGET_NANOS {
-            pool.lock().returning = false;
+            Err(e) => {
+                st.failed();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the lease script once for `holder` (this proxy, or an Envoy filter through the
+    /// collector) on the counter `base`. A failure marks Redis down for a moment.
+    pub async fn exchange(
+        &self,
+        holder: &str,
+        base: &str,
+        args: &SyncArgs,
+    ) -> Result<SyncAnswer, StoreError> {
+        let cfg = &self.inner.config;
+        if args.limit > MAX_BUDGET_NANOS {
             return Err(unavailable(format!(
-                "a budget of {limit} nano-USD is above what the fleet store counts exactly ({MAX_BUDGET_NANOS})"
+                "a limit of {} is above what the fleet store counts exactly ({MAX_BUDGET_NANOS})",
+                args.limit
             )));
         }
-        // A rate allowance is spent by the request that takes it and comes back unused only
-        // when idle: a lease of a quarter of what is left serves a burst without a round trip.
-        let wmax = if want > 0 && base.starts_with(RATE) {
-            limit
-        } else if want > 0 {
-            want.max(
-                i64::try_from(u128::from(limit.max(0) as u64) * u128::from(cfg.slice_bp) / 10_000)
-                    .unwrap_or(i64::MAX),
-            )
-        } else {
-            0
-        };
         let mut invocation = self.inner.script.prepare_invoke();
         invocation
             .key(self.key(base))
-            .arg(&self.inner.id)
-            .arg(seq)
-            .arg(spent)
-            .arg(inuse.max(0))
-            .arg(keep)
-            .arg(want.max(0))
-            .arg(wmax)
-            .arg(limit)
+            .arg(holder)
+            .arg(args.seq)
+            .arg(args.spent)
+            .arg(args.inuse)
+            .arg(args.keep)
+            .arg(args.want)
+            .arg(args.wmax)
+            .arg(args.limit)
             .arg(cfg.lease_ttl.as_millis() as u64)
-            .arg(expires_at.0)
-            .arg(need);
-        // One timeout over connecting and calling: a sync never waits longer.
+            .arg(args.expires_at)
+            .arg(args.need);
+        // One timeout over connecting and calling: an exchange never waits longer.
         let call = async {
             match self.connection().await? {
                 Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
@@ -658,33 +605,12 @@ impl FleetStore {
                 Ok(answer) => answer,
                 Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
             };
-        let mut st = pool.lock();
-        st.returning = false;
         match answer {
             Ok((lease, granted, committed, perm, lapsed)) => {
                 self.inner.down_until.store(0, Ordering::Relaxed);
-                if st.pending.is_some_and(|(s, _)| s == seq) {
-                    st.pending = None;
-                    st.used -= spent;
-                }
-                if lapsed == 1 {
-                    tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
-                }
-                st.lease = lease;
-                // What was borrowed is in `used`, so in this report's `inuse`: Redis has it now.
-                st.borrowed = 0;
-                st.resync = false;
-                st.fleet_committed = committed;
-                st.fleet_spent = perm;
-                st.last_sync = started;
-                st.usable_until = started
-                    .saturating_add_ms((cfg.lease_ttl.as_millis() as u64).saturating_mul(3) / 4);
-                st.refused = (want > 0 && granted == 0)
-                    .then(|| (started.saturating_add_ms(REFUSED_FOR_MS), committed));
-                Ok(())
+                Ok(SyncAnswer { lease, granted, committed, perm, lapsed: lapsed == 1 })
             }
             Err(e) => {
-                st.resync = true;
                 self.inner.errors.fetch_add(1, Ordering::Relaxed);
                 self.inner.down_until.store(now().0 + DOWN_FOR_MS, Ordering::Relaxed);
                 Err(e)
@@ -733,16 +659,8 @@ impl FleetStore {
             .pools
             .iter()
             .filter_map(|e| {
-                let st = e.value().lock();
-                let idle = st.free() > 0 && t.0.saturating_sub(st.last_use.0) >= IDLE_RETURN_MS;
-                let due = st.unflushed != 0
-                    || st.resync
-                    || st.pending.is_some()
-                    || st.free() < 0
-                    || (st.lease > 0 && t.0.saturating_sub(st.last_sync.0) >= renew_after)
-                    || idle
-                    || (give_back && st.lease > 0);
-                due.then(|| (e.key().clone(), e.value().clone(), give_back || idle))
+                let back = e.value().lock().sync_due(t, renew_after, give_back)?;
+                Some((e.key().clone(), e.value().clone(), back))
             })
             .collect();
         let mut failed = 0;
@@ -797,9 +715,9 @@ impl FleetStore {
         let Some(pool) = self.inner.pools.get(base).map(|p| p.clone()) else { return 0 };
         let st = pool.lock();
         if spent {
-            st.fleet_spent + st.pending.map_or(0, |(_, s)| s) + st.unflushed
+            st.spent()
         } else {
-            st.fleet_committed - st.free().max(0)
+            st.committed()
         }
     }
 }
@@ -817,16 +735,13 @@ impl Store for FleetStore {
         match counter(key) {
             Counter::Committed(base) => {
                 let pool = self.pool(base);
-                let mut st = pool.lock();
-                st.used = st.used.saturating_add(delta);
-                st.expires_at = st.expires_at.max(expires_at);
-                Ok(st.fleet_committed - st.free().max(0))
+                let total = pool.lock().add_used(delta, expires_at);
+                Ok(total)
             }
             Counter::Spent(base) => {
                 let pool = self.pool(base);
-                let mut st = pool.lock();
-                st.unflushed = st.unflushed.saturating_add(delta);
-                Ok(st.fleet_spent + st.pending.map_or(0, |(_, s)| s) + st.unflushed)
+                let total = pool.lock().add_spent(delta);
+                Ok(total)
             }
             Counter::Other => self.inner.local.add(key, delta, expires_at),
         }
@@ -843,27 +758,15 @@ impl Store for FleetStore {
             return self.inner.local.add_if_within(key, delta, limit, expires_at);
         };
         let pool = self.pool(base);
-        let t = now();
-        let mut st = pool.lock();
-        st.limit = limit;
-        st.expires_at = st.expires_at.max(expires_at);
-        // Nothing to take (a free call): nothing to lease either.
-        if delta <= 0 || (!st.returning && st.usable_until > t && st.free() >= delta) {
-            st.used += delta;
-            st.last_use = t;
-            return Ok(AddOutcome::Applied { total: st.fleet_committed - st.free().max(0) });
-        }
-        if let Some((until, current)) = st.refused {
-            if until > t {
-                return Ok(AddOutcome::Refused { current });
-            }
-        }
-        Err(StoreError::Short(Box::new(Refill {
-            key: key.to_string(),
-            amount: delta,
-            limit,
-            expires_at,
-        })))
+        let taken = pool.lock().try_take(delta, limit, expires_at, now());
+        taken.map_err(|Shortfall::Short| {
+            StoreError::Short(Box::new(Refill {
+                key: key.to_string(),
+                amount: delta,
+                limit,
+                expires_at,
+            }))
+        })
     }
 
     fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {

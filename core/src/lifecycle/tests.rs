@@ -46,6 +46,8 @@ struct Fake {
     short: u32,
     /// Likewise for `take_rate`.
     rate_short: u32,
+    /// Continue through the owned (parked) continuations, as the Envoy filter does.
+    park: bool,
 }
 
 impl Default for Fake {
@@ -67,6 +69,7 @@ impl Default for Fake {
             action_rate: ActionRate::Taken(1),
             short: 0,
             rate_short: 0,
+            park: false,
         }
     }
 }
@@ -212,12 +215,12 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
         ),
         Admission::Short(short) => {
             let mut refills = 1;
-            let mut next = short.resume(&rules, &req, stores, NOW);
+            let mut next = resume(&rules, &req, short, stores);
             loop {
                 match next {
                     Ok(Admission::Short(short)) => {
                         refills += 1;
-                        next = short.resume(&rules, &req, stores, NOW);
+                        next = resume(&rules, &req, short, stores);
                     }
                     Ok(Admission::Admitted(a)) => {
                         break format!(
@@ -233,7 +236,11 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
         }
         Admission::NeedsApproval(p) => {
             let digest = p.digest;
-            let granted = p.granted(&rules, &req, stores, NOW);
+            let granted = if stores.park {
+                p.park().granted(&rules, &req, stores, NOW)
+            } else {
+                p.granted(&rules, &req, stores, NOW)
+            };
             assert_eq!(digest, req.digest(), "the approval binds to the request's digest");
             format!(
                 "approval asked then {}",
@@ -247,6 +254,19 @@ fn run(engine: &Engine, guards: Guards, ask: &Ask, stores: &mut Fake) -> Result<
         }
     });
     outcome
+}
+
+fn resume<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    short: Box<Short<'p>>,
+    stores: &mut Fake,
+) -> Result<Admission<'p>, Refusal> {
+    if stores.park {
+        short.park().resume(rules, req, stores, NOW)
+    } else {
+        short.resume(rules, req, stores, NOW)
+    }
 }
 
 fn all_guards() -> Guards {
@@ -695,4 +715,26 @@ fn a_rate_limit_short_of_its_lease_resumes_from_the_rate_limits_without_running_
     // Taken once more after the refill; every later step ran once.
     let count = |name: &str| s.calls.iter().filter(|c| **c == name).count();
     assert_eq!((count("rate"), count("recordable"), count("breaker")), (2, 1, 1), "{:?}", s.calls);
+}
+
+#[test]
+fn parked_continuations_resume_exactly_as_borrowed_ones() {
+    let engine = engine();
+    for (fake, ask) in [
+        (Fake { short: 2, ..Fake::default() }, llm("funded-bot")),
+        (Fake { rate_short: 1, ..Fake::default() }, llm("limited-bot")),
+        (Fake::default(), llm("careful-bot")),
+    ] {
+        let mut borrowed = fake_like(&fake);
+        let mut parked = Fake { park: true, ..fake_like(&fake) };
+        let a = run(&engine, all_guards(), &ask, &mut borrowed);
+        let b = run(&engine, all_guards(), &ask, &mut parked);
+        assert_eq!(a.as_ref().map_err(|r| &r.denial.code), b.as_ref().map_err(|r| &r.denial.code));
+        assert_eq!(borrowed.calls, parked.calls);
+        assert!(a.is_ok_and(|t| t.contains("admitted")), "the case reaches the end");
+    }
+}
+
+fn fake_like(f: &Fake) -> Fake {
+    Fake { short: f.short, rate_short: f.rate_short, ..Fake::default() }
 }
