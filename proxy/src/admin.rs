@@ -12,6 +12,7 @@
 //!   (after flushing what is queued), for `tollgate audit verify --head`
 //! - approvals, agents and autonomy metrics: see [`oversight`]
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
+//! - `POST /v1/fleet/leases`        fleet budget leases for Envoy filters ([`crate::fleet::leases`])
 //!
 //! The console (`/console`, [`console`]): web pages over the same functions, signed in with the
 //! admin token.
@@ -156,6 +157,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             authorize(shared, &req)?;
             let limit = shared.current().config.limits.max_body_bytes;
             Ok(crate::ingest::handle(&shared.ingest, &shared.ledger, limit, req).await)
+        }
+        (Method::POST, "/v1/fleet/leases") => {
+            authorize(shared, &req)?;
+            Ok(match crate::fleet::leases::serve(shared.budgets.store().fleet(), req).await {
+                Ok(answer) => json_response(StatusCode::OK, &answer),
+                Err((status, error)) => json_response(status, &json!({ "error": error })),
+            })
         }
         (method, path) if path.starts_with("/admin/") => {
             authorize(shared, &req)?;

@@ -37,6 +37,7 @@ use tollgate_core::time::UnixMillis;
 
 use crate::clock::now;
 
+pub mod leases;
 pub mod oversight;
 
 /// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,
@@ -348,27 +349,10 @@ impl Pool {
     }
 }
 
-/// The prefix of the rate-limit allowances' counters (one per clause, agent and minute); their
-/// base keeps it, so that their Redis keys cannot meet a budget's.
-const RATE: &str = "rate/";
-
-/// What a counter key is to the fleet store.
-enum Counter<'k> {
-    Committed(&'k str),
-    Spent(&'k str),
-    Other,
-}
+use lease::{Counter, RATE};
 
 fn counter(key: &str) -> Counter<'_> {
-    if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/committed")) {
-        Counter::Committed(base)
-    } else if let Some(base) = key.strip_prefix(RATE).and(key.strip_suffix("/committed")) {
-        Counter::Committed(base)
-    } else if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/spent")) {
-        Counter::Spent(base)
-    } else {
-        Counter::Other
-    }
+    Counter::of(key)
 }
 
 /// A connection to one Redis server (multiplexed, reconnecting) or to a Redis Cluster (routed
@@ -516,6 +500,11 @@ impl FleetStore {
             "serving from the local allowance while Redis cannot be reached"
         );
         Ok(())
+    }
+
+    /// How long a lease lives without renewal.
+    pub fn lease_ttl_ms(&self) -> u64 {
+        self.inner.config.lease_ttl.as_millis() as u64
     }
 
     /// Whether rate limits should fall back to this proxy's own limiter (Redis cannot be

@@ -24,10 +24,12 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
+mod fleet;
+
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
-use tollgate_core::budget::{Budgets, StoreError};
+use tollgate_core::budget::StoreError;
 use tollgate_core::head::HOP_BY_HOP;
 use tollgate_core::metrics::{self as schema, Metric};
 use tollgate_core::money::Money;
@@ -36,7 +38,7 @@ use tollgate_core::pricing::PriceSource;
 use tollgate_core::refusal::status_class;
 use tollgate_core::time::UnixMillis;
 
-use crate::exchange::{self, Exchange, Head, Now};
+use crate::exchange::{self, Decided, Exchange, FilterBudgets, Head, Now};
 use crate::metrics::{Counters, Recorder, UsageLine};
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{fail_policy_of, FailPolicy, Plugin};
@@ -156,7 +158,13 @@ enum Config {
 /// Per-VM state shared by the root context and its HTTP contexts.
 struct Vm {
     config: RefCell<Config>,
-    budgets: Budgets<SharedStore<HostShared>>,
+    budgets: FilterBudgets<HostShared>,
+    /// Fleet mode: requests waiting for a lease, by HTTP context id.
+    waiting: RefCell<HashMap<u32, fleet::Waiter>>,
+    /// Requests the root woke, until their context takes its state back.
+    woken: RefCell<HashMap<u32, fleet::Woken>>,
+    /// This VM's name as a fleet lease holder.
+    holder: String,
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
     /// The outbox: usage events not yet taken by the collector, oldest first.
@@ -218,6 +226,8 @@ enum Call {
     Events(Batch),
     /// A policy poll.
     Policy,
+    /// Lease exchanges, for these counters.
+    Leases(Vec<String>),
 }
 
 /// This VM's policy polling state (timers and snapshots are per VM).
@@ -369,7 +379,10 @@ impl Default for Vm {
         let prefix = random_u64();
         Vm {
             config: RefCell::new(Config::Pending),
-            budgets: Budgets::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
+            budgets: FilterBudgets::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
+            waiting: RefCell::new(HashMap::new()),
+            woken: RefCell::new(HashMap::new()),
+            holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
             events: RefCell::new(VecDeque::new()),
@@ -498,6 +511,9 @@ impl Context for Root {
                 self.vm.poll.borrow_mut().in_flight = false;
                 self.policy_response(status.as_deref(), body_size);
             }
+            Some(Call::Leases(counters)) => {
+                self.leases_answered(counters, status.as_deref(), body_size);
+            }
             None => {}
         }
     }
@@ -556,9 +572,13 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         self.vm.counters.borrow_mut().flush();
         let t = now();
-        if let Err(e) = self.vm.budgets.expire(t.ms) {
+        if let Err(e) = self.vm.budgets.shared.expire(t.ms) {
             log(LogLevel::Warn, &format!("tollgate: expiring reservations: {e}"));
         }
+        if let Err(e) = self.vm.budgets.fleet.expire(t.ms) {
+            log(LogLevel::Warn, &format!("tollgate: expiring fleet reservations: {e}"));
+        }
+        self.sync_leases(t);
         self.flush_events(t.ms.0);
         self.poll_policy(t.ms.0);
         self.refuse_stalled(t.ms.0);
@@ -919,15 +939,20 @@ impl Http {
         }
     }
 
-    /// Decides on the complete request body; replies on a refusal.
-    fn decide(&mut self, plugin: &Plugin, body: &[u8]) -> Action {
+    /// Decides on the complete request body; replies on a refusal; parks a request its fleet
+    /// lease cannot cover yet.
+    fn decide(&mut self, plugin: &Rc<Plugin>, body: &[u8]) -> Action {
         self.decided = true;
         self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
         let action = match result {
             // Counted when it ends (`on_log`), with the upstream's status.
-            Ok(()) => Action::Continue,
+            Ok(Decided::Admitted) => Action::Continue,
+            Ok(Decided::Short(parked)) => {
+                self.wait_for_lease(exchange, parked, plugin, body);
+                return Action::Pause;
+            }
             Err(denial) => {
                 // As the sidecar: no model for a body that could not be inspected (a duplicated
                 // `model` is one, and which copy is the model is the question).
@@ -1169,6 +1194,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.reclaim();
         if self.timed_out() {
             self.local_reply = true;
         }
@@ -1199,6 +1225,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.reclaim();
         if self.timed_out() {
             self.local_reply = true;
         }
@@ -1225,6 +1252,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.reclaim();
         if let Some(exchange) = self.exchange.as_mut() {
             exchange.response_ended();
         }
@@ -1232,7 +1260,9 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        // A client gone while its body was awaited leaves nothing waiting.
+        // A client gone while its body or its lease was awaited leaves nothing waiting.
+        self.reclaim();
+        self.forget_wait();
         let timed_out = self.timed_out();
         self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return };

@@ -17,7 +17,7 @@
 use serde::Serialize;
 use tollgate_core::attribution::{Attribution, AttributionError, Identity};
 use tollgate_core::autonomy::{self, BudgetOutcome};
-use tollgate_core::budget::{BudgetError, Budgets, Reservation, Warning};
+use tollgate_core::budget::{BudgetError, Budgets, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::Repeat;
@@ -36,9 +36,38 @@ use tollgate_core::reservation::{self, Bound, Implausible};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
+use crate::lease::LeaseStore;
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{FailPolicy, Plugin};
 use crate::shared::{SharedData, SharedStore};
+
+/// The filter's budget engines: in this Envoy's shared data, or (fleet mode, `store:
+/// {collector: {}}`) on leases the collector grants from the fleet's store.
+pub struct FilterBudgets<D: SharedData> {
+    pub shared: Budgets<SharedStore<D>>,
+    pub fleet: Budgets<LeaseStore>,
+}
+
+impl<D: SharedData> FilterBudgets<D> {
+    pub fn new(shared: SharedStore<D>) -> FilterBudgets<D> {
+        FilterBudgets { shared: Budgets::new(shared), fleet: Budgets::new(LeaseStore::default()) }
+    }
+
+    /// The leases (fleet mode).
+    pub fn leases(&self) -> &LeaseStore {
+        self.fleet.store()
+    }
+}
+
+/// What the admission phase answered, short of a refusal.
+#[derive(Debug)]
+pub enum Decided {
+    /// Admitted: the request goes on.
+    Admitted,
+    /// The fleet lease cannot cover the reservation: the request waits for the collector's
+    /// grant of [`Parked::refill`], then [`Exchange::resume`]s.
+    Short(Box<lifecycle::Parked>),
+}
 
 /// The request line facts the filter reads from pseudo-headers.
 #[derive(Clone, Debug, Default)]
@@ -102,6 +131,8 @@ struct Admitted {
     model: Option<String>,
     tool: Option<String>,
     tool_cost: Option<Money>,
+    /// The reservation is on the fleet's leases.
+    fleet: bool,
 }
 
 /// One request in flight.
@@ -306,10 +337,34 @@ impl Exchange {
     pub fn decide<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &Budgets<SharedStore<D>>,
+        budgets: &FilterBudgets<D>,
         body: &[u8],
         now: Now,
-    ) -> Result<(), Denial> {
+    ) -> Result<Decided, Denial> {
+        self.admit(plugin, budgets, body, now, None)
+    }
+
+    /// Goes on with a request that waited for a fleet lease ([`Decided::Short`]), with the
+    /// same body, after the collector answered.
+    pub fn resume<D: SharedData>(
+        &mut self,
+        plugin: &Plugin,
+        budgets: &FilterBudgets<D>,
+        body: &[u8],
+        parked: Box<lifecycle::Parked>,
+        now: Now,
+    ) -> Result<Decided, Denial> {
+        self.admit(plugin, budgets, body, now, Some(*parked))
+    }
+
+    fn admit<D: SharedData>(
+        &mut self,
+        plugin: &Plugin,
+        budgets: &FilterBudgets<D>,
+        body: &[u8],
+        now: Now,
+        parked: Option<lifecycle::Parked>,
+    ) -> Result<Decided, Denial> {
         let llm = self.api.is_some() || self.free.is_some();
         let info = if (llm || self.mcp) && !body.is_empty() {
             inspect::inspect(self.api, body)
@@ -358,18 +413,17 @@ impl Exchange {
             oversight: Guards::default(),
         };
         let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
-        let admitted = match lifecycle::decide(&rules, &req, &mut stores, now.ms) {
+        budgets.leases().set_now(now.ms);
+        let decided = match parked {
+            None => lifecycle::decide(&rules, &req, &mut stores, now.ms),
+            Some(parked) => parked.resume(&rules, &req, &mut stores, now.ms),
+        };
+        let admitted = match decided {
             Ok(Admission::Admitted(a)) => a,
             // Nothing here records approvals: the policy's own ask names `apr_<request id>`,
             // as before; a risk-based one answers with the reason.
-            // Envoy's shared data answers every budget step at once: never short of a lease.
-            Ok(Admission::Short(short)) => {
-                return Err(Denial::new(
-                    Class::Unavailable,
-                    "budget_store_unavailable",
-                    format!("budget store asked to refill `{}`", short.refill.key),
-                ))
-            }
+            // Only fleet leases are ever short (Envoy's shared data answers at once).
+            Ok(Admission::Short(short)) => return Ok(Decided::Short(Box::new(short.park()))),
             Ok(Admission::NeedsApproval(p)) => {
                 return Err(Denial::for_decision(&p.decision, &self.request_id)
                     .filter(|_| p.decision.effect == Effect::RequireApproval)
@@ -398,8 +452,9 @@ impl Exchange {
             model: info.model.clone(),
             tool: tool.map(str::to_owned),
             tool_cost: (!llm).then_some(priced.worst_case()),
+            fleet: plugin.fleet.is_some(),
         });
-        Ok(())
+        Ok(Decided::Admitted)
     }
 }
 
@@ -407,7 +462,7 @@ impl Exchange {
 /// (shared by every worker); a store failure follows the plugin's fail policy.
 struct Shared<'a, D: SharedData> {
     plugin: &'a Plugin,
-    budgets: &'a Budgets<SharedStore<D>>,
+    budgets: &'a FilterBudgets<D>,
     request_id: &'a str,
     now_ns: u64,
 }
@@ -428,7 +483,7 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         tokens: u64,
         _now: UnixMillis,
     ) -> Result<(), RateLimited> {
-        let store = self.budgets.store();
+        let store = self.budgets.shared.store();
         for (what, limit, cost) in [("requests", rpm, 1), ("tokens", tpm, tokens)] {
             let Some(limit) = limit else { continue };
             let key = format!("tollgate:rl:{what}:{limit}:{clause}\u{0}{agent}");
@@ -463,7 +518,7 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         // One key per agent and action, reused hour after hour (shared data cannot delete).
         let key = format!("guardrail:{agent}\u{0}{action}");
         let hour = u32::try_from(now.0 / 3_600_000).unwrap_or(u32::MAX);
-        match self.budgets.store().take_in_window(&key, hour, limit) {
+        match self.budgets.shared.store().take_in_window(&key, hour, limit) {
             Ok(Ok(used)) => ActionRate::Taken(used),
             Ok(Err(used)) => ActionRate::Full { used, retry_after_ms },
             Err(_) if self.fail_closed() => ActionRate::Unavailable,
@@ -511,11 +566,18 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         now: UnixMillis,
     ) -> Result<Option<Reservation>, BudgetError> {
         let ttl = self.plugin.filter.reservation_ttl_ms;
-        let id = self.budgets.store().reservation_id(self.request_id);
+        let id = self.budgets.shared.store().reservation_id(self.request_id);
         let values = |scope| lifecycle::scope_value(facts, scope);
-        match self.budgets.reserve(budgets.iter(), values, amount, &id, now, ttl) {
+        let reserved = if self.plugin.fleet.is_some() {
+            self.budgets.fleet.reserve(budgets.iter(), values, amount, &id, now, ttl)
+        } else {
+            self.budgets.shared.reserve(budgets.iter(), values, amount, &id, now, ttl)
+        };
+        match reserved {
             Ok(r) => Ok(Some(r)),
             Err(e @ BudgetError::Exceeded { .. }) => Err(e),
+            // The lease must be refilled first: the request waits for the collector.
+            Err(e @ BudgetError::Store(StoreError::Short(_))) => Err(e),
             Err(e) if self.fail_closed() => Err(e),
             Err(_) => Ok(None),
         }
@@ -591,7 +653,7 @@ impl Exchange {
     pub fn finish<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &Budgets<SharedStore<D>>,
+        budgets: &FilterBudgets<D>,
         now: Now,
         broken: End,
     ) -> Option<Finished> {
@@ -640,8 +702,12 @@ impl Exchange {
         let (warnings, overrun) = match a.reservation {
             Some(r) => {
                 let overrun = reservation::overrun(r.amount(), cost.total);
-                let warnings =
-                    budgets.settle(r, cost.total).map(|s| s.warnings).unwrap_or_default();
+                let settled = if a.fleet {
+                    budgets.fleet.settle(r, cost.total)
+                } else {
+                    budgets.shared.settle(r, cost.total)
+                };
+                let warnings = settled.map(|s| s.warnings).unwrap_or_default();
                 (warnings, overrun)
             }
             None => (Vec::new(), Money::ZERO),

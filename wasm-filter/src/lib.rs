@@ -17,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod exchange;
+pub mod lease;
 pub mod metrics;
 pub mod reply;
 pub mod settings;

@@ -13,8 +13,8 @@ use tollgate_core::engine::{Engine, EngineConfig};
 use tollgate_core::policy::Snapshot;
 
 /// Sections of the plugin configuration document.
-const SECTIONS: [&str; 6] =
-    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails"];
+const SECTIONS: [&str; 7] =
+    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails", "store"];
 
 /// Sections of the sidecar's configuration the filter accepts only to refuse them: the
 /// oversight step that runs them needs the sidecar's state and approvals journal.
@@ -135,11 +135,26 @@ impl Default for FilterSettings {
     }
 }
 
+/// `store: {collector: {...}}`: budgets shared with the fleet through leases the collector
+/// grants from its Redis store (the same leases and script as the sidecars').
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// The most one grant holds, in basis points of the budget (`slice_percent`, default 1).
+    pub slice_bp: u64,
+    /// How often each VM reports spend and renews its leases (`sync_interval`, default 50 ms).
+    pub sync_ms: u64,
+}
+
+/// The collector's path for lease exchanges.
+pub const LEASES_PATH: &str = "/v1/fleet/leases";
+
 /// A compiled plugin configuration.
 #[derive(Clone, Debug)]
 pub struct Plugin {
     pub engine: Engine,
     pub filter: FilterSettings,
+    /// Fleet mode: budgets leased through the collector (`None`: this Envoy's shared data).
+    pub fleet: Option<FleetSettings>,
     /// The policy in force: the configuration's own until `filter.policy_url` provides a
     /// newer one (see [`Plugin::with_policy`]).
     pub policy: Snapshot,
@@ -162,6 +177,7 @@ impl Plugin {
                 f.error(&mut cx, format!("the Envoy filter cannot honour `{name}:` ({why}); remove it from the plugin configuration or run the sidecar"));
             }
         }
+        let fleet = obj.get("store").and_then(|f| decode_store(&mut cx, &f, &filter));
         let engine = EngineConfig {
             attribution: obj.get("attribution"),
             policy: obj.get("policy"),
@@ -175,7 +191,7 @@ impl Plugin {
         match engine {
             Some(engine) if !cx.has_errors() => {
                 let policy = engine.policy().clone();
-                Ok(Plugin { engine, filter, policy })
+                Ok(Plugin { engine, filter, fleet, policy })
             }
             _ => Err(errors(cx)),
         }
@@ -183,7 +199,12 @@ impl Plugin {
 
     /// The same plugin deciding with `policy` (a refreshed snapshot).
     pub fn with_policy(&self, policy: Snapshot) -> Plugin {
-        Plugin { engine: self.engine.clone(), filter: self.filter.clone(), policy }
+        Plugin {
+            engine: self.engine.clone(),
+            filter: self.filter.clone(),
+            fleet: self.fleet,
+            policy,
+        }
     }
 
     /// The tick period: the configured one, shorter if the collector's flush interval or the
@@ -192,7 +213,8 @@ impl Plugin {
     pub fn tick_ms(&self) -> u64 {
         let flush = self.filter.collector.as_ref().map_or(u64::MAX, |c| c.flush_ms);
         let poll = self.filter.policy_url.as_ref().map_or(u64::MAX, |p| p.interval_ms);
-        self.filter.tick_ms.min(flush).min(poll).max(1)
+        let sync = self.fleet.map_or(u64::MAX, |f| f.sync_ms);
+        self.filter.tick_ms.min(flush).min(poll).min(sync).max(1)
     }
 }
 
@@ -206,6 +228,51 @@ pub fn fail_policy_of(text: &str) -> FailPolicy {
         Some("open") => FailPolicy::Open,
         _ => FailPolicy::Closed,
     }
+}
+
+/// The `store:` section: only `collector` (proxy-wasm cannot open a connection to Redis).
+fn decode_store(cx: &mut Cx, field: &Field<'_>, filter: &FilterSettings) -> Option<FleetSettings> {
+    let mut obj = cx.object(field)?;
+    if let Some(f) = obj.get("redis") {
+        f.error(
+            cx,
+            "the Envoy filter cannot reach Redis (proxy-wasm opens no connections of its own); use \
+             `store: {collector: {}}`: the filter then leases budgets through the collector, which \
+             holds `store.redis`",
+        );
+    }
+    let settings = obj.get("collector").and_then(|f| {
+        let mut c = cx.object(&f)?;
+        let slice_bp = match c.get("slice_percent") {
+            Some(p) => p.u64(cx).and_then(|v| {
+                if (1..=100).contains(&v) {
+                    Some(v * 100)
+                } else {
+                    p.error(cx, "expected a percent from 1 to 100");
+                    None
+                }
+            }),
+            None => Some(100),
+        };
+        let sync_ms = match c.get("sync_interval") {
+            Some(d) => d.duration_ms(cx).and_then(|ms| {
+                if (1..=10_000).contains(&ms) {
+                    Some(ms)
+                } else {
+                    d.error(cx, "expected from 1ms to 10s");
+                    None
+                }
+            }),
+            None => Some(50),
+        };
+        c.finish(cx, &["slice_percent", "sync_interval"]);
+        if filter.collector.is_none() {
+            f.error(cx, "needs `filter.collector`: leases are exchanged with the collector");
+        }
+        Some(FleetSettings { slice_bp: slice_bp?, sync_ms: sync_ms? })
+    });
+    obj.finish(cx, &["collector", "redis"]);
+    settings
 }
 
 fn errors(cx: Cx) -> DocErrors {

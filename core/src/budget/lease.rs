@@ -27,6 +27,37 @@ pub const IDLE_RETURN_MS: u64 = 1_000;
 /// How long an exhausted answer from the backend is trusted before asking again.
 pub const REFUSED_FOR_MS: u64 = 50;
 
+/// The prefix of the rate-limit allowances' counters (one per clause, agent and window); their
+/// base keeps it, so that their backend keys cannot meet a budget's.
+pub const RATE: &str = "rate/";
+
+/// What a budget engine's counter key is to a leasing store: a committed total (leased), a
+/// spend total (reported), or anything else (kept locally).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter<'k> {
+    /// The committed total of the counter `base`.
+    Committed(&'k str),
+    /// The settled spend of the counter `base`.
+    Spent(&'k str),
+    Other,
+}
+
+impl<'k> Counter<'k> {
+    pub fn of(key: &'k str) -> Counter<'k> {
+        if let Some(base) = key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/committed")) {
+            Counter::Committed(base)
+        } else if let Some(base) = key.strip_prefix(RATE).and(key.strip_suffix("/committed")) {
+            Counter::Committed(base)
+        } else if let Some(base) =
+            key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/spent"))
+        {
+            Counter::Spent(base)
+        } else {
+            Counter::Other
+        }
+    }
+}
+
 /// What one exchange sends to the backend for one counter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncArgs {

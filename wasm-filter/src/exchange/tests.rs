@@ -1,7 +1,6 @@
 use super::*;
 use crate::shared::fake::FakeShared;
 use serde_json::json;
-use tollgate_core::budget::StoreError;
 
 const DOC: &str = r#"{
   "filter": {"fail": "closed"},
@@ -66,7 +65,7 @@ fn missing_attribution_is_refused_in_the_provider_shape() {
 fn allowed_call_is_metered_priced_and_settled() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r2"), headers("bot", &[]), NOW).unwrap();
     ex.decide(
@@ -112,7 +111,7 @@ fn allowed_call_is_metered_priced_and_settled() {
 fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r2b"), headers("bot", &[]), NOW).unwrap();
     let request = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
@@ -136,7 +135,7 @@ fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
 fn client_gone_mid_stream_is_charged_from_what_was_seen() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r3"), headers("budget-bot", &[]), NOW)
             .unwrap();
@@ -154,7 +153,7 @@ fn client_gone_mid_stream_is_charged_from_what_was_seen() {
     assert!(ev.tokens.output > 0 && ev.cost.total.nanos() > 0, "{ev:?}");
     // The reservation was replaced by the actual cost on the shared counter.
     let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap();
-    let status = budgets.status(spec, "budget-bot", NOW.ms).unwrap();
+    let status = budgets.shared.status(spec, "budget-bot", NOW.ms).unwrap();
     assert_eq!((status.spent.nanos(), status.reserved.nanos()), (ev.cost.total.nanos(), 0));
 }
 
@@ -162,7 +161,7 @@ fn client_gone_mid_stream_is_charged_from_what_was_seen() {
 fn budget_refuses_with_402_once_reservations_fill_it() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let req = body(json!({"model": "gpt-4o", "max_tokens": 900, "messages": []}));
     let mut outcomes = Vec::new();
     let mut open = Vec::new();
@@ -175,10 +174,11 @@ fn budget_refuses_with_402_once_reservations_fill_it() {
         )
         .unwrap();
         match ex.decide(&p, &budgets, &req, NOW) {
-            Ok(()) => {
+            Ok(Decided::Admitted) => {
                 outcomes.push(200);
                 open.push(ex);
             }
+            Ok(Decided::Short(_)) => panic!("shared data is never short"),
             Err(d) => {
                 assert_eq!(
                     (d.code.as_str(), d.clause.as_deref()),
@@ -197,7 +197,7 @@ fn budget_refuses_with_402_once_reservations_fill_it() {
 fn policy_denial_approval_unknown_model_and_rate_limit() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let decide = |agent: &'static str,
                   extra: &'static [(&'static str, &'static str)],
                   path: &str,
@@ -243,7 +243,7 @@ fn policy_denial_approval_unknown_model_and_rate_limit() {
 fn model_listings_are_free_missing_models_are_400_and_mcp_session_methods_are_tool_requests() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     // `GET /v1/models` of either provider: decided as llm, $0, nothing reserved, recorded free.
     const ANTHROPIC: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
     for (extra, provider, shape) in
@@ -298,7 +298,7 @@ impl SharedData for Down {
 #[test]
 fn store_failure_follows_the_fail_policy() {
     let mut p = plugin();
-    let budgets = Budgets::new(SharedStore::new(Down));
+    let budgets = FilterBudgets::new(SharedStore::new(Down));
     let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "f1"), headers("budget-bot", &[]), NOW)
@@ -320,7 +320,7 @@ fn store_failure_follows_the_fail_policy() {
 fn upstream_error_is_not_charged() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "e1"), headers("budget-bot", &[]), NOW)
             .unwrap();
@@ -335,7 +335,7 @@ fn upstream_error_is_not_charged() {
 fn bypassed_exchange_marks_its_headers_and_emits_no_event() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex = Exchange::bypass(head("/v1/chat/completions", "bp"), NOW);
     assert!(ex.is_bypass());
     let h = ex.response_headers(200);
@@ -354,7 +354,7 @@ fn host_and_path_facts_drop_port_and_query() {
 fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_again() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "s1"), headers("bot", &[]), NOW).unwrap();
     assert!(ex.may_rewrite_body());
@@ -390,7 +390,7 @@ fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_aga
 fn bodies_that_need_no_usage_rewrite_are_left_alone() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let cases: [(&str, &str, serde_json::Value); 4] = [
         ("/v1/chat/completions", "n1", json!({"model": "gpt-4o", "messages": []})),
         (
@@ -439,7 +439,7 @@ const LIMITED: &str = r#"{
 fn run_limited(req: serde_json::Value, response: &[u8]) -> (Finished, i64, (i64, i64)) {
     let p = Plugin::from_document(LIMITED).unwrap();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap().clone();
     let state = |budgets: &Budgets<_>| {
         let s = budgets.status(&spec, "budget-bot", NOW.ms).unwrap();
@@ -449,11 +449,11 @@ fn run_limited(req: serde_json::Value, response: &[u8]) -> (Finished, i64, (i64,
         Exchange::start(&p, head("/v1/chat/completions", "x1"), headers("budget-bot", &[]), NOW)
             .unwrap();
     ex.decide(&p, &budgets, &body(req), NOW).unwrap();
-    let (_, reserved) = state(&budgets);
+    let (_, reserved) = state(&budgets.shared);
     let _ = ex.response_headers(200);
     ex.response_chunk(response, true);
     let ev = ex.finish(&p, &budgets, NOW, End::ClientGone).unwrap();
-    (ev, reserved, state(&budgets))
+    (ev, reserved, state(&budgets.shared))
 }
 
 #[test]
@@ -504,7 +504,7 @@ fn max_tokens_of_u64_max_does_not_wrap_under_a_tokens_per_minute_limit() {
     for doc in [LIMITED, unlimited.as_str()] {
         let p = Plugin::from_document(doc).unwrap();
         let data = FakeShared::default();
-        let budgets = Budgets::new(SharedStore::new(&data));
+        let budgets = FilterBudgets::new(SharedStore::new(&data));
         let mut ex =
             Exchange::start(&p, head("/v1/chat/completions", "t1"), headers("tpm-bot", &[]), NOW)
                 .unwrap();
@@ -523,7 +523,7 @@ fn policy_rules_on_category_match_mcp_calls_of_the_configured_category() {
                             "reason": "reads_are_fine"}]}
     }"#;
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let call = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                            "params": {"name": "list_files", "arguments": {}}}));
     let p = Plugin::from_document(doc).unwrap();
@@ -548,7 +548,7 @@ fn the_cost_cap_is_checked_before_an_approval_is_asked_for_as_in_the_sidecar() {
     }"#;
     let p = Plugin::from_document(doc).unwrap();
     let data = FakeShared::default();
-    let budgets = Budgets::new(SharedStore::new(&data));
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "o1"), headers("bot", &[]), NOW).unwrap();
     let big = body(json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}));
@@ -599,4 +599,57 @@ fn the_edge_refusals_are_the_sidecars() {
     assert!(String::from_utf8_lossy(&r.body).contains("larger than 1024 bytes"));
     let r = connect_refused(Some("api.openai.com:443")).render(Shape::OpenAi, "r2");
     assert_eq!((r.status, r.header("x-tollgate-reason")), (404, Some("no_route")));
+}
+
+#[test]
+fn in_fleet_mode_a_request_waits_for_its_lease_and_settles_on_it() {
+    use tollgate_core::budget::lease::SyncAnswer;
+    let doc = DOC.replace(
+        r#""filter": {"fail": "closed"},"#,
+        r#""filter": {"fail": "closed", "collector": {"cluster": "c", "path": "/v1/usage/events"}},
+           "store": {"collector": {"slice_percent": 50}},"#,
+    );
+    let p = Plugin::from_document(&doc).unwrap();
+    assert_eq!(p.fleet.map(|f| f.slice_bp), Some(5_000));
+    let data = FakeShared::default();
+    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "l1"), headers("budget-bot", &[]), NOW)
+            .unwrap();
+    let Ok(Decided::Short(parked)) = ex.decide(&p, &budgets, &req, NOW) else {
+        panic!("an empty lease is short")
+    };
+    let leases = budgets.leases();
+    leases.want(&parked.refill);
+    let out = leases.due(NOW.ms, 3_000, false, 5_000);
+    assert_eq!(out.len(), 1);
+    let asked = out[0].args;
+    assert_eq!(asked.limit, 20_000_000, "the $0.02 budget, in nano-USD");
+    assert_eq!(asked.wmax, 10_000_000, "slice_percent 50");
+    // The collector grants what was asked.
+    let grant = SyncAnswer {
+        lease: asked.want,
+        granted: asked.want,
+        committed: asked.want,
+        perm: 0,
+        lapsed: false,
+    };
+    leases.answered(&out[0].counter, Some(grant), 10_000);
+    leases.unwait(&parked.refill);
+    assert!(matches!(ex.resume(&p, &budgets, &req, parked, NOW), Ok(Decided::Admitted)));
+    // Nothing went into this Envoy's shared budget: the reservation is on the lease.
+    let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap().clone();
+    assert_eq!(budgets.shared.status(&spec, "budget-bot", NOW.ms).unwrap().reserved.nanos(), 0);
+    let _ = ex.response_headers(200);
+    let response = br#"{"model":"gpt-4o","usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
+    ex.response_chunk(response, true);
+    let ev = ex.finish(&p, &budgets, NOW, End::Complete).unwrap();
+    let spent = ev.cost.total.nanos();
+    assert!(spent > 0);
+    // The next exchange reports the spend and keeps the rest of the lease free.
+    let report = leases.due(NOW.ms.saturating_add_ms(10), 3_000, false, 5_000);
+    assert_eq!(report.len(), 1);
+    assert_eq!(report[0].args.spent, spent);
+    assert_eq!(report[0].args.keep, asked.want - spent);
 }

@@ -1,0 +1,337 @@
+//! Fleet mode's glue (`store: {collector: {}}`, see [`crate::lease`]): requests that wait for a
+//! lease, and the root timer's exchanges with the collector.
+//!
+//! A stream's own callouts die with the stream, so every lease exchange is made by the root
+//! context on its timer (at most one `store.collector.sync_interval` after a request began to
+//! wait). When an answer lets a waiting request go on (or refuses it), the root acts in that
+//! request's context, as the stalled-body timeout does: it resumes the decision there, then
+//! resumes the request or answers it. The request's context takes its state back on its next
+//! hook ([`Http::reclaim`]).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use tollgate_core::budget::lease::SyncAnswer;
+use tollgate_core::lifecycle::Parked;
+use tollgate_core::metrics as schema;
+
+use super::{log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
+use crate::exchange::{Decided, Exchange, Now};
+use crate::lease::Outgoing;
+use crate::reply::{Class, Denial};
+use crate::settings::{Plugin, LEASES_PATH};
+
+/// A request waiting for a lease, kept by the VM while its stream is paused.
+pub(super) struct Waiter {
+    pub exchange: Exchange,
+    pub parked: Box<Parked>,
+    /// The request body (the decision reads it again on resuming).
+    pub body: Vec<u8>,
+    pub plugin: Rc<Plugin>,
+    pub may_rewrite: bool,
+    pub held: bool,
+    pub since_ms: u64,
+}
+
+/// A request the root woke: its state, for its context to take back.
+pub(super) struct Woken {
+    pub exchange: Option<Exchange>,
+    /// The root answered it with a refusal.
+    pub refused: bool,
+}
+
+/// Most exchanges in one call to the collector (its own limit).
+const MAX_SYNCS: usize = 256;
+
+impl Http {
+    /// Parks this request until its lease is refilled: the root's timer asks the collector.
+    pub(super) fn wait_for_lease(
+        &mut self,
+        exchange: Exchange,
+        parked: Box<Parked>,
+        plugin: &Rc<Plugin>,
+        body: &[u8],
+    ) {
+        self.vm.budgets.leases().want(&parked.refill);
+        let waiter = Waiter {
+            exchange,
+            parked,
+            body: body.to_vec(),
+            plugin: plugin.clone(),
+            may_rewrite: self.may_rewrite,
+            held: self.held,
+            since_ms: now().ms.0,
+        };
+        self.vm.waiting.borrow_mut().insert(self.context_id, waiter);
+    }
+
+    /// Takes back what the root left for this request when it woke it; forgets a wait the
+    /// client gave up on.
+    pub(super) fn reclaim(&mut self) {
+        if let Some(woken) = self.vm.woken.borrow_mut().remove(&self.context_id) {
+            self.exchange = woken.exchange;
+            if woken.refused {
+                self.local_reply = true;
+            }
+        }
+    }
+
+    /// The stream ends: a request still waiting stops waiting.
+    pub(super) fn forget_wait(&mut self) {
+        if let Some(w) = self.vm.waiting.borrow_mut().remove(&self.context_id) {
+            self.vm.budgets.leases().unwait(&w.parked.refill);
+        }
+    }
+}
+
+impl Root {
+    /// Sends the exchanges due (waiting requests, spend to report, leases to renew or give
+    /// back) to the collector, and wakes requests that waited too long.
+    pub(super) fn sync_leases(&self, t: Now) {
+        let plugin = match &*self.vm.config.borrow() {
+            Config::Ready(p) => p.clone(),
+            _ => return,
+        };
+        let (Some(fleet), Some(collector)) = (plugin.fleet, plugin.filter.collector.as_ref())
+        else {
+            return;
+        };
+        self.wake_ready(t, collector.timeout_ms.saturating_mul(2).max(1_000));
+        let leases = self.vm.budgets.leases();
+        let due = leases.due(t.ms, leases.ttl_ms() / 3, false, fleet.slice_bp);
+        for chunk in due.chunks(MAX_SYNCS) {
+            self.send_exchanges(&plugin, chunk.to_vec());
+        }
+    }
+
+    fn send_exchanges(&self, plugin: &Plugin, batch: Vec<Outgoing>) {
+        let Some(collector) = plugin.filter.collector.as_ref() else { return };
+        let syncs: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(o.args).unwrap_or_default();
+                v["counter"] = serde_json::Value::from(o.counter.as_str());
+                v
+            })
+            .collect();
+        let body = serde_json::json!({"holder": self.vm.holder, "syncs": syncs}).to_string();
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", LEASES_PATH),
+            (":authority", collector.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let call = hostcalls::dispatch_http_call(
+            &collector.cluster,
+            headers,
+            Some(body.as_bytes()),
+            vec![],
+            Duration::from_millis(collector.timeout_ms),
+        );
+        let counters: Vec<String> = batch.into_iter().map(|o| o.counter).collect();
+        match call {
+            Ok(token) => {
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Leases(counters));
+            }
+            Err(status) => {
+                log(LogLevel::Warn, &format!("tollgate: lease exchange call failed: {status:?}"));
+                let leases = self.vm.budgets.leases();
+                for c in &counters {
+                    leases.answered(c, None, leases.ttl_ms());
+                }
+                self.vm.count(schema::STORE_ERRORS.name, 1);
+            }
+        }
+    }
+
+    /// The collector's answer to a lease exchange: each counter's answer taken, then the
+    /// requests waiting for them woken.
+    pub(super) fn leases_answered(
+        &self,
+        counters: Vec<String>,
+        status: Option<&str>,
+        body_size: usize,
+    ) {
+        #[derive(serde::Deserialize)]
+        struct Answers {
+            answers: Vec<Answer>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            counter: String,
+            #[serde(flatten)]
+            answer: Option<SyncAnswer>,
+            ttl_ms: Option<u64>,
+            error: Option<String>,
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let parsed = match status {
+            Some("200") => serde_json::from_slice::<Answers>(&body).ok(),
+            _ => None,
+        };
+        let leases = self.vm.budgets.leases();
+        let t = now();
+        leases.set_now(t.ms);
+        let mut failed = 0u64;
+        match parsed {
+            Some(answers) => {
+                for counter in &counters {
+                    let found = answers.answers.iter().find(|a| &a.counter == counter);
+                    let ttl = found.and_then(|a| a.ttl_ms).unwrap_or(leases.ttl_ms());
+                    match found {
+                        Some(Answer { answer: Some(a), error: None, .. }) => {
+                            leases.answered(counter, Some(*a), ttl)
+                        }
+                        other => {
+                            failed += 1;
+                            let why = other
+                                .and_then(|a| a.error.clone())
+                                .unwrap_or_else(|| "no answer for it".into());
+                            log(
+                                LogLevel::Warn,
+                                &format!("tollgate: lease exchange for {counter} failed: {why}"),
+                            );
+                            leases.answered(counter, None, ttl);
+                        }
+                    }
+                }
+            }
+            None => {
+                failed = counters.len() as u64;
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: the collector answered {} to a lease exchange of {} \
+                         counters: {}",
+                        status.unwrap_or("nothing"),
+                        counters.len(),
+                        String::from_utf8_lossy(&body[..body.len().min(512)])
+                    ),
+                );
+                for counter in &counters {
+                    leases.answered(counter, None, leases.ttl_ms());
+                }
+            }
+        }
+        if failed > 0 {
+            self.vm.count(schema::STORE_ERRORS.name, failed);
+        }
+        self.wake_ready(t, u64::MAX);
+    }
+
+    /// Wakes each waiting request whose lease can now cover it, whose counter the collector
+    /// said is exhausted or could not serve, or that waited longer than `max_wait_ms`.
+    fn wake_ready(&self, t: Now, max_wait_ms: u64) {
+        let leases = self.vm.budgets.leases();
+        let ready: Vec<u32> = self
+            .vm
+            .waiting
+            .borrow()
+            .iter()
+            .filter(|(_, w)| {
+                let r = &w.parked.refill;
+                leases.covers(r, t.ms)
+                    || leases.refused(r, t.ms)
+                    || leases.down(r, t.ms)
+                    || t.ms.0.saturating_sub(w.since_ms) > max_wait_ms
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        for id in ready {
+            let Some(w) = self.vm.waiting.borrow_mut().remove(&id) else { continue };
+            leases.unwait(&w.parked.refill);
+            self.wake(id, w, t, max_wait_ms);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
+    /// Resumes one waiting request's decision in its own context, then lets it go on or answers
+    /// it.
+    fn wake(&self, id: u32, w: Waiter, t: Now, max_wait_ms: u64) {
+        if hostcalls::set_effective_context(id).is_err() {
+            return;
+        }
+        let Waiter { mut exchange, parked, body, plugin, may_rewrite, held, since_ms } = w;
+        let waited_too_long = t.ms.0.saturating_sub(since_ms) > max_wait_ms;
+        let result = if waited_too_long {
+            Err(unavailable())
+        } else {
+            exchange.resume(&plugin, &self.vm.budgets, &body, parked, t)
+        };
+        match result {
+            Ok(Decided::Admitted) => {
+                if may_rewrite {
+                    if let Some(rewritten) = exchange.usage_rewrite(&body) {
+                        if set_buffer(BufferType::HttpRequestBody, 0, body.len(), &rewritten) {
+                            if held {
+                                let length = rewritten.len().to_string();
+                                let _ = hostcalls::set_map_value(
+                                    MapType::HttpRequestHeaders,
+                                    "content-length",
+                                    Some(&length),
+                                );
+                            }
+                        } else {
+                            log(
+                                LogLevel::Warn,
+                                "tollgate: cannot rewrite the request body for usage",
+                            );
+                        }
+                    }
+                }
+                self.vm
+                    .woken
+                    .borrow_mut()
+                    .insert(id, Woken { exchange: Some(exchange), refused: false });
+                let _ = hostcalls::resume_http_request();
+            }
+            Ok(Decided::Short(parked)) => {
+                // Another request of this VM took the grant first: wait for the next one.
+                self.vm.budgets.leases().want(&parked.refill);
+                let waiter = Waiter { exchange, parked, body, plugin, may_rewrite, held, since_ms };
+                self.vm.waiting.borrow_mut().insert(id, waiter);
+            }
+            Err(denial) => {
+                self.vm.woken.borrow_mut().insert(id, Woken { exchange: None, refused: true });
+                let model = model_of(&body).unwrap_or_else(|| schema::NONE.to_owned());
+                let reply = denial.render(exchange.shape, &exchange.request_id);
+                let headers: Vec<(&str, &str)> =
+                    reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                self.vm.decision(denial.class.decision(), &denial.code, &model, "none");
+                let _ = hostcalls::send_http_response(
+                    u32::from(reply.status),
+                    headers,
+                    Some(&reply.body),
+                );
+            }
+        }
+    }
+}
+
+/// A request that waited for its lease longer than the collector could take to answer.
+fn unavailable() -> Denial {
+    let mut d = Denial::new(
+        Class::Unavailable,
+        "budget_store_unavailable",
+        "budgets cannot be checked right now: the collector did not grant a lease in time; retry \
+         shortly",
+    );
+    d.retry_after_secs = Some(1);
+    d
+}
+
+impl Vm {
+    /// This VM's name as a lease holder.
+    pub(super) fn holder_name(prefix: u64) -> String {
+        format!("vm-{prefix:016x}")
+    }
+}
