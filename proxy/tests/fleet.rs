@@ -852,3 +852,139 @@ async fn readyz(admin: SocketAddr) -> String {
     assert_eq!(response.status(), 200);
     String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
+
+/// The real Envoy running the built filter (shared with the filter's own tests).
+#[path = "../../wasm-filter/tests/support/mod.rs"]
+mod envoy_support;
+
+/// A collector in the fleet: it takes usage records and grants the Envoy filters' leases from
+/// the fleet's Redis.
+fn collector_in_fleet(mock: &MockUpstream, redis: &impl Store) -> Tollgate {
+    let dir = temp_dir("collector");
+    let extra =
+        format!("store:\n  redis: {{{}, sync_interval: 20ms, timeout: 2s}}\n", redis.spec());
+    let yaml = ConfigFile {
+        upstream: &mock.base_url(),
+        data_dir: &dir.join("data"),
+        token_env: TOKEN_ENV,
+        more_routes: &[],
+        extra: &extra,
+        policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
+    }
+    .yaml();
+    std::fs::write(dir.join("tollgate.yaml"), yaml).unwrap();
+    Tollgate::run(Path::new(BIN), &dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")])
+}
+
+/// The filter's configuration with the sidecars' policy and prices, in fleet mode.
+fn fleet_plugin() -> String {
+    json!({
+        "filter": {
+            "fail": "closed",
+            "mcp_path_prefix": "/mcp",
+            "collector": {"cluster": "collector", "flush": "100ms",
+                          "token_env": "TOLLGATE_COLLECTOR_TOKEN"}
+        },
+        "store": {"collector": {"sync_interval": "20ms"}},
+        "pricing": {"tools": {"echo": {"per_call": "0.10"}}},
+        "policy": {
+            "version": "fleet",
+            "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
+            "budgets": [{"id": "cc-monthly", "scope": "cost_center", "period": "monthly",
+                         "amount": "5.00"}]
+        }
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_envoys_and_a_sidecar_never_spend_more_than_the_budget_together() {
+    // Envoy reads the collector's token from its own environment.
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let (sidecar, sidecar_data) = proxy_shipping(
+        &redis,
+        &mock.base_url(),
+        "sync_interval: 20ms, timeout: 2s",
+        Some(collector.admin),
+    );
+    let plugin = fleet_plugin();
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let targets: Vec<SocketAddr> = vec![
+        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
+        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
+        sidecar.proxy,
+    ];
+    let client = client();
+    for round in 0..3 {
+        let cc = format!("CC-200{round}");
+        let calls: Vec<_> = (0..1000)
+            .map(|i| {
+                let (client, addr, cc) = (client.clone(), targets[i % 3], cc.clone());
+                tokio::spawn(async move { (i % 3, call(&client, addr, &cc).await) })
+            })
+            .collect();
+        let mut served = [0; 3];
+        let mut refused = 0;
+        for answer in calls {
+            match answer.await.unwrap() {
+                (via, (200, _)) => served[via] += 1,
+                (_, (402, code)) if code == "budget_exceeded" => refused += 1,
+                (via, other) => {
+                    let logs: Vec<String> = envoys.iter().map(|e| e.log()).collect();
+                    panic!("round {round}: unexpected answer {other:?} through {via}: {logs:?}")
+                }
+            }
+        }
+        eprintln!("round {round}: served through Envoy, Envoy, sidecar: {served:?}");
+        let total: usize = served.iter().sum();
+        assert_eq!((total, refused), (50, 950), "round {round}: served {served:?}");
+        assert!(served[0] + served[1] > 0, "round {round}: the Envoys served some: {served:?}");
+        // Every holder reports its spend within a sync interval.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let hash = redis.budget_hash(&cc).await;
+            if field(&hash, "perm") == 50 * DIME {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: Redis holds {hash:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The Envoys' VMs hold leases of their own (`envoy/` holders), beside the sidecar's.
+        let hash = redis.budget_hash(&cc).await;
+        assert!(hash.iter().any(|(f, _)| f.starts_with("q:envoy/vm-")), "{hash:?}");
+    }
+    // One invoice for the fleet: the filter's usage events and the sidecar's exported records.
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let period =
+        tollgate_core::time::UnixMillis(ms.as_millis() as u64).to_string()[..7].to_string();
+    assert!(!read_ledger(&sidecar_data).is_empty(), "the sidecar served some too");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let invoice = invoice(collector.admin, &period).await;
+        let totals: Vec<(String, i64, u64)> = invoice["invoices"]
+            .as_array()
+            .expect("invoices")
+            .iter()
+            .map(|inv| {
+                let total = tollgate_e2e::harness::nanos(inv["total"].as_str().unwrap());
+                (
+                    inv["group"].as_str().unwrap().to_string(),
+                    total,
+                    inv["requests"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, i64, u64)> =
+            (0..3).map(|r| (format!("CC-200{r}"), 50 * DIME, 50)).collect();
+        if totals == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
