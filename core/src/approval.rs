@@ -254,6 +254,101 @@ pub fn digest_hex(digest: u64) -> String {
     format!("{digest:016x}")
 }
 
+/// The collector's approval service for adapters that cannot hold approvals themselves (the
+/// Envoy filter): `POST /v1/fleet/approvals` raises one ([`Raise`]) and
+/// `POST /v1/fleet/approvals/redeem` uses a granted one ([`Redeem`]); both are answered with
+/// [`RemoteAnswer`].
+pub mod remote {
+    use serde::{Deserialize, Serialize};
+
+    use crate::refusal::{Class, Denial};
+    use crate::risk::OnTimeout;
+
+    /// A request a human has to approve, as the lifecycle found it.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Raise {
+        pub request_id: String,
+        pub agent: String,
+        pub cost_center: String,
+        pub project: String,
+        pub route: String,
+        /// The tool name, or `llm`.
+        pub action: String,
+        /// The request's digest ([`super::digest_hex`]): the retry must match it.
+        pub digest: String,
+        /// Why: a reason code and a human explanation.
+        pub reason: String,
+        pub why: String,
+        /// The risk assessment's explanation, score (hundredths) and band.
+        pub risk: String,
+        pub risk_score: u32,
+        pub risk_band: String,
+        /// `None`: the collector's medium-band timeout, approved if nobody objects.
+        pub on_timeout: Option<OnTimeout>,
+        pub timeout_ms: Option<u64>,
+    }
+
+    /// A retry carrying a granted approval's id.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Redeem {
+        pub id: String,
+        pub agent: String,
+        pub digest: String,
+        pub request_id: String,
+    }
+
+    /// What the collector answered: `ok` with the approval's id (raised or used), or the
+    /// refusal to give (class, code and message; the adapter adds its decision's clause).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RemoteAnswer {
+        pub ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub id: Option<String>,
+        /// `approval_required`, `policy` or `unavailable` when not `ok`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub class: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub code: Option<String>,
+        pub message: String,
+    }
+
+    impl RemoteAnswer {
+        pub fn from_denial(d: &Denial) -> RemoteAnswer {
+            let class = match d.class {
+                Class::ApprovalRequired => "approval_required",
+                Class::Unavailable => "unavailable",
+                _ => "policy",
+            };
+            RemoteAnswer {
+                ok: false,
+                id: d.approval_id.clone(),
+                class: Some(class.into()),
+                code: Some(d.code.clone()),
+                message: d.message.clone(),
+            }
+        }
+
+        /// The refusal this answer stands for (`ok` answers of a raise are refusals too: the
+        /// request waits for its approval).
+        pub fn denial(&self) -> Denial {
+            let class = match self.class.as_deref() {
+                Some("unavailable") => Class::Unavailable,
+                Some("policy") => Class::Policy,
+                _ => Class::ApprovalRequired,
+            };
+            let code = self.code.as_deref().unwrap_or("approval_required");
+            let mut d = Denial::new(class, code, self.message.clone());
+            d.approval_id = self.id.clone();
+            if class == Class::Unavailable {
+                d.retry_after_secs = Some(1);
+            }
+            d
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

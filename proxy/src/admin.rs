@@ -13,6 +13,7 @@
 //! - approvals, agents and autonomy metrics: see [`oversight`]
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //! - `POST /v1/fleet/leases`        fleet budget leases for Envoy filters ([`crate::fleet::leases`])
+//! - `POST /v1/fleet/approvals[/redeem]` approvals for Envoy filters ([`crate::fleet::approvals`])
 //!
 //! The console (`/console`, [`console`]): web pages over the same functions, signed in with the
 //! admin token.
@@ -165,6 +166,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 Err((status, error)) => json_response(status, &json!({ "error": error })),
             })
         }
+        (Method::POST, "/v1/fleet/approvals") => {
+            authorize(shared, &req)?;
+            Ok(remote_answer(crate::fleet::approvals::raise(shared, req).await))
+        }
+        (Method::POST, "/v1/fleet/approvals/redeem") => {
+            authorize(shared, &req)?;
+            Ok(remote_answer(crate::fleet::approvals::redeem(shared, req).await))
+        }
         (method, path) if path.starts_with("/admin/") => {
             authorize(shared, &req)?;
             let query = req.uri().query().unwrap_or("").to_string();
@@ -223,6 +232,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }
         }
         _ => Err(Failure { status: StatusCode::NOT_FOUND, message: "not found" }),
+    }
+}
+
+/// An approval service answer as JSON (200), or the request's own error.
+fn remote_answer(
+    answer: Result<tollgate_core::approval::remote::RemoteAnswer, (StatusCode, String)>,
+) -> Response<Body> {
+    match answer {
+        Ok(a) => json_response(StatusCode::OK, &json!(a)),
+        Err((status, error)) => json_response(status, &json!({ "error": error })),
     }
 }
 

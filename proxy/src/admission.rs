@@ -5,7 +5,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, PoisonError};
 
-use tollgate_core::approval::{self, Approval, RedeemError, State, Transition};
+use tollgate_core::approval::{self, remote, Approval, RedeemError, State, Transition};
 use tollgate_core::autonomy::{self, BudgetOutcome};
 use tollgate_core::budget::{BudgetError, Reservation};
 use tollgate_core::guardrails::breaker::Admission;
@@ -330,7 +330,7 @@ async fn approve<'p>(
                     let mut denial = Denial::new(
                         Class::ApprovalRequired,
                         &pending.reason,
-                        approval_message(&pending.why, &a, &approval),
+                        approval_message(&pending.why, &a.explanation(), &approval),
                     )
                     .with_decision(decision.clause, decision.policy_version);
                     denial.approval_id = Some(approval.id);
@@ -342,15 +342,14 @@ async fn approve<'p>(
     }
 }
 
-fn approval_message(why: &str, a: &Assessment, approval: &Approval) -> String {
+pub(crate) fn approval_message(why: &str, risk: &str, approval: &Approval) -> String {
     let then = match approval.on_timeout {
         OnTimeout::Approve => "approved",
         OnTimeout::Deny => "denied",
     };
     format!(
-        "{why}. {}. Approval {} is pending; if nobody answers by {} it is {then}. Retry with \
+        "{why}. {risk}. Approval {} is pending; if nobody answers by {} it is {then}. Retry with \
          header {APPROVAL_HEADER}: {} once it is granted.",
-        a.explanation(),
         approval.id,
         UnixMillis(approval.expires_at_ms),
         approval.id
@@ -367,30 +366,57 @@ async fn request(
     digest: String,
     now: UnixMillis,
 ) -> Result<Approval, Denial> {
-    let o = &shared.oversight;
-    let (on_timeout, timeout_ms) = match (a.on_timeout, a.timeout_ms) {
-        (Some(on), Some(ms)) => (on, ms),
-        // A low score that still needs a human (the policy or autonomy asked): at most as
-        // risky as medium, so it is approved if nobody objects in the medium timeout.
-        _ => (OnTimeout::Approve, o.config.thresholds.medium_timeout_ms),
-    };
-    let approval = Approval {
-        id: new_approval_id(),
+    let asked = remote::Raise {
         request_id: action.request_id.to_string(),
-        created_at_ms: now.as_millis(),
-        expires_at_ms: now.as_millis().saturating_add(timeout_ms),
-        on_timeout,
-        use_within_ms: o.config.use_within.as_millis() as u64,
         agent: action.agent.to_string(),
         cost_center: action.cost_center.to_string(),
         project: action.project.to_string(),
         route: action.route.name.clone(),
         action: action.name.to_string(),
         digest,
+        reason: reason.to_string(),
+        why: why.to_string(),
+        risk: a.explanation(),
         risk_score: a.score.hundredths(),
         risk_band: a.band.as_str().to_string(),
-        reason: reason.to_string(),
-        explanation: format!("{why}; {}", a.explanation()),
+        on_timeout: a.on_timeout,
+        timeout_ms: a.timeout_ms,
+    };
+    raise(shared, asked, now).await
+}
+
+/// Creates (or finds the same pending) approval for a request a human has to approve: this
+/// proxy's, or one an Envoy filter sent the collector.
+pub(crate) async fn raise(
+    shared: &Arc<Shared>,
+    r: remote::Raise,
+    now: UnixMillis,
+) -> Result<Approval, Denial> {
+    let o = &shared.oversight;
+    let (on_timeout, timeout_ms) = match (r.on_timeout, r.timeout_ms) {
+        (Some(on), Some(ms)) => (on, ms),
+        // A low score that still needs a human (the policy or autonomy asked): at most as
+        // risky as medium, so it is approved if nobody objects in the medium timeout.
+        _ => (OnTimeout::Approve, o.config.thresholds.medium_timeout_ms),
+    };
+    let reason = r.reason;
+    let approval = Approval {
+        id: new_approval_id(),
+        request_id: r.request_id,
+        created_at_ms: now.as_millis(),
+        expires_at_ms: now.as_millis().saturating_add(timeout_ms),
+        on_timeout,
+        use_within_ms: o.config.use_within.as_millis() as u64,
+        agent: r.agent,
+        cost_center: r.cost_center,
+        project: r.project,
+        route: r.route,
+        action: r.action,
+        digest: r.digest,
+        risk_score: r.risk_score,
+        risk_band: r.risk_band,
+        reason: reason.clone(),
+        explanation: format!("{}; {}", r.why, r.risk),
         state: State::Pending,
         decided_by: None,
         decided_at_ms: None,
@@ -406,8 +432,8 @@ async fn request(
                 shared.alerts.raise(crate::alerts::approval_pending(&approval));
             }
             let mut reasons = o.stats.reasons.lock().unwrap_or_else(PoisonError::into_inner);
-            if reasons.len() < 1000 || reasons.contains_key(reason) {
-                *reasons.entry(reason.to_string()).or_default() += 1;
+            if reasons.len() < 1000 || reasons.contains_key(&reason) {
+                *reasons.entry(reason).or_default() += 1;
             }
             Ok(approval)
         }
@@ -431,42 +457,59 @@ async fn redeem(
     now: UnixMillis,
     decision: &Decision<'_>,
 ) -> Result<(), Denial> {
-    let (id_owned, agent, digest_owned, request_id) = (
-        id.to_string(),
-        action.agent.to_string(),
-        digest.to_string(),
-        action.request_id.to_string(),
-    );
+    let used = use_granted(shared, id, action.agent, digest, action.request_id, now).await;
+    used.map(|_| ()).map_err(|d| {
+        if d.class == Class::Unavailable {
+            d
+        } else {
+            d.with_decision(decision.clause, decision.policy_version)
+        }
+    })
+}
+
+/// Uses the granted approval `id` for a retry by `agent` of the action with `digest` (this
+/// proxy's, or an Envoy filter's through the collector), auditing it; or the refusal to give.
+pub(crate) async fn use_granted(
+    shared: &Arc<Shared>,
+    id: &str,
+    agent: &str,
+    digest: &str,
+    request_id: &str,
+    now: UnixMillis,
+) -> Result<Approval, Denial> {
+    let (id_owned, agent_owned, digest_owned, request_id) =
+        (id.to_string(), agent.to_string(), digest.to_string(), request_id.to_string());
     let redeemed = shared
         .oversight
         .approvals
-        .blocking(move |store| store.redeem(&id_owned, &agent, &digest_owned, &request_id, now))
+        .blocking(move |store| {
+            store.redeem(&id_owned, &agent_owned, &digest_owned, &request_id, now)
+        })
         .await;
-    let with_decision = |d: Denial| d.with_decision(decision.clause, decision.policy_version);
     match redeemed {
         Ok(approval) => {
-            audit_approval(&shared.ledger, &approval, Transition::Used, Some(action.agent));
-            Ok(())
+            audit_approval(&shared.ledger, &approval, Transition::Used, Some(agent));
+            Ok(approval)
         }
         Err(StoreError::Redeem(RedeemError::Pending)) => {
-            let mut denial = with_decision(Denial::new(
+            let mut denial = Denial::new(
                 Class::ApprovalRequired,
                 RedeemError::Pending.code(),
                 format!("approval {id} is still waiting for a human"),
-            ));
+            );
             denial.approval_id = Some(id.to_string());
             Err(denial)
         }
-        Err(StoreError::Redeem(e)) => Err(with_decision(Denial::new(
+        Err(StoreError::Redeem(e)) => Err(Denial::new(
             Class::Policy,
             e.code(),
             format!("approval {} cannot be used: {e}", short(id)),
-        ))),
-        Err(StoreError::Unknown) => Err(with_decision(Denial::new(
+        )),
+        Err(StoreError::Unknown) => Err(Denial::new(
             Class::Policy,
             "approval_unknown",
             format!("there is no approval {}", short(id)),
-        ))),
+        )),
         Err(e) => {
             tracing::error!(error = %e, "using an approval");
             Err(Denial::new(

@@ -37,6 +37,7 @@ use tollgate_core::time::UnixMillis;
 
 use crate::clock::now;
 
+pub mod approvals;
 pub mod leases;
 pub mod oversight;
 

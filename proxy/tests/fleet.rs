@@ -886,12 +886,14 @@ fn fleet_plugin() -> String {
                           "token_env": "TOLLGATE_COLLECTOR_TOKEN"}
         },
         "store": {"collector": {"sync_interval": "20ms"}},
-        "pricing": {"tools": {"echo": {"per_call": "0.10"}}},
+        "pricing": {"tools": {"echo": {"per_call": "0.10"}, "deploy": {"per_call": "0.10"}}},
         "policy": {
             "version": "fleet",
             "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
             "budgets": [{"id": "cc-monthly", "scope": "cost_center", "period": "monthly",
-                         "amount": "5.00"}]
+                         "amount": "5.00"}],
+            "rules": [{"id": "ask-deploys", "match": {"tool": "deploy"},
+                       "effect": "require_approval"}]
         }
     })
     .to_string()
@@ -987,4 +989,63 @@ async fn two_envoys_and_a_sidecar_never_spend_more_than_the_budget_together() {
         assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_raised_through_an_envoy_is_granted_in_the_fleet_and_used_once() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms");
+    let plugin = fleet_plugin();
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let (a, b) = (
+        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
+        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
+    );
+    let client = client();
+    let cc = "CC-4101";
+    let (status, code, id) = call_as(&client, a, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!((status, code.as_str()), (403, "rule_require_approval"), "{:?}", envoys[0].log());
+    let id = id.expect("an approval id");
+    assert!(id.starts_with("apr_") && !id.contains("tg-"), "a real approval: {id}");
+    // The same action asked through the other Envoy, or the sidecar, waits on the same one.
+    let (_, _, again) = call_as(&client, b, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!(again.as_deref(), Some(id.as_str()), "one approval for the fleet");
+    let (_, _, again) = call_as(&client, sidecar.proxy, cc, "deploy", "release-bot", &[]).await;
+    assert_eq!(again.as_deref(), Some(id.as_str()), "the sidecar finds it too");
+    // Used before it is granted: still pending.
+    let header = [("x-tollgate-approval", id.as_str())];
+    let early = call_as(&client, b, cc, "deploy", "release-bot", &header).await;
+    assert_eq!((early.0, early.1.as_str()), (403, "approval_pending"), "{early:?}");
+    // The sidecar's operator lists and grants it.
+    let (status, pending) =
+        admin("GET", sidecar.admin, "/admin/approvals?state=pending", Value::Null).await;
+    assert_eq!(status, 200);
+    assert!(pending.to_string().contains(&id), "{pending}");
+    let (status, granted) = admin(
+        "POST",
+        sidecar.admin,
+        &format!("/admin/approvals/{id}/approve"),
+        json!({"by": "alice", "note": "release window"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{granted}");
+    // Used once, through the second Envoy; a second use through the sidecar is refused.
+    let used = call_as(&client, b, cc, "deploy", "release-bot", &header).await;
+    assert_eq!(used.0, 200, "{used:?}: {}", envoys[1].log());
+    let twice = call_as(&client, sidecar.proxy, cc, "deploy", "release-bot", &header).await;
+    assert_eq!((twice.0, twice.1.as_str()), (403, "approval_used"));
+    let thrice = call_as(&client, a, cc, "deploy", "release-bot", &header).await;
+    assert_eq!((thrice.0, thrice.1.as_str()), (403, "approval_used"));
+    let (_, one) =
+        admin("GET", collector.admin, &format!("/admin/approvals/{id}"), Value::Null).await;
+    assert_eq!(one["state"], "used", "{one}");
+    // An approval the service cannot find is refused, naming it.
+    let bogus = [("x-tollgate-approval", "apr_nothere")];
+    let unknown = call_as(&client, a, cc, "deploy", "release-bot", &bogus).await;
+    assert_eq!((unknown.0, unknown.1.as_str()), (403, "approval_unknown"));
 }

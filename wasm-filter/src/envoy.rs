@@ -163,6 +163,8 @@ struct Vm {
     waiting: RefCell<HashMap<u32, fleet::Waiter>>,
     /// Requests the root woke, until their context takes its state back.
     woken: RefCell<HashMap<u32, fleet::Woken>>,
+    /// Fleet mode: requests waiting on the collector's approval service, by HTTP context id.
+    asking: RefCell<HashMap<u32, fleet::Asking>>,
     /// This VM's name as a fleet lease holder.
     holder: String,
     counters: RefCell<HostCounters>,
@@ -228,6 +230,8 @@ enum Call {
     Policy,
     /// Lease exchanges, for these counters.
     Leases(Vec<String>),
+    /// An approval question, for this HTTP context.
+    Approval(u32),
 }
 
 /// This VM's policy polling state (timers and snapshots are per VM).
@@ -382,6 +386,7 @@ impl Default for Vm {
             budgets: FilterBudgets::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
             waiting: RefCell::new(HashMap::new()),
             woken: RefCell::new(HashMap::new()),
+            asking: RefCell::new(HashMap::new()),
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
@@ -513,6 +518,9 @@ impl Context for Root {
             }
             Some(Call::Leases(counters)) => {
                 self.leases_answered(counters, status.as_deref(), body_size);
+            }
+            Some(Call::Approval(id)) => {
+                self.approval_answered(id, status.as_deref(), body_size);
             }
             None => {}
         }
@@ -951,6 +959,10 @@ impl Http {
             Ok(Decided::Admitted) => Action::Continue,
             Ok(Decided::Short(parked)) => {
                 self.wait_for_lease(exchange, parked, plugin, body);
+                return Action::Pause;
+            }
+            Ok(Decided::Approval(ask)) => {
+                self.ask_approval(exchange, ask, plugin, body);
                 return Action::Pause;
             }
             Err(denial) => {

@@ -67,6 +67,56 @@ pub enum Decided {
     /// The fleet lease cannot cover the reservation: the request waits for the collector's
     /// grant of [`Parked::refill`], then [`Exchange::resume`]s.
     Short(Box<lifecycle::Parked>),
+    /// A human has to approve (fleet mode): the collector raises the approval, or uses the
+    /// granted one this retry names, then the request [`Exchange::granted`] or is refused.
+    Approval(Box<Ask>),
+}
+
+/// A request waiting on the collector's approval service.
+#[derive(Debug)]
+pub struct Ask {
+    pub pending: lifecycle::ParkedPending,
+    /// What to send: a new approval, or the granted one this retry carries.
+    pub call: AskCall,
+    /// The decision's clause and policy version, for the refusal.
+    pub clause: String,
+    pub policy_version: String,
+}
+
+#[derive(Debug)]
+pub enum AskCall {
+    Raise(tollgate_core::approval::remote::Raise),
+    Redeem(tollgate_core::approval::remote::Redeem),
+}
+
+impl Ask {
+    /// The refusal for the collector's answer to a raise or a failed redeem.
+    pub fn refusal(&self, answer: &tollgate_core::approval::remote::RemoteAnswer) -> Denial {
+        let d = match (&self.call, answer.ok) {
+            (AskCall::Raise(_), true) => {
+                let mut d = Denial::new(
+                    Class::ApprovalRequired,
+                    self.pending.reason.as_str(),
+                    answer.message.clone(),
+                );
+                d.approval_id = answer.id.clone();
+                d
+            }
+            _ => answer.denial(),
+        };
+        if d.class == Class::Unavailable {
+            d
+        } else {
+            d.with_decision(&self.clause, &self.policy_version)
+        }
+    }
+}
+
+/// Where the admission phase starts.
+enum From {
+    Decide,
+    Resume(lifecycle::Parked),
+    Granted(lifecycle::ParkedPending),
 }
 
 /// The request line facts the filter reads from pseudo-headers.
@@ -135,12 +185,17 @@ struct Admitted {
     fleet: bool,
 }
 
+/// The request header that carries a granted approval's id on a retry (as in the sidecar).
+pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
+
 /// One request in flight.
 #[derive(Debug)]
 pub struct Exchange {
     pub request_id: String,
     pub shape: Shape,
     who: Who,
+    /// The granted approval this retry names (`x-tollgate-approval`).
+    approval: Option<String>,
     head: Head,
     api: Option<Api>,
     mcp: bool,
@@ -275,6 +330,7 @@ impl Exchange {
             mcp,
             free,
             admitted: None,
+            approval: header(APPROVAL_HEADER).filter(|v| !v.is_empty()),
             bypass: false,
             status: 0,
             response_done: false,
@@ -318,6 +374,7 @@ impl Exchange {
             free: None,
             head,
             admitted: None,
+            approval: None,
             bypass: true,
             status: 0,
             response_done: false,
@@ -341,7 +398,20 @@ impl Exchange {
         body: &[u8],
         now: Now,
     ) -> Result<Decided, Denial> {
-        self.admit(plugin, budgets, body, now, None)
+        self.admit(plugin, budgets, body, now, From::Decide)
+    }
+
+    /// Goes on with a request whose approval the collector let it use ([`Decided::Approval`]):
+    /// the breaker and the budgets, with the same body.
+    pub fn granted<D: SharedData>(
+        &mut self,
+        plugin: &Plugin,
+        budgets: &FilterBudgets<D>,
+        body: &[u8],
+        pending: lifecycle::ParkedPending,
+        now: Now,
+    ) -> Result<Decided, Denial> {
+        self.admit(plugin, budgets, body, now, From::Granted(pending))
     }
 
     /// Goes on with a request that waited for a fleet lease ([`Decided::Short`]), with the
@@ -354,7 +424,7 @@ impl Exchange {
         parked: Box<lifecycle::Parked>,
         now: Now,
     ) -> Result<Decided, Denial> {
-        self.admit(plugin, budgets, body, now, Some(*parked))
+        self.admit(plugin, budgets, body, now, From::Resume(*parked))
     }
 
     fn admit<D: SharedData>(
@@ -363,7 +433,7 @@ impl Exchange {
         budgets: &FilterBudgets<D>,
         body: &[u8],
         now: Now,
-        parked: Option<lifecycle::Parked>,
+        from: From,
     ) -> Result<Decided, Denial> {
         let llm = self.api.is_some() || self.free.is_some();
         let info = if (llm || self.mcp) && !body.is_empty() {
@@ -414,9 +484,10 @@ impl Exchange {
         };
         let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
         budgets.leases().set_now(now.ms);
-        let decided = match parked {
-            None => lifecycle::decide(&rules, &req, &mut stores, now.ms),
-            Some(parked) => parked.resume(&rules, &req, &mut stores, now.ms),
+        let decided = match from {
+            From::Decide => lifecycle::decide(&rules, &req, &mut stores, now.ms),
+            From::Resume(parked) => parked.resume(&rules, &req, &mut stores, now.ms),
+            From::Granted(pending) => pending.granted(&rules, &req, &mut stores, now.ms),
         };
         let admitted = match decided {
             Ok(Admission::Admitted(a)) => a,
@@ -424,6 +495,47 @@ impl Exchange {
             // as before; a risk-based one answers with the reason.
             // Only fleet leases are ever short (Envoy's shared data answers at once).
             Ok(Admission::Short(short)) => return Ok(Decided::Short(Box::new(short.park()))),
+            // Fleet mode: approvals are the collector's (and the fleet's).
+            Ok(Admission::NeedsApproval(p)) if plugin.fleet.is_some() => {
+                let (clause, policy_version) =
+                    (p.decision.clause.to_owned(), p.decision.policy_version.to_owned());
+                let pending = p.park();
+                let digest = tollgate_core::approval::digest_hex(pending.digest);
+                let s = |v: &Option<String>| v.clone().unwrap_or_default();
+                let call = match &self.approval {
+                    Some(id) => AskCall::Redeem(tollgate_core::approval::remote::Redeem {
+                        id: id.clone(),
+                        agent: s(&self.who.agent),
+                        digest,
+                        request_id: self.request_id.clone(),
+                    }),
+                    None => {
+                        let a = &pending.assessment;
+                        AskCall::Raise(tollgate_core::approval::remote::Raise {
+                            request_id: self.request_id.clone(),
+                            agent: s(&self.who.agent),
+                            cost_center: s(&self.who.cost_center),
+                            project: s(&self.who.project),
+                            route: kind.as_str().to_owned(),
+                            action: req.action.to_owned(),
+                            digest,
+                            reason: pending.reason.clone(),
+                            why: pending.why.clone(),
+                            risk: a.explanation(),
+                            risk_score: a.score.hundredths(),
+                            risk_band: a.band.as_str().to_owned(),
+                            on_timeout: a.on_timeout,
+                            timeout_ms: a.timeout_ms,
+                        })
+                    }
+                };
+                return Ok(Decided::Approval(Box::new(Ask {
+                    pending,
+                    call,
+                    clause,
+                    policy_version,
+                })));
+            }
             Ok(Admission::NeedsApproval(p)) => {
                 return Err(Denial::for_decision(&p.decision, &self.request_id)
                     .filter(|_| p.decision.effect == Effect::RequireApproval)

@@ -148,6 +148,10 @@ pub struct FleetSettings {
 /// The collector's path for lease exchanges.
 pub const LEASES_PATH: &str = "/v1/fleet/leases";
 
+/// The collector's paths for raising an approval and using a granted one.
+pub const APPROVALS_PATH: &str = "/v1/fleet/approvals";
+pub const REDEEM_PATH: &str = "/v1/fleet/approvals/redeem";
+
 /// A compiled plugin configuration.
 #[derive(Clone, Debug)]
 pub struct Plugin {

@@ -13,26 +13,40 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use tollgate_core::approval::remote::RemoteAnswer;
 use tollgate_core::budget::lease::SyncAnswer;
 use tollgate_core::lifecycle::Parked;
 use tollgate_core::metrics as schema;
 
 use super::{log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
-use crate::exchange::{Decided, Exchange, Now};
+use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
-use crate::settings::{Plugin, LEASES_PATH};
+use crate::settings::{Plugin, APPROVALS_PATH, LEASES_PATH, REDEEM_PATH};
 
-/// A request waiting for a lease, kept by the VM while its stream is paused.
-pub(super) struct Waiter {
+/// A request whose stream is paused while the collector is asked, kept by the VM.
+pub(super) struct Paused {
     pub exchange: Exchange,
-    pub parked: Box<Parked>,
     /// The request body (the decision reads it again on resuming).
     pub body: Vec<u8>,
     pub plugin: Rc<Plugin>,
     pub may_rewrite: bool,
     pub held: bool,
     pub since_ms: u64,
+}
+
+/// A request waiting for a lease.
+pub(super) struct Waiter {
+    pub paused: Paused,
+    pub parked: Box<Parked>,
+}
+
+/// A request waiting for the collector's approval service (one call each).
+pub(super) struct Asking {
+    pub paused: Paused,
+    pub ask: Box<Ask>,
+    /// The call is on its way.
+    pub sent: bool,
 }
 
 /// A request the root woke: its state, for its context to take back.
@@ -46,6 +60,17 @@ pub(super) struct Woken {
 const MAX_SYNCS: usize = 256;
 
 impl Http {
+    fn paused(&self, exchange: Exchange, plugin: &Rc<Plugin>, body: &[u8]) -> Paused {
+        Paused {
+            exchange,
+            body: body.to_vec(),
+            plugin: plugin.clone(),
+            may_rewrite: self.may_rewrite,
+            held: self.held,
+            since_ms: now().ms.0,
+        }
+    }
+
     /// Parks this request until its lease is refilled: the root's timer asks the collector.
     pub(super) fn wait_for_lease(
         &mut self,
@@ -55,16 +80,21 @@ impl Http {
         body: &[u8],
     ) {
         self.vm.budgets.leases().want(&parked.refill);
-        let waiter = Waiter {
-            exchange,
-            parked,
-            body: body.to_vec(),
-            plugin: plugin.clone(),
-            may_rewrite: self.may_rewrite,
-            held: self.held,
-            since_ms: now().ms.0,
-        };
+        let waiter = Waiter { paused: self.paused(exchange, plugin, body), parked };
         self.vm.waiting.borrow_mut().insert(self.context_id, waiter);
+    }
+
+    /// Parks this request until the collector raised its approval (then it is refused with the
+    /// approval's id) or used the granted one it names (then it goes on).
+    pub(super) fn ask_approval(
+        &mut self,
+        exchange: Exchange,
+        ask: Box<Ask>,
+        plugin: &Rc<Plugin>,
+        body: &[u8],
+    ) {
+        let asking = Asking { paused: self.paused(exchange, plugin, body), ask, sent: false };
+        self.vm.asking.borrow_mut().insert(self.context_id, asking);
     }
 
     /// Takes back what the root left for this request when it woke it; forgets a wait the
@@ -83,6 +113,7 @@ impl Http {
         if let Some(w) = self.vm.waiting.borrow_mut().remove(&self.context_id) {
             self.vm.budgets.leases().unwait(&w.parked.refill);
         }
+        self.vm.asking.borrow_mut().remove(&self.context_id);
     }
 }
 
@@ -104,6 +135,110 @@ impl Root {
         for chunk in due.chunks(MAX_SYNCS) {
             self.send_exchanges(&plugin, chunk.to_vec());
         }
+        self.send_asks(&plugin);
+    }
+
+    /// Sends each new approval question to the collector.
+    fn send_asks(&self, plugin: &Plugin) {
+        let Some(collector) = plugin.filter.collector.as_ref() else { return };
+        let fresh: Vec<(u32, &'static str, String)> = self
+            .vm
+            .asking
+            .borrow_mut()
+            .iter_mut()
+            .filter(|(_, a)| !a.sent)
+            .map(|(id, a)| {
+                a.sent = true;
+                let (path, body) = match &a.ask.call {
+                    AskCall::Raise(r) => (APPROVALS_PATH, serde_json::to_string(r)),
+                    AskCall::Redeem(r) => (REDEEM_PATH, serde_json::to_string(r)),
+                };
+                (*id, path, body.unwrap_or_default())
+            })
+            .collect();
+        for (id, path, body) in fresh {
+            let mut headers = vec![
+                (":method", "POST"),
+                (":path", path),
+                (":authority", collector.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+            let call = hostcalls::dispatch_http_call(
+                &collector.cluster,
+                headers,
+                Some(body.as_bytes()),
+                vec![],
+                Duration::from_millis(collector.timeout_ms),
+            );
+            match call {
+                Ok(token) => {
+                    self.vm.in_flight_calls.borrow_mut().insert(token, Call::Approval(id));
+                }
+                Err(status) => {
+                    log(LogLevel::Warn, &format!("tollgate: approval call failed: {status:?}"));
+                    self.approval_answered(id, None, 0);
+                }
+            }
+        }
+    }
+
+    /// The collector's answer about one request's approval (`status` `None`: no answer).
+    pub(super) fn approval_answered(&self, id: u32, status: Option<&str>, body_size: usize) {
+        let Some(asking) = self.vm.asking.borrow_mut().remove(&id) else { return };
+        let body = match status {
+            Some(_) => hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let answer = match status {
+            Some("200") => serde_json::from_slice::<RemoteAnswer>(&body).ok(),
+            _ => None,
+        };
+        let answer = answer.unwrap_or_else(|| {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "tollgate: the collector answered {} to an approval question: {}",
+                    status.unwrap_or("nothing"),
+                    String::from_utf8_lossy(&body[..body.len().min(512)])
+                ),
+            );
+            RemoteAnswer {
+                ok: false,
+                id: None,
+                class: Some("unavailable".into()),
+                code: Some("approvals_unavailable".into()),
+                message: "the approval service (the collector) cannot be reached right now; \
+                          retry shortly"
+                    .into(),
+            }
+        });
+        let Asking { paused, ask, .. } = asking;
+        let t = now();
+        if hostcalls::set_effective_context(id).is_ok() {
+            let result = match (&ask.call, answer.ok) {
+                (AskCall::Redeem(_), true) => {
+                    let mut paused = paused;
+                    let Ask { pending, .. } = *ask;
+                    let result = paused.exchange.granted(
+                        &paused.plugin,
+                        &self.vm.budgets,
+                        &paused.body,
+                        pending,
+                        t,
+                    );
+                    self.go_on(id, paused, result);
+                    let _ = hostcalls::set_effective_context(self.context_id);
+                    return;
+                }
+                _ => ask.refusal(&answer),
+            };
+            self.refuse(id, paused, &result);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 
     fn send_exchanges(&self, plugin: &Plugin, batch: Vec<Outgoing>) {
@@ -239,7 +374,7 @@ impl Root {
                 leases.covers(r, t.ms)
                     || leases.refused(r, t.ms)
                     || leases.down(r, t.ms)
-                    || t.ms.0.saturating_sub(w.since_ms) > max_wait_ms
+                    || t.ms.0.saturating_sub(w.paused.since_ms) > max_wait_ms
             })
             .map(|(id, _)| *id)
             .collect();
@@ -260,15 +395,22 @@ impl Root {
         if hostcalls::set_effective_context(id).is_err() {
             return;
         }
-        let Waiter { mut exchange, parked, body, plugin, may_rewrite, held, since_ms } = w;
-        let waited_too_long = t.ms.0.saturating_sub(since_ms) > max_wait_ms;
+        let Waiter { mut paused, parked } = w;
+        let waited_too_long = t.ms.0.saturating_sub(paused.since_ms) > max_wait_ms;
         let result = if waited_too_long {
             Err(unavailable())
         } else {
-            exchange.resume(&plugin, &self.vm.budgets, &body, parked, t)
+            paused.exchange.resume(&paused.plugin, &self.vm.budgets, &paused.body, parked, t)
         };
+        self.go_on(id, paused, result);
+    }
+
+    /// Acts on a paused request's resumed decision, in its context: lets it go on (with the usage
+    /// rewrite), parks it again, or answers it.
+    fn go_on(&self, id: u32, paused: Paused, result: Result<Decided, Denial>) {
         match result {
             Ok(Decided::Admitted) => {
+                let Paused { mut exchange, body, may_rewrite, held, .. } = paused;
                 if may_rewrite {
                     if let Some(rewritten) = exchange.usage_rewrite(&body) {
                         if set_buffer(BufferType::HttpRequestBody, 0, body.len(), &rewritten) {
@@ -297,23 +439,27 @@ impl Root {
             Ok(Decided::Short(parked)) => {
                 // Another request of this VM took the grant first: wait for the next one.
                 self.vm.budgets.leases().want(&parked.refill);
-                let waiter = Waiter { exchange, parked, body, plugin, may_rewrite, held, since_ms };
-                self.vm.waiting.borrow_mut().insert(id, waiter);
+                self.vm.waiting.borrow_mut().insert(id, Waiter { paused, parked });
             }
-            Err(denial) => {
-                self.vm.woken.borrow_mut().insert(id, Woken { exchange: None, refused: true });
-                let model = model_of(&body).unwrap_or_else(|| schema::NONE.to_owned());
-                let reply = denial.render(exchange.shape, &exchange.request_id);
-                let headers: Vec<(&str, &str)> =
-                    reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-                self.vm.decision(denial.class.decision(), &denial.code, &model, "none");
-                let _ = hostcalls::send_http_response(
-                    u32::from(reply.status),
-                    headers,
-                    Some(&reply.body),
-                );
+            Ok(Decided::Approval(ask)) => {
+                // Only a fresh decision asks, never one resumed from the budgets.
+                let asking = Asking { paused, ask, sent: false };
+                self.vm.asking.borrow_mut().insert(id, asking);
             }
+            Err(denial) => self.refuse(id, paused, &denial),
         }
+    }
+
+    /// Answers a paused request with `denial`, in its context (which is the effective one).
+    fn refuse(&self, id: u32, paused: Paused, denial: &Denial) {
+        let Paused { exchange, body, .. } = paused;
+        self.vm.woken.borrow_mut().insert(id, Woken { exchange: None, refused: true });
+        let model = model_of(&body).unwrap_or_else(|| schema::NONE.to_owned());
+        let reply = denial.render(exchange.shape, &exchange.request_id);
+        let headers: Vec<(&str, &str)> =
+            reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        self.vm.decision(denial.class.decision(), &denial.code, &model, "none");
+        let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
     }
 }
 
