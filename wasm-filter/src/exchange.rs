@@ -185,6 +185,10 @@ struct Admitted {
     fleet: bool,
 }
 
+/// What a filter without the collector's approval service says when a human has to approve.
+pub const NO_APPROVALS: &str = "this Envoy filter has no approval service to ask (configure \
+    `store: {collector: {}}` so that approvals are raised with the collector)";
+
 /// The request header that carries a granted approval's id on a retry (as in the sidecar).
 pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
 
@@ -536,13 +540,18 @@ impl Exchange {
                     policy_version,
                 })));
             }
+            // Without the collector there is nowhere to keep an approval: refused as the sidecar
+            // would ask, but naming no approval (there is none to wait for or retry with).
             Ok(Admission::NeedsApproval(p)) => {
-                return Err(Denial::for_decision(&p.decision, &self.request_id)
+                let mut d = Denial::for_decision(&p.decision, &self.request_id)
                     .filter(|_| p.decision.effect == Effect::RequireApproval)
                     .unwrap_or_else(|| {
                         Denial::new(Class::ApprovalRequired, p.reason, p.why)
                             .with_decision(p.decision.clause, p.decision.policy_version)
-                    }))
+                    });
+                d.approval_id = None;
+                d.message = format!("{}; {NO_APPROVALS}", d.message);
+                return Err(d);
             }
             Err(refusal) => return Err(*refusal.denial),
         };
