@@ -14,6 +14,7 @@
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //! - `POST /v1/fleet/leases`        fleet budget leases for Envoy filters ([`crate::fleet::leases`])
 //! - `POST /v1/fleet/approvals[/redeem]` approvals for Envoy filters ([`crate::fleet::approvals`])
+//! - `GET /v1/fleet/agents/disabled` the agents the Envoy filters refuse
 //!
 //! The console (`/console`, [`console`]): web pages over the same functions, signed in with the
 //! admin token.
@@ -164,6 +165,24 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             Ok(match crate::fleet::leases::serve(shared.budgets.store().fleet(), req).await {
                 Ok(answer) => json_response(StatusCode::OK, &answer),
                 Err((status, error)) => json_response(status, &json!({ "error": error })),
+            })
+        }
+        (Method::GET, "/v1/fleet/agents/disabled") => {
+            authorize(shared, &req)?;
+            let s = shared.clone();
+            let agents = tokio::task::spawn_blocking(move || s.oversight.fleet_disabled_agents())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            Ok(match agents {
+                Ok(agents) => json_response(StatusCode::OK, &json!({ "agents": agents })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the fleet's disabled agents");
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({ "error": "the fleet store cannot be read right now" }),
+                    )
+                }
             })
         }
         (Method::POST, "/v1/fleet/approvals") => {

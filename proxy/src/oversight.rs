@@ -387,6 +387,20 @@ impl Oversight {
         self.escalation.as_ref().map(Escalation::disabled).unwrap_or_default()
     }
 
+    /// The agents disabled in the whole fleet (the fleet's set in Redis), or this proxy's own
+    /// without a fleet store: what the Envoy filters refuse (`GET /v1/fleet/agents/disabled`).
+    /// Run on the blocking pool.
+    pub fn fleet_disabled_agents(&self) -> std::io::Result<Vec<String>> {
+        match &self.fleet {
+            Some(fleet) => {
+                let mut agents = fleet.disabled().map_err(std::io::Error::other)?;
+                agents.sort();
+                Ok(agents)
+            }
+            None => Ok(self.disabled_agents()),
+        }
+    }
+
     /// An operator re-enables a disabled agent; true if it was disabled. Answers once the
     /// change is on disk.
     pub async fn reenable(&self, agent: &str) -> std::io::Result<bool> {

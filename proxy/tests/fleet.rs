@@ -1049,3 +1049,47 @@ async fn an_approval_raised_through_an_envoy_is_granted_in_the_fleet_and_used_on
     let unknown = call_as(&client, a, cc, "deploy", "release-bot", &bogus).await;
     assert_eq!((unknown.0, unknown.1.as_str()), (403, "approval_unknown"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_the_fleet_disabled_is_refused_by_the_envoys_until_reenabled() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let oversight =
+        "oversight: {sweep_interval: 100ms, escalation: {review_at: 1, disable_at: 1}}\n";
+    let (sidecar, _) = proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, oversight);
+    let envoy =
+        envoy_support::Envoy::start(&fleet_plugin(), mock.addr().port(), collector.admin.port());
+    let through_envoy = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+    let client = client();
+    let cc = "CC-5101";
+    assert_eq!(call_as(&client, through_envoy, cc, "echo", "flaky-bot", &[]).await.0, 200);
+    // The upstream refuses the agent's call through the sidecar: disabled there (disable_at: 1),
+    // and so in the fleet's set.
+    let failing = [("x-mock-status", "422")];
+    let first = call_as(&client, sidecar.proxy, cc, "echo", "flaky-bot", &failing).await;
+    assert_eq!(first.0, 422, "{first:?}");
+    // The Envoy refuses it within its poll (a second), at the sidecar's step, with its code.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, code, _) = call_as(&client, through_envoy, cc, "echo", "flaky-bot", &[]).await;
+        if (status, code.as_str()) == (403, "agent_disabled") {
+            break;
+        }
+        assert_eq!(status, 200, "{code}");
+        assert!(Instant::now() < deadline, "the Envoy did not learn that flaky-bot is disabled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another agent is not affected.
+    assert_eq!(call_as(&client, through_envoy, cc, "echo", "steady-bot", &[]).await.0, 200);
+    // Re-enabled through the sidecar's admin API: the Envoy lets it through again.
+    let (status, enabled) =
+        admin("POST", sidecar.admin, "/admin/agents/flaky-bot/enable", Value::Null).await;
+    assert_eq!((status, &enabled["was_disabled"]), (200, &json!(true)), "{enabled}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while call_as(&client, through_envoy, cc, "echo", "flaky-bot", &[]).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the Envoy did not learn of the re-enable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

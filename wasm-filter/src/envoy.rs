@@ -38,7 +38,7 @@ use tollgate_core::pricing::PriceSource;
 use tollgate_core::refusal::status_class;
 use tollgate_core::time::UnixMillis;
 
-use crate::exchange::{self, Decided, Exchange, FilterBudgets, Head, Now};
+use crate::exchange::{self, Decided, Exchange, Head, Live, Now};
 use crate::metrics::{Counters, Recorder, UsageLine};
 use crate::reply::{Class, Denial, Shape};
 use crate::settings::{fail_policy_of, FailPolicy, Plugin};
@@ -158,13 +158,15 @@ enum Config {
 /// Per-VM state shared by the root context and its HTTP contexts.
 struct Vm {
     config: RefCell<Config>,
-    budgets: FilterBudgets<HostShared>,
+    budgets: Live<HostShared>,
     /// Fleet mode: requests waiting for a lease, by HTTP context id.
     waiting: RefCell<HashMap<u32, fleet::Waiter>>,
     /// Requests the root woke, until their context takes its state back.
     woken: RefCell<HashMap<u32, fleet::Woken>>,
     /// Fleet mode: requests waiting on the collector's approval service, by HTTP context id.
     asking: RefCell<HashMap<u32, fleet::Asking>>,
+    /// Fleet mode: the poll of the fleet's disabled agents.
+    disabled_poll: fleet::DisabledPoll,
     /// This VM's name as a fleet lease holder.
     holder: String,
     counters: RefCell<HostCounters>,
@@ -232,6 +234,8 @@ enum Call {
     Leases(Vec<String>),
     /// An approval question, for this HTTP context.
     Approval(u32),
+    /// The fleet's disabled agents.
+    Disabled,
 }
 
 /// This VM's policy polling state (timers and snapshots are per VM).
@@ -383,10 +387,11 @@ impl Default for Vm {
         let prefix = random_u64();
         Vm {
             config: RefCell::new(Config::Pending),
-            budgets: FilterBudgets::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
+            budgets: Live::new(SharedStore::new(HostShared).with_id_prefix(prefix)),
             waiting: RefCell::new(HashMap::new()),
             woken: RefCell::new(HashMap::new()),
             asking: RefCell::new(HashMap::new()),
+            disabled_poll: fleet::DisabledPoll::default(),
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
@@ -522,6 +527,7 @@ impl Context for Root {
             Some(Call::Approval(id)) => {
                 self.approval_answered(id, status.as_deref(), body_size);
             }
+            Some(Call::Disabled) => self.disabled_answered(status.as_deref(), body_size),
             None => {}
         }
     }

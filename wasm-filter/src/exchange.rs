@@ -41,16 +41,22 @@ use crate::reply::{Class, Denial, Shape};
 use crate::settings::{FailPolicy, Plugin};
 use crate::shared::{SharedData, SharedStore};
 
-/// The filter's budget engines: in this Envoy's shared data, or (fleet mode, `store:
-/// {collector: {}}`) on leases the collector grants from the fleet's store.
-pub struct FilterBudgets<D: SharedData> {
+/// The filter's live state (per VM): its budget engines, in this Envoy's shared data or (fleet
+/// mode, `store: {collector: {}}`) on leases the collector grants from the fleet's store; and
+/// the agents the fleet has disabled (fleet mode, read from the collector).
+pub struct Live<D: SharedData> {
     pub shared: Budgets<SharedStore<D>>,
     pub fleet: Budgets<LeaseStore>,
+    pub disabled: std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
-impl<D: SharedData> FilterBudgets<D> {
-    pub fn new(shared: SharedStore<D>) -> FilterBudgets<D> {
-        FilterBudgets { shared: Budgets::new(shared), fleet: Budgets::new(LeaseStore::default()) }
+impl<D: SharedData> Live<D> {
+    pub fn new(shared: SharedStore<D>) -> Live<D> {
+        Live {
+            shared: Budgets::new(shared),
+            fleet: Budgets::new(LeaseStore::default()),
+            disabled: Default::default(),
+        }
     }
 
     /// The leases (fleet mode).
@@ -398,7 +404,7 @@ impl Exchange {
     pub fn decide<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &FilterBudgets<D>,
+        budgets: &Live<D>,
         body: &[u8],
         now: Now,
     ) -> Result<Decided, Denial> {
@@ -410,7 +416,7 @@ impl Exchange {
     pub fn granted<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &FilterBudgets<D>,
+        budgets: &Live<D>,
         body: &[u8],
         pending: lifecycle::ParkedPending,
         now: Now,
@@ -423,7 +429,7 @@ impl Exchange {
     pub fn resume<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &FilterBudgets<D>,
+        budgets: &Live<D>,
         body: &[u8],
         parked: Box<lifecycle::Parked>,
         now: Now,
@@ -434,7 +440,7 @@ impl Exchange {
     fn admit<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &FilterBudgets<D>,
+        budgets: &Live<D>,
         body: &[u8],
         now: Now,
         from: From,
@@ -479,12 +485,13 @@ impl Exchange {
             is_tool: tool.is_some(),
             risk: None,
         };
-        // The filter runs no oversight guards (`autonomy:` and `oversight:` are the sidecar's;
-        // the plugin configuration refuses them).
+        // The filter runs no oversight guards of its own (`autonomy:` and `oversight:` are the
+        // sidecar's; the plugin configuration refuses them); in fleet mode it refuses the agents
+        // the fleet disabled, at the same step as the sidecar.
         let rules = lifecycle::Rules {
             engine: &plugin.engine,
             policy: &plugin.policy,
-            oversight: Guards::default(),
+            oversight: Guards { escalation: plugin.fleet.is_some(), ..Guards::default() },
         };
         let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
         budgets.leases().set_now(now.ms);
@@ -583,7 +590,7 @@ impl Exchange {
 /// (shared by every worker); a store failure follows the plugin's fail policy.
 struct Shared<'a, D: SharedData> {
     plugin: &'a Plugin,
-    budgets: &'a FilterBudgets<D>,
+    budgets: &'a Live<D>,
     request_id: &'a str,
     now_ns: u64,
 }
@@ -652,8 +659,13 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         true
     }
 
-    fn standing(&mut self, _agent: &str) -> Standing {
-        Standing::Normal { consecutive_errors: 0 }
+    /// Fleet mode: an agent the fleet disabled (through any proxy) is refused here too.
+    fn standing(&mut self, agent: &str) -> Standing {
+        if self.budgets.disabled.borrow().contains(agent) {
+            Standing::Disabled { consecutive_errors: 0 }
+        } else {
+            Standing::Normal { consecutive_errors: 0 }
+        }
     }
 
     fn observe_call(&mut self, _digest: u64, _now: UnixMillis) -> Repeat {
@@ -774,7 +786,7 @@ impl Exchange {
     pub fn finish<D: SharedData>(
         &mut self,
         plugin: &Plugin,
-        budgets: &FilterBudgets<D>,
+        budgets: &Live<D>,
         now: Now,
         broken: End,
     ) -> Option<Finished> {

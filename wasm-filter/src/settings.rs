@@ -152,6 +152,9 @@ pub const LEASES_PATH: &str = "/v1/fleet/leases";
 pub const APPROVALS_PATH: &str = "/v1/fleet/approvals";
 pub const REDEEM_PATH: &str = "/v1/fleet/approvals/redeem";
 
+/// The collector's path for the agents the fleet disabled.
+pub const DISABLED_PATH: &str = "/v1/fleet/agents/disabled";
+
 /// A compiled plugin configuration.
 #[derive(Clone, Debug)]
 pub struct Plugin {

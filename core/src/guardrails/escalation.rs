@@ -123,6 +123,10 @@ impl Standing {
             Standing::Review { consecutive_errors } => Some(format!(
                 "the agent failed {consecutive_errors} times in a row: a human must review its actions"
             )),
+            // Disabled elsewhere in the fleet (the count is not shared).
+            Standing::Disabled { consecutive_errors: 0 } => Some(
+                "the agent is disabled until an operator re-enables it".to_string(),
+            ),
             Standing::Disabled { consecutive_errors } => Some(format!(
                 "the agent is disabled after {consecutive_errors} consecutive errors until an operator re-enables it"
             )),

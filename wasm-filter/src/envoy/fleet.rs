@@ -22,7 +22,7 @@ use super::{log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
 use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
-use crate::settings::{Plugin, APPROVALS_PATH, LEASES_PATH, REDEEM_PATH};
+use crate::settings::{Plugin, APPROVALS_PATH, DISABLED_PATH, LEASES_PATH, REDEEM_PATH};
 
 /// A request whose stream is paused while the collector is asked, kept by the VM.
 pub(super) struct Paused {
@@ -54,6 +54,16 @@ pub(super) struct Woken {
     pub exchange: Option<Exchange>,
     /// The root answered it with a refusal.
     pub refused: bool,
+}
+
+/// How often each VM reads the fleet's disabled agents from the collector.
+pub(super) const DISABLED_POLL_MS: u64 = 1_000;
+
+/// The state of a VM's disabled-agents poll.
+#[derive(Default)]
+pub(super) struct DisabledPoll {
+    pub next_ms: std::cell::Cell<u64>,
+    pub in_flight: std::cell::Cell<bool>,
 }
 
 /// Most exchanges in one call to the collector (its own limit).
@@ -136,6 +146,68 @@ impl Root {
             self.send_exchanges(&plugin, chunk.to_vec());
         }
         self.send_asks(&plugin);
+        self.poll_disabled(&plugin, t);
+    }
+
+    /// Reads the fleet's disabled agents from the collector, every [`DISABLED_POLL_MS`].
+    fn poll_disabled(&self, plugin: &Plugin, t: Now) {
+        let Some(collector) = plugin.filter.collector.as_ref() else { return };
+        let poll = &self.vm.disabled_poll;
+        if poll.in_flight.get() || t.ms.0 < poll.next_ms.get() {
+            return;
+        }
+        poll.next_ms.set(t.ms.0.saturating_add(DISABLED_POLL_MS));
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", DISABLED_PATH),
+            (":authority", collector.authority.as_str()),
+        ];
+        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let call = hostcalls::dispatch_http_call(
+            &collector.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(collector.timeout_ms),
+        );
+        if let Ok(token) = call {
+            poll.in_flight.set(true);
+            self.vm.in_flight_calls.borrow_mut().insert(token, Call::Disabled);
+        }
+    }
+
+    /// The collector's list of disabled agents: taken whole; on a failure the last list stays.
+    pub(super) fn disabled_answered(&self, status: Option<&str>, body_size: usize) {
+        #[derive(serde::Deserialize)]
+        struct Agents {
+            agents: Vec<String>,
+        }
+        self.vm.disabled_poll.in_flight.set(false);
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match (status, serde_json::from_slice::<Agents>(&body)) {
+            (Some("200"), Ok(list)) => {
+                let now: std::collections::HashSet<String> = list.agents.into_iter().collect();
+                let mut disabled = self.vm.budgets.disabled.borrow_mut();
+                if *disabled != now {
+                    log(
+                        LogLevel::Info,
+                        &format!("tollgate: the fleet's disabled agents are now {now:?}"),
+                    );
+                    *disabled = now;
+                }
+            }
+            _ => log(
+                LogLevel::Warn,
+                &format!(
+                    "tollgate: the collector answered {} for the disabled agents; keeping the last \
+                     list",
+                    status.unwrap_or("nothing")
+                ),
+            ),
+        }
     }
 
     /// Sends each new approval question to the collector.

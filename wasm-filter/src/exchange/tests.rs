@@ -65,7 +65,7 @@ fn missing_attribution_is_refused_in_the_provider_shape() {
 fn allowed_call_is_metered_priced_and_settled() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r2"), headers("bot", &[]), NOW).unwrap();
     ex.decide(
@@ -111,7 +111,7 @@ fn allowed_call_is_metered_priced_and_settled() {
 fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r2b"), headers("bot", &[]), NOW).unwrap();
     let request = json!({"model": "gpt-4o", "max_tokens": 10, "messages": []});
@@ -135,7 +135,7 @@ fn an_answer_from_an_unpriced_model_is_charged_at_the_requested_models_price() {
 fn client_gone_mid_stream_is_charged_from_what_was_seen() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "r3"), headers("budget-bot", &[]), NOW)
             .unwrap();
@@ -161,7 +161,7 @@ fn client_gone_mid_stream_is_charged_from_what_was_seen() {
 fn budget_refuses_with_402_once_reservations_fill_it() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let req = body(json!({"model": "gpt-4o", "max_tokens": 900, "messages": []}));
     let mut outcomes = Vec::new();
     let mut open = Vec::new();
@@ -197,7 +197,7 @@ fn budget_refuses_with_402_once_reservations_fill_it() {
 fn policy_denial_approval_unknown_model_and_rate_limit() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let decide = |agent: &'static str,
                   extra: &'static [(&'static str, &'static str)],
                   path: &str,
@@ -218,12 +218,7 @@ fn policy_denial_approval_unknown_model_and_rate_limit() {
     let call = |tool: &str| json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}});
     assert_eq!(
         decide("a", &[], "/mcp", call("shell")),
-        Some((
-            403,
-            "default_require_approval".into(),
-            Some("defaults.tool".into()),
-            None
-        ))
+        Some((403, "default_require_approval".into(), Some("defaults.tool".into()), None))
     );
     assert_eq!(decide("a", &[], "/mcp", call("search")), None);
     assert_eq!(
@@ -243,7 +238,7 @@ fn policy_denial_approval_unknown_model_and_rate_limit() {
 fn model_listings_are_free_missing_models_are_400_and_mcp_session_methods_are_tool_requests() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     // `GET /v1/models` of either provider: decided as llm, $0, nothing reserved, recorded free.
     const ANTHROPIC: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
     for (extra, provider, shape) in
@@ -298,7 +293,7 @@ impl SharedData for Down {
 #[test]
 fn store_failure_follows_the_fail_policy() {
     let mut p = plugin();
-    let budgets = FilterBudgets::new(SharedStore::new(Down));
+    let budgets = Live::new(SharedStore::new(Down));
     let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "f1"), headers("budget-bot", &[]), NOW)
@@ -320,7 +315,7 @@ fn store_failure_follows_the_fail_policy() {
 fn upstream_error_is_not_charged() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "e1"), headers("budget-bot", &[]), NOW)
             .unwrap();
@@ -335,7 +330,7 @@ fn upstream_error_is_not_charged() {
 fn bypassed_exchange_marks_its_headers_and_emits_no_event() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex = Exchange::bypass(head("/v1/chat/completions", "bp"), NOW);
     assert!(ex.is_bypass());
     let h = ex.response_headers(200);
@@ -354,7 +349,7 @@ fn host_and_path_facts_drop_port_and_query() {
 fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_again() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "s1"), headers("bot", &[]), NOW).unwrap();
     assert!(ex.may_rewrite_body());
@@ -390,7 +385,7 @@ fn openai_stream_without_include_usage_is_asked_for_it_and_the_chunk_removed_aga
 fn bodies_that_need_no_usage_rewrite_are_left_alone() {
     let p = plugin();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let cases: [(&str, &str, serde_json::Value); 4] = [
         ("/v1/chat/completions", "n1", json!({"model": "gpt-4o", "messages": []})),
         (
@@ -439,7 +434,7 @@ const LIMITED: &str = r#"{
 fn run_limited(req: serde_json::Value, response: &[u8]) -> (Finished, i64, (i64, i64)) {
     let p = Plugin::from_document(LIMITED).unwrap();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let spec = p.engine.policy().all_budgets().find(|b| b.id == "b").unwrap().clone();
     let state = |budgets: &Budgets<_>| {
         let s = budgets.status(&spec, "budget-bot", NOW.ms).unwrap();
@@ -504,7 +499,7 @@ fn max_tokens_of_u64_max_does_not_wrap_under_a_tokens_per_minute_limit() {
     for doc in [LIMITED, unlimited.as_str()] {
         let p = Plugin::from_document(doc).unwrap();
         let data = FakeShared::default();
-        let budgets = FilterBudgets::new(SharedStore::new(&data));
+        let budgets = Live::new(SharedStore::new(&data));
         let mut ex =
             Exchange::start(&p, head("/v1/chat/completions", "t1"), headers("tpm-bot", &[]), NOW)
                 .unwrap();
@@ -523,7 +518,7 @@ fn policy_rules_on_category_match_mcp_calls_of_the_configured_category() {
                             "reason": "reads_are_fine"}]}
     }"#;
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let call = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                            "params": {"name": "list_files", "arguments": {}}}));
     let p = Plugin::from_document(doc).unwrap();
@@ -534,10 +529,7 @@ fn policy_rules_on_category_match_mcp_calls_of_the_configured_category() {
     let p = Plugin::from_document(&doc.replace(r#""mcp_category": "read""#, "")).unwrap();
     let mut ex = Exchange::start(&p, head("/mcp", "c2"), headers("bot", &[]), NOW).unwrap();
     let d = ex.decide(&p, &budgets, &call, NOW).unwrap_err();
-    assert_eq!(
-        (d.code.as_str(), d.approval_id.as_deref()),
-        ("default_require_approval", None)
-    );
+    assert_eq!((d.code.as_str(), d.approval_id.as_deref()), ("default_require_approval", None));
     assert!(d.message.contains(NO_APPROVALS), "{}", d.message);
 }
 
@@ -549,7 +541,7 @@ fn the_cost_cap_is_checked_before_an_approval_is_asked_for_as_in_the_sidecar() {
     }"#;
     let p = Plugin::from_document(doc).unwrap();
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "o1"), headers("bot", &[]), NOW).unwrap();
     let big = body(json!({"model": "gpt-4o", "max_tokens": 4000, "messages": []}));
@@ -613,7 +605,7 @@ fn in_fleet_mode_a_request_waits_for_its_lease_and_settles_on_it() {
     let p = Plugin::from_document(&doc).unwrap();
     assert_eq!(p.fleet.map(|f| f.slice_bp), Some(5_000));
     let data = FakeShared::default();
-    let budgets = FilterBudgets::new(SharedStore::new(&data));
+    let budgets = Live::new(SharedStore::new(&data));
     let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
     let mut ex =
         Exchange::start(&p, head("/v1/chat/completions", "l1"), headers("budget-bot", &[]), NOW)
@@ -653,4 +645,31 @@ fn in_fleet_mode_a_request_waits_for_its_lease_and_settles_on_it() {
     assert_eq!(report.len(), 1);
     assert_eq!(report[0].args.spent, spent);
     assert_eq!(report[0].args.keep, asked.want - spent);
+}
+
+#[test]
+fn in_fleet_mode_an_agent_the_fleet_disabled_is_refused_at_the_sidecars_step() {
+    let doc = DOC.replace(
+        r#""filter": {"fail": "closed"},"#,
+        r#""filter": {"fail": "closed", "collector": {"cluster": "c"}},
+           "store": {"collector": {}},"#,
+    );
+    let p = Plugin::from_document(&doc).unwrap();
+    let data = FakeShared::default();
+    let live = Live::new(SharedStore::new(&data));
+    live.disabled.borrow_mut().insert("flaky-bot".to_owned());
+    let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
+    let start = |agent: &'static str| {
+        Exchange::start(&p, head("/v1/chat/completions", "d1"), headers(agent, &[]), NOW).unwrap()
+    };
+    let d = start("flaky-bot").decide(&p, &live, &req, NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (403, "agent_disabled"));
+    assert!(d.message.contains("until an operator re-enables it"), "{}", d.message);
+    assert!(matches!(start("steady-bot").decide(&p, &live, &req, NOW), Ok(Decided::Admitted)));
+    // Not in fleet mode: nothing is read from the set.
+    let plain = plugin();
+    let mut ex =
+        Exchange::start(&plain, head("/v1/chat/completions", "d2"), headers("flaky-bot", &[]), NOW)
+            .unwrap();
+    assert!(matches!(ex.decide(&plain, &live, &req, NOW), Ok(Decided::Admitted)));
 }
