@@ -254,6 +254,52 @@ pub trait Stores {
     ) -> Result<Option<Reservation>, BudgetError>;
 }
 
+/// Rate limits on a leasing store (a fleet's, whose counters are leased from a backend: see
+/// [`crate::budget::lease`]): takes one request and `tokens` tokens from the allowances of
+/// `agent` under `clause` in the minute of `now`, counted together by every holder in fixed
+/// minute windows. Both or neither are taken. A lease too small answers
+/// [`RateLimited::Short`]; a store that cannot count, [`RateLimited::Unavailable`].
+pub fn leased_rate(
+    store: &impl crate::budget::Store,
+    clause: &str,
+    agent: &str,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    tokens: u64,
+    now: UnixMillis,
+) -> Result<(), RateLimited> {
+    use crate::budget::AddOutcome;
+    let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
+    let minute = now.0 / 60_000;
+    let window_end = UnixMillis((minute + 1) * 60_000);
+    let retry_after_secs = window_end.0.saturating_sub(now.0).div_ceil(1000);
+    let mut taken: Option<String> = None;
+    for (limit, amount, kind) in [(rpm, 1, "rpm"), (tpm, tokens.max(1), "tpm")] {
+        let Some(limit) = limit else { continue };
+        let key = format!("{}{kind}/{who}/{minute}/committed", crate::budget::lease::RATE);
+        let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        let refused = match store.add_if_within(&key, amount, limit_i, window_end) {
+            Ok(AddOutcome::Applied { .. }) => {
+                taken = Some(key);
+                continue;
+            }
+            Ok(AddOutcome::Refused { .. }) if kind == "tpm" => {
+                RateLimited::Tokens { limit, retry_after_secs }
+            }
+            Ok(AddOutcome::Refused { .. }) => RateLimited::Requests { limit, retry_after_secs },
+            Err(StoreError::Short(refill)) => RateLimited::Short(refill),
+            Err(_) => RateLimited::Unavailable,
+        };
+        // Only the request allowance can have been taken before the tokens'.
+        if let Some(key) = taken {
+            let _ = store.add(&key, -1, window_end);
+        }
+        return Err(refused);
+    }
+    Ok(())
+}
+
 /// The budget scope values of a request's attribution.
 pub fn scope_value<'a>(facts: &Facts<'a>, scope: Scope) -> Option<&'a str> {
     match scope {

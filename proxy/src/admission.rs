@@ -23,7 +23,6 @@ use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
-use crate::fleet::RateRefused;
 
 use crate::oversight::{audit_approval, Action, Admitted, StoreError, Verdict, APPROVAL_HEADER};
 use crate::state::Shared;
@@ -69,17 +68,7 @@ impl Stores for Live<'_> {
         now: UnixMillis,
     ) -> Result<(), RateLimited> {
         if let Some(fleet) = self.shared.budgets.store().fleet().filter(|f| !f.rates_local()) {
-            let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
-            return fleet.take_rate(&who, rpm, tpm, tokens, now).map_err(|r| match r {
-                RateRefused::Full { limit, retry_after_ms, tokens: false } => {
-                    RateLimited::Requests { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
-                }
-                RateRefused::Full { limit, retry_after_ms, tokens: true } => {
-                    RateLimited::Tokens { limit, retry_after_secs: retry_after_ms.div_ceil(1000) }
-                }
-                RateRefused::Short(refill) => RateLimited::Short(refill),
-                RateRefused::Unavailable => RateLimited::Unavailable,
-            });
+            return lifecycle::leased_rate(fleet, clause, agent, rpm, tpm, tokens, now);
         }
         let key = format!("{clause}\u{0}{agent}");
         self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {

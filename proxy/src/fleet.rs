@@ -791,59 +791,6 @@ impl Store for FleetStore {
     }
 }
 
-/// Why [`FleetStore::take_rate`] did not take.
-pub enum RateRefused {
-    /// The allowance is used up until the window ends.
-    Full {
-        limit: u64,
-        retry_after_ms: u64,
-        tokens: bool,
-    },
-    Short(Box<Refill>),
-    Unavailable,
-}
-
-impl FleetStore {
-    /// Takes one request and `tokens` tokens from the fleet's allowances of `who` (a clause and
-    /// an agent) in the minute of `now`: counted together by every proxy, in fixed minute
-    /// windows. Both or neither are taken.
-    pub fn take_rate(
-        &self,
-        who: &str,
-        rpm: Option<u64>,
-        tpm: Option<u64>,
-        tokens: u64,
-        now: UnixMillis,
-    ) -> Result<(), RateRefused> {
-        let minute = now.0 / 60_000;
-        let window_end = UnixMillis((minute + 1) * 60_000);
-        let retry_after_ms = window_end.0.saturating_sub(now.0);
-        let mut taken: Option<String> = None;
-        for (limit, amount, kind) in [(rpm, 1, "rpm"), (tpm, tokens.max(1), "tpm")] {
-            let Some(limit) = limit else { continue };
-            let key = format!("{RATE}{kind}/{who}/{minute}/committed");
-            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
-            let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
-            let refused = match self.add_if_within(&key, amount, limit_i, window_end) {
-                Ok(AddOutcome::Applied { .. }) => {
-                    taken = Some(key);
-                    continue;
-                }
-                Ok(AddOutcome::Refused { .. }) => {
-                    RateRefused::Full { limit, retry_after_ms, tokens: kind == "tpm" }
-                }
-                Err(StoreError::Short(refill)) => RateRefused::Short(refill),
-                Err(_) => RateRefused::Unavailable,
-            };
-            if let Some(key) = taken {
-                let _ = self.add(&key, -1, window_end);
-            }
-            return Err(refused);
-        }
-        Ok(())
-    }
-}
-
 /// The proxy's budget store: in memory (one process), or shared by the fleet through Redis.
 #[derive(Debug)]
 pub enum BudgetStore {

@@ -893,7 +893,9 @@ fn fleet_plugin() -> String {
             "budgets": [{"id": "cc-monthly", "scope": "cost_center", "period": "monthly",
                          "amount": "5.00"}],
             "rules": [{"id": "ask-deploys", "match": {"tool": "deploy"},
-                       "effect": "require_approval"}]
+                       "effect": "require_approval"},
+                      {"id": "metered", "match": {"agent": "metered-bot"}, "effect": "allow",
+                       "limits": {"rpm": 60}}]
         }
     })
     .to_string()
@@ -1092,4 +1094,41 @@ async fn an_agent_the_fleet_disabled_is_refused_by_the_envoys_until_reenabled() 
         assert!(Instant::now() < deadline, "the Envoy did not learn of the re-enable");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms");
+    let plugin = fleet_plugin();
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let targets = [
+        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
+        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
+        sidecar.proxy,
+    ];
+    let client = client();
+    // One minute window for the whole test: start early in a minute.
+    let into_minute =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            % 60_000;
+    if into_minute > 40_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into_minute as u64 + 100)).await;
+    }
+    let (mut served, mut limited) = ([0; 3], 0);
+    for i in 0..180 {
+        match call_as(&client, targets[i % 3], "CC-6101", "lookup", "metered-bot", &[]).await {
+            (200, _, _) => served[i % 3] += 1,
+            (429, code, _) if code == "rate_limited_requests" => limited += 1,
+            other => panic!("call {i}: unexpected {other:?} after {served:?} served"),
+        }
+    }
+    let total: usize = served.iter().sum();
+    assert_eq!((total, limited), (60, 120), "60 a minute across the fleet: {served:?}");
+    assert!(served[0] > 0 && served[1] > 0, "the Envoys served some: {served:?}");
 }

@@ -609,8 +609,16 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         rpm: Option<u64>,
         tpm: Option<u64>,
         tokens: u64,
-        _now: UnixMillis,
+        now: UnixMillis,
     ) -> Result<(), RateLimited> {
+        if self.plugin.fleet.is_some() {
+            // The fleet's allowances, leased as the sidecars lease them.
+            let store = self.budgets.fleet.store();
+            return match lifecycle::leased_rate(store, clause, agent, rpm, tpm, tokens, now) {
+                Err(RateLimited::Unavailable) if !self.fail_closed() => Ok(()),
+                other => other,
+            };
+        }
         let store = self.budgets.shared.store();
         for (what, limit, cost) in [("requests", rpm, 1), ("tokens", tpm, tokens)] {
             let Some(limit) = limit else { continue };

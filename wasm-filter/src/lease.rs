@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use tollgate_core::budget::lease::{Counter, Lease, Shortfall, SyncAnswer, SyncArgs};
+use tollgate_core::budget::lease::{Counter, Lease, Shortfall, SyncAnswer, SyncArgs, RATE};
 use tollgate_core::budget::{AddOutcome, Hold, MemoryStore, Refill, Store, StoreError, Taken};
 use tollgate_core::time::UnixMillis;
 
@@ -112,7 +112,8 @@ impl LeaseStore {
             };
             let (want, limit, expires) = wanted.unwrap_or((0, 0, UnixMillis(0)));
             let seq = &self.seq;
-            let args = e.lease.prepare(want, limit, expires, back, slice_bp, false, now, || {
+            let rate = base.starts_with(RATE);
+            let args = e.lease.prepare(want, limit, expires, back, slice_bp, rate, now, || {
                 seq.set(seq.get() + 1);
                 seq.get()
             });
