@@ -860,9 +860,13 @@ mod envoy_support;
 /// A collector in the fleet: it takes usage records and grants the Envoy filters' leases from
 /// the fleet's Redis.
 fn collector_in_fleet(mock: &MockUpstream, redis: &impl Store) -> Tollgate {
+    collector_in_fleet_with(mock, redis, "sync_interval: 20ms, timeout: 2s")
+}
+
+/// [`collector_in_fleet`] with these `store.redis` settings.
+fn collector_in_fleet_with(mock: &MockUpstream, redis: &impl Store, settings: &str) -> Tollgate {
     let dir = temp_dir("collector");
-    let extra =
-        format!("store:\n  redis: {{{}, sync_interval: 20ms, timeout: 2s}}\n", redis.spec());
+    let extra = format!("store:\n  redis: {{{}, {settings}}}\n", redis.spec());
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
         data_dir: &dir.join("data"),
@@ -1131,4 +1135,79 @@ async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
     let total: usize = served.iter().sum();
     assert_eq!((total, limited), (60, 120), "60 a minute across the fleet: {served:?}");
     assert!(served[0] > 0 && served[1] > 0, "the Envoys served some: {served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_collector_down_an_envoy_answers_at_once_by_its_fail_policy() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    // Nothing listens where the collector should be.
+    let nowhere = envoy_support::free_port();
+    let client = client();
+    for (fail, want) in [("closed", 503), ("open", 200)] {
+        let plugin = fleet_plugin().replace(r#""fail":"closed""#, &format!(r#""fail":"{fail}""#));
+        assert!(plugin.contains(&format!(r#""fail":"{fail}""#)), "{plugin}");
+        let envoy = envoy_support::Envoy::start(&plugin, mock.addr().port(), nowhere);
+        let addr = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+        for i in 0..5 {
+            let started = Instant::now();
+            let (status, code) = call(&client, addr, "CC-7001").await;
+            let waited = started.elapsed();
+            assert_eq!(status, want, "fail {fail}, call {i}: {code}: {}", envoy.log());
+            if want == 503 {
+                assert_eq!(code, "budget_store_unavailable");
+            }
+            // One sync interval and a refused connection, never a hang.
+            assert!(waited < Duration::from_secs(3), "fail {fail}, call {i}: waited {waited:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_envoys_leases_come_back_after_their_ttl() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector =
+        collector_in_fleet_with(&mock, &redis, "sync_interval: 20ms, timeout: 2s, lease_ttl: 2s");
+    let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms, lease_ttl: 2s");
+    // Large grants: the Envoy holds much more than one call's worth.
+    let plugin = fleet_plugin().replace(
+        r#""store":{"collector":{"sync_interval":"20ms"}}"#,
+        r#""store":{"collector":{"slice_percent":50,"sync_interval":"20ms"}}"#,
+    );
+    assert!(plugin.contains("slice_percent"), "{plugin}");
+    let envoy = envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port());
+    let client = client();
+    let cc = "CC-7101";
+    let through_envoy = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+    let mut served = 0;
+    for _ in 0..3 {
+        assert_eq!(call(&client, through_envoy, cc).await.0, 200);
+        served += 1;
+    }
+    let hash = redis.budget_hash(cc).await;
+    let held: i64 = hash
+        .iter()
+        .filter(|(f, _)| f.starts_with("l:envoy/"))
+        .map(|(_, v)| v.parse::<i64>().unwrap())
+        .sum();
+    assert!(held > 5 * DIME, "the Envoy holds a large lease: {hash:?}");
+    // Killed holding it (its spend reported within a sync interval first).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(envoy);
+    // The sidecar gets the rest once the lease lapsed, and never more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served < 50 {
+        match call(&client, sidecar.proxy, cc).await {
+            (200, _) => served += 1,
+            (402, code) if code == "budget_exceeded" => {
+                assert!(Instant::now() < deadline, "the lease never came back: {served} served");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (status, code) = call(&client, sidecar.proxy, cc).await;
+    assert_eq!((status, code.as_str()), (402, "budget_exceeded"), "not a cent more");
 }
