@@ -1160,6 +1160,8 @@ async fn with_the_collector_down_an_envoy_answers_at_once_by_its_fail_policy() {
             // One sync interval and a refused connection, never a hang.
             assert!(waited < Duration::from_secs(3), "fail {fail}, call {i}: waited {waited:?}");
         }
+        // Counted as the sidecar counts its Redis failures.
+        assert!(envoy.wait_metric("tollgate_store_errors_total", 1) >= 1);
     }
 }
 
