@@ -377,9 +377,22 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
         .iter()
         .find_map(|r| r["ts"].as_str().map(|ts| ts[..7].to_string()))
         .expect("a usage record");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let want: Vec<(String, i64, u64)> =
+        (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
+    wait_for_invoice(collector.admin, &period, &want, Duration::from_secs(10)).await;
+}
+
+/// Waits until the collector's invoice by cost center for `period` is `want` (group, nano-USD,
+/// requests), or fails with what it holds.
+async fn wait_for_invoice(
+    admin: SocketAddr,
+    period: &str,
+    want: &[(String, i64, u64)],
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
     loop {
-        let invoice = invoice(collector.admin, &period).await;
+        let invoice = invoice(admin, period).await;
         let totals: Vec<(String, i64, u64)> = invoice["invoices"]
             .as_array()
             .expect("invoices")
@@ -393,10 +406,8 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
                 )
             })
             .collect();
-        let want: Vec<(String, i64, u64)> =
-            (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
         if totals == want {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -971,30 +982,9 @@ async fn two_envoys_and_a_sidecar_never_spend_more_than_the_budget_together() {
     let period =
         tollgate_core::time::UnixMillis(ms.as_millis() as u64).to_string()[..7].to_string();
     assert!(!read_ledger(&sidecar_data).is_empty(), "the sidecar served some too");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let invoice = invoice(collector.admin, &period).await;
-        let totals: Vec<(String, i64, u64)> = invoice["invoices"]
-            .as_array()
-            .expect("invoices")
-            .iter()
-            .map(|inv| {
-                let total = tollgate_e2e::harness::nanos(inv["total"].as_str().unwrap());
-                (
-                    inv["group"].as_str().unwrap().to_string(),
-                    total,
-                    inv["requests"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        let want: Vec<(String, i64, u64)> =
-            (0..3).map(|r| (format!("CC-200{r}"), 50 * DIME, 50)).collect();
-        if totals == want {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let want: Vec<(String, i64, u64)> =
+        (0..3).map(|r| (format!("CC-200{r}"), 50 * DIME, 50)).collect();
+    wait_for_invoice(collector.admin, &period, &want, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
