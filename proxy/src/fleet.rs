@@ -543,7 +543,7 @@ impl FleetStore {
                 if answer.lapsed {
                     tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
                 }
-                st.applied(&args, answer, started, cfg.lease_ttl.as_millis() as u64);
+                st.applied(&args, answer, started, now(), cfg.lease_ttl.as_millis() as u64);
                 Ok(())
             }
             Err(e) => {

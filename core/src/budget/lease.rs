@@ -263,13 +263,16 @@ impl Lease {
         }
     }
 
-    /// Takes the backend's answer to the exchange `sent` began at `started`; the lease is
-    /// usable for three quarters of `ttl_ms` from then.
+    /// Takes the backend's answer to the exchange `sent` began at `started`, received at
+    /// `received`; the lease is usable for three quarters of `ttl_ms` from `started`, and an
+    /// exhausted answer is trusted for [`REFUSED_FOR_MS`] from `received` (however long the
+    /// answer took, the requests waiting for it see it).
     pub fn applied(
         &mut self,
         sent: &SyncArgs,
         answer: SyncAnswer,
         started: UnixMillis,
+        received: UnixMillis,
         ttl_ms: u64,
     ) {
         self.returning = false;
@@ -286,7 +289,7 @@ impl Lease {
         self.last_sync = started;
         self.usable_until = started.saturating_add_ms(ttl_ms.saturating_mul(3) / 4);
         self.refused = (sent.want > 0 && answer.granted == 0)
-            .then(|| (started.saturating_add_ms(REFUSED_FOR_MS), answer.committed));
+            .then(|| (received.max(started).saturating_add_ms(REFUSED_FOR_MS), answer.committed));
     }
 
     /// The exchange got no answer: it may have been applied, so the next one writes again.
@@ -322,7 +325,7 @@ mod tests {
     fn granted(l: &mut Lease, want: i64, limit: i64, now: u64, answer: SyncAnswer) -> SyncArgs {
         let args =
             l.prepare(want, limit, UnixMillis(99_000), false, 100, false, UnixMillis(now), || 1);
-        l.applied(&args, answer, UnixMillis(now), TTL);
+        l.applied(&args, answer, UnixMillis(now), UnixMillis(now), TTL);
         args
     }
 
@@ -374,10 +377,24 @@ mod tests {
             &again,
             SyncAnswer { lease: 3, committed: 10, perm: 7, ..Default::default() },
             UnixMillis(3),
+            UnixMillis(3),
             TTL,
         );
         assert_eq!((l.used, l.lease, l.spent(), l.pending), (0, 3, 7, None));
         assert_eq!(l.sync_due(UnixMillis(4), 3_000, false), None);
+    }
+
+    #[test]
+    fn an_exhausted_answer_that_took_long_still_refuses_for_a_moment_after_it_came() {
+        let mut l = Lease::default();
+        let args = l.prepare(10, 100, UnixMillis(0), false, 100, false, UnixMillis(0), || 1);
+        let refused = SyncAnswer { lease: 0, granted: 0, committed: 100, perm: 100, lapsed: false };
+        // Sent at 0, answered at 400 (a slow backend).
+        l.applied(&args, refused, UnixMillis(0), UnixMillis(400), TTL);
+        assert_eq!(
+            l.try_take(10, 100, UnixMillis(0), UnixMillis(420)),
+            Ok(AddOutcome::Refused { current: 100 })
+        );
     }
 
     #[test]

@@ -413,6 +413,9 @@ impl Root {
             .map(|(id, _)| *id)
             .collect();
         if ready.is_empty() {
+            for w in self.vm.waiting.borrow().values() {
+                leases.ask_for(&w.parked.refill);
+            }
             return;
         }
         for id in ready {
@@ -421,6 +424,10 @@ impl Root {
             self.wake(id, w, t, max_wait_ms);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
+        // Whoever still waits is asked for again: every answer serves, refuses or asks anew.
+        for w in self.vm.waiting.borrow().values() {
+            leases.ask_for(&w.parked.refill);
+        }
     }
 
     /// Resumes one waiting request's decision in its own context, then lets it go on or answers
