@@ -1,6 +1,7 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
-//! the usage-event outbox, requests whose body is awaited, policy polling).
+//! the usage-event outbox, requests whose body is awaited, policy polling, and in fleet mode the
+//! requests waiting on the collector: `fleet.rs`).
 //!
 //! Rules learned in the real Envoy, each applied here:
 //! the request headers are held (`Pause`) until the decision, which Envoy allows while still
