@@ -96,6 +96,9 @@ impl<'a> Live<'a> {
     /// The answer this step gave in an earlier run (matched by position and key), if any. A
     /// different step here drops the rest of the journal.
     fn replay(&mut self, kind: u8, key: &str, digest: u64) -> Option<Counted> {
+        if self.journal.is_empty() {
+            return None;
+        }
         let found = self.journal.get(self.cursor)?;
         if found.key() == (kind, key, digest) {
             self.cursor += 1;
@@ -107,6 +110,10 @@ impl<'a> Live<'a> {
 
     /// Keeps a step's answer for the runs to come.
     fn record(&mut self, counted: Counted) {
+        // Only the fleet store asks for a run again: one process needs no journal.
+        if self.shared.budgets.store().fleet().is_none() {
+            return;
+        }
         self.journal.truncate(self.cursor);
         self.journal.push(counted);
         self.cursor += 1;

@@ -23,6 +23,10 @@
 //!
 //! Holds (one per request) and settle markers stay in the proxy's memory: a request settles
 //! where it was reserved.
+//!
+//! The same leases count the autonomy budgets and the guardrails' hourly action limits, and a
+//! stream merged in the background the loop detector's calls ([`counts`]). Redis is one server
+//! (`url`), a Redis Cluster (`cluster`) or a master behind Redis Sentinel ([`sentinel`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -930,7 +930,8 @@ async fn a_guardrail_hourly_limit_counts_the_whole_fleet() {
     let redis = Redis::start();
     clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
     let guardrails = "guardrails:\n  include_defaults: false\n  actions:\n    echo: {category: \
-                      read, risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n";
+                      read, risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n\
+                      autonomy:\n  default: AUTO_EXECUTE\n  budgets: {default: {per_day: 1000}}\n";
     let fleet: Vec<Tollgate> = (0..3)
         .map(|_| {
             proxy_with(
@@ -944,6 +945,8 @@ async fn a_guardrail_hourly_limit_counts_the_whole_fleet() {
         })
         .collect();
     let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    // (An autonomy budget too: its lease is refilled after the hourly count was taken, and the
+    // lifecycle that runs again must not count the call twice.)
     let (served, other) = race(&proxies, "CC-8201", "hourly-bot", 120).await;
     let limited = other.get(&(429, "rate_limit_exceeded".into())).copied().unwrap_or(0);
     assert_eq!(
