@@ -1172,3 +1172,57 @@ async fn behind_sentinel_the_fleet_follows_a_failover_and_never_overspends() {
     }
     assert_eq!(field(&new_master.budget_hash(cc).await, "perm"), 50 * DIME);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_an_hourly_limit_follows_the_outage_policy_and_nothing_hangs() {
+    let mock = MockUpstream::start().await;
+    let mut redis = Redis::start();
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    let guardrails = "guardrails:\n  include_defaults: false\n  actions:\n    echo: {category: \
+                      read, risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n";
+    // (Budget leases of a quarter of what is left: the money is not what runs out here.)
+    let store = "timeout: 200ms, sync_interval: 20ms, slice_percent: 100";
+    let (closed, _) = proxy_with(&redis, &mock.base_url(), store, None, guardrails);
+    let (open, data) = proxy_with(&redis, &mock.base_url(), store, None, guardrails);
+    drop(open);
+    // The second proxy serves from its own counters while Redis is down.
+    let config = data.parent().unwrap().join("tollgate.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "store:\n",
+        "store:\n  on_store_error: local_allowance\n  local_allowance: \"5.00\"\n",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let open = Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, "t")]);
+    let client = client();
+    // One call each: each proxy holds a lease of a quarter of the 12 (3 calls).
+    for p in [closed.proxy, open.proxy] {
+        assert_eq!(call_as(&client, p, "CC-9301", "echo", "outage-bot", &[]).await.0, 200);
+    }
+    redis.kill();
+    let timed = |p: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let (status, code, _) = call_as(&client, p, "CC-9301", "echo", "outage-bot", &[]).await;
+            assert!(started.elapsed() < Duration::from_secs(3), "a call hung on Redis");
+            (status, code)
+        }
+    };
+    // fail_closed: what the lease covers (2 more), then 503 at once.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(timed(closed.proxy).await);
+    }
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    assert_eq!(served, 2, "{answers:?}");
+    assert!(answers[2..].iter().all(|a| *a == (503, "budget_store_unavailable".to_string())));
+    // local_allowance: counted on the proxy's own counter against the full 12, then 429.
+    let mut answers = Vec::new();
+    for _ in 0..16 {
+        answers.push(timed(open.proxy).await);
+    }
+    // (Once a sync has failed, the lease is left alone: up to its 2 first, then the 12.)
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    assert!((12..=14).contains(&served), "{answers:?}");
+    assert!(answers[served..].iter().all(|a| *a == (429, "rate_limit_exceeded".to_string())));
+}

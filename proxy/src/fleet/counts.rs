@@ -14,7 +14,7 @@
 //! `fail_closed` refuses (503 for an hourly limit; an autonomy budget sends the action to a
 //! human, as an exhausted budget does); `local_allowance` counts on this proxy's own counters
 //! against the full limit, so during an outage the fleet may run up to the number of proxies
-//! times the limit (plus what was counted before).
+//! times the limit (plus what their leases still held).
 //!
 //! **Loop counts are merged in the background** instead, because most tool calls are distinct
 //! and a lease per call digest would put a round trip on nearly every call. Each proxy decides
