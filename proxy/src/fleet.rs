@@ -886,7 +886,12 @@ impl FleetStore {
             .iter()
             .filter_map(|e| {
                 let st = e.value().lock();
-                let idle = st.free() > 0 && t.0.saturating_sub(st.last_use.0) >= IDLE_RETURN_MS;
+                // An action count's lease stays while the fleet has committed at most half the
+                // limit (nobody is short of it then): an agent calling now and then is still
+                // counted without a round trip. Money and rate leases go back when idle.
+                let plenty = e.value().counts && st.fleet_committed.saturating_mul(2) <= st.limit;
+                let idle =
+                    st.free() > 0 && !plenty && t.0.saturating_sub(st.last_use.0) >= IDLE_RETURN_MS;
                 let due = st.unflushed != 0
                     || st.resync
                     || st.pending.is_some()

@@ -954,10 +954,20 @@ async fn a_guardrail_hourly_limit_counts_the_whole_fleet() {
         (12, 108),
         "12 calls an hour for the fleet, not 12 per proxy: {other:?}"
     );
+    // An agent calling now and then: far from the limit, its proxy keeps the idle lease (a
+    // quarter of the 12), so its next call needs no round trip.
+    let sparse = call_as(&client(), proxies[0], "CC-8201", "echo", "sparse-bot", &[]).await;
+    assert_eq!(sparse.0, 200);
     // Counted for good: after the idle leases went back, still none more.
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     let (served, _) = race(&proxies, "CC-8201", "hourly-bot", 9).await;
     assert_eq!(served, 0);
+    let hash = redis.budget_hash("hour/10:sparse-bot").await;
+    assert_eq!(
+        (field(&hash, "perm"), leases(&hash)),
+        (1, 2),
+        "its 1 call and the 2 it holds: {hash:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,7 +6,8 @@
 //! (see the parent module): each counter (agent and day, agent and action and day, agent and
 //! action and hour) is a lease hash in Redis whose limit is the configured count. A proxy counts
 //! from its lease in memory and waits for Redis only when the lease is used up (the first call of
-//! an agent in a window, then rarely: a lease is a quarter of what is left). Each counted call is
+//! an agent in a window, then rarely: a lease is a quarter of what is left, and an idle one stays
+//! with its proxy while the fleet has committed at most half the limit). Each counted call is
 //! also reported as spent at the next sync, so it stays counted when the proxy dies. The fleet
 //! never counts more than the limit while Redis answers; the lifecycle cannot wait for I/O at
 //! these steps, so the proxy runs it again once the lease is refilled, replaying what the first
