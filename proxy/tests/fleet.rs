@@ -1092,7 +1092,7 @@ fn cli(port: u16, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn behind_sentinel_the_fleet_follows_a_failover_and_never_overspends() {
     let mock = MockUpstream::start().await;
-    let set = SentinelSet::start();
+    let mut set = SentinelSet::start();
     let fleet: Vec<Tollgate> = (0..3)
         .map(|_| proxy(&set, &mock.base_url(), "sync_interval: 20ms, timeout: 1s").0)
         .collect();
@@ -1181,6 +1181,34 @@ async fn behind_sentinel_the_fleet_follows_a_failover_and_never_overspends() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(field(&new_master.budget_hash(cc).await, "perm"), 50 * DIME);
+    // The new master dies: the sentinel promotes the last node, and the fleet follows it
+    // (meanwhile calls are refused within the timeout, none hangs).
+    let dead = new_master.port;
+    set.nodes.iter_mut().find(|n| n.port == dead).unwrap().kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !set
+        .master()
+        .is_some_and(|m| m.port != dead && cli(m.port, &["ROLE"]).starts_with("master"))
+    {
+        assert!(Instant::now() < deadline, "no failover after the master died");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the master died and another took over");
+    let cc3 = "CC-9203";
+    let (mut served3, started) = (0, Instant::now());
+    while served3 < 50 {
+        let t = Instant::now();
+        let (served, other) = race(&proxies, cc3, "fleet-agent", 100).await;
+        assert!(t.elapsed() < Duration::from_secs(5), "calls hung on the dead master");
+        served3 += served;
+        assert!(served3 <= 50, "overspent after the master died: {served3}, {other:?}");
+        assert!(started.elapsed() < Duration::from_secs(30), "not spendable again: {other:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for cc in [cc, cc2, cc3] {
+        let (served, other) = race(&proxies, cc, "fleet-agent", 30).await;
+        assert_eq!(served, 0, "{cc} after the second failover: {other:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
