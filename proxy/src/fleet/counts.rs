@@ -185,7 +185,7 @@ impl LoopEntry {
 struct LoopState {
     entries: HashMap<u64, LoopEntry>,
     /// Calls admitted here and not yet appended to the stream: (digest, unix ms).
-    unsent: Vec<(u64, u64)>,
+    unsent: VecDeque<(u64, u64)>,
     /// The last stream id read.
     since: String,
     last_sweep: u64,
@@ -242,9 +242,9 @@ impl FleetStore {
         }
         entry.own.push_back(now);
         if st.unsent.len() >= LOOP_UNSENT_MAX {
-            st.unsent.remove(0);
+            st.unsent.pop_front();
         }
-        st.unsent.push((digest, now));
+        st.unsent.push_back((digest, now));
         Repeat::Fresh { count: count + 1 }
     }
 
@@ -299,6 +299,7 @@ impl FleetStore {
                 Ok(())
             }
             Err(e) => {
+                self.inner.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Sent again next time, in front of the newer ones.
                 let newer = std::mem::take(&mut st.unsent);
                 st.unsent = unsent;
@@ -314,6 +315,44 @@ impl FleetStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store() -> FleetStore {
+        FleetStore::new(super::super::RedisConfig {
+            nodes: vec!["redis://127.0.0.1:1".into()],
+            cluster: false,
+            sentinel: None,
+            wait_replicas: 0,
+            key_prefix: "t:".into(),
+            timeout: std::time::Duration::from_millis(50),
+            lease_ttl: std::time::Duration::from_secs(10),
+            sync_interval: std::time::Duration::from_millis(50),
+            slice_bp: 100,
+            on_error: super::super::OnStoreError::FailClosed,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_loop_counts_this_proxys_calls_and_the_others_it_knows_of() {
+        let fleet = store();
+        let config = LoopConfig { max_repeats: 3, window_ms: 60_000, max_keys: 10 };
+        let t = UnixMillis(1_000_000);
+        assert_eq!(fleet.observe_call(config, 7, t), Repeat::Fresh { count: 1 });
+        // Two identical calls another proxy made, as read from the stream.
+        fleet.inner.loops.lock().entries.get_mut(&7).unwrap().others.extend([999_000, 999_500]);
+        assert_eq!(
+            fleet.observe_call(config, 7, t),
+            Repeat::Loop { count: 3, retry_after_ms: 59_000 },
+            "the fleet's fourth identical call"
+        );
+        // Another call is its own; the others' calls leave with the window.
+        assert_eq!(fleet.observe_call(config, 8, t), Repeat::Fresh { count: 1 });
+        let later = UnixMillis(999_000 + 60_000);
+        assert_eq!(fleet.observe_call(config, 7, later), Repeat::Fresh { count: 3 });
+        // Without news from the others, at most `max_repeats` here: the per-proxy bound.
+        assert!(fleet.observe_call(config, 7, later).is_loop());
+        assert_eq!(fleet.inner.loops.lock().unsent.len(), 3, "the calls let through, to send");
+    }
 
     #[test]
     fn counter_bases_cannot_meet() {
