@@ -1139,6 +1139,45 @@ mod tests {
             allowed.store.unwrap().redis.on_error,
             crate::fleet::OnStoreError::LocalAllowance(2_500_000_000)
         );
+        // Sentinel: the master's name and the sentinels; one of url, cluster, sentinel.
+        let r = store(
+            "store: {redis: {sentinel: {master: m1, nodes: [\"redis://10.0.0.5:26379\", \
+             \"redis://10.0.0.6:26379\"]}}}\n",
+        )
+        .expect("valid")
+        .store
+        .expect("a store")
+        .redis;
+        assert_eq!((r.sentinel.as_deref(), r.nodes.len(), r.cluster), (Some("m1"), 2, false));
+        assert_eq!(r.wait_replicas, 1, "each write held by a replica by default");
+        let r = store(
+            "store: {redis: {sentinel: {master: m1, nodes: [\"redis://s:26379\"], \
+             wait_for_replicas: 0}}}\n",
+        )
+        .expect("valid");
+        assert_eq!(r.store.unwrap().redis.wait_replicas, 0);
+        let (path, message) = error(
+            "store: {redis: {url: \"redis://x\", sentinel: {master: m, nodes: [\"redis://s\"]}}}\n",
+        );
+        assert_eq!(path, "store.redis.sentinel");
+        assert!(message.contains("`sentinel` cannot be given with `url`"), "{message}");
+        assert_eq!(
+            error("store: {redis: {sentinel: {nodes: [\"redis://s\"]}}}\n").0,
+            "store.redis.sentinel"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: [\"http://s\"]}}}\n").0,
+            "store.redis.sentinel.nodes[0]"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: []}}}\n").0,
+            "store.redis.sentinel.nodes"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: [\"redis://s\"], wait_for_replicas: 99}}}\n").0,
+            "store.redis.sentinel.wait_for_replicas"
+        );
+        assert_eq!(error("store: {redis: {key_prefix: x}}\n").0, "store.redis");
         let big = "version: 1\nroutes: []\nstore: {redis: {url: \"redis://x\"}}\npolicy:\n  \
                    version: v1\n  budgets: [{id: huge, scope: global, period: monthly, \
                    amount: \"10000000\"}]\n";

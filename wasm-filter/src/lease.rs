@@ -120,7 +120,7 @@ impl LeaseStore {
                 continue;
             }
             let wanted = e.wanted.take();
-            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back)) {
+            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back, false)) {
                 (Some(_), _) => false,
                 (None, Some(back)) => back,
                 (None, None) => continue,
