@@ -2,7 +2,7 @@
 //! record is detected by `tollgate audit verify`.
 //!
 //! The log is segmented like the ledger and framed and chained by the same code
-//! ([`crate::ledger::chain`]): `<data_dir>/audit/00000001.seg`, `00000002.seg`, … (a new segment
+//! ([`crate::store::chain`]): `<data_dir>/audit/00000001.seg`, `00000002.seg`, … (a new segment
 //! once one holds `ledger.segment_bytes`), each record carrying the link of the one before it,
 //! the first record of a segment linking to the last record of the segment before, so one chain
 //! runs across all segments. Keyed like the ledger (HMAC-SHA256) when the ledger has a key.
@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
 
-use crate::ledger::chain::{self, Body, Encoding, Linker, Walk};
+use crate::store::chain::{self, Body, Encoding, Linker, Walk};
+use crate::store::{self, retired::Retired};
 use tollgate_core::record::compact::{self, Encoder};
 
 pub use legacy::{Tampering, Verdict};
@@ -247,12 +248,12 @@ pub struct Opened {
 }
 
 /// Where the segments that are kept start: after the legacy log's records and the retired
-/// segments' (see [`crate::ledger::retire`]).
+/// segments' (see [`crate::store::retired`]).
 struct Start {
     /// Records before the kept segments.
     records: u64,
     legacy_records: u64,
-    retired: Option<crate::ledger::retire::Retired>,
+    retired: Option<Retired>,
     /// The link the first kept record carries.
     hash: [u8; 32],
     /// The link after the legacy log.
@@ -263,7 +264,7 @@ impl Start {
     /// The kept segments of `dir` (after the retired ones).
     fn kept(&self, dir: &Path) -> std::io::Result<Vec<u64>> {
         let through = self.retired.as_ref().map_or(0, |r| r.through_segment);
-        match crate::ledger::segments(dir) {
+        match store::segments(dir) {
             Ok(n) => Ok(n.into_iter().filter(|&n| n > through).collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -290,7 +291,7 @@ fn start(data_dir: &Path) -> std::io::Result<(Option<Verdict>, Start)> {
         ) => (*records, chain::unhex(last_hash.as_bytes()).unwrap_or_default()),
         _ => (0, chain::GENESIS),
     };
-    let retired = crate::ledger::retire::read(data_dir, None)
+    let retired = store::retired::read(data_dir, None)
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?
         .map(|c| c.audit)
         .filter(|r| r.records > 0);
@@ -333,7 +334,7 @@ impl Chain {
             _ => {}
         }
         if let Some(r) = &start.retired {
-            crate::ledger::retire::remove_covered(&dir, r.through_segment)?;
+            store::remove_covered(&dir, r.through_segment)?;
         }
         let numbers = start.kept(&dir)?;
         let walk =
@@ -355,7 +356,7 @@ impl Chain {
             file.sync_all()?;
         }
         let (segment, file, good_len, encoder) =
-            crate::ledger::continue_segment(&dir, last, encoding, walk.context)?;
+            store::continue_segment(&dir, last, encoding, walk.context)?;
         let records = start.records + walk.records;
         let last_hash = if walk.records > 0 { walk.last_hash } else { start.hash };
         let chain = Chain {
