@@ -1,5 +1,7 @@
 use super::*;
 use crate::store::chain::Problem;
+use tollgate_core::policy::Effect;
+use tollgate_core::record::AuditKind;
 
 pub(crate) fn event(i: u64) -> Event {
     Event {

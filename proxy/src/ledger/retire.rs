@@ -207,7 +207,7 @@ pub fn run(data_dir: &Path, linker: &Linker, policy: &Policy) -> anyhow::Result<
         };
         let mut newest = 0u64;
         let walk = chain::walk_from(&adir, &[n], linker, &[], start, |b, _| {
-            let ts = crate::audit::decode_ts(b)?;
+            let ts = crate::audit::event::decode_ts(b)?;
             newest = newest.max(tollgate_core::record::compact::parse_ts(&ts).unwrap_or(u64::MAX));
             Ok(())
         })?;
