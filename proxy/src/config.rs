@@ -170,11 +170,11 @@ pub struct Config {
     /// `false` only to measure what the ledger costs: nothing is recorded then.
     pub ledger_enabled: bool,
     /// Where the key of the ledger's keyed chain comes from (`hmac_key_file` / `hmac_key_env`).
-    pub ledger_hmac_key: Option<crate::ledger::chain::KeySource>,
+    pub ledger_hmac_key: Option<crate::store::chain::KeySource>,
     /// Corrupt ledger records accepted as lost (`00000003.seg:17`): the proxy starts without them.
     pub ledger_accept_corrupt: Vec<String>,
     /// How the ledger and the audit log write new records (`compact` unless `json`).
-    pub ledger_encoding: crate::ledger::chain::Encoding,
+    pub ledger_encoding: crate::store::chain::Encoding,
     /// How long sealed segments are kept (`ledger.retention`): 7 days when records are shipped
     /// (`chargeback.export`), else unbounded (`None`).
     pub ledger_retention: Option<Duration>,
@@ -782,9 +782,9 @@ struct LedgerSection {
     fsync_interval: Duration,
     segment_bytes: u64,
     enabled: bool,
-    hmac_key: Option<crate::ledger::chain::KeySource>,
+    hmac_key: Option<crate::store::chain::KeySource>,
     accept_corrupt: Vec<String>,
-    encoding: crate::ledger::chain::Encoding,
+    encoding: crate::store::chain::Encoding,
     retention: Retention,
     warn_free_bytes: u64,
     volume_bytes: Option<u64>,
@@ -798,14 +798,14 @@ enum Retention {
 }
 
 fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
-    use crate::ledger::chain::KeySource;
+    use crate::store::chain::KeySource;
     let mut out = LedgerSection {
         fsync_interval: Duration::from_millis(5),
         segment_bytes: 64 * 1024 * 1024,
         enabled: true,
         hmac_key: None,
         accept_corrupt: Vec::new(),
-        encoding: crate::ledger::chain::Encoding::Compact,
+        encoding: crate::store::chain::Encoding::Compact,
         retention: Retention::Default,
         warn_free_bytes: 256 * 1024 * 1024,
         volume_bytes: None,
@@ -842,8 +842,8 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
     if let Some(f) = o.get("encoding") {
         if let Some(name) = f.one_of(cx, &["compact", "json"]) {
             out.encoding = match name {
-                "json" => crate::ledger::chain::Encoding::Json,
-                _ => crate::ledger::chain::Encoding::Compact,
+                "json" => crate::store::chain::Encoding::Json,
+                _ => crate::store::chain::Encoding::Compact,
             };
         }
     }
@@ -1242,7 +1242,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             config.ledger_hmac_key,
-            Some(crate::ledger::chain::KeySource::Env("LEDGER_KEY".into()))
+            Some(crate::store::chain::KeySource::Env("LEDGER_KEY".into()))
         );
         assert_eq!(config.ledger_accept_corrupt, ["00000003.seg:17"]);
         let text = format!(
