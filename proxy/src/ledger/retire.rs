@@ -28,9 +28,6 @@ use super::codec::decode;
 use crate::store::chain::{self, Linker};
 use crate::store::retired::{read, write, Retired};
 
-/// The usage totals of retired records (also by this path, as the admin API names them).
-pub use crate::store::retired::Group;
-
 type Key = (
     String,
     u64,
