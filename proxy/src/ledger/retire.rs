@@ -26,7 +26,7 @@ use tollgate_core::usage::Usage;
 
 use super::codec::decode;
 use crate::store::chain::{self, Linker};
-use crate::store::retired::{read, write, Retired};
+use crate::store::retired::{read, write, Group, Retired};
 
 type Key = (
     String,
