@@ -8,11 +8,13 @@
 //! - [`procfs`]: CPU time and peak RSS of the proxy process.
 //! - [`disk`]: the proxy's data directory during a run (the storage soak).
 //! - [`target`]: starting the mock upstream, Tollgate and Envoy, pinned to CPUs.
+//! - [`floor`]: the bare hyper pass-through (`hyper-floor`), run by this binary itself.
 //! - [`compare`], [`report`]: interleaved rounds and the markdown table.
 //! - [`soak`]: one target for millions of requests, RSS and throughput over time.
 
 pub mod compare;
 pub mod disk;
+pub mod floor;
 pub mod load;
 pub mod procfs;
 pub mod report;

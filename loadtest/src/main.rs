@@ -41,7 +41,8 @@ enum Cmd {
         /// Warm-up per target before the first round.
         #[arg(long, default_value = "1s")]
         warmup: String,
-        /// Comma-separated targets: direct, tollgate, tollgate-https-proxy, envoy, envoy-tollgate.
+        /// Comma-separated targets: direct, hyper-floor, tollgate, tollgate-https-proxy, envoy,
+        /// envoy-tollgate (and the others in loadtest/README.md).
         #[arg(long, default_value = "direct,tollgate,tollgate-https-proxy,envoy,envoy-tollgate")]
         targets: String,
         #[command(flatten)]
@@ -85,6 +86,16 @@ enum Cmd {
         /// log wrote per request, and its size on disk over the run (the storage soak).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// The bare hyper pass-through that `compare` runs as its `hyper-floor` row: a hyper
+    /// server forwarding every request to `--upstream` through hyper-util's pooled client.
+    HyperFloor {
+        /// Address to listen on (port 0: any; the address is printed).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The upstream's address (the mock).
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
     },
 }
 
@@ -272,6 +283,11 @@ fn real_main() -> anyhow::Result<()> {
                 "{}",
                 soak::report(kind.label(), &shown_command(&command), &samples, warm, 20)
             );
+        }
+        Cmd::HyperFloor { listen, upstream } => {
+            // Like Tollgate: tokio's multi-thread runtime, one worker per CPU it may use.
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(tollgate_loadtest::floor::serve(listen, upstream))?;
         }
         Cmd::Run { load, url, data_dir } => {
             let (scenario, plan) = plan(&load)?;

@@ -26,6 +26,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Direct,
+    /// A bare hyper server + hyper-util client forwarding to the mock: the floor any hyper
+    /// proxy starts from (`tollgate-load hyper-floor`).
+    HyperFloor,
     TollgateReverse,
     /// `TollgateReverse` with budgets and rate limits in Redis (`store.redis`): what fleet mode
     /// costs.
@@ -42,8 +45,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Direct,
+        Kind::HyperFloor,
         Kind::TollgateReverse,
         Kind::TollgateFleet,
         Kind::TollgateBaseline,
@@ -57,6 +61,7 @@ impl Kind {
     pub fn label(self) -> &'static str {
         match self {
             Kind::Direct => "direct (no proxy)",
+            Kind::HyperFloor => "bare hyper pass-through (floor)",
             Kind::TollgateReverse => "Tollgate reverse, all on",
             Kind::TollgateFleet => "Tollgate reverse, all on, fleet mode (Redis)",
             Kind::TollgateNoLedger => "Tollgate reverse, ledger off",
@@ -72,6 +77,7 @@ impl Kind {
     pub fn key(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
+            Kind::HyperFloor => "hyper-floor",
             Kind::TollgateReverse => "tollgate",
             Kind::TollgateFleet => "tollgate-fleet",
             Kind::TollgateNoLedger => "tollgate-no-ledger",
@@ -251,6 +257,7 @@ pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result
             via: None,
             helpers: Vec::new(),
         }),
+        Kind::HyperFloor => start_floor(paths, mock, cpu),
         Kind::TollgateReverse => start_tollgate(paths, mock, cpu, Mode::Reverse),
         Kind::TollgateFleet => start_tollgate(paths, mock, cpu, Mode::Fleet),
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
@@ -318,6 +325,31 @@ pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     stream.read_exact(&mut head)?;
     let text = std::str::from_utf8(&head)?;
     Ok(text.get(9..12).context("short status line")?.parse()?)
+}
+
+/// `tollgate-load hyper-floor` (this binary, from `bin_dir`) in front of the mock.
+fn start_floor(paths: &Paths, mock: SocketAddr, cpu: usize) -> anyhow::Result<Running> {
+    let program = binary(paths, "tollgate-load")?;
+    let port = free_port()?;
+    let log = paths.work_dir.join("hyper-floor.log");
+    let args: Vec<String> = vec![
+        "hyper-floor".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--upstream".into(),
+        mock.to_string(),
+    ];
+    let mut process = Process::spawn("hyper-floor", cpu, &program, &args, &log, false)?;
+    // Ready once the mock's health check answers through it.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_ready(&mut process, &log, addr, "/__mock/health")?;
+    Ok(Running {
+        kind: Kind::HyperFloor,
+        base_url: format!("http://{addr}"),
+        process: Some(process),
+        via: None,
+        helpers: Vec::new(),
+    })
 }
 
 /// How a Tollgate target runs.
@@ -665,6 +697,8 @@ mod tests {
             work_dir: PathBuf::from("/nonexistent"),
         };
         let mock: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let floor = launch(Kind::HyperFloor, &paths, mock, 1).unwrap_err();
+        assert!(floor.contains("/nonexistent/tollgate-load not found"), "{floor}");
         let https = launch(Kind::TollgateHttpsProxy, &paths, mock, 1).unwrap_err();
         assert!(https.contains("tollgate not found"), "{https}");
         let filter = launch(Kind::EnvoyTollgate, &paths, mock, 1).unwrap_err();

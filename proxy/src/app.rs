@@ -97,7 +97,7 @@ pub async fn start_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     hooks: Hooks,
 ) -> anyhow::Result<Running> {
-    let client = upstream::client(&ClientSettings {
+    let (client, h1_pool) = upstream::clients(&ClientSettings {
         connect_timeout: config.upstream.connect_timeout,
         extra_ca_file: config.upstream.extra_ca_file.clone(),
         overrides: config
@@ -224,6 +224,7 @@ pub async fn start_with(
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Current::new(config)),
         client,
+        h1_pool,
         forward,
         metrics,
         ledger,

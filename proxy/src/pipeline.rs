@@ -437,9 +437,8 @@ async fn handle(
     // Finish reasons are read only for a span that records them.
     let finish_reasons = span.as_ref().is_some_and(CallSpan::recording);
     let sent = Instant::now();
-    let result =
-        tokio::time::timeout(config.upstream.response_timeout, shared.client.request(upstream_req))
-            .await;
+    let sending = crate::upstream::send(&shared.client, &shared.h1_pool, upstream_req);
+    let result = tokio::time::timeout(config.upstream.response_timeout, sending).await;
     let mut settler = Settler {
         shared: shared.clone(),
         current: current.clone(),

@@ -44,6 +44,8 @@ pub struct Shared {
     /// ([`Shared::current`]) and is decided, forwarded and priced under what it loaded.
     pub current: ArcSwap<Current>,
     pub client: UpstreamClient,
+    /// Plain-HTTP upstreams: connections driven by the request's own task.
+    pub h1_pool: std::sync::Arc<crate::upstream::h1::Pool>,
     /// HTTPS_PROXY mode, when `forward_proxy.enabled`.
     pub forward: Option<Arc<crate::forward::intercepted::Forward>>,
     pub metrics: Metrics,

@@ -5,10 +5,17 @@
 //! stream idle (in the pipeline and the metered body), because hyper's pool has no per-request
 //! deadlines of its own.
 //!
+//! Plain `http://` upstreams go through [`h1`] instead: HTTP/1.1 connections polled by the
+//! request's own task, so that events read together leave together.
+//!
 //! Upstream overrides (`forward_proxy.upstream_overrides`) make the connector dial a fixed
 //! address for a host instead of resolving it; TLS still sends that host's name (SNI) and
 //! verifies the certificate for it, so an override cannot weaken verification.
 
+pub mod h1;
+
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -50,6 +57,77 @@ impl Default for ClientSettings {
     }
 }
 
+/// The shared client and the pool for plain-HTTP upstreams, built from the same settings.
+pub fn clients(
+    settings: &ClientSettings,
+) -> anyhow::Result<(UpstreamClient, std::sync::Arc<h1::Pool>)> {
+    let client = client(settings)?;
+    let pool = h1::Pool::new(
+        connector(settings),
+        settings.pool_max_idle_per_host,
+        settings.pool_idle_timeout,
+    );
+    Ok((client, pool))
+}
+
+/// The TCP connector both use: connect timeout, `TCP_NODELAY`, the overrides.
+fn connector(settings: &ClientSettings) -> Connector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    let overrides = settings.overrides.iter().map(|(h, a, _)| (h.clone(), *a)).collect();
+    Connector { http, overrides: std::sync::Arc::new(overrides) }
+}
+
+/// Sends a proxied request: `http://` through `pool`, anything else through `client`.
+pub async fn send(
+    client: &UpstreamClient,
+    pool: &std::sync::Arc<h1::Pool>,
+    req: http::Request<Body>,
+) -> Result<http::Response<UpstreamBody>, BoxError> {
+    if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+        Ok(pool.request(req).await?.map(UpstreamBody::Own))
+    } else {
+        Ok(client.request(req).await?.map(UpstreamBody::Shared))
+    }
+}
+
+/// An upstream response body, from either path of [`send`].
+pub enum UpstreamBody {
+    Shared(hyper::body::Incoming),
+    Own(h1::OwnBody),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Shared(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Shared(b) => b.is_end_stream(),
+            UpstreamBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Shared(b) => b.size_hint(),
+            UpstreamBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Builds the client. Fails (at startup) if the extra CA file cannot be read or holds no
 /// certificate.
 pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
@@ -71,12 +149,7 @@ pub fn client(settings: &ClientSettings) -> anyhow::Result<UpstreamClient> {
     .with_root_certificates(roots)
     .with_no_client_auth();
 
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(settings.connect_timeout));
-    http.set_nodelay(true);
-    let overrides = settings.overrides.iter().map(|(h, a, _)| (h.clone(), *a)).collect();
-    let http = Connector { http, overrides: std::sync::Arc::new(overrides) };
+    let http = connector(settings);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

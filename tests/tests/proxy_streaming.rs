@@ -285,3 +285,221 @@ async fn upstream_reset_mid_stream_is_charged_as_estimated_upstream_error() {
     assert!(r["tokens"]["output"].as_u64().unwrap() >= 1, "{r}");
     assert!(r["cost_nano_usd"].as_i64().unwrap() > 0, "{r}");
 }
+
+/// An OpenAI chat stream of `words` content events (plus role, finish, usage and `[DONE]`),
+/// each event as one HTTP/1.1 chunk.
+fn chat_stream_chunks(words: usize) -> Vec<Vec<u8>> {
+    let chunk = |choices: Value, usage: Value| {
+        json!({"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1,
+               "model": "gpt-4o", "choices": choices, "usage": usage})
+    };
+    let mut events = vec![chunk(
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+        Value::Null,
+    )
+    .to_string()];
+    for i in 0..words {
+        events.push(
+            chunk(
+                json!([{"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": null}]),
+                Value::Null,
+            )
+            .to_string(),
+        );
+    }
+    events.push(
+        chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]), Value::Null).to_string(),
+    );
+    events.push(
+        chunk(
+            json!([]),
+            json!({"prompt_tokens": 7, "completion_tokens": words, "total_tokens": 7 + words}),
+        )
+        .to_string(),
+    );
+    events.push("[DONE]".to_string());
+    events
+        .into_iter()
+        .map(|e| {
+            let event = format!("data: {e}\n\n");
+            format!("{:x}\r\n{event}\r\n", event.len()).into_bytes()
+        })
+        .collect()
+}
+
+const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// Reads one HTTP/1.1 request (head and `content-length` body) from `stream`.
+async fn read_request(stream: &mut tokio::net::TcpStream) {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return;
+            }
+        }
+        let mut buf = [0u8; 8192];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .expect("request within 5 s")
+            .unwrap();
+        assert!(n > 0, "the proxy closed before sending its whole request");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Reads from `stream` until `done` says the bytes so far are enough (at most 5 s).
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    got: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(got) {
+        let mut buf = [0u8; 65536];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("not there within 5 s; so far: {}", String::from_utf8_lossy(got))
+            })
+            .unwrap();
+        assert!(n > 0, "connection closed early: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The chunks of a complete chunked HTTP/1.1 response: each chunk's data, in order.
+fn response_chunks(response: &[u8]) -> Vec<Vec<u8>> {
+    let start = response.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    let head = String::from_utf8_lossy(&response[..start]).to_ascii_lowercase();
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut rest = &response[start..];
+    let mut chunks = Vec::new();
+    loop {
+        let line = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap(), 16).unwrap();
+        rest = &rest[line + 2..];
+        if size == 0 {
+            return chunks;
+        }
+        chunks.push(rest[..size].to_vec());
+        rest = &rest[size + 2..];
+    }
+}
+
+/// How many whole SSE events (each ends with a blank line) the raw bytes hold.
+fn complete_events(got: &[u8]) -> usize {
+    got.windows(2).filter(|w| w == b"\n\n").count()
+}
+
+fn ends_chunked(got: &[u8]) -> bool {
+    got.ends_with(b"\r\n0\r\n\r\n")
+}
+
+/// The upstream writes all 24 events of a stream at once (an answer it had ready): the proxy
+/// reads them together and writes them on together, as one chunk, instead of one write per
+/// event. Fails when each event leaves on its own (hyper's pooled client hands the response
+/// one chunk per wake-up, so the proxy never sees two ready at once).
+#[tokio::test]
+async fn events_the_upstream_wrote_together_reach_the_client_in_one_write() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    let events = chat_stream_chunks(20);
+    let all: Vec<u8> = events.concat();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = upstream.accept().await.unwrap();
+        read_request(&mut stream).await;
+        let mut burst = SSE_HEAD.to_vec();
+        burst.extend_from_slice(&all);
+        burst.extend_from_slice(b"0\r\n\r\n");
+        stream.write_all(&burst).await.unwrap();
+        // Keep the connection open until the test is done with it.
+        let _ = stream.read(&mut [0u8; 1]).await;
+    });
+    let h = Harness::builder().upstream(&url).start().await;
+    let mut client = raw_request(
+        &h,
+        "/v1/chat/completions",
+        &tags("burst"),
+        &stream_chat(Some(true)).to_string(),
+    )
+    .await;
+    let mut got = Vec::new();
+    read_until(&mut client, &mut got, ends_chunked).await;
+    let chunks = response_chunks(&got);
+    let body: Vec<u8> = chunks.concat();
+    let expected: Vec<String> = sse_data(
+        &events
+            .iter()
+            .flat_map(|c| {
+                let start = c.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+                c[start..c.len() - 2].to_vec()
+            })
+            .collect::<Vec<u8>>(),
+    );
+    assert_eq!(sse_data(&body), expected, "every event arrives, in order");
+    assert!(
+        chunks.len() <= 2,
+        "{} events written together reached the client in {} chunks (writes)",
+        expected.len(),
+        chunks.len()
+    );
+    // The meter still read every event: the usage chunk's numbers are charged.
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger[0]["usage_source"], "reported", "{}", ledger[0]);
+    assert_eq!(ledger[0]["tokens"]["output"], 20, "{}", ledger[0]);
+    assert_eq!(ledger[0]["end"], "complete", "{}", ledger[0]);
+    drop(client);
+    server.abort();
+}
+
+/// An event the upstream wrote alone reaches the client while the upstream still holds the
+/// next one back: the upstream sends event N+1 only once the client has received event N, so
+/// a proxy that waited for more before writing would stall here.
+#[tokio::test]
+async fn a_paced_event_is_never_held_back_for_the_next() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    let events = chat_stream_chunks(3);
+    let count = events.len();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<usize>(count);
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = upstream.accept().await.unwrap();
+        read_request(&mut stream).await;
+        stream.write_all(SSE_HEAD).await.unwrap();
+        for (i, event) in events.iter().enumerate() {
+            stream.write_all(event).await.unwrap();
+            // Wait (bounded) until the client has this event before sending the next.
+            let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await;
+            assert_eq!(seen.ok().flatten(), Some(i), "event {i} did not reach the client");
+        }
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+    });
+    let h = Harness::builder().upstream(&url).start().await;
+    let mut client = raw_request(
+        &h,
+        "/v1/chat/completions",
+        &tags("paced"),
+        &stream_chat(Some(true)).to_string(),
+    )
+    .await;
+    let mut got = Vec::new();
+    for i in 0..count {
+        read_until(&mut client, &mut got, |g| complete_events(g) > i).await;
+        seen_tx.send(i).await.unwrap();
+    }
+    read_until(&mut client, &mut got, ends_chunked).await;
+    assert_eq!(sse_data(&response_chunks(&got).concat()).len(), count);
+    server.await.expect("the upstream saw every event delivered");
+    let ledger = h.ledger_until(1).await;
+    assert_eq!(ledger[0]["end"], "complete", "{}", ledger[0]);
+}
