@@ -83,8 +83,18 @@ impl Redis {
     async fn budget_hash(&self, needle: &str) -> Vec<(String, String)> {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await.unwrap();
+        // A Redis just restarted answers `LOADING` until its append-only file is read.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let keys: Vec<String> = loop {
+            match redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await {
+                Ok(keys) => break keys,
+                Err(e) if e.kind() == redis::ErrorKind::BusyLoadingError => {
+                    assert!(Instant::now() < deadline, "Redis still loading");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("KEYS: {e}"),
+            }
+        };
         assert_eq!(keys.len(), 1, "one budget counter for {needle}: {keys:?}");
         redis::cmd("HGETALL").arg(&keys[0]).query_async(&mut conn).await.unwrap()
     }
