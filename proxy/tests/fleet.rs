@@ -88,7 +88,10 @@ impl Redis {
         let keys: Vec<String> = loop {
             match redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await {
                 Ok(keys) => break keys,
-                Err(e) if e.kind() == redis::ErrorKind::BusyLoadingError => {
+                Err(e)
+                    if e.to_string().contains("LOADING")
+                        || e.to_string().contains("busy loading") =>
+                {
                     assert!(Instant::now() < deadline, "Redis still loading");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
