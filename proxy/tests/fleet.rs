@@ -89,8 +89,8 @@ impl Redis {
             match redis::cmd("KEYS").arg(format!("*{needle}*")).query_async(&mut conn).await {
                 Ok(keys) => break keys,
                 Err(e)
-                    if e.to_string().contains("LOADING")
-                        || e.to_string().contains("busy loading") =>
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading) =>
                 {
                     assert!(Instant::now() < deadline, "Redis still loading");
                     tokio::time::sleep(Duration::from_millis(50)).await;
