@@ -435,6 +435,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "policy": table.policy,
         "pricing": table.pricing,
         "guardrails": table.guardrails,
+        "autonomy": table.autonomy,
     })
     .to_string();
     // A relay in front of the mock records every byte that reaches the upstream, a head
