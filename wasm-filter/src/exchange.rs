@@ -3,8 +3,9 @@
 //!
 //! *request headers*: attribution (a bad header is refused before anything is sent upstream) →
 //! *request body* (or the headers, for a bodyless request): classify, then the core's admission
-//! phase (`tollgate_core::lifecycle::decide`: decide, cost cap, rate limits, budget reservation,
-//! in the sidecar's order), and for an OpenAI stream without `stream_options.include_usage`
+//! phase (`tollgate_core::lifecycle::decide`: decide, guardrails, cost cap, rate limits, the
+//! oversight guards the configuration turned on, budget reservation, in the sidecar's order), and
+//! for an OpenAI stream without `stream_options.include_usage`
 //! the body asking for it ([`Exchange::usage_rewrite`]) → *response headers*: decision headers,
 //! status → *response body*: every chunk fed to the core's meter as it passes, never held (only
 //! the usage chunk the filter asked for is cut out again, which may hold back one incomplete SSE
