@@ -672,7 +672,8 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
     let mock = rt.block_on(MockUpstream::start());
     let bad = |fail: &str| {
         format!(
-            r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}}}}"#
+            r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}},
+                "oversight": {{"loops": {{}}, "breaker": {{"failure_threshold": 3}}}}}}"#
         )
     };
     let closed = Envoy::start(&bad("closed"), mock.addr().port(), support::free_port());
@@ -683,6 +684,8 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
             log.contains("invalid plugin configuration") && log.contains("policy.defaults.llm"),
             "the error and its path are logged:\n{log}"
         );
+        // An oversight guard the filter cannot run is refused naming it, never ignored.
+        assert!(log.contains("cannot honour `oversight.breaker`"), "{log}");
         assert!(envoy.metric("tollgate_config_errors_total") >= 1);
     }
     let r = closed.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
