@@ -255,9 +255,9 @@ pub fn digest_hex(digest: u64) -> String {
 }
 
 /// The collector's approval service for adapters that cannot hold approvals themselves (the
-/// Envoy filter): `POST /v1/fleet/approvals` raises one ([`Raise`]) and
-/// `POST /v1/fleet/approvals/redeem` uses a granted one ([`Redeem`]); both are answered with
-/// [`RemoteAnswer`].
+/// Envoy filter): `POST /v1/fleet/approvals` raises one ([`remote::Raise`]) and
+/// `POST /v1/fleet/approvals/redeem` uses a granted one ([`remote::Redeem`]); both are answered
+/// with [`remote::RemoteAnswer`].
 pub mod remote {
     use serde::{Deserialize, Serialize};
 

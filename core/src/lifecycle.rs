@@ -34,15 +34,20 @@
 //! The live state those steps read and change (rate-limit counters, the ledger's health,
 //! escalation standings, the loop detector, autonomy budgets, outcome history, breakers,
 //! budgets, the guardrails' hourly action counts) is behind the [`Stores`] port: in-process
-//! maps in the proxy, Envoy shared data in the filter, and for `explain` a store that answers
-//! what it can from the configuration and says which live state it had to assume.
+//! maps in the proxy, Envoy shared data in the filter, leases of the fleet's counters in fleet
+//! mode (Redis for the sidecar, through the collector for the filter: [`leased_rate`] and
+//! [`crate::budget::lease`]), and for `explain` a store that answers what it can from the
+//! configuration and says which live state it had to assume.
 //!
 //! What waits on I/O stays with the adapter: when a human has to approve, `decide` answers
 //! [`Admission::NeedsApproval`]; the adapter redeems a granted approval (and then calls
 //! [`Pending::granted`], which runs the breaker and the budgets) or records a new one and
 //! refuses. Likewise a budget store that serves a budget from a local share (a fleet lease)
 //! and must first fetch more from its backend answers [`Admission::Short`]; the adapter
-//! fetches, then calls [`Short::resume`]. The core reads no clock: `now` is a parameter.
+//! fetches, then calls [`Short::resume`]. An adapter that waits across host callbacks (the Envoy
+//! filter asking the collector) parks the continuation first ([`Short::park`],
+//! [`Pending::park`]): the parked form owns its state and evaluates the policy's decision again
+//! when it goes on. The core reads no clock: `now` is a parameter.
 //!
 //! The allow path of a request without oversight guards allocates nothing here.
 

@@ -206,9 +206,9 @@ pub const CONFIG_RELOAD_FAILURES: Metric = counter(
 pub const STORE_ERRORS: Metric = counter(
     "tollgate_store_errors_total",
     &[],
-    "Fleet store (Redis) calls that failed or timed out (budgeted requests that needed one were \
-     refused 503)",
-    Emitter::Sidecar,
+    "Fleet store calls that failed or timed out (Redis; in the Envoy filter, lease exchanges with \
+     the collector); budgeted requests that needed one were refused 503",
+    Emitter::Both,
 );
 pub const STORE_DOWN: Metric = gauge(
     "tollgate_store_down",

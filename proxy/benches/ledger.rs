@@ -65,12 +65,12 @@ fn main() {
         fault: None,
         // TOLLGATE_BENCH_HMAC=1: links records by HMAC-SHA256 instead of SHA-256.
         hmac_key: std::env::var_os("TOLLGATE_BENCH_HMAC").map(|_| {
-            tollgate::ledger::chain::KeySource::Env("TOLLGATE_BENCH_HMAC_KEY".into())
+            tollgate::store::chain::KeySource::Env("TOLLGATE_BENCH_HMAC_KEY".into())
                 .load()
                 .unwrap_or_else(|_| panic!("set TOLLGATE_BENCH_HMAC_KEY (16+ bytes)"))
         }),
         accept_corrupt: Vec::new(),
-        encoding: tollgate::ledger::chain::Encoding::Compact,
+        encoding: tollgate::store::chain::Encoding::Compact,
         retention: None,
         acknowledge: false,
         volume_bytes: None,

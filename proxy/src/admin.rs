@@ -441,7 +441,7 @@ fn check_period(period: &str) -> Result<(), Response<Body>> {
 /// (read off the async threads).
 async fn read_ledger(
     shared: &Shared,
-) -> Result<(Vec<crate::ledger::Stored>, Vec<crate::ledger::retire::Group>), Failure> {
+) -> Result<(Vec<crate::ledger::Stored>, Vec<crate::store::retired::Group>), Failure> {
     shared.ledger.flush().await;
     let dir = shared.current().config.data_dir.clone();
     let read = move || -> anyhow::Result<_> {

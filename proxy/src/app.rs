@@ -174,6 +174,7 @@ pub async fn start_with(
             tracing::info!(
                 redis = %crate::fleet::redact(&store.redis.nodes[0]),
                 cluster = store.redis.cluster,
+                sentinel = store.redis.sentinel.as_deref().unwrap_or("-"),
                 id = fleet.id(),
                 "budgets shared by the fleet through Redis (fleet mode)"
             );

@@ -2,7 +2,7 @@
 //! record is detected by `tollgate audit verify`.
 //!
 //! The log is segmented like the ledger and framed and chained by the same code
-//! ([`crate::ledger::chain`]): `<data_dir>/audit/00000001.seg`, `00000002.seg`, … (a new segment
+//! ([`crate::store::chain`]): `<data_dir>/audit/00000001.seg`, `00000002.seg`, … (a new segment
 //! once one holds `ledger.segment_bytes`), each record carrying the link of the one before it,
 //! the first record of a segment linking to the last record of the segment before, so one chain
 //! runs across all segments. Keyed like the ledger (HMAC-SHA256) when the ledger has a key.
@@ -12,103 +12,27 @@
 //!
 //! Only an unterminated last record of the last segment is a torn write (cut off when the log is
 //! opened for writing); anything else that does not verify is refused, because appending to a
-//! tampered chain would hide the tampering. Records hold ids, attribution and decision codes,
-//! never header values or secrets.
+//! tampered chain would hide the tampering. Records ([`Event`], encoded as [`event`] says) hold
+//! ids, attribution and decision codes, never header values or secrets.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use tollgate_core::policy::Effect;
-use tollgate_core::record::AuditKind;
 
-use crate::ledger::chain::{self, Body, Encoding, Linker, Walk};
-use tollgate_core::record::compact::{self, Encoder};
+use crate::store::chain::{self, Encoding, Linker, Walk};
+use crate::store::{self, retired::Retired};
+use event::{decode, encode};
+use tollgate_core::record::compact::Encoder;
 
+pub use event::Event;
 pub use legacy::{Tampering, Verdict};
 
+pub mod event;
 pub mod legacy;
 
 /// The head hash of an empty log.
 pub const GENESIS: &str = legacy::GENESIS;
-
-/// What happened, as recorded. Everything but `seq`, `prev` and `hash` is filled by the caller.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Event {
-    pub ts: String,
-    /// `decision`, `approval_granted`, `approval_denied`, `approval_expired_approved`,
-    /// `approval_expired_denied`, `approval_expired`, `approval_used`, `proposal`,
-    /// `agent_disabled`, `agent_reenabled`.
-    pub kind: AuditKind,
-    pub request_id: String,
-    pub agent: String,
-    pub cost_center: String,
-    pub project: String,
-    pub route: String,
-    /// `allow`, `deny` or `require_approval`.
-    pub effect: Effect,
-    pub reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clause: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool: Option<String>,
-    /// The approval a record is about (oversight events and approval-required decisions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approval_id: Option<String>,
-    /// The risk score, when one was computed (`78.5`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub risk: Option<String>,
-    /// Who acted: an operator's name, `timeout`, or `proxy`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
-    /// A guardrail refusal: the JSON path of the argument at fault (`$.cmd`, `$query.q`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub argument: Option<String>,
-    /// A guardrail refusal: the forbidden pattern that matched.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pattern: Option<String>,
-    /// A guardrail refusal: a short excerpt of the offending value (never the whole value).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub excerpt: Option<String>,
-    /// An operator's note on an approval they granted or denied (the reason given in the
-    /// console, or the API's `note`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-/// A decision by default (denied): callers set the kind and effect they record.
-impl Default for Event {
-    fn default() -> Self {
-        Event {
-            ts: String::new(),
-            kind: AuditKind::Decision,
-            request_id: String::new(),
-            agent: String::new(),
-            cost_center: String::new(),
-            project: String::new(),
-            route: String::new(),
-            effect: Effect::Deny,
-            reason: String::new(),
-            clause: None,
-            policy_version: None,
-            model: None,
-            tool: None,
-            approval_id: None,
-            risk: None,
-            actor: None,
-            argument: None,
-            pattern: None,
-            excerpt: None,
-            note: None,
-        }
-    }
-}
 
 /// `<data_dir>/audit`: the segments.
 pub fn dir(data_dir: &Path) -> PathBuf {
@@ -118,106 +42,6 @@ pub fn dir(data_dir: &Path) -> PathBuf {
 /// `<data_dir>/audit.jsonl`: the log as written before segmentation.
 pub fn legacy_path(data_dir: &Path) -> PathBuf {
     data_dir.join("audit.jsonl")
-}
-
-/// The tag of a compact audit record (version 1 of its fields).
-const TAG_EVENT: u8 = 1;
-
-/// A record as the event, from either encoding.
-fn decode(body: Body<'_>) -> Result<Event, String> {
-    match body {
-        Body::Json(json) => serde_json::from_slice(json).map_err(|e| e.to_string()),
-        Body::Compact(fields, ctx) => {
-            decode_compact(compact::Reader::new(ctx, fields)).map_err(|e| e.to_string())
-        }
-    }
-    .map_err(|e| format!("the audit record does not decode: {e}"))
-}
-
-/// The `ts` of a record (for retention).
-pub(crate) fn decode_ts(body: Body<'_>) -> Result<String, String> {
-    decode(body).map(|e| e.ts)
-}
-
-/// The compact fields of an event: flags for the optional fields, the time relative to the record
-/// before, interned strings and ids.
-fn encode(enc: &mut Encoder, e: &Event, out: &mut Vec<u8>) -> bool {
-    let mut f = enc.record();
-    f.byte(TAG_EVENT);
-    // Bits 7.. were added later (guardrail refusals, then the operator's note): a record without
-    // them decodes as before.
-    let options = [
-        &e.clause,
-        &e.policy_version,
-        &e.model,
-        &e.tool,
-        &e.approval_id,
-        &e.risk,
-        &e.actor,
-        &e.argument,
-        &e.pattern,
-        &e.excerpt,
-        &e.note,
-    ];
-    let flags = options.iter().enumerate().fold(0u64, |f, (i, o)| f | u64::from(o.is_some()) << i);
-    f.varint(flags);
-    f.ts_chained(&e.ts);
-    f.byte(compact::code(&AuditKind::ALL, e.kind));
-    f.id(&e.request_id);
-    f.str(&e.agent);
-    f.str(&e.cost_center);
-    f.str(&e.project);
-    f.str(&e.route);
-    f.byte(compact::code(&Effect::ALL, e.effect));
-    f.str(&e.reason);
-    for (i, o) in options.iter().enumerate() {
-        match (i, o) {
-            (_, None) => {}
-            (4, Some(id)) => f.id(id),
-            (_, Some(s)) => f.str(s),
-        }
-    }
-    f.finish(out);
-    true
-}
-
-fn decode_compact(mut r: compact::Reader<'_>) -> Result<Event, compact::Error> {
-    if r.byte()? != TAG_EVENT {
-        return Err(compact::Error::Malformed("audit record (an unknown version)"));
-    }
-    let flags = r.varint()?;
-    let mut e = Event {
-        ts: r.ts_chained()?,
-        kind: r.code(&AuditKind::ALL, "an audit kind")?,
-        request_id: r.id()?,
-        agent: r.str()?,
-        cost_center: r.str()?,
-        project: r.str()?,
-        route: r.str()?,
-        effect: r.code(&Effect::ALL, "an effect")?,
-        reason: r.str()?,
-        ..Event::default()
-    };
-    let mut next = |i: u32| -> Result<Option<String>, compact::Error> {
-        match flags >> i & 1 {
-            0 => Ok(None),
-            _ if i == 4 => r.id().map(Some),
-            _ => r.str().map(Some),
-        }
-    };
-    e.clause = next(0)?;
-    e.policy_version = next(1)?;
-    e.model = next(2)?;
-    e.tool = next(3)?;
-    e.approval_id = next(4)?;
-    e.risk = next(5)?;
-    e.actor = next(6)?;
-    e.argument = next(7)?;
-    e.pattern = next(8)?;
-    e.excerpt = next(9)?;
-    e.note = next(10)?;
-    r.end()?;
-    Ok(e)
 }
 
 /// Appends chained records to the segments. Not shared: the ledger's writer thread owns it.
@@ -247,12 +71,12 @@ pub struct Opened {
 }
 
 /// Where the segments that are kept start: after the legacy log's records and the retired
-/// segments' (see [`crate::ledger::retire`]).
+/// segments' (see [`crate::store::retired`]).
 struct Start {
     /// Records before the kept segments.
     records: u64,
     legacy_records: u64,
-    retired: Option<crate::ledger::retire::Retired>,
+    retired: Option<Retired>,
     /// The link the first kept record carries.
     hash: [u8; 32],
     /// The link after the legacy log.
@@ -263,7 +87,7 @@ impl Start {
     /// The kept segments of `dir` (after the retired ones).
     fn kept(&self, dir: &Path) -> std::io::Result<Vec<u64>> {
         let through = self.retired.as_ref().map_or(0, |r| r.through_segment);
-        match crate::ledger::segments(dir) {
+        match store::segments(dir) {
             Ok(n) => Ok(n.into_iter().filter(|&n| n > through).collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -290,7 +114,7 @@ fn start(data_dir: &Path) -> std::io::Result<(Option<Verdict>, Start)> {
         ) => (*records, chain::unhex(last_hash.as_bytes()).unwrap_or_default()),
         _ => (0, chain::GENESIS),
     };
-    let retired = crate::ledger::retire::read(data_dir, None)
+    let retired = store::retired::read(data_dir, None)
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?
         .map(|c| c.audit)
         .filter(|r| r.records > 0);
@@ -333,7 +157,7 @@ impl Chain {
             _ => {}
         }
         if let Some(r) = &start.retired {
-            crate::ledger::retire::remove_covered(&dir, r.through_segment)?;
+            store::remove_covered(&dir, r.through_segment)?;
         }
         let numbers = start.kept(&dir)?;
         let walk =
@@ -355,7 +179,7 @@ impl Chain {
             file.sync_all()?;
         }
         let (segment, file, good_len, encoder) =
-            crate::ledger::continue_segment(&dir, last, encoding, walk.context)?;
+            store::continue_segment(&dir, last, encoding, walk.context)?;
         let records = start.records + walk.records;
         let last_hash = if walk.records > 0 { walk.last_hash } else { start.hash };
         let chain = Chain {

@@ -170,11 +170,11 @@ pub struct Config {
     /// `false` only to measure what the ledger costs: nothing is recorded then.
     pub ledger_enabled: bool,
     /// Where the key of the ledger's keyed chain comes from (`hmac_key_file` / `hmac_key_env`).
-    pub ledger_hmac_key: Option<crate::ledger::chain::KeySource>,
+    pub ledger_hmac_key: Option<crate::store::chain::KeySource>,
     /// Corrupt ledger records accepted as lost (`00000003.seg:17`): the proxy starts without them.
     pub ledger_accept_corrupt: Vec<String>,
     /// How the ledger and the audit log write new records (`compact` unless `json`).
-    pub ledger_encoding: crate::ledger::chain::Encoding,
+    pub ledger_encoding: crate::store::chain::Encoding,
     /// How long sealed segments are kept (`ledger.retention`): 7 days when records are shipped
     /// (`chargeback.export`), else unbounded (`None`).
     pub ledger_retention: Option<Duration>,
@@ -782,9 +782,9 @@ struct LedgerSection {
     fsync_interval: Duration,
     segment_bytes: u64,
     enabled: bool,
-    hmac_key: Option<crate::ledger::chain::KeySource>,
+    hmac_key: Option<crate::store::chain::KeySource>,
     accept_corrupt: Vec<String>,
-    encoding: crate::ledger::chain::Encoding,
+    encoding: crate::store::chain::Encoding,
     retention: Retention,
     warn_free_bytes: u64,
     volume_bytes: Option<u64>,
@@ -798,14 +798,14 @@ enum Retention {
 }
 
 fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
-    use crate::ledger::chain::KeySource;
+    use crate::store::chain::KeySource;
     let mut out = LedgerSection {
         fsync_interval: Duration::from_millis(5),
         segment_bytes: 64 * 1024 * 1024,
         enabled: true,
         hmac_key: None,
         accept_corrupt: Vec::new(),
-        encoding: crate::ledger::chain::Encoding::Compact,
+        encoding: crate::store::chain::Encoding::Compact,
         retention: Retention::Default,
         warn_free_bytes: 256 * 1024 * 1024,
         volume_bytes: None,
@@ -842,8 +842,8 @@ fn ledger(cx: &mut Cx, field: Option<Field<'_>>) -> LedgerSection {
     if let Some(f) = o.get("encoding") {
         if let Some(name) = f.one_of(cx, &["compact", "json"]) {
             out.encoding = match name {
-                "json" => crate::ledger::chain::Encoding::Json,
-                _ => crate::ledger::chain::Encoding::Compact,
+                "json" => crate::store::chain::Encoding::Json,
+                _ => crate::store::chain::Encoding::Compact,
             };
         }
     }
@@ -1139,6 +1139,45 @@ mod tests {
             allowed.store.unwrap().redis.on_error,
             crate::fleet::OnStoreError::LocalAllowance(2_500_000_000)
         );
+        // Sentinel: the master's name and the sentinels; one of url, cluster, sentinel.
+        let r = store(
+            "store: {redis: {sentinel: {master: m1, nodes: [\"redis://10.0.0.5:26379\", \
+             \"redis://10.0.0.6:26379\"]}}}\n",
+        )
+        .expect("valid")
+        .store
+        .expect("a store")
+        .redis;
+        assert_eq!((r.sentinel.as_deref(), r.nodes.len(), r.cluster), (Some("m1"), 2, false));
+        assert_eq!(r.wait_replicas, 1, "each write held by a replica by default");
+        let r = store(
+            "store: {redis: {sentinel: {master: m1, nodes: [\"redis://s:26379\"], \
+             wait_for_replicas: 0}}}\n",
+        )
+        .expect("valid");
+        assert_eq!(r.store.unwrap().redis.wait_replicas, 0);
+        let (path, message) = error(
+            "store: {redis: {url: \"redis://x\", sentinel: {master: m, nodes: [\"redis://s\"]}}}\n",
+        );
+        assert_eq!(path, "store.redis.sentinel");
+        assert!(message.contains("`sentinel` cannot be given with `url`"), "{message}");
+        assert_eq!(
+            error("store: {redis: {sentinel: {nodes: [\"redis://s\"]}}}\n").0,
+            "store.redis.sentinel"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: [\"http://s\"]}}}\n").0,
+            "store.redis.sentinel.nodes[0]"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: []}}}\n").0,
+            "store.redis.sentinel.nodes"
+        );
+        assert_eq!(
+            error("store: {redis: {sentinel: {master: m, nodes: [\"redis://s\"], wait_for_replicas: 99}}}\n").0,
+            "store.redis.sentinel.wait_for_replicas"
+        );
+        assert_eq!(error("store: {redis: {key_prefix: x}}\n").0, "store.redis");
         let big = "version: 1\nroutes: []\nstore: {redis: {url: \"redis://x\"}}\npolicy:\n  \
                    version: v1\n  budgets: [{id: huge, scope: global, period: monthly, \
                    amount: \"10000000\"}]\n";
@@ -1203,7 +1242,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             config.ledger_hmac_key,
-            Some(crate::ledger::chain::KeySource::Env("LEDGER_KEY".into()))
+            Some(crate::store::chain::KeySource::Env("LEDGER_KEY".into()))
         );
         assert_eq!(config.ledger_accept_corrupt, ["00000003.seg:17"]);
         let text = format!(

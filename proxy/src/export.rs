@@ -15,9 +15,9 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::config::Export;
-use crate::ledger::chain::{self, Context, Encoding};
 use crate::ledger::cursor::save_cursor;
 pub use crate::ledger::cursor::{load_cursor, Cursor};
+use crate::store::chain::{self, Context, Encoding};
 use crate::upstream::UpstreamClient;
 
 /// What a reader of the export knows of the segment it is in: the strings its compact records
@@ -37,7 +37,7 @@ pub fn read_batch(
     reader: &mut Reader,
 ) -> std::io::Result<(Vec<u8>, usize, Cursor)> {
     let dir = data_dir.join("ledger");
-    let segments = crate::ledger::segments(&dir)?;
+    let segments = crate::store::segments(&dir)?;
     let mut cursor = cursor;
     if cursor.segment == 0 {
         cursor = Cursor { segment: segments.first().copied().unwrap_or(1), offset: 0 };
@@ -88,9 +88,9 @@ pub fn read_batch(
                 (Ok(line), Encoding::Compact) => {
                     let record =
                         ctx.define(line.record).map_err(|e| e.to_string()).and_then(|fields| {
-                            crate::ledger::decode(chain::Body::Compact(fields, &mut ctx))
+                            crate::ledger::codec::decode(chain::Body::Compact(fields, &mut ctx))
                         });
-                    match record.and_then(|r| crate::ledger::to_json(&r)) {
+                    match record.and_then(|r| crate::ledger::codec::to_json(&r)) {
                         Ok(json) if shipped => {
                             let _ = serde_json::to_writer(&mut out, &json);
                             out.push(b'\n');

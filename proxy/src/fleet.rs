@@ -23,6 +23,10 @@
 //!
 //! Holds (one per request) and settle markers stay in the proxy's memory: a request settles
 //! where it was reserved.
+//!
+//! The same leases count the autonomy budgets and the guardrails' hourly action limits, and a
+//! stream merged in the background the loop detector's calls ([`counts`]). Redis is one server
+//! (`url`), a Redis Cluster (`cluster`) or a master behind Redis Sentinel ([`sentinel`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,8 +42,10 @@ use tollgate_core::time::UnixMillis;
 use crate::clock::now;
 
 pub mod approvals;
+pub mod counts;
 pub mod leases;
 pub mod oversight;
+pub mod sentinel;
 
 /// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,
 /// exact up to 2^53 ($9,007,199.25).
@@ -70,6 +76,12 @@ pub struct RedisConfig {
     pub nodes: Vec<String>,
     /// Whether `nodes` are a Redis Cluster's.
     pub cluster: bool,
+    /// Redis Sentinel (`sentinel.master`): `nodes` are the sentinels, asked for the address of
+    /// the master of this name (again after every failed call, so a failover is followed).
+    pub sentinel: Option<String>,
+    /// Behind Sentinel: how many replicas must hold each write before it counts (`WAIT`), so
+    /// that a failover to one of them loses nothing acknowledged; 0 does not wait.
+    pub wait_replicas: u32,
     /// Prepended to every key (no braces: keys carry their own hash tags).
     pub key_prefix: String,
     /// Longest wait for one Redis call.
@@ -89,6 +101,8 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("nodes", &self.nodes.iter().map(|u| redact(u)).collect::<Vec<_>>())
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel)
+            .field("wait_replicas", &self.wait_replicas)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("lease_ttl", &self.lease_ttl)
@@ -113,116 +127,185 @@ impl StoreConfig {
     pub fn decode(cx: &mut Cx, field: Option<Field<'_>>) -> Option<StoreConfig> {
         let field = field?;
         let mut obj = cx.object(&field)?;
-        let redis = obj.require(cx, "redis").and_then(|f| {
-            let mut r = cx.object(&f)?;
-            let redis_url = |cx: &mut Cx, f: &Field<'_>| {
-                let url = f.non_empty_str(cx)?;
-                if url.starts_with("rediss://") {
-                    f.error(
-                        cx,
-                        "TLS to Redis (rediss://) is not built in: reach Redis over a private \
+        let redis =
+            obj.require(cx, "redis").and_then(|f| {
+                let mut r = cx.object(&f)?;
+                let redis_url = |cx: &mut Cx, f: &Field<'_>| {
+                    let url = f.non_empty_str(cx)?;
+                    if url.starts_with("rediss://") {
+                        f.error(
+                            cx,
+                            "TLS to Redis (rediss://) is not built in: reach Redis over a private \
                          network or through a TLS-terminating sidecar, with a redis:// URL",
-                    );
-                    return None;
-                }
-                if !url.starts_with("redis://") {
-                    f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
-                    return None;
-                }
-                Some(url.to_string())
-            };
-            let (nodes, cluster) = match (r.get("url"), r.get("cluster")) {
-                (Some(f), None) => (redis_url(cx, &f).map(|u| vec![u]), false),
-                (None, Some(f)) => {
-                    let nodes: Vec<Option<String>> =
-                        f.items(cx).iter().map(|n| redis_url(cx, n)).collect();
-                    if nodes.is_empty() {
-                        f.error(cx, "name at least one node of the cluster");
+                        );
+                        return None;
                     }
-                    (nodes.into_iter().collect::<Option<Vec<_>>>(), true)
-                }
-                (Some(f), Some(_)) => {
-                    f.error(cx, "give `url` (one server) or `cluster` (its nodes), not both");
-                    (None, false)
-                }
-                (None, None) => {
-                    f.error(cx, "`url` (one server) or `cluster` (the nodes of a Redis Cluster) is required");
-                    (None, false)
-                }
-            };
-            let nodes = nodes.filter(|n| !n.is_empty());
-            let key_prefix = match r.get("key_prefix") {
-                Some(f) => f.str(cx).and_then(|p| {
-                    if p.contains(['{', '}']) {
-                        f.error(cx, "the key prefix may not contain `{` or `}` (hash tags)");
-                        None
-                    } else {
-                        Some(p.to_string())
+                    if !url.starts_with("redis://") {
+                        f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
+                        return None;
                     }
-                }),
-                None => Some("tollgate:".to_string()),
-            };
-            let ms = |r: &mut tollgate_core::doc::Obj<'_>,
-                      cx: &mut Cx,
-                      name: &str,
-                      default: u64| {
-                match r.get(name) {
-                    Some(f) => match f.duration_ms(cx) {
-                        Some(0) => {
-                            f.error(cx, "must be more than 0");
-                            default
+                    Some(url.to_string())
+                };
+                let given: Vec<(&str, Field<'_>)> = ["url", "cluster", "sentinel"]
+                    .into_iter()
+                    .filter_map(|name| r.get(name).map(|f| (name, f)))
+                    .collect();
+                let mut wait_replicas = Some(0);
+                let (nodes, cluster, sentinel) = match given.as_slice() {
+                    [("url", f)] => (redis_url(cx, f).map(|u| vec![u]), false, None),
+                    [("cluster", f)] => {
+                        let nodes: Vec<Option<String>> =
+                            f.items(cx).iter().map(|n| redis_url(cx, n)).collect();
+                        if nodes.is_empty() {
+                            f.error(cx, "name at least one node of the cluster");
                         }
-                        Some(v) => v,
-                        None => default,
+                        (nodes.into_iter().collect::<Option<Vec<_>>>(), true, None)
+                    }
+                    [("sentinel", f)] => match cx.object(f) {
+                        Some(mut s) => {
+                            let master = match s.get("master") {
+                                Some(m) => m.non_empty_str(cx).map(str::to_string),
+                                None => {
+                                    f.error(
+                                    cx,
+                                    "`master` (the name the sentinels monitor the master under) \
+                                     is required",
+                                );
+                                    None
+                                }
+                            };
+                            let nodes = match s.get("nodes") {
+                                Some(n) => {
+                                    let nodes: Vec<Option<String>> =
+                                        n.items(cx).iter().map(|u| redis_url(cx, u)).collect();
+                                    if nodes.is_empty() {
+                                        n.error(cx, "name at least one sentinel");
+                                    }
+                                    nodes.into_iter().collect::<Option<Vec<_>>>()
+                                }
+                                None => {
+                                    f.error(
+                                        cx,
+                                        "`nodes` (the sentinels, such as \
+                                     [\"redis://10.0.0.5:26379\"]) is required",
+                                    );
+                                    None
+                                }
+                            };
+                            wait_replicas = match s.get("wait_for_replicas") {
+                                Some(w) => w.u64(cx).and_then(|n| match u32::try_from(n) {
+                                    Ok(n) if n <= 16 => Some(n),
+                                    _ => {
+                                        w.error(cx, "expected a number of replicas from 0 to 16");
+                                        None
+                                    }
+                                }),
+                                None => Some(1),
+                            };
+                            s.finish(cx, &["master", "nodes", "wait_for_replicas"]);
+                            (nodes, false, master)
+                        }
+                        None => (None, false, None),
                     },
-                    None => default,
-                }
-            };
-            let timeout = ms(&mut r, cx, "timeout", 250);
-            let lease_ttl = ms(&mut r, cx, "lease_ttl", 10_000);
-            let sync_interval = ms(&mut r, cx, "sync_interval", 50);
-            if sync_interval.saturating_mul(4) > lease_ttl {
-                if let Some(f) = r.get("sync_interval") {
-                    f.error(
+                    [] => {
+                        f.error(
+                            cx,
+                            "`url` (one server), `cluster` (the nodes of a Redis Cluster) or \
+                         `sentinel` (a master behind Redis Sentinel) is required",
+                        );
+                        (None, false, None)
+                    }
+                    [_, (name, second), ..] => {
+                        second.error(
+                            cx,
+                            format!(
+                            "`{name}` cannot be given with `{}`: give one of `url` (one server), \
+                             `cluster` (its nodes) or `sentinel` (the sentinels and the master's \
+                             name)",
+                            given[0].0
+                        ),
+                        );
+                        (None, false, None)
+                    }
+                    [(_, _)] => unreachable!("only the three names are looked up"),
+                };
+                let nodes = nodes.filter(|n| !n.is_empty());
+                let key_prefix = match r.get("key_prefix") {
+                    Some(f) => f.str(cx).and_then(|p| {
+                        if p.contains(['{', '}']) {
+                            f.error(cx, "the key prefix may not contain `{` or `}` (hash tags)");
+                            None
+                        } else {
+                            Some(p.to_string())
+                        }
+                    }),
+                    None => Some("tollgate:".to_string()),
+                };
+                let ms =
+                    |r: &mut tollgate_core::doc::Obj<'_>, cx: &mut Cx, name: &str, default: u64| {
+                        match r.get(name) {
+                            Some(f) => match f.duration_ms(cx) {
+                                Some(0) => {
+                                    f.error(cx, "must be more than 0");
+                                    default
+                                }
+                                Some(v) => v,
+                                None => default,
+                            },
+                            None => default,
+                        }
+                    };
+                let timeout = ms(&mut r, cx, "timeout", 250);
+                let lease_ttl = ms(&mut r, cx, "lease_ttl", 10_000);
+                let sync_interval = ms(&mut r, cx, "sync_interval", 50);
+                if sync_interval.saturating_mul(4) > lease_ttl {
+                    if let Some(f) = r.get("sync_interval") {
+                        f.error(
                         cx,
                         "must be at most a quarter of lease_ttl (leases are renewed at each sync)",
                     );
-                }
-            }
-            let slice_bp = match r.get("slice_percent") {
-                Some(f) => f.u64(cx).and_then(|p| {
-                    if (1..=100).contains(&p) {
-                        Some(p * 100)
-                    } else {
-                        f.error(cx, "expected a percent from 1 to 100");
-                        None
                     }
-                }),
-                None => Some(100),
-            };
-            r.finish(
-                cx,
-                &[
-                    "url",
-                    "cluster",
-                    "key_prefix",
-                    "timeout",
-                    "lease_ttl",
-                    "sync_interval",
-                    "slice_percent",
-                ],
-            );
-            Some(RedisConfig {
-                nodes: nodes?,
-                cluster,
-                key_prefix: key_prefix?,
-                timeout: Duration::from_millis(timeout),
-                lease_ttl: Duration::from_millis(lease_ttl),
-                sync_interval: Duration::from_millis(sync_interval),
-                slice_bp: slice_bp?,
-                on_error: OnStoreError::FailClosed,
-            })
-        });
+                }
+                let slice_bp = match r.get("slice_percent") {
+                    Some(f) => f.u64(cx).and_then(|p| {
+                        if (1..=100).contains(&p) {
+                            Some(p * 100)
+                        } else {
+                            f.error(cx, "expected a percent from 1 to 100");
+                            None
+                        }
+                    }),
+                    None => Some(100),
+                };
+                r.finish(
+                    cx,
+                    &[
+                        "url",
+                        "cluster",
+                        "sentinel",
+                        "key_prefix",
+                        "timeout",
+                        "lease_ttl",
+                        "sync_interval",
+                        "slice_percent",
+                    ],
+                );
+                Some(RedisConfig {
+                    nodes: nodes?,
+                    cluster,
+                    sentinel: match given.first() {
+                        Some(("sentinel", _)) => Some(sentinel?),
+                        _ => None,
+                    },
+                    wait_replicas: wait_replicas?,
+                    key_prefix: key_prefix?,
+                    timeout: Duration::from_millis(timeout),
+                    lease_ttl: Duration::from_millis(lease_ttl),
+                    sync_interval: Duration::from_millis(sync_interval),
+                    slice_bp: slice_bp?,
+                    on_error: OnStoreError::FailClosed,
+                })
+            });
         let allowance = obj.get("local_allowance");
         let on_error = match obj.get("on_store_error") {
             None => Some(OnStoreError::FailClosed),
@@ -339,6 +422,8 @@ const DOWN_FOR_MS: u64 = 1_000;
 
 #[derive(Debug, Default)]
 struct Pool {
+    /// An action count (`count/…`), not money.
+    counts: bool,
     state: Mutex<Lease>,
     /// Serializes this pool's syncs (a sync writes the lease absolutely).
     io: tokio::sync::Mutex<()>,
@@ -356,11 +441,12 @@ fn counter(key: &str) -> Counter<'_> {
     Counter::of(key)
 }
 
-/// A connection to one Redis server (multiplexed, reconnecting) or to a Redis Cluster (routed
-/// by key slot). Both are cheap to clone.
+/// A connection to one Redis server (multiplexed, reconnecting), to a Redis Cluster (routed
+/// by key slot) or to the master behind Redis Sentinel (looked up again after a failure).
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(sentinel::SentinelConn),
 }
 
 /// The budget store of a proxy in fleet mode (see the module doc).
@@ -377,6 +463,8 @@ struct Inner {
     pools: DashMap<String, Arc<Pool>>,
     conn: tokio::sync::OnceCell<Conn>,
     script: redis::Script,
+    loops: counts::Loops,
+    loop_script: redis::Script,
     seq: AtomicU64,
     /// Until when (unix ms) Redis is taken as down after a failed call.
     down_until: AtomicU64,
@@ -415,6 +503,8 @@ impl FleetStore {
                 pools: DashMap::new(),
                 conn: tokio::sync::OnceCell::new(),
                 script: redis::Script::new(SCRIPT),
+                loops: counts::Loops::default(),
+                loop_script: redis::Script::new(counts::LOOP_SCRIPT),
                 seq: AtomicU64::new(0),
                 down_until: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
@@ -441,7 +531,12 @@ impl FleetStore {
         if let Some(p) = self.inner.pools.get(base) {
             return p.clone();
         }
-        self.inner.pools.entry(base.to_string()).or_default().clone()
+        let counts = base.starts_with(counts::COUNT);
+        self.inner
+            .pools
+            .entry(base.to_string())
+            .or_insert_with(|| Arc::new(Pool { counts, ..Pool::default() }))
+            .clone()
     }
 
     fn key(&self, base: &str) -> String {
@@ -490,6 +585,10 @@ impl FleetStore {
         let OnStoreError::LocalAllowance(allowance) = self.inner.config.on_error else {
             return Err(unavailable(reason));
         };
+        if pool.counts {
+            // The allowance is money: counts fall back to this proxy's own counters instead.
+            return Err(unavailable(reason));
+        }
         let mut st = pool.lock();
         if !st.borrow(amount, allowance, now()) {
             return Err(unavailable(format!("{reason}, and the local allowance is spent")));
@@ -511,7 +610,13 @@ impl FleetStore {
     /// Whether rate limits should fall back to this proxy's own limiter (Redis cannot be
     /// reached and the outage policy is a local allowance).
     pub fn rates_local(&self) -> bool {
-        matches!(self.inner.config.on_error, OnStoreError::LocalAllowance(_)) && self.down()
+        self.local_fallback() && self.down()
+    }
+
+    /// Whether the outage policy is a local allowance (rate limits and action counts then fall
+    /// back to this proxy's own counters).
+    pub fn local_fallback(&self) -> bool {
+        matches!(self.inner.config.on_error, OnStoreError::LocalAllowance(_))
     }
 
     /// One run of the script for `base`, under the pool's io lock.
@@ -532,7 +637,7 @@ impl FleetStore {
             expires_at,
             give_back,
             cfg.slice_bp,
-            base.starts_with(RATE),
+            base.starts_with(RATE) || base.starts_with(counts::COUNT),
             started,
             || self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1,
         );
@@ -543,7 +648,7 @@ impl FleetStore {
                 if answer.lapsed {
                     tracing::warn!(budget = base, "fleet lease had lapsed (Redis unreachable for longer than lease_ttl?); renewed for the requests in flight");
                 }
-                st.applied(&args, answer, started, cfg.lease_ttl.as_millis() as u64);
+                st.applied(&args, answer, started, now(), cfg.lease_ttl.as_millis() as u64);
                 Ok(())
             }
             Err(e) => {
@@ -582,19 +687,9 @@ impl FleetStore {
             .arg(cfg.lease_ttl.as_millis() as u64)
             .arg(args.expires_at)
             .arg(args.need);
-        // One timeout over connecting and calling: an exchange never waits longer.
-        let call = async {
-            match self.connection().await? {
-                Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
-                Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
-            }
-            .map_err(unavailable)
-        };
-        let answer: Result<(i64, i64, i64, i64, i64), StoreError> =
-            match tokio::time::timeout(cfg.timeout, call).await {
-                Ok(answer) => answer,
-                Err(_) => Err(unavailable(format!("no answer within {:?}", cfg.timeout))),
-            };
+        // One timeout over connecting and calling (and, behind Sentinel, the replicas' wait):
+        // an exchange never waits longer.
+        let answer: Result<(i64, i64, i64, i64, i64), StoreError> = self.invoke(&invocation).await;
         match answer {
             Ok((lease, granted, committed, perm, lapsed)) => {
                 self.inner.down_until.store(0, Ordering::Relaxed);
@@ -608,6 +703,53 @@ impl FleetStore {
         }
     }
 
+    /// Runs a script, with one timeout over connecting and calling: no call waits longer.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.inner.config.timeout;
+        let via = AtomicU64::new(0);
+        let call = async {
+            match self.connection().await? {
+                Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
+                Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+                Conn::Sentinel(s) => {
+                    let (n, mut c) = s.get().await.map_err(unavailable)?;
+                    via.store(n, Ordering::Relaxed);
+                    let answer = invocation.invoke_async(&mut c).await.map_err(unavailable)?;
+                    let want = self.inner.config.wait_replicas;
+                    if want > 0 {
+                        // Held by enough replicas, or not counted: a master that lost its
+                        // replicas (deposed by a failover) cannot take writes that would vanish.
+                        let got: u32 = redis::cmd("WAIT")
+                            .arg(want)
+                            .arg((timeout.as_millis() as u64 / 2).max(1))
+                            .query_async(&mut c)
+                            .await
+                            .map_err(unavailable)?;
+                        if got < want {
+                            return Err(unavailable(format!(
+                                "the write reached {got} of the {want} replicas asked for"
+                            )));
+                        }
+                    }
+                    return Ok(answer);
+                }
+            }
+            .map_err(unavailable)
+        };
+        let answer = match tokio::time::timeout(timeout, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(unavailable(format!("no answer within {timeout:?}"))),
+        };
+        if let (Err(_), Some(Conn::Sentinel(s))) = (&answer, self.inner.conn.get()) {
+            // The master may have moved: look it up again next time.
+            s.failed(via.load(Ordering::Relaxed));
+        }
+        answer
+    }
+
     async fn connection(&self) -> Result<&Conn, StoreError> {
         let cfg = &self.inner.config;
         let failed = |e: redis::RedisError| {
@@ -616,6 +758,13 @@ impl FleetStore {
         self.inner
             .conn
             .get_or_try_init(|| async {
+                if let Some(master) = &cfg.sentinel {
+                    return Ok(Conn::Sentinel(sentinel::SentinelConn::new(
+                        cfg.nodes.clone(),
+                        master.clone(),
+                        cfg.timeout,
+                    )));
+                }
                 if cfg.cluster {
                     let client = redis::cluster::ClusterClient::builder(cfg.nodes.clone())
                         .connection_timeout(cfg.timeout)
@@ -649,7 +798,12 @@ impl FleetStore {
             .pools
             .iter()
             .filter_map(|e| {
-                let back = e.value().lock().sync_due(t, renew_after, give_back)?;
+                let st = e.value().lock();
+                // An action count's lease stays while the fleet has committed at most half the
+                // limit (nobody is short of it then): an agent calling now and then is still
+                // counted without a round trip. Money and rate leases go back when idle.
+                let plenty = e.value().counts && st.fleet_committed.saturating_mul(2) <= st.limit;
+                let back = st.sync_due(t, renew_after, give_back, plenty)?;
                 Some((e.key().clone(), e.value().clone(), back))
             })
             .collect();
@@ -687,12 +841,16 @@ impl FleetStore {
                 break;
             }
             self.sync_all(false).await;
+            if let Err(e) = self.sync_loops().await {
+                tracing::warn!(error = %e, "fleet store: loop counts");
+            }
         }
         self.shutdown().await;
     }
 
     /// Reports what is left and gives every free lease back (bounded in time by the timeout).
     pub async fn shutdown(&self) {
+        let _ = self.sync_loops().await;
         for _ in 0..3 {
             if self.sync_all(true).await == 0 {
                 break;

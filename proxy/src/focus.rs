@@ -318,7 +318,7 @@ fn average_price(quantity: u64, billed: Money) -> Vec<(u64, Money, Decimal)> {
 /// its rows name the provider `unknown`.
 pub fn from_ledger(
     records: &[Stored],
-    retired: &[crate::ledger::retire::Group],
+    retired: &[crate::store::retired::Group],
     period: &str,
     rates: &RateCard,
 ) -> Result<String, ReportPeriodError> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tollgate_core::money::Money;
 use tollgate_core::record::{Stored, UsageRecord};
 
-use crate::ledger::retire::Group;
+use crate::store::retired::Group;
 
 /// What to group invoices by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

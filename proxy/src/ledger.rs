@@ -3,7 +3,7 @@
 //! Requests hand their records to a bounded queue and never wait on the disk. The writer takes
 //! whatever is queued, appends it to the current segment of `<data_dir>/ledger/` (one line per
 //! record: `<crc32 hex> <link> <json>\n`, each line linked to the one before it by its hash, see
-//! [`chain`]) and appends the decisions to the segments of the chained audit log
+//! [`crate::store::chain`]) and appends the decisions to the segments of the chained audit log
 //! (`<data_dir>/audit/`, see [`crate::audit`]). A second thread fsyncs both at most every
 //! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
 //! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
@@ -37,10 +37,12 @@ use std::time::Duration;
 use crate::audit::{self, Chain};
 use anyhow::Context;
 
-use chain::{Body, Encoding, Key, Linker, Pos, Problem};
+use crate::store::chain::{self, Body, Encoding, Key, Linker, Pos, Problem};
+use crate::store::{self, continue_segment, segments};
+use codec::{decode, to_json};
 use head::{Head, Tip};
 use sync::{Durability, Syncer};
-use tollgate_core::record::compact::{self, Encoder};
+use tollgate_core::record::compact::Encoder;
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
@@ -127,9 +129,9 @@ impl Ledger {
         let id = ledger_id(&dir)?;
         let checkpoint = head::read_checkpoint(&settings.data_dir)?;
         let linker = Linker::new(settings.hmac_key.as_ref());
-        let retired = retire::read(&settings.data_dir, Some(&linker))?.unwrap_or_default();
+        let retired = store::retired::read(&settings.data_dir, Some(&linker))?.unwrap_or_default();
         // A retirement cut short by a crash: its files are covered by the checkpoint.
-        retire::remove_covered(&dir, retired.ledger.through_segment)?;
+        store::remove_covered(&dir, retired.ledger.through_segment)?;
         let replay_from = now_ms.saturating_sub(REPLAY_DAYS * 86_400_000);
         let scan = scan(
             &dir,
@@ -371,33 +373,6 @@ struct Scan {
     encoder: Encoder,
 }
 
-use chain::segment_path;
-
-/// The segment numbers in `dir`, in order.
-pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
-            out.push(n);
-        }
-    }
-    out.sort_unstable();
-    Ok(out)
-}
-
-/// A record as the typed record, from either encoding (the one place that knows them).
-pub fn decode(body: Body<'_>) -> Result<Stored, String> {
-    match body {
-        Body::Json(json) => Stored::decode(json).map_err(|e| e.to_string()),
-        Body::Compact(fields, ctx) => {
-            compact::Reader::new(ctx, fields).stored().map_err(|e| e.to_string())
-        }
-    }
-    .map_err(|e| format!("the record does not decode: {e}"))
-}
-
 /// `00000003.seg:17`: how `ledger.accept_corrupt` names a record.
 fn short(pos: &Pos) -> String {
     format!("{}:{}", pos.segment.file_name().unwrap_or_default().to_string_lossy(), pos.line)
@@ -410,7 +385,7 @@ fn scan(
     checkpoint: Option<&Head>,
     accept: &[String],
     encoding: Encoding,
-    checkpoint_retired: &retire::Checkpoint,
+    checkpoint_retired: &store::retired::Checkpoint,
 ) -> anyhow::Result<Scan> {
     let retired = &checkpoint_retired.ledger;
     let numbers = kept(dir, retired)?;
@@ -531,42 +506,8 @@ fn scan(
 }
 
 /// The segments of `dir` after the retired ones.
-fn kept(dir: &Path, retired: &retire::Retired) -> io::Result<Vec<u64>> {
+fn kept(dir: &Path, retired: &store::retired::Retired) -> io::Result<Vec<u64>> {
     Ok(segments(dir)?.into_iter().filter(|&n| n > retired.through_segment).collect())
-}
-
-/// Opens segment `last` of `dir` (its torn tail already cut) to append `encoding` records: the
-/// same segment when it is empty or holds that encoding (JSON lines, or compact records whose
-/// strings `ctx` holds), else a new one, so a segment never mixes encodings. A new or empty
-/// compact segment gets its [`chain::MAGIC`]. Returns the segment, its file, its length and the
-/// encoder to continue with.
-pub(crate) fn continue_segment(
-    dir: &Path,
-    last: u64,
-    encoding: Encoding,
-    ctx: compact::Context,
-) -> io::Result<(u64, std::fs::File, u64, Encoder)> {
-    let path = segment_path(dir, last);
-    let mut head = Vec::new();
-    if let Ok(file) = std::fs::File::open(&path) {
-        use std::io::Read;
-        file.take(chain::MAGIC.len() as u64).read_to_end(&mut head)?;
-    }
-    // The torn tail (a cut-off magic too) is already gone.
-    let same = head.is_empty() || Encoding::of(&head) == encoding;
-    let (segment, encoder) = match same {
-        true => (last, Encoder::continuing(ctx)),
-        false => (last + 1, Encoder::default()),
-    };
-    let path = segment_path(dir, segment);
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    let mut len = file.metadata()?.len();
-    if len == 0 && encoding == Encoding::Compact {
-        file.write_all(chain::MAGIC)?;
-        file.sync_data()?;
-        len = chain::MAGIC.len() as u64;
-    }
-    Ok((segment, file, len, encoder))
 }
 
 /// The error for a ledger or audit log that no longer holds what its published head says.
@@ -818,7 +759,7 @@ impl Writer {
         let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(segment_path(&self.dir, next))
+            .open(chain::segment_path(&self.dir, next))
             .and_then(|mut file| {
                 if self.settings.encoding == Encoding::Compact {
                     file.write_all(chain::MAGIC)?;
@@ -871,19 +812,13 @@ pub fn read_all(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     })
 }
 
-/// A record as the JSON the ledger's JSON lines hold.
-pub fn to_json(stored: &Stored) -> Result<serde_json::Value, String> {
-    let view = Stored { seq: stored.seq, event_id: stored.event_id.clone(), entry: &stored.entry };
-    serde_json::to_value(&view).map_err(|e| e.to_string())
-}
-
 fn read_with<T>(
     data_dir: &Path,
     mut decode: impl FnMut(Body<'_>) -> Result<T, String>,
 ) -> anyhow::Result<Vec<T>> {
     let dir = data_dir.join("ledger");
     let mut out = Vec::new();
-    let retired = retire::read(data_dir, None)?.unwrap_or_default().ledger;
+    let retired = store::retired::read(data_dir, None)?.unwrap_or_default().ledger;
     let numbers = match kept(&dir, &retired) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
@@ -904,8 +839,8 @@ fn read_with<T>(
 }
 
 /// The usage totals of retired segments (for invoices and usage over retired days).
-pub fn read_retired(data_dir: &Path) -> anyhow::Result<Vec<retire::Group>> {
-    Ok(retire::read(data_dir, None)?.map(|c| c.groups).unwrap_or_default())
+pub fn read_retired(data_dir: &Path) -> anyhow::Result<Vec<store::retired::Group>> {
+    Ok(store::retired::read(data_dir, None)?.map(|c| c.groups).unwrap_or_default())
 }
 
 /// Verifies the whole ledger in `data_dir` (checksums, records, links; keyed links with `key`)
@@ -913,7 +848,7 @@ pub fn read_retired(data_dir: &Path) -> anyhow::Result<Vec<retire::Group>> {
 /// records (to compare with heads; the last retired one's is the checkpoint's).
 pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Result<chain::Walk> {
     let dir = data_dir.join("ledger");
-    let retired = retire::read(data_dir, None)
+    let retired = store::retired::read(data_dir, None)
         .map_err(|e| io::Error::other(format!("{e:#}")))?
         .unwrap_or_default()
         .ledger;
@@ -929,7 +864,7 @@ pub fn verify(data_dir: &Path, key: Option<&Key>, hashes_at: &[u64]) -> io::Resu
         *n += retired.records;
     }
     if retired.records > 0 && hashes_at.contains(&retired.records) {
-        let at = Pos { segment: retire::path(data_dir), line: 0 };
+        let at = Pos { segment: store::retired::path(data_dir), line: 0 };
         let hash = chain::unhex(retired.last_hash.as_bytes()).unwrap_or_default();
         walk.hashes_at.push((retired.records, hash, at));
     }
@@ -962,7 +897,7 @@ pub fn require_data(data_dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-pub mod chain;
+pub mod codec;
 pub mod cursor;
 pub mod head;
 pub mod retire;

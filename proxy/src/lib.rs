@@ -37,6 +37,7 @@ pub mod pricing_cli;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod traces;
 pub mod upstream;
 pub mod verify;

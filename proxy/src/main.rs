@@ -279,8 +279,8 @@ fn main() -> ExitCode {
                 },
             };
             let key = match (hmac_key_file, hmac_key_env) {
-                (Some(file), _) => Some(tollgate::ledger::chain::KeySource::File(file)),
-                (None, Some(env)) => Some(tollgate::ledger::chain::KeySource::Env(env)),
+                (Some(file), _) => Some(tollgate::store::chain::KeySource::File(file)),
+                (None, Some(env)) => Some(tollgate::store::chain::KeySource::Env(env)),
                 (None, None) => config.as_ref().and_then(|c| c.ledger_hmac_key.clone()),
             };
             let Some(data_dir) = data_dir.or_else(|| config.as_ref().map(|c| c.data_dir.clone()))

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::audit::{self, Verdict};
-use crate::ledger::chain::{self, KeySource, Mode, Problem, Walk};
 use crate::ledger::head::{self, Head};
+use crate::store::chain::{self, KeySource, Mode, Problem, Walk};
 
 /// What to verify and with what.
 pub struct Args {
@@ -61,7 +61,7 @@ pub fn run(args: Args) -> ExitCode {
         eprintln!("{}: no such directory (the proxy's data_dir): nothing to verify", dir.display());
         return ExitCode::from(2);
     }
-    let segments = match crate::ledger::segments(&ledger_dir) {
+    let segments = match crate::store::segments(&ledger_dir) {
         Ok(segments) => segments,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => {
@@ -106,7 +106,7 @@ pub fn run(args: Args) -> ExitCode {
     let mut worst = Severity::Ok;
     // The retirement checkpoint: with the key, its HMAC must hold.
     let linker = chain::Linker::new(key.as_ref());
-    match crate::ledger::retire::read(dir, Some(&linker)) {
+    match crate::store::retired::read(dir, Some(&linker)) {
         Err(e) => {
             println!("TAMPERED: {e:#}");
             worst = worst.max(Severity::Tampered);
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> ExitCode {
             println!(
                 "{}: NOT KEYED: the retirement checkpoint carries no HMAC (written before the key \
                  was configured): its counts cannot be vouched for",
-                crate::ledger::retire::path(dir).display()
+                crate::store::retired::path(dir).display()
             );
             worst = worst.max(Severity::Unverifiable);
         }

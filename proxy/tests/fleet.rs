@@ -377,9 +377,22 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
         .iter()
         .find_map(|r| r["ts"].as_str().map(|ts| ts[..7].to_string()))
         .expect("a usage record");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let want: Vec<(String, i64, u64)> =
+        (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
+    wait_for_invoice(collector.admin, &period, &want, Duration::from_secs(10)).await;
+}
+
+/// Waits until the collector's invoice by cost center for `period` is `want` (group, nano-USD,
+/// requests), or fails with what it holds.
+async fn wait_for_invoice(
+    admin: SocketAddr,
+    period: &str,
+    want: &[(String, i64, u64)],
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
     loop {
-        let invoice = invoice(collector.admin, &period).await;
+        let invoice = invoice(admin, period).await;
         let totals: Vec<(String, i64, u64)> = invoice["invoices"]
             .as_array()
             .expect("invoices")
@@ -393,10 +406,8 @@ async fn three_proxies_never_spend_more_than_the_budget_together() {
                 )
             })
             .collect();
-        let want: Vec<(String, i64, u64)> =
-            (0..3).map(|r| (format!("CC-100{r}"), 50 * DIME, 50)).collect();
         if totals == want {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -860,9 +871,13 @@ mod envoy_support;
 /// A collector in the fleet: it takes usage records and grants the Envoy filters' leases from
 /// the fleet's Redis.
 fn collector_in_fleet(mock: &MockUpstream, redis: &impl Store) -> Tollgate {
+    collector_in_fleet_with(mock, redis, "sync_interval: 20ms, timeout: 2s")
+}
+
+/// [`collector_in_fleet`] with these `store.redis` settings.
+fn collector_in_fleet_with(mock: &MockUpstream, redis: &impl Store, settings: &str) -> Tollgate {
     let dir = temp_dir("collector");
-    let extra =
-        format!("store:\n  redis: {{{}, sync_interval: 20ms, timeout: 2s}}\n", redis.spec());
+    let extra = format!("store:\n  redis: {{{}, {settings}}}\n", redis.spec());
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
         data_dir: &dir.join("data"),
@@ -967,30 +982,9 @@ async fn two_envoys_and_a_sidecar_never_spend_more_than_the_budget_together() {
     let period =
         tollgate_core::time::UnixMillis(ms.as_millis() as u64).to_string()[..7].to_string();
     assert!(!read_ledger(&sidecar_data).is_empty(), "the sidecar served some too");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let invoice = invoice(collector.admin, &period).await;
-        let totals: Vec<(String, i64, u64)> = invoice["invoices"]
-            .as_array()
-            .expect("invoices")
-            .iter()
-            .map(|inv| {
-                let total = tollgate_e2e::harness::nanos(inv["total"].as_str().unwrap());
-                (
-                    inv["group"].as_str().unwrap().to_string(),
-                    total,
-                    inv["requests"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        let want: Vec<(String, i64, u64)> =
-            (0..3).map(|r| (format!("CC-200{r}"), 50 * DIME, 50)).collect();
-        if totals == want {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the collector's invoice: {totals:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let want: Vec<(String, i64, u64)> =
+        (0..3).map(|r| (format!("CC-200{r}"), 50 * DIME, 50)).collect();
+    wait_for_invoice(collector.admin, &period, &want, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1131,4 +1125,493 @@ async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
     let total: usize = served.iter().sum();
     assert_eq!((total, limited), (60, 120), "60 a minute across the fleet: {served:?}");
     assert!(served[0] > 0 && served[1] > 0, "the Envoys served some: {served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_collector_down_an_envoy_answers_at_once_by_its_fail_policy() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    // Nothing listens where the collector should be.
+    let nowhere = envoy_support::free_port();
+    let client = client();
+    for (fail, want) in [("closed", 503), ("open", 200)] {
+        let plugin = fleet_plugin().replace(r#""fail":"closed""#, &format!(r#""fail":"{fail}""#));
+        assert!(plugin.contains(&format!(r#""fail":"{fail}""#)), "{plugin}");
+        let envoy = envoy_support::Envoy::start(&plugin, mock.addr().port(), nowhere);
+        let addr = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+        for i in 0..5 {
+            let started = Instant::now();
+            let (status, code) = call(&client, addr, "CC-7001").await;
+            let waited = started.elapsed();
+            assert_eq!(status, want, "fail {fail}, call {i}: {code}: {}", envoy.log());
+            if want == 503 {
+                assert_eq!(code, "budget_store_unavailable");
+            }
+            // One sync interval and a refused connection, never a hang.
+            assert!(waited < Duration::from_secs(3), "fail {fail}, call {i}: waited {waited:?}");
+        }
+        // Counted as the sidecar counts its Redis failures.
+        assert!(envoy.wait_metric("tollgate_store_errors_total", 1) >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_envoys_leases_come_back_after_their_ttl() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector =
+        collector_in_fleet_with(&mock, &redis, "sync_interval: 20ms, timeout: 2s, lease_ttl: 2s");
+    let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms, lease_ttl: 2s");
+    // Large grants: the Envoy holds much more than one call's worth.
+    let plugin = fleet_plugin().replace(
+        r#""store":{"collector":{"sync_interval":"20ms"}}"#,
+        r#""store":{"collector":{"slice_percent":50,"sync_interval":"20ms"}}"#,
+    );
+    assert!(plugin.contains("slice_percent"), "{plugin}");
+    let envoy = envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port());
+    let client = client();
+    let cc = "CC-7101";
+    let through_envoy = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+    let mut served = 0;
+    for _ in 0..3 {
+        assert_eq!(call(&client, through_envoy, cc).await.0, 200);
+        served += 1;
+    }
+    let hash = redis.budget_hash(cc).await;
+    let held: i64 = hash
+        .iter()
+        .filter(|(f, _)| f.starts_with("l:envoy/"))
+        .map(|(_, v)| v.parse::<i64>().unwrap())
+        .sum();
+    assert!(held > 5 * DIME, "the Envoy holds a large lease: {hash:?}");
+    // Killed holding it (its spend reported within a sync interval first).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(envoy);
+    // The sidecar gets the rest once the lease lapsed, and never more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served < 50 {
+        match call(&client, sidecar.proxy, cc).await {
+            (200, _) => served += 1,
+            (402, code) if code == "budget_exceeded" => {
+                assert!(Instant::now() < deadline, "the lease never came back: {served} served");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (status, code) = call(&client, sidecar.proxy, cc).await;
+    assert_eq!((status, code.as_str()), (402, "budget_exceeded"), "not a cent more");
+}
+
+/// `n` concurrent calls of `echo` by `agent` for `cc`, spread over `proxies`: how many were
+/// served, and the other answers (status and code) counted.
+async fn race(
+    proxies: &[SocketAddr],
+    cc: &str,
+    agent: &str,
+    n: usize,
+) -> (usize, std::collections::BTreeMap<(u16, String), usize>) {
+    let client = client();
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, addr) = (client.clone(), proxies[i % proxies.len()]);
+            let (cc, agent) = (cc.to_string(), agent.to_string());
+            tokio::spawn(async move {
+                let (status, code, _) = call_as(&client, addr, &cc, "echo", &agent, &[]).await;
+                (status, code)
+            })
+        })
+        .collect();
+    let (mut served, mut other) = (0, std::collections::BTreeMap::new());
+    for c in calls {
+        match c.await.unwrap() {
+            (200, _) => served += 1,
+            answer => *other.entry(answer).or_insert(0) += 1,
+        }
+    }
+    (served, other)
+}
+
+/// Waits, if need be, until the current UTC hour has more than `needed` left (a test counting
+/// per hour or per day must not straddle a window's end).
+async fn clear_of_window_end(window_ms: u64, needed: Duration) {
+    let into =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64
+            % window_ms;
+    let left = window_ms - into;
+    if left < needed.as_millis() as u64 {
+        tokio::time::sleep(Duration::from_millis(left + 100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_autonomy_budget_counts_the_whole_fleet() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    clear_of_window_end(86_400_000, Duration::from_secs(30)).await;
+    let autonomy = "autonomy:\n  default: AUTO_EXECUTE\n  budgets: {default: {per_day: 20}}\n";
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| {
+            proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms, timeout: 2s", None, autonomy)
+                .0
+        })
+        .collect();
+    let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    let (served, other) = race(&proxies, "CC-8101", "auto-bot", 300).await;
+    let exhausted = other.get(&(403, "autonomy_budget_exhausted".into())).copied().unwrap_or(0);
+    assert_eq!(
+        (served, exhausted),
+        (20, 280),
+        "20 autonomous actions a day for the fleet, not 20 per proxy: {other:?}"
+    );
+    // Another agent has its own 20; the first gets none more through any proxy.
+    let (served, _) = race(&proxies, "CC-8101", "other-bot", 30).await;
+    assert_eq!(served, 20);
+    for p in &proxies {
+        let (status, code, _) = call_as(&client(), *p, "CC-8101", "echo", "auto-bot", &[]).await;
+        assert_eq!((status, code.as_str()), (403, "autonomy_budget_exhausted"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guardrail_hourly_limit_counts_the_whole_fleet() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    let guardrails = "guardrails:\n  include_defaults: false\n  actions:\n    echo: {category: \
+                      read, risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n\
+                      autonomy:\n  default: AUTO_EXECUTE\n  budgets: {default: {per_day: 1000}}\n";
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| {
+            proxy_with(
+                &redis,
+                &mock.base_url(),
+                "sync_interval: 20ms, timeout: 2s",
+                None,
+                guardrails,
+            )
+            .0
+        })
+        .collect();
+    let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    // (An autonomy budget too: its lease is refilled after the hourly count was taken, and the
+    // lifecycle that runs again must not count the call twice.)
+    let (served, other) = race(&proxies, "CC-8201", "hourly-bot", 120).await;
+    let limited = other.get(&(429, "rate_limit_exceeded".into())).copied().unwrap_or(0);
+    assert_eq!(
+        (served, limited),
+        (12, 108),
+        "12 calls an hour for the fleet, not 12 per proxy: {other:?}"
+    );
+    // An agent calling now and then: far from the limit, its proxy keeps the idle lease (a
+    // quarter of the 12), so its next call needs no round trip.
+    let sparse = call_as(&client(), proxies[0], "CC-8201", "echo", "sparse-bot", &[]).await;
+    assert_eq!(sparse.0, 200);
+    // Counted for good: after the idle leases went back, still none more.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let (served, _) = race(&proxies, "CC-8201", "hourly-bot", 9).await;
+    assert_eq!(served, 0);
+    let hash = redis.budget_hash("hour/10:sparse-bot").await;
+    assert_eq!(
+        (field(&hash, "perm"), leases(&hash)),
+        (1, 2),
+        "its 1 call and the 2 it holds: {hash:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loop_spread_over_three_proxies_is_caught() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let loops = "oversight: {loops: {max_repeats: 3, window: 10m}}\n";
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, loops).0)
+        .collect();
+    let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    let client = client();
+    // One identical call after another, each through the next proxy, more than a sync interval
+    // apart: the fleet lets exactly `max_repeats` through.
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        let (status, code, _) =
+            call_as(&client, proxies[i % 3], "CC-8301", "echo", "loop-bot", &[]).await;
+        answers.push((status, code));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let want: Vec<(u16, String)> = (0..6)
+        .map(|i| if i < 3 { (200, String::new()) } else { (403, "loop_detected".to_string()) })
+        .collect();
+    assert_eq!(answers, want, "the 4th identical call is a loop, whichever proxy sees it");
+    // A burst faster than the sync interval: the documented bound, at most `max_repeats` per
+    // proxy (3 × 3), and everything after it is refused by every proxy.
+    let (served, other) = race(&proxies, "CC-8302", "burst-bot", 30).await;
+    assert!((3..=9).contains(&served), "served {served}: {other:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (again, _) = race(&proxies, "CC-8302", "burst-bot", 6).await;
+    assert_eq!(again, 0);
+}
+
+/// A master, its two replicas and one sentinel watching them (the master named `fleet`), on
+/// loopback ports.
+struct SentinelSet {
+    /// The first master, then its replicas.
+    nodes: Vec<Redis>,
+    sentinel: Child,
+    port: u16,
+}
+
+impl SentinelSet {
+    fn start() -> SentinelSet {
+        let master = Redis::start();
+        let mport = master.port.to_string();
+        let mut nodes = vec![master];
+        for _ in 0..2 {
+            nodes.push(Redis::start_with(&["--replicaof", "127.0.0.1", &mport]));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for r in &nodes[1..] {
+            while !cli(r.port, &["INFO", "replication"]).contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "the replica did not sync");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = temp_dir("sentinel");
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor fleet 127.0.0.1 {mport} 1\n\
+                 sentinel down-after-milliseconds fleet 1000\n\
+                 sentinel failover-timeout fleet 5000\n",
+                dir.display(),
+            ),
+        )
+        .unwrap();
+        let sentinel = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let set = SentinelSet { nodes, sentinel, port };
+        // The sentinel knows the replicas (it asks the master), so it can fail over.
+        for r in &set.nodes[1..] {
+            while !cli(port, &["SENTINEL", "replicas", "fleet"]).contains(&r.port.to_string()) {
+                assert!(Instant::now() < deadline, "the sentinel did not find the replicas");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        set
+    }
+
+    /// The node the sentinel names as the master.
+    fn master(&self) -> Option<&Redis> {
+        let out = cli(self.port, &["SENTINEL", "get-master-addr-by-name", "fleet"]);
+        let port: u16 = out.lines().nth(1).and_then(|l| l.trim().parse().ok())?;
+        self.nodes.iter().find(|n| n.port == port)
+    }
+}
+
+impl Store for SentinelSet {
+    fn spec(&self) -> String {
+        format!("sentinel: {{master: fleet, nodes: [\"redis://127.0.0.1:{}\"]}}", self.port)
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+    }
+}
+
+/// `redis-cli -p port args…`'s output.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Debian's redis-tools"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_sentinel_the_fleet_follows_a_failover_and_never_overspends() {
+    let mock = MockUpstream::start().await;
+    let mut set = SentinelSet::start();
+    let fleet: Vec<Tollgate> = (0..3)
+        .map(|_| proxy(&set, &mock.base_url(), "sync_interval: 20ms, timeout: 1s").0)
+        .collect();
+    let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    let cc = "CC-9201";
+    let (served, other) = race(&proxies, cc, "fleet-agent", 600).await;
+    assert_eq!(served, 50, "$5.00 at $0.10 a call through Sentinel: {other:?}");
+    // Reported to the master and replicated.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for r in &set.nodes {
+        while field(&r.budget_hash(cc).await, "perm") != 50 * DIME {
+            assert!(Instant::now() < deadline, "{}: {:?}", r.port, r.budget_hash(cc).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Fail over: a replica becomes the master, the old master a replica.
+    let old = &set.nodes[0];
+    assert!(cli(set.port, &["SENTINEL", "failover", "fleet"]).contains("OK"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_master = loop {
+        if let Some(m) = set.master().filter(|m| m.port != old.port) {
+            if cli(m.port, &["ROLE"]).starts_with("master") {
+                break m;
+            }
+        }
+        assert!(Instant::now() < deadline, "the failover did not happen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The failover ends when the other replica follows the new master.
+    for r in set.nodes.iter().filter(|n| n.port != old.port && n.port != new_master.port) {
+        let want = format!("master_port:{}", new_master.port);
+        loop {
+            let info = cli(r.port, &["INFO", "replication"]);
+            if info.contains(&want) && info.contains("master_link_status:up") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the other replica does not follow the new master");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("failed over");
+    // Requests go on through the new master: a new cost center gets its budget, once.
+    let client = client();
+    let cc2 = "CC-9202";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut served2 = 0;
+    loop {
+        let (status, code) = call(&client, proxies[0], cc2).await;
+        if status == 200 {
+            served2 += 1;
+            break;
+        }
+        assert_eq!((status, code.as_str()), (503, "budget_store_unavailable"));
+        assert!(Instant::now() < deadline, "no call served after the failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (Until every replica follows the new master, a write may not reach one: refused 503.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served2 < 50 {
+        let (served, other) = race(&proxies, cc2, "fleet-agent", 300).await;
+        served2 += served;
+        assert!(served2 <= 50, "overspent after the failover: {served2}, {other:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the budget was not spendable after the failover: {other:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("after the failover: {served2} served");
+    // The old master is the new one's replica once the sentinel has told it (nothing it took
+    // after the failover counted: it had no replica to hold it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(old.port, &["ROLE"]).starts_with("slave") {
+        assert!(Instant::now() < deadline, "the old master was not demoted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the old master is a replica");
+    // Both budgets are still spent: not one more call through any proxy.
+    for cc in [cc, cc2] {
+        let (served, other) = race(&proxies, cc, "fleet-agent", 90).await;
+        assert_eq!(served, 0, "{cc}: {other:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&new_master.budget_hash(cc2).await, "perm") != 50 * DIME {
+        assert!(Instant::now() < deadline, "{:?}", new_master.budget_hash(cc2).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(field(&new_master.budget_hash(cc).await, "perm"), 50 * DIME);
+    // The new master dies: the sentinel promotes the last node, and the fleet follows it
+    // (meanwhile calls are refused within the timeout, none hangs).
+    let dead = new_master.port;
+    set.nodes.iter_mut().find(|n| n.port == dead).unwrap().kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !set
+        .master()
+        .is_some_and(|m| m.port != dead && cli(m.port, &["ROLE"]).starts_with("master"))
+    {
+        assert!(Instant::now() < deadline, "no failover after the master died");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the master died and another took over");
+    let cc3 = "CC-9203";
+    let (mut served3, started) = (0, Instant::now());
+    while served3 < 50 {
+        let t = Instant::now();
+        let (served, other) = race(&proxies, cc3, "fleet-agent", 100).await;
+        assert!(t.elapsed() < Duration::from_secs(5), "calls hung on the dead master");
+        served3 += served;
+        assert!(served3 <= 50, "overspent after the master died: {served3}, {other:?}");
+        assert!(started.elapsed() < Duration::from_secs(30), "not spendable again: {other:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for cc in [cc, cc2, cc3] {
+        let (served, other) = race(&proxies, cc, "fleet-agent", 30).await;
+        assert_eq!(served, 0, "{cc} after the second failover: {other:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_an_hourly_limit_follows_the_outage_policy_and_nothing_hangs() {
+    let mock = MockUpstream::start().await;
+    let mut redis = Redis::start();
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    let guardrails = "guardrails:\n  include_defaults: false\n  actions:\n    echo: {category: \
+                      read, risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n";
+    // (Budget leases of a quarter of what is left: the money is not what runs out here.)
+    let store = "timeout: 200ms, sync_interval: 20ms, slice_percent: 100";
+    let (closed, _) = proxy_with(&redis, &mock.base_url(), store, None, guardrails);
+    let (open, data) = proxy_with(&redis, &mock.base_url(), store, None, guardrails);
+    drop(open);
+    // The second proxy serves from its own counters while Redis is down.
+    let config = data.parent().unwrap().join("tollgate.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "store:\n",
+        "store:\n  on_store_error: local_allowance\n  local_allowance: \"5.00\"\n",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let open = Tollgate::run(Path::new(BIN), &config, &[(TOKEN_ENV, "t")]);
+    let client = client();
+    // One call each: each proxy holds a lease of a quarter of the 12 (3 calls).
+    for p in [closed.proxy, open.proxy] {
+        assert_eq!(call_as(&client, p, "CC-9301", "echo", "outage-bot", &[]).await.0, 200);
+    }
+    redis.kill();
+    let timed = |p: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let (status, code, _) = call_as(&client, p, "CC-9301", "echo", "outage-bot", &[]).await;
+            assert!(started.elapsed() < Duration::from_secs(3), "a call hung on Redis");
+            (status, code)
+        }
+    };
+    // fail_closed: what the lease covers (2 more), then 503 at once.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(timed(closed.proxy).await);
+    }
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    assert_eq!(served, 2, "{answers:?}");
+    assert!(answers[2..].iter().all(|a| *a == (503, "budget_store_unavailable".to_string())));
+    // local_allowance: counted on the proxy's own counter against the full 12, then 429.
+    let mut answers = Vec::new();
+    for _ in 0..16 {
+        answers.push(timed(open.proxy).await);
+    }
+    // (Once a sync has failed, the lease is left alone: up to its 2 first, then the 12.)
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    assert!((12..=14).contains(&served), "{answers:?}");
+    assert!(answers[served..].iter().all(|a| *a == (429, "rate_limit_exceeded".to_string())));
 }

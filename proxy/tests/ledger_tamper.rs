@@ -361,7 +361,7 @@ async fn the_chain_runs_across_segments() {
     let w = write("tamper-segments", "ledger: {segment_bytes: 4096}\n", 16).await;
     let (code, out, _) = verify(&w.data, &[]);
     assert_eq!(code, Some(0), "{out}");
-    let segments = tollgate::ledger::segments(&w.data.join("ledger")).unwrap();
+    let segments = tollgate::store::segments(&w.data.join("ledger")).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
     let sizes: Vec<usize> = segments.iter().map(|&n| lines(&segment(&w.data, n)).len()).collect();
     assert!(sizes.len() >= 3 && sizes[2] > 0, "three segments with records: {sizes:?}");

@@ -132,7 +132,7 @@ async fn a_json_data_directory_reads_as_it_is_and_continues_compact() {
     let ledger_new = data.join("ledger").join("00000002.seg");
     let audit_new = data.join("audit").join("00000001.seg");
     for seg in [&ledger_new, &audit_new] {
-        assert!(std::fs::read(seg).unwrap().starts_with(tollgate::ledger::chain::MAGIC));
+        assert!(std::fs::read(seg).unwrap().starts_with(tollgate::store::chain::MAGIC));
     }
     let (code, out) = run(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}");

@@ -1,6 +1,7 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
-//! the usage-event outbox, requests whose body is awaited, policy polling).
+//! the usage-event outbox, requests whose body is awaited, policy polling, and in fleet mode the
+//! requests waiting on the collector: `fleet.rs`).
 //!
 //! Rules learned in the real Envoy, each applied here:
 //! the request headers are held (`Pause`) until the decision, which Envoy allows while still
@@ -456,6 +457,32 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// A call to the collector's admin listener (usage events, and in fleet mode leases, approvals
+/// and the disabled agents): `POST` with `body` (its content type and bytes), else `GET`, with
+/// the collector's headers (its token), bounded by `collector.timeout`.
+fn collector_call(
+    collector: &crate::settings::Collector,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> Result<u32, Status> {
+    let mut headers = vec![
+        (":method", if body.is_some() { "POST" } else { "GET" }),
+        (":path", path),
+        (":authority", collector.authority.as_str()),
+    ];
+    if let Some((content_type, _)) = body {
+        headers.push(("content-type", content_type));
+    }
+    headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    hostcalls::dispatch_http_call(
+        &collector.cluster,
+        headers,
+        body.map(|(_, b)| b),
+        vec![],
+        Duration::from_millis(collector.timeout_ms),
+    )
+}
+
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
@@ -707,19 +734,10 @@ impl Root {
         if body.is_empty() {
             return;
         }
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", collector.path.as_str()),
-            (":authority", collector.authority.as_str()),
-            ("content-type", "application/x-ndjson"),
-        ];
-        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-        let call = hostcalls::dispatch_http_call(
-            &collector.cluster,
-            headers,
-            Some(body.as_bytes()),
-            vec![],
-            Duration::from_millis(collector.timeout_ms),
+        let call = collector_call(
+            collector,
+            &collector.path,
+            Some(("application/x-ndjson", body.as_bytes())),
         );
         match call {
             Ok(token) => {

@@ -80,6 +80,21 @@ impl LeaseStore {
         ));
     }
 
+    /// A request still waits for `refill` after an answer that did not serve it: the next
+    /// exchange of its counter asks for it (each waiting request leads to another exchange until
+    /// it is served, refused or times out).
+    pub fn ask_for(&self, refill: &Refill) {
+        let Counter::Committed(base) = Counter::of(&refill.key) else { return };
+        if let Some(e) = self.entries.borrow_mut().get_mut(base) {
+            let (amount, limit, expires) = e.wanted.unwrap_or((0, 0, UnixMillis(0)));
+            e.wanted = Some((
+                amount.max(refill.amount),
+                limit.max(refill.limit),
+                expires.max(refill.expires_at),
+            ));
+        }
+    }
+
     /// A waiting request of `refill` no longer waits (resumed, or gone).
     pub fn unwait(&self, refill: &Refill) {
         let Counter::Committed(base) = Counter::of(&refill.key) else { return };
@@ -105,7 +120,7 @@ impl LeaseStore {
                 continue;
             }
             let wanted = e.wanted.take();
-            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back)) {
+            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back, false)) {
                 (Some(_), _) => false,
                 (None, Some(back)) => back,
                 (None, None) => continue,
@@ -132,7 +147,7 @@ impl LeaseStore {
         match answer {
             Some(a) => {
                 self.ttl_ms.set(ttl_ms);
-                e.lease.applied(&sent, a, started, ttl_ms);
+                e.lease.applied(&sent, a, started, self.clock.get(), ttl_ms);
                 e.down_until = UnixMillis(0);
             }
             None => {

@@ -31,6 +31,10 @@ pub const REFUSED_FOR_MS: u64 = 50;
 /// base keeps it, so that their backend keys cannot meet a budget's.
 pub const RATE: &str = "rate/";
 
+/// The prefix of the action counts' counters (autonomy budgets, the guardrails' hourly counts):
+/// leased like rate allowances, each counted call reported as spent.
+pub const COUNT: &str = "count/";
+
 /// What a budget engine's counter key is to a leasing store: a committed total (leased), a
 /// spend total (reported), or anything else (kept locally).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +52,13 @@ impl<'k> Counter<'k> {
             Counter::Committed(base)
         } else if let Some(base) = key.strip_prefix(RATE).and(key.strip_suffix("/committed")) {
             Counter::Committed(base)
+        } else if let Some(base) = key.strip_prefix(COUNT).and(key.strip_suffix("/committed")) {
+            Counter::Committed(base)
         } else if let Some(base) =
             key.strip_prefix("budget/").and_then(|k| k.strip_suffix("/spent"))
         {
+            Counter::Spent(base)
+        } else if let Some(base) = key.strip_prefix(COUNT).and(key.strip_suffix("/spent")) {
             Counter::Spent(base)
         } else {
             Counter::Other
@@ -197,9 +205,17 @@ impl Lease {
 
     /// Whether a background exchange is due (`Some(give_back)`): spend to report, a failed
     /// exchange to repeat, a lease to renew (every `renew_after_ms`), an idle free lease to give
-    /// back, or everything to give back (`give_back`, on shutdown).
-    pub fn sync_due(&self, now: UnixMillis, renew_after_ms: u64, give_back: bool) -> Option<bool> {
-        let idle = self.free() > 0 && now.0.saturating_sub(self.last_use.0) >= IDLE_RETURN_MS;
+    /// back (unless `keep_idle`), or everything to give back (`give_back`, on shutdown).
+    pub fn sync_due(
+        &self,
+        now: UnixMillis,
+        renew_after_ms: u64,
+        give_back: bool,
+        keep_idle: bool,
+    ) -> Option<bool> {
+        let idle = self.free() > 0
+            && !keep_idle
+            && now.0.saturating_sub(self.last_use.0) >= IDLE_RETURN_MS;
         let due = self.unflushed != 0
             || self.resync
             || self.pending.is_some()
@@ -263,13 +279,16 @@ impl Lease {
         }
     }
 
-    /// Takes the backend's answer to the exchange `sent` began at `started`; the lease is
-    /// usable for three quarters of `ttl_ms` from then.
+    /// Takes the backend's answer to the exchange `sent` began at `started`, received at
+    /// `received`; the lease is usable for three quarters of `ttl_ms` from `started`, and an
+    /// exhausted answer is trusted for [`REFUSED_FOR_MS`] from `received` (however long the
+    /// answer took, the requests waiting for it see it).
     pub fn applied(
         &mut self,
         sent: &SyncArgs,
         answer: SyncAnswer,
         started: UnixMillis,
+        received: UnixMillis,
         ttl_ms: u64,
     ) {
         self.returning = false;
@@ -286,7 +305,7 @@ impl Lease {
         self.last_sync = started;
         self.usable_until = started.saturating_add_ms(ttl_ms.saturating_mul(3) / 4);
         self.refused = (sent.want > 0 && answer.granted == 0)
-            .then(|| (started.saturating_add_ms(REFUSED_FOR_MS), answer.committed));
+            .then(|| (received.max(started).saturating_add_ms(REFUSED_FOR_MS), answer.committed));
     }
 
     /// The exchange got no answer: it may have been applied, so the next one writes again.
@@ -322,7 +341,7 @@ mod tests {
     fn granted(l: &mut Lease, want: i64, limit: i64, now: u64, answer: SyncAnswer) -> SyncArgs {
         let args =
             l.prepare(want, limit, UnixMillis(99_000), false, 100, false, UnixMillis(now), || 1);
-        l.applied(&args, answer, UnixMillis(now), TTL);
+        l.applied(&args, answer, UnixMillis(now), UnixMillis(now), TTL);
         args
     }
 
@@ -362,7 +381,7 @@ mod tests {
         // Settled at 7: 3 released, 7 spent.
         l.add_used(-3, UnixMillis(99_000));
         l.add_spent(7);
-        assert_eq!(l.sync_due(UnixMillis(2), 3_000, false), Some(false));
+        assert_eq!(l.sync_due(UnixMillis(2), 3_000, false, false), Some(false));
         let args = l.prepare(0, 100, UnixMillis(0), false, 100, false, UnixMillis(2), || 4);
         // The 3 released stay as free lease, kept.
         assert_eq!((args.seq, args.spent, args.inuse, args.keep, args.want), (4, 7, 0, 3, 0));
@@ -374,10 +393,24 @@ mod tests {
             &again,
             SyncAnswer { lease: 3, committed: 10, perm: 7, ..Default::default() },
             UnixMillis(3),
+            UnixMillis(3),
             TTL,
         );
         assert_eq!((l.used, l.lease, l.spent(), l.pending), (0, 3, 7, None));
-        assert_eq!(l.sync_due(UnixMillis(4), 3_000, false), None);
+        assert_eq!(l.sync_due(UnixMillis(4), 3_000, false, false), None);
+    }
+
+    #[test]
+    fn an_exhausted_answer_that_took_long_still_refuses_for_a_moment_after_it_came() {
+        let mut l = Lease::default();
+        let args = l.prepare(10, 100, UnixMillis(0), false, 100, false, UnixMillis(0), || 1);
+        let refused = SyncAnswer { lease: 0, granted: 0, committed: 100, perm: 100, lapsed: false };
+        // Sent at 0, answered at 400 (a slow backend).
+        l.applied(&args, refused, UnixMillis(0), UnixMillis(400), TTL);
+        assert_eq!(
+            l.try_take(10, 100, UnixMillis(0), UnixMillis(420)),
+            Ok(AddOutcome::Refused { current: 100 })
+        );
     }
 
     #[test]

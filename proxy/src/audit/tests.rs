@@ -1,5 +1,7 @@
 use super::*;
-use crate::ledger::chain::Problem;
+use crate::store::chain::Problem;
+use tollgate_core::policy::Effect;
+use tollgate_core::record::AuditKind;
 
 pub(crate) fn event(i: u64) -> Event {
     Event {
@@ -76,7 +78,7 @@ fn the_chain_runs_across_segments_and_continues_after_reopening() {
 fn a_changed_middle_segment_is_found_and_not_appended_to() {
     let data = temp("middle");
     append(&data, 600, 1, 9);
-    let segments = crate::ledger::segments(&dir(&data)).unwrap();
+    let segments = crate::store::segments(&dir(&data)).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
     // A record of the middle segment edited with its checksum recomputed: the next record
     // (the first of the segment after) no longer links to it.
@@ -101,7 +103,7 @@ fn a_changed_middle_segment_is_found_and_not_appended_to() {
     // A whole middle segment removed: the first record after the gap links to nothing left.
     let data = temp("removed-segment");
     append(&data, 600, 1, 9);
-    let segments = crate::ledger::segments(&dir(&data)).unwrap();
+    let segments = crate::store::segments(&dir(&data)).unwrap();
     std::fs::remove_file(segment(&data, segments[1])).unwrap();
     let report = verify(&data, None, &[]).unwrap();
     assert!(
@@ -197,7 +199,7 @@ fn compact_records_read_back_as_written_and_a_changed_middle_segment_is_found() 
         chain.rotate_if_full();
     }
     drop(chain);
-    let segments = crate::ledger::segments(&dir(&data)).unwrap();
+    let segments = crate::store::segments(&dir(&data)).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
     let all = read_all(&data).unwrap();
     let read: Vec<Event> = all

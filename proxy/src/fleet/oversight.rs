@@ -113,6 +113,10 @@ impl SharedOversight {
 
     fn connect(&self) -> redis::RedisResult<Conn> {
         let timeout = self.config.timeout;
+        if let Some(master) = &self.config.sentinel {
+            return super::sentinel::connect_blocking(&self.config.nodes, master, timeout)
+                .map(Conn::Single);
+        }
         if self.config.cluster {
             let client = redis::cluster::ClusterClient::builder(self.config.nodes.clone())
                 .connection_timeout(timeout)
@@ -138,7 +142,23 @@ impl SharedOversight {
             *slot = Some(self.connect().map_err(io)?);
         }
         let Some(conn) = slot.as_mut() else { unreachable!("just connected") };
-        let result = f(conn.get());
+        let mut result = f(conn.get());
+        let want = self.config.wait_replicas;
+        if let (Ok(_), true) = (&result, self.config.sentinel.is_some() && want > 0) {
+            // As the budgets do: a write counts once enough replicas hold it (see `sentinel`).
+            let timeout = (self.config.timeout.as_millis() as u64 / 2).max(1);
+            let got: redis::RedisResult<u32> =
+                redis::cmd("WAIT").arg(want).arg(timeout).query(conn.get());
+            match got {
+                Ok(got) if got >= want => {}
+                Ok(got) => {
+                    result = Err(redis::RedisError::from(std::io::Error::other(format!(
+                        "the write reached {got} of the {want} replicas asked for"
+                    ))))
+                }
+                Err(e) => result = Err(e),
+            }
+        }
         if result.is_err() {
             *slot = None;
         }

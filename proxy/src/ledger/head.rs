@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::chain;
+
 /// The head of the ledger and of the audit log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,7 +33,7 @@ pub struct Tip {
 
 impl Default for Tip {
     fn default() -> Tip {
-        Tip { records: 0, last_hash: super::chain::hex(&super::chain::GENESIS) }
+        Tip { records: 0, last_hash: chain::hex(&chain::GENESIS) }
     }
 }
 

@@ -9,7 +9,6 @@
 //! hook ([`Http::reclaim`]).
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
@@ -18,7 +17,7 @@ use tollgate_core::budget::lease::SyncAnswer;
 use tollgate_core::lifecycle::Parked;
 use tollgate_core::metrics as schema;
 
-use super::{log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
+use super::{collector_call, log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
 use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
@@ -157,19 +156,7 @@ impl Root {
             return;
         }
         poll.next_ms.set(t.ms.0.saturating_add(DISABLED_POLL_MS));
-        let mut headers = vec![
-            (":method", "GET"),
-            (":path", DISABLED_PATH),
-            (":authority", collector.authority.as_str()),
-        ];
-        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-        let call = hostcalls::dispatch_http_call(
-            &collector.cluster,
-            headers,
-            None,
-            vec![],
-            Duration::from_millis(collector.timeout_ms),
-        );
+        let call = collector_call(collector, DISABLED_PATH, None);
         if let Ok(token) = call {
             poll.in_flight.set(true);
             self.vm.in_flight_calls.borrow_mut().insert(token, Call::Disabled);
@@ -229,20 +216,7 @@ impl Root {
             })
             .collect();
         for (id, path, body) in fresh {
-            let mut headers = vec![
-                (":method", "POST"),
-                (":path", path),
-                (":authority", collector.authority.as_str()),
-                ("content-type", "application/json"),
-            ];
-            headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-            let call = hostcalls::dispatch_http_call(
-                &collector.cluster,
-                headers,
-                Some(body.as_bytes()),
-                vec![],
-                Duration::from_millis(collector.timeout_ms),
-            );
+            let call = collector_call(collector, path, Some(("application/json", body.as_bytes())));
             match call {
                 Ok(token) => {
                     self.vm.in_flight_calls.borrow_mut().insert(token, Call::Approval(id));
@@ -324,20 +298,8 @@ impl Root {
             })
             .collect();
         let body = serde_json::json!({"holder": self.vm.holder, "syncs": syncs}).to_string();
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", LEASES_PATH),
-            (":authority", collector.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        headers.extend(collector.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-        let call = hostcalls::dispatch_http_call(
-            &collector.cluster,
-            headers,
-            Some(body.as_bytes()),
-            vec![],
-            Duration::from_millis(collector.timeout_ms),
-        );
+        let call =
+            collector_call(collector, LEASES_PATH, Some(("application/json", body.as_bytes())));
         let counters: Vec<String> = batch.into_iter().map(|o| o.counter).collect();
         match call {
             Ok(token) => {
@@ -451,6 +413,9 @@ impl Root {
             .map(|(id, _)| *id)
             .collect();
         if ready.is_empty() {
+            for w in self.vm.waiting.borrow().values() {
+                leases.ask_for(&w.parked.refill);
+            }
             return;
         }
         for id in ready {
@@ -459,6 +424,10 @@ impl Root {
             self.wake(id, w, t, max_wait_ms);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
+        // Whoever still waits is asked for again: every answer serves, refuses or asks anew.
+        for w in self.vm.waiting.borrow().values() {
+            leases.ask_for(&w.parked.refill);
+        }
     }
 
     /// Resumes one waiting request's decision in its own context, then lets it go on or answers

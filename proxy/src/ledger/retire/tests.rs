@@ -1,5 +1,7 @@
 use super::*;
 use crate::ledger::{Ledger, Settings};
+use crate::store::retired::{path, Checkpoint};
+use std::path::PathBuf;
 use std::time::Duration;
 use tollgate_core::record::{End, ReserveRecord, UsageSource};
 
@@ -116,7 +118,7 @@ async fn write(
 }
 
 fn policy(now: u64, dir: &Path) -> Policy {
-    let last = |d: PathBuf| crate::ledger::segments(&d).unwrap().last().copied().unwrap_or(1);
+    let last = |d: PathBuf| crate::store::segments(&d).unwrap().last().copied().unwrap_or(1);
     Policy {
         retention_ms: 7 * DAY,
         now_ms: now,
@@ -144,7 +146,7 @@ async fn retired_segments_leave_the_chain_the_counts_the_invoices_and_the_budget
     let head = write(&dir, None, 150, 0).await;
     let before = invoice(&dir);
     let all = crate::ledger::read_all(&dir).unwrap();
-    let segments_before = crate::ledger::segments(&dir.join("ledger")).unwrap();
+    let segments_before = crate::store::segments(&dir.join("ledger")).unwrap();
     assert!(segments_before.len() >= 4, "{segments_before:?}");
 
     // Too young: nothing goes.
@@ -155,7 +157,7 @@ async fn retired_segments_leave_the_chain_the_counts_the_invoices_and_the_budget
     let done = run(&dir, &Linker::new(None), &p).unwrap();
     assert_eq!(done.ledger_segments, segments_before.len() - 1);
     assert!(done.audit_segments >= 1 && done.bytes > 0, "{done:?}");
-    assert_eq!(crate::ledger::segments(&dir.join("ledger")).unwrap(), [p.ledger_current]);
+    assert_eq!(crate::store::segments(&dir.join("ledger")).unwrap(), [p.ledger_current]);
 
     // The invoice over the retired days is exactly what it was.
     assert_eq!(invoice(&dir), before);
@@ -194,13 +196,13 @@ async fn retired_segments_leave_the_chain_the_counts_the_invoices_and_the_budget
 async fn unacknowledged_or_unsettled_segments_stay() {
     let dir = temp("stay");
     write(&dir, None, 60, 0).await;
-    let segments = crate::ledger::segments(&dir.join("ledger")).unwrap();
+    let segments = crate::store::segments(&dir.join("ledger")).unwrap();
     // The collector has acknowledged only the first segment.
     let acked = crate::ledger::cursor::Cursor { segment: segments[1], offset: 0 };
     let p = Policy { acknowledged: Some(acked), ..policy(T0 + 30 * DAY, &dir) };
     let done = run(&dir, &Linker::new(None), &p).unwrap();
     assert_eq!(done.ledger_segments, 1);
-    assert_eq!(crate::ledger::segments(&dir.join("ledger")).unwrap()[0], segments[1]);
+    assert_eq!(crate::store::segments(&dir.join("ledger")).unwrap()[0], segments[1]);
 
     // A reservation still open (not expired, no usage record) keeps its segment.
     let dir = temp("unsettled");
@@ -228,7 +230,7 @@ async fn a_keyed_checkpoint_cannot_be_rewritten_and_a_removed_kept_segment_is_fo
     write(&dir, Some(key.clone()), 150, 0).await;
     let linker = Linker::new(Some(&key));
     // Keep the last two sealed segments: retire up to the third from the end.
-    let segments = crate::ledger::segments(&dir.join("ledger")).unwrap();
+    let segments = crate::store::segments(&dir.join("ledger")).unwrap();
     let p = Policy { ledger_current: segments[segments.len() - 3], ..policy(T0 + 30 * DAY, &dir) };
     assert!(run(&dir, &linker, &p).unwrap().ledger_segments > 0);
     assert!(crate::ledger::verify(&dir, Some(&key), &[]).unwrap().problems.is_empty());
@@ -251,7 +253,7 @@ async fn a_keyed_checkpoint_cannot_be_rewritten_and_a_removed_kept_segment_is_fo
     );
     std::fs::write(&path, text).unwrap();
     // A kept segment removed: the one after it does not link to what is left.
-    let kept = crate::ledger::segments(&dir.join("ledger")).unwrap();
+    let kept = crate::store::segments(&dir.join("ledger")).unwrap();
     std::fs::remove_file(chain::segment_path(&dir.join("ledger"), kept[0])).unwrap();
     let walk = crate::ledger::verify(&dir, Some(&key), &[]).unwrap();
     assert!(!walk.problems.is_empty(), "the removal is found");

@@ -1,6 +1,6 @@
-//! How ledger records are framed and chained, and the one walk over the segments that every
-//! reader shares (`tollgate run` on start, `tollgate invoice`, the admin API, `tollgate audit
-//! verify`, the export). The audit log uses the same framing and chain.
+//! How the records of the ledger and of the audit log are framed and chained, and the one walk
+//! over the segments that every reader shares (`tollgate run` on start, `tollgate invoice`, the
+//! admin API, `tollgate audit verify`, the export).
 //!
 //! A segment is encoded one of two ways ([`Encoding`]); a reader takes both, in any mix:
 //!
@@ -343,8 +343,8 @@ pub struct Walk {
     pub hashes_at: Vec<(u64, [u8; 32], Pos)>,
     /// How the last segment is encoded, and (compact) what its records defined.
     pub last_encoding: Option<Encoding>,
-    /// Records before the walked segments, retired (counted in `records` by
-    /// [`crate::ledger::verify`]).
+    /// Records before the walked segments, retired (counted in `records` by the ledger's
+    /// `verify`).
     pub retired: u64,
     pub context: Context,
 }
