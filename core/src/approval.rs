@@ -284,7 +284,9 @@ pub mod remote {
         pub risk: String,
         pub risk_score: u32,
         pub risk_band: String,
-        /// `None`: the collector's medium-band timeout, approved if nobody objects.
+        /// What happens when nobody answers in time (the band's: a high-risk action is denied,
+        /// anything else approved); `None` is approved. The timeout itself is the collector's
+        /// (its `oversight.approvals`), not `timeout_ms`, which is informational.
         pub on_timeout: Option<OnTimeout>,
         pub timeout_ms: Option<u64>,
     }

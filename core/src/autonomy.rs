@@ -25,7 +25,7 @@ use crate::doc::{self, Cx, DocErrors, Field};
 use crate::time::UnixMillis;
 
 pub use budget::{
-    budget_keys, BudgetKeys, BudgetLimit, BudgetLimits, BudgetOutcome, Counters, Limits,
+    budget_keys, BudgetKeys, BudgetLimit, BudgetLimits, BudgetOutcome, Counters, DayCounts, Limits,
 };
 
 /// How much autonomy an action has.

@@ -293,6 +293,17 @@ impl<'a> Field<'a> {
         }
     }
 
+    /// The field `key` of this mapping, if it is one and has the key (not null), without
+    /// recording anything: for a caller that looks at a section before decoding it.
+    pub fn peek(&self, key: &str) -> Option<Field<'a>> {
+        let Value::Map(entries) = &self.node.value else { return None };
+        let (_, node) = entries.iter().find(|(k, _)| k.scalar() == Some(key))?;
+        if matches!(node.value, Value::Null) {
+            return None;
+        }
+        Some(Field { node, path: self.child(format_args!(".{key}")) })
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self.node.value, Value::Null)
     }

@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod metering;
 pub mod metrics;
 pub mod money;
+pub mod oversight;
 pub mod policy;
 pub mod pricing;
 pub mod record;

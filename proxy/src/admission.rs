@@ -602,11 +602,14 @@ pub(crate) async fn raise(
     now: UnixMillis,
 ) -> Result<Approval, Denial> {
     let o = &shared.oversight;
-    let (on_timeout, timeout_ms) = match (r.on_timeout, r.timeout_ms) {
-        (Some(on), Some(ms)) => (on, ms),
-        // A low score that still needs a human (the policy or autonomy asked): at most as
-        // risky as medium, so it is approved if nobody objects in the medium timeout.
-        _ => (OnTimeout::Approve, o.config.thresholds.medium_timeout_ms),
+    // The timeouts are this proxy's `oversight.approvals` (the collector's, for a raise from an
+    // Envoy filter, which refuses them in its own configuration): a high-risk action is denied
+    // at `high_timeout`; a medium one, or a low score that still needs a human (the policy or
+    // autonomy asked: at most as risky as medium), approved at `medium_timeout`.
+    let thresholds = o.config.thresholds;
+    let (on_timeout, timeout_ms) = match r.on_timeout {
+        Some(OnTimeout::Deny) => (OnTimeout::Deny, thresholds.high_timeout_ms),
+        Some(OnTimeout::Approve) | None => (OnTimeout::Approve, thresholds.medium_timeout_ms),
     };
     let reason = r.reason;
     let approval = Approval {

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Deserialize;
 
-use tollgate_core::autonomy::{self, BudgetOutcome};
+use tollgate_core::autonomy::{self, BudgetLimit, BudgetOutcome};
 use tollgate_core::budget::{BudgetError, Budgets as BudgetEngine, MemoryStore, Reservation};
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::Repeat;
@@ -495,11 +495,17 @@ impl Stores for Assumed {
 
     fn consume_autonomy(
         &mut self,
-        _limits: autonomy::Limits,
+        limits: autonomy::Limits,
         agent: &str,
         action: &str,
         _now: UnixMillis,
     ) -> BudgetOutcome {
+        // A budget of none is used up whatever was used before.
+        let none =
+            [(limits.per_day, BudgetLimit::PerDay), (limits.per_action, BudgetLimit::PerAction)];
+        if let Some((_, limit)) = none.into_iter().find(|(max, _)| *max == Some(0)) {
+            return BudgetOutcome::Exhausted { limit, used: 0, max: 0 };
+        }
         self.note(format!(
             "autonomy budget of agent {agent} for {action}: units used today (assumed none)"
         ));

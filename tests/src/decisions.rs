@@ -33,6 +33,8 @@ pub struct Table {
     pub pricing: Value,
     /// The `guardrails:` section every mode runs (JSON).
     pub guardrails: Value,
+    /// The `autonomy:` section every mode runs (JSON).
+    pub autonomy: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
     pub cases: Vec<Case>,
@@ -251,14 +253,18 @@ impl Table {
             policy: doc["policy"].clone(),
             pricing: doc["pricing"].clone(),
             guardrails: doc["guardrails"].clone(),
+            autonomy: doc["autonomy"].clone(),
             compared,
             cases,
         }
     }
 
-    /// The `pricing:` and `guardrails:` sections as config lines (JSON is YAML).
+    /// The `pricing:`, `guardrails:` and `autonomy:` sections as config lines (JSON is YAML).
     pub fn sections_yaml(&self) -> String {
-        format!("pricing: {}\nguardrails: {}\n", self.pricing, self.guardrails)
+        format!(
+            "pricing: {}\nguardrails: {}\nautonomy: {}\n",
+            self.pricing, self.guardrails, self.autonomy
+        )
     }
 
     /// The metric series names compared in `mode`.

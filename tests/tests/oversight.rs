@@ -224,6 +224,53 @@ async fn timeouts_follow_the_risk_band_medium_approves_high_denies() {
     audit_until(&h, &x_id, &["approval_expired_denied"]).await;
 }
 
+/// An approval an Envoy filter raises through the collector (`POST /v1/fleet/approvals`) times
+/// out on the collector's own `oversight.approvals` timeouts, whatever timeout the filter sent
+/// (the filter refuses those fields in its configuration): high risk is denied, anything else
+/// approved.
+#[tokio::test]
+async fn a_filters_approval_times_out_on_the_collectors_timeouts() {
+    let h = Harness::builder()
+        .extra("oversight: {approvals: {medium_timeout: 300ms, high_timeout: 300ms}, sweep_interval: 50ms}")
+        .start()
+        .await;
+    let raise = |action: &str, band: &str, on_timeout: Value| {
+        json!({"request_id": format!("envoy-{action}"), "agent": "mesh-bot", "cost_center": "CC-1",
+            "project": "P-1", "route": "tool", "action": action, "digest": format!("{:016x}", action.bytes().map(u64::from).sum::<u64>()),
+            "reason": format!("risk_{band}"), "why": "the action's risk needs a human",
+            "risk": "risk 80", "risk_score": 8000, "risk_band": band,
+            "on_timeout": on_timeout, "timeout_ms": 86_400_000u64})
+    };
+    let mut ids = Vec::new();
+    for body in [
+        raise("drop_db", "high", json!("deny")),
+        raise("restart", "medium", json!("approve")),
+        raise("deploy", "low", Value::Null),
+    ] {
+        let request = hyper::Request::post(format!("{}/v1/fleet/approvals", h.admin))
+            .header("authorization", format!("Bearer {}", h.token))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .unwrap();
+        let answer = tollgate_e2e::harness::read(h.client.request(request).await.unwrap()).await;
+        let answer = answer.json();
+        assert_eq!(answer["ok"], true, "{answer}");
+        ids.push(answer["id"].as_str().unwrap().to_owned());
+    }
+    let started = Instant::now();
+    let mut states = Vec::new();
+    for id in &ids {
+        let a = until_decided(&h, id).await;
+        states.push((
+            a["state"].as_str().map(str::to_owned),
+            a["decided_by"].as_str().map(str::to_owned),
+        ));
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "timed out on the collector's 300ms");
+    let want = |state: &str| (Some(state.to_owned()), Some("timeout".to_owned()));
+    assert_eq!(states, [want("denied"), want("approved"), want("approved")]);
+}
+
 #[tokio::test]
 async fn historical_success_comes_from_the_proxys_own_outcomes() {
     let route = r#"{name: lookup, path_prefix: /tools/lookup, kind: tool, tool: lookup, category: read, upstream: "{upstream}", risk: {blast_radius: low, reversibility: automatic_rollback, data_sensitivity: public}}"#;

@@ -3,8 +3,9 @@
 //!
 //! *request headers*: attribution (a bad header is refused before anything is sent upstream) →
 //! *request body* (or the headers, for a bodyless request): classify, then the core's admission
-//! phase (`tollgate_core::lifecycle::decide`: decide, cost cap, rate limits, budget reservation,
-//! in the sidecar's order), and for an OpenAI stream without `stream_options.include_usage`
+//! phase (`tollgate_core::lifecycle::decide`: decide, guardrails, cost cap, rate limits, the
+//! oversight guards the configuration turned on, budget reservation, in the sidecar's order), and
+//! for an OpenAI stream without `stream_options.include_usage`
 //! the body asking for it ([`Exchange::usage_rewrite`]) → *response headers*: decision headers,
 //! status → *response body*: every chunk fed to the core's meter as it passes, never held (only
 //! the usage chunk the filter asked for is cut out again, which may hold back one incomplete SSE
@@ -16,14 +17,14 @@
 
 use serde::Serialize;
 use tollgate_core::attribution::{Attribution, AttributionError, Identity};
-use tollgate_core::autonomy::{self, BudgetOutcome};
+use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
 use tollgate_core::guardrails::escalation::Standing;
-use tollgate_core::guardrails::loops::Repeat;
+use tollgate_core::guardrails::loops::{Repeat, Slot};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::lifecycle::{
-    self, ActionRate, Admission, BreakerOpen, Call, Guards, RateLimited, Stores,
+    self, ActionRate, Admission, BreakerOpen, Call, RateLimited, Stores,
 };
 use tollgate_core::metering::{
     Api, ContentEncoding, DecodeAbort, Meter, Provider, UsageChunkFilter,
@@ -194,6 +195,12 @@ struct Admitted {
 /// What a filter without the collector's approval service says when a human has to approve.
 pub const NO_APPROVALS: &str = "this Envoy filter has no approval service to ask (configure \
     `store: {collector: {}}` so that approvals are raised with the collector)";
+
+/// The shared data key prefix of the autonomy budget's records (one per agent).
+pub const AUTONOMY_KEY: &str = "tollgate:autonomy:";
+
+/// The shared data key prefix of the loop detector's slots.
+pub const LOOPS_KEY: &str = "tollgate:loops:";
 
 /// The request header that carries a granted approval's id on a retry (as in the sidecar).
 pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
@@ -485,13 +492,13 @@ impl Exchange {
             is_tool: tool.is_some(),
             risk: None,
         };
-        // The filter runs no oversight guards of its own (`autonomy:` and `oversight:` are the
-        // sidecar's; the plugin configuration refuses them); in fleet mode it refuses the agents
-        // the fleet disabled, at the same step as the sidecar.
+        // The oversight guards the configuration turned on (autonomy modes and budgets, the loop
+        // detector, the approval thresholds; see `Plugin::guards`), and in fleet mode the agents
+        // the fleet disabled, at the same steps as the sidecar.
         let rules = lifecycle::Rules {
             engine: &plugin.engine,
             policy: &plugin.policy,
-            oversight: Guards { escalation: plugin.fleet.is_some(), ..Guards::default() },
+            oversight: plugin.guards,
         };
         let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
         budgets.leases().set_now(now.ms);
@@ -676,19 +683,56 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         }
     }
 
-    fn observe_call(&mut self, _digest: u64, _now: UnixMillis) -> Repeat {
-        Repeat::Fresh { count: 1 }
+    /// The loop detector over shared data: the calls spread over a fixed set of keys by
+    /// digest (shared data cannot delete keys), each slot updated with a compare-and-swap so
+    /// every worker sees every call (`tollgate_core::guardrails::loops::Slot`). A slot that
+    /// cannot be read lets the call through (the detector is a safeguard against runaway
+    /// agents; budgets and rate limits still follow the fail policy).
+    fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat {
+        let Some(config) = self.plugin.loops else { return Repeat::Fresh { count: 1 } };
+        let key = format!("{LOOPS_KEY}{}", Slot::index(digest, &config));
+        let mut repeat = Repeat::Fresh { count: 1 };
+        let initial = Slot::default().encode();
+        let updated = self.budgets.shared.store().update_record(&key, &initial, |bytes| {
+            let mut slot = Slot::decode(bytes)?;
+            repeat = slot.observe(digest, now, &config);
+            Some(slot.encode())
+        });
+        match updated {
+            Ok(()) => repeat,
+            Err(_) => Repeat::Fresh { count: 1 },
+        }
     }
 
+    /// The autonomy budget over shared data: one key per agent holding the UTC day, the total
+    /// and the count per action (`tollgate_core::autonomy::DayCounts`), reused day after day and
+    /// updated with a compare-and-swap, so both limits are checked and both counts taken at once
+    /// for every worker. A record that cannot be read follows the fail policy: closed counts as
+    /// used up (a human approves), open as consumed.
     fn consume_autonomy(
         &mut self,
-        _limits: autonomy::Limits,
-        _agent: &str,
-        _action: &str,
-        _now: UnixMillis,
+        limits: autonomy::Limits,
+        agent: &str,
+        action: &str,
+        now: UnixMillis,
     ) -> BudgetOutcome {
-        // Never asked: the filter runs without `autonomy:`.
-        BudgetOutcome::Exhausted { limit: autonomy::BudgetLimit::Capacity, used: 0, max: 0 }
+        let key = format!("{AUTONOMY_KEY}{agent}");
+        let unread =
+            BudgetOutcome::Exhausted { limit: autonomy::BudgetLimit::Capacity, used: 0, max: 0 };
+        let mut outcome = unread;
+        let initial = DayCounts::default().encode();
+        let updated = self.budgets.shared.store().update_record(&key, &initial, |bytes| {
+            let mut day = DayCounts::decode(bytes)?;
+            outcome = day.consume(limits, action, now);
+            matches!(outcome, BudgetOutcome::Consumed { .. }).then(|| day.encode())
+        });
+        match updated {
+            Ok(()) => outcome,
+            Err(_) if self.fail_closed() => unread,
+            Err(_) => {
+                BudgetOutcome::Consumed { used: 0, limit: None, action_used: 0, action_limit: None }
+            }
+        }
     }
 
     fn history(&mut self, _agent: &str, _action: &str) -> Option<(u64, u64)> {

@@ -1,25 +1,37 @@
 //! The plugin configuration: the engine document the sidecar also reads (`attribution`,
-//! `policy`, `pricing`) plus a `filter` section for what only the Envoy filter has (fail policy,
-//! collector cluster, policy source, label caps, the MCP path and category), compiled once per
-//! `on_configure`. `guardrails` checks MCP tool calls here as in the sidecar (hourly rates in
-//! Envoy shared data); `autonomy`, which the filter cannot run, is refused with an error naming
-//! it.
+//! `policy`, `pricing`, `autonomy`, `guardrails`, `oversight`) plus a `filter` section for what
+//! only the Envoy filter has (fail policy, collector cluster, policy source, label caps, the MCP
+//! path and category), compiled once per `on_configure`. `guardrails` checks MCP tool calls here
+//! as in the sidecar (hourly rates in Envoy shared data); `autonomy` gates actions by mode, its
+//! budgets counted in shared data; of `oversight`, the loop detector (in shared data) and the
+//! approval thresholds run here, and every other field is refused with an error naming it
+//! ([`OVERSIGHT_REFUSED`]), never silently ignored.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
 //! with its field path and line. This module never talks to the host.
 
 use tollgate_core::doc::{self, Cx, DocErrors, Field};
 use tollgate_core::engine::{Engine, EngineConfig};
+use tollgate_core::guardrails::loops::LoopConfig;
+use tollgate_core::lifecycle::Guards;
+use tollgate_core::oversight::OversightConfig;
 use tollgate_core::policy::Snapshot;
 
 /// Sections of the plugin configuration document.
-const SECTIONS: [&str; 7] =
-    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails", "store"];
+const SECTIONS: [&str; 8] =
+    ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails", "oversight", "store"];
 
-/// Sections of the sidecar's configuration the filter accepts only to refuse them: the
-/// oversight step that runs them needs the sidecar's state and approvals journal.
-const UNSUPPORTED: [(&str, &str); 1] =
-    [("autonomy", "autonomy modes and budgets run in the sidecar's oversight step")];
+/// Fields of the sidecar's `oversight:` section the filter refuses, naming them, and why: what
+/// runs them lives in the sidecar (its breakers and escalation see every response of the
+/// process; its approvals journal keeps the timeouts).
+pub const OVERSIGHT_REFUSED: [(&str, &str); 6] = [
+    ("breaker", "circuit breakers run in the sidecar"),
+    ("escalation", "error escalation runs in the sidecar; in fleet mode the filter refuses the agents the fleet disabled"),
+    ("use_within", "approvals are kept by the collector's approval service, under its own `oversight.use_within`"),
+    ("sweep_interval", "approval timeouts are settled by the collector's approval service"),
+    ("approvals.medium_timeout", "approval timeouts are the collector's (its own `oversight.approvals`)"),
+    ("approvals.high_timeout", "approval timeouts are the collector's (its own `oversight.approvals`)"),
+];
 
 /// What the filter does when it cannot decide (bad configuration, budget store failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +177,12 @@ pub struct Plugin {
     /// The policy in force: the configuration's own until `filter.policy_url` provides a
     /// newer one (see [`Plugin::with_policy`]).
     pub policy: Snapshot,
+    /// The oversight guards the lifecycle runs: autonomy modes (with an `autonomy:` section),
+    /// the loop detector (`oversight.loops`) and the approval thresholds; `escalation` in fleet
+    /// mode (the fleet's disabled agents).
+    pub guards: Guards,
+    /// `oversight.loops`, whose calls are counted in shared data.
+    pub loops: Option<LoopConfig>,
 }
 
 impl Plugin {
@@ -178,18 +196,21 @@ impl Plugin {
             Some(f) => decode_filter(&mut cx, &f),
             None => FilterSettings::default(),
         };
-        // Sections the filter cannot honour are refused, naming them, rather than ignored.
-        for (name, why) in UNSUPPORTED {
-            if let Some(f) = obj.get(name) {
-                f.error(&mut cx, format!("the Envoy filter cannot honour `{name}:` ({why}); remove it from the plugin configuration or run the sidecar"));
-            }
-        }
         let fleet = obj.get("store").and_then(|f| decode_store(&mut cx, &f, &filter));
+        let autonomy = obj.get("autonomy");
+        let oversight = decode_oversight(&mut cx, obj.get("oversight"));
+        let guards = Guards {
+            autonomy: autonomy.is_some(),
+            loops: oversight.loops.is_some(),
+            breakers: false,
+            escalation: fleet.is_some(),
+            thresholds: oversight.thresholds,
+        };
         let engine = EngineConfig {
             attribution: obj.get("attribution"),
             policy: obj.get("policy"),
             pricing: obj.get("pricing"),
-            autonomy: None,
+            autonomy,
             guardrails: obj.get("guardrails"),
             read_file: None,
         }
@@ -198,7 +219,7 @@ impl Plugin {
         match engine {
             Some(engine) if !cx.has_errors() => {
                 let policy = engine.policy().clone();
-                Ok(Plugin { engine, filter, fleet, policy })
+                Ok(Plugin { engine, filter, fleet, policy, guards, loops: oversight.loops })
             }
             _ => Err(errors(cx)),
         }
@@ -211,6 +232,8 @@ impl Plugin {
             filter: self.filter.clone(),
             fleet: self.fleet,
             policy,
+            guards: self.guards,
+            loops: self.loops,
         }
     }
 
@@ -280,6 +303,29 @@ fn decode_store(cx: &mut Cx, field: &Field<'_>, filter: &FilterSettings) -> Opti
     });
     obj.finish(cx, &["collector", "redis"]);
     settings
+}
+
+/// The `oversight:` section, decoded as the sidecar decodes it, with the fields the filter
+/// cannot honour ([`OVERSIGHT_REFUSED`]) refused, each naming itself.
+fn decode_oversight(cx: &mut Cx, field: Option<Field<'_>>) -> OversightConfig {
+    if let Some(f) = &field {
+        for (path, why) in OVERSIGHT_REFUSED {
+            let found = match path.split_once('.') {
+                Some((section, key)) => f.peek(section).and_then(|s| s.peek(key)),
+                None => f.peek(path),
+            };
+            if let Some(refused) = found {
+                refused.error(
+                    cx,
+                    format!(
+                        "the Envoy filter cannot honour `oversight.{path}` ({why}); remove it \
+                         from the plugin configuration or run the sidecar"
+                    ),
+                );
+            }
+        }
+    }
+    OversightConfig::decode(cx, field)
 }
 
 fn errors(cx: Cx) -> DocErrors {
@@ -618,23 +664,58 @@ mod tests {
     }
 
     #[test]
-    fn autonomy_is_refused_naming_it_and_guardrails_are_honoured() {
+    fn autonomy_and_the_loop_detector_are_honoured_and_guardrails_too() {
         let doc = r#"{"policy": {"version": "v", "defaults": {"llm": "allow"}},
-                      "autonomy": {"default": "AUTO_EXECUTE"},
-                      "guardrails": {}}"#;
-        let errors = Plugin::from_document(doc).expect_err("refused").0;
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert_eq!(errors[0].path, "autonomy");
-        assert!(errors[0].message.contains("cannot honour `autonomy:`"), "{}", errors[0].message);
-        // Guardrails are honoured: the plugin compiles with them and enforces them.
-        let doc = r#"{"policy": {"version": "v", "defaults": {"llm": "allow"}},
+                      "autonomy": {"default": "AUTO_EXECUTE",
+                                   "accounts": {"off": {"default": "DISABLED"}}},
+                      "oversight": {"loops": {"max_repeats": 2, "window": "1m"},
+                                    "approvals": {"medium_from": 20, "high_from": 60}},
                       "guardrails": {"actions": {"read_file": {"allowed_resources": ["/w/"]}}}}"#;
-        let plugin = Plugin::from_document(doc).expect("guardrails are supported");
+        let plugin = Plugin::from_document(doc).expect("honoured");
+        assert!(plugin.guards.autonomy && plugin.guards.loops, "{:?}", plugin.guards);
+        assert!(!plugin.guards.breakers && !plugin.guards.escalation);
+        assert_eq!(plugin.guards.thresholds.medium_from.hundredths(), 2000);
+        assert_eq!(plugin.loops.map(|l| (l.max_repeats, l.window_ms)), Some((2, 60_000)));
+        let off = plugin.engine.autonomy().resolve("", "off", "llm");
+        assert_eq!(off.mode, tollgate_core::autonomy::Mode::Disabled);
         let g = plugin.engine.enforced_guardrails().expect("enforced");
         assert_eq!(
             g.policy("read_file").map(|p| p.allowed_resources.clone()),
             Some(vec!["/w/".to_string()])
         );
+        // The refreshed policy keeps them.
+        let again = plugin.with_policy(plugin.policy.clone());
+        assert_eq!(again.loops, plugin.loops);
+        // Without the sections, nothing is gated.
+        let plain = Plugin::from_document(&format!("{{{POLICY}}}")).unwrap();
+        assert!(!plain.guards.any() && plain.loops.is_none());
+    }
+
+    #[test]
+    fn oversight_fields_the_filter_cannot_run_are_refused_naming_each() {
+        let doc = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  loops: {}\n  \
+                   breaker: {failure_threshold: 3}\n  escalation: {review_at: 2}\n  \
+                   use_within: 1h\n  sweep_interval: 1s\n  approvals: {medium_from: 10, \
+                   medium_timeout: 1m, high_timeout: 2m}\n  bogus: 1\n";
+        let errors = Plugin::from_document(doc).expect_err("refused").0;
+        let mut paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "oversight.approvals.high_timeout",
+                "oversight.approvals.medium_timeout",
+                "oversight.bogus",
+                "oversight.breaker",
+                "oversight.escalation",
+                "oversight.sweep_interval",
+                "oversight.use_within",
+            ],
+            "{errors:?}"
+        );
+        let breaker = errors.iter().find(|e| e.path == "oversight.breaker").unwrap();
+        assert!(breaker.message.contains("cannot honour `oversight.breaker`"), "{breaker:?}");
+        assert_eq!(breaker.line, 4);
     }
 
     #[test]

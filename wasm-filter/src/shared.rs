@@ -140,8 +140,41 @@ impl<D: SharedData> SharedStore<D> {
         Err(StoreError::Contended { key: key.to_owned(), attempts: MAX_ATTEMPTS })
     }
 
+    /// Applies `f` to the record in `key` (`initial` when absent: never empty, which the host
+    /// may hand back as no value) until a CAS succeeds; `f` returns the new record, or `None` to
+    /// leave it alone. For records that are not one counter (the autonomy budget's day, the
+    /// loop detector's slots): each holds everything one decision reads and writes, so one CAS
+    /// makes the decision atomic across workers.
+    pub fn update_record(
+        &self,
+        key: &str,
+        initial: &[u8],
+        mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((bytes, cas)) = self.data.get(key)? else {
+                if f(initial).is_none() {
+                    return Ok(());
+                }
+                // Created (or by someone else meanwhile): apply with a CAS next round.
+                self.create_with(key, initial)?;
+                continue;
+            };
+            let Some(next) = f(&bytes) else { return Ok(()) };
+            if self.data.set(key, &next, Some(cas))? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Contended { key: key.to_owned(), attempts: MAX_ATTEMPTS })
+    }
+
     /// Creates `key` at 0 unless it exists, under the creation lock.
     fn create(&self, key: &str) -> Result<(), StoreError> {
+        self.create_with(key, &0i64.to_le_bytes())
+    }
+
+    /// Creates `key` holding `initial` unless it exists, under the creation lock.
+    fn create_with(&self, key: &str, initial: &[u8]) -> Result<(), StoreError> {
         for _ in 0..MAX_ATTEMPTS {
             match self.data.get(CREATE_LOCK_KEY)? {
                 None => {
@@ -153,7 +186,7 @@ impl<D: SharedData> SharedStore<D> {
                         continue;
                     }
                     let created = match self.data.get(key) {
-                        Ok(None) => self.data.set(key, &0i64.to_le_bytes(), None).map(|_| ()),
+                        Ok(None) => self.data.set(key, initial, None).map(|_| ()),
                         Ok(Some(_)) => Ok(()),
                         Err(e) => Err(e),
                     };
@@ -443,6 +476,46 @@ mod tests {
         assert_eq!(s.get("limited"), Ok(999));
         let total: i64 = (0..50).map(|i| s.get(&format!("fresh-{i}")).unwrap()).sum();
         assert_eq!(total, 2000, "every increment counted");
+    }
+
+    #[test]
+    fn concurrent_workers_take_a_record_budget_exactly_once_each() {
+        use tollgate_core::autonomy::{BudgetOutcome, DayCounts, Limits};
+        // Four workers racing on one agent's autonomy record, which no one created yet.
+        let data = Arc::new(FakeShared::default());
+        seed(&*data).unwrap();
+        let limits = Limits { per_day: Some(150), per_action: Some(100) };
+        let threads: Vec<_> = (0..4)
+            .map(|w| {
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let s = SharedStore::new(&*data);
+                    let mut consumed = 0;
+                    for i in 0..60 {
+                        let action = if (i + w) % 2 == 0 { "deploy" } else { "read" };
+                        let mut outcome = None;
+                        let initial = DayCounts::default().encode();
+                        s.update_record("agent", &initial, |bytes| {
+                            let mut day = DayCounts::decode(bytes)?;
+                            let o = day.consume(limits, action, T);
+                            outcome = Some(o);
+                            matches!(o, BudgetOutcome::Consumed { .. }).then(|| day.encode())
+                        })
+                        .unwrap();
+                        if matches!(outcome, Some(BudgetOutcome::Consumed { .. })) {
+                            consumed += 1;
+                        }
+                    }
+                    consumed
+                })
+            })
+            .collect();
+        let consumed: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(consumed, 150, "exactly the daily limit, never more, none lost");
+        let (bytes, _) = data.get("agent").unwrap().unwrap();
+        let mut day = DayCounts::decode(&bytes).unwrap();
+        let after = day.consume(Limits::default(), "read", T);
+        assert!(matches!(after, BudgetOutcome::Consumed { used: 151, .. }), "{after:?}");
     }
 
     #[test]

@@ -435,6 +435,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "policy": table.policy,
         "pricing": table.pricing,
         "guardrails": table.guardrails,
+        "autonomy": table.autonomy,
     })
     .to_string();
     // A relay in front of the mock records every byte that reaches the upstream, a head
@@ -671,7 +672,8 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
     let mock = rt.block_on(MockUpstream::start());
     let bad = |fail: &str| {
         format!(
-            r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}}}}"#
+            r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}},
+                "oversight": {{"loops": {{}}, "breaker": {{"failure_threshold": 3}}}}}}"#
         )
     };
     let closed = Envoy::start(&bad("closed"), mock.addr().port(), support::free_port());
@@ -682,6 +684,8 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
             log.contains("invalid plugin configuration") && log.contains("policy.defaults.llm"),
             "the error and its path are logged:\n{log}"
         );
+        // An oversight guard the filter cannot run is refused naming it, never ignored.
+        assert!(log.contains("cannot honour `oversight.breaker`"), "{log}");
         assert!(envoy.metric("tollgate_config_errors_total") >= 1);
     }
     let r = closed.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
@@ -991,5 +995,120 @@ fn the_filter_exports_the_sidecars_metrics() {
     // It did read them: one such finding per family.
     assert_eq!(findings.len(), on_envoy.types.len(), "{findings:#?}");
     assert!(on_envoy.types.len() >= 7, "{envoy_text}");
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// The oversight sections both run: autonomy modes per agent and action with an autonomy
+/// budget, and the loop detector.
+const OVERSEEN_POLICY: &str = r#"{"version": "2026-12-03.oversight",
+  "defaults": {"llm": "allow", "tool": "allow", "other": "deny"}}"#;
+const AUTONOMY: &str = r#"{"default": "AUTO_EXECUTE",
+  "accounts": {"off-bot": {"default": "DISABLED"},
+               "shy-bot": {"actions": {"search_web": "PROPOSE_ONLY"}}},
+  "budgets": {"accounts": {"thrifty-bot": {"per_day": 1}}}}"#;
+const OVERSIGHT: &str = r#"{"loops": {"max_repeats": 2, "window": "60s"}}"#;
+
+/// What an answer is compared by: status, error code and the decision headers.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    code: Option<String>,
+    headers: Vec<(&'static str, Option<String>)>,
+}
+
+const COMPARED: [&str; 4] =
+    ["x-tollgate-decision", "x-tollgate-reason", "x-tollgate-clause", "x-tollgate-policy-version"];
+
+/// Autonomy `DISABLED` and `PROPOSE_ONLY`, an autonomy budget used up and a tool call looping get
+/// the sidecar's answers from the filter in Envoy for the same configuration: the same status,
+/// error code and decision headers, and `retry-after` for the loop (to the second: the two are
+/// asked a moment apart). Where the sidecar records an approval (the budget used up), the filter
+/// without the collector's approval service refuses alike but names no approval.
+#[test]
+fn oversight_in_envoy_answers_as_the_sidecar_does() {
+    let rt = runtime();
+    let sections = format!("autonomy: {AUTONOMY}\noversight: {OVERSIGHT}\n");
+    let sidecar = rt.block_on(
+        Harness::builder()
+            .policy(OVERSEEN_POLICY)
+            .extra(&sections)
+            .route(r#"{name: mcp, path_prefix: /mcp, kind: mcp, upstream: "{upstream}"}"#)
+            .start(),
+    );
+    let collector = Collector::start();
+    let plugin = format!(
+        r#"{{"filter": {{"fail": "closed"}}, "policy": {OVERSEEN_POLICY},
+            "autonomy": {AUTONOMY}, "oversight": {OVERSIGHT}}}"#
+    );
+    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    let tool = |name: &str, args: Value| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": name, "arguments": args}})
+    };
+    let chat = json!({"model": "gpt-4o", "max_tokens": 5, "messages": []});
+    let steps: Vec<(&str, &str, &str, Value)> = vec![
+        ("autonomy DISABLED", "off-bot", "/v1/chat/completions", chat.clone()),
+        ("PROPOSE_ONLY", "shy-bot", "/mcp", tool("search_web", json!({"q": "x"}))),
+        ("another action of that agent", "shy-bot", "/v1/chat/completions", chat.clone()),
+        ("the day's one autonomous action", "thrifty-bot", "/v1/chat/completions", chat.clone()),
+        ("its autonomy budget used up", "thrifty-bot", "/v1/chat/completions", chat.clone()),
+        ("a tool call", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
+        ("the same again", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
+        ("a third time: a loop", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
+        ("other arguments", "loop-bot", "/mcp", tool("search_web", json!({"q": "other"}))),
+    ];
+    let mut answers = Vec::new();
+    for (name, agent, path, body) in &steps {
+        let tags = who(agent);
+        let owned: Vec<(String, String)> =
+            tags.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+        let s = rt.block_on(sidecar.post(path, &owned, body));
+        let e = envoy.request("POST", path, &tags, &serde_json::to_vec(body).unwrap());
+        let code = |v: Value| v["error"]["code"].as_str().map(str::to_owned);
+        let sidecar_answer = Answer {
+            status: s.status.as_u16(),
+            code: (s.status.as_u16() != 200).then(|| code(s.json())).flatten(),
+            headers: COMPARED.iter().map(|h| (*h, s.header(h).map(str::to_owned))).collect(),
+        };
+        let envoy_answer = Answer {
+            status: e.status,
+            code: (e.status != 200).then(|| code(e.json())).flatten(),
+            headers: COMPARED.iter().map(|h| (*h, e.header(h).map(str::to_owned))).collect(),
+        };
+        assert_eq!(envoy_answer, sidecar_answer, "{name}: {}", String::from_utf8_lossy(&e.body));
+        let retry = |v: Option<&str>| v.map(|v| v.parse::<u64>().unwrap());
+        let (rs, re) = (retry(s.header("retry-after")), retry(e.header("retry-after")));
+        assert!(
+            rs.is_some() == re.is_some() && rs.unwrap_or(0).abs_diff(re.unwrap_or(0)) <= 1,
+            "{name}: retry-after {rs:?} in the sidecar, {re:?} in Envoy"
+        );
+        answers.push((
+            sidecar_answer.status,
+            sidecar_answer.code,
+            s.header("x-tollgate-approval-id").is_some(),
+            e.header("x-tollgate-approval-id").is_some(),
+            rs,
+        ));
+    }
+    // What both answered, pinned.
+    let codes: Vec<(u16, Option<&str>)> =
+        answers.iter().map(|(status, code, ..)| (*status, code.as_deref())).collect();
+    assert_eq!(
+        codes,
+        [
+            (403, Some("autonomy_disabled")),
+            (403, Some("autonomy_propose_only")),
+            (200, None),
+            (200, None),
+            (403, Some("autonomy_budget_exhausted")),
+            (200, None),
+            (200, None),
+            (403, Some("loop_detected")),
+            (200, None),
+        ]
+    );
+    // The sidecar recorded an approval for the budget used up; the filter names none.
+    assert_eq!((answers[4].2, answers[4].3), (true, false));
+    assert!(answers[7].4.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[7].4);
     assert!(!envoy.log().contains("panicked"));
 }

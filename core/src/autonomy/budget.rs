@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::doc::{Cx, Field};
-use crate::guardrails::counter::{Take, WindowCounters};
+use crate::guardrails::counter::{room, Take, WindowCounters};
 use crate::time::{Period, UnixMillis};
 
 const MS_PER_DAY: u64 = 86_400_000;
@@ -175,29 +175,122 @@ impl Counters {
         now: UnixMillis,
     ) -> BudgetOutcome {
         let day = now.as_millis() / MS_PER_DAY;
-        match self.inner.take(day, account, action, limits.per_day, limits.per_action) {
-            Take::Taken { total, action } => BudgetOutcome::Consumed {
-                used: total,
-                limit: limits.per_day,
-                action_used: action,
-                action_limit: limits.per_action,
-            },
-            Take::TotalFull { used, limit } => {
-                BudgetOutcome::Exhausted { limit: BudgetLimit::PerDay, used, max: limit }
-            }
-            Take::ActionFull { used, limit } => {
-                BudgetOutcome::Exhausted { limit: BudgetLimit::PerAction, used, max: limit }
-            }
-            Take::TooManySubjects { max } => BudgetOutcome::Exhausted {
-                limit: BudgetLimit::Capacity,
-                used: 0,
-                max: u32::try_from(max).unwrap_or(u32::MAX),
-            },
-        }
+        outcome(self.inner.take(day, account, action, limits.per_day, limits.per_action), limits)
     }
 
     /// Today's (total, action) counts of `account`; zero on another day.
     pub fn used(&self, account: &str, action: &str, now: UnixMillis) -> (u32, u32) {
         self.inner.get(now.as_millis() / MS_PER_DAY, account, action)
+    }
+}
+
+/// The budget outcome of a window counter's answer.
+fn outcome(take: Take, limits: Limits) -> BudgetOutcome {
+    match take {
+        Take::Taken { total, action } => BudgetOutcome::Consumed {
+            used: total,
+            limit: limits.per_day,
+            action_used: action,
+            action_limit: limits.per_action,
+        },
+        Take::TotalFull { used, limit } => {
+            BudgetOutcome::Exhausted { limit: BudgetLimit::PerDay, used, max: limit }
+        }
+        Take::ActionFull { used, limit } => {
+            BudgetOutcome::Exhausted { limit: BudgetLimit::PerAction, used, max: limit }
+        }
+        Take::TooManySubjects { max } => BudgetOutcome::Exhausted {
+            limit: BudgetLimit::Capacity,
+            used: 0,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+        },
+    }
+}
+
+/// Action types one agent's [`DayCounts`] holds at most in a day; a new one beyond is refused
+/// as over the store's capacity (it goes to a human), never let through uncounted.
+pub const MAX_ACTIONS_PER_DAY: usize = 1024;
+
+/// One agent's autonomy budget counts for one UTC day in one record, for a store that updates
+/// a key atomically but cannot delete it (Envoy shared data, with a compare-and-swap): the day,
+/// the total and the count per action type, so both limits are checked and both counts taken
+/// in one write, as [`Counters`] does under its lock. A call on a later day starts the counts
+/// again (the key is reused day after day); a call whose clock is behind the record's day
+/// counts against the record's day. Pure: decoding, deciding and encoding only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayCounts {
+    day: u64,
+    total: u32,
+    actions: Vec<(String, u32)>,
+}
+
+impl DayCounts {
+    /// Consumes one unit for `action` at `now` if neither limit is reached (the rule of
+    /// [`Counters::consume`]).
+    pub fn consume(&mut self, limits: Limits, action: &str, now: UnixMillis) -> BudgetOutcome {
+        let day = now.as_millis() / MS_PER_DAY;
+        if day > self.day {
+            *self = DayCounts { day, ..DayCounts::default() };
+        }
+        let i = self.actions.iter().position(|(a, _)| a == action);
+        let used = i.map_or(0, |i| self.actions[i].1);
+        let take = match room(self.total, used, limits.per_day, limits.per_action) {
+            Err(full) => full,
+            Ok(()) if i.is_none() && self.actions.len() >= MAX_ACTIONS_PER_DAY => {
+                Take::TooManySubjects { max: MAX_ACTIONS_PER_DAY }
+            }
+            Ok(()) => {
+                self.total = self.total.saturating_add(1);
+                let n = match i {
+                    Some(i) => &mut self.actions[i].1,
+                    None => {
+                        self.actions.push((action.to_owned(), 0));
+                        &mut self.actions.last_mut().expect("just pushed").1
+                    }
+                };
+                *n = n.saturating_add(1);
+                Take::Taken { total: self.total, action: *n }
+            }
+        };
+        outcome(take, limits)
+    }
+
+    /// Decodes a stored record (empty bytes: nothing counted yet). `None`: not a record.
+    pub fn decode(bytes: &[u8]) -> Option<DayCounts> {
+        if bytes.is_empty() {
+            return Some(DayCounts::default());
+        }
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            rest = tail;
+            Some(head)
+        };
+        let day = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let total = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        let mut actions = Vec::with_capacity((n as usize).min(MAX_ACTIONS_PER_DAY));
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let name = std::str::from_utf8(take(len)?).ok()?.to_owned();
+            let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            actions.push((name, count));
+        }
+        rest.is_empty().then_some(DayCounts { day, total, actions })
+    }
+
+    /// The bytes [`DayCounts::decode`] reads.
+    pub fn encode(&self) -> Vec<u8> {
+        let names: usize = self.actions.iter().map(|(a, _)| a.len() + 8).sum();
+        let mut out = Vec::with_capacity(16 + names);
+        out.extend_from_slice(&self.day.to_le_bytes());
+        out.extend_from_slice(&self.total.to_le_bytes());
+        out.extend_from_slice(&(self.actions.len() as u32).to_le_bytes());
+        for (action, count) in &self.actions {
+            out.extend_from_slice(&(action.len() as u32).to_le_bytes());
+            out.extend_from_slice(action.as_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        out
     }
 }

@@ -233,3 +233,57 @@ fn non_auto_modes_consume_no_budget() {
     let g = p.decide(&counters, "T", "B", "x", day(22));
     assert_eq!((g.effect, counters.used("B", "x", day(22))), (Effect::Allow, (1, 1)));
 }
+
+#[test]
+fn a_day_record_consumes_as_the_counters_do_through_its_bytes() {
+    let counters = Counters::default();
+    let mut record = DayCounts::default();
+    let limits =
+        |action: &str| Limits { per_day: Some(4), per_action: (action == "deploy").then_some(2) };
+    let calls = [
+        ("deploy", day(22)),
+        ("deploy", day(22)),
+        ("deploy", day(22)),
+        ("read", day(22)),
+        ("read", day(22)),
+        ("read", day(22)),
+        // The next day starts again; a late clock counts against the newer day.
+        ("deploy", day(23)),
+        ("deploy", day(22)),
+        ("deploy", day(23)),
+    ];
+    for (i, (action, now)) in calls.into_iter().enumerate() {
+        let mut stored = DayCounts::decode(&record.encode()).expect("a record");
+        let got = stored.consume(limits(action), action, now);
+        // The in-memory counters drop an earlier day's calls: only compare the same days.
+        if i < 7 {
+            assert_eq!(got, counters.consume(limits(action), "a", action, now), "call {i}");
+        }
+        record = stored;
+    }
+    assert_eq!(
+        record.clone().consume(limits("deploy"), "deploy", day(23)),
+        BudgetOutcome::Exhausted { limit: BudgetLimit::PerAction, used: 2, max: 2 },
+        "the late call counted in the newer day"
+    );
+    assert_eq!(DayCounts::decode(b""), Some(DayCounts::default()));
+    assert_eq!(DayCounts::decode(b"short"), None);
+    let mut bytes = record.encode();
+    bytes.push(1);
+    assert_eq!(DayCounts::decode(&bytes), None);
+}
+
+#[test]
+fn a_day_record_holds_a_bounded_number_of_actions() {
+    let mut record = DayCounts::default();
+    let unlimited = Limits::default();
+    for i in 0..budget::MAX_ACTIONS_PER_DAY {
+        let got = record.consume(unlimited, &format!("a{i}"), day(22));
+        assert!(matches!(got, BudgetOutcome::Consumed { .. }), "{got:?}");
+    }
+    assert!(matches!(
+        record.consume(unlimited, "one-more", day(22)),
+        BudgetOutcome::Exhausted { limit: BudgetLimit::Capacity, .. }
+    ));
+    assert!(matches!(record.consume(unlimited, "a0", day(22)), BudgetOutcome::Consumed { .. }));
+}

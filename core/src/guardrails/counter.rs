@@ -36,6 +36,23 @@ pub enum Take {
     TooManySubjects { max: usize },
 }
 
+/// Whether one more unit fits a subject that used `total` units in the window, `action` of them
+/// for the action: the total limit is checked first. `Err` is the [`Take`] that refuses. Pure:
+/// the rule of every store that counts these windows (this one, and the Envoy filter's shared
+/// data through [`crate::autonomy::DayCounts`]).
+pub fn room(
+    total: u32,
+    action: u32,
+    total_limit: Option<u32>,
+    action_limit: Option<u32>,
+) -> Result<(), Take> {
+    match (total_limit, action_limit) {
+        (Some(limit), _) if total >= limit => Err(Take::TotalFull { used: total, limit }),
+        (_, Some(limit)) if action >= limit => Err(Take::ActionFull { used: action, limit }),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Default)]
 struct Slot {
     total: u32,
@@ -95,16 +112,9 @@ impl WindowCounters {
         let Some(slot) = state.subjects.get_mut(subject) else {
             return Take::TooManySubjects { max: self.max_subjects };
         };
-        if let Some(limit) = total_limit {
-            if slot.total >= limit {
-                return Take::TotalFull { used: slot.total, limit };
-            }
-        }
         let used = slot.actions.get(action).copied().unwrap_or(0);
-        if let Some(limit) = action_limit {
-            if used >= limit {
-                return Take::ActionFull { used, limit };
-            }
+        if let Err(full) = room(slot.total, used, total_limit, action_limit) {
+            return full;
         }
         slot.total = slot.total.saturating_add(1);
         let action_count = match slot.actions.get_mut(action) {

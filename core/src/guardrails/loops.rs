@@ -17,7 +17,7 @@
 //!
 //! This module tracks and decides; it never tells the agent or a human anything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
@@ -106,7 +106,23 @@ impl Repeat {
 #[derive(Debug)]
 struct Entry {
     // Times of the allowed calls still in the window, oldest first; at most `max_repeats`.
-    times: VecDeque<u64>,
+    times: Vec<u64>,
+}
+
+/// One call against the times of the allowed identical calls before it (`times`): drops those
+/// that left the window, then refuses the call if `max_repeats` are still in it, or records
+/// `now`. The decision of [`LoopDetector`] and of every store that keeps the times itself
+/// ([`Slot`]). Pure.
+pub fn slide(times: &mut Vec<u64>, now: u64, max_repeats: u32, window_ms: u64) -> Repeat {
+    times.retain(|&t| now.saturating_sub(t) < window_ms);
+    let count = u32::try_from(times.len()).unwrap_or(u32::MAX);
+    if count >= max_repeats.max(1) {
+        let oldest = times.iter().copied().min().unwrap_or(now);
+        let retry_after_ms = oldest.saturating_add(window_ms).saturating_sub(now).max(1);
+        return Repeat::Loop { count, retry_after_ms };
+    }
+    times.push(now);
+    Repeat::Fresh { count: count + 1 }
 }
 
 #[derive(Debug, Default)]
@@ -145,14 +161,14 @@ impl LoopDetector {
         if now.saturating_sub(state.last_sweep) >= window_ms {
             state
                 .entries
-                .retain(|_, e| e.times.back().is_some_and(|&t| now.saturating_sub(t) < window_ms));
+                .retain(|_, e| e.times.last().is_some_and(|&t| now.saturating_sub(t) < window_ms));
             state.last_sweep = now;
         }
         if !state.entries.contains_key(&key) && state.entries.len() >= max_keys.max(1) {
             let oldest = state
                 .entries
                 .iter()
-                .min_by_key(|(_, e)| e.times.back().copied().unwrap_or(0))
+                .min_by_key(|(_, e)| e.times.last().copied().unwrap_or(0))
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 state.entries.remove(&k);
@@ -161,23 +177,120 @@ impl LoopDetector {
         let entry = state
             .entries
             .entry(key)
-            .or_insert_with(|| Entry { times: VecDeque::with_capacity(max_repeats as usize) });
-        while entry.times.front().is_some_and(|&t| now.saturating_sub(t) >= window_ms) {
-            entry.times.pop_front();
-        }
-        let count = u32::try_from(entry.times.len()).unwrap_or(u32::MAX);
-        if count >= max_repeats {
-            let oldest = entry.times.front().copied().unwrap_or(now);
-            let retry_after_ms = oldest.saturating_add(window_ms).saturating_sub(now).max(1);
-            return Repeat::Loop { count, retry_after_ms };
-        }
-        entry.times.push_back(now);
-        Repeat::Fresh { count: count + 1 }
+            .or_insert_with(|| Entry { times: Vec::with_capacity(max_repeats as usize) });
+        slide(&mut entry.times, now, max_repeats, window_ms)
     }
 
     /// The number of distinct calls tracked.
     pub fn tracked(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
+    }
+}
+
+/// Most keys a store that cannot delete keys spreads the loop detector over (see [`Slot`]).
+pub const MAX_SLOTS: usize = 1024;
+
+/// The loop detector's state for a store shared by processes that cannot delete keys (Envoy
+/// shared data): the calls are spread over a fixed number of keys ([`Slot::count`], at most
+/// [`MAX_SLOTS`]) by digest ([`Slot::index`]), each key one `Slot` holding the tracked calls
+/// of its digests. The store reads a slot, [`Slot::observe`]s the call and writes the slot back
+/// atomically (a compare-and-swap), so every worker sees every call. Memory stays bounded as
+/// [`LoopDetector`]'s does: a call whose times all left the window is dropped from its slot
+/// when the slot is next written, and past its share of `max_keys` a slot evicts its least
+/// recently seen call. Pure: decoding, deciding and encoding only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// (digest, times of its allowed calls still in the window).
+    entries: Vec<(u64, Vec<u64>)>,
+}
+
+impl Slot {
+    /// How many slots `config` spreads its calls over.
+    pub fn count(config: &LoopConfig) -> usize {
+        config.max_keys.clamp(1, MAX_SLOTS)
+    }
+
+    /// The slot of the call `digest`.
+    pub fn index(digest: u64, config: &LoopConfig) -> usize {
+        (digest % Slot::count(config) as u64) as usize
+    }
+
+    /// Distinct calls one slot tracks at most.
+    fn capacity(config: &LoopConfig) -> usize {
+        config.max_keys.max(1).div_ceil(Slot::count(config))
+    }
+
+    /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
+    pub fn decode(bytes: &[u8]) -> Option<Slot> {
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            rest = tail;
+            Some(head)
+        };
+        let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_le_bytes);
+        let u32_of = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
+        let mut slot = Slot::default();
+        if bytes.is_empty() {
+            return Some(slot);
+        }
+        let n = u32_of(take(4)?)?;
+        for _ in 0..n {
+            let digest = u64_of(take(8)?)?;
+            let k = u32_of(take(4)?)? as usize;
+            let mut times = Vec::with_capacity(k.min(64));
+            for _ in 0..k {
+                times.push(u64_of(take(8)?)?);
+            }
+            slot.entries.push((digest, times));
+        }
+        rest.is_empty().then_some(slot)
+    }
+
+    /// The bytes [`Slot::decode`] reads.
+    pub fn encode(&self) -> Vec<u8> {
+        let times: usize = self.entries.iter().map(|(_, t)| t.len()).sum();
+        let mut out = Vec::with_capacity(4 + self.entries.len() * 12 + times * 8);
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for (digest, times) in &self.entries {
+            out.extend_from_slice(&digest.to_le_bytes());
+            out.extend_from_slice(&(times.len() as u32).to_le_bytes());
+            for t in times {
+                out.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Records the call `digest` at `now` unless it is a loop ([`slide`]), dropping the calls
+    /// that left the window and, past the slot's capacity, the least recently seen one.
+    pub fn observe(&mut self, digest: u64, now: UnixMillis, config: &LoopConfig) -> Repeat {
+        let now = now.as_millis();
+        let window_ms = config.window_ms;
+        self.entries.retain(|(d, times)| {
+            *d == digest || times.iter().any(|&t| now.saturating_sub(t) < window_ms)
+        });
+        let i = match self.entries.iter().position(|(d, _)| *d == digest) {
+            Some(i) => i,
+            None => {
+                if self.entries.len() >= Slot::capacity(config) {
+                    let last_seen = |(_, times): &(u64, Vec<u64>)| times.iter().max().copied();
+                    let oldest =
+                        (0..self.entries.len()).min_by_key(|&i| last_seen(&self.entries[i]));
+                    if let Some(oldest) = oldest {
+                        self.entries.swap_remove(oldest);
+                    }
+                }
+                self.entries.push((digest, Vec::new()));
+                self.entries.len() - 1
+            }
+        };
+        slide(&mut self.entries[i].1, now, config.max_repeats, window_ms)
+    }
+
+    /// The number of distinct calls tracked.
+    pub fn tracked(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -369,6 +482,48 @@ mod tests {
         let errors = cx.finish(()).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["max_repeats", "extra"]);
+    }
+
+    #[test]
+    fn a_slot_decides_as_the_detector_does_and_survives_its_bytes() {
+        let config = LoopConfig { max_repeats: 3, window_ms: 1000, max_keys: 1000 };
+        let d = LoopDetector::new(config);
+        let mut slot = Slot::default();
+        for ms in [0, 100, 200, 300, 999, 1000, 1001, 1100, 3000, 3001, 3002, 3003] {
+            let now = UnixMillis(10_000 + ms);
+            // Through the stored bytes each time, as a shared store keeps it.
+            let mut stored = Slot::decode(&slot.encode()).unwrap();
+            assert_eq!(stored.observe(7, now, &config), d.observe_digest(7, now), "at +{ms}ms");
+            slot = stored;
+        }
+        assert_eq!(Slot::decode(b""), Some(Slot::default()), "a new key is an empty slot");
+        assert_eq!(Slot::decode(b"abc"), None);
+        let mut bytes = slot.encode();
+        bytes.push(0);
+        assert_eq!(Slot::decode(&bytes), None, "trailing bytes are not a slot");
+    }
+
+    #[test]
+    fn slots_are_bounded_by_their_share_of_max_keys() {
+        let config = LoopConfig { max_repeats: 2, window_ms: 1000, max_keys: 2048 };
+        assert_eq!(Slot::count(&config), MAX_SLOTS);
+        assert_eq!(Slot::index(MAX_SLOTS as u64 + 5, &config), 5);
+        let mut slot = Slot::default();
+        for i in 0..10u64 {
+            slot.observe(i * MAX_SLOTS as u64, UnixMillis(i), &config);
+        }
+        assert_eq!(slot.tracked(), 2, "2048 keys over 1024 slots: two calls a slot");
+        // The most recent call survived; the least recently seen were evicted.
+        assert_eq!(
+            slot.observe(9 * MAX_SLOTS as u64, UnixMillis(20), &config),
+            Repeat::Fresh { count: 2 }
+        );
+        assert_eq!(slot.observe(0, UnixMillis(21), &config), Repeat::Fresh { count: 1 });
+        // Calls that left the window are dropped when the slot is next written.
+        slot.observe(1, UnixMillis(5000), &config);
+        assert_eq!(slot.tracked(), 1);
+        let small = LoopConfig { max_keys: 3, ..config };
+        assert_eq!((Slot::count(&small), Slot::index(7, &small)), (3, 1));
     }
 
     proptest! {

@@ -673,3 +673,205 @@ fn in_fleet_mode_an_agent_the_fleet_disabled_is_refused_at_the_sidecars_step() {
             .unwrap();
     assert!(matches!(ex.decide(&plain, &live, &req, NOW), Ok(Decided::Admitted)));
 }
+
+/// The table's plugin with `autonomy:` and the loop detector (as the sidecar's configuration
+/// would have them), and `store: {collector: {}}` when `fleet`.
+fn overseen(fleet: bool) -> Plugin {
+    let sections = r#""autonomy": {
+        "default": "AUTO_EXECUTE",
+        "accounts": {
+          "off-bot": {"default": "DISABLED"},
+          "shy-bot": {"actions": {"search": "PROPOSE_ONLY"}},
+          "asks-bot": {"default": "APPROVAL_REQUIRED"}
+        },
+        "budgets": {"accounts": {"thrifty-bot": {"per_day": 2, "per_action": {"search": 1}}}}
+      },
+      "oversight": {"loops": {"max_repeats": 2, "window": "10s"}},"#;
+    let store = if fleet {
+        r#""filter": {"fail": "closed", "collector": {"cluster": "c"}}, "store": {"collector": {}},"#
+    } else {
+        r#""filter": {"fail": "closed"},"#
+    };
+    let doc = DOC.replace(r#""filter": {"fail": "closed"},"#, &format!("{store} {sections}"));
+    Plugin::from_document(&doc).unwrap()
+}
+
+fn mcp(tool: &str, args: serde_json::Value) -> Vec<u8> {
+    body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": args}}))
+}
+
+/// (status, code, clause, approval id, retry-after) of a refusal; `None` when admitted.
+type Answer = Option<(u16, String, Option<String>, Option<String>, Option<u64>)>;
+
+fn answer(decided: Result<Decided, Denial>) -> Answer {
+    match decided {
+        Ok(Decided::Admitted) => None,
+        Ok(other) => panic!("neither admitted nor refused: {other:?}"),
+        Err(d) => Some((d.class.status(), d.code, d.clause, d.approval_id, d.retry_after_secs)),
+    }
+}
+
+#[test]
+fn autonomy_disabled_and_propose_only_are_refused_at_the_sidecars_step() {
+    let p = overseen(false);
+    let data = FakeShared::default();
+    let live = Live::new(SharedStore::new(&data));
+    let decide = |agent: &'static str, path: &str, b: &[u8]| {
+        let mut ex = Exchange::start(&p, head(path, "a1"), headers(agent, &[]), NOW).unwrap();
+        answer(ex.decide(&p, &live, b, NOW))
+    };
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+    let off = Some((403, "autonomy_disabled".to_owned(), Some("defaults.llm".into()), None, None));
+    assert_eq!(decide("off-bot", "/v1/chat/completions", &chat), off);
+    let search = mcp("search", json!({"q": "x"}));
+    let proposed =
+        Some((403, "autonomy_propose_only".to_owned(), Some("search".into()), None, None));
+    assert_eq!(decide("shy-bot", "/mcp", &search), proposed);
+    // Only that action: the agent's model calls are AUTO_EXECUTE by the global default.
+    assert_eq!(decide("shy-bot", "/v1/chat/completions", &chat), None);
+    // The policy's deny comes first, as in the sidecar.
+    let denied = decide("off-bot", "/internal", b"{}");
+    assert_eq!(denied.map(|d| d.1), Some("default_deny".to_owned()));
+    let mut ex = Exchange::start(&p, head("/mcp", "a2"), headers("shy-bot", &[]), NOW).unwrap();
+    let d = ex.decide(&p, &live, &search, NOW).unwrap_err();
+    assert!(
+        d.message.contains("PROPOSE_ONLY by the agent's setting for this action"),
+        "{}",
+        d.message
+    );
+    // APPROVAL_REQUIRED without the collector: refused naming no approval.
+    let asked = decide("asks-bot", "/v1/chat/completions", &chat);
+    assert_eq!(
+        asked,
+        Some((
+            403,
+            "autonomy_approval_required".to_owned(),
+            Some("defaults.llm".into()),
+            None,
+            None
+        ))
+    );
+    // Without `autonomy:` nothing is gated by mode.
+    let plain = plugin();
+    let mut ex =
+        Exchange::start(&plain, head("/v1/chat/completions", "a3"), headers("off-bot", &[]), NOW)
+            .unwrap();
+    assert!(matches!(ex.decide(&plain, &live, &chat, NOW), Ok(Decided::Admitted)));
+}
+
+#[test]
+fn the_autonomy_budget_is_counted_in_shared_data_for_every_worker_and_day() {
+    let p = overseen(false);
+    let data = FakeShared::default();
+    // Two workers: each its own VM-local store over the same shared data.
+    let (one, two) = (Live::new(SharedStore::new(&data)), Live::new(SharedStore::new(&data)));
+    let decide = |live: &Live<&FakeShared>, b: &[u8], path: &str, now: Now| {
+        let mut ex =
+            Exchange::start(&p, head(path, "b1"), headers("thrifty-bot", &[]), now).unwrap();
+        answer(ex.decide(&p, live, b, now))
+    };
+    let search = mcp("search", json!({"q": "1"}));
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+    assert_eq!(decide(&one, &search, "/mcp", NOW), None);
+    let exhausted = |clause: &str| {
+        Some((403, "autonomy_budget_exhausted".to_owned(), Some(clause.to_owned()), None, None))
+    };
+    // One search a day: the other worker sees it used up.
+    assert_eq!(decide(&two, &mcp("search", json!({"q": "2"})), "/mcp", NOW), exhausted("search"));
+    // Two actions a day in all.
+    assert_eq!(decide(&two, &chat, "/v1/chat/completions", NOW), None);
+    assert_eq!(decide(&one, &chat, "/v1/chat/completions", NOW), exhausted("defaults.llm"));
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "b2"), headers("thrifty-bot", &[]), NOW)
+            .unwrap();
+    let d = ex.decide(&p, &one, &chat, NOW).unwrap_err();
+    assert!(d.message.contains("(2/2 today)"), "{}", d.message);
+    // One key per agent, reused the next day.
+    let tomorrow = Now { ms: UnixMillis(NOW.ms.0 + 86_400_000), ns: NOW.ns + 86_400_000_000_000 };
+    assert_eq!(decide(&two, &search, "/mcp", tomorrow), None);
+    assert!(data.get("tollgate:autonomy:thrifty-bot").unwrap().is_some());
+    // Others are not counted against it.
+    let mut ex = Exchange::start(&p, head("/mcp", "b3"), headers("free-bot", &[]), NOW).unwrap();
+    assert!(matches!(ex.decide(&p, &one, &search, NOW), Ok(Decided::Admitted)));
+}
+
+#[test]
+fn an_exhausted_autonomy_budget_asks_the_collector_in_fleet_mode() {
+    let p = overseen(true);
+    let data = FakeShared::default();
+    let live = Live::new(SharedStore::new(&data));
+    let search = mcp("search", json!({"q": "1"}));
+    let decide = |id: &str| {
+        let mut ex =
+            Exchange::start(&p, head("/mcp", id), headers("thrifty-bot", &[]), NOW).unwrap();
+        ex.decide(&p, &live, &search, NOW)
+    };
+    assert!(matches!(decide("c1"), Ok(Decided::Admitted)));
+    match decide("c2") {
+        Ok(Decided::Approval(ask)) => {
+            assert_eq!(ask.pending.reason, "autonomy_budget_exhausted");
+            assert!(matches!(&ask.call, AskCall::Raise(r) if r.action == "search"), "{ask:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_same_tool_call_again_and_again_is_a_loop_for_every_worker() {
+    let p = overseen(false);
+    let data = FakeShared::default();
+    let (one, two) = (Live::new(SharedStore::new(&data)), Live::new(SharedStore::new(&data)));
+    let decide = |live: &Live<&FakeShared>, agent: &'static str, b: &[u8], now: Now| {
+        let mut ex = Exchange::start(&p, head("/mcp", "l1"), headers(agent, &[]), now).unwrap();
+        answer(ex.decide(&p, live, b, now))
+    };
+    let same = mcp("search", json!({"q": "again", "n": 1}));
+    // The same arguments in another order are the same call.
+    let reordered = body(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"arguments": {"n": 1, "q": "again"}, "name": "search"}}));
+    let later = |ms: u64| Now { ms: UnixMillis(NOW.ms.0 + ms), ns: NOW.ns + ms * 1_000_000 };
+    assert_eq!(decide(&one, "loop-bot", &same, NOW), None);
+    assert_eq!(decide(&two, "loop-bot", &reordered, later(1000)), None);
+    let looped = decide(&one, "loop-bot", &same, later(4000));
+    assert_eq!(
+        looped,
+        Some((403, "loop_detected".to_owned(), Some("search".into()), None, Some(6)))
+    );
+    // Other agents and other arguments are other calls; a call that left the window is gone.
+    assert_eq!(decide(&two, "other-bot", &same, later(4000)), None);
+    assert_eq!(decide(&two, "loop-bot", &mcp("search", json!({"q": "new"})), later(4000)), None);
+    assert_eq!(decide(&two, "loop-bot", &same, later(10_000)), None);
+    // Model calls are not watched.
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+    for _ in 0..3 {
+        let mut ex =
+            Exchange::start(&p, head("/v1/chat/completions", "l2"), headers("loop-bot", &[]), NOW)
+                .unwrap();
+        assert!(matches!(ex.decide(&p, &one, &chat, NOW), Ok(Decided::Admitted)));
+    }
+    // The detector's state lives in a bounded set of slots.
+    let slot = Slot::index(
+        lifecycle_digest("loop-bot", "search", json!({"q": "again", "n": 1})),
+        &p.loops.unwrap(),
+    );
+    assert!(data.get(&format!("{LOOPS_KEY}{slot}")).unwrap().is_some());
+}
+
+fn lifecycle_digest(agent: &str, action: &str, args: serde_json::Value) -> u64 {
+    tollgate_core::guardrails::loops::digest(agent, action, &args)
+}
+
+#[test]
+fn an_unreadable_autonomy_budget_follows_the_fail_policy() {
+    let mut p = overseen(false);
+    let live = Live::new(SharedStore::new(Down));
+    let search = mcp("search", json!({"q": "1"}));
+    let mut ex = Exchange::start(&p, head("/mcp", "u1"), headers("thrifty-bot", &[]), NOW).unwrap();
+    let d = ex.decide(&p, &live, &search, NOW).unwrap_err();
+    assert_eq!((d.class.status(), d.code.as_str()), (403, "autonomy_budget_exhausted"));
+    assert!(d.message.contains("capacity"), "{}", d.message);
+    p.filter.fail = FailPolicy::Open;
+    let mut ex = Exchange::start(&p, head("/mcp", "u2"), headers("thrifty-bot", &[]), NOW).unwrap();
+    assert!(matches!(ex.decide(&p, &live, &search, NOW), Ok(Decided::Admitted)));
+}
