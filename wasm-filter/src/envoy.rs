@@ -1001,6 +1001,9 @@ impl Http {
                     self.vm.count_labelled(&schema::GUARDRAIL_VIOLATIONS, &[g.reason]);
                     log(LogLevel::Warn, &guardrail_line(&id, g));
                 }
+                if let Some(record) = exchange.proposal(&denial.code) {
+                    log(LogLevel::Info, &format!("tollgate: proposal {record}"));
+                }
                 self.reply(&denial, shape, &id, &model);
                 Action::Pause
             }

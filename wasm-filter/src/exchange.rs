@@ -213,6 +213,8 @@ pub struct Exchange {
     who: Who,
     /// The granted approval this retry names (`x-tollgate-approval`).
     approval: Option<String>,
+    /// Refused as a proposal (autonomy `PROPOSE_ONLY`): the action proposed.
+    proposed: Option<String>,
     head: Head,
     api: Option<Api>,
     mcp: bool,
@@ -348,6 +350,7 @@ impl Exchange {
             free,
             admitted: None,
             approval: header(APPROVAL_HEADER).filter(|v| !v.is_empty()),
+            proposed: None,
             bypass: false,
             status: 0,
             response_done: false,
@@ -392,6 +395,7 @@ impl Exchange {
             head,
             admitted: None,
             approval: None,
+            proposed: None,
             bypass: true,
             status: 0,
             response_done: false,
@@ -567,7 +571,12 @@ impl Exchange {
                 d.message = format!("{}; {NO_APPROVALS}", d.message);
                 return Err(d);
             }
-            Err(refusal) => return Err(*refusal.denial),
+            Err(refusal) => {
+                if refusal.step == lifecycle::Step::Proposal {
+                    self.proposed = Some(req.action.to_owned());
+                }
+                return Err(*refusal.denial);
+            }
         };
         let decision = admitted.decision;
         let priced = admitted.priced;
@@ -948,6 +957,22 @@ impl Exchange {
     /// The reason of the allow decision, once decided.
     pub fn reason(&self) -> Option<&str> {
         self.admitted.as_ref().map(|a| a.reason.as_str())
+    }
+
+    /// A request refused as a proposal (autonomy `PROPOSE_ONLY`), as the record the filter
+    /// writes to Envoy's log in place of the sidecar's audit record: request, attribution and
+    /// the action proposed (the arguments stay out of the log).
+    pub fn proposal(&self, reason: &str) -> Option<serde_json::Value> {
+        let action = self.proposed.as_deref()?;
+        Some(serde_json::json!({
+            "kind": "proposal",
+            "request_id": self.request_id,
+            "agent": self.who.agent,
+            "cost_center": self.who.cost_center,
+            "project": self.who.project,
+            "tool": action,
+            "reason": reason,
+        }))
     }
 }
 

@@ -1109,6 +1109,17 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
     );
     // The sidecar recorded an approval for the budget used up; the filter names none.
     assert_eq!((answers[4].2, answers[4].3), (true, false));
+    // The proposal is recorded: the filter keeps no audit log, so as one line in Envoy's.
+    let log = envoy.log();
+    let proposal = log
+        .lines()
+        .find_map(|l| l.split_once("tollgate: proposal ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("no proposal line: {log}"));
+    let proposal: Value = serde_json::from_str(proposal.trim()).unwrap();
+    assert_eq!(
+        (&proposal["agent"], &proposal["tool"], &proposal["reason"]),
+        (&json!("shy-bot"), &json!("search_web"), &json!("autonomy_propose_only"))
+    );
     assert!(answers[7].4.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[7].4);
     assert!(!envoy.log().contains("panicked"));
 }

@@ -494,6 +494,9 @@ impl Root {
     /// Answers a paused request with `denial`, in its context (which is the effective one).
     fn refuse(&self, id: u32, paused: Paused, denial: &Denial) {
         let Paused { exchange, body, .. } = paused;
+        if let Some(record) = exchange.proposal(&denial.code) {
+            log(LogLevel::Info, &format!("tollgate: proposal {record}"));
+        }
         self.vm.woken.borrow_mut().insert(id, Woken { exchange: None, refused: true });
         let model = model_of(&body).unwrap_or_else(|| schema::NONE.to_owned());
         let reply = denial.render(exchange.shape, &exchange.request_id);
