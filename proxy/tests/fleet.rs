@@ -239,13 +239,18 @@ fn proxy_with(
 /// A collector: a `tollgate` whose admin listener takes the fleet's usage records (it serves no
 /// calls itself).
 fn collector(mock: &MockUpstream) -> Tollgate {
+    collector_with_extra(mock, "")
+}
+
+/// A collector with `extra` configuration (its `store:` section, say).
+fn collector_with_extra(mock: &MockUpstream, extra: &str) -> Tollgate {
     let dir = temp_dir("collector");
     let yaml = ConfigFile {
         upstream: &mock.base_url(),
         data_dir: &dir.join("data"),
         token_env: TOKEN_ENV,
         more_routes: &[],
-        extra: "",
+        extra,
         policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
     }
     .yaml();
@@ -889,19 +894,7 @@ fn collector_in_fleet(mock: &MockUpstream, redis: &impl Store) -> Tollgate {
 
 /// [`collector_in_fleet`] with these `store.redis` settings.
 fn collector_in_fleet_with(mock: &MockUpstream, redis: &impl Store, settings: &str) -> Tollgate {
-    let dir = temp_dir("collector");
-    let extra = format!("store:\n  redis: {{{}, {settings}}}\n", redis.spec());
-    let yaml = ConfigFile {
-        upstream: &mock.base_url(),
-        data_dir: &dir.join("data"),
-        token_env: TOKEN_ENV,
-        more_routes: &[],
-        extra: &extra,
-        policy: "version: collector\ndefaults: {llm: deny, tool: deny, other: deny}\n",
-    }
-    .yaml();
-    std::fs::write(dir.join("tollgate.yaml"), yaml).unwrap();
-    Tollgate::run(Path::new(BIN), &dir.join("tollgate.yaml"), &[(TOKEN_ENV, "t")])
+    collector_with_extra(mock, &format!("store:\n  redis: {{{}, {settings}}}\n", redis.spec()))
 }
 
 /// The filter's configuration with the sidecars' policy and prices, in fleet mode.

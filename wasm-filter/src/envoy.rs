@@ -376,6 +376,24 @@ impl Vm {
         self.recorder.borrow_mut().count(&mut *counters, metric, values, 1);
     }
 
+    /// Answers the effective context's request with `denial` in the provider's `shape` (plus
+    /// `extra` headers) and counts it in `tollgate_requests_total`.
+    fn send_refusal(
+        &self,
+        denial: &Denial,
+        shape: Shape,
+        request_id: &str,
+        model: &str,
+        extra: &[(&str, &str)],
+    ) {
+        let reply = denial.render(shape, request_id);
+        let mut headers: Vec<(&str, &str)> =
+            reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        headers.extend_from_slice(extra);
+        self.decision(denial.class.decision(), &denial.code, model, "none");
+        let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+    }
+
     /// Counts one request in `tollgate_requests_total`, once, when it ends.
     fn decision(&self, decision: &str, reason: &str, model: &str, status: &'static str) {
         let mut counters = self.counters.borrow_mut();
@@ -688,13 +706,8 @@ impl Root {
             if hostcalls::set_effective_context(id).is_err() {
                 continue;
             }
-            let reply = denial.render(awaited.shape, &awaited.request_id);
-            let mut headers: Vec<(&str, &str)> =
-                reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            headers.push(("connection", "close"));
-            self.vm.decision(denial.class.decision(), &denial.code, "-", "none");
-            let _ =
-                hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+            let close = [("connection", "close")];
+            self.vm.send_refusal(&denial, awaited.shape, &awaited.request_id, "-", &close);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
@@ -954,13 +967,8 @@ impl Http {
         model: &str,
         extra: &[(&str, &str)],
     ) {
-        let reply = denial.render(shape, request_id);
-        let mut headers: Vec<(&str, &str)> =
-            reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        headers.extend_from_slice(extra);
         self.local_reply = true;
-        self.vm.decision(denial.class.decision(), &denial.code, model, "none");
-        let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+        self.vm.send_refusal(denial, shape, request_id, model, extra);
     }
 
     fn plugin(&self) -> Result<Rc<Plugin>, FailPolicy> {

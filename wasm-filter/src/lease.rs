@@ -69,20 +69,13 @@ impl LeaseStore {
     /// A request waits for `refill`: the next exchange of its counter asks for it.
     pub fn want(&self, refill: &Refill) {
         let Counter::Committed(base) = Counter::of(&refill.key) else { return };
-        let mut entries = self.entries.borrow_mut();
-        let e = entries.entry(base.to_owned()).or_default();
-        e.lease.waiting = e.lease.waiting.saturating_add(refill.amount);
-        let (amount, limit, expires) = e.wanted.unwrap_or((0, 0, UnixMillis(0)));
-        e.wanted = Some((
-            amount.max(refill.amount),
-            limit.max(refill.limit),
-            expires.max(refill.expires_at),
-        ));
+        self.entry(base, |e| e.lease.waiting = e.lease.waiting.saturating_add(refill.amount));
+        self.ask_for(refill);
     }
 
-    /// A request still waits for `refill` after an answer that did not serve it: the next
-    /// exchange of its counter asks for it (each waiting request leads to another exchange until
-    /// it is served, refused or times out).
+    /// The next exchange of `refill`'s counter asks for it (also for a request still waiting
+    /// after an answer that did not serve it: each waiting request leads to another exchange
+    /// until it is served, refused or times out).
     pub fn ask_for(&self, refill: &Refill) {
         let Counter::Committed(base) = Counter::of(&refill.key) else { return };
         if let Some(e) = self.entries.borrow_mut().get_mut(base) {
@@ -198,12 +191,17 @@ impl LeaseStore {
         self.entries.borrow().get(base).is_some_and(|e| e.in_flight.is_some())
     }
 
-    fn with<R>(&self, base: &str, f: impl FnOnce(&mut Lease) -> R) -> R {
+    /// Runs `f` on the entry of `base`, made if absent (the key is copied only then).
+    fn entry<R>(&self, base: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
         let mut entries = self.entries.borrow_mut();
         if let Some(e) = entries.get_mut(base) {
-            return f(&mut e.lease);
+            return f(e);
         }
-        f(&mut entries.entry(base.to_owned()).or_default().lease)
+        f(entries.entry(base.to_owned()).or_default())
+    }
+
+    fn with<R>(&self, base: &str, f: impl FnOnce(&mut Lease) -> R) -> R {
+        self.entry(base, |e| f(&mut e.lease))
     }
 }
 
@@ -235,12 +233,7 @@ impl Store for LeaseStore {
             return self.local.add_if_within(key, delta, limit, expires_at);
         };
         let now = self.clock.get();
-        let mut entries = self.entries.borrow_mut();
-        let e = match entries.get_mut(base) {
-            Some(e) => e,
-            None => entries.entry(base.to_owned()).or_default(),
-        };
-        match e.lease.try_take(delta, limit, expires_at, now) {
+        self.entry(base, |e| match e.lease.try_take(delta, limit, expires_at, now) {
             Ok(outcome) => Ok(outcome),
             Err(Shortfall::Short) if e.down_until > now => Err(StoreError::Unavailable {
                 reason: "the collector did not answer the last lease exchange".into(),
@@ -251,7 +244,7 @@ impl Store for LeaseStore {
                 limit,
                 expires_at,
             }))),
-        }
+        })
     }
 
     fn insert_if_absent(&self, key: &str, expires_at: UnixMillis) -> Result<bool, StoreError> {

@@ -499,11 +499,7 @@ impl Root {
         }
         self.vm.woken.borrow_mut().insert(id, Woken { exchange: None, refused: true });
         let model = model_of(&body).unwrap_or_else(|| schema::NONE.to_owned());
-        let reply = denial.render(exchange.shape, &exchange.request_id);
-        let headers: Vec<(&str, &str)> =
-            reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        self.vm.decision(denial.class.decision(), &denial.code, &model, "none");
-        let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+        self.vm.send_refusal(denial, exchange.shape, &exchange.request_id, &model, &[]);
     }
 }
 
