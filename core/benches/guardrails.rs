@@ -15,7 +15,7 @@ use std::time::Instant;
 use criterion::Criterion;
 use serde_json::{json, Value};
 use tollgate_core::autonomy::{self, BudgetOutcome};
-use tollgate_core::budget::{BudgetError, Reservation};
+use tollgate_core::budget::{BudgetError, Refill, Reservation};
 use tollgate_core::engine::Engine;
 use tollgate_core::guardrails::args::Part;
 use tollgate_core::guardrails::escalation::Standing;
@@ -111,8 +111,8 @@ impl Stores for Live {
         _: &str,
         _: &str,
         _: UnixMillis,
-    ) -> BudgetOutcome {
-        BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None }
+    ) -> Result<BudgetOutcome, Box<Refill>> {
+        Ok(BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None })
     }
     fn history(&mut self, _: &str, _: &str) -> Option<(u64, u64)> {
         None

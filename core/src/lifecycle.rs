@@ -70,6 +70,9 @@ use crate::reservation::{self, Bound};
 use crate::risk::{self, Assessment, Profile, Thresholds};
 use crate::time::UnixMillis;
 
+mod leased;
+pub use leased::{leased_action_rate, leased_autonomy, leased_rate, take_counts, CountRefused};
+
 /// What the adapter decides with: the compiled configuration and which oversight guards are on.
 #[derive(Clone, Copy, Debug)]
 pub struct Rules<'a> {
@@ -176,7 +179,7 @@ pub enum RateLimited {
 }
 
 /// What taking one call from an (agent, action) hourly allowance found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ActionRate {
     /// Taken: the calls this hour, this one included.
     Taken(u32),
@@ -184,6 +187,9 @@ pub enum ActionRate {
     Full { used: u32, retry_after_ms: u64 },
     /// The counters cannot be read (a store that fails open answers `Taken` instead).
     Unavailable,
+    /// The store counts from a local share it must refill first (a fleet lease): nothing was
+    /// taken. The lifecycle hands it back as [`Admission::Short`].
+    Short(Box<Refill>),
 }
 
 /// An open circuit breaker.
@@ -231,14 +237,15 @@ pub trait Stores {
     fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat;
 
     /// Consumes one autonomy budget unit (called only for `AUTO_EXECUTE` when nothing else
-    /// asked for a human).
+    /// asked for a human). `Err`: the store counts from a local share it must refill first (a
+    /// fleet lease); nothing was taken, and the lifecycle hands it back as [`Admission::Short`].
     fn consume_autonomy(
         &mut self,
         limits: autonomy::Limits,
         agent: &str,
         action: &str,
         now: UnixMillis,
-    ) -> BudgetOutcome;
+    ) -> Result<BudgetOutcome, Box<Refill>>;
 
     /// (successes, total) of the agent's earlier `action`s, for the risk score.
     fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)>;
@@ -257,52 +264,6 @@ pub trait Stores {
         amount: Money,
         now: UnixMillis,
     ) -> Result<Option<Reservation>, BudgetError>;
-}
-
-/// Rate limits on a leasing store (a fleet's, whose counters are leased from a backend: see
-/// [`crate::budget::lease`]): takes one request and `tokens` tokens from the allowances of
-/// `agent` under `clause` in the minute of `now`, counted together by every holder in fixed
-/// minute windows. Both or neither are taken. A lease too small answers
-/// [`RateLimited::Short`]; a store that cannot count, [`RateLimited::Unavailable`].
-pub fn leased_rate(
-    store: &impl crate::budget::Store,
-    clause: &str,
-    agent: &str,
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    tokens: u64,
-    now: UnixMillis,
-) -> Result<(), RateLimited> {
-    use crate::budget::AddOutcome;
-    let who = format!("{}:{clause}/{}:{agent}", clause.len(), agent.len());
-    let minute = now.0 / 60_000;
-    let window_end = UnixMillis((minute + 1) * 60_000);
-    let retry_after_secs = window_end.0.saturating_sub(now.0).div_ceil(1000);
-    let mut taken: Option<String> = None;
-    for (limit, amount, kind) in [(rpm, 1, "rpm"), (tpm, tokens.max(1), "tpm")] {
-        let Some(limit) = limit else { continue };
-        let key = format!("{}{kind}/{who}/{minute}/committed", crate::budget::lease::RATE);
-        let amount = i64::try_from(amount).unwrap_or(i64::MAX);
-        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
-        let refused = match store.add_if_within(&key, amount, limit_i, window_end) {
-            Ok(AddOutcome::Applied { .. }) => {
-                taken = Some(key);
-                continue;
-            }
-            Ok(AddOutcome::Refused { .. }) if kind == "tpm" => {
-                RateLimited::Tokens { limit, retry_after_secs }
-            }
-            Ok(AddOutcome::Refused { .. }) => RateLimited::Requests { limit, retry_after_secs },
-            Err(StoreError::Short(refill)) => RateLimited::Short(refill),
-            Err(_) => RateLimited::Unavailable,
-        };
-        // Only the request allowance can have been taken before the tokens'.
-        if let Some(key) = taken {
-            let _ = store.add(&key, -1, window_end);
-        }
-        return Err(refused);
-    }
-    Ok(())
 }
 
 /// The budget scope values of a request's attribution.
@@ -429,14 +390,16 @@ pub enum Admission<'p> {
     Admitted(Admitted<'p>),
     /// Boxed: the approval path is rare, and the allow path stays small.
     NeedsApproval(Box<Pending<'p>>),
-    /// Everything passed but the budget store must first refill a local share from its
-    /// backend (a fleet store's lease): the adapter fetches [`Short::refill`], then calls
-    /// [`Short::resume`], which tries the budgets again. Nothing is reserved meanwhile.
+    /// A store counts from a local share it must first refill from its backend (a fleet
+    /// store's lease) before a step can count: the adapter fetches [`Short::refill`], then
+    /// calls [`Short::resume`], which goes on from that step. What the steps before it counted
+    /// stays counted, and is not counted again.
     Short(Box<Short<'p>>),
 }
 
-/// A request waiting for a store to refill a local share (see [`Admission::Short`]): at the
-/// rate limits (nothing after step 4 has run) or at the budgets (everything else has).
+/// A request waiting for a store to refill a local share (see [`Admission::Short`]): at a
+/// guardrail's hourly action count, at the rate limits, at the autonomy budget or at the
+/// budgets.
 #[derive(Debug)]
 pub struct Short<'p> {
     /// What the store needs from its backend.
@@ -446,10 +409,22 @@ pub struct Short<'p> {
 
 #[derive(Debug)]
 enum Resume<'p> {
+    /// At the guardrails (step 3): the tool calls before call `from` passed and were counted;
+    /// `ask` is what they asked for.
+    Guard {
+        from: usize,
+        ask: Option<(String, String)>,
+    },
     Rate {
         decision: Decision<'p>,
         priced: Priced,
         guard_ask: Option<(String, String)>,
+    },
+    /// At the autonomy budget (oversight step 4): everything before it ran.
+    Autonomy {
+        decision: Decision<'p>,
+        priced: Priced,
+        asked: Asked,
     },
     /// Everything but the reservation is done.
     Budget(Admitted<'p>),
@@ -457,8 +432,9 @@ enum Resume<'p> {
 
 impl<'p> Short<'p> {
     /// Goes on from the step that was short, after the adapter refilled the store. May be short
-    /// again (a concurrent request took the refill first). From the rate limits it runs every
-    /// later step, and may ask for an approval; from the budgets it only reserves.
+    /// again (a concurrent request took the refill first). From the guardrails or the rate
+    /// limits it runs every later step, and may ask for an approval; from the autonomy budget,
+    /// the rest of the oversight and the budgets; from the budgets it only reserves.
     pub fn resume(
         self,
         rules: &Rules<'p>,
@@ -467,8 +443,13 @@ impl<'p> Short<'p> {
         now: UnixMillis,
     ) -> Result<Admission<'p>, Refusal> {
         match self.at {
+            Resume::Guard { from, ask } => decide_from(rules, req, stores, now, from, ask),
             Resume::Rate { decision, priced, guard_ask } => {
                 from_rate_limits(rules, req, stores, decision, priced, guard_ask, now)
+            }
+            Resume::Autonomy { decision, priced, asked } => {
+                let overseen = conclude(rules, req, stores, &decision, priced, asked, None, now);
+                after_oversight(rules, req, stores, decision, priced, overseen, now)
             }
             Resume::Budget(Admitted { decision, priced, oversaw, .. }) => {
                 let reserved = reserve(&decision, req, stores, priced.worst_case(), now)?;
@@ -485,7 +466,9 @@ impl Short<'_> {
     /// decision.
     pub fn park(self) -> Parked {
         let at = match self.at {
+            Resume::Guard { from, ask } => ParkedAt::Guard { from, ask },
             Resume::Rate { priced, guard_ask, .. } => ParkedAt::Rate { priced, guard_ask },
+            Resume::Autonomy { priced, asked, .. } => ParkedAt::Autonomy { priced, asked },
             Resume::Budget(Admitted { priced, oversaw, .. }) => {
                 ParkedAt::Budget { priced, oversaw }
             }
@@ -504,7 +487,9 @@ pub struct Parked {
 
 #[derive(Debug)]
 enum ParkedAt {
+    Guard { from: usize, ask: Option<(String, String)> },
     Rate { priced: Priced, guard_ask: Option<(String, String)> },
+    Autonomy { priced: Priced, asked: Asked },
     Budget { priced: Priced, oversaw: Oversaw },
 }
 
@@ -518,12 +503,21 @@ impl Parked {
         stores: &mut impl Stores,
         now: UnixMillis,
     ) -> Result<Admission<'p>, Refusal> {
-        let decision = rules.policy.evaluate(&req.facts);
+        let decision = || rules.policy.evaluate(&req.facts);
         let at = match self.at {
-            ParkedAt::Rate { priced, guard_ask } => Resume::Rate { decision, priced, guard_ask },
-            ParkedAt::Budget { priced, oversaw } => {
-                Resume::Budget(Admitted { decision, priced, oversaw, reservation: None })
+            ParkedAt::Guard { from, ask } => Resume::Guard { from, ask },
+            ParkedAt::Rate { priced, guard_ask } => {
+                Resume::Rate { decision: decision(), priced, guard_ask }
             }
+            ParkedAt::Autonomy { priced, asked } => {
+                Resume::Autonomy { decision: decision(), priced, asked }
+            }
+            ParkedAt::Budget { priced, oversaw } => Resume::Budget(Admitted {
+                decision: decision(),
+                priced,
+                oversaw,
+                reservation: None,
+            }),
         };
         Short { refill: self.refill, at }.resume(rules, req, stores, now)
     }
@@ -607,6 +601,19 @@ pub fn decide<'p>(
     stores: &mut impl Stores,
     now: UnixMillis,
 ) -> Result<Admission<'p>, Refusal> {
+    decide_from(rules, req, stores, now, 0, None)
+}
+
+/// [`decide`], with the guardrails going on from tool call `from` (the calls before it passed
+/// and were counted, asking for `ask`).
+fn decide_from<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    now: UnixMillis,
+    from: usize,
+    ask: Option<(String, String)>,
+) -> Result<Admission<'p>, Refusal> {
     // 1. Policy.
     let decision = rules.policy.evaluate(&req.facts);
     if decision.effect == Effect::Deny {
@@ -624,10 +631,19 @@ pub fn decide<'p>(
     let worst_case = priced.worst_case();
 
     // 3. Guardrails on tool actions.
-    let mut guard_ask = None;
+    let mut guard_ask = ask;
     if let (true, Some(g)) = (req.is_tool, rules.engine.enforced_guardrails()) {
-        guard_ask =
-            guard(g, req, stores, worst_case, now).map_err(|d| refuse(Step::Guardrail, *d))?;
+        let check = Check { g, agent: req.facts.agent.unwrap_or("-"), worst_case, now };
+        guard_ask = match guard(&check, req, stores, from, guard_ask) {
+            Ok(ask) => ask,
+            Err(Guarded::Refused(d)) => return Err(refuse(Step::Guardrail, *d)),
+            Err(Guarded::Short { refill, from, ask }) => {
+                return Ok(Admission::Short(Box::new(Short {
+                    refill: *refill,
+                    at: Resume::Guard { from, ask },
+                })));
+            }
+        };
     }
 
     // 4. The per-request cost cap.
@@ -711,12 +727,33 @@ fn from_rate_limits<'p>(
         let reserved = reserve(&decision, req, stores, worst_case, now)?;
         return Ok(admission(decision, priced, oversaw, reserved));
     }
-    match oversee(rules, req, stores, &decision, priced, profile, guard_ask, now)? {
+    let overseen = oversee(rules, req, stores, &decision, priced, profile, guard_ask, now)?;
+    after_oversight(rules, req, stores, decision, priced, overseen, now)
+}
+
+/// Steps 7 (the breaker) and 8, after oversight steps 1–4 said what they make of the request.
+fn after_oversight<'p>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    decision: Decision<'p>,
+    priced: Priced,
+    overseen: Overseen<'p>,
+    now: UnixMillis,
+) -> Result<Admission<'p>, Refusal> {
+    match overseen {
         Overseen::Ask(pending) => Ok(Admission::NeedsApproval(pending)),
+        Overseen::Short(refill, asked) => Ok(Admission::Short(Box::new(Short {
+            refill: *refill,
+            at: Resume::Autonomy { decision, priced, asked },
+        }))),
         Overseen::Pass(assessment) => {
-            let oversaw = finish_oversight(&guards, stores, assessment, false, now)
-                .map_err(|d| refuse(Step::Breaker, *d))?;
-            let reserved = reserve(&decision, req, stores, worst_case, now)?;
+            let oversaw = finish_oversight(&rules.oversight, stores, assessment, false, now)
+                .map_err(|d| Refusal {
+                    step: Step::Breaker,
+                    denial: Box::new((*d).with_decision(decision.clause, decision.policy_version)),
+                })?;
+            let reserved = reserve(&decision, req, stores, priced.worst_case(), now)?;
             Ok(admission(decision, priced, oversaw, reserved))
         }
     }
@@ -785,79 +822,50 @@ pub fn price(engine: &Engine, req: &Request<'_>) -> Result<Priced, Box<Denial>> 
 /// The reason code when a guardrail policy asks for a human.
 pub const GUARDRAIL_APPROVAL: &str = "guardrail_requires_approval";
 
-/// Step 3: every tool call of the request against the guardrails. `Ok(Some(..))`: a policy
-/// requires approval (reason, explanation).
-fn guard(
-    g: &crate::guardrails::Guardrails,
-    req: &Request<'_>,
-    stores: &mut impl Stores,
+/// What step 3 checks every tool call with.
+struct Check<'a> {
+    g: &'a crate::guardrails::Guardrails,
+    agent: &'a str,
     worst_case: Money,
     now: UnixMillis,
-) -> Result<Option<(String, String)>, Box<Denial>> {
+}
+
+/// Why step 3 stopped short of an answer.
+enum Guarded {
+    Refused(Box<Denial>),
+    /// The hourly count of tool call `from` must be refilled first (the calls before it passed
+    /// and were counted, asking for `ask`).
+    Short {
+        refill: Box<Refill>,
+        from: usize,
+        ask: Option<(String, String)>,
+    },
+}
+
+/// Step 3: every tool call of the request against the guardrails, from call `from` on (the
+/// ones before it passed and asked for `ask`). `Ok(Some(..))`: a policy requires approval
+/// (reason, explanation).
+fn guard(
+    check: &Check<'_>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    from: usize,
+    mut ask: Option<(String, String)>,
+) -> Result<Option<(String, String)>, Guarded> {
     use crate::guardrails::args::{query_object, Part};
-    let agent = req.facts.agent.unwrap_or("-");
-    let mut ask = None;
-    let mut one =
-        |action: &str, parts: &[Part<'_>], rpc_id: Option<&Value>| -> Result<(), Box<Denial>> {
-            let violation = match g.check_parts(action, parts, worst_case) {
-                Ok(policy) => {
-                    let taken = match policy.rate_limit_per_hour {
-                        Some(limit) => match stores.take_action_rate(agent, action, limit, now) {
-                            ActionRate::Taken(_) => Ok(()),
-                            ActionRate::Full { used, retry_after_ms } => {
-                                Err(Violation::RateLimitExceeded { used, limit, retry_after_ms })
-                            }
-                            ActionRate::Unavailable => {
-                                return Err(Box::new(Denial::new(
-                                    Class::Unavailable,
-                                    "budget_store_unavailable",
-                                    "the guardrails' hourly action counts cannot be read right now",
-                                )))
-                            }
-                        },
-                        None => Ok(()),
-                    };
-                    match taken {
-                        Ok(()) => {
-                            if policy.requires_approval && ask.is_none() {
-                                ask = Some((
-                                    GUARDRAIL_APPROVAL.to_string(),
-                                    format!(
-                                        "the guardrails require a human approval for `{}` ({}, {} \
-                                     risk)",
-                                        crate::guardrails::patterns::excerpt(action),
-                                        policy.category.as_str(),
-                                        policy.risk_level.as_str()
-                                    ),
-                                ));
-                            }
-                            return Ok(());
-                        }
-                        Err(v) => v,
-                    }
-                }
-                Err(v) => v,
-            };
-            let class = match violation {
-                Violation::RateLimitExceeded { .. } => Class::RateLimited,
-                _ => Class::Policy,
-            };
-            let mut denial = Denial::new(class, violation.code(), violation.explanation(action));
-            if let Violation::RateLimitExceeded { retry_after_ms, .. } = violation {
-                denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000).max(1));
-            }
-            let mut breach = violation.breach(action);
-            breach.rpc_id = rpc_id.cloned();
-            denial.guardrail = Some(Box::new(breach));
-            Err(Box::new(denial))
-        };
+    let short = |refill, from, ask| Guarded::Short { refill, from, ask };
     if !req.info.rpc.is_empty() {
-        for call in &req.info.rpc {
+        for (i, call) in req.info.rpc.iter().enumerate().skip(from) {
             let Some(tool) = &call.tool else { continue };
             let id = call.id.clone().unwrap_or(Value::Null);
-            one(&tool.name, &[Part { root: "$", value: &tool.arguments }], Some(&id))?;
+            let parts = [Part { root: "$", value: &tool.arguments }];
+            match check_call(check, stores, &tool.name, &parts, Some(&id), &mut ask) {
+                Ok(()) => {}
+                Err(Checked::Refused(d)) => return Err(Guarded::Refused(d)),
+                Err(Checked::Short(refill)) => return Err(short(refill, i, ask)),
+            }
         }
-    } else {
+    } else if from == 0 {
         let body = if req.body.is_empty() {
             None
         } else {
@@ -874,9 +882,82 @@ fn guard(
         if let Some(v) = &query {
             parts.push(Part { root: "$query", value: v });
         }
-        one(req.action, &parts, None)?;
+        match check_call(check, stores, req.action, &parts, None, &mut ask) {
+            Ok(()) => {}
+            Err(Checked::Refused(d)) => return Err(Guarded::Refused(d)),
+            Err(Checked::Short(refill)) => return Err(short(refill, 0, ask)),
+        }
     }
     Ok(ask)
+}
+
+enum Checked {
+    Refused(Box<Denial>),
+    Short(Box<Refill>),
+}
+
+/// One tool call against its guardrail policy, then one call of its hourly allowance.
+fn check_call(
+    check: &Check<'_>,
+    stores: &mut impl Stores,
+    action: &str,
+    parts: &[crate::guardrails::args::Part<'_>],
+    rpc_id: Option<&Value>,
+    ask: &mut Option<(String, String)>,
+) -> Result<(), Checked> {
+    let violation = match check.g.check_parts(action, parts, check.worst_case) {
+        Ok(policy) => {
+            let taken = match policy.rate_limit_per_hour {
+                Some(limit) => {
+                    match stores.take_action_rate(check.agent, action, limit, check.now) {
+                        ActionRate::Taken(_) => Ok(()),
+                        ActionRate::Full { used, retry_after_ms } => {
+                            Err(Violation::RateLimitExceeded { used, limit, retry_after_ms })
+                        }
+                        ActionRate::Short(refill) => return Err(Checked::Short(refill)),
+                        ActionRate::Unavailable => {
+                            return Err(Checked::Refused(Box::new(Denial::new(
+                                Class::Unavailable,
+                                "budget_store_unavailable",
+                                "the guardrails' hourly action counts cannot be read right now",
+                            ))))
+                        }
+                    }
+                }
+                None => Ok(()),
+            };
+            match taken {
+                Ok(()) => {
+                    if policy.requires_approval && ask.is_none() {
+                        *ask = Some((
+                            GUARDRAIL_APPROVAL.to_string(),
+                            format!(
+                                "the guardrails require a human approval for `{}` ({}, {} risk)",
+                                crate::guardrails::patterns::excerpt(action),
+                                policy.category.as_str(),
+                                policy.risk_level.as_str()
+                            ),
+                        ));
+                    }
+                    return Ok(());
+                }
+                Err(v) => v,
+            }
+        }
+        Err(v) => v,
+    };
+    let class = match violation {
+        Violation::RateLimitExceeded { .. } => Class::RateLimited,
+        _ => Class::Policy,
+    };
+    let mut denial = Denial::new(class, violation.code(), violation.explanation(action));
+    if let Violation::RateLimitExceeded { retry_after_ms, .. } = violation {
+        denial.retry_after_secs = Some(retry_after_ms.div_ceil(1000).max(1));
+    }
+    let mut breach = violation.breach(action);
+    breach.rpc_id = rpc_id.cloned();
+    denial.guardrail = Some(Box::new(breach));
+    Err(Checked::Refused(Box::new(denial)))
 }
 
 fn rate_denial(limited: RateLimited) -> Denial {
@@ -909,6 +990,18 @@ enum Overseen<'p> {
     /// No human needed; the risk score if one was computed.
     Pass(Option<Assessment>),
     Ask(Box<Pending<'p>>),
+    /// The autonomy budget's count must be refilled first.
+    Short(Box<Refill>, Asked),
+}
+
+/// What oversight steps 1–3 found, for the autonomy budget and the approval question.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    resolution: Option<autonomy::Resolution>,
+    profile: Option<Profile>,
+    assessment: Option<Assessment>,
+    /// The request's digest, when the loop detector computed it.
+    digest: Option<u64>,
 }
 
 /// Oversight steps 1–4 (disabled, autonomy mode, loops, approval). `guard_ask`: a guardrail
@@ -973,11 +1066,7 @@ fn oversee<'p, S: Stores>(
     }
 
     // 4. Does a human have to approve?
-    let cost = Some(priced.worst_case());
-    let assess = |stores: &mut S, p: Profile| {
-        risk::assess(&p.factors(cost, stores.history(agent, action)), &guards.thresholds)
-    };
-    let assessment = profile.map(|p| assess(stores, p));
+    let assessment = profile.map(|p| assess(rules, req, stores, priced, p));
     let mut ask: Option<(String, String)> = None;
     if decision.effect == Effect::RequireApproval {
         ask = Some((decision.reason.to_string(), decision.explanation.to_string()));
@@ -994,11 +1083,32 @@ fn oversee<'p, S: Stores>(
         let reason = standing.reason().unwrap_or("error_escalation");
         ask = Some((reason.to_string(), standing.explanation().unwrap_or_default()));
     }
-    if let (None, Some(r)) = (&ask, resolution) {
+    let asked = Asked { resolution, profile, assessment, digest };
+    Ok(conclude(rules, req, stores, decision, priced, asked, ask, now))
+}
+
+/// The rest of oversight step 4: unless something already asked for a human (`ask`),
+/// `AUTO_EXECUTE` consumes its autonomy budget; then the request passes, or a human is asked.
+#[allow(clippy::too_many_arguments)]
+fn conclude<'p, S: Stores>(
+    rules: &Rules<'p>,
+    req: &Request<'_>,
+    stores: &mut S,
+    decision: &Decision<'p>,
+    priced: Priced,
+    asked: Asked,
+    mut ask: Option<(String, String)>,
+    now: UnixMillis,
+) -> Overseen<'p> {
+    let (agent, action) = (req.agent(), req.action);
+    if let (None, Some(r)) = (&ask, asked.resolution) {
         let gate = match r.mode {
             Mode::AutoExecute => {
                 let limits = rules.engine.autonomy().limits(agent, action);
-                autonomy::gate(r, Some(stores.consume_autonomy(limits, agent, action, now)))
+                match stores.consume_autonomy(limits, agent, action, now) {
+                    Ok(outcome) => autonomy::gate(r, Some(outcome)),
+                    Err(refill) => return Overseen::Short(refill, asked),
+                }
             }
             _ => autonomy::gate(r, None),
         };
@@ -1006,20 +1116,33 @@ fn oversee<'p, S: Stores>(
             ask = Some((gate.reason.code().to_string(), gate.explanation()));
         }
     }
-    let Some((reason, why)) = ask else { return Ok(Overseen::Pass(assessment)) };
-    let assessment = match assessment {
+    let Some((reason, why)) = ask else { return Overseen::Pass(asked.assessment) };
+    let assessment = match asked.assessment {
         Some(a) => a,
-        None => assess(stores, profile.unwrap_or_default()),
+        None => assess(rules, req, stores, priced, asked.profile.unwrap_or_default()),
     };
-    let digest = digest.unwrap_or_else(|| req.digest());
-    Ok(Overseen::Ask(Box::new(Pending {
+    let digest = asked.digest.unwrap_or_else(|| req.digest());
+    Overseen::Ask(Box::new(Pending {
         decision: *decision,
         priced,
         reason,
         why,
         assessment,
         digest,
-    })))
+    }))
+}
+
+/// The action's risk under `profile`, with the agent's history of it.
+fn assess(
+    rules: &Rules<'_>,
+    req: &Request<'_>,
+    stores: &mut impl Stores,
+    priced: Priced,
+    profile: Profile,
+) -> Assessment {
+    let history = stores.history(req.agent(), req.action);
+    let factors = profile.factors(Some(priced.worst_case()), history);
+    risk::assess(&factors, &rules.oversight.thresholds)
 }
 
 /// Oversight step 5, the upstream's breaker, and what the adapter reports when it ends.

@@ -17,13 +17,13 @@ use tollgate_core::money::Money;
 use tollgate_core::policy::{Budgets, Decision, Effect, Facts};
 use tollgate_core::record::AuditKind;
 use tollgate_core::risk::{Assessment, OnTimeout};
-use tollgate_core::time::{Period, UnixMillis};
+use tollgate_core::time::UnixMillis;
 
 use crate::audit;
 use crate::clock::now;
 use crate::config::Route;
 use crate::deny::{Class, Denial};
-use crate::fleet::counts::{self, CountRefused};
+use crate::fleet::counts;
 
 use crate::oversight::{audit_approval, Action, Admitted, StoreError, Verdict, APPROVAL_HEADER};
 use crate::state::Shared;
@@ -39,37 +39,9 @@ pub struct Live<'a> {
     pub reservation_ttl_ms: u64,
     /// The breaker that admitted the call (an index), set when it was asked.
     breaker: Option<usize>,
-    /// Fleet mode: a lease of an action count (autonomy budget, hourly action limit) to refill
-    /// before the lifecycle runs again. The core cannot wait at those steps, so the step answered
-    /// as if refused and [`refilled`] runs the lifecycle again once the lease is there.
-    short: Option<Box<Refill>>,
-    /// The fleet store could not refill that lease: the next run counts as its outage policy
-    /// says (see [`crate::fleet::counts`]).
+    /// Fleet mode: refilling an action count's lease failed (Redis cannot be reached): the
+    /// step counts as its outage policy says (see [`crate::fleet::counts`]).
     store_failed: bool,
-    /// What the counting steps answered in this run, replayed (not counted again) when the
-    /// lifecycle runs again after a refill; and where the current run is in it.
-    journal: Vec<Counted>,
-    cursor: usize,
-}
-
-/// One counting step's answer, kept for a later run of the same request's lifecycle.
-#[derive(Clone, Debug, PartialEq)]
-enum Counted {
-    Rate(String, Result<(), RateLimited>),
-    Action(String, ActionRate),
-    Loop(u64, Repeat),
-    Autonomy(String, BudgetOutcome),
-}
-
-impl Counted {
-    fn key(&self) -> (u8, &str, u64) {
-        match self {
-            Counted::Rate(k, _) => (0, k, 0),
-            Counted::Action(k, _) => (1, k, 0),
-            Counted::Loop(d, _) => (2, "", *d),
-            Counted::Autonomy(k, _) => (3, k, 0),
-        }
-    }
 }
 
 impl<'a> Live<'a> {
@@ -85,42 +57,8 @@ impl<'a> Live<'a> {
             reservation_id,
             reservation_ttl_ms,
             breaker: None,
-            short: None,
             store_failed: false,
-            journal: Vec::new(),
-            cursor: 0,
         }
-    }
-
-    /// The answer this step gave in an earlier run (matched by position and key), if any. A
-    /// different step here drops the rest of the journal.
-    fn replay(&mut self, kind: u8, key: &str, digest: u64) -> Option<Counted> {
-        if self.journal.is_empty() {
-            return None;
-        }
-        let found = self.journal.get(self.cursor)?;
-        if found.key() == (kind, key, digest) {
-            self.cursor += 1;
-            return Some(found.clone());
-        }
-        self.journal.truncate(self.cursor);
-        None
-    }
-
-    /// Keeps a step's answer for the runs to come.
-    fn record(&mut self, counted: Counted) {
-        // Only the fleet store asks for a run again: one process needs no journal.
-        if self.shared.budgets.store().fleet().is_none() {
-            return;
-        }
-        self.journal.truncate(self.cursor);
-        self.journal.push(counted);
-        self.cursor += 1;
-    }
-
-    /// The lifecycle runs again from its start.
-    fn rewind(&mut self) {
-        self.cursor = 0;
     }
 
     /// The fleet store for the action counts, unless they are counted here: Redis down and
@@ -139,30 +77,6 @@ pub(crate) fn whole_seconds(wait: std::time::Duration) -> u64 {
 }
 
 impl Live<'_> {
-    /// [`Stores::take_rate`] without the journal.
-    fn take_rate_now(
-        &mut self,
-        clause: &str,
-        agent: &str,
-        rpm: Option<u64>,
-        tpm: Option<u64>,
-        tokens: u64,
-        now: UnixMillis,
-    ) -> Result<(), RateLimited> {
-        if let Some(fleet) = self.shared.budgets.store().fleet().filter(|f| !f.rates_local()) {
-            return lifecycle::leased_rate(fleet, clause, agent, rpm, tpm, tokens, now);
-        }
-        let key = format!("{clause}\u{0}{agent}");
-        self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
-            crate::limits::Limited::Requests { limit, retry_after } => {
-                RateLimited::Requests { limit, retry_after_secs: whole_seconds(retry_after) }
-            }
-            crate::limits::Limited::Tokens { limit, retry_after } => {
-                RateLimited::Tokens { limit, retry_after_secs: whole_seconds(retry_after) }
-            }
-        })
-    }
-
     /// The guardrails' hourly count of this proxy alone.
     fn local_action_rate(
         &mut self,
@@ -191,15 +105,18 @@ impl Stores for Live<'_> {
         tokens: u64,
         now: UnixMillis,
     ) -> Result<(), RateLimited> {
+        if let Some(fleet) = self.shared.budgets.store().fleet().filter(|f| !f.rates_local()) {
+            return lifecycle::leased_rate(fleet, clause, agent, rpm, tpm, tokens, now);
+        }
         let key = format!("{clause}\u{0}{agent}");
-        if let Some(Counted::Rate(_, answer)) = self.replay(0, &key, 0) {
-            return answer;
-        }
-        let answer = self.take_rate_now(clause, agent, rpm, tpm, tokens, now);
-        if !matches!(answer, Err(RateLimited::Short(_))) {
-            self.record(Counted::Rate(key, answer.clone()));
-        }
-        answer
+        self.shared.rate_limits.check(&key, rpm, tpm, tokens).map_err(|limited| match limited {
+            crate::limits::Limited::Requests { limit, retry_after } => {
+                RateLimited::Requests { limit, retry_after_secs: whole_seconds(retry_after) }
+            }
+            crate::limits::Limited::Tokens { limit, retry_after } => {
+                RateLimited::Tokens { limit, retry_after_secs: whole_seconds(retry_after) }
+            }
+        })
     }
 
     fn take_action_rate(
@@ -209,32 +126,14 @@ impl Stores for Live<'_> {
         limit: u32,
         now: UnixMillis,
     ) -> ActionRate {
-        let key = format!("{agent}\u{0}{action}");
-        if let Some(Counted::Action(_, answer)) = self.replay(1, &key, 0) {
-            return answer;
-        }
-        let answer = match self.fleet_counts() {
-            Some(fleet) => {
-                let window = Period::Hourly.window(now);
-                let base = counts::action_hour(agent, action, now.as_millis() / 3_600_000);
-                match fleet.take_counts(&[(base, u64::from(limit))], window.end) {
-                    Ok(used) => ActionRate::Taken(used[0].min(u64::from(u32::MAX)) as u32),
-                    Err(CountRefused::Full { used, .. }) => ActionRate::Full {
-                        used: used.min(u64::from(u32::MAX)) as u32,
-                        retry_after_ms: window.end.since(now),
-                    },
-                    Err(CountRefused::Short(refill)) if !self.store_failed => {
-                        // Refused for now; the lifecycle runs again once the lease is there.
-                        self.short = Some(refill);
-                        return ActionRate::Unavailable;
-                    }
-                    Err(_) => ActionRate::Unavailable,
-                }
-            }
+        match self.fleet_counts() {
+            Some(fleet) => match lifecycle::leased_action_rate(fleet, agent, action, limit, now) {
+                // Refilling failed a moment ago (`fail_closed`): 503.
+                ActionRate::Short(_) if self.store_failed => ActionRate::Unavailable,
+                taken => taken,
+            },
             None => self.local_action_rate(agent, action, limit, now),
-        };
-        self.record(Counted::Action(key, answer));
-        answer
+        }
     }
 
     fn recordable(&mut self) -> bool {
@@ -246,16 +145,11 @@ impl Stores for Live<'_> {
     }
 
     fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat {
-        if let Some(Counted::Loop(_, answer)) = self.replay(2, "", digest) {
-            return answer;
-        }
-        let answer = match (&self.shared.oversight.loops, self.shared.budgets.store().fleet()) {
+        match (&self.shared.oversight.loops, self.shared.budgets.store().fleet()) {
             (Some(detector), Some(fleet)) => fleet.observe_call(detector.config(), digest, now),
             (Some(detector), None) => detector.observe_digest(digest, now),
             (None, _) => Repeat::Fresh { count: 1 },
-        };
-        self.record(Counted::Loop(digest, answer));
-        answer
+        }
     }
 
     fn consume_autonomy(
@@ -264,64 +158,18 @@ impl Stores for Live<'_> {
         agent: &str,
         action: &str,
         now: UnixMillis,
-    ) -> BudgetOutcome {
-        let key = format!("{agent}\u{0}{action}");
-        if let Some(Counted::Autonomy(_, answer)) = self.replay(3, &key, 0) {
-            return answer;
-        }
+    ) -> Result<BudgetOutcome, Box<Refill>> {
         let limited = limits.per_day.is_some() || limits.per_action.is_some();
-        let answer = match self.fleet_counts().filter(|_| limited) {
-            Some(fleet) => {
-                let day = now.as_millis() / 86_400_000;
-                let mut counters = Vec::with_capacity(2);
-                if let Some(n) = limits.per_day {
-                    counters.push((counts::autonomy_day(agent, day), u64::from(n)));
-                }
-                if let Some(n) = limits.per_action {
-                    counters.push((counts::autonomy_action(agent, action, day), u64::from(n)));
-                }
-                let end = Period::Daily.window(now).end;
-                let small = |n: u64| n.min(u64::from(u32::MAX)) as u32;
-                match fleet.take_counts(&counters, end) {
-                    Ok(used) => {
-                        let mut used = used.into_iter();
-                        BudgetOutcome::Consumed {
-                            used: limits.per_day.map_or(0, |_| small(used.next().unwrap_or(0))),
-                            limit: limits.per_day,
-                            action_used: limits
-                                .per_action
-                                .map_or(0, |_| small(used.next().unwrap_or(0))),
-                            action_limit: limits.per_action,
-                        }
-                    }
-                    Err(CountRefused::Full { index, used }) => {
-                        let (limit, max) = match (index, limits.per_day) {
-                            (0, Some(n)) => (BudgetLimit::PerDay, n),
-                            _ => (BudgetLimit::PerAction, limits.per_action.unwrap_or(0)),
-                        };
-                        BudgetOutcome::Exhausted { limit, used: small(used), max }
-                    }
-                    Err(CountRefused::Short(refill)) if !self.store_failed => {
-                        // Sent to a human for now; the lifecycle runs again once the lease is
-                        // there.
-                        self.short = Some(refill);
-                        return BudgetOutcome::Exhausted {
-                            limit: BudgetLimit::Capacity,
-                            used: 0,
-                            max: 0,
-                        };
-                    }
-                    // Redis cannot be reached (`fail_closed`): a human decides, as when the
-                    // budget is used up.
-                    Err(_) => {
-                        BudgetOutcome::Exhausted { limit: BudgetLimit::Capacity, used: 0, max: 0 }
-                    }
-                }
-            }
-            None => self.shared.oversight.budget.consume(limits, agent, action, now),
+        let Some(fleet) = self.fleet_counts().filter(|_| limited) else {
+            return Ok(self.shared.oversight.budget.consume(limits, agent, action, now));
         };
-        self.record(Counted::Autonomy(key, answer));
-        answer
+        match lifecycle::leased_autonomy(fleet, limits, agent, action, now) {
+            Ok(Some(outcome)) => Ok(outcome),
+            Err(refill) if !self.store_failed => Err(refill),
+            // Redis cannot be reached (`fail_closed`): a human decides, as when the budget is
+            // used up.
+            _ => Ok(BudgetOutcome::Exhausted { limit: BudgetLimit::Capacity, used: 0, max: 0 }),
+        }
     }
 
     fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
@@ -458,21 +306,6 @@ async fn refilled<'p>(
         lifecycle::Refusal { step: Step::Budget, denial: Box::new(denial) }
     };
     for _ in 0..MAX_REFILLS {
-        if let Some(refill) = live.short.take() {
-            // An action count's lease ran out (the step answered as refused): refill it and run
-            // the lifecycle again; the steps already counted are replayed, not counted again.
-            let refilled = match shared.budgets.store().fleet() {
-                Some(fleet) => fleet.refill(&refill).await,
-                None => Ok(()),
-            };
-            if let Err(e) = refilled {
-                tracing::warn!(error = %e, "fleet store: action counts");
-                live.store_failed = true;
-            }
-            live.rewind();
-            decided = lifecycle::decide(rules, req, live, now);
-            continue;
-        }
         let short = match decided {
             Ok(lifecycle::Admission::Short(short)) => short,
             other => return other,
@@ -482,15 +315,16 @@ async fn refilled<'p>(
         };
         if let Err(e) = fleet.refill(&short.refill).await {
             tracing::warn!(error = %e, "fleet budget store");
-            return Err(unavailable("the fleet store (Redis) does not answer".into()));
+            if !short.refill.key.starts_with(counts::COUNT) {
+                return Err(unavailable("the fleet store (Redis) does not answer".into()));
+            }
+            // An action count: the step runs again and counts as the outage policy says.
+            live.store_failed = true;
         }
         decided = short.resume(rules, req, live, now);
     }
     match decided {
         Ok(lifecycle::Admission::Short(_)) => {
-            Err(unavailable("the fleet lease ran dry again and again".into()))
-        }
-        _ if live.short.is_some() => {
             Err(unavailable("the fleet lease ran dry again and again".into()))
         }
         other => other,

@@ -116,6 +116,7 @@ pub async fn start_with(
         max_connections: config.limits.max_connections,
         shed: None,
     };
+    let admin_connections = config.limits.max_admin_connections;
     let forward = match (&config.forward, &config.forward.ca_cert, &config.forward.ca_key) {
         (f, Some(cert), Some(key)) if f.enabled => {
             let ca = crate::ca::Ca::load(cert, key)?;
@@ -262,8 +263,13 @@ pub async fn start_with(
     let admin_task = tokio::spawn(server::serve(
         admin,
         crate::admin::Admin::new(shared.clone()),
-        // The admin API: a few operators and one scraper.
-        ConnLimits { drain: Duration::from_secs(1), max_connections: 64, ..conn_limits },
+        // The admin API: operators and the scraper, and on a collector the whole fleet (each
+        // sidecar's export, each Envoy worker's usage events, leases and approvals).
+        ConnLimits {
+            drain: Duration::from_secs(1),
+            max_connections: admin_connections,
+            ..conn_limits
+        },
         stopped(stop_rx.clone()),
     ));
     // The export ships what the drain adds too: it stops after the ledger's last flush.

@@ -144,6 +144,9 @@ pub struct RequestLimits {
     pub body_idle_timeout: Duration,
     /// Connections served at once on the proxy listener; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Connections served at once on the admin listener (operators, the scraper and, on a
+    /// collector, every sidecar and Envoy worker of the fleet).
+    pub max_admin_connections: usize,
     /// Requests being served at once; more are answered 503 `overloaded` with `Retry-After`.
     pub max_requests_in_flight: usize,
 }
@@ -396,6 +399,7 @@ impl Config {
         keep!("limits.max_headers", limits.max_headers);
         keep!("limits.header_read_timeout", limits.header_read_timeout);
         keep!("limits.max_connections", limits.max_connections);
+        keep!("limits.max_admin_connections", limits.max_admin_connections);
         keep!("shutdown_drain", shutdown_drain);
         keep!("metrics.max_label_values", max_label_values);
         keep!("policy_source", policy_source);
@@ -738,6 +742,7 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>, shared_proxy: bool) -> 
         header_read_timeout: Duration::from_secs(10),
         body_idle_timeout: Duration::from_secs(30),
         max_connections: if shared_proxy { 16_384 } else { 4_096 },
+        max_admin_connections: 1_024,
         max_requests_in_flight: if shared_proxy { 8_192 } else { 2_048 },
     };
     let Some(field) = field else { return limits };
@@ -760,6 +765,9 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>, shared_proxy: bool) -> 
     if let Some(n) = o.get("max_connections").and_then(|f| f.u64(cx)) {
         limits.max_connections = n.clamp(1, u32::MAX as u64) as usize;
     }
+    if let Some(n) = o.get("max_admin_connections").and_then(|f| f.u64(cx)) {
+        limits.max_admin_connections = n.clamp(1, u32::MAX as u64) as usize;
+    }
     if let Some(n) = o.get("max_requests_in_flight").and_then(|f| f.u64(cx)) {
         limits.max_requests_in_flight = n.clamp(1, u32::MAX as u64) as usize;
     }
@@ -772,6 +780,7 @@ fn request_limits(cx: &mut Cx, field: Option<Field<'_>>, shared_proxy: bool) -> 
             "header_read_timeout",
             "body_idle_timeout",
             "max_connections",
+            "max_admin_connections",
             "max_requests_in_flight",
         ],
     );
@@ -1087,6 +1096,7 @@ mod tests {
         let sidecar = Config::from_str(base).expect("valid");
         let l = &sidecar.limits;
         assert_eq!((l.max_connections, l.max_requests_in_flight), (4_096, 2_048));
+        assert_eq!(l.max_admin_connections, 1_024);
         assert_eq!(l.body_idle_timeout, Duration::from_secs(30));
         assert_eq!(sidecar.upstream.stream_idle_timeout, Duration::from_secs(120));
         let shared =

@@ -20,7 +20,9 @@ use clap::Args;
 use serde::Deserialize;
 
 use tollgate_core::autonomy::{self, BudgetLimit, BudgetOutcome};
-use tollgate_core::budget::{BudgetError, Budgets as BudgetEngine, MemoryStore, Reservation};
+use tollgate_core::budget::{
+    BudgetError, Budgets as BudgetEngine, MemoryStore, Refill, Reservation,
+};
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::Repeat;
 use tollgate_core::inspect::{self, RequestInfo};
@@ -499,17 +501,17 @@ impl Stores for Assumed {
         agent: &str,
         action: &str,
         _now: UnixMillis,
-    ) -> BudgetOutcome {
+    ) -> Result<BudgetOutcome, Box<Refill>> {
         // A budget of none is used up whatever was used before.
         let none =
             [(limits.per_day, BudgetLimit::PerDay), (limits.per_action, BudgetLimit::PerAction)];
         if let Some((_, limit)) = none.into_iter().find(|(max, _)| *max == Some(0)) {
-            return BudgetOutcome::Exhausted { limit, used: 0, max: 0 };
+            return Ok(BudgetOutcome::Exhausted { limit, used: 0, max: 0 });
         }
         self.note(format!(
             "autonomy budget of agent {agent} for {action}: units used today (assumed none)"
         ));
-        BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None }
+        Ok(BudgetOutcome::Consumed { used: 1, limit: None, action_used: 1, action_limit: None })
     }
 
     fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {

@@ -899,7 +899,12 @@ fn collector_in_fleet_with(mock: &MockUpstream, redis: &impl Store, settings: &s
 
 /// The filter's configuration with the sidecars' policy and prices, in fleet mode.
 fn fleet_plugin() -> String {
-    json!({
+    fleet_plugin_with(json!({}))
+}
+
+/// [`fleet_plugin`] with more sections (`autonomy`, `guardrails`, ...).
+fn fleet_plugin_with(more: Value) -> String {
+    let mut plugin = json!({
         "filter": {
             "fail": "closed",
             "mcp_path_prefix": "/mcp",
@@ -918,8 +923,11 @@ fn fleet_plugin() -> String {
                       {"id": "metered", "match": {"agent": "metered-bot"}, "effect": "allow",
                        "limits": {"rpm": 60}}]
         }
-    })
-    .to_string()
+    });
+    if let (Some(plugin), Some(more)) = (plugin.as_object_mut(), more.as_object()) {
+        plugin.extend(more.clone());
+    }
+    plugin.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1131,6 +1139,89 @@ async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
     let total: usize = served.iter().sum();
     assert_eq!((total, limited), (60, 120), "60 a minute across the fleet: {served:?}");
     assert!(served[0] > 0 && served[1] > 0, "the Envoys served some: {served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn autonomy_budgets_and_hourly_limits_count_the_envoys_and_the_sidecars_together() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    clear_of_window_end(3_600_000, Duration::from_secs(40)).await;
+    let collector = collector_in_fleet(&mock, &redis);
+    // `echo` may be called 12 times an hour; every agent may act alone 20 times a day.
+    let yaml = "guardrails:\n  include_defaults: false\n  actions:\n    echo: {category: read, \
+                risk_level: safe, requires_approval: false, rate_limit_per_hour: 12}\n    \
+                lookup: {category: read, risk_level: safe, requires_approval: false}\n\
+                autonomy:\n  default: AUTO_EXECUTE\n  budgets: {default: {per_day: 20}}\n";
+    let (sidecar, _) =
+        proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms, timeout: 2s", None, yaml);
+    let plugin = fleet_plugin_with(json!({
+        "guardrails": {"include_defaults": false, "actions": {
+            "echo": {"category": "read", "risk_level": "safe", "requires_approval": false,
+                     "rate_limit_per_hour": 12},
+            "lookup": {"category": "read", "risk_level": "safe", "requires_approval": false}}},
+        "autonomy": {"default": "AUTO_EXECUTE", "budgets": {"default": {"per_day": 20}}}
+    }));
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let targets = [
+        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
+        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
+        sidecar.proxy,
+    ];
+    let client = client();
+    // Concurrent calls of one agent through all three, each phase its own agent.
+    let wave = |tool: &'static str, agent: &'static str, n: usize| {
+        let client = client.clone();
+        async move {
+            let calls: Vec<_> = (0..n)
+                .map(|i| {
+                    let (client, addr) = (client.clone(), targets[i % 3]);
+                    tokio::spawn(async move {
+                        let (status, code, _) =
+                            call_as(&client, addr, "CC-8301", tool, agent, &[]).await;
+                        (i % 3, status, code)
+                    })
+                })
+                .collect();
+            let (mut served, mut other) = ([0; 3], std::collections::BTreeMap::new());
+            for c in calls {
+                match c.await.unwrap() {
+                    (via, 200, _) => served[via] += 1,
+                    (_, status, code) => *other.entry((status, code)).or_insert(0) += 1,
+                }
+            }
+            (served, other)
+        }
+    };
+    let (served, other) = wave("lookup", "auto-bot", 150).await;
+    let exhausted = other.get(&(403, "autonomy_budget_exhausted".into())).copied().unwrap_or(0);
+    assert_eq!(
+        (served.iter().sum::<usize>(), exhausted),
+        (20, 130),
+        "20 autonomous actions a day for the fleet, not 20 per Envoy: {served:?} {other:?}"
+    );
+    let (served, other) = wave("echo", "hourly-bot", 90).await;
+    let limited = other.get(&(429, "rate_limit_exceeded".into())).copied().unwrap_or(0);
+    assert_eq!(
+        (served.iter().sum::<usize>(), limited),
+        (12, 78),
+        "12 calls an hour for the fleet, not 12 per Envoy: {served:?} {other:?}"
+    );
+    assert!(served[0] + served[1] > 0, "the Envoys served some: {served:?}");
+    // Every holder reports its counted calls within a sync interval; the Envoys' VMs counted
+    // on count leases of their own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let hash = redis.budget_hash("hour/10:hourly-bot").await;
+        if field(&hash, "perm") == 12 {
+            assert!(hash.iter().any(|(f, _)| f.starts_with("q:envoy/vm-")), "{hash:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "every counted call reported: {hash:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

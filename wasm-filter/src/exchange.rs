@@ -18,7 +18,7 @@
 use serde::Serialize;
 use tollgate_core::attribution::{Attribution, AttributionError, Identity};
 use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
-use tollgate_core::budget::{BudgetError, Budgets, Reservation, StoreError, Warning};
+use tollgate_core::budget::{BudgetError, Budgets, Refill, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
 use tollgate_core::guardrails::escalation::Standing;
 use tollgate_core::guardrails::loops::{Repeat, Slot};
@@ -665,6 +665,14 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         limit: u32,
         now: UnixMillis,
     ) -> ActionRate {
+        if self.plugin.fleet.is_some() {
+            // The fleet's hourly counts, leased as the sidecars lease them.
+            let store = self.budgets.fleet.store();
+            return match lifecycle::leased_action_rate(store, agent, action, limit, now) {
+                ActionRate::Unavailable if !self.fail_closed() => ActionRate::Taken(0),
+                taken => taken,
+            };
+        }
         let window = tollgate_core::time::Period::Hourly.window(now);
         let retry_after_ms = window.end.since(now);
         // One key per agent and action, reused hour after hour (shared data cannot delete).
@@ -724,10 +732,22 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         agent: &str,
         action: &str,
         now: UnixMillis,
-    ) -> BudgetOutcome {
-        let key = format!("{AUTONOMY_KEY}{agent}");
+    ) -> Result<BudgetOutcome, Box<Refill>> {
         let unread =
             BudgetOutcome::Exhausted { limit: autonomy::BudgetLimit::Capacity, used: 0, max: 0 };
+        let open =
+            BudgetOutcome::Consumed { used: 0, limit: None, action_used: 0, action_limit: None };
+        let limited = limits.per_day.is_some() || limits.per_action.is_some();
+        if self.plugin.fleet.is_some() && limited {
+            // The fleet's autonomy budgets, leased as the sidecars lease them.
+            let store = self.budgets.fleet.store();
+            return match lifecycle::leased_autonomy(store, limits, agent, action, now)? {
+                Some(outcome) => Ok(outcome),
+                None if self.fail_closed() => Ok(unread),
+                None => Ok(open),
+            };
+        }
+        let key = format!("{AUTONOMY_KEY}{agent}");
         let mut outcome = unread;
         let initial = DayCounts::default().encode();
         let updated = self.budgets.shared.store().update_record(&key, &initial, |bytes| {
@@ -736,11 +756,9 @@ impl<D: SharedData> Stores for Shared<'_, D> {
             matches!(outcome, BudgetOutcome::Consumed { .. }).then(|| day.encode())
         });
         match updated {
-            Ok(()) => outcome,
-            Err(_) if self.fail_closed() => unread,
-            Err(_) => {
-                BudgetOutcome::Consumed { used: 0, limit: None, action_used: 0, action_limit: None }
-            }
+            Ok(()) => Ok(outcome),
+            Err(_) if self.fail_closed() => Ok(unread),
+            Err(_) => Ok(open),
         }
     }
 

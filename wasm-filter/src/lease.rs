@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use tollgate_core::budget::lease::{Counter, Lease, Shortfall, SyncAnswer, SyncArgs, RATE};
+use tollgate_core::budget::lease::{Counter, Lease, Shortfall, SyncAnswer, SyncArgs, COUNT, RATE};
 use tollgate_core::budget::{AddOutcome, Hold, MemoryStore, Refill, Store, StoreError, Taken};
 use tollgate_core::time::UnixMillis;
 
@@ -113,15 +113,20 @@ impl LeaseStore {
                 continue;
             }
             let wanted = e.wanted.take();
-            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back, false)) {
+            // An action count's lease stays while the fleet has counted at most half its limit
+            // (a count is one call: giving it back and asking again would cost a round trip per
+            // call), as the sidecars keep theirs.
+            let counts = base.starts_with(COUNT);
+            let plenty = counts && e.lease.fleet_committed.saturating_mul(2) <= e.lease.limit;
+            let back = match (wanted, e.lease.sync_due(now, renew_after_ms, give_back, plenty)) {
                 (Some(_), _) => false,
                 (None, Some(back)) => back,
                 (None, None) => continue,
             };
             let (want, limit, expires) = wanted.unwrap_or((0, 0, UnixMillis(0)));
             let seq = &self.seq;
-            let rate = base.starts_with(RATE);
-            let args = e.lease.prepare(want, limit, expires, back, slice_bp, rate, now, || {
+            let whole = counts || base.starts_with(RATE);
+            let args = e.lease.prepare(want, limit, expires, back, slice_bp, whole, now, || {
                 seq.set(seq.get() + 1);
                 seq.get()
             });

@@ -48,6 +48,11 @@ struct Fake {
     rate_short: u32,
     /// Continue through the owned (parked) continuations, as the Envoy filter does.
     park: bool,
+    /// The hourly action count with this index (0: the first asked) answers that the store
+    /// must refill first.
+    action_short_on: Option<usize>,
+    /// How many more times `consume_autonomy` answers that the store must refill first.
+    autonomy_short: u32,
 }
 
 impl Default for Fake {
@@ -70,6 +75,8 @@ impl Default for Fake {
             short: 0,
             rate_short: 0,
             park: false,
+            action_short_on: None,
+            autonomy_short: 0,
         }
     }
 }
@@ -97,8 +104,12 @@ impl Stores for Fake {
         self.rate.clone()
     }
     fn take_action_rate(&mut self, _: &str, _: &str, _: u32, _: UnixMillis) -> ActionRate {
+        let n = self.calls.iter().filter(|c| **c == "action_rate").count();
         self.calls.push("action_rate");
-        self.action_rate
+        if self.action_short_on == Some(n) {
+            return ActionRate::Short(Box::new(refill("count/hour")));
+        }
+        self.action_rate.clone()
     }
     fn recordable(&mut self) -> bool {
         self.calls.push("recordable");
@@ -118,9 +129,13 @@ impl Stores for Fake {
         _: &str,
         _: &str,
         _: UnixMillis,
-    ) -> BudgetOutcome {
+    ) -> Result<BudgetOutcome, Box<Refill>> {
         self.calls.push("autonomy_budget");
-        self.autonomy
+        if self.autonomy_short > 0 {
+            self.autonomy_short -= 1;
+            return Err(Box::new(refill("count/auto")));
+        }
+        Ok(self.autonomy)
     }
     fn history(&mut self, _: &str, _: &str) -> Option<(u64, u64)> {
         self.calls.push("history");
@@ -153,6 +168,10 @@ impl Stores for Fake {
             .reserve(budgets.iter(), |s| scope_value(facts, s), amount, "r-1", now, 60_000)
             .map(Some)
     }
+}
+
+fn refill(key: &str) -> Refill {
+    Refill { key: key.into(), amount: 1, limit: 1, expires_at: UnixMillis(0) }
 }
 
 /// A model call (`gpt-4o`, `max_tokens`) or an MCP tool call (`tool`) by `agent`.
@@ -736,5 +755,77 @@ fn parked_continuations_resume_exactly_as_borrowed_ones() {
 }
 
 fn fake_like(f: &Fake) -> Fake {
-    Fake { short: f.short, rate_short: f.rate_short, ..Fake::default() }
+    Fake {
+        short: f.short,
+        rate_short: f.rate_short,
+        autonomy_short: f.autonomy_short,
+        action_short_on: f.action_short_on,
+        ..Fake::default()
+    }
+}
+
+#[test]
+fn an_autonomy_budget_short_of_its_lease_resumes_there_without_counting_the_rate_again() {
+    let engine = engine();
+    for park in [false, true] {
+        let mut s = Fake { autonomy_short: 1, park, ..Fake::default() };
+        let r = run(&engine, all_guards(), &llm("limited-bot"), &mut s);
+        assert_eq!(r.unwrap(), "short 1 then admitted limited reserved=false");
+        let count = |name: &str| s.calls.iter().filter(|c| **c == name).count();
+        assert_eq!(
+            (count("rate"), count("recordable"), count("autonomy_budget"), count("breaker")),
+            (1, 1, 2, 1),
+            "{:?}",
+            s.calls
+        );
+    }
+}
+
+#[test]
+fn an_hourly_action_count_short_of_its_lease_resumes_at_that_tool_call() {
+    let engine = Engine::from_document(&format!(
+        "{GUARDED}    count_me: {{category: read, risk_level: low, rate_limit_per_hour: 5, requires_approval: true}}\n"
+    ))
+    .expect("compiles");
+    // A JSON-RPC batch of three calls; the second one's count must be refilled first.
+    let call = |id: u32, name: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                           "params": {"name": name, "arguments": {"q": id}}})
+    };
+    let body = serde_json::json!([call(1, "count_me"), call(2, "count_me"), call(3, "count_me")]);
+    let body = serde_json::to_vec(&body).unwrap();
+    let info = inspect::inspect(None, &body).unwrap();
+    assert_eq!(info.rpc.len(), 3);
+    let req = Request {
+        facts: Facts {
+            route: RouteKind::Tool,
+            agent: Some("bot"),
+            tool: Some("count_me"),
+            method: Some("POST"),
+            path: Some("/mcp"),
+            ..Facts::default()
+        },
+        call: Call::Other,
+        api: None,
+        info: &info,
+        body: &body,
+        query: None,
+        action: "count_me",
+        is_tool: true,
+        risk: None,
+    };
+    let rules = Rules { engine: &engine, policy: engine.policy(), oversight: Guards::default() };
+    for park in [false, true] {
+        let mut s = Fake { action_short_on: Some(1), park, ..Fake::default() };
+        let Ok(Admission::Short(short)) = decide(&rules, &req, &mut s, NOW) else {
+            panic!("short at the second call: {:?}", s.calls)
+        };
+        assert_eq!(short.refill.key, "count/hour");
+        let again = resume(&rules, &req, short, &mut s);
+        let Ok(Admission::NeedsApproval(p)) = again else { panic!("{again:?}") };
+        // The first call's ask survived the wait; each call was counted once.
+        assert_eq!(p.reason, GUARDRAIL_APPROVAL);
+        let counted = s.calls.iter().filter(|c| **c == "action_rate").count();
+        assert_eq!(counted, 4, "three calls, the second asked twice: {:?}", s.calls);
+    }
 }

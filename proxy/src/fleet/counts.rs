@@ -10,8 +10,8 @@
 //! with its proxy while the fleet has committed at most half the limit). Each counted call is
 //! also reported as spent at the next sync, so it stays counted when the proxy dies. The fleet
 //! never counts more than the limit while Redis answers; the lifecycle cannot wait for I/O at
-//! these steps, so the proxy runs it again once the lease is refilled, replaying what the first
-//! run already took (`crate::admission`). When Redis cannot be reached and the lease is used up:
+//! these steps, so it hands the request back short and goes on from that step once the lease is
+//! refilled (`tollgate_core::lifecycle::leased_autonomy`, shared with the Envoy filter). When Redis cannot be reached and the lease is used up:
 //! `fail_closed` refuses (503 for an hourly limit; an autonomy budget sends the action to a
 //! human, as an exhausted budget does); `local_allowance` counts on this proxy's own counters
 //! against the full limit, so during an outage the fleet may run up to the number of proxies
@@ -33,7 +33,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
-use tollgate_core::budget::{AddOutcome, Refill, Store, StoreError};
+use tollgate_core::budget::StoreError;
 use tollgate_core::guardrails::loops::{LoopConfig, Repeat};
 use tollgate_core::time::UnixMillis;
 
@@ -41,84 +41,6 @@ use super::FleetStore;
 
 /// The prefix of the action counters' bases (they cannot meet a budget's or a rate's).
 pub use tollgate_core::budget::lease::COUNT;
-
-/// Why [`FleetStore::take_counts`] did not count.
-#[derive(Debug)]
-pub enum CountRefused {
-    /// Counter `index` (of those asked) is at its limit: `used` counted this window.
-    Full { index: usize, used: u64 },
-    /// A lease must be refilled first; nothing was counted.
-    Short(Box<Refill>),
-    /// The store cannot count (Redis unreachable and the lease used up).
-    Unavailable,
-}
-
-/// `len:text`, so that no agent or action name can make two counters' bases meet.
-fn part(text: &str) -> String {
-    format!("{}:{text}", text.len())
-}
-
-/// The base of the autonomy budget's daily total of `agent` (day number `day`).
-pub fn autonomy_day(agent: &str, day: u64) -> String {
-    format!("{COUNT}auto/{}/{day}", part(agent))
-}
-
-/// The base of the autonomy budget's daily count of `action` by `agent`.
-pub fn autonomy_action(agent: &str, action: &str, day: u64) -> String {
-    format!("{COUNT}auto/{}/{}/{day}", part(agent), part(action))
-}
-
-/// The base of the guardrails' count of `action` by `agent` in hour number `hour`.
-pub fn action_hour(agent: &str, action: &str, hour: u64) -> String {
-    format!("{COUNT}hour/{}/{}/{hour}", part(agent), part(action))
-}
-
-impl FleetStore {
-    /// Counts one call on each of `counters` (base, limit), all or none, until `window_end`.
-    /// `Ok` holds each counter's count this window as this proxy sees it (the fleet's committed
-    /// total: what every proxy counted or holds leased).
-    pub fn take_counts(
-        &self,
-        counters: &[(String, u64)],
-        window_end: UnixMillis,
-    ) -> Result<Vec<u64>, CountRefused> {
-        let mut taken: Vec<(usize, u64)> = Vec::with_capacity(counters.len());
-        let mut refused = None;
-        for (i, (base, limit)) in counters.iter().enumerate() {
-            let key = format!("{base}/committed");
-            let limit_i = i64::try_from(*limit).unwrap_or(i64::MAX);
-            match self.add_if_within(&key, 1, limit_i, window_end) {
-                Ok(AddOutcome::Applied { total }) => taken.push((i, total.max(1) as u64)),
-                Ok(AddOutcome::Refused { current }) => {
-                    refused = Some(CountRefused::Full {
-                        index: i,
-                        used: (current.max(0) as u64).min(*limit),
-                    });
-                    break;
-                }
-                Err(StoreError::Short(refill)) => {
-                    refused = Some(CountRefused::Short(refill));
-                    break;
-                }
-                Err(_) => {
-                    refused = Some(CountRefused::Unavailable);
-                    break;
-                }
-            }
-        }
-        if let Some(refused) = refused {
-            for (i, _) in &taken {
-                let _ = self.add(&format!("{}/committed", counters[*i].0), -1, window_end);
-            }
-            return Err(refused);
-        }
-        // Counted for good: reported as spent at the next sync (it then leaves the lease).
-        for (base, _) in counters {
-            let _ = self.add(&format!("{base}/spent"), 1, window_end);
-        }
-        Ok(taken.into_iter().map(|(_, used)| used).collect())
-    }
-}
 
 /// Redis stream of the fleet's tool calls for the loop detector: appends this proxy's calls and
 /// reads the others' since the last read.
@@ -352,19 +274,5 @@ mod tests {
         // Without news from the others, at most `max_repeats` here: the per-proxy bound.
         assert!(fleet.observe_call(config, 7, later).is_loop());
         assert_eq!(fleet.inner.loops.lock().unsent.len(), 3, "the calls let through, to send");
-    }
-
-    #[test]
-    fn counter_bases_cannot_meet() {
-        assert_ne!(action_hour("a/1:b", "c", 1), action_hour("a", "1:b/c", 1));
-        assert_ne!(autonomy_day("a", 1), autonomy_action("a", "", 1));
-        assert!(matches!(
-            super::super::counter(&format!("{}/committed", action_hour("a", "b", 7))),
-            super::super::Counter::Committed(_)
-        ));
-        assert!(matches!(
-            super::super::counter(&format!("{}/spent", autonomy_day("a", 7))),
-            super::super::Counter::Spent(_)
-        ));
     }
 }

@@ -797,18 +797,51 @@ fn the_autonomy_budget_is_counted_in_shared_data_for_every_worker_and_day() {
 }
 
 #[test]
-fn an_exhausted_autonomy_budget_asks_the_collector_in_fleet_mode() {
+fn in_fleet_mode_the_autonomy_budget_is_leased_and_an_exhausted_one_asks_the_collector() {
+    use tollgate_core::budget::lease::SyncAnswer;
     let p = overseen(true);
     let data = FakeShared::default();
     let live = Live::new(SharedStore::new(&data));
     let search = mcp("search", json!({"q": "1"}));
-    let decide = |id: &str| {
-        let mut ex =
-            Exchange::start(&p, head("/mcp", id), headers("thrifty-bot", &[]), NOW).unwrap();
-        ex.decide(&p, &live, &search, NOW)
+    let leases = live.leases();
+    // The collector answers each exchange: `grant` more (0: the fleet's count is at its limit).
+    let collector = |grant: i64, committed: i64| {
+        for out in leases.due(NOW.ms, 3_000, false, 100) {
+            let a = SyncAnswer { lease: grant, granted: grant, committed, perm: 0, lapsed: false };
+            leases.answered(&out.counter, Some(a), 10_000);
+        }
     };
-    assert!(matches!(decide("c1"), Ok(Decided::Admitted)));
-    match decide("c2") {
+    let mut ex = Exchange::start(&p, head("/mcp", "c1"), headers("thrifty-bot", &[]), NOW).unwrap();
+    // Nothing of the agent's day is leased yet: the request waits at the autonomy budget.
+    let Ok(Decided::Short(parked)) = ex.decide(&p, &live, &search, NOW) else {
+        panic!("an empty count lease is short")
+    };
+    assert!(parked.refill.key.starts_with("count/auto/11:thrifty-bot/"), "{:?}", parked.refill);
+    leases.want(&parked.refill);
+    collector(1, 1);
+    leases.unwait(&parked.refill);
+    // The daily total is leased; the search's own count (1 a day) is asked for next.
+    let Ok(Decided::Short(parked)) = ex.resume(&p, &live, &search, parked, NOW) else {
+        panic!("the per-action count is leased separately")
+    };
+    leases.want(&parked.refill);
+    collector(1, 1);
+    leases.unwait(&parked.refill);
+    assert!(matches!(ex.resume(&p, &live, &search, parked, NOW), Ok(Decided::Admitted)));
+    // Nothing went into this Envoy's shared data: the counts are the fleet's.
+    assert!(data.get("tollgate:autonomy:thrifty-bot").unwrap().is_none());
+    // The second search of the day: the fleet counted one already, the collector grants none.
+    let mut ex = Exchange::start(&p, head("/mcp", "c2"), headers("thrifty-bot", &[]), NOW).unwrap();
+    let decided = match ex.decide(&p, &live, &search, NOW) {
+        Ok(Decided::Short(parked)) => {
+            leases.want(&parked.refill);
+            collector(0, 1);
+            leases.unwait(&parked.refill);
+            ex.resume(&p, &live, &search, parked, NOW)
+        }
+        other => other,
+    };
+    match decided {
         Ok(Decided::Approval(ask)) => {
             assert_eq!(ask.pending.reason, "autonomy_budget_exhausted");
             assert!(matches!(&ask.call, AskCall::Raise(r) if r.action == "search"), "{ask:?}");
