@@ -13,6 +13,7 @@
 //! - approvals, agents and autonomy metrics: see [`oversight`]
 //! - `POST /v1/usage/events`        usage events from the Envoy filter (NDJSON, [`crate::ingest`])
 //! - `POST /v1/fleet/leases`        fleet budget leases for Envoy filters ([`crate::fleet::leases`])
+//! - `POST /v1/fleet/loops`         the fleet's loop counts for Envoy filters ([`crate::fleet::loops`])
 //! - `POST /v1/fleet/approvals[/redeem]` approvals for Envoy filters ([`crate::fleet::approvals`])
 //! - `GET /v1/fleet/agents/disabled` the agents the Envoy filters refuse
 //!
@@ -163,6 +164,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (Method::POST, "/v1/fleet/leases") => {
             authorize(shared, &req)?;
             Ok(match crate::fleet::leases::serve(shared.budgets.store().fleet(), req).await {
+                Ok(answer) => json_response(StatusCode::OK, &answer),
+                Err((status, error)) => json_response(status, &json!({ "error": error })),
+            })
+        }
+        (Method::POST, "/v1/fleet/loops") => {
+            authorize(shared, &req)?;
+            Ok(match crate::fleet::loops::serve(shared.budgets.store().fleet(), req).await {
                 Ok(answer) => json_response(StatusCode::OK, &answer),
                 Err((status, error)) => json_response(status, &json!({ "error": error })),
             })

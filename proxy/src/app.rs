@@ -289,7 +289,12 @@ pub async fn start_with(
     // The fleet store reports spend until the last request has settled, then gives its leases
     // back: it stops after the listeners have drained.
     let (fleet_stop, fleet_stop_rx) = watch::channel(false);
-    let fleet = shared.budgets.store().fleet().cloned().map(|f| tokio::spawn(f.run(fleet_stop_rx)));
+    let fleet = shared.budgets.store().fleet().cloned().map(|f| {
+        if let Some(detector) = &shared.oversight.loops {
+            f.configure_loops(detector.config());
+        }
+        tokio::spawn(f.run(fleet_stop_rx))
+    });
 
     let done = {
         let shared = shared.clone();

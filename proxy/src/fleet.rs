@@ -44,6 +44,7 @@ use crate::clock::now;
 pub mod approvals;
 pub mod counts;
 pub mod leases;
+pub mod loops;
 pub mod oversight;
 pub mod sentinel;
 

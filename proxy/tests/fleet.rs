@@ -1195,21 +1195,35 @@ async fn autonomy_budgets_and_hourly_limits_count_the_envoys_and_the_sidecars_to
             (served, other)
         }
     };
+    // A few calls through the Envoys alone, then a race through all three: the fleet's total
+    // holds whoever leased first.
+    let through_envoys = |tool: &'static str, agent: &'static str, n: usize| {
+        let client = client.clone();
+        async move {
+            for i in 0..n {
+                let (status, code, _) =
+                    call_as(&client, targets[i % 2], "CC-8301", tool, agent, &[]).await;
+                assert_eq!((status, code.as_str()), (200, ""), "{tool} call {i} via an Envoy");
+            }
+        }
+    };
+    through_envoys("lookup", "auto-bot", 5).await;
     let (served, other) = wave("lookup", "auto-bot", 150).await;
     let exhausted = other.get(&(403, "autonomy_budget_exhausted".into())).copied().unwrap_or(0);
     assert_eq!(
         (served.iter().sum::<usize>(), exhausted),
-        (20, 130),
-        "20 autonomous actions a day for the fleet, not 20 per Envoy: {served:?} {other:?}"
+        (15, 135),
+        "20 autonomous actions a day for the fleet, 5 of them through the Envoys first: \
+         {served:?} {other:?}"
     );
+    through_envoys("echo", "hourly-bot", 4).await;
     let (served, other) = wave("echo", "hourly-bot", 90).await;
     let limited = other.get(&(429, "rate_limit_exceeded".into())).copied().unwrap_or(0);
     assert_eq!(
         (served.iter().sum::<usize>(), limited),
-        (12, 78),
-        "12 calls an hour for the fleet, not 12 per Envoy: {served:?} {other:?}"
+        (8, 82),
+        "12 calls an hour for the fleet, 4 of them through the Envoys first: {served:?} {other:?}"
     );
-    assert!(served[0] + served[1] > 0, "the Envoys served some: {served:?}");
     // Every holder reports its counted calls within a sync interval; the Envoys' VMs counted
     // on count leases of their own.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1222,6 +1236,49 @@ async fn autonomy_budgets_and_hourly_limits_count_the_envoys_and_the_sidecars_to
         assert!(Instant::now() < deadline, "every counted call reported: {hash:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loop_spread_over_envoys_and_a_sidecar_is_caught() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let loops = "oversight: {loops: {max_repeats: 3, window: 10m}}\n";
+    let (sidecar, _) = proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, loops);
+    let plugin =
+        fleet_plugin_with(json!({"oversight": {"loops": {"max_repeats": 3, "window": "10m"}}}));
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let targets = [
+        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
+        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
+        sidecar.proxy,
+    ];
+    let client = client();
+    // One identical call after another, each through the next proxy (and whichever worker of
+    // an Envoy takes it), more than a sync interval apart: the fleet lets exactly
+    // `max_repeats` through.
+    let mut answers = Vec::new();
+    for i in 0..7 {
+        let (status, code, _) =
+            call_as(&client, targets[i % 3], "CC-8401", "echo", "loop-bot", &[]).await;
+        answers.push((status, code));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let want: Vec<(u16, String)> = (0..7)
+        .map(|i| if i < 3 { (200, String::new()) } else { (403, "loop_detected".to_string()) })
+        .collect();
+    let logs: Vec<String> = envoys.iter().map(|e| e.log()).collect();
+    assert_eq!(answers, want, "the 4th identical call is a loop, wherever it lands: {logs:?}");
+    // A burst faster than the sync interval: at most `max_repeats` per holder (each Envoy
+    // worker is one), and after a sync everything is refused everywhere.
+    let (served, other) = race(&targets, "CC-8402", "burst-bot", 30).await;
+    assert!((3..=15).contains(&served), "served {served}: {other:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (again, _) = race(&targets, "CC-8402", "burst-bot", 9).await;
+    assert_eq!(again, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

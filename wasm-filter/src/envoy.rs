@@ -167,7 +167,9 @@ struct Vm {
     /// Fleet mode: requests waiting on the collector's approval service, by HTTP context id.
     asking: RefCell<HashMap<u32, fleet::Asking>>,
     /// Fleet mode: the poll of the fleet's disabled agents.
-    disabled_poll: fleet::DisabledPoll,
+    disabled_poll: fleet::Periodic,
+    /// Fleet mode: the sync of the loop stream.
+    loop_sync: fleet::Periodic,
     /// This VM's name as a fleet lease holder.
     holder: String,
     counters: RefCell<HostCounters>,
@@ -237,6 +239,9 @@ enum Call {
     Approval(u32),
     /// The fleet's disabled agents.
     Disabled,
+    /// The loop stream: this VM's calls that were sent (put back if the collector did not
+    /// answer).
+    Loops(tollgate_core::guardrails::loops::merged::Outgoing),
 }
 
 /// This VM's policy polling state (timers and snapshots are per VM).
@@ -410,7 +415,8 @@ impl Default for Vm {
             waiting: RefCell::new(HashMap::new()),
             woken: RefCell::new(HashMap::new()),
             asking: RefCell::new(HashMap::new()),
-            disabled_poll: fleet::DisabledPoll::default(),
+            disabled_poll: fleet::Periodic::default(),
+            loop_sync: fleet::Periodic::default(),
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
@@ -573,6 +579,7 @@ impl Context for Root {
                 self.approval_answered(id, status.as_deref(), body_size);
             }
             Some(Call::Disabled) => self.disabled_answered(status.as_deref(), body_size),
+            Some(Call::Loops(sent)) => self.loops_answered(sent, status.as_deref(), body_size),
             None => {}
         }
     }

@@ -21,7 +21,7 @@ use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
 use tollgate_core::budget::{BudgetError, Budgets, Refill, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
 use tollgate_core::guardrails::escalation::Standing;
-use tollgate_core::guardrails::loops::{Repeat, Slot};
+use tollgate_core::guardrails::loops::{Merged, Repeat, Slot};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::lifecycle::{
     self, ActionRate, Admission, BreakerOpen, Call, RateLimited, Stores,
@@ -49,6 +49,8 @@ pub struct Live<D: SharedData> {
     pub shared: Budgets<SharedStore<D>>,
     pub fleet: Budgets<LeaseStore>,
     pub disabled: std::cell::RefCell<std::collections::HashSet<String>>,
+    /// Fleet mode: this VM's loop counts, its own calls and the fleet's it read.
+    pub loops: std::cell::RefCell<Merged>,
 }
 
 impl<D: SharedData> Live<D> {
@@ -57,6 +59,7 @@ impl<D: SharedData> Live<D> {
             shared: Budgets::new(shared),
             fleet: Budgets::new(LeaseStore::default()),
             disabled: Default::default(),
+            loops: Default::default(),
         }
     }
 
@@ -704,9 +707,15 @@ impl<D: SharedData> Stores for Shared<'_, D> {
     /// digest (shared data cannot delete keys), each slot updated with a compare-and-swap so
     /// every worker sees every call (`tollgate_core::guardrails::loops::Slot`). A slot that
     /// cannot be read lets the call through (the detector is a safeguard against runaway
-    /// agents; budgets and rate limits still follow the fail policy).
+    /// agents; budgets and rate limits still follow the fail policy). In fleet mode the VM
+    /// counts as a sidecar does: its own calls and those the fleet's stream says the other
+    /// holders made, synced through the collector by the root's timer.
     fn observe_call(&mut self, digest: u64, now: UnixMillis) -> Repeat {
         let Some(config) = self.plugin.loops else { return Repeat::Fresh { count: 1 } };
+        if self.plugin.fleet.is_some() {
+            // The fleet's calls as this VM knows them (see `Merged`); never waits.
+            return self.budgets.loops.borrow_mut().observe(config, digest, now);
+        }
         let key = format!("{LOOPS_KEY}{}", Slot::index(digest, &config));
         let mut repeat = Repeat::Fresh { count: 1 };
         let initial = Slot::default().encode();

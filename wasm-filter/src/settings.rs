@@ -167,6 +167,9 @@ pub const REDEEM_PATH: &str = "/v1/fleet/approvals/redeem";
 /// The collector's path for the agents the fleet disabled.
 pub const DISABLED_PATH: &str = "/v1/fleet/agents/disabled";
 
+/// The collector's path for the fleet's loop counts.
+pub const LOOPS_PATH: &str = "/v1/fleet/loops";
+
 /// A compiled plugin configuration.
 #[derive(Clone, Debug)]
 pub struct Plugin {

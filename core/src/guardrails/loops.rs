@@ -25,6 +25,9 @@ use serde_json::Value;
 use crate::doc::{Cx, Field};
 use crate::time::UnixMillis;
 
+pub mod merged;
+pub use merged::Merged;
+
 /// Loop detection settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoopConfig {

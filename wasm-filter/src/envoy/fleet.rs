@@ -21,7 +21,9 @@ use super::{collector_call, log, model_of, now, set_buffer, Call, Config, Http, 
 use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
-use crate::settings::{Plugin, APPROVALS_PATH, DISABLED_PATH, LEASES_PATH, REDEEM_PATH};
+use crate::settings::{
+    Plugin, APPROVALS_PATH, DISABLED_PATH, LEASES_PATH, LOOPS_PATH, REDEEM_PATH,
+};
 
 /// A request whose stream is paused while the collector is asked, kept by the VM.
 pub(super) struct Paused {
@@ -58,9 +60,10 @@ pub(super) struct Woken {
 /// How often each VM reads the fleet's disabled agents from the collector.
 pub(super) const DISABLED_POLL_MS: u64 = 1_000;
 
-/// The state of a VM's disabled-agents poll.
+/// The state of a VM's periodic call to the collector (the disabled agents' poll, the loop
+/// stream's sync): when it is next due, and whether one is on its way.
 #[derive(Default)]
-pub(super) struct DisabledPoll {
+pub(super) struct Periodic {
     pub next_ms: std::cell::Cell<u64>,
     pub in_flight: std::cell::Cell<bool>,
 }
@@ -146,6 +149,77 @@ impl Root {
         }
         self.send_asks(&plugin);
         self.poll_disabled(&plugin, t);
+        self.sync_loops(&plugin, fleet.sync_ms, t);
+    }
+
+    /// Sends this VM's new tool calls to the fleet's loop stream and reads the others' (see
+    /// `tollgate_core::guardrails::loops::Merged`), every `sync_interval` as a sidecar does.
+    fn sync_loops(&self, plugin: &Plugin, sync_ms: u64, t: Now) {
+        let (Some(collector), Some(config)) = (plugin.filter.collector.as_ref(), plugin.loops)
+        else {
+            return;
+        };
+        let sync = &self.vm.loop_sync;
+        if sync.in_flight.get() || t.ms.0 < sync.next_ms.get() {
+            return;
+        }
+        let mut loops = self.vm.budgets.loops.borrow_mut();
+        loops.configure(config);
+        let Some(out) = loops.outgoing() else { return };
+        drop(loops);
+        sync.next_ms.set(t.ms.0.saturating_add(sync_ms));
+        let body = tollgate_core::guardrails::loops::merged::Sync {
+            holder: self.vm.holder.clone(),
+            since: out.since.clone(),
+            window_ms: out.window_ms,
+            calls: out.wire_calls().collect(),
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        match collector_call(collector, LOOPS_PATH, Some(("application/json", &body))) {
+            Ok(token) => {
+                sync.in_flight.set(true);
+                self.vm.in_flight_calls.borrow_mut().insert(token, Call::Loops(out));
+            }
+            Err(_) => {
+                self.vm.budgets.loops.borrow_mut().failed(out);
+                self.vm.count(schema::STORE_ERRORS.name, 1);
+            }
+        }
+    }
+
+    /// The collector's answer to a loop sync: the others' calls are merged; without one, this
+    /// VM's calls go again with the next sync.
+    pub(super) fn loops_answered(
+        &self,
+        sent: tollgate_core::guardrails::loops::merged::Outgoing,
+        status: Option<&str>,
+        body_size: usize,
+    ) {
+        self.vm.loop_sync.in_flight.set(false);
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let answer = serde_json::from_slice::<tollgate_core::guardrails::loops::merged::Synced>;
+        let mut loops = self.vm.budgets.loops.borrow_mut();
+        match (status, answer(&body)) {
+            (Some("200"), Ok(synced)) => {
+                loops.read(&synced.since, synced.calls.iter().map(String::as_str), now().ms.0)
+            }
+            _ => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: the collector answered {} to a loop sync: {}",
+                        status.unwrap_or("nothing"),
+                        String::from_utf8_lossy(&body[..body.len().min(256)])
+                    ),
+                );
+                loops.failed(sent);
+                drop(loops);
+                self.vm.count(schema::STORE_ERRORS.name, 1);
+            }
+        }
     }
 
     /// Reads the fleet's disabled agents from the collector, every [`DISABLED_POLL_MS`].
