@@ -95,6 +95,24 @@ pub struct RedisConfig {
     pub slice_bp: u64,
     /// `store.on_store_error`.
     pub on_error: OnStoreError,
+    /// `store.redis.ca_file`: the PEM certificates trusted for `rediss://` instead of the
+    /// public roots (a private CA).
+    pub ca: Option<Arc<Vec<u8>>>,
+}
+
+/// A client for `info` (`rediss://`: TLS, trusting `ca` if given, else the public roots).
+pub(crate) fn client(
+    info: impl redis::IntoConnectionInfo,
+    ca: Option<&Arc<Vec<u8>>>,
+) -> redis::RedisResult<redis::Client> {
+    let info = info.into_connection_info()?;
+    match (ca, matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })) {
+        (Some(pem), true) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+        ),
+        _ => redis::Client::open(info),
+    }
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -110,8 +128,22 @@ impl std::fmt::Debug for RedisConfig {
             .field("sync_interval", &self.sync_interval)
             .field("slice_bp", &self.slice_bp)
             .field("on_error", &self.on_error)
+            .field("ca", &self.ca.as_ref().map(|c| c.len()))
             .finish()
     }
+}
+
+/// The PEM certificates of `path` (at least one).
+fn read_ca(path: &str) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{path}` is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("`{path}` holds no PEM certificate"));
+    }
+    Ok(pem)
 }
 
 /// The URL without its password, for logs.
@@ -133,16 +165,12 @@ impl StoreConfig {
                 let mut r = cx.object(&f)?;
                 let redis_url = |cx: &mut Cx, f: &Field<'_>| {
                     let url = f.non_empty_str(cx)?;
-                    if url.starts_with("rediss://") {
+                    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                         f.error(
                             cx,
-                            "TLS to Redis (rediss://) is not built in: reach Redis over a private \
-                         network or through a TLS-terminating sidecar, with a redis:// URL",
+                            "expected a redis:// URL (rediss:// for TLS), such as \
+                             redis://127.0.0.1:6379/0",
                         );
-                        return None;
-                    }
-                    if !url.starts_with("redis://") {
-                        f.error(cx, "expected a redis:// URL, such as redis://127.0.0.1:6379/0");
                         return None;
                     }
                     Some(url.to_string())
@@ -278,6 +306,26 @@ impl StoreConfig {
                     }),
                     None => Some(100),
                 };
+                // A private CA for `rediss://`, read now so that a bad file is a config error.
+                let ca = match r.get("ca_file") {
+                    None => Some(None),
+                    Some(f) => f.non_empty_str(cx).and_then(|path| {
+                        let tls = nodes
+                            .as_ref()
+                            .is_some_and(|n| n.iter().all(|u: &String| u.starts_with("rediss://")));
+                        if !tls {
+                            f.error(cx, "a CA file is for TLS: the Redis URLs must be rediss://");
+                            return None;
+                        }
+                        match read_ca(path) {
+                            Ok(pem) => Some(Some(Arc::new(pem))),
+                            Err(e) => {
+                                f.error(cx, e);
+                                None
+                            }
+                        }
+                    }),
+                };
                 r.finish(
                     cx,
                     &[
@@ -289,6 +337,7 @@ impl StoreConfig {
                         "lease_ttl",
                         "sync_interval",
                         "slice_percent",
+                        "ca_file",
                     ],
                 );
                 Some(RedisConfig {
@@ -305,6 +354,7 @@ impl StoreConfig {
                     sync_interval: Duration::from_millis(sync_interval),
                     slice_bp: slice_bp?,
                     on_error: OnStoreError::FailClosed,
+                    ca: ca?,
                 })
             });
         let allowance = obj.get("local_allowance");
@@ -487,7 +537,7 @@ impl FleetStore {
     /// A store over `config`; it connects on first use (and reconnects by itself).
     pub fn new(config: RedisConfig) -> anyhow::Result<FleetStore> {
         for url in &config.nodes {
-            redis::Client::open(url.as_str())
+            client(url.as_str(), config.ca.as_ref())
                 .map_err(|e| anyhow::anyhow!("store.redis: `{}`: {e}", redact(url)))?;
         }
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".into());
@@ -764,10 +814,18 @@ impl FleetStore {
                         cfg.nodes.clone(),
                         master.clone(),
                         cfg.timeout,
+                        cfg.ca.clone(),
                     )));
                 }
                 if cfg.cluster {
-                    let client = redis::cluster::ClusterClient::builder(cfg.nodes.clone())
+                    let mut builder = redis::cluster::ClusterClient::builder(cfg.nodes.clone());
+                    if let Some(pem) = &cfg.ca {
+                        builder = builder.certs(redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.to_vec()),
+                        });
+                    }
+                    let client = builder
                         .connection_timeout(cfg.timeout)
                         .response_timeout(cfg.timeout)
                         .retries(1)
@@ -779,7 +837,7 @@ impl FleetStore {
                     .set_connection_timeout(Some(cfg.timeout))
                     .set_response_timeout(Some(cfg.timeout))
                     .set_number_of_retries(1);
-                let client = redis::Client::open(cfg.nodes[0].as_str()).map_err(failed)?;
+                let client = client(cfg.nodes[0].as_str(), cfg.ca.as_ref()).map_err(failed)?;
                 client
                     .get_connection_manager_with_config(config)
                     .await

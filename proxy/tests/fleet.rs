@@ -29,6 +29,8 @@ struct Redis {
     dir: PathBuf,
     /// Extra `redis-server` arguments.
     args: Vec<String>,
+    /// TLS only (`rediss://`): the CA file a client must trust.
+    ca_file: Option<PathBuf>,
 }
 
 impl Redis {
@@ -40,7 +42,32 @@ impl Redis {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = temp_dir("redis");
         let args = args.iter().map(|a| a.to_string()).collect();
-        let mut redis = Redis { child: None, port, dir, args };
+        let mut redis = Redis { child: None, port, dir, args, ca_file: None };
+        redis.restart();
+        redis
+    }
+
+    /// A Redis that speaks TLS only, with a certificate for 127.0.0.1 from a throwaway CA.
+    fn start_tls() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = temp_dir("redis-tls");
+        let ca = tollgate_e2e::mock::TestCa::new();
+        let (cert, key) = ca.server_pem(&["127.0.0.1"]);
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        };
+        let (ca_file, cert_file, key_file) =
+            (file("ca.pem", &ca.pem()), file("redis.crt", &cert), file("redis.key", &key));
+        // The plain port off, TLS on `port`, clients not asked for certificates.
+        let args = ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &cert_file]
+            .into_iter()
+            .chain(["--tls-key-file", &key_file, "--tls-ca-cert-file", &ca_file])
+            .chain(["--tls-auth-clients", "no"])
+            .map(str::to_string)
+            .collect();
+        let mut redis = Redis { child: None, port, dir, args, ca_file: Some(ca_file.into()) };
         redis.restart();
         redis
     }
@@ -76,12 +103,28 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.ca_file.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A client of this Redis (trusting its CA over TLS).
+    fn client(&self) -> redis::Client {
+        match &self.ca_file {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            )
+            .unwrap(),
+            None => redis::Client::open(self.url()).unwrap(),
+        }
     }
 
     /// `HGETALL` of the budget counter whose key contains `needle`.
     async fn budget_hash(&self, needle: &str) -> Vec<(String, String)> {
-        let client = redis::Client::open(self.url()).unwrap();
+        let client = self.client();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         // A Redis just restarted answers `LOADING` until its append-only file is read.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -110,7 +153,10 @@ trait Store {
 
 impl Store for Redis {
     fn spec(&self) -> String {
-        format!("url: \"{}\"", self.url())
+        match &self.ca_file {
+            Some(ca) => format!("url: \"{}\", ca_file: \"{}\"", self.url(), ca.display()),
+            None => format!("url: \"{}\"", self.url()),
+        }
     }
 }
 
@@ -443,6 +489,60 @@ async fn invoice(admin: SocketAddr, period: &str) -> Value {
     let response = client().request(req).await.unwrap();
     assert_eq!(response.status(), 200);
     serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_tls_two_proxies_share_the_budget_and_an_untrusted_server_is_refused() {
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start_tls();
+    let fleet: Vec<Tollgate> = (0..2)
+        .map(|_| proxy(&redis, &mock.base_url(), "sync_interval: 20ms, timeout: 2s").0)
+        .collect();
+    let proxies: Vec<SocketAddr> = fleet.iter().map(|p| p.proxy).collect();
+    // 100 calls of $0.10 against $5.00, over TLS to Redis (its plain port is off).
+    let (served, other) = race(&proxies, "CC-8501", "tls-bot", 100).await;
+    assert_eq!(served, 50, "{other:?}");
+    let hash = redis.budget_hash("CC-8501").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut hash = hash;
+    while field(&hash, "perm") != 50 * DIME {
+        assert!(Instant::now() < deadline, "Redis holds {hash:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hash = redis.budget_hash("CC-8501").await;
+    }
+    // Without the CA the server's certificate is not trusted: no budget is spent unchecked.
+    let untrusting = format!("url: \"{}\"", redis.url());
+    let (lone, _) =
+        proxy_with(&PlainSpec(untrusting), &mock.base_url(), "timeout: 500ms", None, "");
+    let (status, code, _) = call_as(&client(), lone.proxy, "CC-8502", "echo", "tls-bot", &[]).await;
+    assert_eq!((status, code.as_str()), (503, "budget_store_unavailable"));
+    // A CA file with a plain redis:// URL is a configuration error naming the field.
+    let dir = temp_dir("fleet-bad-ca");
+    let config = dir.join("tollgate.yaml");
+    let yaml = ConfigFile {
+        upstream: &mock.base_url(),
+        data_dir: &dir.join("data"),
+        token_env: TOKEN_ENV,
+        more_routes: &[],
+        extra: "store:\n  redis: {url: \"redis://127.0.0.1:1/0\", ca_file: /etc/hostname}\n",
+        policy: "version: x\ndefaults: {llm: allow, tool: allow, other: deny}\n",
+    }
+    .yaml();
+    std::fs::write(&config, yaml).unwrap();
+    let out = Command::new(BIN).arg("check").arg(&config).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("store.redis.ca_file") && text.contains("rediss://"), "{text}");
+}
+
+/// A store given by its `store.redis` settings as written.
+struct PlainSpec(String);
+
+impl Store for PlainSpec {
+    fn spec(&self) -> String {
+        self.0.clone()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -314,6 +314,16 @@ impl TestCa {
         self.server_for(&["localhost", "127.0.0.1"])
     }
 
+    /// A server certificate for `names` signed by this CA, and its private key (PEM both), for
+    /// a server that reads them from files (Redis, say).
+    pub fn server_pem(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("server params");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &self.issuer).expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A TLS acceptor for `names` (ALPN h2 and http/1.1), and the CA PEM.
     pub fn server_for(&self, names: &[&str]) -> (tokio_rustls::TlsAcceptor, String) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();

@@ -84,7 +84,7 @@ const MAX_RACES: usize = 64;
 impl SharedOversight {
     pub fn new(config: &RedisConfig) -> anyhow::Result<SharedOversight> {
         for url in &config.nodes {
-            redis::Client::open(url.as_str())
+            super::client(url.as_str(), config.ca.as_ref())
                 .map_err(|e| anyhow::anyhow!("store.redis: `{}`: {e}", super::redact(url)))?;
         }
         Ok(SharedOversight {
@@ -114,17 +114,22 @@ impl SharedOversight {
     fn connect(&self) -> redis::RedisResult<Conn> {
         let timeout = self.config.timeout;
         if let Some(master) = &self.config.sentinel {
-            return super::sentinel::connect_blocking(&self.config.nodes, master, timeout)
+            let ca = self.config.ca.as_ref();
+            return super::sentinel::connect_blocking(&self.config.nodes, master, timeout, ca)
                 .map(Conn::Single);
         }
         if self.config.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.config.nodes.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()?;
+            let mut builder = redis::cluster::ClusterClient::builder(self.config.nodes.clone());
+            if let Some(pem) = &self.config.ca {
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                });
+            }
+            let client = builder.connection_timeout(timeout).response_timeout(timeout).build()?;
             return Ok(Conn::Cluster(Box::new(client.get_connection()?)));
         }
-        let client = redis::Client::open(self.config.nodes[0].as_str())?;
+        let client = super::client(self.config.nodes[0].as_str(), self.config.ca.as_ref())?;
         let conn = client.get_connection_with_timeout(timeout)?;
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;

@@ -4,15 +4,17 @@
 //! again on the next one, so that after a failover (the old master gone, or demoted to a replica
 //! that answers writes with `READONLY`) the store follows the new master within one call.
 //!
-//! Every step has the store's timeout. The user, password and database of a sentinel URL are
-//! used for the master too (the sentinels themselves are asked without a database).
+//! Every step has the store's timeout. The user, password, database and TLS (`rediss://`) of a
+//! sentinel URL are used for the master too (the sentinels themselves are asked without a
+//! database).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
-use super::redact;
+use super::{client, redact};
 
 fn failed(what: String) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::other(what))
@@ -25,9 +27,17 @@ fn infos(url: &str) -> redis::RedisResult<(ConnectionInfo, ConnectionInfo)> {
     Ok((info.clone().set_redis_settings(sentinel_settings), info))
 }
 
-/// The master's address as a sentinel gives it, in `master`'s settings.
+/// The master's address as a sentinel gives it, in `master`'s settings (over TLS if the
+/// sentinel is reached over TLS).
 fn master_at(master: &ConnectionInfo, addr: (String, u16)) -> ConnectionInfo {
-    master.clone().set_addr(ConnectionAddr::Tcp(addr.0, addr.1))
+    let (host, port) = addr;
+    let addr = match master.addr() {
+        ConnectionAddr::TcpTls { insecure, .. } => {
+            ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: None }
+        }
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    master.clone().set_addr(addr)
 }
 
 fn lookup(name: &str) -> redis::Cmd {
@@ -52,6 +62,7 @@ pub async fn connect(
     nodes: &[String],
     name: &str,
     timeout: Duration,
+    ca: Option<&Arc<Vec<u8>>>,
 ) -> redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -60,14 +71,13 @@ pub async fn connect(
     for url in nodes {
         let attempt = async {
             let (sentinel, master) = infos(url)?;
-            let mut s = Client::open(sentinel)?
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+            let mut s =
+                client(sentinel, ca)?.get_multiplexed_async_connection_with_config(&config).await?;
             let addr: Option<(String, u16)> = lookup(name).query_async(&mut s).await?;
             let Some(addr) = addr else {
                 return Err(failed(format!("it monitors no master named `{name}`")));
             };
-            let mut m = Client::open(master_at(&master, addr.clone()))?
+            let mut m = client(master_at(&master, addr.clone()), ca)?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             let role: redis::Value = redis::cmd("ROLE").query_async(&mut m).await?;
@@ -90,19 +100,20 @@ pub fn connect_blocking(
     nodes: &[String],
     name: &str,
     timeout: Duration,
+    ca: Option<&Arc<Vec<u8>>>,
 ) -> redis::RedisResult<redis::Connection> {
     let mut why = Vec::new();
     for url in nodes {
         let attempt = || -> redis::RedisResult<redis::Connection> {
             let (sentinel, master) = infos(url)?;
-            let mut s = Client::open(sentinel)?.get_connection_with_timeout(timeout)?;
+            let mut s = client(sentinel, ca)?.get_connection_with_timeout(timeout)?;
             s.set_read_timeout(Some(timeout))?;
             s.set_write_timeout(Some(timeout))?;
             let addr: Option<(String, u16)> = lookup(name).query(&mut s)?;
             let Some(addr) = addr else {
                 return Err(failed(format!("it monitors no master named `{name}`")));
             };
-            let mut m = Client::open(master_at(&master, addr.clone()))?
+            let mut m = client(master_at(&master, addr.clone()), ca)?
                 .get_connection_with_timeout(timeout)?;
             m.set_read_timeout(Some(timeout))?;
             m.set_write_timeout(Some(timeout))?;
@@ -126,6 +137,7 @@ pub struct SentinelConn {
     nodes: Vec<String>,
     name: String,
     timeout: Duration,
+    ca: Option<Arc<Vec<u8>>>,
     /// The connection in use and its number (so that a late failure of an older one does not
     /// drop a newer one).
     current: std::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
@@ -135,11 +147,17 @@ pub struct SentinelConn {
 }
 
 impl SentinelConn {
-    pub fn new(nodes: Vec<String>, name: String, timeout: Duration) -> SentinelConn {
+    pub fn new(
+        nodes: Vec<String>,
+        name: String,
+        timeout: Duration,
+        ca: Option<Arc<Vec<u8>>>,
+    ) -> SentinelConn {
         SentinelConn {
             nodes,
             name,
             timeout,
+            ca,
             current: std::sync::Mutex::new(None),
             made: std::sync::atomic::AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -160,7 +178,7 @@ impl SentinelConn {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
-        let conn = connect(&self.nodes, &self.name, self.timeout).await?;
+        let conn = connect(&self.nodes, &self.name, self.timeout, self.ca.as_ref()).await?;
         let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some((n, conn.clone()));
@@ -188,5 +206,13 @@ mod tests {
         let m = master_at(&master, ("10.0.0.9".into(), 6380));
         assert_eq!(m.addr(), &ConnectionAddr::Tcp("10.0.0.9".into(), 6380));
         assert_eq!(m.redis_settings().password(), Some("pw"));
+        // A sentinel reached over TLS: the master too.
+        let (_, master) = infos("rediss://10.0.0.5:26379").unwrap();
+        let m = master_at(&master, ("10.0.0.9".into(), 6380));
+        assert!(
+            matches!(m.addr(), ConnectionAddr::TcpTls { host, port: 6380, insecure: false, .. } if host == "10.0.0.9"),
+            "{:?}",
+            m.addr()
+        );
     }
 }
