@@ -37,6 +37,9 @@ pub enum Kind {
     TollgateNoLedger,
     TollgateHttpsProxy,
     EnvoyPlain,
+    /// Envoy with a proxy-wasm filter that does nothing (`loadtest/noop-filter`): what any wasm
+    /// filter costs before it does any work.
+    EnvoyNoopWasm,
     EnvoyTollgate,
     /// `TollgateReverse` with the `tollgate` of `--baseline` (another build): before/after.
     TollgateBaseline,
@@ -45,7 +48,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Direct,
         Kind::HyperFloor,
         Kind::TollgateReverse,
@@ -54,6 +57,7 @@ impl Kind {
         Kind::TollgateNoLedger,
         Kind::TollgateHttpsProxy,
         Kind::EnvoyPlain,
+        Kind::EnvoyNoopWasm,
         Kind::EnvoyTollgate,
         Kind::EnvoyTollgateBaseline,
     ];
@@ -67,6 +71,7 @@ impl Kind {
             Kind::TollgateNoLedger => "Tollgate reverse, ledger off",
             Kind::TollgateHttpsProxy => "Tollgate HTTPS_PROXY mode",
             Kind::EnvoyPlain => "Envoy 1.40, no filter",
+            Kind::EnvoyNoopWasm => "Envoy + a do-nothing wasm filter (floor)",
             Kind::EnvoyTollgate => "Envoy + Tollgate wasm filter",
             Kind::TollgateBaseline => "Tollgate reverse, all on, baseline build",
             Kind::EnvoyTollgateBaseline => "Envoy + Tollgate wasm filter, baseline build",
@@ -83,6 +88,7 @@ impl Kind {
             Kind::TollgateNoLedger => "tollgate-no-ledger",
             Kind::TollgateHttpsProxy => "tollgate-https-proxy",
             Kind::EnvoyPlain => "envoy",
+            Kind::EnvoyNoopWasm => "envoy-noop-wasm",
             Kind::EnvoyTollgate => "envoy-tollgate",
             Kind::TollgateBaseline => "tollgate-baseline",
             Kind::EnvoyTollgateBaseline => "envoy-tollgate-baseline",
@@ -110,6 +116,13 @@ pub struct Paths {
     pub workspace: PathBuf,
     /// Generated configs, ledgers and logs of this run.
     pub work_dir: PathBuf,
+}
+
+impl Paths {
+    /// The do-nothing filter module for `envoy-noop-wasm`.
+    pub fn noop_wasm(&self) -> PathBuf {
+        self.workspace.join("target/wasm32-wasip1/wasm/tollgate_noop_filter.wasm")
+    }
 }
 
 /// A child process pinned to a CPU, stopped when dropped.
@@ -263,6 +276,7 @@ pub fn launch(kind: Kind, paths: &Paths, mock: SocketAddr, cpu: usize) -> Result
         Kind::TollgateNoLedger => start_tollgate(paths, mock, cpu, Mode::NoLedger),
         Kind::TollgateHttpsProxy => start_tollgate(paths, mock, cpu, Mode::HttpsProxy),
         Kind::EnvoyPlain => start_envoy(paths, mock, cpu, None),
+        Kind::EnvoyNoopWasm => start_envoy(paths, mock, cpu, Some(&paths.noop_wasm())),
         Kind::EnvoyTollgate => start_envoy(paths, mock, cpu, Some(&paths.wasm)),
         Kind::TollgateBaseline => match &paths.baseline_bin_dir {
             Some(dir) => {
@@ -527,8 +541,10 @@ fn start_envoy(
         );
     }
     if let Some(wasm) = wasm.filter(|w| !w.exists()) {
+        let package =
+            if *wasm == paths.noop_wasm() { "tollgate-noop-filter" } else { "tollgate-wasm" };
         bail!(
-            "no filter module at {} (build it with `cargo build -p tollgate-wasm --target \
+            "no filter module at {} (build it with `cargo build -p {package} --target \
              wasm32-wasip1 --profile wasm`, or pass --wasm)",
             wasm.display()
         );
@@ -537,6 +553,7 @@ fn start_envoy(
     let name = match wasm {
         None => "envoy",
         Some(w) if w == paths.wasm => "envoy-tollgate",
+        Some(w) if w == paths.noop_wasm() => "envoy-noop-wasm",
         Some(_) => "envoy-tollgate-baseline",
     };
     let config = paths.work_dir.join(format!("{name}.yaml"));
@@ -562,6 +579,7 @@ fn start_envoy(
         kind: match name {
             "envoy" => Kind::EnvoyPlain,
             "envoy-tollgate" => Kind::EnvoyTollgate,
+            "envoy-noop-wasm" => Kind::EnvoyNoopWasm,
             _ => Kind::EnvoyTollgateBaseline,
         },
         base_url: format!("http://127.0.0.1:{port}"),
