@@ -37,6 +37,10 @@ pub struct Table {
     pub autonomy: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
+    /// Gauges whose value follows from counters (`metrics_derived`): not listed per case, but
+    /// checked after every case in every mode against the counters of the same scrape
+    /// ([`Table::check_derived`]). Gauge name → the counter it is the autonomy ratio of.
+    pub derived: BTreeMap<String, String>,
     pub cases: Vec<Case>,
 }
 
@@ -124,6 +128,14 @@ impl Table {
             serde_json::from_value(doc["metrics_compared"].clone()).expect("metrics_compared");
         for mode in compared.keys() {
             assert!(mode == "all" || MODES.contains(&mode.as_str()), "unknown mode {mode}");
+        }
+        let derived: BTreeMap<String, String> =
+            serde_json::from_value(doc["metrics_derived"].clone()).expect("metrics_derived");
+        for (gauge, counter) in &derived {
+            assert!(
+                compared["all"].contains(counter),
+                "metrics_derived.{gauge}: {counter} is compared in every mode"
+            );
         }
         let compared_in = |name: &str| -> Vec<String> {
             let all = compared.get("all").is_some_and(|m| m.iter().any(|n| n == name));
@@ -255,6 +267,7 @@ impl Table {
             guardrails: doc["guardrails"].clone(),
             autonomy: doc["autonomy"].clone(),
             compared,
+            derived,
             cases,
         }
     }
@@ -265,6 +278,50 @@ impl Table {
             "pricing: {}\nguardrails: {}\nautonomy: {}\n",
             self.pricing, self.guardrails, self.autonomy
         )
+    }
+
+    /// Checks each derived gauge (`metrics_derived`) against its counter in one scrape: the
+    /// autonomy ratio, `auto` over `auto + approval_required + denied` in basis points (rounded
+    /// down), per `category` and over all of them (`category="all"`), a series exactly for each
+    /// category with actions. One line per difference.
+    pub fn check_derived(&self, mode: &str, scrape: &Exposition) -> Vec<String> {
+        let mut failures = Vec::new();
+        for (gauge, counter) in &self.derived {
+            // category → (auto, total)
+            let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for s in scrape.series(counter) {
+                let (Some(category), Some(verdict)) =
+                    (s.labels.get("category"), s.labels.get("verdict"))
+                else {
+                    failures.push(format!("{mode}: {counter} {:?} without its labels", s.labels));
+                    continue;
+                };
+                let n = s.value as u64;
+                for key in [category.as_str(), "all"] {
+                    let c = counts.entry(key.to_owned()).or_default();
+                    match verdict.as_str() {
+                        "auto" => *c = (c.0 + n, c.1 + n),
+                        "approval_required" | "denied" => c.1 += n,
+                        _ => {}
+                    }
+                }
+            }
+            let want: BTreeMap<String, f64> = counts
+                .into_iter()
+                .filter(|(_, (_, total))| *total > 0)
+                .map(|(k, (auto, total))| (k, (auto * 10_000 / total) as f64))
+                .collect();
+            let got: BTreeMap<String, f64> = scrape
+                .series(gauge)
+                .map(|s| (s.labels.get("category").cloned().unwrap_or_default(), s.value))
+                .collect();
+            if got != want {
+                failures.push(format!(
+                    "{mode}: {gauge} is {got:?}, want {want:?} (the ratio of {counter})"
+                ));
+            }
+        }
+        failures
     }
 
     /// The metric series names compared in `mode`.

@@ -79,6 +79,9 @@ async fn check(table: &Table, case: &Case, target: &Target, before: &Exposition)
     let after = target.metrics().await;
     let mut found = case.check_ledger(mode, &target.ledger().await);
     found.extend(case.check_metrics(table, mode, before, &after));
+    found.extend(
+        table.check_derived(mode, &after).into_iter().map(|f| format!("{}: {f}", case.name)),
+    );
     found.extend(case.check_upstream(mode, &target.upstream(), &[]));
     found
 }

@@ -30,6 +30,7 @@ mod fleet;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use tollgate_core::autonomy::stats;
 use tollgate_core::budget::StoreError;
 use tollgate_core::head::HOP_BY_HOP;
 use tollgate_core::metrics::{self as schema, Metric};
@@ -89,7 +90,7 @@ struct HostCounters {
     pending: HashMap<u32, u64>,
     /// Gauge ids by name, and their changes not yet given to Envoy (every VM adds its own
     /// share to the one stat, so a gauge moves by deltas, never by `set`).
-    gauges: HashMap<&'static str, u32>,
+    gauges: HashMap<Box<str>, u32>,
     pending_gauges: HashMap<u32, i64>,
 }
 
@@ -119,13 +120,13 @@ impl HostCounters {
         self.add(id, n);
     }
 
-    /// Moves a gauge by `delta`.
-    fn gauge(&mut self, name: &'static str, delta: i64) {
+    /// Moves a gauge by `delta` (defining it, so that it shows, even when `delta` is 0).
+    fn gauge(&mut self, name: &str, delta: i64) {
         let id = match self.gauges.get(name) {
             Some(id) => *id,
             None => match hostcalls::define_metric(MetricType::Gauge, name) {
                 Ok(id) => {
-                    self.gauges.insert(name, id);
+                    self.gauges.insert(name.into(), id);
                     id
                 }
                 Err(_) => return,
@@ -374,6 +375,34 @@ impl Vm {
     fn count_labelled(&self, metric: &Metric, values: &[&str]) {
         let mut counters = self.counters.borrow_mut();
         self.recorder.borrow_mut().count(&mut *counters, metric, values, 1);
+    }
+
+    /// Counts the oversight step's verdict on a request, if it had one and it was not counted
+    /// yet, in `tollgate_actions_total`, and moves `tollgate_autonomy_basis_points` of its
+    /// category and of `all` by what this count changed in the ratio of the counts every worker
+    /// keeps in shared data ([`stats::Tally`], updated with a compare-and-swap): the gauges are
+    /// the sum of every worker's exact moves, so they show the ratio of Envoy's counts, as the
+    /// sidecar's show its own. A tally that cannot be updated leaves the gauges as they are.
+    fn count_verdict(&self, exchange: &mut Exchange) {
+        let Some((category, verdict)) = exchange.take_verdict() else { return };
+        let name = stats::CATEGORIES[category.min(stats::UNCATEGORIZED)];
+        self.count_labelled(&schema::ACTIONS, &[name, verdict.as_str()]);
+        let mut moves = Vec::new();
+        let initial = stats::Tally::default().encode();
+        let updated =
+            self.budgets.shared.store().update_record(exchange::ACTIONS_KEY, &initial, |bytes| {
+                moves.clear();
+                let mut tally = stats::Tally::decode(bytes)?;
+                moves = tally.add(category, verdict);
+                (!moves.is_empty()).then(|| tally.encode())
+            });
+        if updated.is_err() {
+            return;
+        }
+        let mut counters = self.counters.borrow_mut();
+        for m in moves {
+            counters.gauge(&schema::stat_name(&schema::AUTONOMY, &[m.category]), m.delta);
+        }
     }
 
     /// Answers the effective context's request with `denial` in the provider's `shape` (plus
@@ -986,6 +1015,7 @@ impl Http {
         self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
+        self.vm.count_verdict(&mut exchange);
         let action = match result {
             // Counted when it ends (`on_log`), with the upstream's status.
             Ok(Decided::Admitted) => Action::Continue,

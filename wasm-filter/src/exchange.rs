@@ -17,6 +17,7 @@
 
 use serde::Serialize;
 use tollgate_core::attribution::{Attribution, AttributionError, Identity};
+use tollgate_core::autonomy::stats::{self, Verdict};
 use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
 use tollgate_core::budget::{BudgetError, Budgets, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
@@ -199,6 +200,9 @@ pub const NO_APPROVALS: &str = "this Envoy filter has no approval service to ask
 /// The shared data key prefix of the autonomy budget's records (one per agent).
 pub const AUTONOMY_KEY: &str = "tollgate:autonomy:";
 
+/// The shared data key of the autonomy ratio's counts (`tollgate_core::autonomy::stats::Tally`).
+pub const ACTIONS_KEY: &str = "tollgate:actions";
+
 /// The shared data key prefix of the loop detector's slots.
 pub const LOOPS_KEY: &str = "tollgate:loops:";
 
@@ -228,6 +232,12 @@ pub struct Exchange {
     started: UnixMillis,
     /// Response bytes to send on in place of a chunk, when the usage filter is on.
     out: Vec<u8>,
+    /// The autonomy metrics' category of the request (`tollgate_core::autonomy::stats`).
+    category: usize,
+    /// The oversight step's verdict, once the admission phase ended, until the glue counts it.
+    verdict: Option<Verdict>,
+    /// A retry that used a granted approval.
+    granted: bool,
 }
 
 /// A finished request: its usage event (the collector's wire format, one JSON object per line:
@@ -356,6 +366,9 @@ impl Exchange {
             response_done: false,
             started: now.ms,
             out: Vec::new(),
+            category: stats::UNCATEGORIZED,
+            verdict: None,
+            granted: false,
         })
     }
 
@@ -401,6 +414,9 @@ impl Exchange {
             response_done: false,
             started: now.ms,
             out: Vec::new(),
+            category: stats::UNCATEGORIZED,
+            verdict: None,
+            granted: false,
         }
     }
 
@@ -465,6 +481,11 @@ impl Exchange {
         };
         let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.as_str()) } else { None };
         let kind = RouteKind::of_upstream(llm, self.mcp);
+        let declared = if self.mcp { plugin.filter.mcp_category.as_deref() } else { None };
+        self.category = stats::category(llm, declared, tool, plugin.engine.guardrails());
+        if matches!(from, From::Granted(_)) {
+            self.granted = true;
+        }
         let provider = self.api.map(Api::provider).or(self.free);
         let who = &self.who;
         let req = lifecycle::Request {
@@ -512,7 +533,10 @@ impl Exchange {
             From::Granted(pending) => pending.granted(&rules, &req, &mut stores, now.ms),
         };
         let admitted = match decided {
-            Ok(Admission::Admitted(a)) => a,
+            Ok(Admission::Admitted(a)) => {
+                self.verdict = Some(if self.granted { Verdict::Approved } else { Verdict::Auto });
+                a
+            }
             // Nothing here records approvals: the policy's own ask names `apr_<request id>`,
             // as before; a risk-based one answers with the reason.
             // Only fleet leases are ever short (Envoy's shared data answers at once).
@@ -569,12 +593,18 @@ impl Exchange {
                     });
                 d.approval_id = None;
                 d.message = format!("{}; {NO_APPROVALS}", d.message);
+                self.verdict = Some(Verdict::of_asked(d.class));
                 return Err(d);
             }
             Err(refusal) => {
                 if refusal.step == lifecycle::Step::Proposal {
                     self.proposed = Some(req.action.to_owned());
                 }
+                self.verdict = if self.granted {
+                    Some(Verdict::of_granted_refusal(refusal.step, refusal.denial.class))
+                } else {
+                    Verdict::of_refusal(refusal.step)
+                };
                 return Err(*refusal.denial);
             }
         };
@@ -942,6 +972,26 @@ impl Exchange {
             source: Some("envoy".to_owned()),
         };
         Some(Finished { event, warnings, overrun, implausible, decode_aborted })
+    }
+
+    /// The oversight step's verdict and the request's category for the autonomy metrics
+    /// (`tollgate_actions_total`, `tollgate_autonomy_basis_points`), once: `None` before the
+    /// admission phase ended, after it was taken, and for a request refused before the oversight
+    /// step had a say (the sidecar's rule, `tollgate_core::autonomy::stats::Verdict`).
+    pub fn take_verdict(&mut self) -> Option<(usize, Verdict)> {
+        self.verdict.take().map(|v| (self.category, v))
+    }
+
+    /// The collector answered a request a human has to approve with the refusal of `class` (an
+    /// approval is pending, or the one this retry names cannot be used).
+    pub fn asked(&mut self, class: Class) {
+        self.verdict = Some(Verdict::of_asked(class));
+    }
+
+    /// A request that waited for a fleet lease was refused for it (as after the oversight step,
+    /// the sidecar's budget step).
+    pub fn gave_up_waiting(&mut self) {
+        self.verdict = Some(if self.granted { Verdict::Approved } else { Verdict::Auto });
     }
 
     /// The requested model, once decided (for the decision metric).

@@ -405,9 +405,11 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         .map(|m| m.name)
         .collect();
     both.sort_unstable();
-    let mut all: Vec<&str> = table.compared["all"].iter().map(String::as_str).collect();
+    // A gauge that follows from a counter is checked against it instead (`metrics_derived`).
+    let mut all: Vec<&str> =
+        table.compared["all"].iter().chain(table.derived.keys()).map(String::as_str).collect();
     all.sort_unstable();
-    assert_eq!(all, both, "metrics_compared.all is every metric both engines emit");
+    assert_eq!(all, both, "metrics_compared.all and metrics_derived are every metric both emit");
     for (mode, emitter) in [
         ("sidecar", metrics::Emitter::Sidecar),
         ("https_proxy", metrics::Emitter::Sidecar),
@@ -479,7 +481,14 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let check = || {
             let mut found = case.check_ledger(MODE, &mesh());
-            found.extend(case.check_metrics(&table, MODE, &before, &scrape()));
+            let after = scrape();
+            found.extend(case.check_metrics(&table, MODE, &before, &after));
+            found.extend(
+                table
+                    .check_derived(MODE, &after)
+                    .into_iter()
+                    .map(|f| format!("{}: {f}", case.name)),
+            );
             let raw = relay.sent.lock().unwrap().clone();
             found.extend(case.check_upstream(MODE, &proxy.mock.requests(), &raw));
             found
