@@ -35,6 +35,8 @@ pub struct Table {
     pub guardrails: Value,
     /// The `autonomy:` section every mode runs (JSON).
     pub autonomy: Value,
+    /// The `oversight:` section every mode runs (JSON): the loop detector.
+    pub oversight: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
     /// Gauges whose value follows from counters (`metrics_derived`): not listed per case, but
@@ -64,6 +66,10 @@ pub struct Case {
     pub metrics: Vec<Delta>,
     /// What the upstream must receive, when the case says.
     pub upstream: Option<Upstream>,
+    /// How many times the request is sent (`repeat`, 1 unless the case says): the earlier
+    /// sends ([`Case::earlier_headers`]) build the live state the last one is decided on (the
+    /// loop detector's calls); `expect`, `ledger`, `metrics` and `upstream` are the last one's.
+    pub repeat: usize,
 }
 
 /// What reaches the upstream for a case (`upstream` in the table).
@@ -241,9 +247,21 @@ impl Table {
                             .expect("upstream.absent_headers"),
                     }),
                 };
+                let repeat = match c.get("repeat") {
+                    None => 1,
+                    Some(n) => {
+                        let n = n.as_u64().expect("repeat is a count");
+                        assert!(
+                            n >= 2,
+                            "{name}: repeat {n}: a repeated case is sent twice or more"
+                        );
+                        usize::try_from(n).expect("repeat")
+                    }
+                };
                 Case {
                     name,
                     upstream,
+                    repeat,
                     path: c["path"].as_str().expect("path").to_owned(),
                     headers,
                     body,
@@ -266,17 +284,19 @@ impl Table {
             pricing: doc["pricing"].clone(),
             guardrails: doc["guardrails"].clone(),
             autonomy: doc["autonomy"].clone(),
+            oversight: doc["oversight"].clone(),
             compared,
             derived,
             cases,
         }
     }
 
-    /// The `pricing:`, `guardrails:` and `autonomy:` sections as config lines (JSON is YAML).
+    /// The `pricing:`, `guardrails:`, `autonomy:` and `oversight:` sections as config lines
+    /// (JSON is YAML).
     pub fn sections_yaml(&self) -> String {
         format!(
-            "pricing: {}\nguardrails: {}\nautonomy: {}\n",
-            self.pricing, self.guardrails, self.autonomy
+            "pricing: {}\nguardrails: {}\nautonomy: {}\noversight: {}\n",
+            self.pricing, self.guardrails, self.autonomy, self.oversight
         )
     }
 
@@ -347,6 +367,22 @@ impl Case {
         headers.extend(self.mock.iter().cloned());
         headers.push(("x-request-id".into(), self.request_id(mode)));
         headers
+    }
+
+    /// The headers of the case's earlier sends in `mode` (none unless it repeats): as
+    /// [`Case::sent_headers`], each with its own request id (`table-<mode>-repeat<k>-<index>`),
+    /// so that their records and what reached the upstream are told apart from the last send's.
+    pub fn earlier_headers(&self, mode: &str) -> Vec<Vec<(String, String)>> {
+        (1..self.repeat)
+            .map(|k| {
+                let mut headers = self.headers.clone();
+                headers.extend(self.mock.iter().cloned());
+                // Not the last send's id with a suffix: that would contain it.
+                let id = format!("table-{mode}-repeat{k}-{}", self.index);
+                headers.push(("x-request-id".into(), id));
+                headers
+            })
+            .collect()
     }
 
     /// Compares what reached the upstream for the case in `mode` with the table's `upstream`:

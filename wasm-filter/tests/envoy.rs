@@ -438,6 +438,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "pricing": table.pricing,
         "guardrails": table.guardrails,
         "autonomy": table.autonomy,
+        "oversight": table.oversight,
     })
     .to_string();
     // A relay in front of the mock records every byte that reaches the upstream, a head
@@ -452,7 +453,30 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
     };
     let mut failures = Vec::new();
+    let compared = table.compared(MODE);
+    let tollgate_series = || -> Vec<exposition::Sample> {
+        scrape().samples.into_iter().filter(|s| compared.contains(&s.name.as_str())).collect()
+    };
     for case in &table.cases {
+        // A repeated case's earlier sends, then until two scrapes a few ticks apart are the same
+        // (what they counted is in, not the last send's).
+        for sent in case.earlier_headers(MODE) {
+            let headers: Vec<(&str, &str)> =
+                sent.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            envoy.request("POST", &case.path, &headers, &case.body);
+        }
+        if case.repeat > 1 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut last = tollgate_series();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = tollgate_series();
+                if now == last || Instant::now() > deadline {
+                    break;
+                }
+                last = now;
+            }
+        }
         let before = scrape();
         let sent = case.sent_headers(MODE);
         let headers: Vec<(&str, &str)> =
