@@ -42,7 +42,7 @@ use tollgate_core::guardrails::RateCounters;
 use tollgate_core::lifecycle::Guards;
 use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
-use tollgate_core::risk::{self};
+use tollgate_core::risk::{self, history};
 use tollgate_core::time::UnixMillis;
 
 use crate::audit;
@@ -119,9 +119,6 @@ pub struct Oversight {
     /// here that is still on its way to Redis).
     fleet_disabled: Mutex<std::collections::HashSet<String>>,
 }
-
-/// Most (agent, action) pairs whose outcomes are counted.
-const MAX_OUTCOME_KEYS: usize = 100_000;
 
 impl Oversight {
     /// Copies the oversight step's counts into the registry (at scrape time: the request path
@@ -359,7 +356,7 @@ impl Oversight {
     }
 
     pub(crate) fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
-        let key = outcome_key(agent, action);
+        let key = history::key(agent, action);
         let outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
         outcomes.get(key.as_str()).copied().filter(|(_, total)| *total > 0)
     }
@@ -397,13 +394,13 @@ impl Oversight {
             }
         }
         let Some((agent, action)) = &admitted.track else { return };
-        let ok = (200..300).contains(&status);
+        let ok = history::succeeded(status);
         {
             let mut outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
-            let key = outcome_key(agent, action);
+            let key = history::key(agent, action);
             if let Some(o) = outcomes.get_mut(key.as_str()) {
                 *o = (o.0 + u64::from(ok), o.1 + 1);
-            } else if outcomes.len() < MAX_OUTCOME_KEYS {
+            } else if outcomes.len() < history::MAX_KEYS {
                 outcomes.insert(key.into_boxed_str(), (u64::from(ok), 1));
             }
         }
@@ -495,10 +492,6 @@ impl Oversight {
 
 fn upstream_key(route: &Route) -> String {
     route.upstream.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| route.name.clone())
-}
-
-fn outcome_key(agent: &str, action: &str) -> String {
-    format!("{agent}\u{0}{action}")
 }
 
 /// Records an approval's change in the audit log.

@@ -35,6 +35,7 @@ use tollgate_core::policy::{Effect, Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::record::{Decision, End, UsageEvent};
 use tollgate_core::reservation::{self, Bound, Implausible};
+use tollgate_core::risk::history;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -191,6 +192,11 @@ struct Admitted {
     tool_cost: Option<Money>,
     /// The reservation is on the fleet's leases.
     fleet: bool,
+    /// The action whose outcome counts in the agent's success history (the lifecycle tracks
+    /// it: `Oversaw::track`), recorded when the exchange ends.
+    track: Option<String>,
+    /// The risk score, when one was computed (the `x-tollgate-risk` header, as the sidecar's).
+    risk: Option<String>,
 }
 
 /// What a filter without the collector's approval service says when a human has to approve.
@@ -202,6 +208,10 @@ pub const AUTONOMY_KEY: &str = "tollgate:autonomy:";
 
 /// The shared data key of the autonomy ratio's counts (`tollgate_core::autonomy::stats::Tally`).
 pub const ACTIONS_KEY: &str = "tollgate:actions";
+
+/// The shared data key prefix of the success history's slots
+/// (`tollgate_core::risk::history::Slot`).
+pub const HISTORY_KEY: &str = "tollgate:history:";
 
 /// The shared data key prefix of the loop detector's slots.
 pub const LOOPS_KEY: &str = "tollgate:loops:";
@@ -627,6 +637,8 @@ impl Exchange {
             tool: tool.map(str::to_owned),
             tool_cost: (!llm).then_some(priced.worst_case()),
             fleet: plugin.fleet.is_some(),
+            track: admitted.oversaw.track.then(|| req.action.to_owned()),
+            risk: admitted.oversaw.assessment.map(|a| a.score.to_string()),
         });
         Ok(Decided::Admitted)
     }
@@ -774,8 +786,13 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         }
     }
 
-    fn history(&mut self, _agent: &str, _action: &str) -> Option<(u64, u64)> {
-        None
+    /// The agent's success history for the action from shared data (every worker's outcomes,
+    /// [`Exchange::finish`] records them); none when its slot cannot be read.
+    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
+        let key = history::key(agent, action);
+        let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
+        let (bytes, _) = self.budgets.shared.store().data().get(&slot).ok()??;
+        history::Slot::decode(&bytes)?.get(&key)
     }
 
     fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
@@ -813,7 +830,7 @@ impl Exchange {
     /// Borrowed: the glue copies them into the host's map without allocating here.
     pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, &str)> {
         self.status = status;
-        let mut headers = Vec::with_capacity(5);
+        let mut headers = Vec::with_capacity(6);
         headers.push(("x-request-id", self.request_id.as_str()));
         match &self.admitted {
             Some(a) => {
@@ -821,6 +838,9 @@ impl Exchange {
                 headers.push(("x-tollgate-reason", a.reason.as_str()));
                 headers.push(("x-tollgate-clause", a.clause.as_str()));
                 headers.push(("x-tollgate-policy-version", a.policy_version.as_str()));
+                if let Some(risk) = &a.risk {
+                    headers.push(("x-tollgate-risk", risk.as_str()));
+                }
             }
             None => {
                 headers.push(("x-tollgate-decision", "bypass"));
@@ -884,6 +904,9 @@ impl Exchange {
         let a = self.admitted.take()?;
         let end = if self.response_done { End::Complete } else { broken };
         let ok = (200..300).contains(&self.status);
+        if let Some(action) = &a.track {
+            self.record_outcome(budgets, action);
+        }
         let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
             Some(meter) if ok || end != End::Complete => {
@@ -992,6 +1015,21 @@ impl Exchange {
     /// the sidecar's budget step).
     pub fn gave_up_waiting(&mut self) {
         self.verdict = Some(if self.granted { Verdict::Approved } else { Verdict::Auto });
+    }
+
+    /// Counts how the exchange ended in the agent's success history for `action`, as the
+    /// sidecar does when its response ends (`tollgate_core::risk::history`: a 2xx from the
+    /// upstream is a success), in the pair's shared-data slot with a compare-and-swap. A slot
+    /// that cannot be updated loses the outcome (the history only grades a risk dimension).
+    fn record_outcome<D: SharedData>(&self, budgets: &Live<D>, action: &str) {
+        let key = history::key(self.who.agent.as_deref().unwrap_or_default(), action);
+        let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
+        let success = history::succeeded(u16::try_from(self.status).unwrap_or(0));
+        let initial = history::Slot::default().encode();
+        let _ = budgets.shared.store().update_record(&slot, &initial, |bytes| {
+            let mut s = history::Slot::decode(bytes)?;
+            s.record(&key, success).then(|| s.encode())
+        });
     }
 
     /// The requested model, once decided (for the decision metric).

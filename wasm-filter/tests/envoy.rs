@@ -1156,3 +1156,98 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
     assert!(answers[7].4.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[7].4);
     assert!(!envoy.log().contains("panicked"));
 }
+
+/// Two rules on the same tool declare every risk dimension but `historical_success`, which both
+/// engines observe from the agent's earlier calls of it: `tier 1` scores 9 plus the history's
+/// (1, 5 or 9 points: low, medium, high) and always runs on its own; `tier 2` scores 27 plus it,
+/// so only a good history (over 95 % successes) keeps it under 30, the threshold where a human
+/// has to approve.
+const HISTORY_POLICY: &str = r#"{"version": "2026-12-03.history",
+  "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
+  "rules": [
+    {"id": "watched", "match": {"tool": "search_web", "tier": "1"}, "effect": "allow",
+     "risk": {"blast_radius": "low", "reversibility": "automatic_rollback",
+              "data_sensitivity": "public", "cost_impact": "low"}},
+    {"id": "wider", "match": {"tool": "search_web", "tier": "2"}, "effect": "allow",
+     "risk": {"blast_radius": "medium", "reversibility": "automatic_rollback",
+              "data_sensitivity": "public", "cost_impact": "medium"}}]}"#;
+
+/// The success history of an agent's earlier calls (the `historical_success` risk dimension)
+/// grades a risk profile alike in the sidecar and in the filter in Envoy, whose two workers
+/// share it through shared data: after the same calls, with the same upstream answers (a 5xx is a
+/// failure), the same score (`x-tollgate-risk`), band and answer.
+#[test]
+fn risk_history_in_envoy_grades_as_the_sidecar_does() {
+    let rt = runtime();
+    let sidecar = rt.block_on(
+        Harness::builder()
+            .policy(HISTORY_POLICY)
+            .route(r#"{name: mcp, path_prefix: /mcp, kind: mcp, upstream: "{upstream}"}"#)
+            .start(),
+    );
+    let collector = Collector::start();
+    let plugin = format!(r#"{{"filter": {{"fail": "closed"}}, "policy": {HISTORY_POLICY}}}"#);
+    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "search_web", "arguments": {"q": "x"}}});
+    // (agent, tier, the upstream's status)
+    let mut steps: Vec<(&str, &str, &str)> = vec![
+        ("new-bot", "2", "200"),  // never done: high, 36, a human approves
+        ("good-bot", "1", "200"), // never done: 18
+        ("good-bot", "1", "200"), // 1 of 1: low, 10
+        ("good-bot", "2", "200"), // 2 of 2: low, 28, on its own
+        ("bad-bot", "1", "500"),  // never done: 18
+        ("bad-bot", "2", "200"),  // 0 of 1: high, 36, a human approves
+    ];
+    // 5 of 6 (83 %): medium, 14 and 32.
+    steps.extend(std::iter::repeat_n(("fair-bot", "1", "200"), 5));
+    steps.extend([("fair-bot", "1", "503"), ("fair-bot", "1", "200"), ("fair-bot", "2", "200")]);
+    let mut answers = Vec::new();
+    for (i, (agent, tier, status)) in steps.iter().enumerate() {
+        let mut tags = who(agent);
+        tags.extend([("x-agent-tier", *tier), ("x-mock-status", *status)]);
+        let owned: Vec<(String, String)> =
+            tags.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+        let s = rt.block_on(sidecar.post("/mcp", &owned, &call));
+        let e = envoy.request("POST", "/mcp", &tags, &serde_json::to_vec(&call).unwrap());
+        let answer = |status: u16, header: &dyn Fn(&str) -> Option<String>| {
+            let mut h: Vec<(&str, Option<String>)> =
+                COMPARED.iter().map(|name| (*name, header(name))).collect();
+            h.push(("x-tollgate-risk", header("x-tollgate-risk")));
+            (status, h)
+        };
+        let sidecar_answer = answer(s.status.as_u16(), &|n| s.header(n).map(str::to_owned));
+        let envoy_answer = answer(e.status, &|n| e.header(n).map(str::to_owned));
+        assert_eq!(
+            envoy_answer,
+            sidecar_answer,
+            "step {i} ({agent}, tier {tier}): {}",
+            String::from_utf8_lossy(&e.body)
+        );
+        let code = (s.status.as_u16() == 403).then(|| s.json()["error"]["code"].clone());
+        let risk = s.header("x-tollgate-risk").map(str::to_owned);
+        answers.push((s.status.as_u16(), risk, code));
+        // The outcome is counted when the exchange has ended (Envoy: its log phase).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let risk = |score: &str| Some(score.to_owned());
+    let approve = |band: &str| Some(json!(format!("risk_{band}")));
+    let pinned: Vec<(u16, Option<String>, Option<Value>)> = vec![
+        (403, None, approve("medium")),
+        (200, risk("18"), None),
+        (200, risk("10"), None),
+        (200, risk("28"), None),
+        (500, risk("18"), None),
+        (403, None, approve("medium")),
+        (200, risk("18"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (503, risk("10"), None),
+        (200, risk("14"), None),
+        (403, None, approve("medium")),
+    ];
+    assert_eq!(answers, pinned);
+    assert!(!envoy.log().contains("panicked"));
+}
