@@ -1129,6 +1129,11 @@ impl HttpContext for Http {
             path: header(":path").unwrap_or_default(),
             authority: header(":authority"),
             request_id: header("x-request-id"),
+            route: hostcalls::get_property(vec!["xds", "route_name"])
+                .ok()
+                .flatten()
+                .and_then(|name| String::from_utf8(name).ok())
+                .filter(|name| !name.is_empty()),
         };
         let t = now();
         let plugin = match self.plugin() {

@@ -137,6 +137,11 @@ pub struct Head {
     /// `:authority`, port included.
     pub authority: Option<String>,
     pub request_id: Option<String>,
+    /// The name of the Envoy route the request matched (`xds.route_name`), if it has one: the
+    /// sidecar's route name. It names the action of a request that is neither a model call nor
+    /// an MCP tool call (the sidecar names it after its route; `other` without one) and is the
+    /// usage event's `route`.
+    pub route: Option<String>,
 }
 
 /// Who pays, owned (the host hands out owned header values).
@@ -523,7 +528,11 @@ impl Exchange {
             info: &info,
             body,
             query: self.head.path.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or(q)),
-            action: tool.unwrap_or(if llm { "llm" } else { "other" }),
+            action: match (tool, llm) {
+                (Some(tool), _) => tool,
+                (None, true) => "llm",
+                (None, false) => self.head.route.as_deref().unwrap_or("other"),
+            },
             is_tool: tool.is_some(),
             risk: None,
         };
@@ -572,7 +581,11 @@ impl Exchange {
                             agent: s(&self.who.agent),
                             cost_center: s(&self.who.cost_center),
                             project: s(&self.who.project),
-                            route: kind.as_str().to_owned(),
+                            route: self
+                                .head
+                                .route
+                                .clone()
+                                .unwrap_or_else(|| kind.as_str().to_owned()),
                             action: req.action.to_owned(),
                             digest,
                             reason: pending.reason.clone(),
@@ -970,7 +983,7 @@ impl Exchange {
             cost_center: s(&who.cost_center),
             project: s(&who.project),
             business_unit: who.business_unit.clone(),
-            route: None,
+            route: self.head.route.clone(),
             provider: match (self.api.map(Api::provider).or(self.free), self.mcp) {
                 (Some(p), _) => p.as_str(),
                 (None, true) => "mcp",

@@ -1037,7 +1037,8 @@ const OVERSEEN_POLICY: &str = r#"{"version": "2026-12-03.oversight",
   "defaults": {"llm": "allow", "tool": "allow", "other": "deny"}}"#;
 const AUTONOMY: &str = r#"{"default": "AUTO_EXECUTE",
   "accounts": {"off-bot": {"default": "DISABLED"},
-               "shy-bot": {"actions": {"search_web": "PROPOSE_ONLY"}}},
+               "shy-bot": {"actions": {"search_web": "PROPOSE_ONLY"}},
+               "quiet-bot": {"actions": {"mcp": "DISABLED"}}},
   "budgets": {"accounts": {"thrifty-bot": {"per_day": 1}}}}"#;
 const OVERSIGHT: &str = r#"{"loops": {"max_repeats": 2, "window": "60s"}}"#;
 
@@ -1052,7 +1053,8 @@ struct Answer {
 const COMPARED: [&str; 4] =
     ["x-tollgate-decision", "x-tollgate-reason", "x-tollgate-clause", "x-tollgate-policy-version"];
 
-/// Autonomy `DISABLED` and `PROPOSE_ONLY`, an autonomy budget used up and a tool call looping get
+/// Autonomy `DISABLED` (for an agent, and for an action named after the route: an MCP request
+/// that calls no tool) and `PROPOSE_ONLY`, an autonomy budget used up and a tool call looping get
 /// the sidecar's answers from the filter in Envoy for the same configuration: the same status,
 /// error code and decision headers, and `retry-after` for the loop (to the second: the two are
 /// asked a moment apart). Where the sidecar records an approval (the budget used up), the filter
@@ -1073,12 +1075,21 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
         r#"{{"filter": {{"fail": "closed"}}, "policy": {OVERSEEN_POLICY},
             "autonomy": {AUTONOMY}, "oversight": {OVERSIGHT}}}"#
     );
-    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    // Envoy's route carries the sidecar route's name (`xds.route_name`): the action of an MCP
+    // request that calls no tool (`tools/list`) is `mcp` in both.
+    let named = |yaml: &str| {
+        let route = r#"- match: {prefix: "/"}"#;
+        assert!(yaml.contains(route), "the shipped bootstrap's route");
+        yaml.replace(route, &format!("- name: mcp\n{}match: {{prefix: \"/\"}}", " ".repeat(16)))
+    };
+    let (upstream, policy) = (sidecar.mock.addr().port(), support::free_port());
+    let envoy = Envoy::start_edited(&plugin, upstream, collector.port, policy, named);
     let tool = |name: &str, args: Value| {
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
             "params": {"name": name, "arguments": args}})
     };
     let chat = json!({"model": "gpt-4o", "max_tokens": 5, "messages": []});
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
     let steps: Vec<(&str, &str, &str, Value)> = vec![
         ("autonomy DISABLED", "off-bot", "/v1/chat/completions", chat.clone()),
         ("PROPOSE_ONLY", "shy-bot", "/mcp", tool("search_web", json!({"q": "x"}))),
@@ -1089,6 +1100,8 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
         ("the same again", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
         ("a third time: a loop", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
         ("other arguments", "loop-bot", "/mcp", tool("search_web", json!({"q": "other"}))),
+        ("a route the agent may not use", "quiet-bot", "/mcp", list.clone()),
+        ("a model call of that agent", "quiet-bot", "/v1/chat/completions", chat.clone()),
     ];
     let mut answers = Vec::new();
     for (name, agent, path, body) in &steps {
@@ -1137,6 +1150,8 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
             (200, None),
             (200, None),
             (403, Some("loop_detected")),
+            (200, None),
+            (403, Some("autonomy_disabled")),
             (200, None),
         ]
     );

@@ -31,6 +31,7 @@ fn head(path: &str, id: &str) -> Head {
         path: path.into(),
         authority: Some("llm.local:8080".into()),
         request_id: Some(id.into()),
+        route: None,
     }
 }
 
@@ -953,4 +954,29 @@ fn the_success_history_of_earlier_calls_grades_the_risk() {
     let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
     let (bytes, _) = data.get(&slot).unwrap().unwrap();
     assert_eq!(history::Slot::decode(&bytes).unwrap().get(&key), Some((2, 3)));
+}
+
+#[test]
+fn a_named_envoy_route_names_the_action_of_requests_without_a_tool_as_the_sidecar_does() {
+    let doc = r#"{"filter": {"fail": "closed"},
+      "policy": {"version": "r1", "defaults": {"llm": "allow", "tool": "allow", "other": "deny"}},
+      "autonomy": {"default": "AUTO_EXECUTE",
+        "accounts": {"quiet-bot": {"actions": {"mcp": "DISABLED"}}}}}"#;
+    let p = Plugin::from_document(doc).unwrap();
+    let data = FakeShared::default();
+    let budgets = Live::new(SharedStore::new(&data));
+    let list = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}));
+    let send = |route: Option<&str>| {
+        let h = Head { route: route.map(str::to_owned), ..head("/mcp", "r") };
+        let mut ex = Exchange::start(&p, h, headers("quiet-bot", &[]), NOW).unwrap();
+        let decided = ex.decide(&p, &budgets, &list, NOW).map(drop).map_err(|d| d.code);
+        ex.response_headers(200);
+        ex.response_ended();
+        (decided, ex.finish(&p, &budgets, NOW, End::Complete).and_then(|f| f.event.route))
+    };
+    // The sidecar's action for an MCP session method is its route's name, `mcp` here.
+    assert_eq!(send(Some("mcp")), (Err("autonomy_disabled".to_owned()), None));
+    // Another route's name, or none (`other`), is another action.
+    assert_eq!(send(Some("tools")), (Ok(()), Some("tools".to_owned())));
+    assert_eq!(send(None), (Ok(()), None));
 }
