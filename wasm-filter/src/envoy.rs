@@ -173,6 +173,8 @@ struct Vm {
     holder: String,
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
+    /// The verdicts counted since the last tick, for the autonomy ratio ([`Vm::flush_tally`]).
+    tally: RefCell<stats::Tally>,
     /// The outbox: usage events not yet taken by the collector, oldest first.
     events: RefCell<VecDeque<Queued>>,
     /// Events the collector refused: kept (never dropped for being refused), offered again
@@ -378,27 +380,39 @@ impl Vm {
     }
 
     /// Counts the oversight step's verdict on a request, if it had one and it was not counted
-    /// yet, in `tollgate_actions_total`, and moves `tollgate_autonomy_basis_points` of its
-    /// category and of `all` by what this count changed in the ratio of the counts every worker
-    /// keeps in shared data ([`stats::Tally`], updated with a compare-and-swap): the gauges are
-    /// the sum of every worker's exact moves, so they show the ratio of Envoy's counts, as the
-    /// sidecar's show its own. A tally that cannot be updated leaves the gauges as they are.
+    /// yet: in `tollgate_actions_total`, and in this VM's batch for the autonomy ratio
+    /// ([`Vm::flush_tally`]).
     fn count_verdict(&self, exchange: &mut Exchange) {
         let Some((category, verdict)) = exchange.take_verdict() else { return };
         let name = stats::CATEGORIES[category.min(stats::UNCATEGORIZED)];
         self.count_labelled(&schema::ACTIONS, &[name, verdict.as_str()]);
+        self.tally.borrow_mut().count(category, verdict);
+    }
+
+    /// Adds this VM's batch of verdicts to the counts every worker keeps in shared data
+    /// ([`stats::Tally`], one record updated with a compare-and-swap: one host round trip per
+    /// tick, not per request) and moves `tollgate_autonomy_basis_points` of each category it
+    /// counted in, and of `all`, by exactly the change it made to the ratio: the gauges are the
+    /// sum of every worker's moves, so they show the ratio of Envoy's counts, as the sidecar's
+    /// show its own. A record that cannot be updated keeps the batch for the next tick (one that
+    /// is not a tally drops it).
+    fn flush_tally(&self) {
+        if self.tally.borrow().is_empty() {
+            return;
+        }
+        let batch = self.tally.borrow().clone();
         let mut moves = Vec::new();
         let initial = stats::Tally::default().encode();
         let updated =
             self.budgets.shared.store().update_record(exchange::ACTIONS_KEY, &initial, |bytes| {
-                moves.clear();
                 let mut tally = stats::Tally::decode(bytes)?;
-                moves = tally.add(category, verdict);
-                (!moves.is_empty()).then(|| tally.encode())
+                moves = tally.merge(&batch);
+                Some(tally.encode())
             });
         if updated.is_err() {
             return;
         }
+        *self.tally.borrow_mut() = stats::Tally::default();
         let mut counters = self.counters.borrow_mut();
         for m in moves {
             counters.gauge(&schema::stat_name(&schema::AUTONOMY, &[m.category]), m.delta);
@@ -443,6 +457,7 @@ impl Default for Vm {
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
+            tally: RefCell::new(stats::Tally::default()),
             events: RefCell::new(VecDeque::new()),
             held: RefCell::new(VecDeque::new()),
             sending: Cell::new(false),
@@ -658,6 +673,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.vm.flush_tally();
         self.vm.counters.borrow_mut().flush();
         let t = now();
         if let Err(e) = self.vm.budgets.shared.expire(t.ms) {

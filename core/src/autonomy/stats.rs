@@ -213,34 +213,65 @@ impl Tally {
             .collect()
     }
 
-    /// Counts one `verdict` of `category` (an index into [`CATEGORIES`]) and returns how the
-    /// autonomy gauges moved: the category's and [`ALL`]'s, each listed once the series exists
-    /// (a delta of 0 included: the series appears). A human-approved retry moves nothing.
-    pub fn add(&mut self, category: usize, verdict: Verdict) -> Vec<GaugeMove> {
+    /// Counts one `verdict` of `category` (an index into [`CATEGORIES`]); a human-approved
+    /// retry is not kept (it is not in the ratio). For a worker's batch, [`Tally::merge`]d into
+    /// the shared record later.
+    pub fn count(&mut self, category: usize, verdict: Verdict) {
         let slot = match verdict {
             Verdict::Auto => 0,
             Verdict::Approval => 1,
             Verdict::Denied => 2,
-            Verdict::Approved => return Vec::new(),
+            Verdict::Approved => return,
         };
-        let category = category.min(UNCATEGORIZED);
+        let c = &mut self.counts[category.min(UNCATEGORIZED)][slot];
+        *c = c.saturating_add(1);
+    }
+
+    /// Nothing counted.
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().flatten().all(|n| *n == 0)
+    }
+
+    /// Adds every count of `batch` and returns how the autonomy gauges moved: each category the
+    /// batch counted in, and [`ALL`], each listed once its series exists (a delta of 0
+    /// included: the series appears), the change from before the batch to after it.
+    pub fn merge(&mut self, batch: &Tally) -> Vec<GaugeMove> {
         let before = self.counts();
         let all_before = overall(&before);
-        self.counts[category][slot] = self.counts[category][slot].saturating_add(1);
+        for (mine, theirs) in self.counts.iter_mut().zip(&batch.counts) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m = m.saturating_add(*t);
+            }
+        }
         let after = self.counts();
-        let all_after = overall(&after);
         let moved = |b: &Counts, a: &Counts| {
             let after = a.autonomy_bp()?;
             Some(after as i64 - b.autonomy_bp().unwrap_or(0) as i64)
         };
-        let mut moves = Vec::with_capacity(2);
-        if let Some(delta) = moved(&before[category], &after[category]) {
-            moves.push(GaugeMove { category: CATEGORIES[category], delta });
+        let mut moves = Vec::new();
+        let counted = batch.counts();
+        for (i, c) in counted.iter().enumerate() {
+            if c.total == 0 {
+                continue;
+            }
+            if let Some(delta) = moved(&before[i], &after[i]) {
+                moves.push(GaugeMove { category: CATEGORIES[i], delta });
+            }
         }
-        if let Some(delta) = moved(&all_before, &all_after) {
-            moves.push(GaugeMove { category: ALL, delta });
+        if overall(&counted).total > 0 {
+            if let Some(delta) = moved(&all_before, &overall(&after)) {
+                moves.push(GaugeMove { category: ALL, delta });
+            }
         }
         moves
+    }
+
+    /// Counts one `verdict` of `category` and returns how the autonomy gauges moved
+    /// ([`Tally::merge`] of that one count).
+    pub fn add(&mut self, category: usize, verdict: Verdict) -> Vec<GaugeMove> {
+        let mut one = Tally::default();
+        one.count(category, verdict);
+        self.merge(&one)
     }
 }
 
@@ -276,6 +307,36 @@ mod tests {
         // llm: 1 auto of 3; read: 1 of 2; uncategorized: 1 of 1; all: 3 of 6.
         assert_eq!((gauges["llm"], gauges["read"], gauges["uncategorized"]), (3333, 5000, 10_000));
         assert_eq!(gauges[ALL], 5000);
+    }
+
+    #[test]
+    fn a_merged_batch_moves_the_gauges_as_its_counts_one_by_one() {
+        let verdicts = [
+            (LLM, Verdict::Auto),
+            (LLM, Verdict::Denied),
+            (3, Verdict::Approval),
+            (LLM, Verdict::Approved),
+            (LLM, Verdict::Auto),
+        ];
+        let mut shared = Tally::default();
+        shared.add(LLM, Verdict::Denied);
+        let (mut one_by_one, mut merged) = (shared.clone(), shared);
+        let mut by_one: std::collections::BTreeMap<&str, i64> = Default::default();
+        let mut batch = Tally::default();
+        for (category, verdict) in verdicts {
+            for m in one_by_one.add(category, verdict) {
+                *by_one.entry(m.category).or_default() += m.delta;
+            }
+            batch.count(category, verdict);
+        }
+        assert!(!batch.is_empty() && Tally::default().is_empty());
+        let moves = merged.merge(&batch);
+        assert_eq!(merged, one_by_one);
+        let by_batch: std::collections::BTreeMap<&str, i64> =
+            moves.iter().map(|m| (m.category, m.delta)).collect();
+        assert_eq!(by_batch, by_one);
+        // llm: 1 denied, then 2 auto of 4 more: 5000 from 0; deploy: 0 (new); all: 2 of 5.
+        assert_eq!((by_batch["llm"], by_batch["deploy"], by_batch[ALL]), (5000, 0, 4000));
     }
 
     #[test]
