@@ -17,6 +17,7 @@
 //! This module decides; it never records the proposal, notifies anyone or executes anything.
 
 pub mod budget;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::fmt;

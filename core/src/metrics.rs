@@ -39,9 +39,9 @@ impl Type {
 pub enum Emitter {
     /// The sidecar and the Envoy filter, with the same labels and values for the same request.
     Both,
-    /// Only the sidecar: process state (ledger, in-flight requests, latency histograms, the
-    /// oversight step, budget utilization read at `/admin/budgets`), none of which the filter
-    /// has.
+    /// Only the sidecar: process state (ledger, in-flight requests, latency histograms, pending
+    /// approvals and their reasons, budget utilization read at `/admin/budgets`), none of which
+    /// the filter has.
     Sidecar,
     /// Only the Envoy filter: its usage-event shipping, plugin configuration and fail-open
     /// counters (the sidecar writes its ledger itself and refuses a bad configuration at load).
@@ -250,14 +250,14 @@ pub const ACTIONS: Metric = counter(
     &["category", "verdict"],
     "Actions at the oversight step by category and verdict (auto, approval_required, denied, \
      human_approved)",
-    Emitter::Sidecar,
+    Emitter::Both,
 );
 pub const AUTONOMY: Metric = gauge(
     "tollgate_autonomy_basis_points",
     &["category"],
     "Auto-approved / total actions in basis points (10000 = all ran on their own), by category \
      and `all`",
-    Emitter::Sidecar,
+    Emitter::Both,
 );
 pub const APPROVALS_REQUESTED: Metric = counter(
     "tollgate_approvals_requested_total",

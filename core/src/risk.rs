@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+pub mod history;
+
 use crate::autonomy::Effect;
 use crate::doc::{Cx, Field};
 use crate::money::Money;

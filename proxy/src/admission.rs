@@ -257,14 +257,7 @@ pub async fn admit<'p>(
                     ..Default::default()
                 });
             }
-            let verdict = match refusal.step {
-                s if s == Step::Policy || s == Step::Guardrail || s.is_oversight() => {
-                    Some(Verdict::Denied)
-                }
-                // Refused after the oversight step let it through on its own.
-                s if s.after_oversight() => Some(Verdict::Auto),
-                _ => None,
-            };
+            let verdict = Verdict::of_refusal(refusal.step);
             (Err(*refusal.denial), verdict)
         }
     };
@@ -346,8 +339,7 @@ async fn approve<'p>(
     let digest = approval::digest_hex(pending.digest);
     let decision = pending.decision;
     let refused = |d: Denial| {
-        let verdict =
-            if d.class == Class::ApprovalRequired { Verdict::Approval } else { Verdict::Denied };
+        let verdict = Verdict::of_asked(d.class);
         (Err(d), Some(verdict))
     };
     match action.approval {
@@ -362,8 +354,10 @@ async fn approve<'p>(
                     (Ok(admitted), Some(Verdict::Approved))
                 }
                 Ok(_) => unreachable!("a granted approval is admitted or refused"),
-                Err(r) if r.step.after_oversight() => (Err(*r.denial), Some(Verdict::Approved)),
-                Err(r) => refused(*r.denial),
+                Err(r) => {
+                    let verdict = Verdict::of_granted_refusal(r.step, r.denial.class);
+                    (Err(*r.denial), Some(verdict))
+                }
             }
         }
         None => {

@@ -38,11 +38,11 @@ use tollgate_core::autonomy::{self};
 use tollgate_core::guardrails::breaker::Breaker;
 use tollgate_core::guardrails::escalation::{Escalation, Outcome, Standing};
 use tollgate_core::guardrails::loops::LoopDetector;
-use tollgate_core::guardrails::{Category, RateCounters};
+use tollgate_core::guardrails::RateCounters;
 use tollgate_core::lifecycle::Guards;
 use tollgate_core::policy::Effect;
 use tollgate_core::record::AuditKind;
-use tollgate_core::risk::{self};
+use tollgate_core::risk::{self, history};
 use tollgate_core::time::UnixMillis;
 
 use crate::audit;
@@ -58,49 +58,8 @@ pub use config::OversightConfig;
 /// The request header that carries a granted approval's id on a retry.
 pub const APPROVAL_HEADER: &str = "x-tollgate-approval";
 
-/// The categories the autonomy metrics are split by: the guardrail action categories, model calls,
-/// and tool calls of no known category.
-pub const CATEGORIES: [&str; 9] = [
-    "read",
-    "write",
-    "execute",
-    "deploy",
-    "delete",
-    "external_api",
-    "database",
-    "llm",
-    "uncategorized",
-];
-const LLM: usize = 7;
-const UNCATEGORIZED: usize = 8;
-
-/// How an action ended at the oversight step, for the autonomy metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Ran without a human (allowed, auto-executed, or low risk).
-    Auto,
-    /// Sent to a human (a pending approval was created or is still pending).
-    Approval,
-    /// Refused.
-    Denied,
-    /// A retry that used a granted approval (the same action as its approval request, so not
-    /// counted again in the total).
-    Approved,
-}
-
-impl Verdict {
-    pub const ALL: [Verdict; 4] =
-        [Verdict::Auto, Verdict::Approval, Verdict::Denied, Verdict::Approved];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Auto => "auto",
-            Verdict::Approval => "approval_required",
-            Verdict::Denied => "denied",
-            Verdict::Approved => "human_approved",
-        }
-    }
-}
+use tollgate_core::autonomy::stats::UNCATEGORIZED;
+pub use tollgate_core::autonomy::stats::{Counts, Verdict, CATEGORIES};
 
 /// Lock-free counts per category and verdict.
 #[derive(Default)]
@@ -108,24 +67,6 @@ pub(crate) struct Stats {
     counts: [[AtomicU64; 4]; CATEGORIES.len()],
     /// Approval requests by reason code (codes come from config and code, so few).
     pub(crate) reasons: Mutex<HashMap<String, u64>>,
-}
-
-/// A category's counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counts {
-    pub auto: u64,
-    pub approval_required: u64,
-    pub denied: u64,
-    pub human_approved: u64,
-    /// auto + approval_required + denied.
-    pub total: u64,
-}
-
-impl Counts {
-    /// Autonomy in basis points (auto / total; 10000 = every action ran on its own).
-    pub fn autonomy_bp(&self) -> Option<u64> {
-        (self.total > 0).then(|| self.auto * 10_000 / self.total)
-    }
 }
 
 /// A request as the approvals and the audit records name it.
@@ -179,9 +120,6 @@ pub struct Oversight {
     fleet_disabled: Mutex<std::collections::HashSet<String>>,
 }
 
-/// Most (agent, action) pairs whose outcomes are counted.
-const MAX_OUTCOME_KEYS: usize = 100_000;
-
 impl Oversight {
     /// Copies the oversight step's counts into the registry (at scrape time: the request path
     /// only bumps atomics).
@@ -210,7 +148,7 @@ impl Oversight {
             }
         }
         if let Some(bp) = overall.autonomy_bp() {
-            m.autonomy_bp.with_label_values(&["all"]).set(bp as i64);
+            m.autonomy_bp.with_label_values(&[tollgate_core::autonomy::stats::ALL]).set(bp as i64);
         }
         for (reason, n) in o.top_reasons(usize::MAX) {
             catch_up(&m.approval_reasons.with_label_values(&[&reason]), n);
@@ -301,21 +239,18 @@ impl Oversight {
         }
     }
 
-    /// The metrics category of a request.
+    /// The metrics category of a request (the core's rule, the Envoy filter's too).
     pub fn category(
         route: &Route,
         tool: Option<&str>,
         guardrails: &tollgate_core::guardrails::Guardrails,
     ) -> usize {
-        if route.kind.is_llm() {
-            return LLM;
-        }
-        let category = route
-            .category
-            .as_deref()
-            .and_then(Category::parse)
-            .or_else(|| tool.and_then(|t| guardrails.policy(t)).map(|p| p.category));
-        category.map_or(UNCATEGORIZED, |c| c as usize)
+        tollgate_core::autonomy::stats::category(
+            route.kind.is_llm(),
+            route.category.as_deref(),
+            tool,
+            guardrails,
+        )
     }
 
     /// Counts a request refused before the oversight step (the policy denied it).
@@ -326,25 +261,23 @@ impl Oversight {
 
     /// Counts by category, and overall.
     pub fn counts(&self) -> (Counts, Vec<(&'static str, Counts)>) {
-        let mut overall = Counts::default();
-        let mut by = Vec::with_capacity(CATEGORIES.len());
-        for (i, name) in CATEGORIES.iter().enumerate() {
-            let get = |v: Verdict| self.stats.counts[i][v as usize].load(Ordering::Relaxed);
-            let c = Counts {
-                auto: get(Verdict::Auto),
-                approval_required: get(Verdict::Approval),
-                denied: get(Verdict::Denied),
-                human_approved: get(Verdict::Approved),
-                total: get(Verdict::Auto) + get(Verdict::Approval) + get(Verdict::Denied),
-            };
-            overall.auto += c.auto;
-            overall.approval_required += c.approval_required;
-            overall.denied += c.denied;
-            overall.human_approved += c.human_approved;
-            overall.total += c.total;
-            by.push((*name, c));
-        }
-        (overall, by)
+        let by: Vec<(&'static str, Counts)> = CATEGORIES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let get = |v: Verdict| self.stats.counts[i][v as usize].load(Ordering::Relaxed);
+                let c = Counts {
+                    auto: get(Verdict::Auto),
+                    approval_required: get(Verdict::Approval),
+                    denied: get(Verdict::Denied),
+                    human_approved: get(Verdict::Approved),
+                    total: get(Verdict::Auto) + get(Verdict::Approval) + get(Verdict::Denied),
+                };
+                (*name, c)
+            })
+            .collect();
+        let all: Vec<Counts> = by.iter().map(|(_, c)| *c).collect();
+        (tollgate_core::autonomy::stats::overall(&all), by)
     }
 
     /// Approval requests by reason, most frequent first.
@@ -423,7 +356,7 @@ impl Oversight {
     }
 
     pub(crate) fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
-        let key = outcome_key(agent, action);
+        let key = history::key(agent, action);
         let outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
         outcomes.get(key.as_str()).copied().filter(|(_, total)| *total > 0)
     }
@@ -461,13 +394,13 @@ impl Oversight {
             }
         }
         let Some((agent, action)) = &admitted.track else { return };
-        let ok = (200..300).contains(&status);
+        let ok = history::succeeded(status);
         {
             let mut outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
-            let key = outcome_key(agent, action);
+            let key = history::key(agent, action);
             if let Some(o) = outcomes.get_mut(key.as_str()) {
                 *o = (o.0 + u64::from(ok), o.1 + 1);
-            } else if outcomes.len() < MAX_OUTCOME_KEYS {
+            } else if outcomes.len() < history::MAX_KEYS {
                 outcomes.insert(key.into_boxed_str(), (u64::from(ok), 1));
             }
         }
@@ -559,10 +492,6 @@ impl Oversight {
 
 fn upstream_key(route: &Route) -> String {
     route.upstream.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| route.name.clone())
-}
-
-fn outcome_key(agent: &str, action: &str) -> String {
-    format!("{agent}\u{0}{action}")
 }
 
 /// Records an approval's change in the audit log.

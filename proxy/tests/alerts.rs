@@ -330,6 +330,15 @@ async fn budget_and_approval_alerts_arrive_signed_in_both_formats() {
     let delivered = got.len() as u64;
     let sent =
         |kind: &str| proxy.metric(&format!("tollgate_alerts_sent_total{{event=\"{kind}\"}}"));
+    // A delivery is counted once the proxy has read the receiver's 2xx, a moment after the
+    // receiver recorded it: wait for the count (and the outbox to empty) before comparing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (sent("budget_threshold") + sent("approval_pending") < delivered
+        || proxy.metric("tollgate_alerts_pending") > 0)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(sent("budget_threshold") + sent("approval_pending"), delivered);
     assert_eq!(proxy.metric("tollgate_alerts_pending"), 0);
     assert_eq!(proxy.metric("tollgate_alerts_failed_total{event=\"approval_pending\"}"), 0);

@@ -35,8 +35,14 @@ pub struct Table {
     pub guardrails: Value,
     /// The `autonomy:` section every mode runs (JSON).
     pub autonomy: Value,
+    /// The `oversight:` section every mode runs (JSON): the loop detector.
+    pub oversight: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
+    /// Gauges whose value follows from counters (`metrics_derived`): not listed per case, but
+    /// checked after every case in every mode against the counters of the same scrape
+    /// ([`Table::check_derived`]). Gauge name → the counter it is the autonomy ratio of.
+    pub derived: BTreeMap<String, String>,
     pub cases: Vec<Case>,
 }
 
@@ -60,6 +66,10 @@ pub struct Case {
     pub metrics: Vec<Delta>,
     /// What the upstream must receive, when the case says.
     pub upstream: Option<Upstream>,
+    /// How many times the request is sent (`repeat`, 1 unless the case says): the earlier
+    /// sends ([`Case::earlier_headers`]) build the live state the last one is decided on (the
+    /// loop detector's calls); `expect`, `ledger`, `metrics` and `upstream` are the last one's.
+    pub repeat: usize,
 }
 
 /// What reaches the upstream for a case (`upstream` in the table).
@@ -124,6 +134,14 @@ impl Table {
             serde_json::from_value(doc["metrics_compared"].clone()).expect("metrics_compared");
         for mode in compared.keys() {
             assert!(mode == "all" || MODES.contains(&mode.as_str()), "unknown mode {mode}");
+        }
+        let derived: BTreeMap<String, String> =
+            serde_json::from_value(doc["metrics_derived"].clone()).expect("metrics_derived");
+        for (gauge, counter) in &derived {
+            assert!(
+                compared["all"].contains(counter),
+                "metrics_derived.{gauge}: {counter} is compared in every mode"
+            );
         }
         let compared_in = |name: &str| -> Vec<String> {
             let all = compared.get("all").is_some_and(|m| m.iter().any(|n| n == name));
@@ -229,9 +247,21 @@ impl Table {
                             .expect("upstream.absent_headers"),
                     }),
                 };
+                let repeat = match c.get("repeat") {
+                    None => 1,
+                    Some(n) => {
+                        let n = n.as_u64().expect("repeat is a count");
+                        assert!(
+                            n >= 2,
+                            "{name}: repeat {n}: a repeated case is sent twice or more"
+                        );
+                        usize::try_from(n).expect("repeat")
+                    }
+                };
                 Case {
                     name,
                     upstream,
+                    repeat,
                     path: c["path"].as_str().expect("path").to_owned(),
                     headers,
                     body,
@@ -254,17 +284,64 @@ impl Table {
             pricing: doc["pricing"].clone(),
             guardrails: doc["guardrails"].clone(),
             autonomy: doc["autonomy"].clone(),
+            oversight: doc["oversight"].clone(),
             compared,
+            derived,
             cases,
         }
     }
 
-    /// The `pricing:`, `guardrails:` and `autonomy:` sections as config lines (JSON is YAML).
+    /// The `pricing:`, `guardrails:`, `autonomy:` and `oversight:` sections as config lines
+    /// (JSON is YAML).
     pub fn sections_yaml(&self) -> String {
         format!(
-            "pricing: {}\nguardrails: {}\nautonomy: {}\n",
-            self.pricing, self.guardrails, self.autonomy
+            "pricing: {}\nguardrails: {}\nautonomy: {}\noversight: {}\n",
+            self.pricing, self.guardrails, self.autonomy, self.oversight
         )
+    }
+
+    /// Checks each derived gauge (`metrics_derived`) against its counter in one scrape: the
+    /// autonomy ratio, `auto` over `auto + approval_required + denied` in basis points (rounded
+    /// down), per `category` and over all of them (`category="all"`), a series exactly for each
+    /// category with actions. One line per difference.
+    pub fn check_derived(&self, mode: &str, scrape: &Exposition) -> Vec<String> {
+        let mut failures = Vec::new();
+        for (gauge, counter) in &self.derived {
+            // category → (auto, total)
+            let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for s in scrape.series(counter) {
+                let (Some(category), Some(verdict)) =
+                    (s.labels.get("category"), s.labels.get("verdict"))
+                else {
+                    failures.push(format!("{mode}: {counter} {:?} without its labels", s.labels));
+                    continue;
+                };
+                let n = s.value as u64;
+                for key in [category.as_str(), "all"] {
+                    let c = counts.entry(key.to_owned()).or_default();
+                    match verdict.as_str() {
+                        "auto" => *c = (c.0 + n, c.1 + n),
+                        "approval_required" | "denied" => c.1 += n,
+                        _ => {}
+                    }
+                }
+            }
+            let want: BTreeMap<String, f64> = counts
+                .into_iter()
+                .filter(|(_, (_, total))| *total > 0)
+                .map(|(k, (auto, total))| (k, (auto * 10_000 / total) as f64))
+                .collect();
+            let got: BTreeMap<String, f64> = scrape
+                .series(gauge)
+                .map(|s| (s.labels.get("category").cloned().unwrap_or_default(), s.value))
+                .collect();
+            if got != want {
+                failures.push(format!(
+                    "{mode}: {gauge} is {got:?}, want {want:?} (the ratio of {counter})"
+                ));
+            }
+        }
+        failures
     }
 
     /// The metric series names compared in `mode`.
@@ -290,6 +367,22 @@ impl Case {
         headers.extend(self.mock.iter().cloned());
         headers.push(("x-request-id".into(), self.request_id(mode)));
         headers
+    }
+
+    /// The headers of the case's earlier sends in `mode` (none unless it repeats): as
+    /// [`Case::sent_headers`], each with its own request id (`table-<mode>-repeat<k>-<index>`),
+    /// so that their records and what reached the upstream are told apart from the last send's.
+    pub fn earlier_headers(&self, mode: &str) -> Vec<Vec<(String, String)>> {
+        (1..self.repeat)
+            .map(|k| {
+                let mut headers = self.headers.clone();
+                headers.extend(self.mock.iter().cloned());
+                // Not the last send's id with a suffix: that would contain it.
+                let id = format!("table-{mode}-repeat{k}-{}", self.index);
+                headers.push(("x-request-id".into(), id));
+                headers
+            })
+            .collect()
     }
 
     /// Compares what reached the upstream for the case in `mode` with the table's `upstream`:

@@ -30,6 +30,7 @@ mod fleet;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use tollgate_core::autonomy::stats;
 use tollgate_core::budget::StoreError;
 use tollgate_core::head::HOP_BY_HOP;
 use tollgate_core::metrics::{self as schema, Metric};
@@ -89,7 +90,7 @@ struct HostCounters {
     pending: HashMap<u32, u64>,
     /// Gauge ids by name, and their changes not yet given to Envoy (every VM adds its own
     /// share to the one stat, so a gauge moves by deltas, never by `set`).
-    gauges: HashMap<&'static str, u32>,
+    gauges: HashMap<Box<str>, u32>,
     pending_gauges: HashMap<u32, i64>,
 }
 
@@ -119,13 +120,13 @@ impl HostCounters {
         self.add(id, n);
     }
 
-    /// Moves a gauge by `delta`.
-    fn gauge(&mut self, name: &'static str, delta: i64) {
+    /// Moves a gauge by `delta` (defining it, so that it shows, even when `delta` is 0).
+    fn gauge(&mut self, name: &str, delta: i64) {
         let id = match self.gauges.get(name) {
             Some(id) => *id,
             None => match hostcalls::define_metric(MetricType::Gauge, name) {
                 Ok(id) => {
-                    self.gauges.insert(name, id);
+                    self.gauges.insert(name.into(), id);
                     id
                 }
                 Err(_) => return,
@@ -174,6 +175,8 @@ struct Vm {
     holder: String,
     counters: RefCell<HostCounters>,
     recorder: RefCell<Recorder>,
+    /// The verdicts counted since the last tick, for the autonomy ratio ([`Vm::flush_tally`]).
+    tally: RefCell<stats::Tally>,
     /// The outbox: usage events not yet taken by the collector, oldest first.
     events: RefCell<VecDeque<Queued>>,
     /// Events the collector refused: kept (never dropped for being refused), offered again
@@ -381,6 +384,46 @@ impl Vm {
         self.recorder.borrow_mut().count(&mut *counters, metric, values, 1);
     }
 
+    /// Counts the oversight step's verdict on a request, if it had one and it was not counted
+    /// yet: in `tollgate_actions_total`, and in this VM's batch for the autonomy ratio
+    /// ([`Vm::flush_tally`]).
+    fn count_verdict(&self, exchange: &mut Exchange) {
+        let Some((category, verdict)) = exchange.take_verdict() else { return };
+        let name = stats::CATEGORIES[category.min(stats::UNCATEGORIZED)];
+        self.count_labelled(&schema::ACTIONS, &[name, verdict.as_str()]);
+        self.tally.borrow_mut().count(category, verdict);
+    }
+
+    /// Adds this VM's batch of verdicts to the counts every worker keeps in shared data
+    /// ([`stats::Tally`], one record updated with a compare-and-swap: one host round trip per
+    /// tick, not per request) and moves `tollgate_autonomy_basis_points` of each category it
+    /// counted in, and of `all`, by exactly the change it made to the ratio: the gauges are the
+    /// sum of every worker's moves, so they show the ratio of Envoy's counts, as the sidecar's
+    /// show its own. A record that cannot be updated keeps the batch for the next tick (one that
+    /// is not a tally drops it).
+    fn flush_tally(&self) {
+        if self.tally.borrow().is_empty() {
+            return;
+        }
+        let batch = self.tally.borrow().clone();
+        let mut moves = Vec::new();
+        let initial = stats::Tally::default().encode();
+        let updated =
+            self.budgets.shared.store().update_record(exchange::ACTIONS_KEY, &initial, |bytes| {
+                let mut tally = stats::Tally::decode(bytes)?;
+                moves = tally.merge(&batch);
+                Some(tally.encode())
+            });
+        if updated.is_err() {
+            return;
+        }
+        *self.tally.borrow_mut() = stats::Tally::default();
+        let mut counters = self.counters.borrow_mut();
+        for m in moves {
+            counters.gauge(&schema::stat_name(&schema::AUTONOMY, &[m.category]), m.delta);
+        }
+    }
+
     /// Answers the effective context's request with `denial` in the provider's `shape` (plus
     /// `extra` headers) and counts it in `tollgate_requests_total`.
     fn send_refusal(
@@ -420,6 +463,7 @@ impl Default for Vm {
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
             recorder: RefCell::new(Recorder::new(1000)),
+            tally: RefCell::new(stats::Tally::default()),
             events: RefCell::new(VecDeque::new()),
             held: RefCell::new(VecDeque::new()),
             sending: Cell::new(false),
@@ -636,6 +680,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.vm.flush_tally();
         self.vm.counters.borrow_mut().flush();
         let t = now();
         if let Err(e) = self.vm.budgets.shared.expire(t.ms) {
@@ -993,6 +1038,7 @@ impl Http {
         self.stop_awaiting();
         let Some(mut exchange) = self.exchange.take() else { return Action::Continue };
         let result = exchange.decide(plugin, &self.vm.budgets, body, self.arrived);
+        self.vm.count_verdict(&mut exchange);
         let action = match result {
             // Counted when it ends (`on_log`), with the upstream's status.
             Ok(Decided::Admitted) => Action::Continue,
@@ -1106,6 +1152,11 @@ impl HttpContext for Http {
             path: header(":path").unwrap_or_default(),
             authority: header(":authority"),
             request_id: header("x-request-id"),
+            route: hostcalls::get_property(vec!["xds", "route_name"])
+                .ok()
+                .flatten()
+                .and_then(|name| String::from_utf8(name).ok())
+                .filter(|name| !name.is_empty()),
         };
         let t = now();
         let plugin = match self.plugin() {

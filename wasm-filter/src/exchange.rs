@@ -17,6 +17,7 @@
 
 use serde::Serialize;
 use tollgate_core::attribution::{Attribution, AttributionError, Identity};
+use tollgate_core::autonomy::stats::{self, Verdict};
 use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
 use tollgate_core::budget::{BudgetError, Budgets, Refill, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
@@ -34,6 +35,7 @@ use tollgate_core::policy::{Effect, Facts, RouteKind};
 use tollgate_core::pricing::{Cost, PriceSource};
 use tollgate_core::record::{Decision, End, UsageEvent};
 use tollgate_core::reservation::{self, Bound, Implausible};
+use tollgate_core::risk::history;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{Usage, UsageSource};
 
@@ -138,6 +140,11 @@ pub struct Head {
     /// `:authority`, port included.
     pub authority: Option<String>,
     pub request_id: Option<String>,
+    /// The name of the Envoy route the request matched (`xds.route_name`), if it has one: the
+    /// sidecar's route name. It names the action of a request that is neither a model call nor
+    /// an MCP tool call (the sidecar names it after its route; `other` without one) and is the
+    /// usage event's `route`.
+    pub route: Option<String>,
 }
 
 /// Who pays, owned (the host hands out owned header values).
@@ -193,6 +200,11 @@ struct Admitted {
     tool_cost: Option<Money>,
     /// The reservation is on the fleet's leases.
     fleet: bool,
+    /// The action whose outcome counts in the agent's success history (the lifecycle tracks
+    /// it: `Oversaw::track`), recorded when the exchange ends.
+    track: Option<String>,
+    /// The risk score, when one was computed (the `x-tollgate-risk` header, as the sidecar's).
+    risk: Option<String>,
 }
 
 /// What a filter without the collector's approval service says when a human has to approve.
@@ -201,6 +213,13 @@ pub const NO_APPROVALS: &str = "this Envoy filter has no approval service to ask
 
 /// The shared data key prefix of the autonomy budget's records (one per agent).
 pub const AUTONOMY_KEY: &str = "tollgate:autonomy:";
+
+/// The shared data key of the autonomy ratio's counts (`tollgate_core::autonomy::stats::Tally`).
+pub const ACTIONS_KEY: &str = "tollgate:actions";
+
+/// The shared data key prefix of the success history's slots
+/// (`tollgate_core::risk::history::Slot`).
+pub const HISTORY_KEY: &str = "tollgate:history:";
 
 /// The shared data key prefix of the loop detector's slots.
 pub const LOOPS_KEY: &str = "tollgate:loops:";
@@ -231,6 +250,12 @@ pub struct Exchange {
     started: UnixMillis,
     /// Response bytes to send on in place of a chunk, when the usage filter is on.
     out: Vec<u8>,
+    /// The autonomy metrics' category of the request (`tollgate_core::autonomy::stats`).
+    category: usize,
+    /// The oversight step's verdict, once the admission phase ended, until the glue counts it.
+    verdict: Option<Verdict>,
+    /// A retry that used a granted approval.
+    granted: bool,
 }
 
 /// A finished request: its usage event (the collector's wire format, one JSON object per line:
@@ -359,6 +384,9 @@ impl Exchange {
             response_done: false,
             started: now.ms,
             out: Vec::new(),
+            category: stats::UNCATEGORIZED,
+            verdict: None,
+            granted: false,
         })
     }
 
@@ -404,6 +432,9 @@ impl Exchange {
             response_done: false,
             started: now.ms,
             out: Vec::new(),
+            category: stats::UNCATEGORIZED,
+            verdict: None,
+            granted: false,
         }
     }
 
@@ -468,6 +499,11 @@ impl Exchange {
         };
         let tool = if self.mcp { info.tool_calls().next().map(|t| t.name.as_str()) } else { None };
         let kind = RouteKind::of_upstream(llm, self.mcp);
+        let declared = if self.mcp { plugin.filter.mcp_category.as_deref() } else { None };
+        self.category = stats::category(llm, declared, tool, plugin.engine.guardrails());
+        if matches!(from, From::Granted(_)) {
+            self.granted = true;
+        }
         let provider = self.api.map(Api::provider).or(self.free);
         let who = &self.who;
         let req = lifecycle::Request {
@@ -495,7 +531,11 @@ impl Exchange {
             info: &info,
             body,
             query: self.head.path.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or(q)),
-            action: tool.unwrap_or(if llm { "llm" } else { "other" }),
+            action: match (tool, llm) {
+                (Some(tool), _) => tool,
+                (None, true) => "llm",
+                (None, false) => self.head.route.as_deref().unwrap_or("other"),
+            },
             is_tool: tool.is_some(),
             risk: None,
         };
@@ -515,7 +555,10 @@ impl Exchange {
             From::Granted(pending) => pending.granted(&rules, &req, &mut stores, now.ms),
         };
         let admitted = match decided {
-            Ok(Admission::Admitted(a)) => a,
+            Ok(Admission::Admitted(a)) => {
+                self.verdict = Some(if self.granted { Verdict::Approved } else { Verdict::Auto });
+                a
+            }
             // Nothing here records approvals: the policy's own ask names `apr_<request id>`,
             // as before; a risk-based one answers with the reason.
             // Only fleet leases are ever short (Envoy's shared data answers at once).
@@ -541,7 +584,11 @@ impl Exchange {
                             agent: s(&self.who.agent),
                             cost_center: s(&self.who.cost_center),
                             project: s(&self.who.project),
-                            route: kind.as_str().to_owned(),
+                            route: self
+                                .head
+                                .route
+                                .clone()
+                                .unwrap_or_else(|| kind.as_str().to_owned()),
                             action: req.action.to_owned(),
                             digest,
                             reason: pending.reason.clone(),
@@ -572,12 +619,18 @@ impl Exchange {
                     });
                 d.approval_id = None;
                 d.message = format!("{}; {NO_APPROVALS}", d.message);
+                self.verdict = Some(Verdict::of_asked(d.class));
                 return Err(d);
             }
             Err(refusal) => {
                 if refusal.step == lifecycle::Step::Proposal {
                     self.proposed = Some(req.action.to_owned());
                 }
+                self.verdict = if self.granted {
+                    Some(Verdict::of_granted_refusal(refusal.step, refusal.denial.class))
+                } else {
+                    Verdict::of_refusal(refusal.step)
+                };
                 return Err(*refusal.denial);
             }
         };
@@ -600,6 +653,8 @@ impl Exchange {
             tool: tool.map(str::to_owned),
             tool_cost: (!llm).then_some(priced.worst_case()),
             fleet: plugin.fleet.is_some(),
+            track: admitted.oversaw.track.then(|| req.action.to_owned()),
+            risk: admitted.oversaw.assessment.map(|a| a.score.to_string()),
         });
         Ok(Decided::Admitted)
     }
@@ -771,8 +826,13 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         }
     }
 
-    fn history(&mut self, _agent: &str, _action: &str) -> Option<(u64, u64)> {
-        None
+    /// The agent's success history for the action from shared data (every worker's outcomes,
+    /// [`Exchange::finish`] records them); none when its slot cannot be read.
+    fn history(&mut self, agent: &str, action: &str) -> Option<(u64, u64)> {
+        let key = history::key(agent, action);
+        let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
+        let (bytes, _) = self.budgets.shared.store().data().get(&slot).ok()??;
+        history::Slot::decode(&bytes)?.get(&key)
     }
 
     fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
@@ -810,7 +870,7 @@ impl Exchange {
     /// Borrowed: the glue copies them into the host's map without allocating here.
     pub fn response_headers(&mut self, status: u32) -> Vec<(&'static str, &str)> {
         self.status = status;
-        let mut headers = Vec::with_capacity(5);
+        let mut headers = Vec::with_capacity(6);
         headers.push(("x-request-id", self.request_id.as_str()));
         match &self.admitted {
             Some(a) => {
@@ -818,6 +878,9 @@ impl Exchange {
                 headers.push(("x-tollgate-reason", a.reason.as_str()));
                 headers.push(("x-tollgate-clause", a.clause.as_str()));
                 headers.push(("x-tollgate-policy-version", a.policy_version.as_str()));
+                if let Some(risk) = &a.risk {
+                    headers.push(("x-tollgate-risk", risk.as_str()));
+                }
             }
             None => {
                 headers.push(("x-tollgate-decision", "bypass"));
@@ -881,6 +944,9 @@ impl Exchange {
         let a = self.admitted.take()?;
         let end = if self.response_done { End::Complete } else { broken };
         let ok = (200..300).contains(&self.status);
+        if let Some(action) = &a.track {
+            self.record_outcome(budgets, action);
+        }
         let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
             Some(meter) if ok || end != End::Complete => {
@@ -944,7 +1010,7 @@ impl Exchange {
             cost_center: s(&who.cost_center),
             project: s(&who.project),
             business_unit: who.business_unit.clone(),
-            route: None,
+            route: self.head.route.clone(),
             provider: match (self.api.map(Api::provider).or(self.free), self.mcp) {
                 (Some(p), _) => p.as_str(),
                 (None, true) => "mcp",
@@ -969,6 +1035,41 @@ impl Exchange {
             source: Some("envoy".to_owned()),
         };
         Some(Finished { event, warnings, overrun, implausible, decode_aborted })
+    }
+
+    /// The oversight step's verdict and the request's category for the autonomy metrics
+    /// (`tollgate_actions_total`, `tollgate_autonomy_basis_points`), once: `None` before the
+    /// admission phase ended, after it was taken, and for a request refused before the oversight
+    /// step had a say (the sidecar's rule, `tollgate_core::autonomy::stats::Verdict`).
+    pub fn take_verdict(&mut self) -> Option<(usize, Verdict)> {
+        self.verdict.take().map(|v| (self.category, v))
+    }
+
+    /// The collector answered a request a human has to approve with the refusal of `class` (an
+    /// approval is pending, or the one this retry names cannot be used).
+    pub fn asked(&mut self, class: Class) {
+        self.verdict = Some(Verdict::of_asked(class));
+    }
+
+    /// A request that waited for a fleet lease was refused for it (as after the oversight step,
+    /// the sidecar's budget step).
+    pub fn gave_up_waiting(&mut self) {
+        self.verdict = Some(if self.granted { Verdict::Approved } else { Verdict::Auto });
+    }
+
+    /// Counts how the exchange ended in the agent's success history for `action`, as the
+    /// sidecar does when its response ends (`tollgate_core::risk::history`: a 2xx from the
+    /// upstream is a success), in the pair's shared-data slot with a compare-and-swap. A slot
+    /// that cannot be updated loses the outcome (the history only grades a risk dimension).
+    fn record_outcome<D: SharedData>(&self, budgets: &Live<D>, action: &str) {
+        let key = history::key(self.who.agent.as_deref().unwrap_or_default(), action);
+        let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
+        let success = history::succeeded(u16::try_from(self.status).unwrap_or(0));
+        let initial = history::Slot::default().encode();
+        let _ = budgets.shared.store().update_record(&slot, &initial, |bytes| {
+            let mut s = history::Slot::decode(bytes)?;
+            s.record(&key, success).then(|| s.encode())
+        });
     }
 
     /// The requested model, once decided (for the decision metric).

@@ -405,9 +405,11 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         .map(|m| m.name)
         .collect();
     both.sort_unstable();
-    let mut all: Vec<&str> = table.compared["all"].iter().map(String::as_str).collect();
+    // A gauge that follows from a counter is checked against it instead (`metrics_derived`).
+    let mut all: Vec<&str> =
+        table.compared["all"].iter().chain(table.derived.keys()).map(String::as_str).collect();
     all.sort_unstable();
-    assert_eq!(all, both, "metrics_compared.all is every metric both engines emit");
+    assert_eq!(all, both, "metrics_compared.all and metrics_derived are every metric both emit");
     for (mode, emitter) in [
         ("sidecar", metrics::Emitter::Sidecar),
         ("https_proxy", metrics::Emitter::Sidecar),
@@ -436,6 +438,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         "pricing": table.pricing,
         "guardrails": table.guardrails,
         "autonomy": table.autonomy,
+        "oversight": table.oversight,
     })
     .to_string();
     // A relay in front of the mock records every byte that reaches the upstream, a head
@@ -450,7 +453,30 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         rt.block_on(proxy.ledger()).into_iter().filter(|r| r["source"] == "envoy").collect()
     };
     let mut failures = Vec::new();
+    let compared = table.compared(MODE);
+    let tollgate_series = || -> Vec<exposition::Sample> {
+        scrape().samples.into_iter().filter(|s| compared.contains(&s.name.as_str())).collect()
+    };
     for case in &table.cases {
+        // A repeated case's earlier sends, then until two scrapes a few ticks apart are the same
+        // (what they counted is in, not the last send's).
+        for sent in case.earlier_headers(MODE) {
+            let headers: Vec<(&str, &str)> =
+                sent.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            envoy.request("POST", &case.path, &headers, &case.body);
+        }
+        if case.repeat > 1 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut last = tollgate_series();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = tollgate_series();
+                if now == last || Instant::now() > deadline {
+                    break;
+                }
+                last = now;
+            }
+        }
         let before = scrape();
         let sent = case.sent_headers(MODE);
         let headers: Vec<(&str, &str)> =
@@ -479,7 +505,14 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let check = || {
             let mut found = case.check_ledger(MODE, &mesh());
-            found.extend(case.check_metrics(&table, MODE, &before, &scrape()));
+            let after = scrape();
+            found.extend(case.check_metrics(&table, MODE, &before, &after));
+            found.extend(
+                table
+                    .check_derived(MODE, &after)
+                    .into_iter()
+                    .map(|f| format!("{}: {f}", case.name)),
+            );
             let raw = relay.sent.lock().unwrap().clone();
             found.extend(case.check_upstream(MODE, &proxy.mock.requests(), &raw));
             found
@@ -1004,7 +1037,8 @@ const OVERSEEN_POLICY: &str = r#"{"version": "2026-12-03.oversight",
   "defaults": {"llm": "allow", "tool": "allow", "other": "deny"}}"#;
 const AUTONOMY: &str = r#"{"default": "AUTO_EXECUTE",
   "accounts": {"off-bot": {"default": "DISABLED"},
-               "shy-bot": {"actions": {"search_web": "PROPOSE_ONLY"}}},
+               "shy-bot": {"actions": {"search_web": "PROPOSE_ONLY"}},
+               "quiet-bot": {"actions": {"mcp": "DISABLED"}}},
   "budgets": {"accounts": {"thrifty-bot": {"per_day": 1}}}}"#;
 const OVERSIGHT: &str = r#"{"loops": {"max_repeats": 2, "window": "60s"}}"#;
 
@@ -1019,7 +1053,8 @@ struct Answer {
 const COMPARED: [&str; 4] =
     ["x-tollgate-decision", "x-tollgate-reason", "x-tollgate-clause", "x-tollgate-policy-version"];
 
-/// Autonomy `DISABLED` and `PROPOSE_ONLY`, an autonomy budget used up and a tool call looping get
+/// Autonomy `DISABLED` (for an agent, and for an action named after the route: an MCP request
+/// that calls no tool) and `PROPOSE_ONLY`, an autonomy budget used up and a tool call looping get
 /// the sidecar's answers from the filter in Envoy for the same configuration: the same status,
 /// error code and decision headers, and `retry-after` for the loop (to the second: the two are
 /// asked a moment apart). Where the sidecar records an approval (the budget used up), the filter
@@ -1040,12 +1075,21 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
         r#"{{"filter": {{"fail": "closed"}}, "policy": {OVERSEEN_POLICY},
             "autonomy": {AUTONOMY}, "oversight": {OVERSIGHT}}}"#
     );
-    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    // Envoy's route carries the sidecar route's name (`xds.route_name`): the action of an MCP
+    // request that calls no tool (`tools/list`) is `mcp` in both.
+    let named = |yaml: &str| {
+        let route = r#"- match: {prefix: "/"}"#;
+        assert!(yaml.contains(route), "the shipped bootstrap's route");
+        yaml.replace(route, &format!("- name: mcp\n{}match: {{prefix: \"/\"}}", " ".repeat(16)))
+    };
+    let (upstream, policy) = (sidecar.mock.addr().port(), support::free_port());
+    let envoy = Envoy::start_edited(&plugin, upstream, collector.port, policy, named);
     let tool = |name: &str, args: Value| {
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
             "params": {"name": name, "arguments": args}})
     };
     let chat = json!({"model": "gpt-4o", "max_tokens": 5, "messages": []});
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
     let steps: Vec<(&str, &str, &str, Value)> = vec![
         ("autonomy DISABLED", "off-bot", "/v1/chat/completions", chat.clone()),
         ("PROPOSE_ONLY", "shy-bot", "/mcp", tool("search_web", json!({"q": "x"}))),
@@ -1056,6 +1100,8 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
         ("the same again", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
         ("a third time: a loop", "loop-bot", "/mcp", tool("search_web", json!({"q": "same"}))),
         ("other arguments", "loop-bot", "/mcp", tool("search_web", json!({"q": "other"}))),
+        ("a route the agent may not use", "quiet-bot", "/mcp", list.clone()),
+        ("a model call of that agent", "quiet-bot", "/v1/chat/completions", chat.clone()),
     ];
     let mut answers = Vec::new();
     for (name, agent, path, body) in &steps {
@@ -1105,6 +1151,8 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
             (200, None),
             (403, Some("loop_detected")),
             (200, None),
+            (403, Some("autonomy_disabled")),
+            (200, None),
         ]
     );
     // The sidecar recorded an approval for the budget used up; the filter names none.
@@ -1121,5 +1169,100 @@ fn oversight_in_envoy_answers_as_the_sidecar_does() {
         (&json!("shy-bot"), &json!("search_web"), &json!("autonomy_propose_only"))
     );
     assert!(answers[7].4.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[7].4);
+    assert!(!envoy.log().contains("panicked"));
+}
+
+/// Two rules on the same tool declare every risk dimension but `historical_success`, which both
+/// engines observe from the agent's earlier calls of it: `tier 1` scores 9 plus the history's
+/// (1, 5 or 9 points: low, medium, high) and always runs on its own; `tier 2` scores 27 plus it,
+/// so only a good history (over 95 % successes) keeps it under 30, the threshold where a human
+/// has to approve.
+const HISTORY_POLICY: &str = r#"{"version": "2026-12-03.history",
+  "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
+  "rules": [
+    {"id": "watched", "match": {"tool": "search_web", "tier": "1"}, "effect": "allow",
+     "risk": {"blast_radius": "low", "reversibility": "automatic_rollback",
+              "data_sensitivity": "public", "cost_impact": "low"}},
+    {"id": "wider", "match": {"tool": "search_web", "tier": "2"}, "effect": "allow",
+     "risk": {"blast_radius": "medium", "reversibility": "automatic_rollback",
+              "data_sensitivity": "public", "cost_impact": "medium"}}]}"#;
+
+/// The success history of an agent's earlier calls (the `historical_success` risk dimension)
+/// grades a risk profile alike in the sidecar and in the filter in Envoy, whose two workers
+/// share it through shared data: after the same calls, with the same upstream answers (a 5xx is a
+/// failure), the same score (`x-tollgate-risk`), band and answer.
+#[test]
+fn risk_history_in_envoy_grades_as_the_sidecar_does() {
+    let rt = runtime();
+    let sidecar = rt.block_on(
+        Harness::builder()
+            .policy(HISTORY_POLICY)
+            .route(r#"{name: mcp, path_prefix: /mcp, kind: mcp, upstream: "{upstream}"}"#)
+            .start(),
+    );
+    let collector = Collector::start();
+    let plugin = format!(r#"{{"filter": {{"fail": "closed"}}, "policy": {HISTORY_POLICY}}}"#);
+    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "search_web", "arguments": {"q": "x"}}});
+    // (agent, tier, the upstream's status)
+    let mut steps: Vec<(&str, &str, &str)> = vec![
+        ("new-bot", "2", "200"),  // never done: high, 36, a human approves
+        ("good-bot", "1", "200"), // never done: 18
+        ("good-bot", "1", "200"), // 1 of 1: low, 10
+        ("good-bot", "2", "200"), // 2 of 2: low, 28, on its own
+        ("bad-bot", "1", "500"),  // never done: 18
+        ("bad-bot", "2", "200"),  // 0 of 1: high, 36, a human approves
+    ];
+    // 5 of 6 (83 %): medium, 14 and 32.
+    steps.extend(std::iter::repeat_n(("fair-bot", "1", "200"), 5));
+    steps.extend([("fair-bot", "1", "503"), ("fair-bot", "1", "200"), ("fair-bot", "2", "200")]);
+    let mut answers = Vec::new();
+    for (i, (agent, tier, status)) in steps.iter().enumerate() {
+        let mut tags = who(agent);
+        tags.extend([("x-agent-tier", *tier), ("x-mock-status", *status)]);
+        let owned: Vec<(String, String)> =
+            tags.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+        let s = rt.block_on(sidecar.post("/mcp", &owned, &call));
+        let e = envoy.request("POST", "/mcp", &tags, &serde_json::to_vec(&call).unwrap());
+        let answer = |status: u16, header: &dyn Fn(&str) -> Option<String>| {
+            let mut h: Vec<(&str, Option<String>)> =
+                COMPARED.iter().map(|name| (*name, header(name))).collect();
+            h.push(("x-tollgate-risk", header("x-tollgate-risk")));
+            (status, h)
+        };
+        let sidecar_answer = answer(s.status.as_u16(), &|n| s.header(n).map(str::to_owned));
+        let envoy_answer = answer(e.status, &|n| e.header(n).map(str::to_owned));
+        assert_eq!(
+            envoy_answer,
+            sidecar_answer,
+            "step {i} ({agent}, tier {tier}): {}",
+            String::from_utf8_lossy(&e.body)
+        );
+        let code = (s.status.as_u16() == 403).then(|| s.json()["error"]["code"].clone());
+        let risk = s.header("x-tollgate-risk").map(str::to_owned);
+        answers.push((s.status.as_u16(), risk, code));
+        // The outcome is counted when the exchange has ended (Envoy: its log phase).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let risk = |score: &str| Some(score.to_owned());
+    let approve = |band: &str| Some(json!(format!("risk_{band}")));
+    let pinned: Vec<(u16, Option<String>, Option<Value>)> = vec![
+        (403, None, approve("medium")),
+        (200, risk("18"), None),
+        (200, risk("10"), None),
+        (200, risk("28"), None),
+        (500, risk("18"), None),
+        (403, None, approve("medium")),
+        (200, risk("18"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (200, risk("10"), None),
+        (503, risk("10"), None),
+        (200, risk("14"), None),
+        (403, None, approve("medium")),
+    ];
+    assert_eq!(answers, pinned);
     assert!(!envoy.log().contains("panicked"));
 }

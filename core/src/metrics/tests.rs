@@ -113,7 +113,9 @@ fn the_engines_split_is_explicit() {
             "cost_center",
             "budget",
             "threshold",
-            "price_source"
+            "price_source",
+            "category",
+            "verdict"
         ]
     );
 }

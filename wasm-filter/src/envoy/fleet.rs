@@ -356,6 +356,8 @@ impl Root {
                 }
                 _ => ask.refusal(&answer),
             };
+            let mut paused = paused;
+            paused.exchange.asked(result.class);
             self.refuse(id, paused, &result);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
@@ -513,6 +515,7 @@ impl Root {
         let Waiter { mut paused, parked } = w;
         let waited_too_long = t.ms.0.saturating_sub(paused.since_ms) > max_wait_ms;
         let result = if waited_too_long {
+            paused.exchange.gave_up_waiting();
             Err(unavailable())
         } else {
             paused.exchange.resume(&paused.plugin, &self.vm.budgets, &paused.body, parked, t)
@@ -522,7 +525,8 @@ impl Root {
 
     /// Acts on a paused request's resumed decision, in its context: lets it go on (with the usage
     /// rewrite), parks it again, or answers it.
-    fn go_on(&self, id: u32, paused: Paused, result: Result<Decided, Denial>) {
+    fn go_on(&self, id: u32, mut paused: Paused, result: Result<Decided, Denial>) {
+        self.vm.count_verdict(&mut paused.exchange);
         match result {
             Ok(Decided::Admitted) => {
                 let Paused { mut exchange, body, may_rewrite, held, .. } = paused;
@@ -567,7 +571,8 @@ impl Root {
 
     /// Answers a paused request with `denial`, in its context (which is the effective one).
     fn refuse(&self, id: u32, paused: Paused, denial: &Denial) {
-        let Paused { exchange, body, .. } = paused;
+        let Paused { mut exchange, body, .. } = paused;
+        self.vm.count_verdict(&mut exchange);
         if let Some(record) = exchange.proposal(&denial.code) {
             log(LogLevel::Info, &format!("tollgate: proposal {record}"));
         }

@@ -31,6 +31,7 @@ fn head(path: &str, id: &str) -> Head {
         path: path.into(),
         authority: Some("llm.local:8080".into()),
         request_id: Some(id.into()),
+        route: None,
     }
 }
 
@@ -907,4 +908,108 @@ fn an_unreadable_autonomy_budget_follows_the_fail_policy() {
     p.filter.fail = FailPolicy::Open;
     let mut ex = Exchange::start(&p, head("/mcp", "u2"), headers("thrifty-bot", &[]), NOW).unwrap();
     assert!(matches!(ex.decide(&p, &live, &search, NOW), Ok(Decided::Admitted)));
+}
+
+#[test]
+fn each_decided_request_has_the_sidecars_verdict_once() {
+    let p = plugin();
+    let data = FakeShared::default();
+    let budgets = Live::new(SharedStore::new(&data));
+    let verdict = |agent: &'static str,
+                   extra: &'static [(&'static str, &'static str)],
+                   path: &str,
+                   b: &[u8]| {
+        let mut ex = Exchange::start(&p, head(path, "v"), headers(agent, extra), NOW).unwrap();
+        let _ = ex.decide(&p, &budgets, b, NOW);
+        let taken = ex.take_verdict().map(|(c, v)| (stats::CATEGORIES[c], v));
+        assert_eq!(ex.take_verdict(), None, "taken once");
+        taken
+    };
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 5}));
+    let call = |tool: &str| {
+        body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}))
+    };
+    assert_eq!(verdict("a", &[], "/v1/chat/completions", &chat), Some(("llm", Verdict::Auto)));
+    assert_eq!(
+        verdict("a", &[("x-agent-tier", "4")], "/v1/chat/completions", &chat),
+        Some(("llm", Verdict::Denied))
+    );
+    // Asked for a human (no approval service here: refused, as the sidecar's pending approval).
+    assert_eq!(
+        verdict("a", &[], "/mcp", &call("shell")),
+        Some(("uncategorized", Verdict::Approval))
+    );
+    assert_eq!(verdict("a", &[], "/mcp", &call("search")), Some(("uncategorized", Verdict::Auto)));
+    // Refused before the oversight step had a say: not counted.
+    let unknown = body(json!({"model": "gpt-unknown"}));
+    assert_eq!(verdict("a", &[], "/v1/chat/completions", &unknown), None);
+    assert_eq!(verdict("a", &[], "/v1/chat/completions", b"{"), None);
+    // Refused by its budget after the oversight step let it through: auto.
+    let big = body(json!({"model": "gpt-4o", "max_tokens": 16000}));
+    assert_eq!(
+        verdict("budget-bot", &[], "/v1/chat/completions", &big),
+        Some(("llm", Verdict::Auto))
+    );
+}
+
+#[test]
+fn the_success_history_of_earlier_calls_grades_the_risk() {
+    let doc = r#"{"filter": {"fail": "closed"},
+      "policy": {"version": "h1", "defaults": {"llm": "allow", "tool": "allow", "other": "deny"},
+        "rules": [{"id": "watched", "match": {"tool": "search"}, "effect": "allow",
+          "risk": {"blast_radius": "low", "reversibility": "automatic_rollback",
+                   "data_sensitivity": "public", "cost_impact": "low"}}]}}"#;
+    let p = Plugin::from_document(doc).unwrap();
+    let data = FakeShared::default();
+    let budgets = Live::new(SharedStore::new(&data));
+    let call = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "search"}}));
+    // One call with the upstream's `status`; the score it was admitted with.
+    let run = |agent: &'static str, status: u32| {
+        let mut ex = Exchange::start(&p, head("/mcp", "h"), headers(agent, &[]), NOW).unwrap();
+        ex.decide(&p, &budgets, &call, NOW).unwrap();
+        let risk = ex
+            .response_headers(status)
+            .iter()
+            .find(|(n, _)| *n == "x-tollgate-risk")
+            .map(|(_, v)| (*v).to_owned());
+        ex.response_ended();
+        ex.finish(&p, &budgets, NOW, End::Complete).unwrap();
+        risk
+    };
+    // Never done: high (9 points of 18); 1 of 1 succeeded: low (1 point); then 1 of 2: high.
+    assert_eq!(run("h-bot", 200).as_deref(), Some("18"));
+    assert_eq!(run("h-bot", 500).as_deref(), Some("10"));
+    assert_eq!(run("h-bot", 200).as_deref(), Some("18"));
+    // Per agent: another agent's history is its own.
+    assert_eq!(run("other-bot", 200).as_deref(), Some("18"));
+    let key = history::key("h-bot", "search");
+    let slot = format!("{HISTORY_KEY}{}", history::Slot::index(&key));
+    let (bytes, _) = data.get(&slot).unwrap().unwrap();
+    assert_eq!(history::Slot::decode(&bytes).unwrap().get(&key), Some((2, 3)));
+}
+
+#[test]
+fn a_named_envoy_route_names_the_action_of_requests_without_a_tool_as_the_sidecar_does() {
+    let doc = r#"{"filter": {"fail": "closed"},
+      "policy": {"version": "r1", "defaults": {"llm": "allow", "tool": "allow", "other": "deny"}},
+      "autonomy": {"default": "AUTO_EXECUTE",
+        "accounts": {"quiet-bot": {"actions": {"mcp": "DISABLED"}}}}}"#;
+    let p = Plugin::from_document(doc).unwrap();
+    let data = FakeShared::default();
+    let budgets = Live::new(SharedStore::new(&data));
+    let list = body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}));
+    let send = |route: Option<&str>| {
+        let h = Head { route: route.map(str::to_owned), ..head("/mcp", "r") };
+        let mut ex = Exchange::start(&p, h, headers("quiet-bot", &[]), NOW).unwrap();
+        let decided = ex.decide(&p, &budgets, &list, NOW).map(drop).map_err(|d| d.code);
+        ex.response_headers(200);
+        ex.response_ended();
+        (decided, ex.finish(&p, &budgets, NOW, End::Complete).and_then(|f| f.event.route))
+    };
+    // The sidecar's action for an MCP session method is its route's name, `mcp` here.
+    assert_eq!(send(Some("mcp")), (Err("autonomy_disabled".to_owned()), None));
+    // Another route's name, or none (`other`), is another action.
+    assert_eq!(send(Some("tools")), (Ok(()), Some("tools".to_owned())));
+    assert_eq!(send(None), (Ok(()), None));
 }
