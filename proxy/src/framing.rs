@@ -24,6 +24,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tollgate_core::framing::{Framer, State};
 
+/// The HTTP/2 client connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// The I/O wrapper. See the module docs.
 pub struct FramingGuard<IO> {
     io: IO,
@@ -53,6 +56,66 @@ impl<IO> FramingGuard<IO> {
     }
 
     /// Arms the head deadline while a head is being received, disarms it otherwise.
+    /// Reads the connection's first bytes, without handing any on, until they tell whether it
+    /// speaks HTTP/2 (the client connection preface, RFC 9113 §3.4) or HTTP/1, so that the
+    /// server hands the connection to the matching hyper connection at once. hyper-util's `auto`
+    /// connection tells them apart by reading the first 24 bytes itself and replaying them as a
+    /// read of their own, after which hyper's 8 KiB read buffer, holding those 24 bytes, doubles
+    /// to 16 KiB for the rest of the head: 8 KiB more for every connection. The head deadline
+    /// applies as to any read; the end of the stream counts as HTTP/1 (hyper then reads what
+    /// there is, and the end).
+    pub async fn starts_http2(&mut self) -> io::Result<bool>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        loop {
+            let n = self.pending.len().min(H2_PREFACE.len());
+            if self.pending[..n] != H2_PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(true);
+            }
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads what the connection has (at most 8 KiB) into `pending` and examines it; the number
+    /// of bytes read, 0 at the end of the stream. Fails once the head deadline has passed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        // Uninitialised: zeroing 8 KiB on every read was 10 % of the proxy's instructions.
+        let mut chunk = [MaybeUninit::<u8>::uninit(); 8192];
+        let mut rb = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let filled = rb.filled();
+                if !filled.is_empty() {
+                    self.pending.extend_from_slice(filled);
+                    self.framer.examine(&mut self.pending, &mut self.ready);
+                    self.update_deadline();
+                }
+                Poll::Ready(Ok(filled.len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Some(deadline) = &mut self.deadline {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received in time",
+                        )));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
     fn update_deadline(&mut self) {
         let in_head = self.framer.state() == State::Head;
         let receiving_head = in_head && self.ready < self.pending.len();
@@ -104,35 +167,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     return Poll::Ready(Ok(()));
                 }
             }
-            // Uninitialised: zeroing 8 KiB on every read was 10 % of the proxy's instructions.
-            let mut chunk = [MaybeUninit::<u8>::uninit(); 8192];
-            let mut rb = ReadBuf::uninit(&mut chunk);
-            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let filled = rb.filled();
-                    if filled.is_empty() {
-                        // EOF: hand over whatever is held (an incomplete head; hyper reports it).
-                        this.ready = this.pending.len();
-                        if this.ready == 0 {
-                            return Poll::Ready(Ok(()));
-                        }
-                        continue;
-                    }
-                    this.pending.extend_from_slice(filled);
-                    this.framer.examine(&mut this.pending, &mut this.ready);
-                    this.update_deadline();
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if let Some(deadline) = &mut this.deadline {
-                        if deadline.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "request head not received in time",
-                            )));
-                        }
-                    }
-                    return Poll::Pending;
+            if ready!(this.poll_fill(cx))? == 0 {
+                // EOF: hand over whatever is held (an incomplete head; hyper reports it).
+                this.ready = this.pending.len();
+                if this.ready == 0 {
+                    return Poll::Ready(Ok(()));
                 }
             }
         }
@@ -232,5 +271,51 @@ POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r
         for step in [1, 4, 1000] {
             assert_eq!(through(input, step).await, input, "step {step}");
         }
+    }
+
+    /// What `starts_http2` says for `input` written in pieces of `step` bytes (then closed), and
+    /// everything the guard hands on afterwards.
+    async fn sniff(input: &[u8], step: usize) -> (bool, Vec<u8>) {
+        let (mut client, server) = tokio::io::duplex(64);
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in input.chunks(step) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut guard = FramingGuard::new(server, 64 * 1024, std::time::Duration::from_secs(10));
+        let http2 = guard.starts_http2().await.unwrap();
+        writer.await.unwrap();
+        let mut out = Vec::new();
+        guard.read_to_end(&mut out).await.unwrap();
+        (http2, out)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_http2_from_http1_and_are_all_handed_on() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        let h1 = b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+        // A request line that starts like the preface, and one shorter than it.
+        let almost = b"PRI * HTTP/1.1\r\nHost: x\r\n\r\n";
+        let short = b"GET / HTTP/1.1\r\n\r\n";
+        for step in [1, 5, 23, 1000] {
+            assert_eq!(sniff(h2, step).await, (true, h2.to_vec()), "h2, step {step}");
+            assert_eq!(sniff(h1, step).await, (false, h1.to_vec()), "h1, step {step}");
+            assert_eq!(sniff(almost, step).await, (false, almost.to_vec()), "step {step}");
+            assert_eq!(sniff(short, step).await, (false, short.to_vec()), "step {step}");
+        }
+        // The connection closes inside the preface: HTTP/1, and the bytes still reach hyper.
+        assert_eq!(sniff(&h2[..10], 3).await, (false, h2[..10].to_vec()));
+        assert_eq!(sniff(b"", 1).await, (false, Vec::new()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_cut_off_while_sniffing_too() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut guard = FramingGuard::new(server, 64 * 1024, std::time::Duration::from_secs(10));
+        let err = guard.starts_http2().await.expect_err("the head deadline applies");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

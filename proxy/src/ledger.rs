@@ -8,7 +8,7 @@
 //! `fsync_interval` (group commit; `0` makes the writer wait for the sync of each batch before
 //! it takes the next). Writes never wait for an fsync: a slow disk (a sync can take hundreds of
 //! milliseconds on a busy machine) must not keep records in memory, where a `SIGKILL` loses
-//! them. So a `SIGKILL` loses only what was still queued (the last few milliseconds), an OS
+//! them. So a `SIGKILL` loses only what was still queued (at most the last fsync window), an OS
 //! crash at most one fsync window more, and `SIGTERM` nothing ([`Ledger::flush`] waits for the
 //! sync).
 //!
@@ -46,8 +46,14 @@ use tollgate_core::record::compact::Encoder;
 
 /// How far back [`Recovered::records`] reaches: enough for every budget period.
 const REPLAY_DAYS: u64 = 35;
-/// How long the writer lets records gather after writing a batch.
-const LINGER: Duration = Duration::from_millis(1);
+/// How long the writer lets records gather after writing a batch: a millisecond, and under load
+/// (a batch of at least [`BUSY`] messages) the fsync window, at most 5 ms. Each batch costs a
+/// wake-up and a write to each of the two logs, on the CPU the requests use; a `SIGKILL` loses
+/// what is still queued, so the wait is never longer than the window the ledger promises
+/// (`fsync_interval`), and light traffic is written within the millisecond as before.
+const LINGER: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(5));
+/// Messages in a batch from which the writer waits the longer [`LINGER`].
+const BUSY: usize = 16;
 /// Queue capacity (its slots are allocated up front: 16 Ki x 24 bytes); beyond it records wait in
 /// detached senders and the ledger reports pressure.
 const QUEUE: usize = 16 * 1024;
@@ -230,6 +236,7 @@ impl Ledger {
             file: scan.file,
             good_len: scan.last_len,
             seq: scan.last_seq,
+            event_id: String::new(),
             link: scan.next_link,
             encoder: scan.encoder,
             linker,
@@ -527,6 +534,8 @@ struct Writer {
     file: std::fs::File,
     good_len: u64,
     seq: u64,
+    /// The current record's event id (`<id>-<seq>`), its buffer kept between records.
+    event_id: String,
     /// The link the next record carries.
     link: [u8; 32],
     linker: Linker,
@@ -599,9 +608,12 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::with_capacity(256 * 1024);
         let mut audit_batch: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut waiters = Vec::new();
+        let window = self.settings.fsync_interval.clamp(LINGER.0, LINGER.1);
         while let Ok(first) = rx.recv() {
             let mut next = Some(first);
+            let mut taken = 0;
             while let Some(msg) = next {
+                taken += 1;
                 self.take(msg, &mut batch, &mut audit_batch, &mut waiters);
                 next = if batch.len() < 1 << 20 { rx.try_recv().ok() } else { None };
             }
@@ -621,10 +633,10 @@ impl Writer {
                 }
             }
             self.durability.notify_when_synced(waiters.drain(..));
-            // Under load, let records gather for a moment: one wake-up per millisecond instead
+            // Under load, let records gather for a moment: one wake-up per fsync window instead
             // of one per record (context switches were the largest cost in the load test's
             // profile). A SIGKILL can lose at most this much more.
-            std::thread::sleep(LINGER);
+            std::thread::sleep(if taken >= BUSY { window } else { LINGER.0 });
         }
         self.durability.close();
     }
@@ -639,11 +651,12 @@ impl Writer {
         match msg {
             Msg::Entry(entry) => {
                 self.seq += 1;
-                let stored: Stored<&Entry> = Stored {
-                    seq: self.seq,
-                    event_id: format!("{}-{}", self.id, self.seq),
-                    entry: &entry,
-                };
+                use std::fmt::Write as _;
+                // The event id's buffer is reused from record to record.
+                let mut event_id = std::mem::take(&mut self.event_id);
+                event_id.clear();
+                let _ = write!(event_id, "{}-{}", self.id, self.seq);
+                let stored: Stored<&Entry> = Stored { seq: self.seq, event_id, entry: &entry };
                 let mut error = None;
                 let mode = self.linker.mode();
                 let line = match self.settings.encoding {
@@ -656,6 +669,7 @@ impl Writer {
                             .is_ok()
                     }),
                 };
+                self.event_id = stored.event_id;
                 match line {
                     Some(line) => {
                         // The chain advances here, on the writer thread, never on a request's.

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
 
 use crate::framing::FramingGuard;
 use crate::upstream::Body;
@@ -89,6 +90,78 @@ pub fn builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The listener's HTTP/1.1 and HTTP/2 connection builders, with [`builder`]'s settings: the
+/// server picks one per connection from its first bytes ([`FramingGuard::starts_http2`]) instead
+/// of letting hyper-util's `auto` connection read them, which costs every HTTP/1 connection a
+/// read buffer twice the size.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &ConnLimits) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(limits.max_head_bytes.max(8192))
+            .max_headers(limits.max_headers)
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new()).max_header_list_size(limits.max_head_bytes as u32);
+        Builders { http1, http2 }
+    }
+}
+
+/// A connection that can be asked to finish what it has in flight and close.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Runs `conn` to its end, shutting it down gracefully once `stopping` turns true (what
+/// hyper-util's `GracefulShutdown` does; holding `stopping` until the end is what the drain
+/// waits for).
+async fn until_drained<C: Graceful>(
+    conn: C,
+    mut stopping: watch::Receiver<bool>,
+) -> hyper::Result<()> {
+    tokio::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = stopping.wait_for(|stop| *stop) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
 /// The answer to a connection beyond `max_connections`, written before anything is read (the
 /// OpenAI error shape, which the Anthropic SDKs also read as a retryable 503).
 pub const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -117,8 +190,8 @@ pub async fn serve<H: Handler>(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = builder(&limits);
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(Builders::new(&limits));
+    let (stop, stopping) = watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -146,11 +219,28 @@ pub async fn serve<H: Handler>(
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
                 });
-                let io = TokioIo::new(FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout));
-                let conn = builder.serve_connection_with_upgrades(io, service);
-                let conn = graceful.watch(conn.into_owned());
+                let mut guard = FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout);
+                let (builders, mut stopping) = (builders.clone(), stopping.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // HTTP/2 or HTTP/1, told from the first bytes (a connection that sends none
+                    // before shutdown begins is dropped, as hyper-util's would be).
+                    let http2 = tokio::select! {
+                        http2 = guard.starts_http2() => http2,
+                        _ = stopping.wait_for(|stop| *stop) => return,
+                    };
+                    let io = TokioIo::new(guard);
+                    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match http2 {
+                        Ok(true) => {
+                            let conn = builders.http2.serve_connection(io, service);
+                            until_drained(conn, stopping).await.map_err(Into::into)
+                        }
+                        Ok(false) => {
+                            let conn = builders.http1.serve_connection(io, service).with_upgrades();
+                            until_drained(conn, stopping).await.map_err(Into::into)
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     drop(permit);
@@ -160,8 +250,12 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
+    // Every connection ends gracefully (a kept-alive HTTP/1 connection after its response in
+    // flight, HTTP/2 with GOAWAY); the drain ends once every task has dropped its receiver.
+    let _ = stop.send(true);
+    drop(stopping);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = stop.closed() => {}
         () = tokio::time::sleep(limits.drain) => {
             tracing::warn!(drain = ?limits.drain, "in-flight requests did not finish in time");
         }
@@ -171,6 +265,52 @@ pub async fn serve<H: Handler>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+
+    /// Answers with the request's HTTP version.
+    #[derive(Clone)]
+    struct Version;
+
+    impl Handler for Version {
+        async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+            Response::new(crate::deny::full(format!("{:?}", req.version()).into()))
+        }
+    }
+
+    /// The listener tells HTTP/2 (prior knowledge: the preface first) from HTTP/1.1 by the first
+    /// bytes and serves both, several requests per connection; shutting down lets the open
+    /// connections go.
+    #[tokio::test]
+    async fn the_listener_serves_http1_and_http2_prior_knowledge() {
+        use hyper::client::conn::{http1, http2};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Version, ConnLimits::default(), async {
+            let _ = stopped.await;
+        }));
+        let text = |r: Response<Incoming>| async move {
+            String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+        };
+        let get =
+            || Request::get("http://x/").body(crate::deny::full(bytes::Bytes::new())).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h1, conn) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h2, conn) =
+            http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        for _ in 0..2 {
+            assert_eq!(text(h1.send_request(get()).await.unwrap()).await, "HTTP/1.1");
+            assert_eq!(text(h2.send_request(get()).await.unwrap()).await, "HTTP/2.0");
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the idle connections end with the shutdown")
+            .unwrap();
+    }
 
     /// 1,500 clients connect at once while nothing accepts: every handshake completes, because
     /// the accept queue is longer than tokio's default of 1,024 (where the rest would wait for

@@ -22,7 +22,7 @@
 //! checked for every field by the tests), so JSON written from a decoded record is the JSON the
 //! proxy would have written.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use super::{Decision, End, Entry, PriceSource, ReserveRecord, Stored, UsageRecord, UsageSource};
 use crate::money::Money;
@@ -80,14 +80,18 @@ impl Context {
 #[derive(Debug, Default)]
 pub struct Encoder {
     ctx: Context,
-    index: BTreeMap<String, u64>,
+    /// Where each string of `ctx` is (a hash map: looked up for every string field of every
+    /// record on the ledger's writer thread).
+    index: HashMap<String, u64>,
+    /// The buffers of the record being encoded, kept between records.
+    scratch: (Vec<u8>, Vec<u8>),
 }
 
 impl Encoder {
     /// Continues a segment whose records gave `ctx`.
     pub fn continuing(ctx: Context) -> Encoder {
         let index = ctx.strings.iter().enumerate().map(|(i, s)| (s.clone(), i as u64)).collect();
-        Encoder { ctx, index }
+        Encoder { ctx, index, scratch: Default::default() }
     }
 
     /// A new segment: nothing defined.
@@ -97,7 +101,10 @@ impl Encoder {
 
     /// Starts a record; [`Fields::finish`] appends it (its new strings first) to `out`.
     pub fn record(&mut self) -> Fields<'_> {
-        Fields { enc: self, defs: Vec::new(), new: 0, out: Vec::with_capacity(160) }
+        let (mut defs, mut out) = std::mem::take(&mut self.scratch);
+        defs.clear();
+        out.clear();
+        Fields { enc: self, defs, new: 0, out }
     }
 
     /// Appends the body of a ledger record to `out`; false (and nothing appended) for a record
@@ -137,6 +144,7 @@ impl Fields<'_> {
         put_varint(out, self.new);
         out.extend_from_slice(&self.defs);
         out.extend_from_slice(&self.out);
+        self.enc.scratch = (self.defs, self.out);
     }
 
     pub fn byte(&mut self, b: u8) {
