@@ -1399,7 +1399,8 @@ impl HttpContext for Http {
             log(
                 LogLevel::Warn,
                 &format!(
-                    "tollgate: circuit breaker opened for upstream {upstream:?} for {open_for} ms                      (request {})",
+                    "tollgate: circuit breaker opened for upstream {upstream:?} for {open_for} ms \
+                     (request {})",
                     event.request_id
                 ),
             );
