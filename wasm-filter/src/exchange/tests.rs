@@ -1150,3 +1150,16 @@ fn an_agent_whose_calls_keep_failing_is_reviewed_then_disabled() {
     }
     assert_eq!(call_through(&p, &two, "other-bot", None, 200, at(22)), None);
 }
+
+#[test]
+fn the_breakers_upstream_is_the_named_route_else_the_authority() {
+    let mut h = head("/v1/chat/completions", "u");
+    assert_eq!(upstream_of(&h), "llm.local:8080");
+    h.route = Some(String::new());
+    assert_eq!(upstream_of(&h), "llm.local:8080", "an unnamed route");
+    h.route = Some("openai".into());
+    assert_eq!(upstream_of(&h), "openai");
+    h.route = None;
+    h.authority = None;
+    assert_eq!(upstream_of(&h), "-");
+}
