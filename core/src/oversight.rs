@@ -14,7 +14,8 @@
 //! a proxy without `oversight:` does no per-request oversight work for allowed model calls.
 //!
 //! Decoded here, in the core, for every adapter: the sidecar runs all of it; the Envoy filter
-//! runs `loops` and the approval thresholds and refuses the rest at load, naming the field.
+//! runs `loops`, `breaker`, `escalation` and the approval thresholds and refuses the approval
+//! timeouts at load, naming the field.
 
 use std::time::Duration;
 

@@ -1393,6 +1393,29 @@ impl HttpContext for Http {
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now(), broken) else {
             return;
         };
+        // The sidecar raises an alert on these; the filter has no alert sender: Envoy's log.
+        if let Some(upstream) = &event.breaker_opened {
+            let open_for = plugin.breaker.map_or(0, |b| b.open_for_ms);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "tollgate: circuit breaker opened for upstream {upstream:?} for {open_for} ms \
+                     (request {})",
+                    event.request_id
+                ),
+            );
+        }
+        if let Some(standing) = event.agent_disabled {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "tollgate: agent {:?} disabled in this Envoy (status {}): {}",
+                    event.agent,
+                    event.status,
+                    standing.explanation().unwrap_or_default()
+                ),
+            );
+        }
         // A response priced by something other than its own listing; an implausible report is
         // billed at the reservation without being priced at all (counted on its own below), as
         // in the sidecar.

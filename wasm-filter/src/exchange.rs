@@ -21,7 +21,8 @@ use tollgate_core::autonomy::stats::{self, Verdict};
 use tollgate_core::autonomy::{self, BudgetOutcome, DayCounts};
 use tollgate_core::budget::{BudgetError, Budgets, Refill, Reservation, StoreError, Warning};
 use tollgate_core::endpoints;
-use tollgate_core::guardrails::escalation::Standing;
+use tollgate_core::guardrails::breaker::{self, Admission as BreakerAdmission};
+use tollgate_core::guardrails::escalation::{self, Outcome, Standing};
 use tollgate_core::guardrails::loops::{Merged, Repeat, Slot};
 use tollgate_core::inspect::{self, RequestInfo};
 use tollgate_core::lifecycle::{
@@ -205,6 +206,9 @@ struct Admitted {
     track: Option<String>,
     /// The risk score, when one was computed (the `x-tollgate-risk` header, as the sidecar's).
     risk: Option<String>,
+    /// Passed through the upstream's circuit breaker: its outcome is reported when the exchange
+    /// ends (`Oversaw::breaker`).
+    breaker: bool,
 }
 
 /// What a filter without the collector's approval service says when a human has to approve.
@@ -220,6 +224,14 @@ pub const ACTIONS_KEY: &str = "tollgate:actions";
 /// The shared data key prefix of the success history's slots
 /// (`tollgate_core::risk::history::Slot`).
 pub const HISTORY_KEY: &str = "tollgate:history:";
+
+/// The shared data key prefix of the circuit breakers' slots
+/// (`tollgate_core::guardrails::breaker::Slot`).
+pub const BREAKER_KEY: &str = "tollgate:breaker:";
+
+/// The shared data key prefix of error escalation's slots
+/// (`tollgate_core::guardrails::escalation::Slot`).
+pub const ESCALATION_KEY: &str = "tollgate:escalation:";
 
 /// The shared data key prefix of the loop detector's slots.
 pub const LOOPS_KEY: &str = "tollgate:loops:";
@@ -270,6 +282,10 @@ pub struct Finished {
     pub implausible: Option<Implausible>,
     /// The compressed body could not be decoded for metering (counted by the glue).
     pub decode_aborted: Option<DecodeAbort>,
+    /// This outcome opened the upstream's circuit breaker (the upstream, for the log).
+    pub breaker_opened: Option<String>,
+    /// This outcome disabled the agent (error escalation; for the log).
+    pub agent_disabled: Option<Standing>,
 }
 
 impl std::ops::Deref for Finished {
@@ -547,7 +563,13 @@ impl Exchange {
             policy: &plugin.policy,
             oversight: plugin.guards,
         };
-        let mut stores = Shared { plugin, budgets, request_id: &self.request_id, now_ns: now.ns };
+        let mut stores = Shared {
+            plugin,
+            budgets,
+            request_id: &self.request_id,
+            now_ns: now.ns,
+            upstream: upstream_of(&self.head),
+        };
         budgets.leases().set_now(now.ms);
         let decided = match from {
             From::Decide => lifecycle::decide(&rules, &req, &mut stores, now.ms),
@@ -655,6 +677,7 @@ impl Exchange {
             fleet: plugin.fleet.is_some(),
             track: admitted.oversaw.track.then(|| req.action.to_owned()),
             risk: admitted.oversaw.assessment.map(|a| a.score.to_string()),
+            breaker: admitted.oversaw.breaker,
         });
         Ok(Decided::Admitted)
     }
@@ -667,6 +690,8 @@ struct Shared<'a, D: SharedData> {
     budgets: &'a Live<D>,
     request_id: &'a str,
     now_ns: u64,
+    /// The upstream whose circuit breaker guards the request ([`upstream_of`]).
+    upstream: &'a str,
 }
 
 impl<D: SharedData> Shared<'_, D> {
@@ -749,12 +774,23 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         true
     }
 
-    /// Fleet mode: an agent the fleet disabled (through any proxy) is refused here too.
+    /// Error escalation (`oversight.escalation`): the agent's standing from its slot in shared
+    /// data, which [`Exchange::finish`] updates with every worker's outcomes (per Envoy). Fleet
+    /// mode: an agent the fleet disabled (through any proxy) is refused here too. A slot that
+    /// cannot be read counts as normal (escalation is a safeguard; budgets and rate limits
+    /// still follow the fail policy).
     fn standing(&mut self, agent: &str) -> Standing {
         if self.budgets.disabled.borrow().contains(agent) {
-            Standing::Disabled { consecutive_errors: 0 }
-        } else {
-            Standing::Normal { consecutive_errors: 0 }
+            return Standing::Disabled { consecutive_errors: 0 };
+        }
+        let normal = Standing::Normal { consecutive_errors: 0 };
+        let Some(config) = &self.plugin.escalation else { return normal };
+        let key = format!("{ESCALATION_KEY}{}", escalation::Slot::index(agent));
+        match self.budgets.shared.store().data().get(&key) {
+            Ok(Some((bytes, _))) => {
+                escalation::Slot::decode(&bytes).map_or(normal, |s| s.standing(agent, config))
+            }
+            _ => normal,
         }
     }
 
@@ -835,8 +871,29 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         history::Slot::decode(&bytes)?.get(&key)
     }
 
-    fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
-        Ok(())
+    /// The upstream's circuit breaker over shared data (`oversight.breaker`): the upstreams
+    /// spread over a fixed set of keys by name (shared data cannot delete keys), each slot
+    /// updated with a compare-and-swap so that every worker of this Envoy sees every outcome
+    /// and exactly one half-open probe goes through
+    /// (`tollgate_core::guardrails::breaker::Slot`). A slot that cannot be updated lets the call
+    /// through (the breaker is a safeguard; budgets and rate limits follow the fail policy).
+    fn breaker(&mut self, now: UnixMillis) -> Result<(), BreakerOpen> {
+        let Some(config) = self.plugin.breaker else { return Ok(()) };
+        let key = format!("{BREAKER_KEY}{}", breaker::Slot::index(self.upstream));
+        let mut admission = BreakerAdmission::Permit;
+        let initial = breaker::Slot::default().encode();
+        let updated = self.budgets.shared.store().update_record(&key, &initial, |bytes| {
+            let mut slot = breaker::Slot::decode(bytes)?;
+            let changed;
+            (admission, changed) = slot.allow(self.upstream, config, now);
+            changed.then(|| slot.encode())
+        });
+        match (updated, admission) {
+            (Ok(()), BreakerAdmission::Rejected { retry_after_ms }) => {
+                Err(BreakerOpen { upstream: self.upstream.to_owned(), retry_after_ms })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn reserve(
@@ -947,6 +1004,15 @@ impl Exchange {
         if let Some(action) = &a.track {
             self.record_outcome(budgets, action);
         }
+        let outcome = Outcome::of_status(u16::try_from(self.status).unwrap_or(0));
+        let breaker_opened = match plugin.breaker.filter(|_| a.breaker) {
+            Some(config) => self.report_to_breaker(budgets, config, outcome, now.ms),
+            None => None,
+        };
+        let agent_disabled = match (&plugin.escalation, &a.track) {
+            (Some(config), Some(_)) => self.report_to_escalation(budgets, config, outcome),
+            _ => None,
+        };
         let mut decode_aborted = None;
         let (usage, source, reported_model) = match a.meter {
             Some(meter) if ok || end != End::Complete => {
@@ -1034,7 +1100,15 @@ impl Exchange {
             end,
             source: Some("envoy".to_owned()),
         };
-        Some(Finished { event, warnings, overrun, implausible, decode_aborted })
+        Some(Finished {
+            event,
+            warnings,
+            overrun,
+            implausible,
+            decode_aborted,
+            breaker_opened,
+            agent_disabled,
+        })
     }
 
     /// The oversight step's verdict and the request's category for the autonomy metrics
@@ -1070,6 +1144,59 @@ impl Exchange {
             let mut s = history::Slot::decode(bytes)?;
             s.record(&key, success).then(|| s.encode())
         });
+    }
+
+    /// Reports an admitted call's outcome to its upstream's breaker in shared data, as the
+    /// sidecar does when its response ends (`Breaker::on_outcome`: a provider error, 5xx, 429,
+    /// 408 or no answer, is a failure). Returns the upstream when this outcome opened it. A slot
+    /// that cannot be updated loses the outcome.
+    fn report_to_breaker<D: SharedData>(
+        &self,
+        budgets: &Live<D>,
+        config: tollgate_core::guardrails::breaker::BreakerConfig,
+        outcome: Outcome,
+        now: UnixMillis,
+    ) -> Option<String> {
+        let upstream = upstream_of(&self.head);
+        let key = format!("{BREAKER_KEY}{}", breaker::Slot::index(upstream));
+        let mut opened = false;
+        let initial = breaker::Slot::default().encode();
+        let updated = budgets.shared.store().update_record(&key, &initial, |bytes| {
+            let mut slot = breaker::Slot::decode(bytes)?;
+            let changed;
+            (opened, changed) = slot.on_outcome(upstream, config, outcome, now);
+            changed.then(|| slot.encode())
+        });
+        (updated.is_ok() && opened).then(|| upstream.to_owned())
+    }
+
+    /// Reports a tracked call's outcome to error escalation in shared data, as the sidecar
+    /// does (`Escalation::on_outcome`: the agent's own errors, a 4xx other than 408 and 429,
+    /// count; a success resets the count; a provider error changes nothing). Returns the new
+    /// standing when this outcome disabled the agent. A slot that cannot be updated loses the
+    /// outcome.
+    fn report_to_escalation<D: SharedData>(
+        &self,
+        budgets: &Live<D>,
+        config: &tollgate_core::guardrails::escalation::EscalationConfig,
+        outcome: Outcome,
+    ) -> Option<Standing> {
+        if outcome == Outcome::ProviderError {
+            return None;
+        }
+        let agent = self.who.agent.as_deref().unwrap_or_default();
+        let key = format!("{ESCALATION_KEY}{}", escalation::Slot::index(agent));
+        let (mut before, mut after) = (None, None);
+        let initial = escalation::Slot::default().encode();
+        let updated = budgets.shared.store().update_record(&key, &initial, |bytes| {
+            let mut slot = escalation::Slot::decode(bytes)?;
+            before = Some(slot.standing(agent, config));
+            let (standing, changed) = slot.on_outcome(agent, config, outcome);
+            after = Some(standing);
+            changed.then(|| slot.encode())
+        });
+        let disabled = |s: &Option<Standing>| matches!(s, Some(Standing::Disabled { .. }));
+        (updated.is_ok() && disabled(&after) && !disabled(&before)).then_some(after).flatten()
     }
 
     /// The requested model, once decided (for the decision metric).
@@ -1164,6 +1291,19 @@ pub fn connect_refused(authority: Option<&str>) -> Denial {
         "no_route",
         format!("no route for {} ", authority.map_or("-", strip_port)),
     )
+}
+
+/// The upstream a request's circuit breaker is kept for: the Envoy route it matched
+/// (`xds.route_name`, when the route has a name), else the `:authority` it was sent to (port
+/// included), else `-`. The filter runs before Envoy's router picks a cluster, so the route is
+/// what names the upstream (a route sends to one cluster); the sidecar keys its breakers by the
+/// upstream's authority, shared by the routes to it, which the filter cannot see.
+pub fn upstream_of(head: &Head) -> &str {
+    match (head.route.as_deref(), head.authority.as_deref()) {
+        (Some(route), _) if !route.is_empty() => route,
+        (_, Some(authority)) if !authority.is_empty() => authority,
+        _ => "-",
+    }
 }
 
 fn path_only(path: &str) -> &str {

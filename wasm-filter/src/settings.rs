@@ -3,8 +3,9 @@
 //! only the Envoy filter has (fail policy, collector cluster, policy source, label caps, the MCP
 //! path and category), compiled once per `on_configure`. `guardrails` checks MCP tool calls here
 //! as in the sidecar (hourly rates in Envoy shared data); `autonomy` gates actions by mode, its
-//! budgets counted in shared data; of `oversight`, the loop detector (in shared data) and the
-//! approval thresholds run here, and every other field is refused with an error naming it
+//! budgets counted in shared data; of `oversight`, the loop detector, the circuit breakers and
+//! error escalation (their state in shared data, per Envoy) and the approval thresholds run
+//! here, and the approval timeouts are refused with an error naming the field
 //! ([`OVERSIGHT_REFUSED`]), never silently ignored.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
@@ -12,6 +13,8 @@
 
 use tollgate_core::doc::{self, Cx, DocErrors, Field};
 use tollgate_core::engine::{Engine, EngineConfig};
+use tollgate_core::guardrails::breaker::BreakerConfig;
+use tollgate_core::guardrails::escalation::EscalationConfig;
 use tollgate_core::guardrails::loops::LoopConfig;
 use tollgate_core::lifecycle::Guards;
 use tollgate_core::oversight::OversightConfig;
@@ -21,12 +24,9 @@ use tollgate_core::policy::Snapshot;
 const SECTIONS: [&str; 8] =
     ["filter", "attribution", "policy", "pricing", "autonomy", "guardrails", "oversight", "store"];
 
-/// Fields of the sidecar's `oversight:` section the filter refuses, naming them, and why: what
-/// runs them lives in the sidecar (its breakers and escalation see every response of the
-/// process; its approvals journal keeps the timeouts).
-pub const OVERSIGHT_REFUSED: [(&str, &str); 6] = [
-    ("breaker", "circuit breakers run in the sidecar"),
-    ("escalation", "error escalation runs in the sidecar; in fleet mode the filter refuses the agents the fleet disabled"),
+/// Fields of the sidecar's `oversight:` section the filter refuses, naming them, and why: the
+/// approvals journal that keeps the timeouts lives in the sidecar (or the collector).
+pub const OVERSIGHT_REFUSED: [(&str, &str); 4] = [
     ("use_within", "approvals are kept by the collector's approval service, under its own `oversight.use_within`"),
     ("sweep_interval", "approval timeouts are settled by the collector's approval service"),
     ("approvals.medium_timeout", "approval timeouts are the collector's (its own `oversight.approvals`)"),
@@ -181,11 +181,16 @@ pub struct Plugin {
     /// newer one (see [`Plugin::with_policy`]).
     pub policy: Snapshot,
     /// The oversight guards the lifecycle runs: autonomy modes (with an `autonomy:` section),
-    /// the loop detector (`oversight.loops`) and the approval thresholds; `escalation` in fleet
-    /// mode (the fleet's disabled agents).
+    /// the loop detector (`oversight.loops`), the circuit breakers (`oversight.breaker`), the
+    /// approval thresholds; `escalation` with `oversight.escalation` and in fleet mode (the
+    /// fleet's disabled agents).
     pub guards: Guards,
     /// `oversight.loops`, whose calls are counted in shared data.
     pub loops: Option<LoopConfig>,
+    /// `oversight.breaker`: one breaker per upstream, in shared data.
+    pub breaker: Option<BreakerConfig>,
+    /// `oversight.escalation`: consecutive errors per agent, in shared data.
+    pub escalation: Option<EscalationConfig>,
 }
 
 impl Plugin {
@@ -205,8 +210,8 @@ impl Plugin {
         let guards = Guards {
             autonomy: autonomy.is_some(),
             loops: oversight.loops.is_some(),
-            breakers: false,
-            escalation: fleet.is_some(),
+            breakers: oversight.breaker.is_some(),
+            escalation: fleet.is_some() || oversight.escalation.is_some(),
             thresholds: oversight.thresholds,
         };
         let engine = EngineConfig {
@@ -222,7 +227,16 @@ impl Plugin {
         match engine {
             Some(engine) if !cx.has_errors() => {
                 let policy = engine.policy().clone();
-                Ok(Plugin { engine, filter, fleet, policy, guards, loops: oversight.loops })
+                Ok(Plugin {
+                    engine,
+                    filter,
+                    fleet,
+                    policy,
+                    guards,
+                    loops: oversight.loops,
+                    breaker: oversight.breaker,
+                    escalation: oversight.escalation,
+                })
             }
             _ => Err(errors(cx)),
         }
@@ -237,6 +251,8 @@ impl Plugin {
             policy,
             guards: self.guards,
             loops: self.loops,
+            breaker: self.breaker,
+            escalation: self.escalation,
         }
     }
 
@@ -677,6 +693,7 @@ mod tests {
         let plugin = Plugin::from_document(doc).expect("honoured");
         assert!(plugin.guards.autonomy && plugin.guards.loops, "{:?}", plugin.guards);
         assert!(!plugin.guards.breakers && !plugin.guards.escalation);
+        assert!(plugin.breaker.is_none() && plugin.escalation.is_none());
         assert_eq!(plugin.guards.thresholds.medium_from.hundredths(), 2000);
         assert_eq!(plugin.loops.map(|l| (l.max_repeats, l.window_ms)), Some((2, 60_000)));
         let off = plugin.engine.autonomy().resolve("", "off", "llm");
@@ -695,9 +712,30 @@ mod tests {
     }
 
     #[test]
+    fn breakers_and_escalation_are_honoured() {
+        let doc = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+                   breaker: {failure_threshold: 3, open_for: 30s}\n  \
+                   escalation: {review_at: 2, disable_at: 4}\n";
+        let plugin = Plugin::from_document(doc).expect("honoured");
+        assert!(plugin.guards.breakers && plugin.guards.escalation, "{:?}", plugin.guards);
+        assert_eq!(
+            plugin.breaker,
+            Some(BreakerConfig { failure_threshold: 3, open_for_ms: 30_000 })
+        );
+        assert_eq!(plugin.escalation, Some(EscalationConfig { review_at: 2, disable_at: 4 }));
+        let again = plugin.with_policy(plugin.policy.clone());
+        assert_eq!((again.breaker, again.escalation), (plugin.breaker, plugin.escalation));
+        // Their own errors are reported with their paths.
+        let bad = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+                   breaker: {failure_threshold: 0}\n  escalation: {review_at: 5, disable_at: 2}\n";
+        let errors = Plugin::from_document(bad).expect_err("refused").0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["oversight.breaker.failure_threshold", "oversight.escalation"]);
+    }
+
+    #[test]
     fn oversight_fields_the_filter_cannot_run_are_refused_naming_each() {
         let doc = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  loops: {}\n  \
-                   breaker: {failure_threshold: 3}\n  escalation: {review_at: 2}\n  \
                    use_within: 1h\n  sweep_interval: 1s\n  approvals: {medium_from: 10, \
                    medium_timeout: 1m, high_timeout: 2m}\n  bogus: 1\n";
         let errors = Plugin::from_document(doc).expect_err("refused").0;
@@ -709,16 +747,14 @@ mod tests {
                 "oversight.approvals.high_timeout",
                 "oversight.approvals.medium_timeout",
                 "oversight.bogus",
-                "oversight.breaker",
-                "oversight.escalation",
                 "oversight.sweep_interval",
                 "oversight.use_within",
             ],
             "{errors:?}"
         );
-        let breaker = errors.iter().find(|e| e.path == "oversight.breaker").unwrap();
-        assert!(breaker.message.contains("cannot honour `oversight.breaker`"), "{breaker:?}");
-        assert_eq!(breaker.line, 4);
+        let within = errors.iter().find(|e| e.path == "oversight.use_within").unwrap();
+        assert!(within.message.contains("cannot honour `oversight.use_within`"), "{within:?}");
+        assert_eq!(within.line, 4);
     }
 
     #[test]

@@ -706,7 +706,7 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
     let bad = |fail: &str| {
         format!(
             r#"{{"filter": {{"fail": "{fail}"}}, "policy": {{"version": "v1", "defaults": {{"llm": "perhaps"}}}},
-                "oversight": {{"loops": {{}}, "breaker": {{"failure_threshold": 3}}}}}}"#
+                "oversight": {{"loops": {{}}, "use_within": "1h"}}}}"#
         )
     };
     let closed = Envoy::start(&bad("closed"), mock.addr().port(), support::free_port());
@@ -718,7 +718,7 @@ fn bad_plugin_configuration_follows_the_fail_policy() {
             "the error and its path are logged:\n{log}"
         );
         // An oversight guard the filter cannot run is refused naming it, never ignored.
-        assert!(log.contains("cannot honour `oversight.breaker`"), "{log}");
+        assert!(log.contains("cannot honour `oversight.use_within`"), "{log}");
         assert!(envoy.metric("tollgate_config_errors_total") >= 1);
     }
     let r = closed.request("POST", "/v1/chat/completions", &WHO, &chat("gpt-4o", 5));
@@ -1265,4 +1265,132 @@ fn risk_history_in_envoy_grades_as_the_sidecar_does() {
     ];
     assert_eq!(answers, pinned);
     assert!(!envoy.log().contains("panicked"));
+}
+
+/// What the sidecar and the filter in Envoy answered to one step of [`guarded_steps`]: status,
+/// error code and `retry-after`.
+type Guarded = (u16, Option<String>, Option<u64>);
+
+/// Runs `steps` (agent, the upstream's status) as model calls through a sidecar and the filter
+/// in Envoy, both with `oversight` as their `oversight:` section, checks that they answer alike
+/// (status, error code, decision headers, `retry-after` to the second) and returns the
+/// answers, and Envoy's log.
+fn guarded_steps(oversight: &str, steps: &[(&str, &str)]) -> (Vec<Guarded>, String) {
+    let rt = runtime();
+    let sidecar = rt.block_on(
+        Harness::builder()
+            .policy(OVERSEEN_POLICY)
+            .extra(&format!("oversight: {oversight}\n"))
+            .start(),
+    );
+    let collector = Collector::start();
+    let plugin = format!(
+        r#"{{"filter": {{"fail": "closed"}}, "policy": {OVERSEEN_POLICY},
+            "oversight": {oversight}}}"#
+    );
+    let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
+    let chat = json!({"model": "gpt-4o", "max_tokens": 5, "messages": []});
+    let mut answers = Vec::new();
+    for (i, (agent, status)) in steps.iter().enumerate() {
+        let mut tags = who(agent);
+        tags.push(("x-mock-status", *status));
+        let owned: Vec<(String, String)> =
+            tags.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+        let s = rt.block_on(sidecar.post("/v1/chat/completions", &owned, &chat));
+        let e = envoy.request(
+            "POST",
+            "/v1/chat/completions",
+            &tags,
+            &serde_json::to_vec(&chat).unwrap(),
+        );
+        let code = |status: u16, v: Value| {
+            (status == 403 || status == 503)
+                .then(|| v["error"]["code"].as_str().map(str::to_owned))
+                .flatten()
+        };
+        let sidecar_answer = Answer {
+            status: s.status.as_u16(),
+            code: code(s.status.as_u16(), s.json()),
+            headers: COMPARED.iter().map(|h| (*h, s.header(h).map(str::to_owned))).collect(),
+        };
+        let envoy_answer = Answer {
+            status: e.status,
+            code: code(e.status, e.json()),
+            headers: COMPARED.iter().map(|h| (*h, e.header(h).map(str::to_owned))).collect(),
+        };
+        assert_eq!(
+            envoy_answer,
+            sidecar_answer,
+            "step {i} ({agent}, {status}): {}",
+            String::from_utf8_lossy(&e.body)
+        );
+        let retry = |v: Option<&str>| v.map(|v| v.parse::<u64>().unwrap());
+        let (rs, re) = (retry(s.header("retry-after")), retry(e.header("retry-after")));
+        assert!(
+            rs.is_some() == re.is_some() && rs.unwrap_or(0).abs_diff(re.unwrap_or(0)) <= 1,
+            "step {i}: retry-after {rs:?} in the sidecar, {re:?} in Envoy"
+        );
+        answers.push((sidecar_answer.status, sidecar_answer.code, rs));
+        // Outcomes are reported when the exchange has ended (Envoy: its log phase).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = envoy.log();
+    assert!(!log.contains("panicked"), "{log}");
+    (answers, log)
+}
+
+/// Circuit breakers and error escalation run in the filter, over Envoy's shared data (both
+/// workers see every outcome), with the sidecar's rules: for the same configuration and the
+/// same upstream answers, the filter in Envoy answers as the sidecar does. An upstream failing
+/// `failure_threshold` times in a row opens its breaker (503 `circuit_open` with
+/// `retry-after`); an agent whose own calls keep failing (4xx) is put under review, then
+/// disabled (`agent_disabled`); provider errors never escalate.
+#[test]
+fn breakers_and_escalation_in_envoy_answer_as_the_sidecar_does() {
+    let code = |c: &str| Some(c.to_owned());
+    // The breaker, and escalation to review.
+    let oversight = r#"{"breaker": {"failure_threshold": 2, "open_for": "60s"},
+                        "escalation": {"review_at": 2, "disable_at": 3}}"#;
+    let (answers, log) = guarded_steps(
+        oversight,
+        &[
+            ("err-bot", "400"),
+            ("err-bot", "422"),
+            ("err-bot", "200"),   // under review: a human must approve
+            ("other-bot", "200"), // another agent is not
+            ("flaky-bot", "503"), // provider errors: the breaker's, never escalation's
+            ("flaky-bot", "200"), // a success resets the count
+            ("flaky-bot", "502"),
+            ("flaky-bot", "529"), // opens the breaker
+            ("other-bot", "200"), // fails fast
+        ],
+    );
+    let codes: Vec<(u16, Option<String>)> =
+        answers.iter().map(|(s, c, _)| (*s, c.clone())).collect();
+    assert_eq!(
+        codes,
+        [
+            (400, None),
+            (422, None),
+            (403, code("error_escalation")),
+            (200, None),
+            (503, None),
+            (200, None),
+            (502, None),
+            (529, None),
+            (503, code("circuit_open")),
+        ]
+    );
+    assert!(answers[8].2.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[8].2);
+    assert!(log.contains("tollgate: circuit breaker opened for upstream"), "{log}");
+    // Disabled (disable_at reached with no review in between).
+    let oversight = r#"{"escalation": {"review_at": 2, "disable_at": 2}}"#;
+    let (answers, log) = guarded_steps(
+        oversight,
+        &[("bad-bot", "404"), ("bad-bot", "401"), ("bad-bot", "200"), ("good-bot", "200")],
+    );
+    let codes: Vec<(u16, Option<String>)> =
+        answers.iter().map(|(s, c, _)| (*s, c.clone())).collect();
+    assert_eq!(codes, [(404, None), (401, None), (403, code("agent_disabled")), (200, None)]);
+    assert!(log.contains(r#"tollgate: agent "bad-bot" disabled in this Envoy"#), "{log}");
 }

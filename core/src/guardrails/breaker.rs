@@ -9,8 +9,11 @@
 //! after `open_for_ms`, and the next call becomes the new probe, so a lost probe cannot wedge
 //! the breaker half-open forever.
 //!
-//! A pure state machine: time is passed in, nothing is shared. The caller keeps one breaker per
-//! upstream (behind its own lock) and reports each admitted call's outcome.
+//! A pure state machine: time is passed in, nothing is shared. The sidecar keeps one breaker per
+//! upstream (behind its own lock) and reports each admitted call's outcome. The Envoy filter
+//! keeps them in shared data, which cannot delete keys: the upstreams are spread over a fixed
+//! set of [`SLOTS`] keys by a stable hash ([`Slot::index`]), each one [`Slot`] record holding
+//! its upstreams' states, updated with a compare-and-swap; the rules are this module's.
 
 use super::escalation::Outcome;
 use crate::doc::{Cx, Field};
@@ -188,6 +191,141 @@ impl Breaker {
     }
 }
 
+/// How many shared-data keys the Envoy filter spreads its upstreams' breakers over.
+pub const SLOTS: usize = 64;
+
+/// One shared-data record of breakers: the upstreams whose name hashes to it, each with its
+/// state. Pure: decoding, the [`Breaker`] rules and encoding only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    entries: Vec<(String, Inner)>,
+}
+
+impl Slot {
+    /// Upstreams one slot keeps at most; an upstream beyond that has no breaker (its calls
+    /// pass), as the number of keys shared data holds must stay bounded.
+    pub const CAPACITY: usize = 16;
+
+    /// The slot of `upstream` (FNV-1a, stable across builds and workers).
+    pub fn index(upstream: &str) -> usize {
+        (crate::risk::history::fnv1a(upstream) % SLOTS as u64) as usize
+    }
+
+    fn breaker(&self, upstream: &str, config: BreakerConfig) -> Option<Breaker> {
+        let (_, inner) = self.entries.iter().find(|(u, _)| u == upstream)?;
+        Some(Breaker { config, inner: *inner })
+    }
+
+    fn put(&mut self, upstream: &str, b: &Breaker) -> bool {
+        if let Some(e) = self.entries.iter_mut().find(|(u, _)| u == upstream) {
+            e.1 = b.inner;
+            return true;
+        }
+        if self.entries.len() >= Slot::CAPACITY {
+            return false;
+        }
+        self.entries.push((upstream.to_owned(), b.inner));
+        true
+    }
+
+    /// The state of `upstream`'s breaker and its consecutive failures (closed with none when
+    /// the slot does not hold it).
+    pub fn state(&self, upstream: &str) -> (State, u32) {
+        let b = self.breaker(upstream, BreakerConfig::default());
+        b.map_or((State::Closed, 0), |b| (b.state(), b.failures()))
+    }
+
+    /// [`Breaker::allow`] for `upstream`; `changed`: whether the record must be written.
+    pub fn allow(
+        &mut self,
+        upstream: &str,
+        config: BreakerConfig,
+        now: UnixMillis,
+    ) -> (Admission, bool) {
+        let Some(mut b) = self.breaker(upstream, config) else {
+            // A closed breaker is stored only once a failure counts.
+            return (Admission::Permit, false);
+        };
+        let before = b.inner;
+        let admission = b.allow(now);
+        let changed = b.inner != before;
+        if changed {
+            self.put(upstream, &b);
+        }
+        (admission, changed)
+    }
+
+    /// [`Breaker::on_outcome`] for `upstream`: whether it opened the breaker, and whether the
+    /// record must be written. A closed breaker without failures is dropped from the slot, so
+    /// the slot holds only the upstreams that are failing.
+    pub fn on_outcome(
+        &mut self,
+        upstream: &str,
+        config: BreakerConfig,
+        outcome: Outcome,
+        now: UnixMillis,
+    ) -> (bool, bool) {
+        let stored = self.breaker(upstream, config);
+        let mut b = stored.clone().unwrap_or_else(|| Breaker::new(config));
+        let opened = b.on_outcome(outcome, now);
+        if stored.as_ref() == Some(&b) {
+            return (opened, false);
+        }
+        if b.inner == (Inner::Closed { failures: 0 }) {
+            self.entries.retain(|(u, _)| u != upstream);
+            return (opened, stored.is_some());
+        }
+        (opened, self.put(upstream, &b))
+    }
+
+    /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
+    pub fn decode(bytes: &[u8]) -> Option<Slot> {
+        let mut slot = Slot::default();
+        if bytes.is_empty() {
+            return Some(slot);
+        }
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            rest = tail;
+            Some(head)
+        };
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let upstream = std::str::from_utf8(take(len)?).ok()?.to_owned();
+            let tag = take(1)?[0];
+            let value = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            let inner = match tag {
+                0 => Inner::Closed { failures: u32::try_from(value).ok()? },
+                1 => Inner::Open { until: value },
+                2 => Inner::HalfOpen { probe_started: value },
+                _ => return None,
+            };
+            slot.entries.push((upstream, inner));
+        }
+        rest.is_empty().then_some(slot)
+    }
+
+    /// The bytes [`Slot::decode`] reads.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.entries.len() * 40);
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for (upstream, inner) in &self.entries {
+            out.extend_from_slice(&(upstream.len() as u32).to_le_bytes());
+            out.extend_from_slice(upstream.as_bytes());
+            let (tag, value) = match *inner {
+                Inner::Closed { failures } => (0u8, u64::from(failures)),
+                Inner::Open { until } => (1, until),
+                Inner::HalfOpen { probe_started } => (2, probe_started),
+            };
+            out.push(tag);
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -289,6 +427,62 @@ mod tests {
         let c = BreakerConfig::decode(&mut cx, &Field::root(&node));
         cx.finish(()).unwrap();
         assert_eq!(c, BreakerConfig { failure_threshold: 3, open_for_ms: 30_000 });
+    }
+
+    #[test]
+    fn a_slot_runs_the_breaker_rules_through_its_bytes() {
+        let config = BreakerConfig { failure_threshold: 2, open_for_ms: 1000 };
+        let through = |s: &Slot| Slot::decode(&s.encode()).unwrap();
+        let mut slot = Slot::default();
+        assert_eq!(slot.allow("api", config, t(0)), (Admission::Permit, false));
+        // A success of a breaker that is not stored stores nothing.
+        assert_eq!(slot.on_outcome("api", config, Outcome::Success, t(0)), (false, false));
+        assert_eq!(slot, Slot::default());
+        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(1)), (false, true));
+        slot = through(&slot);
+        assert_eq!(slot.state("api"), (State::Closed, 1));
+        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(2)), (true, true));
+        slot = through(&slot);
+        assert_eq!(slot.state("api"), (State::Open, 0));
+        assert_eq!(slot.state("other"), (State::Closed, 0));
+        assert_eq!(
+            slot.allow("api", config, t(500)),
+            (Admission::Rejected { retry_after_ms: 502 }, false)
+        );
+        assert_eq!(slot.allow("other", config, t(500)), (Admission::Permit, false));
+        // The probe, once: the rest fail fast.
+        assert_eq!(slot.allow("api", config, t(1002)), (Admission::Permit, true));
+        slot = through(&slot);
+        assert_eq!(slot.state("api"), (State::HalfOpen, 0));
+        assert!(matches!(slot.allow("api", config, t(1003)).0, Admission::Rejected { .. }));
+        // Its success closes it, and a closed breaker leaves the slot.
+        assert_eq!(slot.on_outcome("api", config, Outcome::AgentError, t(1004)), (false, true));
+        assert_eq!(through(&slot), Slot::default());
+        assert_eq!(Slot::decode(b""), Some(Slot::default()));
+        assert_eq!(Slot::decode(&[1, 0, 0, 0, 9]), None);
+        let mut bytes = {
+            let mut s = Slot::default();
+            let _ = s.on_outcome("api", config, Outcome::ProviderError, t(1));
+            s.encode()
+        };
+        bytes.push(0);
+        assert_eq!(Slot::decode(&bytes), None, "trailing bytes");
+    }
+
+    #[test]
+    fn a_full_slot_keeps_no_new_upstream_and_slots_are_stable() {
+        let config = BreakerConfig { failure_threshold: 1, open_for_ms: 1000 };
+        let mut slot = Slot::default();
+        for i in 0..Slot::CAPACITY {
+            let (opened, changed) =
+                slot.on_outcome(&format!("u{i}"), config, Outcome::ProviderError, t(0));
+            assert!(opened && changed);
+        }
+        assert_eq!(slot.on_outcome("late", config, Outcome::ProviderError, t(0)), (true, false));
+        assert_eq!(slot.allow("late", config, t(1)), (Admission::Permit, false));
+        assert!(matches!(slot.allow("u0", config, t(1)).0, Admission::Rejected { .. }));
+        assert_eq!(Slot::index("api.openai.com:443"), Slot::index("api.openai.com:443"));
+        assert!((0..1000).all(|i| Slot::index(&format!("u{i}")) < SLOTS));
     }
 
     #[derive(Clone, Debug)]

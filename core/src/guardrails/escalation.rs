@@ -13,7 +13,11 @@
 //! doing: [`Escalation::on_outcome`] leaves the count alone for it, and only the upstream's
 //! circuit breaker hears of it ([`super::breaker::Breaker::on_outcome`]).
 //!
-//! This module tracks and decides; it never notifies anyone.
+//! This module tracks and decides; it never notifies anyone. The sidecar keeps the agents in a
+//! map ([`Escalation`]); the Envoy filter in shared data, which cannot delete keys, so the
+//! agents are spread over a fixed set of [`SLOTS`] keys by a stable hash ([`Slot::index`]), each
+//! one [`Slot`] record updated with a compare-and-swap, with the same rules
+//! ([`EscalationConfig::standing`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -35,6 +39,18 @@ impl Default for EscalationConfig {
 }
 
 impl EscalationConfig {
+    /// The standing of an agent with `errors` consecutive errors, `disabled` or not.
+    pub fn standing(&self, errors: u32, disabled: bool) -> Standing {
+        let consecutive_errors = errors;
+        if disabled {
+            Standing::Disabled { consecutive_errors }
+        } else if errors >= self.review_at {
+            Standing::Review { consecutive_errors }
+        } else {
+            Standing::Normal { consecutive_errors }
+        }
+    }
+
     /// Decodes `{review_at: 3, disable_at: 5}`, each optional.
     pub fn decode(cx: &mut Cx, field: &Field<'_>) -> EscalationConfig {
         let mut c = EscalationConfig::default();
@@ -153,14 +169,7 @@ impl Escalation {
     }
 
     fn standing_of(&self, r: Record) -> Standing {
-        let consecutive_errors = r.errors;
-        if r.disabled {
-            Standing::Disabled { consecutive_errors }
-        } else if r.errors >= self.config.review_at {
-            Standing::Review { consecutive_errors }
-        } else {
-            Standing::Normal { consecutive_errors }
-        }
+        self.config.standing(r.errors, r.disabled)
     }
 
     /// The agent's standing now. Never allocates.
@@ -233,6 +242,113 @@ impl Escalation {
     /// The number of agents with errors or disabled.
     pub fn tracked(&self) -> usize {
         self.agents.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// How many shared-data keys the Envoy filter spreads the agents' records over.
+pub const SLOTS: usize = 256;
+
+/// One shared-data record of error escalation: the agents whose name hashes to it that have
+/// consecutive errors or are disabled, as [`Escalation`] keeps them. Pure: decoding, the rules
+/// and encoding only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    entries: Vec<(String, u32, bool)>,
+}
+
+impl Slot {
+    /// Agents one slot keeps at most; past that a new agent's errors are not counted (the
+    /// number of keys and their size in shared data must stay bounded).
+    pub const CAPACITY: usize = 64;
+
+    /// The slot of `agent` (FNV-1a, stable across builds and workers).
+    pub fn index(agent: &str) -> usize {
+        (crate::risk::history::fnv1a(agent) % SLOTS as u64) as usize
+    }
+
+    /// The agent's standing.
+    pub fn standing(&self, agent: &str, config: &EscalationConfig) -> Standing {
+        let (errors, disabled) =
+            self.entries.iter().find(|(a, ..)| a == agent).map_or((0, false), |(_, e, d)| (*e, *d));
+        config.standing(errors, disabled)
+    }
+
+    /// [`Escalation::on_outcome`] in this slot: the agent's new standing, and whether the
+    /// record must be written.
+    pub fn on_outcome(
+        &mut self,
+        agent: &str,
+        config: &EscalationConfig,
+        outcome: Outcome,
+    ) -> (Standing, bool) {
+        let at = self.entries.iter().position(|(a, ..)| a == agent);
+        match (outcome, at) {
+            (Outcome::ProviderError, _) | (Outcome::Success, None) => {
+                (self.standing(agent, config), false)
+            }
+            (Outcome::Success, Some(i)) => {
+                let (_, errors, disabled) = &mut self.entries[i];
+                let changed = *errors != 0;
+                *errors = 0;
+                if !*disabled {
+                    self.entries.remove(i);
+                }
+                (self.standing(agent, config), changed)
+            }
+            (Outcome::AgentError, Some(i)) => {
+                let (_, errors, disabled) = &mut self.entries[i];
+                *errors = errors.saturating_add(1);
+                *disabled |= *errors >= config.disable_at;
+                (self.standing(agent, config), true)
+            }
+            (Outcome::AgentError, None) if self.entries.len() >= Slot::CAPACITY => {
+                (self.standing(agent, config), false)
+            }
+            (Outcome::AgentError, None) => {
+                self.entries.push((agent.to_owned(), 1, 1 >= config.disable_at));
+                (self.standing(agent, config), true)
+            }
+        }
+    }
+
+    /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
+    pub fn decode(bytes: &[u8]) -> Option<Slot> {
+        let mut slot = Slot::default();
+        if bytes.is_empty() {
+            return Some(slot);
+        }
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            rest = tail;
+            Some(head)
+        };
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let agent = std::str::from_utf8(take(len)?).ok()?.to_owned();
+            let errors = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let disabled = match take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            slot.entries.push((agent, errors, disabled));
+        }
+        rest.is_empty().then_some(slot)
+    }
+
+    /// The bytes [`Slot::decode`] reads.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.entries.len() * 32);
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for (agent, errors, disabled) in &self.entries {
+            out.extend_from_slice(&(agent.len() as u32).to_le_bytes());
+            out.extend_from_slice(agent.as_bytes());
+            out.extend_from_slice(&errors.to_le_bytes());
+            out.push(u8::from(*disabled));
+        }
+        out
     }
 }
 
@@ -331,6 +447,51 @@ mod tests {
             e.on_outcome("a", Outcome::of_status(200)),
             Standing::Normal { consecutive_errors: 0 }
         );
+    }
+
+    #[test]
+    fn a_slot_escalates_as_the_sidecar_does_through_its_bytes() {
+        let config = EscalationConfig { review_at: 2, disable_at: 3 };
+        let sidecar = Escalation::new(config);
+        let mut slot = Slot::default();
+        let statuses = [400, 200, 404, 503, 422, 429, 401, 0, 403, 200, 400];
+        for status in statuses {
+            let outcome = Outcome::of_status(status);
+            let expected = sidecar.on_outcome("a", outcome);
+            let (got, _) = slot.on_outcome("a", &config, outcome);
+            assert_eq!(got, expected, "after {status}");
+            slot = Slot::decode(&slot.encode()).unwrap();
+            assert_eq!(slot.standing("a", &config), sidecar.standing("a"), "after {status}");
+        }
+        assert_eq!(slot.standing("a", &config).effect(), Effect::Deny);
+        assert_eq!(slot.standing("b", &config), Standing::Normal { consecutive_errors: 0 });
+        // Provider errors and the successes of untracked agents store nothing.
+        let mut empty = Slot::default();
+        assert!(!empty.on_outcome("b", &config, Outcome::ProviderError).1);
+        assert!(!empty.on_outcome("b", &config, Outcome::Success).1);
+        assert_eq!(empty, Slot::default());
+        assert_eq!(Slot::decode(b""), Some(Slot::default()));
+        assert_eq!(Slot::decode(&[1, 0, 0, 0, 9]), None);
+        let mut bytes = slot.encode();
+        bytes.push(0);
+        assert_eq!(Slot::decode(&bytes), None, "trailing bytes");
+    }
+
+    #[test]
+    fn a_full_slot_counts_no_new_agent() {
+        let config = EscalationConfig { review_at: 1, disable_at: 2 };
+        let mut slot = Slot::default();
+        for i in 0..Slot::CAPACITY {
+            assert!(slot.on_outcome(&format!("a{i}"), &config, Outcome::AgentError).1);
+        }
+        let late = slot.on_outcome("late", &config, Outcome::AgentError);
+        assert_eq!(late, (Standing::Normal { consecutive_errors: 0 }, false));
+        assert_eq!(
+            slot.on_outcome("a0", &config, Outcome::AgentError).0,
+            Standing::Disabled { consecutive_errors: 2 }
+        );
+        assert_eq!(Slot::index("bot"), Slot::index("bot"));
+        assert!((0..1000).all(|i| Slot::index(&format!("a{i}")) < SLOTS));
     }
 
     #[test]

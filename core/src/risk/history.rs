@@ -25,6 +25,17 @@ pub fn key(agent: &str, action: &str) -> String {
     format!("{agent}\u{0}{action}")
 }
 
+/// FNV-1a of `s`: a hash stable across builds and workers, for spreading records over a fixed
+/// set of shared-data keys.
+pub fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// One shared-data record of the history: the pairs whose [`key`] hashes to it, each with its
 /// (successes, total).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,12 +46,7 @@ pub struct Slot {
 impl Slot {
     /// The slot of a pair's [`key`] (FNV-1a, stable across builds and workers).
     pub fn index(key: &str) -> usize {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.as_bytes() {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        (h % SLOTS as u64) as usize
+        (fnv1a(key) % SLOTS as u64) as usize
     }
 
     /// Pairs one slot counts at most: its share of [`MAX_KEYS`].

@@ -1013,3 +1013,153 @@ fn a_named_envoy_route_names_the_action_of_requests_without_a_tool_as_the_sideca
     assert_eq!(send(Some("tools")), (Ok(()), Some("tools".to_owned())));
     assert_eq!(send(None), (Ok(()), None));
 }
+
+/// The table's plugin with `oversight.breaker` and `oversight.escalation`.
+fn guarded() -> Plugin {
+    let doc = DOC.replace(
+        r#""filter": {"fail": "closed"},"#,
+        r#""filter": {"fail": "closed"}, "oversight": {
+            "breaker": {"failure_threshold": 2, "open_for": "10s"},
+            "escalation": {"review_at": 2, "disable_at": 3}},"#,
+    );
+    Plugin::from_document(&doc).unwrap()
+}
+
+/// One model call by `agent` through Envoy route `route` (`None`: by authority) at `now`, the
+/// upstream answering `status`; the refusal, if any.
+fn call_through<D: SharedData>(
+    p: &Plugin,
+    live: &Live<D>,
+    agent: &'static str,
+    route: Option<&str>,
+    status: u32,
+    now: Now,
+) -> Answer {
+    let mut h = head("/v1/chat/completions", "b");
+    h.route = route.map(str::to_owned);
+    let mut ex = Exchange::start(p, h, headers(agent, &[]), now).unwrap();
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+    let decided = answer(ex.decide(p, live, &chat, now));
+    if decided.is_none() {
+        ex.response_headers(status);
+        ex.response_ended();
+        ex.finish(p, live, now, End::Complete).unwrap();
+    }
+    decided
+}
+
+fn at(ms: u64) -> Now {
+    Now { ms: UnixMillis(NOW.ms.0 + ms), ns: NOW.ns + ms * 1_000_000 }
+}
+
+#[test]
+fn an_upstream_that_keeps_failing_opens_its_breaker_for_every_worker() {
+    let p = guarded();
+    let data = FakeShared::default();
+    // Two workers: one shared data.
+    let (one, two) = (Live::new(SharedStore::new(&data)), Live::new(SharedStore::new(&data)));
+    assert_eq!(call_through(&p, &one, "a", Some("openai"), 503, at(0)), None);
+    // A success in between resets the count, as in the sidecar.
+    assert_eq!(call_through(&p, &two, "a", Some("openai"), 200, at(1)), None);
+    assert_eq!(call_through(&p, &two, "a", Some("openai"), 500, at(2)), None);
+    // A 4xx is the caller's doing: the upstream answered.
+    assert_eq!(call_through(&p, &one, "a", Some("openai"), 404, at(3)), None);
+    assert_eq!(call_through(&p, &one, "a", Some("openai"), 502, at(4)), None);
+    let mut ex =
+        Exchange::start(&p, head("/v1/chat/completions", "o"), headers("a", &[]), at(5)).unwrap();
+    ex.head.route = Some("openai".into());
+    let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+    ex.decide(&p, &one, &chat, at(5)).unwrap();
+    ex.response_headers(429);
+    ex.response_ended();
+    let finished = ex.finish(&p, &one, at(5), End::Complete).unwrap();
+    assert_eq!(finished.breaker_opened.as_deref(), Some("openai"), "the opening is reported");
+    // Open: both workers fail fast, 503 `circuit_open`, retry after the rest of `open_for`.
+    let open =
+        |retry| Some((503, "circuit_open".to_owned(), Some("defaults.llm".into()), None, retry));
+    assert_eq!(call_through(&p, &two, "b", Some("openai"), 200, at(6)), open(Some(10)));
+    assert_eq!(call_through(&p, &one, "b", Some("openai"), 200, at(9_005)), open(Some(1)));
+    // Another upstream (route) is not affected, nor one reached by authority.
+    assert_eq!(call_through(&p, &one, "b", Some("anthropic"), 200, at(10)), None);
+    assert_eq!(call_through(&p, &one, "b", None, 200, at(10)), None);
+    // Half-open after `open_for`: one probe, every other call still fails fast.
+    let mut probe =
+        Exchange::start(&p, head("/v1/chat/completions", "p"), headers("a", &[]), at(10_005))
+            .unwrap();
+    probe.head.route = Some("openai".into());
+    assert!(matches!(probe.decide(&p, &two, &chat, at(10_005)), Ok(Decided::Admitted)));
+    assert_eq!(call_through(&p, &one, "b", Some("openai"), 200, at(10_006)), open(Some(10)));
+    // The probe succeeds: closed again.
+    probe.response_headers(200);
+    probe.response_ended();
+    assert_eq!(probe.finish(&p, &two, at(10_007), End::Complete).unwrap().breaker_opened, None);
+    assert_eq!(call_through(&p, &one, "b", Some("openai"), 200, at(10_008)), None);
+    let key = format!("{BREAKER_KEY}{}", breaker::Slot::index("openai"));
+    let (bytes, _) = data.get(&key).unwrap().unwrap();
+    assert_eq!(breaker::Slot::decode(&bytes).unwrap(), breaker::Slot::default());
+    // Without `oversight.breaker` nothing is kept.
+    let plain = plugin();
+    let data = FakeShared::default();
+    let live = Live::new(SharedStore::new(&data));
+    for i in 0..5 {
+        assert_eq!(call_through(&plain, &live, "a", Some("openai"), 503, at(i)), None);
+    }
+    assert_eq!(data.get(&key).unwrap(), None);
+}
+
+#[test]
+fn an_agent_whose_calls_keep_failing_is_reviewed_then_disabled() {
+    let p = guarded();
+    let data = FakeShared::default();
+    let (one, two) = (Live::new(SharedStore::new(&data)), Live::new(SharedStore::new(&data)));
+    // Provider errors are the breaker's business: they never escalate (other routes, so that
+    // the breaker stays closed).
+    for (i, route) in ["r1", "r2", "r3"].into_iter().enumerate() {
+        assert_eq!(call_through(&p, &one, "e-bot", Some(route), 503, at(i as u64)), None);
+    }
+    // Two of the agent's own errors in a row (any worker): a human reviews its actions, and
+    // this filter has no approval service.
+    assert_eq!(call_through(&p, &one, "e-bot", None, 400, at(10)), None);
+    assert_eq!(call_through(&p, &two, "e-bot", None, 422, at(11)), None);
+    let review = call_through(&p, &one, "e-bot", None, 200, at(12)).unwrap();
+    assert_eq!((review.0, review.1.as_str()), (403, "error_escalation"));
+    assert_eq!(call_through(&p, &two, "other-bot", None, 200, at(12)), None);
+    // Disabled at once when `disable_at` is `review_at`: reported by the exchange whose
+    // outcome disabled it, refused by every worker after it, a success changes nothing.
+    let doc = DOC.replace(
+        r#""filter": {"fail": "closed"},"#,
+        r#""filter": {"fail": "closed"}, "oversight": {
+            "escalation": {"review_at": 2, "disable_at": 2}},"#,
+    );
+    let p = Plugin::from_document(&doc).unwrap();
+    let disabled_by = |status: u32, now: Now| {
+        let mut ex =
+            Exchange::start(&p, head("/v1/chat/completions", "d"), headers("d-bot", &[]), now)
+                .unwrap();
+        let chat = body(json!({"model": "gpt-4o", "max_tokens": 10, "messages": []}));
+        ex.decide(&p, &one, &chat, now).unwrap();
+        ex.response_headers(status);
+        ex.response_ended();
+        ex.finish(&p, &one, now, End::Complete).unwrap().agent_disabled
+    };
+    assert_eq!(disabled_by(401, at(20)), None);
+    assert_eq!(disabled_by(403, at(21)), Some(Standing::Disabled { consecutive_errors: 2 }));
+    for live in [&one, &two] {
+        let disabled = call_through(&p, live, "d-bot", None, 200, at(22)).unwrap();
+        assert_eq!((disabled.0, disabled.1.as_str()), (403, "agent_disabled"));
+    }
+    assert_eq!(call_through(&p, &two, "other-bot", None, 200, at(22)), None);
+}
+
+#[test]
+fn the_breakers_upstream_is_the_named_route_else_the_authority() {
+    let mut h = head("/v1/chat/completions", "u");
+    assert_eq!(upstream_of(&h), "llm.local:8080");
+    h.route = Some(String::new());
+    assert_eq!(upstream_of(&h), "llm.local:8080", "an unnamed route");
+    h.route = Some("openai".into());
+    assert_eq!(upstream_of(&h), "openai");
+    h.route = None;
+    h.authority = None;
+    assert_eq!(upstream_of(&h), "-");
+}
