@@ -26,5 +26,6 @@ pub mod record;
 pub mod refusal;
 pub mod reservation;
 pub mod risk;
+pub mod slot;
 pub mod time;
 pub mod usage;

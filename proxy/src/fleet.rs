@@ -100,6 +100,22 @@ pub struct RedisConfig {
     pub ca: Option<Arc<Vec<u8>>>,
 }
 
+/// The body of a collector endpoint's request, at most `max` bytes (`what`, in the error:
+/// "a lease batch").
+pub(crate) async fn read_body(
+    req: hyper::Request<hyper::body::Incoming>,
+    max: usize,
+    what: &str,
+) -> Result<bytes::Bytes, (hyper::StatusCode, String)> {
+    use http_body_util::{BodyExt, Limited};
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => {
+            Err((hyper::StatusCode::PAYLOAD_TOO_LARGE, format!("{what} is at most {max} bytes")))
+        }
+    }
+}
+
 /// A client for `info` (`rediss://`: TLS, trusting `ca` if given, else the public roots).
 pub(crate) fn client(
     info: impl redis::IntoConnectionInfo,

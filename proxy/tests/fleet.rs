@@ -1360,18 +1360,13 @@ async fn a_loop_spread_over_envoys_and_a_sidecar_is_caught() {
     // One identical call after another, each through the next proxy (and whichever worker of
     // an Envoy takes it), more than a sync interval apart: the fleet lets exactly
     // `max_repeats` through.
-    let mut answers = Vec::new();
-    for i in 0..7 {
-        let (status, code, _) =
-            call_as(&client, targets[i % 3], "CC-8401", "echo", "loop-bot", &[]).await;
-        answers.push((status, code));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    let want: Vec<(u16, String)> = (0..7)
-        .map(|i| if i < 3 { (200, String::new()) } else { (403, "loop_detected".to_string()) })
-        .collect();
+    let answers = calls_in_turn(&client, &targets, "CC-8401", 7).await;
     let logs: Vec<String> = envoys.iter().map(|e| e.log()).collect();
-    assert_eq!(answers, want, "the 4th identical call is a loop, wherever it lands: {logs:?}");
+    assert_eq!(
+        answers,
+        first_three(7),
+        "the 4th identical call is a loop, wherever it lands: {logs:?}"
+    );
     // A burst faster than the sync interval: at most `max_repeats` per holder (each Envoy
     // worker is one), and after a sync everything is refused everywhere.
     let (served, other) = race(&targets, "CC-8402", "burst-bot", 30).await;
@@ -1487,6 +1482,31 @@ async fn race(
     (served, other)
 }
 
+/// `n` identical `echo` calls of `loop-bot`, each through the next of `proxies`, 150 ms apart
+/// (more than a sync interval): their statuses and refusal codes.
+async fn calls_in_turn(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+    proxies: &[SocketAddr],
+    cc: &str,
+    n: usize,
+) -> Vec<(u16, String)> {
+    let mut answers = Vec::new();
+    for i in 0..n {
+        let (status, code, _) =
+            call_as(client, proxies[i % proxies.len()], cc, "echo", "loop-bot", &[]).await;
+        answers.push((status, code));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    answers
+}
+
+/// `n` answers of which the first three pass and the rest are loops (`max_repeats: 3`).
+fn first_three(n: usize) -> Vec<(u16, String)> {
+    (0..n)
+        .map(|i| if i < 3 { (200, String::new()) } else { (403, "loop_detected".to_string()) })
+        .collect()
+}
+
 /// Waits, if need be, until the current UTC hour has more than `needed` left (a test counting
 /// per hour or per day must not straddle a window's end).
 async fn clear_of_window_end(window_ms: u64, needed: Duration) {
@@ -1587,17 +1607,12 @@ async fn a_loop_spread_over_three_proxies_is_caught() {
     let client = client();
     // One identical call after another, each through the next proxy, more than a sync interval
     // apart: the fleet lets exactly `max_repeats` through.
-    let mut answers = Vec::new();
-    for i in 0..6 {
-        let (status, code, _) =
-            call_as(&client, proxies[i % 3], "CC-8301", "echo", "loop-bot", &[]).await;
-        answers.push((status, code));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    let want: Vec<(u16, String)> = (0..6)
-        .map(|i| if i < 3 { (200, String::new()) } else { (403, "loop_detected".to_string()) })
-        .collect();
-    assert_eq!(answers, want, "the 4th identical call is a loop, whichever proxy sees it");
+    let answers = calls_in_turn(&client, &proxies, "CC-8301", 6).await;
+    assert_eq!(
+        answers,
+        first_three(6),
+        "the 4th identical call is a loop, whichever proxy sees it"
+    );
     // A burst faster than the sync interval: the documented bound, at most `max_repeats` per
     // proxy (3 × 3), and everything after it is refused by every proxy.
     let (served, other) = race(&proxies, "CC-8302", "burst-bot", 30).await;

@@ -284,18 +284,10 @@ impl Slot {
         if bytes.is_empty() {
             return Some(slot);
         }
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-            rest = tail;
-            Some(head)
-        };
-        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
-        for _ in 0..n {
-            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-            let upstream = std::str::from_utf8(take(len)?).ok()?.to_owned();
-            let tag = take(1)?[0];
-            let value = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let mut r = crate::slot::Reader::new(bytes);
+        for _ in 0..r.u32()? {
+            let upstream = r.str()?.to_owned();
+            let (tag, value) = (r.u8()?, r.u64()?);
             let inner = match tag {
                 0 => Inner::Closed { failures: u32::try_from(value).ok()? },
                 1 => Inner::Open { until: value },
@@ -304,25 +296,24 @@ impl Slot {
             };
             slot.entries.push((upstream, inner));
         }
-        rest.is_empty().then_some(slot)
+        r.end(slot)
     }
 
     /// The bytes [`Slot::decode`] reads.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.entries.len() * 40);
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut w = crate::slot::Writer::with_capacity(4 + self.entries.len() * 40);
+        w.count(self.entries.len());
         for (upstream, inner) in &self.entries {
-            out.extend_from_slice(&(upstream.len() as u32).to_le_bytes());
-            out.extend_from_slice(upstream.as_bytes());
+            w.str(upstream);
             let (tag, value) = match *inner {
                 Inner::Closed { failures } => (0u8, u64::from(failures)),
                 Inner::Open { until } => (1, until),
                 Inner::HalfOpen { probe_started } => (2, probe_started),
             };
-            out.push(tag);
-            out.extend_from_slice(&value.to_le_bytes());
+            w.u8(tag);
+            w.u64(value);
         }
-        out
+        w.into_bytes()
     }
 }
 

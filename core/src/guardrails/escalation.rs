@@ -317,38 +317,30 @@ impl Slot {
         if bytes.is_empty() {
             return Some(slot);
         }
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-            rest = tail;
-            Some(head)
-        };
-        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
-        for _ in 0..n {
-            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-            let agent = std::str::from_utf8(take(len)?).ok()?.to_owned();
-            let errors = u32::from_le_bytes(take(4)?.try_into().ok()?);
-            let disabled = match take(1)?[0] {
+        let mut r = crate::slot::Reader::new(bytes);
+        for _ in 0..r.u32()? {
+            let agent = r.str()?.to_owned();
+            let errors = r.u32()?;
+            let disabled = match r.u8()? {
                 0 => false,
                 1 => true,
                 _ => return None,
             };
             slot.entries.push((agent, errors, disabled));
         }
-        rest.is_empty().then_some(slot)
+        r.end(slot)
     }
 
     /// The bytes [`Slot::decode`] reads.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.entries.len() * 32);
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut w = crate::slot::Writer::with_capacity(4 + self.entries.len() * 32);
+        w.count(self.entries.len());
         for (agent, errors, disabled) in &self.entries {
-            out.extend_from_slice(&(agent.len() as u32).to_le_bytes());
-            out.extend_from_slice(agent.as_bytes());
-            out.extend_from_slice(&errors.to_le_bytes());
-            out.push(u8::from(*disabled));
+            w.str(agent);
+            w.u32(*errors);
+            w.u8(u8::from(*disabled));
         }
-        out
+        w.into_bytes()
     }
 }
 

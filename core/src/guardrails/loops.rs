@@ -225,44 +225,36 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-            rest = tail;
-            Some(head)
-        };
-        let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_le_bytes);
-        let u32_of = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
         let mut slot = Slot::default();
         if bytes.is_empty() {
             return Some(slot);
         }
-        let n = u32_of(take(4)?)?;
-        for _ in 0..n {
-            let digest = u64_of(take(8)?)?;
-            let k = u32_of(take(4)?)? as usize;
+        let mut r = crate::slot::Reader::new(bytes);
+        for _ in 0..r.u32()? {
+            let digest = r.u64()?;
+            let k = r.u32()? as usize;
             let mut times = Vec::with_capacity(k.min(64));
             for _ in 0..k {
-                times.push(u64_of(take(8)?)?);
+                times.push(r.u64()?);
             }
             slot.entries.push((digest, times));
         }
-        rest.is_empty().then_some(slot)
+        r.end(slot)
     }
 
     /// The bytes [`Slot::decode`] reads.
     pub fn encode(&self) -> Vec<u8> {
         let times: usize = self.entries.iter().map(|(_, t)| t.len()).sum();
-        let mut out = Vec::with_capacity(4 + self.entries.len() * 12 + times * 8);
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut w = crate::slot::Writer::with_capacity(4 + self.entries.len() * 12 + times * 8);
+        w.count(self.entries.len());
         for (digest, times) in &self.entries {
-            out.extend_from_slice(&digest.to_le_bytes());
-            out.extend_from_slice(&(times.len() as u32).to_le_bytes());
+            w.u64(*digest);
+            w.count(times.len());
             for t in times {
-                out.extend_from_slice(&t.to_le_bytes());
+                w.u64(*t);
             }
         }
-        out
+        w.into_bytes()
     }
 
     /// Records the call `digest` at `now` unless it is a loop ([`slide`]), dropping the calls

@@ -78,41 +78,30 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-            rest = tail;
-            Some(head)
-        };
-        let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_le_bytes);
-        let u32_of = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
         let mut slot = Slot::default();
         if bytes.is_empty() {
             return Some(slot);
         }
-        let n = u32_of(take(4)?)?;
-        for _ in 0..n {
-            let len = u32_of(take(4)?)? as usize;
-            let key = std::str::from_utf8(take(len)?).ok()?.to_owned();
-            let successes = u64_of(take(8)?)?;
-            let total = u64_of(take(8)?)?;
+        let mut r = crate::slot::Reader::new(bytes);
+        for _ in 0..r.u32()? {
+            let key = r.str()?.to_owned();
+            let (successes, total) = (r.u64()?, r.u64()?);
             slot.entries.push((key, successes, total));
         }
-        rest.is_empty().then_some(slot)
+        r.end(slot)
     }
 
     /// The bytes [`Slot::decode`] reads.
     pub fn encode(&self) -> Vec<u8> {
         let keys: usize = self.entries.iter().map(|(k, ..)| k.len()).sum();
-        let mut out = Vec::with_capacity(4 + self.entries.len() * 20 + keys);
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut w = crate::slot::Writer::with_capacity(4 + self.entries.len() * 20 + keys);
+        w.count(self.entries.len());
         for (key, successes, total) in &self.entries {
-            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(&successes.to_le_bytes());
-            out.extend_from_slice(&total.to_le_bytes());
+            w.str(key);
+            w.u64(*successes);
+            w.u64(*total);
         }
-        out
+        w.into_bytes()
     }
 }
 

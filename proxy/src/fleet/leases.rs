@@ -13,7 +13,6 @@
 //! asked (`ttl_ms`: the store's lease TTL; the filter renews at a third of it).
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde::Deserialize;
@@ -54,15 +53,7 @@ pub async fn serve(
             "this collector has no `store.redis`: fleet leases need the fleet store".into(),
         ));
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("a lease batch is at most {MAX_BODY} bytes"),
-            ))
-        }
-    };
+    let body = super::read_body(req, MAX_BODY, "a lease batch").await?;
     let batch = parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let holder = format!("envoy/{}", batch.holder);
     let ttl_ms = fleet.lease_ttl_ms();

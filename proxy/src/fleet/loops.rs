@@ -10,7 +10,6 @@
 //! "calls": ["<digest, 16 hex digits>:<unix ms>", ...]}`. Answer (200):
 //! `{"since": "<stream id>", "calls": ["<digest>:<unix ms>:<holder>", ...]}`.
 
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
@@ -36,15 +35,7 @@ pub async fn serve(
                 .into(),
         ));
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("a loop sync is at most {MAX_BODY} bytes"),
-            ))
-        }
-    };
+    let body = super::read_body(req, MAX_BODY, "a loop sync").await?;
     let sync = parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let holder = format!("envoy/{}", sync.holder);
     match fleet.append_calls(&holder, &sync.since, sync.window_ms, &sync.calls).await {
