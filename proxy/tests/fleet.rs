@@ -997,6 +997,21 @@ fn collector_in_fleet_with(mock: &MockUpstream, redis: &impl Store, settings: &s
     collector_with_extra(mock, &format!("store:\n  redis: {{{}, {settings}}}\n", redis.spec()))
 }
 
+/// Two Envoys running the filter with `plugin`, in front of `mock`, shipping to `collector`; and
+/// their listeners.
+fn two_envoys(
+    plugin: &str,
+    mock: &MockUpstream,
+    collector: &Tollgate,
+) -> (Vec<envoy_support::Envoy>, [SocketAddr; 2]) {
+    let envoys: Vec<envoy_support::Envoy> = (0..2)
+        .map(|_| envoy_support::Envoy::start(plugin, mock.addr().port(), collector.admin.port()))
+        .collect();
+    let at = |e: &envoy_support::Envoy| SocketAddr::from(([127, 0, 0, 1], e.port));
+    let listeners = [at(&envoys[0]), at(&envoys[1])];
+    (envoys, listeners)
+}
+
 /// The filter's configuration with the sidecars' policy and prices, in fleet mode.
 fn fleet_plugin() -> String {
     fleet_plugin_with(json!({}))
@@ -1044,14 +1059,8 @@ async fn two_envoys_and_a_sidecar_never_spend_more_than_the_budget_together() {
         Some(collector.admin),
     );
     let plugin = fleet_plugin();
-    let envoys: Vec<envoy_support::Envoy> = (0..2)
-        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
-        .collect();
-    let targets: Vec<SocketAddr> = vec![
-        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
-        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
-        sidecar.proxy,
-    ];
+    let (envoys, [a, b]) = two_envoys(&plugin, &mock, &collector);
+    let targets: Vec<SocketAddr> = vec![a, b, sidecar.proxy];
     let client = client();
     for round in 0..3 {
         let cc = format!("CC-200{round}");
@@ -1109,13 +1118,7 @@ async fn an_approval_raised_through_an_envoy_is_granted_in_the_fleet_and_used_on
     let collector = collector_in_fleet(&mock, &redis);
     let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms");
     let plugin = fleet_plugin();
-    let envoys: Vec<envoy_support::Envoy> = (0..2)
-        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
-        .collect();
-    let (a, b) = (
-        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
-        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
-    );
+    let (envoys, [a, b]) = two_envoys(&plugin, &mock, &collector);
     let client = client();
     let cc = "CC-4101";
     let (status, code, id) = call_as(&client, a, cc, "deploy", "release-bot", &[]).await;
@@ -1212,14 +1215,8 @@ async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
     let collector = collector_in_fleet(&mock, &redis);
     let (sidecar, _) = proxy(&redis, &mock.base_url(), "sync_interval: 20ms");
     let plugin = fleet_plugin();
-    let envoys: Vec<envoy_support::Envoy> = (0..2)
-        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
-        .collect();
-    let targets = [
-        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
-        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
-        sidecar.proxy,
-    ];
+    let (_envoys, [a, b]) = two_envoys(&plugin, &mock, &collector);
+    let targets = [a, b, sidecar.proxy];
     let client = client();
     // One minute window for the whole test: start early in a minute.
     let into_minute =
@@ -1262,14 +1259,8 @@ async fn autonomy_budgets_and_hourly_limits_count_the_envoys_and_the_sidecars_to
             "lookup": {"category": "read", "risk_level": "safe", "requires_approval": false}}},
         "autonomy": {"default": "AUTO_EXECUTE", "budgets": {"default": {"per_day": 20}}}
     }));
-    let envoys: Vec<envoy_support::Envoy> = (0..2)
-        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
-        .collect();
-    let targets = [
-        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
-        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
-        sidecar.proxy,
-    ];
+    let (_envoys, [a, b]) = two_envoys(&plugin, &mock, &collector);
+    let targets = [a, b, sidecar.proxy];
     let client = client();
     // Concurrent calls of one agent through all three, each phase its own agent.
     let wave = |tool: &'static str, agent: &'static str, n: usize| {
@@ -1348,14 +1339,8 @@ async fn a_loop_spread_over_envoys_and_a_sidecar_is_caught() {
     let (sidecar, _) = proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, loops);
     let plugin =
         fleet_plugin_with(json!({"oversight": {"loops": {"max_repeats": 3, "window": "10m"}}}));
-    let envoys: Vec<envoy_support::Envoy> = (0..2)
-        .map(|_| envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port()))
-        .collect();
-    let targets = [
-        SocketAddr::from(([127, 0, 0, 1], envoys[0].port)),
-        SocketAddr::from(([127, 0, 0, 1], envoys[1].port)),
-        sidecar.proxy,
-    ];
+    let (envoys, [a, b]) = two_envoys(&plugin, &mock, &collector);
+    let targets = [a, b, sidecar.proxy];
     let client = client();
     // One identical call after another, each through the next proxy (and whichever worker of
     // an Envoy takes it), more than a sync interval apart: the fleet lets exactly
