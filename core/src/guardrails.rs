@@ -22,6 +22,7 @@ pub mod counter;
 pub mod escalation;
 pub mod loops;
 pub mod patterns;
+pub mod report;
 
 use std::collections::HashMap;
 

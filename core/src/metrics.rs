@@ -37,14 +37,16 @@ impl Type {
 /// Which engine can emit a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Emitter {
-    /// The sidecar and the Envoy filter, with the same labels and values for the same request.
+    /// The sidecar and the Envoy filter, with the same labels and values for the same request
+    /// (a circuit breaker's `upstream` is what each engine keys its breakers by: the sidecar the
+    /// upstream's authority, the filter the Envoy route, else the `:authority`).
     Both,
     /// Only the sidecar: process state (ledger, in-flight requests, latency histograms, pending
     /// approvals and their reasons, budget utilization read at `/admin/budgets`), none of which
     /// the filter has.
     Sidecar,
-    /// Only the Envoy filter: its usage-event shipping, plugin configuration and fail-open
-    /// counters (the sidecar writes its ledger itself and refuses a bad configuration at load).
+    /// Only the Envoy filter: its usage-event and oversight-report shipping, plugin
+    /// configuration and fail-open counters (the sidecar writes its ledger itself and refuses a bad configuration at load).
     Filter,
 }
 
@@ -271,7 +273,7 @@ pub const CIRCUIT_BREAKER_STATE: Metric = gauge(
     "tollgate_circuit_breaker_state",
     &["upstream"],
     "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
-    Emitter::Sidecar,
+    Emitter::Both,
 );
 
 pub const ALERTS_SENT: Metric = counter(
@@ -336,6 +338,13 @@ pub const USAGE_EVENTS_DROPPED: Metric = counter(
     "Usage events dropped because the queue was full",
     Emitter::Filter,
 );
+pub const OVERSIGHT_REPORTS_DROPPED: Metric = counter(
+    "tollgate_oversight_reports_dropped_total",
+    &[],
+    "Breaker openings and agent disablings not reported to the collector: the queue was full, or \
+     the collector refused them",
+    Emitter::Filter,
+);
 pub const CONFIG_ERRORS: Metric = counter(
     "tollgate_config_errors_total",
     &[],
@@ -356,7 +365,7 @@ pub const FAIL_OPEN: Metric = counter(
 );
 
 /// Every metric, each once.
-pub const ALL: [&Metric; 41] = [
+pub const ALL: [&Metric; 42] = [
     &REQUESTS,
     &TOKENS,
     &COST,
@@ -395,6 +404,7 @@ pub const ALL: [&Metric; 41] = [
     &USAGE_EVENTS_REJECTED,
     &USAGE_EVENTS_HELD,
     &USAGE_EVENTS_DROPPED,
+    &OVERSIGHT_REPORTS_DROPPED,
     &CONFIG_ERRORS,
     &POLICY_RELOADS,
     &FAIL_OPEN,

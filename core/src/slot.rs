@@ -38,6 +38,11 @@ impl<'b> Reader<'b> {
         std::str::from_utf8(self.take(len)?).ok()
     }
 
+    /// Whether everything was read.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// `value`, if nothing is left over.
     pub fn end<T>(self, value: T) -> Option<T> {
         self.rest.is_empty().then_some(value)

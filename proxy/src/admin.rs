@@ -16,6 +16,8 @@
 //! - `POST /v1/fleet/loops`         the fleet's loop counts for Envoy filters ([`crate::fleet::loops`])
 //! - `POST /v1/fleet/approvals[/redeem]` approvals for Envoy filters ([`crate::fleet::approvals`])
 //! - `GET /v1/fleet/agents/disabled` the agents the Envoy filters refuse
+//! - `POST /v1/fleet/oversight/reports` the Envoy filters' breaker openings and disabled agents
+//!   ([`crate::fleet::reports`])
 //!
 //! The console (`/console`, [`console`]): web pages over the same functions, signed in with the
 //! admin token.
@@ -191,6 +193,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                         &json!({ "error": "the fleet store cannot be read right now" }),
                     )
                 }
+            })
+        }
+        (Method::POST, "/v1/fleet/oversight/reports") => {
+            authorize(shared, &req)?;
+            Ok(match crate::fleet::reports::serve(shared, req).await {
+                Ok(answer) => json_response(StatusCode::OK, &json!(answer)),
+                Err((status, error)) => json_response(status, &json!({ "error": error })),
             })
         }
         (Method::POST, "/v1/fleet/approvals") => {

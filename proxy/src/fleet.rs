@@ -46,6 +46,7 @@ pub mod counts;
 pub mod leases;
 pub mod loops;
 pub mod oversight;
+pub mod reports;
 pub mod sentinel;
 
 /// The largest budget the fleet store takes, in nano-USD: Redis scripts compare in doubles,

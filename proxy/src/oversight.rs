@@ -334,25 +334,122 @@ impl Oversight {
         }
     }
 
-    /// An operator re-enables a disabled agent; true if it was disabled. Answers once the
-    /// change is on disk.
+    /// An operator re-enables a disabled agent; true if it was disabled here or in the fleet's
+    /// set (fleet mode: removed from it whether or not this proxy had already learnt of it,
+    /// and also without `oversight.escalation`, so that the Envoy filters that report to this
+    /// collector let it through again). Answers once the change is on disk.
     pub async fn reenable(&self, agent: &str) -> std::io::Result<bool> {
-        let Some(e) = &self.escalation else { return Ok(false) };
-        if !e.reenable(agent) {
+        let here = self.escalation.as_ref().is_some_and(|e| e.reenable(agent));
+        if !here && self.fleet.is_none() {
             return Ok(false);
         }
-        let (store, snapshot) = (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
-        let fleet = self.fleet.clone();
+        let snapshot = match (&self.escalation, here) {
+            (Some(e), true) => Some(self.disabled.snapshot(e.disabled())),
+            _ => None,
+        };
+        let (store, fleet) = (self.disabled.clone(), self.fleet.clone());
         let agent = agent.to_string();
-        tokio::task::spawn_blocking(move || {
-            if let Some(fleet) = fleet {
-                fleet.set_disabled(&agent, false).map_err(std::io::Error::other)?;
+        let in_fleet = tokio::task::spawn_blocking(move || {
+            let removed = match fleet {
+                Some(fleet) => fleet.set_disabled(&agent, false).map_err(std::io::Error::other)?,
+                None => false,
+            };
+            if let Some(snapshot) = snapshot {
+                store.write(snapshot)?;
             }
-            store.write(snapshot)
+            Ok::<bool, std::io::Error>(removed)
         })
         .await
         .map_err(std::io::Error::other)??;
-        Ok(true)
+        Ok(here || in_fleet)
+    }
+
+    /// An Envoy filter reporting to this collector opened its breaker of `upstream` at `at`
+    /// (`POST /v1/fleet/oversight/reports`): the `circuit_open` alert a sidecar raises for its
+    /// own.
+    pub fn reported_circuit_open(
+        &self,
+        alerts: &crate::alerts::Alerts,
+        source: &str,
+        upstream: &str,
+        open_for_ms: u64,
+        at: UnixMillis,
+    ) {
+        tracing::warn!(upstream = %upstream, source = %source, "circuit breaker opened in an Envoy");
+        alerts.raise(crate::alerts::Detail::CircuitOpen(crate::alerts::event::CircuitOpen {
+            upstream: upstream.to_string(),
+            open_for_ms,
+            retry_at: UnixMillis(at.0.saturating_add(open_for_ms)).to_string(),
+        }));
+    }
+
+    /// An Envoy filter reporting to this collector disabled `agent` (the action whose error did
+    /// it, and its status): added to the disabled set this collector serves
+    /// (`GET /v1/fleet/agents/disabled`): the fleet's in Redis with `store.redis`, else this
+    /// proxy's own escalation's (kept on disk), where an operator re-enables it. When that
+    /// added it (a report sent again, or an agent already disabled, adds nothing), the
+    /// `agent_disabled` alert and audit record follow, as for a sidecar's own, the actor being
+    /// `source` (the Envoy VM).
+    pub async fn reported_disabled(
+        &self,
+        ledger: &Ledger,
+        alerts: &crate::alerts::Alerts,
+        source: &str,
+        (agent, action, status): (&str, &str, u16),
+    ) -> Reported {
+        let added = match (&self.fleet, &self.escalation) {
+            (Some(fleet), _) => {
+                let (fleet, name) = (fleet.clone(), agent.to_string());
+                match tokio::task::spawn_blocking(move || fleet.set_disabled(&name, true)).await {
+                    Ok(Ok(added)) => added,
+                    Ok(Err(e)) => return Reported::Unavailable(format!("the fleet store: {e}")),
+                    Err(e) => return Reported::Unavailable(e.to_string()),
+                }
+            }
+            (None, Some(e)) => {
+                if matches!(e.standing(agent), Standing::Disabled { .. }) {
+                    false
+                } else {
+                    e.restore_disabled(agent);
+                    let (store, snapshot) =
+                        (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
+                    let written = tokio::task::spawn_blocking(move || store.write(snapshot)).await;
+                    if let Err(err) = written.map_err(std::io::Error::other).and_then(|r| r) {
+                        tracing::error!(error = %err, "persisting the disabled agents");
+                    }
+                    true
+                }
+            }
+            (None, None) => {
+                return Reported::Refused(
+                    "this collector keeps no disabled agents (it has neither \
+                     `oversight.escalation` nor `store.redis`), so nobody could re-enable one \
+                     here: give the collector `oversight.escalation`"
+                        .into(),
+                )
+            }
+        };
+        if added {
+            tracing::warn!(agent = %agent, source = %source, "agent disabled by an Envoy");
+            alerts.raise(crate::alerts::Detail::AgentDisabled(
+                crate::alerts::event::AgentDisabled {
+                    agent: agent.to_string(),
+                    action: action.to_string(),
+                    status,
+                },
+            ));
+            ledger.audit(audit::Event {
+                ts: now().to_string(),
+                kind: AuditKind::AgentDisabled,
+                agent: agent.to_string(),
+                effect: Effect::Deny,
+                reason: "agent_disabled".into(),
+                tool: Some(action.to_string()),
+                actor: Some(source.to_string()),
+                ..Default::default()
+            });
+        }
+        Reported::Taken
     }
 
     pub(crate) fn history(&self, agent: &str, action: &str) -> Option<(u64, u64)> {
@@ -488,6 +585,17 @@ impl Oversight {
             Err(e) => tracing::error!(error = %e, "sweeping approvals"),
         }
     }
+}
+
+/// What became of an Envoy filter's report that it disabled an agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// In the disabled set (now, or already).
+    Taken,
+    /// It can never be taken here (why).
+    Refused(String),
+    /// Not now: the fleet store did not answer (why).
+    Unavailable(String),
 }
 
 fn upstream_key(route: &Route) -> String {

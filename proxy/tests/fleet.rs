@@ -1207,6 +1207,66 @@ async fn an_agent_the_fleet_disabled_is_refused_by_the_envoys_until_reenabled() 
     }
 }
 
+/// An agent the filter's own escalation disables in an Envoy is reported to the collector,
+/// which adds it to the fleet's set: the sidecar refuses it too. Re-enabled through the
+/// sidecar's admin API (the collector has no `oversight.escalation`: the fleet's set is
+/// enough), the Envoy lets it through again within its poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_an_envoy_disabled_is_the_fleets_until_reenabled_through_any_proxy() {
+    std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");
+    let mock = MockUpstream::start().await;
+    let redis = Redis::start();
+    let collector = collector_in_fleet(&mock, &redis);
+    let oversight =
+        "oversight: {sweep_interval: 100ms, escalation: {review_at: 1, disable_at: 1}}\n";
+    let (sidecar, _) = proxy_with(&redis, &mock.base_url(), "sync_interval: 20ms", None, oversight);
+    let plugin = fleet_plugin_with(json!({
+        "oversight": {"escalation": {"review_at": 1, "disable_at": 1}}
+    }));
+    let envoy = envoy_support::Envoy::start(&plugin, mock.addr().port(), collector.admin.port());
+    let through_envoy = SocketAddr::from(([127, 0, 0, 1], envoy.port));
+    let client = client();
+    let cc = "CC-5201";
+    // The upstream refuses the agent's call through the Envoy: disabled there (disable_at: 1).
+    let failing = [("x-mock-status", "422")];
+    let first = call_as(&client, through_envoy, cc, "echo", "sloppy-bot", &failing).await;
+    assert_eq!(first.0, 422, "{first:?}");
+    let again = call_as(&client, through_envoy, cc, "echo", "sloppy-bot", &[]).await;
+    assert_eq!((again.0, again.1.as_str()), (403, "agent_disabled"), "{}", envoy.log());
+    // Reported to the collector, in the fleet's set: the sidecar refuses it within its sweep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, code, _) =
+            call_as(&client, sidecar.proxy, cc, "echo", "sloppy-bot", &[]).await;
+        if (status, code.as_str()) == (403, "agent_disabled") {
+            break;
+        }
+        assert_eq!(status, 200, "{code}");
+        assert!(Instant::now() < deadline, "the sidecar did not learn that sloppy-bot is disabled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, listed) = admin("GET", collector.admin, "/v1/fleet/agents/disabled", Value::Null).await;
+    assert_eq!(listed["agents"], json!(["sloppy-bot"]), "{listed}");
+    // Every VM of the Envoy reads the set once more (each polls every second).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(call_as(&client, through_envoy, cc, "echo", "steady-bot", &[]).await.0, 200);
+    let (status, enabled) =
+        admin("POST", sidecar.admin, "/admin/agents/sloppy-bot/enable", Value::Null).await;
+    assert_eq!((status, &enabled["was_disabled"]), (200, &json!(true)), "{enabled}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while call_as(&client, through_envoy, cc, "echo", "sloppy-bot", &[]).await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the Envoy did not learn of the re-enable: {}",
+            envoy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(call_as(&client, sidecar.proxy, cc, "echo", "sloppy-bot", &[]).await.0, 200);
+    let (_, listed) = admin("GET", collector.admin, "/v1/fleet/agents/disabled", Value::Null).await;
+    assert_eq!(listed["agents"], json!([]), "{listed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpm_limit_counts_the_envoys_and_the_sidecars_together() {
     std::env::set_var("TOLLGATE_COLLECTOR_TOKEN", "t");

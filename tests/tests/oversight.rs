@@ -675,3 +675,66 @@ async fn a_disabled_agent_stays_disabled_across_a_restart_until_reenabled() {
     );
     h.stop().await;
 }
+
+/// POSTs oversight reports to the collector's admin listener, as an Envoy filter does; the
+/// answer (200).
+async fn report(h: &Harness, body: &Value) -> Value {
+    let request = hyper::Request::post(format!("{}/v1/fleet/oversight/reports", h.admin))
+        .header("authorization", format!("Bearer {}", h.token))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .expect("a request");
+    let reply =
+        tollgate_e2e::harness::read(h.client.request(request).await.expect("answered")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()
+}
+
+/// An Envoy filter's reports to its collector (`POST /v1/fleet/oversight/reports`): with
+/// `oversight.escalation` a disabled agent joins the collector's disabled set (refused by the
+/// collector itself too, kept across its restart, until an operator re-enables it), with one
+/// audit record however often the report comes; a collector with neither escalation nor a fleet
+/// store refuses that report, saying what it lacks, and still takes a breaker's.
+#[tokio::test]
+async fn an_envoys_reports_join_the_collectors_disabled_agents_or_are_refused_saying_why() {
+    let dir = temp_dir("envoy-reports");
+    let config = "oversight: {escalation: {review_at: 5, disable_at: 5}}";
+    let h = Harness::builder().extra(config).data_dir(&dir).start().await;
+    let body = json!({"source": "vm-1", "reports": [
+        {"kind": "circuit_open", "upstream": "openai", "open_for_ms": 1000, "at_ms": 1},
+        {"kind": "agent_disabled", "agent": "sloppy", "action": "llm", "status": 400, "at_ms": 1}
+    ]});
+    let accepted = json!({"results": [{"result": "accepted"}, {"result": "accepted"}]});
+    assert_eq!(report(&h, &body).await, accepted);
+    // Sent again (its answer lost, say): taken, nothing recorded twice.
+    assert_eq!(report(&h, &body).await, accepted);
+    let listed = h.admin_get("/v1/fleet/agents/disabled", true).await.json();
+    assert_eq!(listed["agents"], json!(["sloppy"]), "{listed}");
+    let refused = h.post("/v1/chat/completions", &tags("sloppy"), &chat()).await;
+    assert_eq!((refused.status, code(&refused)), (StatusCode::FORBIDDEN, "agent_disabled".into()));
+    let records: Vec<Value> = h
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "agent_disabled" && r["agent"] == "sloppy")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!((&records[0]["actor"], &records[0]["tool"]), (&json!("envoy/vm-1"), &json!("llm")));
+    h.stop().await;
+
+    let h = Harness::builder().extra(config).data_dir(&dir).start().await;
+    let listed = h.admin_get("/v1/fleet/agents/disabled", true).await.json();
+    assert_eq!(listed["agents"], json!(["sloppy"]), "kept across a restart: {listed}");
+    let enabled = h.admin_call(Method::POST, "/admin/agents/sloppy/enable", true).await.json();
+    assert_eq!(enabled["was_disabled"], true, "{enabled}");
+    let listed = h.admin_get("/v1/fleet/agents/disabled", true).await.json();
+    assert_eq!(listed["agents"], json!([]), "{listed}");
+    h.stop().await;
+
+    let bare = Harness::builder().start().await;
+    let answer = report(&bare, &body).await;
+    assert_eq!(answer["results"][0], json!({"result": "accepted"}), "{answer}");
+    assert_eq!(answer["results"][1]["result"], "refused", "{answer}");
+    let why = answer["results"][1]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("`oversight.escalation`"), "{why}");
+}

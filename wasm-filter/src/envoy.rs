@@ -1,7 +1,8 @@
 //! The proxy-wasm glue: moves bytes between Envoy and [`Exchange`], and owns the per-VM state
 //! (compiled plugin and the policy in force, budget store, metric ids and pending increments,
-//! the usage-event outbox, requests whose body is awaited, policy polling, and in fleet mode the
-//! requests waiting on the collector: `fleet.rs`).
+//! the usage-event outbox, requests whose body is awaited, policy polling, the breakers' gauge
+//! and the oversight reports and disabled agents exchanged with the collector: `oversight.rs`,
+//! and in fleet mode the requests waiting on the collector: `fleet.rs`).
 //!
 //! Rules learned in the real Envoy, each applied here:
 //! the request headers are held (`Pause`) until the decision, which Envoy allows while still
@@ -26,12 +27,14 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 mod fleet;
+mod oversight;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use tollgate_core::autonomy::stats;
 use tollgate_core::budget::StoreError;
+use tollgate_core::guardrails::report::Report;
 use tollgate_core::head::HOP_BY_HOP;
 use tollgate_core::metrics::{self as schema, Metric};
 use tollgate_core::money::Money;
@@ -167,8 +170,17 @@ struct Vm {
     woken: RefCell<HashMap<u32, fleet::Woken>>,
     /// Fleet mode: requests waiting on the collector's approval service, by HTTP context id.
     asking: RefCell<HashMap<u32, fleet::Asking>>,
-    /// Fleet mode: the poll of the fleet's disabled agents.
+    /// With a collector: the poll of its disabled agents (`oversight.rs`).
     disabled_poll: fleet::Periodic,
+    /// Agents an operator re-enabled through the collector whose slot could not be updated yet,
+    /// with when the collector last listed them.
+    reenable_retry: RefCell<Vec<(String, u64)>>,
+    /// Breaker openings and agents disabled here, for the collector, oldest first.
+    reports: RefCell<VecDeque<tollgate_core::guardrails::report::Report>>,
+    /// A batch of reports is on its way (one at a time per VM).
+    reporting: Cell<bool>,
+    /// The last batch of reports did not reach the collector (logged once).
+    reports_failing: Cell<bool>,
     /// Fleet mode: the sync of the loop stream.
     loop_sync: fleet::Periodic,
     /// This VM's name as a fleet lease holder.
@@ -240,8 +252,10 @@ enum Call {
     Leases(Vec<String>),
     /// An approval question, for this HTTP context.
     Approval(u32),
-    /// The fleet's disabled agents.
-    Disabled,
+    /// The collector's disabled agents, asked for at this time (unix ms).
+    Disabled(u64),
+    /// Oversight reports (put back if the collector did not take them).
+    Reports(Vec<tollgate_core::guardrails::report::Report>),
     /// The loop stream: this VM's calls that were sent (put back if the collector did not
     /// answer).
     Loops(tollgate_core::guardrails::loops::merged::Outgoing),
@@ -459,6 +473,10 @@ impl Default for Vm {
             woken: RefCell::new(HashMap::new()),
             asking: RefCell::new(HashMap::new()),
             disabled_poll: fleet::Periodic::default(),
+            reenable_retry: RefCell::new(Vec::new()),
+            reports: RefCell::new(VecDeque::new()),
+            reporting: Cell::new(false),
+            reports_failing: Cell::new(false),
             loop_sync: fleet::Periodic::default(),
             holder: Vm::holder_name(prefix),
             counters: RefCell::new(HostCounters::default()),
@@ -622,7 +640,12 @@ impl Context for Root {
             Some(Call::Approval(id)) => {
                 self.approval_answered(id, status.as_deref(), body_size);
             }
-            Some(Call::Disabled) => self.disabled_answered(status.as_deref(), body_size),
+            Some(Call::Disabled(sent_ms)) => {
+                self.disabled_answered(sent_ms, status.as_deref(), body_size)
+            }
+            Some(Call::Reports(batch)) => {
+                self.reports_answered(batch, status.as_deref(), body_size)
+            }
             Some(Call::Loops(sent)) => self.loops_answered(sent, status.as_deref(), body_size),
             None => {}
         }
@@ -681,6 +704,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.vm.flush_tally();
+        self.vm.flush_breaker_moves();
         self.vm.counters.borrow_mut().flush();
         let t = now();
         if let Err(e) = self.vm.budgets.shared.expire(t.ms) {
@@ -690,6 +714,7 @@ impl RootContext for Root {
             log(LogLevel::Warn, &format!("tollgate: expiring fleet reservations: {e}"));
         }
         self.sync_leases(t);
+        self.oversee(t);
         self.flush_events(t.ms.0);
         self.poll_policy(t.ms.0);
         self.refuse_stalled(t.ms.0);
@@ -1393,19 +1418,25 @@ impl HttpContext for Http {
         let Some(mut event) = exchange.finish(&plugin, &self.vm.budgets, now(), broken) else {
             return;
         };
-        // The sidecar raises an alert on these; the filter has no alert sender: Envoy's log.
+        // Logged, and with a collector reported to it: it raises the alert a sidecar raises
+        // for its own, and lists the agent as disabled (`oversight.rs`).
+        let reporting = plugin.filter.collector.is_some();
         if let Some(upstream) = &event.breaker_opened {
-            let open_for = plugin.breaker.map_or(0, |b| b.open_for_ms);
+            let open_for_ms = plugin.breaker.map_or(0, |b| b.open_for_ms);
             log(
                 LogLevel::Warn,
                 &format!(
-                    "tollgate: circuit breaker opened for upstream {upstream:?} for {open_for} ms \
-                     (request {})",
+                    "tollgate: circuit breaker opened for upstream {upstream:?} for {open_for_ms} \
+                     ms (request {})",
                     event.request_id
                 ),
             );
+            if reporting {
+                let (upstream, at_ms) = (upstream.clone(), event.ts_ms);
+                self.vm.report(Report::CircuitOpen { upstream, open_for_ms, at_ms });
+            }
         }
-        if let Some(standing) = event.agent_disabled {
+        if let Some((standing, action)) = &event.agent_disabled {
             log(
                 LogLevel::Warn,
                 &format!(
@@ -1415,6 +1446,14 @@ impl HttpContext for Http {
                     standing.explanation().unwrap_or_default()
                 ),
             );
+            if reporting {
+                self.vm.report(Report::AgentDisabled {
+                    agent: event.agent.clone(),
+                    action: action.clone(),
+                    status: u16::try_from(event.status).unwrap_or(0),
+                    at_ms: event.ts_ms,
+                });
+            }
         }
         // A response priced by something other than its own listing; an implausible report is
         // billed at the reservation without being priced at all (counted on its own below), as

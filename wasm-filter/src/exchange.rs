@@ -46,14 +46,19 @@ use crate::settings::{FailPolicy, Plugin};
 use crate::shared::{SharedData, SharedStore};
 
 /// The filter's live state (per VM): its budget engines, in this Envoy's shared data or (fleet
-/// mode, `store: {collector: {}}`) on leases the collector grants from the fleet's store; and
-/// the agents the fleet has disabled (fleet mode, read from the collector).
+/// mode, `store: {collector: {}}`) on leases the collector grants from the fleet's store; the
+/// agents the collector lists as disabled; and the circuit breakers' gauge moves not yet handed
+/// to Envoy.
 pub struct Live<D: SharedData> {
     pub shared: Budgets<SharedStore<D>>,
     pub fleet: Budgets<LeaseStore>,
-    pub disabled: std::cell::RefCell<std::collections::HashSet<String>>,
+    /// The agents the collector has as disabled, as this VM knows them (with `filter.collector`).
+    pub disabled: std::cell::RefCell<DisabledSet>,
     /// Fleet mode: this VM's loop counts, its own calls and the fleet's it read.
     pub loops: std::cell::RefCell<Merged>,
+    /// `tollgate_circuit_breaker_state` moves this VM made (upstream, by how much), for the
+    /// glue to add to the stats on its next tick (`tollgate_core::guardrails::breaker::Changed`).
+    pub breaker_moves: std::cell::RefCell<Vec<(String, i64)>>,
 }
 
 impl<D: SharedData> Live<D> {
@@ -63,12 +68,119 @@ impl<D: SharedData> Live<D> {
             fleet: Budgets::new(LeaseStore::default()),
             disabled: Default::default(),
             loops: Default::default(),
+            breaker_moves: Default::default(),
         }
     }
 
     /// The leases (fleet mode).
     pub fn leases(&self) -> &LeaseStore {
         self.fleet.store()
+    }
+
+    /// Keeps a gauge move made by a write that succeeded.
+    fn moved(&self, upstream: &str, gauge: Option<i64>) {
+        if let Some(by) = gauge {
+            self.breaker_moves.borrow_mut().push((upstream.to_owned(), by));
+        }
+    }
+}
+
+/// Re-enables `agent` in this Envoy's error escalation (its slot in shared data, for every
+/// worker) after it left the collector's disabled set: an operator re-enabled it there. Only a
+/// disabling made at or before `seen` (when the latest read that still listed it was sent) is
+/// undone: the agent may have been disabled again since, its report not yet at the collector
+/// (`tollgate_core::guardrails::escalation::Slot::reenable`). Whether it was re-enabled.
+pub fn reenable<D: SharedData>(
+    live: &Live<D>,
+    agent: &str,
+    seen: UnixMillis,
+) -> Result<bool, StoreError> {
+    let key = format!("{ESCALATION_KEY}{}", escalation::Slot::index(agent));
+    let mut done = false;
+    let initial = escalation::Slot::default().encode();
+    live.shared.store().update_record(&key, &initial, |bytes| {
+        done = false;
+        let mut slot = escalation::Slot::decode(bytes)?;
+        done = slot.reenable(agent, seen);
+        done.then(|| slot.encode())
+    })?;
+    Ok(done)
+}
+
+/// The agents the collector has as disabled (`GET /v1/fleet/agents/disabled`), as one VM knows
+/// them, with what it takes to re-enable one here safely: an agent leaves the set when an
+/// operator re-enables it through the collector, and then this Envoy's escalation must undo
+/// the disabling the collector had, not a later one (see [`reenable`]).
+#[derive(Debug, Default)]
+pub struct DisabledSet {
+    agents: std::collections::HashMap<String, Listed>,
+}
+
+/// What a VM knows of one agent the collector has as disabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Listed {
+    /// A time (unix ms) by which the collector had the agent's current disabling: a read that
+    /// listed it was sent then, or the disabling this VM reported (and the collector took)
+    /// was made then.
+    seen: u64,
+    /// Only a read sent after this time can show that it left the set: one sent before the
+    /// collector's answer taking this VM's report came may not list it yet.
+    from: u64,
+}
+
+impl DisabledSet {
+    /// Whether the collector has `agent` as disabled.
+    pub fn contains(&self, agent: &str) -> bool {
+        self.agents.contains_key(agent)
+    }
+
+    /// Adds `agent` as a read sent at `seen` lists it.
+    pub fn insert(&mut self, agent: &str, seen: u64) {
+        self.agents.insert(agent.to_owned(), Listed { seen, from: seen });
+    }
+
+    /// A read of the set sent at `sent` answered `listed`. Returns the agents that left it
+    /// since (with their `seen`: re-enable them here, [`reenable`]), and whether what this VM
+    /// knows changed. An agent this VM's report added stays until a read sent after the
+    /// collector took the report.
+    pub fn read(&mut self, sent: u64, listed: Vec<String>) -> (Vec<(String, u64)>, bool) {
+        let listed: std::collections::HashSet<String> = listed.into_iter().collect();
+        let left: Vec<(String, u64)> = self
+            .agents
+            .iter()
+            .filter(|(agent, l)| !listed.contains(*agent) && sent > l.from)
+            .map(|(agent, l)| (agent.clone(), l.seen))
+            .collect();
+        for (agent, _) in &left {
+            self.agents.remove(agent);
+        }
+        let mut changed = !left.is_empty();
+        for agent in listed {
+            match self.agents.get_mut(&agent) {
+                Some(l) => l.seen = l.seen.max(sent),
+                None => {
+                    changed = true;
+                    self.agents.insert(agent, Listed { seen: sent, from: sent });
+                }
+            }
+        }
+        (left, changed)
+    }
+
+    /// The collector took, answering at `now`, this VM's report that `agent` was disabled at
+    /// `at`: from now on a read that does not list it means an operator re-enabled it, even if
+    /// no read listed it before.
+    pub fn reported(&mut self, agent: &str, at: u64, now: u64) {
+        let l = self.agents.entry(agent.to_owned()).or_insert(Listed { seen: at, from: now });
+        l.seen = l.seen.max(at);
+        l.from = l.from.max(now);
+    }
+
+    /// The agents, sorted (for the log).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.agents.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
     }
 }
 
@@ -284,8 +396,9 @@ pub struct Finished {
     pub decode_aborted: Option<DecodeAbort>,
     /// This outcome opened the upstream's circuit breaker (the upstream, for the log).
     pub breaker_opened: Option<String>,
-    /// This outcome disabled the agent (error escalation; for the log).
-    pub agent_disabled: Option<Standing>,
+    /// This outcome disabled the agent (error escalation): its standing and the action whose
+    /// error did it, for the log and the collector.
+    pub agent_disabled: Option<(Standing, String)>,
 }
 
 impl std::ops::Deref for Finished {
@@ -882,12 +995,16 @@ impl<D: SharedData> Stores for Shared<'_, D> {
         let key = format!("{BREAKER_KEY}{}", breaker::Slot::index(self.upstream));
         let mut admission = BreakerAdmission::Permit;
         let initial = breaker::Slot::default().encode();
+        let mut changed = breaker::Changed::default();
         let updated = self.budgets.shared.store().update_record(&key, &initial, |bytes| {
+            changed = breaker::Changed::default();
             let mut slot = breaker::Slot::decode(bytes)?;
-            let changed;
             (admission, changed) = slot.allow(self.upstream, config, now);
-            changed.then(|| slot.encode())
+            changed.write.then(|| slot.encode())
         });
+        if updated.is_ok() {
+            self.budgets.moved(self.upstream, changed.gauge);
+        }
         match (updated, admission) {
             (Ok(()), BreakerAdmission::Rejected { retry_after_ms }) => {
                 Err(BreakerOpen { upstream: self.upstream.to_owned(), retry_after_ms })
@@ -1010,7 +1127,9 @@ impl Exchange {
             None => None,
         };
         let agent_disabled = match (&plugin.escalation, &a.track) {
-            (Some(config), Some(_)) => self.report_to_escalation(budgets, config, outcome),
+            (Some(config), Some(action)) => self
+                .report_to_escalation(budgets, config, outcome, now.ms)
+                .map(|standing| (standing, action.clone())),
             _ => None,
         };
         let mut decode_aborted = None;
@@ -1149,7 +1268,8 @@ impl Exchange {
     /// Reports an admitted call's outcome to its upstream's breaker in shared data, as the
     /// sidecar does when its response ends (`Breaker::on_outcome`: a provider error, 5xx, 429,
     /// 408 or no answer, is a failure). Returns the upstream when this outcome opened it. A slot
-    /// that cannot be updated loses the outcome.
+    /// that cannot be updated loses the outcome. A change of the breaker's state moves its gauge
+    /// ([`Live::breaker_moves`]).
     fn report_to_breaker<D: SharedData>(
         &self,
         budgets: &Live<D>,
@@ -1159,14 +1279,17 @@ impl Exchange {
     ) -> Option<String> {
         let upstream = upstream_of(&self.head);
         let key = format!("{BREAKER_KEY}{}", breaker::Slot::index(upstream));
-        let mut opened = false;
+        let (mut opened, mut changed) = (false, breaker::Changed::default());
         let initial = breaker::Slot::default().encode();
         let updated = budgets.shared.store().update_record(&key, &initial, |bytes| {
+            (opened, changed) = (false, breaker::Changed::default());
             let mut slot = breaker::Slot::decode(bytes)?;
-            let changed;
             (opened, changed) = slot.on_outcome(upstream, config, outcome, now);
-            changed.then(|| slot.encode())
+            changed.write.then(|| slot.encode())
         });
+        if updated.is_ok() {
+            budgets.moved(upstream, changed.gauge);
+        }
         (updated.is_ok() && opened).then(|| upstream.to_owned())
     }
 
@@ -1180,6 +1303,7 @@ impl Exchange {
         budgets: &Live<D>,
         config: &tollgate_core::guardrails::escalation::EscalationConfig,
         outcome: Outcome,
+        now: UnixMillis,
     ) -> Option<Standing> {
         if outcome == Outcome::ProviderError {
             return None;
@@ -1191,7 +1315,7 @@ impl Exchange {
         let updated = budgets.shared.store().update_record(&key, &initial, |bytes| {
             let mut slot = escalation::Slot::decode(bytes)?;
             before = Some(slot.standing(agent, config));
-            let (standing, changed) = slot.on_outcome(agent, config, outcome);
+            let (standing, changed) = slot.on_outcome(agent, config, outcome, now);
             after = Some(standing);
             changed.then(|| slot.encode())
         });

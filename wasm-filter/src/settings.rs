@@ -6,7 +6,8 @@
 //! budgets counted in shared data; of `oversight`, the loop detector, the circuit breakers and
 //! error escalation (their state in shared data, per Envoy) and the approval thresholds run
 //! here, and the approval timeouts are refused with an error naming the field
-//! ([`OVERSIGHT_REFUSED`]), never silently ignored.
+//! ([`OVERSIGHT_REFUSED`]), never silently ignored; so is `oversight.escalation` without
+//! `filter.collector`, where an operator would re-enable the agents it disables.
 //!
 //! Decoding uses the core's positioned decoder, so an error anywhere, in either part, is reported
 //! with its field path and line. This module never talks to the host.
@@ -164,11 +165,15 @@ pub const LEASES_PATH: &str = "/v1/fleet/leases";
 pub const APPROVALS_PATH: &str = "/v1/fleet/approvals";
 pub const REDEEM_PATH: &str = "/v1/fleet/approvals/redeem";
 
-/// The collector's path for the agents the fleet disabled.
+/// The collector's path for the agents it lists as disabled (the fleet's, in fleet mode).
 pub const DISABLED_PATH: &str = "/v1/fleet/agents/disabled";
 
 /// The collector's path for the fleet's loop counts.
 pub const LOOPS_PATH: &str = "/v1/fleet/loops";
+
+/// The collector's path for the filter's breaker openings and disabled agents
+/// (`tollgate_core::guardrails::report`).
+pub const REPORTS_PATH: &str = "/v1/fleet/oversight/reports";
 
 /// A compiled plugin configuration.
 #[derive(Clone, Debug)]
@@ -182,8 +187,9 @@ pub struct Plugin {
     pub policy: Snapshot,
     /// The oversight guards the lifecycle runs: autonomy modes (with an `autonomy:` section),
     /// the loop detector (`oversight.loops`), the circuit breakers (`oversight.breaker`), the
-    /// approval thresholds; `escalation` with `oversight.escalation` and in fleet mode (the
-    /// fleet's disabled agents).
+    /// approval thresholds; `escalation` with `oversight.escalation` (which needs
+    /// `filter.collector`) and in fleet mode: the agents the collector lists as disabled are
+    /// refused then.
     pub guards: Guards,
     /// `oversight.loops`, whose calls are counted in shared data.
     pub loops: Option<LoopConfig>,
@@ -206,11 +212,12 @@ impl Plugin {
         };
         let fleet = obj.get("store").and_then(|f| decode_store(&mut cx, &f, &filter));
         let autonomy = obj.get("autonomy");
-        let oversight = decode_oversight(&mut cx, obj.get("oversight"));
+        let oversight = decode_oversight(&mut cx, obj.get("oversight"), &filter);
         let guards = Guards {
             autonomy: autonomy.is_some(),
             loops: oversight.loops.is_some(),
             breakers: oversight.breaker.is_some(),
+            // Fleet mode: the agents the fleet disabled are refused too.
             escalation: fleet.is_some() || oversight.escalation.is_some(),
             thresholds: oversight.thresholds,
         };
@@ -325,8 +332,23 @@ fn decode_store(cx: &mut Cx, field: &Field<'_>, filter: &FilterSettings) -> Opti
 }
 
 /// The `oversight:` section, decoded as the sidecar decodes it, with the fields the filter
-/// cannot honour ([`OVERSIGHT_REFUSED`]) refused, each naming itself.
-fn decode_oversight(cx: &mut Cx, field: Option<Field<'_>>) -> OversightConfig {
+/// cannot honour ([`OVERSIGHT_REFUSED`]) refused, each naming itself, and `escalation` refused
+/// without `filter.collector`: an agent the filter disables is re-enabled by an operator
+/// through the collector, so without one nobody ever could.
+fn decode_oversight(
+    cx: &mut Cx,
+    field: Option<Field<'_>>,
+    filter: &FilterSettings,
+) -> OversightConfig {
+    if let (Some(f), None) = (field.as_ref().and_then(|f| f.peek("escalation")), &filter.collector)
+    {
+        f.error(
+            cx,
+            "needs `filter.collector`: an agent this filter disables stays disabled until an \
+             operator re-enables it through the collector (`POST /admin/agents/{agent}/enable`), \
+             which the filter reports it to; without a collector nobody could ever re-enable it",
+        );
+    }
     if let Some(f) = &field {
         for (path, why) in OVERSIGHT_REFUSED {
             let found = match path.split_once('.') {
@@ -713,7 +735,8 @@ mod tests {
 
     #[test]
     fn breakers_and_escalation_are_honoured() {
-        let doc = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+        let doc = "filter: {collector: {cluster: c}}\n\
+                   policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
                    breaker: {failure_threshold: 3, open_for: 30s}\n  \
                    escalation: {review_at: 2, disable_at: 4}\n";
         let plugin = Plugin::from_document(doc).expect("honoured");
@@ -726,11 +749,36 @@ mod tests {
         let again = plugin.with_policy(plugin.policy.clone());
         assert_eq!((again.breaker, again.escalation), (plugin.breaker, plugin.escalation));
         // Their own errors are reported with their paths.
-        let bad = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+        let bad = "filter: {collector: {cluster: c}}\n\
+                   policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
                    breaker: {failure_threshold: 0}\n  escalation: {review_at: 5, disable_at: 2}\n";
         let errors = Plugin::from_document(bad).expect_err("refused").0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["oversight.breaker.failure_threshold", "oversight.escalation"]);
+    }
+
+    #[test]
+    fn escalation_needs_the_collector_and_breakers_do_not() {
+        let doc = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+                   breaker: {failure_threshold: 3}\n  \
+                   escalation: {review_at: 2, disable_at: 4}\n";
+        let errors = Plugin::from_document(doc).expect_err("refused").0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!((e.path.as_str(), e.line), ("oversight.escalation", 4), "{e:?}");
+        assert!(e.message.contains("needs `filter.collector`"), "{}", e.message);
+        assert!(e.message.contains("POST /admin/agents/{agent}/enable"), "{}", e.message);
+        // Breakers alone need no operator, so no collector.
+        let breakers = "policy: {version: v, defaults: {llm: allow}}\noversight:\n  \
+                        breaker: {failure_threshold: 3}\n";
+        let plugin = Plugin::from_document(breakers).expect("breakers alone load");
+        assert!(plugin.guards.breakers && !plugin.guards.escalation, "{:?}", plugin.guards);
+        // A collector alone runs no escalation (no request is tracked for it).
+        let plugin = Plugin::from_document(
+            "filter: {collector: {cluster: c}}\npolicy: {version: v, defaults: {llm: allow}}",
+        )
+        .expect("loads");
+        assert!(!plugin.guards.escalation && plugin.escalation.is_none(), "{:?}", plugin.guards);
     }
 
     #[test]

@@ -1274,8 +1274,9 @@ type Guarded = (u16, Option<String>, Option<u64>);
 /// Runs `steps` (agent, the upstream's status) as model calls through a sidecar and the filter
 /// in Envoy, both with `oversight` as their `oversight:` section, checks that they answer alike
 /// (status, error code, decision headers, `retry-after` to the second) and returns the
-/// answers, and Envoy's log.
-fn guarded_steps(oversight: &str, steps: &[(&str, &str)]) -> (Vec<Guarded>, String) {
+/// answers, Envoy's log and the oversight reports its collector (a stand-in that lists no agent
+/// as disabled) took.
+fn guarded_steps(oversight: &str, steps: &[(&str, &str)]) -> (Vec<Guarded>, String, Vec<Value>) {
     let rt = runtime();
     let sidecar = rt.block_on(
         Harness::builder()
@@ -1285,8 +1286,8 @@ fn guarded_steps(oversight: &str, steps: &[(&str, &str)]) -> (Vec<Guarded>, Stri
     );
     let collector = Collector::start();
     let plugin = format!(
-        r#"{{"filter": {{"fail": "closed"}}, "policy": {OVERSEEN_POLICY},
-            "oversight": {oversight}}}"#
+        r#"{{"filter": {{"fail": "closed", "collector": {{"cluster": "collector", "flush": "100ms"}}}},
+            "policy": {OVERSEEN_POLICY}, "oversight": {oversight}}}"#
     );
     let envoy = Envoy::start(&plugin, sidecar.mock.addr().port(), collector.port);
     let chat = json!({"model": "gpt-4o", "max_tokens": 5, "messages": []});
@@ -1334,9 +1335,12 @@ fn guarded_steps(oversight: &str, steps: &[(&str, &str)]) -> (Vec<Guarded>, Stri
         // Outcomes are reported when the exchange has ended (Envoy: its log phase).
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Reports go on the VM's next tick.
+    std::thread::sleep(Duration::from_millis(300));
     let log = envoy.log();
     assert!(!log.contains("panicked"), "{log}");
-    (answers, log)
+    let reports = collector.reports.lock().unwrap().clone();
+    (answers, log, reports)
 }
 
 /// Circuit breakers and error escalation run in the filter, over Envoy's shared data (both
@@ -1351,7 +1355,7 @@ fn breakers_and_escalation_in_envoy_answer_as_the_sidecar_does() {
     // The breaker, and escalation to review.
     let oversight = r#"{"breaker": {"failure_threshold": 2, "open_for": "60s"},
                         "escalation": {"review_at": 2, "disable_at": 3}}"#;
-    let (answers, log) = guarded_steps(
+    let (answers, log, reports) = guarded_steps(
         oversight,
         &[
             ("err-bot", "400"),
@@ -1383,9 +1387,16 @@ fn breakers_and_escalation_in_envoy_answer_as_the_sidecar_does() {
     );
     assert!(answers[8].2.is_some_and(|s| (59..=60).contains(&s)), "{:?}", answers[8].2);
     assert!(log.contains("tollgate: circuit breaker opened for upstream"), "{log}");
+    // The opening is reported to the collector, once.
+    let opened: Vec<&Value> = reports.iter().filter(|r| r["kind"] == "circuit_open").collect();
+    assert_eq!(opened.len(), 1, "{reports:?}");
+    assert_eq!(
+        (&opened[0]["upstream"], &opened[0]["open_for_ms"]),
+        (&json!("localhost"), &json!(60_000))
+    );
     // Disabled (disable_at reached with no review in between).
     let oversight = r#"{"escalation": {"review_at": 2, "disable_at": 2}}"#;
-    let (answers, log) = guarded_steps(
+    let (answers, log, reports) = guarded_steps(
         oversight,
         &[("bad-bot", "404"), ("bad-bot", "401"), ("bad-bot", "200"), ("good-bot", "200")],
     );
@@ -1393,4 +1404,187 @@ fn breakers_and_escalation_in_envoy_answer_as_the_sidecar_does() {
         answers.iter().map(|(s, c, _)| (*s, c.clone())).collect();
     assert_eq!(codes, [(404, None), (401, None), (403, code("agent_disabled")), (200, None)]);
     assert!(log.contains(r#"tollgate: agent "bad-bot" disabled in this Envoy"#), "{log}");
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(
+        (&r["kind"], &r["agent"], &r["action"], &r["status"]),
+        (&json!("agent_disabled"), &json!("bad-bot"), &json!("llm"), &json!(401))
+    );
+}
+
+/// The value of `tollgate_circuit_breaker_state{upstream}` in an Envoy scrape, if it has the
+/// series.
+fn breaker_state(text: &str, upstream: &str) -> Option<f64> {
+    let text = support::tollgate_families(text);
+    let e = exposition::parse(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
+    e.value("tollgate_circuit_breaker_state", &[("upstream", upstream)])
+}
+
+/// The filter's breakers and escalation through a real Tollgate collector, as a sidecar's own:
+/// the breaker's state is `tollgate_circuit_breaker_state{upstream}` (2 open, then 0 once the
+/// probe succeeded; the scrape still passes `promtool`), its opening raises the collector's
+/// `circuit_open` alert; an agent the filter disables is in the collector's disabled set, with
+/// its audit record (actor the Envoy VM) and `agent_disabled` alert, and an operator's
+/// re-enable on the collector lets it through the Envoy again within a poll. A bad report is a
+/// 400 naming its field.
+#[test]
+fn breakers_and_escalation_reach_the_collectors_alerts_audit_and_re_enable() {
+    const KEY_ENV: &str = "TOLLGATE_ENVOY_ALERTS_KEY";
+    std::env::set_var(KEY_ENV, "whsec-envoy-test");
+    let rt = runtime();
+    // The webhook receiver: takes every POST, keeping its JSON body.
+    let hook = Collector::start();
+    let alerts = format!(
+        "alerts:\n  webhooks:\n    - {{url: \"http://127.0.0.1:{}/hook\", secret_env: {KEY_ENV}, \
+         events: [circuit_open, agent_disabled]}}\n  initial_backoff: 50ms\n",
+        hook.port
+    );
+    let collector = rt.block_on(
+        Harness::builder()
+            .policy(OVERSEEN_POLICY)
+            .extra(&format!("oversight: {{escalation: {{review_at: 9, disable_at: 9}}}}\n{alerts}"))
+            .start(),
+    );
+    let admin_port: u16 = collector.admin.rsplit(':').next().unwrap().parse().unwrap();
+    let plugin = json!({
+        "filter": {"fail": "closed", "tick": "100ms",
+            "collector": {"cluster": "collector", "flush": "100ms",
+                "headers": {"authorization": format!("Bearer {}", collector.token)}}},
+        "policy": serde_json::from_str::<Value>(OVERSEEN_POLICY).unwrap(),
+        "oversight": {"breaker": {"failure_threshold": 2, "open_for": "2s"},
+                      "escalation": {"review_at": 2, "disable_at": 2}}
+    });
+    let envoy = Envoy::start(&plugin.to_string(), collector.mock.addr().port(), admin_port);
+    let chat =
+        serde_json::to_vec(&json!({"model": "gpt-4o", "max_tokens": 5, "messages": []})).unwrap();
+    let call = |agent: &str, status: &str| {
+        let mut tags = who(agent);
+        tags.push(("x-mock-status", status));
+        envoy.request("POST", "/v1/chat/completions", &tags, &chat)
+    };
+    let wait = |what: &str, mut done: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 10 s\n{}", envoy.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let alert = |kind: &str| -> Option<Value> {
+        hook.events.lock().unwrap().iter().find(|e| e["type"] == kind).cloned()
+    };
+
+    // The upstream fails twice (the route is unnamed: the breaker is the authority's): open.
+    for _ in 0..2 {
+        assert_eq!(call("prober", "503").status, 503);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = call("prober", "200");
+    assert_eq!(
+        (refused.status, refused.json()["error"]["code"].clone()),
+        (503, json!("circuit_open"))
+    );
+    wait(
+        "the breaker's gauge at 2",
+        Box::new(|| breaker_state(&envoy.prometheus(), "localhost") == Some(2.0)),
+    );
+    wait("the circuit_open alert", Box::new(|| alert("circuit_open").is_some()));
+    let opened = alert("circuit_open").unwrap();
+    assert_eq!((&opened["upstream"], &opened["open_for_ms"]), (&json!("localhost"), &json!(2000)));
+    // promtool reads the filter's families, the breaker's included (Envoy prints no HELP).
+    let text = envoy.prometheus();
+    let families = support::tollgate_families(&text);
+    assert!(
+        families.contains("tollgate_circuit_breaker_state{upstream=\"localhost\"} 2"),
+        "{families}"
+    );
+    let (_, findings) = support::promtool(&families);
+    let unexpected: Vec<&String> = findings
+        .iter()
+        .filter(|f| f.strip_suffix(" no help text").and_then(metrics::by_name).is_none())
+        .collect();
+    assert!(unexpected.is_empty(), "promtool: {unexpected:#?}\n{families}");
+    // After `open_for` the probe succeeds: closed, the gauge back at 0.
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(call("prober", "200").status, 200);
+    wait(
+        "the breaker's gauge at 0",
+        Box::new(|| breaker_state(&envoy.prometheus(), "localhost") == Some(0.0)),
+    );
+
+    // Two errors of the agent's own: disabled in this Envoy, then at the collector.
+    for status in ["400", "404"] {
+        assert_eq!(call("clumsy-bot", status).status.to_string(), status);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = call("clumsy-bot", "200");
+    assert_eq!(
+        (refused.status, refused.json()["error"]["code"].clone()),
+        (403, json!("agent_disabled"))
+    );
+    let bearer = format!("Bearer {}", collector.token);
+    let admin = |method: &str, path: &str| {
+        support::request(admin_port, method, path, &[("authorization", bearer.as_str())], b"")
+    };
+    let disabled = || admin("GET", "/v1/fleet/agents/disabled").json();
+    wait(
+        "clumsy-bot in the collector's disabled set",
+        Box::new(|| disabled()["agents"] == json!(["clumsy-bot"])),
+    );
+    let audit = rt.block_on(collector.audit());
+    let record = audit
+        .iter()
+        .find(|r| r["kind"] == "agent_disabled" && r["agent"] == "clumsy-bot")
+        .unwrap_or_else(|| panic!("no agent_disabled audit record: {audit:#?}"));
+    assert!(record["actor"].as_str().unwrap().starts_with("envoy/vm-"), "{record}");
+    assert_eq!(record["tool"], "llm", "{record}");
+    wait("the agent_disabled alert", Box::new(|| alert("agent_disabled").is_some()));
+    let a = alert("agent_disabled").unwrap();
+    assert_eq!(
+        (&a["agent"], &a["action"], &a["status"]),
+        (&json!("clumsy-bot"), &json!("llm"), &json!(404))
+    );
+    // Still refused here: nothing re-enabled it.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(call("clumsy-bot", "200").status, 403);
+
+    // An operator re-enables it on the collector: through the Envoy again within a poll, on
+    // every worker.
+    let enabled = admin("POST", "/admin/agents/clumsy-bot/enable");
+    assert_eq!(
+        enabled.json()["was_disabled"],
+        json!(true),
+        "{}",
+        String::from_utf8_lossy(&enabled.body)
+    );
+    wait("clumsy-bot let through again", Box::new(|| call("clumsy-bot", "200").status == 200));
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..6 {
+        assert_eq!(call("clumsy-bot", "200").status, 200);
+    }
+    assert!(
+        envoy.log().contains(r#"agent "clumsy-bot" re-enabled in this Envoy"#),
+        "{}",
+        envoy.log()
+    );
+    // One alert each, however many VMs and ticks.
+    assert_eq!(hook.events.lock().unwrap().len(), 2, "{:?}", hook.events.lock().unwrap());
+
+    // A bad report names its field.
+    let bad = support::request(
+        admin_port,
+        "POST",
+        "/v1/fleet/oversight/reports",
+        &[("authorization", bearer.as_str()), ("content-type", "application/json")],
+        br#"{"source": "vm-x", "reports": [{"kind": "agent_disabled", "agent": "", "action": "llm", "status": 400, "at_ms": 1}]}"#,
+    );
+    assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+    assert!(
+        bad.json()["error"].as_str().unwrap().contains("`reports[0].agent`"),
+        "{}",
+        String::from_utf8_lossy(&bad.body)
+    );
+    let unauthorized =
+        support::request(admin_port, "POST", "/v1/fleet/oversight/reports", &[], b"{}");
+    assert_eq!(unauthorized.status, 401);
+    assert!(!envoy.log().contains("panicked"));
 }

@@ -14,6 +14,15 @@
 //! keeps them in shared data, which cannot delete keys: the upstreams are spread over a fixed
 //! set of [`SLOTS`] keys by a stable hash ([`Slot::index`]), each one [`Slot`] record holding
 //! its upstreams' states, updated with a compare-and-swap; the rules are this module's.
+//!
+//! The filter's `tollgate_circuit_breaker_state{upstream}` is one Envoy stat per upstream that
+//! every VM of the Envoy moves by deltas, never sets. Every change of an upstream's state is one
+//! successful compare-and-swap of its slot, and that write says by how much the upstream's gauge
+//! moves ([`Changed::gauge`]): the VM that made it adds exactly that, so the stat is the sum of
+//! the transitions, which is the state's [`State::gauge`] value, whichever worker made them and
+//! across plugin reloads (shared data and stats outlive a VM). Only upstreams the slot lists as
+//! gauged have a series (at most [`Slot::GAUGED`] per slot, listed the first time they open and
+//! never unlisted), so clients inventing authorities cannot grow the number of series.
 
 use super::escalation::Outcome;
 use crate::doc::{Cx, Field};
@@ -59,6 +68,17 @@ pub enum State {
     Closed,
     Open,
     HalfOpen,
+}
+
+impl State {
+    /// The value of `tollgate_circuit_breaker_state`: 0 closed, 1 half-open, 2 open.
+    pub fn gauge(self) -> i64 {
+        match self {
+            State::Closed => 0,
+            State::HalfOpen => 1,
+            State::Open => 2,
+        }
+    }
 }
 
 /// Whether a call may go to the upstream.
@@ -195,16 +215,34 @@ impl Breaker {
 pub const SLOTS: usize = 64;
 
 /// One shared-data record of breakers: the upstreams whose name hashes to it, each with its
-/// state. Pure: decoding, the [`Breaker`] rules and encoding only.
+/// state, and the upstreams that have a gauge. Pure: decoding, the [`Breaker`] rules and
+/// encoding only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
     entries: Vec<(String, Inner)>,
+    /// The upstreams with a `tollgate_circuit_breaker_state` series, in the order they first
+    /// left closed; never shrinks, at most [`Slot::GAUGED`].
+    gauged: Vec<String>,
+}
+
+/// What an operation did to a slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// The record changed: write it (with a compare-and-swap).
+    pub write: bool,
+    /// Once that write succeeded, the upstream's `tollgate_circuit_breaker_state` series moves by
+    /// this much (never `Some(0)`); `None`: its state did not change, or it has no series.
+    pub gauge: Option<i64>,
 }
 
 impl Slot {
     /// Upstreams one slot keeps at most; an upstream beyond that has no breaker (its calls
     /// pass), as the number of keys shared data holds must stay bounded.
     pub const CAPACITY: usize = 16;
+
+    /// Upstreams of one slot with a gauge at most ([`SLOTS`] times this series in all); one
+    /// beyond that opens and closes as the others, without a series.
+    pub const GAUGED: usize = 4;
 
     /// The slot of `upstream` (FNV-1a, stable across builds and workers).
     pub fn index(upstream: &str) -> usize {
@@ -235,47 +273,78 @@ impl Slot {
         b.map_or((State::Closed, 0), |b| (b.state(), b.failures()))
     }
 
-    /// [`Breaker::allow`] for `upstream`; `changed`: whether the record must be written.
+    /// The upstreams with a gauge, in the order they were first gauged.
+    pub fn gauged(&self) -> &[String] {
+        &self.gauged
+    }
+
+    /// The gauge move of `upstream` going from state value `before` to `after`, listing it
+    /// as gauged when it first leaves closed and the slot has room: the series of an unlisted
+    /// upstream is 0 (never moved), so the first move brings it to `after`.
+    fn gauge(&mut self, upstream: &str, before: i64, after: i64) -> Option<i64> {
+        if before == after {
+            return None;
+        }
+        if self.gauged.iter().any(|u| u == upstream) {
+            return Some(after - before);
+        }
+        if after == 0 || self.gauged.len() >= Slot::GAUGED {
+            return None;
+        }
+        self.gauged.push(upstream.to_owned());
+        Some(after)
+    }
+
+    /// [`Breaker::allow`] for `upstream`, and what it changed (open → half-open when the time
+    /// has come).
     pub fn allow(
         &mut self,
         upstream: &str,
         config: BreakerConfig,
         now: UnixMillis,
-    ) -> (Admission, bool) {
+    ) -> (Admission, Changed) {
         let Some(mut b) = self.breaker(upstream, config) else {
             // A closed breaker is stored only once a failure counts.
-            return (Admission::Permit, false);
+            return (Admission::Permit, Changed::default());
         };
-        let before = b.inner;
+        let (before, was) = (b.inner, b.state().gauge());
         let admission = b.allow(now);
-        let changed = b.inner != before;
-        if changed {
-            self.put(upstream, &b);
+        if b.inner == before {
+            return (admission, Changed::default());
         }
-        (admission, changed)
+        self.put(upstream, &b);
+        let gauge = self.gauge(upstream, was, b.state().gauge());
+        (admission, Changed { write: true, gauge })
     }
 
-    /// [`Breaker::on_outcome`] for `upstream`: whether it opened the breaker, and whether the
-    /// record must be written. A closed breaker without failures is dropped from the slot, so
-    /// the slot holds only the upstreams that are failing.
+    /// [`Breaker::on_outcome`] for `upstream`: whether it opened the breaker, and what it
+    /// changed. A closed breaker without failures is dropped from the slot, so the slot holds
+    /// only the upstreams that are failing (its gauge, if it has one, stays listed, at 0).
     pub fn on_outcome(
         &mut self,
         upstream: &str,
         config: BreakerConfig,
         outcome: Outcome,
         now: UnixMillis,
-    ) -> (bool, bool) {
+    ) -> (bool, Changed) {
         let stored = self.breaker(upstream, config);
         let mut b = stored.clone().unwrap_or_else(|| Breaker::new(config));
         let opened = b.on_outcome(outcome, now);
         if stored.as_ref() == Some(&b) {
-            return (opened, false);
+            return (opened, Changed::default());
         }
+        let was = stored.as_ref().map_or(0, |s| s.state().gauge());
         if b.inner == (Inner::Closed { failures: 0 }) {
             self.entries.retain(|(u, _)| u != upstream);
-            return (opened, stored.is_some());
+            let gauge = self.gauge(upstream, was, 0);
+            return (opened, Changed { write: stored.is_some(), gauge });
         }
-        (opened, self.put(upstream, &b))
+        if !self.put(upstream, &b) {
+            // Full: this upstream has no breaker, so nothing opened.
+            return (false, Changed::default());
+        }
+        let gauge = self.gauge(upstream, was, b.state().gauge());
+        (opened, Changed { write: true, gauge })
     }
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
@@ -296,12 +365,20 @@ impl Slot {
             };
             slot.entries.push((upstream, inner));
         }
+        // The gauged upstreams follow, when there are any (a slot written before gauges has
+        // none).
+        if !r.is_empty() {
+            for _ in 0..r.u32()? {
+                slot.gauged.push(r.str()?.to_owned());
+            }
+        }
         r.end(slot)
     }
 
     /// The bytes [`Slot::decode`] reads.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = crate::slot::Writer::with_capacity(4 + self.entries.len() * 40);
+        let size = 4 + self.entries.len() * 40 + 4 + self.gauged.len() * 32;
+        let mut w = crate::slot::Writer::with_capacity(size);
         w.count(self.entries.len());
         for (upstream, inner) in &self.entries {
             w.str(upstream);
@@ -312,6 +389,12 @@ impl Slot {
             };
             w.u8(tag);
             w.u64(value);
+        }
+        if !self.gauged.is_empty() {
+            w.count(self.gauged.len());
+            for upstream in &self.gauged {
+                w.str(upstream);
+            }
         }
         w.into_bytes()
     }
@@ -420,35 +503,51 @@ mod tests {
         assert_eq!(c, BreakerConfig { failure_threshold: 3, open_for_ms: 30_000 });
     }
 
+    /// A change that writes the record and moves the gauge by `by`.
+    fn moved(by: i64) -> Changed {
+        Changed { write: true, gauge: Some(by) }
+    }
+
+    /// A change that writes the record without moving a gauge.
+    const WRITTEN: Changed = Changed { write: true, gauge: None };
+
     #[test]
     fn a_slot_runs_the_breaker_rules_through_its_bytes() {
         let config = BreakerConfig { failure_threshold: 2, open_for_ms: 1000 };
         let through = |s: &Slot| Slot::decode(&s.encode()).unwrap();
+        let none = Changed::default();
         let mut slot = Slot::default();
-        assert_eq!(slot.allow("api", config, t(0)), (Admission::Permit, false));
+        assert_eq!(slot.allow("api", config, t(0)), (Admission::Permit, none));
         // A success of a breaker that is not stored stores nothing.
-        assert_eq!(slot.on_outcome("api", config, Outcome::Success, t(0)), (false, false));
+        assert_eq!(slot.on_outcome("api", config, Outcome::Success, t(0)), (false, none));
         assert_eq!(slot, Slot::default());
-        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(1)), (false, true));
+        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(1)), (false, WRITTEN));
         slot = through(&slot);
         assert_eq!(slot.state("api"), (State::Closed, 1));
-        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(2)), (true, true));
+        // Opening lists the upstream's gauge and moves it to 2.
+        assert_eq!(slot.on_outcome("api", config, Outcome::ProviderError, t(2)), (true, moved(2)));
         slot = through(&slot);
         assert_eq!(slot.state("api"), (State::Open, 0));
+        assert_eq!(slot.gauged(), ["api"]);
         assert_eq!(slot.state("other"), (State::Closed, 0));
         assert_eq!(
             slot.allow("api", config, t(500)),
-            (Admission::Rejected { retry_after_ms: 502 }, false)
+            (Admission::Rejected { retry_after_ms: 502 }, none)
         );
-        assert_eq!(slot.allow("other", config, t(500)), (Admission::Permit, false));
+        assert_eq!(slot.allow("other", config, t(500)), (Admission::Permit, none));
         // The probe, once: the rest fail fast.
-        assert_eq!(slot.allow("api", config, t(1002)), (Admission::Permit, true));
+        assert_eq!(slot.allow("api", config, t(1002)), (Admission::Permit, moved(-1)));
         slot = through(&slot);
         assert_eq!(slot.state("api"), (State::HalfOpen, 0));
         assert!(matches!(slot.allow("api", config, t(1003)).0, Admission::Rejected { .. }));
-        // Its success closes it, and a closed breaker leaves the slot.
-        assert_eq!(slot.on_outcome("api", config, Outcome::AgentError, t(1004)), (false, true));
-        assert_eq!(through(&slot), Slot::default());
+        // Its success closes it, and a closed breaker leaves the slot; its gauge stays, at 0.
+        assert_eq!(
+            slot.on_outcome("api", config, Outcome::AgentError, t(1004)),
+            (false, moved(-1))
+        );
+        slot = through(&slot);
+        assert_eq!(slot.state("api"), (State::Closed, 0));
+        assert_eq!(slot.gauged(), ["api"]);
         assert_eq!(Slot::decode(b""), Some(Slot::default()));
         assert_eq!(Slot::decode(&[1, 0, 0, 0, 9]), None);
         let mut bytes = {
@@ -456,6 +555,8 @@ mod tests {
             let _ = s.on_outcome("api", config, Outcome::ProviderError, t(1));
             s.encode()
         };
+        // A slot written before gauges (entries only) reads as one without gauges.
+        assert!(Slot::decode(&bytes).unwrap().gauged().is_empty());
         bytes.push(0);
         assert_eq!(Slot::decode(&bytes), None, "trailing bytes");
     }
@@ -467,10 +568,14 @@ mod tests {
         for i in 0..Slot::CAPACITY {
             let (opened, changed) =
                 slot.on_outcome(&format!("u{i}"), config, Outcome::ProviderError, t(0));
-            assert!(opened && changed);
+            assert!(opened && changed.write);
+            // Only the first few have a gauge.
+            assert_eq!(changed.gauge, (i < Slot::GAUGED).then_some(2), "u{i}");
         }
-        assert_eq!(slot.on_outcome("late", config, Outcome::ProviderError, t(0)), (true, false));
-        assert_eq!(slot.allow("late", config, t(1)), (Admission::Permit, false));
+        assert_eq!(slot.gauged().len(), Slot::GAUGED);
+        let none = Changed::default();
+        assert_eq!(slot.on_outcome("late", config, Outcome::ProviderError, t(0)), (false, none));
+        assert_eq!(slot.allow("late", config, t(1)), (Admission::Permit, none));
         assert!(matches!(slot.allow("u0", config, t(1)).0, Admission::Rejected { .. }));
         assert_eq!(Slot::index("api.openai.com:443"), Slot::index("api.openai.com:443"));
         assert!((0..1000).all(|i| Slot::index(&format!("u{i}")) < SLOTS));
@@ -487,7 +592,63 @@ mod tests {
         prop_oneof![(0u64..80).prop_map(Op::Allow), Just(Op::Success), Just(Op::Failure)]
     }
 
+    /// One operation on a slot of a few upstreams: an admission, or an outcome.
+    #[derive(Clone, Debug)]
+    enum SlotOp {
+        Allow(usize, u64),
+        Outcome(usize, u16),
+    }
+
+    fn slot_op() -> impl Strategy<Value = SlotOp> {
+        prop_oneof![
+            (0usize..7, 0u64..80).prop_map(|(u, dt)| SlotOp::Allow(u, dt)),
+            (0usize..7, prop_oneof![Just(200u16), Just(404), Just(503), Just(0)])
+                .prop_map(|(u, s)| SlotOp::Outcome(u, s)),
+        ]
+    }
+
     proptest! {
+        /// Whatever happens, in whatever order, through the slot's bytes: each upstream's gauge
+        /// (the sum of the moves the writes reported) is its state's value if it is gauged, and
+        /// 0 otherwise; the gauged list never shrinks nor passes `GAUGED`.
+        #[test]
+        fn the_sum_of_the_gauge_moves_is_the_state(
+            ops in proptest::collection::vec(slot_op(), 1..300),
+        ) {
+            let config = BreakerConfig { failure_threshold: 2, open_for_ms: 100 };
+            let upstreams: Vec<String> = (0..7).map(|i| format!("u{i}")).collect();
+            let mut bytes = Slot::default().encode();
+            let mut gauges = vec![0i64; upstreams.len()];
+            let mut now = 0;
+            let mut listed = 0;
+            for op in ops {
+                let mut slot = Slot::decode(&bytes).unwrap();
+                let (u, changed) = match op {
+                    SlotOp::Allow(u, dt) => {
+                        now += dt;
+                        (u, slot.allow(&upstreams[u], config, t(now)).1)
+                    }
+                    SlotOp::Outcome(u, status) => {
+                        let outcome = Outcome::of_status(status);
+                        (u, slot.on_outcome(&upstreams[u], config, outcome, t(now)).1)
+                    }
+                };
+                prop_assert!(changed.gauge != Some(0));
+                prop_assert!(changed.write || changed.gauge.is_none());
+                if changed.write {
+                    bytes = slot.encode();
+                }
+                gauges[u] += changed.gauge.unwrap_or(0);
+                let slot = Slot::decode(&bytes).unwrap();
+                prop_assert!(slot.gauged().len() >= listed && slot.gauged().len() <= Slot::GAUGED);
+                listed = slot.gauged().len();
+                for (i, name) in upstreams.iter().enumerate() {
+                    let want = if slot.gauged().contains(name) { slot.state(name).0.gauge() } else { 0 };
+                    prop_assert_eq!(gauges[i], want, "{}", name);
+                }
+            }
+        }
+
         #[test]
         fn half_open_never_lets_two_probes_through(ops in proptest::collection::vec(op(), 1..200)) {
             let open_for = 100;

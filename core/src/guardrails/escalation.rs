@@ -17,13 +17,18 @@
 //! map ([`Escalation`]); the Envoy filter in shared data, which cannot delete keys, so the
 //! agents are spread over a fixed set of [`SLOTS`] keys by a stable hash ([`Slot::index`]), each
 //! one [`Slot`] record updated with a compare-and-swap, with the same rules
-//! ([`EscalationConfig::standing`]).
+//! ([`EscalationConfig::standing`]). The filter reports an agent it disables to its collector,
+//! where an operator re-enables it; the filter learns of that when the agent leaves the
+//! collector's disabled set, and [`Slot::reenable`] undoes only a disabling the collector had
+//! already seen: one that happened since (the agent failing again after the re-enable, its
+//! report still on its way) stays.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use crate::autonomy::Effect;
 use crate::doc::{Cx, Field};
+use crate::time::UnixMillis;
 
 /// Escalation thresholds. Defaults: review at 3, disable at 5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,11 +254,13 @@ impl Escalation {
 pub const SLOTS: usize = 256;
 
 /// One shared-data record of error escalation: the agents whose name hashes to it that have
-/// consecutive errors or are disabled, as [`Escalation`] keeps them. Pure: decoding, the rules
-/// and encoding only.
+/// consecutive errors or are disabled, as [`Escalation`] keeps them, with when each was
+/// disabled. Pure: decoding, the rules and encoding only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
-    entries: Vec<(String, u32, bool)>,
+    /// Agent, consecutive errors, and when it was disabled (unix ms; 0 when a slot written
+    /// before the time was kept says only that it is disabled).
+    entries: Vec<(String, u32, Option<u64>)>,
 }
 
 impl Slot {
@@ -268,21 +275,42 @@ impl Slot {
 
     /// The agent's standing.
     pub fn standing(&self, agent: &str, config: &EscalationConfig) -> Standing {
-        let (errors, disabled) =
-            self.entries.iter().find(|(a, ..)| a == agent).map_or((0, false), |(_, e, d)| (*e, *d));
+        let (errors, disabled) = self
+            .entries
+            .iter()
+            .find(|(a, ..)| a == agent)
+            .map_or((0, false), |(_, e, d)| (*e, d.is_some()));
         config.standing(errors, disabled)
     }
 
-    /// [`Escalation::on_outcome`] in this slot: the agent's new standing, and whether the
-    /// record must be written.
+    /// When `agent` was disabled, if it is.
+    pub fn disabled_at(&self, agent: &str) -> Option<UnixMillis> {
+        self.entries.iter().find(|(a, ..)| a == agent).and_then(|(_, _, d)| d.map(UnixMillis))
+    }
+
+    /// Re-enables `agent` and clears its count ([`Escalation::reenable`]) if it was disabled at
+    /// or before `seen`, a time by which the collector had it as disabled (it listed the agent
+    /// then), so the operator's re-enable that took it off the list is about this disabling.
+    /// One made after `seen` (the agent failed again since) is not the one the operator
+    /// re-enabled, and stays. Returns whether the record must be written.
+    pub fn reenable(&mut self, agent: &str, seen: UnixMillis) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|(a, _, d)| a != agent || !d.is_some_and(|at| at <= seen.0));
+        self.entries.len() != before
+    }
+
+    /// [`Escalation::on_outcome`] in this slot at `now`: the agent's new standing, and whether
+    /// the record must be written.
     pub fn on_outcome(
         &mut self,
         agent: &str,
         config: &EscalationConfig,
         outcome: Outcome,
+        now: UnixMillis,
     ) -> (Standing, bool) {
-        let at = self.entries.iter().position(|(a, ..)| a == agent);
-        match (outcome, at) {
+        let disabled = |errors: u32| (errors >= config.disable_at).then_some(now.0);
+        let found = self.entries.iter().position(|(a, ..)| a == agent);
+        match (outcome, found) {
             (Outcome::ProviderError, _) | (Outcome::Success, None) => {
                 (self.standing(agent, config), false)
             }
@@ -290,22 +318,24 @@ impl Slot {
                 let (_, errors, disabled) = &mut self.entries[i];
                 let changed = *errors != 0;
                 *errors = 0;
-                if !*disabled {
+                if disabled.is_none() {
                     self.entries.remove(i);
                 }
                 (self.standing(agent, config), changed)
             }
             (Outcome::AgentError, Some(i)) => {
-                let (_, errors, disabled) = &mut self.entries[i];
+                let (_, errors, at) = &mut self.entries[i];
                 *errors = errors.saturating_add(1);
-                *disabled |= *errors >= config.disable_at;
+                if at.is_none() {
+                    *at = disabled(*errors);
+                }
                 (self.standing(agent, config), true)
             }
             (Outcome::AgentError, None) if self.entries.len() >= Slot::CAPACITY => {
                 (self.standing(agent, config), false)
             }
             (Outcome::AgentError, None) => {
-                self.entries.push((agent.to_owned(), 1, 1 >= config.disable_at));
+                self.entries.push((agent.to_owned(), 1, disabled(1)));
                 (self.standing(agent, config), true)
             }
         }
@@ -322,8 +352,10 @@ impl Slot {
             let agent = r.str()?.to_owned();
             let errors = r.u32()?;
             let disabled = match r.u8()? {
-                0 => false,
-                1 => true,
+                0 => None,
+                // Disabled, written before the time was kept.
+                1 => Some(0),
+                2 => Some(r.u64()?),
                 _ => return None,
             };
             slot.entries.push((agent, errors, disabled));
@@ -338,7 +370,13 @@ impl Slot {
         for (agent, errors, disabled) in &self.entries {
             w.str(agent);
             w.u32(*errors);
-            w.u8(u8::from(*disabled));
+            match disabled {
+                None => w.u8(0),
+                Some(at) => {
+                    w.u8(2);
+                    w.u64(*at);
+                }
+            }
         }
         w.into_bytes()
     }
@@ -450,7 +488,7 @@ mod tests {
         for status in statuses {
             let outcome = Outcome::of_status(status);
             let expected = sidecar.on_outcome("a", outcome);
-            let (got, _) = slot.on_outcome("a", &config, outcome);
+            let (got, _) = slot.on_outcome("a", &config, outcome, UnixMillis(7));
             assert_eq!(got, expected, "after {status}");
             slot = Slot::decode(&slot.encode()).unwrap();
             assert_eq!(slot.standing("a", &config), sidecar.standing("a"), "after {status}");
@@ -459,8 +497,8 @@ mod tests {
         assert_eq!(slot.standing("b", &config), Standing::Normal { consecutive_errors: 0 });
         // Provider errors and the successes of untracked agents store nothing.
         let mut empty = Slot::default();
-        assert!(!empty.on_outcome("b", &config, Outcome::ProviderError).1);
-        assert!(!empty.on_outcome("b", &config, Outcome::Success).1);
+        assert!(!empty.on_outcome("b", &config, Outcome::ProviderError, UnixMillis(7)).1);
+        assert!(!empty.on_outcome("b", &config, Outcome::Success, UnixMillis(7)).1);
         assert_eq!(empty, Slot::default());
         assert_eq!(Slot::decode(b""), Some(Slot::default()));
         assert_eq!(Slot::decode(&[1, 0, 0, 0, 9]), None);
@@ -469,17 +507,68 @@ mod tests {
         assert_eq!(Slot::decode(&bytes), None, "trailing bytes");
     }
 
+    fn t(ms: u64) -> UnixMillis {
+        UnixMillis(ms)
+    }
+
+    #[test]
+    fn a_slot_reenables_only_a_disabling_the_collector_had_seen() {
+        let config = EscalationConfig { review_at: 1, disable_at: 2 };
+        let through = |s: &Slot| Slot::decode(&s.encode()).unwrap();
+        let mut slot = Slot::default();
+        let err = Outcome::AgentError;
+        assert_eq!(slot.on_outcome("a", &config, err, t(100)).0.effect(), Effect::RequireApproval);
+        assert_eq!(slot.disabled_at("a"), None);
+        assert!(!slot.reenable("a", t(1_000)), "not disabled: nothing to re-enable");
+        slot.on_outcome("a", &config, err, t(200));
+        slot = through(&slot);
+        assert_eq!(slot.disabled_at("a"), Some(t(200)));
+        // Further errors and a success keep the time it was disabled at.
+        slot.on_outcome("a", &config, err, t(300));
+        slot.on_outcome("a", &config, Outcome::Success, t(400));
+        slot = through(&slot);
+        assert_eq!(slot.standing("a", &config), Standing::Disabled { consecutive_errors: 0 });
+        assert_eq!(slot.disabled_at("a"), Some(t(200)));
+        // The collector last listed it before it was disabled: this disabling is not the one
+        // an operator re-enabled.
+        assert!(!slot.reenable("a", t(199)));
+        assert_eq!(slot.standing("a", &config).effect(), Effect::Deny);
+        // Listed at or after: re-enabled, count cleared, as the sidecar's re-enable.
+        slot.on_outcome("b", &config, err, t(10));
+        assert!(slot.reenable("a", t(200)));
+        slot = through(&slot);
+        assert_eq!(slot.standing("a", &config), Standing::Normal { consecutive_errors: 0 });
+        assert_eq!(slot.standing("b", &config), Standing::Review { consecutive_errors: 1 });
+        assert!(!slot.reenable("a", t(5_000)), "once");
+        // Failing again after the re-enable disables it anew, at the new time.
+        slot.on_outcome("a", &config, err, t(600));
+        slot.on_outcome("a", &config, err, t(700));
+        assert_eq!(slot.disabled_at("a"), Some(t(700)));
+        assert!(!slot.reenable("a", t(650)));
+        // A slot written before the time was kept (disabled byte 1) re-enables on any read.
+        let mut w = crate::slot::Writer::with_capacity(32);
+        w.count(1);
+        w.str("old");
+        w.u32(5);
+        w.u8(1);
+        let mut old = Slot::decode(&w.into_bytes()).unwrap();
+        assert_eq!(old.standing("old", &config).effect(), Effect::Deny);
+        assert_eq!(old.disabled_at("old"), Some(t(0)));
+        assert!(old.reenable("old", t(1)));
+        assert_eq!(old, Slot::default());
+    }
+
     #[test]
     fn a_full_slot_counts_no_new_agent() {
         let config = EscalationConfig { review_at: 1, disable_at: 2 };
         let mut slot = Slot::default();
         for i in 0..Slot::CAPACITY {
-            assert!(slot.on_outcome(&format!("a{i}"), &config, Outcome::AgentError).1);
+            assert!(slot.on_outcome(&format!("a{i}"), &config, Outcome::AgentError, t(0)).1);
         }
-        let late = slot.on_outcome("late", &config, Outcome::AgentError);
+        let late = slot.on_outcome("late", &config, Outcome::AgentError, t(0));
         assert_eq!(late, (Standing::Normal { consecutive_errors: 0 }, false));
         assert_eq!(
-            slot.on_outcome("a0", &config, Outcome::AgentError).0,
+            slot.on_outcome("a0", &config, Outcome::AgentError, t(0)).0,
             Standing::Disabled { consecutive_errors: 2 }
         );
         assert_eq!(Slot::index("bot"), Slot::index("bot"));

@@ -115,7 +115,8 @@ fn the_engines_split_is_explicit() {
             "threshold",
             "price_source",
             "category",
-            "verdict"
+            "verdict",
+            "upstream"
         ]
     );
 }

@@ -353,10 +353,10 @@ impl SharedOversight {
         self.with(|c| redis::cmd("SMEMBERS").arg(&key).query(c))
     }
 
-    /// Marks `agent` disabled (or enabled) for the whole fleet.
-    pub fn set_disabled(&self, agent: &str, disabled: bool) -> Result<(), StoreError> {
+    /// Marks `agent` disabled (or enabled) for the whole fleet; whether that changed the set.
+    pub fn set_disabled(&self, agent: &str, disabled: bool) -> Result<bool, StoreError> {
         let key = self.disabled_key();
         let op = if disabled { "SADD" } else { "SREM" };
-        self.with(|c| redis::cmd(op).arg(&key).arg(agent).query::<()>(c))
+        self.with(|c| redis::cmd(op).arg(&key).arg(agent).query::<u64>(c)).map(|n| n > 0)
     }
 }

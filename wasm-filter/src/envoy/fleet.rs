@@ -21,9 +21,7 @@ use super::{collector_call, log, model_of, now, set_buffer, Call, Config, Http, 
 use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
-use crate::settings::{
-    Plugin, APPROVALS_PATH, DISABLED_PATH, LEASES_PATH, LOOPS_PATH, REDEEM_PATH,
-};
+use crate::settings::{Plugin, APPROVALS_PATH, LEASES_PATH, LOOPS_PATH, REDEEM_PATH};
 
 /// A request whose stream is paused while the collector is asked, kept by the VM.
 pub(super) struct Paused {
@@ -56,9 +54,6 @@ pub(super) struct Woken {
     /// The root answered it with a refusal.
     pub refused: bool,
 }
-
-/// How often each VM reads the fleet's disabled agents from the collector.
-pub(super) const DISABLED_POLL_MS: u64 = 1_000;
 
 /// The state of a VM's periodic call to the collector (the disabled agents' poll, the loop
 /// stream's sync): when it is next due, and whether one is on its way.
@@ -148,7 +143,6 @@ impl Root {
             self.send_exchanges(&plugin, chunk.to_vec());
         }
         self.send_asks(&plugin);
-        self.poll_disabled(&plugin, t);
         self.sync_loops(&plugin, fleet.sync_ms, t);
     }
 
@@ -219,55 +213,6 @@ impl Root {
                 drop(loops);
                 self.vm.count(schema::STORE_ERRORS.name, 1);
             }
-        }
-    }
-
-    /// Reads the fleet's disabled agents from the collector, every [`DISABLED_POLL_MS`].
-    fn poll_disabled(&self, plugin: &Plugin, t: Now) {
-        let Some(collector) = plugin.filter.collector.as_ref() else { return };
-        let poll = &self.vm.disabled_poll;
-        if poll.in_flight.get() || t.ms.0 < poll.next_ms.get() {
-            return;
-        }
-        poll.next_ms.set(t.ms.0.saturating_add(DISABLED_POLL_MS));
-        let call = collector_call(collector, DISABLED_PATH, None);
-        if let Ok(token) = call {
-            poll.in_flight.set(true);
-            self.vm.in_flight_calls.borrow_mut().insert(token, Call::Disabled);
-        }
-    }
-
-    /// The collector's list of disabled agents: taken whole; on a failure the last list stays.
-    pub(super) fn disabled_answered(&self, status: Option<&str>, body_size: usize) {
-        #[derive(serde::Deserialize)]
-        struct Agents {
-            agents: Vec<String>,
-        }
-        self.vm.disabled_poll.in_flight.set(false);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        match (status, serde_json::from_slice::<Agents>(&body)) {
-            (Some("200"), Ok(list)) => {
-                let now: std::collections::HashSet<String> = list.agents.into_iter().collect();
-                let mut disabled = self.vm.budgets.disabled.borrow_mut();
-                if *disabled != now {
-                    log(
-                        LogLevel::Info,
-                        &format!("tollgate: the fleet's disabled agents are now {now:?}"),
-                    );
-                    *disabled = now;
-                }
-            }
-            _ => log(
-                LogLevel::Warn,
-                &format!(
-                    "tollgate: the collector answered {} for the disabled agents; keeping the last \
-                     list",
-                    status.unwrap_or("nothing")
-                ),
-            ),
         }
     }
 

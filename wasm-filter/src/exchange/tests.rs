@@ -658,7 +658,7 @@ fn in_fleet_mode_an_agent_the_fleet_disabled_is_refused_at_the_sidecars_step() {
     let p = Plugin::from_document(&doc).unwrap();
     let data = FakeShared::default();
     let live = Live::new(SharedStore::new(&data));
-    live.disabled.borrow_mut().insert("flaky-bot".to_owned());
+    live.disabled.borrow_mut().insert("flaky-bot", 0);
     let req = body(json!({"model": "gpt-4o", "max_tokens": 10}));
     let start = |agent: &'static str| {
         Exchange::start(&p, head("/v1/chat/completions", "d1"), headers(agent, &[]), NOW).unwrap()
@@ -1018,7 +1018,7 @@ fn a_named_envoy_route_names_the_action_of_requests_without_a_tool_as_the_sideca
 fn guarded() -> Plugin {
     let doc = DOC.replace(
         r#""filter": {"fail": "closed"},"#,
-        r#""filter": {"fail": "closed"}, "oversight": {
+        r#""filter": {"fail": "closed", "collector": {"cluster": "c"}}, "oversight": {
             "breaker": {"failure_threshold": 2, "open_for": "10s"},
             "escalation": {"review_at": 2, "disable_at": 3}},"#,
     );
@@ -1096,7 +1096,14 @@ fn an_upstream_that_keeps_failing_opens_its_breaker_for_every_worker() {
     assert_eq!(call_through(&p, &one, "b", Some("openai"), 200, at(10_008)), None);
     let key = format!("{BREAKER_KEY}{}", breaker::Slot::index("openai"));
     let (bytes, _) = data.get(&key).unwrap().unwrap();
-    assert_eq!(breaker::Slot::decode(&bytes).unwrap(), breaker::Slot::default());
+    let slot = breaker::Slot::decode(&bytes).unwrap();
+    assert_eq!(slot.state("openai"), (breaker::State::Closed, 0));
+    assert_eq!(slot.gauged(), ["openai"], "its gauge stays, at 0");
+    // Each worker moved the gauge by the changes it made: open (+2) by the one whose outcome
+    // opened it, half-open (-1) and closed (-1) by the probe's; the sum is the state.
+    let moves = |live: &Live<&FakeShared>| live.breaker_moves.borrow().clone();
+    assert_eq!(moves(&one), [("openai".to_owned(), 2)]);
+    assert_eq!(moves(&two), [("openai".to_owned(), -1), ("openai".to_owned(), -1)]);
     // Without `oversight.breaker` nothing is kept.
     let plain = plugin();
     let data = FakeShared::default();
@@ -1128,7 +1135,7 @@ fn an_agent_whose_calls_keep_failing_is_reviewed_then_disabled() {
     // outcome disabled it, refused by every worker after it, a success changes nothing.
     let doc = DOC.replace(
         r#""filter": {"fail": "closed"},"#,
-        r#""filter": {"fail": "closed"}, "oversight": {
+        r#""filter": {"fail": "closed", "collector": {"cluster": "c"}}, "oversight": {
             "escalation": {"review_at": 2, "disable_at": 2}},"#,
     );
     let p = Plugin::from_document(&doc).unwrap();
@@ -1143,12 +1150,56 @@ fn an_agent_whose_calls_keep_failing_is_reviewed_then_disabled() {
         ex.finish(&p, &one, now, End::Complete).unwrap().agent_disabled
     };
     assert_eq!(disabled_by(401, at(20)), None);
-    assert_eq!(disabled_by(403, at(21)), Some(Standing::Disabled { consecutive_errors: 2 }));
+    let disabled = Standing::Disabled { consecutive_errors: 2 };
+    assert_eq!(disabled_by(403, at(21)), Some((disabled, "llm".to_owned())));
     for live in [&one, &two] {
         let disabled = call_through(&p, live, "d-bot", None, 200, at(22)).unwrap();
         assert_eq!((disabled.0, disabled.1.as_str()), (403, "agent_disabled"));
     }
     assert_eq!(call_through(&p, &two, "other-bot", None, 200, at(22)), None);
+    // An operator re-enables it through the collector: a read sent before it was disabled
+    // (its report was not at the collector yet) undoes nothing, one sent after does, for every
+    // worker.
+    let disabled_at = at(21).ms;
+    assert!(!reenable(&two, "d-bot", UnixMillis(disabled_at.0 - 1)).unwrap());
+    assert!(call_through(&p, &one, "d-bot", None, 200, at(23)).is_some());
+    assert!(reenable(&two, "d-bot", disabled_at).unwrap());
+    assert!(!reenable(&two, "d-bot", disabled_at).unwrap(), "once");
+    for live in [&one, &two] {
+        assert_eq!(call_through(&p, live, "d-bot", None, 200, at(24)), None);
+    }
+    // Disabled again later: a read from before that new disabling does not undo it.
+    assert_eq!(disabled_by(400, at(30)), None);
+    assert!(disabled_by(400, at(31)).is_some());
+    assert!(!reenable(&one, "d-bot", at(25).ms).unwrap());
+    assert!(call_through(&p, &two, "d-bot", None, 200, at(32)).is_some());
+}
+
+/// What a VM knows of the collector's disabled agents: an agent leaves only by a read that could
+/// have listed it, and what it leaves with is when the collector had it by (what may be
+/// re-enabled here).
+#[test]
+fn an_agent_leaves_the_collectors_set_only_by_a_read_that_could_list_it() {
+    let mut set = DisabledSet::default();
+    let none: Vec<(String, u64)> = Vec::new();
+    // Disabled here at 100, its report on its way: a read that does not list it is no
+    // re-enable.
+    assert_eq!(set.read(150, vec![]), (none.clone(), false));
+    // Listed by the reads sent at 200 and 300.
+    assert_eq!(set.read(200, vec!["a".into()]), (none.clone(), true));
+    assert!(set.contains("a") && !set.contains("b"));
+    assert_eq!(set.read(300, vec!["a".into()]), (none.clone(), false));
+    // Gone from the read sent at 400: what the collector had by 300 is re-enabled.
+    assert_eq!(set.read(400, vec![]), (vec![("a".to_owned(), 300)], true));
+    assert!(!set.contains("a"));
+    // The collector took this VM's report (disabled at 500) at 520, before a read listed it:
+    // a read sent before that may not list it yet, one sent after means an operator's re-enable.
+    set.reported("b", 500, 520);
+    assert!(set.contains("b"));
+    assert_eq!(set.read(510, vec!["c".into()]), (none.clone(), true));
+    assert_eq!(set.names(), ["b", "c"]);
+    assert_eq!(set.read(530, vec!["c".into()]), (vec![("b".to_owned(), 500)], true));
+    assert_eq!(set.names(), ["c"]);
 }
 
 #[test]

@@ -301,7 +301,8 @@ pub fn read_body(
 }
 
 /// A usage-event collector: accepts POSTs of NDJSON and keeps every line it takes, answering
-/// each line by its `event_id` as the Tollgate collector does.
+/// each line by its `event_id` as the Tollgate collector does. It lists no agent as disabled
+/// (`GET /v1/fleet/agents/disabled`) and takes every oversight report, keeping them.
 pub struct Collector {
     pub port: u16,
     pub events: Arc<Mutex<Vec<serde_json::Value>>>,
@@ -309,6 +310,8 @@ pub struct Collector {
     pub offered: Arc<Mutex<Vec<serde_json::Value>>>,
     /// When each batch arrived, with the event ids in it.
     pub batches: Arc<Mutex<Vec<Batch>>>,
+    /// The oversight reports taken (`POST /v1/fleet/oversight/reports`).
+    pub reports: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 /// When a batch of usage events arrived, and the event ids in it.
@@ -328,15 +331,19 @@ impl Collector {
         let offered = Arc::new(Mutex::new(Vec::new()));
         let refuse = Arc::new(std::sync::atomic::AtomicUsize::new(batches));
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let (sink, seen, log) = (events.clone(), offered.clone(), batches.clone());
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen, log, taken) =
+            (events.clone(), offered.clone(), batches.clone(), reports.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (sink, seen, refuse, log) =
-                    (sink.clone(), seen.clone(), refuse.clone(), log.clone());
-                std::thread::spawn(move || serve_collector(stream, &sink, &seen, &refuse, &log));
+                let (sink, seen, refuse, log, taken) =
+                    (sink.clone(), seen.clone(), refuse.clone(), log.clone(), taken.clone());
+                std::thread::spawn(move || {
+                    serve_collector(stream, &sink, &seen, &refuse, &log, &taken)
+                });
             }
         });
-        Collector { port, events, offered, batches }
+        Collector { port, events, offered, batches, reports }
     }
 
     /// Waits until an event with `request_id` arrived and returns it.
@@ -360,6 +367,7 @@ fn serve_collector(
     seen: &Mutex<Vec<serde_json::Value>>,
     refuse: &std::sync::atomic::AtomicUsize,
     batches: &Mutex<Vec<Batch>>,
+    reports: &Mutex<Vec<serde_json::Value>>,
 ) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -371,6 +379,7 @@ fn serve_collector(
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
+        let path = line.split(' ').nth(1).unwrap_or("").to_owned();
         let mut head = Response { status: 0, headers: Vec::new(), body: Vec::new() };
         loop {
             line.clear();
@@ -386,6 +395,29 @@ fn serve_collector(
             }
         }
         let Ok(body) = read_body(&head, &mut reader, |_| {}) else { return };
+        let other = match path.as_str() {
+            "/v1/fleet/agents/disabled" => Some(serde_json::json!({"agents": []})),
+            "/v1/fleet/oversight/reports" => {
+                let taken: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let batch = taken["reports"].as_array().cloned().unwrap_or_default();
+                let results: Vec<_> =
+                    batch.iter().map(|_| serde_json::json!({"result": "accepted"})).collect();
+                reports.lock().unwrap().extend(batch);
+                Some(serde_json::json!({"results": results}))
+            }
+            _ => None,
+        };
+        if let Some(answer) = other {
+            let answer = answer.to_string();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         use std::sync::atomic::Ordering;
         let refused =
             refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
