@@ -139,14 +139,13 @@ async fn intercept<IO>(
             return;
         }
     };
-    let Some(watcher) = forward.watcher() else { return }; // shutting down
+    let Some(stopping) = forward.watcher() else { return }; // shutting down
     let service = service_fn(move |req| {
         let (proxy, target) = (proxy.clone(), target.clone());
         async move { Ok::<_, Infallible>(proxy.serve(req, Some(&target)).await) }
     });
-    let io =
-        TokioIo::new(FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout));
-    if let Err(e) = watcher.watch(forward.builder.serve_connection(io, service)).await {
+    let guard = FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout);
+    if let Err(e) = forward.builders.serve(guard, service, stopping).await {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
 }

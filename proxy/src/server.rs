@@ -1,5 +1,5 @@
-//! Accepting connections: one hyper-util auto (HTTP/1.1 + HTTP/2) connection per socket, with
-//! limits against abuse and graceful shutdown.
+//! Accepting connections: one hyper HTTP/1.1 or HTTP/2 connection per socket (told from its first
+//! bytes), with limits against abuse and graceful shutdown.
 //!
 //! `serve` takes an already bound listener and a shutdown future (mini-redis style) so that tests
 //! bind `127.0.0.1:0` and stop the server when they want. On shutdown it stops accepting, lets
@@ -16,12 +16,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::framing::FramingGuard;
-use crate::upstream::Body;
+use crate::upstream::{Body, BoxError};
 
 /// Binds `addr` with the longest accept queue the kernel allows (`net.core.somaxconn` caps the
 /// request), as Envoy does: a burst of connections, such as a thousand agents starting at once,
@@ -73,37 +73,24 @@ pub trait Handler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
-/// The HTTP/1.1 + HTTP/2 connection builder with `limits`; also serves the connections the
-/// forward proxy intercepts.
-pub fn builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The head deadline is enforced by `FramingGuard`, which (unlike hyper's timer) also
-        // covers a connection that never sends a byte and spares idle kept-alive connections.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_head_bytes.max(8192))
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_head_bytes as u32);
-    builder
-}
-
-/// The listener's HTTP/1.1 and HTTP/2 connection builders, with [`builder`]'s settings: the
-/// server picks one per connection from its first bytes ([`FramingGuard::starts_http2`]) instead
-/// of letting hyper-util's `auto` connection read them, which costs every HTTP/1 connection a
-/// read buffer twice the size.
-struct Builders {
+/// The HTTP/1.1 and HTTP/2 connection builders with `limits`, shared by the listener and the
+/// connections the forward proxy intercepts. A connection is handed to one of them, picked from
+/// its first bytes ([`FramingGuard::starts_http2`]), instead of to hyper-util's `auto`
+/// connection, which reads those bytes itself and costs every HTTP/1 connection a read buffer
+/// twice the size.
+pub struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
-    fn new(limits: &ConnLimits) -> Builders {
+    pub fn new(limits: &ConnLimits) -> Builders {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
+            // The head deadline is enforced by `FramingGuard`, which (unlike hyper's timer)
+            // also covers a connection that never sends a byte and spares idle kept-alive
+            // connections.
             .header_read_timeout(None)
             .max_buf_size(limits.max_head_bytes.max(8192))
             .max_headers(limits.max_headers)
@@ -111,6 +98,35 @@ impl Builders {
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).max_header_list_size(limits.max_head_bytes as u32);
         Builders { http1, http2 }
+    }
+
+    /// Serves `guard`'s connection with `service` to its end: HTTP/2 or HTTP/1 (with upgrades,
+    /// for `CONNECT`), told from the first bytes, shut down gracefully once `stopping` turns
+    /// true (a connection that sends nothing before that is dropped).
+    pub async fn serve<IO, S>(
+        &self,
+        mut guard: FramingGuard<IO>,
+        service: S,
+        mut stopping: watch::Receiver<bool>,
+    ) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = Body>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let http2 = tokio::select! {
+            http2 = guard.starts_http2() => http2?,
+            _ = stopping.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let io = TokioIo::new(guard);
+        if http2 {
+            until_drained(self.http2.serve_connection(io, service), stopping).await?;
+        } else {
+            until_drained(self.http1.serve_connection(io, service).with_upgrades(), stopping)
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -219,28 +235,10 @@ pub async fn serve<H: Handler>(
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
                 });
-                let mut guard = FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout);
-                let (builders, mut stopping) = (builders.clone(), stopping.clone());
+                let guard = FramingGuard::new(stream, limits.max_head_bytes, limits.header_read_timeout);
+                let (builders, stopping) = (builders.clone(), stopping.clone());
                 tokio::spawn(async move {
-                    // HTTP/2 or HTTP/1, told from the first bytes (a connection that sends none
-                    // before shutdown begins is dropped, as hyper-util's would be).
-                    let http2 = tokio::select! {
-                        http2 = guard.starts_http2() => http2,
-                        _ = stopping.wait_for(|stop| *stop) => return,
-                    };
-                    let io = TokioIo::new(guard);
-                    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match http2 {
-                        Ok(true) => {
-                            let conn = builders.http2.serve_connection(io, service);
-                            until_drained(conn, stopping).await.map_err(Into::into)
-                        }
-                        Ok(false) => {
-                            let conn = builders.http1.serve_connection(io, service).with_upgrades();
-                            until_drained(conn, stopping).await.map_err(Into::into)
-                        }
-                        Err(e) => Err(e.into()),
-                    };
-                    if let Err(e) = ended {
+                    if let Err(e) = builders.serve(guard, service, stopping).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     drop(permit);

@@ -4,45 +4,54 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::sync::watch;
 
 use crate::ca::Ca;
-use crate::server::ConnLimits;
+use crate::server::{Builders, ConnLimits};
 
 /// The forward proxy's state: the CA, how inner connections are served, and their drain.
 pub struct Forward {
     pub ca: Ca,
-    pub(super) builder: auto::Builder<TokioExecutor>,
+    /// The listener's builders ([`Builders::serve`]), so an intercepted connection is served
+    /// exactly as a direct one.
+    pub(super) builders: Builders,
     pub(super) limits: ConnLimits,
     /// Intercepted connections outlive the `CONNECT` request the listener's drain waits for,
-    /// so they are drained here; `None` once shutdown began.
-    graceful: Mutex<Option<GracefulShutdown>>,
+    /// so they are drained here: each holds a receiver, told to stop at shutdown; the drain
+    /// ends when the last is dropped.
+    stop: watch::Sender<bool>,
+    /// What a new connection watches; `None` once shutdown began.
+    stopping: Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl Forward {
     pub fn new(ca: Ca, limits: ConnLimits) -> Forward {
+        let (stop, stopping) = watch::channel(false);
         Forward {
             ca,
-            builder: crate::server::builder(&limits),
+            builders: Builders::new(&limits),
             limits,
-            graceful: Mutex::new(Some(GracefulShutdown::new())),
+            stop,
+            stopping: Mutex::new(Some(stopping)),
         }
     }
 
-    pub(super) fn watcher(&self) -> Option<Watcher> {
-        self.graceful.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|g| g.watcher())
+    /// What a new intercepted connection watches for shutdown; `None` once it began.
+    pub(super) fn watcher(&self) -> Option<watch::Receiver<bool>> {
+        self.stopping.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Lets in-flight requests on intercepted connections finish (for at most `limit`), and
     /// closes those connections; new ones are refused from now on.
     pub async fn drain(&self, limit: Duration) {
-        let graceful = self.graceful.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(graceful) = graceful {
-            if tokio::time::timeout(limit, graceful.shutdown()).await.is_err() {
-                tracing::warn!(drain = ?limit, "intercepted connections did not finish in time");
-            }
+        let stopping = self.stopping.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if stopping.is_none() {
+            return;
+        }
+        drop(stopping);
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(limit, self.stop.closed()).await.is_err() {
+            tracing::warn!(drain = ?limit, "intercepted connections did not finish in time");
         }
     }
 }
