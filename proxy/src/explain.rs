@@ -318,7 +318,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<(String, bool)> {
             d.code
         )),
     }
-    let mut assumed = Assumed::new();
+    let mut assumed = Assumed::new(route);
     let now = crate::clock::now();
     let approval = headers.get(crate::oversight::APPROVAL_HEADER);
     let result = match lifecycle::decide(&rules, &req, &mut assumed, now) {
@@ -429,11 +429,18 @@ fn outcome(
 struct Assumed {
     notes: Vec<String>,
     budgets: BudgetEngine<MemoryStore>,
+    /// The route's name and its upstream's authority (whose breaker the route's calls share).
+    route: (String, String),
 }
 
 impl Assumed {
-    fn new() -> Self {
-        Assumed { notes: Vec::new(), budgets: BudgetEngine::new(MemoryStore::default()) }
+    fn new(route: &crate::config::Route) -> Self {
+        let authority = route.upstream.authority().map_or_else(String::new, |a| a.to_string());
+        Assumed {
+            notes: Vec::new(),
+            budgets: BudgetEngine::new(MemoryStore::default()),
+            route: (route.name.clone(), authority),
+        }
     }
 
     fn note(&mut self, text: String) {
@@ -523,7 +530,10 @@ impl Stores for Assumed {
     }
 
     fn breaker(&mut self, _now: UnixMillis) -> Result<(), BreakerOpen> {
-        self.note("the upstream's circuit breaker (assumed closed)".into());
+        let (route, upstream) = &self.route;
+        self.note(format!(
+            "the circuit breaker of route {route}, upstream {upstream} (assumed closed)"
+        ));
         Ok(())
     }
 

@@ -35,7 +35,8 @@ pub struct Table {
     pub guardrails: Value,
     /// The `autonomy:` section every mode runs (JSON).
     pub autonomy: Value,
-    /// The `oversight:` section every mode runs (JSON): the loop detector.
+    /// The `oversight:` section every mode runs (JSON): the loop detector, circuit breakers and
+    /// error escalation.
     pub oversight: Value,
     /// Mode (or `all`) → the metric series names whose changes are compared in that mode.
     pub compared: BTreeMap<String, Vec<String>>,
@@ -67,9 +68,35 @@ pub struct Case {
     /// What the upstream must receive, when the case says.
     pub upstream: Option<Upstream>,
     /// How many times the request is sent (`repeat`, 1 unless the case says): the earlier
-    /// sends ([`Case::earlier_headers`]) build the live state the last one is decided on (the
-    /// loop detector's calls); `expect`, `ledger`, `metrics` and `upstream` are the last one's.
+    /// sends ([`Case::earlier_headers`]) build the live state the last one is decided on
+    /// (`live`: the loop detector's calls, a breaker's failures, an agent's errors); `expect`,
+    /// `ledger`, `metrics` and `upstream` are the last one's.
     pub repeat: usize,
+    /// The host the case is sent to (`host`), when not the default: a route of its own to the
+    /// mock upstream in every mode ([`Table::hosts`]), so that its circuit breaker is its own.
+    pub host: Option<String>,
+    /// The oversight state (`live`: `loops`, `breaker` or `escalation`, a section of the table's
+    /// `oversight:`) the answer is decided on that earlier sends left (the case's own repeats,
+    /// or earlier cases of its agent or host): `tollgate explain` cannot know it.
+    pub live: Option<String>,
+    /// The answer's `Retry-After` in seconds (`expect.retry_after`), or `None`: no
+    /// `Retry-After` ([`Case::check_retry_after`]).
+    pub retry_after: Option<u64>,
+}
+
+/// How far below the table's `retry_after` an answer's `Retry-After` may be: the seconds that
+/// pass between the send that started the clock (a breaker opening, a first call) and the one
+/// checked.
+pub const RETRY_AFTER_SLACK: u64 = 30;
+
+/// The route of a case's own host: an OpenAI route (`path_prefix: /v1/`) named after the host's
+/// first label, in every mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRoute {
+    /// The route's name (the sidecar's route, Envoy's named route).
+    pub name: String,
+    /// The host (`Host` header, or the host an HTTPS_PROXY client connects to).
+    pub host: String,
 }
 
 /// What reaches the upstream for a case (`upstream` in the table).
@@ -258,10 +285,36 @@ impl Table {
                         usize::try_from(n).expect("repeat")
                     }
                 };
+                let host = c.get("host").map(|h| {
+                    let h = h.as_str().unwrap_or_else(|| panic!("{name}: host is text"));
+                    assert!(
+                        !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b == b'.'),
+                        "{name}: host {h:?} is a lowercase name"
+                    );
+                    h.to_owned()
+                });
+                let live = c.get("live").map(|l| {
+                    let l = l.as_str().unwrap_or_else(|| panic!("{name}: live is text"));
+                    assert!(
+                        doc["oversight"].get(l).is_some(),
+                        "{name}: live {l:?} is not a section of the table's oversight"
+                    );
+                    l.to_owned()
+                });
+                assert!(
+                    repeat == 1 || live.is_some(),
+                    "{name}: a repeated case names the live state its repeats build (`live`)"
+                );
+                let retry_after = e.get("retry_after").map(|r| {
+                    r.as_u64().unwrap_or_else(|| panic!("{name}: expect.retry_after is seconds"))
+                });
                 Case {
                     name,
                     upstream,
                     repeat,
+                    host,
+                    live,
+                    retry_after,
                     path: c["path"].as_str().expect("path").to_owned(),
                     headers,
                     body,
@@ -344,6 +397,19 @@ impl Table {
         failures
     }
 
+    /// The hosts of the cases that name one (`host`), each once, with its route.
+    pub fn hosts(&self) -> Vec<HostRoute> {
+        let mut hosts: Vec<HostRoute> = Vec::new();
+        for host in self.cases.iter().filter_map(|c| c.host.as_deref()) {
+            if hosts.iter().all(|h| h.host != host) {
+                let name = host.split('.').next().unwrap_or(host).to_owned();
+                assert!(hosts.iter().all(|h| h.name != name), "two hosts named {name}");
+                hosts.push(HostRoute { name, host: host.to_owned() });
+            }
+        }
+        hosts
+    }
+
     /// The metric series names compared in `mode`.
     pub fn compared(&self, mode: &str) -> Vec<&str> {
         ["all", mode]
@@ -369,6 +435,15 @@ impl Case {
         headers
     }
 
+    /// `headers` with the case's `host` as the `Host` header (reverse mode and Envoy; an
+    /// HTTPS_PROXY client connects to the host instead).
+    pub fn with_host(&self, mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+        if let Some(host) = &self.host {
+            headers.push(("host".into(), host.clone()));
+        }
+        headers
+    }
+
     /// The headers of the case's earlier sends in `mode` (none unless it repeats): as
     /// [`Case::sent_headers`], each with its own request id (`table-<mode>-repeat<k>-<index>`),
     /// so that their records and what reached the upstream are told apart from the last send's.
@@ -383,6 +458,28 @@ impl Case {
                 headers
             })
             .collect()
+    }
+
+    /// Compares an answer's `Retry-After` with the table's `expect.retry_after`: at most it and
+    /// at most [`RETRY_AFTER_SLACK`] seconds under it, or absent when the table names none.
+    pub fn check_retry_after(&self, header: Option<&str>) -> Option<String> {
+        let got = header.map(|v| v.trim().parse::<u64>().map_err(|_| v.to_owned()));
+        let fine = match (self.retry_after, &got) {
+            (None, None) => true,
+            (Some(want), Some(Ok(secs))) => *secs <= want && *secs + RETRY_AFTER_SLACK >= want,
+            _ => false,
+        };
+        (!fine).then(|| {
+            format!(
+                "{}: retry-after {:?}, want {}",
+                self.name,
+                header,
+                self.retry_after.map_or("none".to_owned(), |s| format!(
+                    "{}..={s} s",
+                    s.saturating_sub(RETRY_AFTER_SLACK)
+                ))
+            )
+        })
     }
 
     /// Compares what reached the upstream for the case in `mode` with the table's `upstream`:

@@ -59,14 +59,27 @@ impl Forward {
         pricing: &str,
         more_routes: &[&str],
     ) -> Forward {
-        let mock = MockUpstream::start_tls_for(&HOSTS).await;
+        Forward::start_for_hosts(policy, forward_extra, pricing, more_routes, &[]).await
+    }
+
+    /// [`Forward::start_with_routes`] with the mock playing `more_hosts` too (an upstream of
+    /// its own for a route of `more_routes`, `https://<host>`: a circuit breaker of its own).
+    pub async fn start_for_hosts(
+        policy: &str,
+        forward_extra: &str,
+        pricing: &str,
+        more_routes: &[&str],
+        more_hosts: &[&str],
+    ) -> Forward {
+        let hosts: Vec<&str> = HOSTS.iter().chain(more_hosts).copied().collect();
+        let mock = MockUpstream::start_tls_for(&hosts).await;
         let dir = temp_dir("fwd");
         let mock_ca = dir.join("mock-ca.pem");
         std::fs::write(&mock_ca, mock.ca_pem().expect("a TLS mock has a CA")).unwrap();
         let (ca_cert, ca_key) = tollgate::ca::init(&dir.join("ca"), false).expect("ca init");
         let data_dir = dir.join("data");
         let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
-        let overrides: String = HOSTS
+        let overrides: String = hosts
             .iter()
             .map(|h| format!("    {h}: {{addr: \"{}\", ca_file: {}}}\n", mock.addr(), q(&mock_ca)))
             .collect();

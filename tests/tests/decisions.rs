@@ -12,20 +12,24 @@ use tollgate_e2e::decisions::{Case, Outcome, Table};
 use tollgate_e2e::exposition::{self, Exposition};
 use tollgate_e2e::forward::Forward;
 use tollgate_e2e::harness::{read, Harness, Reply};
+use tollgate_e2e::mock::{MockUpstream, RecordedRequest};
 
 /// How long a case's record and metrics may take to show after its answer.
 const SETTLE: Duration = Duration::from_secs(5);
 
 /// The proxy a table runs against.
 enum Target {
-    Sidecar(Box<Harness>),
+    /// The sidecar, and the mock that plays the upstream of the table's own hosts
+    /// ([`Table::hosts`]): another authority, so another circuit breaker.
+    Sidecar(Box<Harness>, MockUpstream),
+    /// HTTPS_PROXY mode, its mock playing the table's hosts too.
     HttpsProxy(Box<Forward>),
 }
 
 impl Target {
     fn mode(&self) -> &'static str {
         match self {
-            Target::Sidecar(_) => "sidecar",
+            Target::Sidecar(..) => "sidecar",
             Target::HttpsProxy(_) => "https_proxy",
         }
     }
@@ -37,14 +41,15 @@ impl Target {
     async fn send_with(&self, case: &Case, headers: &[(String, String)]) -> Reply {
         let headers = headers.to_vec();
         match self {
-            Target::Sidecar(proxy) => {
+            Target::Sidecar(proxy, _) => {
+                let headers = case.with_host(headers);
                 read(proxy.send(Method::POST, &case.path, &headers, case.body.clone()).await).await
             }
             Target::HttpsProxy(f) => {
-                let host = if case.path.starts_with("/v1/messages") {
-                    "api.anthropic.com"
-                } else {
-                    "api.openai.com"
+                let host = match &case.host {
+                    Some(host) => host.as_str(),
+                    None if case.path.starts_with("/v1/messages") => "api.anthropic.com",
+                    None => "api.openai.com",
                 };
                 f.send(host, Method::POST, &case.path, &headers, case.body.clone())
                     .await
@@ -55,22 +60,24 @@ impl Target {
 
     async fn metrics(&self) -> Exposition {
         let text = match self {
-            Target::Sidecar(proxy) => proxy.metrics().await,
+            Target::Sidecar(proxy, _) => proxy.metrics().await,
             Target::HttpsProxy(f) => f.metrics().await,
         };
         exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
-    fn upstream(&self) -> Vec<tollgate_e2e::mock::RecordedRequest> {
+    fn upstream(&self) -> Vec<RecordedRequest> {
         match self {
-            Target::Sidecar(proxy) => proxy.mock.requests(),
+            Target::Sidecar(proxy, hosts) => {
+                proxy.mock.requests().into_iter().chain(hosts.requests()).collect()
+            }
             Target::HttpsProxy(f) => f.mock.requests(),
         }
     }
 
     async fn ledger(&self) -> Vec<Value> {
         match self {
-            Target::Sidecar(proxy) => proxy.ledger().await,
+            Target::Sidecar(proxy, _) => proxy.ledger().await,
             Target::HttpsProxy(f) => f.ledger().await,
         }
     }
@@ -115,12 +122,11 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
     let mode = target.mode();
     let mut failures = Vec::new();
     for case in &table.cases {
-        // A repeated case's earlier sends, and then a scrape that no longer changes: what they
-        // counted is not the last send's.
+        // A repeated case's earlier sends, each followed by scrapes that no longer change: its
+        // outcome (a breaker's failure, an agent's error) is reported when it ends, before it is
+        // counted, and what they counted is not the last send's.
         for headers in case.earlier_headers(mode) {
             target.send_with(case, &headers).await;
-        }
-        if case.repeat > 1 {
             settle(table, target).await;
         }
         let before = target.metrics().await;
@@ -134,6 +140,7 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
                 reply.text()
             ));
         }
+        failures.extend(case.check_retry_after(reply.header("retry-after")));
         let id = case.request_id(mode);
         if reply.header("x-request-id") != Some(id.as_str()) {
             failures.push(format!(
@@ -173,15 +180,21 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
 async fn the_sidecar_decides_the_shared_table_as_expected() {
     let table = Table::load();
     let policy = serde_json::to_string(&table.policy).unwrap();
-    let proxy = Harness::builder()
-        .policy(&policy)
-        .extra(&table.sections_yaml())
-        .route(
-            r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
-        )
-        .start()
-        .await;
-    let failures = run(&table, &Target::Sidecar(Box::new(proxy))).await;
+    // The table's own hosts: a route each (by `Host`) to a second mock, another authority.
+    let hosts = MockUpstream::start().await;
+    let mut builder = Harness::builder().policy(&policy).extra(&table.sections_yaml()).route(
+        r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "{upstream}"}"#,
+    );
+    for h in table.hosts() {
+        builder = builder.route(&format!(
+            "{{name: {}, host: {}, path_prefix: /v1/, kind: openai, upstream: \"{}\"}}",
+            h.name,
+            h.host,
+            hosts.base_url()
+        ));
+    }
+    let proxy = builder.start().await;
+    let failures = run(&table, &Target::Sidecar(Box::new(proxy), hosts)).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -190,7 +203,21 @@ async fn https_proxy_mode_decides_the_shared_table_as_expected() {
     let table = Table::load();
     let policy = serde_json::to_string(&table.policy).unwrap();
     let mcp = r#"{name: mcp, path_prefix: /mcp, kind: mcp, category: read, upstream: "https://api.openai.com"}"#;
-    let f = Forward::start_with_routes(&policy, "", &table.sections_yaml(), &[mcp]).await;
+    // The table's own hosts: a route each to `https://<host>`, which the mock plays too (its
+    // `host:` keeps it apart from the OpenAI route for a request that names no host).
+    let hosts = table.hosts();
+    let own: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "{{name: {}, host: {}, path_prefix: /v1/, kind: openai, upstream: \"https://{}\"}}",
+                h.name, h.host, h.host
+            )
+        })
+        .collect();
+    let routes: Vec<&str> = std::iter::once(mcp).chain(own.iter().map(String::as_str)).collect();
+    let names: Vec<&str> = hosts.iter().map(|h| h.host.as_str()).collect();
+    let f = Forward::start_for_hosts(&policy, "", &table.sections_yaml(), &routes, &names).await;
     let failures = run(&table, &Target::HttpsProxy(Box::new(f))).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

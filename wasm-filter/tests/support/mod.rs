@@ -229,7 +229,8 @@ pub fn raw(port: u16, raw: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// Sends a request and reads the response head; the body is left in the reader.
+/// Sends a request and reads the response head; the body is left in the reader. The `host` is
+/// `localhost` unless `headers` name one.
 pub fn send(
     port: u16,
     method: &str,
@@ -239,7 +240,11 @@ pub fn send(
 ) -> std::io::Result<(Response, BufReader<TcpStream>)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        req.push_str("host: localhost\r\n");
+    }
+    req.push_str("connection: close\r\n");
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }
