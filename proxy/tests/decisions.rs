@@ -62,6 +62,7 @@ async fn the_binary_decides_the_shared_table_as_expected() {
             tokio::time::sleep(SETTLE).await;
         }
         // A repeated case's earlier sends build the live state the last one is decided on.
+        tokio::time::sleep(case.wait_for_window()).await;
         for headers in case.earlier_headers("binary") {
             let earlier = send(headers).await.expect("the proxy answers");
             earlier.into_body().collect().await.expect("body");
@@ -161,6 +162,8 @@ fn explain_predicts_the_shared_table() {
                 "loops" => "loop detector".to_owned(),
                 "breaker" => format!("the circuit breaker of route {}", route_of(&table, case)),
                 "escalation" => format!("escalation standing of agent {}", agent_of(case)),
+                "rate_limits" => "rate limits (".to_owned(),
+                "guardrail_rate" => format!("guardrail rate of agent {}", agent_of(case)),
                 other => panic!("{}: no explain note for live state {other}", case.name),
             };
             let notes = json["not_evaluated"].as_array().cloned().unwrap_or_default();

@@ -79,10 +79,29 @@ pub struct Case {
     /// `oversight:`) the answer is decided on that earlier sends left (the case's own repeats,
     /// or earlier cases of its agent or host): `tollgate explain` cannot know it.
     pub live: Option<String>,
-    /// The answer's `Retry-After` in seconds (`expect.retry_after`), or `None`: no
-    /// `Retry-After` ([`Case::check_retry_after`]).
-    pub retry_after: Option<u64>,
+    /// The answer's `Retry-After` (`expect.retry_after`), or `None`: no `Retry-After`
+    /// ([`Case::check_retry_after`]).
+    pub retry_after: Option<RetryAfter>,
 }
+
+/// What a case's answer must say in `Retry-After`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// These seconds, counted from an earlier send (`retry_after: 3600`): at most them and at
+    /// most [`RETRY_AFTER_SLACK`] under them.
+    About(u64),
+    /// The end of a fixed window that began whenever the clock says (`retry_after: {"within":
+    /// 60}`, a minute's rate limit): from 1 to these seconds.
+    Within(u64),
+}
+
+/// The counted live state a repeated case may name besides the oversight sections: the
+/// policy's rate limits (`rpm`, `tpm`) and the guardrails' hourly action counts.
+pub const LIVE_COUNTS: [&str; 2] = ["rate_limits", "guardrail_rate"];
+
+/// How much of a fixed window must be left for a case counting in it to start
+/// ([`Case::wait_for_window`]).
+pub const WINDOW_MARGIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// How far below the table's `retry_after` an answer's `Retry-After` may be: the seconds that
 /// pass between the send that started the clock (a breaker opening, a first call) and the one
@@ -296,8 +315,9 @@ impl Table {
                 let live = c.get("live").map(|l| {
                     let l = l.as_str().unwrap_or_else(|| panic!("{name}: live is text"));
                     assert!(
-                        doc["oversight"].get(l).is_some(),
-                        "{name}: live {l:?} is not a section of the table's oversight"
+                        doc["oversight"].get(l).is_some() || LIVE_COUNTS.contains(&l),
+                        "{name}: live {l:?} is neither a section of the table's oversight nor \
+                         one of {LIVE_COUNTS:?}"
                     );
                     l.to_owned()
                 });
@@ -306,7 +326,14 @@ impl Table {
                     "{name}: a repeated case names the live state its repeats build (`live`)"
                 );
                 let retry_after = e.get("retry_after").map(|r| {
-                    r.as_u64().unwrap_or_else(|| panic!("{name}: expect.retry_after is seconds"))
+                    let within = r.get("within").and_then(|w| w.as_u64());
+                    match (r.as_u64(), within) {
+                        (Some(secs), _) => RetryAfter::About(secs),
+                        (None, Some(secs)) => RetryAfter::Within(secs),
+                        _ => panic!(
+                            "{name}: expect.retry_after is seconds or {{\"within\": seconds}}"
+                        ),
+                    }
                 });
                 Case {
                     name,
@@ -444,6 +471,28 @@ impl Case {
         headers
     }
 
+    /// How long to wait before the case's first send so that all its sends fall in one fixed
+    /// window of the live count it builds (a minute for `rate_limits`, a UTC hour for
+    /// `guardrail_rate`; zero for any other case): a window that ended between them would
+    /// start the count again. The sends and their settling take a few seconds, so a case that
+    /// would start in a window's last [`WINDOW_MARGIN`] waits for the next one.
+    pub fn wait_for_window(&self) -> std::time::Duration {
+        let window_ms: u64 = match self.live.as_deref() {
+            Some("rate_limits") => 60_000,
+            Some("guardrail_rate") => 3_600_000,
+            _ => return std::time::Duration::ZERO,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is past 1970")
+            .as_millis() as u64;
+        let left = window_ms - now % window_ms;
+        if left > WINDOW_MARGIN.as_millis() as u64 {
+            return std::time::Duration::ZERO;
+        }
+        std::time::Duration::from_millis(left + 50)
+    }
+
     /// The headers of the case's earlier sends in `mode` (none unless it repeats): as
     /// [`Case::sent_headers`], each with its own request id (`table-<mode>-repeat<k>-<index>`),
     /// so that their records and what reached the upstream are told apart from the last send's.
@@ -464,21 +513,19 @@ impl Case {
     /// at most [`RETRY_AFTER_SLACK`] seconds under it, or absent when the table names none.
     pub fn check_retry_after(&self, header: Option<&str>) -> Option<String> {
         let got = header.map(|v| v.trim().parse::<u64>().map_err(|_| v.to_owned()));
+        let (low, high) = match self.retry_after {
+            Some(RetryAfter::About(s)) => (s.saturating_sub(RETRY_AFTER_SLACK), s),
+            Some(RetryAfter::Within(s)) => (1, s),
+            None => (0, 0),
+        };
         let fine = match (self.retry_after, &got) {
             (None, None) => true,
-            (Some(want), Some(Ok(secs))) => *secs <= want && *secs + RETRY_AFTER_SLACK >= want,
+            (Some(_), Some(Ok(secs))) => (low..=high).contains(secs),
             _ => false,
         };
         (!fine).then(|| {
-            format!(
-                "{}: retry-after {:?}, want {}",
-                self.name,
-                header,
-                self.retry_after.map_or("none".to_owned(), |s| format!(
-                    "{}..={s} s",
-                    s.saturating_sub(RETRY_AFTER_SLACK)
-                ))
-            )
+            let want = self.retry_after.map_or("none".to_owned(), |_| format!("{low}..={high} s"));
+            format!("{}: retry-after {header:?}, want {want}", self.name)
         })
     }
 

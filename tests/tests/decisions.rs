@@ -125,6 +125,7 @@ async fn run(table: &Table, target: &Target) -> Vec<String> {
         // A repeated case's earlier sends, each followed by scrapes that no longer change: its
         // outcome (a breaker's failure, an agent's error) is reported when it ends, before it is
         // counted, and what they counted is not the last send's.
+        tokio::time::sleep(case.wait_for_window()).await;
         for headers in case.earlier_headers(mode) {
             target.send_with(case, &headers).await;
             settle(table, target).await;

@@ -486,6 +486,7 @@ fn the_filter_decides_the_shared_table_as_the_sidecar_does() {
         // A repeated case's earlier sends, each followed by scrapes until two a few ticks apart
         // are the same: its outcome (a breaker's failure, an agent's error) is reported in its
         // log phase, where it is counted, and what they counted is not the last send's.
+        std::thread::sleep(case.wait_for_window());
         for sent in case.earlier_headers(MODE) {
             let sent = case.with_host(sent);
             let headers: Vec<(&str, &str)> =
