@@ -239,3 +239,22 @@ fn route_of(table: &Table, case: &Case) -> String {
 fn agent_of(case: &Case) -> &str {
     case.headers.iter().find(|(n, _)| n == "x-agent-id").map_or("", |(_, v)| v.as_str())
 }
+
+/// The table's policy has a rule on every `match:` field the policy language has, so that each
+/// is shown to match alike in every mode (each rule has a case of its own).
+#[test]
+fn the_table_has_a_rule_on_every_match_field() {
+    let table = Table::load();
+    let used: std::collections::BTreeSet<&str> = table.policy["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .flat_map(|r| r["match"].as_object().expect("match").keys().map(String::as_str))
+        .collect();
+    let missing: Vec<&str> = tollgate_core::policy::rule::Dim::ALL
+        .iter()
+        .map(|(_, key)| *key)
+        .filter(|key| !used.contains(key))
+        .collect();
+    assert!(missing.is_empty(), "no rule of the table matches on {missing:?}");
+}
