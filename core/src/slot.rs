@@ -38,6 +38,17 @@ impl<'b> Reader<'b> {
         std::str::from_utf8(self.take(len)?).ok()
     }
 
+    /// A count, then that many entries, each read by `entry` (written by [`Writer::count`] and
+    /// the entries). The count is not trusted for the allocation: a bad one runs out of bytes.
+    pub fn list<T>(&mut self, mut entry: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let n = self.u32()? as usize;
+        let mut items = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            items.push(entry(self)?);
+        }
+        Some(items)
+    }
+
     /// Whether everything was read.
     pub fn is_empty(&self) -> bool {
         self.rest.is_empty()
@@ -47,6 +58,20 @@ impl<'b> Reader<'b> {
     pub fn end<T>(self, value: T) -> Option<T> {
         self.rest.is_empty().then_some(value)
     }
+}
+
+/// Decodes a whole record with `read`: empty bytes are the empty record (`T::default()`, what
+/// shared data holds before the first write); `None` when `read` fails or leaves bytes over.
+pub fn decode<T: Default>(
+    bytes: &[u8],
+    read: impl FnOnce(&mut Reader<'_>) -> Option<T>,
+) -> Option<T> {
+    if bytes.is_empty() {
+        return Some(T::default());
+    }
+    let mut r = Reader::new(bytes);
+    let value = read(&mut r)?;
+    r.end(value)
 }
 
 /// Writes a record for [`Reader`].

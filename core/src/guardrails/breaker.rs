@@ -349,30 +349,23 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut slot = Slot::default();
-        if bytes.is_empty() {
-            return Some(slot);
-        }
-        let mut r = crate::slot::Reader::new(bytes);
-        for _ in 0..r.u32()? {
-            let upstream = r.str()?.to_owned();
-            let (tag, value) = (r.u8()?, r.u64()?);
-            let inner = match tag {
-                0 => Inner::Closed { failures: u32::try_from(value).ok()? },
-                1 => Inner::Open { until: value },
-                2 => Inner::HalfOpen { probe_started: value },
-                _ => return None,
-            };
-            slot.entries.push((upstream, inner));
-        }
-        // The gauged upstreams follow, when there are any (a slot written before gauges has
-        // none).
-        if !r.is_empty() {
-            for _ in 0..r.u32()? {
-                slot.gauged.push(r.str()?.to_owned());
-            }
-        }
-        r.end(slot)
+        crate::slot::decode(bytes, |r| {
+            let entries = r.list(|r| {
+                let upstream = r.str()?.to_owned();
+                let inner = match (r.u8()?, r.u64()?) {
+                    (0, failures) => Inner::Closed { failures: u32::try_from(failures).ok()? },
+                    (1, until) => Inner::Open { until },
+                    (2, probe_started) => Inner::HalfOpen { probe_started },
+                    _ => return None,
+                };
+                Some((upstream, inner))
+            })?;
+            // The gauged upstreams follow, when there are any (a slot written before gauges
+            // has none).
+            let gauged =
+                if r.is_empty() { Vec::new() } else { r.list(|r| r.str().map(str::to_owned))? };
+            Some(Slot { entries, gauged })
+        })
     }
 
     /// The bytes [`Slot::decode`] reads.

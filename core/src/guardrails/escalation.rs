@@ -343,24 +343,20 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut slot = Slot::default();
-        if bytes.is_empty() {
-            return Some(slot);
-        }
-        let mut r = crate::slot::Reader::new(bytes);
-        for _ in 0..r.u32()? {
-            let agent = r.str()?.to_owned();
-            let errors = r.u32()?;
-            let disabled = match r.u8()? {
-                0 => None,
-                // Disabled, written before the time was kept.
-                1 => Some(0),
-                2 => Some(r.u64()?),
-                _ => return None,
-            };
-            slot.entries.push((agent, errors, disabled));
-        }
-        r.end(slot)
+        crate::slot::decode(bytes, |r| {
+            let entries = r.list(|r| {
+                let (agent, errors) = (r.str()?.to_owned(), r.u32()?);
+                let disabled = match r.u8()? {
+                    0 => None,
+                    // Disabled, written before the time was kept.
+                    1 => Some(0),
+                    2 => Some(r.u64()?),
+                    _ => return None,
+                };
+                Some((agent, errors, disabled))
+            })?;
+            Some(Slot { entries })
+        })
     }
 
     /// The bytes [`Slot::decode`] reads.

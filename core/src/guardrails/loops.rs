@@ -225,21 +225,10 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut slot = Slot::default();
-        if bytes.is_empty() {
-            return Some(slot);
-        }
-        let mut r = crate::slot::Reader::new(bytes);
-        for _ in 0..r.u32()? {
-            let digest = r.u64()?;
-            let k = r.u32()? as usize;
-            let mut times = Vec::with_capacity(k.min(64));
-            for _ in 0..k {
-                times.push(r.u64()?);
-            }
-            slot.entries.push((digest, times));
-        }
-        r.end(slot)
+        crate::slot::decode(bytes, |r| {
+            let entries = r.list(|r| Some((r.u64()?, r.list(crate::slot::Reader::u64)?)))?;
+            Some(Slot { entries })
+        })
     }
 
     /// The bytes [`Slot::decode`] reads.

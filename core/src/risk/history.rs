@@ -78,17 +78,10 @@ impl Slot {
 
     /// Decodes a stored slot (empty bytes: an empty slot). `None`: not a slot.
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        let mut slot = Slot::default();
-        if bytes.is_empty() {
-            return Some(slot);
-        }
-        let mut r = crate::slot::Reader::new(bytes);
-        for _ in 0..r.u32()? {
-            let key = r.str()?.to_owned();
-            let (successes, total) = (r.u64()?, r.u64()?);
-            slot.entries.push((key, successes, total));
-        }
-        r.end(slot)
+        crate::slot::decode(bytes, |r| {
+            let entries = r.list(|r| Some((r.str()?.to_owned(), r.u64()?, r.u64()?)))?;
+            Some(Slot { entries })
+        })
     }
 
     /// The bytes [`Slot::decode`] reads.
