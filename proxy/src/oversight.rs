@@ -376,11 +376,7 @@ impl Oversight {
         at: UnixMillis,
     ) {
         tracing::warn!(upstream = %upstream, source = %source, "circuit breaker opened in an Envoy");
-        alerts.raise(crate::alerts::Detail::CircuitOpen(crate::alerts::event::CircuitOpen {
-            upstream: upstream.to_string(),
-            open_for_ms,
-            retry_at: UnixMillis(at.0.saturating_add(open_for_ms)).to_string(),
-        }));
+        circuit_opened(alerts, upstream, open_for_ms, at);
     }
 
     /// An Envoy filter reporting to this collector disabled `agent` (the action whose error did
@@ -431,23 +427,7 @@ impl Oversight {
         };
         if added {
             tracing::warn!(agent = %agent, source = %source, "agent disabled by an Envoy");
-            alerts.raise(crate::alerts::Detail::AgentDisabled(
-                crate::alerts::event::AgentDisabled {
-                    agent: agent.to_string(),
-                    action: action.to_string(),
-                    status,
-                },
-            ));
-            ledger.audit(audit::Event {
-                ts: now().to_string(),
-                kind: AuditKind::AgentDisabled,
-                agent: agent.to_string(),
-                effect: Effect::Deny,
-                reason: "agent_disabled".into(),
-                tool: Some(action.to_string()),
-                actor: Some(source.to_string()),
-                ..Default::default()
-            });
+            agent_disabled(ledger, alerts, (agent, action, status), source, now());
         }
         Reported::Taken
     }
@@ -481,13 +461,7 @@ impl Oversight {
                 let open_for_ms = b.open_for_ms();
                 drop(b);
                 tracing::warn!(upstream = %key, "circuit breaker opened");
-                alerts.raise(crate::alerts::Detail::CircuitOpen(
-                    crate::alerts::event::CircuitOpen {
-                        upstream: key.clone(),
-                        open_for_ms,
-                        retry_at: UnixMillis(now.0.saturating_add(open_for_ms)).to_string(),
-                    },
-                ));
+                circuit_opened(alerts, key, open_for_ms, now);
             }
         }
         let Some((agent, action)) = &admitted.track else { return };
@@ -508,13 +482,7 @@ impl Oversight {
                 && !matches!(before, Standing::Disabled { .. })
             {
                 tracing::warn!(agent = %agent, "agent disabled after consecutive errors");
-                alerts.raise(crate::alerts::Detail::AgentDisabled(
-                    crate::alerts::event::AgentDisabled {
-                        agent: agent.to_string(),
-                        action: action.to_string(),
-                        status,
-                    },
-                ));
+                agent_disabled(ledger, alerts, (agent, action, status), "proxy", now);
                 // Off the request path; a failure is logged (the agent stays disabled in memory).
                 let (store, snapshot) =
                     (self.disabled.clone(), self.disabled.snapshot(e.disabled()));
@@ -533,16 +501,6 @@ impl Oversight {
                     Ok(rt) => drop(rt.spawn_blocking(write)),
                     Err(_) => write(),
                 }
-                ledger.audit(audit::Event {
-                    ts: now.to_string(),
-                    kind: AuditKind::AgentDisabled,
-                    agent: agent.to_string(),
-                    effect: Effect::Deny,
-                    reason: "agent_disabled".into(),
-                    tool: Some(action.to_string()),
-                    actor: Some("proxy".into()),
-                    ..Default::default()
-                });
             }
         }
     }
@@ -627,6 +585,48 @@ pub fn audit_approval(ledger: &Ledger, a: &Approval, t: Transition, actor: Optio
         note: matches!(t, Transition::Granted | Transition::Denied)
             .then(|| a.note.clone())
             .flatten(),
+        ..Default::default()
+    });
+}
+
+/// A circuit breaker opened (this proxy's, or an Envoy's it collects for): the `circuit_open`
+/// alert, with the time its probe is let through.
+fn circuit_opened(
+    alerts: &crate::alerts::Alerts,
+    upstream: &str,
+    open_for_ms: u64,
+    at: UnixMillis,
+) {
+    alerts.raise(crate::alerts::Detail::CircuitOpen(crate::alerts::event::CircuitOpen {
+        upstream: upstream.to_string(),
+        open_for_ms,
+        retry_at: UnixMillis(at.0.saturating_add(open_for_ms)).to_string(),
+    }));
+}
+
+/// Error escalation disabled `agent` (the action whose error did it, and its status): the
+/// `agent_disabled` alert and audit record, `actor` being who disabled it (`proxy`, or the
+/// Envoy VM that reported it).
+fn agent_disabled(
+    ledger: &Ledger,
+    alerts: &crate::alerts::Alerts,
+    (agent, action, status): (&str, &str, u16),
+    actor: &str,
+    at: UnixMillis,
+) {
+    alerts.raise(crate::alerts::Detail::AgentDisabled(crate::alerts::event::AgentDisabled {
+        agent: agent.to_string(),
+        action: action.to_string(),
+        status,
+    }));
+    ledger.audit(audit::Event {
+        ts: at.to_string(),
+        kind: AuditKind::AgentDisabled,
+        agent: agent.to_string(),
+        effect: Effect::Deny,
+        reason: "agent_disabled".into(),
+        tool: Some(action.to_string()),
+        actor: Some(actor.to_string()),
         ..Default::default()
     });
 }
