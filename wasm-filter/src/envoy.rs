@@ -569,6 +569,23 @@ fn collector_call(
     )
 }
 
+/// The body of the answer to an HTTP callout (`size` bytes, as Envoy reported it; empty when
+/// the host has none).
+fn callout_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// A collector's JSON answer: `body` read as `T` when the status is 200, else `None`.
+fn json_answer<T: serde::de::DeserializeOwned>(status: Option<&str>, body: &[u8]) -> Option<T> {
+    match status {
+        Some("200") => serde_json::from_slice(body).ok(),
+        _ => None,
+    }
+}
+
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
@@ -609,12 +626,7 @@ impl Context for Root {
                     _ => (0, 60_000),
                 };
                 let body = match status.as_deref() {
-                    Some(s) if s.starts_with('2') || s.starts_with('4') => {
-                        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                            .ok()
-                            .flatten()
-                            .unwrap_or_default()
-                    }
+                    Some(s) if s.starts_with('2') || s.starts_with('4') => callout_body(body_size),
                     _ => Vec::new(),
                 };
                 let answers = verdicts(status.as_deref(), &body);
@@ -949,10 +961,7 @@ impl Root {
             .ok()
             .flatten()
             .and_then(|v| String::from_utf8(v).ok());
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body = callout_body(body_size);
         {
             let mut poll = self.vm.poll.borrow_mut();
             poll.etag = etag;

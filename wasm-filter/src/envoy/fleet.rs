@@ -17,7 +17,10 @@ use tollgate_core::budget::lease::SyncAnswer;
 use tollgate_core::lifecycle::Parked;
 use tollgate_core::metrics as schema;
 
-use super::{collector_call, log, model_of, now, set_buffer, Call, Config, Http, Root, Vm};
+use super::{
+    callout_body, collector_call, json_answer, log, model_of, now, set_buffer, Call, Config, Http,
+    Root, Vm,
+};
 use crate::exchange::{Ask, AskCall, Decided, Exchange, Now};
 use crate::lease::Outgoing;
 use crate::reply::{Class, Denial};
@@ -190,14 +193,11 @@ impl Root {
         body_size: usize,
     ) {
         self.vm.loop_sync.in_flight.set(false);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let answer = serde_json::from_slice::<tollgate_core::guardrails::loops::merged::Synced>;
+        let body = callout_body(body_size);
+        let answer = json_answer::<tollgate_core::guardrails::loops::merged::Synced>(status, &body);
         let mut loops = self.vm.budgets.loops.borrow_mut();
-        match (status, answer(&body)) {
-            (Some("200"), Ok(synced)) => {
+        match answer {
+            Some(synced) => {
                 loops.read(&synced.since, synced.calls.iter().map(String::as_str), now().ms.0)
             }
             _ => {
@@ -251,17 +251,8 @@ impl Root {
     /// The collector's answer about one request's approval (`status` `None`: no answer).
     pub(super) fn approval_answered(&self, id: u32, status: Option<&str>, body_size: usize) {
         let Some(asking) = self.vm.asking.borrow_mut().remove(&id) else { return };
-        let body = match status {
-            Some(_) => hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let answer = match status {
-            Some("200") => serde_json::from_slice::<RemoteAnswer>(&body).ok(),
-            _ => None,
-        };
+        let body = status.map(|_| callout_body(body_size)).unwrap_or_default();
+        let answer = json_answer::<RemoteAnswer>(status, &body);
         let answer = answer.unwrap_or_else(|| {
             log(
                 LogLevel::Warn,
@@ -357,14 +348,8 @@ impl Root {
             ttl_ms: Option<u64>,
             error: Option<String>,
         }
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let parsed = match status {
-            Some("200") => serde_json::from_slice::<Answers>(&body).ok(),
-            _ => None,
-        };
+        let body = callout_body(body_size);
+        let parsed = json_answer::<Answers>(status, &body);
         let leases = self.vm.budgets.leases();
         let t = now();
         leases.set_now(t.ms);

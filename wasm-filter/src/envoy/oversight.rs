@@ -23,13 +23,12 @@
 //!   whose report has not reached the collector yet was never listed, so a read that does not
 //!   list it changes nothing; one disabled again after the re-enable stays disabled.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel};
+use proxy_wasm::types::LogLevel;
 use tollgate_core::guardrails::report::{Answer, Report, Reports, Taken};
 use tollgate_core::metrics as schema;
 use tollgate_core::time::UnixMillis;
 
-use super::{collector_call, log, Call, Config, Root, Vm};
+use super::{callout_body, collector_call, json_answer, log, Call, Config, Root, Vm};
 use crate::exchange::{self, Now};
 use crate::settings::{Collector, DISABLED_PATH, REPORTS_PATH};
 
@@ -154,14 +153,8 @@ impl Root {
     /// logged and counted) or to be offered again.
     pub(super) fn reports_answered(&self, batch: Vec<Report>, status: Option<&str>, size: usize) {
         self.vm.reporting.set(false);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let answer = match status {
-            Some("200") => serde_json::from_slice::<Answer>(&body).ok(),
-            _ => None,
-        };
+        let body = callout_body(size);
+        let answer = json_answer::<Answer>(status, &body);
         let Some(answer) = answer else {
             self.reports_failed(&format!(
                 "the collector answered {}: {}",
@@ -224,12 +217,9 @@ impl Root {
             agents: Vec<String>,
         }
         self.vm.disabled_poll.in_flight.set(false);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let list = match (status, serde_json::from_slice::<Agents>(&body)) {
-            (Some("200"), Ok(list)) => list.agents,
+        let body = callout_body(size);
+        let list = match json_answer::<Agents>(status, &body) {
+            Some(list) => list.agents,
             _ => {
                 log(
                     LogLevel::Warn,
