@@ -1547,11 +1547,18 @@ fn breakers_and_escalation_reach_the_collectors_alerts_audit_and_re_enable() {
         "clumsy-bot in the collector's disabled set",
         Box::new(|| disabled()["agents"] == json!(["clumsy-bot"])),
     );
-    let audit = rt.block_on(collector.audit());
-    let record = audit
-        .iter()
-        .find(|r| r["kind"] == "agent_disabled" && r["agent"] == "clumsy-bot")
-        .unwrap_or_else(|| panic!("no agent_disabled audit record: {audit:#?}"));
+    // The audit record follows the set (written after it, through the ledger's writer).
+    let find = || {
+        let audit = rt.block_on(collector.audit());
+        let record = audit
+            .iter()
+            .find(|r| r["kind"] == "agent_disabled" && r["agent"] == "clumsy-bot")
+            .cloned();
+        (record, audit)
+    };
+    wait("the agent_disabled audit record", Box::new(|| find().0.is_some()));
+    let (record, audit) = find();
+    let record = record.unwrap_or_else(|| panic!("no agent_disabled audit record: {audit:#?}"));
     assert!(record["actor"].as_str().unwrap().starts_with("envoy/vm-"), "{record}");
     assert_eq!(record["tool"], "llm", "{record}");
     wait("the agent_disabled alert", Box::new(|| alert("agent_disabled").is_some()));
